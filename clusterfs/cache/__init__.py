@@ -1,0 +1,1 @@
+"""The cache layer (see clusterfs/__init__.py for the layer rule)."""

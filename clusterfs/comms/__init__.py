@@ -1,0 +1,1 @@
+"""The comms layer (see clusterfs/__init__.py for the layer rule)."""

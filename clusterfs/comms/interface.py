@@ -1,0 +1,41 @@
+"""The transport contract the layers above comms code against.
+
+An Endpoint is one node's door to the others. Guarantees:
+- messages from one sender to one receiver arrive in the order sent, or not at
+  all (a broken connection drops what was in flight; the sender's next send
+  reconnects or raises PeerUnreachable);
+- every delivered message was authenticated by the cluster key (TCP) and
+  carries the sender's node id and the sender's view generation at send time;
+- handlers for one sender run one at a time, in arrival order.
+
+Implementations: `clusterfs.comms.memory` (in-process, for tests with many
+nodes in one trio run) and the TCP transport (`clusterfs.comms.tcp`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+
+@dataclass(frozen=True)
+class Envelope:
+    sender: int        # node id of the sender
+    generation: int    # sender's view generation when it sent
+    type: int          # a clusterfs.wire message type
+    body: Any          # msgpack-able payload
+
+
+Handler = Callable[[Envelope], Awaitable[None]]
+
+
+class Endpoint(Protocol):
+    node_id: int
+    generation: int    # stamped on every outgoing frame; membership keeps it current
+
+    async def send(self, dest: int, mtype: int, body: Any) -> None:
+        """Queue one message for dest. Raises PeerUnreachable if it cannot be queued."""
+
+    def register(self, mtypes: Iterable[int], handler: Handler) -> None:
+        """Route incoming messages of these types to handler."""

@@ -1,0 +1,103 @@
+"""An in-memory transport: many nodes in one trio run, for tests.
+
+Same contract as the TCP transport (clusterfs.comms.interface), plus fault
+injection: cut() and heal() a link, crash() a node (its messages vanish).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import trio
+
+from clusterfs.comms.interface import Envelope, Handler
+from clusterfs.errors import PeerUnreachable
+
+
+class MemoryNetwork:
+    def __init__(self) -> None:
+        self.endpoints: dict[int, MemoryEndpoint] = {}
+        self._cut: set[frozenset[int]] = set()
+        self._nursery: trio.Nursery | None = None
+
+    def endpoint(self, node_id: int) -> MemoryEndpoint:
+        if self._nursery is None:
+            raise RuntimeError("start the network first: async with net.running()")
+        ep = MemoryEndpoint(self, node_id)
+        self.endpoints[node_id] = ep
+        self._nursery.start_soon(ep._deliver_loop)
+        return ep
+
+    def running(self) -> _Running:
+        return _Running(self)
+
+    def cut(self, a: int, b: int) -> None:
+        self._cut.add(frozenset((a, b)))
+
+    def heal(self, a: int, b: int) -> None:
+        self._cut.discard(frozenset((a, b)))
+
+    def isolate(self, node: int) -> None:
+        for other in self.endpoints:
+            if other != node:
+                self.cut(node, other)
+
+    def crash(self, node: int) -> None:
+        ep = self.endpoints.pop(node, None)
+        if ep is not None:
+            ep.crashed = True
+            ep._inbox_send.close()
+
+    def linked(self, a: int, b: int) -> bool:
+        return frozenset((a, b)) not in self._cut
+
+
+class _Running:
+    def __init__(self, net: MemoryNetwork) -> None:
+        self.net = net
+        self._cm = trio.open_nursery()
+
+    async def __aenter__(self) -> MemoryNetwork:
+        self.net._nursery = await self._cm.__aenter__()
+        return self.net
+
+    async def __aexit__(self, *exc: object) -> bool | None:
+        for ep in list(self.net.endpoints.values()):
+            ep._inbox_send.close()
+        return await self._cm.__aexit__(*exc)
+
+
+class MemoryEndpoint:
+    def __init__(self, net: MemoryNetwork, node_id: int) -> None:
+        self.net = net
+        self.node_id = node_id
+        self.generation = 0
+        self.crashed = False
+        self.sent = 0
+        self._handlers: dict[int, Handler] = {}
+        self._inbox_send, self._inbox = trio.open_memory_channel[Envelope](10_000)
+
+    async def send(self, dest: int, mtype: int, body: Any) -> None:
+        if self.crashed:
+            raise PeerUnreachable(f"node {self.node_id} is down")
+        peer = self.net.endpoints.get(dest)
+        if peer is None or not self.net.linked(self.node_id, dest):
+            raise PeerUnreachable(f"node {dest} unreachable from {self.node_id}")
+        self.sent += 1
+        try:
+            peer._inbox_send.send_nowait(Envelope(self.node_id, self.generation, mtype, body))
+        except (trio.ClosedResourceError, trio.BrokenResourceError, trio.WouldBlock) as exc:
+            raise PeerUnreachable(f"node {dest}: {exc!r}") from exc
+
+    def register(self, mtypes: Iterable[int], handler: Handler) -> None:
+        for t in mtypes:
+            self._handlers[int(t)] = handler
+
+    async def _deliver_loop(self) -> None:
+        async for env in self._inbox:
+            if self.crashed or not self.net.linked(env.sender, self.node_id):
+                continue  # a message in flight on a cut link is lost
+            handler = self._handlers.get(env.type)
+            if handler is not None:
+                await handler(env)

@@ -1,0 +1,1 @@
+"""The fence layer (see clusterfs/__init__.py for the layer rule)."""

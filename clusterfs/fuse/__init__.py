@@ -1,0 +1,1 @@
+"""The fuse layer (see clusterfs/__init__.py for the layer rule)."""

@@ -1,0 +1,61 @@
+"""Views and membership events: the contract between membership and the layers above.
+
+Every member sees the same events in the same order. A view's generation only
+grows and is the same on all members of that view.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import trio
+
+
+@dataclass(frozen=True)
+class View:
+    generation: int
+    members: frozenset[int]
+    quorate: bool
+    cluster_size: int = 0          # configured nodes (quorum = majority of these)
+
+    @property
+    def coordinator(self) -> int:
+        """The member that drives fencing and recovery for this view (lowest id)."""
+        return min(self.members)
+
+
+@dataclass(frozen=True)
+class ViewChange:
+    view: View
+    joined: frozenset[int]
+    left: frozenset[int]
+
+
+@dataclass(frozen=True)
+class Fenced:
+    """Fencing of `nodes` (removed in view `generation` or earlier) is done."""
+
+    generation: int
+    nodes: frozenset[int]
+
+
+@dataclass(frozen=True)
+class ExpelledEvent:
+    """This node was removed from the cluster; it must withdraw and restart clean."""
+
+    generation: int
+
+
+Event = ViewChange | Fenced | ExpelledEvent
+
+
+class Membership(Protocol):
+    node_id: int
+    view: View
+
+    def subscribe(self) -> trio.MemoryReceiveChannel[Event]:
+        """A channel carrying every event from now on, in order (starts with the current view)."""
+
+    async def wait_quorum(self) -> View:
+        """Return the current view once it is quorate."""

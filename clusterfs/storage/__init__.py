@@ -1,0 +1,1 @@
+"""The storage layer (see clusterfs/__init__.py for the layer rule)."""
