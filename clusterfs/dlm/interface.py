@@ -62,7 +62,9 @@ def ranges_overlap(a: tuple[int, int], b: tuple[int, int]) -> bool:
     return a[0] <= b[1] and b[0] <= a[1]
 
 
-def conflicts(mode_a: Mode, range_a: tuple[int, int], mode_b: Mode, range_b: tuple[int, int]) -> bool:
+def conflicts(
+    mode_a: Mode, range_a: tuple[int, int], mode_b: Mode, range_b: tuple[int, int]
+) -> bool:
     return ranges_overlap(range_a, range_b) and not compatible(mode_a, mode_b)
 
 
