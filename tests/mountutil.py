@@ -1,0 +1,444 @@
+"""Black-box helpers for real-mount tests: loop devices, mkfs/fsck, mounts.
+
+Everything here drives the filesystem through its command line and the
+kernel (losetup, mount, fusermount3), never by importing clusterfs. The same
+helpers run ext4 on a loop device, so a test can be proven right against a
+filesystem we trust before it is pointed at clusterfs.
+
+Cleanup is the point of this module. Every loop device, mount and server
+process created here is registered in ``_REGISTRY`` the moment it exists and
+removed from it once it is gone; ``cleanup_all()`` (called from conftest at
+session end and from atexit) tears down whatever a failed or interrupted test
+left behind. Nothing here ever touches a device, mount or process it did not
+create: loop devices come from ``losetup -f --show`` and are detached by the
+exact name returned; processes are killed by their own pid.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CLUSTERFS = [sys.executable, "-m", "clusterfs.cli"]
+FS_KINDS = ("clusterfs", "ext4")
+MOUNT_TIMEOUT = float(os.environ.get("CLUSTERFS_TEST_MOUNT_TIMEOUT", "60"))
+UNMOUNT_TIMEOUT = float(os.environ.get("CLUSTERFS_TEST_UNMOUNT_TIMEOUT", "30"))
+
+
+# ----------------------------------------------------------------------------
+# registry of things we created, for last-resort cleanup
+
+
+@dataclass
+class _Registry:
+    loops: dict[str, Path] = field(default_factory=dict)   # /dev/loopN -> backing file
+    mounts: dict[str, Mount] = field(default_factory=dict)  # mountpoint -> Mount
+
+
+_REGISTRY = _Registry()
+
+
+def cleanup_all() -> list[str]:
+    """Tear down every mount and loop device this process created and still holds.
+
+    Returns a description of what had been left behind (empty when the tests
+    cleaned up after themselves).
+    """
+    leaked = []
+    for mnt in list(_REGISTRY.mounts.values()):
+        leaked.append(f"mount {mnt.mountpoint} ({mnt.fs})")
+        with contextlib.suppress(Exception):
+            mnt.force_unmount()
+    for dev in list(_REGISTRY.loops):
+        leaked.append(f"loop device {dev}")
+        _detach_loop(dev)
+    return leaked
+
+
+atexit.register(cleanup_all)
+
+
+# ----------------------------------------------------------------------------
+# environment checks
+
+
+def missing_prerequisites(fs: str = "clusterfs") -> str | None:
+    """Why real-mount tests cannot run here, or None when they can."""
+    if os.geteuid() != 0:
+        return "real-mount tests need root (losetup, mount)"
+    if shutil.which("losetup") is None:
+        return "losetup not installed"
+    if not os.path.exists("/dev/loop-control") and not os.path.exists("/dev/loop0"):
+        return "no loop device support (/dev/loop-control missing)"
+    if fs == "clusterfs" or fs == "null":
+        if not os.path.exists("/dev/fuse"):
+            return "/dev/fuse missing"
+        if shutil.which("fusermount3") is None:
+            return "fusermount3 not installed"
+    if fs == "ext4" and shutil.which("mkfs.ext4") is None:
+        return "mkfs.ext4 not installed"
+    return None
+
+
+# ----------------------------------------------------------------------------
+# loop devices
+
+
+def _detach_loop(dev: str) -> None:
+    for _ in range(50):
+        r = subprocess.run(["losetup", "-d", dev], capture_output=True, text=True)
+        if r.returncode == 0 or "No such device" in r.stderr:
+            break
+        time.sleep(0.1)  # still busy: a lazy unmount may still hold it
+    _REGISTRY.loops.pop(dev, None)
+
+
+@contextlib.contextmanager
+def loop_device(size_bytes: int, directory: str | os.PathLike | None = None,
+                name: str = "disk.img") -> Iterator[str]:
+    """A loop device over a fresh sparse file of ``size_bytes``; detached on exit.
+
+    The backing file lives in ``directory`` (the test's tmp dir) or in a new
+    temporary directory that is removed afterwards.
+    """
+    own_dir = None
+    if directory is None:
+        own_dir = tempfile.mkdtemp(prefix="cfs-loop-")
+        directory = own_dir
+    backing = Path(directory) / name
+    with open(backing, "wb") as f:
+        f.truncate(size_bytes)
+    dev = None
+    try:
+        r = subprocess.run(["losetup", "-f", "--show", str(backing)],
+                           capture_output=True, text=True, check=True)
+        dev = r.stdout.strip()
+        _REGISTRY.loops[dev] = backing
+        yield dev
+    finally:
+        if dev is not None:
+            _detach_loop(dev)
+        with contextlib.suppress(OSError):
+            backing.unlink()
+        if own_dir is not None:
+            shutil.rmtree(own_dir, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------
+# mkfs / fsck
+
+
+def mkfs(device: str, journals: int | None = None, force: bool = False,
+         fs: str = "clusterfs", check: bool = True) -> subprocess.CompletedProcess:
+    """Format ``device``; ``fs="ext4"`` runs mkfs.ext4 instead (always forced).
+
+    ext4 gets one inode per 4 KiB so that it, like clusterfs, can hold a
+    100 000-entry directory on a small device.
+    """
+    if fs == "ext4":
+        cmd = ["mkfs.ext4", "-q", "-F", "-i", "4096", "-E",
+               "lazy_itable_init=0,lazy_journal_init=0", device]
+    elif fs == "clusterfs":
+        cmd = [*CLUSTERFS, "mkfs"]
+        if journals is not None:
+            cmd += ["-j", str(journals)]
+        if force:
+            cmd.append("--force")
+        cmd.append(device)
+    else:
+        raise ValueError(f"mkfs: unknown fs {fs!r}")
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+    return r
+
+
+def fsck(device: str, repair: bool = False, fs: str = "clusterfs",
+         timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the checker; returns the CompletedProcess (exit 0 means clean)."""
+    if fs == "ext4":
+        cmd = ["fsck.ext4", "-f", "-p" if repair else "-n", device]
+    else:
+        cmd = [*CLUSTERFS, "fsck"] + (["--repair"] if repair else []) + [device]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def device_hash(device: str) -> str:
+    """sha256 of the whole device (or image file)."""
+    h = hashlib.sha256()
+    with open(device, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------
+# mounts
+
+
+def _is_mounted(path: str) -> bool:
+    """True if ``path`` is a mountpoint, judged from /proc/self/mountinfo.
+
+    os.path.ismount() stats the path, which hangs or fails with ENOTCONN on a
+    FUSE mount whose server is dead; mountinfo never touches the mount.
+    """
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split()[4].encode().decode("unicode_escape")
+            if mp == real:
+                return True
+    return False
+
+
+def _fuse_connection(path: str) -> int | None:
+    """The FUSE connection number of the mount at ``path`` (its device minor)."""
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            parts = line.split()
+            mp = parts[4].encode().decode("unicode_escape")
+            if mp == real:
+                sep = parts.index("-")
+                if parts[sep + 1].startswith("fuse"):
+                    return int(parts[2].split(":")[1])
+    return None
+
+
+def abort_fuse_connection(conn: int) -> bool:
+    """Write to /sys/fs/fuse/connections/<conn>/abort, for that one connection.
+
+    If fusectl is not mounted at /sys/fs/fuse/connections we mount a private
+    instance in a temporary directory (and unmount it again) rather than change
+    the machine's mount table for everyone.
+    """
+    def _abort(root: str) -> bool:
+        p = os.path.join(root, str(conn), "abort")
+        if not os.path.exists(p):
+            return False
+        with open(p, "w") as f:
+            f.write("1")
+        return True
+
+    with contextlib.suppress(OSError):
+        if _abort("/sys/fs/fuse/connections"):
+            return True
+    tmp = tempfile.mkdtemp(prefix="cfs-fusectl-")
+    try:
+        r = subprocess.run(["mount", "-t", "fusectl", "fusectl", tmp], capture_output=True)
+        if r.returncode != 0:
+            return False
+        try:
+            return _abort(tmp)
+        except OSError:
+            return False
+        finally:
+            subprocess.run(["umount", tmp], capture_output=True)
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(tmp)
+
+
+@dataclass
+class Mount:
+    """One live mount made by ``mounted()``."""
+
+    fs: str
+    device: str
+    mountpoint: str
+    log: str                     # file holding the server's stdout+stderr
+    proc: subprocess.Popen | None = None   # the FUSE server (None for ext4)
+    conn: int | None = None      # FUSE connection number
+    _logf: object = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.mountpoint, *parts)
+
+    def log_text(self) -> str:
+        try:
+            with open(self.log, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill9(self) -> None:
+        """Crash the server: SIGKILL, then wait for it (the mount stays, dead)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+
+    def unmount(self, timeout: float = UNMOUNT_TIMEOUT) -> None:
+        """Clean unmount. Raises AssertionError (after forcing it) when the
+        filesystem did not unmount or the server did not exit with status 0."""
+        try:
+            self._clean_unmount(timeout)
+        except BaseException:
+            self.force_unmount()
+            raise
+        self._forget()
+
+    def _clean_unmount(self, timeout: float) -> None:
+        if self.fs == "ext4":
+            r = subprocess.run(["umount", self.mountpoint], capture_output=True, text=True,
+                               timeout=timeout)
+            if r.returncode != 0:
+                raise AssertionError(f"umount {self.mountpoint}: {r.stderr.strip()}")
+            return
+        if self.proc is not None and self.proc.poll() is not None:
+            raise AssertionError(
+                f"{self.fs} server exited ({self.proc.returncode}) before unmount; log:\n"
+                + self.log_text())
+        r = subprocess.run(["fusermount3", "-u", self.mountpoint], capture_output=True,
+                           text=True, timeout=timeout)
+        if r.returncode != 0:
+            raise AssertionError(f"fusermount3 -u {self.mountpoint}: {r.stderr.strip()}")
+        if self.proc is not None:
+            try:
+                rc = self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(
+                    f"{self.fs} server still running {timeout}s after unmount; log:\n"
+                    + self.log_text()) from None
+            if rc != 0:
+                raise AssertionError(f"{self.fs} server exited {rc} after unmount; log:\n"
+                                     + self.log_text())
+
+    def force_unmount(self) -> None:
+        """Get rid of the mount and the server whatever state they are in."""
+        if self.fs == "ext4":
+            if _is_mounted(self.mountpoint):
+                r = subprocess.run(["umount", self.mountpoint], capture_output=True)
+                if r.returncode != 0:
+                    subprocess.run(["umount", "-l", self.mountpoint], capture_output=True)
+            self._forget()
+            return
+        if self.proc is not None and self.proc.poll() is None:
+            if _is_mounted(self.mountpoint):
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    subprocess.run(["fusermount3", "-u", self.mountpoint],
+                                   capture_output=True, timeout=5)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(10)
+        if _is_mounted(self.mountpoint):
+            if self.conn is not None:
+                abort_fuse_connection(self.conn)
+            subprocess.run(["fusermount3", "-u", "-z", self.mountpoint], capture_output=True)
+            if _is_mounted(self.mountpoint):
+                subprocess.run(["umount", "-l", self.mountpoint], capture_output=True)
+        self._forget()
+
+    def clean_after_crash(self) -> None:
+        """After kill9(): abort the dead connection and detach the mountpoint."""
+        self.kill9()
+        self.force_unmount()
+
+    def _forget(self) -> None:
+        _REGISTRY.mounts.pop(self.mountpoint, None)
+        if self._logf is not None:
+            with contextlib.suppress(Exception):
+                self._logf.close()
+            self._logf = None
+
+
+def _server_cmd(fs: str, device: str, mountpoint: str, extra_args: Sequence[str]) -> list[str]:
+    if fs == "clusterfs":
+        return [*CLUSTERFS, "mount", "-f", *extra_args, device, mountpoint]
+    if fs == "null":
+        nullfs = Path(__file__).resolve().parent.parent / "tools" / "nullfs.py"
+        return [sys.executable, str(nullfs), *extra_args, mountpoint]
+    raise ValueError(f"mounted: unknown fs {fs!r}")
+
+
+def start_mount(device: str, mountpoint: str, fs: str = "clusterfs",
+                extra_args: Sequence[str] = (), log: str | None = None,
+                timeout: float = MOUNT_TIMEOUT) -> Mount:
+    """Mount and return the live Mount; the caller must unmount (or use ``mounted``)."""
+    mountpoint = os.path.realpath(mountpoint)
+    os.makedirs(mountpoint, exist_ok=True)
+    if _is_mounted(mountpoint):
+        raise AssertionError(f"{mountpoint} is already a mountpoint")
+    if log is None:
+        log = os.path.join(os.path.dirname(mountpoint),
+                           f"{os.path.basename(mountpoint)}.{fs}.log")
+    if fs == "ext4":
+        with open(log, "a") as logf:
+            r = subprocess.run(["mount", "-t", "ext4", *extra_args, device, mountpoint],
+                               stdout=logf, stderr=subprocess.STDOUT, timeout=timeout)
+        m = Mount(fs=fs, device=device, mountpoint=mountpoint, log=log)
+        if r.returncode != 0:
+            raise AssertionError(f"mount ext4 {device} failed:\n{m.log_text()}")
+        _REGISTRY.mounts[mountpoint] = m
+        return m
+
+    logf = open(log, "ab")  # noqa: SIM115 - closed by Mount._forget
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(_server_cmd(fs, device, mountpoint, extra_args),
+                            stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+    m = Mount(fs=fs, device=device, mountpoint=mountpoint, log=log, proc=proc, _logf=logf)
+    _REGISTRY.mounts[mountpoint] = m
+    deadline = time.monotonic() + timeout
+    while True:
+        if _is_mounted(mountpoint):
+            m.conn = _fuse_connection(mountpoint)
+            return m
+        if proc.poll() is not None:
+            m.force_unmount()
+            raise AssertionError(
+                f"{fs} mount of {device} exited with {proc.returncode} before the mount "
+                f"was live; log:\n{m.log_text()}")
+        if time.monotonic() > deadline:
+            m.force_unmount()
+            raise AssertionError(f"{fs} mount of {device} not live after {timeout}s; "
+                                 f"log:\n{m.log_text()}")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def mounted(device: str, mountpoint: str, fs: str = "clusterfs",
+            extra_args: Sequence[str] = (), log: str | None = None,
+            timeout: float = MOUNT_TIMEOUT) -> Iterator[Mount]:
+    """Mount ``device`` at ``mountpoint`` for the body; unmount cleanly on exit.
+
+    ``fs`` is "clusterfs" (``clusterfs mount -f`` as a subprocess), "ext4"
+    (kernel mount; format it first with ``mkfs(dev, fs="ext4")``) or "null"
+    (tools/nullfs.py; ``device`` is ignored). A clean unmount that fails, or a
+    server that exits nonzero, fails the test after forcing the unmount. If
+    the body raised, the unmount is forced and the body's error propagates.
+    """
+    m = start_mount(device, mountpoint, fs, extra_args, log, timeout)
+    try:
+        yield m
+    except BaseException:
+        m.force_unmount()
+        raise
+    if m.mountpoint in _REGISTRY.mounts:   # body may have unmounted / crashed it itself
+        m.unmount()
+
+
+def run_cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    """``python -m clusterfs.cli ARGS`` with captured text output."""
+    return subprocess.run([*CLUSTERFS, *args], capture_output=True, text=True,
+                          timeout=timeout, **kw)
