@@ -1,0 +1,254 @@
+"""The cluster configuration file (TOML).
+
+Example (see docs/cluster.md for every field)::
+
+    name = "dev"
+    key_file = "cluster.key"        # relative to this file; or: key = "<64 hex chars>"
+
+    [timeouts]
+    heartbeat_interval = 0.5        # seconds between heartbeats
+    failure_timeout = 3.0           # a node silent this long leaves the view
+
+    [[node]]
+    id = 1                          # 32-bit unsigned, unique
+    name = "alpha"
+    address = "127.0.0.1:7001"
+
+Every error is a ConfigError whose message starts with the field it is about,
+e.g. ``node[2].address: port 70000 out of range``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import ipaddress
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clusterfs.errors import ConfigError
+
+KEY_MIN = 16
+KEY_MAX = 64
+MAX_FRAME_DEFAULT = 1 << 20
+NODE_ID_MAX = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    id: int
+    name: str
+    host: str
+    port: int
+
+    @property
+    def address(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    name: str
+    key: bytes = field(repr=False)
+    nodes: tuple[NodeConfig, ...]
+    heartbeat_interval: float = 0.5
+    failure_timeout: float = 3.0
+    connect_timeout: float = 2.0
+    max_frame: int = MAX_FRAME_DEFAULT
+    storage_group: tuple[int, ...] = ()
+    path: str | None = None
+
+    def node(self, node_id: int) -> NodeConfig:
+        for n in self.nodes:
+            if n.id == node_id:
+                return n
+        raise ConfigError(f"node_id: {node_id} is not a configured node")
+
+    @property
+    def node_ids(self) -> tuple[int, ...]:
+        return tuple(n.id for n in self.nodes)
+
+    @property
+    def size(self) -> int:
+        return len(self.nodes)
+
+
+def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
+    """Read and check a cluster TOML file; ConfigError names the bad field."""
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"config: cannot read {p}: {exc.strerror}") from exc
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config: {p}: not valid TOML: {exc}") from exc
+    return parse_config(data, base_dir=p.parent, path=str(p))
+
+
+def parse_config(data: dict[str, Any], *, base_dir: str | os.PathLike[str] = ".",
+                 path: str | None = None) -> ClusterConfig:
+    known = {"name", "key", "key_file", "timeouts", "node", "storage", "max_frame"}
+    for k in data:
+        if k not in known:
+            raise ConfigError(f"{k}: unknown field")
+    name = _get(data, "name", str, "name", default="clusterfs")
+    if not name:
+        raise ConfigError("name: must not be empty")
+    key = _load_key(data, Path(base_dir))
+
+    t = data.get("timeouts", {})
+    if not isinstance(t, dict):
+        raise ConfigError("timeouts: must be a table")
+    for k in t:
+        if k not in ("heartbeat_interval", "failure_timeout", "connect_timeout"):
+            raise ConfigError(f"timeouts.{k}: unknown field")
+    hb = _seconds(t, "heartbeat_interval", 0.5)
+    ft = _seconds(t, "failure_timeout", 3.0)
+    ct = _seconds(t, "connect_timeout", 2.0)
+    if ft < 2 * hb:
+        raise ConfigError(f"timeouts.failure_timeout: {ft} s must be at least twice "
+                          f"heartbeat_interval ({hb} s)")
+
+    max_frame = _get(data, "max_frame", int, "max_frame", default=MAX_FRAME_DEFAULT)
+    if not 1024 <= max_frame <= 64 << 20:
+        raise ConfigError(f"max_frame: {max_frame} out of range 1024..{64 << 20}")
+
+    raw_nodes = data.get("node")
+    if not isinstance(raw_nodes, list) or not raw_nodes:
+        raise ConfigError("node: at least one [[node]] entry is required")
+    nodes: list[NodeConfig] = []
+    ids: set[int] = set()
+    names: set[str] = set()
+    addrs: set[tuple[str, int]] = set()
+    for i, rn in enumerate(raw_nodes):
+        where = f"node[{i}]"
+        if not isinstance(rn, dict):
+            raise ConfigError(f"{where}: must be a table")
+        for k in rn:
+            if k not in ("id", "name", "address"):
+                raise ConfigError(f"{where}.{k}: unknown field")
+        if "id" not in rn:
+            raise ConfigError(f"{where}.id: missing")
+        nid = rn["id"]
+        if not isinstance(nid, int) or isinstance(nid, bool):
+            raise ConfigError(f"{where}.id: must be an integer")
+        if not 0 <= nid <= NODE_ID_MAX:
+            raise ConfigError(f"{where}.id: {nid} out of range 0..{NODE_ID_MAX}")
+        if nid in ids:
+            raise ConfigError(f"{where}.id: duplicate id {nid}")
+        nname = rn.get("name", f"node{nid}")
+        if not isinstance(nname, str) or not nname:
+            raise ConfigError(f"{where}.name: must be a non-empty string")
+        if nname in names:
+            raise ConfigError(f"{where}.name: duplicate name {nname!r}")
+        if "address" not in rn:
+            raise ConfigError(f"{where}.address: missing")
+        host, port = parse_address(rn["address"], f"{where}.address")
+        if (host, port) in addrs:
+            raise ConfigError(f"{where}.address: duplicate address {rn['address']}")
+        ids.add(nid)
+        names.add(nname)
+        addrs.add((host, port))
+        nodes.append(NodeConfig(nid, nname, host, port))
+
+    storage = data.get("storage", {})
+    if not isinstance(storage, dict):
+        raise ConfigError("storage: must be a table")
+    group = storage.get("group", [])
+    if not isinstance(group, list) or not all(isinstance(g, int) for g in group):
+        raise ConfigError("storage.group: must be a list of node ids")
+    for g in group:
+        if g not in ids:
+            raise ConfigError(f"storage.group: {g} is not a configured node id")
+
+    return ClusterConfig(name=name, key=key, nodes=tuple(nodes), heartbeat_interval=hb,
+                         failure_timeout=ft, connect_timeout=ct, max_frame=max_frame,
+                         storage_group=tuple(group), path=path)
+
+
+def parse_address(addr: Any, where: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port); ConfigError naming `where`."""
+    if not isinstance(addr, str):
+        raise ConfigError(f"{where}: must be a string 'host:port'")
+    if addr.startswith("["):
+        host, sep, rest = addr[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ConfigError(f"{where}: bad address {addr!r}, want '[v6]:port'")
+        port_s = rest[1:]
+    else:
+        host, sep, port_s = addr.rpartition(":")
+        if not sep:
+            raise ConfigError(f"{where}: bad address {addr!r}, want 'host:port'")
+    if not host:
+        raise ConfigError(f"{where}: missing host in {addr!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not all(part and (part.replace("-", "").isalnum()) for part in host.split(".")):
+            raise ConfigError(f"{where}: bad host {host!r}") from None
+    if not port_s.isdigit():
+        raise ConfigError(f"{where}: bad port {port_s!r}")
+    port = int(port_s)
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"{where}: port {port} out of range")
+    return host, port
+
+
+def decode_key(text: str, where: str) -> bytes:
+    """A key is hex (even length) or base64; KEY_MIN..KEY_MAX bytes."""
+    s = text.strip()
+    key: bytes | None = None
+    try:
+        key = bytes.fromhex(s)
+    except ValueError:
+        try:
+            key = base64.b64decode(s, validate=True)
+        except (binascii.Error, ValueError):
+            raise ConfigError(f"{where}: not hex or base64") from None
+    if not KEY_MIN <= len(key) <= KEY_MAX:
+        raise ConfigError(f"{where}: key is {len(key)} bytes, want {KEY_MIN}..{KEY_MAX}")
+    return key
+
+
+def _load_key(data: dict[str, Any], base: Path) -> bytes:
+    if "key" in data and "key_file" in data:
+        raise ConfigError("key: give key or key_file, not both")
+    if "key" in data:
+        if not isinstance(data["key"], str):
+            raise ConfigError("key: must be a string")
+        return decode_key(data["key"], "key")
+    if "key_file" not in data:
+        raise ConfigError("key_file: missing (or give key)")
+    kf = data["key_file"]
+    if not isinstance(kf, str) or not kf:
+        raise ConfigError("key_file: must be a path")
+    kp = Path(kf) if os.path.isabs(kf) else base / kf
+    try:
+        text = kp.read_text("ascii")
+    except FileNotFoundError:
+        raise ConfigError(f"key_file: not found: {kp}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"key_file: cannot read {kp}: {exc}") from exc
+    return decode_key(text, "key_file")
+
+
+def _get(d: dict[str, Any], k: str, typ: type, where: str, *, default: Any) -> Any:
+    v = d.get(k, default)
+    if not isinstance(v, typ) or isinstance(v, bool):
+        raise ConfigError(f"{where}: must be {typ.__name__}")
+    return v
+
+
+def _seconds(t: dict[str, Any], k: str, default: float) -> float:
+    v = t.get(k, default)
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        raise ConfigError(f"timeouts.{k}: must be a number of seconds")
+    if not 0 < v <= 600:
+        raise ConfigError(f"timeouts.{k}: {v} out of range (0, 600]")
+    return float(v)
