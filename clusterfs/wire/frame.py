@@ -1,0 +1,120 @@
+"""One frame on the wire: a fixed versioned header, a msgpack body, a keyed MAC.
+
+Layout (all integers big-endian)::
+
+    u32  length            bytes that follow (header + body + mac); on TCP only
+    ---- header (28 bytes) ----------------------------------------------------
+    u8   version           WIRE_VERSION (1)
+    u8   flags             0 (reserved)
+    u16  type              a clusterfs.wire.types.MsgType
+    u32  sender            node id of the sender
+    u64  generation        the sender's view generation when it sent
+    u64  seq               per-connection, per-direction sequence number (1, 2, ...)
+    u32  body_len          length of the msgpack body
+    ---- body_len bytes: msgpack (arrays decode as tuples, str as str) ---------
+    ---- 16 bytes: blake2b(header + body, key=K, digest_size=16) ---------------
+
+K is the cluster key for the HELLO handshake frames and a per-connection session
+key (see `session_key`) for everything after it; together with `seq` that makes a
+frame recorded on one connection worthless on any other, and a frame replayed,
+dropped or reordered within a connection fails the sequence check.
+
+Any frame that is too short, too long, of another version, of an unknown type,
+with a bad MAC, a bad length or an undecodable body raises WireError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from clusterfs.errors import WireError
+from clusterfs.wire.types import MsgType
+
+WIRE_VERSION = 1
+HEADER = struct.Struct(">BBHIQQI")
+HEADER_SIZE = HEADER.size          # 28
+MAC_SIZE = 16
+LENGTH = struct.Struct(">I")
+MIN_FRAME = HEADER_SIZE + MAC_SIZE
+_KNOWN_TYPES = frozenset(int(t) for t in MsgType)
+
+
+@dataclass(frozen=True)
+class Frame:
+    type: int
+    sender: int
+    generation: int
+    seq: int
+    body: Any
+    version: int = WIRE_VERSION
+
+
+def mac(key: bytes, data: bytes) -> bytes:
+    return hashlib.blake2b(data, key=key, digest_size=MAC_SIZE).digest()
+
+
+def session_key(cluster_key: bytes, client: int, server: int,
+                client_nonce: bytes, server_nonce: bytes) -> bytes:
+    """The MAC key of one connection, derived from both sides' fresh nonces."""
+    h = hashlib.blake2b(key=cluster_key, digest_size=32, person=b"clusterfs-sess1")
+    h.update(LENGTH.pack(client) + LENGTH.pack(server) + client_nonce + server_nonce)
+    return h.digest()
+
+
+def encode_body(body: Any) -> bytes:
+    try:
+        return msgpack.packb(body, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise WireError(f"body not encodable: {exc}") from exc
+
+
+def encode(key: bytes, mtype: int, sender: int, generation: int, seq: int, body: Any,
+           *, version: int = WIRE_VERSION, packed_body: bytes | None = None) -> bytes:
+    """One frame without the TCP length prefix."""
+    b = encode_body(body) if packed_body is None else packed_body
+    header = HEADER.pack(version, 0, int(mtype), sender, generation, seq, len(b))
+    return header + b + mac(key, header + b)
+
+
+def encode_prefixed(key: bytes, mtype: int, sender: int, generation: int, seq: int,
+                    body: Any, *, packed_body: bytes | None = None) -> bytes:
+    f = encode(key, mtype, sender, generation, seq, body, packed_body=packed_body)
+    return LENGTH.pack(len(f)) + f
+
+
+def check_length(n: int, max_frame: int) -> None:
+    """Validate a TCP length prefix before reading that many bytes."""
+    if n < MIN_FRAME:
+        raise WireError(f"frame length {n} shorter than {MIN_FRAME}")
+    if n > max_frame:
+        raise WireError(f"frame length {n} over maximum {max_frame}")
+
+
+def decode(key: bytes, data: bytes, *, max_frame: int = 1 << 20) -> Frame:
+    """Check and decode one frame (without length prefix). WireError on anything wrong."""
+    check_length(len(data), max_frame)
+    try:
+        version, _flags, mtype, sender, gen, seq, body_len = HEADER.unpack_from(data)
+    except struct.error as exc:  # pragma: no cover - length checked above
+        raise WireError(f"bad header: {exc}") from exc
+    if version != WIRE_VERSION:
+        raise WireError(f"unknown wire version {version}")
+    if HEADER_SIZE + body_len + MAC_SIZE != len(data):
+        raise WireError(f"body length {body_len} does not match frame length {len(data)}")
+    signed = data[:-MAC_SIZE]
+    if not hmac.compare_digest(mac(key, signed), data[-MAC_SIZE:]):
+        raise WireError(f"bad MAC (type {mtype}, claimed sender {sender})")
+    if mtype not in _KNOWN_TYPES:
+        raise WireError(f"unknown message type {mtype}")
+    try:
+        body = msgpack.unpackb(data[HEADER_SIZE:-MAC_SIZE], raw=False, use_list=False,
+                               strict_map_key=False)
+    except Exception as exc:  # msgpack raises many kinds; all mean a bad body
+        raise WireError(f"undecodable body: {type(exc).__name__}: {exc}") from exc
+    return Frame(mtype, sender, gen, seq, body, version)

@@ -1,0 +1,107 @@
+"""Tier 1: frame encoding, MAC, and rejection of everything malformed."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from clusterfs.errors import WireError
+from clusterfs.wire import frame as wf
+from clusterfs.wire.types import MsgType
+
+KEY = bytes(range(32))
+
+
+def test_round_trip():
+    body = {"a": 1, "b": [1, 2, (3, b"x")], "c": "é", 5: None}
+    data = wf.encode(KEY, MsgType.HEARTBEAT, 7, 42, 3, body)
+    f = wf.decode(KEY, data)
+    assert (f.type, f.sender, f.generation, f.seq, f.version) == (MsgType.HEARTBEAT, 7, 42, 3, 1)
+    assert f.body == {"a": 1, "b": (1, 2, (3, b"x")), "c": "é", 5: None}
+
+
+def test_prefixed_and_length_check():
+    data = wf.encode_prefixed(KEY, MsgType.HELLO, 1, 0, 0, None)
+    (n,) = wf.LENGTH.unpack(data[:4])
+    assert n == len(data) - 4
+    wf.check_length(n, 1 << 20)
+    assert wf.decode(KEY, data[4:]).body is None
+
+
+def test_bad_mac():
+    data = bytearray(wf.encode(KEY, MsgType.HEARTBEAT, 1, 1, 1, {"x": 1}))
+    data[-1] ^= 1
+    with pytest.raises(WireError, match="bad MAC"):
+        wf.decode(KEY, bytes(data))
+
+
+def test_wrong_key():
+    data = wf.encode(bytes(32), MsgType.HEARTBEAT, 1, 1, 1, {"x": 1})
+    with pytest.raises(WireError, match="bad MAC"):
+        wf.decode(KEY, data)
+
+
+def test_every_flipped_bit_is_rejected():
+    data = wf.encode(KEY, MsgType.VIEW_COMMIT, 3, 9, 4, {"members": (1, 2, 3)})
+    for i in range(len(data) * 8):
+        bad = bytearray(data)
+        bad[i // 8] ^= 1 << (i % 8)
+        with pytest.raises(WireError):
+            wf.decode(KEY, bytes(bad))
+
+
+def test_unknown_version():
+    data = wf.encode(KEY, MsgType.HEARTBEAT, 1, 1, 1, {}, version=2)
+    with pytest.raises(WireError, match="unknown wire version 2"):
+        wf.decode(KEY, data)
+
+
+def test_unknown_type():
+    data = wf.encode(KEY, 31, 1, 1, 1, {})  # validly signed, but type 31 is not registered
+    with pytest.raises(WireError, match="unknown message type 31"):
+        wf.decode(KEY, data)
+
+
+def test_oversized():
+    with pytest.raises(WireError, match="over maximum"):
+        wf.check_length(2**32 - 1, 1 << 20)
+    data = wf.encode(KEY, MsgType.HEARTBEAT, 1, 1, 1, b"x" * 5000)
+    with pytest.raises(WireError, match="over maximum"):
+        wf.decode(KEY, data, max_frame=2048)
+
+
+def test_truncated_and_extended():
+    data = wf.encode(KEY, MsgType.HEARTBEAT, 1, 1, 1, {"k": "v" * 20})
+    for cut in (0, 1, 10, wf.HEADER_SIZE, len(data) - 1):
+        with pytest.raises(WireError):
+            wf.decode(KEY, data[:cut])
+    with pytest.raises(WireError):
+        wf.decode(KEY, data + b"\0")
+
+
+def test_garbage():
+    rng = random.Random(1)
+    for _ in range(2000):
+        blob = rng.randbytes(rng.randrange(0, 200))
+        with pytest.raises(WireError):
+            wf.decode(KEY, blob)
+
+
+def test_signed_but_undecodable_body():
+    # a frame signed with the right key but whose body is not msgpack
+    data = wf.encode(KEY, MsgType.HEARTBEAT, 1, 1, 1, None, packed_body=b"\xc1\xc1")
+    with pytest.raises(WireError, match="undecodable body"):
+        wf.decode(KEY, data)
+
+
+def test_unencodable_body():
+    with pytest.raises(WireError, match="not encodable"):
+        wf.encode(KEY, MsgType.HEARTBEAT, 1, 1, 1, {1, 2})
+
+
+def test_session_keys_differ_per_nonce():
+    a = wf.session_key(KEY, 1, 2, b"a" * 16, b"b" * 16)
+    b = wf.session_key(KEY, 1, 2, b"a" * 16, b"c" * 16)
+    c = wf.session_key(KEY, 2, 1, b"a" * 16, b"b" * 16)
+    assert len({a, b, c}) == 3
