@@ -147,7 +147,7 @@ def mkfs(device: str, journals: int | None = None, force: bool = False,
     100 000-entry directory on a small device.
     """
     if fs == "ext4":
-        cmd = ["mkfs.ext4", "-q", "-F", "-i", "4096", "-E",
+        cmd = ["mkfs.ext4", "-q", "-F", "-b", "4096", "-i", "4096", "-E",
                "lazy_itable_init=0,lazy_journal_init=0", device]
     elif fs == "clusterfs":
         cmd = [*CLUSTERFS, "mkfs"]
@@ -442,3 +442,58 @@ def run_cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProce
     """``python -m clusterfs.cli ARGS`` with captured text output."""
     return subprocess.run([*CLUSTERFS, *args], capture_output=True, text=True,
                           timeout=timeout, **kw)
+
+
+# ----------------------------------------------------------------------------
+# running code as another user
+
+
+def run_as(uid: int, gid: int, cwd: str, fn, *args, timeout: float = 60):
+    """Run ``fn(*args)`` in a forked child that has chdir'd to ``cwd`` and then
+    dropped to ``uid``/``gid`` (no supplementary groups). Returns its result;
+    an exception in the child is re-raised here (OSError keeps its errno).
+
+    The chdir happens as root, so the child reaches a mountpoint below a 0700
+    directory (pytest's tmp) through relative paths.
+    """
+    import pickle  # noqa: PLC0415
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        os.close(r)
+        try:
+            try:
+                os.chdir(cwd)
+                os.setgroups([])
+                os.setgid(gid)
+                os.setuid(uid)
+                out = ("ok", fn(*args))
+            except OSError as e:
+                out = ("oserror", (e.errno, e.strerror, e.filename))
+            except BaseException as e:  # noqa: BLE001
+                out = ("error", repr(e))
+            data = pickle.dumps(out)
+            with os.fdopen(w, "wb") as f:
+                f.write(data)
+        finally:
+            os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    deadline = time.monotonic() + timeout
+    while True:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise AssertionError(f"run_as child {pid} hung")
+        time.sleep(0.01)
+    kind, val = pickle.loads(data)
+    if kind == "ok":
+        return val
+    if kind == "oserror":
+        raise OSError(*val)
+    raise AssertionError(f"run_as child failed: {val}")
