@@ -1,0 +1,133 @@
+"""The superblock: where everything else is, at a fixed byte offset (64 KiB, as GFS2).
+
+mkfs zeroes bytes 0..64 KiB so an older filesystem's signature cannot survive.
+"""
+
+from __future__ import annotations
+
+import struct
+import uuid as _uuid
+from dataclasses import dataclass, field
+
+from clusterfs.errors import ChecksumError, FormatError, NotClusterFS
+from clusterfs.format.block import (
+    BLOCK_SIZE,
+    HEADER_SIZE,
+    MAGIC,
+    BlockType,
+    block_crc,
+    check,
+    header_of,
+    new_block,
+    seal,
+)
+
+SUPERBLOCK_OFFSET = 64 * 1024
+SUPERBLOCK_BLKNO = SUPERBLOCK_OFFSET // BLOCK_SIZE  # 16
+_FIELDS = struct.Struct("<16sIQIQQQQIIIQqI32sI")
+CONFIG_OFFSET = HEADER_SIZE + _FIELDS.size
+CONFIG_MAX = BLOCK_SIZE - CONFIG_OFFSET
+
+
+@dataclass
+class Superblock:
+    uuid: bytes
+    block_size: int
+    total_blocks: int
+    journal_count: int
+    journal_start: int      # first block of journal 0
+    journal_blocks: int     # blocks per journal (header + log)
+    hb_start: int           # heartbeat slot blocks: one per journal slot
+    rgrp_start: int         # first block of resource group 0
+    rgrp_blocks: int        # blocks per resource group (the last may be shorter)
+    rgrp_count: int
+    bitmap_blocks: int      # bitmap blocks per resource group
+    root_ino: int
+    created: int            # unix seconds
+    flags: int = 0
+    label: bytes = b""
+    config: bytes = b""     # optional cluster configuration blob
+    seq: int = 0
+    extra: dict = field(default_factory=dict, repr=False)
+
+    def journal_location(self, slot: int) -> int:
+        return self.journal_start + slot * self.journal_blocks
+
+    def rgrp_location(self, index: int) -> tuple[int, int]:
+        """(first block, length) of resource group `index`."""
+        first = self.rgrp_start + index * self.rgrp_blocks
+        return first, min(self.rgrp_blocks, self.total_blocks - first)
+
+    def rgrp_of(self, blkno: int) -> int:
+        return (blkno - self.rgrp_start) // self.rgrp_blocks
+
+    @property
+    def uuid_str(self) -> str:
+        return str(_uuid.UUID(bytes=self.uuid))
+
+
+def encode_superblock(sb: Superblock) -> bytearray:
+    if len(sb.config) > CONFIG_MAX:
+        raise FormatError(f"cluster config blob too large ({len(sb.config)} > {CONFIG_MAX})")
+    buf = new_block(BlockType.SUPER, SUPERBLOCK_BLKNO, sb.seq)
+    _FIELDS.pack_into(
+        buf, HEADER_SIZE, sb.uuid, sb.block_size, sb.total_blocks, sb.journal_count,
+        sb.journal_start, sb.journal_blocks, sb.hb_start, sb.rgrp_start, sb.rgrp_blocks,
+        sb.rgrp_count, sb.bitmap_blocks, sb.root_ino, sb.created, sb.flags,
+        sb.label[:32], len(sb.config),
+    )
+    buf[CONFIG_OFFSET : CONFIG_OFFSET + len(sb.config)] = sb.config
+    return seal(buf, BlockType.SUPER, SUPERBLOCK_BLKNO, sb.seq)
+
+
+def decode_superblock(buf: bytes | bytearray | memoryview) -> Superblock:
+    """Decode and check a superblock; NotClusterFS / ChecksumError / FormatError."""
+    if len(buf) < BLOCK_SIZE:
+        raise NotClusterFS("not a clusterfs filesystem (short superblock)")
+    magic, btype, *_ = header_of(buf)
+    if magic != MAGIC or btype != BlockType.SUPER:
+        raise NotClusterFS("not a clusterfs filesystem (bad superblock magic)")
+    try:
+        seq = check(buf, SUPERBLOCK_BLKNO, BlockType.SUPER)
+    except ChecksumError as exc:
+        raise ChecksumError(SUPERBLOCK_BLKNO, "superblock") from exc
+    (uuid, bsize, total, jcount, jstart, jblocks, hb, rstart, rblocks, rcount, bmblocks,
+     root, created, flags, label, cfglen) = _FIELDS.unpack_from(buf, HEADER_SIZE)
+    sb = Superblock(
+        uuid=uuid, block_size=bsize, total_blocks=total, journal_count=jcount,
+        journal_start=jstart, journal_blocks=jblocks, hb_start=hb, rgrp_start=rstart,
+        rgrp_blocks=rblocks, rgrp_count=rcount, bitmap_blocks=bmblocks, root_ino=root,
+        created=created, flags=flags, label=label.rstrip(b"\0"),
+        config=bytes(buf[CONFIG_OFFSET : CONFIG_OFFSET + min(cfglen, CONFIG_MAX)]), seq=seq,
+    )
+    check_superblock(sb)
+    return sb
+
+
+def check_superblock(sb: Superblock) -> None:
+    """Geometry sanity: every region inside the device and in order."""
+    problems = []
+    if sb.block_size != BLOCK_SIZE:
+        problems.append(f"block size {sb.block_size} unsupported")
+    if not 1 <= sb.journal_count <= 256:
+        problems.append(f"journal count {sb.journal_count}")
+    if sb.hb_start != SUPERBLOCK_BLKNO + 1:
+        problems.append(f"heartbeat region at {sb.hb_start}")
+    if sb.journal_start != sb.hb_start + sb.journal_count:
+        problems.append(f"journals at {sb.journal_start}")
+    if sb.journal_blocks < 16:
+        problems.append(f"journal size {sb.journal_blocks}")
+    if sb.rgrp_start != sb.journal_start + sb.journal_count * sb.journal_blocks:
+        problems.append(f"resource groups at {sb.rgrp_start}")
+    if sb.rgrp_count < 1 or sb.rgrp_blocks < 2 + sb.bitmap_blocks:
+        problems.append(f"resource groups {sb.rgrp_count} x {sb.rgrp_blocks}")
+    elif sb.rgrp_start + (sb.rgrp_count - 1) * sb.rgrp_blocks >= sb.total_blocks:
+        problems.append("resource groups run past the end")
+    if not sb.rgrp_start <= sb.root_ino < sb.total_blocks:
+        problems.append(f"root inode {sb.root_ino} out of range")
+    if problems:
+        raise FormatError("bad superblock geometry: " + "; ".join(problems))
+
+
+def superblock_crc_ok(buf: bytes) -> bool:
+    return block_crc(buf) == header_of(buf)[5]
