@@ -74,6 +74,14 @@ def encode_body(body: Any) -> bytes:
         raise WireError(f"body not encodable: {exc}") from exc
 
 
+def decode_body(packed: bytes) -> Any:
+    """msgpack -> Python, as receivers see it (arrays become tuples)."""
+    try:
+        return msgpack.unpackb(packed, raw=False, use_list=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises many kinds; all mean a bad body
+        raise WireError(f"undecodable body: {type(exc).__name__}: {exc}") from exc
+
+
 def encode(key: bytes, mtype: int, sender: int, generation: int, seq: int, body: Any,
            *, version: int = WIRE_VERSION, packed_body: bytes | None = None) -> bytes:
     """One frame without the TCP length prefix."""
@@ -112,9 +120,5 @@ def decode(key: bytes, data: bytes, *, max_frame: int = 1 << 20) -> Frame:
         raise WireError(f"bad MAC (type {mtype}, claimed sender {sender})")
     if mtype not in _KNOWN_TYPES:
         raise WireError(f"unknown message type {mtype}")
-    try:
-        body = msgpack.unpackb(data[HEADER_SIZE:-MAC_SIZE], raw=False, use_list=False,
-                               strict_map_key=False)
-    except Exception as exc:  # msgpack raises many kinds; all mean a bad body
-        raise WireError(f"undecodable body: {type(exc).__name__}: {exc}") from exc
+    body = decode_body(data[HEADER_SIZE:-MAC_SIZE])
     return Frame(mtype, sender, gen, seq, body, version)

@@ -1,0 +1,172 @@
+"""The TCP transport over real sockets on 127.0.0.1, inside one trio run."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import pytest
+import trio
+
+from clusterfs.comms.interface import Envelope
+from clusterfs.comms.localcluster import local_config
+from clusterfs.comms.tcp import open_tcp_endpoint
+from clusterfs.errors import PeerUnreachable
+from clusterfs.wire import frame as wf
+from clusterfs.wire.types import MsgType
+
+T = MsgType.BARRIER
+
+
+def trio_test(fn):
+    """Run an async test function in a fresh trio run (no pytest-trio here)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return trio.run(functools.partial(fn, *args, **kwargs))
+    return wrapper
+
+
+async def wait_for(pred, timeout=5.0, step=0.01):
+    with trio.fail_after(timeout):
+        while not pred():
+            await trio.sleep(step)
+
+
+async def send_until_delivered(ep, dest, got, body, timeout=5.0):
+    """Send repeatedly (peer may still be connecting) until `got` is non-empty."""
+    with trio.fail_after(timeout):
+        while not got:
+            try:
+                await ep.send(dest, T, body)
+            except PeerUnreachable:
+                pass
+            await trio.sleep(0.05)
+
+
+@trio_test
+async def test_ordered_delivery_and_envelope():
+    cfg = local_config([1, 2])
+    got: list[Envelope] = []
+
+    async def handler(env):
+        got.append(env)
+
+    async with open_tcp_endpoint(cfg, 1) as a, open_tcp_endpoint(cfg, 2) as b:
+        b.register([T], handler)
+        a.generation = 7
+        await send_until_delivered(a, 2, got, {"warmup": True})
+        got.clear()
+        for i in range(3000):
+            await a.send(2, T, {"i": i, "r": ("x", i)})
+        await wait_for(lambda: len(got) == 3000)
+        assert [e.body["i"] for e in got] == list(range(3000))
+        assert all(e.sender == 1 and e.generation == 7 and e.type == T for e in got)
+        assert got[5].body["r"] == ("x", 5)
+        st = a.statistics()
+        assert st.frames_out >= 3000 and st.peers[0].state == "up"
+        assert b.statistics().frames_in >= 3000 and b.statistics().wire_errors == 0
+
+
+@trio_test
+async def test_handlers_for_one_sender_run_one_at_a_time():
+    cfg = local_config([1, 2, 3])
+    running: dict[int, int] = {1: 0, 3: 0}
+    peak: dict[int, int] = {1: 0, 3: 0}
+    order: dict[int, list[int]] = {1: [], 3: []}
+    both_overlapped = trio.Event()
+
+    async def handler(env):
+        running[env.sender] += 1
+        peak[env.sender] = max(peak[env.sender], running[env.sender])
+        if running[1] and running[3]:
+            both_overlapped.set()   # different senders do run concurrently
+        await trio.sleep(0.002)
+        order[env.sender].append(env.body)
+        running[env.sender] -= 1
+
+    async with (open_tcp_endpoint(cfg, 1) as a, open_tcp_endpoint(cfg, 2) as b,
+                open_tcp_endpoint(cfg, 3) as c):
+        b.register([T], handler)
+        for ep in (a, c):
+            await wait_for(lambda ep=ep: ep.peer_state(2) == "up", timeout=5)
+        for i in range(100):
+            await a.send(2, T, i)
+            await c.send(2, T, i)
+        await wait_for(lambda: len(order[1]) == 100 and len(order[3]) == 100)
+        assert order[1] == list(range(100)) and order[3] == list(range(100))
+        assert peak == {1: 1, 3: 1}
+        assert both_overlapped.is_set()
+
+
+@trio_test
+async def test_send_to_self_and_unknown():
+    cfg = local_config([1, 2])
+    got = []
+
+    async def handler(env):
+        got.append(env)
+
+    async with open_tcp_endpoint(cfg, 1) as a:
+        a.register([T], handler)
+        await a.send(1, T, [1, 2])
+        await wait_for(lambda: got)
+        assert got[0].sender == 1 and got[0].body == (1, 2)
+        with pytest.raises(PeerUnreachable):
+            await a.send(99, T, None)
+        # node 2 is configured but not running: it goes down and sends fail fast
+        await wait_for(lambda: a.peer_state(2) == "down")
+        with pytest.raises(PeerUnreachable):
+            await a.send(2, T, None)
+
+
+@trio_test
+async def test_reconnect_after_peer_restart():
+    cfg = local_config([1, 2])
+    got: list[Envelope] = []
+
+    async def handler(env):
+        got.append(env)
+
+    async with open_tcp_endpoint(cfg, 1) as a:
+        async with open_tcp_endpoint(cfg, 2) as b:
+            b.register([T], handler)
+            await send_until_delivered(a, 2, got, "first life")
+        # node 2 is gone: the connection breaks, node 1 marks it down and sends fail
+        await wait_for(lambda: a.peer_state(2) == "down")
+        with pytest.raises(PeerUnreachable):
+            await a.send(2, T, "nobody home")
+        got.clear()
+        async with open_tcp_endpoint(cfg, 2) as b2:
+            b2.register([T], handler)
+            await wait_for(lambda: a.peer_state(2) == "up")
+            for i in range(50):
+                await a.send(2, T, i)
+            await wait_for(lambda: len(got) == 50)
+            assert [e.body for e in got] == list(range(50))
+        assert a.statistics().peers[0].connects == 2
+
+
+@trio_test
+async def test_wrong_key_cannot_connect_and_bad_frames_are_dropped():
+    cfg = local_config([1, 2])
+    bad = dataclasses.replace(cfg, key=bytes(32))
+    got = []
+
+    async def handler(env):
+        got.append(env)
+
+    async with open_tcp_endpoint(cfg, 2) as b:
+        b.register([T], handler)
+        async with open_tcp_endpoint(bad, 1) as intruder:
+            await wait_for(lambda: intruder.peer_state(2) == "down")
+        assert b.statistics().handshake_failures >= 1 and not got
+        # a raw connection sending garbage is dropped; the node keeps serving
+        stream = await trio.open_tcp_stream("127.0.0.1", cfg.node(2).port)
+        await stream.send_all(wf.LENGTH.pack(100) + b"\x01" * 100)
+        with trio.fail_after(5):
+            assert await stream.receive_some(10) == b""   # closed on us
+        await stream.aclose()
+        async with open_tcp_endpoint(cfg, 1) as a:
+            await send_until_delivered(a, 2, got, "still serving")
+        assert got[0].body == "still serving"
+        assert b.statistics().wire_errors >= 2
