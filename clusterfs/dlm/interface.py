@@ -22,10 +22,13 @@ Semantics (as the VMS / Linux DLM):
 
 from __future__ import annotations
 
+import errno as _errno
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Protocol
+
+from clusterfs.errors import LockError
 
 LVB_SIZE = 32
 RANGE_MAX = 2**64 - 1
@@ -104,3 +107,20 @@ class LockService(Protocol):
     async def convert(self, lock: Lock, mode: Mode, *, try_: bool = False) -> None: ...
 
     async def unlock(self, lock: Lock) -> None: ...
+
+
+# -- additions for the distributed lock manager (compatible extensions) ----------
+class ConversionDeadlock(LockError):
+    """A conversion would close a cycle of conversions waiting on each other.
+
+    The conversion that closes the cycle fails; the lock keeps its granted mode
+    (the Linux DLM's default answer, EDEADLK)."""
+
+    errno = _errno.EDEADLK
+
+
+def is_down_conversion(old: Mode, new: Mode) -> bool:
+    """True when `new` conflicts with nothing `old` did not conflict with.
+
+    Such a conversion can always be granted at once (PR->CW is NOT one)."""
+    return all(compatible(new, m) for m in Mode if compatible(old, m))

@@ -1,0 +1,252 @@
+"""Tier 1: the C lock table (native/locktable.c) through its wrapper."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from clusterfs.dlm.interface import (
+    FULL_RANGE,
+    ConversionDeadlock,
+    Mode,
+    compatible,
+    is_down_conversion,
+)
+from clusterfs.dlm.locktable import EventType, LockTable, Queue
+from clusterfs.errors import LockError, WouldBlock
+
+R = b"res"
+
+
+@pytest.fixture
+def t() -> LockTable:
+    table = LockTable()
+    yield table
+    table.close()
+
+
+def grants(t: LockTable) -> list[int]:
+    return [e.lkid for e in t.events() if e.type == EventType.GRANT]
+
+
+@pytest.mark.parametrize("a,b", list(itertools.product(Mode, Mode)))
+def test_compat_matrix(t: LockTable, a: Mode, b: Mode) -> None:
+    assert t.request(R, 1, 1, a, FULL_RANGE)
+    assert t.request(R, 2, 2, b, FULL_RANGE, try_=False) == compatible(a, b)
+
+
+def test_matrix_is_the_standard_one() -> None:
+    ex_ok = [m for m in Mode if compatible(Mode.EX, m)]
+    assert ex_ok == [Mode.NL]
+    assert compatible(Mode.PR, Mode.PR) and not compatible(Mode.PR, Mode.CW)
+    assert compatible(Mode.CW, Mode.CW) and not compatible(Mode.PW, Mode.PW)
+    assert compatible(Mode.CR, Mode.PW) and not compatible(Mode.CR, Mode.EX)
+    assert is_down_conversion(Mode.EX, Mode.PR) and not is_down_conversion(Mode.PR, Mode.CW)
+
+
+def test_ranges(t: LockTable) -> None:
+    assert t.request(R, 1, 1, Mode.EX, (0, 99))
+    assert t.request(R, 2, 2, Mode.EX, (100, 199))          # disjoint: both granted
+    assert not t.request(R, 3, 3, Mode.PR, (99, 100))       # touches both
+    with pytest.raises(WouldBlock):
+        t.request(R, 4, 3, Mode.EX, (150, 150), try_=True)
+    assert t.request(R, 5, 3, Mode.EX, (200, 2**64 - 1))
+    t.unlock(1)
+    assert grants(t) == []                                  # still blocked by lock 2
+    t.unlock(2)
+    assert grants(t) == [3]
+
+
+def test_try_does_not_queue(t: LockTable) -> None:
+    t.request(R, 1, 1, Mode.EX, FULL_RANGE)
+    with pytest.raises(WouldBlock):
+        t.request(R, 2, 2, Mode.NL + 1, FULL_RANGE, try_=True)
+    assert [i.lkid for i in t.dump(R)] == [1]
+    assert t.statistics().locks == 1
+
+
+def test_fifo_no_starvation(t: LockTable) -> None:
+    assert t.request(R, 1, 1, Mode.PR, FULL_RANGE)
+    assert not t.request(R, 2, 2, Mode.EX, FULL_RANGE)
+    # a new PR would be compatible with the holder but must not overtake the EX waiter
+    assert not t.request(R, 3, 3, Mode.PR, FULL_RANGE)
+    # ... unless it does not conflict with the waiter (other range)
+    t.unlock(1)
+    assert grants(t) == [2]
+    t.unlock(2)
+    assert grants(t) == [3]
+
+
+def test_fifo_ignores_nonoverlapping_waiter(t: LockTable) -> None:
+    t.request(R, 1, 1, Mode.EX, (0, 10))
+    assert not t.request(R, 2, 2, Mode.EX, (0, 10))
+    assert t.request(R, 3, 3, Mode.EX, (11, 20))
+
+
+def test_blocking_events(t: LockTable) -> None:
+    t.request(R, 1, 1, Mode.PR, FULL_RANGE)
+    t.request(R, 2, 2, Mode.PR, FULL_RANGE)
+    t.request(R, 3, 3, Mode.EX, FULL_RANGE)
+    ev = t.events()
+    assert {(e.type, e.lkid, e.mode) for e in ev} == {
+        (EventType.BAST, 1, Mode.EX), (EventType.BAST, 2, Mode.EX)}
+    t.request(R, 4, 4, Mode.EX, FULL_RANGE)
+    assert t.events() == []        # already told about an EX waiter
+
+
+def test_convert_up_down_and_lvb(t: LockTable) -> None:
+    assert t.request(R, 1, 1, Mode.EX, FULL_RANGE)
+    assert t.convert(1, Mode.PR, lvb=b"hello")              # down: LVB stored
+    assert t.lock_lvb(1)[0].rstrip(b"\0") == b"hello"
+    assert t.request(R, 2, 2, Mode.PR, FULL_RANGE)
+    assert not t.convert(1, Mode.EX)                        # up: waits for 2
+    assert [i.queue for i in t.dump(R)] == [Queue.GRANTED, Queue.CONVERTING]
+    # a new PR request must not overtake the conversion
+    assert not t.request(R, 3, 3, Mode.PR, FULL_RANGE)
+    t.unlock(2)
+    assert grants(t) == [1]
+    t.unlock(1, lvb=b"world")
+    assert grants(t) == [3]
+    lvb, seq, valid = t.lock_lvb(3)
+    assert lvb.rstrip(b"\0") == b"world" and seq == 2 and valid
+
+
+def test_pr_holder_lvb_not_stored(t: LockTable) -> None:
+    t.request(R, 1, 1, Mode.PR, FULL_RANGE)
+    t.unlock(1, lvb=b"ignored")
+    assert t.resource_lvb(R) == (bytes(32), 0, True)
+
+
+def test_conversion_deadlock(t: LockTable) -> None:
+    t.request(R, 1, 1, Mode.PR, FULL_RANGE)
+    t.request(R, 2, 2, Mode.PR, FULL_RANGE)
+    assert not t.convert(1, Mode.EX)
+    with pytest.raises(ConversionDeadlock):
+        t.convert(2, Mode.EX)
+    info = t.lock_info(2)
+    assert info.queue == Queue.GRANTED and info.grmode == Mode.PR
+    t.unlock(2)
+    assert grants(t) == [1]
+
+
+def test_three_way_conversion_deadlock(t: LockTable) -> None:
+    for i in (1, 2, 3):
+        t.request(R, i, i, Mode.PR, FULL_RANGE)
+    assert not t.convert(1, Mode.EX)
+    with pytest.raises(ConversionDeadlock):
+        t.convert(2, Mode.EX)
+    with pytest.raises(ConversionDeadlock):
+        t.convert(3, Mode.PW)
+    t.unlock(2)
+    t.unlock(3)
+    assert grants(t) == [1]
+
+
+def test_cancel(t: LockTable) -> None:
+    t.request(R, 1, 1, Mode.EX, FULL_RANGE)
+    t.request(R, 2, 2, Mode.EX, FULL_RANGE)
+    t.request(R, 3, 3, Mode.PR, (5, 5))
+    t.request(R, 4, 4, Mode.PR, (7, 7))
+    assert t.cancel(2)
+    assert not t.cancel(1)                                  # granted: nothing to cancel
+    t.unlock(1)
+    assert sorted(grants(t)) == [3, 4]
+    with pytest.raises(LockError):
+        t.cancel(2)
+
+
+def test_cancel_conversion(t: LockTable) -> None:
+    t.request(R, 1, 1, Mode.PR, FULL_RANGE)
+    t.request(R, 2, 2, Mode.PR, FULL_RANGE)
+    t.convert(1, Mode.EX)
+    assert t.cancel(1)
+    assert t.lock_info(1).grmode == Mode.PR and t.lock_info(1).queue == Queue.GRANTED
+
+
+def test_purge_invalidates_lvb_and_regrants(t: LockTable) -> None:
+    t.request(R, 1, 7, Mode.PW, FULL_RANGE)
+    t.request(R, 2, 2, Mode.PR, FULL_RANGE)
+    t.request(b"other", 3, 7, Mode.PR, FULL_RANGE)
+    t.events()
+    assert t.purge_node(7) == 2
+    assert t.regrant(R) == 1 and grants(t) == [2]
+    assert t.lock_lvb(2)[2] is False
+    assert t.resource_lvb(b"other")[2] is True
+
+
+def test_recover_lock_and_regrant(t: LockTable) -> None:
+    t.recover_lock(R, 1, 1, Mode.PR, None, FULL_RANGE)
+    t.recover_lock(R, 2, 2, Mode.PR, Mode.EX, FULL_RANGE)
+    t.recover_lock(R, 3, 3, None, Mode.PR, FULL_RANGE)
+    assert [i.queue for i in t.dump(R)] == [Queue.GRANTED, Queue.CONVERTING, Queue.WAITING]
+    assert t.regrant(R) == 0
+    t.unlock(1)
+    assert grants(t) == [2]
+    t.drop_resource(R)
+    assert t.statistics().resources == 0 and t.statistics().locks == 0
+
+
+def test_errors(t: LockTable) -> None:
+    t.request(R, 1, 1, Mode.EX, FULL_RANGE)
+    with pytest.raises(LockError):
+        t.request(R, 1, 1, Mode.EX, FULL_RANGE)             # duplicate id
+    with pytest.raises(LockError):
+        t.unlock(99)
+    with pytest.raises(LockError):
+        t.request(R, 5, 1, Mode.EX, (10, 5))                # bad range
+
+
+def test_many_resources_grow_tables(t: LockTable) -> None:
+    for i in range(5000):
+        assert t.request(b"r%d" % i, i + 1, 1, Mode.EX, FULL_RANGE)
+    assert t.statistics().resources == 5000 and t.statistics().locks == 5000
+    for i in range(5000):
+        t.unlock(i + 1)
+    assert t.statistics().locks == 0
+
+
+def test_random_against_model(t: LockTable) -> None:
+    """Random ops: at every moment the granted set is pairwise compatible."""
+    import random
+
+    rng = random.Random(3)
+    live: dict[int, str] = {}
+    nxt = 1
+    for _ in range(3000):
+        op = rng.random()
+        if op < 0.5 or not live:
+            a = rng.randrange(0, 50)
+            rng_ = (a, a + rng.randrange(0, 20))
+            try:
+                t.request(R, nxt, 1, Mode(rng.randrange(6)), rng_, try_=rng.random() < 0.2)
+                live[nxt] = "x"
+            except WouldBlock:
+                pass
+            nxt += 1
+        else:
+            lk = rng.choice(list(live))
+            info = t.lock_info(lk)
+            if info.queue == Queue.WAITING:
+                t.cancel(lk)
+                del live[lk]
+            elif info.queue == Queue.GRANTED and rng.random() < 0.5:
+                try:
+                    t.convert(lk, Mode(rng.randrange(6)))
+                except ConversionDeadlock:
+                    pass
+            elif info.queue == Queue.GRANTED:
+                t.unlock(lk)
+                del live[lk]
+        t.events()
+        held = [i for i in t.dump(R) if i.grmode is not None]
+        for a, b in itertools.combinations(held, 2):
+            overlap = a.range[0] <= b.range[1] and b.range[0] <= a.range[1]
+            assert not overlap or compatible(a.grmode, b.grmode), (a, b)
+        # nothing grantable is left waiting
+        waiting = [i for i in t.dump(R) if i.queue == Queue.WAITING]
+        for w in waiting[:1]:
+            blockers = [h for h in held if h.range[0] <= w.range[1] and w.range[0] <= h.range[1]
+                        and not compatible(w.rqmode, h.grmode)]
+            conv = [i for i in t.dump(R) if i.queue == Queue.CONVERTING]
+            assert blockers or conv, w
