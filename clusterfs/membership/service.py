@@ -323,8 +323,11 @@ class MembershipService:
         for n in base - target:
             pending[n] = self._incs[n]
         for n in list(pending):
-            if n in target and members[n] == pending[n]:
-                del pending[n]     # merged back from a non-quorate partition: not fenced
+            if n in target:
+                # same incarnation: merged back from a non-quorate partition (it granted
+                # nothing); new incarnation: the old process is gone (the new one owns the
+                # node's address). Either way there is nothing left to fence.
+                del pending[n]
         removed = dict(self._removed)
         if quorate:
             removed.update(pending)   # a quorate view expels what it removes

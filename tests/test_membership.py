@@ -1,0 +1,284 @@
+"""Tier 2: many membership services in one trio run over the in-memory transport,
+in virtual time (trio MockClock), with kills, cuts, heals and restarts."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import trio
+import trio.testing
+
+from clusterfs.comms.memory import MemoryNetwork
+from clusterfs.errors import Expelled
+from clusterfs.fence.agent import NoopAgent
+from clusterfs.membership.service import EXPELLED, MEMBER, MembershipService
+from clusterfs.membership.view import ExpelledEvent, Fenced, ViewChange
+
+INTERVAL = 0.5
+TIMEOUT = 3.0
+DETECT = TIMEOUT + 3 * INTERVAL      # detection + one proposal round, with slack
+
+
+def mock_trio(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        clock = trio.testing.MockClock(autojump_threshold=0)
+        return trio.run(functools.partial(fn, *args, **kwargs), clock=clock)
+    return wrapper
+
+
+class Sim:
+    """A cluster of MembershipServices on one MemoryNetwork."""
+
+    def __init__(self, net: MemoryNetwork, nursery: trio.Nursery, ids: list[int]) -> None:
+        self.net = net
+        self.nursery = nursery
+        self.ids = ids
+        self.nodes: dict[int, MembershipService] = {}
+        self.scopes: dict[int, trio.CancelScope] = {}
+        self.agents: dict[int, NoopAgent] = {}
+
+    async def start(self, nid: int) -> MembershipService:
+        ep = self.net.endpoint(nid)
+        agent = NoopAgent()
+        ms = MembershipService(ep, self.ids, heartbeat_interval=INTERVAL,
+                               failure_timeout=TIMEOUT, fence_agent=agent)
+        scope = trio.CancelScope()
+
+        async def run(task_status=trio.TASK_STATUS_IGNORED):
+            with scope:
+                await ms.run(task_status=task_status)
+
+        await self.nursery.start(run)
+        self.nodes[nid], self.scopes[nid], self.agents[nid] = ms, scope, agent
+        return ms
+
+    def kill(self, nid: int) -> None:
+        self.net.crash(nid)
+        self.scopes.pop(nid).cancel()
+
+    def isolate(self, nid: int) -> None:
+        for o in self.ids:
+            if o != nid:
+                self.net.cut(nid, o)
+
+    def heal_all(self) -> None:
+        self.net._cut.clear()
+
+    def live(self, ids=None):
+        return [self.nodes[i] for i in (ids if ids is not None else self.scopes)]
+
+    async def until(self, pred, timeout: float) -> float:
+        """Wait (virtual time) until pred(); return how long it took."""
+        t0 = trio.current_time()
+        with trio.fail_after(timeout):
+            while not pred():
+                await trio.sleep(0.05)
+        return trio.current_time() - t0
+
+    def agreed(self, ids, members) -> bool:
+        ms = [self.nodes[i] for i in ids]
+        return (all(m.state == MEMBER and m.view.members == frozenset(members) for m in ms)
+                and len({m.view.generation for m in ms}) == 1)
+
+
+async def with_sim(ids, body):
+    async with MemoryNetwork().running() as net, trio.open_nursery() as nursery:
+        sim = Sim(net, nursery, ids)
+        await body(sim)
+        nursery.cancel_scope.cancel()
+
+
+def view_changes(ms):
+    return [e for e in ms.events if isinstance(e, ViewChange)]
+
+
+def assert_generations_grow(ms):
+    gens = [e.view.generation for e in view_changes(ms)]
+    assert gens == sorted(set(gens)), gens
+
+
+@mock_trio
+async def test_three_nodes_agree_on_one_generation():
+    async def body(sim):
+        for i in (1, 2, 3):
+            await sim.start(i)
+        await sim.until(lambda: sim.agreed([1, 2, 3], {1, 2, 3}), 10)
+        v = sim.nodes[1].view
+        assert v.quorate and v.coordinator == 1 and v.cluster_size == 3
+        # a subscriber starts with the current view
+        ch = sim.nodes[2].subscribe()
+        first = ch.receive_nowait()
+        assert isinstance(first, ViewChange) and first.view == v
+        assert await sim.nodes[3].wait_quorum() == v
+        st = sim.nodes[1].statistics()
+        assert st.generation == v.generation and st.coordinator == 1 and st.members == [1, 2, 3]
+        assert "members [1, 2, 3]" in sim.nodes[1].dump()
+    await with_sim([1, 2, 3], body)
+
+
+@mock_trio
+async def test_killed_node_leaves_within_timeout_then_fenced():
+    async def body(sim):
+        for i in (1, 2, 3):
+            await sim.start(i)
+        await sim.until(lambda: sim.agreed([1, 2, 3], {1, 2, 3}), 10)
+        g = sim.nodes[1].view.generation
+        sim.kill(3)
+        took = await sim.until(lambda: sim.agreed([1, 2], {1, 2}), DETECT + 1)
+        assert took <= DETECT
+        assert sim.nodes[1].view.generation > g and sim.nodes[1].view.quorate
+        await sim.until(lambda: all(isinstance(m.events[-1], Fenced)
+                                    for m in sim.live([1, 2])), 5)
+        for m in sim.live([1, 2]):
+            vc, fenced = m.events[-2], m.events[-1]
+            assert isinstance(vc, ViewChange) and vc.left == {3} and vc.joined == set()
+            assert fenced == Fenced(vc.view.generation, frozenset({3}))
+            assert_generations_grow(m)
+        assert sim.agents[1].calls == [(3, sim.nodes[1].view.generation)]
+        assert sim.agents[2].calls == []     # only the coordinator fences
+        assert sim.nodes[1].events == sim.nodes[2].events
+    await with_sim([1, 2, 3], body)
+
+
+@mock_trio
+async def test_coordinator_death_is_handled():
+    async def body(sim):
+        for i in (1, 2, 3, 4, 5):
+            await sim.start(i)
+        await sim.until(lambda: sim.agreed([1, 2, 3, 4, 5], {1, 2, 3, 4, 5}), 10)
+        sim.kill(1)
+        took = await sim.until(lambda: sim.agreed([2, 3, 4, 5], {2, 3, 4, 5}), DETECT + 1)
+        assert took <= DETECT
+        assert sim.nodes[2].view.coordinator == 2
+        await sim.until(lambda: sim.agents[2].calls, 5)
+        assert sim.agents[2].calls[0][0] == 1
+        await sim.until(lambda: all(isinstance(m.events[-1], Fenced)
+                                    for m in sim.live([2, 3, 4, 5])), 5)
+        evs = [m.events for m in sim.live([2, 3, 4, 5])]
+        assert all(e == evs[0] for e in evs)
+    await with_sim([1, 2, 3, 4, 5], body)
+
+
+@mock_trio
+async def test_without_quorum_wait_quorum_blocks_until_it_returns():
+    async def body(sim):
+        for i in (1, 2, 3):
+            await sim.start(i)
+        await sim.until(lambda: sim.agreed([1, 2, 3], {1, 2, 3}), 10)
+        sim.kill(2)
+        sim.kill(3)
+        await sim.until(lambda: sim.nodes[1].view.members == {1}, DETECT + 1)
+        m1 = sim.nodes[1]
+        assert not m1.view.quorate
+        # nobody fences without quorum
+        assert sim.agents[1].calls == []
+        got = []
+
+        async def waiter():
+            got.append(await m1.wait_quorum())
+
+        sim.nursery.start_soon(waiter)
+        await trio.sleep(30)
+        assert got == []                     # blocked: neither granted nor failed
+        await sim.start(2)                   # a fresh incarnation of node 2 comes back
+        await sim.until(lambda: got, 10)
+        assert got[0].quorate and got[0].members == {1, 2}
+        assert sim.agreed([1, 2], {1, 2})
+        # the quorate view fences node 3 (removed while there was no quorum); node 2's
+        # old incarnation is not fenced: its new incarnation is a member
+        await sim.until(lambda: sim.agents[1].calls, 5)
+        assert [n for n, _ in sim.agents[1].calls] == [3]
+        await sim.until(lambda: isinstance(m1.events[-1], Fenced), 5)
+        assert m1.events[-1].nodes == {3}
+    await with_sim([1, 2, 3], body)
+
+
+@mock_trio
+async def test_cut_off_node_is_expelled_not_merged_and_can_restart():
+    async def body(sim):
+        for i in (1, 2, 3):
+            await sim.start(i)
+        await sim.until(lambda: sim.agreed([1, 2, 3], {1, 2, 3}), 10)
+        m1 = sim.nodes[1]
+        sim.isolate(1)                       # cut off the coordinator itself
+        await sim.until(lambda: sim.agreed([2, 3], {2, 3}), DETECT + 1)
+        await sim.until(lambda: m1.view.members == {1} and not m1.view.quorate, DETECT + 1)
+        majority_gen = sim.nodes[2].view.generation
+        sim.heal_all()
+        await sim.until(lambda: m1.state == EXPELLED, 5)
+        assert isinstance(m1.events[-1], ExpelledEvent)
+        with pytest.raises(Expelled):
+            await m1.wait_quorum()
+        await trio.sleep(10)                 # and it stays out: never merged back
+        assert sim.agreed([2, 3], {2, 3})
+        assert sim.nodes[2].view.generation == majority_gen
+        # a clean restart (fresh incarnation) of node 1 rejoins
+        sim.kill(1)
+        await sim.start(1)
+        await sim.until(lambda: sim.agreed([1, 2, 3], {1, 2, 3}), DETECT + 5)
+        assert sim.nodes[1].view.generation > majority_gen
+        assert sim.nodes[2].events == sim.nodes[3].events
+        assert sim.nodes[1].state == MEMBER
+    await with_sim([1, 2, 3], body)
+
+
+@mock_trio
+async def test_restarted_node_is_told_apart_from_its_old_incarnation():
+    async def body(sim):
+        for i in (1, 2, 3):
+            await sim.start(i)
+        await sim.until(lambda: sim.agreed([1, 2, 3], {1, 2, 3}), 10)
+        old = sim.nodes[3].incarnation
+        sim.kill(3)
+        await sim.start(3)                   # back before the failure timeout expires
+        assert sim.nodes[3].incarnation != old
+        await sim.until(lambda: sim.agreed([1, 2, 3], {1, 2, 3})
+                        and sim.nodes[3].view.generation > 2, DETECT + 5)
+        # the old incarnation was removed (and fenced) before the new one joined
+        changes = view_changes(sim.nodes[1])
+        assert any(c.left == {3} for c in changes)
+        assert changes[-1].joined == {3}
+        assert sim.agents[1].calls and sim.agents[1].calls[0][0] == 3
+    await with_sim([1, 2, 3], body)
+
+
+@mock_trio
+async def test_same_events_in_same_order_through_churn():
+    ids = [1, 2, 3, 4, 5]
+
+    async def body(sim):
+        subs = {}
+        for i in ids:
+            await sim.start(i)
+            subs[i] = sim.nodes[i].subscribe()
+        await sim.until(lambda: sim.agreed(ids, set(ids)), 10)
+        sim.kill(4)
+        await sim.until(lambda: sim.agreed([1, 2, 3, 5], {1, 2, 3, 5}), DETECT + 1)
+        sim.kill(2)
+        await sim.until(lambda: sim.agreed([1, 3, 5], {1, 3, 5}), DETECT + 1)
+        await sim.start(4)
+        await sim.until(lambda: sim.agreed([1, 3, 4, 5], {1, 3, 4, 5}), DETECT + 5)
+        await trio.sleep(5)
+        seqs = {i: sim.nodes[i].events for i in (1, 3, 5)}
+        assert seqs[1] == seqs[3] == seqs[5]
+        for i in (1, 3, 5):
+            assert_generations_grow(sim.nodes[i])
+            # the subscription carried exactly the same sequence
+            got = []
+            while True:
+                try:
+                    got.append(subs[i].receive_nowait())
+                except trio.WouldBlock:
+                    break
+            assert got == seqs[i]
+            # every Fenced comes right after... at least after its ViewChange
+            for k, e in enumerate(seqs[i]):
+                if isinstance(e, Fenced):
+                    prior = [x for x in seqs[i][:k] if isinstance(x, ViewChange)]
+                    assert prior[-1].view.generation == e.generation
+        left = [c.left for c in view_changes(sim.nodes[1]) if c.left]
+        assert left == [{4}, {2}]
+        assert [c.joined for c in view_changes(sim.nodes[1])][-1] == {4}
+    await with_sim(ids, body)
