@@ -65,3 +65,66 @@ async def open_cluster_node(config: ClusterConfig | str | os.PathLike[str], node
             yield ClusterNode(cfg, node_id, endpoint, membership, agent, nursery)
         finally:
             nursery.cancel_scope.cancel()
+
+
+# -- `python -m clusterfs.node.cluster --config FILE --node-id N`: a bare cluster node ----
+# Runs comms + membership only and prints one JSON line per membership event on
+# stdout (used by the multi-process tests and for drills).
+
+def _event_json(ev: object) -> str:
+    import json
+
+    from clusterfs.membership.view import ExpelledEvent, Fenced, ViewChange
+
+    if isinstance(ev, ViewChange):
+        d: dict[str, Any] = {"event": "view", "gen": ev.view.generation,
+                             "members": sorted(ev.view.members), "quorate": ev.view.quorate,
+                             "joined": sorted(ev.joined), "left": sorted(ev.left)}
+    elif isinstance(ev, Fenced):
+        d = {"event": "fenced", "gen": ev.generation, "nodes": sorted(ev.nodes)}
+    elif isinstance(ev, ExpelledEvent):
+        d = {"event": "expelled", "gen": ev.generation}
+    else:  # pragma: no cover
+        d = {"event": repr(ev)}
+    return json.dumps(d)
+
+
+async def _serve_main(config: str, node_id: int, pid_dir: str | None) -> None:
+    import sys
+
+    from clusterfs.fence.agent import ProcessAgent
+
+    agent = ProcessAgent(pid_dir=pid_dir) if pid_dir else None
+    async with open_cluster_node(config, node_id, fence_agent=agent) as node:
+        print(f'{{"event": "started", "node": {node_id}, "pid": {os.getpid()}}}', flush=True)
+        async for ev in node.membership.subscribe():
+            print(_event_json(ev), flush=True)
+            sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import logging
+
+    from clusterfs.errors import ConfigError
+
+    p = argparse.ArgumentParser(prog="python -m clusterfs.node.cluster")
+    p.add_argument("--config", required=True)
+    p.add_argument("--node-id", type=int, required=True)
+    p.add_argument("--fence-pid-dir", help="ProcessAgent: kill -9 node<ID>.pid from here")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format=f"%(asctime)s node{args.node_id} %(name)s: %(message)s")
+    try:
+        trio.run(_serve_main, args.config, args.node_id, args.fence_pid_dir)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=__import__("sys").stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

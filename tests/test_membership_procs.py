@@ -1,0 +1,91 @@
+"""Tier 3: three real node processes on 127.0.0.1; kill -9 one; the others agree."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from clusterfs.comms.localcluster import write_local_config
+
+INTERVAL = 0.2
+TIMEOUT = 1.5
+
+
+class NodeProc:
+    def __init__(self, config: str, nid: int) -> None:
+        self.nid = nid
+        self.events: queue.Queue[dict] = queue.Queue()
+        self.seen: list[dict] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "clusterfs.node.cluster", "--config", config,
+             "--node-id", str(nid)],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            try:
+                self.events.put(json.loads(line))
+            except ValueError:
+                pass
+
+    def wait_event(self, pred, deadline: float) -> dict:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"node {self.nid}: no matching event; saw {self.seen}")
+            try:
+                ev = self.events.get(timeout=left)
+            except queue.Empty:
+                continue
+            self.seen.append(ev)
+            if pred(ev):
+                return ev
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def procs():
+    started: list[NodeProc] = []
+    yield started
+    for p in started:
+        p.kill()
+
+
+def test_kill_9_one_of_three_others_agree_within_timeout(tmp_path, procs):
+    cfg = tmp_path / "cluster.toml"
+    write_local_config(cfg, [1, 2, 3], heartbeat_interval=INTERVAL, failure_timeout=TIMEOUT)
+    for nid in (1, 2, 3):
+        procs.append(NodeProc(str(cfg), nid))
+    deadline = time.monotonic() + 20
+    full = [p.wait_event(lambda e: e.get("event") == "view" and e["members"] == [1, 2, 3],
+                         deadline) for p in procs]
+    assert len({e["gen"] for e in full}) == 1 and full[0]["quorate"]
+
+    killed_at = time.monotonic()
+    procs[2].kill()                          # SIGKILL node 3
+    after = [p.wait_event(lambda e: e.get("event") == "view" and e["members"] == [1, 2],
+                          killed_at + TIMEOUT + 3.0) for p in procs[:2]]
+    took = time.monotonic() - killed_at
+    print(f"new view {took:.2f} s after kill -9 (failure timeout {TIMEOUT} s)")
+    assert took <= TIMEOUT + 1.5
+    assert after[0] == after[1]              # same generation, same change, on both
+    assert after[0]["gen"] > full[0]["gen"] and after[0]["left"] == [3]
+    assert after[0]["quorate"]
+    fenced = [p.wait_event(lambda e: e.get("event") == "fenced", time.monotonic() + 5)
+              for p in procs[:2]]
+    assert fenced[0] == fenced[1] == {"event": "fenced", "gen": after[0]["gen"], "nodes": [3]}
