@@ -1,0 +1,95 @@
+"""Many DLM nodes in one trio run (tier 2): MemoryNetwork + StaticCluster.
+
+Used by the tests and the in-process torture; crash(), restart() and
+set_members() drive failures by hand.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from clusterfs.comms.memory import MemoryNetwork
+from clusterfs.dlm.lockspace import Dlm, Lockspace, open_dlm
+from clusterfs.membership.static import StaticCluster
+
+
+@dataclass(eq=False)
+class MemNode:
+    node_id: int
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    dlm: Dlm | None = None
+    ls: Lockspace | None = None
+
+
+class MemCluster:
+    def __init__(self, net: MemoryNetwork, cluster: StaticCluster,
+                 nursery: trio.Nursery) -> None:
+        self.net = net
+        self.cluster = cluster
+        self.nursery = nursery
+        self.nodes: dict[int, MemNode] = {}
+
+    def ls(self, node_id: int) -> Lockspace:
+        ls = self.nodes[node_id].ls
+        assert ls is not None
+        return ls
+
+    async def start(self, node_id: int) -> MemNode:
+        node = MemNode(node_id)
+        self.nodes[node_id] = node
+        ep = self.net.endpoint(node_id)
+        mem = self.cluster.membership(node_id)
+        ready = trio.Event()
+
+        async def run() -> None:
+            with node.scope:
+                async with open_dlm(ep, mem) as dlm:
+                    node.dlm = dlm
+                    node.ls = await dlm.new_lockspace("default")
+                    ready.set()
+                    await trio.sleep_forever()
+
+        self.nursery.start_soon(run)
+        await ready.wait()
+        return node
+
+    def crash(self, node_id: int, *, remove: bool = True) -> None:
+        """The node dies at once: its messages vanish, its tasks stop."""
+        self.net.crash(node_id)
+        node = self.nodes.pop(node_id)
+        node.scope.cancel()
+        self.cluster.members.pop(node_id, None)
+        if remove:
+            self.cluster.set_members(self.cluster.view.members - {node_id})
+
+    async def join(self, node_id: int) -> MemNode:
+        node = await self.start(node_id)
+        self.cluster.set_members(self.cluster.view.members | {node_id})
+        return node
+
+    async def wait_running(self, timeout: float = 10) -> None:
+        with trio.fail_after(timeout):
+            for node in list(self.nodes.values()):
+                if node.node_id in self.cluster.view.members:
+                    assert node.ls is not None
+                    while not (node.ls.ls_running and node.ls.ls_view is not None and
+                               node.ls.ls_view.generation == self.cluster.view.generation):
+                        await trio.sleep(0.001)
+
+
+@asynccontextmanager
+async def memory_cluster(node_ids: list[int], *,
+                         auto_fence: bool = True) -> AsyncIterator[MemCluster]:
+    async with MemoryNetwork().running() as net:
+        cluster = StaticCluster(node_ids, auto_fence=auto_fence)
+        async with trio.open_nursery() as nursery:
+            mc = MemCluster(net, cluster, nursery)
+            for nid in node_ids:
+                await mc.start(nid)
+            await mc.wait_running()
+            yield mc
+            nursery.cancel_scope.cancel()
