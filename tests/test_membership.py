@@ -282,3 +282,46 @@ async def test_same_events_in_same_order_through_churn():
         assert left == [{4}, {2}]
         assert [c.joined for c in view_changes(sim.nodes[1])][-1] == {4}
     await with_sim(ids, body)
+
+
+@mock_trio
+async def test_non_quorate_partitions_merge_back_without_expulsion():
+    ids = [1, 2, 3, 4]
+
+    async def body(sim):
+        for i in ids:
+            await sim.start(i)
+        await sim.until(lambda: sim.agreed(ids, set(ids)), 10)
+        for a in (1, 2):                     # 2-2 split: neither half has quorum
+            for b in (3, 4):
+                sim.net.cut(a, b)
+        await sim.until(lambda: sim.agreed([1, 2], {1, 2}) and sim.agreed([3, 4], {3, 4}),
+                        DETECT + 1)
+        assert not sim.nodes[1].view.quorate and not sim.nodes[3].view.quorate
+        assert all(a.calls == [] for a in sim.agents.values())     # nobody fenced
+        sim.heal_all()
+        await sim.until(lambda: sim.agreed(ids, set(ids)), DETECT + 5)
+        assert sim.nodes[1].view.quorate
+        assert not any(isinstance(e, ExpelledEvent) for m in sim.live() for e in m.events)
+        assert all(a.calls == [] for a in sim.agents.values())
+        for m in sim.live():
+            assert_generations_grow(m)
+    await with_sim(ids, body)
+
+
+@mock_trio
+async def test_everyone_isolated_then_healed_forms_one_view():
+    ids = [1, 2, 3]
+
+    async def body(sim):
+        for i in ids:
+            await sim.start(i)
+        await sim.until(lambda: sim.agreed(ids, set(ids)), 10)
+        for i in ids:
+            sim.isolate(i)
+        await sim.until(lambda: all(sim.nodes[i].view.members == {i} for i in ids),
+                        DETECT + 1)
+        sim.heal_all()
+        await sim.until(lambda: sim.agreed(ids, set(ids)), DETECT + 5)
+        assert sim.nodes[2].view.quorate
+    await with_sim(ids, body)
