@@ -1,1 +1,4 @@
-"""The journal layer (see clusterfs/__init__.py for the layer rule)."""
+"""The journal layer (see clusterfs/__init__.py for the layer rule).
+
+    log    Journal (commit, checkpoint, close) and replay_journal / scan_journal
+"""

@@ -1,0 +1,97 @@
+"""The running transaction: dirty metadata objects batched into one journal commit.
+
+Any number of operations dirty objects (inodes, directory leaves, resource
+groups); an object dirtied many times is logged once. The transaction commits on
+fsync, when it grows large, on a timer (COMMIT_INTERVAL) and at unmount. Each
+dirty object encodes itself to whole blocks with `to_blocks()` at commit time.
+
+The health flag lives here too: once the filesystem withdraws (corruption found,
+or the right to write lost), nothing more is written to disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+import trio
+
+from clusterfs.errors import Withdrawn
+from clusterfs.journal.log import Journal
+
+log = logging.getLogger(__name__)
+COMMIT_INTERVAL = 2.0        # seconds a dirty transaction may wait
+LARGE_FRACTION = 4           # commit when estimated blocks > journal max / this
+
+
+class Dirtyable(Protocol):
+    def to_blocks(self) -> dict[int, bytes]: ...
+
+    def block_estimate(self) -> int: ...
+
+
+class TransactionManager:
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+        self.dirty: dict[int, Dirtyable] = {}
+        self.started = 0.0
+        self.estimate = 0
+        self.withdrawn: str | None = None
+        self.stats = {"commits": 0, "operations": 0}
+        self._limit = max(16, journal.max_transaction // LARGE_FRACTION)
+
+    # -- health ---------------------------------------------------------------
+    def withdraw(self, reason: str) -> None:
+        if self.withdrawn is None:
+            self.withdrawn = reason
+            log.error("clusterfs: withdrawing: %s; no more writes to disk", reason)
+
+    def check_writable(self) -> None:
+        if self.withdrawn is not None:
+            raise Withdrawn(f"filesystem withdrawn: {self.withdrawn}")
+
+    # -- the running transaction ------------------------------------------------
+    def add(self, obj: Dirtyable) -> None:
+        """Mark obj dirty in the running transaction."""
+        self.check_writable()
+        if id(obj) not in self.dirty:
+            if not self.dirty:
+                self.started = time.monotonic()
+            self.dirty[id(obj)] = obj
+            self.estimate += obj.block_estimate()
+
+    def discard(self, obj: Dirtyable) -> None:
+        """obj's blocks were freed: do not write them."""
+        self.dirty.pop(id(obj), None)
+
+    def end_operation(self) -> None:
+        """Called after each metadata operation: commit if the transaction is big."""
+        self.stats["operations"] += 1
+        if self.estimate > self._limit:
+            self.commit()
+
+    def commit(self) -> None:
+        """Log every dirty object durably; a no-op flush when nothing is dirty."""
+        self.check_writable()
+        blocks: dict[int, bytes] = {}
+        for obj in list(self.dirty.values()):
+            blocks.update(obj.to_blocks())
+        self.dirty.clear()
+        self.estimate = 0
+        if blocks:
+            self.journal.commit(blocks)
+            self.stats["commits"] += 1
+        else:
+            self.journal.dev.flush()
+
+    async def run_timer(self) -> None:
+        """Background task: commit a transaction that has waited COMMIT_INTERVAL."""
+        while True:
+            await trio.sleep(COMMIT_INTERVAL / 4)
+            if self.dirty and self.withdrawn is None and \
+                    time.monotonic() - self.started >= COMMIT_INTERVAL:
+                try:
+                    self.commit()
+                except Exception as exc:   # a failing disk: withdraw, keep serving reads
+                    self.withdraw(f"journal commit failed: {exc}")

@@ -1,0 +1,203 @@
+"""Block allocation in resource groups.
+
+Each group's header and bitmap are loaded under its ("rgrp", n) lock and logged
+as metadata when they change. Freed blocks are cleared in the on-disk bitmap at
+once (in the freeing transaction) but stay unavailable ("quarantined") until the
+next journal checkpoint: until then a replay of an older transaction could
+rewrite a freed metadata block over its new contents.
+"""
+
+from __future__ import annotations
+
+import errno
+import re
+
+from clusterfs.errors import FSError
+from clusterfs.format.block import BLOCK_SIZE
+from clusterfs.format.rgrp import (
+    BITMAP_BYTES,
+    RgrpHeader,
+    count_used,
+    decode_bitmap,
+    decode_rgrp,
+    encode_bitmap,
+    encode_rgrp,
+    set_range,
+)
+from clusterfs.format.superblock import Superblock
+
+_NOT_FULL = re.compile(rb"[^\xff]")
+
+
+class ResourceGroup:
+    """One group's header and whole bitmap, as loaded under its lock."""
+
+    def __init__(self, header: RgrpHeader, bits: bytearray) -> None:
+        self.header = header
+        self.bits = bits                              # 1 = used or quarantined
+        self.quarantine: list[tuple[int, int]] = []   # (relative start, count)
+        self.quarantined = 0
+        self.free = header.length - count_used(bits, header.length)
+        self.hint = 0                                 # byte to start searching from
+
+    @classmethod
+    def load(cls, read, first: int) -> ResourceGroup:
+        header = decode_rgrp(read(first), first)
+        bits = bytearray()
+        for i in range(header.bitmap_blocks):
+            bits += decode_bitmap(read(first + 1 + i), first + 1 + i)
+        group = cls(header, bits)
+        if group.free != header.free:
+            # header and bitmap disagree: trust the bitmap, fsck will say so
+            header.free = group.free
+        return group
+
+    @property
+    def index(self) -> int:
+        return self.header.index
+
+    def block_estimate(self) -> int:
+        return 1 + self.header.bitmap_blocks
+
+    def to_blocks(self) -> dict[int, bytes]:
+        bits = self.bits
+        if self.quarantine:
+            bits = bytearray(bits)
+            for start, count in self.quarantine:
+                set_range(bits, start, count, False)
+        self.header.free = self.free + self.quarantined
+        out = {self.header.first: bytes(encode_rgrp(self.header))}
+        for i in range(self.header.bitmap_blocks):
+            blk = self.header.first + 1 + i
+            out[blk] = bytes(encode_bitmap(bits[i * BITMAP_BYTES : (i + 1) * BITMAP_BYTES], blk))
+        return out
+
+    def find_run(self, goal: int, want: int) -> tuple[int, int] | None:
+        """(relative start, length ≤ want) of a free run, preferring `goal` (relative)."""
+        if self.free == 0:
+            return None
+        bits = self.bits
+        if want >= 16:
+            zeros = bytes(min(want // 8, 64))
+            pos = bits.find(zeros, max(goal, 0) // 8)
+            if pos < 0:
+                pos = bits.find(zeros)
+            if pos >= 0:
+                start = pos * 8
+                return self._extend(start, want)
+        for begin in (max(goal, 0) // 8, 0):
+            m = _NOT_FULL.search(bits, begin)
+            if m:
+                byte = m.start()
+                value = bits[byte]
+                bit = (~value & (value + 1)).bit_length() - 1   # lowest clear bit
+                start = byte * 8 + bit
+                if start < self.header.length:
+                    return self._extend(start, want)
+        return None
+
+    def _extend(self, start: int, want: int) -> tuple[int, int]:
+        """Length of the free run from start, up to want."""
+        bits = self.bits
+        end = start
+        limit = min(start + want, self.header.length)
+        while end < limit:
+            if end % 8 == 0 and end + 8 <= limit and bits[end >> 3] == 0:
+                end += 8
+                continue
+            if bits[end >> 3] & (1 << (end & 7)):
+                break
+            end += 1
+        return start, end - start
+
+    def take(self, start: int, count: int) -> None:
+        set_range(self.bits, start, count)
+        self.free -= count
+
+    def release(self, start: int, count: int) -> None:
+        self.quarantine.append((start, count))
+        self.quarantined += count
+
+    def end_quarantine(self) -> None:
+        for start, count in self.quarantine:
+            set_range(self.bits, start, count, False)
+            self.free += count
+        self.quarantine.clear()
+        self.quarantined = 0
+
+
+class Allocator:
+    def __init__(self, sb: Superblock) -> None:
+        self.sb = sb
+        self.groups: dict[int, ResourceGroup] = {}       # loaded (locked) groups
+        self.free_hint: list[int] = [0] * sb.rgrp_count   # last known free per group
+        self.dirty: list[ResourceGroup] = []
+
+    def group_of(self, blkno: int) -> int:
+        return self.sb.rgrp_of(blkno)
+
+    def groups_for(self, goal: int, want: int) -> list[int]:
+        """Groups to lock for allocating `want` blocks near `goal`: the goal's group
+        and following ones until their known free space covers the request."""
+        first = self.group_of(goal) if goal >= self.sb.rgrp_start else 0
+        first = min(max(first, 0), self.sb.rgrp_count - 1)
+        chosen, total = [], 0
+        for k in range(self.sb.rgrp_count):
+            index = (first + k) % self.sb.rgrp_count
+            if self.free_hint[index] > 0 or index not in self.groups:
+                chosen.append(index)
+                total += self.free_hint[index]
+                if total >= want and len(chosen) >= 1:
+                    break
+        return chosen or [first]
+
+    def allocate(self, goal: int, want: int, mark_dirty) -> tuple[int, int]:
+        """One contiguous run (absolute start, count ≤ want) near goal; ENOSPC if none.
+        Only groups already loaded (locked) are searched."""
+        order = sorted(self.groups, key=lambda i: (i != self.group_of(goal), i))
+        for index in order:
+            group = self.groups[index]
+            rel_goal = goal - group.header.first if index == self.group_of(goal) else 0
+            found = group.find_run(rel_goal, want)
+            if found is not None:
+                start, count = found
+                group.take(start, count)
+                self.free_hint[index] = group.free
+                mark_dirty(group)
+                return group.header.first + start, count
+        raise FSError(errno.ENOSPC, "no free blocks")
+
+    def release(self, start: int, count: int, mark_dirty) -> None:
+        while count > 0:
+            index = self.group_of(start)
+            group = self.groups[index]
+            rel = start - group.header.first
+            n = min(count, group.header.length - rel)
+            group.release(rel, n)
+            mark_dirty(group)
+            start += n
+            count -= n
+
+    def end_quarantine(self) -> None:
+        for group in self.groups.values():
+            if group.quarantine:
+                group.end_quarantine()
+                self.free_hint[group.index] = group.free
+
+    @property
+    def quarantined(self) -> int:
+        return sum(g.quarantined for g in self.groups.values())
+
+    def free_blocks(self) -> int:
+        return sum(g.free + g.quarantined if i in self.groups else self.free_hint[i]
+                   for i, g in ((i, self.groups.get(i)) for i in range(self.sb.rgrp_count)))
+
+    def data_blocks(self) -> int:
+        return self.sb.total_blocks - self.sb.rgrp_start
+
+    def drop(self, index: int) -> None:
+        self.groups.pop(index, None)
+
+
+def bytes_to_blocks(n: int) -> int:
+    return -(-n // BLOCK_SIZE)

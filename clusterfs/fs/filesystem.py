@@ -1,0 +1,847 @@
+"""FileSystem: namespace and file operations on one mounted clusterfs.
+
+Each public operation is `async`: it takes the glocks it needs (inodes first,
+sorted; then resource groups, sorted) and then runs a synchronous body, so
+bodies never interleave on this node. Allocation happens before any change in a
+body (`_reserve`), so ENOSPC leaves nothing half done. Inode numbers here are
+block addresses (the FUSE adapter maps the root to 1).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import stat
+import time
+from collections.abc import Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from clusterfs.cache.glock import GlockManager
+from clusterfs.cache.transaction import TransactionManager
+from clusterfs.dlm.interface import Mode
+from clusterfs.errors import FormatError, FSError, StorageError
+from clusterfs.format import extent as fext
+from clusterfs.format.block import BLOCK_SIZE
+from clusterfs.format.directory import NAME_MAX
+from clusterfs.format.inode import (
+    F_EXTENTS,
+    F_STUFFED,
+    PAYLOAD_MAX,
+    XATTR_BLOCK_MAX,
+    Inode,
+    decode_inode,
+    encode_xattrs,
+)
+from clusterfs.format.superblock import Superblock
+from clusterfs.fs import extents as ext
+from clusterfs.fs.alloc import Allocator, ResourceGroup
+from clusterfs.fs.directory import Directory
+from clusterfs.fs.inode import CachedInode
+from clusterfs.journal.log import Journal
+from clusterfs.storage.device import BlockDevice
+
+log = logging.getLogger(__name__)
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
+BIG = 1 << 62
+
+
+def dtype_of(mode: int) -> int:
+    return stat.S_IFMT(mode) >> 12
+
+
+@dataclass
+class Usage:
+    blocks: int
+    free: int
+    quarantined: int
+
+
+class FileSystem:
+    def __init__(self, dev: BlockDevice, sb: Superblock, journal: Journal,
+                 glocks: GlockManager, txn: TransactionManager) -> None:
+        self.dev = dev
+        self.sb = sb
+        self.journal = journal
+        self.glocks = glocks
+        self.txn = txn
+        self.root = sb.root_ino
+        self.alloc = Allocator(sb)
+        self.inodes: dict[int, CachedInode] = {}
+        self.nlookup: dict[int, int] = {}
+        self.opens: dict[int, int] = {}
+        self.invalidate_hook: Callable[[int], None] | None = None
+        journal.on_checkpoint.append(self.alloc.end_quarantine)
+        glocks.on_demote("inode", self._demote_inode)
+        glocks.on_demote("rgrp", self._demote_rgrp)
+        self._load_group_hints()
+
+    # ================================================================ plumbing
+    def read_meta(self, blkno: int) -> bytes:
+        """A metadata block: the newest committed copy, else the device."""
+        if not self.sb.rgrp_start <= blkno < self.sb.total_blocks:
+            raise FormatError(f"metadata block {blkno} out of range")
+        copy = self.journal.read_committed(blkno)
+        return copy if copy is not None else self.dev.read(blkno)
+
+    def _corrupt(self, exc: Exception) -> FSError:
+        self.txn.withdraw(str(exc))
+        return FSError(errno.EIO, str(exc))
+
+    def _load_group_hints(self) -> None:
+        """Free counts of every group, as hints for choosing where to allocate
+        (in a cluster these come from the rgrp lock value blocks)."""
+        from clusterfs.format.rgrp import decode_rgrp
+        for i in range(self.sb.rgrp_count):
+            first, _ = self.sb.rgrp_location(i)
+            try:
+                self.alloc.free_hint[i] = decode_rgrp(self.read_meta(first), first).free
+            except FormatError as exc:
+                raise self._corrupt(exc) from exc
+
+    def _group(self, index: int) -> ResourceGroup:
+        group = self.alloc.groups.get(index)
+        if group is None:
+            first, _ = self.sb.rgrp_location(index)
+            try:
+                group = ResourceGroup.load(self.read_meta, first)
+            except (FormatError, StorageError) as exc:
+                raise self._corrupt(exc) from exc
+            self.alloc.groups[index] = group
+            self.alloc.free_hint[index] = group.free
+        return group
+
+    def _inode(self, ino: int) -> CachedInode:
+        node = self.inodes.get(ino)
+        if node is None:
+            if not self.sb.rgrp_start <= ino < self.sb.total_blocks:
+                raise FSError(errno.ESTALE, f"inode {ino} out of range")
+            try:
+                node = CachedInode(decode_inode(self.read_meta(ino), ino), self.read_meta)
+            except (FormatError, StorageError) as exc:
+                raise self._corrupt(exc) from exc
+            self.inodes[ino] = node
+        return node
+
+    def _dirty(self, obj) -> None:
+        self.txn.add(obj)
+
+    @asynccontextmanager
+    async def _hold(self, ex: Iterable[int] = (), pr: Iterable[int] = (),
+                    alloc: tuple[int, int] | None = None,
+                    frees: Callable[[], Iterable[int]] | None = None, write: bool = True):
+        """Take inode locks, then the resource groups the body may allocate from or
+        free into, load those groups, run the body, then maybe commit."""
+        if write:
+            self.txn.check_writable()
+        wanted = [(("inode", i), Mode.EX) for i in ex] + [(("inode", i), Mode.PR) for i in pr]
+        async with self.glocks.hold(wanted):
+            groups: set[int] = set()
+            if alloc is not None:
+                groups.update(self.alloc.groups_for(*alloc))
+            if frees is not None:
+                groups.update(self.alloc.group_of(b) for b in frees())
+            async with self.glocks.hold([(("rgrp", g), Mode.EX) for g in groups]):
+                for g in groups:
+                    self._group(g)
+                yield
+        if write:
+            self.txn.end_operation()
+
+    async def _retrying(self, run, goal: int, want: int):
+        """Run `run(alloc)` and retry an ENOSPC after freeing quarantined blocks
+        or with every resource group."""
+        attempts = [(goal, want), (goal, BIG), (goal, BIG)]
+        for n, alloc in enumerate(attempts):
+            try:
+                return await run(alloc)
+            except FSError as exc:
+                if exc.errno != errno.ENOSPC or n == len(attempts) - 1:
+                    raise
+                if self.alloc.quarantined:
+                    self.txn.commit()
+                    self.journal.checkpoint()
+                elif len(self.alloc.groups) == self.sb.rgrp_count:
+                    raise
+
+    def _reserve(self, goal: int, count: int) -> list[int]:
+        """Allocate `count` single blocks near goal before changing anything."""
+        blocks: list[int] = []
+        try:
+            while len(blocks) < count:
+                start, n = self.alloc.allocate(goal, count - len(blocks), self._dirty)
+                blocks.extend(range(start, start + n))
+        except FSError:
+            self._unreserve(blocks)
+            raise
+        return blocks
+
+    def _unreserve(self, blocks: list[int]) -> None:
+        """Give back reserved blocks that were never used (no quarantine needed)."""
+        for b in blocks:
+            group = self.alloc.groups[self.alloc.group_of(b)]
+            rel = b - group.header.first
+            group.bits[rel >> 3] &= ~(1 << (rel & 7)) & 0xFF
+            group.free += 1
+            self.alloc.free_hint[group.index] = group.free
+        blocks.clear()
+
+    def _release(self, start: int, count: int) -> None:
+        self.alloc.release(start, count, self._dirty)
+
+    # ================================================================ attributes
+    async def getattr(self, ino: int) -> CachedInode:
+        async with self._hold(pr=[ino], write=False):
+            return self._inode(ino)
+
+    async def lookup(self, parent: int, name: bytes) -> CachedInode:
+        async with self._hold(pr=[parent], write=False):
+            ino = self._find(parent, name)
+        async with self._hold(pr=[ino], write=False):
+            node = self._inode(ino)
+            self.nlookup[ino] = self.nlookup.get(ino, 0) + 1
+            return node
+
+    async def lookup_for_readdir(self, ino: int) -> CachedInode:
+        """Attributes of a directory entry (the caller counts the kernel reference)."""
+        async with self._hold(pr=[ino], write=False):
+            node = self._inode(ino)
+            if node.freed:
+                raise FSError(errno.ENOENT)
+            return node
+
+    def _find(self, parent: int, name: bytes) -> int:
+        p = self._inode(parent)
+        if p.dir is None:
+            raise FSError(errno.ENOTDIR)
+        if len(name) > NAME_MAX:
+            raise FSError(errno.ENAMETOOLONG)
+        found = p.dir.get(name)
+        if found is None:
+            raise FSError(errno.ENOENT)
+        return found[0]
+
+    async def setattr(self, ino: int, *, mode: int | None = None, uid: int | None = None,
+                      gid: int | None = None, size: int | None = None,
+                      atime_ns: int | None = None, mtime_ns: int | None = None,
+                      ctime_ns: int | None = None) -> CachedInode:
+        if size is not None:
+            await self.truncate(ino, size)
+        async with self._hold(ex=[ino]):
+            node = self._inode(ino)
+            d = node.d
+            if mode is not None:
+                d.mode = stat.S_IFMT(d.mode) | stat.S_IMODE(mode)
+            if uid is not None:
+                d.uid = uid
+            if gid is not None:
+                d.gid = gid
+            if atime_ns is not None:
+                d.atime, d.atime_ns = divmod(atime_ns, 1_000_000_000)
+            if mtime_ns is not None:
+                d.mtime, d.mtime_ns = divmod(mtime_ns, 1_000_000_000)
+            if ctime_ns is not None:
+                d.ctime, d.ctime_ns = divmod(ctime_ns, 1_000_000_000)
+            else:
+                node.touch(m=False)
+            self._dirty(node)
+            return node
+
+    # ================================================================ creating
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, uid: int,
+                    gid: int, target: bytes = b"") -> CachedInode:
+        if len(name) > NAME_MAX:
+            raise FSError(errno.ENAMETOOLONG)
+        if stat.S_ISLNK(mode) and len(target) > PAYLOAD_MAX:
+            raise FSError(errno.ENAMETOOLONG, "symlink target too long")
+
+        async def run(alloc):
+            async with self._hold(ex=[parent], alloc=alloc):
+                return self._create(parent, name, mode, rdev, uid, gid, target)
+
+        node = await self._retrying(run, parent, 8)
+        self.nlookup[node.ino] = self.nlookup.get(node.ino, 0) + 1
+        return node
+
+    def _create(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
+                target: bytes) -> CachedInode:
+        p = self._inode(parent)
+        if p.dir is None:
+            raise FSError(errno.ENOTDIR)
+        if p.d.nlink == 0:
+            raise FSError(errno.ENOENT, "directory was removed")
+        if p.dir.get(name) is not None:
+            raise FSError(errno.EEXIST)
+        if p.d.mode & stat.S_ISGID:
+            gid = p.d.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        reserve = self._reserve(parent, 1 + p.dir.blocks_needed_for_insert())
+        ino = reserve.pop(0)
+        now_s, now_ns = divmod(time.time_ns(), 1_000_000_000)
+        is_dir = stat.S_ISDIR(mode)
+        disk = Inode(ino=ino, mode=mode, uid=uid, gid=gid, nlink=2 if is_dir else 1,
+                     flags=F_STUFFED, rdev=rdev, generation=time.time_ns() & 0xFFFFFFFF,
+                     parent=parent if is_dir else 0, atime=now_s, mtime=now_s, ctime=now_s,
+                     atime_ns=now_ns, mtime_ns=now_ns, ctime_ns=now_ns,
+                     size=len(target), payload=target)
+        node = CachedInode(disk, self.read_meta)
+        if is_dir:
+            node.dir = Directory()
+        self.inodes[ino] = node
+        p.dir.add(name, ino, dtype_of(mode), lambda: reserve.pop(), self._free_meta)
+        self._unreserve(reserve)
+        if is_dir:
+            p.d.nlink += 1
+        p.d.size = self._dir_size(p)
+        p.touch()
+        self._dirty(p)
+        self._dirty(node)
+        return node
+
+    def _free_meta(self, blkno: int) -> None:
+        self._release(blkno, 1)
+
+    @staticmethod
+    def _dir_size(node: CachedInode) -> int:
+        assert node.dir is not None
+        if node.dir.hashed:
+            return BLOCK_SIZE * (1 + len(node.dir.leaves) + len(node.dir.table_blocks))
+        return node.dir.linear_bytes
+
+    async def link(self, ino: int, parent: int, name: bytes) -> CachedInode:
+        if len(name) > NAME_MAX:
+            raise FSError(errno.ENAMETOOLONG)
+
+        async def run(alloc):
+            async with self._hold(ex=sorted({ino, parent}), alloc=alloc):
+                node = self._inode(ino)
+                if node.dir is not None:
+                    raise FSError(errno.EPERM, "hard link to a directory")
+                p = self._inode(parent)
+                if p.dir is None:
+                    raise FSError(errno.ENOTDIR)
+                if p.dir.get(name) is not None:
+                    raise FSError(errno.EEXIST)
+                if node.d.nlink == 0:
+                    raise FSError(errno.ENOENT)
+                reserve = self._reserve(parent, p.dir.blocks_needed_for_insert())
+                p.dir.add(name, ino, dtype_of(node.d.mode), lambda: reserve.pop(),
+                          self._free_meta)
+                self._unreserve(reserve)
+                node.d.nlink += 1
+                node.touch(m=False)
+                p.d.size = self._dir_size(p)
+                p.touch()
+                self._dirty(p)
+                self._dirty(node)
+                return node
+
+        node = await self._retrying(run, parent, 4)
+        self.nlookup[ino] = self.nlookup.get(ino, 0) + 1
+        return node
+
+    # ================================================================ removing
+    async def unlink(self, parent: int, name: bytes, want_dir: bool = False) -> None:
+        async with self._hold(pr=[parent], write=False):
+            ino = self._find(parent, name)
+        async with self._hold(ex=sorted({parent, ino})):
+            if self._find(parent, name) != ino:
+                raise FSError(errno.EAGAIN, "directory changed under us")
+            p, node = self._inode(parent), self._inode(ino)
+            if want_dir:
+                if node.dir is None:
+                    raise FSError(errno.ENOTDIR)
+                if len(node.dir):
+                    raise FSError(errno.ENOTEMPTY)
+            elif node.dir is not None:
+                raise FSError(errno.EISDIR)
+            self._remove_entry(p, name, node)
+        await self._maybe_free(ino)
+
+    def _remove_entry(self, p: CachedInode, name: bytes, node: CachedInode) -> None:
+        assert p.dir is not None
+        p.dir.remove(name)
+        if node.dir is not None:
+            p.d.nlink -= 1
+            node.d.nlink = 0
+        else:
+            node.d.nlink -= 1
+        p.d.size = self._dir_size(p)
+        p.touch()
+        node.touch(m=False)
+        self._dirty(p)
+        self._dirty(node)
+
+    async def _maybe_free(self, ino: int) -> None:
+        """Free an inode nobody links, looks up or opens."""
+        node = self.inodes.get(ino)
+        if node is None or node.d.nlink > 0 or self.nlookup.get(ino, 0) > 0 \
+                or self.opens.get(ino, 0) > 0 or node.freed:
+            return
+        if self.txn.withdrawn:
+            return
+        async with self._hold(ex=[ino], frees=lambda: self._owned_blocks(node)):
+            if node.freed or node.d.nlink > 0:
+                return
+            self._free_inode(node)
+
+    def _owned_blocks(self, node: CachedInode) -> list[int]:
+        blocks = [node.ino] + node.ext_blocks + [e.pblk for e in node.extents]
+        if node.d.xattr_blk:
+            blocks.append(node.d.xattr_blk)
+        if node.dir is not None:
+            blocks += node.dir.blocks_owned()
+        return blocks
+
+    def _free_inode(self, node: CachedInode) -> None:
+        for e in node.extents:
+            self._release(e.pblk, e.count)
+        for blk in node.ext_blocks:
+            self._release(blk, 1)
+        if node.d.xattr_blk:
+            self._release(node.d.xattr_blk, 1)
+        if node.dir is not None:
+            for blk in node.dir.blocks_owned():
+                self._release(blk, 1)
+        self._release(node.ino, 1)
+        node.freed = True
+        self.txn.discard(node)
+        self.inodes.pop(node.ino, None)
+        self.nlookup.pop(node.ino, None)
+        self.opens.pop(node.ino, None)
+
+    async def forget(self, ino: int, count: int) -> None:
+        left = self.nlookup.get(ino, 0) - count
+        if left > 0:
+            self.nlookup[ino] = left
+            return
+        self.nlookup.pop(ino, None)
+        await self._maybe_free(ino)
+
+    # ================================================================ rename
+    async def rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int = 0) -> None:
+        if len(n2) > NAME_MAX:
+            raise FSError(errno.ENAMETOOLONG)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or \
+                flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise FSError(errno.EINVAL)
+        wanted = [(("rename",), Mode.EX)] if p1 != p2 else []
+        async with self.glocks.hold(wanted):
+            async with self._hold(pr=sorted({p1, p2}), write=False):
+                src = self._find(p1, n1)
+                try:
+                    dst: int | None = self._find(p2, n2)
+                except FSError as exc:
+                    if exc.errno != errno.ENOENT:
+                        raise
+                    dst = None
+                chain = self._ancestors(p2) if p1 != p2 else []
+
+            async def run(alloc):
+                inos = sorted({p1, p2, src} | ({dst} if dst else set()))
+                async with self._hold(ex=inos, alloc=alloc):
+                    self._rename(p1, n1, p2, n2, flags, src, dst, chain)
+
+            await self._retrying(run, p2, 4)
+        if dst is not None and flags != RENAME_EXCHANGE:
+            await self._maybe_free(dst)
+
+    def _ancestors(self, ino: int) -> list[int]:
+        """ino and every directory above it (for the moved-into-itself check)."""
+        chain = [ino]
+        while ino != self.root and len(chain) < 4096:
+            ino = self._inode(ino).d.parent
+            chain.append(ino)
+        return chain
+
+    def _rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int, src: int,
+                dst: int | None, chain: list[int]) -> None:
+        P1, P2 = self._inode(p1), self._inode(p2)
+        assert P1.dir is not None and P2.dir is not None
+        if P1.dir.get(n1) is None or P1.dir.get(n1)[0] != src or \
+                (P2.dir.get(n2) or (dst,))[0] != dst:
+            raise FSError(errno.EAGAIN, "directory changed under us")
+        S = self._inode(src)
+        if S.dir is not None and src in chain:
+            raise FSError(errno.EINVAL, "cannot move a directory into itself")
+        if flags & RENAME_NOREPLACE and dst is not None:
+            raise FSError(errno.EEXIST)
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise FSError(errno.ENOENT)
+            D = self._inode(dst)
+            if D.dir is not None and dst in self._ancestors(p1) and p1 != p2:
+                raise FSError(errno.EINVAL)
+            self._exchange(P1, n1, S, P2, n2, D)
+            return
+        if dst == src:
+            return
+        reserve = self._reserve(p2, P2.dir.blocks_needed_for_insert())
+        if dst is not None:
+            D = self._inode(dst)
+            if S.dir is not None and D.dir is None:
+                raise FSError(errno.ENOTDIR)
+            if S.dir is None and D.dir is not None:
+                raise FSError(errno.EISDIR)
+            if D.dir is not None and len(D.dir):
+                raise FSError(errno.ENOTEMPTY)
+            P2.dir.replace(n2, src, dtype_of(S.d.mode))
+            if D.dir is not None:
+                D.d.nlink = 0
+                P2.d.nlink -= 1
+            else:
+                D.d.nlink -= 1
+            D.touch(m=False)
+            self._dirty(D)
+        else:
+            P2.dir.add(n2, src, dtype_of(S.d.mode), lambda: reserve.pop(), self._free_meta)
+        self._unreserve(reserve)
+        P1.dir.remove(n1)
+        if S.dir is not None and p1 != p2:
+            P1.d.nlink -= 1
+            P2.d.nlink += 1
+            S.d.parent = p2
+        S.touch(m=False)
+        for P in {P1, P2}:
+            P.d.size = self._dir_size(P)
+            P.touch()
+            self._dirty(P)
+        self._dirty(S)
+
+    def _exchange(self, P1: CachedInode, n1: bytes, S: CachedInode, P2: CachedInode,
+                  n2: bytes, D: CachedInode) -> None:
+        assert P1.dir is not None and P2.dir is not None
+        P1.dir.replace(n1, D.ino, dtype_of(D.d.mode))
+        P2.dir.replace(n2, S.ino, dtype_of(S.d.mode))
+        if P1 is not P2:
+            for node, old, new in ((S, P1, P2), (D, P2, P1)):
+                if node.dir is not None:
+                    old.d.nlink -= 1
+                    new.d.nlink += 1
+                    node.d.parent = new.ino
+        for node in {P1, P2, S, D}:
+            node.touch(m=node in (P1, P2))
+            self._dirty(node)
+
+    # ================================================================ directories
+    async def readdir(self, ino: int) -> list[tuple[bytes, int]]:
+        async with self._hold(pr=[ino], write=False):
+            node = self._inode(ino)
+            if node.dir is None:
+                raise FSError(errno.ENOTDIR)
+            return [(name, child) for name, (child, _t) in node.dir.entries.items()]
+
+    async def readlink(self, ino: int) -> bytes:
+        async with self._hold(pr=[ino], write=False):
+            node = self._inode(ino)
+            if not stat.S_ISLNK(node.d.mode):
+                raise FSError(errno.EINVAL)
+            return bytes(node.data)
+
+    # ================================================================ open files
+    async def open(self, ino: int) -> CachedInode:
+        async with self._hold(pr=[ino], write=False):
+            node = self._inode(ino)
+            self.opens[ino] = self.opens.get(ino, 0) + 1
+            return node
+
+    async def release(self, ino: int) -> None:
+        left = self.opens.get(ino, 0) - 1
+        if left > 0:
+            self.opens[ino] = left
+        else:
+            self.opens.pop(ino, None)
+            await self._maybe_free(ino)
+
+    async def fsync(self, ino: int) -> None:
+        """Data is written straight to the device; committing flushes it and the journal."""
+        self.txn.check_writable()
+        self.txn.commit()
+
+    async def read(self, ino: int, off: int, size: int) -> bytes:
+        async with self._hold(pr=[ino], write=False):
+            node = self._inode(ino)
+            try:
+                return self._read(node, off, size)
+            except StorageError as exc:
+                raise FSError(errno.EIO, str(exc)) from exc
+
+    def _read(self, node: CachedInode, off: int, size: int) -> bytes:
+        fsize = node.d.size
+        if off >= fsize or size <= 0:
+            return b""
+        size = min(size, fsize - off)
+        if node.stuffed:
+            return bytes(node.data[off : off + size])
+        first, last = off // BLOCK_SIZE, (off + size - 1) // BLOCK_SIZE
+        pieces = []
+        for _l, pblk, n in ext.map_range(node.extents, first, last - first + 1):
+            if pblk is None:
+                pieces.append(bytes(n * BLOCK_SIZE))
+            else:
+                pieces.append(self.dev.pread(pblk * BLOCK_SIZE, n * BLOCK_SIZE))
+        skip = off - first * BLOCK_SIZE
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return data[skip : skip + size] if skip or len(data) != size else data
+
+    async def write(self, ino: int, off: int, data: bytes) -> int:
+        if off + len(data) > (1 << 63) - 1:
+            raise FSError(errno.EFBIG)
+
+        async def run(alloc):
+            async with self._hold(ex=[ino], alloc=alloc):
+                node = self._inode(ino)
+                self._write(node, off, data)
+                return len(data)
+
+        node = self.inodes.get(ino)
+        goal = ino
+        if node is not None and node.extents:
+            goal = node.extents[-1].pblk + node.extents[-1].count
+        return await self._retrying(run, goal, len(data) // BLOCK_SIZE + 2)
+
+    def _write(self, node: CachedInode, off: int, data: bytes | memoryview) -> None:
+        end = off + len(data)
+        if not data:
+            return
+        if node.stuffed and end <= PAYLOAD_MAX:
+            if len(node.data) < off:
+                node.data.extend(bytes(off - len(node.data)))
+            node.data[off:end] = data
+            node.d.size = max(node.d.size, end)
+            node.touch()
+            self._dirty(node)
+            return
+        first, last = off // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        old = bytes(node.data) if node.stuffed else b""
+        runs = ext.map_range(node.extents, first, last - first + 1)
+        holes = sum(n for _l, p, n in runs if p is None)
+        unstuff = 1 if (node.stuffed and old) else 0
+        goal = node.extents[-1].pblk + node.extents[-1].count if node.extents else node.ino
+        new_runs = self._reserve_runs(goal, holes + unstuff)
+        meta = self._reserve(goal, 2) if len(node.extents) + len(new_runs) > \
+            fext.INLINE_EXTENTS else []
+        # -- no failure past this point except I/O
+        if node.stuffed:
+            node.set_map_kind(F_EXTENTS)
+            node.data = bytearray()
+            if unstuff:
+                pblk, _n = self._take_run(new_runs, 1)
+                self.dev.write(pblk, old.ljust(BLOCK_SIZE, b"\0"))
+                ext.insert(node.extents, fext.Extent(0, pblk, 1))
+                node.d.blocks += 1
+                if first == 0:
+                    runs = ext.map_range(node.extents, first, last - first + 1)
+        buf = self._assemble(node, off, data, first, last, runs)
+        for lblk, pblk, n in runs:
+            pos = (lblk - first) * BLOCK_SIZE
+            if pblk is not None:
+                self.dev.pwrite(pblk * BLOCK_SIZE, buf[pos : pos + n * BLOCK_SIZE])
+                continue
+            done = 0
+            while done < n:
+                pstart, got = self._take_run(new_runs, n - done)
+                chunk = buf[pos + done * BLOCK_SIZE : pos + (done + got) * BLOCK_SIZE]
+                self.dev.pwrite(pstart * BLOCK_SIZE, chunk)
+                ext.insert(node.extents, fext.Extent(lblk + done, pstart, got))
+                node.d.blocks += got
+                done += got
+        self._unreserve([b for s, c in new_runs for b in range(s, s + c)])
+        self._fit_extent_blocks(node, meta)
+        node.d.size = max(node.d.size, end)
+        node.touch()
+        self._dirty(node)
+
+    def _assemble(self, node: CachedInode, off: int, data: bytes | memoryview, first: int,
+                  last: int, runs: list) -> memoryview:
+        """Whole blocks covering the write: existing bytes around it, zeros in holes."""
+        start = first * BLOCK_SIZE
+        if off == start and len(data) % BLOCK_SIZE == 0:
+            return memoryview(data)
+        buf = bytearray((last - first + 1) * BLOCK_SIZE)
+        mapped = {lblk: (pblk, n) for lblk, pblk, n in runs if pblk is not None}
+        for edge in {first, last}:
+            for lblk, (pblk, n) in mapped.items():
+                if lblk <= edge < lblk + n:
+                    at = (edge - first) * BLOCK_SIZE
+                    buf[at : at + BLOCK_SIZE] = self.dev.read(pblk + edge - lblk)
+        buf[off - start : off - start + len(data)] = data
+        return memoryview(buf)
+
+    def _reserve_runs(self, goal: int, count: int) -> list[tuple[int, int]]:
+        runs: list[tuple[int, int]] = []
+        try:
+            while count > 0:
+                start, n = self.alloc.allocate(goal, count, self._dirty)
+                runs.append((start, n))
+                goal, count = start + n, count - n
+        except FSError:
+            self._unreserve([b for s, c in runs for b in range(s, s + c)])
+            raise
+        return runs
+
+    @staticmethod
+    def _take_run(runs: list[tuple[int, int]], want: int) -> tuple[int, int]:
+        start, n = runs[0]
+        got = min(n, want)
+        if got == n:
+            runs.pop(0)
+        else:
+            runs[0] = (start + got, n - got)
+        return start, got
+
+    def _fit_extent_blocks(self, node: CachedInode, spare: list[int]) -> None:
+        """Give the extent list as many extent blocks as it needs, no more."""
+        need = node.extent_blocks_needed()
+        if need > fext.MAX_EXTENT_BLOCKS:
+            self._unreserve(spare)
+            raise FSError(errno.EFBIG, "file too fragmented")
+        while len(node.ext_blocks) < need:
+            node.ext_blocks.append(spare.pop() if spare else self._reserve(node.ino, 1)[0])
+            node.d.blocks += 1
+        while len(node.ext_blocks) > need:
+            self._release(node.ext_blocks.pop(), 1)
+            node.d.blocks -= 1
+        self._unreserve(spare)
+
+    async def truncate(self, ino: int, size: int) -> None:
+        async def run(alloc):
+            async with self._hold(ex=[ino], alloc=alloc,
+                                  frees=lambda: self._tail_blocks(ino, size)):
+                self._truncate(self._inode(ino), size)
+
+        await self._retrying(run, ino, 4)
+
+    def _tail_blocks(self, ino: int, size: int) -> list[int]:
+        node = self._inode(ino)
+        keep = -(-size // BLOCK_SIZE)
+        return [e.pblk for e in node.extents if e.lend > keep] + node.ext_blocks
+
+    def _truncate(self, node: CachedInode, size: int) -> None:
+        if node.dir is not None:
+            raise FSError(errno.EISDIR)
+        if node.stuffed:
+            if size <= PAYLOAD_MAX:
+                node.data = node.data[:size].ljust(size, b"\0")
+                node.d.size = size
+                node.touch()
+                self._dirty(node)
+                return
+            data = bytes(node.data)
+            node.data = bytearray()
+            node.set_map_kind(F_EXTENTS)
+            node.d.size = 0
+            if data:
+                self._write(node, 0, data)
+        keep = -(-size // BLOCK_SIZE)
+        if size < node.d.size:
+            for pblk, n in ext.truncate(node.extents, keep):
+                self._release(pblk, n)
+                node.d.blocks -= n
+            if size % BLOCK_SIZE:
+                tail = ext.map_range(node.extents, size // BLOCK_SIZE, 1)[0]
+                if tail[1] is not None:
+                    cut = size % BLOCK_SIZE
+                    self.dev.pwrite(tail[1] * BLOCK_SIZE + cut, bytes(BLOCK_SIZE - cut))
+            self._fit_extent_blocks(node, [])
+        node.d.size = size
+        node.touch()
+        self._dirty(node)
+
+    # ================================================================ xattrs
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        async with self._hold(pr=[ino], write=False):
+            value = self._inode(ino).d.xattrs.get(name)
+            if value is None:
+                raise FSError(errno.ENODATA)
+            return value
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        async with self._hold(pr=[ino], write=False):
+            return list(self._inode(ino).d.xattrs)
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
+        if not name.startswith(XATTR_NAMESPACES):
+            raise FSError(errno.ENOTSUP)
+        if len(name) > 255 or len(value) > 65536:
+            raise FSError(errno.ERANGE)
+
+        async def run(alloc):
+            async with self._hold(ex=[ino], alloc=alloc):
+                node = self._inode(ino)
+                new = dict(node.d.xattrs)
+                new[name] = value
+                self._store_xattrs(node, new)
+
+        await self._retrying(run, ino, 1)
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        def frees() -> list[int]:
+            blk = self._inode(ino).d.xattr_blk
+            return [blk] if blk else []
+
+        async with self._hold(ex=[ino], frees=frees):
+            node = self._inode(ino)
+            if name not in node.d.xattrs:
+                raise FSError(errno.ENODATA)
+            new = dict(node.d.xattrs)
+            del new[name]
+            self._store_xattrs(node, new)
+
+    def _store_xattrs(self, node: CachedInode, xattrs: dict[bytes, bytes]) -> None:
+        size = len(encode_xattrs(xattrs))
+        if size > XATTR_BLOCK_MAX:
+            raise FSError(errno.ENOSPC, "xattrs do not fit in one block")
+        old = node.d.xattrs
+        node.d.xattrs = xattrs
+        if node.xattrs_fit_inline():
+            if node.d.xattr_blk:
+                self._release(node.d.xattr_blk, 1)
+                node.d.xattr_blk = 0
+                node.d.blocks -= 1
+        elif not node.d.xattr_blk:
+            try:
+                node.d.xattr_blk = self._reserve(node.ino, 1)[0]
+            except FSError:
+                node.d.xattrs = old
+                raise
+            node.d.blocks += 1
+        node.touch(m=False)
+        self._dirty(node)
+
+    # ================================================================ whole fs
+    def usage(self) -> Usage:
+        return Usage(self.alloc.data_blocks(), self.alloc.free_blocks(), self.alloc.quarantined)
+
+    def sync(self) -> None:
+        if not self.txn.withdrawn:
+            self.txn.commit()
+
+    async def shutdown(self) -> None:
+        """Unmount: commit, checkpoint, mark the journal clean, give locks back."""
+        if not self.txn.withdrawn:
+            self.txn.commit()
+            self.journal.close()
+        await self.glocks.release_all()
+
+    # ================================================================ lock demotion
+    def _demote_inode(self, name) -> None:
+        """Another node wants this inode: commit, drop our copy, tell the kernel."""
+        ino = name[1]
+        if not self.txn.withdrawn:
+            self.txn.commit()
+        node = self.inodes.get(ino)
+        if node is not None and not node.freed and self.opens.get(ino, 0) == 0:
+            self.inodes.pop(ino, None)
+        if self.invalidate_hook is not None:
+            self.invalidate_hook(ino)
+
+    def _demote_rgrp(self, name) -> None:
+        if not self.txn.withdrawn:
+            self.txn.commit()
+            self.journal.checkpoint()
+        self.alloc.drop(name[1])
+

@@ -1,0 +1,265 @@
+"""The pyfuse3 Operations adapter. The only place FUSEError is raised.
+
+FUSE inode 1 is the root; every other FUSE inode number is the inode's block
+address. File handles are inode numbers (per-open state lives in the fs layer);
+directory handles index a snapshot of the entries taken at opendir.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import logging
+import os
+import stat
+
+import pyfuse3
+
+from clusterfs.errors import ClusterFSError
+from clusterfs.format.block import BLOCK_SIZE
+from clusterfs.format.directory import NAME_MAX
+from clusterfs.fs.filesystem import FileSystem
+from clusterfs.fs.inode import CachedInode
+
+log = logging.getLogger(__name__)
+ENTRY_TIMEOUT = 1.0
+ATTR_TIMEOUT = 1.0
+
+
+def _edge(fn):
+    """Turn our exceptions into FUSEError; anything unexpected is logged and is EIO."""
+    @functools.wraps(fn)
+    async def wrapper(self, *args, **kwargs):
+        try:
+            return await fn(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except ClusterFSError as exc:
+            raise pyfuse3.FUSEError(exc.errno) from None
+        except OSError as exc:
+            log.error("%s: %s", fn.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+        except Exception:
+            log.exception("%s failed", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+class Operations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, fs: FileSystem) -> None:
+        super().__init__()
+        self.fs = fs
+        self.root = fs.root
+        self._dir_handles: dict[int, list[tuple[bytes, int]]] = {}
+        self._next_fh = itertools.count(1)
+        fs.invalidate_hook = self._invalidate
+
+    # -- numbering ---------------------------------------------------------------
+    def _ino(self, fuse_ino: int) -> int:
+        return self.root if fuse_ino == pyfuse3.ROOT_INODE else fuse_ino
+
+    def _fuse_ino(self, ino: int) -> int:
+        return pyfuse3.ROOT_INODE if ino == self.root else ino
+
+    def _invalidate(self, ino: int) -> None:
+        try:
+            pyfuse3.invalidate_inode(self._fuse_ino(ino))
+        except Exception as exc:   # the kernel may not know the inode
+            log.debug("invalidate %d: %s", ino, exc)
+
+    def _attr(self, node: CachedInode) -> pyfuse3.EntryAttributes:
+        d = node.d
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = self._fuse_ino(d.ino)
+        a.generation = d.generation
+        a.entry_timeout = ENTRY_TIMEOUT
+        a.attr_timeout = ATTR_TIMEOUT
+        a.st_mode = d.mode
+        a.st_nlink = d.nlink
+        a.st_uid = d.uid
+        a.st_gid = d.gid
+        a.st_rdev = d.rdev
+        a.st_size = d.size
+        a.st_blksize = BLOCK_SIZE
+        a.st_blocks = d.blocks * (BLOCK_SIZE // 512)
+        a.st_atime_ns = d.atime * 1_000_000_000 + d.atime_ns
+        a.st_mtime_ns = d.mtime * 1_000_000_000 + d.mtime_ns
+        a.st_ctime_ns = d.ctime * 1_000_000_000 + d.ctime_ns
+        return a
+
+    # -- names -------------------------------------------------------------------
+    @_edge
+    async def lookup(self, parent_inode, name, ctx=None):
+        if len(name) > NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        return self._attr(await self.fs.lookup(self._ino(parent_inode), name))
+
+    @_edge
+    async def forget(self, inode_list):
+        for fuse_ino, count in inode_list:
+            await self.fs.forget(self._ino(fuse_ino), count)
+
+    @_edge
+    async def getattr(self, inode, ctx=None):
+        return self._attr(await self.fs.getattr(self._ino(inode)))
+
+    @_edge
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        kw = {}
+        if fields.update_mode:
+            kw["mode"] = attr.st_mode
+        if fields.update_uid:
+            kw["uid"] = attr.st_uid
+        if fields.update_gid:
+            kw["gid"] = attr.st_gid
+        if fields.update_size:
+            kw["size"] = attr.st_size
+        if fields.update_atime:
+            kw["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            kw["mtime_ns"] = attr.st_mtime_ns
+        if getattr(fields, "update_ctime", False):
+            kw["ctime_ns"] = attr.st_ctime_ns
+        return self._attr(await self.fs.setattr(self._ino(inode), **kw))
+
+    @_edge
+    async def readlink(self, inode, ctx):
+        return await self.fs.readlink(self._ino(inode))
+
+    @_edge
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        node = await self.fs.mknod(self._ino(parent_inode), name, mode, rdev, ctx.uid, ctx.gid)
+        return self._attr(node)
+
+    @_edge
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        node = await self.fs.mknod(self._ino(parent_inode), name,
+                                   stat.S_IFDIR | stat.S_IMODE(mode), 0, ctx.uid, ctx.gid)
+        return self._attr(node)
+
+    @_edge
+    async def symlink(self, parent_inode, name, target, ctx):
+        node = await self.fs.mknod(self._ino(parent_inode), name, stat.S_IFLNK | 0o777, 0,
+                                   ctx.uid, ctx.gid, target=target)
+        return self._attr(node)
+
+    @_edge
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        node = await self.fs.mknod(self._ino(parent_inode), name,
+                                   stat.S_IFREG | stat.S_IMODE(mode), 0, ctx.uid, ctx.gid)
+        await self.fs.open(node.ino)
+        return pyfuse3.FileInfo(fh=node.ino), self._attr(node)
+
+    @_edge
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        node = await self.fs.link(self._ino(inode), self._ino(new_parent_inode), new_name)
+        return self._attr(node)
+
+    @_edge
+    async def unlink(self, parent_inode, name, ctx):
+        await self.fs.unlink(self._ino(parent_inode), name)
+
+    @_edge
+    async def rmdir(self, parent_inode, name, ctx):
+        await self.fs.unlink(self._ino(parent_inode), name, want_dir=True)
+
+    @_edge
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        await self.fs.rename(self._ino(parent_inode_old), name_old,
+                             self._ino(parent_inode_new), name_new, flags)
+
+    # -- files ---------------------------------------------------------------------
+    @_edge
+    async def open(self, inode, flags, ctx):
+        node = await self.fs.open(self._ino(inode))
+        if flags & os.O_TRUNC and node.d.size:
+            await self.fs.truncate(node.ino, 0)
+        return pyfuse3.FileInfo(fh=node.ino, keep_cache=True)
+
+    @_edge
+    async def read(self, fh, off, size):
+        return await self.fs.read(fh, off, size)
+
+    @_edge
+    async def write(self, fh, off, buf):
+        return await self.fs.write(fh, off, buf)
+
+    @_edge
+    async def flush(self, fh):
+        pass
+
+    @_edge
+    async def release(self, fh):
+        await self.fs.release(fh)
+
+    @_edge
+    async def fsync(self, fh, datasync):
+        await self.fs.fsync(fh)
+
+    # -- directories -----------------------------------------------------------------
+    @_edge
+    async def opendir(self, inode, ctx):
+        ino = self._ino(inode)
+        entries = await self.fs.readdir(ino)
+        fh = next(self._next_fh)
+        self._dir_handles[fh] = entries
+        return fh
+
+    @_edge
+    async def readdir(self, fh, start_id, token):
+        entries = self._dir_handles.get(fh, [])
+        for index in range(start_id, len(entries)):
+            name, child = entries[index]
+            try:
+                node = await self.fs.lookup_for_readdir(child)
+            except ClusterFSError:
+                continue   # removed since opendir
+            if not pyfuse3.readdir_reply(token, name, self._attr(node), index + 1):
+                return
+            self.fs.nlookup[child] = self.fs.nlookup.get(child, 0) + 1
+
+    @_edge
+    async def releasedir(self, fh):
+        self._dir_handles.pop(fh, None)
+
+    @_edge
+    async def fsyncdir(self, fh, datasync):
+        self.fs.txn.check_writable()
+        self.fs.txn.commit()
+
+    # -- xattrs ------------------------------------------------------------------------
+    @_edge
+    async def setxattr(self, inode, name, value, ctx):
+        await self.fs.setxattr(self._ino(inode), name, value)
+
+    @_edge
+    async def getxattr(self, inode, name, ctx):
+        return await self.fs.getxattr(self._ino(inode), name)
+
+    @_edge
+    async def listxattr(self, inode, ctx):
+        return await self.fs.listxattr(self._ino(inode))
+
+    @_edge
+    async def removexattr(self, inode, name, ctx):
+        await self.fs.removexattr(self._ino(inode), name)
+
+    # -- whole fs ---------------------------------------------------------------------
+    @_edge
+    async def statfs(self, ctx):
+        usage = self.fs.usage()
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = BLOCK_SIZE
+        s.f_frsize = BLOCK_SIZE
+        s.f_blocks = usage.blocks
+        s.f_bfree = usage.free
+        s.f_bavail = usage.free
+        s.f_files = usage.blocks
+        s.f_ffree = usage.free
+        s.f_favail = usage.free
+        s.f_namemax = NAME_MAX
+        return s

@@ -1,0 +1,252 @@
+"""The per-node write-ahead log: physical block journaling of metadata.
+
+A transaction is written as descriptor blocks listing home addresses, full copies
+of those blocks, then a commit block whose crc32c covers all of them. Ordering:
+the caller's data blocks and the transaction's blocks are flushed to the device
+before the commit block is written (ordered data), and the commit is flushed
+before commit() returns.
+
+Committed blocks are kept in `pending_home` until a checkpoint writes them to
+their home addresses and advances the tail recorded in the journal header.
+A checkpoint happens when the log has no room for the next transaction and at
+close. Replay (replay_journal) is idempotent: it writes the same copies home
+again and only then moves the tail.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+from clusterfs.errors import FormatError, JournalError
+from clusterfs.format.block import BLOCK_SIZE, BlockType, block_type
+from clusterfs.format.journal import (
+    JF_CLEAN,
+    TARGETS_PER_DESC,
+    JournalHeader,
+    decode_commit,
+    decode_descriptor,
+    decode_jhead,
+    encode_commit,
+    encode_descriptor,
+    encode_jhead,
+)
+from clusterfs.format.superblock import Superblock
+from clusterfs.native import BufferPool, crc32c
+from clusterfs.storage.device import BlockDevice
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReplayResult:
+    transactions: int
+    blocks: int
+    next_seq: int
+    next_off: int
+
+
+def _log_positions(start: int, count: int, log_len: int) -> list[int]:
+    """Offsets (1-based within the journal) of `count` consecutive log slots."""
+    return [1 + (start - 1 + i) % log_len for i in range(count)]
+
+
+def scan_journal(dev: BlockDevice, sb: Superblock, slot: int
+                 ) -> tuple[JournalHeader, list[tuple[int, dict[int, bytes]]], int]:
+    """Read a journal: (header, [(seq, {home: copy})...] committed in order, next offset)."""
+    jstart = sb.journal_location(slot)
+    log_len = sb.journal_blocks - 1
+    head = decode_jhead(dev.read(jstart), jstart)
+    txns: list[tuple[int, dict[int, bytes]]] = []
+    seq, off = head.tail_seq, head.tail_off
+    if head.flags & JF_CLEAN:
+        return head, txns, off
+    while True:
+        found = _read_transaction(dev, jstart, log_len, seq, off)
+        if found is None:
+            break
+        blocks, used = found
+        txns.append((seq, blocks))
+        seq += 1
+        off = 1 + (off - 1 + used) % log_len
+        if len(txns) > log_len:
+            raise JournalError(f"journal {slot}: log loops")
+    return head, txns, off
+
+
+def _read_transaction(dev: BlockDevice, jstart: int, log_len: int, seq: int, off: int
+                      ) -> tuple[dict[int, bytes], int] | None:
+    """The transaction `seq` at log offset `off`, if complete and valid."""
+    blocks: dict[int, bytes] = {}
+    crc, used, pos = 0, 0, off
+    while used < log_len:
+        blkno = jstart + pos
+        raw = dev.read(blkno)
+        kind = block_type(raw)
+        try:
+            if kind == BlockType.JCOMMIT:
+                got_seq, nblocks, want_crc = decode_commit(raw, blkno)
+                if got_seq != seq or nblocks != used or want_crc != crc:
+                    return None
+                return blocks, used + 1
+            if kind != BlockType.JDESC:
+                return None
+            got_seq, targets = decode_descriptor(raw, blkno)
+        except FormatError:
+            return None
+        if got_seq != seq:
+            return None
+        crc = crc32c(raw, crc)
+        for i, home in enumerate(targets):
+            cpos = 1 + (pos - 1 + 1 + i) % log_len
+            copy = dev.read(jstart + cpos)
+            crc = crc32c(copy, crc)
+            blocks[home] = copy
+        used += 1 + len(targets)
+        pos = 1 + (off - 1 + used) % log_len
+    return None
+
+
+def replay_journal(dev: BlockDevice, sb: Superblock, slot: int) -> ReplayResult:
+    """Write every committed transaction home, flush, then move the tail past them."""
+    head, txns, off = scan_journal(dev, sb, slot)
+    nblocks = 0
+    for _seq, blocks in txns:
+        for home, copy in blocks.items():
+            if not sb.rgrp_start <= home < sb.total_blocks:
+                raise JournalError(f"journal {slot}: transaction targets block {home}")
+            dev.write(home, copy)
+            nblocks += 1
+    next_seq = head.tail_seq + len(txns)
+    if txns:
+        dev.flush()
+        jstart = sb.journal_location(slot)
+        dev.write(jstart, encode_jhead(JournalHeader(slot, next_seq, off, 0), jstart))
+        dev.flush()
+        log.info("journal %d: replayed %d transactions (%d blocks)", slot, len(txns), nblocks)
+    return ReplayResult(len(txns), nblocks, next_seq, off)
+
+
+class Journal:
+    """The open journal of this node's slot."""
+
+    def __init__(self, dev: BlockDevice, sb: Superblock, slot: int,
+                 pool: BufferPool | None = None) -> None:
+        self.dev = dev
+        self.pool = pool
+        self.slot = slot
+        self.jstart = sb.journal_location(slot)
+        self.log_len = sb.journal_blocks - 1
+        head = decode_jhead(dev.read(self.jstart), self.jstart)
+        self.seq = head.tail_seq
+        self.tail_off = self.head_off = head.tail_off
+        self.used = 0
+        self.pending_home: dict[int, bytes] = {}
+        self.on_checkpoint: list = []   # callbacks run after each checkpoint
+        self.stats = {"commits": 0, "blocks": 0, "checkpoints": 0, "flushes": 0}
+
+    @property
+    def max_transaction(self) -> int:
+        """Most block copies one transaction may carry."""
+        return (self.log_len - 2) * TARGETS_PER_DESC // (TARGETS_PER_DESC + 1) - 1
+
+    def open(self) -> None:
+        """Mark the journal dirty (in use) before the first transaction."""
+        self._write_head(0)
+
+    def commit(self, blocks: dict[int, bytes]) -> None:
+        """Log one transaction durably (ordered after all data already written)."""
+        if not blocks:
+            return
+        homes = sorted(blocks)
+        ndesc = -(-len(homes) // TARGETS_PER_DESC)
+        need = len(homes) + ndesc + 1
+        if need > self.log_len - 1:
+            raise JournalError(f"transaction of {len(homes)} blocks exceeds the journal")
+        if self.used + need > self.log_len - 1:
+            self.checkpoint()
+        payload, crc = self._encode(homes, blocks)
+        positions = _log_positions(self.head_off, need, self.log_len)
+        self._write_run(positions[:-1], payload)
+        self.dev.flush()          # data and log blocks before the commit block
+        commit_blk = self.jstart + positions[-1]
+        self._write_staged(commit_blk, encode_commit(need - 1, crc, time.time_ns(),
+                                                     commit_blk, self.seq))
+        self.dev.flush()
+        self.stats["flushes"] += 2
+        self.pending_home.update(blocks)
+        self.head_off = 1 + positions[-1] % self.log_len
+        self.used += need
+        self.seq += 1
+        self.stats["commits"] += 1
+        self.stats["blocks"] += len(homes)
+
+    def _encode(self, homes: list[int], blocks: dict[int, bytes]) -> tuple[list[bytes], int]:
+        out: list[bytes] = []
+        crc = 0
+        pos = self.head_off
+        for i in range(0, len(homes), TARGETS_PER_DESC):
+            chunk = homes[i : i + TARGETS_PER_DESC]
+            desc = bytes(encode_descriptor(chunk, self.jstart + pos, self.seq))
+            out.append(desc)
+            crc = crc32c(desc, crc)
+            for home in chunk:
+                copy = blocks[home]
+                if len(copy) != BLOCK_SIZE:
+                    raise JournalError(f"block {home} copy is {len(copy)} bytes")
+                out.append(copy)
+                crc = crc32c(copy, crc)
+            pos = 1 + (pos - 1 + 1 + len(chunk)) % self.log_len
+        return out, crc
+
+    def _write_run(self, positions: list[int], payload: list[bytes]) -> None:
+        """Write blocks at consecutive log positions, one pwrite per contiguous stretch."""
+        start = 0
+        for i in range(1, len(positions) + 1):
+            if i == len(positions) or positions[i] != positions[i - 1] + 1:
+                self.dev.write(self.jstart + positions[start], b"".join(payload[start:i]))
+                start = i
+
+    def _write_staged(self, blkno: int, block: bytes | bytearray) -> None:
+        """Write one block through a buffer of the preallocated reserve when there is one,
+        so the commit itself does not depend on a fresh allocation."""
+        buf = self.pool.get() if self.pool is not None else None
+        if buf is None:
+            self.dev.write(blkno, block)
+            return
+        try:
+            buf[:BLOCK_SIZE] = block
+            self.dev.write(blkno, buf[:BLOCK_SIZE])
+        finally:
+            self.pool.put(buf)
+
+    def checkpoint(self) -> None:
+        """Write committed blocks home, then free the log by moving the tail to the head."""
+        for home in sorted(self.pending_home):
+            self.dev.write(home, self.pending_home[home])
+        self.dev.flush()
+        self.pending_home.clear()
+        self.tail_off = self.head_off
+        self.used = 0
+        self._write_head(0)
+        self.stats["checkpoints"] += 1
+        for callback in self.on_checkpoint:
+            callback()
+
+    def close(self) -> None:
+        """Checkpoint and mark the journal clean (nothing to replay)."""
+        self.checkpoint()
+        self._write_head(JF_CLEAN)
+
+    def _write_head(self, flags: int) -> None:
+        head = JournalHeader(self.slot, self.seq, self.tail_off, flags)
+        self.dev.write(self.jstart, encode_jhead(head, self.jstart))
+        self.dev.flush()
+
+    def read_committed(self, blkno: int) -> bytes | None:
+        return self.pending_home.get(blkno)
+
+    @property
+    def free_slots(self) -> int:
+        return self.log_len - 1 - self.used
