@@ -282,7 +282,9 @@ class Mount:
     def kill9(self) -> None:
         """Crash the server: SIGKILL, then wait for it (the mount stays, dead)."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
+            # the server leads its own session (start_new_session): kill all of it
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
 
     def unmount(self, timeout: float = UNMOUNT_TIMEOUT) -> None:
