@@ -325,3 +325,21 @@ async def test_everyone_isolated_then_healed_forms_one_view():
         await sim.until(lambda: sim.agreed(ids, set(ids)), DETECT + 5)
         assert sim.nodes[2].view.quorate
     await with_sim(ids, body)
+
+
+@mock_trio
+async def test_malformed_bodies_from_a_peer_are_ignored():
+    async def body(sim):
+        for i in (1, 2, 3):
+            await sim.start(i)
+        await sim.until(lambda: sim.agreed([1, 2, 3], {1, 2, 3}), 10)
+        g = sim.nodes[1].view.generation
+        ep3 = sim.net.endpoints[3]
+        from clusterfs.wire.types import MsgType
+        for t in (MsgType.HEARTBEAT, MsgType.VIEW_PROPOSE, MsgType.VIEW_ACK,
+                  MsgType.VIEW_COMMIT, MsgType.FENCE_DONE, MsgType.EXPELLED):
+            for junk in (None, "x", {"gen": "nope"}, {"inc": 1}, ()):
+                await ep3.send(1, t, junk)
+        await trio.sleep(5)
+        assert sim.agreed([1, 2, 3], {1, 2, 3}) and sim.nodes[1].view.generation == g
+    await with_sim([1, 2, 3], body)

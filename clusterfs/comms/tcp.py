@@ -121,6 +121,7 @@ class _Peer:
     dropped: int = 0
     connects: int = 0
     connect_failures: int = 0
+    wake: trio.Event = field(default_factory=trio.Event)
 
 
 class TcpEndpoint:
@@ -212,7 +213,9 @@ class TcpEndpoint:
                              self.generation, peer.node_id, _why(exc))
                 peer.state = "down"
                 self._drop_queue(peer)
-                await trio.sleep(backoff)
+                peer.wake = trio.Event()
+                with trio.move_on_after(backoff):
+                    await peer.wake.wait()      # set when the peer connects to us
                 backoff = min(backoff * 2, BACKOFF_MAX)
                 continue
             backoff = BACKOFF_MIN
@@ -339,6 +342,9 @@ class TcpEndpoint:
                 if old is not None:
                     old.cancel()   # the newer authenticated connection wins
                 self._current_in[client] = scope
+                peer = self._peers[client]
+                if peer.state == "down":
+                    peer.wake.set()   # it is back: retry our side now, not after backoff
             if f.type == MsgType.HELLO:
                 continue
             self.frames_in += 1

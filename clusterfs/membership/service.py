@@ -36,11 +36,12 @@ Endpoint (TCP or the in-memory transport). The algorithm (docs/cluster.md):
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -56,6 +57,19 @@ log = logging.getLogger(__name__)
 JOINING = "joining"
 MEMBER = "member"
 EXPELLED = "expelled"
+
+
+def _guarded(fn: Callable[[MembershipService, Envelope], Awaitable[None]]
+             ) -> Callable[[MembershipService, Envelope], Awaitable[None]]:
+    """A malformed body from an (authenticated) peer is logged and ignored."""
+    @functools.wraps(fn)
+    async def wrapper(self: MembershipService, env: Envelope) -> None:
+        try:
+            await fn(self, env)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            log.warning("node %d gen %d: malformed %s from node %d: %r", self.node_id,
+                        self.view.generation, fn.__name__[4:], env.sender, exc)
+    return wrapper
 
 
 class FenceHook(Protocol):
@@ -221,6 +235,7 @@ class MembershipService:
         p = self._peers.get(n)
         return p is not None and now - p.last_seen <= self.timeout and p.state != EXPELLED
 
+    @_guarded
     async def _on_heartbeat(self, env: Envelope) -> None:
         b = env.body
         n = env.sender
@@ -369,6 +384,7 @@ class MembershipService:
             await self._send(n, MsgType.VIEW_COMMIT, body)
         self._install(body)
 
+    @_guarded
     async def _on_propose(self, env: Envelope) -> None:
         b = env.body
         gen, coord = int(b["gen"]), int(b["coord"])
@@ -393,6 +409,7 @@ class MembershipService:
         await self._send(coord, MsgType.VIEW_ACK,
                          {"gen": gen, "coord": coord, "ok": ok, "max_gen": self._max_gen})
 
+    @_guarded
     async def _on_ack(self, env: Envelope) -> None:
         b = env.body
         self._max_gen = max(self._max_gen, int(b["max_gen"]))
@@ -401,6 +418,7 @@ class MembershipService:
         self._acks[env.sender] = bool(b["ok"])
         self._acks_changed.set()
 
+    @_guarded
     async def _on_commit(self, env: Envelope) -> None:
         b = env.body
         key = (int(b["gen"]), int(b["coord"]))
@@ -466,6 +484,7 @@ class MembershipService:
                 await self._send(n, MsgType.FENCE_DONE, body)
         self._fence_done(gen, frozenset(nodes))
 
+    @_guarded
     async def _on_fence_done(self, env: Envelope) -> None:
         self._fence_done(int(env.body["gen"]), frozenset(int(n) for n in env.body["nodes"]))
 
@@ -480,6 +499,7 @@ class MembershipService:
         self._publish(Fenced(gen, nodes))
 
     # -- expulsion ---------------------------------------------------------------------
+    @_guarded
     async def _on_expelled(self, env: Envelope) -> None:
         if self.state == EXPELLED or int(env.body["inc"]) != self.incarnation:
             return
