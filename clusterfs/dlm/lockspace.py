@@ -28,6 +28,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import Enum
+from functools import partial
 from typing import Any
 
 import trio
@@ -794,7 +795,7 @@ class Lockspace:
             orphans.setdefault(lkb.lkb_key, []).append(lkb)
         async with trio.open_nursery() as nursery:
             for key in orphans:
-                nursery.start_soon(self._find_master, key, True)
+                nursery.start_soon(partial(self._find_master, key, recovery=True))
         for key, lkbs in orphans.items():
             entries = [self._recover_entry(lkb) for lkb in lkbs]
             master = self.ls_master_of[key]

@@ -93,3 +93,14 @@ async def memory_cluster(node_ids: list[int], *,
             await mc.wait_running()
             yield mc
             nursery.cancel_scope.cancel()
+
+
+def trio_test(fn):  # type: ignore[no-untyped-def]
+    """Run an async test function under trio.run (pytest has no trio plugin here)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        return trio.run(functools.partial(fn, *args, **kwargs))
+
+    return wrapper

@@ -1,0 +1,390 @@
+"""Tier 2: the distributed lock manager, many nodes in one trio run.
+
+MemoryNetwork + StaticCluster (clusterfs.dlm.testing): real message passing,
+crashes and views driven by hand.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import trio
+import trio.testing
+
+from clusterfs.dlm.interface import ConversionDeadlock, Mode, resource_key
+from clusterfs.dlm.lockspace import Lockspace
+from clusterfs.dlm.locktable import Queue
+from clusterfs.dlm.testing import MemCluster, memory_cluster, trio_test
+from clusterfs.errors import LockCancelled, LockError, WouldBlock
+
+R = ("inode", 7)
+
+
+def master_of(mc: MemCluster, name: tuple) -> int:
+    key = resource_key(name)
+    for nid in mc.nodes:
+        if key in mc.ls(nid).ls_mastered:
+            return nid
+    raise AssertionError("no master")
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await trio.testing.wait_all_tasks_blocked(0.01)
+
+
+@trio_test
+async def test_lock_unlock_local_and_remote() -> None:
+    async with memory_cluster([1, 2, 3]) as mc:
+        a, b = mc.ls(1), mc.ls(2)
+        la = await a.lock(R, Mode.EX)
+        assert la.granted and la.mode == Mode.EX
+        assert master_of(mc, R) == 1                      # first requester masters
+        got: list = []
+
+        async def take() -> None:
+            got.append(await b.lock(R, Mode.PR))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(take)
+            await settle()
+            assert not got                                # waits for the EX holder
+            await a.unlock(la)
+        assert got[0].granted and got[0].mode == Mode.PR
+        assert b.statistics().remote_requests == 1
+
+
+@trio_test
+async def test_directory_is_hash_over_members() -> None:
+    async with memory_cluster([1, 2, 3]) as mc:
+        for i in range(20):
+            name = ("rgrp", i)
+            node = 1 + i % 3
+            lk = await mc.ls(node).lock(name, Mode.PR)
+            key = resource_key(name)
+            dir_node = sorted([1, 2, 3])[zlib.crc32(key) % 3]
+            assert mc.ls(dir_node).ls_dir[key] == node   # directory names the master
+            assert master_of(mc, name) == node
+            await mc.ls(node).unlock(lk)
+
+
+@trio_test
+async def test_blocking_callback_and_lvb() -> None:
+    async with memory_cluster([1, 2, 3]) as mc:
+        a, b = mc.ls(1), mc.ls(3)
+        blocked: list[Mode] = []
+        la = await a.lock(R, Mode.EX, on_blocking=blocked.append)
+        la.lvb = b"free=42"
+        async with trio.open_nursery() as n:
+            res: list = []
+
+            async def take() -> None:
+                res.append(await b.lock(R, Mode.PR))
+
+            n.start_soon(take)
+            await settle()
+            assert blocked == [Mode.PR]
+            await a.convert(la, Mode.PR)                  # down-convert stores the LVB
+        lb = res[0]
+        assert lb.lvb.rstrip(b"\0") == b"free=42" and lb.lvb_valid
+        await a.unlock(la)
+        await b.unlock(lb)
+        lc = await mc.ls(2).lock(R, Mode.PW)
+        assert lc.lvb.rstrip(b"\0") == b"free=42"
+        lc.lvb = b"free=41"
+        await mc.ls(2).unlock(lc)
+        ld = await a.lock(R, Mode.PR)       # conflicts with PW: after its release
+        assert ld.lvb.rstrip(b"\0") == b"free=41"
+
+
+@trio_test
+async def test_try_and_ranges_remote() -> None:
+    async with memory_cluster([1, 2]) as mc:
+        a, b = mc.ls(1), mc.ls(2)
+        name = ("data", 5)
+        la = await a.lock(name, Mode.EX, range=(0, 4095))
+        lb = await b.lock(name, Mode.EX, range=(4096, 8191))   # disjoint: granted
+        assert lb.granted
+        with pytest.raises(WouldBlock):
+            await b.lock(name, Mode.PR, range=(4000, 4100), try_=True)
+        with pytest.raises(WouldBlock):
+            await b.lock(name, Mode.PW, range=(0, 0), try_=True)
+        await a.unlock(la)
+        lc = await b.lock(name, Mode.PR, range=(4000, 4095), try_=True)
+        assert lc.granted
+        assert b.statistics().owned_waiting == 0
+
+
+@trio_test
+async def test_no_starvation_of_ex_by_new_pr() -> None:
+    async with memory_cluster([1, 2, 3]) as mc:
+        a, b, c = mc.ls(1), mc.ls(2), mc.ls(3)
+        first = await a.lock(R, Mode.PR)
+        order: list[str] = []
+
+        async def writer() -> None:
+            lk = await b.lock(R, Mode.EX)
+            order.append("EX")
+            await b.unlock(lk)
+
+        async def reader() -> None:
+            lk = await c.lock(R, Mode.PR)
+            order.append("PR")
+            await c.unlock(lk)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(writer)
+            await settle()
+            n.start_soon(reader)          # compatible with the holder, but queued behind EX
+            await settle()
+            assert order == []
+            await a.unlock(first)
+        assert order == ["EX", "PR"]
+
+
+@trio_test
+async def test_convert_up_waits_and_conversion_deadlock() -> None:
+    async with memory_cluster([1, 2, 3]) as mc:
+        a, b = mc.ls(2), mc.ls(3)
+        la = await a.lock(R, Mode.PR)
+        lb = await b.lock(R, Mode.PR)
+        async with trio.open_nursery() as n:
+            n.start_soon(a.convert, la, Mode.EX)
+            await settle()
+            assert la.mode == Mode.PR
+            with pytest.raises(ConversionDeadlock):
+                await b.convert(lb, Mode.EX)
+            assert lb.mode == Mode.PR and lb.granted        # keeps its granted mode
+            await b.unlock(lb)
+        assert la.mode == Mode.EX
+
+
+@trio_test
+async def test_explicit_cancel_and_trio_cancellation() -> None:
+    async with memory_cluster([1, 2]) as mc:
+        a, b = mc.ls(1), mc.ls(2)
+        la = await a.lock(R, Mode.EX)
+        handles: list = []
+        errors: list = []
+
+        async def waiter() -> None:
+            try:
+                await b.lock(R, Mode.EX)
+            except LockCancelled as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(waiter)
+            await settle()
+            lkb = next(iter(b.ls_lkbs.values()))
+            handles.append(lkb.lkb_lock)
+            assert await b.cancel(handles[0])
+        assert len(errors) == 1
+
+        # trio cancellation of a waiting request removes it from the master's queue
+        with trio.move_on_after(0.05):
+            await b.lock(R, Mode.EX)
+        await settle()
+        assert [i.queue for i in mc.ls(1).dump_local(resource_key(R))] == [Queue.GRANTED]
+        await a.unlock(la)
+        lb = await b.lock(R, Mode.EX, try_=True)
+        assert lb.granted
+
+
+@trio_test
+async def test_unlock_not_held_raises() -> None:
+    async with memory_cluster([1, 2]) as mc:
+        lk = await mc.ls(2).lock(R, Mode.NL)
+        await mc.ls(2).unlock(lk)
+        with pytest.raises(LockError):
+            await mc.ls(2).unlock(lk)
+
+
+@trio_test
+async def test_dump_resource_from_any_node() -> None:
+    async with memory_cluster([1, 2, 3]) as mc:
+        lk = await mc.ls(2).lock(R, Mode.PW, range=(10, 20))
+        d = await mc.ls(3).dump_resource(R)
+        assert d["master"] == 2
+        assert d["locks"][0]["grmode"] == "PW" and d["locks"][0]["range"] == [10, 20]
+        await mc.ls(2).unlock(lk)
+        d = await mc.ls(1).dump_resource(("nobody", 1))
+        assert d["master"] is None
+
+
+# -- recovery ---------------------------------------------------------------------
+
+
+@trio_test
+async def test_master_dies_waiters_complete_and_survivor_keeps_lock() -> None:
+    async with memory_cluster([1, 2, 3, 4]) as mc:
+        dead = 1
+        held = await mc.ls(dead).lock(R, Mode.PW)       # node 1 masters R and holds PW
+        held.lvb = b"written by the dead"
+        keep = await mc.ls(2).lock(R, Mode.CR)          # compatible with PW: granted
+        got: list = []
+
+        async def wait_ex() -> None:
+            got.append(await mc.ls(3).lock(R, Mode.EX))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(wait_ex)
+            await settle()
+            assert not got
+            mc.crash(dead)                             # master and PW holder die
+            await mc.wait_running()
+            await settle()
+            assert not got                             # node 2 still holds CR (EX waits)
+            new_master = master_of(mc, R)
+            assert new_master in (2, 3)
+            infos = mc.ls(new_master).dump_local(resource_key(R))
+            assert {(i.nodeid, i.queue) for i in infos} == {(2, Queue.GRANTED),
+                                                            (3, Queue.WAITING)}
+            assert keep.granted                         # the survivor did not lose it
+            await mc.ls(2).unlock(keep)
+        assert got[0].granted
+        assert got[0].lvb_valid is False                # a dead writer: LVB not valid
+
+
+@trio_test
+async def test_holder_dies_master_survives_lvb_invalid() -> None:
+    async with memory_cluster([1, 2, 3]) as mc:
+        first = await mc.ls(2).lock(R, Mode.NL)         # node 2 becomes master
+        ex = await mc.ls(3).lock(R, Mode.EX)
+        ex.lvb = b"x"
+        got: list = []
+
+        async def wait_pr() -> None:
+            got.append(await mc.ls(1).lock(R, Mode.PR))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(wait_pr)
+            await settle()
+            mc.crash(3)
+        assert got[0].granted and got[0].lvb_valid is False
+        assert first.granted
+        # a later PW/EX release makes it valid again
+        await mc.ls(1).unlock(got[0])
+        w = await mc.ls(1).lock(R, Mode.EX)
+        w.lvb = b"fresh"
+        await mc.ls(1).unlock(w)
+        r = await mc.ls(2).lock(R, Mode.PR)
+        assert r.lvb_valid and r.lvb.rstrip(b"\0") == b"fresh"
+
+
+@trio_test
+async def test_lvb_survives_master_death_when_reader_holds_it() -> None:
+    async with memory_cluster([1, 2, 3]) as mc:
+        w = await mc.ls(1).lock(R, Mode.EX)
+        w.lvb = b"v1"
+        await mc.ls(1).unlock(w)
+        r = await mc.ls(2).lock(R, Mode.PR)
+        assert r.lvb.rstrip(b"\0") == b"v1"
+        mc.crash(1)
+        await mc.wait_running()
+        r2 = await mc.ls(3).lock(R, Mode.PR)
+        assert r2.lvb_valid and r2.lvb.rstrip(b"\0") == b"v1"
+
+
+@trio_test
+async def test_no_quorum_requests_wait_then_complete() -> None:
+    async with memory_cluster([1, 2, 3]) as mc:
+        mc.crash(2, remove=False)
+        mc.crash(3, remove=False)
+        mc.cluster.set_members({1})                     # 1 of 3: no quorum
+        got: list = []
+        errors: list = []
+
+        async def try_lock() -> None:
+            try:
+                got.append(await mc.ls(1).lock(("x", 1), Mode.EX))
+            except Exception as exc:  # pragma: no cover - must not happen
+                errors.append(exc)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(try_lock)
+            await trio.sleep(0.3)
+            assert not got and not errors               # neither granted nor failed
+            assert not mc.ls(1).ls_running
+            await mc.join(2)                            # quorum again
+        assert got and got[0].granted
+
+
+@trio_test
+async def test_recovery_waits_for_fencing_and_aborts_on_newer_view(caplog) -> None:
+    caplog.set_level("INFO", logger="clusterfs.dlm")
+    async with memory_cluster([1, 2, 3, 4, 5], auto_fence=False) as mc:
+        held = await mc.ls(1).lock(R, Mode.EX)
+        got: list = []
+
+        async def wait_ex() -> None:
+            got.append(await mc.ls(2).lock(R, Mode.EX))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(wait_ex)
+            await settle()
+            mc.crash(1)                                  # gen 2, node 1 not fenced yet
+            await trio.sleep(0.2)
+            assert not got and not mc.ls(2).ls_running   # waits for fencing
+            mc.crash(5)                                  # gen 3 overtakes gen 2
+            await trio.sleep(0.1)
+            mc.cluster.fence_done({1, 5})
+        assert got[0].granted
+        assert held.granted                               # (the dead node's own handle)
+        text = caplog.text
+        assert "wait for fencing of [1]" in text
+        assert "recovery aborted by a newer view" in text
+        assert "gen 3: recover: 8 done" in text
+
+
+@trio_test
+async def test_join_rehashes_directory() -> None:
+    async with memory_cluster([1, 2, 3]) as mc:
+        locks = {}
+        for i in range(30):
+            locks[i] = await mc.ls(1 + i % 3).lock(("f", i), Mode.PR)
+        await mc.join(4)
+        await mc.wait_running()
+        for i in range(30):
+            key = resource_key(("f", i))
+            dir_node = sorted([1, 2, 3, 4])[zlib.crc32(key) % 4]
+            assert mc.ls(dir_node).ls_dir.get(key) == 1 + i % 3
+        # the new node locks against existing masters
+        for i in range(30):
+            with pytest.raises(WouldBlock):
+                await mc.ls(4).lock(("f", i), Mode.EX, try_=True)
+            lk = await mc.ls(4).lock(("f", i), Mode.PR)
+            await mc.ls(4).unlock(lk)
+
+
+@trio_test
+async def test_dead_nodes_waiting_request_is_purged() -> None:
+    async with memory_cluster([1, 2, 3]) as mc:
+        held = await mc.ls(1).lock(R, Mode.EX)
+        async with trio.open_nursery() as n:
+            n.start_soon(mc.ls(3).lock, R, Mode.EX)
+            await settle()
+            mc.crash(3)
+            await mc.wait_running()
+            n.cancel_scope.cancel()
+        await mc.ls(1).unlock(held)
+        lk = await mc.ls(2).lock(R, Mode.EX, try_=True)      # nobody dead in the queue
+        assert lk.granted
+
+
+def _ls_conforms(ls: Lockspace) -> None:
+    from clusterfs.dlm.interface import LockService
+
+    _: LockService = ls
+
+
+@trio_test
+async def test_lockspace_is_a_lockservice() -> None:
+    async with memory_cluster([1]) as mc:
+        _ls_conforms(mc.ls(1))
+        lk = await mc.ls(1).lock(("journal", 0), Mode.EX)
+        await mc.ls(1).convert(lk, Mode.NL)
+        await mc.ls(1).convert(lk, Mode.PR)
+        await mc.ls(1).unlock(lk)
+        assert mc.ls(1).statistics().owned_locks == 0
