@@ -343,3 +343,36 @@ async def test_malformed_bodies_from_a_peer_are_ignored():
         await trio.sleep(5)
         assert sim.agreed([1, 2, 3], {1, 2, 3}) and sim.nodes[1].view.generation == g
     await with_sim([1, 2, 3], body)
+
+
+@mock_trio
+async def test_asymmetric_cut_competing_coordinators_never_fence_a_member():
+    """1 and 2 cannot talk; both still reach 3. Both think they coordinate."""
+    ids = [1, 2, 3]
+
+    async def body(sim):
+        for i in ids:
+            await sim.start(i)
+        await sim.until(lambda: sim.agreed(ids, set(ids)), 10)
+        sim.net.cut(1, 2)
+
+        def settled():
+            live = [m for m in sim.live() if m.state == MEMBER]
+            return (len(live) >= 2 and len({(m.view.generation, m.view.members)
+                                            for m in live}) == 1
+                    and live[0].view.members == {m.node_id for m in live})
+        await sim.until(settled, 60)
+        await trio.sleep(10)
+        assert settled()
+        final = next(m for m in sim.live() if m.state == MEMBER).view
+        assert final.quorate
+        for a in sim.agents.values():
+            for node, _gen in a.calls:
+                assert node not in final.members
+        for m in sim.live():
+            for e in m.events:
+                if isinstance(e, Fenced):
+                    vc = [x for x in m.events if isinstance(x, ViewChange)
+                          and x.view.generation == e.generation][-1]
+                    assert not (e.nodes & vc.view.members)
+    await with_sim(ids, body)

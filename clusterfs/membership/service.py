@@ -214,10 +214,13 @@ class MembershipService:
                 await trio.sleep(self.interval)
 
     # -- heartbeats and failure detection ------------------------------------------
-    async def _heartbeat(self) -> None:
-        body = {"inc": self.incarnation, "st": self.state, "gen": self.view.generation,
+    def _heartbeat_body(self) -> dict[str, Any]:
+        return {"inc": self.incarnation, "st": self.state, "gen": self.view.generation,
                 "m": sorted(self.view.members) if self.state == MEMBER else [],
                 "q": self.view.quorate and self.state == MEMBER}
+
+    async def _heartbeat(self) -> None:
+        body = self._heartbeat_body()
         for n in self.node_ids:
             if n != self.node_id:
                 await self._send(n, MsgType.HEARTBEAT, body)
@@ -259,6 +262,8 @@ class MembershipService:
                         "telling it it is expelled", self.node_id, self.view.generation, n,
                         info.inc)
             await self._send(n, MsgType.EXPELLED, {"gen": self.view.generation, "inc": info.inc})
+        if self._pending_fence:
+            self._maybe_fence()
 
     # -- the coordinator's decision ------------------------------------------------
     def _evaluate(self) -> None:
@@ -281,7 +286,9 @@ class MembershipService:
             if usable(n) and p is not None and p.inc == self._incs.get(n):
                 keep.add(n)
                 # heard since well after our install, still on another generation: resync
-                if (p.gen != self.view.generation and p.state == MEMBER
+                # (or on our generation with other members: a competing coordinator's view)
+                if ((p.gen != self.view.generation or p.members != self.view.members)
+                        and p.state == MEMBER
                         and now - self._installed_at > 2 * self.interval + self.timeout / 2):
                     lagging = True
         admissible: set[int] = set()
@@ -427,6 +434,7 @@ class MembershipService:
                      self.node_id, self.view.generation, key[0], key[1], self._promised)
             return
         self._install(b)
+        await self._send(key[1], MsgType.HEARTBEAT, self._heartbeat_body())  # confirms it
 
     def _install(self, b: Mapping[str, Any]) -> None:
         gen = int(b["gen"])
@@ -454,6 +462,15 @@ class MembershipService:
         if (self.state != MEMBER or not v.quorate or v.coordinator != self.node_id
                 or not self._pending_fence or self._fencing_gen == v.generation):
             return
+        # Fence only once every member has confirmed (by a heartbeat sent after our
+        # install) that it holds exactly this view: a coordinator whose commit lost a
+        # race against a competing proposal must not fence anybody.
+        for n in v.members:
+            p = self._peers.get(n)
+            if n != self.node_id and (p is None or p.gen != v.generation
+                                      or p.members != v.members
+                                      or p.last_seen < self._installed_at):
+                return
         assert self._nursery is not None
         self._fencing_gen = v.generation
         self._nursery.start_soon(self._fence, v.generation, frozenset(self._pending_fence))
@@ -486,6 +503,10 @@ class MembershipService:
 
     @_guarded
     async def _on_fence_done(self, env: Envelope) -> None:
+        if self.state != MEMBER or env.sender != self.view.coordinator:
+            log.warning("node %d gen %d: FENCE_DONE from node %d, not my coordinator; ignored",
+                        self.node_id, self.view.generation, env.sender)
+            return
         self._fence_done(int(env.body["gen"]), frozenset(int(n) for n in env.body["nodes"]))
 
     def _fence_done(self, gen: int, nodes: frozenset[int]) -> None:
