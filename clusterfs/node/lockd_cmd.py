@@ -1,0 +1,340 @@
+"""`clusterfs lockd --config FILE --node-id N`: one node of the lock service alone.
+
+Runs the cluster stack (TCP comms + membership) and the DLM with one lockspace
+("default"), and serves a control socket (a unix stream socket, default
+/run/clusterfs/lockd-<node>.sock, or --control PATH).
+
+Control protocol: one JSON object per line each way. A request is
+{"op": ..., ...}; the answer is {"ok": true, ...} or
+{"ok": false, "error": "<exception class>", "errno": N, "message": "..."}.
+Requests on one connection run one after another (a "lock" that waits blocks
+that connection only); lock handles belong to their connection, and closing
+the connection unlocks whatever it still holds.
+
+  status                          node, generation, members, quorum, running, stats
+  wait_running   [timeout]        until locking runs (first recovery done)
+  locks          name             the resource's grant/convert/wait queues (asked of its master)
+  lock           name mode [range] [try] [timeout] [lvb_hex]
+                                  -> handle, mode, lvb (hex), lvb_valid
+  convert        handle mode [try] [timeout]
+  unlock         handle [lvb]     lvb (hex) is stored if the lock is PW/EX
+  bench          kind=local|remote n name   -> ops_per_s | p50_us, p99_us
+  pingpong       name seconds     hold EX until someone waits, release, ask again
+  quit                            stop the daemon
+
+`name` is a list (["inode", 7]) or a string ("inode:7"); modes are NL..EX.
+On start, one line {"event": "ready", "node": N, "pid": P, "control": PATH}
+is printed on stdout once the control socket listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from clusterfs.dlm.interface import LVB_SIZE, Lock, Mode
+from clusterfs.dlm.lockspace import Lockspace, open_dlm
+from clusterfs.errors import ClusterFSError, ConfigError
+
+log = logging.getLogger("clusterfs.lockd")
+
+DEFAULT_CONTROL_DIR = "/run/clusterfs"
+
+
+def default_control_path(node_id: int) -> str:
+    return os.path.join(DEFAULT_CONTROL_DIR, f"lockd-{node_id}.sock")
+
+
+def parse_name(name: Any) -> tuple[Any, ...]:
+    if isinstance(name, str):
+        return tuple(int(p) if p.isdigit() else p for p in name.split(":"))
+    return tuple(name)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="cluster configuration (TOML)")
+    p.add_argument("--node-id", type=int, required=True)
+    p.add_argument("--control", help="control socket path "
+                   f"(default {DEFAULT_CONTROL_DIR}/lockd-<node>.sock)")
+    p.add_argument("--fence-pid-dir",
+                   help="fence by SIGKILL of the pid in DIR/node<ID>.pid (dev clusters)")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format=f"%(asctime)s lockd{args.node_id} %(name)s: %(message)s")
+    control = args.control or default_control_path(args.node_id)
+    try:
+        trio.run(serve, args.config, args.node_id, control, args.fence_pid_dir)
+    except ConfigError as exc:
+        print(f"clusterfs lockd: config error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+async def serve(config: str, node_id: int, control: str, fence_pid_dir: str | None) -> None:
+    from clusterfs.node.cluster import open_cluster_node
+
+    agent = None
+    if fence_pid_dir:
+        from clusterfs.fence.agent import ProcessAgent
+
+        agent = ProcessAgent(pid_dir=fence_pid_dir)
+    Path(control).parent.mkdir(parents=True, exist_ok=True)
+    async with open_cluster_node(config, node_id, fence_agent=agent) as node:
+        async with open_dlm(node.endpoint, node.membership) as dlm:
+            ls = await dlm.new_lockspace("default")
+            server = ControlServer(ls, node)
+            await server.serve(control)
+
+
+class ControlServer:
+    def __init__(self, ls: Lockspace, node: Any) -> None:
+        self.ls = ls
+        self.node = node
+        self.stop = trio.Event()
+
+    async def serve(self, path: str) -> None:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        await sock.bind(path)
+        sock.listen(64)
+        listener = trio.SocketListener(sock)
+        print(json.dumps({"event": "ready", "node": self.ls.ls_node, "pid": os.getpid(),
+                          "control": path}), flush=True)
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(trio.serve_listeners, self._client, [listener])
+                await self.stop.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    async def _client(self, stream: trio.SocketStream) -> None:
+        session = _Session(self)
+        buf = b""
+        try:
+            async with stream:
+                while True:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        return
+                    buf += data
+                    while b"\n" in buf:
+                        line, buf = buf.split(b"\n", 1)
+                        if not line.strip():
+                            continue
+                        reply = await session.handle(line)
+                        await stream.send_all(json.dumps(reply).encode() + b"\n")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            await session.release_all()
+
+
+class _Session:
+    """One control connection: its lock handles."""
+
+    def __init__(self, server: ControlServer) -> None:
+        self.server = server
+        self.ls = server.ls
+        self.locks: dict[int, Lock] = {}
+        self.next_handle = 1
+
+    async def release_all(self) -> None:
+        with trio.CancelScope(shield=True):
+            for lk in list(self.locks.values()):
+                try:
+                    await self.ls.unlock(lk)
+                except ClusterFSError:
+                    pass
+            self.locks.clear()
+
+    async def handle(self, line: bytes) -> dict[str, Any]:
+        try:
+            req = json.loads(line)
+            op = req.get("op")
+            fn: Callable[[dict[str, Any]], Any] | None = getattr(self, f"op_{op}", None)
+            if fn is None:
+                return {"ok": False, "error": "BadRequest", "errno": 22,
+                        "message": f"unknown op {op!r}"}
+            result = await fn(req)
+            return {"ok": True, **(result or {})}
+        except trio.TooSlowError:
+            return {"ok": False, "error": "Timeout", "errno": 110, "message": "timed out"}
+        except ClusterFSError as exc:
+            return {"ok": False, "error": type(exc).__name__, "errno": exc.errno,
+                    "message": str(exc)}
+        except (ValueError, KeyError, TypeError) as exc:
+            return {"ok": False, "error": "BadRequest", "errno": 22, "message": repr(exc)}
+
+    def _lock_reply(self, handle: int, lk: Lock) -> dict[str, Any]:
+        return {"handle": handle, "mode": lk.mode.name, "lvb": lk.lvb.hex(),
+                "lvb_valid": lk.lvb_valid}
+
+    # -- ops ---------------------------------------------------------------------
+    async def op_status(self, req: dict[str, Any]) -> dict[str, Any]:
+        st = self.ls.statistics()
+        out: dict[str, Any] = {"node": st.node, "generation": st.generation,
+                               "members": list(st.members), "quorate": st.quorate,
+                               "running": st.running, "lockspace": st.as_dict(),
+                               "dropped_sends": self.ls.ls_dlm.dropped_sends}
+        try:
+            view = self.server.node.membership.view
+            out["membership_generation"] = view.generation
+        except Exception:
+            pass
+        return out
+
+    async def op_wait_running(self, req: dict[str, Any]) -> dict[str, Any]:
+        with trio.fail_after(float(req.get("timeout", 30))):
+            while not self.ls.ls_running:
+                await trio.sleep(0.01)
+        return {"generation": self.ls.statistics().generation}
+
+    async def op_locks(self, req: dict[str, Any]) -> dict[str, Any]:
+        with trio.fail_after(float(req.get("timeout", 10))):
+            return await self.ls.dump_resource(parse_name(req["name"]))
+
+    async def op_lock(self, req: dict[str, Any]) -> dict[str, Any]:
+        name = parse_name(req["name"])
+        mode = Mode[req["mode"]]
+        rng = tuple(req.get("range", (0, 2**64 - 1)))
+        timeout = req.get("timeout")
+        with trio.fail_after(float(timeout) if timeout is not None else float("inf")):
+            lk = await self.ls.lock(name, mode, range=(int(rng[0]), int(rng[1])),
+                                    try_=bool(req.get("try", False)))
+        handle = self.next_handle
+        self.next_handle += 1
+        self.locks[handle] = lk
+        return self._lock_reply(handle, lk)
+
+    async def op_convert(self, req: dict[str, Any]) -> dict[str, Any]:
+        handle = int(req["handle"])
+        lk = self.locks[handle]
+        if "lvb" in req:
+            lk.lvb = bytes.fromhex(req["lvb"])[:LVB_SIZE]
+        timeout = req.get("timeout")
+        with trio.fail_after(float(timeout) if timeout is not None else float("inf")):
+            await self.ls.convert(lk, Mode[req["mode"]], try_=bool(req.get("try", False)))
+        return self._lock_reply(handle, lk)
+
+    async def op_unlock(self, req: dict[str, Any]) -> dict[str, Any]:
+        lk = self.locks.pop(int(req["handle"]))
+        if "lvb" in req:
+            lk.lvb = bytes.fromhex(req["lvb"])[:LVB_SIZE]
+        await self.ls.unlock(lk)
+        return {}
+
+    async def op_bench(self, req: dict[str, Any]) -> dict[str, Any]:
+        name = parse_name(req.get("name", ["bench", self.ls.ls_node]))
+        n = int(req.get("n", 10000))
+        if req.get("kind", "local") == "local":
+            t0 = time.perf_counter()
+            for _ in range(n):
+                lk = await self.ls.lock(name, Mode.EX)
+                await self.ls.unlock(lk)
+            dt = time.perf_counter() - t0
+            return {"n": n, "seconds": dt, "ops_per_s": n / dt}
+        lat = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            lk = await self.ls.lock(name, Mode.EX)
+            lat.append(time.perf_counter() - t0)
+            await self.ls.unlock(lk)
+        lat.sort()
+        return {"n": n, "p50_us": lat[len(lat) // 2] * 1e6,
+                "p99_us": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1e6}
+
+    async def op_pingpong(self, req: dict[str, Any]) -> dict[str, Any]:
+        name = parse_name(req.get("name", ["pingpong"]))
+        deadline = trio.current_time() + float(req.get("seconds", 3))
+        count = 0
+        while trio.current_time() < deadline:
+            wanted = trio.Event()
+            lk = await self.ls.lock(name, Mode.EX, on_blocking=lambda _m, e=wanted: e.set())
+            count += 1
+            with trio.move_on_at(deadline):
+                await wanted.wait()
+            await self.ls.unlock(lk)
+        return {"acquisitions": count}
+
+    async def op_quit(self, req: dict[str, Any]) -> dict[str, Any]:
+        self.server.stop.set()
+        return {}
+
+
+# -- clients -------------------------------------------------------------------------
+
+
+class ControlClient:
+    """A blocking client of the lockd control socket (tests, status, locks, bench)."""
+
+    def __init__(self, path: str, timeout: float | None = 30) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self._buf = b""
+
+    def call(self, op: str, **kw: Any) -> dict[str, Any]:
+        self.sock.sendall(json.dumps({"op": op, **kw}).encode() + b"\n")
+        while b"\n" not in self._buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("lockd closed the control connection")
+            self._buf += data
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncControlClient:
+    """The same over trio (many concurrent clients in one test process)."""
+
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self._buf = b""
+
+    @classmethod
+    async def connect(cls, path: str) -> AsyncControlClient:
+        return cls(await trio.open_unix_socket(path))
+
+    async def call(self, op: str, **kw: Any) -> dict[str, Any]:
+        await self.stream.send_all(json.dumps({"op": op, **kw}).encode() + b"\n")
+        while b"\n" not in self._buf:
+            data = await self.stream.receive_some(65536)
+            if not data:
+                raise ConnectionError("lockd closed the control connection")
+            self._buf += data
+        line, self._buf = self._buf.split(b"\n", 1)
+        return json.loads(line)
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
