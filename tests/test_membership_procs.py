@@ -89,3 +89,30 @@ def test_kill_9_one_of_three_others_agree_within_timeout(tmp_path, procs):
     fenced = [p.wait_event(lambda e: e.get("event") == "fenced", time.monotonic() + 5)
               for p in procs[:2]]
     assert fenced[0] == fenced[1] == {"event": "fenced", "gen": after[0]["gen"], "nodes": [3]}
+
+
+def test_sigstopped_node_is_expelled_when_it_wakes(tmp_path, procs):
+    """A node frozen past the failure timeout (as if cut off) is not merged back."""
+    cfg = tmp_path / "cluster.toml"
+    write_local_config(cfg, [1, 2, 3], heartbeat_interval=INTERVAL, failure_timeout=TIMEOUT)
+    for nid in (1, 2, 3):
+        procs.append(NodeProc(str(cfg), nid))
+    deadline = time.monotonic() + 20
+    for p in procs:
+        p.wait_event(lambda e: e.get("event") == "view" and e["members"] == [1, 2, 3], deadline)
+    procs[2].proc.send_signal(signal.SIGSTOP)
+    try:
+        after = [p.wait_event(lambda e: e.get("event") == "view" and e["members"] == [1, 2],
+                              time.monotonic() + TIMEOUT + 3.0) for p in procs[:2]]
+        assert after[0] == after[1]
+    finally:
+        procs[2].proc.send_signal(signal.SIGCONT)
+    ev = procs[2].wait_event(lambda e: e.get("event") == "expelled", time.monotonic() + 10)
+    assert ev["gen"] >= after[0]["gen"]
+    time.sleep(2 * TIMEOUT)
+    # the survivors never took it back
+    for p in procs[:2]:
+        while not p.events.empty():
+            e = p.events.get()
+            p.seen.append(e)
+            assert e.get("event") != "view", e
