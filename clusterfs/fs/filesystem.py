@@ -46,6 +46,7 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 BIG = 1 << 62
+SYMLINK_MAX = 4095
 
 
 def dtype_of(mode: int) -> int:
@@ -254,7 +255,7 @@ class FileSystem:
                     gid: int, target: bytes = b"") -> CachedInode:
         if len(name) > NAME_MAX:
             raise FSError(errno.ENAMETOOLONG)
-        if stat.S_ISLNK(mode) and len(target) > PAYLOAD_MAX:
+        if stat.S_ISLNK(mode) and len(target) > SYMLINK_MAX:
             raise FSError(errno.ENAMETOOLONG, "symlink target too long")
 
         async def run(alloc):
@@ -286,11 +287,13 @@ class FileSystem:
                      flags=F_STUFFED, rdev=rdev, generation=time.time_ns() & 0xFFFFFFFF,
                      parent=parent if is_dir else 0, atime=now_s, mtime=now_s, ctime=now_s,
                      atime_ns=now_ns, mtime_ns=now_ns, ctime_ns=now_ns,
-                     size=len(target), payload=target)
+                     size=0)
         node = CachedInode(disk, self.read_meta)
         if is_dir:
             node.dir = Directory()
         self.inodes[ino] = node
+        if target:
+            self._write(node, 0, target)    # stuffed when short, a data block when long
         p.dir.add(name, ino, dtype_of(mode), lambda: reserve.pop(), self._free_meta)
         self._unreserve(reserve)
         if is_dir:
@@ -539,7 +542,7 @@ class FileSystem:
             node = self._inode(ino)
             if not stat.S_ISLNK(node.d.mode):
                 raise FSError(errno.EINVAL)
-            return bytes(node.data)
+            return self._read(node, 0, node.d.size)
 
     # ================================================================ open files
     async def open(self, ino: int) -> CachedInode:
@@ -759,9 +762,11 @@ class FileSystem:
                 raise FSError(errno.ENODATA)
             return value
 
-    async def listxattr(self, ino: int) -> list[bytes]:
+    async def listxattr(self, ino: int, privileged: bool = True) -> list[bytes]:
+        """Names; trusted.* only for a privileged caller (as Linux does)."""
         async with self._hold(pr=[ino], write=False):
-            return list(self._inode(ino).d.xattrs)
+            names = list(self._inode(ino).d.xattrs)
+        return names if privileged else [n for n in names if not n.startswith(b"trusted.")]
 
     async def setxattr(self, ino: int, name: bytes, value: bytes) -> None:
         if not name.startswith(XATTR_NAMESPACES):

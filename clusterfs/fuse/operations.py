@@ -232,20 +232,29 @@ class Operations(pyfuse3.Operations):
         self.fs.txn.commit()
 
     # -- xattrs ------------------------------------------------------------------------
+    # trusted.* needs CAP_SYS_ADMIN; FUSE passes only the uid, so root stands for it.
+    @staticmethod
+    def _check_trusted(name: bytes, ctx, err: int) -> None:
+        if name.startswith(b"trusted.") and ctx is not None and ctx.uid != 0:
+            raise pyfuse3.FUSEError(err)
+
     @_edge
     async def setxattr(self, inode, name, value, ctx):
+        self._check_trusted(name, ctx, errno.EPERM)
         await self.fs.setxattr(self._ino(inode), name, value)
 
     @_edge
     async def getxattr(self, inode, name, ctx):
+        self._check_trusted(name, ctx, errno.ENODATA)
         return await self.fs.getxattr(self._ino(inode), name)
 
     @_edge
     async def listxattr(self, inode, ctx):
-        return await self.fs.listxattr(self._ino(inode))
+        return await self.fs.listxattr(self._ino(inode), ctx is None or ctx.uid == 0)
 
     @_edge
     async def removexattr(self, inode, name, ctx):
+        self._check_trusted(name, ctx, errno.EPERM)
         await self.fs.removexattr(self._ino(inode), name)
 
     # -- whole fs ---------------------------------------------------------------------
