@@ -1,0 +1,236 @@
+"""clusterfs-only mount behaviour: bad input, withdraw, daemon mode, ENOSPC cycles, crash
+replay. Real mounts driven from this process (the server is a separate process)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import mountutil  # noqa: E402
+
+CLUSTERFS = [sys.executable, "-m", "clusterfs.cli"]
+
+
+@pytest.fixture(autouse=True)
+def _need_fuse():
+    why = mountutil.missing_prerequisites("clusterfs")
+    if why:
+        pytest.skip(why)
+
+
+def _image(tmp_path, size=64 << 20, name="disk.img") -> str:
+    path = str(tmp_path / name)
+    with open(path, "wb") as f:
+        f.truncate(size)
+    return path
+
+
+def _mkfs(dev: str, *extra: str) -> None:
+    r = subprocess.run([*CLUSTERFS, "mkfs", "-q", "--force", *extra, dev],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
+def _sha(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _mount_fails(dev: str, mnt: str) -> str:
+    os.makedirs(mnt, exist_ok=True)
+    r = subprocess.run([*CLUSTERFS, "mount", "-f", dev, mnt], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0
+    assert not mountutil._is_mounted(mnt)
+    lines = [ln for ln in r.stderr.splitlines() if "WARNING" not in ln]
+    assert len(lines) == 1, r.stderr
+    return lines[0]
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_zeroed_device_is_refused_unchanged(tmp_path):
+    dev = _image(tmp_path)
+    before = _sha(dev)
+    msg = _mount_fails(dev, str(tmp_path / "mnt"))
+    assert "not a clusterfs filesystem (bad superblock magic)" in msg
+    assert _sha(dev) == before
+
+
+def test_ext4_device_is_refused_unchanged(tmp_path):
+    dev = _image(tmp_path)
+    subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True, capture_output=True)
+    before = _sha(dev)
+    msg = _mount_fails(dev, str(tmp_path / "mnt"))
+    assert "not a clusterfs filesystem" in msg and "ext2/ext3/ext4" in msg
+    assert _sha(dev) == before
+
+
+def test_flipped_superblock_bit_is_refused_unchanged(tmp_path):
+    dev = _image(tmp_path)
+    _mkfs(dev)
+    with open(dev, "r+b") as f:
+        f.seek(65536 + 300)
+        byte = f.read(1)[0]
+        f.seek(65536 + 300)
+        f.write(bytes([byte ^ 0x10]))
+    before = _sha(dev)
+    assert "superblock checksum mismatch" in _mount_fails(dev, str(tmp_path / "mnt"))
+    assert _sha(dev) == before
+
+
+def test_truncated_image_is_refused_unchanged(tmp_path):
+    dev = _image(tmp_path)
+    _mkfs(dev)
+    os.truncate(dev, 32 << 20)
+    before = _sha(dev)
+    assert "smaller than the filesystem (truncated?)" in _mount_fails(dev, str(tmp_path / "m"))
+    assert _sha(dev) == before
+
+
+def test_mkfs_refuses_existing_filesystem_without_force(tmp_path):
+    dev = _image(tmp_path)
+    subprocess.run(["mkfs.ext4", "-q", "-F", dev], check=True, capture_output=True)
+    r = subprocess.run([*CLUSTERFS, "mkfs", dev], capture_output=True, text=True)
+    assert r.returncode != 0 and "ext2/ext3/ext4" in r.stderr
+    r = subprocess.run([*CLUSTERFS, "mkfs", str(tmp_path / "missing")], capture_output=True,
+                       text=True)
+    assert r.returncode != 0 and len(r.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------ withdraw
+
+
+def test_bad_metadata_checksum_withdraws(tmp_path):
+    dev = _image(tmp_path)
+    _mkfs(dev)
+    mnt = str(tmp_path / "mnt")
+    with mountutil.mounted(dev, mnt) as m:
+        with open(os.path.join(mnt, "victim"), "wb") as f:
+            f.write(b"v" * 100)
+        with open(os.path.join(mnt, "other"), "wb") as f:
+            f.write(b"o" * 100)
+        ino = os.stat(os.path.join(mnt, "victim")).st_ino
+    with open(dev, "r+b") as f:
+        f.seek(ino * 4096 + 400)
+        f.write(b"\xde\xad")
+    m = mountutil.start_mount(dev, mnt)
+    try:
+        with pytest.raises(OSError) as exc:
+            os.stat(os.path.join(mnt, "victim"))
+        assert exc.value.errno == errno.EIO
+        with pytest.raises(OSError) as exc:
+            with open(os.path.join(mnt, "new"), "wb") as f:
+                f.write(b"x")
+        assert exc.value.errno == errno.EIO
+        assert m.alive()
+        assert "withdrawing" in m.log_text()
+    finally:
+        m.unmount()
+
+
+# ------------------------------------------------------------------ daemon mode, signals
+
+
+def test_daemon_mode_and_sigterm(tmp_path):
+    dev = _image(tmp_path)
+    _mkfs(dev)
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    r = subprocess.run([*CLUSTERFS, "mount", "--log", str(tmp_path / "log"), dev, mnt],
+                       capture_output=True, text=True, timeout=60)
+    try:
+        assert r.returncode == 0, r.stderr
+        assert mountutil._is_mounted(mnt)     # live as soon as the parent returned
+        with open(os.path.join(mnt, "f"), "wb") as f:
+            f.write(b"daemon")
+    finally:
+        subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
+    for _ in range(100):
+        if not mountutil._is_mounted(mnt):
+            break
+        time.sleep(0.05)
+    # remount in the foreground and stop it with SIGTERM
+    m = mountutil.start_mount(dev, mnt)
+    with open(os.path.join(mnt, "f"), "rb") as f:
+        assert f.read() == b"daemon"
+    m.proc.send_signal(signal.SIGTERM)
+    assert m.proc.wait(30) == 0
+    assert not mountutil._is_mounted(mnt)
+    m._forget()
+
+
+# ------------------------------------------------------------------ ENOSPC, reuse
+
+
+def test_fill_delete_refill_no_corruption(tmp_path):
+    dev = _image(tmp_path, 48 << 20)
+    _mkfs(dev)
+    mnt = str(tmp_path / "mnt")
+    chunk = os.urandom(1 << 20)
+    for cycle in range(2):
+        with mountutil.mounted(dev, mnt):
+            written = []
+            for i in range(1000):
+                p = os.path.join(mnt, f"fill{i}")
+                try:
+                    with open(p, "wb") as f:
+                        f.write(chunk)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    written.append(p)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOSPC
+                    break
+            else:
+                pytest.fail("never hit ENOSPC")
+            assert len(written) > 20
+            keep = written[::3]
+            for p in written:
+                if p not in keep:
+                    os.unlink(p)
+                    if os.path.exists(p):
+                        pytest.fail(f"{p} still there")
+            for p in keep:
+                with open(p, "rb") as f:
+                    assert f.read() == chunk, f"cycle {cycle}: {p} corrupted"
+            st = os.statvfs(mnt)
+            assert st.f_bfree > (len(written) - len(keep) - 2) * 256
+            for p in keep:
+                os.unlink(p)
+
+
+# ------------------------------------------------------------------ crash + replay
+
+
+def test_kill9_after_fsync_replays(tmp_path):
+    dev = _image(tmp_path)
+    _mkfs(dev)
+    mnt = str(tmp_path / "mnt")
+    m = mountutil.start_mount(dev, mnt)
+    try:
+        os.mkdir(os.path.join(mnt, "d"))
+        data = {}
+        for i in range(200):
+            p = os.path.join(mnt, "d", f"f{i}")
+            data[p] = os.urandom(i * 37)
+            with open(p, "wb") as f:
+                f.write(data[p])
+        with open(os.path.join(mnt, "d", "f0"), "rb+") as f:
+            os.fsync(f.fileno())          # commits every earlier operation too
+    finally:
+        m.clean_after_crash()
+    with mountutil.mounted(dev, mnt) as m2:
+        assert "replayed" in m2.log_text()
+        for p, content in data.items():
+            with open(p, "rb") as f:
+                assert f.read() == content
