@@ -197,6 +197,11 @@ class Lockspace:
             self._down_convert(lkb, mode)
             await trio.lowlevel.checkpoint()
             return
+        if not is_down_conversion(mode, lkb.lkb_grmode):
+            # PR <-> CW: neither mode covers the other. Go down to CR (covered by
+            # both) first, so that while we wait we never claim a protection the
+            # master may already have given away at the grant.
+            self._down_convert(lkb, Mode.CR)
         while True:
             await self._wait_running()
             master = self.ls_master_of.get(lkb.lkb_key)

@@ -1,0 +1,200 @@
+"""Lock torture: random request/convert/unlock on a few resources and ranges,
+watched by an independent checker, with nodes killed mid-run.
+
+The checker only learns about a lock from the holder, with the ordering that
+makes any overlap it sees a real one: a holder reports "granted" AFTER it was
+granted and "releasing" BEFORE it releases (or down-converts). So the
+checker's view of each hold is inside the real hold, and two incompatible
+overlapping holds in its view were really held at once.
+
+`memory_torture()` runs it over the in-memory transport (many nodes in one
+trio run); tests/test_torture_procs.py drives lockd processes with the same
+Checker.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from clusterfs.dlm.interface import ConversionDeadlock, Mode, conflicts, is_down_conversion
+from clusterfs.errors import LockCancelled, WouldBlock
+
+
+@dataclass
+class Hold:
+    node: int
+    worker: int
+    resource: Any
+    mode: Mode
+    range: tuple[int, int]
+    since: int                # checker sequence number when reported granted
+    lkid: int = 0
+
+
+@dataclass
+class Checker:
+    """Holds as reported by the holders; fails on any incompatible overlap."""
+
+    holds: dict[tuple[int, int], Hold] = field(default_factory=dict)   # (node, worker) -> hold
+    seq: int = 0
+    violations: list[str] = field(default_factory=list)
+    grants: int = 0
+    releases: int = 0
+    converts: int = 0
+
+    def granted(self, node: int, worker: int, resource: Any, mode: Mode,
+                rng: tuple[int, int], lkid: int = 0) -> None:
+        self.seq += 1
+        self.grants += 1
+        new = Hold(node, worker, resource, Mode(mode), rng, self.seq, lkid)
+        self._check(new)
+        self.holds[(node, worker)] = new
+
+    def converted(self, node: int, worker: int, mode: Mode) -> None:
+        """Report an up-conversion AFTER it was granted, a down one BEFORE sending it."""
+        self.seq += 1
+        self.converts += 1
+        h = self.holds[(node, worker)]
+        h.mode = Mode(mode)
+        self._check(h)
+
+    def releasing(self, node: int, worker: int) -> None:
+        self.seq += 1
+        self.releases += 1
+        self.holds.pop((node, worker), None)
+
+    def node_died(self, node: int) -> None:
+        for k in [k for k in self.holds if k[0] == node]:
+            del self.holds[k]
+
+    def _check(self, new: Hold) -> None:
+        for key, h in self.holds.items():
+            if key == (new.node, new.worker) or h.resource != new.resource:
+                continue
+            if conflicts(new.mode, new.range, h.mode, h.range):
+                self.violations.append(
+                    f"seq {self.seq}: node {new.node}/w{new.worker} {new.mode.name} "
+                    f"{new.range} while node {h.node}/w{h.worker} holds {h.mode.name} "
+                    f"{h.range} on {new.resource} (since seq {h.since})")
+
+
+def random_request(rng: random.Random, resources: list[Any]) -> tuple[Any, Mode, tuple[int, int]]:
+    res = rng.choice(resources)
+    mode = rng.choices(list(Mode), weights=[1, 2, 2, 4, 2, 4])[0]
+    if rng.random() < 0.4:
+        rg = (0, 2**64 - 1)
+    else:
+        a = rng.randrange(0, 8) * 100
+        rg = (a, a + rng.randrange(1, 4) * 100 - 1)
+    return res, mode, rg
+
+
+@dataclass
+class TortureResult:
+    checker: Checker
+    ops: int = 0
+    try_failed: int = 0
+    deadlocks: int = 0
+    kills: int = 0
+    lost_locks: list[str] = field(default_factory=list)
+
+
+async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_node: int = 3,
+                         resources: int = 3, kill_rounds: int = 1, seed: int = 1) -> TortureResult:
+    """Random locking on MemCluster nodes; every seconds/(kill_rounds+1) a node
+    is crashed (then restarted and rejoined). Returns what the checker saw."""
+    from clusterfs.dlm.testing import memory_cluster
+
+    rng = random.Random(seed)
+    names = [("torture", i) for i in range(resources)]
+    checker = Checker()
+    result = TortureResult(checker)
+
+    async with memory_cluster(node_ids) as mc:
+
+        async def worker(node: int, w: int, wrng: random.Random) -> None:
+            ls = mc.ls(node)
+            while True:
+                res, mode, rg = random_request(wrng, names)
+                try:
+                    lk = await ls.lock(res, mode, range=rg, try_=wrng.random() < 0.1)
+                except WouldBlock:
+                    result.try_failed += 1
+                    continue
+                except LockCancelled:
+                    continue
+                checker.granted(node, w, res, lk.mode, rg)
+                result.ops += 1
+                await trio.sleep(wrng.random() * 0.01)
+                if wrng.random() < 0.3:
+                    new = Mode(wrng.randrange(6))
+                    try:
+                        if is_down_conversion(lk.mode, new):
+                            checker.converted(node, w, new)      # before: down
+                            await ls.convert(lk, new)
+                        else:
+                            if not is_down_conversion(new, lk.mode):
+                                checker.converted(node, w, Mode.CR)  # PR<->CW via CR
+                            await ls.convert(lk, new, try_=wrng.random() < 0.3)
+                            checker.converted(node, w, new)      # after: up
+                    except (WouldBlock, ConversionDeadlock):
+                        result.deadlocks += 1
+                    await trio.sleep(wrng.random() * 0.005)
+                checker.releasing(node, w)
+                await ls.unlock(lk)
+
+        scopes: dict[int, trio.CancelScope] = {}
+
+        async def node_workers(node: int, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            with trio.CancelScope() as scope:
+                scopes[node] = scope
+                task_status.started()
+                async with trio.open_nursery() as n:
+                    for w in range(workers_per_node):
+                        n.start_soon(worker, node, w, random.Random(rng.random()))
+
+        async with trio.open_nursery() as nursery:
+            for node in node_ids:
+                await nursery.start(node_workers, node)
+            period = seconds / (kill_rounds + 1)
+            for _ in range(kill_rounds):
+                await trio.sleep(period)
+                victim = rng.choice(sorted(mc.nodes)[1:])
+                # survivors' holds before the kill: none may be lost
+                survivors_before = {k: h for k, h in checker.holds.items() if k[0] != victim}
+                scopes[victim].cancel()
+                mc.crash(victim)
+                checker.node_died(victim)
+                result.kills += 1
+                await mc.wait_running(30)
+                _check_not_lost(mc, checker, survivors_before, result)
+                await mc.join(victim)
+                await mc.wait_running(30)
+                await nursery.start(node_workers, victim)
+            await trio.sleep(period)
+            nursery.cancel_scope.cancel()
+    return result
+
+
+def _check_not_lost(mc: Any, checker: Checker, before: dict[tuple[int, int], Hold],
+                    result: TortureResult) -> None:
+    """Every hold a survivor had across the kill is still granted at its master."""
+    from clusterfs.dlm.interface import resource_key
+
+    for key, h in before.items():
+        now = checker.holds.get(key)
+        if now is None or now.since != h.since:
+            continue   # released meanwhile: fine
+        rkey = resource_key(h.resource)
+        masters = [nid for nid in mc.nodes if rkey in mc.ls(nid).ls_mastered]
+        if len(masters) != 1:
+            result.lost_locks.append(f"{h.resource}: masters {masters}")
+            continue
+        infos = mc.ls(masters[0]).dump_local(rkey) or []
+        if not any(i.nodeid == h.node and i.grmode is not None and i.range == h.range
+                   for i in infos):
+            result.lost_locks.append(f"node {h.node}/w{h.worker} lost {h.resource} {h.range}")

@@ -1,0 +1,44 @@
+"""Tier 2 torture: random locking over the in-memory transport, an independent
+checker, nodes crashed mid-run (clusterfs.dlm.torture)."""
+
+from __future__ import annotations
+
+import pytest
+
+from clusterfs.dlm.interface import Mode
+from clusterfs.dlm.testing import trio_test
+from clusterfs.dlm.torture import Checker, memory_torture
+
+
+def test_checker_catches_overlap() -> None:
+    c = Checker()
+    c.granted(1, 0, "r", Mode.PR, (0, 10))
+    c.granted(2, 0, "r", Mode.PR, (5, 15))
+    c.granted(3, 0, "r", Mode.EX, (20, 30))
+    assert not c.violations
+    c.granted(4, 0, "r", Mode.PW, (10, 10))   # overlaps both PR holds
+    assert len(c.violations) == 2
+    c.releasing(1, 0)
+    c.releasing(4, 0)
+    c.converted(2, 0, Mode.EX)
+    assert len(c.violations) == 2
+    c.granted(1, 1, "r", Mode.NL, (0, 100))   # NL conflicts with nothing
+    c.granted(1, 2, "r", Mode.CR, (15, 15))   # CR vs EX: conflict
+    assert len(c.violations) == 3
+
+
+@trio_test
+async def test_memory_torture_with_crashes() -> None:
+    res = await memory_torture([1, 2, 3, 4], seconds=6, kill_rounds=2, seed=7)
+    assert res.checker.violations == []
+    assert res.lost_locks == []
+    assert res.kills == 2
+    assert res.ops > 200, res
+
+
+@pytest.mark.slow
+@trio_test
+async def test_memory_torture_long() -> None:
+    res = await memory_torture([1, 2, 3, 4, 5], seconds=60, kill_rounds=10, seed=11,
+                               workers_per_node=4)
+    assert res.checker.violations == [] and res.lost_locks == []
