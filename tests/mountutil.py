@@ -119,20 +119,29 @@ def loop_device(size_bytes: int, directory: str | os.PathLike | None = None,
     backing = Path(directory) / name
     with open(backing, "wb") as f:
         f.truncate(size_bytes)
-    dev = None
     try:
-        r = subprocess.run(["losetup", "-f", "--show", str(backing)],
-                           capture_output=True, text=True, check=True)
-        dev = r.stdout.strip()
-        _REGISTRY.loops[dev] = backing
-        yield dev
+        with attach_loop(str(backing)) as dev:
+            yield dev
     finally:
-        if dev is not None:
-            _detach_loop(dev)
         with contextlib.suppress(OSError):
             backing.unlink()
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def attach_loop(backing: str) -> Iterator[str]:
+    """A loop device over an existing file (``losetup -f --show``); detached on exit."""
+    dev = None
+    try:
+        r = subprocess.run(["losetup", "-f", "--show", backing],
+                           capture_output=True, text=True, check=True)
+        dev = r.stdout.strip()
+        _REGISTRY.loops[dev] = Path(backing)
+        yield dev
+    finally:
+        if dev is not None:
+            _detach_loop(dev)
 
 
 # ----------------------------------------------------------------------------

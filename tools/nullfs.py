@@ -31,26 +31,24 @@ ROOT = pyfuse3.ROOT_INODE
 BLOCK = 4096
 
 
-def _clusterfs_fuse_settings() -> tuple[set[str], bool]:
-    """(mount options, writeback cache) as clusterfs's FUSE adapter sets them."""
-    opts = set(pyfuse3.default_options)
-    writeback = False
+def _clusterfs_fuse_settings() -> dict:
+    """The FUSE settings clusterfs's adapter uses (clusterfs/fuse/operations.py and
+    clusterfs/node/mount_cmd.py), with fallbacks if they cannot be imported:
+    mount options default_permissions + allow_other, no writeback cache,
+    1 s entry/attr timeouts, keep_cache on open."""
+    settings = {"options": set(pyfuse3.default_options) | {"allow_other"},
+                "writeback": False, "entry_timeout": 1.0, "attr_timeout": 1.0}
     try:
-        import clusterfs.fuse as cf  # noqa: PLC0415
+        from clusterfs.fuse import operations as cf  # noqa: PLC0415
     except Exception:
-        return opts, writeback
-    for name in ("FUSE_OPTIONS", "MOUNT_OPTIONS", "fuse_options"):
-        val = getattr(cf, name, None)
-        if isinstance(val, (set, frozenset, list, tuple)):
-            opts = set(val)
-            break
-    for name in ("Operations", "ClusterOperations", "FuseOperations"):
-        cls = getattr(cf, name, None)
-        if isinstance(cls, type) and hasattr(cls, "enable_writeback_cache"):
-            writeback = bool(cls.enable_writeback_cache)
-            break
-    opts = {o for o in opts if not o.startswith("fsname=")}
-    return opts, writeback
+        return settings
+    settings["writeback"] = bool(getattr(cf.Operations, "enable_writeback_cache", False))
+    settings["entry_timeout"] = float(getattr(cf, "ENTRY_TIMEOUT", 1.0))
+    settings["attr_timeout"] = float(getattr(cf, "ATTR_TIMEOUT", 1.0))
+    return settings
+
+
+SETTINGS = _clusterfs_fuse_settings()
 
 
 class Node:
@@ -90,8 +88,8 @@ class NullFS(pyfuse3.Operations):
         a.st_blocks = 0
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = n.atime, n.mtime, n.ctime
         a.generation = 0
-        a.entry_timeout = 300
-        a.attr_timeout = 300
+        a.entry_timeout = SETTINGS["entry_timeout"]
+        a.attr_timeout = SETTINGS["attr_timeout"]
         return a
 
     def _node(self, ino: int) -> Node:
@@ -145,7 +143,7 @@ class NullFS(pyfuse3.Operations):
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         n = self._new(parent_inode, name, stat.S_IFREG | (mode & 0o7777), ctx)
-        return pyfuse3.FileInfo(fh=n.ino), self._attr(n)
+        return pyfuse3.FileInfo(fh=n.ino, keep_cache=True), self._attr(n)
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         return self._attr(self._new(parent_inode, name, mode, ctx))
@@ -200,7 +198,7 @@ class NullFS(pyfuse3.Operations):
         n = self._node(inode)
         if flags & os.O_TRUNC:
             n.size = 0
-        return pyfuse3.FileInfo(fh=inode)
+        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
 
     async def read(self, fh, off, size):
         n = self.nodes[fh]
@@ -255,13 +253,11 @@ class NullFS(pyfuse3.Operations):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument("mountpoint")
-    p.add_argument("--writeback", action="store_true", default=None,
-                   help="enable the kernel writeback cache (default: as clusterfs does)")
+    p.add_argument("--writeback", action=argparse.BooleanOptionalAction, default=None,
+                   help="kernel writeback cache (default: as clusterfs does)")
     args = p.parse_args(argv)
-    opts, writeback = _clusterfs_fuse_settings()
-    if args.writeback is not None:
-        writeback = args.writeback
-    opts.add("fsname=nullfs")
+    opts = set(SETTINGS["options"]) | {"fsname=nullfs", "subtype=nullfs"}
+    writeback = SETTINGS["writeback"] if args.writeback is None else args.writeback
     fs = NullFS(writeback=writeback)
     pyfuse3.init(fs, args.mountpoint, opts)
 
