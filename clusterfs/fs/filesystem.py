@@ -826,7 +826,13 @@ class FileSystem:
             self.txn.commit()
 
     async def shutdown(self) -> None:
-        """Unmount: commit, checkpoint, mark the journal clean, give locks back."""
+        """Unmount: free unlinked inodes the kernel no longer holds, commit, checkpoint,
+        mark the journal clean, give locks back."""
+        for node in list(self.inodes.values()):
+            if node.d.nlink == 0 and not node.freed:
+                self.nlookup.pop(node.ino, None)
+                self.opens.pop(node.ino, None)
+                await self._maybe_free(node.ino)
         if not self.txn.withdrawn:
             self.txn.commit()
             self.journal.close()
