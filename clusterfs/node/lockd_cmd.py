@@ -188,8 +188,9 @@ class _Session:
             return {"ok": False, "error": "BadRequest", "errno": 22, "message": repr(exc)}
 
     def _lock_reply(self, handle: int, lk: Lock) -> dict[str, Any]:
+        lkb = lk.extra.get("lkb")
         return {"handle": handle, "mode": lk.mode.name, "lvb": lk.lvb.hex(),
-                "lvb_valid": lk.lvb_valid}
+                "lvb_valid": lk.lvb_valid, "lkid": lkb.lkb_id if lkb is not None else None}
 
     # -- ops ---------------------------------------------------------------------
     async def op_status(self, req: dict[str, Any]) -> dict[str, Any]:

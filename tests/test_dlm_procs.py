@@ -1,0 +1,91 @@
+"""Tier 3: lockd processes on 127.0.0.1 driven over their control sockets."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from clusterfs.node.lockbench_cmd import LocalLockCluster
+from clusterfs.node.lockd_cmd import ControlClient
+
+
+@pytest.fixture
+def cluster3(tmp_path):
+    cl = LocalLockCluster([1, 2, 3], workdir=str(tmp_path), verbose=True)
+    try:
+        cl.start_all()
+        yield cl
+    finally:
+        cl.close()
+
+
+def cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "clusterfs.cli", *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_lockd_lock_try_lvb_status_locks(cluster3: LocalLockCluster) -> None:
+    c1 = ControlClient(cluster3.control(1))
+    c2 = ControlClient(cluster3.control(2))
+    try:
+        r = c1.call("lock", name="inode:7", mode="EX")
+        assert r["ok"] and r["mode"] == "EX"
+        r2 = c2.call("lock", name="inode:7", mode="PR", **{"try": True})
+        assert not r2["ok"] and r2["error"] == "WouldBlock" and r2["errno"] == 11
+        assert c1.call("unlock", handle=r["handle"], lvb=b"hello".hex())["ok"]
+        r3 = c2.call("lock", name="inode:7", mode="PR", timeout=10)
+        assert r3["ok"] and bytes.fromhex(r3["lvb"]).rstrip(b"\0") == b"hello"
+
+        out = cli("status", "--control", cluster3.control(2))
+        assert out.returncode == 0, out.stderr
+        assert "members     1 2 3" in out.stdout and "quorum      yes" in out.stdout
+        assert "granted=1" in out.stdout
+
+        out = cli("locks", "inode:7", "--control", cluster3.control(3))
+        assert out.returncode == 0, out.stderr
+        assert "master 1" in out.stdout and "node 2" in out.stdout and " PR " in out.stdout
+    finally:
+        c1.close()
+        c2.close()
+
+
+def test_closing_connection_releases_locks(cluster3: LocalLockCluster) -> None:
+    with ControlClient(cluster3.control(3)) as c:
+        assert c.call("lock", name="x:1", mode="EX")["ok"]
+    with ControlClient(cluster3.control(1)) as c:
+        r = c.call("lock", name="x:1", mode="EX", timeout=10)
+        assert r["ok"], r
+
+
+def test_kill_holder_waiter_completes(cluster3: LocalLockCluster) -> None:
+    c1 = ControlClient(cluster3.control(1))
+    c2 = ControlClient(cluster3.control(2), timeout=60)
+    try:
+        assert c1.call("lock", name="j:0", mode="NL")["ok"]          # node 1 masters
+        with ControlClient(cluster3.control(3)) as c3:
+            held = c3.call("lock", name="j:0", mode="EX")
+            assert held["ok"]
+            keep = c1.call("lock", name="other:1", mode="PR")
+            assert keep["ok"]
+            c2.sock.sendall(b'{"op": "lock", "name": "j:0", "mode": "EX", "timeout": 50}\n')
+            time.sleep(0.3)
+            t0 = time.monotonic()
+            cluster3.kill(3)                                       # kill -9 the holder
+        line = b""
+        while not line.endswith(b"\n"):
+            line += c2.sock.recv(4096)
+        took = time.monotonic() - t0
+        import json
+
+        r = json.loads(line)
+        assert r["ok"] and r["mode"] == "EX" and r["lvb_valid"] is False, r
+        assert took < 20
+        st = c1.call("status")
+        assert st["members"] == [1, 2] and st["running"]
+        assert st["lockspace"]["owned_granted"] == 2                # node 1 kept both locks
+    finally:
+        c1.close()
+        c2.close()

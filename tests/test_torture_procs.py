@@ -1,0 +1,154 @@
+"""Tier 3/4 torture: lockd processes on 127.0.0.1, random request/convert/unlock
+from several workers per node, an independent checker in this process, and
+rounds where a node is killed -9 mid-run (then restarted and rejoined).
+
+Ordering that makes the checker sound: a worker reports "granted" after the
+lockd's reply arrived, "releasing" before it sends the unlock (and a
+down-conversion before it is sent), so every hold the checker sees lies inside
+the real one.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import trio
+
+from clusterfs.dlm.interface import Mode, is_down_conversion
+from clusterfs.dlm.testing import trio_test
+from clusterfs.dlm.torture import Checker, random_request
+from clusterfs.node.lockbench_cmd import LocalLockCluster
+from clusterfs.node.lockd_cmd import AsyncControlClient
+
+LOCK_TIMEOUT = 60     # a waiting request that does not complete by then fails the test
+
+
+async def run_torture(tmp: str, nodes: list[int], *, seconds: float, kill_rounds: int,
+                      workers: int = 3, seed: int = 5) -> dict:
+    rng = random.Random(seed)
+    names = [["torture", i] for i in range(3)]
+    checker = Checker()
+    stats = {"ops": 0, "timeouts": [], "lost": [], "kills": 0, "errors": []}
+    cl = LocalLockCluster(nodes, workdir=tmp, verbose=True)
+    try:
+        await trio.to_thread.run_sync(cl.start_all)
+
+        async def worker(node: int, w: int, wrng: random.Random) -> None:
+            try:
+                c = await AsyncControlClient.connect(cl.control(node))
+            except OSError:
+                return
+            key = (node, w)
+            try:
+                while True:
+                    res, mode, rg = random_request(wrng, names)
+                    r = await c.call("lock", name=res, mode=mode.name, range=list(rg),
+                                     timeout=LOCK_TIMEOUT, **{"try": wrng.random() < 0.1})
+                    if not r["ok"]:
+                        if r["error"] == "Timeout":
+                            stats["timeouts"].append((node, w, res, mode.name))
+                        elif r["error"] not in ("WouldBlock",):
+                            stats["errors"].append(r)
+                        continue
+                    checker.granted(node, w, tuple(res), Mode[r["mode"]], rg, r["lkid"])
+                    stats["ops"] += 1
+                    h = r["handle"]
+                    await trio.sleep(wrng.random() * 0.02)
+                    if wrng.random() < 0.3:
+                        cur = checker.holds[key].mode
+                        new = Mode(wrng.randrange(6))
+                        if is_down_conversion(cur, new):
+                            checker.converted(node, w, new)
+                            r = await c.call("convert", handle=h, mode=new.name)
+                        else:
+                            if not is_down_conversion(new, cur):
+                                checker.converted(node, w, Mode.CR)
+                            r = await c.call("convert", handle=h, mode=new.name,
+                                             timeout=LOCK_TIMEOUT)
+                            if r["ok"]:
+                                checker.converted(node, w, new)
+                            elif r["error"] == "Timeout":
+                                stats["timeouts"].append((node, w, res, "convert"))
+                    checker.releasing(node, w)
+                    await c.call("unlock", handle=h)
+            except (ConnectionError, trio.BrokenResourceError, trio.ClosedResourceError,
+                    OSError):
+                return     # our node was killed
+
+        async def lost_check(survivors: list[int], before: dict) -> None:
+            """Survivors' holds from before the kill are still granted at the master."""
+            c = await AsyncControlClient.connect(cl.control(survivors[0]))
+            try:
+                for key, h in before.items():
+                    now = checker.holds.get(key)
+                    if now is None or now.since != h.since:
+                        continue
+                    r = await c.call("locks", name=list(h.resource), timeout=20)
+                    now = checker.holds.get(key)
+                    if now is None or now.since != h.since:
+                        continue      # released while we asked
+                    if not r["ok"] or not any(lk["lkid"] == h.lkid and lk["grmode"]
+                                              for lk in r["locks"]):
+                        stats["lost"].append((key, h.resource, r))
+            finally:
+                await c.aclose()
+
+        async with trio.open_nursery() as nursery:
+            scopes: dict[int, trio.CancelScope] = {}
+
+            def start_workers(node: int) -> None:
+                scope = trio.CancelScope()
+                scopes[node] = scope
+
+                async def run_node() -> None:
+                    with scope:
+                        async with trio.open_nursery() as n:
+                            for w in range(workers):
+                                n.start_soon(worker, node, w, random.Random(rng.random()))
+                nursery.start_soon(run_node)
+
+            for node in nodes:
+                start_workers(node)
+            period = seconds / (kill_rounds + 1)
+            for _ in range(kill_rounds):
+                await trio.sleep(period)
+                victim = rng.choice(nodes[1:])
+                before = {k: h for k, h in checker.holds.items() if k[0] != victim}
+                await trio.to_thread.run_sync(cl.kill, victim)       # kill -9
+                checker.node_died(victim)
+                stats["kills"] += 1
+                survivors = [n for n in nodes if n != victim]
+                await trio.to_thread.run_sync(lambda s=survivors: cl.wait_running(s, 30))
+                await lost_check(survivors, before)
+                scopes[victim].cancel()
+                cl.start(victim)
+                await trio.to_thread.run_sync(cl.wait_ready, victim)
+                await trio.to_thread.run_sync(lambda: cl.wait_running(nodes, 30))
+                start_workers(victim)
+            await trio.sleep(period)
+            nursery.cancel_scope.cancel()
+    finally:
+        await trio.to_thread.run_sync(cl.close)
+    stats["checker"] = checker
+    return stats
+
+
+@trio_test
+async def test_torture_three_lockd_processes_with_kill9(tmp_path) -> None:
+    st = await run_torture(str(tmp_path), [1, 2, 3], seconds=24, kill_rounds=2)
+    chk: Checker = st["checker"]
+    assert chk.violations == []
+    assert st["lost"] == []
+    assert st["timeouts"] == []
+    assert st["errors"] == []
+    assert st["kills"] == 2
+    assert st["ops"] > 100, st["ops"]
+
+
+@pytest.mark.slow
+@trio_test
+async def test_torture_long(tmp_path) -> None:
+    st = await run_torture(str(tmp_path), [1, 2, 3, 4, 5], seconds=180, kill_rounds=8,
+                           workers=4, seed=9)
+    assert st["checker"].violations == [] and st["lost"] == [] and st["timeouts"] == []
