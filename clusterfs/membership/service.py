@@ -14,13 +14,15 @@ Endpoint (TCP or the in-memory transport). The algorithm (docs/cluster.md):
   member lagging on an older generation, or an admissible joiner (JOINING, or a
   member of a non-quorate view: a partition without quorum granted nothing and
   may merge back).
-- Two phases: VIEW_PROPOSE {gen, coord, members:{id: inc}, base, ...} with
+- Three phases: VIEW_PROPOSE {gen, coord, members:{id: inc}, base, ...} with
   gen = 1 + the highest generation this node has seen anywhere; each target
-  acks if (gen, coord) beats its promise (and, when its own view is quorate,
-  only if coord belongs to that view). With every ack in, the coordinator sends
-  VIEW_COMMIT; a node installs a commit only if it is the proposal it promised
-  last and its generation is higher than its view's. A coordinator that dies is
-  replaced by the next-lowest live member after the failure timeout.
+  promises if gen is above every generation it promised or holds (one promise
+  per generation) and, when its own view is quorate, only if coord belongs to
+  that view. With every promise in: VIEW_COMMIT, which a target keeps as its
+  tentative view only if it still promises exactly that proposal. With every
+  commit confirmed: VIEW_ACTIVATE, on which each member installs and publishes
+  the view. A coordinator that dies is replaced by the next-lowest live member
+  after the failure timeout.
 - Quorum: a view is quorate when it holds a strict majority of configured nodes.
   Only quorate views expel: the (node, incarnation) pairs a quorate view removed
   are remembered (and passed on in every commit); when such a node is heard from
@@ -133,6 +135,8 @@ class MembershipService:
         self._suspect_until: dict[int, float] = {}
         self._expel_sent_at: dict[int, float] = {}
         self._acks: dict[int, bool] | None = None
+        self._acks_key: tuple[tuple[int, int], int] = ((0, -1), 0)
+        self._tentative: Mapping[str, Any] | None = None
         self._acks_changed = trio.Event()
         self._changed = trio.Event()
         self._subscribers: list[trio.MemorySendChannel[Event]] = []
@@ -150,6 +154,7 @@ class MembershipService:
         endpoint.register([MsgType.VIEW_PROPOSE], self._on_propose)
         endpoint.register([MsgType.VIEW_ACK], self._on_ack)
         endpoint.register([MsgType.VIEW_COMMIT], self._on_commit)
+        endpoint.register([MsgType.VIEW_ACTIVATE], self._on_activate)
         endpoint.register([MsgType.EXPELLED], self._on_expelled)
         endpoint.register([MsgType.FENCE_DONE], self._on_fence_done)
 
@@ -283,14 +288,18 @@ class MembershipService:
             if n == self.node_id:
                 continue
             p = self._peers.get(n)
-            if usable(n) and p is not None and p.inc == self._incs.get(n):
-                keep.add(n)
-                # heard since well after our install, still on another generation: resync
-                # (or on our generation with other members: a competing coordinator's view)
-                if ((p.gen != self.view.generation or p.members != self.view.members)
-                        and p.state == MEMBER
-                        and now - self._installed_at > 2 * self.interval + self.timeout / 2):
-                    lagging = True
+            if not (usable(n) and p is not None and p.inc == self._incs.get(n)):
+                continue
+            if p.state == MEMBER and self.node_id not in p.members and (
+                    p.gen > self.view.generation
+                    or (p.gen == self.view.generation and p.members != self.view.members)):
+                continue   # it moved on to a view without us: it is no longer in ours
+            keep.add(n)
+            # heard since well after our install, still on another view: resync
+            if ((p.gen != self.view.generation or p.members != self.view.members)
+                    and p.state == MEMBER
+                    and now - self._installed_at > 2 * self.interval + self.timeout / 2):
+                lagging = True
         admissible: set[int] = set()
         member_elsewhere = quorate_elsewhere = False
         for n, p in self._peers.items():
@@ -361,11 +370,38 @@ class MembershipService:
                  self.node_id, self.view.generation, gen, sorted(target), sorted(base), quorate)
         self._promised = key
         self._promised_body = body
+        others = [n for n in target if n != self.node_id]
+        # phase 1: propose; every target promises (or refuses)
+        failed, missing = await self._phase(key, others, MsgType.VIEW_PROPOSE, body)
+        if not (failed or missing or self._promised != key or self.state == EXPELLED):
+            # phase 2: commit; every target holds it as its tentative next view
+            self._tentative = body
+            failed, missing = await self._phase(key, others, MsgType.VIEW_COMMIT,
+                                                {"gen": gen, "coord": self.node_id})
+            if not (failed or missing or self.state == EXPELLED):
+                # phase 3: every member has it: activate (publish) everywhere
+                for n in others:
+                    await self._send(n, MsgType.VIEW_ACTIVATE,
+                                     {"gen": gen, "coord": self.node_id})
+                self._install(body)
+                return
+        self.proposals_failed += 1
+        now = trio.current_time()
+        for n in missing:
+            self._suspect_until[n] = now + self.timeout
+        log.info("node %d gen %d: proposal %d failed (refused by %s, no answer from %s, "
+                 "superseded %s)", self.node_id, self.view.generation, gen, sorted(failed),
+                 sorted(missing), self._promised != key)
+        await trio.sleep(random.uniform(0, self.interval))
+
+    async def _phase(self, key: tuple[int, int], others: list[int], mtype: int,
+                     body: Any) -> tuple[set[int], set[int]]:
+        """Send to every other target and collect yes/no answers; (refused, missing)."""
+        self._acks_key = (key, mtype)
         self._acks = {}
         self._acks_changed = trio.Event()
-        others = [n for n in target if n != self.node_id]
         for n in others:
-            await self._send(n, MsgType.VIEW_PROPOSE, body)
+            await self._send(n, mtype, body)
         failed: set[int] = set()
         with trio.move_on_after(max(self.timeout / 2, 2 * self.interval)):
             while True:
@@ -376,20 +412,7 @@ class MembershipService:
                 self._acks_changed = trio.Event()
         acks = self._acks
         self._acks = None
-        missing = {n for n in others if n not in acks}
-        if failed or missing or self._promised != key or self.state == EXPELLED:
-            self.proposals_failed += 1
-            now = trio.current_time()
-            for n in missing:
-                self._suspect_until[n] = now + self.timeout
-            log.info("node %d gen %d: proposal %d failed (nacked by %s, no answer from %s, "
-                     "superseded %s)", self.node_id, self.view.generation, gen, sorted(failed),
-                     sorted(missing), self._promised != key)
-            await trio.sleep(random.uniform(0, self.interval))
-            return
-        for n in others:
-            await self._send(n, MsgType.VIEW_COMMIT, body)
-        self._install(body)
+        return failed, {n for n in others if n not in acks}
 
     @_guarded
     async def _on_propose(self, env: Envelope) -> None:
@@ -403,7 +426,9 @@ class MembershipService:
             ok, why = False, "expelled"
         elif members.get(self.node_id) != self.incarnation:
             ok, why = False, "not my incarnation"
-        elif (gen, coord) <= self._promised or gen <= self.view.generation:
+        elif gen <= self._promised[0] or gen <= self.view.generation:
+            # one promise per generation: of two competing proposals of one generation
+            # at most one can gather its acks
             ok, why = False, f"promised {self._promised}, at gen {self.view.generation}"
         elif self.state == MEMBER and self.view.quorate and coord not in self.view.members:
             ok, why = False, "coordinator outside my quorate view"
@@ -414,13 +439,15 @@ class MembershipService:
             log.info("node %d gen %d: refusing view %d from %d: %s", self.node_id,
                      self.view.generation, gen, coord, why)
         await self._send(coord, MsgType.VIEW_ACK,
-                         {"gen": gen, "coord": coord, "ok": ok, "max_gen": self._max_gen})
+                         {"gen": gen, "coord": coord, "ok": ok, "max_gen": self._max_gen,
+                          "phase": int(MsgType.VIEW_PROPOSE)})
 
     @_guarded
     async def _on_ack(self, env: Envelope) -> None:
         b = env.body
         self._max_gen = max(self._max_gen, int(b["max_gen"]))
-        if self._acks is None or (int(b["gen"]), int(b["coord"])) != self._promised:
+        if self._acks is None or ((int(b["gen"]), int(b["coord"])),
+                                  int(b["phase"])) != self._acks_key:
             return
         self._acks[env.sender] = bool(b["ok"])
         self._acks_changed.set()
@@ -429,11 +456,27 @@ class MembershipService:
     async def _on_commit(self, env: Envelope) -> None:
         b = env.body
         key = (int(b["gen"]), int(b["coord"]))
-        if key != self._promised or key[0] <= self.view.generation or self.state == EXPELLED:
-            log.info("node %d gen %d: ignoring commit of view %d from %d (promised %s)",
+        ok = (key == self._promised and self._promised_body is not None
+              and key[0] > self.view.generation and self.state != EXPELLED)
+        if ok:
+            self._tentative = self._promised_body
+        else:
+            log.info("node %d gen %d: refusing commit of view %d from %d (promised %s)",
                      self.node_id, self.view.generation, key[0], key[1], self._promised)
+        await self._send(key[1], MsgType.VIEW_ACK,
+                         {"gen": key[0], "coord": key[1], "ok": ok, "max_gen": self._max_gen,
+                          "phase": int(MsgType.VIEW_COMMIT)})
+
+    @_guarded
+    async def _on_activate(self, env: Envelope) -> None:
+        key = (int(env.body["gen"]), int(env.body["coord"]))
+        t = self._tentative
+        if (t is None or (int(t["gen"]), int(t["coord"])) != key
+                or key[0] <= self.view.generation or self.state == EXPELLED):
+            log.info("node %d gen %d: ignoring activation of view %d from %d", self.node_id,
+                     self.view.generation, key[0], key[1])
             return
-        self._install(b)
+        self._install(t)
         await self._send(key[1], MsgType.HEARTBEAT, self._heartbeat_body())  # confirms it
 
     def _install(self, b: Mapping[str, Any]) -> None:
@@ -443,6 +486,7 @@ class MembershipService:
         new = View(gen, frozenset(members), bool(b["quorate"]), self.cluster_size)
         change = ViewChange(new, new.members - base, base - new.members)
         self.view = new
+        self._tentative = None
         self._incs = members
         self.state = MEMBER
         self._installed_at = trio.current_time()

@@ -22,6 +22,7 @@ class MsgType(IntEnum):
     LEAVE = 8
     JOIN_REQUEST = 9
     BARRIER = 10
+    VIEW_ACTIVATE = 11
 
     # dlm (32-79)
     DLM_REQUEST = 32
