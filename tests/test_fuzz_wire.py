@@ -11,7 +11,10 @@ from another connection. Then it checks:
 - the node process is alive and logged one line per dropped connection;
 - node 1 and node 2 stayed in one view the whole time (heartbeats flowed);
 - a new valid node 3 can join: node 1, the coordinator, still runs the protocol;
-- `check_service` - the DLM extends it with one lock grant on node 1.
+- `check_service` - a new node can still join through it.
+`test_fuzz_live_lockd_still_grants_locks` throws the same at a lock service node
+(`clusterfs lockd`) and then checks that its view is intact and that locks are
+granted, refused (try) and handed over correctly between it and a peer.
 """
 
 from __future__ import annotations
@@ -224,3 +227,62 @@ async def _fuzz(cfg: ClusterConfig, proc: subprocess.Popen) -> None:
         assert n2.membership.view.members == {1, 2}
         assert n2.membership.statistics().peers[1]["alive"]
         await check_service(cfg, n2, target=1)
+
+
+def test_fuzz_live_lockd_still_grants_locks(tmp_path):
+    """The same fuzz at a lock service node (lockd, node 1 of 1-3); then lock checks.
+
+    Node id 4 is configured but never started: the fuzzer impersonates it for the
+    attacks that need a completed handshake, so no real peer's connection is touched.
+    """
+    from clusterfs.config import load_config
+    from clusterfs.node.lockbench_cmd import LocalLockCluster
+    from clusterfs.node.lockd_cmd import ControlClient
+
+    cl = LocalLockCluster([1, 2, 3, 4], workdir=str(tmp_path))
+    try:
+        for n in (1, 2, 3):
+            cl.start(n)
+        for n in (1, 2, 3):
+            cl.wait_ready(n)
+        cl.wait_running([1, 2, 3])
+        with ControlClient(cl.control(2)) as c:
+            before = c.call("status")
+        cfg = load_config(cl.config_path)
+
+        async def fuzz() -> Fuzzer:
+            fz = Fuzzer(cfg, target=1, me=4, seed=777)
+            limiter = trio.CapacityLimiter(PARALLEL)
+
+            async def worker() -> None:
+                async with limiter:
+                    await fz.one_connection()
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(CONNECTIONS):
+                    nursery.start_soon(worker)
+                    await trio.sleep(0)
+            return fz
+
+        fz = trio.run(fuzz)
+        assert fz.frames >= MIN_FRAMES and fz.closed_by_server == fz.connections
+        assert cl.procs[1].poll() is None, "lockd 1 died under fuzzing"
+
+        c1, c2 = ControlClient(cl.control(1)), ControlClient(cl.control(2))
+        try:
+            after = c2.call("status")
+            assert after["members"] == [1, 2, 3]
+            assert after["generation"] == before["generation"]   # nobody left or rejoined
+            # node 1 (fuzzed) and node 2 still lock correctly against each other
+            r = c1.call("lock", name="fuzz:1", mode="EX")
+            assert r["ok"], r
+            busy = c2.call("lock", name="fuzz:1", mode="PR", **{"try": True})
+            assert not busy["ok"] and busy["error"] == "WouldBlock"
+            assert c1.call("unlock", handle=r["handle"])["ok"]
+            r2 = c2.call("lock", name="fuzz:1", mode="PR", timeout=10)
+            assert r2["ok"], r2
+        finally:
+            c1.close()
+            c2.close()
+    finally:
+        cl.close()
