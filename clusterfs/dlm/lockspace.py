@@ -652,7 +652,7 @@ class Lockspace:
 
     def _dispatch(self, sender: int, mtype: int, body: dict[str, Any]) -> None:
         if mtype not in RECOVERY_TYPES and sender != self.ls_node \
-                and sender not in self.ls_members and mtype != MsgType.DLM_LOOKUP:
+                and sender not in self.ls_members:
             return    # from a node outside our view (dead, or not yet joined): drop
         handler = self._handlers.get(mtype)
         if handler is not None:
@@ -736,6 +736,9 @@ class Lockspace:
         g = view.generation
         self.ls_recover_gen = g
         self.ls_recover_lvbs = {}
+        # The directory is rebuilt from scratch (step 5). Clear it now, before
+        # the first barrier: a faster member may send us its names right after it.
+        self.ls_dir.clear()
         me = self.ls_node
 
         # 1. Wait until every removed node is reported fenced: its locks may
@@ -772,7 +775,6 @@ class Lockspace:
 
         # 5. Rebuild the directory over the members: every master tells each
         #    key's new directory node that it masters it (DLM_RECOVER_NAMES).
-        self.ls_dir.clear()
         by_dir: dict[int, list[bytes]] = {}
         for key in self.ls_mastered:
             by_dir.setdefault(self._dir_node(key), []).append(key)
