@@ -171,7 +171,7 @@ class Lockspace:
         while True:
             try:
                 await self._request_lock(lkb)
-                await lkb.lkb_done.wait()
+                await lkb.lkb_done.wait()     # granted at once: just a checkpoint
             except BaseException:
                 self._abandon(lkb, request=True)
                 raise
@@ -221,7 +221,9 @@ class Lockspace:
     async def unlock(self, lock: Lock) -> None:
         lkb = self._granted_lkb(lock)
         self._unlock_lkb(lkb)
-        await trio.lowlevel.checkpoint()
+        # No yield here: unlock never waits, and lock() yields once already
+        # (a lock+unlock pair costs one trip through the scheduler).
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     async def cancel(self, lock: Lock) -> bool:
         """Cancel a waiting request or conversion; its waiter gets LockCancelled.
