@@ -170,3 +170,30 @@ async def test_wrong_key_cannot_connect_and_bad_frames_are_dropped():
             await send_until_delivered(a, 2, got, "still serving")
         assert got[0].body == "still serving"
         assert b.statistics().wire_errors >= 2
+
+
+@trio_test
+async def test_silent_connections_time_out_and_are_capped(monkeypatch):
+    from clusterfs.comms import tcp
+
+    monkeypatch.setattr(tcp, "MAX_HANDSHAKING", 5)
+    cfg = local_config([1, 2])
+    got = []
+
+    async def handler(env):
+        got.append(env)
+
+    async with open_tcp_endpoint(cfg, 2) as b:
+        b.register([T], handler)
+        silent = [await trio.open_tcp_stream("127.0.0.1", cfg.node(2).port) for _ in range(8)]
+        await wait_for(lambda: b.statistics().refused >= 3)
+        # the silent ones are closed after connect_timeout (1 s here)
+        with trio.fail_after(5):
+            for s in silent:
+                while await s.receive_some(10):
+                    pass
+        for s in silent:
+            await s.aclose()
+        async with open_tcp_endpoint(cfg, 1) as a:
+            await send_until_delivered(a, 2, got, "after the storm")
+        assert b.statistics().connections_in >= 9

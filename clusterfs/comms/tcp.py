@@ -57,6 +57,7 @@ INBOX_DEPTH = 1_000
 BACKOFF_MIN = 0.05
 BACKOFF_MAX = 1.0
 NONCE_SIZE = 16
+MAX_HANDSHAKING = 256      # connections still in their handshake; more are refused
 
 
 class _Closed(Exception):
@@ -106,6 +107,7 @@ class TcpStatistics:
     wire_errors: int
     handshake_failures: int
     connections_in: int
+    refused: int
     peers: list[PeerStats] = field(default_factory=list)
 
 
@@ -147,6 +149,8 @@ class TcpEndpoint:
         self.wire_errors = 0
         self.handshake_failures = 0
         self.connections_in = 0
+        self.refused = 0
+        self._handshaking = 0
         self.listen_port: int | None = None
 
     # -- the Endpoint contract ------------------------------------------------
@@ -180,7 +184,7 @@ class TcpEndpoint:
     def statistics(self) -> TcpStatistics:
         return TcpStatistics(
             self.node_id, self.generation, self.frames_in, self.frames_out, self.wire_errors,
-            self.handshake_failures, self.connections_in,
+            self.handshake_failures, self.connections_in, self.refused,
             [PeerStats(p.node_id, p.state, p.recv_q.statistics().current_buffer_used, p.sent,
                        p.dropped, p.connects, p.connect_failures)
              for p in self._peers.values()])
@@ -286,15 +290,25 @@ class TcpEndpoint:
         self.connections_in += 1
         client = -1
         scope = trio.CancelScope()
+        if self._handshaking >= MAX_HANDSHAKING:
+            self.refused += 1
+            log.warning("node %d gen %d: %d handshakes in progress; refusing %s",
+                        self.node_id, self.generation, self._handshaking,
+                        _peername(stream, client))
+            await trio.aclose_forcefully(stream)
+            return
         try:
             with scope:
                 reader = _FrameReader(stream, self.config.max_frame)
+                self._handshaking += 1
                 try:
                     with trio.fail_after(self.config.connect_timeout):
                         client, skey = await self._accept_handshake(stream, reader)
                 except WireError:
                     self.handshake_failures += 1
                     raise
+                finally:
+                    self._handshaking -= 1
                 await self._read_loop(client, skey, reader, scope)
         except WireError as exc:
             self.wire_errors += 1
