@@ -66,7 +66,6 @@ class FsImage:
     def __init__(self, path: str, size: int = 64 << 20, journals: int = 1) -> None:
         self.path = path
         mkfs(path, size, journals)
-        self.fd = os.open(path, os.O_RDWR)
         self.sb: Superblock = decode_superblock(self.read(SUPERBLOCK_BLKNO))
         self.groups: list[tuple[RgrpHeader, bytearray]] = []
         for i in range(self.sb.rgrp_count):
@@ -84,16 +83,21 @@ class FsImage:
         self.extent_blocks: dict[int, list[Extent]] = {}   # ino -> extents in ext blocks
 
     # -- raw block I/O ------------------------------------------------------------------
+    # The image is opened per call: fsck refuses to repair a device another
+    # process holds open, and the tests run it between our reads and writes.
     def read(self, blkno: int) -> bytes:
-        return os.pread(self.fd, BLOCK_SIZE, blkno * BLOCK_SIZE)
+        with open(self.path, "rb") as f:
+            return os.pread(f.fileno(), BLOCK_SIZE, blkno * BLOCK_SIZE)
 
     def put_block(self, blkno: int, data: bytes | bytearray) -> None:
-        os.pwrite(self.fd, bytes(data), blkno * BLOCK_SIZE)
+        self.pwrite(blkno * BLOCK_SIZE, bytes(data))
+
+    def pwrite(self, offset: int, data: bytes) -> None:
+        with open(self.path, "r+b") as f:
+            os.pwrite(f.fileno(), data, offset)
 
     def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        """Nothing stays open; kept so callers can say they are done."""
 
     # -- allocation ------------------------------------------------------------------------
     def alloc(self, count: int = 1, group: int | None = None) -> int:
@@ -163,7 +167,7 @@ class FsImage:
             pblk = self.alloc(n)
             gaps.append(self.alloc(1))   # a gap, so the pieces stay separate extents
             chunk = data[lblk * BLOCK_SIZE : (lblk + n) * BLOCK_SIZE]
-            os.pwrite(self.fd, chunk.ljust(n * BLOCK_SIZE, b"\0"), pblk * BLOCK_SIZE)
+            self.pwrite(pblk * BLOCK_SIZE, chunk.ljust(n * BLOCK_SIZE, b"\0"))
             extents.append(Extent(lblk, pblk, n))
             lblk += n
         for gap in gaps:
@@ -216,7 +220,6 @@ class FsImage:
             self.put_block(h.first, encode_rgrp(h))
             for k, piece in enumerate(split_bitmap(bits, h.bitmap_blocks)):
                 self.put_block(h.first + 1 + k, encode_bitmap(piece, h.first + 1 + k))
-        os.fsync(self.fd)
 
     def _write_hashed(self, ino: int, entries: list[fdir.DirEntry], depth: int) -> None:
         """Every leaf at full table depth; the smallest depth where every slot fits

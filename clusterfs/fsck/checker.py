@@ -3,7 +3,7 @@
     1  superblock and journals (replayed first with --repair)
     2  resource-group headers and bitmaps
     3  the walk from the root: inodes, directories, extents
-    4  link counts
+    4  directory parents and link counts
     5  bitmaps against the blocks reached
 
 Without --repair the device is opened read-only: fsck cannot write by accident.
@@ -86,8 +86,9 @@ def _check_device(path: str, dev: BlockDevice, report: Report, repair: bool) -> 
     report.progress(f"pass 3/{PASSES}: walking directories from the root")
     walker = Walker(ctx)
     walker.walk()
-    report.progress(f"pass 4/{PASSES}: link counts ({len(walker.seen)} inodes, "
+    report.progress(f"pass 4/{PASSES}: parents and link counts ({len(walker.seen)} inodes, "
                     f"{walker.directories} directories)")
+    walker.check_parents()
     walker.check_links()
     report.progress(f"pass 5/{PASSES}: bitmaps against reachable blocks")
     group_fixes = compare_bitmaps(ctx)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import struct
 
-from clusterfs.errors import ChecksumError, FormatError
+from clusterfs.errors import ChecksumError, FormatError, NotClusterFS
 from clusterfs.format.block import BLOCK_SIZE, block_crc
 from clusterfs.format.superblock import SUPERBLOCK_BLKNO, Superblock, decode_superblock
 from clusterfs.fsck.report import Report
@@ -42,6 +42,8 @@ def load_superblock(dev: BlockDevice, report: Report) -> Superblock:
         except FormatError as exc:
             raise CannotCheck(f"superblock: {exc}") from exc
         report.warn("superblock checksum is bad; checking with its fields as they are")
+    except NotClusterFS:
+        raise
     except FormatError as exc:
         report.error("superblock", str(exc))
         raise CannotCheck(f"superblock: {exc}") from exc

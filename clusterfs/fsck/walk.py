@@ -1,4 +1,4 @@
-"""Passes 3 and 4: the walk from the root, then link counts.
+"""Passes 3 and 4: the walk from the root, then parents and link counts.
 
 Breadth first over directories. Each entry must point into a group's data
 area at a block that decodes as an inode (checksum, type, own address) of the
@@ -31,7 +31,7 @@ class Seen:
     parent: int            # the inode's parent field (directories)
     refs: int = 0          # directory entries naming it
     subdirs: int = 0
-    reached_from: int = 0  # the directory whose entry reached it first (0: the root)
+    referrers: list[int] | None = None   # directories: those holding an entry for it
 
 
 class Walker:
@@ -73,7 +73,7 @@ class Walker:
             self.ctx.incomplete = True
             return None
         self.ctx.claim(root, 1, root, "inode")
-        self._admit(inode, root)
+        self._admit(inode)
         if inode.parent != root:
             p = self.ctx.report.error(f"inode {root}", f"root's parent field is "
                                                        f"{inode.parent}, not itself",
@@ -103,23 +103,18 @@ class Walker:
         if why is not None:
             self.ctx.report.error(where, f"{label}: {why}")
         self._check_dtype(d, e, inode.mode)
-        seen = self._admit(inode, d)
+        seen = self._admit(inode)
         seen.refs = 1
         if stat.S_ISDIR(inode.mode):
             self.seen[d].subdirs += 1
-            if inode.parent != d:
-                p = self.ctx.report.error(f"inode {e.ino}", f"directory's parent field is "
-                                                            f"{inode.parent}, but its entry "
-                                                            f"is in directory {d}",
-                                          fixable=True)
-                self.ctx.fix_inode(e.ino, "parent", d, p)
+            seen.referrers = [d]
 
     def _again(self, d: int, e: fmt.DirEntry, seen: Seen) -> None:
         if stat.S_ISDIR(seen.mode):
-            first = (f"directory {seen.reached_from}" if seen.reached_from
-                     else "being the root")
-            self.ctx.report.error(f"directory {d}", f"entry {e.name!r}: directory {e.ino} "
-                                                    f"reachable twice (also by {first})")
+            if seen.referrers is None:      # the root
+                self.ctx.report.error(f"directory {d}", f"entry {e.name!r} links the root")
+            else:
+                seen.referrers.append(d)
             return
         seen.refs += 1
         self._check_dtype(d, e, seen.mode)
@@ -138,12 +133,11 @@ class Walker:
             self.ctx.incomplete = True   # whatever it owned is no longer reachable
             return None
 
-    def _admit(self, inode: Inode, reached_from: int) -> Seen:
+    def _admit(self, inode: Inode) -> Seen:
         """Check an inode met for the first time and remember what links need."""
         checked = check_inode(self.ctx, inode)
         root = inode.ino == self.ctx.sb.root_ino
-        seen = Seen(inode.mode, inode.nlink, inode.parent, reached_from=0 if root else
-                    reached_from)
+        seen = Seen(inode.mode, inode.nlink, inode.parent)
         self.seen[inode.ino] = seen
         if checked.directory is not None:
             self.dirs[inode.ino] = checked.directory
@@ -154,6 +148,24 @@ class Walker:
         return seen
 
     # -- pass 4 ---------------------------------------------------------------------
+    def check_parents(self) -> None:
+        """A directory is linked from exactly one directory, which its parent field names.
+        Judged after the walk, so the order entries were met in does not matter."""
+        for ino, s in self.seen.items():
+            if s.referrers is None:
+                continue
+            if len(s.referrers) > 1:
+                names = ", ".join(map(str, s.referrers))
+                self.ctx.report.error(f"directory {ino}", f"reachable twice: entries in "
+                                                          f"directories {names} (parent "
+                                                          f"field says {s.parent})")
+            elif s.parent != s.referrers[0]:
+                p = self.ctx.report.error(f"inode {ino}", f"directory's parent field is "
+                                                          f"{s.parent}, but its entry is in "
+                                                          f"directory {s.referrers[0]}",
+                                          fixable=True)
+                self.ctx.fix_inode(ino, "parent", s.referrers[0], p)
+
     def check_links(self) -> None:
         for ino, s in self.seen.items():
             if stat.S_ISDIR(s.mode):
