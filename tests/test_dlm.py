@@ -388,3 +388,63 @@ async def test_lockspace_is_a_lockservice() -> None:
         await mc.ls(1).convert(lk, Mode.PR)
         await mc.ls(1).unlock(lk)
         assert mc.ls(1).statistics().owned_locks == 0
+
+
+@trio_test
+async def test_conversion_queued_across_master_death() -> None:
+    async with memory_cluster([1, 2, 3, 4]) as mc:
+        await mc.ls(1).lock(R, Mode.NL)                  # node 1 masters R
+        l2 = await mc.ls(2).lock(R, Mode.PR)
+        l3 = await mc.ls(3).lock(R, Mode.PR)
+        async with trio.open_nursery() as n:
+            n.start_soon(mc.ls(2).convert, l2, Mode.EX)
+            await settle()
+            assert l2.mode == Mode.PR
+            mc.crash(1)
+            await mc.wait_running()
+            await settle()
+            m = master_of(mc, R)
+            infos = {i.nodeid: i for i in mc.ls(m).dump_local(resource_key(R))}
+            assert infos[2].queue == Queue.CONVERTING and infos[2].rqmode == Mode.EX
+            assert infos[3].queue == Queue.GRANTED
+            await mc.ls(3).unlock(l3)
+        assert l2.mode == Mode.EX and l2.granted
+
+
+@trio_test
+async def test_cancel_lost_with_dead_master_is_completed() -> None:
+    async with memory_cluster([1, 2, 3]) as mc:
+        await mc.ls(1).lock(R, Mode.EX)                  # node 1 masters and holds R
+        async with trio.open_nursery() as n:
+            n.start_soon(mc.ls(2).lock, R, Mode.EX)
+            await settle()
+            n.cancel_scope.cancel()                      # CANCEL queued to node 1 ...
+            mc.crash(1)                                  # ... which dies before it
+        await mc.wait_running()
+        await settle()
+        assert mc.ls(2).statistics().owned_locks == 0
+        lk = await mc.ls(3).lock(R, Mode.EX, try_=True)  # no phantom waiter/holder
+        assert lk.granted
+
+
+@trio_test
+async def test_expelled_node_fails_waiters() -> None:
+    from clusterfs.errors import Expelled
+
+    async with memory_cluster([1, 2, 3]) as mc:
+        await mc.ls(1).lock(R, Mode.EX)
+        errors: list = []
+
+        async def waiter() -> None:
+            try:
+                await mc.ls(3).lock(R, Mode.EX)
+            except Expelled as exc:
+                errors.append(exc)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(waiter)
+            await settle()
+            mc.cluster.set_members({1, 2})               # node 3 is expelled (alive)
+        assert len(errors) == 1
+        with pytest.raises(Expelled):
+            await mc.ls(3).lock(("y", 1), Mode.NL)

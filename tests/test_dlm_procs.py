@@ -89,3 +89,12 @@ def test_kill_holder_waiter_completes(cluster3: LocalLockCluster) -> None:
     finally:
         c1.close()
         c2.close()
+
+
+def test_lockbench_runs() -> None:
+    from clusterfs.node.lockbench_cmd import bench
+
+    res = bench(nodes=3, ops=500, remote_ops=100, seconds=1.0)
+    assert res["local_lock_unlock_per_s"] > 100
+    assert 0 < res["remote_rtt_p50_us"] <= res["remote_rtt_p99_us"]
+    assert res["pingpong_handovers_per_s"] > 5
