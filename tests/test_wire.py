@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from clusterfs.errors import WireError
 from clusterfs.wire import frame as wf
@@ -105,3 +107,39 @@ def test_session_keys_differ_per_nonce():
     b = wf.session_key(KEY, 1, 2, b"a" * 16, b"c" * 16)
     c = wf.session_key(KEY, 2, 1, b"a" * 16, b"b" * 16)
     assert len({a, b, c}) == 3
+
+
+# -- property-based ----------------------------------------------------------------
+
+_scalars = (st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1)
+            | st.text(max_size=20) | st.binary(max_size=20)
+            | st.floats(allow_nan=False))
+_bodies = st.recursive(
+    _scalars,
+    lambda inner: st.lists(inner, max_size=5).map(tuple)
+    | st.dictionaries(st.text(max_size=8) | st.integers(0, 1000), inner, max_size=5),
+    max_leaves=20)
+
+
+@settings(max_examples=120, deadline=None)
+@given(body=_bodies, mtype=st.sampled_from(list(MsgType)), sender=st.integers(0, 2**32 - 1),
+       gen=st.integers(0, 2**64 - 1), seq=st.integers(0, 2**64 - 1))
+def test_property_round_trip(body, mtype, sender, gen, seq):
+    f = wf.decode(KEY, wf.encode(KEY, mtype, sender, gen, seq, body))
+    assert (f.type, f.sender, f.generation, f.seq, f.body) == (mtype, sender, gen, seq, body)
+
+
+@settings(max_examples=200, deadline=None)
+@given(blob=st.binary(max_size=300))
+def test_property_random_bytes_never_decode(blob):
+    with pytest.raises(WireError):
+        wf.decode(KEY, blob)
+
+
+@settings(max_examples=120, deadline=None)
+@given(body=_bodies, pos=st.integers(0, 10**6), bit=st.integers(0, 7))
+def test_property_any_flipped_bit_is_caught(body, pos, bit):
+    data = bytearray(wf.encode(KEY, MsgType.DLM_REQUEST, 1, 2, 3, body))
+    data[pos % len(data)] ^= 1 << bit
+    with pytest.raises(WireError):
+        wf.decode(KEY, bytes(data))
