@@ -45,27 +45,34 @@ from clusterfs.format.rgrp import (
 )
 from clusterfs.format.superblock import SUPERBLOCK_BLKNO, Superblock, decode_superblock
 
-FSCK = [sys.executable, "-m", "clusterfs.cli", "fsck"]
+# fsck.clusterfs and mkfs.clusterfs exactly as installed (clusterfs.cli's entry points),
+# without a pyenv shim or the `clusterfs` dispatcher importing every subcommand
+FSCK = [sys.executable, "-c", "import sys; from clusterfs.cli import fsck_main; "
+                              "sys.exit(fsck_main())"]
+MKFS = [sys.executable, "-c", "import sys; from clusterfs.cli import mkfs_main; "
+                              "sys.exit(mkfs_main())"]
 
 
-def fsck(path: str, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*FSCK, "-q", *flags, path], capture_output=True, text=True,
-                          timeout=120)
+def fsck(path: str, *flags: str, quiet: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([*FSCK, *(["-q"] if quiet else []), *flags, path],
+                          capture_output=True, text=True, timeout=120)
 
 
 def mkfs(path: str, size: int, journals: int = 1) -> None:
     with open(path, "wb") as f:
         f.truncate(size)
-    subprocess.run([sys.executable, "-m", "clusterfs.cli", "mkfs", "-q", "-j", str(journals),
-                    path], check=True, capture_output=True, timeout=60)
+    subprocess.run([*MKFS, "-q", "-j", str(journals), path], check=True, capture_output=True,
+                   timeout=60)
 
 
 class FsImage:
     """A formatted image file and an in-memory model of what we add to it."""
 
-    def __init__(self, path: str, size: int = 64 << 20, journals: int = 1) -> None:
+    def __init__(self, path: str, size: int = 64 << 20, journals: int = 1,
+                 format: bool = True) -> None:
         self.path = path
-        mkfs(path, size, journals)
+        if format:
+            mkfs(path, size, journals)
         self.sb: Superblock = decode_superblock(self.read(SUPERBLOCK_BLKNO))
         self.groups: list[tuple[RgrpHeader, bytearray]] = []
         for i in range(self.sb.rgrp_count):
