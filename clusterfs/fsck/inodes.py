@@ -36,6 +36,7 @@ _TYPES = {
 _MAPS = {
     stat.S_IFREG: {F_STUFFED, F_EXTENTS, F_EXTBLOCKS},
     stat.S_IFDIR: {F_STUFFED, F_DIR_HASHED},
+    stat.S_IFLNK: {F_STUFFED, F_EXTENTS, F_EXTBLOCKS},    # long targets live in a data block
 }
 
 
@@ -67,6 +68,8 @@ def check_inode(ctx: Context, inode: Inode) -> Checked:
         _check_stuffed_size(ctx, inode, ftype)
     else:
         owned += _check_extents(ctx, inode, kind)
+        if ftype == stat.S_IFLNK and not 0 < inode.size < BLOCK_SIZE:
+            ctx.report.error(where, f"symlink target of {inode.size} bytes")
     if inode.blocks != owned:
         p = ctx.report.error(where, f"block count {inode.blocks}, owns {owned} blocks",
                              fixable=True)

@@ -173,7 +173,8 @@ class Walker:
                 why = f"link count {s.nlink}, expected {want} (2 + {s.subdirs} subdirectories)"
             else:
                 want = s.refs
-                why = f"link count {s.nlink}, {s.refs} directory entries"
+                entries = "directory entry" if s.refs == 1 else "directory entries"
+                why = f"link count {s.nlink}, {s.refs} {entries}"
             if s.nlink == want:
                 continue
             # with part of the tree unreadable the counts above may be short
