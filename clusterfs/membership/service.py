@@ -378,7 +378,8 @@ class MembershipService:
             self._tentative = body
             failed, missing = await self._phase(key, others, MsgType.VIEW_COMMIT,
                                                 {"gen": gen, "coord": self.node_id})
-            if not (failed or missing or self.state == EXPELLED):
+            if not (failed or missing or self.state == EXPELLED
+                    or self._tentative is not body or self.view.generation >= gen):
                 # phase 3: every member has it: activate (publish) everywhere
                 for n in others:
                     await self._send(n, MsgType.VIEW_ACTIVATE,
@@ -481,6 +482,10 @@ class MembershipService:
 
     def _install(self, b: Mapping[str, Any]) -> None:
         gen = int(b["gen"])
+        if gen <= self.view.generation:   # generations only grow, whatever the race
+            log.error("node %d gen %d: not installing older view %d", self.node_id,
+                      self.view.generation, gen)
+            return
         members = {int(k): int(v) for k, v in b["members"].items()}
         base = frozenset(int(n) for n in b["base"])
         new = View(gen, frozenset(members), bool(b["quorate"]), self.cluster_size)
