@@ -112,15 +112,16 @@ class FsImage:
         order = range(len(self.groups)) if group is None else [group]
         for gi in order:
             h, bits = self.groups[gi]
-            run = 0
+            run, first_free = 0, None
             for rel in range(self.hints[gi], h.length):
                 run = 0 if bit_is_set(bits, rel) else run + 1
+                if run == 1 and first_free is None:
+                    first_free = rel
                 if run == count:
                     start = rel - count + 1
                     set_range(bits, start, count)
                     h.free -= count
-                    if start == self.hints[gi]:
-                        self.hints[gi] = rel + 1
+                    self.hints[gi] = rel + 1 if first_free == start else first_free
                     return h.first + start
         raise AssertionError("image full")
 

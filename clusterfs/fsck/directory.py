@@ -121,6 +121,9 @@ def _read_leaf_chain(ctx: Context, ino: int, depth: int, blk: int, start: int, s
     where = f"directory {ino}"
     slots = f"slots {start}..{start + span - 1}"
     count = 0
+    if blk == 0:
+        ctx.report.error(where, f"{slots} point to no leaf")
+        ctx.incomplete = True
     while blk:
         why = ctx.placement_problem(blk, 1) or ctx.claim(blk, 1, ino, "directory leaf")
         if why is None:

@@ -94,6 +94,9 @@ class Report:
                 f"{stats.get('used', 0)}/{stats.get('blocks', 0)} blocks used")
         if not self.problems:
             print(f"{device}: clean, {what}", file=self.out)
-        else:
-            print(f"{device}: {len(self.problems)} problems, {fixed} corrected, "
-                  f"{left} left; {what}", file=self.out)
+            return
+        print(f"{device}: {len(self.problems)} problems, {fixed} corrected, "
+              f"{left} left; {what}", file=self.out)
+        fixable = sum(p.fixable and not p.fixed for p in self.problems)
+        if fixable and not fixed:
+            print(f"{device}: {fixable} of them can be fixed with --repair", file=self.out)
