@@ -79,11 +79,16 @@ class TransactionManager:
             blocks.update(obj.to_blocks())
         self.dirty.clear()
         self.estimate = 0
-        if blocks:
-            self.journal.commit(blocks)
-            self.stats["commits"] += 1
-        else:
-            self.journal.dev.flush()
+        try:
+            if blocks:
+                self.journal.commit(blocks)
+                self.stats["commits"] += 1
+            else:
+                self.journal.dev.flush()
+        except Exception as exc:
+            # the disk refused a write or flush: nothing after this can be trusted
+            self.withdraw(f"journal commit failed: {exc}")
+            raise Withdrawn(f"filesystem withdrawn: {exc}") from exc
 
     async def run_timer(self) -> None:
         """Background task: commit a transaction that has waited COMMIT_INTERVAL."""
@@ -93,5 +98,5 @@ class TransactionManager:
                     time.monotonic() - self.started >= COMMIT_INTERVAL:
                 try:
                     self.commit()
-                except Exception as exc:   # a failing disk: withdraw, keep serving reads
-                    self.withdraw(f"journal commit failed: {exc}")
+                except Withdrawn:
+                    pass       # logged by withdraw(); keep serving reads

@@ -212,6 +212,7 @@ class Operations(pyfuse3.Operations):
     @_edge
     async def readdir(self, fh, start_id, token):
         entries = self._dir_handles.get(fh, [])
+        await self.fs.prefetch([ino for _n, ino in entries[start_id : start_id + 256]])
         for index in range(start_id, len(entries)):
             name, child = entries[index]
             try:
