@@ -39,6 +39,11 @@ def _mkfs(dev: str, *extra: str) -> None:
     assert r.returncode == 0, r.stderr
 
 
+def _assert_fsck_clean(dev: str) -> None:
+    r = subprocess.run([*CLUSTERFS, "fsck", dev], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"fsck not clean ({r.returncode}):\n{r.stdout}{r.stderr}"
+
+
 def _sha(path: str) -> str:
     with open(path, "rb") as f:
         return hashlib.sha256(f.read()).hexdigest()
@@ -207,6 +212,7 @@ def test_fill_delete_refill_no_corruption(tmp_path):
             assert st.f_bfree > (len(written) - len(keep) - 2) * 256
             for p in keep:
                 os.unlink(p)
+        _assert_fsck_clean(dev)
 
 
 # ------------------------------------------------------------------ crash + replay
@@ -234,3 +240,4 @@ def test_kill9_after_fsync_replays(tmp_path):
         for p, content in data.items():
             with open(p, "rb") as f:
                 assert f.read() == content
+    _assert_fsck_clean(dev)

@@ -667,7 +667,6 @@ class FileSystem:
                 pblk, _n = self._take_run(new_runs, 1)
                 self.dev.write(pblk, old.ljust(BLOCK_SIZE, b"\0"))
                 ext.insert(node.extents, fext.Extent(0, pblk, 1))
-                node.d.blocks += 1
                 if first == 0:
                     runs = ext.map_range(node.extents, first, last - first + 1)
         buf = self._assemble(node, off, data, first, last, runs)
@@ -682,7 +681,6 @@ class FileSystem:
                 chunk = buf[pos + done * BLOCK_SIZE : pos + (done + got) * BLOCK_SIZE]
                 self.dev.pwrite(pstart * BLOCK_SIZE, chunk)
                 ext.insert(node.extents, fext.Extent(lblk + done, pstart, got))
-                node.d.blocks += got
                 done += got
         self._unreserve([b for s, c in new_runs for b in range(s, s + c)])
         self._fit_extent_blocks(node, meta)
@@ -736,10 +734,8 @@ class FileSystem:
             raise FSError(errno.EFBIG, "file too fragmented")
         while len(node.ext_blocks) < need:
             node.ext_blocks.append(spare.pop() if spare else self._reserve(node.ino, 1)[0])
-            node.d.blocks += 1
         while len(node.ext_blocks) > need:
             self._release(node.ext_blocks.pop(), 1)
-            node.d.blocks -= 1
         self._unreserve(spare)
 
     async def truncate(self, ino: int, size: int) -> None:
@@ -775,7 +771,6 @@ class FileSystem:
         if size < node.d.size:
             for pblk, n in ext.truncate(node.extents, keep):
                 self._release(pblk, n)
-                node.d.blocks -= n
             if size % BLOCK_SIZE:
                 tail = ext.map_range(node.extents, size // BLOCK_SIZE, 1)[0]
                 if tail[1] is not None:
@@ -842,14 +837,12 @@ class FileSystem:
             if node.d.xattr_blk:
                 self._release(node.d.xattr_blk, 1)
                 node.d.xattr_blk = 0
-                node.d.blocks -= 1
         elif not node.d.xattr_blk:
             try:
                 node.d.xattr_blk = self._reserve(node.ino, 1)[0]
             except FSError:
                 node.d.xattrs = old
                 raise
-            node.d.blocks += 1
         node.touch(m=False)
         self._dirty(node)
 

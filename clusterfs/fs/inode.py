@@ -116,12 +116,20 @@ class CachedInode:
         else:
             self.set_map_kind(F_EXTENTS)
             d.payload = fext.encode_records(self.extents)
+        d.blocks = self.owned_block_count()
         xattr_inline = None
         if d.xattr_blk:
             out[d.xattr_blk] = bytes(encode_xattr_block(d.xattrs, d.xattr_blk))
             xattr_inline = b""
         out[d.ino] = bytes(encode_inode(d, xattr_inline))
         return out
+
+    def owned_block_count(self) -> int:
+        """The inode block plus every data, map, directory and xattr block it owns."""
+        n = 1 + (1 if self.d.xattr_blk else 0)
+        if self.dir is not None:
+            return n + len(self.dir.leaves) + len(self.dir.table_blocks)
+        return n + len(self.ext_blocks) + sum(e.count for e in self.extents)
 
     def xattrs_fit_inline(self) -> bool:
         return len(encode_xattrs(self.d.xattrs)) <= XATTR_INLINE_MAX

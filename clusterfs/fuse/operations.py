@@ -85,7 +85,7 @@ class Operations(pyfuse3.Operations):
         a.st_rdev = d.rdev
         a.st_size = d.size
         a.st_blksize = BLOCK_SIZE
-        a.st_blocks = d.blocks * (BLOCK_SIZE // 512)
+        a.st_blocks = node.owned_block_count() * (BLOCK_SIZE // 512)
         a.st_atime_ns = d.atime * 1_000_000_000 + d.atime_ns
         a.st_mtime_ns = d.mtime * 1_000_000_000 + d.mtime_ns
         a.st_ctime_ns = d.ctime * 1_000_000_000 + d.ctime_ns
