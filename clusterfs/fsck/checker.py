@@ -11,6 +11,8 @@ Without --repair the device is opened read-only: fsck cannot write by accident.
 
 from __future__ import annotations
 
+import traceback
+
 from clusterfs.errors import ClusterFSError, NotClusterFS, StorageError
 from clusterfs.format.superblock import Superblock
 from clusterfs.fsck import mounted
@@ -39,6 +41,11 @@ def run_fsck(path: str, report: Report, repair: bool = False, force: bool = Fals
         return _run(path, report, repair, force)
     except OperationalError as exc:
         print(f"fsck.clusterfs: {path}: {exc}", file=report.err)
+        return EXIT_OPERATIONAL
+    except Exception as exc:
+        # a bug in fsck must not look like "errors corrected" (a traceback exits 1)
+        traceback.print_exc(file=report.err)
+        print(f"fsck.clusterfs: {path}: internal error: {exc!r}", file=report.err)
         return EXIT_OPERATIONAL
 
 
