@@ -10,6 +10,8 @@ Fixtures
                  its own loop device: ``fsys.root`` is the mountpoint,
                  ``fsys.remount()`` unmounts cleanly and mounts again.
                  Device size: ``@pytest.mark.device_size(bytes)`` (default 256 MiB).
+                 At teardown it unmounts and runs fsck, which must be clean
+                 (``@pytest.mark.no_fsck`` to opt out).
 ``cfs``          the same, always clusterfs (for clusterfs-only tests).
 
 Anything a test leaves behind (mount, loop device, server process) is torn
@@ -45,6 +47,7 @@ def _fs_kinds() -> list[str]:
 def pytest_configure(config):
     config.addinivalue_line("markers", "device_size(n): size in bytes of the fsys loop device")
     config.addinivalue_line("markers", "journals(n): mkfs -j for the fsys fixture")
+    config.addinivalue_line("markers", "no_fsck: skip the fsck the fsys fixture runs at teardown")
 
 
 def pytest_generate_tests(metafunc):
@@ -141,6 +144,11 @@ def _make_fsys(fs, request, tmp_path):
             ok = True
         finally:
             f.close(failed=not ok)
+        # every test also proves it left a consistent disk behind
+        if request.node.get_closest_marker("no_fsck") is None:
+            r = f.fsck()
+            assert r.returncode == 0, (f"fsck of {fs} after the test is not clean "
+                                       f"({r.returncode}):\n{r.stdout}{r.stderr}")
 
 
 @pytest.fixture
