@@ -329,7 +329,8 @@ class Lockspace:
             if ev is None:
                 ev = self.ls_lookups[key] = trio.Event()
                 self._send(dir_node, MsgType.DLM_LOOKUP,
-                           {"name": key, "rec": recovery, "assign": assign})
+                           {"name": key, "rec": recovery, "assign": assign,
+                            "g": self.ls_recover_gen})
             running = self.ls_running
             await ev.wait()
             if not assign and key not in self.ls_master_of:
@@ -501,6 +502,8 @@ class Lockspace:
 
     def _receive_lookup_reply(self, sender: int, body: dict[str, Any]) -> None:
         key = body["name"]
+        if body["rec"] and body.get("g") != self.ls_recover_gen:
+            return   # an answer for a recovery that was overtaken: its mastery is void
         if body["master"] is not None:
             self._set_master(key, int(body["master"]), bool(body["rec"]))
         ev = self.ls_lookups.pop(key, None)
@@ -521,9 +524,12 @@ class Lockspace:
     def _receive_lookup(self, sender: int, body: dict[str, Any]) -> None:
         if not body["rec"] and self._defer(sender, MsgType.DLM_LOOKUP, body):
             return
+        if body["rec"] and body.get("g") != self.ls_recover_gen:
+            return   # from a recovery that was overtaken: must not assign a master
         master = self._dir_lookup(body["name"], sender, body.get("assign", True))
         self._send(sender, MsgType.DLM_LOOKUP_REPLY,
-                   {"name": body["name"], "master": master, "rec": body["rec"]})
+                   {"name": body["name"], "master": master, "rec": body["rec"],
+                    "g": body.get("g")})
 
     # =========================================================================
     # master side
@@ -670,6 +676,8 @@ class Lockspace:
                 self._stop(ev.view, ev.left)
                 if self._recover_scope is not None:
                     self._recover_scope.cancel()
+                if self.ls_node not in ev.view.members:
+                    continue   # joining: wait for a view that holds us
                 self._recover_scope = trio.CancelScope()
                 nursery.start_soon(self._run_recovery, ev.view, self._recover_scope)
             elif isinstance(ev, Fenced):

@@ -185,6 +185,13 @@ def _check_not_lost(mc: Any, checker: Checker, before: dict[tuple[int, int], Hol
     """Every hold a survivor had across the kill is still granted at its master."""
     from clusterfs.dlm.interface import resource_key
 
+    seen: dict[bytes, list[int]] = {}
+    for nid in mc.nodes:
+        for k in mc.ls(nid).ls_mastered:
+            seen.setdefault(k, []).append(nid)
+    for k, masters in seen.items():
+        if len(masters) > 1:
+            result.lost_locks.append(f"{k!r}: several masters {masters}")
     for key, h in before.items():
         now = checker.holds.get(key)
         if now is None or now.since != h.since:
