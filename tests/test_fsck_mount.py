@@ -13,7 +13,6 @@ import os
 import stat
 
 import mountutil
-import pytest
 from test_fsck_builder import FsImage
 
 
@@ -69,9 +68,6 @@ def test_content_written_through_a_mount_is_clean(cfs):
     assert os.readlink(cfs.path("longsym")) == "L" * 3500
 
 
-@pytest.mark.xfail(reason="fs leaves a hashed directory's leaf/table blocks out of the "
-                          "inode's `blocks` (docs/format.md: blocks counts map blocks too)",
-                   strict=False)
 def test_hashed_directory_written_through_a_mount_is_clean(cfs):
     os.makedirs(cfs.path("big"))
     for i in range(1500):
