@@ -14,7 +14,6 @@ from __future__ import annotations
 import traceback
 
 from clusterfs.errors import ClusterFSError, NotClusterFS, StorageError
-from clusterfs.format.superblock import Superblock
 from clusterfs.fsck import mounted
 from clusterfs.fsck.bitmaps import GroupFix, compare_bitmaps
 from clusterfs.fsck.blockmap import BlockMap
@@ -104,6 +103,7 @@ def _check_device(path: str, dev: BlockDevice, report: Report, repair: bool) -> 
                     "are reported, not repaired")
     if repair:
         _repair(dev, ctx, group_fixes, clean_slots)
+    report.progress_done()
     report.print_problems()
     report.print_summary(path, {"inodes": len(walker.seen), "dirs": walker.directories,
                                 "used": ctx.bmap.used_count(), "blocks": sb.total_blocks})
@@ -130,11 +130,3 @@ def _repair(dev: BlockDevice, ctx: Context, group_fixes: list[GroupFix],
     for p in fixed:
         p.fixed = True
 
-
-def superblock_of(path: str) -> Superblock:
-    """The superblock of `path` (for tests and tools)."""
-    dev = BlockDevice(path, writable=False)
-    try:
-        return load_superblock(dev, Report(quiet=True))
-    finally:
-        dev.close()

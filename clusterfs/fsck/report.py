@@ -9,6 +9,7 @@ check at all.
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from typing import TextIO
 
@@ -42,6 +43,7 @@ class Report:
         self.problems: list[Problem] = []
         self.warnings: list[str] = []
         self.notes: list[str] = []
+        self._pass_started: float | None = None
 
     # -- collecting -----------------------------------------------------------------
     def error(self, where: str, text: str, fixable: bool = False) -> Problem:
@@ -59,8 +61,16 @@ class Report:
         self.notes.append(text)
 
     def progress(self, text: str) -> None:
+        """A pass begins (with -v, also how long the previous one took)."""
+        self.progress_done()
+        self._pass_started = time.monotonic()
         if not self.quiet:
             print(text, file=self.err, flush=True)
+
+    def progress_done(self) -> None:
+        if self._pass_started is not None and self.verbose:
+            print(f"  ({time.monotonic() - self._pass_started:.2f} s)", file=self.err)
+        self._pass_started = None
 
     def info(self, text: str) -> None:
         if self.verbose:
