@@ -622,3 +622,29 @@ def test_orphan_inode_is_named_and_reclaimed(tmp_path):
     repaired_and_clean(img)
     assert not _bit_on_disk(img, orphan)
     assert _bit_on_disk(img, keep)
+
+
+def test_repair_without_a_usable_journal_writes_in_place(image):
+    img, ino = image
+    jblk = img.sb.journal_location(0)
+    buf = bytearray(img.read(jblk))
+    buf[40] ^= 0x01
+    img.put_block(jblk, buf)
+    img.poke_inode(ino["small"], nlink=8)
+    out = check(img, "--repair", want=4)                 # the journal header stays bad
+    assert "written in place" in out
+    assert f"inode {ino['small']}: link count 8, 2 directory entries [fixed]" in out
+    out = check(img, want=4)
+    assert "link count" not in out and f"journal 0: header block {jblk}" in out
+
+
+def test_second_journal_checked_and_repairs_use_a_clean_one(tmp_path):
+    img, ino = populated(str(tmp_path / "img"), journals=2)
+    j1 = img.sb.journal_location(1)
+    buf = bytearray(img.read(j1))
+    struct.pack_into("<I", buf, 32, 0)          # header of slot 1 claims slot 0
+    img.reseal(j1, buf, BlockType.JHEAD)
+    img.poke_inode(ino["docs"], nlink=9)
+    out = check(img, "--repair", want=4)
+    assert f"journal 1: header block {j1} names slot 0" in out
+    assert "through journal 0" in out and "[fixed]" in out
