@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import time
 
 import mountutil
+import pytest
 from test_fsck_builder import FsImage
 
 
@@ -119,3 +121,21 @@ def test_kill9_state_is_repaired(cfs):
         assert f.read() == data
     assert not os.path.exists(cfs.path("d/orphan"))
     assert stat.S_ISDIR(os.stat(cfs.path("d")).st_mode)
+
+
+@pytest.mark.slow
+@pytest.mark.device_size(1 << 30)
+def test_ten_thousand_files_through_a_mount_check_fast(cfs):
+    for k in range(10):
+        os.makedirs(cfs.path(f"d{k}"))
+        for i in range(1000):
+            with open(cfs.path(f"d{k}/file-{i:05d}"), "w") as f:
+                if i % 3 == 0:
+                    f.write("x" * 5000)
+    cfs.unmount()
+    t0 = time.monotonic()
+    r = cfs.fsck()
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "10011 inodes" in r.stdout
+    assert elapsed < 10, f"{elapsed:.1f}s"
