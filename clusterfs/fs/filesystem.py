@@ -514,7 +514,6 @@ class FileSystem:
             return
         if dst == src:
             return
-        reserve = self._reserve(p2, P2.dir.blocks_needed_for_insert())
         if dst is not None:
             D = self._inode(dst)
             if S.dir is not None and D.dir is None:
@@ -523,6 +522,8 @@ class FileSystem:
                 raise FSError(errno.EISDIR)
             if D.dir is not None and len(D.dir):
                 raise FSError(errno.ENOTEMPTY)
+        reserve = self._reserve(p2, 0 if dst is not None else P2.dir.blocks_needed_for_insert())
+        if dst is not None:
             P2.dir.replace(n2, src, dtype_of(S.d.mode))
             if D.dir is not None:
                 D.d.nlink = 0
