@@ -180,6 +180,10 @@ class FileSystem:
             raise
         return blocks
 
+    def _taker(self, reserve: list[int], goal: int) -> Callable[[], int]:
+        """Hand out reserved blocks; a rare cascade of directory splits may need more."""
+        return lambda: reserve.pop() if reserve else self._reserve(goal, 1)[0]
+
     def _unreserve(self, blocks: list[int]) -> None:
         """Give back reserved blocks that were never used (no quarantine needed)."""
         for b in blocks:
@@ -326,7 +330,7 @@ class FileSystem:
         self.inodes[ino] = node
         if target:
             self._write(node, 0, target)    # stuffed when short, a data block when long
-        p.dir.add(name, ino, dtype_of(mode), lambda: reserve.pop(), self._free_meta)
+        p.dir.add(name, ino, dtype_of(mode), self._taker(reserve, parent), self._free_meta)
         self._unreserve(reserve)
         if is_dir:
             p.d.nlink += 1
@@ -363,7 +367,7 @@ class FileSystem:
                 if node.d.nlink == 0:
                     raise FSError(errno.ENOENT)
                 reserve = self._reserve(parent, p.dir.blocks_needed_for_insert())
-                p.dir.add(name, ino, dtype_of(node.d.mode), lambda: reserve.pop(),
+                p.dir.add(name, ino, dtype_of(node.d.mode), self._taker(reserve, parent),
                           self._free_meta)
                 self._unreserve(reserve)
                 node.d.nlink += 1
@@ -533,7 +537,7 @@ class FileSystem:
             D.touch(m=False)
             self._dirty(D)
         else:
-            P2.dir.add(n2, src, dtype_of(S.d.mode), lambda: reserve.pop(), self._free_meta)
+            P2.dir.add(n2, src, dtype_of(S.d.mode), self._taker(reserve, p2), self._free_meta)
         self._unreserve(reserve)
         P1.dir.remove(n1)
         if S.dir is not None and p1 != p2:
