@@ -648,3 +648,24 @@ def test_second_journal_checked_and_repairs_use_a_clean_one(tmp_path):
     out = check(img, "--repair", want=4)
     assert f"journal 1: header block {j1} names slot 0" in out
     assert "through journal 0" in out and "[fixed]" in out
+
+
+def test_committed_transaction_aimed_outside_the_groups(image):
+    log = pytest.importorskip("clusterfs.journal.log")
+    from clusterfs.storage.device import BlockDevice
+
+    img, _ = image
+    target = img.sb.hb_start           # a heartbeat slot: no transaction may write there
+    before = img.read(target)
+    dev = BlockDevice(img.path)
+    try:
+        journal = log.Journal(dev, img.sb, 0)
+        journal.open()
+        journal.commit({target: bytes(4096)})
+    finally:
+        dev.close()
+    out = check(img, want=4)
+    assert "journal 0: committed transaction" in out and f"targets block {target}, " \
+        "outside the resource groups" in out
+    check(img, "--repair", want=4)
+    assert img.read(target) == before          # never replayed

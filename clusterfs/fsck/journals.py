@@ -79,13 +79,18 @@ def _check_dirty(dev: BlockDevice, sb: Superblock, slot: int, head: JournalHeade
             report.note(f"{where}: no committed transactions; marked clean")
             return True
         return False
+    for seq, blocks in txns:
+        wild = sorted(h for h in blocks if not sb.rgrp_start <= h < sb.total_blocks)
+        if wild:
+            report.error(where, f"committed transaction {seq} targets block {wild[0]}, "
+                                "outside the resource groups")
+            return False
     nblocks = sum(len(blocks) for _, blocks in txns)
     p = report.error(where, f"{len(txns)} committed transactions ({nblocks} blocks) "
                             "not replayed", fixable=True)
     if not repair:
         for _, blocks in txns:
-            reader.add_overlay({home: copy for home, copy in blocks.items()
-                                if sb.rgrp_start <= home < sb.total_blocks})
+            reader.add_overlay(blocks)
         report.info(f"{where}: checking as if replayed (nothing written)")
         return False
     try:
