@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
 
 import pytest
@@ -48,6 +49,16 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "device_size(n): size in bytes of the fsys loop device")
     config.addinivalue_line("markers", "journals(n): mkfs -j for the fsys fixture")
     config.addinivalue_line("markers", "no_fsck: skip the fsck the fsys fixture runs at teardown")
+
+
+def pytest_sessionstart(session):
+    # SIGTERM / SIGHUP would kill pytest without teardown, leaving mounts and loop
+    # devices; turn them into KeyboardInterrupt, which pytest tears down after.
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        with contextlib.suppress(ValueError):   # not the main thread
+            signal.signal(sig, interrupt)
 
 
 def pytest_generate_tests(metafunc):

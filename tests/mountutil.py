@@ -27,7 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 CLUSTERFS = [sys.executable, "-m", "clusterfs.cli"]
@@ -40,10 +40,74 @@ UNMOUNT_TIMEOUT = float(os.environ.get("CLUSTERFS_TEST_UNMOUNT_TIMEOUT", "30"))
 # registry of things we created, for last-resort cleanup
 
 
-@dataclass
+_GUARDIAN_SCRIPT = r"""
+import os, subprocess, sys, time
+loops, mounts = {}, {}
+for line in sys.stdin:
+    op, kind, name = line[0], line[1], line[2:].rstrip("\n")
+    table = loops if kind == "L" else mounts
+    if op == "+":
+        table[name] = kind
+    else:
+        table.pop(name, None)
+# EOF: the test process is gone. Its FUSE servers got SIGTERM (PDEATHSIG) and are
+# unmounting; give them a moment, then remove whatever is still there.
+if not loops and not mounts:
+    sys.exit(0)
+time.sleep(3)
+for mp in mounts:
+    subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True)
+    subprocess.run(["umount", "-l", mp], capture_output=True)
+for dev in loops:
+    for _ in range(50):
+        if subprocess.run(["losetup", "-d", dev], capture_output=True).returncode == 0:
+            break
+        time.sleep(0.2)
+"""
+
+
 class _Registry:
-    loops: dict[str, Path] = field(default_factory=dict)   # /dev/loopN -> backing file
-    mounts: dict[str, Mount] = field(default_factory=dict)  # mountpoint -> Mount
+    """What this process created and has not removed yet.
+
+    A guardian process mirrors it through a pipe; if the test process dies
+    without cleaning up (even SIGKILL), the pipe closes and the guardian
+    unmounts and detaches exactly these, and nothing else.
+    """
+
+    def __init__(self) -> None:
+        self.loops: dict[str, Path] = {}      # /dev/loopN -> backing file
+        self.mounts: dict[str, Mount] = {}    # mountpoint -> Mount
+        self._guardian: subprocess.Popen | None = None
+        self._guardian_pid = None
+
+    def _tell(self, line: str) -> None:
+        if self._guardian is None or self._guardian_pid != os.getpid():
+            if self._guardian_pid is not None and self._guardian_pid != os.getpid():
+                return     # a forked child (run_as): only the creator reports
+            self._guardian = subprocess.Popen(
+                [sys.executable, "-c", _GUARDIAN_SCRIPT], stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True,
+                start_new_session=True)
+            self._guardian_pid = os.getpid()
+        with contextlib.suppress(OSError, ValueError):
+            self._guardian.stdin.write(line + "\n")
+            self._guardian.stdin.flush()
+
+    def add_loop(self, dev: str, backing: Path) -> None:
+        self.loops[dev] = backing
+        self._tell("+L" + dev)
+
+    def remove_loop(self, dev: str) -> None:
+        if self.loops.pop(dev, None) is not None:
+            self._tell("-L" + dev)
+
+    def add_mount(self, m: Mount) -> None:
+        self.mounts[m.mountpoint] = m
+        self._tell("+M" + m.mountpoint)
+
+    def remove_mount(self, mountpoint: str) -> None:
+        if self.mounts.pop(mountpoint, None) is not None:
+            self._tell("-M" + mountpoint)
 
 
 _REGISTRY = _Registry()
@@ -101,7 +165,7 @@ def _detach_loop(dev: str) -> None:
         if r.returncode == 0 or "No such device" in r.stderr:
             break
         time.sleep(0.1)  # still busy: a lazy unmount may still hold it
-    _REGISTRY.loops.pop(dev, None)
+    _REGISTRY.remove_loop(dev)
 
 
 @contextlib.contextmanager
@@ -137,7 +201,7 @@ def attach_loop(backing: str) -> Iterator[str]:
         r = subprocess.run(["losetup", "-f", "--show", backing],
                            capture_output=True, text=True, check=True)
         dev = r.stdout.strip()
-        _REGISTRY.loops[dev] = Path(backing)
+        _REGISTRY.add_loop(dev, Path(backing))
         yield dev
     finally:
         if dev is not None:
@@ -366,11 +430,19 @@ class Mount:
         self.force_unmount()
 
     def _forget(self) -> None:
-        _REGISTRY.mounts.pop(self.mountpoint, None)
+        _REGISTRY.remove_mount(self.mountpoint)
         if self._logf is not None:
             with contextlib.suppress(Exception):
                 self._logf.close()
             self._logf = None
+
+
+def _die_with_parent() -> None:
+    """In the server child: get SIGTERM (= clean unmount) if the test process dies,
+    so even a SIGKILLed pytest leaves no mount behind."""
+    import ctypes  # noqa: PLC0415
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
 
 def _server_cmd(fs: str, device: str, mountpoint: str, extra_args: Sequence[str]) -> list[str]:
@@ -400,16 +472,16 @@ def start_mount(device: str, mountpoint: str, fs: str = "clusterfs",
         m = Mount(fs=fs, device=device, mountpoint=mountpoint, log=log)
         if r.returncode != 0:
             raise AssertionError(f"mount ext4 {device} failed:\n{m.log_text()}")
-        _REGISTRY.mounts[mountpoint] = m
+        _REGISTRY.add_mount(m)
         return m
 
     logf = open(log, "ab")  # noqa: SIM115 - closed by Mount._forget
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(_server_cmd(fs, device, mountpoint, extra_args),
                             stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+                            env=env, start_new_session=True, preexec_fn=_die_with_parent)
     m = Mount(fs=fs, device=device, mountpoint=mountpoint, log=log, proc=proc, _logf=logf)
-    _REGISTRY.mounts[mountpoint] = m
+    _REGISTRY.add_mount(m)
     deadline = time.monotonic() + timeout
     while True:
         if _is_mounted(mountpoint):
