@@ -56,21 +56,44 @@ class GlockManager:
     def on_demote(self, kind: str, callback: DemoteCallback) -> None:
         self.demote_callbacks[kind] = callback
 
-    @asynccontextmanager
-    async def hold(self, wanted: Iterable[tuple[ResourceName, Mode]]):
-        """Hold every (name, mode) for the body; sorted to keep a global order."""
+    async def acquire(self, wanted: Iterable[tuple[ResourceName, Mode]]) -> list[Glock]:
+        """Hold every (name, mode), in sorted order; release with release(). A glock
+        already cached in a sufficient mode is taken without awaiting (the fast path)."""
         merged: dict[ResourceName, Mode] = {}
         for name, mode in wanted:
-            merged[name] = max(mode, merged.get(name, Mode.NL))
+            if merged.get(name, Mode.NL) < mode:
+                merged[name] = mode
         taken: list[Glock] = []
         try:
-            for name in sorted(merged, key=repr):
-                glock = await self._acquire(name, merged[name])
+            for name in sorted(merged):
+                mode = merged[name]
+                glock = self.glocks.get(name)
+                if glock is not None and glock.lock is not None and \
+                        not glock.demote_requested and glock.lock.mode >= mode:
+                    if glock.holders == 0:
+                        glock.idle = trio.Event()
+                    glock.holders += 1
+                    self.stats["cached_hits"] += 1
+                else:
+                    glock = await self._acquire(name, mode)
                 taken.append(glock)
+        except BaseException:
+            self.release(taken)
+            raise
+        return taken
+
+    def release(self, taken: list[Glock]) -> None:
+        for glock in taken:
+            self._release(glock)
+
+    @asynccontextmanager
+    async def hold(self, wanted: Iterable[tuple[ResourceName, Mode]]):
+        """Hold every (name, mode) for the body (see acquire)."""
+        taken = await self.acquire(wanted)
+        try:
             yield
         finally:
-            for glock in taken:
-                self._release(glock)
+            self.release(taken)
 
     async def _acquire(self, name: ResourceName, mode: Mode) -> Glock:
         glock = self.glocks.get(name)
@@ -79,8 +102,9 @@ class GlockManager:
         while glock.demote_requested:
             await glock.idle.wait()
             await trio.lowlevel.checkpoint()
+        if glock.holders == 0:
+            glock.idle = trio.Event()
         glock.holders += 1
-        glock.idle = trio.Event() if glock.idle.is_set() else glock.idle
         try:
             if glock.lock is None:
                 glock.lock = await self.locks.lock(
@@ -89,8 +113,6 @@ class GlockManager:
             elif glock.lock.mode < mode:
                 await self.locks.convert(glock.lock, mode)
                 self.stats["acquired"] += 1
-            else:
-                self.stats["cached_hits"] += 1
         except BaseException:
             self._release(glock)
             raise

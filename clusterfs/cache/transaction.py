@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import trio
 
@@ -40,6 +41,10 @@ class TransactionManager:
         self.withdrawn: str | None = None
         self.stats = {"commits": 0, "operations": 0}
         self._limit = max(16, journal.max_transaction // LARGE_FRACTION)
+        self._lock = trio.Lock()
+        # set by the fs layer: snapshot / release of the allocator's quarantine
+        self.quarantine_mark: Callable[[], Any] = lambda: None
+        self.end_quarantine: Callable[[Any], None] = lambda mark: None
 
     # -- health ---------------------------------------------------------------
     def withdraw(self, reason: str) -> None:
@@ -65,30 +70,53 @@ class TransactionManager:
         """obj's blocks were freed: do not write them."""
         self.dirty.pop(id(obj), None)
 
-    def end_operation(self) -> None:
+    async def end_operation(self) -> None:
         """Called after each metadata operation: commit if the transaction is big."""
         self.stats["operations"] += 1
         if self.estimate > self._limit:
-            self.commit()
+            await self.commit()
 
-    def commit(self) -> None:
-        """Log every dirty object durably; a no-op flush when nothing is dirty."""
+    async def commit(self, checkpoint: bool = False) -> None:
+        """Log every dirty object durably; just a device flush when nothing is dirty.
+        With checkpoint=True also write everything home and empty the log.
+
+        The device flushes run in a worker thread, so requests keep being served;
+        commits and checkpoints are serialised by one lock. Objects changed while a
+        commit is in flight belong to the next transaction (their blocks were
+        encoded when this one was captured). Blocks freed up to the capture leave
+        quarantine once the log has been checkpointed past their freeing."""
         self.check_writable()
-        blocks: dict[int, bytes] = {}
-        for obj in list(self.dirty.values()):
-            blocks.update(obj.to_blocks())
-        self.dirty.clear()
-        self.estimate = 0
-        try:
-            if blocks:
-                self.journal.commit(blocks)
-                self.stats["commits"] += 1
-            else:
-                self.journal.dev.flush()
-        except Exception as exc:
-            # the disk refused a write or flush: nothing after this can be trusted
-            self.withdraw(f"journal commit failed: {exc}")
-            raise Withdrawn(f"filesystem withdrawn: {exc}") from exc
+        async with self._lock:
+            self.check_writable()
+            blocks: dict[int, bytes] = {}
+            for obj in list(self.dirty.values()):
+                blocks.update(obj.to_blocks())
+            self.dirty.clear()
+            self.estimate = 0
+            mark = self.quarantine_mark()
+            checkpoints = self.journal.stats["checkpoints"]
+            try:
+                pending = self.journal.begin_commit(blocks)
+                await trio.to_thread.run_sync(self.journal.dev.flush)
+                if pending is not None:
+                    self.journal.write_commit(pending)
+                    await trio.to_thread.run_sync(self.journal.dev.flush)
+                    self.journal.end_commit(pending)
+                    self.stats["commits"] += 1
+                if checkpoint:
+                    self.journal.checkpoint()
+            except Exception as exc:
+                # the disk refused a write or flush: nothing after this can be trusted
+                self.withdraw(f"journal commit failed: {exc}")
+                raise Withdrawn(f"filesystem withdrawn: {exc}") from exc
+            if self.journal.stats["checkpoints"] != checkpoints:
+                self.end_quarantine(mark)
+
+    async def close(self) -> None:
+        """Unmount: commit, checkpoint, mark the journal clean."""
+        await self.commit(checkpoint=True)
+        async with self._lock:
+            self.journal.close()
 
     async def run_timer(self) -> None:
         """Background task: commit a transaction that has waited COMMIT_INTERVAL."""
@@ -97,6 +125,6 @@ class TransactionManager:
             if self.dirty and self.withdrawn is None and \
                     time.monotonic() - self.started >= COMMIT_INTERVAL:
                 try:
-                    self.commit()
+                    await self.commit()
                 except Withdrawn:
                     pass       # logged by withdraw(); keep serving reads

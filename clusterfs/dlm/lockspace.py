@@ -46,7 +46,7 @@ from clusterfs.dlm.interface import (
     is_down_conversion,
     resource_key,
 )
-from clusterfs.dlm.locktable import EventType, LockInfo, LockTable
+from clusterfs.dlm.locktable import EventType, LockInfo, LockTable, Queue
 from clusterfs.errors import Expelled, LockCancelled, LockError, PeerUnreachable, WouldBlock
 from clusterfs.membership.view import ExpelledEvent, Fenced, Membership, View, ViewChange
 from clusterfs.wire.types import MsgType
@@ -331,12 +331,11 @@ class Lockspace:
                 self._send(dir_node, MsgType.DLM_LOOKUP,
                            {"name": key, "rec": recovery, "assign": assign,
                             "g": self.ls_recover_gen})
-            running = self.ls_running
             await ev.wait()
-            if not assign and key not in self.ls_master_of:
-                return None
-            if running and not self.ls_running and not recovery:
-                continue   # recovery started meanwhile: start over when it ends
+            if key not in self.ls_master_of:
+                if not assign:
+                    return None
+                await trio.sleep(0.005)   # wrong directory node: ask again
 
     def _set_master(self, key: bytes, master: int, recovery: bool) -> None:
         self.ls_master_of[key] = master
@@ -526,6 +525,13 @@ class Lockspace:
             return
         if body["rec"] and body.get("g") != self.ls_recover_gen:
             return   # from a recovery that was overtaken: must not assign a master
+        if self._dir_node(body["name"]) != self.ls_node:
+            # Asked under another member list (the view changed since): we are
+            # not its directory node now. The asker will ask again.
+            self._send(sender, MsgType.DLM_LOOKUP_REPLY,
+                       {"name": body["name"], "master": None, "rec": body["rec"],
+                        "g": body.get("g")})
+            return
         master = self._dir_lookup(body["name"], sender, body.get("assign", True))
         self._send(sender, MsgType.DLM_LOOKUP_REPLY,
                    {"name": body["name"], "master": master, "rec": body["rec"],
@@ -637,7 +643,12 @@ class Lockspace:
         """Tell owners what the last table operation granted or is blocked on."""
         for ev in self.ls_table.events():
             owner = ev.lkid >> LKID_SHIFT
+            info = self.ls_table.lock_info(ev.lkid)
+            if info is None:
+                continue    # left over from an aborted recovery; the lock is gone
             if ev.type == EventType.GRANT:
+                if info.queue != Queue.GRANTED or info.grmode != ev.mode:
+                    continue
                 lvb, seq, valid = self.ls_table.lock_lvb(ev.lkid)
                 self._send_or_local(owner, MsgType.DLM_GRANT,
                                     {"id": ev.lkid, "mode": int(ev.mode), "lvb": lvb,
@@ -767,15 +778,14 @@ class Lockspace:
         self._rlog(g, "3 barrier: all members stopped")
         await self._barrier(g, 1)
 
-        # 4. Forget the dead and what an aborted recovery built: purge the
-        #    removed nodes' locks from our master table (marking the LVBs they
-        #    may have written invalid), drop masterships set by an unfinished
-        #    recovery, and stale master cache entries.
+        # 4. Forget the dead: purge the removed nodes' locks from our master
+        #    table (marking the LVBs they may have written invalid) and cached
+        #    masters that are gone. Masters chosen by an aborted recovery stay
+        #    masters (some members may have finished that recovery and rely on
+        #    it), but our locks on those resources are re-sent (step 6): the
+        #    aborted run may not have delivered them all. Duplicates are skipped.
         purged = sum(self.ls_table.purge_node(n) for n in sorted(self.ls_gone))
         for key in self.ls_unconfirmed:
-            if key in self.ls_mastered:
-                self.ls_table.drop_resource(key)
-                self.ls_mastered.discard(key)
             self.ls_master_of.pop(key, None)
         self.ls_unconfirmed.clear()
         for key, master in list(self.ls_master_of.items()):
@@ -893,17 +903,19 @@ class Lockspace:
             return     # from a recovery that was overtaken
         key = body["name"]
         self.ls_mastered.add(key)
-        self.ls_unconfirmed.add(key)
         copies = self.ls_recover_lvbs.setdefault(key, [])
         for lkid, gr, rq, rs, re_, lvb, seq in body["locks"]:
-            try:
-                self.ls_table.recover_lock(key, lkid, lkid >> LKID_SHIFT,
-                                           None if gr < 0 else Mode(gr),
-                                           None if rq < 0 else Mode(rq), (rs, re_))
-            except LockError as exc:
-                log.warning("dlm %s gen %d: recover lock %#x: %s", self.ls_name,
-                            body["g"], lkid, exc)
-                continue
+            if self.ls_table.lock_info(lkid) is None:
+                # (present already: re-sent after an aborted recovery; keep ours,
+                # it may have moved on since - e.g. been granted)
+                try:
+                    self.ls_table.recover_lock(key, lkid, lkid >> LKID_SHIFT,
+                                               None if gr < 0 else Mode(gr),
+                                               None if rq < 0 else Mode(rq), (rs, re_))
+                except LockError as exc:
+                    log.warning("dlm %s gen %d: recover lock %#x: %s", self.ls_name,
+                                body["g"], lkid, exc)
+                    continue
             if gr >= 0:
                 copies.append((gr, seq, bytes(lvb)))
         if not copies:

@@ -157,7 +157,9 @@ class LockTable:
                                        range[0], range[1]), f"recover {lkid:#x}")
 
     def regrant(self, name: bytes) -> int:
-        return _check(lib.cfs_lt_regrant(self._t, name, len(name)), f"regrant {name!r}")
+        """Grant what can be granted on one resource (0 if it does not exist)."""
+        rc = lib.cfs_lt_regrant(self._t, name, len(name))
+        return 0 if rc == -errno.ENOENT else _check(rc, f"regrant {name!r}")
 
     def purge_node(self, nodeid: int) -> int:
         return lib.cfs_lt_purge_node(self._t, nodeid)

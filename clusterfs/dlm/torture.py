@@ -21,7 +21,7 @@ from typing import Any
 import trio
 
 from clusterfs.dlm.interface import ConversionDeadlock, Mode, conflicts, is_down_conversion
-from clusterfs.errors import LockCancelled, WouldBlock
+from clusterfs.errors import LockCancelled, LockError, WouldBlock
 
 
 @dataclass
@@ -101,10 +101,12 @@ class TortureResult:
     deadlocks: int = 0
     kills: int = 0
     lost_locks: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
 
 
 async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_node: int = 3,
-                         resources: int = 3, kill_rounds: int = 1, seed: int = 1) -> TortureResult:
+                         resources: int = 3, kill_rounds: int = 1, seed: int = 1,
+                         double_kills: bool = True) -> TortureResult:
     """Random locking on MemCluster nodes; every seconds/(kill_rounds+1) a node
     is crashed (then restarted and rejoined). Returns what the checker saw."""
     from clusterfs.dlm.testing import memory_cluster
@@ -143,6 +145,8 @@ async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_nod
                             checker.converted(node, w, new)      # after: up
                     except (WouldBlock, ConversionDeadlock):
                         result.deadlocks += 1
+                    except LockError as exc:
+                        result.errors.append(f"node {node}: {exc}")
                     await trio.sleep(wrng.random() * 0.005)
                 checker.releasing(node, w)
                 await ls.unlock(lk)
@@ -161,20 +165,27 @@ async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_nod
             for node in node_ids:
                 await nursery.start(node_workers, node)
             period = seconds / (kill_rounds + 1)
-            for _ in range(kill_rounds):
+            for rnd in range(kill_rounds):
                 await trio.sleep(period)
-                victim = rng.choice(sorted(mc.nodes)[1:])
-                # survivors' holds before the kill: none may be lost
-                survivors_before = {k: h for k, h in checker.holds.items() if k[0] != victim}
-                scopes[victim].cancel()
-                mc.crash(victim)
-                checker.node_died(victim)
-                result.kills += 1
+                # every other round (with >= 5 nodes) two nodes die in quick
+                # succession: the second view overtakes the first recovery
+                count = 2 if double_kills and rnd % 2 == 1 and len(mc.nodes) >= 5 else 1
+                victims = rng.sample(sorted(mc.nodes), count)
+                survivors_before = {k: h for k, h in checker.holds.items()
+                                    if k[0] not in victims}
+                for i, victim in enumerate(victims):
+                    if i:
+                        await trio.sleep(rng.random() * 0.01)
+                    scopes[victim].cancel()
+                    mc.crash(victim)
+                    checker.node_died(victim)
+                    result.kills += 1
                 await mc.wait_running(30)
                 _check_not_lost(mc, checker, survivors_before, result)
-                await mc.join(victim)
-                await mc.wait_running(30)
-                await nursery.start(node_workers, victim)
+                for victim in victims:
+                    await mc.join(victim)
+                    await mc.wait_running(30)
+                    await nursery.start(node_workers, victim)
             await trio.sleep(period)
             nursery.cancel_scope.cancel()
     return result

@@ -118,12 +118,13 @@ class ResourceGroup:
         self.quarantine.append((start, count))
         self.quarantined += count
 
-    def end_quarantine(self) -> None:
-        for start, count in self.quarantine:
+    def end_quarantine(self, upto: int) -> None:
+        """Make the first `upto` quarantined ranges allocatable again."""
+        for start, count in self.quarantine[:upto]:
             set_range(self.bits, start, count, False)
             self.free += count
-        self.quarantine.clear()
-        self.quarantined = 0
+            self.quarantined -= count
+        del self.quarantine[:upto]
 
 
 class Allocator:
@@ -178,11 +179,18 @@ class Allocator:
             start += n
             count -= n
 
-    def end_quarantine(self) -> None:
-        for group in self.groups.values():
-            if group.quarantine:
-                group.end_quarantine()
-                self.free_hint[group.index] = group.free
+    def quarantine_mark(self) -> dict[int, int]:
+        """How many ranges each group has quarantined now (see end_quarantine)."""
+        return {i: len(g.quarantine) for i, g in self.groups.items() if g.quarantine}
+
+    def end_quarantine(self, mark: dict[int, int] | None) -> None:
+        """Release the ranges counted in `mark`: their freeing transactions are
+        committed and the log was checkpointed past every older copy of them."""
+        for index, upto in (mark or {}).items():
+            group = self.groups.get(index)
+            if group is not None:
+                group.end_quarantine(upto)
+                self.free_hint[index] = group.free
 
     @property
     def quarantined(self) -> int:

@@ -14,7 +14,6 @@ import logging
 import stat
 import time
 from collections.abc import Callable, Iterable
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from clusterfs.cache.glock import GlockManager
@@ -54,6 +53,44 @@ def dtype_of(mode: int) -> int:
     return stat.S_IFMT(mode) >> 12
 
 
+class _Hold:
+    """The async context of one operation body (see FileSystem._hold). A plain class
+    rather than a generator: it runs for every request."""
+
+    __slots__ = ("fs", "ex", "pr", "alloc", "frees", "write", "taken")
+
+    def __init__(self, fs: FileSystem, ex, pr, alloc, frees, write: bool) -> None:
+        self.fs, self.ex, self.pr, self.alloc, self.frees, self.write = \
+            fs, ex, pr, alloc, frees, write
+        self.taken: list = []
+
+    async def __aenter__(self) -> None:
+        fs = self.fs
+        if self.write:
+            fs.txn.check_writable()
+        wanted = [(("inode", i), Mode.EX) for i in self.ex]
+        wanted += [(("inode", i), Mode.PR) for i in self.pr]
+        self.taken = await fs.glocks.acquire(wanted)
+        try:
+            groups: set[int] = set()
+            if self.alloc is not None:
+                groups.update(fs.alloc.groups_for(*self.alloc))
+            if self.frees is not None:
+                groups.update(fs.alloc.group_of(b) for b in self.frees())
+            if groups:
+                self.taken += await fs.glocks.acquire([(("rgrp", g), Mode.EX) for g in groups])
+                for g in groups:
+                    fs._group(g)
+        except BaseException:
+            fs.glocks.release(self.taken)
+            raise
+
+    async def __aexit__(self, exc_type, exc, tb) -> None:
+        self.fs.glocks.release(self.taken)
+        if self.write and exc_type is None:
+            await self.fs.txn.end_operation()
+
+
 @dataclass
 class Usage:
     blocks: int
@@ -75,7 +112,8 @@ class FileSystem:
         self.nlookup: dict[int, int] = {}
         self.opens: dict[int, int] = {}
         self.invalidate_hook: Callable[[int], None] | None = None
-        journal.on_checkpoint.append(self.alloc.end_quarantine)
+        txn.quarantine_mark = self.alloc.quarantine_mark
+        txn.end_quarantine = self.alloc.end_quarantine
         glocks.on_demote("inode", self._demote_inode)
         glocks.on_demote("rgrp", self._demote_rgrp)
         self._load_group_hints()
@@ -130,27 +168,12 @@ class FileSystem:
     def _dirty(self, obj) -> None:
         self.txn.add(obj)
 
-    @asynccontextmanager
-    async def _hold(self, ex: Iterable[int] = (), pr: Iterable[int] = (),
-                    alloc: tuple[int, int] | None = None,
-                    frees: Callable[[], Iterable[int]] | None = None, write: bool = True):
+    def _hold(self, ex: Iterable[int] = (), pr: Iterable[int] = (),
+              alloc: tuple[int, int] | None = None,
+              frees: Callable[[], Iterable[int]] | None = None, write: bool = True) -> _Hold:
         """Take inode locks, then the resource groups the body may allocate from or
         free into, load those groups, run the body, then maybe commit."""
-        if write:
-            self.txn.check_writable()
-        wanted = [(("inode", i), Mode.EX) for i in ex] + [(("inode", i), Mode.PR) for i in pr]
-        async with self.glocks.hold(wanted):
-            groups: set[int] = set()
-            if alloc is not None:
-                groups.update(self.alloc.groups_for(*alloc))
-            if frees is not None:
-                groups.update(self.alloc.group_of(b) for b in frees())
-            async with self.glocks.hold([(("rgrp", g), Mode.EX) for g in groups]):
-                for g in groups:
-                    self._group(g)
-                yield
-        if write:
-            self.txn.end_operation()
+        return _Hold(self, ex, pr, alloc, frees, write)
 
     async def _retrying(self, run, goal: int, want: int):
         """Run `run(alloc)` and retry an ENOSPC after freeing quarantined blocks
@@ -163,8 +186,7 @@ class FileSystem:
                 if exc.errno != errno.ENOSPC or n == len(attempts) - 1:
                     raise
                 if self.alloc.quarantined:
-                    self.txn.commit()
-                    self.journal.checkpoint()
+                    await self.txn.commit(checkpoint=True)
                 elif len(self.alloc.groups) == self.sb.rgrp_count:
                     raise
 
@@ -599,7 +621,7 @@ class FileSystem:
     async def fsync(self, ino: int) -> None:
         """Data is written straight to the device; committing flushes it and the journal."""
         self.txn.check_writable()
-        self.txn.commit()
+        await self.txn.commit()
 
     async def read(self, ino: int, off: int, size: int) -> bytes:
         async with self._hold(pr=[ino], write=False):
@@ -855,10 +877,6 @@ class FileSystem:
     def usage(self) -> Usage:
         return Usage(self.alloc.data_blocks(), self.alloc.free_blocks(), self.alloc.quarantined)
 
-    def sync(self) -> None:
-        if not self.txn.withdrawn:
-            self.txn.commit()
-
     async def shutdown(self) -> None:
         """Unmount: free unlinked inodes the kernel no longer holds, commit, checkpoint,
         mark the journal clean, give locks back."""
@@ -868,25 +886,23 @@ class FileSystem:
                 self.opens.pop(node.ino, None)
                 await self._maybe_free(node.ino)
         if not self.txn.withdrawn:
-            self.txn.commit()
-            self.journal.close()
+            await self.txn.close()
         await self.glocks.release_all()
 
     # ================================================================ lock demotion
-    def _demote_inode(self, name) -> None:
+    async def _demote_inode(self, name) -> None:
         """Another node wants this inode: commit, drop our copy, tell the kernel."""
         ino = name[1]
         if not self.txn.withdrawn:
-            self.txn.commit()
+            await self.txn.commit()
         node = self.inodes.get(ino)
         if node is not None and not node.freed and self.opens.get(ino, 0) == 0:
             self.inodes.pop(ino, None)
         if self.invalidate_hook is not None:
             self.invalidate_hook(ino)
 
-    def _demote_rgrp(self, name) -> None:
+    async def _demote_rgrp(self, name) -> None:
         if not self.txn.withdrawn:
-            self.txn.commit()
-            self.journal.checkpoint()
+            await self.txn.commit(checkpoint=True)
         self.alloc.drop(name[1])
 

@@ -128,6 +128,14 @@ def replay_journal(dev: BlockDevice, sb: Superblock, slot: int) -> ReplayResult:
     return ReplayResult(len(txns), nblocks, next_seq, off)
 
 
+@dataclass
+class _Pending:
+    blocks: dict[int, bytes]
+    need: int
+    crc: int
+    commit_pos: int
+
+
 class Journal:
     """The open journal of this node's slot."""
 
@@ -143,7 +151,7 @@ class Journal:
         self.tail_off = self.head_off = head.tail_off
         self.used = 0
         self.pending_home: dict[int, bytes] = {}
-        self.on_checkpoint: list = []   # callbacks run after each checkpoint
+        self.in_flight: dict[int, bytes] = {}
         self.stats = {"commits": 0, "blocks": 0, "checkpoints": 0, "flushes": 0}
 
     @property
@@ -157,8 +165,21 @@ class Journal:
 
     def commit(self, blocks: dict[int, bytes]) -> None:
         """Log one transaction durably (ordered after all data already written)."""
-        if not blocks:
+        pending = self.begin_commit(blocks)
+        if pending is None:
             return
+        self.dev.flush()          # data and log blocks before the commit block
+        self.write_commit(pending)
+        self.dev.flush()
+        self.end_commit(pending)
+
+    # The three steps of commit(), so a caller can run the flushes between them in a
+    # worker thread while it keeps serving requests. Steps of one transaction must not
+    # interleave with another commit or a checkpoint (the caller serialises them).
+    def begin_commit(self, blocks: dict[int, bytes]) -> _Pending | None:
+        """Checkpoint if the log is full, then write descriptors and copies (no commit)."""
+        if not blocks:
+            return None
         homes = sorted(blocks)
         ndesc = -(-len(homes) // TARGETS_PER_DESC)
         need = len(homes) + ndesc + 1
@@ -169,18 +190,24 @@ class Journal:
         payload, crc = self._encode(homes, blocks)
         positions = _log_positions(self.head_off, need, self.log_len)
         self._write_run(positions[:-1], payload)
-        self.dev.flush()          # data and log blocks before the commit block
-        commit_blk = self.jstart + positions[-1]
-        self._write_staged(commit_blk, encode_commit(need - 1, crc, time.time_ns(),
+        self.in_flight = blocks
+        return _Pending(blocks, need, crc, positions[-1])
+
+    def write_commit(self, p: _Pending) -> None:
+        commit_blk = self.jstart + p.commit_pos
+        self._write_staged(commit_blk, encode_commit(p.need - 1, p.crc, time.time_ns(),
                                                      commit_blk, self.seq))
-        self.dev.flush()
-        self.stats["flushes"] += 2
-        self.pending_home.update(blocks)
-        self.head_off = 1 + positions[-1] % self.log_len
-        self.used += need
+
+    def end_commit(self, p: _Pending) -> None:
+        """The commit block is durable: account for the transaction."""
+        self.pending_home.update(p.blocks)
+        self.in_flight = {}
+        self.head_off = 1 + p.commit_pos % self.log_len
+        self.used += p.need
         self.seq += 1
         self.stats["commits"] += 1
-        self.stats["blocks"] += len(homes)
+        self.stats["blocks"] += len(p.blocks)
+        self.stats["flushes"] += 2
 
     def _encode(self, homes: list[int], blocks: dict[int, bytes]) -> tuple[list[bytes], int]:
         out: list[bytes] = []
@@ -231,8 +258,6 @@ class Journal:
         self.used = 0
         self._write_head(0)
         self.stats["checkpoints"] += 1
-        for callback in self.on_checkpoint:
-            callback()
 
     def close(self) -> None:
         """Checkpoint and mark the journal clean (nothing to replay)."""
@@ -245,7 +270,9 @@ class Journal:
         self.dev.flush()
 
     def read_committed(self, blkno: int) -> bytes | None:
-        return self.pending_home.get(blkno)
+        """The newest logged copy of a block not yet written home (or being committed)."""
+        copy = self.in_flight.get(blkno)
+        return copy if copy is not None else self.pending_home.get(blkno)
 
     @property
     def free_slots(self) -> int:
