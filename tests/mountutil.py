@@ -417,8 +417,9 @@ class Mount:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.proc.wait(10)
         if _is_mounted(self.mountpoint):
-            if self.conn is not None:
-                abort_fuse_connection(self.conn)
+            conn = self.conn if self.conn is not None else _fuse_connection(self.mountpoint)
+            if conn is not None:
+                abort_fuse_connection(conn)
             subprocess.run(["fusermount3", "-u", "-z", self.mountpoint], capture_output=True)
             if _is_mounted(self.mountpoint):
                 subprocess.run(["umount", "-l", self.mountpoint], capture_output=True)
@@ -456,8 +457,12 @@ def _server_cmd(fs: str, device: str, mountpoint: str, extra_args: Sequence[str]
 
 def start_mount(device: str, mountpoint: str, fs: str = "clusterfs",
                 extra_args: Sequence[str] = (), log: str | None = None,
-                timeout: float = MOUNT_TIMEOUT) -> Mount:
-    """Mount and return the live Mount; the caller must unmount (or use ``mounted``)."""
+                timeout: float = MOUNT_TIMEOUT, wait: bool = True) -> Mount:
+    """Mount and return the live Mount; the caller must unmount (or use ``mounted``).
+
+    ``wait=False`` (FUSE only) returns as soon as the server process is started,
+    e.g. to kill it in the middle of its start-up and journal replay.
+    """
     mountpoint = os.path.realpath(mountpoint)
     os.makedirs(mountpoint, exist_ok=True)
     if _is_mounted(mountpoint):
@@ -482,6 +487,8 @@ def start_mount(device: str, mountpoint: str, fs: str = "clusterfs",
                             env=env, start_new_session=True, preexec_fn=_die_with_parent)
     m = Mount(fs=fs, device=device, mountpoint=mountpoint, log=log, proc=proc, _logf=logf)
     _REGISTRY.add_mount(m)
+    if not wait:
+        return m
     deadline = time.monotonic() + timeout
     while True:
         if _is_mounted(mountpoint):
