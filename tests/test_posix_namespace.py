@@ -311,6 +311,54 @@ def test_directory_with_100000_entries(fsys):
             pass
 
 
+def test_readdir_while_unlinking(fsys):
+    """rm -rf's pattern: read the directory in batches while deleting what was
+    read. Every entry must come back exactly once; none is skipped."""
+    d = fsys.path("d")
+    os.mkdir(d)
+    names = {f"n{i:05d}-{'x' * (i % 40)}" for i in range(3000)}
+    for n in names:
+        os.mknod(os.path.join(d, n), stat.S_IFREG | 0o644)
+    seen = []
+    while True:
+        batch = []
+        with os.scandir(d) as it:
+            for entry in it:
+                seen.append(entry.name)
+                batch.append(entry.name)
+                os.unlink(os.path.join(d, entry.name))     # delete while iterating
+                if len(batch) >= 700:
+                    break
+        if not batch:
+            break
+    assert len(seen) == len(set(seen)) == len(names), (len(seen), len(set(seen)))
+    assert set(seen) == names
+    assert os.listdir(d) == []
+    os.rmdir(d)
+
+
+def test_readdir_offsets_are_stable(fsys):
+    """Entries not touched during a listing are returned exactly once even while
+    others are created and removed (seekdir/telldir contract of readdir)."""
+    d = fsys.path("d")
+    os.mkdir(d)
+    stable = {f"s{i:04d}" for i in range(1500)}
+    for n in stable:
+        os.mknod(os.path.join(d, n), stat.S_IFREG | 0o644)
+    seen = []
+    k = 0
+    with os.scandir(d) as it:
+        for entry in it:
+            seen.append(entry.name)
+            k += 1
+            os.mknod(os.path.join(d, f"new{k:05d}"), stat.S_IFREG | 0o644)
+            if k % 3 == 0:
+                os.unlink(os.path.join(d, f"new{k - 1:05d}"))
+    got = [n for n in seen if n.startswith("s")]
+    assert len(got) == len(set(got)), "an untouched entry was returned twice"
+    assert set(got) == stable, f"{len(stable - set(got))} untouched entries never returned"
+
+
 # ---------------------------------------------------------------------------- errnos
 
 

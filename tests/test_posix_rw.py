@@ -210,3 +210,77 @@ def test_sizes_roundtrip(fsys, size):
         f.write(data)
     fsys.remount()
     assert _read(p) == data
+
+
+def test_mmap_shared_write_and_read(fsys):
+    import mmap
+
+    p = fsys.path("m")
+    size = 3 * 4096 + 100
+    with open(p, "wb") as f:
+        f.write(b"\0" * size)
+    fd = os.open(p, os.O_RDWR)
+    try:
+        with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+            mm[0:5] = b"hello"
+            mm[4096 * 2: 4096 * 2 + 5] = b"world"
+            mm[size - 3:size] = b"end"
+            mm.flush()
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    expect = bytearray(size)
+    expect[0:5] = b"hello"
+    expect[8192:8197] = b"world"
+    expect[size - 3:] = b"end"
+    assert _read(p) == bytes(expect)
+    fsys.remount()
+    assert _read(p) == bytes(expect)
+    with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
+        assert mm[:] == bytes(expect)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_writes_against_a_model(fsys, seed):
+    """Random pwrite/truncate/read on one file, checked against a bytearray model,
+    across block and extent boundaries, then again after a remount."""
+    import random
+
+    rng = random.Random(seed)
+    p = fsys.path("model")
+    model = bytearray()
+    limit = 6 << 20
+    fd = os.open(p, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        for step in range(400):
+            op = rng.random()
+            if op < 0.6:
+                off = rng.choice([rng.randrange(limit), rng.randrange(0, limit, 4096),
+                                  len(model), max(0, len(model) - rng.randrange(1, 5000))])
+                n = rng.choice([1, 7, 512, 4095, 4096, 4097, 20_000, 100_000, 300_000])
+                data = rng.randbytes(n)
+                assert os.pwrite(fd, data, off) == n
+                if off > len(model):
+                    model.extend(bytes(off - len(model)))
+                model[off:off + n] = data
+            elif op < 0.75:
+                size = rng.choice([0, rng.randrange(limit), len(model) // 2,
+                                   len(model) + rng.randrange(100_000)])
+                os.ftruncate(fd, size)
+                if size < len(model):
+                    del model[size:]
+                else:
+                    model.extend(bytes(size - len(model)))
+            else:
+                off = rng.randrange(len(model) + 10)
+                n = rng.randrange(1, 200_000)
+                assert os.pread(fd, n, off) == bytes(model[off:off + n]), f"step {step}"
+            if step % 100 == 99:
+                assert os.fstat(fd).st_size == len(model)
+                os.fsync(fd)
+    finally:
+        os.close(fd)
+    assert _read(p) == bytes(model)
+    fsys.remount()
+    assert os.stat(p).st_size == len(model)
+    assert _read(p) == bytes(model)
