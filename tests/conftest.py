@@ -84,9 +84,12 @@ def require(fs: str) -> None:
 def loop(tmp_path):
     """Factory: ``loop(size_bytes, name="disk.img") -> device path``."""
     require("ext4")
+    count = 0
     with contextlib.ExitStack() as stack:
         def make(size_bytes: int, name: str | None = None) -> str:
-            n = name or f"disk{len(stack._exit_callbacks)}.img"
+            nonlocal count
+            count += 1
+            n = name or f"disk{count}.img"
             return stack.enter_context(mountutil.loop_device(size_bytes, tmp_path, n))
         yield make
 
