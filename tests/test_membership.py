@@ -4,13 +4,14 @@ in virtual time (trio MockClock), with kills, cuts, heals and restarts."""
 from __future__ import annotations
 
 import functools
+import random
 
 import pytest
 import trio
 import trio.testing
 
 from clusterfs.comms.memory import MemoryNetwork
-from clusterfs.errors import Expelled
+from clusterfs.errors import Expelled, PeerUnreachable
 from clusterfs.fence.agent import NoopAgent
 from clusterfs.membership.service import EXPELLED, MEMBER, MembershipService
 from clusterfs.membership.view import ExpelledEvent, Fenced, ViewChange
@@ -28,10 +29,54 @@ def mock_trio(fn):
     return wrapper
 
 
+class JitterEndpoint:
+    """Wraps an endpoint: every message waits a random delay (order per peer kept)."""
+
+    def __init__(self, inner, jitter: float, rng: random.Random) -> None:
+        self.inner = inner
+        self.node_id = inner.node_id
+        self.generation = 0
+        self.jitter = jitter
+        self.rng = rng
+        self.queues: dict[int, trio.MemorySendChannel] = {}
+        self.pending: list = []
+        self._nursery = None
+
+    def register(self, mtypes, handler) -> None:
+        self.inner.register(mtypes, handler)
+
+    async def send(self, dest, mtype, body) -> None:
+        if dest not in self.queues:
+            s, r = trio.open_memory_channel(10_000)
+            self.queues[dest] = s
+            self.pending.append((dest, r))
+        self.queues[dest].send_nowait((self.generation, mtype, body,
+                                       trio.current_time() + self.rng.uniform(0, self.jitter)))
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as n:
+            while True:
+                while self.pending:
+                    n.start_soon(self._pump, *self.pending.pop())
+                await trio.sleep(0.01)
+
+    async def _pump(self, dest, recv) -> None:
+        async for gen, mtype, body, at in recv:
+            await trio.sleep_until(at)
+            self.inner.generation = gen
+            try:
+                await self.inner.send(dest, mtype, body)
+            except PeerUnreachable:
+                pass
+
+
 class Sim:
     """A cluster of MembershipServices on one MemoryNetwork."""
 
-    def __init__(self, net: MemoryNetwork, nursery: trio.Nursery, ids: list[int]) -> None:
+    def __init__(self, net: MemoryNetwork, nursery: trio.Nursery, ids: list[int],
+                 jitter: float = 0.0, seed: int = 0) -> None:
+        self.jitter = jitter
+        self.rng = random.Random(seed)
         self.net = net
         self.nursery = nursery
         self.ids = ids
@@ -41,14 +86,21 @@ class Sim:
 
     async def start(self, nid: int) -> MembershipService:
         ep = self.net.endpoint(nid)
+        scope = trio.CancelScope()
+        if self.jitter:
+            ep = JitterEndpoint(ep, self.jitter, self.rng)
         agent = NoopAgent()
         ms = MembershipService(ep, self.ids, heartbeat_interval=INTERVAL,
-                               failure_timeout=TIMEOUT, fence_agent=agent)
-        scope = trio.CancelScope()
+                               failure_timeout=TIMEOUT, fence_agent=agent,
+                               incarnation=self.rng.getrandbits(63) | 1)
 
         async def run(task_status=trio.TASK_STATUS_IGNORED):
             with scope:
-                await ms.run(task_status=task_status)
+                async with trio.open_nursery() as n:
+                    if isinstance(ep, JitterEndpoint):
+                        n.start_soon(ep.run)
+                    await n.start(ms.run)
+                    task_status.started()
 
         await self.nursery.start(run)
         self.nodes[nid], self.scopes[nid], self.agents[nid] = ms, scope, agent
@@ -83,9 +135,9 @@ class Sim:
                 and len({m.view.generation for m in ms}) == 1)
 
 
-async def with_sim(ids, body):
+async def with_sim(ids, body, **kw):
     async with MemoryNetwork().running() as net, trio.open_nursery() as nursery:
-        sim = Sim(net, nursery, ids)
+        sim = Sim(net, nursery, ids, **kw)
         await body(sim)
         nursery.cancel_scope.cancel()
 

@@ -82,8 +82,10 @@ async def churn(sim: Sim, rng: random.Random, steps: int) -> list[list]:
     return logs
 
 
-def run_seed(seed: int, steps: int) -> None:
+def run_seed(seed: int, steps: int, jitter: float = 0.0) -> None:
+    """Deterministic for a seed: virtual time, seeded incarnations and pauses."""
     ids = [1, 2, 3, 4, 5]
+    random.seed(seed)
 
     @mock_trio
     async def main():
@@ -94,7 +96,7 @@ def run_seed(seed: int, steps: int) -> None:
             logs = await churn(sim, random.Random(seed), steps)
             check_invariants(logs)
             assert all(sim.nodes[i].state == MEMBER for i in ids)
-        await with_sim(ids, body)
+        await with_sim(ids, body, jitter=jitter, seed=seed)
 
     main()
 
@@ -108,3 +110,15 @@ def test_churn(seed):
 @pytest.mark.parametrize("seed", range(100, 300))
 def test_churn_soak(seed):
     run_seed(seed, steps=150)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_churn_with_message_jitter(seed):
+    """Every message is delayed up to 0.4 s (heartbeat 0.5 s): competing proposals."""
+    run_seed(seed, steps=40, jitter=0.4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(300, 400))
+def test_churn_with_message_jitter_soak(seed):
+    run_seed(seed, steps=150, jitter=0.4)
