@@ -138,6 +138,9 @@ class Lockspace:
         self.ls_recover_gen = 0
         self.ls_recover_status: dict[tuple[int, int], set[int]] = {}
         self.ls_barrier_sent: dict[int, int] = {}
+        self.ls_dir_ready = 0                       # generation whose directory is complete
+        self.ls_rec_lookups: list[tuple[int, dict[str, Any]]] = []
+        self.ls_orphan_ops: list[tuple[bytes, int, dict[str, Any]]] = []
         self.ls_recover_lvbs: dict[bytes, list[tuple[int, int, bytes]]] = {}
         self.ls_unconfirmed: set[bytes] = set()     # mastery set by an unfinished recovery
         self.ls_wake = trio.Event()
@@ -387,7 +390,13 @@ class Lockspace:
         master = self.ls_master_of.get(lkb.lkb_key)
         if master is not None and master in self.ls_members:
             self._send_convert(lkb, master, mode, down=True, lvb=lvb)
-        # else: recovery re-sends this lock at its new mode to the new master
+        elif master is None and not self.ls_running:
+            # Recovery forgot the master (an aborted run may have re-sent the
+            # lock at its old mode somewhere): tell whoever masters it (step 6).
+            self.ls_orphan_ops.append((lkb.lkb_key, MsgType.DLM_CONVERT,
+                                       {"id": lkb.lkb_id, "mode": int(mode), "try": False,
+                                        "down": True, "lvb": lvb}))
+        # else: its master is dead: recovery re-sends it at its new mode
 
     def _unlock_lkb(self, lkb: Lkb) -> None:
         lock = lkb.lkb_lock
@@ -397,9 +406,12 @@ class Lockspace:
         self.ls_lkbs.pop(lkb.lkb_id, None)
         lock.granted = False
         master = self.ls_master_of.get(lkb.lkb_key)
+        body = {"id": lkb.lkb_id, "lvb": lvb}
+        if master is None and not self.ls_running:
+            self.ls_orphan_ops.append((lkb.lkb_key, MsgType.DLM_UNLOCK, body))  # see above
+            return
         if master is None or master not in self.ls_members:
             return   # its master is gone: recovery will not re-send it, so it is released
-        body = {"id": lkb.lkb_id, "lvb": lvb}
         if master == self.ls_node:
             self._receive_unlock(self.ls_node, body)
         else:
@@ -525,6 +537,11 @@ class Lockspace:
             return
         if body["rec"] and body.get("g") != self.ls_recover_gen:
             return   # from a recovery that was overtaken: must not assign a master
+        if body["rec"] and self.ls_dir_ready != self.ls_recover_gen:
+            # Not every member's names are in yet (we have not passed barrier 2):
+            # a name from a third node may still be on its way. Answer later.
+            self.ls_rec_lookups.append((sender, body))
+            return
         if self._dir_node(body["name"]) != self.ls_node:
             # Asked under another member list (the view changed since): we are
             # not its directory node now. The asker will ask again.
@@ -757,6 +774,7 @@ class Lockspace:
         g = view.generation
         self.ls_recover_gen = g
         self.ls_recover_lvbs = {}
+        self.ls_rec_lookups = []
         # The directory is rebuilt from scratch (step 5). Clear it now, before
         # the first barrier: a faster member may send us its names right after it.
         self.ls_dir.clear()
@@ -805,6 +823,10 @@ class Lockspace:
                 self._send(dir_node, MsgType.DLM_RECOVER_NAMES, {"g": g, "names": keys})
         self._rlog(g, "5 directory: sent %d names", len(self.ls_mastered))
         await self._barrier(g, 2)
+        self.ls_dir_ready = g          # every member's names are in: answer lookups
+        pending, self.ls_rec_lookups = self.ls_rec_lookups, []
+        for sender, body in pending:
+            self._receive_lookup(sender, body)
 
         # 6. New masters for resources whose master died: the first survivor
         #    to ask the directory becomes master; every owner re-sends its
@@ -820,9 +842,13 @@ class Lockspace:
             if lkb.lkb_status == Status.WAITING and not lkb.lkb_sent:
                 continue   # not sent yet: it goes the normal way after recovery
             orphans.setdefault(lkb.lkb_key, []).append(lkb)
+        op_keys = {key for key, _, _ in self.ls_orphan_ops} - set(orphans)
         async with trio.open_nursery() as nursery:
             for key in orphans:
                 nursery.start_soon(partial(self._find_master, key, recovery=True))
+            for key in op_keys:
+                nursery.start_soon(partial(self._find_master, key, recovery=True,
+                                           assign=False))
         for key, lkbs in orphans.items():
             entries = [self._recover_entry(lkb) for lkb in lkbs]
             master = self.ls_master_of[key]
@@ -831,8 +857,14 @@ class Lockspace:
                 self._receive_recover_locks(me, body)
             else:
                 self._send(master, MsgType.DLM_RECOVER_LOCKS, body)
-        self._rlog(g, "6 new masters for %d resources, %d locks re-sent", len(orphans),
-                   sum(len(v) for v in orphans.values()))
+        # unlocks and down-conversions made while the master was unknown
+        ops, self.ls_orphan_ops = self.ls_orphan_ops, []
+        for key, mtype, body in ops:
+            master = self.ls_master_of.get(key)
+            if master is not None and master in view.members:
+                self._send_or_local(master, mtype, body)
+        self._rlog(g, "6 new masters for %d resources, %d locks re-sent, %d orphan ops",
+                   len(orphans), sum(len(v) for v in orphans.values()), len(ops))
         await self._barrier(g, 3)
 
         # 7. Finish rebuilt resources: the LVB is the newest copy a survivor
