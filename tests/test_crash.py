@@ -20,6 +20,7 @@ workload, the log and the checks themselves.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import random
@@ -39,6 +40,16 @@ DURABLE_PER_ROUND = 150
 
 
 def _workload(root: str, log_path: str, seed: int, tag: str) -> None:
+    try:
+        _workload_body(root, log_path, seed, tag)
+    except OSError as e:
+        # the mount died under us (ENOTCONN/ECONNABORTED): that is the point.
+        # Any other error (EIO, ENOSPC...) is a failure of the filesystem.
+        print(f"workload stopped: {e!r}", file=sys.stderr)
+        os._exit(0 if e.errno in (errno.ENOTCONN, errno.ECONNABORTED) else 3)
+
+
+def _workload_body(root: str, log_path: str, seed: int, tag: str) -> None:
     rng = random.Random(seed)
     log_fd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     dirs = [os.path.join(root, f"dir{k}") for k in range(DIRS)]
@@ -137,27 +148,22 @@ def _workload(root: str, log_path: str, seed: int, tag: str) -> None:
                 f.read()
 
     budget = DURABLE_PER_ROUND    # bounds disk use over hundreds of rounds
-    try:
-        while True:
-            r = rng.random()
-            if budget <= 0:
-                r = 1.0
-            else:
-                budget -= r < 0.30
-            if r < 0.22:
-                durable(via_rename=False)
-            elif r < 0.30:
-                durable(via_rename=True)
-            else:
-                try:
-                    churn()
-                except FileNotFoundError:
-                    # a churn name whose link went away with a rename over it: forget it
-                    tmp[:] = [p for p in tmp if os.path.lexists(p)]
-    except OSError as e:
-        # the mount died under us (ENOTCONN/ECONNABORTED): that is the point
-        print(f"workload stopped: {e!r}", file=sys.stderr)
-        os._exit(0)
+    while True:
+        r = rng.random()
+        if budget <= 0:
+            r = 1.0
+        else:
+            budget -= r < 0.30
+        if r < 0.22:
+            durable(via_rename=False)
+        elif r < 0.30:
+            durable(via_rename=True)
+        else:
+            try:
+                churn()
+            except FileNotFoundError:
+                # a churn name whose link went away with a rename over it: forget it
+                tmp[:] = [p for p in tmp if os.path.lexists(p)]
 
 
 # ============================================================================ the test
