@@ -46,6 +46,8 @@ RENAME_EXCHANGE = 2
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 BIG = 1 << 62
 PREFETCH_SPAN = 64       # blocks read at once when prefetching inodes
+READAHEAD_TRIGGER = 128 * 1024   # a read this large is taken as sequential
+READAHEAD_BLOCKS = 1024          # how far to read ahead on the device (4 MiB)
 SYMLINK_MAX = 4095
 
 
@@ -645,9 +647,18 @@ class FileSystem:
                 pieces.append(bytes(n * BLOCK_SIZE))
             else:
                 pieces.append(self.dev.pread(pblk * BLOCK_SIZE, n * BLOCK_SIZE))
+        if size >= READAHEAD_TRIGGER:
+            self._read_ahead(node, last + 1)
         skip = off - first * BLOCK_SIZE
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         return data[skip : skip + size] if skip or len(data) != size else data
+
+    def _read_ahead(self, node: CachedInode, lblk: int) -> None:
+        """Sequential reader: ask the device to start reading what follows in the same
+        extent (asynchronously), so the next request finds it cached."""
+        run = ext.map_range(node.extents, lblk, READAHEAD_BLOCKS)[0]
+        if run[1] is not None:
+            self.dev.advise_willneed(run[1], run[2])
 
     async def write(self, ino: int, off: int, data: bytes) -> int:
         if off + len(data) > (1 << 63) - 1:

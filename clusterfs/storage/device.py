@@ -60,6 +60,14 @@ class BlockDevice:
         except OSError as exc:
             raise StorageError(f"{self.path}: write at {offset}: {exc.strerror}") from exc
 
+    def advise_willneed(self, blkno: int, count: int) -> None:
+        """Start reading blocks into the cache in the background (best effort)."""
+        try:
+            os.posix_fadvise(self.fd, blkno * BLOCK_SIZE, count * BLOCK_SIZE,
+                             os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+
     def flush(self) -> None:
         try:
             os.fsync(self.fd)
