@@ -656,9 +656,12 @@ class FileSystem:
     def _read_ahead(self, node: CachedInode, lblk: int) -> None:
         """Sequential reader: ask the device to start reading what follows in the same
         extent (asynchronously), so the next request finds it cached."""
+        if lblk < node.read_ahead_done:
+            return          # still inside the window asked for last time
         run = ext.map_range(node.extents, lblk, READAHEAD_BLOCKS)[0]
         if run[1] is not None:
             self.dev.advise_willneed(run[1], run[2])
+            node.read_ahead_done = lblk + run[2] // 2
 
     async def write(self, ino: int, off: int, data: bytes) -> int:
         if off + len(data) > (1 << 63) - 1:

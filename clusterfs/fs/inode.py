@@ -37,6 +37,7 @@ class CachedInode:
         self.nlookup = 0                 # kernel references (lookup count)
         self.open_count = 0
         self.freed = False
+        self.read_ahead_done = 0         # logical block up to which read-ahead was asked
         self._load_map(read)
         if disk.xattr_blk:
             self.d.xattrs = decode_xattr_block(read(disk.xattr_blk), disk.xattr_blk)

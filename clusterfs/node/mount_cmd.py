@@ -161,7 +161,6 @@ async def serve(dev, sb, mountpoint: str, opts: Options, ready: Callable[[], Non
         raise MountError(f"{mountpoint}: cannot mount: {exc}") from None
     log.info("mounted %s on %s (journal slot %d, uuid %s)", dev.path, mountpoint, slot,
              sb.uuid_str)
-    _raise_readahead(mountpoint)
     ready()
     unmounted_by_us = False
     try:
@@ -179,6 +178,14 @@ async def serve(dev, sb, mountpoint: str, opts: Options, ready: Callable[[], Non
                         return
 
             nursery.start_soon(on_signal)
+
+            async def raise_readahead() -> None:
+                # the kernel sets the mount's read-ahead when it handles our INIT
+                # reply, which happens once main() runs: change it after that
+                await trio.sleep(0.5)
+                _raise_readahead(mountpoint)
+
+            nursery.start_soon(raise_readahead)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
@@ -200,6 +207,7 @@ def _raise_readahead(mountpoint: str) -> None:
                 if parts[4] == mountpoint:
                     with open(f"/sys/class/bdi/{parts[2]}/read_ahead_kb", "w") as bdi:
                         bdi.write(str(READAHEAD_KB))
+                    log.debug("read-ahead of %s set to %d KiB", mountpoint, READAHEAD_KB)
                     return
     except OSError as exc:
         log.debug("read-ahead unchanged: %s", exc)
