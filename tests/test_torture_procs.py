@@ -56,7 +56,10 @@ async def run_torture(tmp: str, nodes: list[int], *, seconds: float, kill_rounds
                     h = r["handle"]
                     await trio.sleep(wrng.random() * 0.02)
                     if wrng.random() < 0.3:
-                        cur = checker.holds[key].mode
+                        held = checker.holds.get(key)
+                        if held is None:
+                            return     # our node was killed meanwhile
+                        cur = held.mode
                         new = Mode(wrng.randrange(6))
                         if is_down_conversion(cur, new):
                             checker.converted(node, w, new)
@@ -122,6 +125,8 @@ async def run_torture(tmp: str, nodes: list[int], *, seconds: float, kill_rounds
                 await trio.to_thread.run_sync(lambda s=survivors: cl.wait_running(s, 30))
                 await lost_check(survivors, before)
                 scopes[victim].cancel()
+                await trio.sleep(0.1)         # its workers notice the broken connections
+                checker.node_restarted(victim)
                 cl.start(victim)
                 await trio.to_thread.run_sync(cl.wait_ready, victim)
                 await trio.to_thread.run_sync(lambda: cl.wait_running(nodes, 30))

@@ -72,13 +72,33 @@ class MemCluster:
         return node
 
     async def wait_running(self, timeout: float = 10) -> None:
-        with trio.fail_after(timeout):
-            for node in list(self.nodes.values()):
-                if node.node_id in self.cluster.view.members:
-                    assert node.ls is not None
-                    while not (node.ls.ls_running and node.ls.ls_view is not None and
-                               node.ls.ls_view.generation == self.cluster.view.generation):
-                        await trio.sleep(0.001)
+        try:
+            with trio.fail_after(timeout):
+                for node in list(self.nodes.values()):
+                    if node.node_id in self.cluster.view.members:
+                        assert node.ls is not None
+                        while not (node.ls.ls_running and node.ls.ls_view is not None and
+                                   node.ls.ls_view.generation
+                                   == self.cluster.view.generation):
+                            await trio.sleep(0.001)
+        except trio.TooSlowError:
+            raise AssertionError("recovery did not finish:\n" + self.dump()) from None
+
+    def dump(self) -> str:
+        lines = [f"cluster view {self.cluster.view}"]
+        for nid, node in sorted(self.nodes.items()):
+            ls = node.ls
+            if ls is None:
+                continue
+            g = ls.ls_recover_gen
+            lines.append(
+                f"node {nid}: running={ls.ls_running} view_gen="
+                f"{ls.ls_view.generation if ls.ls_view else None} recover_gen={g} "
+                f"need_fence={sorted(ls.ls_need_fence)} barrier_sent={ls.ls_barrier_sent.get(g)} "
+                f"status={ {k: sorted(v) for k, v in ls.ls_recover_status.items() if k[0] == g} } "
+                f"dir_ready={ls.ls_dir_ready} lookups={list(ls.ls_lookups)} "
+                f"rec_lookups={len(ls.ls_rec_lookups)}")
+        return "\n".join(lines)
 
 
 @asynccontextmanager

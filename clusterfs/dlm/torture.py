@@ -42,12 +42,15 @@ class Checker:
     holds: dict[tuple[int, int], Hold] = field(default_factory=dict)   # (node, worker) -> hold
     seq: int = 0
     violations: list[str] = field(default_factory=list)
+    dead: set[int] = field(default_factory=set)   # reports from these nodes are void
     grants: int = 0
     releases: int = 0
     converts: int = 0
 
     def granted(self, node: int, worker: int, resource: Any, mode: Mode,
                 rng: tuple[int, int], lkid: int = 0) -> None:
+        if node in self.dead:
+            return    # a reply that was on its way when the node was killed
         self.seq += 1
         self.grants += 1
         new = Hold(node, worker, resource, Mode(mode), rng, self.seq, lkid)
@@ -56,6 +59,8 @@ class Checker:
 
     def converted(self, node: int, worker: int, mode: Mode) -> None:
         """Report an up-conversion AFTER it was granted, a down one BEFORE sending it."""
+        if node in self.dead or (node, worker) not in self.holds:
+            return
         self.seq += 1
         self.converts += 1
         h = self.holds[(node, worker)]
@@ -68,8 +73,13 @@ class Checker:
         self.holds.pop((node, worker), None)
 
     def node_died(self, node: int) -> None:
+        """The node was killed (and its process reaped): it holds nothing any more."""
+        self.dead.add(node)
         for k in [k for k in self.holds if k[0] == node]:
             del self.holds[k]
+
+    def node_restarted(self, node: int) -> None:
+        self.dead.discard(node)
 
     def _check(self, new: Hold) -> None:
         for key, h in self.holds.items():
@@ -183,6 +193,7 @@ async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_nod
                 await mc.wait_running(30)
                 _check_not_lost(mc, checker, survivors_before, result)
                 for victim in victims:
+                    checker.node_restarted(victim)
                     await mc.join(victim)
                     await mc.wait_running(30)
                     await nursery.start(node_workers, victim)
