@@ -38,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-f", "--foreground", action="store_true",
                         help="stay in the foreground and log to stderr")
     parser.add_argument("-o", dest="options", action="append", default=[],
-                        help="comma-separated options: debug (verbose log + FUSE debug), "
-                             "fuse_debug")
+                        help="comma-separated options: debug (verbose log), fuse_debug "
+                             "(libfuse request trace)")
     parser.add_argument("--log", metavar="FILE", help="log file when daemonized "
                         "(default: /dev/null)")
     parser.add_argument("device")
