@@ -98,3 +98,30 @@ def test_lockbench_runs() -> None:
     assert res["local_lock_unlock_per_s"] > 100
     assert 0 < res["remote_rtt_p50_us"] <= res["remote_rtt_p99_us"]
     assert res["pingpong_handovers_per_s"] > 5
+
+
+def test_no_quorum_request_waits_then_completes(cluster3: LocalLockCluster) -> None:
+    import json
+
+    cluster3.kill(2)
+    cluster3.kill(3)                                    # 1 of 3 left: no quorum
+    c1 = ControlClient(cluster3.control(1), timeout=60)
+    try:
+        deadline = time.monotonic() + 20
+        while c1.call("status")["quorate"] and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not c1.call("status")["quorate"]
+        c1.sock.sendall(b'{"op": "lock", "name": "q:1", "mode": "EX", "timeout": 50}\n')
+        c1.sock.settimeout(2.0)
+        with pytest.raises(TimeoutError):
+            c1.sock.recv(4096)                          # neither granted nor failed
+        c1.sock.settimeout(60)
+        cluster3.start(2)                               # quorum again
+        cluster3.wait_ready(2)
+        line = b""
+        while not line.endswith(b"\n"):
+            line += c1.sock.recv(4096)
+        r = json.loads(line)
+        assert r["ok"] and r["mode"] == "EX", r
+    finally:
+        c1.close()
