@@ -448,3 +448,22 @@ async def test_expelled_node_fails_waiters() -> None:
         assert len(errors) == 1
         with pytest.raises(Expelled):
             await mc.ls(3).lock(("y", 1), Mode.NL)
+
+
+@trio_test
+async def test_cancel_waiting_conversion_keeps_granted_mode() -> None:
+    async with memory_cluster([1, 2]) as mc:
+        la = await mc.ls(1).lock(R, Mode.PR)
+        lb = await mc.ls(2).lock(R, Mode.PR)
+        with pytest.raises(WouldBlock):
+            await mc.ls(2).convert(lb, Mode.EX, try_=True)
+        assert lb.mode == Mode.PR
+        with trio.move_on_after(0.05):
+            await mc.ls(2).convert(lb, Mode.EX)       # cancelled while queued
+        await settle()
+        assert lb.mode == Mode.PR and lb.granted
+        infos = mc.ls(1).dump_local(resource_key(R))
+        assert [(i.queue, i.grmode) for i in infos] == [(Queue.GRANTED, Mode.PR)] * 2
+        await mc.ls(1).unlock(la)
+        await mc.ls(2).convert(lb, Mode.EX)
+        assert lb.mode == Mode.EX
