@@ -210,6 +210,7 @@ class Lockspace:
             master = self.ls_master_of.get(lkb.lkb_key)
             if master is not None and self.ls_running:
                 break
+            await trio.sleep(0.01)   # (not expected: a held lock's master is known)
         lkb.lkb_status, lkb.lkb_rqmode, lkb.lkb_try = Status.CONVERTING, mode, try_
         lkb.lkb_done, lkb.lkb_error = trio.Event(), None
         self._send_convert(lkb, master, mode, try_=try_)
