@@ -51,6 +51,10 @@ log = logging.getLogger("clusterfs.lockd")
 DEFAULT_CONTROL_DIR = "/run/clusterfs"
 
 
+class _ExpelledExit(Exception):
+    pass
+
+
 def default_control_path(node_id: int) -> str:
     return os.path.join(DEFAULT_CONTROL_DIR, f"lockd-{node_id}.sock")
 
@@ -77,6 +81,9 @@ def run(args: argparse.Namespace) -> int:
     control = args.control or default_control_path(args.node_id)
     try:
         trio.run(serve, args.config, args.node_id, control, args.fence_pid_dir)
+    except _ExpelledExit:
+        print("clusterfs lockd: expelled from the cluster; restart clean", file=sys.stderr)
+        return 3
     except ConfigError as exc:
         print(f"clusterfs lockd: config error: {exc}", file=sys.stderr)
         return 2
@@ -99,6 +106,8 @@ async def serve(config: str, node_id: int, control: str, fence_pid_dir: str | No
             ls = await dlm.new_lockspace("default")
             server = ControlServer(ls, node)
             await server.serve(control)
+            if server.expelled:
+                raise _ExpelledExit()
 
 
 class ControlServer:
@@ -106,6 +115,7 @@ class ControlServer:
         self.ls = ls
         self.node = node
         self.stop = trio.Event()
+        self.expelled = False
 
     async def serve(self, path: str) -> None:
         try:
@@ -121,6 +131,7 @@ class ControlServer:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(trio.serve_listeners, self._client, [listener])
+                nursery.start_soon(self._watch_expelled)
                 await self.stop.wait()
                 nursery.cancel_scope.cancel()
         finally:
@@ -128,6 +139,14 @@ class ControlServer:
                 os.unlink(path)
             except OSError:
                 pass
+
+    async def _watch_expelled(self) -> None:
+        """An expelled node must restart clean: stop serving (exit status 3)."""
+        while not self.ls.ls_expelled:
+            await trio.sleep(0.2)
+        log.error("lockd %d: expelled from the cluster; exiting", self.ls.ls_node)
+        self.expelled = True
+        self.stop.set()
 
     async def _client(self, stream: trio.SocketStream) -> None:
         session = _Session(self)
