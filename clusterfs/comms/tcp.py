@@ -30,7 +30,8 @@ connection is closed; the node keeps serving everyone else.
 `send()` never blocks: it raises PeerUnreachable when the destination is not a
 configured node, when the last connection attempt to it failed (the peer is
 "down"; a background task keeps retrying with backoff), or when its queue is
-full. Messages queued when a connection breaks may be lost (never reordered).
+full. Messages queued when a connection breaks are dropped with it (so they never
+reach a restarted process at the other end); nothing is ever reordered.
 """
 
 from __future__ import annotations
@@ -235,6 +236,9 @@ class TcpEndpoint:
                     _Closed) as exc:
                 log.info("node %d gen %d: connection to peer %d lost: %s", self.node_id,
                          self.generation, peer.node_id, _why(exc))
+            # What was queued for the process at the other end is dropped with the
+            # connection: it must never reach a restarted process on the next one.
+            self._drop_queue(peer)
             peer.state = "connecting"
 
     async def _connect(self, peer: _Peer) -> tuple[trio.SocketStream, bytes]:

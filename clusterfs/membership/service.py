@@ -126,7 +126,9 @@ class MembershipService:
         self.state = JOINING
         self.view = View(0, frozenset({self.node_id}), False, self.cluster_size)
         self._incs: dict[int, int] = {}
-        self._promised: tuple[int, int] = (0, -1)
+        # a proposal is known by (generation, coordinator, coordinator's incarnation):
+        # messages of a coordinator's earlier life never match its new proposals
+        self._promised: tuple[int, int, int] = (0, -1, 0)
         self._promised_body: dict[str, Any] | None = None
         self._max_gen = 0
         self._removed: dict[int, int] = {}
@@ -135,7 +137,8 @@ class MembershipService:
         self._suspect_until: dict[int, float] = {}
         self._expel_sent_at: dict[int, float] = {}
         self._acks: dict[int, bool] | None = None
-        self._acks_key: tuple[tuple[int, int], int] = ((0, -1), 0)
+        self._acks_key: tuple[tuple[int, int, int], int] = ((0, -1, 0), 0)
+        self._acks_incs: Mapping[int, int] = {}
         self._tentative: Mapping[str, Any] | None = None
         self._acks_changed = trio.Event()
         self._changed = trio.Event()
@@ -346,7 +349,7 @@ class MembershipService:
     async def _propose(self, target: frozenset[int], base: frozenset[int]) -> None:
         gen = max(self.view.generation, self._promised[0], self._max_gen) + 1
         self._max_gen = gen
-        key = (gen, self.node_id)
+        key = (gen, self.node_id, self.incarnation)
         members = {n: (self.incarnation if n == self.node_id else self._peers[n].inc)
                    for n in target}
         quorate = 2 * len(target) > self.cluster_size
@@ -362,7 +365,7 @@ class MembershipService:
         removed = dict(self._removed)
         if quorate:
             removed.update(pending)   # a quorate view expels what it removes
-        body = {"gen": gen, "coord": self.node_id, "members": members,
+        body = {"gen": gen, "coord": self.node_id, "cinc": self.incarnation, "members": members,
                 "base": sorted(base), "quorate": quorate,
                 "removed": removed, "fence": pending}
         self.proposals += 1
@@ -372,18 +375,21 @@ class MembershipService:
         self._promised_body = body
         others = [n for n in target if n != self.node_id]
         # phase 1: propose; every target promises (or refuses)
-        failed, missing = await self._phase(key, others, MsgType.VIEW_PROPOSE, body)
+        failed, missing = await self._phase(key, others, MsgType.VIEW_PROPOSE, body,
+                                            members)
         if not (failed or missing or self._promised != key or self.state == EXPELLED):
             # phase 2: commit; every target holds it as its tentative next view
             self._tentative = body
             failed, missing = await self._phase(key, others, MsgType.VIEW_COMMIT,
-                                                {"gen": gen, "coord": self.node_id})
+                                                {"gen": gen, "coord": self.node_id,
+                                                 "cinc": self.incarnation}, members)
             if not (failed or missing or self.state == EXPELLED
                     or self._tentative is not body or self.view.generation >= gen):
                 # phase 3: every member has it: activate (publish) everywhere
                 for n in others:
                     await self._send(n, MsgType.VIEW_ACTIVATE,
-                                     {"gen": gen, "coord": self.node_id})
+                                     {"gen": gen, "coord": self.node_id,
+                                      "cinc": self.incarnation})
                 self._install(body)
                 return
         self.proposals_failed += 1
@@ -395,10 +401,11 @@ class MembershipService:
                  sorted(missing), self._promised != key)
         await trio.sleep(random.uniform(0, self.interval))
 
-    async def _phase(self, key: tuple[int, int], others: list[int], mtype: int,
-                     body: Any) -> tuple[set[int], set[int]]:
+    async def _phase(self, key: tuple[int, int, int], others: list[int], mtype: int,
+                     body: Any, members: Mapping[int, int]) -> tuple[set[int], set[int]]:
         """Send to every other target and collect yes/no answers; (refused, missing)."""
         self._acks_key = (key, mtype)
+        self._acks_incs = members
         self._acks = {}
         self._acks_changed = trio.Event()
         for n in others:
@@ -418,7 +425,7 @@ class MembershipService:
     @_guarded
     async def _on_propose(self, env: Envelope) -> None:
         b = env.body
-        gen, coord = int(b["gen"]), int(b["coord"])
+        gen, coord, cinc = int(b["gen"]), int(b["coord"]), int(b["cinc"])
         self._max_gen = max(self._max_gen, gen)
         members = {int(k): int(v) for k, v in b["members"].items()}
         ok = True
@@ -434,29 +441,33 @@ class MembershipService:
         elif self.state == MEMBER and self.view.quorate and coord not in self.view.members:
             ok, why = False, "coordinator outside my quorate view"
         if ok:
-            self._promised = (gen, coord)
+            self._promised = (gen, coord, cinc)
             self._promised_body = b
         else:
             log.info("node %d gen %d: refusing view %d from %d: %s", self.node_id,
                      self.view.generation, gen, coord, why)
         await self._send(coord, MsgType.VIEW_ACK,
-                         {"gen": gen, "coord": coord, "ok": ok, "max_gen": self._max_gen,
+                         {"gen": gen, "coord": coord, "cinc": cinc, "ok": ok,
+                          "inc": self.incarnation,
+                          "max_gen": self._max_gen,
                           "phase": int(MsgType.VIEW_PROPOSE)})
 
     @_guarded
     async def _on_ack(self, env: Envelope) -> None:
         b = env.body
         self._max_gen = max(self._max_gen, int(b["max_gen"]))
-        if self._acks is None or ((int(b["gen"]), int(b["coord"])),
+        if self._acks is None or ((int(b["gen"]), int(b["coord"]), int(b["cinc"])),
                                   int(b["phase"])) != self._acks_key:
             return
+        if self._acks_incs.get(env.sender) != int(b["inc"]):
+            return      # from an earlier life of that node
         self._acks[env.sender] = bool(b["ok"])
         self._acks_changed.set()
 
     @_guarded
     async def _on_commit(self, env: Envelope) -> None:
         b = env.body
-        key = (int(b["gen"]), int(b["coord"]))
+        key = (int(b["gen"]), int(b["coord"]), int(b["cinc"]))
         ok = (key == self._promised and self._promised_body is not None
               and key[0] > self.view.generation and self.state != EXPELLED)
         if ok:
@@ -465,14 +476,16 @@ class MembershipService:
             log.info("node %d gen %d: refusing commit of view %d from %d (promised %s)",
                      self.node_id, self.view.generation, key[0], key[1], self._promised)
         await self._send(key[1], MsgType.VIEW_ACK,
-                         {"gen": key[0], "coord": key[1], "ok": ok, "max_gen": self._max_gen,
+                         {"gen": key[0], "coord": key[1], "cinc": key[2], "ok": ok,
+                          "inc": self.incarnation,
+                          "max_gen": self._max_gen,
                           "phase": int(MsgType.VIEW_COMMIT)})
 
     @_guarded
     async def _on_activate(self, env: Envelope) -> None:
-        key = (int(env.body["gen"]), int(env.body["coord"]))
+        key = (int(env.body["gen"]), int(env.body["coord"]), int(env.body["cinc"]))
         t = self._tentative
-        if (t is None or (int(t["gen"]), int(t["coord"])) != key
+        if (t is None or (int(t["gen"]), int(t["coord"]), int(t["cinc"])) != key
                 or key[0] <= self.view.generation or self.state == EXPELLED):
             log.info("node %d gen %d: ignoring activation of view %d from %d", self.node_id,
                      self.view.generation, key[0], key[1])
@@ -544,7 +557,7 @@ class MembershipService:
             return
         log.info("node %d gen %d: fencing of %s done; telling members", self.node_id, gen,
                  sorted(nodes))
-        body = {"gen": gen, "nodes": sorted(nodes)}
+        body = {"gen": gen, "nodes": sorted(nodes), "inc": self.incarnation}
         for n in sorted(self.view.members):
             if n != self.node_id:
                 await self._send(n, MsgType.FENCE_DONE, body)
@@ -552,7 +565,8 @@ class MembershipService:
 
     @_guarded
     async def _on_fence_done(self, env: Envelope) -> None:
-        if self.state != MEMBER or env.sender != self.view.coordinator:
+        if (self.state != MEMBER or env.sender != self.view.coordinator
+                or int(env.body["inc"]) != self._incs.get(env.sender)):
             log.warning("node %d gen %d: FENCE_DONE from node %d, not my coordinator; ignored",
                         self.node_id, self.view.generation, env.sender)
             return
