@@ -33,6 +33,12 @@ async def run_torture(tmp: str, nodes: list[int], *, seconds: float, kill_rounds
     cl = LocalLockCluster(nodes, workdir=tmp, verbose=True, failure_timeout=failure_timeout)
     try:
         await trio.to_thread.run_sync(cl.start_all)
+        # master the resources on the nodes that will be killed (first asker masters)
+        for i, res in enumerate(names):
+            c = await AsyncControlClient.connect(cl.control(nodes[1 + i % (len(nodes) - 1)]))
+            r = await c.call("lock", name=res, mode="NL")
+            await c.call("unlock", handle=r["handle"])
+            await c.aclose()
 
         async def worker(node: int, w: int, wrng: random.Random) -> None:
             try:

@@ -85,14 +85,23 @@ class LocalLockCluster:
         while True:
             ok = True
             for nid in want:
-                with ControlClient(self.control(nid)) as c:
-                    st = c.call("status")
+                try:
+                    with ControlClient(self.control(nid)) as c:
+                        st = c.call("status")
+                except OSError:
+                    ok = False
+                    continue
                 if not (st["running"] and st["members"] == want):
                     ok = False
             if ok:
                 return
             if time.monotonic() > deadline:
-                raise TimeoutError(f"cluster {want} not running")
+                detail = []
+                for nid in want:
+                    alive = nid in self.procs and self.procs[nid].poll() is None
+                    detail.append(f"node {nid} alive={alive}: " +
+                                  self.log_tail(nid, 600).replace("\n", "\n    "))
+                raise TimeoutError(f"cluster {want} not running\n" + "\n".join(detail))
             time.sleep(0.1)
 
     def start_all(self) -> LocalLockCluster:
