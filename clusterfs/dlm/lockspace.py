@@ -1021,7 +1021,12 @@ class Dlm:
         if ls is None:
             self._early.setdefault(name, []).append(env)
             return
-        ls._dispatch(env.sender, env.type, body)
+        try:
+            ls._dispatch(env.sender, env.type, body)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            # an authenticated but malformed message: drop it, keep serving
+            log.warning("dlm: bad %s from node %d dropped: %r",
+                        MsgType(env.type).name, env.sender, exc)
 
     def statistics(self) -> dict[str, Any]:
         return {"node": self.node_id, "dropped_sends": self.dropped_sends,
