@@ -121,3 +121,51 @@ def test_sigstopped_node_is_expelled_when_it_wakes(tmp_path, procs):
             e = p.events.get()
             p.seen.append(e)
             assert e.get("event") != "view", e
+
+
+def test_kill_9_and_restart_the_lowest_id_never_removes_a_live_node(tmp_path, procs):
+    """Node 1 (the coordinator) is killed -9 and restarted, several rounds, in a
+    cluster of five: the restarted node becomes coordinator again at once and must
+    not remove live members it has not heard from yet (over TCP the others'
+    reconnects to it lag behind its own heartbeats)."""
+    ids = [1, 2, 3, 4, 5]
+    cfg = tmp_path / "cluster.toml"
+    write_local_config(cfg, ids, heartbeat_interval=INTERVAL, failure_timeout=TIMEOUT)
+    nodes = {nid: NodeProc(str(cfg), nid) for nid in ids}
+    procs.extend(nodes.values())
+    survivors = ids[1:]
+
+    def check(ev: dict, nid: int) -> None:
+        assert ev.get("event") != "expelled", f"live node {nid} expelled: {nodes[nid].seen}"
+        if ev.get("event") == "view":
+            missing = set(survivors) - set(ev["members"])
+            assert not missing, f"node {nid}: view {ev} removed live nodes {sorted(missing)}"
+
+    def wait_view(nid: int, members: list[int], deadline: float) -> dict:
+        def pred(e: dict) -> bool:
+            check(e, nid)
+            return e.get("event") == "view" and e["members"] == members
+        return nodes[nid].wait_event(pred, deadline)
+
+    deadline = time.monotonic() + 30
+    for nid in ids:
+        nodes[nid].wait_event(lambda e: e.get("event") == "view" and e["members"] == ids,
+                              deadline)
+    for _ in range(3):
+        nodes[1].kill()
+        deadline = time.monotonic() + TIMEOUT + 20
+        for nid in survivors:
+            wait_view(nid, survivors, deadline)
+        nodes[1] = NodeProc(str(cfg), 1)
+        procs.append(nodes[1])
+        deadline = time.monotonic() + 30
+        for nid in ids:
+            wait_view(nid, ids, deadline)
+        # a few failure timeouts later, nobody live has left any view
+        time.sleep(3 * TIMEOUT)
+        for nid in ids:
+            while not nodes[nid].events.empty():
+                ev = nodes[nid].events.get()
+                nodes[nid].seen.append(ev)
+                check(ev, nid)
+            assert nodes[nid].proc.poll() is None, f"node {nid} exited"

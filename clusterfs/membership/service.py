@@ -7,7 +7,12 @@ Endpoint (TCP or the in-memory transport). The algorithm (docs/cluster.md):
   new incarnation and is told apart from a stale one.
 - Every `heartbeat_interval` each node sends HEARTBEAT {inc, state, gen, members,
   quorate} to every other configured node. A peer not heard from for
-  `failure_timeout` is dead to us.
+  `failure_timeout` is dead to us - counted only over time in which we could
+  have heard it: from our own start (a member we have not heard from since we
+  started is *presumed alive* for a full failure timeout, not dead: a restarted
+  node must not remove live members it simply has not heard from yet), and not
+  counting the time our own event loop was stalled (heartbeats that were
+  waiting for us to run are no evidence of a peer's death).
 - The *coordinator* is the lowest-id live member of the current view (a joining
   node proposes only when no live node is a member of any view). It proposes a
   new view when its view has a dead member, a member with a new incarnation, a
@@ -145,6 +150,10 @@ class MembershipService:
         self._subscribers: list[trio.MemorySendChannel[Event]] = []
         self._installed_at = 0.0
         self._started_at = 0.0
+        # absence of heartbeats counts as evidence of death only from this time on
+        # (our start, pushed forward by our own stalls)
+        self._judge_from = 0.0
+        self._last_tick = 0.0
         self._round_running = False
         self._fencing_gen = 0
         self._nursery: trio.Nursery | None = None
@@ -211,11 +220,12 @@ class MembershipService:
                   ) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            self._started_at = trio.current_time()
+            self._started_at = self._judge_from = self._last_tick = trio.current_time()
             log.info("node %d inc %#x: membership starting (%d configured nodes)",
                      self.node_id, self.incarnation, self.cluster_size)
             task_status.started()
             while True:
+                self._discount_stall()
                 await self._heartbeat()
                 if not self._round_running:
                     self._evaluate()
@@ -240,11 +250,33 @@ class MembershipService:
         except PeerUnreachable:
             return False
 
+    def _discount_stall(self) -> None:
+        """If our own loop did not run for a while, that time is not a peer's silence.
+
+        Heartbeats that arrived while we were stalled (a loaded machine, a long GC,
+        SIGSTOP) are still waiting in our sockets and inbox; judging peers before we
+        have read them would remove live nodes. Every peer gets the stalled time back.
+        """
+        now = trio.current_time()
+        excess = now - self._last_tick - self.interval
+        self._last_tick = now
+        if excess <= self.interval:
+            return
+        log.info("node %d gen %d: our loop stalled %.2f s; not counting it as peers' "
+                 "silence", self.node_id, self.view.generation, excess)
+        self._judge_from = min(now, self._judge_from + excess)
+        for p in self._peers.values():
+            p.last_seen = min(now, p.last_seen + excess)
+
     def _alive(self, n: int, now: float) -> bool:
         if n == self.node_id:
             return True
         p = self._peers.get(n)
-        return p is not None and now - p.last_seen <= self.timeout and p.state != EXPELLED
+        if p is None:
+            # never heard since we started: presumed alive for a full failure timeout
+            return now - self._judge_from <= self.timeout
+        return (now - max(p.last_seen, self._judge_from) <= self.timeout
+                and p.state != EXPELLED)
 
     @_guarded
     async def _on_heartbeat(self, env: Envelope) -> None:
@@ -291,8 +323,13 @@ class MembershipService:
             if n == self.node_id:
                 continue
             p = self._peers.get(n)
-            if not (usable(n) and p is not None and p.inc == self._incs.get(n)):
+            if not usable(n):
                 continue
+            if p is None:
+                keep.add(n)   # not heard from since we started, but presumed alive
+                continue
+            if p.inc != self._incs.get(n):
+                continue      # restarted: the view's incarnation is gone
             if p.state == MEMBER and self.node_id not in p.members and (
                     p.gen > self.view.generation
                     or (p.gen == self.view.generation and p.members != self.view.members)):
@@ -350,7 +387,8 @@ class MembershipService:
         gen = max(self.view.generation, self._promised[0], self._max_gen) + 1
         self._max_gen = gen
         key = (gen, self.node_id, self.incarnation)
-        members = {n: (self.incarnation if n == self.node_id else self._peers[n].inc)
+        members = {n: (self.incarnation if n == self.node_id
+                       else self._incs[n] if n in base else self._peers[n].inc)
                    for n in target}
         quorate = 2 * len(target) > self.cluster_size
         pending = dict(self._pending_fence)
