@@ -143,6 +143,12 @@ def run_one(kind: str, size_mib: int, files: int, workdir: str, device_bytes: in
     return out
 
 
+def _load() -> str:
+    """The load average, to judge how noisy a run on a shared machine was."""
+    one, five, _fifteen = os.getloadavg()
+    return f"load average {one:.2f} (1 min) {five:.2f} (5 min)"
+
+
 def _rmtree(path: str) -> None:
     import shutil  # noqa: PLC0415
     shutil.rmtree(path, ignore_errors=True)
@@ -190,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, float]] = {}
     failed = []
     print(f"bench: {args.size_mib} MiB sequential, {args.files} creates, "
-          f"loop devices of {device_bytes // MiB} MiB", flush=True)
+          f"loop devices of {device_bytes // MiB} MiB, {_load()}", flush=True)
     try:
         for kind in kinds:
             try:
@@ -204,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         leaked = mountutil.cleanup_all()
         if leaked:
             print(f"bench: cleaned up {', '.join(leaked)}", file=sys.stderr)
+    print(f"bench: done, {_load()}")
     print()
     print(table(results))
     return 1 if failed else 0

@@ -9,8 +9,9 @@ FUSE + pyfuse3 + trio.
     python3 tools/nullfs.py [--writeback] MOUNTPOINT
 
 It serves in the foreground until unmounted (fusermount3 -u) or sent SIGTERM /
-SIGINT. It mounts with the same FUSE options and init flags that clusterfs's
-adapter uses (read from clusterfs.fuse when that module declares them, see
+SIGINT. It mounts with the same FUSE options, init flags, timeouts (negative
+entries too), FLUSH handling and mount read-ahead that clusterfs uses (read from
+clusterfs.fuse and clusterfs.node.mount_cmd when they declare them, see
 ``_clusterfs_fuse_settings``), so the comparison is fair.
 """
 
@@ -37,7 +38,8 @@ def _clusterfs_fuse_settings() -> dict:
     mount options default_permissions + allow_other, no writeback cache,
     1 s entry/attr timeouts, keep_cache on open."""
     settings = {"options": set(pyfuse3.default_options) | {"allow_other"},
-                "writeback": False, "entry_timeout": 1.0, "attr_timeout": 1.0}
+                "writeback": False, "entry_timeout": 1.0, "attr_timeout": 1.0,
+                "negative_timeout": 0.0, "flush": True, "raise_readahead": None}
     try:
         from clusterfs.fuse import operations as cf  # noqa: PLC0415
     except Exception:
@@ -45,6 +47,14 @@ def _clusterfs_fuse_settings() -> dict:
     settings["writeback"] = bool(getattr(cf.Operations, "enable_writeback_cache", False))
     settings["entry_timeout"] = float(getattr(cf, "ENTRY_TIMEOUT", 1.0))
     settings["attr_timeout"] = float(getattr(cf, "ATTR_TIMEOUT", 1.0))
+    settings["negative_timeout"] = float(getattr(cf, "NEGATIVE_TIMEOUT", 0.0))
+    # clusterfs without a flush() handler answers ENOSYS and the kernel stops sending FLUSH
+    settings["flush"] = "flush" in vars(cf.Operations)
+    try:
+        from clusterfs.node import mount_cmd  # noqa: PLC0415
+        settings["raise_readahead"] = mount_cmd._raise_readahead
+    except Exception:
+        pass
     return settings
 
 
@@ -118,6 +128,11 @@ class NullFS(pyfuse3.Operations):
             return self._attr(d)
         ino = d.children.get(name)
         if ino is None:
+            if SETTINGS["negative_timeout"]:
+                a = pyfuse3.EntryAttributes()     # a cacheable miss, as clusterfs answers
+                a.st_ino = 0
+                a.entry_timeout = SETTINGS["negative_timeout"]
+                return a
             raise pyfuse3.FUSEError(errno.ENOENT)
         return self._attr(self.nodes[ino])
 
@@ -214,7 +229,8 @@ class NullFS(pyfuse3.Operations):
         return len(buf)
 
     async def flush(self, fh):
-        pass
+        if not SETTINGS["flush"]:
+            raise pyfuse3.FUSEError(errno.ENOSYS)   # as clusterfs: no more FLUSH requests
 
     async def fsync(self, fh, datasync):
         pass
@@ -259,7 +275,15 @@ def main(argv: list[str] | None = None) -> int:
     opts = set(SETTINGS["options"]) | {"fsname=nullfs", "subtype=nullfs"}
     writeback = SETTINGS["writeback"] if args.writeback is None else args.writeback
     fs = NullFS(writeback=writeback)
-    pyfuse3.init(fs, args.mountpoint, opts)
+    # resolved before mounting: once mounted, this process must never stat its own
+    # mountpoint (the request would wait for this very process)
+    mountpoint = os.path.realpath(args.mountpoint)
+    pyfuse3.init(fs, mountpoint, opts)
+
+    async def raise_readahead():
+        # the same mount read-ahead clusterfs sets, once the kernel has our INIT reply
+        await trio.sleep(0.5)
+        SETTINGS["raise_readahead"](mountpoint)
 
     async def serve():
         async with trio.open_nursery() as nursery:
@@ -267,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
                 await pyfuse3.main()          # returns when unmounted (fusermount3 -u)
                 nursery.cancel_scope.cancel()
             nursery.start_soon(fuse_main)
+            if SETTINGS["raise_readahead"] is not None:
+                nursery.start_soon(raise_readahead)
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
                     nursery.cancel_scope.cancel()

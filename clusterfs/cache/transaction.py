@@ -42,6 +42,8 @@ class TransactionManager:
         self.stats = {"commits": 0, "operations": 0}
         self._limit = max(16, journal.max_transaction // LARGE_FRACTION)
         self._lock = trio.Lock()
+        self._kick = trio.Event()         # wakes run_timer for a background commit
+        self._background = False          # run_timer is running
         # set by the fs layer: snapshot / release of the allocator's quarantine
         self.quarantine_mark: Callable[[], Any] = lambda: None
         self.end_quarantine: Callable[[Any], None] = lambda mark: None
@@ -71,10 +73,19 @@ class TransactionManager:
         self.dirty.pop(id(obj), None)
 
     async def end_operation(self) -> None:
-        """Called after each metadata operation: commit if the transaction is big."""
+        """Called after each metadata operation: commit if the transaction is big.
+
+        The commit runs in the background (run_timer) so the operation that crossed
+        the limit does not wait two device flushes (a create burst paid that every
+        few hundred creates); only if the transaction keeps growing past twice the
+        limit while a commit is under way does the operation wait (back-pressure;
+        twice the limit is still half the journal)."""
         self.stats["operations"] += 1
         if self.estimate > self._limit:
-            await self.commit()
+            if self._background and self.estimate <= 2 * self._limit:
+                self._kick.set()
+            else:
+                await self.commit()
 
     async def commit(self, checkpoint: bool = False) -> None:
         """Log every dirty object durably; just a device flush when nothing is dirty.
@@ -119,12 +130,23 @@ class TransactionManager:
             self.journal.close()
 
     async def run_timer(self) -> None:
-        """Background task: commit a transaction that has waited COMMIT_INTERVAL."""
-        while True:
-            await trio.sleep(COMMIT_INTERVAL / 4)
-            if self.dirty and self.withdrawn is None and \
-                    time.monotonic() - self.started >= COMMIT_INTERVAL:
-                try:
-                    await self.commit()
-                except Withdrawn:
-                    pass       # logged by withdraw(); keep serving reads
+        """Background task: commit a transaction that has waited COMMIT_INTERVAL, or
+        one that end_operation found large."""
+        self._background = True
+        try:
+            while True:
+                await self._background_round()
+        finally:
+            self._background = False
+
+    async def _background_round(self) -> None:
+        with trio.move_on_after(COMMIT_INTERVAL / 4):
+            await self._kick.wait()
+        self._kick = trio.Event()
+        if self.dirty and self.withdrawn is None and (
+                self.estimate > self._limit
+                or time.monotonic() - self.started >= COMMIT_INTERVAL):
+            try:
+                await self.commit()
+            except Withdrawn:
+                pass       # logged by withdraw(); keep serving reads
