@@ -20,15 +20,18 @@ TIMEOUT = 1.5
 
 
 class NodeProc:
-    def __init__(self, config: str, nid: int) -> None:
+    def __init__(self, config: str, nid: int, log: str | None = None) -> None:
         self.nid = nid
         self.events: queue.Queue[dict] = queue.Queue()
         self.seen: list[dict] = []
+        err = open(log, "ab") if log else subprocess.DEVNULL   # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "clusterfs.node.cluster", "--config", config,
-             "--node-id", str(nid)],
-            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+             "--node-id", str(nid)] + (["-v"] if log else []),
+            stdout=subprocess.PIPE, stderr=err, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        if log:
+            err.close()
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
@@ -131,7 +134,8 @@ def test_kill_9_and_restart_the_lowest_id_never_removes_a_live_node(tmp_path, pr
     ids = [1, 2, 3, 4, 5]
     cfg = tmp_path / "cluster.toml"
     write_local_config(cfg, ids, heartbeat_interval=INTERVAL, failure_timeout=TIMEOUT)
-    nodes = {nid: NodeProc(str(cfg), nid) for nid in ids}
+    logs = {nid: str(tmp_path / f"node{nid}.log") for nid in ids}
+    nodes = {nid: NodeProc(str(cfg), nid, logs[nid]) for nid in ids}
     procs.extend(nodes.values())
     survivors = ids[1:]
 
@@ -156,7 +160,7 @@ def test_kill_9_and_restart_the_lowest_id_never_removes_a_live_node(tmp_path, pr
         deadline = time.monotonic() + TIMEOUT + 20
         for nid in survivors:
             wait_view(nid, survivors, deadline)
-        nodes[1] = NodeProc(str(cfg), 1)
+        nodes[1] = NodeProc(str(cfg), 1, logs[1])
         procs.append(nodes[1])
         deadline = time.monotonic() + 30
         for nid in ids:

@@ -1,6 +1,9 @@
 """Tier 3/4 torture: lockd processes on 127.0.0.1, random request/convert/unlock
 from several workers per node, an independent checker in this process, and
-rounds where a node is killed -9 mid-run (then restarted and rejoined).
+rounds where a node is killed -9 mid-run (then restarted and rejoined). Every
+other kill (the first included) is the lowest id (the membership coordinator: restarted, it
+coordinates again at once and must not remove live nodes it has not heard from
+yet); no live lockd may be expelled (exit status 3) or exit at all.
 
 Ordering that makes the checker sound: a worker reports "granted" after the
 lockd's reply arrived, "releasing" before it sends the unlock (and a
@@ -29,7 +32,19 @@ async def run_torture(tmp: str, nodes: list[int], *, seconds: float, kill_rounds
     rng = random.Random(seed)
     names = [["torture", i] for i in range(3)]
     checker = Checker()
-    stats = {"ops": 0, "timeouts": [], "lost": [], "kills": 0, "errors": []}
+    stats = {"ops": 0, "timeouts": [], "lost": [], "kills": 0, "errors": [], "exited": [],
+             "expelled": [], "victims": []}
+
+    def check_alive() -> None:
+        """No lockd we did not kill has exited (an expelled lockd exits with status 3)."""
+        for nid, proc in cl.procs.items():
+            if proc.poll() is not None and (nid, proc.returncode) not in stats["exited"]:
+                stats["exited"].append((nid, proc.returncode))
+        for nid in nodes:
+            text = cl.log_tail(nid, 10**8)
+            if (("EXPELLED by" in text or "expelled from the cluster" in text)
+                    and nid not in stats["expelled"]):
+                stats["expelled"].append(nid)
     cl = LocalLockCluster(nodes, workdir=tmp, verbose=True, failure_timeout=failure_timeout)
     try:
         await trio.to_thread.run_sync(cl.start_all)
@@ -120,13 +135,11 @@ async def run_torture(tmp: str, nodes: list[int], *, seconds: float, kill_rounds
             for node in nodes:
                 start_workers(node)
             period = seconds / (kill_rounds + 1)
-            for _ in range(kill_rounds):
+            for k in range(kill_rounds):
                 await trio.sleep(period)
-                # Not the lowest id: a restarted lowest-id node becomes membership
-                # coordinator and (membership issue, reported) may expel live
-                # nodes right after joining. Masters still die: the first
-                # requester of a resource masters it, any node can be that.
-                victim = rng.choice(nodes[1:])
+                # every other victim is the lowest id, the membership coordinator
+                victim = nodes[0] if k % 2 == 0 else rng.choice(nodes)
+                stats["victims"].append(victim)
                 before = {k: h for k, h in checker.holds.items() if k[0] != victim}
                 await trio.to_thread.run_sync(cl.kill, victim)       # kill -9
                 checker.node_died(victim)
@@ -140,8 +153,10 @@ async def run_torture(tmp: str, nodes: list[int], *, seconds: float, kill_rounds
                 cl.start(victim)
                 await trio.to_thread.run_sync(cl.wait_ready, victim)
                 await trio.to_thread.run_sync(lambda: cl.wait_running(nodes, 30))
+                check_alive()
                 start_workers(victim)
             await trio.sleep(period)
+            check_alive()
             nursery.cancel_scope.cancel()
     finally:
         await trio.to_thread.run_sync(cl.close)
@@ -157,8 +172,19 @@ async def test_torture_three_lockd_processes_with_kill9(tmp_path) -> None:
     assert st["lost"] == []
     assert st["timeouts"] == []
     assert st["errors"] == []
-    assert st["kills"] == 2
+    assert st["kills"] == 2 and st["victims"][0] == 1
+    assert st["exited"] == [] and st["expelled"] == []
     assert st["ops"] > 100, st["ops"]
+
+
+@trio_test
+async def test_torture_five_lockd_processes_killing_the_coordinator(tmp_path) -> None:
+    st = await run_torture(str(tmp_path), [1, 2, 3, 4, 5], seconds=30, kill_rounds=3,
+                           workers=2, seed=11)
+    assert st["victims"][0] == st["victims"][2] == 1
+    assert st["exited"] == [] and st["expelled"] == []
+    assert st["checker"].violations == [] and st["lost"] == [] and st["timeouts"] == []
+    assert st["errors"] == [] and st["kills"] == 3
 
 
 @pytest.mark.slow
@@ -169,3 +195,4 @@ async def test_torture_long(tmp_path) -> None:
     st = await run_torture(str(tmp_path), [1, 2, 3, 4, 5], seconds=180, kill_rounds=8,
                            workers=4, seed=9, failure_timeout=5.0)
     assert st["checker"].violations == [] and st["lost"] == [] and st["timeouts"] == []
+    assert st["exited"] == [] and st["expelled"] == [] and st["victims"][0] == 1
