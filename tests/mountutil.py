@@ -266,7 +266,7 @@ def _is_mounted(path: str) -> bool:
     os.path.ismount() stats the path, which hangs or fails with ENOTCONN on a
     FUSE mount whose server is dead; mountinfo never touches the mount.
     """
-    real = os.path.realpath(path)
+    real = os.path.abspath(path)   # not realpath: it would stat a hung mount
     with open("/proc/self/mountinfo") as f:
         for line in f:
             mp = line.split()[4].encode().decode("unicode_escape")
@@ -277,7 +277,7 @@ def _is_mounted(path: str) -> bool:
 
 def _fuse_connection(path: str) -> int | None:
     """The FUSE connection number of the mount at ``path`` (its device minor)."""
-    real = os.path.realpath(path)
+    real = os.path.abspath(path)   # not realpath: it would stat a hung mount
     with open("/proc/self/mountinfo") as f:
         for line in f:
             parts = line.split()
