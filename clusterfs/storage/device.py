@@ -11,7 +11,9 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import queue
 import stat
+import threading
 
 from clusterfs.errors import StorageError
 from clusterfs.format.block import BLOCK_SIZE
@@ -33,6 +35,28 @@ def _load_sync_file_range():
 _sync_file_range = _load_sync_file_range()
 
 
+class _Advisor:
+    """A daemon thread making posix_fadvise(WILLNEED) calls off the caller's thread."""
+
+    def __init__(self) -> None:
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._run, name="fadvise", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while (item := self.queue.get()) is not None:
+            fd, offset, length = item
+            try:
+                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                pass                 # fd closed meanwhile, or not supported: a hint
+
+    def stop(self) -> None:
+        """Finish the advice queued so far (the fd must stay open until then)."""
+        self.queue.put(None)
+        self.thread.join()
+
+
 class BlockDevice:
     def __init__(self, path: str, writable: bool = True) -> None:
         self.path = path
@@ -51,6 +75,7 @@ class BlockDevice:
         self.blocks = self.size // BLOCK_SIZE
         self.reads = 0
         self.writes = 0
+        self._advisor: _Advisor | None = None
 
     def read(self, blkno: int, count: int = 1) -> bytes:
         length = count * BLOCK_SIZE
@@ -79,12 +104,12 @@ class BlockDevice:
             raise StorageError(f"{self.path}: write at {offset}: {exc.strerror}") from exc
 
     def advise_willneed(self, blkno: int, count: int) -> None:
-        """Start reading blocks into the cache in the background (best effort)."""
-        try:
-            os.posix_fadvise(self.fd, blkno * BLOCK_SIZE, count * BLOCK_SIZE,
-                             os.POSIX_FADV_WILLNEED)
-        except OSError:
-            pass
+        """Start reading blocks into the cache in the background (best effort). The
+        fadvise call itself blocks while it submits the I/O (about a tenth of a
+        sequential read's time when made inline), so a helper thread makes it."""
+        if self._advisor is None:
+            self._advisor = _Advisor()
+        self._advisor.queue.put((self.fd, blkno * BLOCK_SIZE, count * BLOCK_SIZE))
 
     def start_writeback(self, offset: int, length: int) -> None:
         """Start writing a range back to the disk now, without waiting for it (best
@@ -100,6 +125,9 @@ class BlockDevice:
             raise StorageError(f"{self.path}: flush: {exc.strerror}") from exc
 
     def close(self) -> None:
+        if self._advisor is not None:
+            self._advisor.stop()
+            self._advisor = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
