@@ -1,48 +1,53 @@
 """Is the device in use? Checked from /proc: a mount naming it, or another
 process holding it open (a FUSE mount daemon opens the device itself, so it
-does not appear in /proc/mounts under the device's name)."""
+does not appear in /proc/mounts under the device's name).
+
+Only names are compared (readlink of /proc/PID/fd/N), never stat: stat follows
+the link into whatever filesystem the open file lives on, and a file open on a
+FUSE mount whose server is stopped or busy would hang fsck there.
+"""
 
 from __future__ import annotations
 
 import os
-import stat
 
-
-def _identity(path: str) -> tuple[int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    if stat.S_ISBLK(st.st_mode):
-        return (-1, st.st_rdev)
-    return (st.st_dev, st.st_ino)
+_DELETED = " (deleted)"
 
 
 def users(path: str) -> list[str]:
     """Descriptions of mounts and other processes using `path` (empty if none)."""
-    want = _identity(path)
-    if want is None:
+    if not os.path.exists(path):
         return []
-    found = _mounts(path)
+    real = os.path.realpath(path)
+    found = _mounts(path, real)
     me = os.getpid()
     for pid in filter(str.isdigit, _listdir("/proc")):
         if int(pid) == me:
             continue
         for fd in _listdir(f"/proc/{pid}/fd"):
-            if _identity(f"/proc/{pid}/fd/{fd}") == want:
+            if _fd_target(f"/proc/{pid}/fd/{fd}") == real:
                 found.append(f"pid {pid} ({_comm(pid)}) has it open")
                 break
     return found
 
 
-def _mounts(path: str) -> list[str]:
-    real = os.path.realpath(path)
+def _fd_target(link: str) -> str | None:
+    try:
+        target = os.readlink(link)
+    except OSError:
+        return None
+    return target.removesuffix(_DELETED)
+
+
+def _mounts(path: str, real: str) -> list[str]:
     out = []
     try:
         with open("/proc/self/mounts") as f:
             for line in f:
                 source, target, *_ = line.split()
-                if source.startswith("/") and os.path.realpath(source) == real:
+                if source in (path, real) or (
+                    source.startswith("/dev/") and os.path.realpath(source) == real
+                ):
                     out.append(f"mounted on {target}")
     except OSError:
         pass
