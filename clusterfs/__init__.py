@@ -12,13 +12,17 @@ import from its own layer and from layers below it, never above.
     fs        namespace and file operations, allocation in resource groups
     cache     cached inodes and blocks, each under a lock; write-back
     journal   per-node write-ahead log of metadata blocks; replay
-    format    on-disk structures: encode, decode, check (pure, no I/O)
     storage   the block device: local path, later iSCSI and proxy
     dlm       lockspaces, modes, LVBs, ranges, directory, recovery
     fence     fencing agents behind one interface
     membership heartbeats, views with generation numbers, quorum, events
     comms     TCP streams between nodes, framing, in-memory transport
     wire      the message schema: versioned header, types, MAC
+    format    on-disk structures: encode, decode, check (pure, no I/O, imports
+              nothing of ours, so every layer may use its constants)
+
+fsck (clusterfs.fsck) sits beside node: it reads through storage, journal and
+format and never through fs or fuse, so it judges the disk, not the code.
 
 Shared by all: `clusterfs.errors` (our exceptions), `clusterfs.native` (the
 cffi module: checksums, memory reserve, lock table), `clusterfs.config`.
