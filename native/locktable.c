@@ -494,19 +494,30 @@ static struct lt_lock *new_lock(struct cfs_lt *t, struct lt_res *r, uint64_t lki
     return l;
 }
 
-int cfs_lt_request(struct cfs_lt *t, const uint8_t *name, size_t namelen, uint64_t lkid,
-                   uint32_t nodeid, int mode, uint64_t start, uint64_t end, int flags)
+/* A new lock on resource `name` (created if need be): -EEXIST for a lock id
+ * already in the table, -ENOMEM when memory runs out. Queues are the caller's. */
+static int insert_lock(struct cfs_lt *t, const uint8_t *name, size_t namelen, uint64_t lkid,
+                       uint32_t nodeid, uint64_t start, uint64_t end, struct lt_lock **out)
 {
-    if (!valid_mode(mode) || start > end)
-        return -EINVAL;
     if (find_lock(t, lkid))
         return -EEXIST;
     struct lt_res *r = get_res(t, name, namelen, 1);
     if (!r)
         return -ENOMEM;
-    struct lt_lock *l = new_lock(t, r, lkid, nodeid, start, end);
-    if (!l)
-        return -ENOMEM;
+    *out = new_lock(t, r, lkid, nodeid, start, end);
+    return *out ? 0 : -ENOMEM;
+}
+
+int cfs_lt_request(struct cfs_lt *t, const uint8_t *name, size_t namelen, uint64_t lkid,
+                   uint32_t nodeid, int mode, uint64_t start, uint64_t end, int flags)
+{
+    if (!valid_mode(mode) || start > end)
+        return -EINVAL;
+    struct lt_lock *l;
+    int rc = insert_lock(t, name, namelen, lkid, nodeid, start, end, &l);
+    if (rc)
+        return rc;
+    struct lt_res *r = l->lkb_res;
     l->lkb_rqmode = mode;
     if (can_grant_request(r, l)) {
         l->lkb_grmode = mode;
@@ -635,14 +646,10 @@ int cfs_lt_recover_lock(struct cfs_lt *t, const uint8_t *name, size_t namelen, u
     if ((grmode < 0 && !valid_mode(rqmode)) || (grmode >= 0 && !valid_mode(grmode)) ||
         (rqmode >= 0 && !valid_mode(rqmode)) || start > end)
         return -EINVAL;
-    if (find_lock(t, lkid))
-        return -EEXIST;
-    struct lt_res *r = get_res(t, name, namelen, 1);
-    if (!r)
-        return -ENOMEM;
-    struct lt_lock *l = new_lock(t, r, lkid, nodeid, start, end);
-    if (!l)
-        return -ENOMEM;
+    struct lt_lock *l;
+    int rc = insert_lock(t, name, namelen, lkid, nodeid, start, end, &l);
+    if (rc)
+        return rc;
     l->lkb_grmode = grmode;
     l->lkb_rqmode = rqmode;
     q_add(l, grmode < 0 ? Q_WAIT : (rqmode < 0 ? Q_GRANT : Q_CONVERT));
