@@ -201,22 +201,28 @@ def test_fuzz_live_node(tmp_path):
     assert not any(e["event"] == "view" and e["left"] for e in out), views
 
 
+async def run_fuzzer(cfg: ClusterConfig, *, target: int, me: int, seed: int) -> Fuzzer:
+    """CONNECTIONS fuzzing connections at `target`, PARALLEL at a time."""
+    fz = Fuzzer(cfg, target=target, me=me, seed=seed)
+    limiter = trio.CapacityLimiter(PARALLEL)
+
+    async def worker() -> None:
+        async with limiter:
+            await fz.one_connection()
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(CONNECTIONS):
+            nursery.start_soon(worker)
+            await trio.sleep(0)
+    return fz
+
+
 async def _fuzz(cfg: ClusterConfig, proc: subprocess.Popen) -> None:
     async with open_cluster_node(cfg, 2) as n2:
         await wait_until(lambda: n2.membership.view.members == {1, 2}, 20)
         gen = n2.membership.view.generation
-        fz = Fuzzer(cfg, target=1, me=3, seed=12345)
         t0 = time.monotonic()
-        limiter = trio.CapacityLimiter(PARALLEL)
-
-        async def worker() -> None:
-            async with limiter:
-                await fz.one_connection()
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(CONNECTIONS):
-                nursery.start_soon(worker)
-                await trio.sleep(0)
+        fz = await run_fuzzer(cfg, target=1, me=3, seed=12345)
         took = time.monotonic() - t0
         print(f"fuzz: {fz.frames} frames over {fz.connections} connections in {took:.1f} s; "
               f"{fz.closed_by_server} closed by the node")
@@ -250,21 +256,7 @@ def test_fuzz_live_lockd_still_grants_locks(tmp_path):
             before = c.call("status")
         cfg = load_config(cl.config_path)
 
-        async def fuzz() -> Fuzzer:
-            fz = Fuzzer(cfg, target=1, me=4, seed=777)
-            limiter = trio.CapacityLimiter(PARALLEL)
-
-            async def worker() -> None:
-                async with limiter:
-                    await fz.one_connection()
-
-            async with trio.open_nursery() as nursery:
-                for _ in range(CONNECTIONS):
-                    nursery.start_soon(worker)
-                    await trio.sleep(0)
-            return fz
-
-        fz = trio.run(fuzz)
+        fz = trio.run(lambda: run_fuzzer(cfg, target=1, me=4, seed=777))
         assert fz.frames >= MIN_FRAMES and fz.closed_by_server == fz.connections
         assert cl.procs[1].poll() is None, "lockd 1 died under fuzzing"
 
