@@ -7,8 +7,17 @@ from __future__ import annotations
 
 import os
 
-from clusterfs._native import ffi, lib
 from clusterfs.errors import NativeError
+
+try:
+    from clusterfs._native import ffi, lib
+except ModuleNotFoundError as missing:  # pragma: no cover - depends on how it was installed
+    # Importing from a source tree that was installed non-editable finds this package but not
+    # the compiled module (it went to site-packages); say how to fix it instead of a bare error.
+    raise NativeError(
+        f"clusterfs._native is not built next to {os.path.dirname(__file__)}: "
+        "run `pip install -e .` (or tools/install.sh) in the source tree"
+    ) from missing
 
 __all__ = ["crc32c", "crc32c_hardware", "lock_memory", "set_io_flusher", "BufferPool", "ffi", "lib"]
 

@@ -11,4 +11,6 @@ if [ ${#need[@]} -gt 0 ]; then
     apt-get update -qq
     apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-python3 -m pip install -q --root-user-action=ignore ".[test]"
+# Editable, so the compiled clusterfs._native lands inside the source tree: the tests (and
+# tools/) import clusterfs from this checkout, which a plain install would leave without it.
+python3 -m pip install -q --root-user-action=ignore -e ".[test]"
