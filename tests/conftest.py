@@ -29,6 +29,12 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+# Every subprocess a test starts (`python -m clusterfs.cli`, node processes, workloads) imports
+# clusterfs from this checkout, whatever its cwd and whichever checkout pip installed.
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    p for p in (_CHECKOUT, os.environ.get("PYTHONPATH", "")) if p)
+
 import mountutil  # noqa: E402
 
 DEFAULT_DEVICE_SIZE = 256 << 20
