@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -72,17 +73,15 @@ def test_kill_holder_waiter_completes(cluster3: LocalLockCluster) -> None:
             assert keep["ok"]
             c2.sock.sendall(b'{"op": "lock", "name": "j:0", "mode": "EX", "timeout": 50}\n')
             time.sleep(0.3)
-            t0 = time.monotonic()
             cluster3.kill(3)                                       # kill -9 the holder
+        # c2's socket timeout (60 s) bounds the wait; a closed socket fails at once
         line = b""
         while not line.endswith(b"\n"):
-            line += c2.sock.recv(4096)
-        took = time.monotonic() - t0
-        import json
-
+            chunk = c2.sock.recv(4096)
+            assert chunk, "node 2's lockd closed the control connection instead of granting"
+            line += chunk
         r = json.loads(line)
         assert r["ok"] and r["mode"] == "EX" and r["lvb_valid"] is False, r
-        assert took < 20
         st = c1.call("status")
         assert st["members"] == [1, 2] and st["running"]
         assert st["lockspace"]["owned_granted"] == 2                # node 1 kept both locks
