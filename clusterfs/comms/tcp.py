@@ -232,8 +232,9 @@ class TcpEndpoint:
                 async with stream, trio.open_nursery() as n:
                     n.start_soon(self._watch_eof, stream)
                     await self._write_loop(peer, stream, skey)
-            except (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
-                    _Closed) as exc:
+            except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                     _Closed) as exc:
+                # except*: trio wraps what the nursery's tasks raised in an ExceptionGroup
                 log.info("node %d gen %d: connection to peer %d lost: %s", self.node_id,
                          self.generation, peer.node_id, _why(exc))
             # What was queued for the process at the other end is dropped with the
@@ -314,12 +315,12 @@ class TcpEndpoint:
                 finally:
                     self._handshaking -= 1
                 await self._read_loop(client, skey, reader, scope)
-        except WireError as exc:
+        except* WireError as exc:
             self.wire_errors += 1
             log.warning("node %d gen %d: dropped connection from %s: %s", self.node_id,
-                        self.generation, _peername(stream, client), exc)
-        except (_Closed, OSError, trio.BrokenResourceError, trio.ClosedResourceError,
-                trio.TooSlowError) as exc:
+                        self.generation, _peername(stream, client), _why(exc))
+        except* (_Closed, OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                 trio.TooSlowError) as exc:
             log.debug("node %d: incoming connection from %s ended: %s", self.node_id,
                       _peername(stream, client), _why(exc))
         finally:
@@ -411,6 +412,8 @@ async def open_tcp_endpoint(config: ClusterConfig, node_id: int):  # type: ignor
 
 
 def _why(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_why(e) for e in exc.exceptions)
     return str(exc) or type(exc).__name__
 
 
