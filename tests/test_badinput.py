@@ -172,6 +172,37 @@ def test_mkfs_refuses_clusterfs_without_force(tmp_path):
                 assert f.read() == b"keep me"
 
 
+@pytest.mark.parametrize("args", [["-J", "0"], ["-J", "-1"], ["-J", "100000"], ["-j", "0"],
+                                  ["-j", "300"], ["-J", "x"]])
+def test_mkfs_bad_geometry_changes_nothing(tmp_path, args):
+    with loop_device(SIZE, tmp_path) as dev:
+        mkfs(dev)
+        before = device_hash(dev)
+        r = subprocess.run([*CLUSTERFS, "mkfs", "--force", *args, dev], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode != 0, f"mkfs {args} was accepted:\n{r.stdout}"
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        # argparse's usage lines may come first; the last line names the problem
+        assert "Traceback" not in r.stderr and "mkfs" in lines[-1], r.stderr
+        assert any(word in lines[-1] for word in ("range", "at least", "whole number")), r.stderr
+        assert device_hash(dev) == before
+
+
+def test_mkfs_refuses_a_mounted_device_even_with_force(tmp_path):
+    with loop_device(SIZE, tmp_path) as dev:
+        mkfs(dev)
+        with mountutil.mounted(dev, str(tmp_path / "mnt")) as m:
+            with open(m.path("keep"), "wb") as f:
+                f.write(b"keep me")
+                os.fsync(f.fileno())
+            before = device_hash(dev)
+            r = mkfs(dev, force=True, check=False)
+            assert r.returncode != 0 and "in use" in r.stderr, r.stderr
+            assert device_hash(dev) == before
+            with open(m.path("keep"), "rb") as f:
+                assert f.read() == b"keep me"
+
+
 def _corrupt_block(device: str, blkno: int) -> bytes:
     """Flip bits in the middle of a block (covered by its checksum); returns the new bytes."""
     fd = os.open(device, os.O_RDWR)

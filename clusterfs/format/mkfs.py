@@ -43,6 +43,11 @@ def plan_geometry(device_bytes: int, journals: int = 1, journal_blocks: int | No
     """Lay the filesystem out on a device of `device_bytes`; FormatError if it cannot."""
     if not 1 <= journals <= 256:
         raise FormatError(f"journal count {journals} out of range 1..256")
+    if journal_blocks is not None and not (
+            MIN_JOURNAL_BLOCKS <= journal_blocks <= MAX_JOURNAL_BLOCKS):
+        low, high = MIN_JOURNAL_BLOCKS * BLOCK_SIZE >> 10, MAX_JOURNAL_BLOCKS * BLOCK_SIZE >> 20
+        raise FormatError(f"journal size {journal_blocks * BLOCK_SIZE >> 10} KiB out of range "
+                          f"{low} KiB..{high} MiB")
     total = device_bytes // BLOCK_SIZE
     hb_start = SUPERBLOCK_BLKNO + 1
     jstart = hb_start + journals

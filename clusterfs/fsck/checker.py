@@ -14,7 +14,6 @@ from __future__ import annotations
 import traceback
 
 from clusterfs.errors import ClusterFSError, NotClusterFS, StorageError
-from clusterfs.fsck import mounted
 from clusterfs.fsck.bitmaps import GroupFix, compare_bitmaps
 from clusterfs.fsck.blockmap import BlockMap
 from clusterfs.fsck.context import Context
@@ -25,6 +24,7 @@ from clusterfs.fsck.report import EXIT_OPERATIONAL, EXIT_UNCORRECTED, Report
 from clusterfs.fsck.rgrps import load_groups
 from clusterfs.fsck.superblock import CannotCheck, load_superblock
 from clusterfs.fsck.walk import Walker
+from clusterfs.storage import holders
 from clusterfs.storage.device import BlockDevice
 
 PASSES = 5
@@ -63,7 +63,7 @@ def _run(path: str, report: Report, repair: bool, force: bool) -> int:
 
 
 def _check_not_in_use(path: str, report: Report, repair: bool, force: bool) -> None:
-    busy = mounted.users(path)
+    busy = holders.users(path)
     if not busy:
         return
     text = "; ".join(busy)

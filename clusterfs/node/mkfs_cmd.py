@@ -10,13 +10,24 @@ from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.mkfs import free_blocks, initial_blocks, plan_geometry
 from clusterfs.format.signatures import SIGNATURE_BYTES, detect_signature
 from clusterfs.format.superblock import Superblock
+from clusterfs.storage import holders
 from clusterfs.storage.device import BlockDevice
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-j", "--journals", type=int, default=1,
+    parser.add_argument("-j", "--journals", type=_positive_int, default=1,
                         help="number of journals = node slots (default 1)")
-    parser.add_argument("-J", "--journal-size", type=int, default=None, metavar="MIB",
+    parser.add_argument("-J", "--journal-size", type=_positive_int, default=None, metavar="MIB",
                         help="size of each journal in MiB (default: scaled to the device)")
     parser.add_argument("-b", "--block-size", type=int, default=BLOCK_SIZE,
                         help="block size in bytes (only 4096 is supported)")
@@ -29,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def make_filesystem(path: str, journals: int = 1, journal_mib: int | None = None,
                     force: bool = False) -> Superblock:
     """Format `path`; raises ClusterFSError with a one-line reason."""
+    busy = holders.users(path)
+    if busy:
+        # even --force: overwriting a live filesystem under its mount is never wanted
+        raise ClusterFSError(f"{path} is in use ({'; '.join(busy)})")
     dev = BlockDevice(path)
     try:
         head = dev.pread(0, SIGNATURE_BYTES)
@@ -37,7 +52,10 @@ def make_filesystem(path: str, journals: int = 1, journal_mib: int | None = None
             raise ClusterFSError(f"{path} already holds {found}; use --force to overwrite")
         jblocks = None if journal_mib is None else journal_mib * (1 << 20) // BLOCK_SIZE
         sb = plan_geometry(dev.size, journals, jblocks)
-        for blkno, data in initial_blocks(sb):
+        # Build every block before writing the first: an error found while encoding must
+        # leave the device as it was.
+        blocks = list(initial_blocks(sb))
+        for blkno, data in blocks:
             dev.write(blkno, data)
         dev.flush()
         return sb

@@ -1,6 +1,6 @@
-"""Is the device in use? Checked from /proc: a mount naming it, or another
-process holding it open (a FUSE mount daemon opens the device itself, so it
-does not appear in /proc/mounts under the device's name).
+"""Who holds a device: a mount naming it, or another process holding it open (a FUSE
+mount daemon opens the device itself, so it does not appear in /proc/mounts under the
+device's name). fsck and mkfs refuse a device in use; umount waits for its holder to go.
 
 Only names are compared (readlink of /proc/PID/fd/N), never stat: stat follows
 the link into whatever filesystem the open file lives on, and a file open on a
