@@ -15,6 +15,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "mkfs": ("clusterfs.node.mkfs_cmd", "format a device or image file"),
     "mount": ("clusterfs.node.mount_cmd", "mount a clusterfs device through FUSE"),
+    "umount": ("clusterfs.node.umount_cmd", "unmount and wait until the daemon has finished"),
     "fsck": ("clusterfs.node.fsck_cmd", "check (and repair) a clusterfs device"),
     "keygen": ("clusterfs.node.keygen_cmd", "make a cluster key"),
     "lockd": ("clusterfs.node.lockd_cmd", "run one node of the lock service alone"),

@@ -9,12 +9,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 import mountutil  # noqa: E402
+
+from clusterfs.storage import holders  # noqa: E402
 
 CLUSTERFS = [sys.executable, "-m", "clusterfs.cli"]
 
@@ -159,11 +160,10 @@ def test_daemon_mode_and_sigterm(tmp_path):
         with open(os.path.join(mnt, "f"), "wb") as f:
             f.write(b"daemon")
     finally:
-        subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
-    for _ in range(100):
-        if not mountutil._is_mounted(mnt):
-            break
-        time.sleep(0.05)
+        u = subprocess.run([*CLUSTERFS, "umount", mnt], capture_output=True, text=True,
+                           timeout=180)
+    assert u.returncode == 0, u.stderr
+    assert not mountutil._is_mounted(mnt)
     # remount in the foreground and stop it with SIGTERM
     m = mountutil.start_mount(dev, mnt)
     with open(os.path.join(mnt, "f"), "rb") as f:
@@ -172,6 +172,40 @@ def test_daemon_mode_and_sigterm(tmp_path):
     assert m.proc.wait(30) == 0
     assert not mountutil._is_mounted(mnt)
     m._forget()
+
+
+def test_umount_returns_after_the_daemon_is_done(tmp_path):
+    """`clusterfs umount` returns only when nothing holds the device any more: an
+    immediate fsck finds it clean and not in use, and an immediate mount succeeds."""
+    dev = _image(tmp_path, 256 << 20)
+    _mkfs(dev)
+    mnt = str(tmp_path / "mnt")
+    os.makedirs(mnt)
+    r = subprocess.run([*CLUSTERFS, "mount", "--log", str(tmp_path / "log"), dev, mnt],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    try:
+        for i in range(300):                   # dirty metadata for the daemon to write back
+            with open(os.path.join(mnt, f"f{i}"), "wb") as f:
+                f.write(b"x" * 5000)
+        with open(os.path.join(mnt, "big"), "wb") as f:
+            f.write(os.urandom(32 << 20))
+    finally:
+        u = subprocess.run([*CLUSTERFS, "umount", mnt], capture_output=True, text=True,
+                           timeout=180)
+    assert u.returncode == 0, u.stderr
+    assert not mountutil._is_mounted(mnt)
+    assert holders.users(dev) == []
+    _assert_fsck_clean(dev)
+    with mountutil.mounted(dev, mnt):
+        assert len(os.listdir(mnt)) == 301
+
+
+def test_umount_of_something_else_is_refused(tmp_path):
+    r = subprocess.run([*CLUSTERFS, "umount", str(tmp_path)], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode != 0
+    assert "not a clusterfs mount" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 # ------------------------------------------------------------------ ENOSPC, reuse

@@ -17,13 +17,19 @@ loop=""
 pids=()
 cleanup() {
     set +e
-    mountpoint -q "$work/mnt" && fusermount3 -u "$work/mnt"
+    mountpoint -q "$work/mnt" && clusterfs umount "$work/mnt"
     for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null; done
     [ -n "$loop" ] && losetup -d "$loop"
     rm -rf "$work"
 }
 trap cleanup EXIT
 step() { printf '\n== %s\n' "$*"; }
+# check WHAT CMD...: run CMD; stop the demo with FAILED if it fails (a bare `cmd && echo`
+# would not stop a `set -e` script)
+check() {
+    local what=$1; shift
+    if "$@"; then echo "$what: ok"; else echo "FAILED: $what" >&2; exit 1; fi
+}
 
 step "a 2 GiB loop device"
 truncate -s 2G "$work/disk.img"
@@ -59,13 +65,14 @@ PY
 df -h "$work/mnt"
 
 step "unmount, remount, verify every byte"
-fusermount3 -u "$work/mnt"
+clusterfs umount "$work/mnt"      # returns once the daemon has written back and exited
 clusterfs mount "$loop" "$work/mnt"
-(cd "$work/mnt/a/b/c/trio" && sha256sum --quiet -c "$work/tree.sums") && echo "source tree: identical"
-cmp "$work/big.bin" "$work/mnt/big.bin" && echo "big.bin: identical"
-[ "$(stat -c %h "$work/mnt/big.bin")" = 2 ] && echo "hard link count: 2"
-[ "$(ls "$work/mnt/many" | wc -l)" = 20000 ] && echo "many/: 20000 entries"
-fusermount3 -u "$work/mnt"
+tree_identical() { (cd "$work/mnt/a/b/c/trio" && sha256sum --quiet -c "$work/tree.sums"); }
+check "source tree identical" tree_identical
+check "big.bin identical" cmp "$work/big.bin" "$work/mnt/big.bin"
+check "hard link count 2" test "$(stat -c %h "$work/mnt/big.bin")" = 2
+check "many/ has 20000 entries" test "$(ls "$work/mnt/many" | wc -l)" = 20000
+clusterfs umount "$work/mnt"
 
 step "fsck.clusterfs $loop"
 fsck.clusterfs "$loop"

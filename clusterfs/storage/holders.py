@@ -18,16 +18,24 @@ def users(path: str) -> list[str]:
     """Descriptions of mounts and other processes using `path` (empty if none)."""
     if not os.path.exists(path):
         return []
+    found = _mounts(path, os.path.realpath(path))
+    found += [f"pid {pid} ({_comm(str(pid))}) has it open" for pid in holder_pids(path)]
+    return found
+
+
+def holder_pids(path: str) -> list[int]:
+    """Processes other than this one with `path` open."""
+    if not os.path.exists(path):
+        return []
     real = os.path.realpath(path)
-    found = _mounts(path, real)
     me = os.getpid()
+    found = []
     for pid in filter(str.isdigit, _listdir("/proc")):
         if int(pid) == me:
             continue
-        for fd in _listdir(f"/proc/{pid}/fd"):
-            if _fd_target(f"/proc/{pid}/fd/{fd}") == real:
-                found.append(f"pid {pid} ({_comm(pid)}) has it open")
-                break
+        if any(_fd_target(f"/proc/{pid}/fd/{fd}") == real
+               for fd in _listdir(f"/proc/{pid}/fd")):
+            found.append(int(pid))
     return found
 
 

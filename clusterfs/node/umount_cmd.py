@@ -1,0 +1,91 @@
+"""clusterfs umount: unmount, then wait until the mount daemon has finished.
+
+`fusermount3 -u` returns as soon as the kernel has detached the mount; the daemon then
+still commits its journal, marks it clean and closes the device. A mount or fsck of the
+same device started in that window is refused ("already mounted") or sees a journal not
+yet clean. This command returns only once every process that held the device is gone,
+as `umount` does for a kernel filesystem.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+from clusterfs.errors import ClusterFSError
+from clusterfs.storage import holders
+
+FSTYPE = "fuse.clusterfs"
+PROGRESS_AFTER = 2.0     # seconds of waiting before we say what we wait for
+
+
+class UmountError(ClusterFSError):
+    pass
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--timeout", type=float, default=120.0,
+                        help="seconds to wait for the mount daemon to finish (default 120)")
+    parser.add_argument("mountpoint")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        device = mounted_device(args.mountpoint)
+        daemons = holders.holder_pids(device)
+        _fusermount(args.mountpoint)
+        _wait_for_exit(daemons, args.timeout)
+    except UmountError as exc:
+        print(f"clusterfs umount: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def mounted_device(mountpoint: str) -> str:
+    """The device a clusterfs mount at `mountpoint` serves (UmountError if none)."""
+    target = os.path.realpath(mountpoint)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            dash = fields.index("-")
+            if _unescape(fields[4]) == target and fields[dash + 1] == FSTYPE:
+                return _unescape(fields[dash + 2])
+    raise UmountError(f"{mountpoint}: not a clusterfs mount")
+
+
+def _unescape(field: str) -> str:
+    # mountinfo writes space, tab, newline and backslash as \\ooo octal escapes
+    return field.encode().decode("unicode_escape")
+
+
+def _fusermount(mountpoint: str) -> None:
+    r = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise UmountError(r.stderr.strip() or f"fusermount3 -u failed ({r.returncode})")
+
+
+def _wait_for_exit(pids: list[int], timeout: float) -> None:
+    start = time.monotonic()
+    said = False
+    while alive := [pid for pid in pids if _running(pid)]:
+        waited = time.monotonic() - start
+        if waited > timeout:
+            raise UmountError(f"unmounted, but the daemon (pid {alive[0]}) is still running "
+                              f"after {timeout:.0f} s")
+        if waited > PROGRESS_AFTER and not said:
+            print(f"waiting for the mount daemon (pid {alive[0]}) to finish writing back",
+                  file=sys.stderr)
+            said = True
+        time.sleep(0.05)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"      # a zombie has closed everything it held
