@@ -50,8 +50,10 @@ class BufferPool:
     """A preallocated pool of page-aligned buffers (the reserve).
 
     get() returns a writable memoryview over one buffer, or None when the
-    reserve is empty; put() gives it back. Nothing here allocates after
-    construction, so the failover path can use it under memory pressure.
+    reserve is empty; put() gives it back. The buffers' memory is allocated once, at
+    construction (and locked with the rest by mlockall); get() and put() create only a
+    small Python handle each, never a buffer, so the write-back path can still stage
+    blocks under memory pressure.
     """
 
     def __init__(self, nbufs: int, bufsize: int = 4096) -> None:

@@ -81,9 +81,7 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def require(fs: str) -> None:
-    why = mountutil.missing_prerequisites(fs)
-    if why:
-        pytest.skip(why)
+    mountutil.require_mounts(fs)
 
 
 @pytest.fixture

@@ -137,6 +137,24 @@ atexit.register(cleanup_all)
 # environment checks
 
 
+def require_mounts(fs: str = "clusterfs") -> None:
+    """Fail the calling test when real mounts of `fs` cannot run here.
+
+    A failure, not a skip: a CI machine without root, loop devices or FUSE would otherwise
+    pass with every mount test skipped. CLUSTERFS_ALLOW_SKIP=1 turns it into a skip, for
+    developing the pure-logic parts on a machine that cannot mount.
+    """
+    import pytest
+
+    why = missing_prerequisites(fs)
+    if why is None:
+        return
+    if os.environ.get("CLUSTERFS_ALLOW_SKIP") == "1":
+        pytest.skip(why)
+    pytest.fail(f"{why} (CLUSTERFS_ALLOW_SKIP=1 skips the real-mount tests instead)",
+                pytrace=False)
+
+
 def missing_prerequisites(fs: str = "clusterfs") -> str | None:
     """Why real-mount tests cannot run here, or None when they can."""
     if os.geteuid() != 0:

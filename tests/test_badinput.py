@@ -29,9 +29,7 @@ SIZE = 64 << 20
 
 @pytest.fixture(autouse=True)
 def _prereq():
-    why = mountutil.missing_prerequisites("clusterfs")
-    if why:
-        pytest.skip(why)
+    mountutil.require_mounts("clusterfs")
 
 
 def _try_mount(device: str, mountpoint: str, foreground: bool) -> subprocess.CompletedProcess:

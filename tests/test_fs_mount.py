@@ -22,9 +22,7 @@ CLUSTERFS = [sys.executable, "-m", "clusterfs.cli"]
 
 @pytest.fixture(autouse=True)
 def _need_fuse():
-    why = mountutil.missing_prerequisites("clusterfs")
-    if why:
-        pytest.skip(why)
+    mountutil.require_mounts("clusterfs")
 
 
 def _image(tmp_path, size=64 << 20, name="disk.img") -> str:

@@ -454,7 +454,7 @@ def test_committed_and_torn_transactions(image):
     """A committed but unreplayed transaction is reported and replayed by --repair;
     a torn one after it (descriptor and copy, no commit) is not committed: it is
     neither applied nor called corruption."""
-    log = pytest.importorskip("clusterfs.journal.log")
+    from clusterfs.journal import log
     img, ino = image
     small = ino["small"]
     home = bytearray(img.read(small))
@@ -582,8 +582,8 @@ def _in_process(path: str, repair: bool = False) -> int:
 def test_repair_interrupted_midway_is_finished_by_the_next_run(image, monkeypatch):
     """A crash after the first repair transaction committed: the journal is left
     dirty with it; the next fsck replays it, repairs the rest, and ends clean."""
-    log = pytest.importorskip("clusterfs.journal.log")
     from clusterfs.fsck import repair
+    from clusterfs.journal import log
 
     img, ino = image
     img.poke_inode(ino["small"], nlink=6)
@@ -651,7 +651,7 @@ def test_second_journal_checked_and_repairs_use_a_clean_one(tmp_path):
 
 
 def test_committed_transaction_aimed_outside_the_groups(image):
-    log = pytest.importorskip("clusterfs.journal.log")
+    from clusterfs.journal import log
     from clusterfs.storage.device import BlockDevice
 
     img, _ = image

@@ -27,9 +27,7 @@ def frozen_fuse_file(tmp_path):
     Not held by the test process itself: its forks (to run fsck) would close the
     descriptor on exec, and that close waits on the stopped server.
     """
-    reason = mountutil.missing_prerequisites("null")
-    if reason:
-        pytest.skip(reason)
+    mountutil.require_mounts("null")
     with mountutil.mounted("none", str(tmp_path / "mnt"), fs="null") as m:
         holder = subprocess.Popen([sys.executable, "-c", HOLDER,
                                    os.path.join(m.mountpoint, "held")],

@@ -10,15 +10,12 @@ import sys
 from pathlib import Path
 
 import mountutil
-import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "tools" / "bench.py"
 
 
 def test_bench_runs_on_nullfs(tmp_path):
-    why = mountutil.missing_prerequisites("null")
-    if why:
-        pytest.skip(why)
+    mountutil.require_mounts("null")
     r = subprocess.run([sys.executable, str(BENCH), "--size-mib", "4", "--files", "50",
                         "--only", "null", "--workdir", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)

@@ -18,9 +18,7 @@ SIZE = 128 << 20
 
 @pytest.fixture
 def device(tmp_path):
-    why = mountutil.missing_prerequisites("clusterfs")
-    if why:
-        pytest.skip(why)
+    mountutil.require_mounts("clusterfs")
     with mountutil.loop_device(SIZE, tmp_path) as dev:
         mountutil.mkfs(dev)
         yield dev

@@ -122,20 +122,7 @@ def test_rename_type_mismatch_errnos(fsys):
     assert _errno(os.rename, fsys.path("nope"), fsys.path("x")) == errno.ENOENT
 
 
-def _renameat2_supported(fsys) -> None:
-    """Skip (clusterfs only) when the mount rejects rename flags with EINVAL."""
-    _write(fsys.path("probe1"), b"1")
-    try:
-        renameat2(fsys.path("probe1"), fsys.path("probe2"), RENAME_NOREPLACE)
-    except OSError as e:
-        if e.errno == errno.EINVAL and fsys.fs == "clusterfs":
-            pytest.skip("clusterfs mount returns EINVAL for renameat2 flags")
-        raise
-    os.unlink(fsys.path("probe2"))
-
-
 def test_rename_noreplace(fsys):
-    _renameat2_supported(fsys)
     _write(fsys.path("a"), b"a")
     _write(fsys.path("b"), b"b")
     assert _errno(renameat2, fsys.path("a"), fsys.path("b"), RENAME_NOREPLACE) == errno.EEXIST
@@ -145,7 +132,6 @@ def test_rename_noreplace(fsys):
 
 
 def test_rename_exchange(fsys):
-    _renameat2_supported(fsys)
     os.mkdir(fsys.path("d"))
     _write(fsys.path("f"), b"file")
     _write(fsys.path("d", "inner"), b"inner")
