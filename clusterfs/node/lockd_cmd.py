@@ -51,10 +51,6 @@ log = logging.getLogger("clusterfs.lockd")
 DEFAULT_CONTROL_DIR = "/run/clusterfs"
 
 
-class _ExpelledExit(Exception):
-    pass
-
-
 def default_control_path(node_id: int) -> str:
     return os.path.join(DEFAULT_CONTROL_DIR, f"lockd-{node_id}.sock")
 
@@ -80,19 +76,22 @@ def run(args: argparse.Namespace) -> int:
                         format=f"%(asctime)s lockd{args.node_id} %(name)s: %(message)s")
     control = args.control or default_control_path(args.node_id)
     try:
-        trio.run(serve, args.config, args.node_id, control, args.fence_pid_dir)
-    except _ExpelledExit:
-        print("clusterfs lockd: expelled from the cluster; restart clean", file=sys.stderr)
-        return 3
+        expelled = trio.run(serve, args.config, args.node_id, control, args.fence_pid_dir)
     except ConfigError as exc:
         print(f"clusterfs lockd: config error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    if expelled:
+        print("clusterfs lockd: expelled from the cluster; restart clean", file=sys.stderr)
+        return 3
     return 0
 
 
-async def serve(config: str, node_id: int, control: str, fence_pid_dir: str | None) -> None:
+async def serve(config: str, node_id: int, control: str, fence_pid_dir: str | None) -> bool:
+    """Serve until told to quit (False) or expelled from the cluster (True). Expulsion is
+    a return value, not an exception: raised inside the nurseries it would reach run()
+    wrapped in an ExceptionGroup."""
     from clusterfs.node.cluster import open_cluster_node
 
     agent = None
@@ -106,8 +105,7 @@ async def serve(config: str, node_id: int, control: str, fence_pid_dir: str | No
             ls = await dlm.new_lockspace("default")
             server = ControlServer(ls, node)
             await server.serve(control)
-            if server.expelled:
-                raise _ExpelledExit()
+    return server.expelled
 
 
 class ControlServer:
