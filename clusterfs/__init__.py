@@ -18,8 +18,8 @@ import from its own layer and from layers below it, never above.
     membership heartbeats, views with generation numbers, quorum, events
     comms     TCP streams between nodes, framing, in-memory transport
     wire      the message schema: versioned header, types, MAC
-    format    on-disk structures: encode, decode, check (pure, no I/O, imports
-              nothing of ours, so every layer may use its constants)
+    format    on-disk structures: encode, decode, check (pure, no I/O; of ours it
+              imports only errors and native, so every layer may use its constants)
 
 fsck (clusterfs.fsck) sits beside node: it reads through storage, journal and
 format and never through fs or fuse, so it judges the disk, not the code.
