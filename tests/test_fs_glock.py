@@ -2,6 +2,7 @@
 another holder asks for a conflicting mode — the seam the DLM plugs into."""
 
 import trio
+import trio.testing
 
 from clusterfs.cache.glock import GlockManager
 from clusterfs.dlm.interface import Mode
@@ -52,7 +53,8 @@ async def _demote_waits():
 
         async with glocks.hold([(("rgrp", 1), Mode.EX)]):
             nursery.start_soon(other_node)
-            await trio.sleep(0.05)
+            # until other_node's request has reached the lock service and blocks there
+            await trio.testing.wait_all_tasks_blocked()
             order.append("body done")
         with trio.fail_after(5):
             while "granted" not in order:
