@@ -71,6 +71,28 @@ def test_remove_pid_file_only_if_it_still_names_us(tmp_path: Path) -> None:
     assert not pid_file_path(tmp_path, 1).exists()
 
 
+def test_pid_file_of_a_live_process_is_not_taken_over(tmp_path: Path, sleeper) -> None:
+    who = identity_of(sleeper.pid)
+    assert who is not None
+    record(tmp_path, 1, who)
+    with pytest.raises(FenceError, match=f"already runs as pid {sleeper.pid}"):
+        write_pid_file(tmp_path, 1)
+    assert read_pid_file(tmp_path, 1) == who
+    sleeper.kill()
+    sleeper.wait()
+    assert write_pid_file(tmp_path, 1).pid == os.getpid()   # a dead one's record is reused
+
+
+def test_second_lockd_for_a_running_node_is_refused(cluster3) -> None:
+    r = subprocess.run([sys.executable, "-m", "clusterfs.cli", "lockd", "--config",
+                        str(cluster3.config_path), "--node-id", "2", "--control",
+                        str(cluster3.dir / "second.sock"), "--fence-pid-dir",
+                        str(cluster3.fence_dir)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r
+    assert f"node 2 already runs as pid {cluster3.procs[2].pid}" in r.stderr
+    assert read_pid_file(cluster3.fence_dir, 2) == identity_of(cluster3.procs[2].pid)
+
+
 def test_fence_error_is_a_clusterfs_error_and_still_importable_from_agent() -> None:
     assert issubclass(FenceError, ClusterFSError)
     assert agent_module.FenceError is FenceError

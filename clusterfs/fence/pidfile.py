@@ -56,15 +56,31 @@ def identity_of(pid: int) -> ProcessIdentity | None:
 
 
 def write_pid_file(pid_dir: str | os.PathLike[str], node_id: int) -> ProcessIdentity:
-    """Record this process as node_id's in pid_dir (created if missing)."""
+    """Record this process as node_id's in pid_dir (created if missing).
+
+    FenceError if the record names another live process: overwriting it would
+    leave that process unfenceable (its record gone) while it may still write.
+    """
     me = identity_of(os.getpid())
     assert me is not None, "our own process is alive"
     path = pid_file_path(pid_dir, node_id)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _refuse_if_running(pid_dir, node_id, me)
     tmp = path.with_name(f".{path.name}.{me.pid}.tmp")
     tmp.write_text(f"{me.pid} {me.start_time}\n")
     os.replace(tmp, path)
     return me
+
+
+def _refuse_if_running(pid_dir: str | os.PathLike[str], node_id: int,
+                       me: ProcessIdentity) -> None:
+    try:
+        current = read_pid_file(pid_dir, node_id)
+    except FenceError:
+        return                        # no (readable) record: nothing to protect
+    if current != me and identity_of(current.pid) == current:
+        raise FenceError(f"node {node_id} already runs as pid {current.pid} "
+                         f"({pid_file_path(pid_dir, node_id)})")
 
 
 def read_pid_file(pid_dir: str | os.PathLike[str], node_id: int) -> ProcessIdentity:

@@ -115,9 +115,14 @@ def main(argv: list[str] | None = None) -> int:
                         format=f"%(asctime)s node{args.node_id} %(name)s: %(message)s")
     me = None
     if args.fence_pid_dir:   # before joining: whoever may count on us can also fence us
+        from clusterfs.errors import FenceError
         from clusterfs.fence.pidfile import write_pid_file
 
-        me = write_pid_file(args.fence_pid_dir, args.node_id)
+        try:
+            me = write_pid_file(args.fence_pid_dir, args.node_id)
+        except (FenceError, OSError) as exc:   # another live node N, or an unusable DIR
+            print(f"--fence-pid-dir: {exc}", file=sys.stderr)
+            return 2
     code = _run_node(args)
     if me is not None:
         from clusterfs.fence.pidfile import remove_pid_file

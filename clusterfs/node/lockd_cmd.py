@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from clusterfs.dlm.interface import LVB_SIZE, Lock, Mode
-from clusterfs.errors import ClusterFSError, ConfigError
+from clusterfs.errors import ClusterFSError, ConfigError, FenceError
 
 if TYPE_CHECKING:
     # The lockspace (and the native lock table under it) loads only when lockd
@@ -97,6 +97,9 @@ def run(args: argparse.Namespace) -> int:
     # on us, they can also fence us.
     try:
         me = _claim_pid_file(args.fence_pid_dir, args.node_id)
+    except FenceError as exc:         # another live lockd holds this node id
+        print(f"clusterfs lockd: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"clusterfs lockd: --fence-pid-dir {args.fence_pid_dir}: {exc.strerror}",
               file=sys.stderr)
