@@ -9,6 +9,7 @@ import pytest
 import trio
 
 from clusterfs.fence.agent import FenceError, NoopAgent, ProcessAgent
+from clusterfs.fence.pidfile import identity_of
 
 
 def sleeper() -> subprocess.Popen:
@@ -24,13 +25,16 @@ def test_noop_agent_records():
 def test_process_agent_kills_by_pid_map_and_pid_file(tmp_path):
     a, b = sleeper(), sleeper()
     try:
-        (tmp_path / "node2.pid").write_text(f"{b.pid}\n")
+        who = identity_of(b.pid)      # a pid file records pid and start time
+        assert who is not None
+        (tmp_path / "node2.pid").write_text(f"{who.pid} {who.start_time}\n")
         agent = ProcessAgent({1: a.pid}, pid_dir=tmp_path)
         trio.run(agent.fence, 1, 5)
         assert a.poll() is not None      # gone (the agent may have reaped it)
         trio.run(agent.fence, 2, 5)
         assert b.poll() is not None
-        trio.run(agent.fence, 4, 5)        # unknown pid: counted as fenced
+        with pytest.raises(FenceError):
+            trio.run(agent.fence, 4, 5)    # unknown pid: nothing proves it gone
         trio.run(agent.fence, 1, 6)        # already dead: fine
         assert agent.calls == [(1, 5), (2, 5), (4, 5), (1, 6)]
         (tmp_path / "node9.pid").write_text("garbage")

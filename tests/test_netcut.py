@@ -7,6 +7,9 @@ Node 3 holds an EX lock and node 1 waits for it; then node 3's link goes down:
   * node 3, alone and without quorum, grants nothing: a new request of its own waits;
   * when the link comes back, node 3 is not merged back: it learns it was expelled and
     exits with status 3; restarted clean, it rejoins and locks again.
+
+The nodes run without --fence-pid-dir (the no-op fencing agent): with the process agent
+the survivors, on the same host, would kill node 3 before it could learn anything.
 """
 
 from __future__ import annotations
@@ -150,7 +153,10 @@ def test_cut_off_node_is_expelled_not_merged_and_restarts_clean(lab, tmp_path):
         assert granted is not None and granted["ok"], granted
         assert granted["mode"] == "PR" and granted["lvb_valid"] is False, granted
 
-        # node 3 alone has no quorum: its new request is neither granted nor failed
+        # Once node 3 itself sees it has no quorum, its new requests are neither granted
+        # nor failed. (Before it notices, up to failure_timeout after the cut, it may still
+        # grant locks it masters: fencing, not this, is what keeps the survivors safe.)
+        _wait_status(nodes[3], lambda s: not s["quorate"], "node 3 sees no quorum")
         alone = _Pending(nodes[3], name="r:2", mode="EX", timeout=60)
         pending.append(alone)
         assert alone.wait(2 * TIMEOUT) is None, f"node 3 answered without quorum: {alone.answer}"

@@ -2,17 +2,19 @@
 
 The membership coordinator calls `await agent.fence(node_id, generation)` for every
 node a quorate view removed, and only when every call returned does it announce
-FENCE_DONE (membership publishes `Fenced`). An agent raises FenceError when it
-could not fence; the coordinator logs it and tries again.
+FENCE_DONE (membership publishes `Fenced`, and DLM recovery may go on). An agent
+raises FenceError when it could not prove the node fenced; the coordinator logs
+it and tries again, so recovery waits rather than proceed on an unproven fence.
 
-Agents here: NoopAgent (reports done at once; tests) and ProcessAgent (local dev
-clusters: SIGKILLs the dead node's process from a pid map or pid files). SCSI-3
-persistent reservations and a disk poison-pill slot come with the storage layer.
+Agents here: NoopAgent (reports done at once and proves nothing; tests) and
+ProcessAgent (local dev clusters: SIGKILLs the dead node's process, found from a
+pid map or `node<ID>.pid` files, after checking that the pid still names that
+process). SCSI-3 persistent reservations and a disk poison-pill slot come with
+the storage layer.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
@@ -22,13 +24,12 @@ from typing import Protocol
 
 import trio
 
-from clusterfs.errors import ClusterFSError
+from clusterfs.errors import FenceError
+from clusterfs.fence.pidfile import ProcessIdentity, identity_of, read_pid_file, start_time
+
+__all__ = ["FenceAgent", "FenceError", "NoopAgent", "ProcessAgent"]   # FenceError: compat
 
 log = logging.getLogger(__name__)
-
-
-class FenceError(ClusterFSError):
-    """A fencing agent could not confirm the node is fenced."""
 
 
 class FenceAgent(Protocol):
@@ -44,7 +45,10 @@ class NoopAgent:
 
     async def fence(self, node_id: int, generation: int) -> None:
         self.calls.append((node_id, generation))
-        log.info("gen %d: noop fence of node %d done", generation, node_id)
+        # Said every time: a run that relies on this agent has no fencing at all.
+        log.warning("gen %d: node %d counted fenced by the noop agent, which proves nothing "
+                    "(lockd: give --fence-pid-dir for real fencing of local processes)",
+                    generation, node_id)
         await trio.lowlevel.checkpoint()
 
     def statistics(self) -> dict[str, object]:
@@ -54,66 +58,80 @@ class NoopAgent:
 class ProcessAgent:
     """Kill -9 a dead node's process on this host (local dev clusters only).
 
-    pids: node id -> pid; or pid_dir: a directory holding `node<ID>.pid` files.
-    A node whose process is already gone counts as fenced.
+    pids: node id -> pid of a process alive now (its start time is taken here);
+    or pid_dir: a directory of `node<ID>.pid` files (clusterfs.fence.pidfile), which
+    lockd writes at start. A node with neither is a failure (FenceError): nothing
+    proves it gone. A recorded process that no longer exists (or whose pid now
+    names another process) is already dead: fenced, and nothing is killed.
     """
 
     def __init__(self, pids: Mapping[int, int] | None = None, *,
                  pid_dir: str | os.PathLike[str] | None = None, wait: float = 5.0) -> None:
-        self.pids = dict(pids or {})
+        # A pid given now names a process alive now; its start time pins that process.
+        self.known = {nid: ProcessIdentity(pid, start_time(pid) or -1)
+                      for nid, pid in (pids or {}).items()}
         self.pid_dir = Path(pid_dir) if pid_dir is not None else None
         self.wait = wait
         self.calls: list[tuple[int, int]] = []
 
-    def pid_of(self, node_id: int) -> int | None:
-        if node_id in self.pids:
-            return self.pids[node_id]
-        if self.pid_dir is not None:
-            try:
-                return int((self.pid_dir / f"node{node_id}.pid").read_text().strip())
-            except FileNotFoundError:
-                return None
-            except (OSError, ValueError) as exc:
-                raise FenceError(f"node {node_id}: bad pid file: {exc}") from exc
-        return None
+    def identity_of_node(self, node_id: int) -> ProcessIdentity:
+        if node_id in self.known:
+            return self.known[node_id]
+        if self.pid_dir is None:
+            raise FenceError(f"node {node_id}: no pid known: cannot prove it is gone")
+        return read_pid_file(self.pid_dir, node_id)
 
     async def fence(self, node_id: int, generation: int) -> None:
         self.calls.append((node_id, generation))
-        pid = self.pid_of(node_id)
-        if pid is None:
-            log.info("gen %d: node %d has no known pid; counting it fenced", generation, node_id)
+        recorded = self.identity_of_node(node_id)
+        pidfd = _open_if_same(recorded)
+        if pidfd is None:
+            log.info("gen %d: node %d fenced: its process (pid %d, start %d) is already gone",
+                     generation, node_id, recorded.pid, recorded.start_time)
             return
-        log.info("gen %d: fencing node %d: SIGKILL pid %d", generation, node_id, pid)
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-        except PermissionError as exc:
-            raise FenceError(f"node {node_id}: cannot kill pid {pid}: {exc}") from exc
+            log.warning("gen %d: fencing node %d: SIGKILL pid %d", generation, node_id,
+                        recorded.pid)
+            _kill(pidfd, node_id, recorded.pid)
+            await self._wait_gone(pidfd, node_id, recorded.pid)
+        finally:
+            os.close(pidfd)
+        log.warning("gen %d: node %d fenced: pid %d killed and gone", generation, node_id,
+                    recorded.pid)
+
+    async def _wait_gone(self, pidfd: int, node_id: int, pid: int) -> None:
+        # A pidfd turns readable when its process has exited (zombie or reaped).
         with trio.move_on_after(self.wait):
-            while _alive(pid):
-                await trio.sleep(0.02)
-            log.info("gen %d: node %d (pid %d) is gone", generation, node_id, pid)
+            await trio.lowlevel.wait_readable(pidfd)
             return
-        raise FenceError(f"node {node_id}: pid {pid} still alive after SIGKILL")
+        raise FenceError(f"node {node_id}: pid {pid} still alive {self.wait} s after SIGKILL")
 
     def statistics(self) -> dict[str, object]:
         return {"agent": "process", "fenced": len(self.calls)}
 
 
-def _alive(pid: int) -> bool:
+def _open_if_same(recorded: ProcessIdentity) -> int | None:
+    """A pidfd of the recorded process if it still lives, else None.
+
+    The pidfd is opened before the identity check: if the pid was reused between
+    the two, the live process's start time differs and we answer None; if it
+    matches, the pidfd holds that very process and a later reuse cannot redirect
+    the kill to another one.
+    """
     try:
-        done, _ = os.waitpid(pid, os.WNOHANG)   # reap it if it is our child
-        if done == pid:
-            return False
-    except ChildProcessError:
-        pass
+        pidfd = os.pidfd_open(recorded.pid)
+    except ProcessLookupError:
+        return None
+    if identity_of(recorded.pid) != recorded:
+        os.close(pidfd)
+        return None
+    return pidfd
+
+
+def _kill(pidfd: int, node_id: int, pid: int) -> None:
     try:
-        os.kill(pid, 0)
-    except OSError as exc:
-        return exc.errno != errno.ESRCH
-    try:   # a zombie we cannot reap is as good as dead
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][:1] != "Z"
-    except (OSError, IndexError):
-        return False
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        return                        # exited meanwhile: the wait sees it at once
+    except PermissionError as exc:
+        raise FenceError(f"node {node_id}: cannot kill pid {pid}: {exc}") from exc

@@ -18,7 +18,10 @@ would; they fence it).
 
 from __future__ import annotations
 
+import argparse
+import logging
 import os
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -90,8 +93,6 @@ def _event_json(ev: object) -> str:
 
 
 async def _serve_main(config: str, node_id: int, pid_dir: str | None) -> None:
-    import sys
-
     from clusterfs.fence.agent import ProcessAgent
 
     agent = ProcessAgent(pid_dir=pid_dir) if pid_dir else None
@@ -99,31 +100,46 @@ async def _serve_main(config: str, node_id: int, pid_dir: str | None) -> None:
         print(f'{{"event": "started", "node": {node_id}, "pid": {os.getpid()}}}', flush=True)
         async for ev in node.membership.subscribe():
             print(_event_json(ev), flush=True)
-            sys.stdout.flush()
 
 
 def main(argv: list[str] | None = None) -> int:
-    import argparse
-    import logging
-
-    from clusterfs.errors import ConfigError
-
     p = argparse.ArgumentParser(prog="python -m clusterfs.node.cluster")
     p.add_argument("--config", required=True)
     p.add_argument("--node-id", type=int, required=True)
-    p.add_argument("--fence-pid-dir", help="ProcessAgent: kill -9 node<ID>.pid from here")
+    p.add_argument("--fence-pid-dir", metavar="DIR",
+                   help="record this process in DIR/node<ID>.pid; fence others by SIGKILL "
+                   "of the process their file names")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"%(asctime)s node{args.node_id} %(name)s: %(message)s")
+    if args.fence_pid_dir:   # before joining: whoever may count on us can also fence us
+        from clusterfs.errors import FenceError
+        from clusterfs.fence.pidfile import write_pid_file
+
+        try:
+            write_pid_file(args.fence_pid_dir, args.node_id)
+        except (FenceError, OSError) as exc:   # another live node N, or an unusable DIR
+            print(f"--fence-pid-dir: {exc}", file=sys.stderr)
+            return 2
+    # the record outlives us, clean exit or not: it is how the others prove us gone
+    return _run_node(args)
+
+
+def _run_node(args: argparse.Namespace) -> int:
+    """Run until interrupted; the exit status. trio >= 0.25 groups errors leaving a
+    nursery, hence except*."""
+    from clusterfs.errors import ConfigError
+
+    code = 0
     try:
         trio.run(_serve_main, args.config, args.node_id, args.fence_pid_dir)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=__import__("sys").stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    except* ConfigError as group:
+        print(f"config error: {group.exceptions[0]}", file=sys.stderr)
+        code = 2
+    except* KeyboardInterrupt:
+        code = 130
+    return code
 
 
 if __name__ == "__main__":

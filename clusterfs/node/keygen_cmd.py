@@ -1,4 +1,7 @@
-"""`clusterfs keygen [-o FILE] [--base64]`: make a random 32-byte cluster key (mode 0600)."""
+"""`clusterfs keygen [-o FILE] [--base64]`: make a random 32-byte cluster key (mode 0600).
+
+A missing parent directory of FILE is created with mode 0700.
+"""
 
 from __future__ import annotations
 
@@ -17,6 +20,10 @@ def make_key_text(*, b64: bool = False) -> str:
 
 
 def write_key(path: str, *, b64: bool = False, force: bool = False) -> None:
+    # A fresh machine has no /etc/clusterfs yet; the directory of a secret is
+    # private (0700), like the key itself (0600). An existing one is left as is.
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, mode=0o700, exist_ok=True)
     flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
     fd = os.open(path, flags, 0o600)
     try:
@@ -27,7 +34,8 @@ def write_key(path: str, *, b64: bool = False, force: bool = False) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("-o", "--output", metavar="FILE", help="write the key here (mode 0600)")
+    p.add_argument("-o", "--output", metavar="FILE",
+                   help="write the key here (mode 0600; a missing directory is made, mode 0700)")
     p.add_argument("--base64", action="store_true", help="base64 instead of hex")
     p.add_argument("-f", "--force", action="store_true", help="overwrite FILE")
 

@@ -32,7 +32,10 @@ class LocalLockCluster:
     """lockd processes on 127.0.0.1, one per node id, each with a control socket.
 
     Every process started here is stopped by close() (SIGTERM, then SIGKILL);
-    no other process is ever signalled."""
+    no other process is ever signalled by this class. The lockd processes fence
+    each other for real: each records itself in `fence_dir/node<ID>.pid`, and the
+    coordinator SIGKILLs a dead node's recorded process (ProcessAgent) before
+    lock recovery may go on."""
 
     def __init__(self, node_ids: list[int], *, workdir: str | None = None,
                  heartbeat_interval: float = 0.2, failure_timeout: float = 1.5,
@@ -43,6 +46,7 @@ class LocalLockCluster:
         self.dir = Path(workdir or tempfile.mkdtemp(prefix="cfs-lockd-"))
         self.node_ids = list(node_ids)
         self.config_path = self.dir / "cluster.toml"
+        self.fence_dir = self.dir / "fence"
         write_local_config(self.config_path, self.node_ids,
                            heartbeat_interval=heartbeat_interval,
                            failure_timeout=failure_timeout)
@@ -56,7 +60,7 @@ class LocalLockCluster:
         log = open(self.dir / f"lockd-{node_id}.log", "ab")
         cmd = [sys.executable, "-m", "clusterfs.cli", "lockd", "--config",
                str(self.config_path), "--node-id", str(node_id),
-               "--control", self.control(node_id)]
+               "--control", self.control(node_id), "--fence-pid-dir", str(self.fence_dir)]
         if self.verbose:
             cmd.append("-v")
         self.procs[node_id] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log,
@@ -159,7 +163,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def bench(nodes: int = 3, ops: int = 20000, remote_ops: int = 3000,
           seconds: float = 3.0) -> dict[str, Any]:
-    ids = list(range(1, max(2, nodes) + 1))
+    if nodes < 2:
+        raise ValueError(f"nodes={nodes}: a lock-service benchmark needs at least 2")
+    ids = list(range(1, nodes + 1))
     with LocalLockCluster(ids) as cl:
         cl.start_all()
         c1 = ControlClient(cl.control(1), timeout=600)
@@ -201,7 +207,23 @@ def bench(nodes: int = 3, ops: int = 20000, remote_ops: int = 3000,
         }
 
 
+def check_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with the arguments, or None."""
+    if args.nodes < 2:
+        return f"--nodes {args.nodes}: need at least 2 lockd processes (remote requests)"
+    for flag, value in (("--ops", args.ops), ("--remote-ops", args.remote_ops)):
+        if value <= 0:
+            return f"{flag} {value}: must be a positive count"
+    if not args.seconds > 0:          # also refuses NaN
+        return f"--seconds {args.seconds}: must be a positive duration"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
+    problem = check_arguments(args)
+    if problem is not None:
+        print(f"clusterfs lockbench: {problem}", file=sys.stderr)
+        return 2
     res = bench(args.nodes, args.ops, args.remote_ops, args.seconds)
     if args.json:
         print(json.dumps(res))

@@ -4,6 +4,11 @@ Runs the cluster stack (TCP comms + membership) and the DLM with one lockspace
 ("default"), and serves a control socket (a unix stream socket, default
 /run/clusterfs/lockd-<node>.sock, or --control PATH).
 
+Fencing: with --fence-pid-dir DIR, lockd records itself in DIR/node<ID>.pid
+(pid and start time) before it joins, removes the file when it stops cleanly,
+and fences a dead node by SIGKILL of the process that node's file names
+(clusterfs.fence.agent.ProcessAgent). Without it, fencing is the noop agent.
+
 Control protocol: one JSON object per line each way. A request is
 {"op": ..., ...}; the answer is {"ok": true, ...} or
 {"ok": false, "error": "<exception class>", "errno": N, "message": "..."}.
@@ -38,17 +43,24 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from clusterfs.dlm.interface import LVB_SIZE, Lock, Mode
-from clusterfs.dlm.lockspace import Lockspace, open_dlm
-from clusterfs.errors import ClusterFSError, ConfigError
+from clusterfs.errors import ClusterFSError, ConfigError, FenceError
+
+if TYPE_CHECKING:
+    # The lockspace (and the native lock table under it) loads only when lockd
+    # serves, so `clusterfs status`/`locks`, which use ControlClient from here,
+    # work even where the native module is broken.
+    from clusterfs.dlm.lockspace import Lockspace
+    from clusterfs.fence.pidfile import ProcessIdentity
 
 log = logging.getLogger("clusterfs.lockd")
 
 DEFAULT_CONTROL_DIR = "/run/clusterfs"
+EXIT_EXPELLED = 3
 
 
 def default_control_path(node_id: int) -> str:
@@ -66,8 +78,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-id", type=int, required=True)
     p.add_argument("--control", help="control socket path "
                    f"(default {DEFAULT_CONTROL_DIR}/lockd-<node>.sock)")
-    p.add_argument("--fence-pid-dir",
-                   help="fence by SIGKILL of the pid in DIR/node<ID>.pid (dev clusters)")
+    p.add_argument("--fence-pid-dir", metavar="DIR",
+                   help="dev clusters on one host: record this process in DIR/node<ID>.pid "
+                   "and fence dead nodes by SIGKILL of the process their file names "
+                   "(without it, fencing is a no-op that proves nothing)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -75,30 +89,57 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"%(asctime)s lockd{args.node_id} %(name)s: %(message)s")
     control = args.control or default_control_path(args.node_id)
+    # Written before we join membership: from the moment the others may count
+    # on us, they can also fence us.
+    try:
+        _claim_pid_file(args.fence_pid_dir, args.node_id)
+    except FenceError as exc:         # another live lockd holds this node id
+        print(f"clusterfs lockd: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"clusterfs lockd: --fence-pid-dir {args.fence_pid_dir}: {exc.strerror}",
+              file=sys.stderr)
+        return 2
+    # The file stays after we exit, clean or not: the others notice only that we went
+    # silent, and fence us by this record (a pid that is gone counts as fenced at once).
+    # Removing it would leave them no proof, and their recovery would wait.
+    return _run_service(args, control)
+
+
+def _claim_pid_file(pid_dir: str | None, node_id: int) -> ProcessIdentity | None:
+    if not pid_dir:
+        return None
+    from clusterfs.fence.pidfile import write_pid_file
+
+    return write_pid_file(pid_dir, node_id)
+
+
+def _run_service(args: argparse.Namespace, control: str) -> int:
+    """Run lockd; the exit status. Errors leaving trio's nurseries may come grouped
+    (trio >= 0.25), hence except*."""
+    code = 0
+    expelled = False
     try:
         expelled = trio.run(serve, args.config, args.node_id, control, args.fence_pid_dir)
-    except ConfigError as exc:
-        print(f"clusterfs lockd: config error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    except* ConfigError as group:
+        print(f"clusterfs lockd: config error: {group.exceptions[0]}", file=sys.stderr)
+        code = 2
+    except* KeyboardInterrupt:
+        code = 130
     if expelled:
         print("clusterfs lockd: expelled from the cluster; restart clean", file=sys.stderr)
-        return 3
-    return 0
+        code = EXIT_EXPELLED
+    return code
 
 
 async def serve(config: str, node_id: int, control: str, fence_pid_dir: str | None) -> bool:
     """Serve until told to quit (False) or expelled from the cluster (True). Expulsion is
-    a return value, not an exception: raised inside the nurseries it would reach run()
-    wrapped in an ExceptionGroup."""
+    a return value, not an exception: it needs no unwrapping from trio's groups."""
+    from clusterfs.dlm.lockspace import open_dlm
+    from clusterfs.fence.agent import FenceAgent, ProcessAgent
     from clusterfs.node.cluster import open_cluster_node
 
-    agent = None
-    if fence_pid_dir:
-        from clusterfs.fence.agent import ProcessAgent
-
-        agent = ProcessAgent(pid_dir=fence_pid_dir)
+    agent: FenceAgent | None = ProcessAgent(pid_dir=fence_pid_dir) if fence_pid_dir else None
     Path(control).parent.mkdir(parents=True, exist_ok=True)
     async with open_cluster_node(config, node_id, fence_agent=agent) as node:
         async with open_dlm(node.endpoint, node.membership) as dlm:
@@ -215,12 +256,9 @@ class _Session:
         out: dict[str, Any] = {"node": st.node, "generation": st.generation,
                                "members": list(st.members), "quorate": st.quorate,
                                "running": st.running, "lockspace": st.as_dict(),
-                               "dropped_sends": self.ls.ls_dlm.dropped_sends}
-        try:
-            view = self.server.node.membership.view
-            out["membership_generation"] = view.generation
-        except Exception:
-            pass
+                               "dropped_sends": self.ls.ls_dlm.dropped_sends,
+                               "membership_generation":
+                                   self.server.node.membership.view.generation}
         return out
 
     async def op_wait_running(self, req: dict[str, Any]) -> dict[str, Any]:

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+from typing import Any
 
-from clusterfs.node.lockd_cmd import ControlClient
-from clusterfs.node.status_cmd import control_path
+from clusterfs.node.status_cmd import ask
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,15 +26,9 @@ def _range(r: list[int]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        with ControlClient(control_path(args), timeout=10) as c:
-            res = c.call("locks", name=args.resource)
-    except OSError as exc:
-        print(f"clusterfs locks: cannot reach lockd: {exc}", file=sys.stderr)
-        return 1
-    if not res.get("ok"):
-        print(f"clusterfs locks: {res.get('message')}", file=sys.stderr)
-        return 1
+    code, res = ask("locks", args, "locks", name=args.resource)
+    if code:
+        return code
     if args.json:
         print(json.dumps(res, indent=2))
         return 0
@@ -44,14 +37,17 @@ def run(args: argparse.Namespace) -> int:
         print("  (no master: nobody has locked it)")
         return 0
     for queue in ("granted", "converting", "waiting"):
-        rows = [lk for lk in res["locks"] if lk["queue"] == queue]
-        print(f"  {queue}:")
-        for lk in rows:
-            modes = lk["grmode"] or "-"
-            if lk["rqmode"]:
-                modes += f" -> {lk['rqmode']}"
-            print(f"    node {lk['node']:<4} lkid {lk['lkid']:#x}  {modes:<10} "
-                  f"range {_range(lk['range'])}")
-        if not rows:
-            print("    (none)")
+        print_queue(queue, [lk for lk in res["locks"] if lk["queue"] == queue])
     return 0
+
+
+def print_queue(queue: str, rows: list[dict[str, Any]]) -> None:
+    print(f"  {queue}:")
+    for lk in rows:
+        modes = lk["grmode"] or "-"
+        if lk["rqmode"]:
+            modes += f" -> {lk['rqmode']}"
+        print(f"    node {lk['node']:<4} lkid {lk['lkid']:#x}  {modes:<10} "
+              f"range {_range(lk['range'])}")
+    if not rows:
+        print("    (none)")

@@ -9,8 +9,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import Any
 
+from clusterfs.errors import ConfigError
 from clusterfs.node.lockd_cmd import ControlClient, default_control_path
+
+EXIT_USAGE = 2           # bad arguments or config: nothing was asked
+EXIT_UNREACHABLE = 1     # lockd not reachable, or it answered with an error
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,27 +26,51 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def control_path(args: argparse.Namespace) -> str:
+    """The control socket to ask; ConfigError (naming the field) if the arguments or
+    the config file cannot say: unreadable file, bad TOML, node id not configured."""
     if args.control:
         return args.control
     if args.node_id is None:
-        raise SystemExit("give --control PATH or --node-id N")
+        raise ConfigError("--node-id: give --control PATH or --node-id N")
     if args.config:
         from clusterfs.config import load_config
 
-        load_config(args.config).node(args.node_id)   # ConfigError if unknown
+        load_config(args.config).node(args.node_id)
     return default_control_path(args.node_id)
 
 
-def run(args: argparse.Namespace) -> int:
+def ask(command: str, args: argparse.Namespace, op: str, **kw: Any) -> tuple[int, dict[str, Any]]:
+    """(0, reply) if lockd answered ok; else (exit status, {}) after one line on stderr."""
     try:
-        with ControlClient(control_path(args), timeout=10) as c:
-            st = c.call("status")
-    except OSError as exc:
-        print(f"clusterfs status: cannot reach lockd: {exc}", file=sys.stderr)
-        return 1
+        path = control_path(args)
+    except ConfigError as exc:
+        print(f"clusterfs {command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE, {}
+    try:
+        with ControlClient(path, timeout=10) as c:
+            reply = c.call(op, **kw)
+    except (OSError, ValueError) as exc:   # ValueError: an answer that is not JSON
+        print(f"clusterfs {command}: cannot reach lockd at {path}: {exc}", file=sys.stderr)
+        return EXIT_UNREACHABLE, {}
+    if not reply.get("ok"):
+        print(f"clusterfs {command}: lockd answered {reply.get('error')}: "
+              f"{reply.get('message')}", file=sys.stderr)
+        return EXIT_UNREACHABLE, {}
+    return 0, reply
+
+
+def run(args: argparse.Namespace) -> int:
+    code, st = ask("status", args, "status")
+    if code:
+        return code
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
+    print_status(st)
+    return 0
+
+
+def print_status(st: dict[str, Any]) -> None:
     ls = st["lockspace"]
     print(f"node        {st['node']}")
     print(f"members     {' '.join(str(m) for m in st['members'])}")
@@ -55,4 +84,3 @@ def run(args: argparse.Namespace) -> int:
           f"directory entries {ls['directory_entries']}")
     print(f"traffic     requests={ls['requests']} remote={ls['remote_requests']} "
           f"grants={ls['grants']} basts={ls['basts']}")
-    return 0

@@ -1,0 +1,96 @@
+"""Pid files for the process fencing agent: `DIR/node<ID>.pid` = "<pid> <start time>".
+
+A pid alone does not name a process: after the process dies the kernel may hand
+the number to any other one. The start time (field 22 of /proc/PID/stat, in clock
+ticks since boot) does not repeat for one pid, so the pair identifies a process
+for as long as the host runs.
+
+The file is written atomically (a temporary file renamed over it), so the agent
+never reads a half-written record.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from clusterfs.errors import FenceError
+
+# /proc/PID/stat after the ") " that ends the command name starts at field 3
+_STARTTIME_FIELD = 22 - 3
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    pid: int
+    start_time: int
+
+
+def pid_file_path(pid_dir: str | os.PathLike[str], node_id: int) -> Path:
+    return Path(pid_dir) / f"node{node_id}.pid"
+
+
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat from field 3 on, or None if there is no such pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # the command name (field 2) may itself hold spaces and parentheses
+    return text.rsplit(") ", 1)[1].split()
+
+
+def start_time(pid: int) -> int | None:
+    """The start time of the live process `pid`, or None if it is gone (or a zombie)."""
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] in "ZX":   # a zombie (or dead) task cannot write
+        return None
+    return int(fields[_STARTTIME_FIELD])
+
+
+def identity_of(pid: int) -> ProcessIdentity | None:
+    started = start_time(pid)
+    return None if started is None else ProcessIdentity(pid, started)
+
+
+def write_pid_file(pid_dir: str | os.PathLike[str], node_id: int) -> ProcessIdentity:
+    """Record this process as node_id's in pid_dir (created if missing).
+
+    FenceError if the record names another live process: overwriting it would
+    leave that process unfenceable (its record gone) while it may still write.
+    """
+    me = identity_of(os.getpid())
+    assert me is not None, "our own process is alive"
+    path = pid_file_path(pid_dir, node_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _refuse_if_running(pid_dir, node_id, me)
+    tmp = path.with_name(f".{path.name}.{me.pid}.tmp")
+    tmp.write_text(f"{me.pid} {me.start_time}\n")
+    os.replace(tmp, path)
+    return me
+
+
+def _refuse_if_running(pid_dir: str | os.PathLike[str], node_id: int,
+                       me: ProcessIdentity) -> None:
+    try:
+        current = read_pid_file(pid_dir, node_id)
+    except FenceError:
+        return                        # no (readable) record: nothing to protect
+    if current != me and identity_of(current.pid) == current:
+        raise FenceError(f"node {node_id} already runs as pid {current.pid} "
+                         f"({pid_file_path(pid_dir, node_id)})")
+
+
+def read_pid_file(pid_dir: str | os.PathLike[str], node_id: int) -> ProcessIdentity:
+    """The identity recorded for node_id; FenceError if there is none or it is unreadable."""
+    path = pid_file_path(pid_dir, node_id)
+    try:
+        pid_text, start_text = path.read_text().split()
+        return ProcessIdentity(int(pid_text), int(start_text))
+    except FileNotFoundError as exc:
+        raise FenceError(f"node {node_id}: no pid file {path}: cannot prove it is gone") from exc
+    except (OSError, ValueError) as exc:
+        raise FenceError(f"node {node_id}: bad pid file {path}: {exc}") from exc
+

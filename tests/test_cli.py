@@ -1,0 +1,162 @@
+"""The command line as a user meets it: subprocesses, their one-line messages and exit codes."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clusterfs.cli import COMMANDS
+from clusterfs.comms.localcluster import write_local_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cli(*args: str, code: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m clusterfs.cli ARGS`, or `python -c CODE` for a rigged interpreter."""
+    argv = ["-c", code] if code is not None else ["-m", "clusterfs.cli", *args]
+    return subprocess.run([sys.executable, *argv], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+
+
+def one_line_error(r: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
+    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr                     # one line, never a traceback
+    assert all(w in lines[0] for w in words), lines[0]
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    path = tmp_path / "cluster.toml"
+    write_local_config(path, [1, 2, 3])
+    return path
+
+
+# -- status / locks with a bad --config (finding 7) ----------------------------------------
+
+@pytest.mark.parametrize("command", [["status"], ["locks", "inode:1"]])
+def test_missing_config_file(command: list[str], tmp_path: Path) -> None:
+    missing = tmp_path / "nope.toml"
+    r = cli(*command, "--config", str(missing), "--node-id", "1")
+    one_line_error(r, 2, f"clusterfs {command[0]}:", "cannot read", str(missing))
+
+
+@pytest.mark.parametrize("command", [["status"], ["locks", "inode:1"]])
+def test_config_not_toml(command: list[str], tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text("name = [unclosed\n")
+    r = cli(*command, "--config", str(bad), "--node-id", "1")
+    one_line_error(r, 2, f"clusterfs {command[0]}:", "not valid TOML")
+
+
+@pytest.mark.parametrize("command", [["status"], ["locks", "inode:1"]])
+def test_node_id_not_in_config(command: list[str], config: Path) -> None:
+    r = cli(*command, "--config", str(config), "--node-id", "9")
+    one_line_error(r, 2, "node_id: 9 is not a configured node")
+
+
+def test_status_without_control_or_node_id() -> None:
+    one_line_error(cli("status"), 2, "--control", "--node-id")
+
+
+@pytest.mark.parametrize("command", [["status"], ["locks", "inode:1"]])
+def test_unreachable_lockd(command: list[str], tmp_path: Path) -> None:
+    r = cli(*command, "--control", str(tmp_path / "no.sock"))
+    one_line_error(r, 1, "cannot reach lockd")
+
+
+# -- lockbench argument checks (finding 8) ------------------------------------------------
+
+@pytest.mark.parametrize("args, words", [
+    (["--nodes", "1"], ["--nodes 1", "at least 2"]),
+    (["--seconds", "0"], ["--seconds 0", "positive"]),
+    (["--seconds", "-1"], ["--seconds -1.0", "positive"]),
+    (["--ops", "0"], ["--ops 0", "positive"]),
+    (["--remote-ops", "-5"], ["--remote-ops -5", "positive"]),
+])
+def test_lockbench_refuses_bad_arguments(args: list[str], words: list[str]) -> None:
+    one_line_error(cli("lockbench", *args), 2, "clusterfs lockbench:", *words)
+
+
+# -- keygen (finding 5) ---------------------------------------------------------------------
+
+def test_keygen_creates_missing_parent_directory_private(tmp_path: Path) -> None:
+    key = tmp_path / "etc" / "clusterfs" / "cluster.key"
+    r = cli("keygen", "-o", str(key))
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(key.parent.stat().st_mode) & 0o077 == 0      # 0700 (less by umask)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert len(bytes.fromhex(key.read_text().strip())) == 32
+    one_line_error(cli("keygen", "-o", str(key)), 1, "exists")        # no silent overwrite
+
+
+def test_keygen_leaves_an_existing_directory_alone(tmp_path: Path) -> None:
+    os.chmod(tmp_path, 0o755)
+    r = cli("keygen", "-o", str(tmp_path / "k"))
+    assert r.returncode == 0, r.stderr
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o755
+
+
+# -- lazy subcommands (finding 11) ----------------------------------------------------------
+
+def test_help_lists_every_command() -> None:
+    r = cli("--help")
+    assert r.returncode == 0, r.stderr
+    for name, cmd in COMMANDS.items():
+        assert name in r.stdout and cmd.help in r.stdout
+
+
+def test_help_imports_no_subcommand() -> None:
+    code = ("import sys\nfrom clusterfs import cli\n"
+            "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith('clusterfs.node')))")
+    r = cli(code=code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1] == "[]"
+
+
+# A broken subsystem: the native module cannot be imported (None in sys.modules
+# makes every import of it fail, as an unbuilt or broken extension would).
+BROKEN_NATIVE = ("import sys\nsys.modules['clusterfs.native'] = None\n"
+                 "from clusterfs import cli\nsys.exit(cli.main(sys.argv[1:]))\n")
+
+
+def broken(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", BROKEN_NATIVE, *args], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT)
+
+
+def test_broken_subsystem_fails_only_its_commands(tmp_path: Path) -> None:
+    assert broken("--help").returncode == 0
+    assert broken("keygen").returncode == 0
+    one_line_error(broken("status", "--control", str(tmp_path / "no.sock")), 1,
+                   "cannot reach lockd")
+    one_line_error(broken("mkfs", str(tmp_path / "img")), 2, "clusterfs mkfs:", "cannot load")
+    one_line_error(broken("fsck", str(tmp_path / "img")), 8, "clusterfs fsck:", "cannot load")
+
+
+def test_entry_points_for_mkfs_and_fsck(tmp_path: Path) -> None:
+    code = "import sys\nfrom clusterfs import cli\nsys.exit(cli.{}(['--help']))"
+    for fn, prog in (("mkfs_main", "mkfs.clusterfs"), ("fsck_main", "fsck.clusterfs")):
+        r = cli(code=code.format(fn))
+        assert r.returncode == 0 and r.stdout.startswith(f"usage: {prog}"), r
+
+
+def test_unknown_command_is_a_usage_error() -> None:
+    r = cli("frobnicate")
+    assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+# -- tools/lockcluster.py (finding 18) ------------------------------------------------------
+
+@pytest.mark.parametrize("kill", ["1", "4", "0"])
+def test_lockcluster_refuses_kill_outside_2_to_n(kill: str) -> None:
+    r = subprocess.run([sys.executable, str(ROOT / "tools" / "lockcluster.py"), "--nodes", "3",
+                        "--kill", kill], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r
+    assert f"--kill {kill}: must name a node in 2..3" in r.stderr
