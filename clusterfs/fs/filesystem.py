@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import trio
+
 from clusterfs.cache.glock import GlockManager
 from clusterfs.cache.transaction import TransactionManager
 from clusterfs.dlm.interface import Mode
@@ -54,7 +56,6 @@ READAHEAD_TRIGGER = 128 * 1024   # a read this large is taken as sequential
 READAHEAD_BLOCKS = 8192
 READAHEAD_STEP = 2048
 SYMLINK_MAX = 4095
-WRITEBACK_TRIGGER = 256 * 1024   # data writes this large start their writeback at once
 
 
 def dtype_of(mode: int) -> int:
@@ -696,6 +697,9 @@ class FileSystem:
                 self._write(node, off, data)
                 return len(data)
 
+        if not self.dev.behind_has_room(len(data)):
+            # the write-behind queue is full: wait in a worker thread, not in the loop
+            await trio.to_thread.run_sync(self.dev.wait_behind_room, len(data))
         node = self.inodes.get(ino)
         goal = ino
         if node is not None and node.extents:
@@ -753,10 +757,11 @@ class FileSystem:
         self._dirty(node)
 
     def _write_data(self, pblk: int, chunk: memoryview) -> None:
-        """File data straight to its blocks; a large write also starts its writeback."""
-        self.dev.pwrite(pblk * BLOCK_SIZE, chunk)
-        if len(chunk) >= WRITEBACK_TRIGGER:
-            self.dev.start_writeback(pblk * BLOCK_SIZE, len(chunk))
+        """File data straight to its blocks, queued to the device's write-behind thread:
+        the request is answered while the copy is made (the journal commit waits for
+        the queue before it flushes, so data still precedes the metadata that points
+        at it, and fsync still makes it durable)."""
+        self.dev.write_behind(pblk * BLOCK_SIZE, chunk)
 
     def _assemble(self, node: CachedInode, off: int, data: bytes | memoryview, first: int,
                   last: int, runs: list) -> memoryview:
