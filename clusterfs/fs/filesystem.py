@@ -621,7 +621,7 @@ class FileSystem:
             node = self._inode(ino)
             if not stat.S_ISLNK(node.d.mode):
                 raise FSError(errno.EINVAL)
-            return self._read(node, 0, node.d.size)
+            return bytes(self._read(node, 0, node.d.size))
 
     # ================================================================ open files
     async def open(self, ino: int) -> CachedInode:
@@ -651,7 +651,9 @@ class FileSystem:
             except StorageError as exc:
                 raise FSError(errno.EIO, str(exc)) from exc
 
-    def _read(self, node: CachedInode, off: int, size: int) -> bytes:
+    def _read(self, node: CachedInode, off: int, size: int) -> bytes | memoryview:
+        """The bytes; a memoryview into a read-ahead buffer is valid only until the next
+        device call, i.e. for the reply to this request (see BlockDevice.read_data)."""
         fsize = node.d.size
         if off >= fsize or size <= 0:
             return b""
@@ -659,14 +661,16 @@ class FileSystem:
         if node.stuffed:
             return bytes(node.data[off : off + size])
         first, last = off // BLOCK_SIZE, (off + size - 1) // BLOCK_SIZE
-        pieces = []
+        if size >= READAHEAD_TRIGGER:
+            # before taking this request's data: the device may hand it out as a view
+            # into a read-ahead buffer that must not be refilled until the reply
+            self._read_ahead(node, last + 1)
+        pieces: list[bytes | memoryview] = []
         for _l, pblk, n in ext.map_range(node.extents, first, last - first + 1):
             if pblk is None:
                 pieces.append(bytes(n * BLOCK_SIZE))
             else:
-                pieces.append(self.dev.pread(pblk * BLOCK_SIZE, n * BLOCK_SIZE))
-        if size >= READAHEAD_TRIGGER:
-            self._read_ahead(node, last + 1)
+                pieces.append(self.dev.read_data(pblk * BLOCK_SIZE, n * BLOCK_SIZE))
         skip = off - first * BLOCK_SIZE
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         return data[skip : skip + size] if skip or len(data) != size else data
