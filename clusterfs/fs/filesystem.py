@@ -950,6 +950,7 @@ class FileSystem:
         node = self.inodes.get(ino)
         if node is not None and not node.freed and self.opens.get(ino, 0) == 0:
             self.inodes.pop(ino, None)
+        self.dev.forget_read_ahead()     # chunks of its data may be rewritten elsewhere
         if self.invalidate_hook is not None:
             self.invalidate_hook(ino)
 

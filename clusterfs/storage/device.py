@@ -26,11 +26,12 @@ WRITEBACK_TRIGGER = 256 * 1024      # a queued write this large starts its write
 WRITE_BEHIND_LIMIT = 32 << 20       # bytes of data writes that may wait in the queue
 DIRECT_STAGING = 4 << 20            # the aligned buffer O_DIRECT data writes go through
 # Direct read-ahead: up to AHEAD_CHUNKS reads of AHEAD_CHUNK bytes in flight or ready,
-# made by AHEAD_THREADS threads (two keep a disk busy while one result is copied out).
+# made by AHEAD_THREADS threads (a virtio disk behind a loop device streamed 300-600 MiB/s
+# with two reads in flight, about 1250 with four).
 # 12 x 4 MiB covers the file system's 32 MiB window plus the 8 MiB step it tops up by.
 AHEAD_CHUNK = 4 << 20
 AHEAD_CHUNKS = 12
-AHEAD_THREADS = 2
+AHEAD_THREADS = 4
 
 
 def _load_sync_file_range():
@@ -457,6 +458,11 @@ class BlockDevice:
                 self.reads += 1
                 return view
         return self.pread(offset, length)
+
+    def forget_read_ahead(self) -> None:
+        """Drop every read-ahead chunk (another node may change what they hold)."""
+        if self._ahead is not None:
+            self._ahead.invalidate(0, self.size)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.drain()
