@@ -32,6 +32,10 @@ DIRECT_STAGING = 4 << 20            # the aligned buffer O_DIRECT data writes go
 AHEAD_CHUNK = 4 << 20
 AHEAD_CHUNKS = 12
 AHEAD_THREADS = 4
+# False: sequential reads go through the page cache with posix_fadvise read-ahead, as
+# before the direct read-ahead (faster over the VM's disk in our runs, see
+# docs/benchmarks.md; slower and costlier in CPU over tmpfs).
+DIRECT_READ_AHEAD = True
 
 
 def _load_sync_file_range():
@@ -482,7 +486,7 @@ class BlockDevice:
         sequential read's time when made inline), so a helper thread makes it."""
         if not self._ahead_tried:
             self._ahead_tried = True
-            self._ahead = _DirectReadAhead.open(self.path)
+            self._ahead = _DirectReadAhead.open(self.path) if DIRECT_READ_AHEAD else None
         if self._ahead is not None and not self._ahead.broken:
             self.drain()                 # a direct read must not overtake a queued write
             self._ahead.submit(blkno * BLOCK_SIZE, count * BLOCK_SIZE)
