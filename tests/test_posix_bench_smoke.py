@@ -17,7 +17,7 @@ BENCH = Path(__file__).resolve().parent.parent / "tools" / "bench.py"
 def test_bench_runs_on_nullfs(tmp_path):
     mountutil.require_mounts("null")
     r = subprocess.run([sys.executable, str(BENCH), "--size-mib", "4", "--files", "50",
-                        "--only", "null", "--workdir", str(tmp_path)],
+                        "--only", "null", "--backing-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     rows = {}
@@ -29,5 +29,6 @@ def test_bench_runs_on_nullfs(tmp_path):
         assert (cfs, ext4) == ("-", "-")          # not run
         assert float(null) > 0
     assert "50 empty-file creates" in r.stdout
+    assert f"backing files in {tmp_path}" in r.stdout
     assert not list(tmp_path.iterdir()), "bench left files behind"
     assert not mountutil._is_mounted(str(tmp_path))

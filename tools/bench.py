@@ -2,6 +2,7 @@
 """Benchmark: clusterfs against ext4 and against a do-nothing pyfuse3 filesystem.
 
     python3 tools/bench.py [--size-mib 1024] [--files 10000] [--only clusterfs|ext4|null]
+                           [--backing-dir DIR]
 
 For each filesystem it measures
   * sequential write MiB/s: SIZE MiB in 1 MiB write() calls, then fsync, timed
@@ -13,9 +14,12 @@ For each filesystem it measures
     one fresh directory, then an fsync of the directory.
 
 clusterfs and ext4 each get their own loop device of the same size over a sparse
-file; nullfs (tools/nullfs.py) discards writes and reads back zeros, the ceiling
-Python FUSE (pyfuse3 + trio) allows with clusterfs's FUSE settings. nullfs has
-no storage, so for its read figure the file is re-created at its size after the
+file in the same backing directory: by default /dev/shm when that tmpfs has room for
+both images (so the disk under the VM does not cap both figures and the ratios measure
+the software), otherwise a temporary directory on disk; --backing-dir chooses one, and
+the output says which was used. nullfs (tools/nullfs.py) discards writes and reads
+back zeros, the ceiling Python FUSE (pyfuse3 + trio) allows with clusterfs's FUSE
+settings. nullfs has no storage, so for its read figure the file is re-created at its size after the
 remount (a metadata-only operation) and then read cold.
 
 Then it prints the ratios clusterfs/ext4 and clusterfs/null. It needs root
@@ -143,6 +147,38 @@ def run_one(kind: str, size_mib: int, files: int, workdir: str, device_bytes: in
     return out
 
 
+SHM = "/dev/shm"
+
+
+def _free_bytes(directory: str) -> int:
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def choose_backing(requested: str | None, image_bytes: int, images: int) -> str:
+    """Where the loop devices' sparse backing files go. Both images always go to the
+    same place, so clusterfs and ext4 are measured on equal storage. Without a
+    request: /dev/shm when it can hold every image fully written (a tmpfs: RAM, so
+    the VM's disk does not cap the figures), else the temp dir on disk."""
+    if requested:
+        return requested
+    if images and os.path.isdir(SHM) and _free_bytes(SHM) >= images * image_bytes:
+        return SHM
+    return os.environ.get("TMPDIR", "/var/tmp")
+
+
+def _backing_kind(directory: str) -> str:
+    """"tmpfs" or "disk" (by the filesystem the directory is on), for the output."""
+    best, kind = "", "disk"
+    real = os.path.realpath(directory)
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _dev, mnt, fstype, *_ = line.split()
+            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) > len(best):
+                best, kind = mnt, ("tmpfs" if fstype == "tmpfs" else "disk")
+    return kind
+
+
 def _load() -> str:
     """The load average, to judge how noisy a run on a shared machine was."""
     one, five, _fifteen = os.getloadavg()
@@ -182,12 +218,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--files", type=int, default=10_000, help="empty files to create")
     p.add_argument("--only", choices=KINDS, action="append",
                    help="run only this filesystem (repeatable)")
-    p.add_argument("--workdir", default=os.environ.get("TMPDIR", "/var/tmp"),
-                   help="where the sparse backing files go (default /var/tmp)")
+    p.add_argument("--backing-dir", "--workdir", dest="backing_dir", default=None,
+                   help="where the loop devices' sparse backing files (and the mount "
+                        "points) go; default /dev/shm when it has room for both images, "
+                        "else $TMPDIR or /var/tmp")
     args = p.parse_args(argv)
     kinds = args.only or list(KINDS)
     # room for the file, the journals and the inodes of the creates, on both filesystems
     device_bytes = (args.size_mib * MiB * 3) // 2 + args.files * 8192 + (256 * MiB)
+    images = sum(1 for k in kinds if k != "null")
+    backing = choose_backing(args.backing_dir, device_bytes, images)
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
@@ -197,10 +237,11 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     print(f"bench: {args.size_mib} MiB sequential, {args.files} creates, "
           f"loop devices of {device_bytes // MiB} MiB, {_load()}", flush=True)
+    print(f"bench: backing files in {backing} ({_backing_kind(backing)})", flush=True)
     try:
         for kind in kinds:
             try:
-                results[kind] = run_one(kind, args.size_mib, args.files, args.workdir,
+                results[kind] = run_one(kind, args.size_mib, args.files, backing,
                                         device_bytes, log=lambda s: print(s, flush=True))
             except (Exception, AssertionError) as exc:  # noqa: B014
                 failed.append(kind)

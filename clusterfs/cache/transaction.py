@@ -99,6 +99,7 @@ class TransactionManager:
         self.check_writable()
         async with self._lock:
             self.check_writable()
+            await self._drain_data()
             blocks: dict[int, bytes] = {}
             for obj in list(self.dirty.values()):
                 blocks.update(obj.to_blocks())
@@ -122,6 +123,18 @@ class TransactionManager:
                 raise Withdrawn(f"filesystem withdrawn: {exc}") from exc
             if self.journal.stats["checkpoints"] != checkpoints:
                 self.end_quarantine(mark)
+
+    async def _drain_data(self) -> None:
+        """Let queued data writes finish in a worker thread before the commit is
+        captured, so the event loop does not block on them when the commit's first
+        device write has to wait for the queue (which keeps data ahead of metadata)."""
+        dev = self.journal.dev
+        if dev.behind_pending:
+            try:
+                await trio.to_thread.run_sync(dev.drain)
+            except Exception as exc:
+                self.withdraw(f"data write failed: {exc}")
+                raise Withdrawn(f"filesystem withdrawn: {exc}") from exc
 
     async def close(self) -> None:
         """Unmount: commit, checkpoint, mark the journal clean."""

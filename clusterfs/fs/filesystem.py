@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import trio
+
 from clusterfs.cache.glock import GlockManager
 from clusterfs.cache.transaction import TransactionManager
 from clusterfs.dlm.interface import Mode
@@ -54,7 +56,6 @@ READAHEAD_TRIGGER = 128 * 1024   # a read this large is taken as sequential
 READAHEAD_BLOCKS = 8192
 READAHEAD_STEP = 2048
 SYMLINK_MAX = 4095
-WRITEBACK_TRIGGER = 256 * 1024   # data writes this large start their writeback at once
 
 
 def dtype_of(mode: int) -> int:
@@ -620,7 +621,7 @@ class FileSystem:
             node = self._inode(ino)
             if not stat.S_ISLNK(node.d.mode):
                 raise FSError(errno.EINVAL)
-            return self._read(node, 0, node.d.size)
+            return bytes(self._read(node, 0, node.d.size))
 
     # ================================================================ open files
     async def open(self, ino: int) -> CachedInode:
@@ -650,7 +651,9 @@ class FileSystem:
             except StorageError as exc:
                 raise FSError(errno.EIO, str(exc)) from exc
 
-    def _read(self, node: CachedInode, off: int, size: int) -> bytes:
+    def _read(self, node: CachedInode, off: int, size: int) -> bytes | memoryview:
+        """The bytes; a memoryview into a read-ahead buffer is valid only until the next
+        device call, i.e. for the reply to this request (see BlockDevice.read_data)."""
         fsize = node.d.size
         if off >= fsize or size <= 0:
             return b""
@@ -658,14 +661,16 @@ class FileSystem:
         if node.stuffed:
             return bytes(node.data[off : off + size])
         first, last = off // BLOCK_SIZE, (off + size - 1) // BLOCK_SIZE
-        pieces = []
+        if size >= READAHEAD_TRIGGER:
+            # before taking this request's data: the device may hand it out as a view
+            # into a read-ahead buffer that must not be refilled until the reply
+            self._read_ahead(node, last + 1)
+        pieces: list[bytes | memoryview] = []
         for _l, pblk, n in ext.map_range(node.extents, first, last - first + 1):
             if pblk is None:
                 pieces.append(bytes(n * BLOCK_SIZE))
             else:
-                pieces.append(self.dev.pread(pblk * BLOCK_SIZE, n * BLOCK_SIZE))
-        if size >= READAHEAD_TRIGGER:
-            self._read_ahead(node, last + 1)
+                pieces.append(self.dev.read_data(pblk * BLOCK_SIZE, n * BLOCK_SIZE))
         skip = off - first * BLOCK_SIZE
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         return data[skip : skip + size] if skip or len(data) != size else data
@@ -696,6 +701,9 @@ class FileSystem:
                 self._write(node, off, data)
                 return len(data)
 
+        if not self.dev.behind_has_room(len(data)):
+            # the write-behind queue is full: wait in a worker thread, not in the loop
+            await trio.to_thread.run_sync(self.dev.wait_behind_room, len(data))
         node = self.inodes.get(ino)
         goal = ino
         if node is not None and node.extents:
@@ -753,10 +761,11 @@ class FileSystem:
         self._dirty(node)
 
     def _write_data(self, pblk: int, chunk: memoryview) -> None:
-        """File data straight to its blocks; a large write also starts its writeback."""
-        self.dev.pwrite(pblk * BLOCK_SIZE, chunk)
-        if len(chunk) >= WRITEBACK_TRIGGER:
-            self.dev.start_writeback(pblk * BLOCK_SIZE, len(chunk))
+        """File data straight to its blocks, queued to the device's write-behind thread:
+        the request is answered while the copy is made (the journal commit waits for
+        the queue before it flushes, so data still precedes the metadata that points
+        at it, and fsync still makes it durable)."""
+        self.dev.write_behind(pblk * BLOCK_SIZE, chunk)
 
     def _assemble(self, node: CachedInode, off: int, data: bytes | memoryview, first: int,
                   last: int, runs: list) -> memoryview:
@@ -941,6 +950,7 @@ class FileSystem:
         node = self.inodes.get(ino)
         if node is not None and not node.freed and self.opens.get(ino, 0) == 0:
             self.inodes.pop(ino, None)
+        self.dev.forget_read_ahead()     # chunks of its data may be rewritten elsewhere
         if self.invalidate_hook is not None:
             self.invalidate_hook(ino)
 

@@ -1,0 +1,118 @@
+"""BlockDevice write-behind: queued data writes keep their order against every other
+I/O on the device, and a failed one is reported by the next drain (flush, read).
+Direct read-ahead: served bytes are never older than the last write to them."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from clusterfs.errors import StorageError
+from clusterfs.format.block import BLOCK_SIZE
+from clusterfs.storage import device
+from clusterfs.storage.device import BlockDevice
+
+
+@pytest.fixture
+def dev(tmp_path):
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(64 * BLOCK_SIZE)
+    d = BlockDevice(str(path))
+    yield d
+    d.close()
+
+
+def test_queued_write_is_seen_by_a_later_read(dev):
+    data = os.urandom(8 * BLOCK_SIZE)
+    dev.write_behind(4 * BLOCK_SIZE, data)
+    assert dev.read(4, 8) == data
+    assert dev.behind_pending == 0
+
+
+def test_later_buffered_write_lands_after_the_queued_one(dev):
+    dev.write_behind(0, b"A" * (4 * BLOCK_SIZE))
+    dev.pwrite(BLOCK_SIZE, b"B" * BLOCK_SIZE)       # waits for the queue first
+    got = dev.read(0, 4)
+    assert got == b"A" * BLOCK_SIZE + b"B" * BLOCK_SIZE + b"A" * (2 * BLOCK_SIZE)
+
+
+def test_unaligned_write_takes_the_buffered_path(dev):
+    dev.write_behind(100, b"xyz")                   # not whole blocks: no O_DIRECT
+    dev.flush()
+    assert dev.pread(100, 3) == b"xyz"
+
+
+def test_many_writes_respect_the_queue_limit(dev, monkeypatch):
+    monkeypatch.setattr(device, "WRITE_BEHIND_LIMIT", 2 * BLOCK_SIZE)
+    for i in range(64):
+        dev.write_behind(i * BLOCK_SIZE, bytes([i]) * BLOCK_SIZE)
+    dev.flush()
+    raw = dev.read(0, 64)
+    assert all(raw[i * BLOCK_SIZE] == i for i in range(64))
+
+
+def test_failed_write_is_reported_by_the_next_flush(dev):
+    dev.write_behind((1 << 62) // BLOCK_SIZE * BLOCK_SIZE, b"x" * BLOCK_SIZE)  # EFBIG
+    with pytest.raises(StorageError):
+        dev.flush()
+    with pytest.raises(StorageError):                 # and stays reported
+        dev.write_behind(0, b"y" * BLOCK_SIZE)
+
+
+def test_close_finishes_the_queue(tmp_path):
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(16 * BLOCK_SIZE)
+    d = BlockDevice(str(path))
+    d.write_behind(2 * BLOCK_SIZE, b"Z" * (2 * BLOCK_SIZE))
+    d.close()
+    with open(path, "rb") as f:
+        f.seek(2 * BLOCK_SIZE)
+        assert f.read(2 * BLOCK_SIZE) == b"Z" * (2 * BLOCK_SIZE)
+
+
+# -- direct read-ahead (BlockDevice.advise_willneed + read_data) ---------------------
+
+
+def _fill(dev: BlockDevice, blocks: int) -> bytes:
+    data = os.urandom(blocks * BLOCK_SIZE)
+    dev.pwrite(0, data)
+    dev.flush()
+    return data
+
+
+def test_read_ahead_serves_the_device_bytes(dev):
+    data = _fill(dev, 64)
+    dev.advise_willneed(8, 32)
+    for blk in range(8, 40, 4):
+        got = dev.read_data(blk * BLOCK_SIZE, 4 * BLOCK_SIZE)
+        assert bytes(got) == data[blk * BLOCK_SIZE : (blk + 4) * BLOCK_SIZE]
+        # served from the read-ahead buffers (unless this file system refuses O_DIRECT)
+        assert isinstance(got, memoryview) or dev._ahead is None
+
+
+def test_read_ahead_never_serves_data_older_than_a_write(dev):
+    _fill(dev, 64)
+    dev.advise_willneed(0, 32)
+    dev.pwrite(2 * BLOCK_SIZE, b"P" * BLOCK_SIZE)
+    dev.write_behind(5 * BLOCK_SIZE, b"Q" * BLOCK_SIZE)
+    got = bytes(dev.read_data(0, 8 * BLOCK_SIZE))
+    assert got[2 * BLOCK_SIZE : 3 * BLOCK_SIZE] == b"P" * BLOCK_SIZE
+    assert got[5 * BLOCK_SIZE : 6 * BLOCK_SIZE] == b"Q" * BLOCK_SIZE
+
+
+def test_read_ahead_after_a_queued_write_sees_it(dev):
+    _fill(dev, 64)
+    dev.write_behind(10 * BLOCK_SIZE, b"R" * (4 * BLOCK_SIZE))
+    dev.advise_willneed(8, 16)                  # must not overtake the queued write
+    got = bytes(dev.read_data(10 * BLOCK_SIZE, 4 * BLOCK_SIZE))
+    assert got == b"R" * (4 * BLOCK_SIZE)
+
+
+def test_read_outside_the_read_ahead_falls_back(dev):
+    data = _fill(dev, 64)
+    dev.advise_willneed(0, 4)
+    got = dev.read_data(30 * BLOCK_SIZE, 8 * BLOCK_SIZE)
+    assert bytes(got) == data[30 * BLOCK_SIZE : 38 * BLOCK_SIZE]
