@@ -62,6 +62,7 @@ class LockInfo:
 class TableStats:
     resources: int
     locks: int
+    idle: int = 0      # resources without locks, on the toss list
 
 
 def _mode_or_none(m: int) -> Mode | None:
@@ -91,6 +92,7 @@ class LockTable:
         self._ev = ffi.new("struct cfs_lt_event *")
         self._lvb = ffi.new("uint8_t[]", LVB_SIZE)
         self._seq = ffi.new("uint64_t *")
+        self._name = ffi.new("uint8_t[]", 256)
 
     def close(self) -> None:
         if self._t != ffi.NULL:
@@ -167,6 +169,28 @@ class LockTable:
     def drop_resource(self, name: bytes) -> bool:
         return lib.cfs_lt_drop_resource(self._t, name, len(name)) == 0
 
+    # -- idle resources (the toss list) -------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Resources that go idle from now on are stamped with `epoch`."""
+        lib.cfs_lt_set_epoch(self._t, epoch)
+
+    def idle_resource(self, before: int) -> bytes | None:
+        """The name of the resource idle longest (no locks) if it went idle in an
+        epoch before `before`, else None. It stays until drop_resource()."""
+        n = lib.cfs_lt_idle_resource(self._t, before, self._name, len(self._name))
+        if n > len(self._name):
+            self._name = ffi.new("uint8_t[]", n)
+            n = lib.cfs_lt_idle_resource(self._t, before, self._name, n)
+        return bytes(ffi.buffer(self._name, n)) if n > 0 else None
+
+    def drop_idle(self, before: int) -> list[bytes]:
+        """Free every resource idle since an epoch before `before`; their names."""
+        dropped = []
+        while (name := self.idle_resource(before)) is not None:
+            self.drop_resource(name)
+            dropped.append(name)
+        return dropped
+
     # -- inspection --------------------------------------------------------------
     def dump(self, name: bytes) -> list[LockInfo]:
         """Every lock on the resource: granted, then converting, then waiting."""
@@ -184,7 +208,8 @@ class LockTable:
         return _info(buf[0])
 
     def statistics(self) -> TableStats:
-        return TableStats(int(lib.cfs_lt_nres(self._t)), int(lib.cfs_lt_nlocks(self._t)))
+        return TableStats(int(lib.cfs_lt_nres(self._t)), int(lib.cfs_lt_nlocks(self._t)),
+                          int(lib.cfs_lt_nidle(self._t)))
 
 
 def _lvb_bytes(lvb: bytes) -> bytes:
