@@ -528,7 +528,7 @@ async def test_remove_races_request_from_cached_master() -> None:
 
 @trio_test
 async def test_remove_waits_while_recovering_and_lvb_goes_with_it() -> None:
-    async with memory_cluster([1, 2, 3]) as mc:
+    async with memory_cluster([1, 2, 3], auto_fence=False) as mc:
         a = mc.ls(1)
         lk = await a.lock(R, Mode.EX)
         lk.lvb = b"kept while idle"
@@ -542,8 +542,9 @@ async def test_remove_waits_while_recovering_and_lvb_goes_with_it() -> None:
         assert lk.lvb == bytes(32)                # (pin a value with an NL lock)
         await mc.ls(3).unlock(lk)
         mc.crash(2)
-        while mc.ls(3).ls_running:
-            await trio.sleep(0.001)
-        assert mc.ls(3).remove_idle_resources(everything=True) == 0   # not running
+        await settle()
+        assert not mc.ls(3).ls_running                  # recovery waits for fencing
+        assert mc.ls(3).remove_idle_resources(everything=True) == 0
+        mc.cluster.fence_done({2})
         await mc.wait_running()
         assert mc.ls(3).remove_idle_resources(everything=True) == 1

@@ -704,10 +704,10 @@ class Lockspace:
 
     # -- idle resources: DLM_REMOVE ----------------------------------------------
     async def _toss_loop(self) -> None:
-        """Every toss period, free the resources idle since before the last one."""
-        while True:
+        """Every toss period, free the resources idle since before the last one
+        (a period spent recovering is skipped; an expelled node stops)."""
+        while not self.ls_expelled:
             await trio.sleep(self.ls_toss_seconds)
-            await self._wait_running()
             self.remove_idle_resources()
 
     def remove_idle_resources(self, *, everything: bool = False) -> int:
