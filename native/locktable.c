@@ -8,17 +8,29 @@
  *
  * Rules (see docs/locking.md):
  *  - two locks conflict when their ranges overlap and their modes clash;
- *  - a conversion is granted when it is compatible with every other holder
- *    (granted or converting, at its grmode); conversions go before new requests;
+ *  - a conversion compatible with every other holder (granted or converting,
+ *    at its grmode) when it is asked for is granted in place at once; one that
+ *    has to wait joins the convert queue, which is granted in order: it also
+ *    waits for every OLDER queued conversion whose wanted mode clashes with its
+ *    own (range-aware FIFO, the Linux DLM's "6-3" rule). After recovery the
+ *    rebuilt queue is not the old order, so until it drains it is granted in
+ *    any order (as Linux's dlm_recover_grant). Conversions go before new requests;
  *  - a new request is granted only if compatible with every holder, with
  *    every conversion's wanted mode, and with every OLDER waiter (FIFO, so an
  *    EX waiter is never starved by a stream of PRs);
- *  - a conversion that would close a cycle of conversions blocking each other
- *    fails with -EDEADLK and the lock keeps its granted mode;
+ *  - a conversion that would close a cycle of conversions waiting for each
+ *    other (on a granted mode, or on queue order) fails with -EDEADLK and the
+ *    lock keeps its granted mode;
  *  - every holder that blocks a queued lock gets one blocking event (BAST)
  *    per increase of the mode wanted from it.
  * Events (grants and basts) are queued in the table; the caller drains them
  * with cfs_lt_next_event() after each call.
+ *
+ * Idle resources (no locks left) are kept, with their LVB, on a toss list in
+ * the order they went idle, stamped with the caller's epoch (like the Linux
+ * DLM's toss list); the caller frees the ones idle long enough
+ * (cfs_lt_idle_resource + cfs_lt_drop_resource). A new lock takes a resource
+ * off the toss list again.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -76,7 +88,11 @@ struct lt_res {
     uint8_t res_lvb[LVB_LEN];
     uint64_t res_lvbseq;
     int res_lvb_valid;
+    int res_unordered; /* convert queue rebuilt by recovery: grant in any order */
     size_t res_nlocks;
+    struct lt_res *res_tprev, *res_tnext; /* toss list, while it has no locks */
+    int res_tossed;
+    uint64_t res_toss_epoch;              /* the table's epoch when it went idle */
 };
 
 struct cfs_lt {
@@ -87,7 +103,13 @@ struct cfs_lt {
     struct cfs_lt_event *ev;
     size_t ev_head, ev_len, ev_cap;
     unsigned mark;
+    struct lt_res *toss_head, *toss_tail; /* idle resources, oldest first */
+    size_t ntossed;
+    uint64_t epoch;
 };
+
+static void toss_add(struct cfs_lt *t, struct lt_res *r);
+static void toss_del(struct cfs_lt *t, struct lt_res *r);
 
 /* -- hashing ---------------------------------------------------------------- */
 static uint64_t fnv1a(const uint8_t *p, size_t n)
@@ -211,7 +233,50 @@ static struct lt_res *get_res(struct cfs_lt *t, const uint8_t *name, size_t len,
     r->res_hnext = t->res_buckets[h & (t->nres_buckets - 1)];
     t->res_buckets[h & (t->nres_buckets - 1)] = r;
     t->nres++;
+    toss_add(t, r); /* no locks yet; the caller's new lock takes it off again */
     return r;
+}
+
+/* -- the toss list ------------------------------------------------------------ */
+static void toss_add(struct cfs_lt *t, struct lt_res *r)
+{
+    if (r->res_tossed)
+        return;
+    r->res_tossed = 1;
+    r->res_toss_epoch = t->epoch;
+    r->res_tnext = NULL;
+    r->res_tprev = t->toss_tail;
+    if (t->toss_tail) t->toss_tail->res_tnext = r;
+    else t->toss_head = r;
+    t->toss_tail = r;
+    t->ntossed++;
+}
+
+static void toss_del(struct cfs_lt *t, struct lt_res *r)
+{
+    if (!r->res_tossed)
+        return;
+    if (r->res_tprev) r->res_tprev->res_tnext = r->res_tnext;
+    else t->toss_head = r->res_tnext;
+    if (r->res_tnext) r->res_tnext->res_tprev = r->res_tprev;
+    else t->toss_tail = r->res_tprev;
+    r->res_tprev = r->res_tnext = NULL;
+    r->res_tossed = 0;
+    t->ntossed--;
+}
+
+void cfs_lt_set_epoch(struct cfs_lt *t, uint64_t epoch) { t->epoch = epoch; }
+
+/* The oldest idle resource that went idle before `before`: its name length
+ * (name copied up to max bytes), or 0 when there is none. It stays in the
+ * table until the caller drops it (cfs_lt_drop_resource). */
+long cfs_lt_idle_resource(struct cfs_lt *t, uint64_t before, uint8_t *name, size_t max)
+{
+    struct lt_res *r = t->toss_head;
+    if (!r || r->res_toss_epoch >= before)
+        return 0;
+    memcpy(name, r->res_name, r->res_namelen < max ? r->res_namelen : max);
+    return (long)r->res_namelen;
 }
 
 static struct lt_lock *find_lock(struct cfs_lt *t, uint64_t id)
@@ -364,9 +429,25 @@ static int holders_allow(struct lt_res *r, struct lt_lock *l)
     return 1;
 }
 
-static int can_grant_convert(struct lt_res *r, struct lt_lock *l)
+/* Convert-queue order: is queued conversion l behind older conversion o?
+ * Only when their wanted modes clash (range-aware, like waiters), and never
+ * while the queue is the unordered one recovery rebuilt. */
+static int behind_older_conversion(const struct lt_res *r, const struct lt_lock *l,
+                                   const struct lt_lock *o)
 {
-    return holders_allow(r, l);
+    return !r->res_unordered && clash(l->lkb_rqmode, l, o->lkb_rqmode, o);
+}
+
+/* A queued conversion: every holder allows it and no older conversion it is
+ * behind is still queued (so converters are served first come, first served). */
+static int can_grant_queued_convert(struct lt_res *r, struct lt_lock *l)
+{
+    if (!holders_allow(r, l))
+        return 0;
+    for (struct lt_lock *o = r->res_convertq.head; o && o != l; o = o->lkb_qnext)
+        if (behind_older_conversion(r, l, o))
+            return 0;
+    return 1;
 }
 
 /* A new request: holders, every wanted conversion, and every older waiter. */
@@ -384,9 +465,24 @@ static int can_grant_request(struct lt_res *r, struct lt_lock *l)
     return 1;
 }
 
-/* Conversion deadlock: following "blocked by the grmode of a converting holder"
- * edges from `from`, do we come back to `target`? Only converting holders can
- * be part of a cycle: a plain holder never waits. */
+/* Does queued conversion `from` wait for conversion h: on h's granted mode,
+ * or behind h in the convert queue (h older, wanted modes clashing)? */
+static int conversion_waits_for(const struct lt_res *r, const struct lt_lock *from,
+                                const struct lt_lock *h)
+{
+    if (blocked_by_holder(from, h))
+        return 1;
+    for (const struct lt_lock *o = r->res_convertq.head; o && o != from; o = o->lkb_qnext)
+        if (o == h)
+            return behind_older_conversion(r, from, h);
+    return 0;
+}
+
+/* Conversion deadlock: following "waits for" edges between queued
+ * conversions from `from`, do we come back to `target`? Only conversions can
+ * be part of a cycle: a plain holder never waits, and a waiter never blocks a
+ * holder. With the queue in order this includes the Linux DLM's case of a
+ * conversion whose granted mode blocks an older conversion it queues behind. */
 static int conv_cycle(struct cfs_lt *t, struct lt_res *r, struct lt_lock *from,
                       struct lt_lock *target, int depth)
 {
@@ -395,7 +491,7 @@ static int conv_cycle(struct cfs_lt *t, struct lt_res *r, struct lt_lock *from,
         return 0;
     from->lkb_mark = t->mark;
     for (h = r->res_convertq.head; h; h = h->lkb_qnext) {
-        if (!blocked_by_holder(from, h))
+        if (h == from || !conversion_waits_for(r, from, h))
             continue;
         if (h == target)
             return 1;
@@ -429,21 +525,25 @@ static void send_basts(struct cfs_lt *t, struct lt_res *r)
                     }
 }
 
-/* Grant what can be granted: conversions first (until none moves), then new
- * requests in FIFO order; then tell the holders that still block someone. */
+/* Grant what can be granted: conversions first, in queue order (the first
+ * grantable one, then look again from the head: a grant may unblock an older
+ * one), then new requests in FIFO order; then tell the holders that still
+ * block someone. */
 static int grant_pending(struct cfs_lt *t, struct lt_res *r)
 {
     int granted = 0, moved;
     do {
         moved = 0;
         for (struct lt_lock *l = r->res_convertq.head; l; l = l->lkb_qnext)
-            if (can_grant_convert(r, l)) {
+            if (can_grant_queued_convert(r, l)) {
                 grant_lock(t, l);
                 granted++;
                 moved = 1;
                 break;
             }
     } while (moved);
+    if (!r->res_convertq.head)
+        r->res_unordered = 0; /* recovery's queue has drained: order again */
     struct lt_lock *l = r->res_waitq.head;
     while (l) {
         struct lt_lock *n = l->lkb_qnext;
@@ -459,9 +559,11 @@ static int grant_pending(struct cfs_lt *t, struct lt_res *r)
 
 static void free_lock(struct cfs_lt *t, struct lt_lock *l)
 {
+    struct lt_res *r = l->lkb_res;
     q_del(l);
     unhash_lock(t, l);
-    l->lkb_res->res_nlocks--;
+    if (--r->res_nlocks == 0)
+        toss_add(t, r);
     free(l);
 }
 
@@ -489,7 +591,8 @@ static struct lt_lock *new_lock(struct cfs_lt *t, struct lt_res *r, uint64_t lki
     l->lkb_start = start;
     l->lkb_end = end;
     l->lkb_res = r;
-    r->res_nlocks++;
+    if (r->res_nlocks++ == 0)
+        toss_del(t, r);
     hash_lock(t, l);
     return l;
 }
@@ -547,7 +650,10 @@ int cfs_lt_convert(struct cfs_lt *t, uint64_t lkid, int mode, int flags, const u
     if (lvb && l->lkb_grmode >= 4 && mode < 4)
         store_lvb(r, lvb);
     l->lkb_rqmode = mode;
-    if (can_grant_convert(r, l)) {
+    /* Granted in place when every holder allows it, even past queued
+     * conversions (Linux without DLM_LKF_QUECVT): a down-conversion must never
+     * wait, and no queued conversion is blocked by what it now holds more. */
+    if (holders_allow(r, l)) {
         l->lkb_grmode = mode;
         l->lkb_rqmode = -1;
         l->lkb_highbast = -1;
@@ -653,6 +759,11 @@ int cfs_lt_recover_lock(struct cfs_lt *t, const uint8_t *name, size_t namelen, u
     l->lkb_grmode = grmode;
     l->lkb_rqmode = rqmode;
     q_add(l, grmode < 0 ? Q_WAIT : (rqmode < 0 ? Q_GRANT : Q_CONVERT));
+    if (l->lkb_queue == Q_CONVERT)
+        /* Owners re-send in their own order, so the old queue order is lost
+         * and keeping this one could create a deadlock of order (NL->EX
+         * ahead of PR->EX); grant in any order until the queue drains. */
+        l->lkb_res->res_unordered = 1;
     return 0;
 }
 
@@ -698,6 +809,7 @@ int cfs_lt_drop_resource(struct cfs_lt *t, const uint8_t *name, size_t namelen)
         if (r->res_hash == h && r->res_namelen == namelen &&
             memcmp(r->res_name, name, namelen) == 0) {
             *pp = r->res_hnext;
+            toss_del(t, r);
             struct lt_queue *qs[3] = {&r->res_grantq, &r->res_convertq, &r->res_waitq};
             for (int j = 0; j < 3; j++)
                 for (struct lt_lock *l = qs[j]->head; l; l = l->lkb_qnext)
@@ -749,3 +861,4 @@ int cfs_lt_lock_info(struct cfs_lt *t, uint64_t lkid, struct cfs_lt_info *out)
 
 size_t cfs_lt_nres(struct cfs_lt *t) { return t->nres; }
 size_t cfs_lt_nlocks(struct cfs_lt *t) { return t->nlocks; }
+size_t cfs_lt_nidle(struct cfs_lt *t) { return t->ntossed; }

@@ -36,3 +36,6 @@ int cfs_lt_dump(struct cfs_lt *t, const uint8_t *name, size_t namelen,
 int cfs_lt_lock_info(struct cfs_lt *t, uint64_t lkid, struct cfs_lt_info *out);
 size_t cfs_lt_nres(struct cfs_lt *t);
 size_t cfs_lt_nlocks(struct cfs_lt *t);
+size_t cfs_lt_nidle(struct cfs_lt *t);
+void cfs_lt_set_epoch(struct cfs_lt *t, uint64_t epoch);
+long cfs_lt_idle_resource(struct cfs_lt *t, uint64_t before, uint8_t *name, size_t max);

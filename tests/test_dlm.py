@@ -467,3 +467,84 @@ async def test_cancel_waiting_conversion_keeps_granted_mode() -> None:
         await mc.ls(1).unlock(la)
         await mc.ls(2).convert(lb, Mode.EX)
         assert lb.mode == Mode.EX
+
+
+# -- DLM_REMOVE: masters free idle resources ------------------------------------
+def masters(mc: MemCluster, name: tuple) -> list[int]:
+    key = resource_key(name)
+    return [nid for nid in mc.nodes if key in mc.ls(nid).ls_mastered]
+
+
+def directory_entries(mc: MemCluster) -> int:
+    return sum(len(mc.ls(nid).ls_dir) for nid in mc.nodes)
+
+
+@trio_test
+async def test_idle_resources_removed_with_their_directory_entries() -> None:
+    async with memory_cluster([1, 2, 3]) as mc:
+        names = [("inode", i) for i in range(60)]
+        for i, name in enumerate(names):
+            ls = mc.ls(1 + i % 3)
+            await ls.unlock(await ls.lock(name, Mode.EX))
+        await settle()
+        assert sum(len(mc.ls(n).ls_mastered) for n in mc.nodes) == 60
+        assert directory_entries(mc) == 60
+        # idle, but not yet for a whole toss period: kept (a relock costs no lookup)
+        assert sum(mc.ls(n).remove_idle_resources() for n in mc.nodes) == 0
+        assert sum(mc.ls(n).remove_idle_resources() for n in mc.nodes) == 60
+        await settle()
+        assert sum(len(mc.ls(n).ls_mastered) for n in mc.nodes) == 0
+        assert sum(mc.ls(n).statistics().idle_resources for n in mc.nodes) == 0
+        assert directory_entries(mc) == 0
+        # held resources are never removed, and the names work again afterwards
+        held = await mc.ls(2).lock(names[0], Mode.PR)
+        assert sum(mc.ls(n).remove_idle_resources(everything=True) for n in mc.nodes) == 0
+        assert masters(mc, names[0]) == [2]
+        await mc.ls(2).unlock(held)
+
+
+@trio_test
+async def test_remove_races_request_from_cached_master() -> None:
+    """Node 1 still caches node 2 as master when node 2 frees the resource: its
+    request is answered notmaster, it looks up again, and exactly one master
+    (the one the directory names) results."""
+    async with memory_cluster([1, 2, 3]) as mc:
+        for rnd in range(10):
+            name = ("race", rnd)
+            key = resource_key(name)
+            a, b = mc.ls(1), mc.ls(2)
+            await b.unlock(await b.lock(name, Mode.EX))     # node 2 masters it
+            await a.unlock(await a.lock(name, Mode.PR))     # node 1 caches master 2
+            await settle()
+            assert b.remove_idle_resources(everything=True) == 1
+            # no settling: the remove is still on its way to the directory node
+            lk = await a.lock(name, Mode.EX)
+            await settle()
+            (master,) = masters(mc, name)
+            dir_node = sorted(mc.nodes)[zlib.crc32(key) % 3]
+            assert mc.ls(dir_node).ls_dir[key] == master
+            await a.unlock(lk)
+
+
+@trio_test
+async def test_remove_waits_while_recovering_and_lvb_goes_with_it() -> None:
+    async with memory_cluster([1, 2, 3], auto_fence=False) as mc:
+        a = mc.ls(1)
+        lk = await a.lock(R, Mode.EX)
+        lk.lvb = b"kept while idle"
+        await a.unlock(lk)
+        lk = await a.lock(R, Mode.PR)
+        assert lk.lvb.rstrip(b"\0") == b"kept while idle"
+        await a.unlock(lk)
+        assert a.remove_idle_resources(everything=True) == 1
+        await settle()
+        lk = await mc.ls(3).lock(R, Mode.PR)
+        assert lk.lvb == bytes(32)                # (pin a value with an NL lock)
+        await mc.ls(3).unlock(lk)
+        mc.crash(2)
+        await settle()
+        assert not mc.ls(3).ls_running                  # recovery waits for fencing
+        assert mc.ls(3).remove_idle_resources(everything=True) == 0
+        mc.cluster.fence_done({2})
+        await mc.wait_running()
+        assert mc.ls(3).remove_idle_resources(everything=True) == 1

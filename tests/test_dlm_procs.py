@@ -124,3 +124,39 @@ def test_no_quorum_request_waits_then_completes(cluster3: LocalLockCluster) -> N
         assert r["ok"] and r["mode"] == "EX", r
     finally:
         c1.close()
+
+
+def _cluster_totals(clients: list[ControlClient]) -> dict[str, int]:
+    totals = {"mastered_resources": 0, "directory_entries": 0, "removed": 0}
+    for c in clients:
+        st = c.call("status")["lockspace"]
+        for k in totals:
+            totals[k] += st[k]
+    return totals
+
+
+def test_idle_resources_removed_across_processes(tmp_path, monkeypatch) -> None:
+    """DLM_REMOVE: resources locked once and released are freed by their
+    masters after the toss time, and their directory entries go too."""
+    monkeypatch.setenv("CLUSTERFS_DLM_TOSS_SECONDS", "0.5")
+    with LocalLockCluster([1, 2, 3], workdir=str(tmp_path), verbose=True) as cl:
+        cl.start_all()
+        clients = [ControlClient(cl.control(n), timeout=60) for n in (1, 2, 3)]
+        try:
+            for i in range(90):
+                c = clients[i % 3]
+                r = c.call("lock", name=f"toss:{i}", mode="EX", timeout=30)
+                assert r["ok"], r
+                assert c.call("unlock", handle=r["handle"])["ok"]
+            t = _cluster_totals(clients)
+            assert t["mastered_resources"] + t["removed"] == 90, t
+            deadline = time.monotonic() + 60        # (a bound on waiting, not a timing check)
+            while (t := _cluster_totals(clients))["mastered_resources"] or t["directory_entries"]:
+                assert time.monotonic() < deadline, t
+                time.sleep(0.2)
+            assert t["removed"] == 90, t
+            r = clients[1].call("lock", name="toss:0", mode="PR", timeout=30)   # usable again
+            assert r["ok"] and _cluster_totals(clients)["mastered_resources"] == 1
+        finally:
+            for c in clients:
+                c.close()

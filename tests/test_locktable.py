@@ -13,7 +13,7 @@ from clusterfs.dlm.interface import (
     compatible,
     is_down_conversion,
 )
-from clusterfs.dlm.locktable import EventType, LockTable, Queue
+from clusterfs.dlm.locktable import EventType, LockTable, Queue, TableStats
 from clusterfs.errors import LockError, WouldBlock
 
 R = b"res"
@@ -143,6 +143,108 @@ def test_three_way_conversion_deadlock(t: LockTable) -> None:
     assert grants(t) == [1]
 
 
+def test_convert_queue_is_fifo(t: LockTable) -> None:
+    """A later conversion that becomes grantable first still waits behind an
+    older conversion its wanted mode clashes with (the old table granted it)."""
+    t.request(R, 1, 1, Mode.CR, FULL_RANGE)     # H
+    t.request(R, 2, 2, Mode.PR, FULL_RANGE)     # G
+    t.request(R, 3, 3, Mode.NL, FULL_RANGE)     # A
+    t.request(R, 4, 4, Mode.NL, FULL_RANGE)     # B
+    assert not t.convert(3, Mode.EX)            # A waits for H and G
+    assert not t.convert(4, Mode.CW)            # B waits for G (and behind A)
+    t.events()
+    t.unlock(2)                                 # B's only blocker goes ...
+    assert grants(t) == []                      # ... but A is older: B waits
+    t.unlock(1)
+    assert grants(t) == [3]
+    t.convert(3, Mode.NL)
+    assert grants(t) == [4]
+
+
+def test_convert_queue_order_is_range_aware(t: LockTable) -> None:
+    """Conversions of disjoint ranges do not queue behind each other."""
+    t.request(R, 1, 1, Mode.PR, (0, 10))
+    t.request(R, 2, 2, Mode.PR, (20, 30))
+    t.request(R, 3, 3, Mode.NL, (0, 10))
+    t.request(R, 4, 4, Mode.NL, (20, 30))
+    t.request(R, 5, 5, Mode.NL, (5, 25))
+    assert not t.convert(3, Mode.EX)            # waits for 1
+    assert not t.convert(4, Mode.EX)            # waits for 2; not behind 3
+    assert not t.convert(5, Mode.EX)            # waits for 1 and 2, behind 3 and 4
+    t.events()
+    t.unlock(2)
+    assert grants(t) == [4]
+    t.unlock(1)
+    assert grants(t) == [3]                     # 5 still waits for 3 and 4
+    t.convert(3, Mode.NL)
+    t.convert(4, Mode.NL)
+    assert grants(t) == [5]
+
+
+def test_in_place_conversion_passes_the_queue(t: LockTable) -> None:
+    """Linux without QUECVT: a conversion every holder allows is granted at once."""
+    t.request(R, 1, 1, Mode.PR, FULL_RANGE)
+    t.request(R, 2, 2, Mode.NL, FULL_RANGE)
+    t.request(R, 3, 3, Mode.NL, FULL_RANGE)
+    assert not t.convert(2, Mode.EX)
+    assert t.convert(3, Mode.PR)
+    assert t.convert(3, Mode.NL)                # down: always at once
+
+
+def test_deadlock_of_queue_order(t: LockTable) -> None:
+    """Linux's conversion_deadlock_detect part 2: a conversion whose granted
+    mode blocks an OLDER queued conversion it would queue behind fails."""
+    t.request(R, 1, 1, Mode.PR, FULL_RANGE)     # H
+    t.request(R, 2, 2, Mode.NL, FULL_RANGE)     # A
+    t.request(R, 3, 3, Mode.CR, FULL_RANGE)     # B
+    assert not t.convert(2, Mode.EX)            # A waits for H (and B's CR)
+    with pytest.raises(ConversionDeadlock):
+        t.convert(3, Mode.PW)                   # behind A, and A waits for its CR
+    assert t.lock_info(3).queue == Queue.GRANTED and t.lock_info(3).grmode == Mode.CR
+    t.unlock(3)
+    t.unlock(1)
+    assert grants(t) == [2]
+
+
+def test_recovered_convert_queue_granted_in_any_order(t: LockTable) -> None:
+    """After recovery NL->EX may sit ahead of PR->EX (owners re-send in their
+    own order): that must not deadlock on order."""
+    t.recover_lock(R, 1, 1, Mode.NL, Mode.EX, FULL_RANGE)
+    t.recover_lock(R, 2, 2, Mode.PR, Mode.EX, FULL_RANGE)
+    assert t.regrant(R) == 1 and grants(t) == [2]
+    t.unlock(2)
+    assert grants(t) == [1]
+    # drained: the queue is ordered again
+    t.convert(1, Mode.NL)
+    t.request(R, 3, 3, Mode.PR, FULL_RANGE)
+    t.request(R, 4, 4, Mode.CR, FULL_RANGE)
+    assert not t.convert(1, Mode.EX)
+    with pytest.raises(ConversionDeadlock):
+        t.convert(4, Mode.PW)
+
+
+def test_idle_resources_toss_list(t: LockTable) -> None:
+    t.set_epoch(1)
+    t.request(b"a", 1, 1, Mode.EX, FULL_RANGE, try_=True)
+    t.request(b"b", 2, 1, Mode.EX, FULL_RANGE)
+    t.unlock(1, lvb=b"kept")
+    assert t.statistics().idle == 1
+    assert t.idle_resource(1) is None           # idle since epoch 1: not before 1
+    t.set_epoch(2)
+    t.unlock(2)
+    t.request(b"a", 3, 1, Mode.PR, FULL_RANGE)  # back in use: off the toss list
+    assert t.lock_lvb(3)[0].rstrip(b"\0") == b"kept"
+    t.unlock(3)                                 # idle again, now in epoch 2
+    assert t.drop_idle(3) == [b"b", b"a"]       # oldest first
+    assert t.statistics() == TableStats(0, 0, 0)
+    t.set_resource_lvb(b"c", b"x", 1, True)     # made without a lock: idle at once
+    assert t.drop_idle(3) == [b"c"]
+    long_name = b"n" * 1000
+    t.request(long_name, 4, 1, Mode.NL, FULL_RANGE)
+    t.unlock(4)
+    assert t.drop_idle(3) == [long_name]
+
+
 def test_cancel(t: LockTable) -> None:
     t.request(R, 1, 1, Mode.EX, FULL_RANGE)
     t.request(R, 2, 2, Mode.EX, FULL_RANGE)
@@ -230,10 +332,12 @@ def test_random_against_model(t: LockTable) -> None:
             if info.queue == Queue.WAITING:
                 t.cancel(lk)
                 del live[lk]
+            elif info.queue == Queue.CONVERTING and rng.random() < 0.3:
+                t.cancel(lk)
             elif info.queue == Queue.GRANTED and rng.random() < 0.5:
                 try:
-                    t.convert(lk, Mode(rng.randrange(6)))
-                except ConversionDeadlock:
+                    t.convert(lk, Mode(rng.randrange(6)), try_=rng.random() < 0.1)
+                except (ConversionDeadlock, WouldBlock):
                     pass
             elif info.queue == Queue.GRANTED:
                 t.unlock(lk)
@@ -243,10 +347,23 @@ def test_random_against_model(t: LockTable) -> None:
         for a, b in itertools.combinations(held, 2):
             overlap = a.range[0] <= b.range[1] and b.range[0] <= a.range[1]
             assert not overlap or compatible(a.grmode, b.grmode), (a, b)
-        # nothing grantable is left waiting
-        waiting = [i for i in t.dump(R) if i.queue == Queue.WAITING]
-        for w in waiting[:1]:
-            blockers = [h for h in held if h.range[0] <= w.range[1] and w.range[0] <= h.range[1]
-                        and not compatible(w.rqmode, h.grmode)]
-            conv = [i for i in t.dump(R) if i.queue == Queue.CONVERTING]
-            assert blockers or conv, w
+        _assert_nothing_grantable_left(t.dump(R))
+
+
+def _clash(a_mode: Mode, a, b_mode: Mode, b) -> bool:
+    return a.range[0] <= b.range[1] and b.range[0] <= a.range[1] \
+        and not compatible(a_mode, b_mode)
+
+
+def _assert_nothing_grantable_left(infos) -> None:
+    """The queue model: a queued conversion waits for a holder or an older
+    clashing conversion; a waiter for a holder, a conversion or an older waiter."""
+    holders = [i for i in infos if i.grmode is not None]
+    converting = [i for i in infos if i.queue == Queue.CONVERTING]
+    waiting = [i for i in infos if i.queue == Queue.WAITING]
+    for n, c in enumerate(converting):
+        assert any(h is not c and _clash(c.rqmode, c, h.grmode, h) for h in holders) or \
+            any(_clash(c.rqmode, c, o.rqmode, o) for o in converting[:n]), c
+    for n, w in enumerate(waiting):
+        assert any(_clash(w.rqmode, w, h.grmode, h) for h in holders) or \
+            any(_clash(w.rqmode, w, o.rqmode, o) for o in converting + waiting[:n]), w

@@ -4,6 +4,7 @@ checker, nodes crashed mid-run (clusterfs.dlm.torture)."""
 from __future__ import annotations
 
 import pytest
+import trio
 
 from clusterfs.dlm.interface import Mode
 from clusterfs.dlm.testing import trio_test
@@ -34,6 +35,18 @@ async def test_memory_torture_with_crashes() -> None:
     assert res.lost_locks == []
     assert res.kills == 2
     assert res.ops > 200, res
+
+
+def test_memory_torture_with_idle_resources_removed(monkeypatch) -> None:
+    """Masters free idle resources (DLM_REMOVE) all the time, racing lookups
+    and requests from nodes that still cache them as master, and crashes."""
+    from clusterfs.dlm import lockspace
+
+    monkeypatch.setattr(lockspace, "TOSS_SECONDS", 0.1)
+    res = trio.run(lambda: memory_torture([1, 2, 3], seconds=6, kill_rounds=1, seed=23,
+                                          resources=20))
+    assert res.checker.violations == [] and res.lost_locks == [] and res.errors == []
+    assert res.ops > 200 and res.removed > 0, res
 
 
 @pytest.mark.slow

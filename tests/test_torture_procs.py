@@ -28,12 +28,13 @@ LOCK_TIMEOUT = 60     # a waiting request that does not complete by then fails t
 
 
 async def run_torture(tmp: str, nodes: list[int], *, seconds: float, kill_rounds: int,
-                      workers: int = 3, seed: int = 5, failure_timeout: float = 1.5) -> dict:
+                      workers: int = 3, seed: int = 5, failure_timeout: float = 1.5,
+                      resources: int = 3) -> dict:
     rng = random.Random(seed)
-    names = [["torture", i] for i in range(3)]
+    names = [["torture", i] for i in range(resources)]
     checker = Checker()
     stats = {"ops": 0, "timeouts": [], "lost": [], "kills": 0, "errors": [], "exited": [],
-             "expelled": [], "victims": []}
+             "expelled": [], "victims": [], "removed": 0}
 
     def check_alive() -> None:
         """No lockd we did not kill has exited (an expelled lockd exits with status 3)."""
@@ -157,11 +158,24 @@ async def run_torture(tmp: str, nodes: list[int], *, seconds: float, kill_rounds
                 start_workers(victim)
             await trio.sleep(period)
             check_alive()
+            stats["removed"] = await _resources_removed(cl, nodes)
             nursery.cancel_scope.cancel()
     finally:
         await trio.to_thread.run_sync(cl.close)
     stats["checker"] = checker
     return stats
+
+
+async def _resources_removed(cl: LocalLockCluster, nodes: list[int]) -> int:
+    """How many idle resources the live lockds freed (DLM_REMOVE), in total."""
+    total = 0
+    for nid in nodes:
+        c = await AsyncControlClient.connect(cl.control(nid))
+        try:
+            total += (await c.call("status"))["lockspace"]["removed"]
+        finally:
+            await c.aclose()
+    return total
 
 
 @trio_test
@@ -185,6 +199,18 @@ async def test_torture_five_lockd_processes_killing_the_coordinator(tmp_path) ->
     assert st["exited"] == [] and st["expelled"] == []
     assert st["checker"].violations == [] and st["lost"] == [] and st["timeouts"] == []
     assert st["errors"] == [] and st["kills"] == 3
+
+
+@trio_test
+async def test_torture_with_idle_resources_removed(tmp_path, monkeypatch) -> None:
+    """Many resources, each idle now and then, and a toss time short enough
+    that masters free them (DLM_REMOVE) while others look them up and request."""
+    monkeypatch.setenv("CLUSTERFS_DLM_TOSS_SECONDS", "0.3")
+    st = await run_torture(str(tmp_path), [1, 2, 3], seconds=20, kill_rounds=1,
+                           resources=24, seed=17)
+    assert st["checker"].violations == [] and st["lost"] == [] and st["timeouts"] == []
+    assert st["errors"] == [] and st["exited"] == [] and st["expelled"] == []
+    assert st["removed"] > 0 and st["ops"] > 100, st
 
 
 @pytest.mark.slow

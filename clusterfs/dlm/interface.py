@@ -73,7 +73,7 @@ def conflicts(
 
 def resource_key(name: ResourceName) -> bytes:
     """A stable byte name for a resource (hashing, the wire, the C table)."""
-    return ":".join(str(part) for part in name).encode()
+    return ":".join(map(str, name)).encode()
 
 
 BlockingCallback = Callable[[Mode], None]

@@ -2,12 +2,17 @@
 
 Real queueing semantics inside one process (concurrent FUSE requests do
 contend), no network. The distributed lock manager replaces it in a cluster.
+
+The rules (compatibility, ranges, FIFO, conversions, deadlock, blocking
+callbacks, LVBs) are the C lock table's (native/locktable.c), the same one
+every DLM master runs, so the single node and the cluster cannot drift apart.
+This module only maps table events to trio: a grant wakes the waiting task, a
+blocking event calls the holder's `on_blocking`.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field
+import logging
 
 import trio
 
@@ -18,29 +23,27 @@ from clusterfs.dlm.interface import (
     Lock,
     Mode,
     ResourceName,
-    conflicts,
+    resource_key,
 )
+from clusterfs.dlm.locktable import EventType, LockTable, TableEvent
 from clusterfs.errors import LockError, WouldBlock
 
+log = logging.getLogger(__name__)
 
-@dataclass(eq=False)
-class _Waiter:
-    lock: Lock
-    mode: Mode
-    converting: bool
-    granted: trio.Event = field(default_factory=trio.Event)
-
-
-@dataclass
-class _Resource:
-    granted: list[Lock] = field(default_factory=list)
-    queue: deque[_Waiter] = field(default_factory=deque)
-    lvb: bytes = bytes(LVB_SIZE)
+NODE_ID = 0   # every lock here is this process's; the table only stores it
+# Idle resources (no locks) keep their LVB until they have stayed idle through
+# one whole sweep period, counted in unlocks (no timer: we own no task).
+SWEEP_EVERY_UNLOCKS = 1024
 
 
 class LocalLockService:
     def __init__(self) -> None:
-        self._resources: dict[ResourceName, _Resource] = {}
+        self._table = LockTable()
+        self._locks: dict[int, Lock] = {}            # every live lock, granted or queued
+        self._waiting: dict[int, trio.Event] = {}    # queued lkid -> set at its grant
+        self._next_lkid = 0
+        self._unlocks = 0
+        self._epoch = 0
         self.stats = {"granted": 0, "waited": 0, "blocking_callbacks": 0}
 
     # -- public ------------------------------------------------------------
@@ -53,105 +56,123 @@ class LocalLockService:
         try_: bool = False,
         on_blocking: BlockingCallback | None = None,
     ) -> Lock:
+        if type(mode) is not Mode:   # (Mode(Mode.EX) costs as much as the C call)
+            mode = Mode(mode)
         lock = Lock(name=name, mode=Mode.NL, range=range, on_blocking=on_blocking)
-        res = self._resources.setdefault(name, _Resource())
-        await self._acquire(res, _Waiter(lock, Mode(mode), converting=False), try_)
+        lkid = self._next_lkid = self._next_lkid + 1
+        lock.extra["lkid"] = lkid
+        try:
+            granted = self._table.request(resource_key(name), lkid, NODE_ID, mode, range,
+                                          try_=try_)
+        except WouldBlock:
+            raise WouldBlock(f"{name} busy") from None
+        except OverflowError:
+            raise LockError(f"bad range {range}") from None
+        self._locks[lkid] = lock
+        if granted:
+            self._set_granted(lock, lkid, mode)
+            return lock   # a request granted at once causes no table events
+        await self._wait_queued(lock, lkid, mode, converting=False)
         return lock
 
     async def convert(self, lock: Lock, mode: Mode, *, try_: bool = False) -> None:
-        res = self._resource_of(lock)
-        mode = Mode(mode)
-        if mode <= lock.mode:
-            self._store_lvb(res, lock, mode)
-            lock.mode = mode
-            self._grant_waiters(res)
+        lkid = self._held_lkid(lock)
+        if type(mode) is not Mode:
+            mode = Mode(mode)
+        try:
+            granted = self._table.convert(lkid, mode, try_=try_, lvb=self._lvb_to_store(lock))
+        except WouldBlock:
+            raise WouldBlock(f"{lock.name} busy") from None
+        if granted:
+            if mode > lock.mode:
+                self._set_granted(lock, lkid, mode)   # up: the value comes with it
+            else:
+                lock.mode = mode                     # down: we keep our copy
+            self._deliver(self._table.events())
             return
-        await self._acquire(res, _Waiter(lock, mode, converting=True), try_)
+        await self._wait_queued(lock, lkid, mode, converting=True)
 
     async def unlock(self, lock: Lock) -> None:
-        res = self._resource_of(lock)
-        self._store_lvb(res, lock, Mode.NL)
-        res.granted.remove(lock)
+        lkid = self._held_lkid(lock)
+        self._table.unlock(lkid, self._lvb_to_store(lock))
+        del self._locks[lkid]
         lock.granted = False
-        self._grant_waiters(res)
-        if not res.granted and not res.queue:
-            del self._resources[lock.name]
+        self._deliver(self._table.events())
+        self._unlocks += 1
+        if self._unlocks % SWEEP_EVERY_UNLOCKS == 0:
+            self._sweep_idle()
 
     def statistics(self) -> dict[str, int]:
-        return {**self.stats, "resources": len(self._resources)}
+        t = self._table.statistics()
+        return {**self.stats, "resources": t.resources - t.idle}
 
     # -- internals -----------------------------------------------------------
-    def _resource_of(self, lock: Lock) -> _Resource:
-        res = self._resources.get(lock.name)
-        if res is None or lock not in res.granted:
+    def _held_lkid(self, lock: Lock) -> int:
+        lkid = lock.extra.get("lkid")
+        if lkid is None or self._locks.get(lkid) is not lock or not lock.granted \
+                or lkid in self._waiting:
             raise LockError(f"lock on {lock.name} is not held")
-        return res
+        return lkid
 
     @staticmethod
-    def _store_lvb(res: _Resource, lock: Lock, new_mode: Mode) -> None:
-        if lock.mode >= Mode.PW and new_mode < Mode.PW:
-            res.lvb = bytes(lock.lvb[:LVB_SIZE]).ljust(LVB_SIZE, b"\0")
+    def _lvb_to_store(lock: Lock) -> bytes | None:
+        """A PW/EX holder's value, stored by the table when it goes below PW."""
+        if lock.mode < Mode.PW:
+            return None
+        return bytes(lock.lvb[:LVB_SIZE]).ljust(LVB_SIZE, b"\0")
 
-    def _grantable(self, res: _Resource, waiter: _Waiter, ahead: list[_Waiter]) -> bool:
-        for other in res.granted:
-            if other is waiter.lock:
-                continue
-            if conflicts(waiter.mode, waiter.lock.range, other.mode, other.range):
-                return False
-        if waiter.converting:
-            return True
-        # FIFO: a new request never overtakes an older conflicting waiter.
-        return not any(
-            conflicts(waiter.mode, waiter.lock.range, w.mode, w.lock.range) for w in ahead
-        )
-
-    def _grant(self, res: _Resource, waiter: _Waiter) -> None:
-        lock = waiter.lock
-        if not waiter.converting:
-            res.granted.append(lock)
-        lock.mode = waiter.mode
+    def _set_granted(self, lock: Lock, lkid: int, mode: Mode) -> None:
+        lock.mode = mode
         lock.granted = True
-        lock.lvb = res.lvb
+        lock.lvb, _seq, lock.lvb_valid = self._table.lock_lvb(lkid)
         self.stats["granted"] += 1
-        waiter.granted.set()
 
-    def _grant_waiters(self, res: _Resource) -> None:
-        ahead: list[_Waiter] = []
-        for waiter in sorted(res.queue, key=lambda w: not w.converting):
-            if self._grantable(res, waiter, ahead):
-                res.queue.remove(waiter)
-                self._grant(res, waiter)
-            else:
-                ahead.append(waiter)
-
-    def _notify_blockers(self, res: _Resource, waiter: _Waiter) -> None:
-        for other in list(res.granted):
-            if other is waiter.lock or other.on_blocking is None:
-                continue
-            if conflicts(waiter.mode, waiter.lock.range, other.mode, other.range):
-                self.stats["blocking_callbacks"] += 1
-                other.on_blocking(waiter.mode)
-
-    async def _acquire(self, res: _Resource, waiter: _Waiter, try_: bool) -> None:
-        ahead = [w for w in res.queue if not waiter.converting or w.converting]
-        if self._grantable(res, waiter, ahead):
-            self._grant(res, waiter)
-            return
-        if try_:
-            raise WouldBlock(f"{waiter.lock.name} busy")
-        res.queue.append(waiter)
+    async def _wait_queued(self, lock: Lock, lkid: int, mode: Mode, *,
+                           converting: bool) -> None:
+        granted = self._waiting[lkid] = trio.Event()
         self.stats["waited"] += 1
-        self._notify_blockers(res, waiter)
+        self._deliver(self._table.events())   # the holders in our way hear of us
         try:
-            await waiter.granted.wait()
+            await granted.wait()
         except BaseException:
-            if not waiter.granted.is_set():
-                res.queue.remove(waiter)
-                self._grant_waiters(res)
-            elif not waiter.converting:
-                # Granted in the same instant we were cancelled: give it back.
-                self._store_lvb(res, waiter.lock, Mode.NL)
-                res.granted.remove(waiter.lock)
-                waiter.lock.granted = False
-                self._grant_waiters(res)
+            self._give_up(lock, lkid, converting)
             raise
+
+    def _give_up(self, lock: Lock, lkid: int, converting: bool) -> None:
+        """The waiting task was cancelled: withdraw the request or conversion."""
+        self._waiting.pop(lkid, None)
+        if self._table.cancel(lkid):
+            if not converting:
+                del self._locks[lkid]
+        elif not converting:
+            # Granted in the same instant we were cancelled: give it back.
+            self._table.unlock(lkid)
+            del self._locks[lkid]
+            lock.granted = False
+        # (a conversion granted in that instant stays granted, as it always was)
+        self._deliver(self._table.events())
+
+    def _deliver(self, events: list[TableEvent]) -> None:
+        """Grants wake their waiting task; blocking events call on_blocking."""
+        for ev in events:
+            lock = self._locks.get(ev.lkid)
+            if lock is None:
+                continue
+            if ev.type == EventType.GRANT:
+                self._set_granted(lock, ev.lkid, ev.mode)
+                waiter = self._waiting.pop(ev.lkid, None)
+                if waiter is not None:
+                    waiter.set()
+            elif lock.on_blocking is not None:
+                self.stats["blocking_callbacks"] += 1
+                try:
+                    lock.on_blocking(ev.mode)
+                except Exception:
+                    # one holder's bug must not stop the others' grants
+                    log.exception("blocking callback for %s failed", lock.name)
+
+    def _sweep_idle(self) -> None:
+        """Free resources idle (no locks, LVB unused) for a whole sweep period."""
+        self._epoch += 1
+        self._table.set_epoch(self._epoch)
+        self._table.drop_idle(self._epoch - 1)

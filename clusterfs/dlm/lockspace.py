@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import zlib
 from collections.abc import AsyncIterator
@@ -55,6 +56,10 @@ log = logging.getLogger("clusterfs.dlm")
 
 LKID_SHIFT = 32
 BARRIER_RESEND = 0.5   # seconds between re-sends of a recovery status
+# A master frees a resource with no locks after it stayed idle this long (and
+# at most twice this long), like the Linux DLM's toss list (toss_secs = 10):
+# long enough that lock/unlock cycles do not pay a directory lookup each time.
+TOSS_SECONDS = float(os.environ.get("CLUSTERFS_DLM_TOSS_SECONDS", "10"))
 DLM_TYPES = [t for t in MsgType if 32 <= t <= 79]
 RECOVERY_TYPES = {MsgType.DLM_RECOVER_STATUS, MsgType.DLM_RECOVER_NAMES,
                   MsgType.DLM_RECOVER_LOCKS, MsgType.DLM_QUERY, MsgType.DLM_QUERY_REPLY}
@@ -102,12 +107,14 @@ class LockspaceStats:
     owned_granted: int
     owned_waiting: int
     mastered_resources: int
+    idle_resources: int
     master_locks: int
     directory_entries: int
     requests: int
     remote_requests: int
     grants: int
     basts: int
+    removed: int
     deferred: int
 
     def as_dict(self) -> dict[str, Any]:
@@ -146,9 +153,12 @@ class Lockspace:
         self.ls_wake = trio.Event()
         self.ls_recoveries = 0
         self.ls_queries: dict[int, tuple[trio.Event, list[Any]]] = {}
+        self.ls_toss_seconds = TOSS_SECONDS
+        self.ls_toss_epoch = 0
         self._next_id = random.getrandbits(30)
         self._recover_scope: trio.CancelScope | None = None
-        self.stats = {"requests": 0, "remote_requests": 0, "grants": 0, "basts": 0}
+        self.stats = {"requests": 0, "remote_requests": 0, "grants": 0, "basts": 0,
+                      "removed": 0}
 
     # =========================================================================
     # public: the LockService protocol
@@ -255,7 +265,8 @@ class Lockspace:
             owned_locks=len(owned),
             owned_granted=sum(1 for lkb in owned if lkb.lkb_status == Status.GRANTED),
             owned_waiting=sum(1 for lkb in owned if lkb.lkb_status != Status.GRANTED),
-            mastered_resources=len(self.ls_mastered), master_locks=t.locks,
+            mastered_resources=len(self.ls_mastered), idle_resources=t.idle,
+            master_locks=t.locks,
             directory_entries=len(self.ls_dir), deferred=len(self.ls_deferred),
             **self.stats,
         )
@@ -555,6 +566,21 @@ class Lockspace:
                    {"name": body["name"], "master": master, "rec": body["rec"],
                     "g": body.get("g")})
 
+    def _receive_remove(self, sender: int, body: dict[str, Any]) -> None:
+        """DLM_REMOVE: the master freed an idle resource; forget its entry.
+
+        Only an entry naming the sender goes: a newer master (the sender's
+        remove raced with a lookup that came after it) keeps its entry. A
+        remove from an earlier generation is dropped: recovery rebuilt the
+        directory since, from what the masters really master."""
+        if self._defer(sender, MsgType.DLM_REMOVE, body):
+            return
+        key = body["name"]
+        if body.get("g") != self.ls_recover_gen or self._dir_node(key) != self.ls_node:
+            return
+        if self.ls_dir.get(key) == sender:
+            del self.ls_dir[key]
+
     # =========================================================================
     # master side
     # =========================================================================
@@ -582,6 +608,7 @@ class Lockspace:
         key, lkid = body["name"], body["id"]
         if key not in self.ls_mastered:
             self._reply(owner, {"id": lkid, "op": "request", "rc": "notmaster"})
+            self._repeat_remove(key)
             return
         try:
             granted = self.ls_table.request(key, lkid, owner, Mode(body["mode"]),
@@ -674,6 +701,58 @@ class Lockspace:
             else:
                 self._send_or_local(owner, MsgType.DLM_BAST,
                                     {"id": ev.lkid, "mode": int(ev.mode)})
+
+    # -- idle resources: DLM_REMOVE ----------------------------------------------
+    async def _toss_loop(self) -> None:
+        """Every toss period, free the resources idle since before the last one
+        (a period spent recovering is skipped; an expelled node stops)."""
+        while not self.ls_expelled:
+            await trio.sleep(self.ls_toss_seconds)
+            self.remove_idle_resources()
+
+    def remove_idle_resources(self, *, everything: bool = False) -> int:
+        """Free mastered resources idle for a whole toss period (all idle ones
+        with everything=True) and tell their directory nodes. Runs only while
+        locking runs, and never awaits: no request can slip in between."""
+        if not self.ls_running:
+            return 0
+        self.ls_toss_epoch += 1
+        self.ls_table.set_epoch(self.ls_toss_epoch)
+        before = self.ls_toss_epoch if everything else self.ls_toss_epoch - 1
+        removed = 0
+        for key in self.ls_table.drop_idle(before):
+            if key in self.ls_mastered:
+                self._remove_resource(key)
+                removed += 1
+        self.stats["removed"] += removed
+        return removed
+
+    def _remove_resource(self, key: bytes) -> None:
+        """We no longer master key: forget it here and at its directory node.
+
+        A request already on its way (the owner found us in its cache or in the
+        directory before our remove got there) is answered "notmaster" and the
+        owner looks up again; per-pair FIFO puts our own later lookup behind
+        the remove at the directory node."""
+        self.ls_mastered.discard(key)
+        self.ls_master_of.pop(key, None)
+        dir_node = self._dir_node(key)
+        if dir_node == self.ls_node:
+            if self.ls_dir.get(key) == self.ls_node:
+                del self.ls_dir[key]
+        else:
+            self._send(dir_node, MsgType.DLM_REMOVE, {"name": key, "g": self.ls_recover_gen})
+
+    def _repeat_remove(self, key: bytes) -> None:
+        """A request came for a resource we do not master: the directory may
+        still name us (a lost or slow remove), so say it again (Linux's
+        send_repeat_remove). Not while our own lookup of it is under way: the
+        directory may have just made us master."""
+        if key in self.ls_lookups or key in self.ls_mastered or not self.ls_running:
+            return
+        dir_node = self._dir_node(key)
+        if dir_node != self.ls_node:
+            self._send(dir_node, MsgType.DLM_REMOVE, {"name": key, "g": self.ls_recover_gen})
 
     # =========================================================================
     # messages
@@ -964,6 +1043,7 @@ class Lockspace:
         MsgType.DLM_BAST: _receive_bast,
         MsgType.DLM_LOOKUP: _receive_lookup,
         MsgType.DLM_LOOKUP_REPLY: _receive_lookup_reply,
+        MsgType.DLM_REMOVE: _receive_remove,
         MsgType.DLM_RECOVER_STATUS: _receive_recover_status,
         MsgType.DLM_RECOVER_NAMES: _receive_recover_names,
         MsgType.DLM_RECOVER_LOCKS: _receive_recover_locks,
@@ -998,6 +1078,7 @@ class Dlm:
         for env in self._early.pop(name, []):
             ls._dispatch(env.sender, env.type, env.body)
         self._nursery.start_soon(ls._event_loop, self.membership, self._nursery)
+        self._nursery.start_soon(ls._toss_loop)
         await trio.lowlevel.checkpoint()
         return ls
 

@@ -62,6 +62,7 @@ class LockInfo:
 class TableStats:
     resources: int
     locks: int
+    idle: int = 0      # resources without locks, on the toss list
 
 
 def _mode_or_none(m: int) -> Mode | None:
@@ -89,8 +90,12 @@ class LockTable:
         if self._t == ffi.NULL:
             raise NativeError("cannot create lock table")
         self._ev = ffi.new("struct cfs_lt_event *")
-        self._lvb = ffi.new("uint8_t[]", LVB_SIZE)
+        # The LVB out-buffer: char[] so that ffi.unpack copies it to bytes fast,
+        # passed to C through a uint8_t pointer cast once (lock_lvb is hot).
+        self._lvb_chars = ffi.new("char[]", LVB_SIZE)
+        self._lvb = ffi.cast("uint8_t *", self._lvb_chars)
         self._seq = ffi.new("uint64_t *")
+        self._name = ffi.new("uint8_t[]", 256)
 
     def close(self) -> None:
         if self._t != ffi.NULL:
@@ -109,7 +114,9 @@ class LockTable:
         """True if granted at once, False if queued; WouldBlock if try_ and busy."""
         rc = lib.cfs_lt_request(self._t, name, len(name), lkid, nodeid, int(mode),
                                 range[0], range[1], FLAG_TRY if try_ else 0)
-        return bool(_check(rc, f"request {name!r}"))
+        if rc < 0:   # (the message is only formatted on the error path: hot call)
+            _check(rc, f"request {name!r}")
+        return rc == 1
 
     def convert(self, lkid: int, mode: Mode, *, try_: bool = False,
                 lvb: bytes | None = None) -> bool:
@@ -117,32 +124,42 @@ class LockTable:
         PW/EX holder goes below PW. ConversionDeadlock if it would close a cycle."""
         buf = ffi.NULL if lvb is None else _lvb_bytes(lvb)
         rc = lib.cfs_lt_convert(self._t, lkid, int(mode), FLAG_TRY if try_ else 0, buf)
-        return bool(_check(rc, f"convert {lkid:#x}"))
+        if rc < 0:
+            _check(rc, f"convert {lkid:#x}")
+        return rc == 1
 
     def unlock(self, lkid: int, lvb: bytes | None = None) -> None:
         buf = ffi.NULL if lvb is None else _lvb_bytes(lvb)
-        _check(lib.cfs_lt_unlock(self._t, lkid, buf), f"unlock {lkid:#x}")
+        rc = lib.cfs_lt_unlock(self._t, lkid, buf)
+        if rc < 0:
+            _check(rc, f"unlock {lkid:#x}")
 
     def cancel(self, lkid: int) -> bool:
         """True if a queued request/conversion was cancelled, False if already granted."""
-        return bool(_check(lib.cfs_lt_cancel(self._t, lkid), f"cancel {lkid:#x}"))
+        rc = lib.cfs_lt_cancel(self._t, lkid)
+        if rc < 0:
+            _check(rc, f"cancel {lkid:#x}")
+        return rc == 1
 
     def events(self) -> list[TableEvent]:
         out = []
-        while lib.cfs_lt_next_event(self._t, self._ev):
-            out.append(TableEvent(EventType(self._ev.type), self._ev.lkid, Mode(self._ev.mode)))
+        ev = self._ev
+        while lib.cfs_lt_next_event(self._t, ev):
+            out.append(TableEvent(EventType(ev.type), ev.lkid, Mode(ev.mode)))
         return out
 
     # -- value blocks ------------------------------------------------------------
     def lock_lvb(self, lkid: int) -> tuple[bytes, int, bool]:
         """(lvb, sequence, valid) of the resource lkid is on."""
-        valid = _check(lib.cfs_lt_lock_lvb(self._t, lkid, self._lvb, self._seq), "lvb")
-        return bytes(ffi.buffer(self._lvb, LVB_SIZE)), int(self._seq[0]), bool(valid)
+        valid = lib.cfs_lt_lock_lvb(self._t, lkid, self._lvb, self._seq)
+        if valid < 0:
+            _check(valid, f"lvb {lkid:#x}")
+        return ffi.unpack(self._lvb_chars, LVB_SIZE), int(self._seq[0]), bool(valid)
 
     def resource_lvb(self, name: bytes) -> tuple[bytes, int, bool]:
         valid = _check(lib.cfs_lt_res_lvb(self._t, name, len(name), self._lvb, self._seq),
                        f"lvb {name!r}")
-        return bytes(ffi.buffer(self._lvb, LVB_SIZE)), int(self._seq[0]), bool(valid)
+        return ffi.unpack(self._lvb_chars, LVB_SIZE), int(self._seq[0]), bool(valid)
 
     def set_resource_lvb(self, name: bytes, lvb: bytes, seq: int, valid: bool) -> None:
         _check(lib.cfs_lt_set_res_lvb(self._t, name, len(name), _lvb_bytes(lvb), seq,
@@ -167,6 +184,28 @@ class LockTable:
     def drop_resource(self, name: bytes) -> bool:
         return lib.cfs_lt_drop_resource(self._t, name, len(name)) == 0
 
+    # -- idle resources (the toss list) -------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Resources that go idle from now on are stamped with `epoch`."""
+        lib.cfs_lt_set_epoch(self._t, epoch)
+
+    def idle_resource(self, before: int) -> bytes | None:
+        """The name of the resource idle longest (no locks) if it went idle in an
+        epoch before `before`, else None. It stays until drop_resource()."""
+        n = lib.cfs_lt_idle_resource(self._t, before, self._name, len(self._name))
+        if n > len(self._name):
+            self._name = ffi.new("uint8_t[]", n)
+            n = lib.cfs_lt_idle_resource(self._t, before, self._name, n)
+        return bytes(ffi.buffer(self._name, n)) if n > 0 else None
+
+    def drop_idle(self, before: int) -> list[bytes]:
+        """Free every resource idle since an epoch before `before`; their names."""
+        dropped = []
+        while (name := self.idle_resource(before)) is not None:
+            self.drop_resource(name)
+            dropped.append(name)
+        return dropped
+
     # -- inspection --------------------------------------------------------------
     def dump(self, name: bytes) -> list[LockInfo]:
         """Every lock on the resource: granted, then converting, then waiting."""
@@ -184,7 +223,8 @@ class LockTable:
         return _info(buf[0])
 
     def statistics(self) -> TableStats:
-        return TableStats(int(lib.cfs_lt_nres(self._t)), int(lib.cfs_lt_nlocks(self._t)))
+        return TableStats(int(lib.cfs_lt_nres(self._t)), int(lib.cfs_lt_nlocks(self._t)),
+                          int(lib.cfs_lt_nidle(self._t)))
 
 
 def _lvb_bytes(lvb: bytes) -> bytes:
