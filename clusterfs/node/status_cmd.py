@@ -80,7 +80,8 @@ def print_status(st: dict[str, Any]) -> None:
           f"  recoveries={ls['recoveries']}")
     print(f"locks       owned={ls['owned_locks']} granted={ls['owned_granted']} "
           f"waiting={ls['owned_waiting']}")
-    print(f"master of   {ls['mastered_resources']} resources, {ls['master_locks']} locks; "
+    print(f"master of   {ls['mastered_resources']} resources ({ls.get('idle_resources', 0)} "
+          f"idle, {ls.get('removed', 0)} removed so far), {ls['master_locks']} locks; "
           f"directory entries {ls['directory_entries']}")
     print(f"traffic     requests={ls['requests']} remote={ls['remote_requests']} "
           f"grants={ls['grants']} basts={ls['basts']}")
