@@ -33,8 +33,9 @@ from clusterfs.format.superblock import (
 
 MIN_RGRP_BLOCKS = 64
 DEFAULT_MAX_RGRP = BITS_PER_BITMAP     # 32512 blocks: one bitmap block per group
-MIN_JOURNAL_BLOCKS = 128
-MAX_JOURNAL_BLOCKS = 8192              # 32 MiB
+MIN_JOURNAL_BLOCKS = 128                # the default's range: 512 KiB ..
+MAX_JOURNAL_BLOCKS = 8192              # .. 32 MiB
+VALID_JOURNAL_BLOCKS = range(16, (1 << 30) // BLOCK_SIZE + 1)   # what may be asked for
 
 
 def plan_geometry(device_bytes: int, journals: int = 1, journal_blocks: int | None = None,
@@ -43,9 +44,9 @@ def plan_geometry(device_bytes: int, journals: int = 1, journal_blocks: int | No
     """Lay the filesystem out on a device of `device_bytes`; FormatError if it cannot."""
     if not 1 <= journals <= 256:
         raise FormatError(f"journal count {journals} out of range 1..256")
-    if journal_blocks is not None and not (
-            MIN_JOURNAL_BLOCKS <= journal_blocks <= MAX_JOURNAL_BLOCKS):
-        low, high = MIN_JOURNAL_BLOCKS * BLOCK_SIZE >> 10, MAX_JOURNAL_BLOCKS * BLOCK_SIZE >> 20
+    if journal_blocks is not None and journal_blocks not in VALID_JOURNAL_BLOCKS:
+        low = VALID_JOURNAL_BLOCKS.start * BLOCK_SIZE >> 10
+        high = (VALID_JOURNAL_BLOCKS.stop - 1) * BLOCK_SIZE >> 20
         raise FormatError(f"journal size {journal_blocks * BLOCK_SIZE >> 10} KiB out of range "
                           f"{low} KiB..{high} MiB")
     total = device_bytes // BLOCK_SIZE
