@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -83,12 +84,16 @@ class Sim:
         self.nodes: dict[int, MembershipService] = {}
         self.scopes: dict[int, trio.CancelScope] = {}
         self.agents: dict[int, NoopAgent] = {}
+        # node id -> wraps that node's endpoint (a scripted message schedule)
+        self.wrap: dict[int, Callable] = {}
 
     async def start(self, nid: int) -> MembershipService:
         ep = self.net.endpoint(nid)
         scope = trio.CancelScope()
         if self.jitter:
             ep = JitterEndpoint(ep, self.jitter, self.rng)
+        if nid in self.wrap:
+            ep = self.wrap[nid](ep)
         agent = NoopAgent()
         ms = MembershipService(ep, self.ids, heartbeat_interval=INTERVAL,
                                failure_timeout=TIMEOUT, fence_agent=agent,
