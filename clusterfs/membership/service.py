@@ -19,15 +19,20 @@ Endpoint (TCP or the in-memory transport). The algorithm (docs/cluster.md):
   member lagging on an older generation, or an admissible joiner (JOINING, or a
   member of a non-quorate view: a partition without quorum granted nothing and
   may merge back).
-- Three phases: VIEW_PROPOSE {gen, coord, members:{id: inc}, base, ...} with
-  gen = 1 + the highest generation this node has seen anywhere; each target
-  promises if gen is above every generation it promised or holds (one promise
-  per generation) and, when its own view is quorate, only if coord belongs to
-  that view. With every promise in: VIEW_COMMIT, which a target keeps as its
-  tentative view only if it still promises exactly that proposal. With every
-  commit confirmed: VIEW_ACTIVATE, on which each member installs and publishes
-  the view. A coordinator that dies is replaced by the next-lowest live member
-  after the failure timeout.
+- Three phases: VIEW_PROPOSE {gen, coord, members:{id: inc}, base, bkey, prior, ...}
+  with gen = 1 + the highest generation this node has seen anywhere; each target
+  catches up on `prior` (the coordinator's installed view) if it missed it, then
+  promises if gen is above every generation it promised or holds (one promise per
+  generation), when its own view is quorate only if coord belongs to that view, and
+  only if - being in `base` - it holds exactly view `bkey` (a view follows one view).
+  Answers carry what the target holds; the coordinator first catches up on it (a
+  newer installed view, a committed view whose coordinator died: it finishes that
+  one, a Fenced it missed). With every promise in: VIEW_COMMIT, which a target keeps
+  as its tentative view only if it still promises exactly that proposal. With every
+  commit confirmed: VIEW_ACTIVATE carrying the view, on which each member installs
+  and publishes it and relays the activation once to the other members, so a
+  coordinator dying half-way through leaves no member behind. A coordinator that
+  dies is replaced by the next-lowest live member after the failure timeout.
 - Quorum: a view is quorate when it holds a strict majority of configured nodes.
   Only quorate views expel: the (node, incarnation) pairs a quorate view removed
   are remembered (and passed on in every commit); when such a node is heard from
@@ -38,7 +43,9 @@ Endpoint (TCP or the in-memory transport). The algorithm (docs/cluster.md):
   if it is still in view `gen` (so always after that view's ViewChange). A newer
   view aborts the fencing; its coordinator fences what is still pending.
 - Every member publishes ViewChange(view, joined, left) computed against the
-  coordinator's previous view (`base`), so all members see the same events.
+  coordinator's previous view (`base`), which is also its own previous view unless
+  it joins; the Fenced of the base view travels with the next view (`bfenced`), so
+  members that carry on together see the same events in the same order.
 """
 
 from __future__ import annotations
@@ -473,7 +480,7 @@ class MembershipService:
         it; each member relays the activation once (see _on_activate), so one member
         that got it is enough for all of them to get it, even if we die now. It
         carries the Fenced we delivered in the base view (see _deliver_base_fenced)."""
-        activation = dict(body, bfenced=self._fenced_here, prior=None)
+        activation = dict(body, bfenced=self._fenced_for(body), prior=None)
         for n in others:
             await self._send(n, MsgType.VIEW_ACTIVATE, activation)
         self._install(activation)
@@ -501,15 +508,23 @@ class MembershipService:
                          self.node_id, self.view.generation, int(v["gen"]))
                 self._install(v)
                 return True
-        if await self._complete_held(replies):
-            return True
+        learned = False
         for r in replies.values():
             fenced = r.get("fenced")
             if (fenced is not None and self._fenced_here is None and self.state == MEMBER
                     and tuple(r["vkey"]) == self._view_key):
                 self._fence_done(self.view.generation, frozenset(int(n) for n in fenced))
-                return True
-        return False
+                learned = True
+        # after the Fenced: a view we finish carries it (see _fenced_for)
+        return await self._complete_held(replies) or learned
+
+    def _fenced_for(self, b: Mapping[str, Any]) -> list[int] | None:
+        """The Fenced that view b carries for its base view: the one we delivered there
+        if we hold that view (it may be newer than b's proposal), else its proposer's."""
+        if self._view_key == body_key_of_base(b) and self._fenced_here is not None:
+            return self._fenced_here
+        fenced = b.get("bfenced")
+        return None if fenced is None else [int(n) for n in fenced]
 
     async def _complete_held(self, replies: Mapping[int, Mapping[str, Any]]) -> bool:
         """A view some targets committed but nobody we can reach installed: its
@@ -541,12 +556,12 @@ class MembershipService:
         log.info("node %d gen %d: completing view %d of node %d (committed, coordinator "
                  "gone before activating it)", self.node_id, self.view.generation, key[0],
                  key[1])
-        activation = dict(h, prior=None)
+        activation = dict(h, bfenced=self._fenced_for(h), prior=None)
         for n in h["members"]:
             if int(n) != self.node_id:
                 await self._send(int(n), MsgType.VIEW_ACTIVATE, activation)
-        if self._can_install(h):
-            self._install(h)
+        if self._can_install(activation):
+            self._install(activation)
         return True
 
     async def _phase(self, key: Key, others: list[int], mtype: int, body: Any,
