@@ -173,6 +173,7 @@ class MembershipService:
         self._acks_key: tuple[Key, int] = (NO_VIEW, 0)
         self._acks_incs: Mapping[int, int] = {}
         self._tentative: Mapping[str, Any] | None = None
+        self._committed_at = 0.0
         self._acks_changed = trio.Event()
         self._changed = trio.Event()
         self._subscribers: list[trio.MemorySendChannel[Event]] = []
@@ -437,6 +438,7 @@ class MembershipService:
             refused = {n for n, r in replies.items() if not r["ok"]}
             if not (missing or refused or self._superseded(key, body)
                     or self._tentative is not body):
+                self._learn_fenced(replies)
                 await self._activate(body, others)
                 return
         self._round_failed(gen, refused, missing, replies, learned)
@@ -508,15 +510,20 @@ class MembershipService:
                          self.node_id, self.view.generation, int(v["gen"]))
                 self._install(v)
                 return True
-        learned = False
+        learned = self._learn_fenced(replies)
+        # after the Fenced: a view we finish carries it (see _fenced_for)
+        return await self._complete_held(replies) or learned
+
+    def _learn_fenced(self, replies: Mapping[int, Mapping[str, Any]]) -> bool:
+        """A target of our view delivered its Fenced and we did not (its coordinator was
+        cut off from us): deliver it too, so the next view carries it. True if so."""
         for r in replies.values():
             fenced = r.get("fenced")
             if (fenced is not None and self._fenced_here is None and self.state == MEMBER
                     and tuple(r["vkey"]) == self._view_key):
                 self._fence_done(self.view.generation, frozenset(int(n) for n in fenced))
-                learned = True
-        # after the Fenced: a view we finish carries it (see _fenced_for)
-        return await self._complete_held(replies) or learned
+                return True
+        return False
 
     def _fenced_for(self, b: Mapping[str, Any]) -> list[int] | None:
         """The Fenced that view b carries for its base view: the one we delivered there
@@ -655,6 +662,7 @@ class MembershipService:
               and self._follows(promised))
         if ok:
             self._tentative = promised
+            self._committed_at = trio.current_time()
         else:
             log.info("node %d gen %d: refusing commit of view %d from %d (promised %s)",
                      self.node_id, self.view.generation, key[0], key[1], self._promised)
@@ -783,7 +791,23 @@ class MembershipService:
             log.warning("node %d gen %d: FENCE_DONE from node %d, not my coordinator; ignored",
                         self.node_id, self.view.generation, env.sender)
             return
+        if self._committed_elsewhere(env.sender):
+            log.info("node %d gen %d: FENCE_DONE from node %d left to the next view (we "
+                     "committed one of another coordinator)", self.node_id,
+                     self.view.generation, env.sender)
+            return
         self._fence_done(int(env.body["gen"]), frozenset(int(n) for n in env.body["nodes"]))
+
+    def _committed_elsewhere(self, fencer: int) -> bool:
+        """We committed a view that follows ours, proposed by another node than the one
+        that fenced: its coordinator activates it with the Fenced it knows of (it learns
+        ours from our commit answer), so delivering this one now could make our events
+        differ from the other members'. Only for a failure timeout: a view that is not
+        activated by then is dead, and the Fenced must not be lost."""
+        t = self._tentative
+        return (t is not None and int(t["coord"]) != fencer
+                and body_key_of_base(t) == self._view_key
+                and trio.current_time() - self._committed_at < self.timeout)
 
     def _fence_done(self, gen: int, nodes: frozenset[int]) -> None:
         # one Fenced per view: a late FENCE_DONE after a catch-up is not delivered twice
