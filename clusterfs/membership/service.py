@@ -169,6 +169,7 @@ class MembershipService:
         self._peers: dict[int, PeerInfo] = {}
         self._suspect_until: dict[int, float] = {}
         self._expel_sent_at: dict[int, float] = {}
+        self._activation_sent_at: dict[int, float] = {}
         self._acks: dict[int, Mapping[str, Any]] | None = None
         self._acks_key: tuple[Key, int] = (NO_VIEW, 0)
         self._acks_incs: Mapping[int, int] = {}
@@ -331,8 +332,24 @@ class MembershipService:
                         "telling it it is expelled", self.node_id, self.view.generation, n,
                         info.inc)
             await self._send(n, MsgType.EXPELLED, {"gen": self.view.generation, "inc": info.inc})
+        await self._resend_activation(n, info, now)
         if self._pending_fence:
             self._maybe_fence()
+
+    async def _resend_activation(self, n: int, info: PeerInfo, now: float) -> None:
+        """A member of our view (this very incarnation: it committed the view) still
+        shows an older generation a heartbeat period after we installed it: every copy
+        of the activation it was sent was lost (cut links). Send it again; without it,
+        a member that is our coordinator would stay joining and nobody would propose."""
+        if (self.state != MEMBER or self._incs.get(n) != info.inc or n == self.node_id
+                or info.gen >= self.view.generation or self._view_body is None
+                or now - self._installed_at < self.interval
+                or now - self._activation_sent_at.get(n, -math.inf) < self.interval):
+            return
+        self._activation_sent_at[n] = now
+        log.info("node %d gen %d: node %d has not installed our view; sending it again",
+                 self.node_id, self.view.generation, n)
+        await self._send(n, MsgType.VIEW_ACTIVATE, dict(self._view_body))
 
     # -- the coordinator's decision ------------------------------------------------
     def _evaluate(self) -> None:
