@@ -131,3 +131,27 @@ def test_jitter_seeds_that_broke_agreement(seed):
     proposal built on an older one (372); a FENCE_DONE overtaken by the next view
     (382). Deterministic: trio's scheduler is seeded too."""
     run_seed(seed, steps=150, jitter=0.4)
+
+
+@mock_trio
+async def test_member_that_lost_every_copy_of_the_activation_gets_it_again():
+    """Node 1 restarts and is admitted by node 2; every activation to node 1 (from 2 and
+    the relay from 3) is lost. Node 1 is the new view's coordinator but still joining:
+    before, nobody ever proposed again."""
+    async def body(sim):
+        made2, made3 = dropper_on(sim, 2), dropper_on(sim, 3)
+        for i in (1, 2, 3):
+            await sim.start(i)
+        await sim.until(lambda: sim.agreed([1, 2, 3], {1, 2, 3}), 10)
+        sim.kill(1)
+        await sim.until(lambda: sim.agreed([2, 3], {2, 3}), DETECT + 1)
+        lost = {"on": True}
+        for d in (made2[2], made3[3]):
+            d.rule = lambda dest, mtype: (lost["on"] and dest == 1
+                                          and mtype == MsgType.VIEW_ACTIVATE)
+        await sim.start(1)
+        await sim.until(lambda: sim.agreed([2, 3], {1, 2, 3}), DETECT + 1)
+        lost["on"] = False
+        await sim.until(lambda: sim.agreed([1, 2, 3], {1, 2, 3}), DETECT)
+        check_invariants([Log.of(i, sim.nodes[i]) for i in (1, 2, 3)])
+    await with_sim([1, 2, 3], body)
