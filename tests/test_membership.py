@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Callable
 
 import pytest
 import trio
@@ -30,13 +31,15 @@ def mock_trio(fn):
 
 
 class JitterEndpoint:
-    """Wraps an endpoint: every message waits a random delay (order per peer kept)."""
+    """Wraps an endpoint: every message waits a random delay (order per peer kept);
+    with `loss`, that fraction of messages is lost on the way."""
 
-    def __init__(self, inner, jitter: float, rng: random.Random) -> None:
+    def __init__(self, inner, jitter: float, rng: random.Random, loss: float = 0.0) -> None:
         self.inner = inner
         self.node_id = inner.node_id
         self.generation = 0
         self.jitter = jitter
+        self.loss = loss
         self.rng = rng
         self.queues: dict[int, trio.MemorySendChannel] = {}
         self.pending: list = []
@@ -46,6 +49,8 @@ class JitterEndpoint:
         self.inner.register(mtypes, handler)
 
     async def send(self, dest, mtype, body) -> None:
+        if self.loss and self.rng.random() < self.loss:
+            return
         if dest not in self.queues:
             s, r = trio.open_memory_channel(10_000)
             self.queues[dest] = s
@@ -74,8 +79,9 @@ class Sim:
     """A cluster of MembershipServices on one MemoryNetwork."""
 
     def __init__(self, net: MemoryNetwork, nursery: trio.Nursery, ids: list[int],
-                 jitter: float = 0.0, seed: int = 0) -> None:
+                 jitter: float = 0.0, seed: int = 0, loss: float = 0.0) -> None:
         self.jitter = jitter
+        self.loss = loss
         self.rng = random.Random(seed)
         self.net = net
         self.nursery = nursery
@@ -83,12 +89,16 @@ class Sim:
         self.nodes: dict[int, MembershipService] = {}
         self.scopes: dict[int, trio.CancelScope] = {}
         self.agents: dict[int, NoopAgent] = {}
+        # node id -> wraps that node's endpoint (a scripted message schedule)
+        self.wrap: dict[int, Callable] = {}
 
     async def start(self, nid: int) -> MembershipService:
         ep = self.net.endpoint(nid)
         scope = trio.CancelScope()
         if self.jitter:
-            ep = JitterEndpoint(ep, self.jitter, self.rng)
+            ep = JitterEndpoint(ep, self.jitter, self.rng, self.loss)
+        if nid in self.wrap:
+            ep = self.wrap[nid](ep)
         agent = NoopAgent()
         ms = MembershipService(ep, self.ids, heartbeat_interval=INTERVAL,
                                failure_timeout=TIMEOUT, fence_agent=agent,

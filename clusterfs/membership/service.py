@@ -19,15 +19,20 @@ Endpoint (TCP or the in-memory transport). The algorithm (docs/cluster.md):
   member lagging on an older generation, or an admissible joiner (JOINING, or a
   member of a non-quorate view: a partition without quorum granted nothing and
   may merge back).
-- Three phases: VIEW_PROPOSE {gen, coord, members:{id: inc}, base, ...} with
-  gen = 1 + the highest generation this node has seen anywhere; each target
-  promises if gen is above every generation it promised or holds (one promise
-  per generation) and, when its own view is quorate, only if coord belongs to
-  that view. With every promise in: VIEW_COMMIT, which a target keeps as its
-  tentative view only if it still promises exactly that proposal. With every
-  commit confirmed: VIEW_ACTIVATE, on which each member installs and publishes
-  the view. A coordinator that dies is replaced by the next-lowest live member
-  after the failure timeout.
+- Three phases: VIEW_PROPOSE {gen, coord, members:{id: inc}, base, bkey, prior, ...}
+  with gen = 1 + the highest generation this node has seen anywhere; each target
+  catches up on `prior` (the coordinator's installed view) if it missed it, then
+  promises if gen is above every generation it promised or holds (one promise per
+  generation), when its own view is quorate only if coord belongs to that view, and
+  only if - being in `base` - it holds exactly view `bkey` (a view follows one view).
+  Answers carry what the target holds; the coordinator first catches up on it (a
+  newer installed view, a committed view whose coordinator died: it finishes that
+  one, a Fenced it missed). With every promise in: VIEW_COMMIT, which a target keeps
+  as its tentative view only if it still promises exactly that proposal. With every
+  commit confirmed: VIEW_ACTIVATE carrying the view, on which each member installs
+  and publishes it and relays the activation once to the other members, so a
+  coordinator dying half-way through leaves no member behind. A coordinator that
+  dies is replaced by the next-lowest live member after the failure timeout.
 - Quorum: a view is quorate when it holds a strict majority of configured nodes.
   Only quorate views expel: the (node, incarnation) pairs a quorate view removed
   are remembered (and passed on in every commit); when such a node is heard from
@@ -38,7 +43,9 @@ Endpoint (TCP or the in-memory transport). The algorithm (docs/cluster.md):
   if it is still in view `gen` (so always after that view's ViewChange). A newer
   view aborts the fencing; its coordinator fences what is still pending.
 - Every member publishes ViewChange(view, joined, left) computed against the
-  coordinator's previous view (`base`), so all members see the same events.
+  coordinator's previous view (`base`), which is also its own previous view unless
+  it joins; the Fenced of the base view travels with the next view (`bfenced`), so
+  members that carry on together see the same events in the same order.
 """
 
 from __future__ import annotations
@@ -64,6 +71,25 @@ log = logging.getLogger(__name__)
 JOINING = "joining"
 MEMBER = "member"
 EXPELLED = "expelled"
+
+# why a target refuses a proposal whose base view it does not hold
+AHEAD = "ahead"      # it installed a newer view than the proposal's base
+BEHIND = "behind"    # it missed more than one view: it cannot catch up, only restart
+
+# a proposal (and the view it becomes) is known by (generation, coordinator,
+# coordinator's incarnation): messages of a coordinator's earlier life never match
+Key = tuple[int, int, int]
+NO_VIEW: Key = (0, -1, 0)
+
+
+def body_key(b: Mapping[str, Any]) -> Key:
+    return (int(b["gen"]), int(b["coord"]), int(b["cinc"]))
+
+
+def body_key_of_base(b: Mapping[str, Any]) -> Key:
+    """The key of the view a proposal was built on (NO_VIEW for a first view)."""
+    g, c, i = b["bkey"]
+    return (int(g), int(c), int(i))
 
 
 def _guarded(fn: Callable[[MembershipService, Envelope], Awaitable[None]]
@@ -131,9 +157,11 @@ class MembershipService:
         self.state = JOINING
         self.view = View(0, frozenset({self.node_id}), False, self.cluster_size)
         self._incs: dict[int, int] = {}
-        # a proposal is known by (generation, coordinator, coordinator's incarnation):
-        # messages of a coordinator's earlier life never match its new proposals
-        self._promised: tuple[int, int, int] = (0, -1, 0)
+        self._view_key: Key = NO_VIEW
+        self._view_body: dict[str, Any] | None = None     # handed on as `prior`
+        self._fenced_here: list[int] | None = None        # Fenced delivered in this view
+        self.installed_incarnations: dict[int, dict[int, int]] = {}   # gen -> members
+        self._promised: Key = NO_VIEW
         self._promised_body: dict[str, Any] | None = None
         self._max_gen = 0
         self._removed: dict[int, int] = {}
@@ -141,10 +169,12 @@ class MembershipService:
         self._peers: dict[int, PeerInfo] = {}
         self._suspect_until: dict[int, float] = {}
         self._expel_sent_at: dict[int, float] = {}
-        self._acks: dict[int, bool] | None = None
-        self._acks_key: tuple[tuple[int, int, int], int] = ((0, -1, 0), 0)
+        self._activation_sent_at: dict[int, float] = {}
+        self._acks: dict[int, Mapping[str, Any]] | None = None
+        self._acks_key: tuple[Key, int] = (NO_VIEW, 0)
         self._acks_incs: Mapping[int, int] = {}
         self._tentative: Mapping[str, Any] | None = None
+        self._committed_at = 0.0
         self._acks_changed = trio.Event()
         self._changed = trio.Event()
         self._subscribers: list[trio.MemorySendChannel[Event]] = []
@@ -302,8 +332,24 @@ class MembershipService:
                         "telling it it is expelled", self.node_id, self.view.generation, n,
                         info.inc)
             await self._send(n, MsgType.EXPELLED, {"gen": self.view.generation, "inc": info.inc})
+        await self._resend_activation(n, info, now)
         if self._pending_fence:
             self._maybe_fence()
+
+    async def _resend_activation(self, n: int, info: PeerInfo, now: float) -> None:
+        """A member of our view (this very incarnation: it committed the view) still
+        shows an older generation a heartbeat period after we installed it: every copy
+        of the activation it was sent was lost (cut links). Send it again; without it,
+        a member that is our coordinator would stay joining and nobody would propose."""
+        if (self.state != MEMBER or self._incs.get(n) != info.inc or n == self.node_id
+                or info.gen >= self.view.generation or self._view_body is None
+                or now - self._installed_at < self.interval
+                or now - self._activation_sent_at.get(n, -math.inf) < self.interval):
+            return
+        self._activation_sent_at[n] = now
+        log.info("node %d gen %d: node %d has not installed our view; sending it again",
+                 self.node_id, self.view.generation, n)
+        await self._send(n, MsgType.VIEW_ACTIVATE, dict(self._view_body))
 
     # -- the coordinator's decision ------------------------------------------------
     def _evaluate(self) -> None:
@@ -387,6 +433,36 @@ class MembershipService:
         gen = max(self.view.generation, self._promised[0], self._max_gen) + 1
         self._max_gen = gen
         key = (gen, self.node_id, self.incarnation)
+        body = self._proposal_body(gen, target, base)
+        members: dict[int, int] = body["members"]
+        self.proposals += 1
+        log.info("node %d gen %d: proposing view %d members %s (base %s, quorate %s)",
+                 self.node_id, self.view.generation, gen, sorted(target), sorted(base),
+                 body["quorate"])
+        self._promised = key
+        self._promised_body = body
+        others = [n for n in target if n != self.node_id]
+        # phase 1: propose; every target promises (or refuses) and tells us what it holds
+        replies, missing = await self._phase(key, others, MsgType.VIEW_PROPOSE, body, members)
+        refused = {n for n, r in replies.items() if not r["ok"]}
+        learned = not missing and await self._learn_from(replies)
+        if not (missing or refused or learned or self._superseded(key, body)):
+            # phase 2: commit; every target holds it as its tentative next view
+            self._tentative = body
+            replies, missing = await self._phase(key, others, MsgType.VIEW_COMMIT,
+                                                 {"gen": gen, "coord": self.node_id,
+                                                  "cinc": self.incarnation}, members)
+            refused = {n for n, r in replies.items() if not r["ok"]}
+            if not (missing or refused or self._superseded(key, body)
+                    or self._tentative is not body):
+                self._learn_fenced(replies)
+                await self._activate(body, others)
+                return
+        self._round_failed(gen, refused, missing, replies, learned)
+        await trio.sleep(random.uniform(0, self.interval))
+
+    def _proposal_body(self, gen: int, target: frozenset[int], base: frozenset[int]
+                       ) -> dict[str, Any]:
         members = {n: (self.incarnation if n == self.node_id
                        else self._incs[n] if n in base else self._peers[n].inc)
                    for n in target}
@@ -403,62 +479,146 @@ class MembershipService:
         removed = dict(self._removed)
         if quorate:
             removed.update(pending)   # a quorate view expels what it removes
-        body = {"gen": gen, "coord": self.node_id, "cinc": self.incarnation, "members": members,
-                "base": sorted(base), "quorate": quorate,
-                "removed": removed, "fence": pending}
-        self.proposals += 1
-        log.info("node %d gen %d: proposing view %d members %s (base %s, quorate %s)",
-                 self.node_id, self.view.generation, gen, sorted(target), sorted(base), quorate)
-        self._promised = key
-        self._promised_body = body
-        others = [n for n in target if n != self.node_id]
-        # phase 1: propose; every target promises (or refuses)
-        failed, missing = await self._phase(key, others, MsgType.VIEW_PROPOSE, body,
-                                            members)
-        if not (failed or missing or self._promised != key or self.state == EXPELLED):
-            # phase 2: commit; every target holds it as its tentative next view
-            self._tentative = body
-            failed, missing = await self._phase(key, others, MsgType.VIEW_COMMIT,
-                                                {"gen": gen, "coord": self.node_id,
-                                                 "cinc": self.incarnation}, members)
-            if not (failed or missing or self.state == EXPELLED
-                    or self._tentative is not body or self.view.generation >= gen):
-                # phase 3: every member has it: activate (publish) everywhere
-                for n in others:
-                    await self._send(n, MsgType.VIEW_ACTIVATE,
-                                     {"gen": gen, "coord": self.node_id,
-                                      "cinc": self.incarnation})
-                self._install(body)
-                return
+        # base, bkey and prior tie the view to the one it follows: a member of the
+        # base installs it only from exactly that view (catching up on `prior`, the
+        # view we installed, if it missed its activation), so members that carry on
+        # together deliver the same sequence of views
+        return {"gen": gen, "coord": self.node_id, "cinc": self.incarnation,
+                "members": members, "base": sorted(base), "bkey": list(self._view_key),
+                "bfenced": self._fenced_here, "quorate": quorate, "removed": removed,
+                "fence": pending, "prior": self._view_body}
+
+    def _superseded(self, key: Key, body: Mapping[str, Any]) -> bool:
+        """True if we may no longer decide this proposal: we promised a newer one,
+        installed another view meanwhile, or were expelled."""
+        return (self._promised != key or self.state == EXPELLED
+                or self._view_key != body_key_of_base(body))
+
+    async def _activate(self, body: dict[str, Any], others: list[int]) -> None:
+        """Every member holds the proposal: it is decided. Tell the members and install
+        it; each member relays the activation once (see _on_activate), so one member
+        that got it is enough for all of them to get it, even if we die now. It
+        carries the Fenced we delivered in the base view (see _deliver_base_fenced)."""
+        activation = dict(body, bfenced=self._fenced_for(body), prior=None)
+        for n in others:
+            await self._send(n, MsgType.VIEW_ACTIVATE, activation)
+        self._install(activation)
+
+    def _round_failed(self, gen: int, refused: set[int], missing: set[int],
+                      replies: Mapping[int, Mapping[str, Any]], learned: bool) -> None:
         self.proposals_failed += 1
         now = trio.current_time()
-        for n in missing:
+        # no answer, or cannot follow our view at all (missed more than one view):
+        # leave it out of the next proposal
+        behind = {n for n in refused if replies[n].get("why") == BEHIND}
+        for n in missing | behind:
             self._suspect_until[n] = now + self.timeout
         log.info("node %d gen %d: proposal %d failed (refused by %s, no answer from %s, "
-                 "superseded %s)", self.node_id, self.view.generation, gen, sorted(failed),
-                 sorted(missing), self._promised != key)
-        await trio.sleep(random.uniform(0, self.interval))
+                 "behind %s, learned %s)", self.node_id, self.view.generation, gen,
+                 sorted(refused), sorted(missing), sorted(behind), learned)
 
-    async def _phase(self, key: tuple[int, int, int], others: list[int], mtype: int,
-                     body: Any, members: Mapping[int, int]) -> tuple[set[int], set[int]]:
-        """Send to every other target and collect yes/no answers; (refused, missing)."""
+    async def _learn_from(self, replies: Mapping[int, Mapping[str, Any]]) -> bool:
+        """Take in what the targets know and we do not. True if that changes our state
+        (the proposal, built on what we knew, is then dropped and rebuilt)."""
+        for r in replies.values():
+            v = r.get("view")
+            if v is not None and int(v["gen"]) > self.view.generation and self._can_install(v):
+                log.info("node %d gen %d: catching up on view %d (installed by a target)",
+                         self.node_id, self.view.generation, int(v["gen"]))
+                self._install(v)
+                return True
+        learned = self._learn_fenced(replies)
+        # after the Fenced: a view we finish carries it (see _fenced_for)
+        return await self._complete_held(replies) or learned
+
+    def _learn_fenced(self, replies: Mapping[int, Mapping[str, Any]]) -> bool:
+        """A target of our view delivered its Fenced and we did not (its coordinator was
+        cut off from us): deliver it too, so the next view carries it. True if so."""
+        for r in replies.values():
+            fenced = r.get("fenced")
+            if (fenced is not None and self._fenced_here is None and self.state == MEMBER
+                    and tuple(r["vkey"]) == self._view_key):
+                self._fence_done(self.view.generation, frozenset(int(n) for n in fenced))
+                return True
+        return False
+
+    def _fenced_for(self, b: Mapping[str, Any]) -> list[int] | None:
+        """The Fenced that view b carries for its base view: the one we delivered there
+        if we hold that view (it may be newer than b's proposal), else its proposer's."""
+        if self._view_key == body_key_of_base(b) and self._fenced_here is not None:
+            return self._fenced_here
+        fenced = b.get("bfenced")
+        return None if fenced is None else [int(n) for n in fenced]
+
+    async def _complete_held(self, replies: Mapping[int, Mapping[str, Any]]) -> bool:
+        """A view some targets committed but nobody we can reach installed: its
+        coordinator died or was cut off between commit and activation. If every target
+        that is one of its members committed it (or installed it), it may have been
+        decided: finish it (install, activate) so that all its members deliver it.
+        If one of them did not, it can never be decided (that member promised us a
+        newer generation and refuses its commit): forget it."""
+        mine = self._tentative
+        held = [mine] if mine is not None and self._follows(mine) else []
+        held += [r["held"] for r in replies.values() if r.get("held") is not None]
+        held = [h for h in held if int(h["gen"]) > self.view.generation]
+        if not held:
+            return False
+        h = max(held, key=body_key)
+        key = body_key(h)
+        for n in h["members"]:
+            n = int(n)
+            if n == self.node_id:
+                has = self._tentative is not None and body_key(self._tentative) == key
+            elif n in replies:
+                r = replies[n]
+                has = (tuple(r["vkey"]) == key
+                       or r.get("held") is not None and body_key(r["held"]) == key)
+            else:
+                continue
+            if not has:
+                return False
+        log.info("node %d gen %d: completing view %d of node %d (committed, coordinator "
+                 "gone before activating it)", self.node_id, self.view.generation, key[0],
+                 key[1])
+        activation = dict(h, bfenced=self._fenced_for(h), prior=None)
+        for n in h["members"]:
+            if int(n) != self.node_id:
+                await self._send(int(n), MsgType.VIEW_ACTIVATE, activation)
+        if self._can_install(activation):
+            self._install(activation)
+        return True
+
+    async def _phase(self, key: Key, others: list[int], mtype: int, body: Any,
+                     members: Mapping[int, int]
+                     ) -> tuple[dict[int, Mapping[str, Any]], set[int]]:
+        """Send to every other target and collect their answers; (answers, missing)."""
         self._acks_key = (key, mtype)
         self._acks_incs = members
         self._acks = {}
         self._acks_changed = trio.Event()
         for n in others:
             await self._send(n, mtype, body)
-        failed: set[int] = set()
         with trio.move_on_after(max(self.timeout / 2, 2 * self.interval)):
-            while True:
-                failed = {n for n, ok in self._acks.items() if not ok}
-                if failed or all(n in self._acks for n in others):
-                    break
+            # wait for every answer, refusals included: what each target holds counts
+            while not all(n in self._acks for n in others):
                 await self._acks_changed.wait()
                 self._acks_changed = trio.Event()
         acks = self._acks
         self._acks = None
-        return failed, {n for n in others if n not in acks}
+        return acks, {n for n in others if n not in acks}
+
+    def _answer(self, key: Key, ok: bool, phase: int, why: str = "") -> dict[str, Any]:
+        """An answer to a proposal: yes/no, and what we hold, so the coordinator can
+        catch up on a view we installed, finish one we committed, or learn a Fenced."""
+        held = self._tentative
+        if held is not None and (int(held["gen"]) <= self.view.generation
+                                 or not self._follows(held)):
+            held = None      # installed, or overtaken by a view we installed since
+        return {"gen": key[0], "coord": key[1], "cinc": key[2], "ok": ok, "why": why,
+                "inc": self.incarnation, "max_gen": self._max_gen, "phase": phase,
+                "vkey": list(self._view_key), "view": self._view_body,
+                "held": None if held is None else dict(held, prior=None),
+                "fenced": self._fenced_here}
 
     @_guarded
     async def _on_propose(self, env: Envelope) -> None:
@@ -468,6 +628,13 @@ class MembershipService:
         members = {int(k): int(v) for k, v in b["members"].items()}
         ok = True
         why = ""
+        prior = b.get("prior")
+        if (prior is not None and self.state != EXPELLED
+                and int(prior["gen"]) > self.view.generation and self._can_install(prior)):
+            # the coordinator installed it, so it was decided; we missed its activation
+            log.info("node %d gen %d: catching up on view %d (the proposer's)", self.node_id,
+                     self.view.generation, int(prior["gen"]))
+            self._install(prior)
         if self.state == EXPELLED:
             ok, why = False, "expelled"
         elif members.get(self.node_id) != self.incarnation:
@@ -478,6 +645,9 @@ class MembershipService:
             ok, why = False, f"promised {self._promised}, at gen {self.view.generation}"
         elif self.state == MEMBER and self.view.quorate and coord not in self.view.members:
             ok, why = False, "coordinator outside my quorate view"
+        elif not self._follows(b):
+            ok = False
+            why = AHEAD if self.view.generation > int(b["bkey"][0]) else BEHIND
         if ok:
             self._promised = (gen, coord, cinc)
             self._promised_body = b
@@ -485,10 +655,7 @@ class MembershipService:
             log.info("node %d gen %d: refusing view %d from %d: %s", self.node_id,
                      self.view.generation, gen, coord, why)
         await self._send(coord, MsgType.VIEW_ACK,
-                         {"gen": gen, "coord": coord, "cinc": cinc, "ok": ok,
-                          "inc": self.incarnation,
-                          "max_gen": self._max_gen,
-                          "phase": int(MsgType.VIEW_PROPOSE)})
+                         self._answer((gen, coord, cinc), ok, int(MsgType.VIEW_PROPOSE), why))
 
     @_guarded
     async def _on_ack(self, env: Envelope) -> None:
@@ -499,37 +666,55 @@ class MembershipService:
             return
         if self._acks_incs.get(env.sender) != int(b["inc"]):
             return      # from an earlier life of that node
-        self._acks[env.sender] = bool(b["ok"])
+        self._acks[env.sender] = b
         self._acks_changed.set()
 
     @_guarded
     async def _on_commit(self, env: Envelope) -> None:
         b = env.body
         key = (int(b["gen"]), int(b["coord"]), int(b["cinc"]))
-        ok = (key == self._promised and self._promised_body is not None
-              and key[0] > self.view.generation and self.state != EXPELLED)
+        promised = self._promised_body
+        ok = (key == self._promised and promised is not None
+              and key[0] > self.view.generation and self.state != EXPELLED
+              and self._follows(promised))
         if ok:
-            self._tentative = self._promised_body
+            self._tentative = promised
+            self._committed_at = trio.current_time()
         else:
             log.info("node %d gen %d: refusing commit of view %d from %d (promised %s)",
                      self.node_id, self.view.generation, key[0], key[1], self._promised)
         await self._send(key[1], MsgType.VIEW_ACK,
-                         {"gen": key[0], "coord": key[1], "cinc": key[2], "ok": ok,
-                          "inc": self.incarnation,
-                          "max_gen": self._max_gen,
-                          "phase": int(MsgType.VIEW_COMMIT)})
+                         self._answer(key, ok, int(MsgType.VIEW_COMMIT)))
 
     @_guarded
     async def _on_activate(self, env: Envelope) -> None:
-        key = (int(env.body["gen"]), int(env.body["coord"]), int(env.body["cinc"]))
-        t = self._tentative
-        if (t is None or (int(t["gen"]), int(t["coord"]), int(t["cinc"])) != key
-                or key[0] <= self.view.generation or self.state == EXPELLED):
+        b = env.body
+        key = body_key(b)
+        if (self.state == EXPELLED or key[0] <= self.view.generation
+                or not self._can_install(b)):
             log.info("node %d gen %d: ignoring activation of view %d from %d", self.node_id,
-                     self.view.generation, key[0], key[1])
+                     self.view.generation, key[0], env.sender)
             return
-        self._install(t)
+        self._install(b)
+        # relay once: if the coordinator died while activating, any member that got
+        # the activation hands it on, so either no survivor installs it or all do
+        for n in b["members"]:
+            if int(n) not in (self.node_id, env.sender, key[1]):
+                await self._send(int(n), MsgType.VIEW_ACTIVATE, b)
         await self._send(key[1], MsgType.HEARTBEAT, self._heartbeat_body())  # confirms it
+
+    def _follows(self, b: Mapping[str, Any]) -> bool:
+        """True if our history leads into view b: we are not in its base (we join it),
+        or the view we hold is exactly its base."""
+        return (self.node_id not in {int(n) for n in b["base"]}
+                or self._view_key == body_key_of_base(b))
+
+    def _can_install(self, b: Mapping[str, Any]) -> bool:
+        """A decided view b may be installed here: it names this incarnation and our
+        history leads into it."""
+        inc = {int(k): int(v) for k, v in b["members"].items()}.get(self.node_id)
+        return (inc == self.incarnation and self.state != EXPELLED
+                and int(b["gen"]) > self.view.generation and self._follows(b))
 
     def _install(self, b: Mapping[str, Any]) -> None:
         gen = int(b["gen"])
@@ -537,13 +722,19 @@ class MembershipService:
             log.error("node %d gen %d: not installing older view %d", self.node_id,
                       self.view.generation, gen)
             return
+        self._deliver_base_fenced(b)
         members = {int(k): int(v) for k, v in b["members"].items()}
         base = frozenset(int(n) for n in b["base"])
         new = View(gen, frozenset(members), bool(b["quorate"]), self.cluster_size)
         change = ViewChange(new, new.members - base, base - new.members)
         self.view = new
-        self._tentative = None
+        self._view_key = body_key(b)
+        self._view_body = dict(b, prior=None)
+        self._fenced_here = None
+        if self._tentative is not None and int(self._tentative["gen"]) <= gen:
+            self._tentative = None
         self._incs = members
+        self.installed_incarnations[gen] = dict(members)
         self.state = MEMBER
         self._installed_at = trio.current_time()
         self._removed = {int(k): int(v) for k, v in b["removed"].items()}
@@ -555,6 +746,15 @@ class MembershipService:
                  sorted(change.left), new.quorate, new.coordinator)
         self._publish(change)
         self._maybe_fence()
+
+    def _deliver_base_fenced(self, b: Mapping[str, Any]) -> None:
+        """The view's coordinator had seen Fenced in the base view; a member of that
+        view that missed the FENCE_DONE delivers it now, before the new view, so every
+        member's events between the two views are the same."""
+        fenced = b.get("bfenced")
+        if (fenced is not None and self._fenced_here is None and self.state == MEMBER
+                and self._view_key == body_key_of_base(b)):
+            self._fence_done(self.view.generation, frozenset(int(n) for n in fenced))
 
     # -- fencing ---------------------------------------------------------------------
     def _maybe_fence(self) -> None:
@@ -608,15 +808,33 @@ class MembershipService:
             log.warning("node %d gen %d: FENCE_DONE from node %d, not my coordinator; ignored",
                         self.node_id, self.view.generation, env.sender)
             return
+        if self._committed_elsewhere(env.sender):
+            log.info("node %d gen %d: FENCE_DONE from node %d left to the next view (we "
+                     "committed one of another coordinator)", self.node_id,
+                     self.view.generation, env.sender)
+            return
         self._fence_done(int(env.body["gen"]), frozenset(int(n) for n in env.body["nodes"]))
 
+    def _committed_elsewhere(self, fencer: int) -> bool:
+        """We committed a view that follows ours, proposed by another node than the one
+        that fenced: its coordinator activates it with the Fenced it knows of (it learns
+        ours from our commit answer), so delivering this one now could make our events
+        differ from the other members'. Only for a failure timeout: a view that is not
+        activated by then is dead, and the Fenced must not be lost."""
+        t = self._tentative
+        return (t is not None and int(t["coord"]) != fencer
+                and body_key_of_base(t) == self._view_key
+                and trio.current_time() - self._committed_at < self.timeout)
+
     def _fence_done(self, gen: int, nodes: frozenset[int]) -> None:
-        if self.state != MEMBER or gen != self.view.generation:
+        # one Fenced per view: a late FENCE_DONE after a catch-up is not delivered twice
+        if self.state != MEMBER or gen != self.view.generation or self._fenced_here is not None:
             log.info("node %d gen %d: ignoring FENCE_DONE of view %d", self.node_id,
                      self.view.generation, gen)
             return
         for n in nodes:
             self._pending_fence.pop(n, None)
+        self._fenced_here = sorted(nodes)
         log.info("node %d gen %d: fenced %s", self.node_id, gen, sorted(nodes))
         self._publish(Fenced(gen, nodes))
 
