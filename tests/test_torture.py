@@ -44,7 +44,7 @@ def test_memory_torture_with_idle_resources_removed(monkeypatch) -> None:
 
     monkeypatch.setattr(lockspace, "TOSS_SECONDS", 0.1)
     res = trio.run(lambda: memory_torture([1, 2, 3], seconds=6, kill_rounds=1, seed=23,
-                                          resources=20))
+                                          resources=20, await_removal=True))
     assert res.checker.violations == [] and res.lost_locks == [] and res.errors == []
     assert res.ops > 200 and res.removed > 0, res
 

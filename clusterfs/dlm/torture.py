@@ -117,9 +117,13 @@ class TortureResult:
 
 async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_node: int = 3,
                          resources: int = 3, kill_rounds: int = 1, seed: int = 1,
-                         double_kills: bool = True) -> TortureResult:
+                         double_kills: bool = True, await_removal: bool = False) -> TortureResult:
     """Random locking on MemCluster nodes; every seconds/(kill_rounds+1) a node
-    is crashed (then restarted and rejoined). Returns what the checker saw."""
+    is crashed (then restarted and rejoined). Returns what the checker saw.
+
+    At the end the workers finish their current lock and stop; with await_removal the
+    run then waits (at most 30 s) until the masters have freed some idle resource,
+    so a busy run that never left one idle for a whole toss period still shows it."""
     from clusterfs.dlm.testing import memory_cluster
 
     rng = random.Random(seed)
@@ -129,9 +133,11 @@ async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_nod
 
     async with memory_cluster(node_ids) as mc:
 
+        stop = trio.Event()
+
         async def worker(node: int, w: int, wrng: random.Random) -> None:
             ls = mc.ls(node)
-            while True:
+            while not stop.is_set():
                 res, mode, rg = random_request(wrng, names)
                 try:
                     lk = await ls.lock(res, mode, range=rg, try_=wrng.random() < 0.1)
@@ -199,10 +205,19 @@ async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_nod
                     await mc.wait_running(30)
                     await nursery.start(node_workers, victim)
             await trio.sleep(period)
-            result.removed = sum(mc.ls(nid).stats["removed"] for nid in mc.nodes)
+            stop.set()
+            if await_removal:
+                with trio.move_on_after(30):
+                    while _removed(mc) == 0:
+                        await trio.sleep(0.05)
+            result.removed = _removed(mc)
             _check_one_master_each(mc, result)
             nursery.cancel_scope.cancel()
     return result
+
+
+def _removed(mc: Any) -> int:
+    return sum(mc.ls(nid).stats["removed"] for nid in mc.nodes)
 
 
 def _check_one_master_each(mc: Any, result: TortureResult) -> None:
