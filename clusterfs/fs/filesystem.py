@@ -241,7 +241,7 @@ class FileSystem:
             return None
         async with self._hold(pr=[ino], write=False):
             node = self._inode(ino)
-            self.nlookup[ino] = self.nlookup.get(ino, 0) + 1
+            self.count_lookup(ino)
             return node
 
     async def prefetch(self, inos: list[int]) -> None:
@@ -275,8 +275,13 @@ class FileSystem:
             except FormatError:
                 continue                 # left for _inode(), which withdraws
 
+    def count_lookup(self, ino: int) -> None:
+        """The kernel now holds one more reference to `ino` (undone by forget)."""
+        self.nlookup[ino] = self.nlookup.get(ino, 0) + 1
+
     async def lookup_for_readdir(self, ino: int) -> CachedInode:
-        """Attributes of a directory entry (the caller counts the kernel reference)."""
+        """Attributes of a directory entry (the caller counts the kernel reference with
+        count_lookup once the entry is really in the reply)."""
         async with self._hold(pr=[ino], write=False):
             node = self._inode(ino)
             if node.freed:
@@ -339,7 +344,7 @@ class FileSystem:
                 return self._create(parent, name, mode, rdev, uid, gid, target)
 
         node = await self._retrying(run, parent, 8)
-        self.nlookup[node.ino] = self.nlookup.get(node.ino, 0) + 1
+        self.count_lookup(node.ino)
         if open_it:
             self.opens[node.ino] = self.opens.get(node.ino, 0) + 1
         return node
@@ -421,7 +426,7 @@ class FileSystem:
                 return node
 
         node = await self._retrying(run, parent, 4)
-        self.nlookup[ino] = self.nlookup.get(ino, 0) + 1
+        self.count_lookup(ino)
         return node
 
     # ================================================================ removing

@@ -13,8 +13,24 @@ import itertools
 import logging
 import os
 import stat
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import pyfuse3
+from pyfuse3 import (
+    EntryAttributes,
+    FileHandleT,
+    FileInfo,
+    FileNameT,
+    FlagT,
+    InodeT,
+    ModeT,
+    ReaddirToken,
+    RequestContext,
+    SetattrFields,
+    StatvfsData,
+    XAttrNameT,
+)
 
 from clusterfs.errors import ClusterFSError
 from clusterfs.format.block import BLOCK_SIZE
@@ -31,10 +47,10 @@ ATTR_TIMEOUT = 1.0
 NEGATIVE_TIMEOUT = 1.0
 
 
-def _edge(fn):
+def _edge(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Turn our exceptions into FUSEError; anything unexpected is logged and is EIO."""
     @functools.wraps(fn)
-    async def wrapper(self, *args, **kwargs):
+    async def wrapper(self: Operations, *args: Any, **kwargs: Any) -> Any:
         try:
             return await fn(self, *args, **kwargs)
         except pyfuse3.FUSEError:
@@ -97,7 +113,8 @@ class Operations(pyfuse3.Operations):
 
     # -- names -------------------------------------------------------------------
     @_edge
-    async def lookup(self, parent_inode, name, ctx=None):
+    async def lookup(self, parent_inode: InodeT, name: FileNameT,
+                     ctx: RequestContext | None = None) -> EntryAttributes:
         if len(name) > NAME_MAX:
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         node = await self.fs.lookup(self._ino(parent_inode), name)
@@ -112,16 +129,18 @@ class Operations(pyfuse3.Operations):
         return a
 
     @_edge
-    async def forget(self, inode_list):
+    async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
         for fuse_ino, count in inode_list:
             await self.fs.forget(self._ino(fuse_ino), count)
 
     @_edge
-    async def getattr(self, inode, ctx=None):
+    async def getattr(self, inode: InodeT, ctx: RequestContext | None = None
+                      ) -> EntryAttributes:
         return self._attr(await self.fs.getattr(self._ino(inode)))
 
     @_edge
-    async def setattr(self, inode, attr, fields, fh, ctx):
+    async def setattr(self, inode: InodeT, attr: EntryAttributes, fields: SetattrFields,
+                      fh: FileHandleT | None, ctx: RequestContext) -> EntryAttributes:
         kw = {}
         if fields.update_mode:
             kw["mode"] = attr.st_mode
@@ -140,65 +159,72 @@ class Operations(pyfuse3.Operations):
         return self._attr(await self.fs.setattr(self._ino(inode), **kw))
 
     @_edge
-    async def readlink(self, inode, ctx):
+    async def readlink(self, inode: InodeT, ctx: RequestContext) -> bytes:
         return await self.fs.readlink(self._ino(inode))
 
     @_edge
-    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+    async def mknod(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int,
+                    ctx: RequestContext) -> EntryAttributes:
         node = await self.fs.mknod(self._ino(parent_inode), name, mode, rdev, ctx.uid, ctx.gid)
         return self._attr(node)
 
     @_edge
-    async def mkdir(self, parent_inode, name, mode, ctx):
+    async def mkdir(self, parent_inode: InodeT, name: FileNameT, mode: ModeT,
+                    ctx: RequestContext) -> EntryAttributes:
         node = await self.fs.mknod(self._ino(parent_inode), name,
                                    stat.S_IFDIR | stat.S_IMODE(mode), 0, ctx.uid, ctx.gid)
         return self._attr(node)
 
     @_edge
-    async def symlink(self, parent_inode, name, target, ctx):
+    async def symlink(self, parent_inode: InodeT, name: FileNameT, target: FileNameT,
+                      ctx: RequestContext) -> EntryAttributes:
         node = await self.fs.mknod(self._ino(parent_inode), name, stat.S_IFLNK | 0o777, 0,
                                    ctx.uid, ctx.gid, target=target)
         return self._attr(node)
 
     @_edge
-    async def create(self, parent_inode, name, mode, flags, ctx):
+    async def create(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
+                     ctx: RequestContext) -> tuple[FileInfo, EntryAttributes]:
         node = await self.fs.mknod(self._ino(parent_inode), name,
                                    stat.S_IFREG | stat.S_IMODE(mode), 0, ctx.uid, ctx.gid,
                                    open_it=True)
         return pyfuse3.FileInfo(fh=node.ino), self._attr(node)
 
     @_edge
-    async def link(self, inode, new_parent_inode, new_name, ctx):
+    async def link(self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT,
+                   ctx: RequestContext) -> EntryAttributes:
         node = await self.fs.link(self._ino(inode), self._ino(new_parent_inode), new_name)
         return self._attr(node)
 
     @_edge
-    async def unlink(self, parent_inode, name, ctx):
+    async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         await self.fs.unlink(self._ino(parent_inode), name)
 
     @_edge
-    async def rmdir(self, parent_inode, name, ctx):
+    async def rmdir(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
         await self.fs.unlink(self._ino(parent_inode), name, want_dir=True)
 
     @_edge
-    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+    async def rename(self, parent_inode_old: InodeT, name_old: FileNameT,
+                     parent_inode_new: InodeT, name_new: FileNameT, flags: FlagT,
+                     ctx: RequestContext) -> None:
         await self.fs.rename(self._ino(parent_inode_old), name_old,
                              self._ino(parent_inode_new), name_new, flags)
 
     # -- files ---------------------------------------------------------------------
     @_edge
-    async def open(self, inode, flags, ctx):
+    async def open(self, inode: InodeT, flags: FlagT, ctx: RequestContext) -> FileInfo:
         node = await self.fs.open(self._ino(inode))
         if flags & os.O_TRUNC and node.d.size:
             await self.fs.truncate(node.ino, 0)
         return pyfuse3.FileInfo(fh=node.ino, keep_cache=True)
 
     @_edge
-    async def read(self, fh, off, size):
+    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes | memoryview:
         return await self.fs.read(fh, off, size)
 
     @_edge
-    async def write(self, fh, off, buf):
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         return await self.fs.write(fh, off, buf)
 
     # No flush(): the base class answers ENOSYS, after which the kernel stops sending
@@ -206,16 +232,16 @@ class Operations(pyfuse3.Operations):
     # without a writeback cache). nullfs does the same.
 
     @_edge
-    async def release(self, fh):
+    async def release(self, fh: FileHandleT) -> None:
         await self.fs.release(fh)
 
     @_edge
-    async def fsync(self, fh, datasync):
+    async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         await self.fs.fsync(fh)
 
     # -- directories -----------------------------------------------------------------
     @_edge
-    async def opendir(self, inode, ctx):
+    async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
         ino = self._ino(inode)
         entries = await self.fs.readdir(ino)
         fh = next(self._next_fh)
@@ -223,7 +249,7 @@ class Operations(pyfuse3.Operations):
         return fh
 
     @_edge
-    async def readdir(self, fh, start_id, token):
+    async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
         entries = self._dir_handles.get(fh, [])
         await self.fs.prefetch([ino for _n, ino in entries[start_id : start_id + 256]])
         for index in range(start_id, len(entries)):
@@ -234,45 +260,46 @@ class Operations(pyfuse3.Operations):
                 continue   # removed since opendir
             if not pyfuse3.readdir_reply(token, name, self._attr(node), index + 1):
                 return
-            self.fs.nlookup[child] = self.fs.nlookup.get(child, 0) + 1
+            self.fs.count_lookup(child)
 
     @_edge
-    async def releasedir(self, fh):
+    async def releasedir(self, fh: FileHandleT) -> None:
         self._dir_handles.pop(fh, None)
 
     @_edge
-    async def fsyncdir(self, fh, datasync):
+    async def fsyncdir(self, fh: FileHandleT, datasync: bool) -> None:
         await self.fs.fsync(self.root)     # one journal: a commit covers every directory
 
     # -- xattrs ------------------------------------------------------------------------
     # trusted.* needs CAP_SYS_ADMIN; FUSE passes only the uid, so root stands for it.
     @staticmethod
-    def _check_trusted(name: bytes, ctx, err: int) -> None:
+    def _check_trusted(name: bytes, ctx: RequestContext | None, err: int) -> None:
         if name.startswith(b"trusted.") and ctx is not None and ctx.uid != 0:
             raise pyfuse3.FUSEError(err)
 
     @_edge
-    async def setxattr(self, inode, name, value, ctx):
+    async def setxattr(self, inode: InodeT, name: XAttrNameT, value: bytes,
+                       ctx: RequestContext) -> None:
         self._check_trusted(name, ctx, errno.EPERM)
         await self.fs.setxattr(self._ino(inode), name, value)
 
     @_edge
-    async def getxattr(self, inode, name, ctx):
+    async def getxattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> bytes:
         self._check_trusted(name, ctx, errno.ENODATA)
         return await self.fs.getxattr(self._ino(inode), name)
 
     @_edge
-    async def listxattr(self, inode, ctx):
+    async def listxattr(self, inode: InodeT, ctx: RequestContext) -> Sequence[XAttrNameT]:
         return await self.fs.listxattr(self._ino(inode), ctx is None or ctx.uid == 0)
 
     @_edge
-    async def removexattr(self, inode, name, ctx):
+    async def removexattr(self, inode: InodeT, name: XAttrNameT, ctx: RequestContext) -> None:
         self._check_trusted(name, ctx, errno.EPERM)
         await self.fs.removexattr(self._ino(inode), name)
 
     # -- whole fs ---------------------------------------------------------------------
     @_edge
-    async def statfs(self, ctx):
+    async def statfs(self, ctx: RequestContext) -> StatvfsData:
         usage = self.fs.usage()
         s = pyfuse3.StatvfsData()
         s.f_bsize = BLOCK_SIZE
