@@ -80,14 +80,10 @@ def pytest_sessionfinish(session, exitstatus):
             tr.write_line(f"mountutil: cleaned up leftovers: {', '.join(leaked)}", red=True)
 
 
-def require(fs: str) -> None:
-    mountutil.require_mounts(fs)
-
-
 @pytest.fixture
 def loop(tmp_path):
     """Factory: ``loop(size_bytes, name="disk.img") -> device path``."""
-    require("ext4")
+    mountutil.require_mounts("ext4")
     count = 0
     with contextlib.ExitStack() as stack:
         def make(size_bytes: int, name: str | None = None) -> str:
@@ -145,7 +141,7 @@ class FsUnderTest:
 
 
 def _make_fsys(fs, request, tmp_path):
-    require(fs)
+    mountutil.require_mounts(fs)
     size = DEFAULT_DEVICE_SIZE
     if (mk := request.node.get_closest_marker("device_size")) is not None:
         size = int(mk.args[0])
@@ -177,3 +173,14 @@ def fsys(fs_kind, request, tmp_path):
 @pytest.fixture
 def cfs(request, tmp_path):
     yield from _make_fsys("clusterfs", request, tmp_path)
+
+
+@pytest.fixture
+def cluster3(tmp_path):
+    """Three `clusterfs lockd` processes on 127.0.0.1 (LocalLockCluster), all running."""
+    from clusterfs.node.lockbench_cmd import LocalLockCluster
+
+    with LocalLockCluster([1, 2, 3], workdir=str(tmp_path), verbose=True) as cl:
+        cl.start_all()
+        yield cl
+

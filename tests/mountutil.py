@@ -138,21 +138,24 @@ atexit.register(cleanup_all)
 
 
 def require_mounts(fs: str = "clusterfs") -> None:
-    """Fail the calling test when real mounts of `fs` cannot run here.
+    """Fail the calling test when real mounts of `fs` cannot run here (see require)."""
+    require(missing_prerequisites(fs))
 
-    A failure, not a skip: a CI machine without root, loop devices or FUSE would otherwise
-    pass with every mount test skipped. CLUSTERFS_ALLOW_SKIP=1 turns it into a skip, for
-    developing the pure-logic parts on a machine that cannot mount.
+
+def require(why: str | None) -> None:
+    """Fail the calling test when `why` says a real part it needs is missing here.
+
+    A failure, not a skip: a CI machine without root, loop devices, FUSE or network
+    namespaces would otherwise pass with every such test skipped. CLUSTERFS_ALLOW_SKIP=1
+    turns it into a skip, for developing the pure-logic parts on a machine without them.
     """
     import pytest
 
-    why = missing_prerequisites(fs)
     if why is None:
         return
     if os.environ.get("CLUSTERFS_ALLOW_SKIP") == "1":
         pytest.skip(why)
-    pytest.fail(f"{why} (CLUSTERFS_ALLOW_SKIP=1 skips the real-mount tests instead)",
-                pytrace=False)
+    pytest.fail(f"{why} (CLUSTERFS_ALLOW_SKIP=1 skips these tests instead)", pytrace=False)
 
 
 def missing_prerequisites(fs: str = "clusterfs") -> str | None:

@@ -13,16 +13,6 @@ from clusterfs.node.lockbench_cmd import LocalLockCluster
 from clusterfs.node.lockd_cmd import ControlClient
 
 
-@pytest.fixture
-def cluster3(tmp_path):
-    cl = LocalLockCluster([1, 2, 3], workdir=str(tmp_path), verbose=True)
-    try:
-        cl.start_all()
-        yield cl
-    finally:
-        cl.close()
-
-
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "clusterfs.cli", *args], capture_output=True,
                           text=True, timeout=60)

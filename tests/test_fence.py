@@ -164,16 +164,6 @@ def status(cluster: LocalLockCluster, node_id: int) -> dict:
         return c.call("status")
 
 
-@pytest.fixture
-def cluster3(tmp_path: Path) -> Iterator[LocalLockCluster]:
-    cl = LocalLockCluster([1, 2, 3], workdir=str(tmp_path), verbose=True)
-    try:
-        cl.start_all()
-        yield cl
-    finally:
-        cl.close()
-
-
 def test_lockd_records_itself_and_crash_is_fenced_by_process_agent(cluster3) -> None:
     for nid in (1, 2, 3):
         assert read_pid_file(cluster3.fence_dir, nid) == identity_of(cluster3.procs[nid].pid)

@@ -25,6 +25,7 @@ import time
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+import mountutil  # noqa: E402
 import netns  # noqa: E402
 
 from clusterfs.node.lockd_cmd import ControlClient  # noqa: E402
@@ -36,9 +37,7 @@ TIMEOUT = 1.5
 
 @pytest.fixture
 def lab():
-    why = netns.missing()
-    if why:
-        pytest.fail(why)
+    mountutil.require(netns.missing())
     with netns.NetLab(3) as lab:
         yield lab
 
