@@ -108,9 +108,7 @@ def test_missing_device_is_an_operational_error(tmp_path):
 
 def test_flipped_superblock_magic_is_not_clusterfs(image):
     img, _ = image
-    buf = bytearray(img.read(SUPERBLOCK_BLKNO))
-    buf[0] ^= 0x01
-    img.put_block(SUPERBLOCK_BLKNO, buf)
+    img.flip_bits(SUPERBLOCK_BLKNO, 0, 0x01)
     r = fsck(img.path)
     assert r.returncode == 8 and "not a clusterfs" in r.stderr
 
@@ -130,9 +128,8 @@ def test_check_without_repair_never_writes(image):
 
 def test_superblock_bit_flip(image):
     img, _ = image
-    buf = bytearray(img.read(SUPERBLOCK_BLKNO))
-    buf[130] ^= 0x04            # inside the label: fields stay sane, the checksum does not
-    img.put_block(SUPERBLOCK_BLKNO, buf)
+    # inside the label: the fields stay sane, the checksum does not
+    img.flip_bits(SUPERBLOCK_BLKNO, 130, 0x04)
     out = check(img, want=4)
     assert f"superblock: block {SUPERBLOCK_BLKNO}: bad checksum" in out
     out = check(img, "--repair", want=4)     # never repaired against a doubtful superblock
@@ -142,9 +139,7 @@ def test_superblock_bit_flip(image):
 def test_rgrp_header_checksum(image):
     img, _ = image
     first, _ = img.sb.rgrp_location(1)
-    buf = bytearray(img.read(first))
-    buf[40] ^= 0x10
-    img.put_block(first, buf)
+    img.flip_bits(first, 40, 0x10)
     out = check(img, want=4)
     assert f"rgrp 1: header block {first}: bad checksum in rgrp block {first}" in out
 
@@ -152,9 +147,7 @@ def test_rgrp_header_checksum(image):
 def test_bitmap_checksum(image):
     img, _ = image
     first, _ = img.sb.rgrp_location(2)
-    buf = bytearray(img.read(first + 1))
-    buf[1000] ^= 0x01
-    img.put_block(first + 1, buf)
+    img.flip_bits(first + 1, 1000, 0x01)
     out = check(img, want=4)
     assert f"rgrp 2: bitmap block {first + 1}: bad checksum" in out
 
@@ -268,9 +261,7 @@ def test_bad_mode(image):
 
 def test_inode_checksum(image):
     img, ino = image
-    buf = bytearray(img.read(ino["other"]))
-    buf[100] ^= 0x01
-    img.put_block(ino["other"], buf)
+    img.flip_bits(ino["other"], 100, 0x01)
     out = check(img, want=4)
     assert f"entry b'other.bin' -> {ino['other']}: not a valid inode (bad checksum" in out
     # its data blocks can no longer be accounted for: reported, not freed
@@ -375,9 +366,7 @@ def test_hashed_leaf_depth_inconsistent_with_table(image):
 def test_hashed_leaf_bad_checksum(image):
     img, ino = image
     _, table = _hashed_table(img, ino["hashed"])
-    buf = bytearray(img.read(table[2]))
-    buf[60] ^= 0x01
-    img.put_block(table[2], buf)
+    img.flip_bits(table[2], 60, 0x01)
     out = check(img, want=4)
     assert f"directory {ino['hashed']}: leaf for slots 2..2: bad checksum" in out
 
@@ -426,9 +415,7 @@ def test_overlapping_extents_within_a_file(image):
 def test_extent_block_checksum(image):
     img, ino = image
     (blk,) = struct.unpack_from("<Q", decode_inode(img.read(ino["ext"]), ino["ext"]).payload)
-    buf = bytearray(img.read(blk))
-    buf[50] ^= 0x01
-    img.put_block(blk, buf)
+    img.flip_bits(blk, 50, 0x01)
     out = check(img, want=4)
     assert f"inode {ino['ext']}: extent block {blk}: bad checksum" in out
 
@@ -439,9 +426,7 @@ def test_extent_block_checksum(image):
 def test_corrupt_journal_header(image):
     img, _ = image
     jblk = img.sb.journal_location(0)
-    buf = bytearray(img.read(jblk))
-    buf[36] ^= 0x02
-    img.put_block(jblk, buf)
+    img.flip_bits(jblk, 36, 0x02)
     out = check(img, want=4)
     assert f"journal 0: header block {jblk}: bad checksum" in out
 
@@ -620,9 +605,7 @@ def test_orphan_inode_is_named_and_reclaimed(tmp_path):
 def test_repair_without_a_usable_journal_writes_in_place(image):
     img, ino = image
     jblk = img.sb.journal_location(0)
-    buf = bytearray(img.read(jblk))
-    buf[40] ^= 0x01
-    img.put_block(jblk, buf)
+    img.flip_bits(jblk, 40, 0x01)
     img.poke_inode(ino["small"], nlink=8)
     out = check(img, "--repair", want=4)                 # the journal header stays bad
     assert "written in place" in out

@@ -99,6 +99,12 @@ class FsImage:
     def put_block(self, blkno: int, data: bytes | bytearray) -> None:
         self.pwrite(blkno * BLOCK_SIZE, bytes(data))
 
+    def flip_bits(self, blkno: int, offset: int, mask: int) -> None:
+        """XOR one byte of a block in place (no reseal: its checksum goes bad)."""
+        buf = bytearray(self.read(blkno))
+        buf[offset] ^= mask
+        self.put_block(blkno, buf)
+
     def pwrite(self, offset: int, data: bytes) -> None:
         with open(self.path, "r+b") as f:
             os.pwrite(f.fileno(), data, offset)
