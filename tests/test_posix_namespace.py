@@ -297,14 +297,18 @@ def test_directory_with_100000_entries(fsys):
             pass
 
 
+def _directory_of_empty_files(d: str, names: set[str]) -> None:
+    os.mkdir(d)
+    for n in names:
+        os.mknod(os.path.join(d, n), stat.S_IFREG | 0o644)
+
+
 def test_readdir_while_unlinking(fsys):
     """rm -rf's pattern: read the directory in batches while deleting what was
     read. Every entry must come back exactly once; none is skipped."""
     d = fsys.path("d")
-    os.mkdir(d)
     names = {f"n{i:05d}-{'x' * (i % 40)}" for i in range(3000)}
-    for n in names:
-        os.mknod(os.path.join(d, n), stat.S_IFREG | 0o644)
+    _directory_of_empty_files(d, names)
     seen = []
     while True:
         batch = []
@@ -327,10 +331,8 @@ def test_readdir_offsets_are_stable(fsys):
     """Entries not touched during a listing are returned exactly once even while
     others are created and removed (seekdir/telldir contract of readdir)."""
     d = fsys.path("d")
-    os.mkdir(d)
     stable = {f"s{i:04d}" for i in range(1500)}
-    for n in stable:
-        os.mknod(os.path.join(d, n), stat.S_IFREG | 0o644)
+    _directory_of_empty_files(d, stable)
     seen = []
     k = 0
     with os.scandir(d) as it:
