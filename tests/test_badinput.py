@@ -159,15 +159,24 @@ def test_mkfs_refuses_clusterfs_without_force(tmp_path):
     with loop_device(SIZE, tmp_path) as dev:
         mkfs(dev)
         with mountutil.mounted(dev, str(tmp_path / "mnt")) as m:
-            with open(m.path("keep"), "wb") as f:
-                f.write(b"keep me")
+            _write_keep(m)
         before = device_hash(dev)
         r = mkfs(dev, check=False)
         assert r.returncode != 0
         assert device_hash(dev) == before
         with mountutil.mounted(dev, str(tmp_path / "mnt")) as m:
-            with open(m.path("keep"), "rb") as f:
-                assert f.read() == b"keep me"
+            _assert_kept(m)
+
+
+def _write_keep(m: mountutil.Mount) -> None:
+    with open(m.path("keep"), "wb") as f:
+        f.write(b"keep me")
+        os.fsync(f.fileno())
+
+
+def _assert_kept(m: mountutil.Mount) -> None:
+    with open(m.path("keep"), "rb") as f:
+        assert f.read() == b"keep me"
 
 
 @pytest.mark.parametrize("args", [["-J", "0"], ["-J", "-1"], ["-J", "2000"], ["-j", "0"],
@@ -190,15 +199,12 @@ def test_mkfs_refuses_a_mounted_device_even_with_force(tmp_path):
     with loop_device(SIZE, tmp_path) as dev:
         mkfs(dev)
         with mountutil.mounted(dev, str(tmp_path / "mnt")) as m:
-            with open(m.path("keep"), "wb") as f:
-                f.write(b"keep me")
-                os.fsync(f.fileno())
+            _write_keep(m)
             before = device_hash(dev)
             r = mkfs(dev, force=True, check=False)
             assert r.returncode != 0 and "in use" in r.stderr, r.stderr
             assert device_hash(dev) == before
-            with open(m.path("keep"), "rb") as f:
-                assert f.read() == b"keep me"
+            _assert_kept(m)
 
 
 def _corrupt_block(device: str, blkno: int) -> bytes:
