@@ -199,6 +199,23 @@ def test_umount_returns_after_the_daemon_is_done(tmp_path):
         assert len(os.listdir(mnt)) == 301
 
 
+def test_umount_finds_a_mountpoint_with_space_and_utf8_in_its_name(tmp_path):
+    """/proc/self/mountinfo escapes a space as \\040 but writes UTF-8 as it is."""
+    dev = _image(tmp_path)
+    _mkfs(dev)
+    mnt = str(tmp_path / "my mnt café")
+    os.makedirs(mnt)
+    r = subprocess.run([*CLUSTERFS, "mount", "--log", str(tmp_path / "log"), dev, mnt],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    u = subprocess.run([*CLUSTERFS, "umount", mnt], capture_output=True, text=True,
+                       timeout=180)
+    if mountutil._is_mounted(mnt):
+        subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
+    assert u.returncode == 0, u.stderr
+    assert holders.users(dev) == []
+
+
 def test_umount_of_something_else_is_refused(tmp_path):
     r = subprocess.run([*CLUSTERFS, "umount", str(tmp_path)], capture_output=True, text=True,
                        timeout=60)

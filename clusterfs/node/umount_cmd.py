@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import time
@@ -56,9 +57,13 @@ def mounted_device(mountpoint: str) -> str:
     raise UmountError(f"{mountpoint}: not a clusterfs mount")
 
 
+_OCTAL_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
 def _unescape(field: str) -> str:
-    # mountinfo writes space, tab, newline and backslash as \\ooo octal escapes
-    return field.encode().decode("unicode_escape")
+    # mountinfo writes space, tab, newline and backslash as \\ooo octal escapes and
+    # everything else (UTF-8 names too) as it is
+    return _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), field)
 
 
 def _fusermount(mountpoint: str) -> None:
