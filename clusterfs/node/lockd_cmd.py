@@ -55,7 +55,6 @@ if TYPE_CHECKING:
     # serves, so `clusterfs status`/`locks`, which use ControlClient from here,
     # work even where the native module is broken.
     from clusterfs.dlm.lockspace import Lockspace
-    from clusterfs.fence.pidfile import ProcessIdentity
 
 log = logging.getLogger("clusterfs.lockd")
 
@@ -106,12 +105,12 @@ def run(args: argparse.Namespace) -> int:
     return _run_service(args, control)
 
 
-def _claim_pid_file(pid_dir: str | None, node_id: int) -> ProcessIdentity | None:
+def _claim_pid_file(pid_dir: str | None, node_id: int) -> None:
     if not pid_dir:
-        return None
+        return
     from clusterfs.fence.pidfile import write_pid_file
 
-    return write_pid_file(pid_dir, node_id)
+    write_pid_file(pid_dir, node_id)
 
 
 def _run_service(args: argparse.Namespace, control: str) -> int:

@@ -74,6 +74,15 @@ class _Advisor:
         self.thread.join()
 
 
+def _open_direct(path: str, access: int) -> int | None:
+    """An O_DIRECT descriptor on `path`, or None where the file or platform refuses it
+    (os.O_DIRECT is missing off Linux, a tmpfs file refuses it with EINVAL)."""
+    try:
+        return os.open(path, access | os.O_DIRECT | os.O_CLOEXEC)
+    except (OSError, AttributeError):
+        return None
+
+
 class _DirectWriter:
     """Whole-block writes through an O_DIRECT descriptor, staged in an aligned buffer.
 
@@ -93,11 +102,8 @@ class _DirectWriter:
     @classmethod
     def open(cls, path: str) -> _DirectWriter | None:
         """None where the device or file refuses O_DIRECT (then writes stay buffered)."""
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-        except (OSError, AttributeError):
-            return None
-        return cls(fd)
+        fd = _open_direct(path, os.O_WRONLY)
+        return None if fd is None else cls(fd)
 
     def write(self, offset: int, data: memoryview) -> None:
         done = 0
@@ -164,11 +170,9 @@ class _DirectReadAhead:
 
     @classmethod
     def open(cls, path: str) -> _DirectReadAhead | None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC)
-        except (OSError, AttributeError):
-            return None
-        return cls(fd)
+        """None where the device or file refuses O_DIRECT (then reads stay buffered)."""
+        fd = _open_direct(path, os.O_RDONLY)
+        return None if fd is None else cls(fd)
 
     # -- event-loop side ----------------------------------------------------------------
     def submit(self, offset: int, length: int) -> None:
