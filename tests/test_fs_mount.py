@@ -142,6 +142,17 @@ def test_bad_metadata_checksum_withdraws(tmp_path):
         m.unmount()
 
 
+def _daemon_mount(dev: str, mnt: str, tmp_path) -> subprocess.CompletedProcess[str]:
+    """`clusterfs mount` without -f: returns once the daemon's mount is live."""
+    return subprocess.run([*CLUSTERFS, "mount", "--log", str(tmp_path / "log"), dev, mnt],
+                          capture_output=True, text=True, timeout=60)
+
+
+def _umount(mnt: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLUSTERFS, "umount", mnt], capture_output=True, text=True,
+                          timeout=180)
+
+
 # ------------------------------------------------------------------ daemon mode, signals
 
 
@@ -150,16 +161,14 @@ def test_daemon_mode_and_sigterm(tmp_path):
     _mkfs(dev)
     mnt = str(tmp_path / "mnt")
     os.makedirs(mnt)
-    r = subprocess.run([*CLUSTERFS, "mount", "--log", str(tmp_path / "log"), dev, mnt],
-                       capture_output=True, text=True, timeout=60)
+    r = _daemon_mount(dev, mnt, tmp_path)
     try:
         assert r.returncode == 0, r.stderr
         assert mountutil._is_mounted(mnt)     # live as soon as the parent returned
         with open(os.path.join(mnt, "f"), "wb") as f:
             f.write(b"daemon")
     finally:
-        u = subprocess.run([*CLUSTERFS, "umount", mnt], capture_output=True, text=True,
-                           timeout=180)
+        u = _umount(mnt)
     assert u.returncode == 0, u.stderr
     assert not mountutil._is_mounted(mnt)
     # remount in the foreground and stop it with SIGTERM
@@ -179,8 +188,7 @@ def test_umount_returns_after_the_daemon_is_done(tmp_path):
     _mkfs(dev)
     mnt = str(tmp_path / "mnt")
     os.makedirs(mnt)
-    r = subprocess.run([*CLUSTERFS, "mount", "--log", str(tmp_path / "log"), dev, mnt],
-                       capture_output=True, text=True, timeout=60)
+    r = _daemon_mount(dev, mnt, tmp_path)
     assert r.returncode == 0, r.stderr
     try:
         for i in range(300):                   # dirty metadata for the daemon to write back
@@ -189,8 +197,7 @@ def test_umount_returns_after_the_daemon_is_done(tmp_path):
         with open(os.path.join(mnt, "big"), "wb") as f:
             f.write(os.urandom(32 << 20))
     finally:
-        u = subprocess.run([*CLUSTERFS, "umount", mnt], capture_output=True, text=True,
-                           timeout=180)
+        u = _umount(mnt)
     assert u.returncode == 0, u.stderr
     assert not mountutil._is_mounted(mnt)
     assert holders.users(dev) == []
@@ -205,11 +212,9 @@ def test_umount_finds_a_mountpoint_with_space_and_utf8_in_its_name(tmp_path):
     _mkfs(dev)
     mnt = str(tmp_path / "my mnt café")
     os.makedirs(mnt)
-    r = subprocess.run([*CLUSTERFS, "mount", "--log", str(tmp_path / "log"), dev, mnt],
-                       capture_output=True, text=True, timeout=60)
+    r = _daemon_mount(dev, mnt, tmp_path)
     assert r.returncode == 0, r.stderr
-    u = subprocess.run([*CLUSTERFS, "umount", mnt], capture_output=True, text=True,
-                       timeout=180)
+    u = _umount(mnt)
     if mountutil._is_mounted(mnt):
         subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
     assert u.returncode == 0, u.stderr
