@@ -20,6 +20,7 @@ import atexit
 import contextlib
 import hashlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -281,6 +282,11 @@ def device_hash(device: str) -> str:
 # mounts
 
 
+# mountinfo writes space, tab, newline and backslash as \\ooo, UTF-8 as it is (the same
+# decoding as clusterfs.node.umount_cmd; this module never imports clusterfs)
+_MOUNTINFO_ESCAPE = re.compile(r"\\([0-7]{3})")
+
+
 def _is_mounted(path: str) -> bool:
     """True if ``path`` is a mountpoint, judged from /proc/self/mountinfo.
 
@@ -290,7 +296,7 @@ def _is_mounted(path: str) -> bool:
     real = os.path.abspath(path)   # not realpath: it would stat a hung mount
     with open("/proc/self/mountinfo") as f:
         for line in f:
-            mp = line.split()[4].encode().decode("unicode_escape")
+            mp = _MOUNTINFO_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), line.split()[4])
             if mp == real:
                 return True
     return False

@@ -214,9 +214,11 @@ def test_umount_finds_a_mountpoint_with_space_and_utf8_in_its_name(tmp_path):
     os.makedirs(mnt)
     r = _daemon_mount(dev, mnt, tmp_path)
     assert r.returncode == 0, r.stderr
-    u = _umount(mnt)
-    if mountutil._is_mounted(mnt):
-        subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
+    try:
+        u = _umount(mnt)
+    finally:
+        if mountutil._is_mounted(mnt):          # umount failed: do not leave it behind
+            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
     assert u.returncode == 0, u.stderr
     assert holders.users(dev) == []
 
