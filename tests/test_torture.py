@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import trio
 
+from clusterfs.dlm import toss
 from clusterfs.dlm.interface import Mode
 from clusterfs.dlm.testing import trio_test
 from clusterfs.dlm.torture import Checker, memory_torture
@@ -40,9 +41,7 @@ async def test_memory_torture_with_crashes() -> None:
 def test_memory_torture_with_idle_resources_removed(monkeypatch) -> None:
     """Masters free idle resources (DLM_REMOVE) all the time, racing lookups
     and requests from nodes that still cache them as master, and crashes."""
-    from clusterfs.dlm import lockspace
-
-    monkeypatch.setattr(lockspace, "TOSS_SECONDS", 0.1)
+    monkeypatch.setattr(toss, "TOSS_SECONDS", 0.1)
     res = trio.run(lambda: memory_torture([1, 2, 3], seconds=6, kill_rounds=1, seed=23,
                                           resources=20, await_removal=True))
     assert res.checker.violations == [] and res.lost_locks == [] and res.errors == []
