@@ -1,6 +1,6 @@
 """Tier 2: the distributed lock manager, many nodes in one trio run.
 
-MemoryNetwork + StaticCluster (clusterfs.dlm.testing): real message passing,
+MemoryNetwork + StaticCluster (tests/dlmcluster.py): real message passing,
 crashes and views driven by hand.
 """
 
@@ -11,11 +11,12 @@ import zlib
 import pytest
 import trio
 import trio.testing
+from dlmcluster import MemCluster, memory_cluster
+from trioutil import trio_test
 
 from clusterfs.dlm.interface import ConversionDeadlock, Mode, resource_key
 from clusterfs.dlm.lockspace import Lockspace
 from clusterfs.dlm.locktable import Queue
-from clusterfs.dlm.testing import MemCluster, memory_cluster, trio_test
 from clusterfs.errors import LockCancelled, LockError, WouldBlock
 
 R = ("inode", 7)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
+from trioutil import trio_test
 
 from clusterfs.dlm import local
 from clusterfs.dlm.interface import ConversionDeadlock, Mode
 from clusterfs.dlm.local import LocalLockService
-from clusterfs.dlm.testing import trio_test
 from clusterfs.errors import LockError, WouldBlock
 
 R = ("inode", 1)

@@ -1,15 +1,15 @@
 """Tier 2 torture: random locking over the in-memory transport, an independent
-checker, nodes crashed mid-run (clusterfs.dlm.torture)."""
+checker, nodes crashed mid-run (tests/torture.py)."""
 
 from __future__ import annotations
 
 import pytest
 import trio
+from torture import Checker, memory_torture
+from trioutil import trio_test
 
 from clusterfs.dlm import toss
 from clusterfs.dlm.interface import Mode
-from clusterfs.dlm.testing import trio_test
-from clusterfs.dlm.torture import Checker, memory_torture
 
 
 def test_checker_catches_overlap() -> None:

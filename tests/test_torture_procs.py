@@ -17,10 +17,10 @@ import random
 
 import pytest
 import trio
+from torture import Checker, random_request
+from trioutil import trio_test
 
 from clusterfs.dlm.interface import Mode, is_down_conversion
-from clusterfs.dlm.testing import trio_test
-from clusterfs.dlm.torture import Checker, random_request
 from clusterfs.node.lockbench_cmd import LocalLockCluster
 from clusterfs.node.lockd_cmd import AsyncControlClient
 

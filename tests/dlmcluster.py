@@ -1,7 +1,9 @@
 """Many DLM nodes in one trio run (tier 2): MemoryNetwork + StaticCluster.
 
-Used by the tests and the in-process torture; crash(), restart() and
-set_members() drive failures by hand.
+A test helper (it was clusterfs/dlm/testing.py; test scaffolding does not ship
+in the package): used by tests/test_dlm.py and the in-process torture
+(tests/torture.py); crash(), join() and the StaticCluster's set_members() drive
+failures by hand.
 """
 
 from __future__ import annotations
@@ -114,13 +116,3 @@ async def memory_cluster(node_ids: list[int], *,
             yield mc
             nursery.cancel_scope.cancel()
 
-
-def trio_test(fn):  # type: ignore[no-untyped-def]
-    """Run an async test function under trio.run (pytest has no trio plugin here)."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
-        return trio.run(functools.partial(fn, *args, **kwargs))
-
-    return wrapper

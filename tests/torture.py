@@ -8,8 +8,9 @@ checker's view of each hold is inside the real hold, and two incompatible
 overlapping holds in its view were really held at once.
 
 `memory_torture()` runs it over the in-memory transport (many nodes in one
-trio run); tests/test_torture_procs.py drives lockd processes with the same
-Checker.
+trio run, tests/test_torture.py); tests/test_torture_procs.py drives lockd
+processes with the same Checker. A test helper (it was clusterfs/dlm/torture.py;
+test scaffolding does not ship in the package).
 """
 
 from __future__ import annotations
@@ -19,8 +20,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import trio
+from dlmcluster import MemCluster, memory_cluster
 
-from clusterfs.dlm.interface import ConversionDeadlock, Mode, conflicts, is_down_conversion
+from clusterfs.dlm.interface import (
+    ConversionDeadlock,
+    Mode,
+    conflicts,
+    is_down_conversion,
+    resource_key,
+)
 from clusterfs.errors import LockCancelled, LockError, WouldBlock
 
 
@@ -124,8 +132,6 @@ async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_nod
     At the end the workers finish their current lock and stop; with await_removal the
     run then waits (at most 30 s) until the masters have freed some idle resource,
     so a busy run that never left one idle for a whole toss period still shows it."""
-    from clusterfs.dlm.testing import memory_cluster
-
     rng = random.Random(seed)
     names = [("torture", i) for i in range(resources)]
     checker = Checker()
@@ -216,11 +222,11 @@ async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_nod
     return result
 
 
-def _removed(mc: Any) -> int:
+def _removed(mc: MemCluster) -> int:
     return sum(mc.ls(nid).stats["removed"] for nid in mc.nodes)
 
 
-def _check_one_master_each(mc: Any, result: TortureResult) -> None:
+def _check_one_master_each(mc: MemCluster, result: TortureResult) -> None:
     """No resource has two masters (a lost DLM_REMOVE race, a bad recovery)."""
     seen: dict[bytes, list[int]] = {}
     for nid in mc.nodes:
@@ -231,11 +237,9 @@ def _check_one_master_each(mc: Any, result: TortureResult) -> None:
             result.lost_locks.append(f"{k!r}: several masters {masters}")
 
 
-def _check_not_lost(mc: Any, checker: Checker, before: dict[tuple[int, int], Hold],
+def _check_not_lost(mc: MemCluster, checker: Checker, before: dict[tuple[int, int], Hold],
                     result: TortureResult) -> None:
     """Every hold a survivor had across the kill is still granted at its master."""
-    from clusterfs.dlm.interface import resource_key
-
     _check_one_master_each(mc, result)
     for key, h in before.items():
         now = checker.holds.get(key)
