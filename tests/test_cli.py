@@ -9,18 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from cliutil import ROOT, cli
 
 from clusterfs.cli import COMMANDS
 from clusterfs.comms.localcluster import write_local_config
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def cli(*args: str, code: str | None = None) -> subprocess.CompletedProcess[str]:
-    """`python -m clusterfs.cli ARGS`, or `python -c CODE` for a rigged interpreter."""
-    argv = ["-c", code] if code is not None else ["-m", "clusterfs.cli", *args]
-    return subprocess.run([sys.executable, *argv], capture_output=True, text=True,
-                          timeout=120, cwd=ROOT)
 
 
 def one_line_error(r: subprocess.CompletedProcess[str], code: int, *words: str) -> None:
@@ -127,8 +119,7 @@ BROKEN_NATIVE = ("import sys\nsys.modules['clusterfs.native'] = None\n"
 
 
 def broken(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", BROKEN_NATIVE, *args], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT)
+    return cli(*args, code=BROKEN_NATIVE)
 
 
 def test_broken_subsystem_fails_only_its_commands(tmp_path: Path) -> None:

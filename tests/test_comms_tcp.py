@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import pytest
 import trio
+from trioutil import trio_test, wait_until
 
 from clusterfs.comms.interface import Envelope
 from clusterfs.comms.localcluster import local_config
@@ -16,20 +16,6 @@ from clusterfs.wire import frame as wf
 from clusterfs.wire.types import MsgType
 
 T = MsgType.BARRIER
-
-
-def trio_test(fn):
-    """Run an async test function in a fresh trio run (no pytest-trio here)."""
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        return trio.run(functools.partial(fn, *args, **kwargs))
-    return wrapper
-
-
-async def wait_for(pred, timeout=5.0, step=0.01):
-    with trio.fail_after(timeout):
-        while not pred():
-            await trio.sleep(step)
 
 
 async def send_until_delivered(ep, dest, got, body, timeout=5.0):
@@ -58,7 +44,7 @@ async def test_ordered_delivery_and_envelope():
         got.clear()
         for i in range(3000):
             await a.send(2, T, {"i": i, "r": ("x", i)})
-        await wait_for(lambda: len(got) == 3000)
+        await wait_until(lambda: len(got) == 3000)
         assert [e.body["i"] for e in got] == list(range(3000))
         assert all(e.sender == 1 and e.generation == 7 and e.type == T for e in got)
         assert got[5].body["r"] == ("x", 5)
@@ -88,11 +74,11 @@ async def test_handlers_for_one_sender_run_one_at_a_time():
                 open_tcp_endpoint(cfg, 3) as c):
         b.register([T], handler)
         for ep in (a, c):
-            await wait_for(lambda ep=ep: ep.peer_state(2) == "up", timeout=5)
+            await wait_until(lambda ep=ep: ep.peer_state(2) == "up", timeout=5)
         for i in range(100):
             await a.send(2, T, i)
             await c.send(2, T, i)
-        await wait_for(lambda: len(order[1]) == 100 and len(order[3]) == 100)
+        await wait_until(lambda: len(order[1]) == 100 and len(order[3]) == 100)
         assert order[1] == list(range(100)) and order[3] == list(range(100))
         assert peak == {1: 1, 3: 1}
         assert both_overlapped.is_set()
@@ -109,12 +95,12 @@ async def test_send_to_self_and_unknown():
     async with open_tcp_endpoint(cfg, 1) as a:
         a.register([T], handler)
         await a.send(1, T, [1, 2])
-        await wait_for(lambda: got)
+        await wait_until(lambda: got)
         assert got[0].sender == 1 and got[0].body == (1, 2)
         with pytest.raises(PeerUnreachable):
             await a.send(99, T, None)
         # node 2 is configured but not running: it goes down and sends fail fast
-        await wait_for(lambda: a.peer_state(2) == "down")
+        await wait_until(lambda: a.peer_state(2) == "down")
         with pytest.raises(PeerUnreachable):
             await a.send(2, T, None)
 
@@ -132,16 +118,16 @@ async def test_reconnect_after_peer_restart():
             b.register([T], handler)
             await send_until_delivered(a, 2, got, "first life")
         # node 2 is gone: the connection breaks, node 1 marks it down and sends fail
-        await wait_for(lambda: a.peer_state(2) == "down")
+        await wait_until(lambda: a.peer_state(2) == "down")
         with pytest.raises(PeerUnreachable):
             await a.send(2, T, "nobody home")
         got.clear()
         async with open_tcp_endpoint(cfg, 2) as b2:
             b2.register([T], handler)
-            await wait_for(lambda: a.peer_state(2) == "up")
+            await wait_until(lambda: a.peer_state(2) == "up")
             for i in range(50):
                 await a.send(2, T, i)
-            await wait_for(lambda: len(got) == 50)
+            await wait_until(lambda: len(got) == 50)
             assert [e.body for e in got] == list(range(50))
         assert a.statistics().peers[0].connects == 2
 
@@ -158,7 +144,7 @@ async def test_wrong_key_cannot_connect_and_bad_frames_are_dropped():
     async with open_tcp_endpoint(cfg, 2) as b:
         b.register([T], handler)
         async with open_tcp_endpoint(bad, 1) as intruder:
-            await wait_for(lambda: intruder.peer_state(2) == "down")
+            await wait_until(lambda: intruder.peer_state(2) == "down")
         assert b.statistics().handshake_failures >= 1 and not got
         # a raw connection sending garbage is dropped; the node keeps serving
         stream = await trio.open_tcp_stream("127.0.0.1", cfg.node(2).port)
@@ -186,7 +172,7 @@ async def test_silent_connections_time_out_and_are_capped(monkeypatch):
     async with open_tcp_endpoint(cfg, 2) as b:
         b.register([T], handler)
         silent = [await trio.open_tcp_stream("127.0.0.1", cfg.node(2).port) for _ in range(8)]
-        await wait_for(lambda: b.statistics().refused >= 3)
+        await wait_until(lambda: b.statistics().refused >= 3)
         # the silent ones are closed after connect_timeout (1 s here)
         with trio.fail_after(5):
             for s in silent:

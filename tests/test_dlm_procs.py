@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 
 import pytest
+from cliutil import cli
 
 from clusterfs.node.lockbench_cmd import LocalLockCluster
 from clusterfs.node.lockd_cmd import ControlClient
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "clusterfs.cli", *args], capture_output=True,
-                          text=True, timeout=60)
 
 
 def test_lockd_lock_try_lvb_status_locks(cluster3: LocalLockCluster) -> None:

@@ -29,6 +29,7 @@ import sys
 import time
 
 import trio
+from trioutil import wait_until
 
 from clusterfs.comms.localcluster import write_local_config
 from clusterfs.config import ClusterConfig
@@ -158,12 +159,6 @@ class Fuzzer:
         frames = good + [bad] + [mutate(r, bad) for _ in range(r.randint(0, 6))]
         self.frames += len(frames)
         await stream.send_all(b"".join(prefixed(f) for f in frames))
-
-
-async def wait_until(pred, timeout: float) -> None:
-    with trio.fail_after(timeout):
-        while not pred():
-            await trio.sleep(0.05)
 
 
 async def check_service(cfg: ClusterConfig, peer: ClusterNode, target: int) -> None:

@@ -10,23 +10,11 @@ import subprocess
 import time
 
 import pytest
+from fileutil import errno_of, write_file
 from mountutil import run_as
 
 NOBODY = 65534
 OTHER = 4242
-
-
-def _write(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def _errno(fn, *args, **kw) -> int:
-    try:
-        fn(*args, **kw)
-    except OSError as e:
-        return e.errno
-    raise AssertionError(f"{getattr(fn, '__name__', fn)}{args} succeeded, expected an error")
 
 
 # ---------------------------------------------------------------------------- chmod/chown/utime
@@ -34,7 +22,7 @@ def _errno(fn, *args, **kw) -> int:
 
 def test_chmod(fsys):
     p = fsys.path("f")
-    _write(p, b"")
+    write_file(p, b"")
     for mode in (0o600, 0o644, 0o755, 0o4755, 0o2750, 0o1777, 0o000):
         os.chmod(p, mode)
         assert stat.S_IMODE(os.stat(p).st_mode) == mode
@@ -49,7 +37,7 @@ def test_chmod(fsys):
 
 def test_chown(fsys):
     p = fsys.path("f")
-    _write(p, b"")
+    write_file(p, b"")
     os.chown(p, 1234, 5678)
     st = os.stat(p)
     assert (st.st_uid, st.st_gid) == (1234, 5678)
@@ -71,7 +59,7 @@ def test_chown(fsys):
 
 def test_utimens_nanoseconds(fsys):
     p = fsys.path("f")
-    _write(p, b"x")
+    write_file(p, b"x")
     times = (1_234_567_890_123_456_789, 1_600_000_000_987_654_321)
     os.utime(p, ns=times)
     st = os.stat(p)
@@ -98,7 +86,7 @@ def test_utimens_nanoseconds(fsys):
 
 def test_mtime_ctime_move_on_write_and_chmod(fsys):
     p = fsys.path("f")
-    _write(p, b"x")
+    write_file(p, b"x")
     os.utime(p, ns=(1_000_000_000, 1_000_000_000))
     c0 = os.stat(p).st_ctime_ns
     time.sleep(0.02)
@@ -113,7 +101,7 @@ def test_mtime_ctime_move_on_write_and_chmod(fsys):
     assert os.stat(p).st_ctime_ns > c1
     # creating an entry moves the parent dir's mtime
     os.utime(fsys.root, ns=(1_000_000_000, 1_000_000_000))
-    _write(fsys.path("g"), b"")
+    write_file(fsys.path("g"), b"")
     assert os.stat(fsys.root).st_mtime_ns > 1_000_000_000
 
 
@@ -166,29 +154,29 @@ def test_permissions_as_non_root(fsys):
     base = fsys.path("perm")
     os.mkdir(base, 0o755)
     j = lambda *p: os.path.join(base, *p)  # noqa: E731
-    _write(j("public"), b"public data")
+    write_file(j("public"), b"public data")
     os.chmod(j("public"), 0o644)
-    _write(j("private"), b"secret")
+    write_file(j("private"), b"secret")
     os.chmod(j("private"), 0o600)
-    _write(j("writable"), b"")
+    write_file(j("writable"), b"")
     os.chmod(j("writable"), 0o666)
     os.mkdir(j("closed"), 0o755)
-    _write(j("closed", "file"), b"")
+    write_file(j("closed", "file"), b"")
     os.mkdir(j("open"))
     os.chmod(j("open"), 0o777)     # chmod: mkdir's mode is filtered by the umask
-    _write(j("open", "mine"), b"")
+    write_file(j("open", "mine"), b"")
     os.chown(j("open", "mine"), NOBODY, NOBODY)
     os.mkdir(j("noexec"), 0o644)
-    _write(j("noexec", "inner"), b"")
+    write_file(j("noexec", "inner"), b"")
     os.mkdir(j("sticky"))
     os.chmod(j("sticky"), 0o1777)
-    _write(j("sticky", "roots"), b"")
+    write_file(j("sticky", "roots"), b"")
     os.chmod(j("sticky", "roots"), 0o666)
-    _write(j("sticky", "nobodys"), b"")
+    write_file(j("sticky", "nobodys"), b"")
     os.chown(j("sticky", "nobodys"), NOBODY, NOBODY)
-    _write(j("script"), b"#!/bin/sh\n")
+    write_file(j("script"), b"#!/bin/sh\n")
     os.chmod(j("script"), 0o744)   # exec for owner (root) only
-    _write(j("open", "run"), b"#!/bin/sh\nexit 0\n")
+    write_file(j("open", "run"), b"#!/bin/sh\nexit 0\n")
     os.chmod(j("open", "run"), 0o755)
 
     r = run_as(NOBODY, NOBODY, base, _nobody_checks)
@@ -238,7 +226,7 @@ def test_group_permission(fsys):
     base = fsys.path("g")
     os.mkdir(base, 0o755)
     p = os.path.join(base, "grp")
-    _write(p, b"group readable")
+    write_file(p, b"group readable")
     os.chown(p, 0, OTHER)
     os.chmod(p, 0o640)
     assert run_as(NOBODY, OTHER, base, _group_checks) == b"group readable"
@@ -247,7 +235,7 @@ def test_group_permission(fsys):
 
 def test_root_bypasses_modes(fsys):
     p = fsys.path("f")
-    _write(p, b"data")
+    write_file(p, b"data")
     os.chmod(p, 0o000)
     with open(p, "rb") as f:
         assert f.read() == b"data"
@@ -259,7 +247,7 @@ def test_root_bypasses_modes(fsys):
 @pytest.mark.parametrize("ns", ["user", "trusted", "security"])
 def test_xattrs(fsys, ns):
     p = fsys.path("f")
-    _write(p, b"")
+    write_file(p, b"")
     name = f"{ns}.test"
     os.setxattr(p, name, b"value-1")
     assert os.getxattr(p, name) == b"value-1"
@@ -271,15 +259,15 @@ def test_xattrs(fsys, ns):
     big = bytes(range(256)) * 12                                   # 3 KiB value
     os.setxattr(p, f"{ns}.big", big)
     assert os.getxattr(p, f"{ns}.big") == big
-    assert _errno(os.setxattr, p, name, b"x", os.XATTR_CREATE) == errno.EEXIST
-    assert _errno(os.setxattr, p, f"{ns}.nope", b"x", os.XATTR_REPLACE) == errno.ENODATA
-    assert _errno(os.getxattr, p, f"{ns}.nope") == errno.ENODATA
-    assert _errno(os.removexattr, p, f"{ns}.nope") == errno.ENODATA
+    assert errno_of(os.setxattr, p, name, b"x", os.XATTR_CREATE) == errno.EEXIST
+    assert errno_of(os.setxattr, p, f"{ns}.nope", b"x", os.XATTR_REPLACE) == errno.ENODATA
+    assert errno_of(os.getxattr, p, f"{ns}.nope") == errno.ENODATA
+    assert errno_of(os.removexattr, p, f"{ns}.nope") == errno.ENODATA
     fsys.remount()
     assert os.getxattr(p, f"{ns}.big") == big
     assert {name, f"{ns}.empty", f"{ns}.big"} <= set(os.listxattr(p))
     os.removexattr(p, name)
-    assert _errno(os.getxattr, p, name) == errno.ENODATA
+    assert errno_of(os.getxattr, p, name) == errno.ENODATA
     assert name not in os.listxattr(p)
 
 
@@ -291,9 +279,9 @@ def test_xattrs_on_dirs_and_many(fsys):
     names = set(os.listxattr(d))
     assert {f"user.k{i:03d}" for i in range(50)} <= names
     assert os.getxattr(d, "user.k049") == b"v49"
-    assert _errno(os.getxattr, fsys.path("missing"), "user.x") == errno.ENOENT
+    assert errno_of(os.getxattr, fsys.path("missing"), "user.x") == errno.ENOENT
     too_long = "user." + "n" * 251
-    assert _errno(os.setxattr, d, too_long, b"v") == errno.ERANGE
+    assert errno_of(os.setxattr, d, too_long, b"v") == errno.ERANGE
 
 
 def _nobody_xattr():
@@ -318,7 +306,7 @@ def test_xattr_permissions(fsys):
     d = fsys.path("x")
     os.mkdir(d, 0o755)
     p = os.path.join(d, "f")
-    _write(p, b"")
+    write_file(p, b"")
     os.chmod(p, 0o644)
     os.setxattr(p, "trusted.hidden", b"t")
     os.setxattr(p, "user.shared", b"s")

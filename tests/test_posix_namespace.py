@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from fileutil import errno_of, read_file, write_file
 
 libc = ctypes.CDLL(None, use_errno=True)
 AT_FDCWD = -100
@@ -28,24 +29,6 @@ def renameat2(old: str, new: str, flags: int) -> None:
         raise OSError(e, os.strerror(e), old, None, new)
 
 
-def _write(path: str, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
-
-
-def _errno(fn, *args, **kw) -> int:
-    try:
-        fn(*args, **kw)
-    except OSError as e:
-        return e.errno
-    raise AssertionError(f"{fn.__name__}{args} succeeded, expected an error")
-
-
 # ---------------------------------------------------------------------------- rename
 
 
@@ -53,31 +36,31 @@ def test_rename_file_same_dir_and_across_dirs(fsys):
     a, b = fsys.path("a"), fsys.path("b")
     os.mkdir(fsys.path("d1"))
     os.mkdir(fsys.path("d2"))
-    _write(a, b"AAA")
+    write_file(a, b"AAA")
     ino = os.stat(a).st_ino
     os.rename(a, b)
     assert not os.path.exists(a)
-    assert _read(b) == b"AAA" and os.stat(b).st_ino == ino
+    assert read_file(b) == b"AAA" and os.stat(b).st_ino == ino
     os.rename(b, fsys.path("d1", "x"))
     os.rename(fsys.path("d1", "x"), fsys.path("d2", "y"))
     assert os.listdir(fsys.path("d1")) == []
     assert os.listdir(fsys.path("d2")) == ["y"]
-    assert _read(fsys.path("d2", "y")) == b"AAA"
+    assert read_file(fsys.path("d2", "y")) == b"AAA"
     assert os.stat(fsys.path("d2", "y")).st_ino == ino
     # rename onto itself is a no-op
     os.rename(fsys.path("d2", "y"), fsys.path("d2", "y"))
-    assert _read(fsys.path("d2", "y")) == b"AAA"
+    assert read_file(fsys.path("d2", "y")) == b"AAA"
 
 
 def test_rename_file_over_existing_file(fsys):
     os.mkdir(fsys.path("d"))
-    _write(fsys.path("src"), b"new")
-    _write(fsys.path("d", "dst"), b"old contents")
+    write_file(fsys.path("src"), b"new")
+    write_file(fsys.path("d", "dst"), b"old contents")
     src_ino = os.stat(fsys.path("src")).st_ino
     fd = os.open(fsys.path("d", "dst"), os.O_RDONLY)   # replaced file stays readable
     try:
         os.rename(fsys.path("src"), fsys.path("d", "dst"))
-        assert _read(fsys.path("d", "dst")) == b"new"
+        assert read_file(fsys.path("d", "dst")) == b"new"
         assert os.stat(fsys.path("d", "dst")).st_ino == src_ino
         assert os.pread(fd, 100, 0) == b"old contents"
         assert os.fstat(fd).st_nlink == 0
@@ -90,11 +73,11 @@ def test_rename_file_over_existing_file(fsys):
 def test_rename_dir_over_empty_dir_and_across(fsys):
     os.makedirs(fsys.path("p1", "src"))
     os.makedirs(fsys.path("p2", "dst"))
-    _write(fsys.path("p1", "src", "f"), b"f")
+    write_file(fsys.path("p1", "src", "f"), b"f")
     os.rename(fsys.path("p1", "src"), fsys.path("p2", "dst"))
     assert os.listdir(fsys.path("p1")) == []
     assert os.listdir(fsys.path("p2")) == ["dst"]
-    assert _read(fsys.path("p2", "dst", "f")) == b"f"
+    assert read_file(fsys.path("p2", "dst", "f")) == b"f"
     # parent link counts follow the moved subdirectory
     assert os.stat(fsys.path("p1")).st_nlink == 2
     assert os.stat(fsys.path("p2")).st_nlink == 3
@@ -105,7 +88,7 @@ def test_rename_dir_over_empty_dir_and_across(fsys):
 def test_rename_dir_over_nonempty_dir_is_enotempty(fsys):
     os.mkdir(fsys.path("a"))
     os.makedirs(fsys.path("b", "child"))
-    e = _errno(os.rename, fsys.path("a"), fsys.path("b"))
+    e = errno_of(os.rename, fsys.path("a"), fsys.path("b"))
     assert e in (errno.ENOTEMPTY, errno.EEXIST)   # POSIX allows both; Linux fs use ENOTEMPTY
     assert e == errno.ENOTEMPTY
     assert os.path.isdir(fsys.path("a")) and os.path.isdir(fsys.path("b", "child"))
@@ -113,39 +96,39 @@ def test_rename_dir_over_nonempty_dir_is_enotempty(fsys):
 
 def test_rename_type_mismatch_errnos(fsys):
     os.mkdir(fsys.path("dir"))
-    _write(fsys.path("file"), b"x")
-    assert _errno(os.rename, fsys.path("dir"), fsys.path("file")) == errno.ENOTDIR
-    assert _errno(os.rename, fsys.path("file"), fsys.path("dir")) == errno.EISDIR
+    write_file(fsys.path("file"), b"x")
+    assert errno_of(os.rename, fsys.path("dir"), fsys.path("file")) == errno.ENOTDIR
+    assert errno_of(os.rename, fsys.path("file"), fsys.path("dir")) == errno.EISDIR
     # a directory cannot move into its own subtree
     os.mkdir(fsys.path("dir", "sub"))
-    assert _errno(os.rename, fsys.path("dir"), fsys.path("dir", "sub", "x")) == errno.EINVAL
-    assert _errno(os.rename, fsys.path("nope"), fsys.path("x")) == errno.ENOENT
+    assert errno_of(os.rename, fsys.path("dir"), fsys.path("dir", "sub", "x")) == errno.EINVAL
+    assert errno_of(os.rename, fsys.path("nope"), fsys.path("x")) == errno.ENOENT
 
 
 def test_rename_noreplace(fsys):
-    _write(fsys.path("a"), b"a")
-    _write(fsys.path("b"), b"b")
-    assert _errno(renameat2, fsys.path("a"), fsys.path("b"), RENAME_NOREPLACE) == errno.EEXIST
-    assert _read(fsys.path("a")) == b"a" and _read(fsys.path("b")) == b"b"
+    write_file(fsys.path("a"), b"a")
+    write_file(fsys.path("b"), b"b")
+    assert errno_of(renameat2, fsys.path("a"), fsys.path("b"), RENAME_NOREPLACE) == errno.EEXIST
+    assert read_file(fsys.path("a")) == b"a" and read_file(fsys.path("b")) == b"b"
     renameat2(fsys.path("a"), fsys.path("c"), RENAME_NOREPLACE)
-    assert not os.path.exists(fsys.path("a")) and _read(fsys.path("c")) == b"a"
+    assert not os.path.exists(fsys.path("a")) and read_file(fsys.path("c")) == b"a"
 
 
 def test_rename_exchange(fsys):
     os.mkdir(fsys.path("d"))
-    _write(fsys.path("f"), b"file")
-    _write(fsys.path("d", "inner"), b"inner")
+    write_file(fsys.path("f"), b"file")
+    write_file(fsys.path("d", "inner"), b"inner")
     ino_f, ino_d = os.stat(fsys.path("f")).st_ino, os.stat(fsys.path("d")).st_ino
     renameat2(fsys.path("f"), fsys.path("d"), RENAME_EXCHANGE)
     assert os.stat(fsys.path("d")).st_ino == ino_f
     assert os.stat(fsys.path("f")).st_ino == ino_d
-    assert _read(fsys.path("d")) == b"file"
-    assert _read(fsys.path("f", "inner")) == b"inner"
-    assert _errno(renameat2, fsys.path("f"), fsys.path("missing"),
+    assert read_file(fsys.path("d")) == b"file"
+    assert read_file(fsys.path("f", "inner")) == b"inner"
+    assert errno_of(renameat2, fsys.path("f"), fsys.path("missing"),
                   RENAME_EXCHANGE) == errno.ENOENT
     fsys.remount()
-    assert _read(fsys.path("d")) == b"file"
-    assert _read(fsys.path("f", "inner")) == b"inner"
+    assert read_file(fsys.path("d")) == b"file"
+    assert read_file(fsys.path("f", "inner")) == b"inner"
 
 
 # ---------------------------------------------------------------------------- links
@@ -153,7 +136,7 @@ def test_rename_exchange(fsys):
 
 def test_hard_links_and_nlink(fsys):
     a = fsys.path("a")
-    _write(a, b"shared")
+    write_file(a, b"shared")
     os.mkdir(fsys.path("sub"))
     assert os.stat(a).st_nlink == 1
     os.link(a, fsys.path("b"))
@@ -163,7 +146,7 @@ def test_hard_links_and_nlink(fsys):
         assert st.st_nlink == 3 and st.st_ino == os.stat(a).st_ino
     with open(fsys.path("b"), "ab") as f:
         f.write(b"+more")
-    assert _read(fsys.path("sub", "c")) == b"shared+more"
+    assert read_file(fsys.path("sub", "c")) == b"shared+more"
     os.unlink(a)
     assert os.stat(fsys.path("b")).st_nlink == 2
     os.rename(fsys.path("sub", "c"), fsys.path("b"))   # rename onto another link of itself
@@ -171,9 +154,9 @@ def test_hard_links_and_nlink(fsys):
     fsys.remount()
     nl = os.stat(fsys.path("b")).st_nlink
     assert nl == (1 if not os.path.exists(fsys.path("sub", "c")) else 2)
-    assert _errno(os.link, fsys.path("b"), fsys.path("b")) == errno.EEXIST
-    assert _errno(os.link, fsys.path("sub"), fsys.path("dirlink")) == errno.EPERM
-    assert _errno(os.link, fsys.path("missing"), fsys.path("x")) == errno.ENOENT
+    assert errno_of(os.link, fsys.path("b"), fsys.path("b")) == errno.EEXIST
+    assert errno_of(os.link, fsys.path("sub"), fsys.path("dirlink")) == errno.EPERM
+    assert errno_of(os.link, fsys.path("missing"), fsys.path("x")) == errno.ENOENT
 
 
 def test_directory_link_counts(fsys):
@@ -183,7 +166,7 @@ def test_directory_link_counts(fsys):
     root_before = os.stat(fsys.root).st_nlink
     for i in range(5):
         os.mkdir(os.path.join(d, f"s{i}"))
-    _write(os.path.join(d, "file"), b"")   # files do not count
+    write_file(os.path.join(d, "file"), b"")   # files do not count
     assert os.stat(d).st_nlink == 7
     assert os.stat(fsys.root).st_nlink == root_before
     os.rmdir(os.path.join(d, "s0"))
@@ -195,7 +178,7 @@ def test_directory_link_counts(fsys):
 
 def test_unlinked_open_file_stays_readable(fsys):
     p = fsys.path("tmp")
-    _write(p, b"still here")
+    write_file(p, b"still here")
     fd = os.open(p, os.O_RDWR)
     try:
         os.unlink(p)
@@ -210,7 +193,7 @@ def test_unlinked_open_file_stays_readable(fsys):
 
 
 def test_symlinks(fsys):
-    _write(fsys.path("target"), b"T" * 100)
+    write_file(fsys.path("target"), b"T" * 100)
     os.symlink("target", fsys.path("rel"))
     os.symlink(fsys.path("target"), fsys.path("abs"))
     long_target = "x/" * 1500 + "end"    # 3 KiB target: more than a stuffed inode holds
@@ -223,11 +206,11 @@ def test_symlinks(fsys):
     assert stat.S_ISLNK(lst.st_mode) and lst.st_size == len("target")
     assert stat.S_ISREG(st.st_mode) and st.st_size == 100
     assert st.st_ino == os.stat(fsys.path("target")).st_ino != lst.st_ino
-    assert _read(fsys.path("rel")) == b"T" * 100
-    assert _errno(os.stat, fsys.path("dangling")) == errno.ENOENT
+    assert read_file(fsys.path("rel")) == b"T" * 100
+    assert errno_of(os.stat, fsys.path("dangling")) == errno.ENOENT
     assert stat.S_ISLNK(os.lstat(fsys.path("dangling")).st_mode)
-    assert _errno(os.readlink, fsys.path("target")) == errno.EINVAL
-    assert _errno(os.symlink, "x", fsys.path("rel")) == errno.EEXIST
+    assert errno_of(os.readlink, fsys.path("target")) == errno.EINVAL
+    assert errno_of(os.symlink, "x", fsys.path("rel")) == errno.EEXIST
     fsys.remount()
     assert os.readlink(fsys.path("long")) == long_target
     assert os.readlink(fsys.path("rel")) == "target"
@@ -280,8 +263,8 @@ def test_directory_with_100000_entries(fsys):
             st = os.stat(name, dir_fd=dfd)
             assert stat.S_ISREG(st.st_mode)
         for i in rng.sample(range(n), 200):
-            assert _errno(os.stat, f"entry-{i:06d}-missing", dir_fd=dfd) == errno.ENOENT
-        assert _errno(os.open, names[777], flags, 0o644, dir_fd=dfd) == errno.EEXIST
+            assert errno_of(os.stat, f"entry-{i:06d}-missing", dir_fd=dfd) == errno.ENOENT
+        assert errno_of(os.open, names[777], flags, 0o644, dir_fd=dfd) == errno.EEXIST
         listed = os.listdir(d)
         assert len(listed) == n and set(listed) == set(names)
         for name in rng.sample(names, 1000):      # unlink some, they vanish, others stay
@@ -351,70 +334,70 @@ def test_readdir_offsets_are_stable(fsys):
 
 
 def test_errno_enoent(fsys):
-    assert _errno(os.stat, fsys.path("missing")) == errno.ENOENT
-    assert _errno(open, fsys.path("missing"), "rb") == errno.ENOENT
-    assert _errno(os.unlink, fsys.path("missing")) == errno.ENOENT
-    assert _errno(os.rmdir, fsys.path("missing")) == errno.ENOENT
-    assert _errno(os.mkdir, fsys.path("missing", "sub")) == errno.ENOENT
-    assert _errno(os.listdir, fsys.path("missing")) == errno.ENOENT
+    assert errno_of(os.stat, fsys.path("missing")) == errno.ENOENT
+    assert errno_of(open, fsys.path("missing"), "rb") == errno.ENOENT
+    assert errno_of(os.unlink, fsys.path("missing")) == errno.ENOENT
+    assert errno_of(os.rmdir, fsys.path("missing")) == errno.ENOENT
+    assert errno_of(os.mkdir, fsys.path("missing", "sub")) == errno.ENOENT
+    assert errno_of(os.listdir, fsys.path("missing")) == errno.ENOENT
 
 
 def test_errno_eexist(fsys):
     os.mkdir(fsys.path("d"))
-    _write(fsys.path("f"), b"")
-    assert _errno(os.mkdir, fsys.path("d")) == errno.EEXIST
-    assert _errno(os.mkdir, fsys.path("f")) == errno.EEXIST
-    assert _errno(os.open, fsys.path("f"), os.O_CREAT | os.O_EXCL | os.O_WRONLY) == errno.EEXIST
-    assert _errno(os.mkfifo, fsys.path("f")) == errno.EEXIST
+    write_file(fsys.path("f"), b"")
+    assert errno_of(os.mkdir, fsys.path("d")) == errno.EEXIST
+    assert errno_of(os.mkdir, fsys.path("f")) == errno.EEXIST
+    assert errno_of(os.open, fsys.path("f"), os.O_CREAT | os.O_EXCL | os.O_WRONLY) == errno.EEXIST
+    assert errno_of(os.mkfifo, fsys.path("f")) == errno.EEXIST
 
 
 def test_errno_enotempty_and_rmdir(fsys):
     os.makedirs(fsys.path("d", "e"))
-    assert _errno(os.rmdir, fsys.path("d")) == errno.ENOTEMPTY
+    assert errno_of(os.rmdir, fsys.path("d")) == errno.ENOTEMPTY
     os.rmdir(fsys.path("d", "e"))
-    _write(fsys.path("d", "f"), b"")
-    assert _errno(os.rmdir, fsys.path("d")) == errno.ENOTEMPTY
+    write_file(fsys.path("d", "f"), b"")
+    assert errno_of(os.rmdir, fsys.path("d")) == errno.ENOTEMPTY
     os.unlink(fsys.path("d", "f"))
     os.rmdir(fsys.path("d"))
     assert not os.path.exists(fsys.path("d"))
 
 
 def test_errno_enotdir_eisdir(fsys):
-    _write(fsys.path("f"), b"")
+    write_file(fsys.path("f"), b"")
     os.mkdir(fsys.path("d"))
-    assert _errno(os.stat, fsys.path("f", "x")) == errno.ENOTDIR
-    assert _errno(os.mkdir, fsys.path("f", "x")) == errno.ENOTDIR
-    assert _errno(os.rmdir, fsys.path("f")) == errno.ENOTDIR
-    assert _errno(os.listdir, fsys.path("f")) == errno.ENOTDIR
-    assert _errno(open, fsys.path("d"), "wb") == errno.EISDIR
-    assert _errno(os.unlink, fsys.path("d")) == errno.EISDIR
+    assert errno_of(os.stat, fsys.path("f", "x")) == errno.ENOTDIR
+    assert errno_of(os.mkdir, fsys.path("f", "x")) == errno.ENOTDIR
+    assert errno_of(os.rmdir, fsys.path("f")) == errno.ENOTDIR
+    assert errno_of(os.listdir, fsys.path("f")) == errno.ENOTDIR
+    assert errno_of(open, fsys.path("d"), "wb") == errno.EISDIR
+    assert errno_of(os.unlink, fsys.path("d")) == errno.EISDIR
     fd = os.open(fsys.path("d"), os.O_RDONLY | os.O_DIRECTORY)
     try:
-        assert _errno(os.read, fd, 10) == errno.EISDIR
+        assert errno_of(os.read, fd, 10) == errno.EISDIR
     finally:
         os.close(fd)
 
 
 def test_errno_enametoolong(fsys):
     ok = "n" * 255
-    _write(fsys.path(ok), b"ok")
-    assert _read(fsys.path(ok)) == b"ok"
+    write_file(fsys.path(ok), b"ok")
+    assert read_file(fsys.path(ok)) == b"ok"
     long = "n" * 256
-    assert _errno(open, fsys.path(long), "wb") == errno.ENAMETOOLONG
-    assert _errno(os.mkdir, fsys.path(long)) == errno.ENAMETOOLONG
-    assert _errno(os.stat, fsys.path(long)) == errno.ENAMETOOLONG
-    assert _errno(os.rename, fsys.path(ok), fsys.path(long)) == errno.ENAMETOOLONG
-    assert _errno(os.symlink, "x", fsys.path(long)) == errno.ENAMETOOLONG
+    assert errno_of(open, fsys.path(long), "wb") == errno.ENAMETOOLONG
+    assert errno_of(os.mkdir, fsys.path(long)) == errno.ENAMETOOLONG
+    assert errno_of(os.stat, fsys.path(long)) == errno.ENAMETOOLONG
+    assert errno_of(os.rename, fsys.path(ok), fsys.path(long)) == errno.ENAMETOOLONG
+    assert errno_of(os.symlink, "x", fsys.path(long)) == errno.ENAMETOOLONG
 
 
 def test_errno_exdev(fsys, tmp_path):
-    _write(fsys.path("f"), b"data")
+    write_file(fsys.path("f"), b"data")
     outside = tmp_path / "outside"
-    assert _errno(os.rename, fsys.path("f"), str(outside)) == errno.EXDEV
-    assert _errno(os.link, fsys.path("f"), str(outside)) == errno.EXDEV
+    assert errno_of(os.rename, fsys.path("f"), str(outside)) == errno.EXDEV
+    assert errno_of(os.link, fsys.path("f"), str(outside)) == errno.EXDEV
     (tmp_path / "in").write_bytes(b"x")
-    assert _errno(os.rename, str(tmp_path / "in"), fsys.path("g")) == errno.EXDEV
-    assert _read(fsys.path("f")) == b"data"
+    assert errno_of(os.rename, str(tmp_path / "in"), fsys.path("g")) == errno.EXDEV
+    assert read_file(fsys.path("f")) == b"data"
 
 
 @pytest.mark.device_size(64 << 20)
@@ -432,9 +415,9 @@ def test_errno_enospc(fsys):
     finally:
         os.close(fd)
     assert 16 << 20 <= written <= 64 << 20
-    assert _errno(lambda: _write(fsys.path("more"), chunk * 4)) == errno.ENOSPC
+    assert errno_of(lambda: write_file(fsys.path("more"), chunk * 4)) == errno.ENOSPC
     os.unlink(p)
     with contextlib.suppress(FileNotFoundError):
         os.unlink(fsys.path("more"))
-    _write(fsys.path("after"), chunk * 8)     # space came back
-    assert _read(fsys.path("after")) == chunk * 8
+    write_file(fsys.path("after"), chunk * 8)     # space came back
+    assert read_file(fsys.path("after")) == chunk * 8

@@ -7,13 +7,9 @@ import hashlib
 import os
 
 import pytest
+from fileutil import read_file
 
 GiB = 1 << 30
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def test_write_read_roundtrip(fsys):
@@ -21,7 +17,7 @@ def test_write_read_roundtrip(fsys):
     data = os.urandom(300_000)
     with open(p, "wb") as f:
         f.write(data)
-    assert _read(p) == data
+    assert read_file(p) == data
     assert os.stat(p).st_size == len(data)
 
 
@@ -34,7 +30,7 @@ def test_overwrite_middle(fsys):
         assert os.pwrite(fd, b"HELLO", 4094) == 5
     finally:
         os.close(fd)
-    got = _read(p)
+    got = read_file(p)
     assert got == b"x" * 4094 + b"HELLO" + b"x" * (10000 - 4099)
 
 
@@ -50,7 +46,7 @@ def test_append(fsys):
         finally:
             os.close(fd)
         expected += chunk
-    assert _read(p) == expected
+    assert read_file(p) == expected
     # O_APPEND ignores the file offset: write after lseek(0) still lands at the end
     fd = os.open(p, os.O_WRONLY | os.O_APPEND)
     try:
@@ -58,7 +54,7 @@ def test_append(fsys):
         os.write(fd, b"END")
     finally:
         os.close(fd)
-    assert _read(p) == expected + b"END"
+    assert read_file(p) == expected + b"END"
 
 
 def test_read_past_eof_and_partial(fsys):
@@ -81,10 +77,10 @@ def test_truncate_down_then_up_reads_zeros(fsys):
         f.write(data)
     os.truncate(p, 5000)
     assert os.stat(p).st_size == 5000
-    assert _read(p) == data[:5000]
+    assert read_file(p) == data[:5000]
     os.truncate(p, 20000)
     assert os.stat(p).st_size == 20000
-    assert _read(p) == data[:5000] + bytes(15000)
+    assert read_file(p) == data[:5000] + bytes(15000)
     # ftruncate on an open fd, and to zero
     fd = os.open(p, os.O_RDWR)
     try:
@@ -102,7 +98,7 @@ def test_truncate_via_open_trunc(fsys):
         f.write(b"y" * 50000)
     with open(p, "wb") as f:
         f.write(b"z")
-    assert _read(p) == b"z"
+    assert read_file(p) == b"z"
 
 
 def test_sparse_file_holes_read_zero(fsys):
@@ -166,7 +162,7 @@ def test_fsync_and_fdatasync(fsys):
         os.fsync(dfd)    # fsync on a directory is allowed too
     finally:
         os.close(dfd)
-    assert _read(p) == b"abc" * 1000 + b"def" * 1000
+    assert read_file(p) == b"abc" * 1000 + b"def" * 1000
 
 
 def test_persistence_across_remount(fsys):
@@ -189,7 +185,7 @@ def test_persistence_across_remount(fsys):
     fsys.remount()
 
     for name, digest in before.items():
-        assert hashlib.sha256(_read(fsys.path(name))).hexdigest() == digest, name
+        assert hashlib.sha256(read_file(fsys.path(name))).hexdigest() == digest, name
     assert sorted(os.listdir(fsys.root)) == sorted(
         ["d0", "d1", "d2", "link", "hard", "times"] + (["lost+found"] if fsys.fs == "ext4" else []))
     assert os.readlink(fsys.path("link")) == "d0/f0"
@@ -209,7 +205,7 @@ def test_sizes_roundtrip(fsys, size):
     with open(p, "wb") as f:
         f.write(data)
     fsys.remount()
-    assert _read(p) == data
+    assert read_file(p) == data
 
 
 def test_mmap_shared_write_and_read(fsys):
@@ -233,9 +229,9 @@ def test_mmap_shared_write_and_read(fsys):
     expect[0:5] = b"hello"
     expect[8192:8197] = b"world"
     expect[size - 3:] = b"end"
-    assert _read(p) == bytes(expect)
+    assert read_file(p) == bytes(expect)
     fsys.remount()
-    assert _read(p) == bytes(expect)
+    assert read_file(p) == bytes(expect)
     with open(p, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
         assert mm[:] == bytes(expect)
 
@@ -280,7 +276,7 @@ def test_random_writes_against_a_model(fsys, seed):
                 os.fsync(fd)
     finally:
         os.close(fd)
-    assert _read(p) == bytes(model)
+    assert read_file(p) == bytes(model)
     fsys.remount()
     assert os.stat(p).st_size == len(model)
-    assert _read(p) == bytes(model)
+    assert read_file(p) == bytes(model)

@@ -27,7 +27,8 @@ def trio_test(fn: Callable[P, Awaitable[T]]) -> Callable[P, T]:
     return wrapper
 
 
-async def wait_until(pred: Callable[[], object], timeout: float, step: float = 0.01) -> None:
+async def wait_until(pred: Callable[[], object], timeout: float = 5.0,
+                     step: float = 0.01) -> None:
     """Return once pred() is true; trio.TooSlowError after timeout seconds."""
     with trio.fail_after(timeout):
         while not pred():
