@@ -249,8 +249,8 @@ def _run_rounds(fsys, tmp_path, rounds: int, seed: int) -> None:
         if crashed:
             fsys.unmount()
             r = fsys.fsck()
-            assert r.returncode == 0, f"{ctx}: fsck after replay not clean ({r.returncode}):\n" \
-                                      f"{r.stdout}{r.stderr}"
+            assert r.returncode == 0, (f"{ctx}: fsck after replay not clean ({r.returncode}):\n"
+                                       f"{r.stdout}{r.stderr}")
             fsys.mount()
             _verify(fsys.root, expected, ctx + " after fsck", full=False, already=verified)
 

@@ -35,7 +35,7 @@ from clusterfs.fsck.report import Report
 def template(tmp_path_factory):
     """One populated image per module; each test corrupts its own sparse copy."""
     path = str(tmp_path_factory.mktemp("fsck-template") / "img")
-    img, ino = populated(path)
+    _img, ino = populated(path)
     return path, ino
 
 
@@ -379,8 +379,8 @@ def test_extent_over_rgrp_header(image):
     first, _ = img.sb.rgrp_location(3)
     img.poke_inode(ino["other"], payload=encode_records([Extent(0, first, 4)]))
     out = check(img, want=4)
-    assert f"inode {ino['other']}: extent 0+4 -> {first}: block {first} is rgrp 3's " \
-           "header/bitmap" in out
+    assert (f"inode {ino['other']}: extent 0+4 -> {first}: block {first} is rgrp 3's "
+            "header/bitmap") in out
 
 
 def test_extent_past_the_end(image):
@@ -643,7 +643,7 @@ def test_committed_transaction_aimed_outside_the_groups(image):
     finally:
         dev.close()
     out = check(img, want=4)
-    assert "journal 0: committed transaction" in out and f"targets block {target}, " \
-        "outside the resource groups" in out
+    assert "journal 0: committed transaction" in out and (f"targets block {target}, "
+                                                          "outside the resource groups") in out
     check(img, "--repair", want=4)
     assert img.read(target) == before          # never replayed

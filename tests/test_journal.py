@@ -71,7 +71,7 @@ def test_wraparound_and_checkpoint(image):
     for i in range(40):           # 40 x 12 log blocks through a 63-block log
         j.commit({base + k: _meta(base + k, i) for k in range(10)})
     assert j.stats["checkpoints"] >= 5
-    head, txns, _ = scan_journal(dev, sb, 0)
+    _head, txns, _ = scan_journal(dev, sb, 0)
     assert txns and txns[-1][1][base] == _meta(base, 39)
     replay_journal(dev, sb, 0)
     assert all(dev.read(base + k) == _meta(base + k, 39) for k in range(10))

@@ -335,8 +335,7 @@ def test_statfs_reflects_usage(fsys):
     files0 = os.statvfs(fsys.root).f_ffree
     size = 64 << 20
     with open(fsys.path("big"), "wb") as f:
-        for _ in range(size >> 20):
-            f.write(os.urandom(1 << 20))
+        f.writelines(os.urandom(1 << 20) for _ in range(size >> 20))
         f.flush()
         os.fsync(f.fileno())
     free1 = free()

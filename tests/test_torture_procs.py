@@ -70,7 +70,7 @@ async def run_torture(tmp: str, nodes: list[int], *, seconds: float, kill_rounds
                     if not r["ok"]:
                         if r["error"] == "Timeout":
                             stats["timeouts"].append((node, w, res, mode.name))
-                        elif r["error"] not in ("WouldBlock",):
+                        elif r["error"] != "WouldBlock":
                             stats["errors"].append(r)
                         continue
                     checker.granted(node, w, tuple(res), Mode[r["mode"]], rg, r["lkid"])

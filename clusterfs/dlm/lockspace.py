@@ -34,7 +34,7 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import trio
 
@@ -320,7 +320,7 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier):
         self.ls_wake.set()
         self.ls_wake = trio.Event()
 
-    _handlers: dict[int, Any] = {
+    _handlers: ClassVar[dict[int, Any]] = {
         MsgType.DLM_REQUEST: Master._receive_request,
         MsgType.DLM_CONVERT: Master._receive_convert,
         MsgType.DLM_UNLOCK: Master._receive_unlock,

@@ -45,7 +45,8 @@ class Recovery:
                 raise
 
     def _rlog(self, g: int, step: str, *args: Any) -> None:
-        log.info("dlm %s@%d gen %d: recover: " + step, self.ls_name, self.ls_node, g, *args)
+        log.info("dlm %s@%d gen %d: recover: %s", self.ls_name, self.ls_node, g,
+                 step % args if args else step)
 
     async def _recover(self, view: View) -> None:
         """ls_recover: rebuild the lock state for a new view, step by step."""

@@ -115,7 +115,7 @@ def decode_inode(buf: bytes | bytearray | memoryview, ino: int) -> Inode:
      at, mt, ct, atn, mtn, ctn, xlen, plen) = INODE_FIELDS.unpack_from(buf, HEADER_SIZE)
     if xlen > XATTR_INLINE_MAX or plen > PAYLOAD_MAX:
         raise FormatError(f"inode {ino}: area lengths {xlen}/{plen} out of range")
-    if bin(flags & MAP_FLAGS).count("1") != 1:
+    if (flags & MAP_FLAGS).bit_count() != 1:
         raise FormatError(f"inode {ino}: bad data-map flags {flags:#x}")
     if max(atn, mtn, ctn) >= 1_000_000_000:
         raise FormatError(f"inode {ino}: nanoseconds out of range")

@@ -27,4 +27,4 @@ class Reader:
         return self.dev.read(blkno)
 
     def in_device(self, blkno: int, count: int = 1) -> bool:
-        return 0 <= blkno and blkno + count <= self.total_blocks
+        return blkno >= 0 and blkno + count <= self.total_blocks
