@@ -298,6 +298,30 @@ def test_read_ahead_is_raised_before_the_first_request(tmp_path):
 # ------------------------------------------------------------------ crash + replay
 
 
+def test_kill9_after_fsync_keeps_sequential_data(tmp_path):
+    """Data writes are queued and held back until a batch is full; fsync must still
+    put every byte on the device: full batches and a held-back tail, then a crash."""
+    dev = _image(tmp_path)
+    _mkfs(dev)
+    mnt = str(tmp_path / "mnt")
+    data = os.urandom(6 << 20) + os.urandom(12345)
+    m = mountutil.start_mount(dev, mnt)
+    try:
+        fd = os.open(os.path.join(mnt, "seq"), os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            for at in range(0, len(data), 1 << 20):
+                os.pwrite(fd, data[at : at + (1 << 20)], at)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        m.clean_after_crash()                 # kill -9, right after the fsync
+    with mountutil.mounted(dev, mnt):
+        with open(os.path.join(mnt, "seq"), "rb") as f:
+            assert f.read() == data
+    _assert_fsck_clean(dev)
+
+
 def test_kill9_after_fsync_replays(tmp_path):
     dev = _image(tmp_path)
     _mkfs(dev)
