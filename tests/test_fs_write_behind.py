@@ -5,6 +5,7 @@ Direct read-ahead: served bytes are never older than the last write to them."""
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -71,6 +72,62 @@ def test_close_finishes_the_queue(tmp_path):
     with open(path, "rb") as f:
         f.seek(2 * BLOCK_SIZE)
         assert f.read(2 * BLOCK_SIZE) == b"Z" * (2 * BLOCK_SIZE)
+
+
+# -- batching of contiguous direct writes ------------------------------------------
+
+
+@pytest.fixture
+def direct_puts(monkeypatch):
+    """Record every pwrite the direct writer makes, as (offset, length); set `done`
+    once one is made."""
+    calls: list[tuple[int, int]] = []
+    done = threading.Event()
+    real = device._DirectWriter._put
+
+    def put(self, staging, length, offset):
+        real(self, staging, length, offset)
+        calls.append((offset, length))
+        done.set()
+    monkeypatch.setattr(device._DirectWriter, "_put", put)
+    return calls, done
+
+
+def _needs_direct(d: BlockDevice) -> None:
+    if device._open_direct(d.path, os.O_RDONLY) is None:
+        pytest.skip("this file system refuses O_DIRECT: no direct writer, no batches")
+
+
+def test_contiguous_writes_reach_the_device_as_one_write(dev, direct_puts):
+    _needs_direct(dev)
+    calls, _done = direct_puts
+    data = os.urandom(12 * BLOCK_SIZE)
+    for i in range(3):                          # three queued writes, one after another
+        dev.write_behind(i * 4 * BLOCK_SIZE, data[i * 4 * BLOCK_SIZE : (i + 1) * 4 * BLOCK_SIZE])
+    assert calls == []                          # held back: less than a batch
+    dev.flush()                                 # needs them on the device
+    assert calls == [(0, 12 * BLOCK_SIZE)]
+    assert dev.read(0, 12) == data
+
+
+def test_a_full_batch_is_written_without_being_asked(dev, direct_puts, monkeypatch):
+    _needs_direct(dev)
+    monkeypatch.setattr(device, "WRITE_BATCH", 8 * BLOCK_SIZE)
+    calls, done = direct_puts
+    dev.write_behind(0, b"a" * (4 * BLOCK_SIZE))
+    dev.write_behind(4 * BLOCK_SIZE, b"b" * (4 * BLOCK_SIZE))
+    assert done.wait(30), "a full batch stayed in the queue"
+    assert calls == [(0, 8 * BLOCK_SIZE)]
+
+
+def test_a_gap_ends_the_batch(dev, direct_puts):
+    _needs_direct(dev)
+    calls, _done = direct_puts
+    dev.write_behind(0, b"a" * BLOCK_SIZE)
+    dev.write_behind(8 * BLOCK_SIZE, b"b" * BLOCK_SIZE)     # not where the first ended
+    dev.flush()
+    assert sorted(calls) == [(0, BLOCK_SIZE), (8 * BLOCK_SIZE, BLOCK_SIZE)]
+    assert dev.read(0, 1) == b"a" * BLOCK_SIZE and dev.read(8, 1) == b"b" * BLOCK_SIZE
 
 
 # -- direct read-ahead (BlockDevice.advise_willneed + read_data) ---------------------

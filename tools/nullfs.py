@@ -85,6 +85,10 @@ class NullFS(pyfuse3.Operations):
         self.enable_writeback_cache = writeback
         self.nodes: dict[int, Node] = {ROOT: Node(ROOT, stat.S_IFDIR | 0o755)}
         self.next_ino = ROOT + 1
+        self.initialized = trio.Event()       # as clusterfs: set while INIT is handled
+
+    def init(self):
+        self.initialized.set()
 
     # -- helpers
     def _attr(self, n: Node) -> pyfuse3.EntryAttributes:
@@ -281,8 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     pyfuse3.init(fs, mountpoint, opts)
 
     async def raise_readahead():
-        # the same mount read-ahead clusterfs sets, once the kernel has our INIT reply
-        await trio.sleep(0.5)
+        # the same mount read-ahead clusterfs sets, at the same moment: right after
+        # the kernel has our INIT reply
+        await fs.initialized.wait()
         SETTINGS["raise_readahead"](mountpoint)
 
     async def serve():

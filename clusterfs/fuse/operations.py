@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import pyfuse3
+import trio
 from pyfuse3 import (
     EntryAttributes,
     FileHandleT,
@@ -76,7 +77,13 @@ class Operations(pyfuse3.Operations):
         self.root = fs.root
         self._dir_handles: dict[int, list[tuple[bytes, int]]] = {}
         self._next_fh = itertools.count(1)
+        # set while the kernel's INIT is handled: a task waiting on it runs once the
+        # reply is sent, i.e. once the kernel has applied the mount's settings
+        self.initialized = trio.Event()
         fs.invalidate_hook = self._invalidate
+
+    def init(self) -> None:
+        self.initialized.set()
 
     # -- numbering ---------------------------------------------------------------
     def _ino(self, fuse_ino: int) -> int:

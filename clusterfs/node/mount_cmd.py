@@ -180,9 +180,11 @@ async def serve(dev, sb, mountpoint: str, opts: Options, ready: Callable[[], Non
             nursery.start_soon(on_signal)
 
             async def raise_readahead() -> None:
-                # the kernel sets the mount's read-ahead when it handles our INIT
-                # reply, which happens once main() runs: change it after that
-                await trio.sleep(0.5)
+                # the kernel sets the mount's read-ahead when it handles our INIT reply,
+                # so raise it right after that: a file keeps the read-ahead it was
+                # opened with, and one opened under the old 0.5 s sleep read its whole
+                # length in 128 KiB requests (about half the speed)
+                await ops.initialized.wait()
                 _raise_readahead(mountpoint)
 
             nursery.start_soon(raise_readahead)

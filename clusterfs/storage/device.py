@@ -8,6 +8,7 @@ docs/journal.md. For one node buffered I/O is both correct and faster.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -25,6 +26,11 @@ SYNC_FILE_RANGE_WRITE = 2
 WRITEBACK_TRIGGER = 256 * 1024      # a queued write this large starts its writeback at once
 WRITE_BEHIND_LIMIT = 32 << 20       # bytes of data writes that may wait in the queue
 DIRECT_STAGING = 4 << 20            # the aligned buffer O_DIRECT data writes go through
+# Queued data writes that continue one another are held back until this many bytes
+# are waiting (or someone needs them on the device: a drain, a flush, any other I/O)
+# and then written as one: a loop device over tmpfs took 1 MiB O_DIRECT writes at
+# 1482-1974 MiB/s and 4 MiB ones at 3161-3366, with one thread wake-up per batch.
+WRITE_BATCH = DIRECT_STAGING
 # Direct read-ahead: up to AHEAD_CHUNKS reads of AHEAD_CHUNK bytes in flight or ready,
 # made by AHEAD_THREADS threads (a virtio disk behind a loop device streamed 300-600 MiB/s
 # with two reads in flight, about 1250 with four).
@@ -105,16 +111,32 @@ class _DirectWriter:
         fd = _open_direct(path, os.O_WRONLY)
         return None if fd is None else cls(fd)
 
-    def write(self, offset: int, data: memoryview) -> None:
-        done = 0
+    def write(self, offset: int, pieces: list[memoryview]) -> None:
+        """Write the pieces back to back from `offset`, gathered into the staging
+        buffer: one pwrite per DIRECT_STAGING bytes, however the pieces are cut."""
+        filled = 0
         with memoryview(self.staging) as staging:
-            while done < len(data):
-                n = min(len(data) - done, DIRECT_STAGING)
-                staging[:n] = data[done : done + n]
-                written = os.pwrite(self.fd, staging[:n], offset + done)
-                if written % BLOCK_SIZE:
-                    raise OSError(errno.EIO, "short direct write")
-                done += written
+            for data in pieces:
+                done = 0
+                while done < len(data):
+                    n = min(len(data) - done, DIRECT_STAGING - filled)
+                    staging[filled : filled + n] = data[done : done + n]
+                    filled += n
+                    done += n
+                    if filled == DIRECT_STAGING:
+                        self._put(staging, filled, offset)
+                        offset += filled
+                        filled = 0
+            if filled:
+                self._put(staging, filled, offset)
+
+    def _put(self, staging: memoryview, length: int, offset: int) -> None:
+        done = 0
+        while done < length:
+            written = os.pwrite(self.fd, staging[done:length], offset + done)
+            if written % BLOCK_SIZE or written == 0:
+                raise OSError(errno.EIO, "short direct write")
+            done += written
 
     def close(self) -> None:
         os.close(self.fd)
@@ -289,7 +311,12 @@ class _WriteBehind:
     the queue to empty before any other I/O, so the device sees every operation in
     the order it was asked for; durability still comes only from flush(). The first
     failed write is kept and reported by every later wait (as the kernel reports a
-    failed writeback at fsync)."""
+    failed writeback at fsync).
+
+    A queue that is one contiguous run of aligned writes is held back until it holds
+    WRITE_BATCH bytes and then written with one pwrite per staging buffer (a
+    sequential writer's 1 MiB requests become 4 MiB device writes); anyone waiting
+    for the queue (drain, wait_room, stop) has it written at once."""
 
     def __init__(self, fd: int, path: str, limit: int) -> None:
         self.fd = fd
@@ -298,6 +325,9 @@ class _WriteBehind:
         self.cond = threading.Condition()
         self.items: deque[tuple[int, memoryview]] = deque()
         self.pending = 0                  # queued bytes, including the one being written
+        self.waiting = 0                  # queued bytes not yet taken by the thread
+        self.run_end: int | None = None   # where the queue, if one aligned run, ends
+        self.urgent = 0                   # callers waiting for the queue: no holding back
         self.error: str | None = None
         self.stopping = False
         self.direct = _DirectWriter.open(path)
@@ -305,28 +335,57 @@ class _WriteBehind:
         self.thread.start()
 
     def submit(self, offset: int, data: memoryview) -> None:
+        if not self.has_room(len(data)):
+            self.wait_room(len(data))    # writes out what is held back meanwhile
         with self.cond:
-            while self.pending and self.pending + len(data) > self.limit and not self.error:
-                self.cond.wait()
             self._raise_error()
+            if not self.items:
+                self.run_end = offset
             self.items.append((offset, data))
             self.pending += len(data)
-            self.cond.notify_all()
+            self.waiting += len(data)
+            self._extend_run(offset, len(data))
+            if not self._hold_back():
+                self.cond.notify_all()
+
+    def _extend_run(self, offset: int, length: int) -> None:
+        """Keep run_end for a write appended to the queue (called under cond)."""
+        if self.run_end == offset and not (offset | length) % BLOCK_SIZE:
+            self.run_end = offset + length
+        else:
+            self.run_end = None
+
+    def _hold_back(self) -> bool:
+        """Leave the queue for now: it is one contiguous run, aligned for the direct
+        writer, shorter than a batch, and nobody waits for it (called under cond)."""
+        return not (self.urgent or self.stopping or self.run_end is None
+                    or self.waiting >= WRITE_BATCH or self.direct is None)
 
     def has_room(self, length: int) -> bool:
         return self.pending == 0 or self.pending + length <= self.limit
 
     def wait_room(self, length: int) -> None:
-        with self.cond:
+        with self._urgently():
             while not self.has_room(length) and not self.error:
                 self.cond.wait()
 
     def drain(self) -> None:
         """Wait until every queued write is done; raise if one failed."""
-        with self.cond:
+        with self._urgently():
             while self.pending and not self.error:
                 self.cond.wait()
             self._raise_error()
+
+    @contextlib.contextmanager
+    def _urgently(self):
+        """Hold cond, with the thread told to write everything queued meanwhile."""
+        with self.cond:
+            self.urgent += 1
+            self.cond.notify_all()
+            try:
+                yield
+            finally:
+                self.urgent -= 1
 
     def _raise_error(self) -> None:
         if self.error is not None:
@@ -335,31 +394,62 @@ class _WriteBehind:
     def _run(self) -> None:
         while True:
             with self.cond:
-                while not self.items and not self.stopping:
+                while not self.stopping and (not self.items or self._hold_back()):
                     self.cond.wait()
                 if not self.items:
                     return
-                offset, data = self.items.popleft()
-            failed = self._write(offset, data)
+                offset, pieces = self._take_run()
+            size = sum(len(d) for d in pieces)
+            failed = self._write(offset, pieces)
             with self.cond:
                 if failed is not None and self.error is None:
                     self.error = failed
-                self.pending -= len(data)
+                self.pending -= size
                 if self.error is not None:
                     self.pending -= sum(len(d) for _o, d in self.items)
+                    self.waiting = 0
+                    self.run_end = None
                     self.items.clear()
                 self.cond.notify_all()
 
-    def _write(self, offset: int, data: memoryview) -> str | None:
+    def _take_run(self) -> tuple[int, list[memoryview]]:
+        """The first queued write and those continuing it, up to WRITE_BATCH bytes when
+        they can go through the direct writer together (called under cond)."""
+        offset, data = self.items.popleft()
+        pieces, end, size = [data], offset + len(data), len(data)
         if self.direct is not None and not (offset | len(data)) % BLOCK_SIZE:
+            while self.items and size < WRITE_BATCH:
+                nxt, more = self.items[0]
+                if nxt != end or len(more) % BLOCK_SIZE or size + len(more) > WRITE_BATCH:
+                    break
+                self.items.popleft()
+                pieces.append(more)
+                end += len(more)
+                size += len(more)
+        self.waiting -= size
+        self.run_end = self.items[0][0] if self.items else None
+        for o, d in self.items:          # what is left, once per batch taken
+            self._extend_run(o, len(d))
+        return offset, pieces
+
+    def _write(self, offset: int, pieces: list[memoryview]) -> str | None:
+        if self.direct is not None and not (offset | len(pieces[0])) % BLOCK_SIZE:
             try:
-                self.direct.write(offset, data)
+                self.direct.write(offset, pieces)
                 return None
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     return f"write at {offset}: {exc.strerror}"
                 self.direct.close()      # alignment refused: buffered from now on
                 self.direct = None
+        for data in pieces:
+            failed = self._write_buffered(offset, data)
+            if failed is not None:
+                return failed
+            offset += len(data)
+        return None
+
+    def _write_buffered(self, offset: int, data: memoryview) -> str | None:
         try:
             done = 0
             while done < len(data):
