@@ -75,7 +75,8 @@ def test_second_lockd_for_a_running_node_is_refused(cluster3) -> None:
     r = subprocess.run([sys.executable, "-m", "clusterfs.cli", "lockd", "--config",
                         str(cluster3.config_path), "--node-id", "2", "--control",
                         str(cluster3.dir / "second.sock"), "--fence-pid-dir",
-                        str(cluster3.fence_dir)], capture_output=True, text=True, timeout=120)
+                        str(cluster3.fence_dir), "--state-dir", str(cluster3.state_dir)],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r
     assert f"node 2 already runs as pid {cluster3.procs[2].pid}" in r.stderr
     assert read_pid_file(cluster3.fence_dir, 2) == identity_of(cluster3.procs[2].pid)

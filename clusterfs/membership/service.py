@@ -62,7 +62,8 @@ from typing import Any, Protocol
 import trio
 
 from clusterfs.comms.interface import Endpoint, Envelope
-from clusterfs.errors import Expelled, PeerUnreachable
+from clusterfs.errors import Expelled, PeerUnreachable, StateError
+from clusterfs.membership.generation_record import GenerationRecord, MemoryGenerationRecord
 from clusterfs.membership.view import Event, ExpelledEvent, Fenced, View, ViewChange
 from clusterfs.wire.types import MsgType
 
@@ -142,7 +143,8 @@ class MembershipService:
     def __init__(self, endpoint: Endpoint, node_ids: Iterable[int], *,
                  heartbeat_interval: float = 0.5, failure_timeout: float = 3.0,
                  fence_agent: FenceHook | None = None, incarnation: int | None = None,
-                 settle: float | None = None) -> None:
+                 settle: float | None = None,
+                 generation_record: GenerationRecord | None = None) -> None:
         self.endpoint = endpoint
         self.node_id = endpoint.node_id
         self.node_ids = frozenset(node_ids)
@@ -161,9 +163,14 @@ class MembershipService:
         self._view_body: dict[str, Any] | None = None     # handed on as `prior`
         self._fenced_here: list[int] | None = None        # Fenced delivered in this view
         self.installed_incarnations: dict[int, dict[int, int]] = {}   # gen -> members
-        self._promised: Key = NO_VIEW
+        # what an earlier life of this node promised (generation_record.py): we
+        # promise and propose only above it, so generations grow across restarts
+        self.generation_record = (generation_record if generation_record is not None
+                                  else MemoryGenerationRecord())
+        earlier = self.generation_record.durable
+        self._promised: Key = (earlier, -1, 0) if earlier else NO_VIEW
         self._promised_body: dict[str, Any] | None = None
-        self._max_gen = 0
+        self._max_gen = earlier
         self._removed: dict[int, int] = {}
         self._pending_fence: dict[int, int] = {}
         self._peers: dict[int, PeerInfo] = {}
@@ -441,6 +448,13 @@ class MembershipService:
                  body["quorate"])
         self._promised = key
         self._promised_body = body
+        durable, why = await self._make_durable(key)
+        if not durable:
+            self.proposals_failed += 1
+            log.error("node %d gen %d: not proposing view %d: %s", self.node_id,
+                      self.view.generation, gen, why)
+            await trio.sleep(self.interval)
+            return
         others = [n for n in target if n != self.node_id]
         # phase 1: propose; every target promises (or refuses) and tells us what it holds
         replies, missing = await self._phase(key, others, MsgType.VIEW_PROPOSE, body, members)
@@ -487,6 +501,19 @@ class MembershipService:
                 "members": members, "base": sorted(base), "bkey": list(self._view_key),
                 "bfenced": self._fenced_here, "quorate": quorate, "removed": removed,
                 "fence": pending, "prior": self._view_body}
+
+    async def _make_durable(self, key: Key) -> tuple[bool, str]:
+        """Record the generation we just promised before anyone may count on the
+        promise; (True, "") once it is, else (False, why) and the promise is void."""
+        try:
+            await self.generation_record.raise_to(key[0])
+            return True, ""
+        except StateError as exc:
+            log.error("node %d gen %d: cannot record generation %d: %s", self.node_id,
+                      self.view.generation, key[0], exc)
+            if self._promised == key:
+                self._promised_body = None    # a commit of it is refused
+            return False, "generation not durable"
 
     def _superseded(self, key: Key, body: Mapping[str, Any]) -> bool:
         """True if we may no longer decide this proposal: we promised a newer one,
@@ -651,7 +678,8 @@ class MembershipService:
         if ok:
             self._promised = (gen, coord, cinc)
             self._promised_body = b
-        else:
+            ok, why = await self._make_durable((gen, coord, cinc))
+        if not ok:
             log.info("node %d gen %d: refusing view %d from %d: %s", self.node_id,
                      self.view.generation, gen, coord, why)
         await self._send(coord, MsgType.VIEW_ACK,
@@ -722,6 +750,9 @@ class MembershipService:
             log.error("node %d gen %d: not installing older view %d", self.node_id,
                       self.view.generation, gen)
             return
+        if gen > self.generation_record.durable:   # we promised it first: never happens
+            log.error("node %d gen %d: installing view %d above the recorded generation %d",
+                      self.node_id, self.view.generation, gen, self.generation_record.durable)
         self._deliver_base_fenced(b)
         members = {int(k): int(v) for k, v in b["members"].items()}
         base = frozenset(int(n) for n in b["base"])
