@@ -107,7 +107,13 @@ def _guarded(fn: Callable[[MembershipService, Envelope], Awaitable[None]]
 
 
 class FenceHook(Protocol):
-    async def fence(self, node_id: int, generation: int) -> None: ...
+    async def fence(self, node_id: int, generation: int,
+                    incarnation: int | None = None) -> None: ...
+
+
+def new_incarnation() -> int:
+    """A random odd 63-bit incarnation: a node's identity for one life."""
+    return secrets.randbits(63) | 1
 
 
 @dataclass
@@ -155,7 +161,7 @@ class MembershipService:
         self.timeout = failure_timeout
         self.settle = 2.5 * heartbeat_interval if settle is None else settle
         self.fence_agent = fence_agent
-        self.incarnation = incarnation if incarnation is not None else secrets.randbits(63) | 1
+        self.incarnation = incarnation if incarnation is not None else new_incarnation()
         self.state = JOINING
         self.view = View(0, frozenset({self.node_id}), False, self.cluster_size)
         self._incs: dict[int, int] = {}
@@ -804,19 +810,22 @@ class MembershipService:
                 return
         assert self._nursery is not None
         self._fencing_gen = v.generation
-        self._nursery.start_soon(self._fence, v.generation, frozenset(self._pending_fence))
+        self._nursery.start_soon(self._fence, v.generation, dict(self._pending_fence))
 
-    async def _fence(self, gen: int, nodes: frozenset[int]) -> None:
+    async def _fence(self, gen: int, incarnations: Mapping[int, int]) -> None:
+        """Fence each removed node's incarnation (node -> incarnation the view saw)."""
+        nodes = frozenset(incarnations)
         for n in sorted(nodes):
             while True:
                 if self.view.generation != gen:
                     log.info("node %d gen %d: fencing for view %d superseded", self.node_id,
                              self.view.generation, gen)
                     return
-                log.info("node %d gen %d: fencing node %d", self.node_id, gen, n)
+                log.info("node %d gen %d: fencing node %d (incarnation %#x)", self.node_id,
+                         gen, n, incarnations[n])
                 try:
                     if self.fence_agent is not None:
-                        await self.fence_agent.fence(n, gen)
+                        await self.fence_agent.fence(n, gen, incarnations[n])
                     break
                 except Exception as exc:  # an agent failure must not kill membership
                     log.error("node %d gen %d: fencing node %d failed: %s; retrying",

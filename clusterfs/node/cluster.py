@@ -34,7 +34,7 @@ from clusterfs.comms.tcp import TcpEndpoint
 from clusterfs.config import ClusterConfig, load_config
 from clusterfs.fence.agent import FenceAgent, NoopAgent
 from clusterfs.membership.generation_record import GenerationRecord
-from clusterfs.membership.service import MembershipService
+from clusterfs.membership.service import MembershipService, new_incarnation
 
 
 @dataclass
@@ -98,11 +98,11 @@ def _event_json(ev: object) -> str:
 
 
 async def _serve_main(config: str, node_id: int, pid_dir: str | None,
-                      record: GenerationRecord | None) -> None:
+                      record: GenerationRecord | None, incarnation: int) -> None:
     from clusterfs.fence.agent import ProcessAgent
 
     agent = ProcessAgent(pid_dir=pid_dir) if pid_dir else None
-    async with open_cluster_node(config, node_id, fence_agent=agent,
+    async with open_cluster_node(config, node_id, fence_agent=agent, incarnation=incarnation,
                                  generation_record=record) as node:
         print(f'{{"event": "started", "node": {node_id}, "pid": {os.getpid()}}}', flush=True)
         async for ev in node.membership.subscribe():
@@ -123,12 +123,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"%(asctime)s node{args.node_id} %(name)s: %(message)s")
+    incarnation = new_incarnation()   # recorded, so a fence of an earlier life spares us
     if args.fence_pid_dir:   # before joining: whoever may count on us can also fence us
         from clusterfs.errors import FenceError
         from clusterfs.fence.pidfile import write_pid_file
 
         try:
-            write_pid_file(args.fence_pid_dir, args.node_id)
+            write_pid_file(args.fence_pid_dir, args.node_id, incarnation)
         except (FenceError, OSError) as exc:   # another live node N, or an unusable DIR
             print(f"--fence-pid-dir: {exc}", file=sys.stderr)
             return 2
@@ -143,17 +144,19 @@ def main(argv: list[str] | None = None) -> int:
         except StateError as exc:
             print(f"--state-dir: {exc}", file=sys.stderr)
             return 2
-    return _run_node(args, record)
+    return _run_node(args, record, incarnation)
 
 
-def _run_node(args: argparse.Namespace, record: GenerationRecord | None) -> int:
+def _run_node(args: argparse.Namespace, record: GenerationRecord | None,
+              incarnation: int) -> int:
     """Run until interrupted; the exit status. trio >= 0.25 groups errors leaving a
     nursery, hence except*."""
     from clusterfs.errors import ConfigError
 
     code = 0
     try:
-        trio.run(_serve_main, args.config, args.node_id, args.fence_pid_dir, record)
+        trio.run(_serve_main, args.config, args.node_id, args.fence_pid_dir, record,
+                 incarnation)
     except* ConfigError as group:
         print(f"config error: {group.exceptions[0]}", file=sys.stderr)
         code = 2

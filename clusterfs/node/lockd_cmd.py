@@ -5,9 +5,11 @@ Runs the cluster stack (TCP comms + membership) and the DLM with one lockspace
 /run/clusterfs/lockd-<node>.sock, or --control PATH).
 
 Fencing: with --fence-pid-dir DIR, lockd records itself in DIR/node<ID>.pid
-(pid and start time) before it joins, removes the file when it stops cleanly,
-and fences a dead node by SIGKILL of the process that node's file names
-(clusterfs.fence.agent.ProcessAgent). Without it, fencing is the noop agent.
+(pid, start time and the incarnation it joins with) before it joins, leaves the
+file when it stops, and fences a dead node by SIGKILL of the process that node's
+file names, unless the file names a later incarnation (the node was restarted:
+the dead one is gone) (clusterfs.fence.agent.ProcessAgent). Without it, fencing
+is the noop agent.
 
 Generations: lockd keeps the highest generation it has promised in
 DIR/node<ID>.generation (--state-dir DIR, default /var/lib/clusterfs, created if
@@ -107,9 +109,13 @@ def run(args: argparse.Namespace) -> int:
         print(f"clusterfs lockd: {exc}", file=sys.stderr)
         return 2
     # Written before we join membership: from the moment the others may count
-    # on us, they can also fence us.
+    # on us, they can also fence us. The record names the incarnation we join
+    # with, so a fence of an earlier life of this node never kills this one.
+    from clusterfs.membership.service import new_incarnation
+
+    incarnation = new_incarnation()
     try:
-        _claim_pid_file(args.fence_pid_dir, args.node_id)
+        _claim_pid_file(args.fence_pid_dir, args.node_id, incarnation)
     except FenceError as exc:         # another live lockd holds this node id
         print(f"clusterfs lockd: {exc}", file=sys.stderr)
         return 2
@@ -120,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     # The file stays after we exit, clean or not: the others notice only that we went
     # silent, and fence us by this record (a pid that is gone counts as fenced at once).
     # Removing it would leave them no proof, and their recovery would wait.
-    return _run_service(args, control, record)
+    return _run_service(args, control, record, incarnation)
 
 
 def _open_generation_record(state_dir: str | None, node_id: int) -> GenerationFile:
@@ -134,22 +140,23 @@ def _open_generation_record(state_dir: str | None, node_id: int) -> GenerationFi
     return GenerationFile(state_dir, node_id)
 
 
-def _claim_pid_file(pid_dir: str | None, node_id: int) -> None:
+def _claim_pid_file(pid_dir: str | None, node_id: int, incarnation: int) -> None:
     if not pid_dir:
         return
     from clusterfs.fence.pidfile import write_pid_file
 
-    write_pid_file(pid_dir, node_id)
+    write_pid_file(pid_dir, node_id, incarnation)
 
 
-def _run_service(args: argparse.Namespace, control: str, record: GenerationFile) -> int:
+def _run_service(args: argparse.Namespace, control: str, record: GenerationFile,
+                 incarnation: int) -> int:
     """Run lockd; the exit status. Errors leaving trio's nurseries may come grouped
     (trio >= 0.25), hence except*."""
     code = 0
     expelled = False
     try:
         expelled = trio.run(serve, args.config, args.node_id, control, args.fence_pid_dir,
-                            record)
+                            record, incarnation)
     except* ConfigError as group:
         print(f"clusterfs lockd: config error: {group.exceptions[0]}", file=sys.stderr)
         code = 2
@@ -162,7 +169,8 @@ def _run_service(args: argparse.Namespace, control: str, record: GenerationFile)
 
 
 async def serve(config: str, node_id: int, control: str, fence_pid_dir: str | None,
-                generation_record: GenerationRecord | None = None) -> bool:
+                generation_record: GenerationRecord | None = None,
+                incarnation: int | None = None) -> bool:
     """Serve until told to quit (False) or expelled from the cluster (True). Expulsion is
     a return value, not an exception: it needs no unwrapping from trio's groups."""
     from clusterfs.dlm.lockspace import open_dlm
@@ -171,7 +179,7 @@ async def serve(config: str, node_id: int, control: str, fence_pid_dir: str | No
 
     agent: FenceAgent | None = ProcessAgent(pid_dir=fence_pid_dir) if fence_pid_dir else None
     Path(control).parent.mkdir(parents=True, exist_ok=True)
-    async with open_cluster_node(config, node_id, fence_agent=agent,
+    async with open_cluster_node(config, node_id, fence_agent=agent, incarnation=incarnation,
                                  generation_record=generation_record) as node:
         async with open_dlm(node.endpoint, node.membership) as dlm:
             ls = await dlm.new_lockspace("default")
