@@ -26,6 +26,10 @@ from clusterfs.membership.state import (
 )
 from clusterfs.wire.types import MsgType
 
+# a target that does not answer although we hear its heartbeats is suspected (left
+# out of the next proposal) only after this many rounds in a row without its answer
+ROUNDS_BEFORE_SUSPECT = 3
+
 
 class Proposals(Promises):
     def _evaluate(self) -> None:
@@ -125,6 +129,7 @@ class Proposals(Promises):
             await trio.sleep(self.interval)
             return
         others = [n for n in target if n != self.node_id]
+        started = trio.current_time()
         # phase 1: propose; every target promises (or refuses) and tells us what it holds
         replies, missing = await self._phase(key, others, MsgType.VIEW_PROPOSE, body, members)
         refused = {n for n, r in replies.items() if not r["ok"]}
@@ -139,9 +144,10 @@ class Proposals(Promises):
             if not (missing or refused or self._superseded(key, body)
                     or self._tentative is not body):
                 self._learn_fenced(replies)
+                self._unanswered.clear()
                 await self._activate(body, others)
                 return
-        self._round_failed(gen, refused, missing, replies, learned)
+        self._round_failed(gen, refused, missing, replies, learned, started, members)
         await trio.sleep(random.uniform(0, self.interval))
 
     def _proposal_body(self, gen: int, target: frozenset[int], base: frozenset[int]
@@ -188,17 +194,35 @@ class Proposals(Promises):
         self._install(activation)
 
     def _round_failed(self, gen: int, refused: set[int], missing: set[int],
-                      replies: Mapping[int, Mapping[str, Any]], learned: bool) -> None:
+                      replies: Mapping[int, Mapping[str, Any]], learned: bool,
+                      started: float, members: Mapping[int, int]) -> None:
         self.proposals_failed += 1
         now = trio.current_time()
-        # no answer, or cannot follow our view at all (missed more than one view):
-        # leave it out of the next proposal
+        # cannot follow our view at all (missed more than one view), or no answer:
+        # leave it out of the next proposal - but a target we heard from during the
+        # round is alive, and only a message was lost: ask it again, a few rounds in
+        # a row (a link that carries its heartbeats but never our proposals, an
+        # asymmetric cut, is then suspected too). Left out of a quorate view, a live
+        # node is expelled and must restart.
         behind = {n for n in refused if replies[n].get("why") == BEHIND}
-        for n in missing | behind:
+        for n in replies:
+            self._unanswered.pop(n, None)
+        retried = {n for n in missing if self._heard_since(n, members[n], started)
+                   and self._unanswered.get(n, 0) + 1 < ROUNDS_BEFORE_SUSPECT}
+        for n in retried:
+            self._unanswered[n] = self._unanswered.get(n, 0) + 1
+        for n in (missing - retried) | behind:
+            self._unanswered.pop(n, None)
             self._suspect_until[n] = now + self.timeout
         log.info("node %d gen %d: proposal %d failed (refused by %s, no answer from %s, "
-                 "behind %s, learned %s)", self.node_id, self.view.generation, gen,
-                 sorted(refused), sorted(missing), sorted(behind), learned)
+                 "behind %s, asked again %s, learned %s)", self.node_id,
+                 self.view.generation, gen, sorted(refused), sorted(missing), sorted(behind),
+                 sorted(retried), learned)
+
+    def _heard_since(self, n: int, inc: int, since: float) -> bool:
+        """A heartbeat of incarnation inc of node n arrived after `since`."""
+        p = self._peers.get(n)
+        return p is not None and p.inc == inc and p.last_seen > since
 
     async def _phase(self, key: Key, others: list[int], mtype: int, body: Any,
                      members: Mapping[int, int]

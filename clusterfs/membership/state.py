@@ -129,6 +129,7 @@ class MembershipState:
         self._pending_fence: dict[int, int] = {}
         self._peers: dict[int, PeerInfo] = {}
         self._suspect_until: dict[int, float] = {}
+        self._unanswered: dict[int, int] = {}   # rounds in a row a live target missed
         self._expel_sent_at: dict[int, float] = {}
         self._activation_sent_at: dict[int, float] = {}
         self._acks: dict[int, Mapping[str, Any]] | None = None
