@@ -65,6 +65,10 @@ class Expelled(ClusterFSError):
     """This node was removed from the cluster; it must restart clean."""
 
 
+class StateError(ClusterFSError):
+    """A node's durable membership state is missing, corrupt or cannot be written."""
+
+
 class FenceError(ClusterFSError):
     """A fencing agent could not confirm that a removed node can no longer write."""
 

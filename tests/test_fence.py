@@ -19,10 +19,12 @@ from clusterfs.errors import ClusterFSError, FenceError
 from clusterfs.fence import agent as agent_module
 from clusterfs.fence.agent import NoopAgent, ProcessAgent
 from clusterfs.fence.pidfile import (
+    PidRecord,
     ProcessIdentity,
     identity_of,
     pid_file_path,
     read_pid_file,
+    read_pid_record,
     write_pid_file,
 )
 from clusterfs.node.lockbench_cmd import LocalLockCluster
@@ -40,12 +42,14 @@ def sleeper() -> Iterator[subprocess.Popen[bytes]]:
     proc.wait()
 
 
-def record(pid_dir: Path, node_id: int, who: ProcessIdentity) -> None:
-    pid_file_path(pid_dir, node_id).write_text(f"{who.pid} {who.start_time}\n")
+def record(pid_dir: Path, node_id: int, who: ProcessIdentity,
+           incarnation: int | None = None) -> None:
+    inc = "" if incarnation is None else f" {incarnation:x}"
+    pid_file_path(pid_dir, node_id).write_text(f"{who.pid} {who.start_time}{inc}\n")
 
 
-def fence(agent: ProcessAgent, node_id: int) -> None:
-    trio.run(agent.fence, node_id, 7)
+def fence(agent: ProcessAgent, node_id: int, incarnation: int | None = None) -> None:
+    trio.run(agent.fence, node_id, 7, incarnation)
 
 
 # -- pid files -------------------------------------------------------------------------
@@ -57,6 +61,14 @@ def test_pid_file_records_pid_and_start_time(tmp_path: Path) -> None:
     assert me.start_time == int(fields[22 - 3])          # field 22: starttime
     assert read_pid_file(tmp_path / "new", 4) == me
     assert [p.name for p in (tmp_path / "new").iterdir()] == ["node4.pid"]   # no temp left
+
+
+def test_pid_file_records_the_incarnation(tmp_path: Path) -> None:
+    me = write_pid_file(tmp_path, 4, 0xABC1)
+    assert pid_file_path(tmp_path, 4).read_text() == f"{me.pid} {me.start_time} abc1\n"
+    assert read_pid_record(tmp_path, 4) == PidRecord(me, 0xABC1)
+    record(tmp_path, 5, me)                                # an older two-field record
+    assert read_pid_record(tmp_path, 5) == PidRecord(me, None)
 
 
 def test_pid_file_of_a_live_process_is_not_taken_over(tmp_path: Path, sleeper) -> None:
@@ -75,7 +87,8 @@ def test_second_lockd_for_a_running_node_is_refused(cluster3) -> None:
     r = subprocess.run([sys.executable, "-m", "clusterfs.cli", "lockd", "--config",
                         str(cluster3.config_path), "--node-id", "2", "--control",
                         str(cluster3.dir / "second.sock"), "--fence-pid-dir",
-                        str(cluster3.fence_dir)], capture_output=True, text=True, timeout=120)
+                        str(cluster3.fence_dir), "--state-dir", str(cluster3.state_dir)],
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r
     assert f"node 2 already runs as pid {cluster3.procs[2].pid}" in r.stderr
     assert read_pid_file(cluster3.fence_dir, 2) == identity_of(cluster3.procs[2].pid)
@@ -96,6 +109,37 @@ def test_live_process_is_killed_and_reported_fenced(tmp_path: Path, sleeper) -> 
     fence(agent, 2)                                        # returns only once it is gone
     assert sleeper.poll() == -signal.SIGKILL               # already exited: poll just reaps
     assert agent.calls == [(2, 7)]
+
+
+def test_the_recorded_incarnation_itself_is_killed(tmp_path: Path, sleeper) -> None:
+    who = identity_of(sleeper.pid)
+    assert who is not None
+    record(tmp_path, 2, who, incarnation=0x51)
+    fence(ProcessAgent(pid_dir=tmp_path), 2, incarnation=0x51)
+    assert sleeper.poll() == -signal.SIGKILL
+
+
+def test_a_record_of_a_later_incarnation_is_not_killed(tmp_path: Path, sleeper,
+                                                      caplog: pytest.LogCaptureFixture
+                                                      ) -> None:
+    """The node was restarted (as incarnation 0x77) after the incarnation a view removed
+    (0x51): the restart replaced the record only once 0x51's process was gone."""
+    who = identity_of(sleeper.pid)
+    assert who is not None
+    record(tmp_path, 2, who, incarnation=0x77)
+    with caplog.at_level(logging.INFO, logger="clusterfs.fence.agent"):
+        fence(ProcessAgent(pid_dir=tmp_path), 2, incarnation=0x51)
+    assert sleeper.poll() is None                          # the restarted node lives on
+    assert "restarted since as incarnation 0x77" in caplog.text
+
+
+def test_an_unknown_incarnation_on_either_side_fences_the_recorded_process(
+        tmp_path: Path, sleeper) -> None:
+    who = identity_of(sleeper.pid)
+    assert who is not None
+    record(tmp_path, 2, who)                               # the record does not say
+    fence(ProcessAgent(pid_dir=tmp_path), 2, incarnation=0x51)
+    assert sleeper.poll() == -signal.SIGKILL
 
 
 def test_identity_mismatch_kills_nothing_and_counts_fenced(tmp_path: Path, sleeper) -> None:
@@ -200,3 +244,25 @@ def test_lockd_quitting_cleanly_keeps_its_record_so_survivors_go_on(cluster3) ->
     wait_for("nodes 1 and 3 run without node 2",
              lambda: all(status(cluster3, n)["members"] == [1, 3]
                          and status(cluster3, n)["running"] for n in (1, 3)), cluster3)
+
+
+def test_lockd_restarted_before_its_old_life_is_fenced_is_not_killed(tmp_path: Path) -> None:
+    """kill -9 lockd 3 and start it again at once. Its new incarnation's heartbeats make
+    the coordinator remove the old one, whose fence comes after the new process has
+    replaced the record (the record is written before the new process joins). A fence
+    by node id SIGKILLed the new process; fenced by incarnation, it lives and rejoins.
+    The long failure timeout only makes sure the restart beats the timeout."""
+    with LocalLockCluster([1, 2, 3], workdir=str(tmp_path), failure_timeout=6.0,
+                          verbose=True) as cluster:
+        cluster.start_all()
+        cluster.kill(3)
+        cluster.start(3)
+        restarted = cluster.procs[3]
+        cluster.wait_ready(3)
+        cluster.wait_running([1, 2, 3])
+        assert restarted.poll() is None, cluster.log_tail(3)
+        assert cluster.procs[3] is restarted
+        coordinator = cluster.log_tail(1, 10**7)
+        assert "node 3 fenced: incarnation" in coordinator, coordinator[-3000:]
+        assert "restarted since as incarnation" in coordinator
+        assert "SIGKILL" not in coordinator

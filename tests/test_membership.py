@@ -14,6 +14,7 @@ import trio.testing
 from clusterfs.comms.memory import MemoryNetwork
 from clusterfs.errors import Expelled, PeerUnreachable
 from clusterfs.fence.agent import NoopAgent
+from clusterfs.membership.generation_record import MemoryGenerationRecord
 from clusterfs.membership.service import EXPELLED, MEMBER, MembershipService
 from clusterfs.membership.view import ExpelledEvent, Fenced, ViewChange
 
@@ -91,6 +92,8 @@ class Sim:
         self.agents: dict[int, NoopAgent] = {}
         # node id -> wraps that node's endpoint (a scripted message schedule)
         self.wrap: dict[int, Callable] = {}
+        # node id -> its generation record, handed to every life of that node
+        self.records: dict[int, MemoryGenerationRecord] = {}
 
     async def start(self, nid: int) -> MembershipService:
         ep = self.net.endpoint(nid)
@@ -102,7 +105,8 @@ class Sim:
         agent = NoopAgent()
         ms = MembershipService(ep, self.ids, heartbeat_interval=INTERVAL,
                                failure_timeout=TIMEOUT, fence_agent=agent,
-                               incarnation=self.rng.getrandbits(63) | 1)
+                               incarnation=self.rng.getrandbits(63) | 1,
+                               generation_record=self.records.get(nid))
 
         async def run(task_status=trio.TASK_STATUS_IGNORED):
             with scope:

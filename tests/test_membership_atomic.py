@@ -6,14 +6,16 @@ before views were tied to their base view (see docs/cluster.md, "Agreement")."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 import pytest
+import trio
 from test_membership import DETECT, Sim, mock_trio, with_sim
 from test_membership_churn import Log, check_invariants, run_seed
 
-from clusterfs.membership.view import Fenced, ViewChange
+from clusterfs.membership.view import ExpelledEvent, Fenced, ViewChange
 from clusterfs.wire.types import MsgType
 
 IDS = [1, 2, 3, 4, 5]
@@ -155,3 +157,66 @@ async def test_member_that_lost_every_copy_of_the_activation_gets_it_again():
         await sim.until(lambda: sim.agreed([1, 2, 3], {1, 2, 3}), DETECT)
         check_invariants([Log.of(i, sim.nodes[i]) for i in (1, 2, 3)])
     await with_sim([1, 2, 3], body)
+
+
+def drop_acks(made: dict[int, Dropper], nid: int, skip: int, count: float) -> list[int]:
+    """Node nid's answers (VIEW_ACK) are lost: after the first `skip`, the next `count`
+    of them; the returned list names the node each lost answer was for."""
+    seen: list[int] = []
+    lost: list[int] = []
+
+    def rule(dest: int, mtype: int) -> bool:
+        if mtype != MsgType.VIEW_ACK:
+            return False
+        seen.append(dest)
+        if skip < len(seen) <= skip + count:
+            lost.append(dest)
+            return True
+        return False
+    made[nid].rule = rule
+    return lost
+
+
+@pytest.mark.parametrize("phase", ["propose", "commit"])
+@mock_trio
+async def test_a_lost_answer_of_a_live_member_does_not_expel_it(phase):
+    """Node 5 dies; node 3's answer to node 1's proposal (or to its commit) is lost on
+    the way, while node 3's heartbeats go on arriving. Before, one missing answer made
+    node 3 a suspect: the next view left it out and, being quorate, expelled it (lockd
+    exits 3 and must restart). Now node 1 asks it again."""
+    async def body(sim):
+        made = dropper_on(sim, 3)
+        for i in IDS:
+            await sim.start(i)
+        await sim.until(lambda: sim.agreed(IDS, set(IDS)), 10)
+        gen = sim.nodes[1].view.generation
+        # the promise is lost; or the promise goes through and the commit's answer is lost
+        lost = drop_acks(made, 3, skip=0 if phase == "propose" else 1, count=1)
+        sim.kill(5)
+        await sim.until(lambda: sim.agreed([1, 2, 3, 4], {1, 2, 3, 4}), 3 * DETECT)
+        await trio.sleep(2 * DETECT)      # (virtual time) a suspect would be left out now
+        assert sim.agreed([1, 2, 3, 4], {1, 2, 3, 4})
+        assert lost == [1]
+        for i in (1, 2, 3, 4):
+            assert all(3 in v for v in views_of(sim, i)), views_of(sim, i)
+        assert not any(isinstance(e, ExpelledEvent) for e in sim.nodes[3].events)
+        assert sim.nodes[1].view.generation > gen
+        check_invariants([Log.of(i, sim.nodes[i]) for i in (1, 2, 3, 4)])
+    await with_sim(IDS, body)
+
+
+@mock_trio
+async def test_a_member_that_never_answers_is_still_left_out():
+    """Node 3's heartbeats arrive but none of its answers ever does (a one-way cut):
+    after a few rounds node 1 suspects it anyway, and the others go on without it -
+    asking again must not stall view changes for ever."""
+    async def body(sim):
+        made = dropper_on(sim, 3)
+        for i in IDS:
+            await sim.start(i)
+        await sim.until(lambda: sim.agreed(IDS, set(IDS)), 10)
+        drop_acks(made, 3, skip=0, count=math.inf)
+        sim.kill(5)
+        await sim.until(lambda: sim.agreed([1, 2, 4], {1, 2, 4}), 6 * DETECT)
+        check_invariants([Log.of(i, sim.nodes[i]) for i in (1, 2, 4)])
+    await with_sim(IDS, body)

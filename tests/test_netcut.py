@@ -64,7 +64,7 @@ class Lockd:
         self.log_path = os.path.join(workdir, f"lockd-{n}.log")
         log = open(self.log_path, "ab")  # noqa: SIM115
         argv = [sys.executable, "-m", "clusterfs.cli", "lockd", "--config", config,
-                "--node-id", str(n), "--control", self.control, "-v"]
+                "--node-id", str(n), "--control", self.control, "--state-dir", workdir, "-v"]
         self.proc = subprocess.Popen(lab.run(n, argv), stdout=subprocess.DEVNULL,
                                      stderr=log)
         log.close()

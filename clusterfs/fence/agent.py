@@ -1,15 +1,17 @@
 """Fencing agents: make sure a removed node can no longer touch the shared disk.
 
-The membership coordinator calls `await agent.fence(node_id, generation)` for every
-node a quorate view removed, and only when every call returned does it announce
-FENCE_DONE (membership publishes `Fenced`, and DLM recovery may go on). An agent
-raises FenceError when it could not prove the node fenced; the coordinator logs
-it and tries again, so recovery waits rather than proceed on an unproven fence.
+The membership coordinator calls `await agent.fence(node_id, generation, incarnation)`
+for every node a quorate view removed (with the incarnation that view removed), and
+only when every call returned does it announce FENCE_DONE (membership publishes
+`Fenced`, and DLM recovery may go on). An agent raises FenceError when it could not
+prove the node fenced; the coordinator logs it and tries again, so recovery waits
+rather than proceed on an unproven fence.
 
 Agents here: NoopAgent (reports done at once and proves nothing; tests) and
-ProcessAgent (local dev clusters: SIGKILLs the dead node's process, found from a
-pid map or `node<ID>.pid` files, after checking that the pid still names that
-process). SCSI-3 persistent reservations and a disk poison-pill slot come with
+ProcessAgent (local dev clusters: SIGKILLs the removed incarnation's process, found
+from a pid map or `node<ID>.pid` files, after checking that the pid still names
+that process; a record of a later incarnation proves it gone, and nothing is
+killed). SCSI-3 persistent reservations and a disk poison-pill slot come with
 the storage layer.
 """
 
@@ -25,7 +27,13 @@ from typing import Protocol
 import trio
 
 from clusterfs.errors import FenceError
-from clusterfs.fence.pidfile import ProcessIdentity, identity_of, read_pid_file, start_time
+from clusterfs.fence.pidfile import (
+    PidRecord,
+    ProcessIdentity,
+    identity_of,
+    read_pid_record,
+    start_time,
+)
 
 __all__ = ["FenceAgent", "FenceError", "NoopAgent", "ProcessAgent"]   # FenceError: compat
 
@@ -33,8 +41,10 @@ log = logging.getLogger(__name__)
 
 
 class FenceAgent(Protocol):
-    async def fence(self, node_id: int, generation: int) -> None:
-        """Return once node_id certainly cannot write any more; raise FenceError if not."""
+    async def fence(self, node_id: int, generation: int,
+                    incarnation: int | None = None) -> None:
+        """Return once node_id (its `incarnation`, if given) certainly cannot write any
+        more; raise FenceError if not."""
 
 
 class NoopAgent:
@@ -43,7 +53,8 @@ class NoopAgent:
     def __init__(self) -> None:
         self.calls: list[tuple[int, int]] = []
 
-    async def fence(self, node_id: int, generation: int) -> None:
+    async def fence(self, node_id: int, generation: int,
+                    incarnation: int | None = None) -> None:
         self.calls.append((node_id, generation))
         # Said every time: a run that relies on this agent has no fencing at all.
         log.warning("gen %d: node %d counted fenced by the noop agent, which proves nothing "
@@ -63,6 +74,12 @@ class ProcessAgent:
     lockd writes at start. A node with neither is a failure (FenceError): nothing
     proves it gone. A recorded process that no longer exists (or whose pid now
     names another process) is already dead: fenced, and nothing is killed.
+
+    The incarnation decides which process is meant: a record of another incarnation
+    than the one to fence was written by a restart of the node, which replaces a
+    record only once its process is gone (pidfile.write_pid_file); so the removed
+    incarnation is gone, it is fenced, and the restarted process is left alone.
+    (Killing it, as a fence by node id did, threw a freshly restarted node out again.)
     """
 
     def __init__(self, pids: Mapping[int, int] | None = None, *,
@@ -74,16 +91,25 @@ class ProcessAgent:
         self.wait = wait
         self.calls: list[tuple[int, int]] = []
 
-    def identity_of_node(self, node_id: int) -> ProcessIdentity:
+    def record_of_node(self, node_id: int) -> PidRecord:
         if node_id in self.known:
-            return self.known[node_id]
+            return PidRecord(self.known[node_id], None)
         if self.pid_dir is None:
             raise FenceError(f"node {node_id}: no pid known: cannot prove it is gone")
-        return read_pid_file(self.pid_dir, node_id)
+        return read_pid_record(self.pid_dir, node_id)
 
-    async def fence(self, node_id: int, generation: int) -> None:
+    async def fence(self, node_id: int, generation: int,
+                    incarnation: int | None = None) -> None:
         self.calls.append((node_id, generation))
-        recorded = self.identity_of_node(node_id)
+        record = self.record_of_node(node_id)
+        if (incarnation is not None and record.incarnation is not None
+                and record.incarnation != incarnation):
+            log.info("gen %d: node %d fenced: incarnation %#x is gone, the node was "
+                     "restarted since as incarnation %#x (pid %d), which is not killed",
+                     generation, node_id, incarnation, record.incarnation,
+                     record.process.pid)
+            return
+        recorded = record.process
         pidfd = _open_if_same(recorded)
         if pidfd is None:
             log.info("gen %d: node %d fenced: its process (pid %d, start %d) is already gone",

@@ -1,9 +1,18 @@
-"""Pid files for the process fencing agent: `DIR/node<ID>.pid` = "<pid> <start time>".
+"""Pid files for the process fencing agent:
+`DIR/node<ID>.pid` = "<pid> <start time> <incarnation, hex>".
 
 A pid alone does not name a process: after the process dies the kernel may hand
 the number to any other one. The start time (field 22 of /proc/PID/stat, in clock
 ticks since boot) does not repeat for one pid, so the pair identifies a process
 for as long as the host runs.
+
+The incarnation is the membership incarnation the process joins with, so the
+fencing agent can tell whether the record still belongs to the incarnation a
+view removed. A record is replaced only by a process that has checked the
+recorded one is no longer alive (`write_pid_file` refuses otherwise), so a
+record of another incarnation proves every earlier recorded process gone.
+Records of two fields (written before incarnations were recorded) are still read;
+their incarnation is unknown.
 
 The file is written atomically (a temporary file renamed over it), so the agent
 never reads a half-written record.
@@ -25,6 +34,12 @@ _STARTTIME_FIELD = 22 - 3
 class ProcessIdentity:
     pid: int
     start_time: int
+
+
+@dataclass(frozen=True)
+class PidRecord:
+    process: ProcessIdentity
+    incarnation: int | None       # None: an old record that did not say
 
 
 def pid_file_path(pid_dir: str | os.PathLike[str], node_id: int) -> Path:
@@ -55,8 +70,10 @@ def identity_of(pid: int) -> ProcessIdentity | None:
     return None if started is None else ProcessIdentity(pid, started)
 
 
-def write_pid_file(pid_dir: str | os.PathLike[str], node_id: int) -> ProcessIdentity:
-    """Record this process as node_id's in pid_dir (created if missing).
+def write_pid_file(pid_dir: str | os.PathLike[str], node_id: int,
+                   incarnation: int | None = None) -> ProcessIdentity:
+    """Record this process (joining as `incarnation`) as node_id's in pid_dir
+    (created if missing).
 
     FenceError if the record names another live process: overwriting it would
     leave that process unfenceable (its record gone) while it may still write.
@@ -67,7 +84,8 @@ def write_pid_file(pid_dir: str | os.PathLike[str], node_id: int) -> ProcessIden
     path.parent.mkdir(parents=True, exist_ok=True)
     _refuse_if_running(pid_dir, node_id, me)
     tmp = path.with_name(f".{path.name}.{me.pid}.tmp")
-    tmp.write_text(f"{me.pid} {me.start_time}\n")
+    inc = "" if incarnation is None else f" {incarnation:x}"
+    tmp.write_text(f"{me.pid} {me.start_time}{inc}\n")
     os.replace(tmp, path)
     return me
 
@@ -85,10 +103,18 @@ def _refuse_if_running(pid_dir: str | os.PathLike[str], node_id: int,
 
 def read_pid_file(pid_dir: str | os.PathLike[str], node_id: int) -> ProcessIdentity:
     """The identity recorded for node_id; FenceError if there is none or it is unreadable."""
+    return read_pid_record(pid_dir, node_id).process
+
+
+def read_pid_record(pid_dir: str | os.PathLike[str], node_id: int) -> PidRecord:
+    """The record of node_id; FenceError if there is none or it is unreadable."""
     path = pid_file_path(pid_dir, node_id)
     try:
-        pid_text, start_text = path.read_text().split()
-        return ProcessIdentity(int(pid_text), int(start_text))
+        fields = path.read_text().split()
+        if len(fields) not in (2, 3):
+            raise ValueError(f"{len(fields)} fields")
+        inc = int(fields[2], 16) if len(fields) == 3 else None
+        return PidRecord(ProcessIdentity(int(fields[0]), int(fields[1])), inc)
     except FileNotFoundError as exc:
         raise FenceError(f"node {node_id}: no pid file {path}: cannot prove it is gone") from exc
     except (OSError, ValueError) as exc:

@@ -3,7 +3,8 @@
 This is the handover point to the layers above (lockd, mount). Its signature is
 stable:
 
-    async with open_cluster_node(config, node_id, *, fence_agent=None) as node:
+    async with open_cluster_node(config, node_id, *, fence_agent=None, incarnation=None,
+                                 generation_record=None) as node:
         node.endpoint     # clusterfs.comms.tcp.TcpEndpoint (the Endpoint contract)
         node.membership   # clusterfs.membership.service.MembershipService (Membership)
         node.config       # clusterfs.config.ClusterConfig
@@ -32,7 +33,8 @@ import trio
 from clusterfs.comms.tcp import TcpEndpoint
 from clusterfs.config import ClusterConfig, load_config
 from clusterfs.fence.agent import FenceAgent, NoopAgent
-from clusterfs.membership.service import MembershipService
+from clusterfs.membership.generation_record import GenerationRecord
+from clusterfs.membership.service import MembershipService, new_incarnation
 
 
 @dataclass
@@ -52,7 +54,9 @@ class ClusterNode:
 @asynccontextmanager
 async def open_cluster_node(config: ClusterConfig | str | os.PathLike[str], node_id: int, *,
                             fence_agent: FenceAgent | None = None,
-                            incarnation: int | None = None) -> AsyncIterator[ClusterNode]:
+                            incarnation: int | None = None,
+                            generation_record: GenerationRecord | None = None
+                            ) -> AsyncIterator[ClusterNode]:
     cfg = config if isinstance(config, ClusterConfig) else load_config(config)
     cfg.node(node_id)   # ConfigError if not configured
     agent: FenceAgent = fence_agent if fence_agent is not None else NoopAgent()
@@ -60,7 +64,8 @@ async def open_cluster_node(config: ClusterConfig | str | os.PathLike[str], node
     membership = MembershipService(endpoint, cfg.node_ids,
                                    heartbeat_interval=cfg.heartbeat_interval,
                                    failure_timeout=cfg.failure_timeout,
-                                   fence_agent=agent, incarnation=incarnation)
+                                   fence_agent=agent, incarnation=incarnation,
+                                   generation_record=generation_record)
     async with trio.open_nursery() as nursery:
         await nursery.start(endpoint.serve)
         await nursery.start(membership.run)
@@ -92,11 +97,13 @@ def _event_json(ev: object) -> str:
     return json.dumps(d)
 
 
-async def _serve_main(config: str, node_id: int, pid_dir: str | None) -> None:
+async def _serve_main(config: str, node_id: int, pid_dir: str | None,
+                      record: GenerationRecord | None, incarnation: int) -> None:
     from clusterfs.fence.agent import ProcessAgent
 
     agent = ProcessAgent(pid_dir=pid_dir) if pid_dir else None
-    async with open_cluster_node(config, node_id, fence_agent=agent) as node:
+    async with open_cluster_node(config, node_id, fence_agent=agent, incarnation=incarnation,
+                                 generation_record=record) as node:
         print(f'{{"event": "started", "node": {node_id}, "pid": {os.getpid()}}}', flush=True)
         async for ev in node.membership.subscribe():
             print(_event_json(ev), flush=True)
@@ -109,31 +116,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fence-pid-dir", metavar="DIR",
                    help="record this process in DIR/node<ID>.pid; fence others by SIGKILL "
                    "of the process their file names")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="keep the highest generation promised in DIR/node<ID>.generation "
+                   "(without it, generations start again from 1 after a restart)")
     p.add_argument("-v", "--verbose", action="store_true")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"%(asctime)s node{args.node_id} %(name)s: %(message)s")
+    incarnation = new_incarnation()   # recorded, so a fence of an earlier life spares us
     if args.fence_pid_dir:   # before joining: whoever may count on us can also fence us
         from clusterfs.errors import FenceError
         from clusterfs.fence.pidfile import write_pid_file
 
         try:
-            write_pid_file(args.fence_pid_dir, args.node_id)
+            write_pid_file(args.fence_pid_dir, args.node_id, incarnation)
         except (FenceError, OSError) as exc:   # another live node N, or an unusable DIR
             print(f"--fence-pid-dir: {exc}", file=sys.stderr)
             return 2
     # the record outlives us, clean exit or not: it is how the others prove us gone
-    return _run_node(args)
+    record = None
+    if args.state_dir:
+        from clusterfs.errors import StateError
+        from clusterfs.membership.generation_record import GenerationFile
+
+        try:
+            record = GenerationFile(args.state_dir, args.node_id)
+        except StateError as exc:
+            print(f"--state-dir: {exc}", file=sys.stderr)
+            return 2
+    return _run_node(args, record, incarnation)
 
 
-def _run_node(args: argparse.Namespace) -> int:
+def _run_node(args: argparse.Namespace, record: GenerationRecord | None,
+              incarnation: int) -> int:
     """Run until interrupted; the exit status. trio >= 0.25 groups errors leaving a
     nursery, hence except*."""
     from clusterfs.errors import ConfigError
 
     code = 0
     try:
-        trio.run(_serve_main, args.config, args.node_id, args.fence_pid_dir)
+        trio.run(_serve_main, args.config, args.node_id, args.fence_pid_dir, record,
+                 incarnation)
     except* ConfigError as group:
         print(f"config error: {group.exceptions[0]}", file=sys.stderr)
         code = 2

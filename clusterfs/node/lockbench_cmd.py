@@ -47,6 +47,9 @@ class LocalLockCluster:
         self.node_ids = list(node_ids)
         self.config_path = self.dir / "cluster.toml"
         self.fence_dir = self.dir / "fence"
+        # each node's generation record (survives a restart of the whole cluster)
+        self.state_dir = self.dir / "state"
+        self.state_dir.mkdir(exist_ok=True)
         write_local_config(self.config_path, self.node_ids,
                            heartbeat_interval=heartbeat_interval,
                            failure_timeout=failure_timeout)
@@ -60,7 +63,8 @@ class LocalLockCluster:
         log = open(self.dir / f"lockd-{node_id}.log", "ab")
         cmd = [sys.executable, "-m", "clusterfs.cli", "lockd", "--config",
                str(self.config_path), "--node-id", str(node_id),
-               "--control", self.control(node_id), "--fence-pid-dir", str(self.fence_dir)]
+               "--control", self.control(node_id), "--fence-pid-dir", str(self.fence_dir),
+               "--state-dir", str(self.state_dir)]
         if self.verbose:
             cmd.append("-v")
         self.procs[node_id] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log,

@@ -5,9 +5,18 @@ Runs the cluster stack (TCP comms + membership) and the DLM with one lockspace
 /run/clusterfs/lockd-<node>.sock, or --control PATH).
 
 Fencing: with --fence-pid-dir DIR, lockd records itself in DIR/node<ID>.pid
-(pid and start time) before it joins, removes the file when it stops cleanly,
-and fences a dead node by SIGKILL of the process that node's file names
-(clusterfs.fence.agent.ProcessAgent). Without it, fencing is the noop agent.
+(pid, start time and the incarnation it joins with) before it joins, leaves the
+file when it stops, and fences a dead node by SIGKILL of the process that node's
+file names, unless the file names a later incarnation (the node was restarted:
+the dead one is gone) (clusterfs.fence.agent.ProcessAgent). Without it, fencing
+is the noop agent.
+
+Generations: lockd keeps the highest generation it has promised in
+DIR/node<ID>.generation (--state-dir DIR, default /var/lib/clusterfs, created if
+missing; a given DIR must exist), so that after a restart, even of the whole
+cluster, every new view has a higher generation than any before
+(clusterfs.membership.generation_record). A missing or unwritable DIR or a
+corrupt record stops lockd at start with one line (exit 2).
 
 Control protocol: one JSON object per line each way. A request is
 {"op": ..., ...}; the answer is {"ok": true, ...} or
@@ -48,7 +57,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from clusterfs.dlm.interface import LVB_SIZE, Lock, Mode
-from clusterfs.errors import ClusterFSError, ConfigError, FenceError
+from clusterfs.errors import ClusterFSError, ConfigError, FenceError, StateError
+from clusterfs.membership.generation_record import GenerationFile, GenerationRecord
 
 if TYPE_CHECKING:
     # The lockspace (and the native lock table under it) loads only when lockd
@@ -59,6 +69,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("clusterfs.lockd")
 
 DEFAULT_CONTROL_DIR = "/run/clusterfs"
+DEFAULT_STATE_DIR = "/var/lib/clusterfs"
 EXIT_EXPELLED = 3
 
 
@@ -81,6 +92,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="dev clusters on one host: record this process in DIR/node<ID>.pid "
                    "and fence dead nodes by SIGKILL of the process their file names "
                    "(without it, fencing is a no-op that proves nothing)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="where this node keeps the highest generation it promised, so "
+                   "generations keep growing across restarts (default "
+                   f"{DEFAULT_STATE_DIR}, created if missing; a given DIR must exist)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -88,10 +103,19 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"%(asctime)s lockd{args.node_id} %(name)s: %(message)s")
     control = args.control or default_control_path(args.node_id)
-    # Written before we join membership: from the moment the others may count
-    # on us, they can also fence us.
     try:
-        _claim_pid_file(args.fence_pid_dir, args.node_id)
+        record = _open_generation_record(args.state_dir, args.node_id)
+    except StateError as exc:
+        print(f"clusterfs lockd: {exc}", file=sys.stderr)
+        return 2
+    # Written before we join membership: from the moment the others may count
+    # on us, they can also fence us. The record names the incarnation we join
+    # with, so a fence of an earlier life of this node never kills this one.
+    from clusterfs.membership.service import new_incarnation
+
+    incarnation = new_incarnation()
+    try:
+        _claim_pid_file(args.fence_pid_dir, args.node_id, incarnation)
     except FenceError as exc:         # another live lockd holds this node id
         print(f"clusterfs lockd: {exc}", file=sys.stderr)
         return 2
@@ -102,24 +126,37 @@ def run(args: argparse.Namespace) -> int:
     # The file stays after we exit, clean or not: the others notice only that we went
     # silent, and fence us by this record (a pid that is gone counts as fenced at once).
     # Removing it would leave them no proof, and their recovery would wait.
-    return _run_service(args, control)
+    return _run_service(args, control, record, incarnation)
 
 
-def _claim_pid_file(pid_dir: str | None, node_id: int) -> None:
+def _open_generation_record(state_dir: str | None, node_id: int) -> GenerationFile:
+    """The node's generation record; StateError (one line) if it cannot be used."""
+    if state_dir is None:
+        state_dir = DEFAULT_STATE_DIR
+        try:
+            os.makedirs(state_dir, exist_ok=True)
+        except OSError as exc:
+            raise StateError(f"cannot create state dir {state_dir}: {exc.strerror}") from exc
+    return GenerationFile(state_dir, node_id)
+
+
+def _claim_pid_file(pid_dir: str | None, node_id: int, incarnation: int) -> None:
     if not pid_dir:
         return
     from clusterfs.fence.pidfile import write_pid_file
 
-    write_pid_file(pid_dir, node_id)
+    write_pid_file(pid_dir, node_id, incarnation)
 
 
-def _run_service(args: argparse.Namespace, control: str) -> int:
+def _run_service(args: argparse.Namespace, control: str, record: GenerationFile,
+                 incarnation: int) -> int:
     """Run lockd; the exit status. Errors leaving trio's nurseries may come grouped
     (trio >= 0.25), hence except*."""
     code = 0
     expelled = False
     try:
-        expelled = trio.run(serve, args.config, args.node_id, control, args.fence_pid_dir)
+        expelled = trio.run(serve, args.config, args.node_id, control, args.fence_pid_dir,
+                            record, incarnation)
     except* ConfigError as group:
         print(f"clusterfs lockd: config error: {group.exceptions[0]}", file=sys.stderr)
         code = 2
@@ -131,7 +168,9 @@ def _run_service(args: argparse.Namespace, control: str) -> int:
     return code
 
 
-async def serve(config: str, node_id: int, control: str, fence_pid_dir: str | None) -> bool:
+async def serve(config: str, node_id: int, control: str, fence_pid_dir: str | None,
+                generation_record: GenerationRecord | None = None,
+                incarnation: int | None = None) -> bool:
     """Serve until told to quit (False) or expelled from the cluster (True). Expulsion is
     a return value, not an exception: it needs no unwrapping from trio's groups."""
     from clusterfs.dlm.lockspace import open_dlm
@@ -140,7 +179,8 @@ async def serve(config: str, node_id: int, control: str, fence_pid_dir: str | No
 
     agent: FenceAgent | None = ProcessAgent(pid_dir=fence_pid_dir) if fence_pid_dir else None
     Path(control).parent.mkdir(parents=True, exist_ok=True)
-    async with open_cluster_node(config, node_id, fence_agent=agent) as node:
+    async with open_cluster_node(config, node_id, fence_agent=agent, incarnation=incarnation,
+                                 generation_record=generation_record) as node:
         async with open_dlm(node.endpoint, node.membership) as dlm:
             ls = await dlm.new_lockspace("default")
             server = ControlServer(ls, node)

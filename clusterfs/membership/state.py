@@ -1,0 +1,178 @@
+"""One node's membership state, and the vocabulary every part of the service shares.
+
+The service (service.py) is one object built in layers, each a class in its own
+module that builds on the ones below it, all working on the state held here:
+
+    service.py       the Membership contract: subscribe, wait_quorum, statistics, run
+    proposals.py     the coordinator: decide on a new view, propose, commit, activate
+    promises.py      a target: promise a proposal, commit it
+    detection.py     heartbeats and failure detection; telling expelled nodes
+    installation.py  installing a decided view; being expelled
+    fencing.py       fencing removed nodes and announcing Fenced
+    state.py         the state, sending, publishing events (this module)
+
+The algorithm is described in service.py and docs/cluster.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+from clusterfs.comms.interface import Endpoint, Envelope
+from clusterfs.errors import PeerUnreachable
+from clusterfs.membership.generation_record import GenerationRecord, MemoryGenerationRecord
+from clusterfs.membership.view import Event, View
+
+log = logging.getLogger("clusterfs.membership.service")
+
+JOINING = "joining"
+MEMBER = "member"
+EXPELLED = "expelled"
+
+# why a target refuses a proposal whose base view it does not hold
+AHEAD = "ahead"      # it installed a newer view than the proposal's base
+BEHIND = "behind"    # it missed more than one view: it cannot catch up, only restart
+
+# a proposal (and the view it becomes) is known by (generation, coordinator,
+# coordinator's incarnation): messages of a coordinator's earlier life never match
+Key = tuple[int, int, int]
+NO_VIEW: Key = (0, -1, 0)
+
+
+def body_key(b: Mapping[str, Any]) -> Key:
+    return (int(b["gen"]), int(b["coord"]), int(b["cinc"]))
+
+
+def body_key_of_base(b: Mapping[str, Any]) -> Key:
+    """The key of the view a proposal was built on (NO_VIEW for a first view)."""
+    g, c, i = b["bkey"]
+    return (int(g), int(c), int(i))
+
+
+def guarded(fn: Callable[[MembershipState, Envelope], Awaitable[None]]
+             ) -> Callable[[MembershipState, Envelope], Awaitable[None]]:
+    """A malformed body from an (authenticated) peer is logged and ignored."""
+    @functools.wraps(fn)
+    async def wrapper(self: MembershipState, env: Envelope) -> None:
+        try:
+            await fn(self, env)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            log.warning("node %d gen %d: malformed %s from node %d: %r", self.node_id,
+                        self.view.generation, fn.__name__[4:], env.sender, exc)
+    return wrapper
+
+
+class FenceHook(Protocol):
+    async def fence(self, node_id: int, generation: int,
+                    incarnation: int | None = None) -> None: ...
+
+
+def new_incarnation() -> int:
+    """A random odd 63-bit incarnation: a node's identity for one life."""
+    return secrets.randbits(63) | 1
+
+
+@dataclass
+class PeerInfo:
+    inc: int
+    state: str
+    gen: int
+    members: frozenset[int]
+    quorate: bool
+    last_seen: float
+
+
+
+class MembershipState:
+    """Everything one node knows about the cluster; no protocol logic beyond sending
+    a message and publishing an event."""
+
+    def __init__(self, endpoint: Endpoint, node_ids: Iterable[int], *,
+                 heartbeat_interval: float = 0.5, failure_timeout: float = 3.0,
+                 fence_agent: FenceHook | None = None, incarnation: int | None = None,
+                 settle: float | None = None,
+                 generation_record: GenerationRecord | None = None) -> None:
+        self.endpoint = endpoint
+        self.node_id = endpoint.node_id
+        self.node_ids = frozenset(node_ids)
+        if self.node_id not in self.node_ids:
+            raise ValueError(f"node {self.node_id} is not a configured node")
+        self.cluster_size = len(self.node_ids)
+        self.interval = heartbeat_interval
+        self.timeout = failure_timeout
+        self.settle = 2.5 * heartbeat_interval if settle is None else settle
+        self.fence_agent = fence_agent
+        self.incarnation = incarnation if incarnation is not None else new_incarnation()
+        self.state = JOINING
+        self.view = View(0, frozenset({self.node_id}), False, self.cluster_size)
+        self._incs: dict[int, int] = {}
+        self._view_key: Key = NO_VIEW
+        self._view_body: dict[str, Any] | None = None     # handed on as `prior`
+        self._fenced_here: list[int] | None = None        # Fenced delivered in this view
+        self.installed_incarnations: dict[int, dict[int, int]] = {}   # gen -> members
+        # what an earlier life of this node promised (generation_record.py): we
+        # promise and propose only above it, so generations grow across restarts
+        self.generation_record = (generation_record if generation_record is not None
+                                  else MemoryGenerationRecord())
+        earlier = self.generation_record.durable
+        self._promised: Key = (earlier, -1, 0) if earlier else NO_VIEW
+        self._promised_body: dict[str, Any] | None = None
+        self._max_gen = earlier
+        self._removed: dict[int, int] = {}
+        self._pending_fence: dict[int, int] = {}
+        self._peers: dict[int, PeerInfo] = {}
+        self._suspect_until: dict[int, float] = {}
+        self._unanswered: dict[int, int] = {}   # rounds in a row a live target missed
+        self._expel_sent_at: dict[int, float] = {}
+        self._activation_sent_at: dict[int, float] = {}
+        self._acks: dict[int, Mapping[str, Any]] | None = None
+        self._acks_key: tuple[Key, int] = (NO_VIEW, 0)
+        self._acks_incs: Mapping[int, int] = {}
+        self._tentative: Mapping[str, Any] | None = None
+        self._committed_at = 0.0
+        self._acks_changed = trio.Event()
+        self._changed = trio.Event()
+        self._subscribers: list[trio.MemorySendChannel[Event]] = []
+        self._installed_at = 0.0
+        self._started_at = 0.0
+        # absence of heartbeats counts as evidence of death only from this time on
+        # (our start, pushed forward by our own stalls)
+        self._judge_from = 0.0
+        self._last_tick = 0.0
+        self._round_running = False
+        self._fencing_gen = 0
+        self._nursery: trio.Nursery | None = None
+        self.views_installed = 0
+        self.proposals = 0
+        self.proposals_failed = 0
+        self.expelled_sent = 0
+        self.events: list[Event] = []        # every event published, for tests and dumps
+
+    def _heartbeat_body(self) -> dict[str, Any]:
+        return {"inc": self.incarnation, "st": self.state, "gen": self.view.generation,
+                "m": sorted(self.view.members) if self.state == MEMBER else [],
+                "q": self.view.quorate and self.state == MEMBER}
+
+    async def _send(self, dest: int, mtype: int, body: Any) -> bool:
+        try:
+            await self.endpoint.send(dest, mtype, body)
+            return True
+        except PeerUnreachable:
+            return False
+
+    def _publish(self, ev: Event) -> None:
+        self.events.append(ev)
+        for s in list(self._subscribers):
+            try:
+                s.send_nowait(ev)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self._subscribers.remove(s)
+        self._changed.set()
+        self._changed = trio.Event()
