@@ -148,6 +148,16 @@ def _daemon_mount(dev: str, mnt: str, tmp_path) -> subprocess.CompletedProcess[s
                           capture_output=True, text=True, timeout=60)
 
 
+def _fresh_daemon_mount(tmp_path, mnt_name: str = "mnt", size: int = 64 << 20
+                        ) -> tuple[str, str, subprocess.CompletedProcess[str]]:
+    """A new image, formatted, daemon-mounted on tmp_path/mnt_name: (dev, mnt, result)."""
+    dev = _image(tmp_path, size)
+    _mkfs(dev)
+    mnt = str(tmp_path / mnt_name)
+    os.makedirs(mnt)
+    return dev, mnt, _daemon_mount(dev, mnt, tmp_path)
+
+
 def _umount(mnt: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*CLUSTERFS, "umount", mnt], capture_output=True, text=True,
                           timeout=180)
@@ -157,11 +167,7 @@ def _umount(mnt: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_daemon_mode_and_sigterm(tmp_path):
-    dev = _image(tmp_path)
-    _mkfs(dev)
-    mnt = str(tmp_path / "mnt")
-    os.makedirs(mnt)
-    r = _daemon_mount(dev, mnt, tmp_path)
+    dev, mnt, r = _fresh_daemon_mount(tmp_path)
     try:
         assert r.returncode == 0, r.stderr
         assert mountutil._is_mounted(mnt)     # live as soon as the parent returned
@@ -184,11 +190,7 @@ def test_daemon_mode_and_sigterm(tmp_path):
 def test_umount_returns_after_the_daemon_is_done(tmp_path):
     """`clusterfs umount` returns only when nothing holds the device any more: an
     immediate fsck finds it clean and not in use, and an immediate mount succeeds."""
-    dev = _image(tmp_path, 256 << 20)
-    _mkfs(dev)
-    mnt = str(tmp_path / "mnt")
-    os.makedirs(mnt)
-    r = _daemon_mount(dev, mnt, tmp_path)
+    dev, mnt, r = _fresh_daemon_mount(tmp_path, size=256 << 20)
     assert r.returncode == 0, r.stderr
     try:
         for i in range(300):                   # dirty metadata for the daemon to write back
@@ -208,11 +210,7 @@ def test_umount_returns_after_the_daemon_is_done(tmp_path):
 
 def test_umount_finds_a_mountpoint_with_space_and_utf8_in_its_name(tmp_path):
     """/proc/self/mountinfo escapes a space as \\040 but writes UTF-8 as it is."""
-    dev = _image(tmp_path)
-    _mkfs(dev)
-    mnt = str(tmp_path / "my mnt café")
-    os.makedirs(mnt)
-    r = _daemon_mount(dev, mnt, tmp_path)
+    dev, mnt, r = _fresh_daemon_mount(tmp_path, "my mnt café")
     assert r.returncode == 0, r.stderr
     try:
         u = _umount(mnt)
