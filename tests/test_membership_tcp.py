@@ -4,6 +4,7 @@ through the handover API open_cluster_node."""
 from __future__ import annotations
 
 import trio
+from trioutil import wait_until
 
 from clusterfs.comms.localcluster import local_config
 from clusterfs.fence.agent import NoopAgent
@@ -11,12 +12,6 @@ from clusterfs.membership.view import Fenced, ViewChange
 from clusterfs.node.cluster import open_cluster_node
 
 INTERVAL, TIMEOUT = 0.1, 0.6
-
-
-async def wait_until(pred, timeout):
-    with trio.fail_after(timeout):
-        while not pred():
-            await trio.sleep(0.02)
 
 
 def test_open_cluster_node_forms_view_and_survives_a_crash():
