@@ -1,8 +1,16 @@
 """Glocks over the LockService: cached after use, demoted (flush + drop + release) when
-another holder asks for a conflicting mode — the seam the DLM plugs into."""
+another holder asks for a conflicting mode — the seam the DLM plugs into.
+
+The first two run over the one-node lock service; the rest over the real DLM (three
+lockspaces on the in-memory transport), which yields where the local one grants at
+once: that is where the races are."""
+
+import time
 
 import trio
 import trio.testing
+from dlmcluster import memory_cluster
+from trioutil import trio_test
 
 from clusterfs.cache.glock import GlockManager
 from clusterfs.dlm.interface import Mode
@@ -14,9 +22,9 @@ async def _cached_then_demoted():
     glocks = GlockManager(locks)
     demoted: list = []
 
-    async def demote(name):
+    async def demote(glock, target):
         await trio.sleep(0)
-        demoted.append(name)
+        demoted.append(glock.name)
 
     glocks.on_demote("inode", demote)
     async with trio.open_nursery() as nursery:
@@ -43,7 +51,7 @@ async def _demote_waits():
     locks = LocalLockService()
     glocks = GlockManager(locks)
     order: list[str] = []
-    glocks.on_demote("rgrp", lambda name: order.append("demote"))
+    glocks.on_demote("rgrp", lambda glock, target: order.append("demote"))
     async with trio.open_nursery() as nursery:
         glocks.start(nursery)
 
@@ -69,3 +77,129 @@ def test_lock_stays_cached_then_is_demoted_on_conflict():
 
 def test_demote_waits_for_local_holders():
     trio.run(_demote_waits)
+
+
+# -- over the real DLM -----------------------------------------------------------------
+R = ("inode", 7)
+
+
+async def _owned(ls) -> int:
+    await trio.testing.wait_all_tasks_blocked(0.01)
+    return ls.statistics().owned_locks
+
+
+@trio_test
+async def test_concurrent_first_uses_take_one_dlm_lock() -> None:
+    async with memory_cluster([1, 2, 3]) as mc:
+        glocks = GlockManager(mc.ls(2))
+        async with trio.open_nursery() as nursery:
+            glocks.start(nursery)
+            held = []
+
+            async def use() -> None:
+                taken = await glocks.acquire([(R, Mode.EX)])
+                held.append(taken)
+
+            with trio.fail_after(5):
+                for _ in range(3):
+                    nursery.start_soon(use)
+                while len(held) < 3:
+                    await trio.sleep(0.001)
+            assert await _owned(mc.ls(2)) == 1          # one lock, not three
+            assert glocks.statistics()["acquired"] == 1
+            for taken in held:
+                glocks.release(taken)
+            await glocks.release_all()
+            assert await _owned(mc.ls(2)) == 0         # nothing leaked
+            nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_a_reader_elsewhere_demotes_ex_to_pr_not_to_nothing() -> None:
+    async with memory_cluster([1, 2, 3]) as mc:
+        glocks = GlockManager(mc.ls(1), min_hold=0)
+        seen: list[Mode] = []
+        glocks.on_demote("inode", lambda glock, target: seen.append(target))
+        async with trio.open_nursery() as nursery:
+            glocks.start(nursery)
+            async with glocks.hold([(R, Mode.EX)]):
+                pass
+            with trio.fail_after(5):
+                reader = await mc.ls(2).lock(R, Mode.PR)
+            assert seen == [Mode.PR]
+            assert glocks.glocks[R].mode == Mode.PR       # kept, in the mode that shares
+            async with glocks.hold([(R, Mode.PR)]):        # and still usable: no request
+                pass
+            assert glocks.statistics()["acquired"] == 1
+            with trio.fail_after(5):
+                writer = mc.ls(3).lock(R, Mode.EX)
+                await mc.ls(2).unlock(reader)
+                await writer
+            assert seen == [Mode.PR, Mode.NL]
+            assert glocks.glocks[R].mode is None
+            nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_a_demote_waits_out_the_minimum_hold_time() -> None:
+    async with memory_cluster([1, 2, 3]) as mc:
+        hold = 0.3
+        glocks = GlockManager(mc.ls(1), min_hold=hold)
+        async with trio.open_nursery() as nursery:
+            glocks.start(nursery)
+            start = time.monotonic()
+            async with glocks.hold([(R, Mode.EX)]):
+                pass
+            with trio.fail_after(5):
+                other = await mc.ls(2).lock(R, Mode.EX)
+            assert time.monotonic() - start >= hold
+            await mc.ls(2).unlock(other)
+            nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_conversion_deadlock_is_retried_inside() -> None:
+    """Two nodes hold PR and both want EX: the DLM fails one conversion with
+    ConversionDeadlock; the glock must drop and ask again, never raise it."""
+    async with memory_cluster([1, 2, 3]) as mc:
+        managers = [GlockManager(mc.ls(n), min_hold=0) for n in (1, 2)]
+        done: list[int] = []
+        async with trio.open_nursery() as nursery:
+            for g in managers:
+                g.start(nursery)
+            for g in managers:
+                async with g.hold([(R, Mode.PR)]):
+                    pass
+            entered = trio.Event()
+
+            async def upgrade(n: int, g: GlockManager) -> None:
+                async with g.hold([(R, Mode.EX)]):
+                    entered.set()
+                    await trio.sleep(0.01)
+                    done.append(n)
+
+            with trio.fail_after(10):
+                async with trio.open_nursery() as both:
+                    for n, g in enumerate(managers):
+                        both.start_soon(upgrade, n, g)
+            assert sorted(done) == [0, 1]
+            assert sum(g.statistics()["deadlocks_retried"] for g in managers) >= 1
+            nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_a_blocking_callback_before_start_is_kept() -> None:
+    async with memory_cluster([1, 2, 3]) as mc:
+        glocks = GlockManager(mc.ls(1), min_hold=0)
+        async with glocks.hold([(R, Mode.EX)]):
+            pass
+        async with trio.open_nursery() as nursery:
+            waiter = nursery.start_soon(mc.ls(2).lock, R, Mode.EX)
+            del waiter
+            await trio.testing.wait_all_tasks_blocked(0.05)
+            assert glocks.glocks[R].demote_to == Mode.NL   # asked, remembered
+            glocks.start(nursery)                           # and done once started
+            with trio.fail_after(5):
+                while glocks.glocks[R].mode is not None:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()

@@ -1,12 +1,30 @@
 """Glocks: this node's cached hold on one lock resource (the GFS2 glock life).
 
 A glock takes the resource's lock from the LockService the first time the node
-needs it and keeps it after use (no round trip for the next operation). When
-another node asks for a conflicting mode, the LockService calls on_blocking; the
-glock then waits until no local operation holds it, runs the resource's
-`demote` callback (commit the journal, write back, drop cached state, tell the
-kernel to forget what it caches), and releases the lock. The next local use
-takes it again and re-reads from disk.
+needs it and keeps it after use, so the next operation needs no round trip.
+
+The rules, each there because the real DLM yields (a lock service that grants
+at once hides every one of these races):
+
+- One request in flight per glock. Every call into the lock service for a
+  glock (lock, convert, the demote's convert or unlock) runs under the glock's
+  `mutex`; local users that need more than the cached mode queue behind it, so
+  two concurrent first uses take one DLM lock, not two.
+- Demote to what the other node needs. The blocking callback says which mode
+  the other node asked for; a holder of EX asked for PR goes down to PR
+  (keeping its clean cache), asked for anything stronger it unlocks.
+- A minimum hold time. A demote waits until the glock has been held
+  `min_hold` seconds since its grant, so two nodes taking turns on one lock
+  each get some work done per round trip instead of bouncing it.
+- Conversion deadlocks stay inside. Two nodes holding PR that both convert to
+  EX close a cycle; the DLM fails one conversion with ConversionDeadlock. That
+  side flushes and drops its lock, waits a moment and asks again from nothing.
+- A blocking callback is never dropped: one that arrives before `start()` is
+  kept and run once the manager has its nursery.
+
+Before a glock goes down, its kind's demote callback runs (flush what the lock
+covers, drop cached state, tell the kernel to forget) with the mode it is going
+to; only then is the lock converted or released.
 
 Operations acquire every glock they need up front, in a fixed order (sorted by
 name), then run their body without awaiting: bodies are atomic with respect to
@@ -16,16 +34,20 @@ one another on this node, and ordering prevents deadlock between nodes.
 from __future__ import annotations
 
 import logging
+import random
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
-from clusterfs.dlm.interface import Lock, LockService, Mode, ResourceName
+from clusterfs.dlm.interface import ConversionDeadlock, Lock, LockService, Mode, ResourceName
 
 log = logging.getLogger(__name__)
-DemoteCallback = Callable[[ResourceName], Awaitable[None] | None]
+DemoteCallback = Callable[["Glock", Mode], Awaitable[None] | None]
+MIN_HOLD = 0.01          # seconds; see docs/locking.md for how it was chosen
+DEADLOCK_BACKOFF = 0.01  # up to this long (random) before asking again after a deadlock
 
 
 class Glock:
@@ -33,25 +55,51 @@ class Glock:
         self.name = name
         self.lock: Lock | None = None
         self.holders = 0
-        self.idle = trio.Event()
+        self.idle = trio.Event()          # set while holders == 0
         self.idle.set()
-        self.demote_requested = False
+        self.mutex = trio.Lock()          # one lock-service request in flight
+        self.demote_to: Mode | None = None  # a demote is pending, down to this mode
+        self.demoted = trio.Event()       # set when the pending demote is done
+        self.granted_at = 0.0
+        self.demotes = 0
 
     @property
     def mode(self) -> Mode | None:
         return self.lock.mode if self.lock is not None else None
 
+    def usable_for(self, mode: Mode) -> bool:
+        """Held in `mode` or better, with no demote pending: take it without waiting."""
+        return self.lock is not None and self.demote_to is None and self.lock.mode >= mode
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": list(self.name), "mode": self.mode.name if self.mode is not None
+                else None, "holders": self.holders,
+                "demote_to": self.demote_to.name if self.demote_to is not None else None,
+                "held_for": round(time.monotonic() - self.granted_at, 3)
+                if self.lock is not None else None, "demotes": self.demotes}
+
+
+def demote_target(wanted: Mode) -> Mode:
+    """What to keep when another node wants `wanted`: PR if it can share it, else nothing."""
+    return Mode.PR if wanted <= Mode.PR else Mode.NL
+
 
 class GlockManager:
-    def __init__(self, locks: LockService) -> None:
+    def __init__(self, locks: LockService, min_hold: float = MIN_HOLD) -> None:
         self.locks = locks
+        self.min_hold = min_hold
         self.glocks: dict[ResourceName, Glock] = {}
         self.demote_callbacks: dict[str, DemoteCallback] = {}   # by resource kind
         self._nursery: trio.Nursery | None = None
-        self.stats = {"acquired": 0, "cached_hits": 0, "demoted": 0}
+        self._early: list[Glock] = []     # demotes asked for before start()
+        self.stats = {"acquired": 0, "cached_hits": 0, "demoted": 0, "down_converted": 0,
+                      "deadlocks_retried": 0}
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
+        for glock in self._early:
+            nursery.start_soon(self._demote, glock)
+        self._early.clear()
 
     def on_demote(self, kind: str, callback: DemoteCallback) -> None:
         self.demote_callbacks[kind] = callback
@@ -68,11 +116,8 @@ class GlockManager:
             for name in sorted(merged):
                 mode = merged[name]
                 glock = self.glocks.get(name)
-                if glock is not None and glock.lock is not None and \
-                        not glock.demote_requested and glock.lock.mode >= mode:
-                    if glock.holders == 0:
-                        glock.idle = trio.Event()
-                    glock.holders += 1
+                if glock is not None and glock.usable_for(mode):
+                    self._hold(glock)
                     self.stats["cached_hits"] += 1
                 else:
                     glock = await self._acquire(name, mode)
@@ -84,7 +129,9 @@ class GlockManager:
 
     def release(self, taken: list[Glock]) -> None:
         for glock in taken:
-            self._release(glock)
+            glock.holders -= 1
+            if glock.holders == 0:
+                glock.idle.set()
 
     @asynccontextmanager
     async def hold(self, wanted: Iterable[tuple[ResourceName, Mode]]):
@@ -95,57 +142,95 @@ class GlockManager:
         finally:
             self.release(taken)
 
+    @staticmethod
+    def _hold(glock: Glock) -> None:
+        if glock.holders == 0:
+            glock.idle = trio.Event()
+        glock.holders += 1
+
     async def _acquire(self, name: ResourceName, mode: Mode) -> Glock:
         glock = self.glocks.get(name)
         if glock is None:
             glock = self.glocks[name] = Glock(name)
-        while glock.demote_requested:
-            await glock.idle.wait()
-            await trio.lowlevel.checkpoint()
-        if glock.holders == 0:
-            glock.idle = trio.Event()
-        glock.holders += 1
+        while True:
+            if glock.demote_to is not None:
+                await glock.demoted.wait()   # the other node first: it asked before us
+                continue
+            async with glock.mutex:
+                if glock.demote_to is not None:
+                    continue
+                if await self._request(glock, mode):
+                    self._hold(glock)        # before the mutex goes: no demote slips in
+                    return glock
+
+    async def _request(self, glock: Glock, mode: Mode) -> bool:
+        """Get `mode` on the glock (under its mutex); False to try again."""
+        if glock.lock is not None and glock.lock.mode >= mode:
+            return True
         try:
             if glock.lock is None:
                 glock.lock = await self.locks.lock(
-                    name, mode, on_blocking=lambda m, g=glock: self._blocking(g, m))
-                self.stats["acquired"] += 1
-            elif glock.lock.mode < mode:
+                    glock.name, mode, on_blocking=lambda m, g=glock: self._blocking(g, m))
+            else:
                 await self.locks.convert(glock.lock, mode)
-                self.stats["acquired"] += 1
-        except BaseException:
-            self._release(glock)
-            raise
-        return glock
+        except ConversionDeadlock:
+            # both of us hold PR and want EX: give ours up entirely and ask afresh
+            self.stats["deadlocks_retried"] += 1
+            log.debug("glock %s: conversion deadlock; dropping and asking again", glock.name)
+            await self._go_down(glock, Mode.NL)
+            await trio.sleep(random.random() * DEADLOCK_BACKOFF)
+            return False
+        glock.granted_at = time.monotonic()
+        self.stats["acquired"] += 1
+        return True
 
-    def _release(self, glock: Glock) -> None:
-        glock.holders -= 1
-        if glock.holders == 0:
-            glock.idle.set()
-
-    def _blocking(self, glock: Glock, mode: Mode) -> None:
-        if glock.demote_requested or self._nursery is None:
+    def _blocking(self, glock: Glock, wanted: Mode) -> None:
+        """The lock service: another node waits for `wanted`. Never dropped."""
+        target = demote_target(wanted)
+        if glock.demote_to is not None:
+            glock.demote_to = min(glock.demote_to, target)
             return
-        glock.demote_requested = True
-        self._nursery.start_soon(self._demote, glock)
+        glock.demote_to = target
+        glock.demoted = trio.Event()
+        if self._nursery is None:
+            self._early.append(glock)
+        else:
+            self._nursery.start_soon(self._demote, glock)
 
     async def _demote(self, glock: Glock) -> None:
-        """Flush what the lock covers, drop it from the cache, release the lock."""
-        while glock.holders:
-            await glock.idle.wait()
+        """After the minimum hold time and once no local user holds it: flush what the
+        lock covers, then convert down or release."""
         try:
-            callback = self.demote_callbacks.get(str(glock.name[0]))
-            if callback is not None:
-                result: Any = callback(glock.name)
-                if result is not None:
-                    await result
-            if glock.lock is not None:
-                lock, glock.lock = glock.lock, None
-                await self.locks.unlock(lock)
-            self.stats["demoted"] += 1
+            async with glock.mutex:
+                wait = glock.granted_at + self.min_hold - time.monotonic()
+                if wait > 0:
+                    await trio.sleep(wait)
+                while glock.holders:
+                    await glock.idle.wait()
+                target = glock.demote_to
+                assert target is not None
+                if glock.lock is not None and glock.lock.mode > target:
+                    await self._go_down(glock, target)
         finally:
-            glock.demote_requested = False
-            glock.idle.set()
+            glock.demote_to = None
+            glock.demoted.set()
+
+    async def _go_down(self, glock: Glock, target: Mode) -> None:
+        """Run the kind's demote callback, then convert to `target` (NL: unlock)."""
+        assert glock.lock is not None
+        callback = self.demote_callbacks.get(str(glock.name[0]))
+        if callback is not None:
+            result: Any = callback(glock, target)
+            if result is not None:
+                await result
+        glock.demotes += 1
+        if target == Mode.NL:
+            lock, glock.lock = glock.lock, None
+            await self.locks.unlock(lock)
+            self.stats["demoted"] += 1
+        else:
+            await self.locks.convert(glock.lock, target)
+            self.stats["down_converted"] += 1
 
     async def release_all(self) -> None:
         """At unmount: give every cached lock back."""
@@ -158,3 +243,7 @@ class GlockManager:
     def statistics(self) -> dict[str, int]:
         held = sum(1 for g in self.glocks.values() if g.lock is not None)
         return {**self.stats, "cached": held}
+
+    def dump(self) -> list[dict[str, Any]]:
+        """Every glock this node caches, for `clusterfs status` / `locks`."""
+        return [g.describe() for g in self.glocks.values() if g.lock is not None]

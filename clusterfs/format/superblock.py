@@ -5,6 +5,7 @@ mkfs zeroes bytes 0..64 KiB so an older filesystem's signature cannot survive.
 
 from __future__ import annotations
 
+import re
 import struct
 import uuid as _uuid
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ SUPERBLOCK_BLKNO = SUPERBLOCK_OFFSET // BLOCK_SIZE  # 16
 _FIELDS = struct.Struct("<16sIQIQQQQIIIQqI32sI")
 CONFIG_OFFSET = HEADER_SIZE + _FIELDS.size
 CONFIG_MAX = BLOCK_SIZE - CONFIG_OFFSET
+CLUSTER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 
 
 @dataclass
@@ -64,6 +66,23 @@ class Superblock:
     @property
     def uuid_str(self) -> str:
         return str(_uuid.UUID(bytes=self.uuid))
+
+    @property
+    def cluster_name(self) -> str | None:
+        """The cluster this device belongs to (GFS2's lock table), or None for a
+        one-node filesystem. Kept in the config blob as `cluster=NAME` lines of
+        text, so an old image (empty blob) reads as one-node."""
+        for line in self.config.decode(errors="replace").splitlines():
+            key, _, value = line.partition("=")
+            if key.strip() == "cluster" and value.strip():
+                return value.strip()
+        return None
+
+    def set_cluster_name(self, name: str | None) -> None:
+        if name is not None and not CLUSTER_NAME.fullmatch(name):
+            raise FormatError(f"cluster name {name!r}: use 1-32 letters, digits, '-', '_' "
+                              "or '.'")
+        self.config = b"" if name is None else f"cluster={name}\n".encode()
 
 
 def encode_superblock(sb: Superblock) -> bytearray:

@@ -27,6 +27,22 @@ from clusterfs.format.rgrp import (
 from clusterfs.format.superblock import Superblock
 
 _NOT_FULL = re.compile(rb"[^\xff]")
+# A group's free count in its lock's value block: magic + little-endian count, so a
+# never-written (all zero) block is told apart from "0 free".
+LVB_MAGIC = b"RGF1"
+SLACK = 64
+
+
+def encode_free_lvb(free: int) -> bytes:
+    return (LVB_MAGIC + free.to_bytes(8, "little")).ljust(32, b"\0")
+
+
+def decode_free_lvb(lvb: bytes, valid: bool) -> int | None:
+    """The free count a group's last holder left, or None (never set, or its writer
+    died holding it: recount from the bitmap)."""
+    if not valid or lvb[:4] != LVB_MAGIC:
+        return None
+    return int.from_bytes(lvb[4:12], "little")
 
 
 class ResourceGroup:
@@ -133,13 +149,20 @@ class Allocator:
         self.groups: dict[int, ResourceGroup] = {}       # loaded (locked) groups
         self.free_hint: list[int] = [0] * sb.rgrp_count   # last known free per group
         self.dirty: list[ResourceGroup] = []
+        # the groups the running operation holds locks on: the only ones it may
+        # allocate from or free into (a loaded group whose lock is cached but not
+        # held may be half-way through a demote)
+        self.usable: set[int] = set()
 
     def group_of(self, blkno: int) -> int:
         return self.sb.rgrp_of(blkno)
 
     def groups_for(self, goal: int, want: int) -> list[int]:
         """Groups to lock for allocating `want` blocks near `goal`: the goal's group
-        and following ones until their known free space covers the request."""
+        and following ones until their known free space covers the request with
+        SLACK to spare (a cascade of directory splits may take more blocks than the
+        operation reserved, and it may allocate only in the groups it holds)."""
+        want += SLACK
         first = self.group_of(goal) if goal >= self.sb.rgrp_start else 0
         first = min(max(first, 0), self.sb.rgrp_count - 1)
         chosen, total = [], 0
@@ -154,8 +177,9 @@ class Allocator:
 
     def allocate(self, goal: int, want: int, mark_dirty) -> tuple[int, int]:
         """One contiguous run (absolute start, count ≤ want) near goal; ENOSPC if none.
-        Only groups already loaded (locked) are searched."""
-        order = sorted(self.groups, key=lambda i: (i != self.group_of(goal), i))
+        Only the groups the operation holds are searched."""
+        order = sorted(self.usable & self.groups.keys(),
+                       key=lambda i: (i != self.group_of(goal), i))
         for index in order:
             group = self.groups[index]
             rel_goal = goal - group.header.first if index == self.group_of(goal) else 0
@@ -171,6 +195,9 @@ class Allocator:
     def release(self, start: int, count: int, mark_dirty) -> None:
         while count > 0:
             index = self.group_of(start)
+            if index not in self.usable:
+                raise FSError(errno.EIO, f"freeing block {start} in group {index}, "
+                              "whose lock the operation does not hold")
             group = self.groups[index]
             rel = start - group.header.first
             n = min(count, group.header.length - rel)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import trio
 
-from clusterfs.cache.glock import GlockManager
+from clusterfs.cache.glock import Glock, GlockManager
 from clusterfs.cache.transaction import TransactionManager
 from clusterfs.dlm.interface import Mode
 from clusterfs.errors import FormatError, FSError, StorageError
@@ -36,7 +36,7 @@ from clusterfs.format.inode import (
 )
 from clusterfs.format.superblock import Superblock
 from clusterfs.fs import extents as ext
-from clusterfs.fs.alloc import Allocator, ResourceGroup
+from clusterfs.fs.alloc import Allocator, ResourceGroup, encode_free_lvb
 from clusterfs.fs.directory import Directory
 from clusterfs.fs.inode import CachedInode
 from clusterfs.journal.log import Journal
@@ -87,17 +87,24 @@ class _Hold:
             if self.frees is not None:
                 groups.update(fs.alloc.group_of(b) for b in self.frees())
             if groups:
-                self.taken += await fs.glocks.acquire([(("rgrp", g), Mode.EX) for g in groups])
-                for g in groups:
-                    fs._group(g)
+                held = await fs.glocks.acquire([(("rgrp", g), Mode.EX) for g in groups])
+                self.taken += held
+                for glock in held:
+                    fs._group(glock)
+            fs.alloc.usable = groups
         except BaseException:
             fs.glocks.release(self.taken)
             raise
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
+        self.fs.alloc.usable = set()
         self.fs.glocks.release(self.taken)
         if self.write and exc_type is None:
             await self.fs.txn.end_operation()
+
+
+class _Changed(Exception):
+    """A name moved between an operation's look under PR and its change under EX."""
 
 
 @dataclass
@@ -109,7 +116,8 @@ class Usage:
 
 class FileSystem:
     def __init__(self, dev: BlockDevice, sb: Superblock, journal: Journal,
-                 glocks: GlockManager, txn: TransactionManager) -> None:
+                 glocks: GlockManager, txn: TransactionManager, clustered: bool = False
+                 ) -> None:
         self.dev = dev
         self.sb = sb
         self.journal = journal
@@ -120,11 +128,19 @@ class FileSystem:
         self.inodes: dict[int, CachedInode] = {}
         self.nlookup: dict[int, int] = {}
         self.opens: dict[int, int] = {}
+        self.unlinked: set[int] = set()   # nlink went to 0 here; freed once unused
+        self.clustered = clustered
+        # where this node allocates new inodes in a cluster: its own part of the disk
+        # (by journal slot), so nodes creating at once rarely want the same group
+        self.home_group = journal.slot * sb.rgrp_count // sb.journal_count
+        # tell the kernel to forget an inode's attributes (set by the FUSE layer; may
+        # block briefly, so it is called from a worker thread)
         self.invalidate_hook: Callable[[int], None] | None = None
         txn.quarantine_mark = self.alloc.quarantine_mark
         txn.end_quarantine = self.alloc.end_quarantine
         glocks.on_demote("inode", self._demote_inode)
         glocks.on_demote("rgrp", self._demote_rgrp)
+        glocks.on_demote("rename", self._demote_flush)
         self._load_group_hints()
 
     # ================================================================ plumbing
@@ -140,17 +156,23 @@ class FileSystem:
         return FSError(errno.EIO, str(exc))
 
     def _load_group_hints(self) -> None:
-        """Free counts of every group, as hints for choosing where to allocate
-        (in a cluster these come from the rgrp lock value blocks)."""
+        """Free counts of the groups this node does not hold, read without a lock: only
+        hints for choosing where to allocate (the allocation itself reads the bitmap
+        under the group's lock)."""
         from clusterfs.format.rgrp import decode_rgrp
         for i in range(self.sb.rgrp_count):
+            if i in self.alloc.groups:
+                continue                 # held: its loaded copy is the newest
             first, _ = self.sb.rgrp_location(i)
             try:
                 self.alloc.free_hint[i] = decode_rgrp(self.read_meta(first), first).free
             except FormatError as exc:
                 raise self._corrupt(exc) from exc
 
-    def _group(self, index: int) -> ResourceGroup:
+    def _group(self, glock: Glock) -> ResourceGroup:
+        """The group its held glock covers, loaded from disk on first use after a grant
+        (the previous holder flushed it home before letting go)."""
+        index = glock.name[1]
         group = self.alloc.groups.get(index)
         if group is None:
             first, _ = self.sb.rgrp_location(index)
@@ -343,7 +365,7 @@ class FileSystem:
             async with self._hold(ex=[parent], alloc=alloc):
                 return self._create(parent, name, mode, rdev, uid, gid, target)
 
-        node = await self._retrying(run, parent, 8)
+        node = await self._retrying(run, self._create_goal(parent), 8)
         self.count_lookup(node.ino)
         if open_it:
             self.opens[node.ino] = self.opens.get(node.ino, 0) + 1
@@ -362,7 +384,8 @@ class FileSystem:
             gid = p.d.gid
             if stat.S_ISDIR(mode):
                 mode |= stat.S_ISGID
-        reserve = self._reserve(parent, 1 + p.dir.blocks_needed_for_insert())
+        goal = self._create_goal(parent)
+        reserve = self._reserve(goal, 1 + p.dir.blocks_needed_for_insert())
         ino = reserve.pop(0)
         now_s, now_ns = divmod(time.time_ns(), 1_000_000_000)
         is_dir = stat.S_ISDIR(mode)
@@ -377,7 +400,7 @@ class FileSystem:
         self.inodes[ino] = node
         if target:
             self._write(node, 0, target)    # stuffed when short, a data block when long
-        p.dir.add(name, ino, dtype_of(mode), self._taker(reserve, parent), self._free_meta)
+        p.dir.add(name, ino, dtype_of(mode), self._taker(reserve, goal), self._free_meta)
         self._unreserve(reserve)
         if is_dir:
             p.d.nlink += 1
@@ -386,6 +409,14 @@ class FileSystem:
         self._dirty(p)
         self._dirty(node)
         return node
+
+    def _create_goal(self, parent: int) -> int:
+        """Where a new inode should go: near its parent on one node; in a cluster in
+        this node's home group, so nodes creating in one directory do not all want
+        the parent's group."""
+        if not self.clustered:
+            return parent
+        return self.sb.rgrp_location(self.home_group)[0]
 
     def _free_meta(self, blkno: int) -> None:
         self._release(blkno, 1)
@@ -431,21 +462,27 @@ class FileSystem:
 
     # ================================================================ removing
     async def unlink(self, parent: int, name: bytes, want_dir: bool = False) -> None:
-        async with self._hold(pr=[parent], write=False):
-            ino = self._find(parent, name)
-        async with self._hold(ex=sorted({parent, ino})):
-            if self._find(parent, name) != ino:
-                raise FSError(errno.EAGAIN, "directory changed under us")
-            p, node = self._inode(parent), self._inode(ino)
-            if want_dir:
-                if node.dir is None:
-                    raise FSError(errno.ENOTDIR)
-                if len(node.dir):
-                    raise FSError(errno.ENOTEMPTY)
-            elif node.dir is not None:
-                raise FSError(errno.EISDIR)
-            self._remove_entry(p, name, node)
+        while True:
+            async with self._hold(pr=[parent], write=False):
+                ino = self._find(parent, name)
+            # the victim's lock is taken with the parent's, in order; if the name
+            # moved meanwhile (another node, or another request here), look again
+            async with self._hold(ex=sorted({parent, ino})):
+                if self._find(parent, name) == ino:
+                    self._unlink(parent, name, ino, want_dir)
+                    break
         await self._maybe_free(ino)
+
+    def _unlink(self, parent: int, name: bytes, ino: int, want_dir: bool) -> None:
+        p, node = self._inode(parent), self._inode(ino)
+        if want_dir:
+            if node.dir is None:
+                raise FSError(errno.ENOTDIR)
+            if len(node.dir):
+                raise FSError(errno.ENOTEMPTY)
+        elif node.dir is not None:
+            raise FSError(errno.EISDIR)
+        self._remove_entry(p, name, node)
 
     def _remove_entry(self, p: CachedInode, name: bytes, node: CachedInode) -> None:
         assert p.dir is not None
@@ -455,6 +492,8 @@ class FileSystem:
             node.d.nlink = 0
         else:
             node.d.nlink -= 1
+        if node.d.nlink == 0:
+            self.unlinked.add(node.ino)
         p.d.size = self._dir_size(p)
         p.touch()
         node.touch(m=False)
@@ -462,14 +501,15 @@ class FileSystem:
         self._dirty(node)
 
     async def _maybe_free(self, ino: int) -> None:
-        """Free an inode nobody links, looks up or opens."""
-        node = self.inodes.get(ino)
-        if node is None or node.d.nlink > 0 or self.nlookup.get(ino, 0) > 0 \
-                or self.opens.get(ino, 0) > 0 or node.freed:
+        """Free an inode this node unlinked, once the kernel neither looks it up nor
+        has it open. (Its cached copy may have been dropped by a demote meanwhile, so
+        it is loaded again under the lock.)"""
+        if ino not in self.unlinked or self.nlookup.get(ino, 0) > 0 \
+                or self.opens.get(ino, 0) > 0 or self.txn.withdrawn:
             return
-        if self.txn.withdrawn:
-            return
-        async with self._hold(ex=[ino], frees=lambda: self._owned_blocks(node)):
+        async with self._hold(ex=[ino], frees=lambda: self._owned_blocks(self._inode(ino))):
+            self.unlinked.discard(ino)
+            node = self._inode(ino)
             if node.freed or node.d.nlink > 0:
                 return
             self._free_inode(node)
@@ -515,6 +555,17 @@ class FileSystem:
                 flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             raise FSError(errno.EINVAL)
         wanted = [(("rename",), Mode.EX)] if p1 != p2 else []
+        while True:
+            try:
+                dst = await self._rename_once(wanted, p1, n1, p2, n2, flags)
+                break
+            except _Changed:
+                continue                 # a name moved between our looks: again
+        if dst is not None and flags != RENAME_EXCHANGE:
+            await self._maybe_free(dst)
+
+    async def _rename_once(self, wanted, p1: int, n1: bytes, p2: int, n2: bytes,
+                           flags: int) -> int | None:
         async with self.glocks.hold(wanted):
             async with self._hold(pr=sorted({p1, p2}), write=False):
                 src = self._find(p1, n1)
@@ -532,14 +583,23 @@ class FileSystem:
                     self._rename(p1, n1, p2, n2, flags, src, dst, chain)
 
             await self._retrying(run, p2, 4)
-        if dst is not None and flags != RENAME_EXCHANGE:
-            await self._maybe_free(dst)
+        return dst
 
     def _ancestors(self, ino: int) -> list[int]:
-        """ino and every directory above it (for the moved-into-itself check)."""
+        """ino and every directory above it (for the moved-into-itself check). Parent
+        links change only in cross-directory renames, which hold the cluster-wide rename
+        lock (as the caller does) and flush before it goes, so an ancestor this node
+        holds no lock on is read from disk and not cached."""
         chain = [ino]
         while ino != self.root and len(chain) < 4096:
-            ino = self._inode(ino).d.parent
+            node = self.inodes.get(ino)
+            if node is not None:
+                ino = node.d.parent
+            else:
+                try:
+                    ino = decode_inode(self.read_meta(ino), ino).parent
+                except (FormatError, StorageError) as exc:
+                    raise self._corrupt(exc) from exc
             chain.append(ino)
         return chain
 
@@ -549,7 +609,7 @@ class FileSystem:
         assert P1.dir is not None and P2.dir is not None
         if P1.dir.get(n1) is None or P1.dir.get(n1)[0] != src or \
                 (P2.dir.get(n2) or (dst,))[0] != dst:
-            raise FSError(errno.EAGAIN, "directory changed under us")
+            raise _Changed
         S = self._inode(src)
         if S.dir is not None and src in chain:
             raise FSError(errno.EINVAL, "cannot move a directory into itself")
@@ -581,6 +641,8 @@ class FileSystem:
                 P2.d.nlink -= 1
             else:
                 D.d.nlink -= 1
+            if D.d.nlink == 0:
+                self.unlinked.add(D.ino)
             D.touch(m=False)
             self._dirty(D)
         else:
@@ -701,7 +763,9 @@ class FileSystem:
             raise FSError(errno.EFBIG)
 
         async def run(alloc):
-            async with self._hold(ex=[ino], alloc=alloc):
+            # extent blocks may be given back when extents merge
+            async with self._hold(ex=[ino], alloc=alloc,
+                                  frees=lambda: self._inode(ino).ext_blocks):
                 node = self._inode(ino)
                 self._write(node, off, data)
                 return len(data)
@@ -932,35 +996,57 @@ class FileSystem:
 
     # ================================================================ whole fs
     def usage(self) -> Usage:
+        """Blocks in all, free, quarantined. In a cluster the free counts of groups this
+        node does not hold are read again from disk, where their last holder left them
+        (a demote writes the group home), so statfs sees what the other nodes did."""
+        if self.clustered:
+            self._load_group_hints()
         return Usage(self.alloc.data_blocks(), self.alloc.free_blocks(), self.alloc.quarantined)
 
     async def shutdown(self) -> None:
         """Unmount: free unlinked inodes the kernel no longer holds, commit, checkpoint,
         mark the journal clean, give locks back."""
-        for node in list(self.inodes.values()):
-            if node.d.nlink == 0 and not node.freed:
-                self.nlookup.pop(node.ino, None)
-                self.opens.pop(node.ino, None)
-                await self._maybe_free(node.ino)
+        for ino in list(self.unlinked):
+            self.nlookup.pop(ino, None)
+            self.opens.pop(ino, None)
+            await self._maybe_free(ino)
         if not self.txn.withdrawn:
             await self.txn.close()
         await self.glocks.release_all()
 
     # ================================================================ lock demotion
-    async def _demote_inode(self, name) -> None:
-        """Another node wants this inode: commit, drop our copy, tell the kernel."""
-        ino = name[1]
-        if not self.txn.withdrawn:
-            await self.txn.commit()
-        node = self.inodes.get(ino)
-        if node is not None and not node.freed and self.opens.get(ino, 0) == 0:
-            self.inodes.pop(ino, None)
-        self.dev.forget_read_ahead()     # chunks of its data may be rewritten elsewhere
-        if self.invalidate_hook is not None:
-            self.invalidate_hook(ino)
-
-    async def _demote_rgrp(self, name) -> None:
+    async def _flush_for_demote(self) -> None:
+        """Before a lock goes down: commit, write every logged block home and empty the
+        journal. So the journal never holds a block whose lock this node has given up
+        (the no-stale-replay rule, docs/journal.md), and the disk holds the newest copy
+        of everything the next holder will read."""
         if not self.txn.withdrawn:
             await self.txn.commit(checkpoint=True)
-        self.alloc.drop(name[1])
+
+    async def _demote_inode(self, glock: Glock, target: Mode) -> None:
+        """Another node wants this inode: flush; going to nothing, also drop our copy
+        (open or not: per-open state lives in self.opens) and tell the kernel."""
+        ino = glock.name[1]
+        await self._flush_for_demote()
+        if target != Mode.NL:
+            return                       # PR: our clean copy stays valid
+        self.inodes.pop(ino, None)
+        self.dev.forget_read_ahead()     # chunks of its data may be rewritten elsewhere
+        if self.invalidate_hook is not None:
+            await trio.to_thread.run_sync(self.invalidate_hook, ino)
+
+    async def _demote_rgrp(self, glock: Glock, target: Mode) -> None:
+        """Flush, leave the group's free count in the lock value block, drop the group."""
+        await self._flush_for_demote()
+        index = glock.name[1]
+        group = self.alloc.groups.get(index)
+        if group is not None and glock.lock is not None:
+            glock.lock.lvb = encode_free_lvb(group.free + group.quarantined)
+        if target == Mode.NL:
+            self.alloc.drop(index)
+
+    async def _demote_flush(self, glock: Glock, target: Mode) -> None:
+        """The rename lock covers no cached object, only the order of directory moves:
+        what the moves changed must be home before another node moves directories."""
+        await self._flush_for_demote()
 

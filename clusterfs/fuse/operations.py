@@ -46,6 +46,14 @@ ATTR_TIMEOUT = 1.0
 # this long instead of asking again; a create or rename through this mount replaces
 # it at once. tools/nullfs.py reads this too.
 NEGATIVE_TIMEOUT = 1.0
+# In a cluster, the kernel caches only what an invalidation can take back without
+# deadlock (docs/locking.md, "kernel caches"): attributes, which a demote invalidates
+# (invalidate_inode with attr_only never waits on the kernel, and a reply racing the
+# invalidation is discarded by the kernel's attr_version check). Names are not cached
+# (invalidate_entry would wait for a pending lookup in that directory, which waits for
+# the glock being demoted), and file data bypasses the page cache (direct_io:
+# invalidating pages waits for page locks a pending read holds).
+CLUSTER_ENTRY_TIMEOUT = 0.0
 
 
 def _edge(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -80,6 +88,9 @@ class Operations(pyfuse3.Operations):
         # set while the kernel's INIT is handled: a task waiting on it runs once the
         # reply is sent, i.e. once the kernel has applied the mount's settings
         self.initialized = trio.Event()
+        self.clustered = fs.clustered
+        self.entry_timeout = CLUSTER_ENTRY_TIMEOUT if fs.clustered else ENTRY_TIMEOUT
+        self.negative_timeout = CLUSTER_ENTRY_TIMEOUT if fs.clustered else NEGATIVE_TIMEOUT
         fs.invalidate_hook = self._invalidate
 
     def init(self) -> None:
@@ -93,8 +104,9 @@ class Operations(pyfuse3.Operations):
         return pyfuse3.ROOT_INODE if ino == self.root else ino
 
     def _invalidate(self, ino: int) -> None:
+        """Forget the inode's attributes (called from a worker thread by a demote)."""
         try:
-            pyfuse3.invalidate_inode(self._fuse_ino(ino))
+            pyfuse3.invalidate_inode(self._fuse_ino(ino), attr_only=True)
         except Exception as exc:   # the kernel may not know the inode
             log.debug("invalidate %d: %s", ino, exc)
 
@@ -103,7 +115,7 @@ class Operations(pyfuse3.Operations):
         a = pyfuse3.EntryAttributes()
         a.st_ino = self._fuse_ino(d.ino)
         a.generation = d.generation
-        a.entry_timeout = ENTRY_TIMEOUT
+        a.entry_timeout = self.entry_timeout
         a.attr_timeout = ATTR_TIMEOUT
         a.st_mode = d.mode
         a.st_nlink = d.nlink
@@ -127,12 +139,11 @@ class Operations(pyfuse3.Operations):
         node = await self.fs.lookup(self._ino(parent_inode), name)
         return self._negative() if node is None else self._attr(node)
 
-    @staticmethod
-    def _negative() -> pyfuse3.EntryAttributes:
+    def _negative(self) -> pyfuse3.EntryAttributes:
         """"No such name", cacheable by the kernel (cheaper than raising ENOENT)."""
         a = pyfuse3.EntryAttributes()
         a.st_ino = 0
-        a.entry_timeout = NEGATIVE_TIMEOUT
+        a.entry_timeout = self.negative_timeout
         return a
 
     @_edge
@@ -195,7 +206,12 @@ class Operations(pyfuse3.Operations):
         node = await self.fs.mknod(self._ino(parent_inode), name,
                                    stat.S_IFREG | stat.S_IMODE(mode), 0, ctx.uid, ctx.gid,
                                    open_it=True)
-        return pyfuse3.FileInfo(fh=node.ino), self._attr(node)
+        return self._file_info(node.ino), self._attr(node)
+
+    def _file_info(self, ino: int) -> FileInfo:
+        if self.clustered:
+            return pyfuse3.FileInfo(fh=ino, direct_io=True)
+        return pyfuse3.FileInfo(fh=ino, keep_cache=True)
 
     @_edge
     async def link(self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT,
@@ -224,7 +240,7 @@ class Operations(pyfuse3.Operations):
         node = await self.fs.open(self._ino(inode))
         if flags & os.O_TRUNC and node.d.size:
             await self.fs.truncate(node.ino, 0)
-        return pyfuse3.FileInfo(fh=node.ino, keep_cache=True)
+        return self._file_info(node.ino)
 
     @_edge
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes | memoryview:

@@ -189,9 +189,14 @@ async def serve(config: str, node_id: int, control: str, fence_pid_dir: str | No
 
 
 class ControlServer:
-    def __init__(self, ls: Lockspace, node: Any) -> None:
+    """The control socket of a lockd, or of a cluster mount (which adds what its
+    `extra_status` returns, e.g. its glocks, to every status answer)."""
+
+    def __init__(self, ls: Lockspace, node: Any,
+                 extra_status: Callable[[], dict[str, Any]] | None = None) -> None:
         self.ls = ls
         self.node = node
+        self.extra_status = extra_status
         self.stop = trio.Event()
         self.expelled = False
 
@@ -298,6 +303,8 @@ class _Session:
                                "dropped_sends": self.ls.ls_dlm.dropped_sends,
                                "membership_generation":
                                    self.server.node.membership.view.generation}
+        if self.server.extra_status is not None:
+            out.update(self.server.extra_status())
         return out
 
     async def op_wait_running(self, req: dict[str, Any]) -> dict[str, Any]:

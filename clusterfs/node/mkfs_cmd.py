@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="size of each journal in MiB (default: scaled to the device)")
     parser.add_argument("-b", "--block-size", type=int, default=BLOCK_SIZE,
                         help="block size in bytes (only 4096 is supported)")
+    parser.add_argument("-c", "--cluster", metavar="NAME",
+                        help="the cluster (config `name`) whose nodes may mount it together; "
+                             "without it the filesystem is for one node at a time")
     parser.add_argument("-f", "--force", action="store_true",
                         help="overwrite an existing filesystem")
     parser.add_argument("-q", "--quiet", action="store_true")
@@ -38,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def make_filesystem(path: str, journals: int = 1, journal_mib: int | None = None,
-                    force: bool = False) -> Superblock:
+                    force: bool = False, cluster: str | None = None) -> Superblock:
     """Format `path`; raises ClusterFSError with a one-line reason."""
     busy = holders.users(path)
     if busy:
@@ -52,6 +55,7 @@ def make_filesystem(path: str, journals: int = 1, journal_mib: int | None = None
             raise ClusterFSError(f"{path} already holds {found}; use --force to overwrite")
         jblocks = None if journal_mib is None else journal_mib * (1 << 20) // BLOCK_SIZE
         sb = plan_geometry(dev.size, journals, jblocks)
+        sb.set_cluster_name(cluster)
         # Build every block before writing the first: an error found while encoding must
         # leave the device as it was.
         blocks = list(initial_blocks(sb))
@@ -69,13 +73,16 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     try:
-        sb = make_filesystem(args.device, args.journals, args.journal_size, args.force)
+        sb = make_filesystem(args.device, args.journals, args.journal_size, args.force,
+                             args.cluster)
     except ClusterFSError as exc:
         print(f"mkfs.clusterfs: {exc}", file=sys.stderr)
         return 1
     if not args.quiet:
         size_mib = sb.total_blocks * BLOCK_SIZE / (1 << 20)
         print(f"{args.device}: clusterfs, uuid {sb.uuid_str}")
+        print(f"  cluster {sb.cluster_name} (mount with --config of that cluster)"
+              if sb.cluster_name else "  one node at a time (no --cluster)")
         print(f"  size {size_mib:.1f} MiB, {sb.total_blocks} blocks of {sb.block_size} bytes")
         print(f"  journals {sb.journal_count} x {sb.journal_blocks} blocks "
               f"({sb.journal_blocks * BLOCK_SIZE >> 20} MiB) from block {sb.journal_start}")

@@ -1,7 +1,24 @@
 """clusterfs mount: open the device, claim a journal slot, replay, serve FUSE.
 
+One node, or one node of a cluster: with --config and --node-id the process
+joins the cluster (membership, fencing, the DLM) and takes every lock from the
+DLM; the process is the node, so its death is the node's death. Without them
+the mount is a one-node mount over the in-process lock service.
+
+The superblock says which way a device is used (mkfs --cluster NAME): a
+one-node mount of a cluster device, a cluster mount of a one-node device, or a
+mount with another cluster's config is refused with one line
+(--no-cluster-check overrides, for recovery by hand).
+
+Journals (GFS2's first-mounter rule): mounts are serialised by the ("mount",)
+lock. The first node to mount a device no live node has mounted gets ("live",)
+in EX: it replays every dirty journal, holding each one's ("journal", slot)
+lock, then keeps "live" in PR like every later node. A later node replays only
+the slot it claimed (preferring a clean one).
+
 Without -f the command forks; the parent exits 0 only once the mount is live
-(or 1 with the child's one-line error). Unmount with `fusermount3 -u MOUNTPOINT`;
+(or 1 with the child's one-line error); the daemon logs to syslog, or to the
+--log file. Unmount with `clusterfs umount` or `fusermount3 -u MOUNTPOINT`;
 SIGTERM / SIGINT unmount too. Either way the journal is committed and
 checkpointed, the journal marked clean and the locks released before exit 0.
 """
@@ -16,6 +33,7 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from clusterfs.errors import ChecksumError, ClusterFSError, NotClusterFS, StorageError
 
@@ -32,6 +50,44 @@ class MountError(Exception):
 class Options:
     debug: bool = False
     extra: tuple[str, ...] = ()
+    min_hold: float | None = None     # glock minimum hold time, seconds
+
+
+@dataclass
+class ClusterArgs:
+    """How this mount joins its cluster (from --config / --node-id and friends)."""
+    config: str
+    node_id: int
+    fence_pid_dir: str | None = None
+    state_dir: str | None = None
+    control: str | None = None
+    cfg: Any = None                  # the loaded ClusterConfig
+    incarnation: int | None = None
+    record: Any = None               # the GenerationFile
+
+    def prepare(self) -> None:
+        """Load the config, open the generation record, write the fence record:
+        MountError (one line) if any of them cannot be done. The fence record is
+        written before joining: whoever may count on us can also fence us."""
+        from clusterfs.config import load_config
+        from clusterfs.errors import ConfigError, FenceError, StateError
+        from clusterfs.membership.service import new_incarnation
+        from clusterfs.node.lockd_cmd import _claim_pid_file, _open_generation_record
+
+        try:
+            self.cfg = load_config(self.config)
+            self.cfg.node(self.node_id)
+        except ConfigError as exc:
+            raise MountError(f"{self.config}: {exc}") from None
+        try:
+            self.record = _open_generation_record(self.state_dir, self.node_id)
+        except StateError as exc:
+            raise MountError(f"--state-dir: {exc}") from None
+        self.incarnation = new_incarnation()
+        try:
+            _claim_pid_file(self.fence_pid_dir, self.node_id, self.incarnation)
+        except (FenceError, OSError) as exc:
+            raise MountError(f"--fence-pid-dir: {exc}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,9 +95,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="stay in the foreground and log to stderr")
     parser.add_argument("-o", dest="options", action="append", default=[],
                         help="comma-separated options: debug (verbose log), fuse_debug "
-                             "(libfuse request trace)")
+                             "(libfuse request trace), min_hold_ms=N (glock minimum hold "
+                             "time, default 10)")
     parser.add_argument("--log", metavar="FILE", help="log file when daemonized "
-                        "(default: /dev/null)")
+                        "(default: syslog, or /var/log/clusterfs/mount.log without one)")
+    parser.add_argument("--config", metavar="FILE",
+                        help="cluster configuration: join that cluster as --node-id")
+    parser.add_argument("--node-id", type=int, metavar="N", help="this node's id in --config")
+    parser.add_argument("--fence-pid-dir", metavar="DIR",
+                        help="dev clusters on one host: record this process in "
+                             "DIR/node<ID>.pid and fence dead nodes by SIGKILL of theirs")
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="where this node keeps its highest promised generation "
+                             "(default /var/lib/clusterfs)")
+    parser.add_argument("--control", metavar="PATH",
+                        help="control socket for `clusterfs status` (default "
+                             "/run/clusterfs/lockd-<node>.sock)")
+    parser.add_argument("--no-cluster-check", action="store_true",
+                        help="mount even if the superblock names another cluster, or one "
+                             "when mounting alone (recovery by hand: no other node may "
+                             "have it mounted)")
     parser.add_argument("device")
     parser.add_argument("mountpoint")
 
@@ -51,17 +124,62 @@ def parse_options(values: list[str]) -> Options:
     extra = []
     for value in values:
         for item in filter(None, value.split(",")):
+            key, _, value = item.partition("=")
             if item == "debug":
                 opts.debug = True
             elif item == "fuse_debug":
                 extra.append("debug")
+            elif key == "min_hold_ms":
+                opts.min_hold = _milliseconds(key, value)
             else:
                 raise MountError(f"unknown mount option {item!r}")
     opts.extra = tuple(extra)
     return opts
 
 
-def open_device(path: str):
+def _milliseconds(key: str, value: str) -> float:
+    try:
+        ms = float(value)
+    except ValueError:
+        raise MountError(f"mount option {key}: {value!r} is not a number") from None
+    if not 0 <= ms <= 60_000:
+        raise MountError(f"mount option {key}: {value} out of range 0..60000")
+    return ms / 1000
+
+
+def cluster_args(args: argparse.Namespace) -> ClusterArgs | None:
+    """The cluster to join, or None for a one-node mount; MountError if half given."""
+    if args.config is None and args.node_id is None:
+        for flag in ("fence_pid_dir", "state_dir", "control"):
+            if getattr(args, flag):
+                raise MountError(f"--{flag.replace('_', '-')} needs --config and --node-id")
+        return None
+    if args.config is None or args.node_id is None:
+        raise MountError("--config and --node-id go together")
+    return ClusterArgs(args.config, args.node_id, args.fence_pid_dir, args.state_dir,
+                       args.control)
+
+
+def check_cluster_name(path: str, sb, cluster: str | None, override: bool) -> None:
+    """Refuse a device used the other way (one line), unless overridden."""
+    owner = sb.cluster_name
+    if owner == cluster:
+        return
+    if override:
+        log.warning("%s: cluster check overridden (superblock: %s, mount: %s)", path,
+                    owner or "one node", cluster or "one node")
+        return
+    if cluster is None:
+        raise MountError(f"{path}: belongs to cluster {owner!r}: mount it with --config and "
+                         "--node-id (or --no-cluster-check, with every node down)")
+    if owner is None:
+        raise MountError(f"{path}: a one-node filesystem (made without mkfs --cluster); "
+                         "mount it without --config")
+    raise MountError(f"{path}: belongs to cluster {owner!r}, not {cluster!r} (the config's "
+                     "name)")
+
+
+def open_device(path: str, clustered: bool = False):
     """Open and validate the device; MountError with a one-line reason."""
     from clusterfs.format.block import BLOCK_SIZE
     from clusterfs.format.signatures import SIGNATURE_BYTES, detect_signature
@@ -88,8 +206,11 @@ def open_device(path: str):
         if dev.blocks < sb.total_blocks:
             raise MountError(f"{path}: device is smaller than the filesystem (truncated?): "
                              f"{dev.blocks} < {sb.total_blocks} blocks")
+        # On this host: a one-node mount excludes every other user of the device; the
+        # nodes of a cluster share it (and still keep mkfs and a one-node mount out).
         try:
-            fcntl.flock(dev.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(dev.fd, (fcntl.LOCK_SH if clustered else fcntl.LOCK_EX)
+                        | fcntl.LOCK_NB)
         except OSError:
             raise MountError(f"{path}: already mounted by another process") from None
         return dev, sb
@@ -107,50 +228,171 @@ def reserve_memory():
         try:
             fn()
         except OSError as exc:
-            log.warning("memory reserve: %s refused (%s); continuing without it", what,
-                        exc.strerror or exc)
+            # expected without CAP_SYS_RESOURCE / a memlock limit: say it once, calmly
+            log.info("memory reserve: %s refused (%s); continuing without it", what,
+                     exc.strerror or exc)
     return BufferPool(POOL_BUFFERS, BLOCK_SIZE)
 
 
-async def serve(dev, sb, mountpoint: str, opts: Options, ready: Callable[[], None]) -> None:
+async def serve(dev, sb, mountpoint: str, opts: Options, ready: Callable[[], None],
+                cluster: ClusterArgs | None = None) -> None:
+    pool = reserve_memory()
+    try:
+        if cluster is None:
+            from clusterfs.dlm.local import LocalLockService
+
+            await _serve_fs(LocalLockService(), dev, sb, mountpoint, opts, ready, pool)
+        else:
+            await _serve_clustered(cluster, dev, sb, mountpoint, opts, ready, pool)
+    finally:
+        pool.close()
+
+
+async def _serve_clustered(cluster: ClusterArgs, dev, sb, mountpoint: str, opts: Options,
+                           ready: Callable[[], None], pool) -> None:
+    """Join the cluster, open the filesystem's lockspace, serve through it."""
+    import trio
+
+    from clusterfs.dlm.lockspace import open_dlm, wait_running
+    from clusterfs.fence.agent import ProcessAgent
+    from clusterfs.node.cluster import open_cluster_node
+    from clusterfs.node.lockd_cmd import ControlServer, default_control_path
+
+    agent = ProcessAgent(pid_dir=cluster.fence_pid_dir) if cluster.fence_pid_dir else None
+    async with open_cluster_node(cluster.cfg, cluster.node_id, fence_agent=agent,
+                                 incarnation=cluster.incarnation,
+                                 generation_record=cluster.record) as node:
+        async with open_dlm(node.endpoint, node.membership) as dlm:
+            ls = await dlm.new_lockspace("fs:" + sb.uuid_str)
+            log.info("node %d: joining cluster %s; waiting for quorum", cluster.node_id,
+                     cluster.cfg.name)
+            await wait_running(ls)
+            log.info("node %d: in the cluster (generation %d, members %s)", cluster.node_id,
+                     ls.statistics().generation, list(ls.statistics().members))
+            shown: dict = {}        # what `clusterfs status` adds, once the fs is up
+            control = ControlServer(ls, node, extra_status=lambda: {
+                "mount": _mount_status(mountpoint, dev.path, **shown)} if shown else {})
+            path = cluster.control or default_control_path(cluster.node_id)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+
+            def side_tasks(nursery: trio.Nursery, fs, slot: int) -> None:
+                shown.update(fs=fs, slot=slot)
+                nursery.start_soon(control.serve, path)
+                nursery.start_soon(_watch_expelled, ls, fs)
+
+            await _serve_fs(ls, dev, sb, mountpoint, opts, ready, pool, side_tasks)
+
+
+def _mount_status(mountpoint: str, device: str, fs, slot: int) -> dict:
+    return {"mountpoint": mountpoint, "device": device, "slot": slot,
+            "withdrawn": fs.txn.withdrawn, "glock_stats": fs.glocks.statistics(),
+            "glocks": fs.glocks.dump()}
+
+
+async def _watch_expelled(ls, fs) -> None:
+    """Told we were expelled (cut off, then seen again): stop writing at once."""
+    import trio
+
+    while not ls.ls_expelled:
+        await trio.sleep(0.2)
+    fs.txn.withdraw("expelled from the cluster; unmount and mount again")
+
+
+async def claim_journal(locks, dev, sb, clustered: bool) -> tuple[int, list]:
+    """Claim a journal slot and replay what must be replayed (see the module doc);
+    the slot and the locks to keep until unmount."""
+    from clusterfs.dlm.interface import Mode
+    from clusterfs.errors import WouldBlock
+
+    if not clustered:
+        slot, slot_lock = await _claim_slot(locks, dev, sb)
+        # Alone on this device (flock): no other node can be using any journal.
+        for s in range(sb.journal_count):
+            _replay(dev, sb, s)
+        return slot, [slot_lock]
+    gate = await locks.lock(("mount",), Mode.EX)
+    try:
+        try:
+            live = await locks.lock(("live",), Mode.EX, try_=True)
+            first = True
+        except WouldBlock:
+            live = await locks.lock(("live",), Mode.PR)
+            first = False
+        slot, slot_lock = await _claim_slot(locks, dev, sb)
+        if first:
+            log.info("first node to mount %s: replaying every dirty journal", dev.path)
+            for s in range(sb.journal_count):
+                if s == slot:
+                    _replay(dev, sb, s)
+                    continue
+                other = await locks.lock(("journal", s), Mode.EX)   # nobody else is live
+                try:
+                    _replay(dev, sb, s)
+                finally:
+                    await locks.unlock(other)
+            await locks.convert(live, Mode.PR)
+        else:
+            _replay(dev, sb, slot)
+        return slot, [slot_lock, live]
+    finally:
+        await locks.unlock(gate)
+
+
+async def _claim_slot(locks, dev, sb):
+    """The first free journal slot, a clean one if any is free (its lock held EX)."""
+    from clusterfs.dlm.interface import Mode
+    from clusterfs.errors import WouldBlock
+    from clusterfs.format.journal import JF_CLEAN, decode_jhead
+
+    free = []
+    for s in range(sb.journal_count):
+        try:
+            free.append((s, await locks.lock(("journal", s), Mode.EX, try_=True)))
+        except WouldBlock:
+            continue
+    if not free:
+        raise MountError(f"{dev.path}: all {sb.journal_count} journal slots are in use")
+
+    def clean(item) -> bool:
+        start = sb.journal_location(item[0])
+        return bool(decode_jhead(dev.read(start), start).flags & JF_CLEAN)
+
+    chosen = next((item for item in free if clean(item)), free[0])
+    for item in free:
+        if item is not chosen:
+            await locks.unlock(item[1])
+    return chosen
+
+
+def _replay(dev, sb, slot: int) -> None:
+    from clusterfs.journal.log import replay_journal
+
+    try:
+        result = replay_journal(dev, sb, slot)
+    except ClusterFSError as exc:
+        raise MountError(f"{dev.path}: journal {slot}: {exc}") from None
+    if result.transactions:
+        log.info("journal %d: replayed %d transactions", slot, result.transactions)
+
+
+async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Callable[[], None],
+                    pool, side_tasks: Callable | None = None) -> None:
     import pyfuse3
     import trio
 
-    from clusterfs.cache.glock import GlockManager
+    from clusterfs.cache.glock import MIN_HOLD, GlockManager
     from clusterfs.cache.transaction import TransactionManager
-    from clusterfs.dlm.interface import Mode
-    from clusterfs.dlm.local import LocalLockService
-    from clusterfs.errors import WouldBlock
     from clusterfs.fs.filesystem import FileSystem
     from clusterfs.fuse.operations import Operations
-    from clusterfs.journal.log import Journal, replay_journal
+    from clusterfs.journal.log import Journal
 
-    pool = reserve_memory()
-    locks = LocalLockService()
-    slot, slot_lock = None, None
-    for s in range(sb.journal_count):
-        try:
-            slot_lock = await locks.lock(("journal", s), Mode.EX, try_=True)
-            slot = s
-            break
-        except WouldBlock:
-            continue
-    if slot is None:
-        raise MountError(f"{dev.path}: all {sb.journal_count} journal slots are in use")
-    # Alone on this device (flock): no other node can be using any journal, so
-    # replay them all. In a cluster only recovery replays another slot's journal.
-    for s in range(sb.journal_count):
-        try:
-            result = replay_journal(dev, sb, s)
-        except ClusterFSError as exc:
-            raise MountError(f"{dev.path}: journal {s}: {exc}") from None
-        if result.transactions:
-            log.info("journal %d: replayed %d transactions", s, result.transactions)
+    clustered = side_tasks is not None
+    slot, held = await claim_journal(locks, dev, sb, clustered)
     journal = Journal(dev, sb, slot, pool)
     journal.open()
     txn = TransactionManager(journal)
-    glocks = GlockManager(locks)
-    fs = FileSystem(dev, sb, journal, glocks, txn)
+    glocks = GlockManager(locks, min_hold=MIN_HOLD if opts.min_hold is None else opts.min_hold)
+    fs = FileSystem(dev, sb, journal, glocks, txn, clustered=clustered)
     ops = Operations(fs)
     options = set(pyfuse3.default_options) | {
         "fsname=" + os.path.abspath(dev.path), "subtype=clusterfs", "allow_other",
@@ -167,6 +409,8 @@ async def serve(dev, sb, mountpoint: str, opts: Options, ready: Callable[[], Non
         async with trio.open_nursery() as nursery:
             glocks.start(nursery)
             nursery.start_soon(txn.run_timer)
+            if side_tasks is not None:
+                side_tasks(nursery, fs, slot)
 
             async def on_signal() -> None:
                 nonlocal unmounted_by_us
@@ -191,10 +435,11 @@ async def serve(dev, sb, mountpoint: str, opts: Options, ready: Callable[[], Non
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
     finally:
-        await fs.shutdown()
-        await locks.unlock(slot_lock)
+        with trio.CancelScope(shield=True):
+            await fs.shutdown()
+            for lock in held:
+                await locks.unlock(lock)
         pyfuse3.close(unmount=unmounted_by_us)
-        pool.close()
         log.info("unmounted %s; journal clean: %s", mountpoint, not txn.withdrawn)
 
 
@@ -220,16 +465,51 @@ def _setup_logging(debug: bool) -> None:
                         format="clusterfs[%(process)d] %(levelname)s %(name)s: %(message)s")
 
 
+SYSLOG_SOCKET = "/dev/log"
+FALLBACK_LOG = "/var/log/clusterfs/mount.log"
+
+
+def _daemon_log(path: str | None) -> int | None:
+    """Where a daemonized mount logs: the --log file, else syslog (ident clusterfs),
+    else FALLBACK_LOG when the host runs no syslog. Returns the fd for stdout and
+    stderr when logging goes to a file (None: syslog)."""
+    import logging.handlers
+
+    if path is None and os.path.exists(SYSLOG_SOCKET):
+        try:
+            handler: logging.Handler = logging.handlers.SysLogHandler(
+                SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON)
+        except OSError:
+            handler = None  # type: ignore[assignment]
+        if handler is not None:
+            handler.setFormatter(logging.Formatter(
+                "clusterfs[%(process)d]: %(levelname)s %(name)s: %(message)s"))
+            root = logging.getLogger()
+            for old in list(root.handlers):
+                root.removeHandler(old)
+            root.addHandler(handler)
+            return None
+    if path is None:
+        path = FALLBACK_LOG
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+
 def _mount(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     import trio
 
     opts = parse_options(args.options)
     _setup_logging(opts.debug)
+    cluster = cluster_args(args)
     if not os.path.isdir(args.mountpoint):
         raise MountError(f"{args.mountpoint}: mountpoint is not a directory")
-    dev, sb = open_device(args.device)
+    if cluster is not None:
+        cluster.prepare()
+    dev, sb = open_device(args.device, clustered=cluster is not None)
     try:
-        trio.run(serve, dev, sb, os.path.abspath(args.mountpoint), opts, ready)
+        check_cluster_name(args.device, sb, cluster.cfg.name if cluster else None,
+                           args.no_cluster_check)
+        trio.run(serve, dev, sb, os.path.abspath(args.mountpoint), opts, ready, cluster)
     finally:
         dev.close()
     return 0
@@ -266,10 +546,9 @@ def _daemonize(args: argparse.Namespace) -> int:
     def ready() -> None:
         os.write(wfd, b"ok")
         os.close(wfd)
-        logfd = os.open(args.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644) \
-            if args.log else devnull
-        os.dup2(logfd, 1)
-        os.dup2(logfd, 2)
+        logfd = _daemon_log(args.log)
+        os.dup2(logfd if logfd is not None else devnull, 1)
+        os.dup2(logfd if logfd is not None else devnull, 2)
 
     try:
         code = _mount(args, ready)

@@ -85,3 +85,17 @@ def print_status(st: dict[str, Any]) -> None:
           f"directory entries {ls['directory_entries']}")
     print(f"traffic     requests={ls['requests']} remote={ls['remote_requests']} "
           f"grants={ls['grants']} basts={ls['basts']}")
+    if "mount" in st:
+        m = st["mount"]
+        print(f"mount       {m['mountpoint']} on {m['device']}, journal slot {m['slot']}"
+              f"{', withdrawn: ' + m['withdrawn'] if m.get('withdrawn') else ''}")
+        g = m["glock_stats"]
+        print(f"glocks      cached={g['cached']} acquired={g['acquired']} "
+              f"hits={g['cached_hits']} released={g['demoted']} "
+              f"down-converted={g['down_converted']} deadlocks-retried="
+              f"{g['deadlocks_retried']}")
+        for gl in m["glocks"]:
+            name = ":".join(str(p) for p in gl["name"])
+            extra = f" demote->{gl['demote_to']}" if gl["demote_to"] else ""
+            print(f"  {name:<24} {gl['mode']:<3} holders={gl['holders']} "
+                  f"held {gl['held_for']} s{extra}")
