@@ -46,6 +46,7 @@ from clusterfs.dlm.interface import ConversionDeadlock, Lock, LockService, Mode,
 
 log = logging.getLogger(__name__)
 DemoteCallback = Callable[["Glock", Mode], Awaitable[None] | None]
+GrantCallback = Callable[["Glock"], None]
 MIN_HOLD = 0.01          # seconds; see docs/locking.md for how it was chosen
 DEADLOCK_BACKOFF = 0.01  # up to this long (random) before asking again after a deadlock
 
@@ -90,6 +91,7 @@ class GlockManager:
         self.min_hold = min_hold
         self.glocks: dict[ResourceName, Glock] = {}
         self.demote_callbacks: dict[str, DemoteCallback] = {}   # by resource kind
+        self.grant_callbacks: dict[str, GrantCallback] = {}
         self._nursery: trio.Nursery | None = None
         self._early: list[Glock] = []     # demotes asked for before start()
         self.stats = {"acquired": 0, "cached_hits": 0, "demoted": 0, "down_converted": 0,
@@ -103,6 +105,11 @@ class GlockManager:
 
     def on_demote(self, kind: str, callback: DemoteCallback) -> None:
         self.demote_callbacks[kind] = callback
+
+    def on_grant(self, kind: str, callback: GrantCallback) -> None:
+        """Call `callback(glock)` when a glock of `kind` is granted afresh (not held
+        before): whatever the cache kept of it from before may be stale now."""
+        self.grant_callbacks[kind] = callback
 
     async def acquire(self, wanted: Iterable[tuple[ResourceName, Mode]]) -> list[Glock]:
         """Hold every (name, mode), in sorted order; release with release(). A glock
@@ -171,6 +178,9 @@ class GlockManager:
             if glock.lock is None:
                 glock.lock = await self.locks.lock(
                     glock.name, mode, on_blocking=lambda m, g=glock: self._blocking(g, m))
+                granted = self.grant_callbacks.get(str(glock.name[0]))
+                if granted is not None:
+                    granted(glock)
             else:
                 await self.locks.convert(glock.lock, mode)
         except ConversionDeadlock:

@@ -68,6 +68,9 @@ class TransactionManager:
             self.dirty[id(obj)] = obj
             self.estimate += obj.block_estimate()
 
+    def is_dirty(self, obj: Dirtyable) -> bool:
+        return id(obj) in self.dirty
+
     def discard(self, obj: Dirtyable) -> None:
         """obj's blocks were freed: do not write them."""
         self.dirty.pop(id(obj), None)

@@ -56,6 +56,7 @@ READAHEAD_TRIGGER = 128 * 1024   # a read this large is taken as sequential
 READAHEAD_BLOCKS = 8192
 READAHEAD_STEP = 2048
 SYMLINK_MAX = 4095
+UNMOUNT_FREE_TIMEOUT = 20   # seconds an unmount waits for the locks to free unlinked inodes
 
 
 def dtype_of(mode: int) -> int:
@@ -129,6 +130,8 @@ class FileSystem:
         self.nlookup: dict[int, int] = {}
         self.opens: dict[int, int] = {}
         self.unlinked: set[int] = set()   # nlink went to 0 here; freed once unused
+        self.freed: set[int] = set()      # inodes freed here the kernel may still name
+                                          # (their blocks may be reused, even elsewhere)
         self.clustered = clustered
         # where this node allocates new inodes in a cluster: its own part of the disk
         # (by journal slot), so nodes creating at once rarely want the same group
@@ -141,6 +144,7 @@ class FileSystem:
         glocks.on_demote("inode", self._demote_inode)
         glocks.on_demote("rgrp", self._demote_rgrp)
         glocks.on_demote("rename", self._demote_flush)
+        glocks.on_grant("inode", self._granted_inode)
         self._load_group_hints()
 
     # ================================================================ plumbing
@@ -191,7 +195,13 @@ class FileSystem:
                 raise FSError(errno.ESTALE, f"inode {ino} out of range")
             try:
                 node = CachedInode(decode_inode(self.read_meta(ino), ino), self.read_meta)
-            except (FormatError, StorageError) as exc:
+            except FormatError as exc:
+                if ino in self.freed:
+                    # the kernel still names an inode this node deleted, and its block
+                    # holds something else now: stale, not corrupt
+                    raise FSError(errno.ESTALE, f"inode {ino} was deleted") from exc
+                raise self._corrupt(exc) from exc
+            except StorageError as exc:
                 raise self._corrupt(exc) from exc
             self.inodes[ino] = node
         return node
@@ -257,14 +267,24 @@ class FileSystem:
 
     async def lookup(self, parent: int, name: bytes) -> CachedInode | None:
         """The named inode (counted as a kernel reference), or None if there is none."""
-        async with self._hold(pr=[parent], write=False):
-            ino = self._find_or_none(parent, name)
-        if ino is None:
-            return None
-        async with self._hold(pr=[ino], write=False):
-            node = self._inode(ino)
-            self.count_lookup(ino)
-            return node
+        while True:
+            async with self._hold(pr=[parent], write=False):
+                ino = self._find_or_none(parent, name)
+            if ino is None:
+                return None
+            node = await self._named_inode(parent, name, ino)
+            if node is not None:
+                self.count_lookup(ino)
+                return node
+
+    async def _named_inode(self, parent: int, name: bytes, ino: int) -> CachedInode | None:
+        """The inode `name` in `parent` names, read while both are locked (in order) and
+        the name still names it; None if it moved meanwhile. Reading the child under its
+        own lock alone could read a block another node freed and reused since."""
+        async with self._hold(pr=sorted({parent, ino}), write=False):
+            if self._find_or_none(parent, name) != ino:
+                return None
+            return self._inode(ino)
 
     async def prefetch(self, inos: list[int]) -> None:
         """Load many inodes with few reads: readdir needs every entry's attributes, and
@@ -301,14 +321,14 @@ class FileSystem:
         """The kernel now holds one more reference to `ino` (undone by forget)."""
         self.nlookup[ino] = self.nlookup.get(ino, 0) + 1
 
-    async def lookup_for_readdir(self, ino: int) -> CachedInode:
+    async def lookup_for_readdir(self, parent: int, name: bytes, ino: int) -> CachedInode:
         """Attributes of a directory entry (the caller counts the kernel reference with
-        count_lookup once the entry is really in the reply)."""
-        async with self._hold(pr=[ino], write=False):
-            node = self._inode(ino)
-            if node.freed:
-                raise FSError(errno.ENOENT)
-            return node
+        count_lookup once the entry is really in the reply); ENOENT if the entry is gone
+        since the listing was taken."""
+        node = await self._named_inode(parent, name, ino)
+        if node is None or node.freed:
+            raise FSError(errno.ENOENT)
+        return node
 
     def _find(self, parent: int, name: bytes) -> int:
         ino = self._find_or_none(parent, name)
@@ -366,6 +386,11 @@ class FileSystem:
                 return self._create(parent, name, mode, rdev, uid, gid, target)
 
         node = await self._retrying(run, self._create_goal(parent), 8)
+        if self.clustered:
+            # the new inode's own lock, so that a node still caching an earlier inode
+            # of this number (freed since) is told to drop it
+            async with self._hold(ex=[node.ino], write=False):
+                node = self._inode(node.ino)
         self.count_lookup(node.ino)
         if open_it:
             self.opens[node.ino] = self.opens.get(node.ino, 0) + 1
@@ -387,6 +412,7 @@ class FileSystem:
         goal = self._create_goal(parent)
         reserve = self._reserve(goal, 1 + p.dir.blocks_needed_for_insert())
         ino = reserve.pop(0)
+        self.freed.discard(ino)
         now_s, now_ns = divmod(time.time_ns(), 1_000_000_000)
         is_dir = stat.S_ISDIR(mode)
         disk = Inode(ino=ino, mode=mode, uid=uid, gid=gid, nlink=2 if is_dir else 1,
@@ -501,11 +527,16 @@ class FileSystem:
         self._dirty(node)
 
     async def _maybe_free(self, ino: int) -> None:
-        """Free an inode this node unlinked, once the kernel neither looks it up nor
-        has it open. (Its cached copy may have been dropped by a demote meanwhile, so
-        it is loaded again under the lock.)"""
-        if ino not in self.unlinked or self.nlookup.get(ino, 0) > 0 \
-                or self.opens.get(ino, 0) > 0 or self.txn.withdrawn:
+        """Free an inode this node unlinked, once nothing here has it open and, for a
+        directory, the kernel no longer looks it up (a process may sit in it). A file
+        nobody has open cannot be reached any more, whatever the kernel still caches
+        of it; freeing it at once also means a clean unmount has nothing left that
+        needs a lock. (Its cached copy may have been dropped by a demote meanwhile,
+        so it is loaded again under the lock.)"""
+        if ino not in self.unlinked or self.opens.get(ino, 0) > 0 or self.txn.withdrawn:
+            return
+        node = self.inodes.get(ino)
+        if self.nlookup.get(ino, 0) > 0 and (node is None or node.dir is not None):
             return
         async with self._hold(ex=[ino], frees=lambda: self._owned_blocks(self._inode(ino))):
             self.unlinked.discard(ino)
@@ -533,6 +564,7 @@ class FileSystem:
             for blk in node.dir.blocks_owned():
                 self._release(blk, 1)
         self._release(node.ino, 1)
+        self.freed.add(node.ino)
         node.freed = True
         self.txn.discard(node)
         self.inodes.pop(node.ino, None)
@@ -545,6 +577,7 @@ class FileSystem:
             self.nlookup[ino] = left
             return
         self.nlookup.pop(ino, None)
+        self.freed.discard(ino)          # the kernel has let go of it
         await self._maybe_free(ino)
 
     # ================================================================ rename
@@ -593,7 +626,9 @@ class FileSystem:
         chain = [ino]
         while ino != self.root and len(chain) < 4096:
             node = self.inodes.get(ino)
-            if node is not None:
+            glock = self.glocks.glocks.get(("inode", ino))
+            if node is not None and (self.txn.is_dirty(node) or
+                                     (glock is not None and glock.lock is not None)):
                 ino = node.d.parent
             else:
                 try:
@@ -1006,15 +1041,31 @@ class FileSystem:
     async def shutdown(self) -> None:
         """Unmount: free unlinked inodes the kernel no longer holds, commit, checkpoint,
         mark the journal clean, give locks back."""
-        for ino in list(self.unlinked):
-            self.nlookup.pop(ino, None)
-            self.opens.pop(ino, None)
-            await self._maybe_free(ino)
+        with trio.move_on_after(UNMOUNT_FREE_TIMEOUT) as waited:
+            for ino in list(self.unlinked):
+                self.nlookup.pop(ino, None)
+                self.opens.pop(ino, None)
+                await self._maybe_free(ino)
+        if waited.cancelled_caught:
+            # no quorum left to lock them (the other nodes went first): never hang an
+            # unmount; fsck --repair frees what is left
+            log.warning("unmount: %d unlinked inodes not freed (their locks could not "
+                        "be had in %d s): %s", len(self.unlinked), UNMOUNT_FREE_TIMEOUT,
+                        sorted(self.unlinked)[:10])
         if not self.txn.withdrawn:
             await self.txn.close()
         await self.glocks.release_all()
 
     # ================================================================ lock demotion
+    def _granted_inode(self, glock: Glock) -> None:
+        """A fresh grant: a copy cached without the lock (an inode this node created
+        under its parent's lock only) may be stale now, unless it still has changes
+        not yet committed, which no other node can have seen (another node reads it
+        only after a flush of ours has committed them)."""
+        node = self.inodes.get(glock.name[1])
+        if node is not None and not self.txn.is_dirty(node):
+            del self.inodes[glock.name[1]]
+
     async def _flush_for_demote(self) -> None:
         """Before a lock goes down: commit, write every logged block home and empty the
         journal. So the journal never holds a block whose lock this node has given up

@@ -83,7 +83,7 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.root = fs.root
-        self._dir_handles: dict[int, list[tuple[bytes, int]]] = {}
+        self._dir_handles: dict[int, tuple[int, list[tuple[bytes, int]]]] = {}
         self._next_fh = itertools.count(1)
         # set while the kernel's INIT is handled: a task waiting on it runs once the
         # reply is sent, i.e. once the kernel has applied the mount's settings
@@ -268,17 +268,17 @@ class Operations(pyfuse3.Operations):
         ino = self._ino(inode)
         entries = await self.fs.readdir(ino)
         fh = next(self._next_fh)
-        self._dir_handles[fh] = entries
+        self._dir_handles[fh] = (ino, entries)
         return fh
 
     @_edge
     async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
-        entries = self._dir_handles.get(fh, [])
+        parent, entries = self._dir_handles.get(fh, (0, []))
         await self.fs.prefetch([ino for _n, ino in entries[start_id : start_id + 256]])
         for index in range(start_id, len(entries)):
             name, child = entries[index]
             try:
-                node = await self.fs.lookup_for_readdir(child)
+                node = await self.fs.lookup_for_readdir(parent, name, child)
             except ClusterFSError:
                 continue   # removed since opendir
             if not pyfuse3.readdir_reply(token, name, self._attr(node), index + 1):

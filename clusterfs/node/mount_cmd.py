@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from clusterfs.errors import ChecksumError, ClusterFSError, NotClusterFS, StorageError
+from clusterfs.node import mountrecord
 
 log = logging.getLogger("clusterfs.mount")
 POOL_BUFFERS = 64
@@ -403,6 +404,7 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
         raise MountError(f"{mountpoint}: cannot mount: {exc}") from None
     log.info("mounted %s on %s (journal slot %d, uuid %s)", dev.path, mountpoint, slot,
              sb.uuid_str)
+    mountrecord.write(mountpoint)
     ready()
     unmounted_by_us = False
     try:
@@ -440,6 +442,7 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
             for lock in held:
                 await locks.unlock(lock)
         pyfuse3.close(unmount=unmounted_by_us)
+        mountrecord.remove(mountpoint)
         log.info("unmounted %s; journal clean: %s", mountpoint, not txn.withdrawn)
 
 
@@ -509,7 +512,8 @@ def _mount(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     try:
         check_cluster_name(args.device, sb, cluster.cfg.name if cluster else None,
                            args.no_cluster_check)
-        trio.run(serve, dev, sb, os.path.abspath(args.mountpoint), opts, ready, cluster)
+        # resolved now: once mounted, this process may not look at its mountpoint
+        trio.run(serve, dev, sb, os.path.realpath(args.mountpoint), opts, ready, cluster)
     finally:
         dev.close()
     return 0

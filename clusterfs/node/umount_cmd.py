@@ -3,8 +3,9 @@
 `fusermount3 -u` returns as soon as the kernel has detached the mount; the daemon then
 still commits its journal, marks it clean and closes the device. A mount or fsck of the
 same device started in that window is refused ("already mounted") or sees a journal not
-yet clean. This command returns only once every process that held the device is gone,
-as `umount` does for a kernel filesystem.
+yet clean. This command returns only once the daemon is gone (the one the mount record
+names; without a record, every process that held the device), as `umount` does for a
+kernel filesystem.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import time
 
 from clusterfs.errors import ClusterFSError
+from clusterfs.node import mountrecord
 from clusterfs.storage import holders
 
 FSTYPE = "fuse.clusterfs"
@@ -37,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         device = mounted_device(args.mountpoint)
         daemons = holders.holder_pids(device)
+        # the nodes of a cluster on this host share the device: wait for ours only
+        own = mountrecord.read(args.mountpoint)
+        if own in daemons:
+            daemons = [own]
         _fusermount(args.mountpoint)
         _wait_for_exit(daemons, args.timeout)
     except UmountError as exc:

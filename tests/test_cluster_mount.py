@@ -1,0 +1,285 @@
+"""Several nodes mount one device (tier 3): three `clusterfs mount --config` processes
+on one loop device over 127.0.0.1, driven with real syscalls from this process.
+
+Strict coherence: once a syscall on one node returns, the next syscall on any other
+node sees its effect. Every check here makes the change on one mount and looks on
+another; a stale cache anywhere (our inode cache, the journal overlay, the kernel's
+attribute, name or page caches) fails it.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import stat
+import subprocess
+import sys
+
+import mountutil
+import pytest
+from clusterutil import CLUSTER_NAME, cluster
+from mountutil import run_cli
+
+pytestmark = pytest.mark.skipif(mountutil.missing_prerequisites() is not None,
+                                reason=str(mountutil.missing_prerequisites()))
+
+
+def test_each_operation_is_seen_by_the_next_syscall_on_another_node(tmp_path):
+    with cluster(tmp_path, nodes=3) as c:
+        a, b, x = (lambda *p: c.path(1, *p)), (lambda *p: c.path(2, *p)), \
+            (lambda *p: c.path(3, *p))
+        # create, and data written without fsync
+        with open(a("f"), "wb") as f:
+            f.write(b"one")
+        with open(b("f"), "rb") as f:
+            assert f.read() == b"one"
+        # overwrite and append from another node while a reader elsewhere keeps it open
+        with open(x("f"), "rb") as reader:
+            assert reader.read() == b"one"
+            with open(b("f"), "r+b") as f:
+                f.write(b"ONE")
+                f.seek(0, os.SEEK_END)
+                f.write(b"-two")
+            reader.seek(0)
+            assert reader.read() == b"ONE-two"
+        assert os.stat(a("f")).st_size == 7
+        # mkdir, and readdir contents
+        os.mkdir(b("d"))
+        assert sorted(os.listdir(x("."))) == ["d", "f"]
+        # rename across directories over an existing target
+        with open(x("d", "target"), "wb") as f:
+            f.write(b"old target")
+        os.rename(a("f"), a("d", "target"))
+        assert not os.path.exists(b("f"))
+        with open(b("d", "target"), "rb") as f:
+            assert f.read() == b"ONE-two"
+        assert os.listdir(x("d")) == ["target"]
+        # link, symlink
+        os.link(b("d", "target"), b("hard"))
+        assert os.stat(x("d", "target")).st_nlink == 2
+        os.symlink("d/target", x("soft"))
+        assert os.readlink(a("soft")) == "d/target"
+        with open(a("soft"), "rb") as f:
+            assert f.read() == b"ONE-two"
+        # chmod, chown, utimens
+        os.chmod(a("hard"), 0o600)
+        assert stat.S_IMODE(os.stat(b("d", "target")).st_mode) == 0o600
+        os.chown(b("hard"), 1234, 5678)
+        st = os.stat(x("hard"))
+        assert (st.st_uid, st.st_gid) == (1234, 5678)
+        os.utime(x("hard"), ns=(1_000_000_123, 2_000_000_456))
+        assert os.stat(a("hard")).st_mtime_ns == 2_000_000_456
+        # truncate
+        os.truncate(b("hard"), 3)
+        with open(a("d", "target"), "rb") as f:
+            assert f.read() == b"ONE"
+        # xattrs
+        os.setxattr(x("hard"), "user.colour", b"blue")
+        assert os.getxattr(a("hard"), "user.colour") == b"blue"
+        os.removexattr(b("hard"), "user.colour")
+        with pytest.raises(OSError) as e:
+            os.getxattr(x("hard"), "user.colour")
+        assert e.value.errno == errno.ENODATA
+        # unlink, rmdir
+        os.unlink(a("hard"))
+        assert not os.path.exists(b("hard"))
+        assert os.stat(x("d", "target")).st_nlink == 1
+        os.unlink(b("d", "target"))
+        os.rmdir(x("d"))
+        assert sorted(os.listdir(a("."))) == ["soft"]
+        # statfs: space taken on one node is missing on another
+        before = os.statvfs(b(".")).f_bfree
+        with open(a("big"), "wb") as f:
+            f.write(os.urandom(8 << 20))
+            os.fsync(f.fileno())
+        assert os.statvfs(x(".")).f_bfree <= before - (8 << 20) // 4096
+        os.unlink(b("big"))
+
+
+def test_random_operations_agree_on_every_node(tmp_path):
+    """Random operations with random sizes and offsets, each on a random node, each
+    checked at once on another node against a model: contents, sizes, listings."""
+    rng = random.Random(20261204)
+    model: dict[str, bytes] = {}          # file path (relative) -> content
+    dirs = ["", "d1", "d2"]
+    with cluster(tmp_path, nodes=3) as c:
+        os.mkdir(c.path(1, "d1"))
+        os.mkdir(c.path(2, "d2"))
+        for step in range(1500):
+            node, other = rng.sample(c.node_ids, 2)
+            names = sorted(model)
+            op = rng.choice(["write", "pwrite", "truncate", "rename", "unlink"]) \
+                if names else "write"
+            if op == "write":
+                name = os.path.join(rng.choice(dirs), f"f{rng.randrange(40)}")
+                data = rng.randbytes(rng.choice([0, 1, 100, 4095, 4096, 5000, 70000]))
+                with open(c.path(node, name), "wb") as f:
+                    f.write(data)
+                model[name] = data
+            elif op == "pwrite":
+                name = rng.choice(names)
+                off = rng.randrange(len(model[name]) + 9000)
+                data = rng.randbytes(rng.randrange(1, 20000))
+                fd = os.open(c.path(node, name), os.O_WRONLY)
+                try:
+                    os.pwrite(fd, data, off)
+                finally:
+                    os.close(fd)
+                new = bytearray(model[name].ljust(off + len(data), b"\0"))
+                new[off : off + len(data)] = data
+                model[name] = bytes(new)
+            elif op == "truncate":
+                name = rng.choice(names)
+                size = rng.randrange(len(model[name]) + 10000)
+                os.truncate(c.path(node, name), size)
+                model[name] = model[name][:size].ljust(size, b"\0")
+            elif op == "rename":
+                old = rng.choice(names)
+                name = os.path.join(rng.choice(dirs), f"f{rng.randrange(40)}")
+                os.rename(c.path(node, old), c.path(node, name))
+                model[name] = model.pop(old)
+            else:
+                name = rng.choice(names)
+                os.unlink(c.path(node, name))
+                del model[name]
+            if name in model:
+                with open(c.path(other, name), "rb") as f:
+                    assert f.read() == model[name], f"step {step} {op} {name} on {other}"
+                assert os.stat(c.path(other, name)).st_size == len(model[name])
+            else:
+                assert not os.path.exists(c.path(other, name)), f"step {step} {op} {name}"
+            if step % 50 == 0:
+                for d in dirs:
+                    want = sorted([os.path.basename(n) for n in model
+                                   if os.path.dirname(n) == d] + (["d1", "d2"] if d == ""
+                                                                   else []))
+                    assert sorted(os.listdir(c.path(other, d))) == want, f"step {step} {d!r}"
+        for name, data in model.items():
+            for n in c.node_ids:
+                with open(c.path(n, name), "rb") as f:
+                    assert f.read() == data, f"{name} on node {n} at the end"
+
+
+def test_two_writers_and_a_reader_at_once(tmp_path):
+    """Writers on two nodes at the same time (separate processes), a reader verifying on
+    the third: every fsync'd file is whole everywhere."""
+    with cluster(tmp_path, nodes=3) as c:
+        os.mkdir(c.path(1, "w1"))
+        os.mkdir(c.path(1, "w2"))
+        writer = ("import os,sys,hashlib\n"
+                  "root=sys.argv[1]\n"
+                  "for i in range(60):\n"
+                  "    data=hashlib.sha256(f'{root}{i}'.encode()).digest()*(1000+i*37)\n"
+                  "    p=os.path.join(root,f'file{i}')\n"
+                  "    with open(p,'wb') as f:\n"
+                  "        f.write(data); os.fsync(f.fileno())\n")
+        procs = [subprocess.Popen([sys.executable, "-c", writer, c.path(n, f"w{n}")])
+                 for n in (1, 2)]
+        seen = 0
+        while any(p.poll() is None for p in procs):
+            for n in (1, 2):
+                for name in os.listdir(c.path(3, f"w{n}")):
+                    seen += 1
+                    assert os.stat(c.path(3, f"w{n}", name)).st_size >= 0
+        assert [p.wait(120) for p in procs] == [0, 0]
+        for n in (1, 2):
+            root = c.path(n, f"w{n}")
+            for i in range(60):
+                want = hashlib.sha256(f"{root}{i}".encode()).digest() * (1000 + i * 37)
+                with open(c.path(3, f"w{n}", f"file{i}"), "rb") as f:
+                    assert f.read() == want
+        assert seen > 0
+
+
+def test_a_released_block_is_never_replayed_over_a_newer_copy(tmp_path):
+    """Node 1 changes an inode and gives up its lock; node 2 changes it again; node 1
+    dies with its journal open; the first node to mount replays node 1's journal: node
+    2's version must stand (docs/journal.md, the no-stale-replay rule)."""
+    with cluster(tmp_path, nodes=3) as c:
+        with open(c.path(1, "f"), "wb") as f:
+            f.write(b"x")
+        os.chmod(c.path(1, "f"), 0o600)
+        fd = os.open(c.path(1, "f"), os.O_RDONLY)
+        os.fsync(fd)                  # the 0o600 inode is committed in node 1's journal
+        os.close(fd)
+        os.chmod(c.path(2, "f"), 0o644)   # node 1's lock goes to node 2
+        fd = os.open(c.path(2, "f"), os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        c.kill9(1)                    # node 1's journal stays open (dirty)
+        c.unmount(2)
+        c.unmount(3)
+        c.start(2, 3)                 # no live node: the first of them replays every journal
+        assert stat.S_IMODE(os.stat(c.path(3, "f")).st_mode) == 0o644
+        logs = c.logs()
+        assert "replaying every dirty journal" in logs
+
+
+def test_whole_cluster_killed_then_mounted_again_keeps_every_fsynced_byte(tmp_path):
+    with cluster(tmp_path, nodes=3) as c:
+        blobs = {}
+        for n in c.node_ids:
+            data = os.urandom(300_000 + n)
+            with open(c.path(n, f"from{n}"), "wb") as f:
+                f.write(data)
+                os.fsync(f.fileno())
+            blobs[n] = data
+        for n in list(c.mounts):
+            c.kill9(n)
+        c.start(1, 2, 3)
+        for n, data in blobs.items():
+            with open(c.path(3 - n % 3, f"from{n}"), "rb") as f:
+                assert f.read() == data
+
+
+def test_device_and_mount_must_agree_on_the_cluster(tmp_path):
+    with mountutil.loop_device(128 << 20, tmp_path) as dev:
+        r = run_cli("mkfs", "-q", "-j", "2", "--cluster", "bad name!", dev)
+        assert r.returncode == 1 and "cluster name" in r.stderr
+        with open(dev, "rb") as f:
+            assert f.read(1 << 20) == bytes(1 << 20)     # refused: nothing written
+        r = run_cli("mkfs", "-q", "-j", "2", "--cluster", CLUSTER_NAME, dev)
+        assert r.returncode == 0, r.stderr
+        mp = tmp_path / "mnt"
+        mp.mkdir()
+        r = run_cli("mount", "-f", dev, str(mp))          # one-node mount of a cluster disk
+        assert r.returncode == 1
+        assert f"belongs to cluster '{CLUSTER_NAME}'" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1
+        from clusterutil import write_config
+        other = tmp_path / "other"
+        other.mkdir()
+        cfg = write_config(other, 2, name="someoneelse")
+        r = run_cli("mount", "-f", "--config", str(cfg), "--node-id", "1", dev, str(mp))
+        assert r.returncode == 1 and "not 'someoneelse'" in r.stderr
+        r = run_cli("mount", "-f", "--config", str(cfg), dev, str(mp))
+        assert r.returncode == 1 and "--config and --node-id go together" in r.stderr
+        # the override mounts it alone, for recovery by hand
+        with mountutil.mounted(dev, str(mp), extra_args=["--no-cluster-check"]) as m:
+            with open(m.path("f"), "wb") as f:
+                f.write(b"by hand")
+        assert mountutil.fsck(dev).returncode == 0
+
+
+def test_a_cluster_mount_of_a_one_node_device_is_refused(tmp_path):
+    with mountutil.loop_device(128 << 20, tmp_path) as dev:
+        mountutil.mkfs(dev, journals=2)
+        from clusterutil import write_config
+        cfg = write_config(tmp_path, 2)
+        mp = tmp_path / "mnt"
+        mp.mkdir()
+        r = run_cli("mount", "-f", "--config", str(cfg), "--node-id", "1", dev, str(mp))
+        assert r.returncode == 1 and "a one-node filesystem" in r.stderr
+
+
+def test_status_shows_the_mount_and_its_glocks(tmp_path):
+    with cluster(tmp_path, nodes=3) as c:
+        with open(c.path(1, "f"), "wb") as f:
+            f.write(b"x")
+        r = run_cli("status", "--control", c.control(1))
+        assert r.returncode == 0, r.stderr
+        assert f"mount       {c.mountpoint(1)}" in r.stdout
+        assert "journal slot" in r.stdout
+        assert "inode:" in r.stdout          # a cached glock, with its mode
