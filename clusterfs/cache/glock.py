@@ -38,7 +38,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -49,6 +49,12 @@ DemoteCallback = Callable[["Glock", Mode], Awaitable[None] | None]
 GrantCallback = Callable[["Glock"], None]
 MIN_HOLD = 0.01          # seconds; see docs/locking.md for how it was chosen
 DEADLOCK_BACKOFF = 0.01  # up to this long (random) before asking again after a deadlock
+
+
+class Gate(Protocol):
+    def is_open(self) -> bool: ...
+
+    async def wait_open(self) -> None: ...
 
 
 class Glock:
@@ -94,6 +100,9 @@ class GlockManager:
         self.grant_callbacks: dict[str, GrantCallback] = {}
         self._nursery: trio.Nursery | None = None
         self._early: list[Glock] = []     # demotes asked for before start()
+        # set by a cluster mount: no lock is used while it is closed (a view change,
+        # no quorum, a departed node's journal not yet replayed; cache/recovery.py)
+        self.gate: Gate | None = None
         self.stats = {"acquired": 0, "cached_hits": 0, "demoted": 0, "down_converted": 0,
                       "deadlocks_retried": 0}
 
@@ -123,7 +132,8 @@ class GlockManager:
             for name in sorted(merged):
                 mode = merged[name]
                 glock = self.glocks.get(name)
-                if glock is not None and glock.usable_for(mode):
+                if glock is not None and glock.usable_for(mode) and \
+                        (self.gate is None or self.gate.is_open()):
                     self._hold(glock)
                     self.stats["cached_hits"] += 1
                 else:
@@ -160,15 +170,20 @@ class GlockManager:
         if glock is None:
             glock = self.glocks[name] = Glock(name)
         while True:
+            if self.gate is not None and not self.gate.is_open():
+                await self.gate.wait_open()
             if glock.demote_to is not None:
                 await glock.demoted.wait()   # the other node first: it asked before us
                 continue
             async with glock.mutex:
                 if glock.demote_to is not None:
                     continue
-                if await self._request(glock, mode):
-                    self._hold(glock)        # before the mutex goes: no demote slips in
-                    return glock
+                if not await self._request(glock, mode):
+                    continue
+                if self.gate is not None and not self.gate.is_open():
+                    continue                 # granted across a view change: wait first
+                self._hold(glock)            # before the mutex goes: no demote slips in
+                return glock
 
     async def _request(self, glock: Glock, mode: Mode) -> bool:
         """Get `mode` on the glock (under its mutex); False to try again."""

@@ -254,6 +254,7 @@ async def _serve_clustered(cluster: ClusterArgs, dev, sb, mountpoint: str, opts:
     """Join the cluster, open the filesystem's lockspace, serve through it."""
     import trio
 
+    from clusterfs.cache.recovery import JournalRecovery
     from clusterfs.dlm.lockspace import open_dlm, wait_running
     from clusterfs.fence.agent import ProcessAgent
     from clusterfs.node.cluster import open_cluster_node
@@ -277,17 +278,21 @@ async def _serve_clustered(cluster: ClusterArgs, dev, sb, mountpoint: str, opts:
             os.makedirs(os.path.dirname(path), exist_ok=True)
 
             def side_tasks(nursery: trio.Nursery, fs, slot: int) -> None:
-                shown.update(fs=fs, slot=slot)
+                recovery = JournalRecovery(ls, dev, sb, slot)
+                fs.glocks.gate = recovery
+                shown.update(fs=fs, slot=slot, recovery=recovery)
+                nursery.start_soon(recovery.run, node.membership)
                 nursery.start_soon(control.serve, path)
                 nursery.start_soon(_watch_expelled, ls, fs)
 
             await _serve_fs(ls, dev, sb, mountpoint, opts, ready, pool, side_tasks)
 
 
-def _mount_status(mountpoint: str, device: str, fs, slot: int) -> dict:
+def _mount_status(mountpoint: str, device: str, fs, slot: int, recovery) -> dict:
     return {"mountpoint": mountpoint, "device": device, "slot": slot,
             "withdrawn": fs.txn.withdrawn, "glock_stats": fs.glocks.statistics(),
-            "glocks": fs.glocks.dump()}
+            "glocks": fs.glocks.dump(), "locks_usable": recovery.is_open(),
+            "last_recovery": recovery.last}
 
 
 async def _watch_expelled(ls, fs) -> None:

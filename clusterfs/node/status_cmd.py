@@ -89,6 +89,13 @@ def print_status(st: dict[str, Any]) -> None:
         m = st["mount"]
         print(f"mount       {m['mountpoint']} on {m['device']}, journal slot {m['slot']}"
               f"{', withdrawn: ' + m['withdrawn'] if m.get('withdrawn') else ''}")
+        rec = m.get("last_recovery")
+        if rec:
+            print(f"recovery    gen {rec['generation']}: departed {rec['departed']}, "
+                  f"replayed {rec['replayed'] or 'nothing'}; DLM wait {rec['dlm_wait_s']} s, "
+                  f"replay {rec['replay_s']} s, total {rec['total_s']} s")
+        if not m.get("locks_usable", True):
+            print("locks       waiting (view change, no quorum or journal recovery)")
         g = m["glock_stats"]
         print(f"glocks      cached={g['cached']} acquired={g['acquired']} "
               f"hits={g['cached_hits']} released={g['demoted']} "
