@@ -1030,12 +1030,19 @@ class FileSystem:
         self._dirty(node)
 
     # ================================================================ whole fs
-    def usage(self) -> Usage:
-        """Blocks in all, free, quarantined. In a cluster the free counts of groups this
-        node does not hold are read again from disk, where their last holder left them
-        (a demote writes the group home), so statfs sees what the other nodes did."""
+    async def usage(self) -> Usage:
+        """Blocks in all, free, quarantined. In a cluster, statfs takes every group's lock
+        in PR for a moment: a node holding one in EX flushes it home and keeps it in PR,
+        so the headers read here count what every node has done (an occasional `df`
+        costs the writers one conversion back to EX each)."""
         if self.clustered:
-            self._load_group_hints()
+            groups = [(("rgrp", i), Mode.PR) for i in range(self.sb.rgrp_count)]
+            async with self.glocks.hold(groups):
+                self._load_group_hints()
+                return self._usage()
+        return self._usage()
+
+    def _usage(self) -> Usage:
         return Usage(self.alloc.data_blocks(), self.alloc.free_blocks(), self.alloc.quarantined)
 
     async def shutdown(self) -> None:

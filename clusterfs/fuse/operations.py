@@ -323,7 +323,7 @@ class Operations(pyfuse3.Operations):
     # -- whole fs ---------------------------------------------------------------------
     @_edge
     async def statfs(self, ctx: RequestContext) -> StatvfsData:
-        usage = self.fs.usage()
+        usage = await self.fs.usage()
         s = pyfuse3.StatvfsData()
         s.f_bsize = BLOCK_SIZE
         s.f_frsize = BLOCK_SIZE

@@ -1,0 +1,121 @@
+"""Several FileSystems over one image in one trio run, on the real DLM over the in-memory
+transport (tier 2): demotion, down-conversion and invalidation checked deterministically,
+without FUSE. (tests/test_cluster_mount.py does the same through real mounts.)"""
+
+from __future__ import annotations
+
+import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import trio
+from dlmcluster import memory_cluster
+from trioutil import trio_test
+
+from clusterfs.cache.glock import GlockManager
+from clusterfs.cache.transaction import TransactionManager
+from clusterfs.dlm.interface import Mode
+from clusterfs.fs.filesystem import FileSystem
+from clusterfs.journal.log import Journal
+from clusterfs.node.mkfs_cmd import make_filesystem
+from clusterfs.storage.device import BlockDevice
+
+REG = stat.S_IFREG | 0o644
+
+
+@dataclass
+class Node:
+    fs: FileSystem
+    dev: BlockDevice
+    invalidated: list[int] = field(default_factory=list)
+
+
+@asynccontextmanager
+async def nodes(tmp_path, count: int = 2) -> AsyncIterator[list[Node]]:
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    sb = make_filesystem(str(image), journals=count, cluster="inproc")
+    async with memory_cluster(list(range(1, count + 1))) as mc, trio.open_nursery() as nursery:
+        out = []
+        for slot in range(count):
+            dev = BlockDevice(str(image))
+            journal = Journal(dev, sb, slot)
+            journal.open()
+            glocks = GlockManager(mc.ls(slot + 1), min_hold=0)
+            glocks.start(nursery)
+            fs = FileSystem(dev, sb, journal, glocks, TransactionManager(journal),
+                            clustered=True)
+            node = Node(fs, dev)
+            fs.invalidate_hook = node.invalidated.append
+            out.append(node)
+        try:
+            yield out
+        finally:
+            for node in out:
+                await node.fs.shutdown()
+                node.dev.close()
+            nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_a_change_on_one_node_demotes_and_invalidates_the_other(tmp_path) -> None:
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        f = await a.fs.mknod(root, b"f", REG, 0, 0, 0)
+        await a.fs.write(f.ino, 0, b"hello")
+        got = await b.fs.lookup(root, b"f")          # a's EX on root and f go down to PR
+        assert got is not None and got.d.size == 5
+        assert await b.fs.read(f.ino, 0, 100) == b"hello"
+        assert a.fs.glocks.glocks[("inode", f.ino)].mode == Mode.PR   # shared, kept
+        assert f.ino in a.fs.inodes                  # a clean copy stays under PR
+        assert f.ino not in a.invalidated            # PR: nothing to forget
+        await b.fs.setattr(f.ino, mode=0o600)        # b wants EX: a goes to nothing
+        assert a.fs.glocks.glocks[("inode", f.ino)].mode is None
+        assert f.ino not in a.fs.inodes               # dropped with its lock
+        assert f.ino in a.invalidated                 # and the kernel told to forget it
+        assert stat.S_IMODE((await a.fs.getattr(f.ino)).d.mode) == 0o600
+
+
+@trio_test
+async def test_an_inode_created_under_its_parents_lock_is_reread_after_another_node(
+        tmp_path) -> None:
+    """A creates d (cached under root's lock only); B creates d/x; A must see x."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        d = await a.fs.mknod(root, b"d", stat.S_IFDIR | 0o755, 0, 0, 0)
+        found = await b.fs.lookup(root, b"d")
+        assert found is not None
+        await b.fs.mknod(d.ino, b"x", REG, 0, 0, 0)
+        names = [n for n, _ in await a.fs.readdir(d.ino)]
+        assert names == [b"x"]
+
+
+@trio_test
+async def test_allocation_only_in_groups_held_and_each_node_in_its_own(tmp_path) -> None:
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        fa = await a.fs.mknod(root, b"a", REG, 0, 0, 0)
+        fb = await b.fs.mknod(root, b"b", REG, 0, 0, 0)
+        sb = a.fs.sb
+        assert a.fs.home_group != b.fs.home_group
+        assert sb.rgrp_of(fa.ino) == a.fs.home_group
+        assert sb.rgrp_of(fb.ino) == b.fs.home_group
+        assert a.fs.alloc.usable == set()            # nothing outside an operation
+
+
+@trio_test
+async def test_unlink_on_one_node_frees_once_and_statfs_agrees(tmp_path) -> None:
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        before = (await b.fs.usage()).free
+        f = await a.fs.mknod(root, b"big", REG, 0, 0, 0)
+        await a.fs.write(f.ino, 0, bytes(1 << 20))
+        await a.fs.fsync(f.ino)
+        assert (await b.fs.usage()).free <= before - 256      # a's space is seen by b
+        await b.fs.unlink(root, b"big")
+        await a.fs.txn.commit(checkpoint=True)
+        await b.fs.txn.commit(checkpoint=True)
+        assert await a.fs.lookup(root, b"big") is None
+        assert (await a.fs.usage()).free >= before - 4   # the space is back, seen from a
