@@ -14,8 +14,9 @@ at once hides every one of these races):
   the other node asked for; a holder of EX asked for PR goes down to PR
   (keeping its clean cache), asked for anything stronger it unlocks.
 - A minimum hold time. A demote waits until the glock has been held
-  `min_hold` seconds since its grant, so two nodes taking turns on one lock
-  each get some work done per round trip instead of bouncing it.
+  `min_hold` seconds since its grant, and local users keep taking it until
+  then, so two nodes taking turns on one lock each get some work done per
+  round trip instead of bouncing it.
 - Conversion deadlocks stay inside. Two nodes holding PR that both convert to
   EX close a cycle; the DLM fails one conversion with ConversionDeadlock. That
   side flushes and drops its lock, waits a moment and asks again from nothing.
@@ -47,7 +48,7 @@ from clusterfs.dlm.interface import ConversionDeadlock, Lock, LockService, Mode,
 log = logging.getLogger(__name__)
 DemoteCallback = Callable[["Glock", Mode], Awaitable[None] | None]
 GrantCallback = Callable[["Glock"], None]
-MIN_HOLD = 0.01          # seconds; see docs/locking.md for how it was chosen
+MIN_HOLD = 0.02          # seconds; docs/locking.md has the measurements behind it
 DEADLOCK_BACKOFF = 0.01  # up to this long (random) before asking again after a deadlock
 
 
@@ -74,9 +75,11 @@ class Glock:
     def mode(self) -> Mode | None:
         return self.lock.mode if self.lock is not None else None
 
-    def usable_for(self, mode: Mode) -> bool:
-        """Held in `mode` or better, with no demote pending: take it without waiting."""
-        return self.lock is not None and self.demote_to is None and self.lock.mode >= mode
+    def usable_for(self, mode: Mode, min_hold: float) -> bool:
+        """Held in `mode` or better, and no demote pending or still inside the minimum
+        hold time (local users go on until it is over): take it without waiting."""
+        return self.lock is not None and self.lock.mode >= mode and (
+            self.demote_to is None or time.monotonic() < self.granted_at + min_hold)
 
     def describe(self) -> dict[str, Any]:
         return {"name": list(self.name), "mode": self.mode.name if self.mode is not None
@@ -132,7 +135,7 @@ class GlockManager:
             for name in sorted(merged):
                 mode = merged[name]
                 glock = self.glocks.get(name)
-                if glock is not None and glock.usable_for(mode) and \
+                if glock is not None and glock.usable_for(mode, self.min_hold) and \
                         (self.gate is None or self.gate.is_open()):
                     self._hold(glock)
                     self.stats["cached_hits"] += 1

@@ -97,7 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", dest="options", action="append", default=[],
                         help="comma-separated options: debug (verbose log), fuse_debug "
                              "(libfuse request trace), min_hold_ms=N (glock minimum hold "
-                             "time, default 10)")
+                             "time, default 20)")
     parser.add_argument("--log", metavar="FILE", help="log file when daemonized "
                         "(default: syslog, or /var/log/clusterfs/mount.log without one)")
     parser.add_argument("--config", metavar="FILE",
