@@ -66,10 +66,10 @@ def open_device(path: str):
     from clusterfs.format.block import BLOCK_SIZE
     from clusterfs.format.signatures import SIGNATURE_BYTES, detect_signature
     from clusterfs.format.superblock import SUPERBLOCK_BLKNO, decode_superblock
-    from clusterfs.storage.device import BlockDevice
+    from clusterfs.storage import open_block_device
 
     try:
-        dev = BlockDevice(path)
+        dev = open_block_device(path)
     except StorageError as exc:
         raise MountError(str(exc)) from None
     try:
@@ -89,7 +89,8 @@ def open_device(path: str):
             raise MountError(f"{path}: device is smaller than the filesystem (truncated?): "
                              f"{dev.blocks} < {sb.total_blocks} blocks")
         try:
-            fcntl.flock(dev.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if dev.fd is not None:      # an iSCSI LUN has no local descriptor to lock
+                fcntl.flock(dev.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise MountError(f"{path}: already mounted by another process") from None
         return dev, sb
