@@ -190,14 +190,14 @@ class IscsiDevice:
             count -= n
         return out[0] if len(out) == 1 else b"".join(out)
 
-    def _write_lbas(self, lba: int, data: memoryview) -> None:
-        ffi, lib = self._ffi, self._lib
-        for start in range(0, len(data), MAX_TRANSFER):
-            piece = data[start : start + MAX_TRANSFER]
-            buf = ffi.from_buffer("unsigned char[]", piece)
+    def _write_lbas(self, lba: int, buf, length: int) -> None:
+        """Write `length` bytes (whole logical blocks) of the cffi buffer `buf`."""
+        lib = self._lib
+        for start in range(0, length, MAX_TRANSFER):
+            n = min(MAX_TRANSFER, length - start)
             at = lba + start // self.sector
             task = self._command(f"write at {at * self.sector}", lib.iscsi_write16_sync,
-                                 at, buf, len(piece), self.sector, 0, 0, 0, 0, 0)
+                                 at, buf + start, n, self.sector, 0, 0, 0, 0, 0)
             lib.scsi_free_scsi_task(task)
 
     # -- BlockDevice's interface --------------------------------------------------------
@@ -233,17 +233,24 @@ class IscsiDevice:
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if not self.writable:
             raise StorageError(f"{self.path}: write at {offset}: opened read-only")
-        view = memoryview(data).cast("B")
-        end = offset + len(view)
+        # The caller's bytes are passed to libiscsi in place, and the buffer is released
+        # on the way out whatever happens: a buffer export left to the garbage collector
+        # (an exception's traceback keeps this frame) made CPython 3.11 segfault in its
+        # garbage collector in our tests.
+        with self._ffi.from_buffer("unsigned char[]", data) as buf:
+            self._pwrite(offset, buf, len(buf))
+
+    def _pwrite(self, offset: int, buf, length: int) -> None:
+        end = offset + length
         if offset < 0 or end > self.size:
             raise StorageError(f"{self.path}: write at {offset}: beyond the end of the "
                                f"device ({self.size} bytes)")
-        if not view:
+        if not length:
             return
         s = self.sector
         self.writes += 1
         if offset % s == 0 and end % s == 0:
-            self._write_lbas(offset // s, view)
+            self._write_lbas(offset // s, buf, length)
             return
         # a partial logical block: read the blocks at either edge, merge, write back
         first, last = offset // s, -(-end // s)
@@ -251,8 +258,9 @@ class IscsiDevice:
         merged += bytes((last - first - 1) * s)
         if last - 1 > first and end % s:
             merged[-s:] = self._read_lbas(last - 1, 1)
-        merged[offset - first * s : end - first * s] = view
-        self._write_lbas(first, memoryview(merged))
+        merged[offset - first * s : end - first * s] = self._ffi.buffer(buf, length)
+        with self._ffi.from_buffer("unsigned char[]", merged) as whole:
+            self._write_lbas(first, whole, len(merged))
 
     def write_behind(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Written at once (no queue): failures surface here rather than at drain."""
