@@ -127,6 +127,15 @@ def test_factory_and_holders(tmp_path):
     assert holders.users("iscsi://127.0.0.1:3260/iqn.2025-01.example:x/1") == []
 
 
+def test_chap_password_is_not_shown():
+    port = iscsiutil._free_tcp_port()                # nothing listens there
+    url = f"iscsi://alice%s3cret@127.0.0.1:{port}/iqn.2025-01.example:x/1"
+    with pytest.raises(StorageError) as caught:
+        IscsiDevice(url)
+    assert "s3cret" not in str(caught.value) and "alice%***@" in str(caught.value)
+    assert "refused" in str(caught.value)
+
+
 # -- commands: mkfs, fsck --------------------------------------------------------------
 
 def test_mkfs_then_fsck_clean(target):

@@ -23,6 +23,7 @@ releases the GIL for the duration of each call, so other threads run meanwhile.
 
 from __future__ import annotations
 
+import re
 import socket
 import threading
 
@@ -38,6 +39,11 @@ URL_FORM = "iscsi://[USER[%PASSWORD]@]HOST[:PORT]/TARGET-IQN/LUN"
 
 def is_iscsi_url(path: str) -> bool:
     return path.startswith(SCHEME)
+
+
+def redact(url: str) -> str:
+    """The URL without its CHAP password (iscsi://USER%PASSWORD@...), for messages."""
+    return re.sub(r"^(iscsi://[^/@%]*)%[^/@]*@", r"\1%***@", url)
 
 
 def _unreachable(portal: str, timeout: float) -> str | None:
@@ -66,11 +72,13 @@ class IscsiDevice:
     """One iSCSI LUN, logged in to at construction (StorageError with the reason if not).
 
     `fd` is None: there is no local descriptor (node/mount_cmd.py's flock skips it).
+    `path` is the URL as given but for a CHAP password, which it shows as ***.
     """
 
     def __init__(self, url: str, writable: bool = True,
                  timeout: int = COMMAND_TIMEOUT) -> None:
-        self.path = url
+        self.path = redact(url)
+        self._url = url
         self.fd = None
         self.writable = writable
         self.timeout = timeout
@@ -82,12 +90,12 @@ class IscsiDevice:
         self._failed: str | None = None     # set once the session is no longer usable
         binding = _binding()
         if binding is None:
-            raise StorageError(f"{url}: iSCSI support is not built (libiscsi-dev was "
+            raise StorageError(f"{self.path}: iSCSI support is not built (libiscsi-dev was "
                                "missing at install; install it and run tools/install.sh)")
         self._ffi, self._lib = binding
         self._ctx = self._lib.iscsi_create_context(INITIATOR.encode())
         if self._ctx == self._ffi.NULL:
-            raise StorageError(f"{url}: cannot create an iSCSI context")
+            raise StorageError(f"{self.path}: cannot create an iSCSI context")
         try:
             self._login()
             self._read_capacity()
@@ -101,7 +109,7 @@ class IscsiDevice:
     def _login(self) -> None:
         ffi, lib, ctx = self._ffi, self._lib, self._ctx
         # parsing with the context also sets the target name (and CHAP, if given)
-        url = lib.iscsi_parse_full_url(ctx, self.path.encode())
+        url = lib.iscsi_parse_full_url(ctx, self._url.encode())
         if url == ffi.NULL:
             raise StorageError(f"{self.path}: not an iSCSI URL ({self._url_error()}); "
                                f"expected {URL_FORM}")
@@ -137,7 +145,8 @@ class IscsiDevice:
         return " ".join(text.split()) or "unknown error"
 
     def _url_error(self) -> str:
-        # libiscsi says "Invalid URL <url>\n<what>\n<the form>": keep <what>
+        # libiscsi says "Invalid URL <url>\n<what>\n<the form>": keep <what> (not the URL,
+        # which may hold a password)
         lines = self._ffi.string(self._lib.iscsi_get_error(self._ctx)).decode(
             errors="replace").splitlines()
         return lines[1].strip() if len(lines) > 1 else "unparsable"
