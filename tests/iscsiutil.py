@@ -56,6 +56,7 @@ class Target:
     workdir: Path
     proc: subprocess.Popen
     backing: dict[int, Path] = field(default_factory=dict)   # lun -> backing file
+    owns_control: bool = False     # its socket files are ours to remove (it made them)
 
     def url(self, lun: int = 1) -> str:
         return f"iscsi://127.0.0.1:{self.portal_port}/{self.iqn}/{lun}"
@@ -84,6 +85,9 @@ class Target:
                 os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(30)
         _LIVE.pop(self.proc.pid, None)
+        if not self.owns_control:      # e.g. it exited at start: another tgtd's port
+            return
+        self.owns_control = False
         for name in (f"socket.{self.control_port}", f"socket.{self.control_port}.lock"):
             with contextlib.suppress(OSError):
                 os.unlink(os.path.join(TGTD_DIR, name))
@@ -122,7 +126,22 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
-def _start(workdir: Path, iqn: str) -> Target:
+def _start(workdir: Path, iqn: str, attempts: int = 3) -> Target:
+    """A ready tgtd; on a clash over a port (another tgtd started meanwhile), new ports."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_once(workdir, iqn)
+        except _ExitedAtStart:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+class _ExitedAtStart(AssertionError):
+    pass
+
+
+def _start_once(workdir: Path, iqn: str) -> Target:
     portal, control = _free_tcp_port(), _free_control_port()
     logf = open(workdir / "tgtd.log", "ab")  # noqa: SIM115 - tgtd keeps it; closed below
     try:
@@ -138,13 +157,15 @@ def _start(workdir: Path, iqn: str) -> Target:
     while True:
         if proc.poll() is not None:
             t.kill()
-            raise AssertionError(f"tgtd exited {proc.returncode} at start:\n{t.log_text()}")
+            raise _ExitedAtStart(f"tgtd exited {proc.returncode} at start:\n{t.log_text()}")
         ok = subprocess.run(["tgtadm", "-C", str(control), "--lld", "iscsi", "--mode",
                              "target", "--op", "show"], capture_output=True).returncode == 0
         if ok:
             with contextlib.suppress(OSError), \
                     socket.create_connection(("127.0.0.1", portal), timeout=1):
-                return t
+                if proc.poll() is None:    # it answered, not another tgtd on that port
+                    t.owns_control = True
+                    return t
         if time.monotonic() > deadline:
             t.kill()
             raise AssertionError(f"tgtd not ready after {START_TIMEOUT}s:\n{t.log_text()}")
