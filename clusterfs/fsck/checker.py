@@ -24,7 +24,7 @@ from clusterfs.fsck.report import EXIT_OPERATIONAL, EXIT_UNCORRECTED, Report
 from clusterfs.fsck.rgrps import load_groups
 from clusterfs.fsck.superblock import CannotCheck, load_superblock
 from clusterfs.fsck.walk import Walker
-from clusterfs.storage import holders
+from clusterfs.storage import holders, open_block_device
 from clusterfs.storage.device import BlockDevice
 
 PASSES = 5
@@ -51,7 +51,7 @@ def run_fsck(path: str, report: Report, repair: bool = False, force: bool = Fals
 def _run(path: str, report: Report, repair: bool, force: bool) -> int:
     _check_not_in_use(path, report, repair, force)
     try:
-        dev = BlockDevice(path, writable=repair)
+        dev = open_block_device(path, writable=repair)
     except StorageError as exc:
         raise OperationalError(str(exc).removeprefix(f"{path}: ")) from exc
     try:

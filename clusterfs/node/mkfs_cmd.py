@@ -10,8 +10,7 @@ from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.mkfs import free_blocks, initial_blocks, plan_geometry
 from clusterfs.format.signatures import SIGNATURE_BYTES, detect_signature
 from clusterfs.format.superblock import Superblock
-from clusterfs.storage import holders
-from clusterfs.storage.device import BlockDevice
+from clusterfs.storage import holders, open_block_device
 
 
 def _positive_int(text: str) -> int:
@@ -47,7 +46,7 @@ def make_filesystem(path: str, journals: int = 1, journal_mib: int | None = None
     if busy:
         # even --force: overwriting a live filesystem under its mount is never wanted
         raise ClusterFSError(f"{path} is in use ({'; '.join(busy)})")
-    dev = BlockDevice(path)
+    dev = open_block_device(path)
     try:
         head = dev.pread(0, SIGNATURE_BYTES)
         found = detect_signature(head)

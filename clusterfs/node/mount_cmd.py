@@ -185,10 +185,10 @@ def open_device(path: str, clustered: bool = False):
     from clusterfs.format.block import BLOCK_SIZE
     from clusterfs.format.signatures import SIGNATURE_BYTES, detect_signature
     from clusterfs.format.superblock import SUPERBLOCK_BLKNO, decode_superblock
-    from clusterfs.storage.device import BlockDevice
+    from clusterfs.storage import open_block_device
 
     try:
-        dev = BlockDevice(path)
+        dev = open_block_device(path)
     except StorageError as exc:
         raise MountError(str(exc)) from None
     try:
@@ -210,8 +210,9 @@ def open_device(path: str, clustered: bool = False):
         # On this host: a one-node mount excludes every other user of the device; the
         # nodes of a cluster share it (and still keep mkfs and a one-node mount out).
         try:
-            fcntl.flock(dev.fd, (fcntl.LOCK_SH if clustered else fcntl.LOCK_EX)
-                        | fcntl.LOCK_NB)
+            if dev.fd is not None:      # an iSCSI LUN has no local descriptor to lock
+                fcntl.flock(dev.fd, (fcntl.LOCK_SH if clustered else fcntl.LOCK_EX)
+                            | fcntl.LOCK_NB)
         except OSError:
             raise MountError(f"{path}: already mounted by another process") from None
         return dev, sb
@@ -401,7 +402,8 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
     fs = FileSystem(dev, sb, journal, glocks, txn, clustered=clustered)
     ops = Operations(fs)
     options = set(pyfuse3.default_options) | {
-        "fsname=" + os.path.abspath(dev.path), "subtype=clusterfs", "allow_other",
+        "fsname=" + (dev.path if "://" in dev.path else os.path.abspath(dev.path)),
+        "subtype=clusterfs", "allow_other",
         *opts.extra}
     try:
         pyfuse3.init(ops, mountpoint, options)
@@ -443,7 +445,10 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            await fs.shutdown()
+            try:
+                await fs.shutdown()
+            except ClusterFSError as exc:   # a withdrawn fs (a dead disk): said already
+                log.error("unmount: could not write back: %s", exc)
             for lock in held:
                 await locks.unlock(lock)
         pyfuse3.close(unmount=unmounted_by_us)

@@ -41,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
         daemons = holders.holder_pids(device)
         # the nodes of a cluster on this host share the device: wait for ours only
         own = mountrecord.read(args.mountpoint)
-        if own in daemons:
-            daemons = [own]
+        if own is not None and (own in daemons or _is_clusterfs(own)):
+            daemons = [own]      # (an iscsi:// device has no local holders to find)
         _fusermount(args.mountpoint)
         _wait_for_exit(daemons, args.timeout)
     except UmountError as exc:
@@ -91,6 +91,15 @@ def _wait_for_exit(pids: list[int], timeout: float) -> None:
                   file=sys.stderr)
             said = True
         time.sleep(0.05)
+
+
+def _is_clusterfs(pid: int) -> bool:
+    """The pid (from a mount record) still names a clusterfs process."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"clusterfs" in f.read()
+    except OSError:
+        return False
 
 
 def _running(pid: int) -> bool:

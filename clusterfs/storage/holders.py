@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import os
 
+from clusterfs.storage.iscsi import is_iscsi_url
+
 _DELETED = " (deleted)"
 
 
 def users(path: str) -> list[str]:
-    """Descriptions of mounts and other processes using `path` (empty if none)."""
-    if not os.path.exists(path):
+    """Descriptions of mounts and other processes using `path` (empty if none). A URL
+    (iscsi://) names no local file: who uses that LUN is not known here."""
+    if is_iscsi_url(path) or not os.path.exists(path):
         return []
     found = _mounts(path, os.path.realpath(path))
     found += [f"pid {pid} ({_comm(str(pid))}) has it open" for pid in holder_pids(path)]
@@ -25,7 +28,7 @@ def users(path: str) -> list[str]:
 
 def holder_pids(path: str) -> list[int]:
     """Processes other than this one with `path` open."""
-    if not os.path.exists(path):
+    if is_iscsi_url(path) or not os.path.exists(path):
         return []
     real = os.path.realpath(path)
     me = os.getpid()

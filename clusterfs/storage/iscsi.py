@@ -1,0 +1,314 @@
+"""IscsiDevice: a LUN on an iSCSI target, reached from this process through libiscsi.
+
+No kernel initiator, no /dev/sdX: the device is named by a URL,
+
+    iscsi://[USER[%PASSWORD]@]HOST[:PORT]/TARGET-IQN/LUN
+
+and every read, write and flush is one synchronous SCSI command (READ 16, WRITE 16,
+SYNCHRONIZE CACHE 16) on our own session, made through the cffi module
+clusterfs._iscsi (native/iscsi_build.py). The interface is BlockDevice's, so the
+layers above cannot tell the two apart; what BlockDevice does in the background
+(write-behind, read-ahead) is done here in line or not at all.
+
+Failures are bounded: every command has a timeout (libiscsi's, checked by its own
+event loop at least once a second), and libiscsi's automatic reconnect is off, so a
+target that dies or stops answering turns into a StorageError within about
+COMMAND_TIMEOUT seconds instead of a hang. After such a failure the session is out
+of step with the target and the device refuses all further I/O (a device that
+finds another path to the LUN, and re-targets, is later work: ../ARCHITECTURE).
+
+A libiscsi context is not thread-safe: one lock serialises every call on it. cffi
+releases the GIL for the duration of each call, so other threads run meanwhile.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import threading
+
+from clusterfs.errors import StorageError
+from clusterfs.format.block import BLOCK_SIZE
+
+SCHEME = "iscsi://"
+COMMAND_TIMEOUT = 30          # seconds for a login or one SCSI command
+MAX_TRANSFER = 1 << 20        # bytes per READ/WRITE command
+INITIATOR = f"iqn.2025-01.io.clusterfs:{socket.gethostname() or 'host'}"
+URL_FORM = "iscsi://[USER[%PASSWORD]@]HOST[:PORT]/TARGET-IQN/LUN"
+
+
+def is_iscsi_url(path: str) -> bool:
+    return path.startswith(SCHEME)
+
+
+def redact(url: str) -> str:
+    """The URL without its CHAP password (iscsi://USER%PASSWORD@...), for messages."""
+    return re.sub(r"^(iscsi://[^/@%]*)%[^/@]*@", r"\1%***@", url)
+
+
+def _unreachable(portal: str, timeout: float) -> str | None:
+    """Why a TCP connection to `portal` fails, or None if it does not (libiscsi's own
+    text for a refused connection names its reconnect logic, not the refusal)."""
+    host, _, port = portal.rpartition(":")
+    if not host or "]" in port:                  # no port given: iSCSI's default
+        host, port = portal, "3260"
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return None
+    except (OSError, ValueError) as exc:
+        why = getattr(exc, "strerror", None) or exc
+        return f"cannot connect to {host}:{port}: {why}"
+
+
+def _binding():
+    try:
+        from clusterfs._iscsi import ffi, lib  # noqa: PLC0415 - only iSCSI users need it
+    except ImportError:
+        return None
+    return ffi, lib
+
+
+class IscsiDevice:
+    """One iSCSI LUN, logged in to at construction (StorageError with the reason if not).
+
+    `fd` is None: there is no local descriptor (node/mount_cmd.py's flock skips it).
+    `path` is the URL as given but for a CHAP password, which it shows as ***.
+    """
+
+    def __init__(self, url: str, writable: bool = True,
+                 timeout: int = COMMAND_TIMEOUT) -> None:
+        self.path = redact(url)
+        self._url = url
+        self.fd = None
+        self.writable = writable
+        self.timeout = timeout
+        self.reads = 0
+        self.writes = 0
+        self.lun = 0
+        self.sector = 0                     # the LUN's logical block size in bytes
+        self._lock = threading.Lock()
+        self._failed: str | None = None     # set once the session is no longer usable
+        binding = _binding()
+        if binding is None:
+            raise StorageError(f"{self.path}: iSCSI support is not built (libiscsi-dev was "
+                               "missing at install; install it and run tools/install.sh)")
+        self._ffi, self._lib = binding
+        self._ctx = self._lib.iscsi_create_context(INITIATOR.encode())
+        if self._ctx == self._ffi.NULL:
+            raise StorageError(f"{self.path}: cannot create an iSCSI context")
+        try:
+            self._login()
+            self._read_capacity()
+        except BaseException:
+            self._lib.iscsi_destroy_context(self._ctx)
+            self._ctx = None
+            raise
+        self.blocks = self.size // BLOCK_SIZE
+
+    # -- session --------------------------------------------------------------------
+    def _login(self) -> None:
+        ffi, lib, ctx = self._ffi, self._lib, self._ctx
+        # parsing with the context also sets the target name (and CHAP, if given)
+        url = lib.iscsi_parse_full_url(ctx, self._url.encode())
+        if url == ffi.NULL:
+            raise StorageError(f"{self.path}: not an iSCSI URL ({self._url_error()}); "
+                               f"expected {URL_FORM}")
+        try:
+            self.lun = url.lun
+            portal = ffi.string(url.portal)
+        finally:
+            lib.iscsi_destroy_url(url)
+        lib.iscsi_set_session_type(ctx, lib.ISCSI_SESSION_NORMAL)
+        lib.iscsi_set_header_digest(ctx, lib.ISCSI_HEADER_DIGEST_NONE_CRC32C)
+        lib.iscsi_set_timeout(ctx, self.timeout)
+        lib.iscsi_set_noautoreconnect(ctx, 1)   # a lost session fails the command
+        if lib.iscsi_full_connect_sync(ctx, portal, self.lun) != 0:
+            why = _unreachable(portal.decode(errors="replace"), self.timeout) or self._error()
+            raise StorageError(f"{self.path}: cannot log in: {why}")
+
+    def _read_capacity(self) -> None:
+        task = self._command("read capacity", self._lib.iscsi_readcapacity16_sync)
+        try:
+            rc16 = self._ffi.cast("struct scsi_readcapacity16 *",
+                                  self._lib.scsi_datain_unmarshall(task))
+            if rc16 == self._ffi.NULL:
+                raise StorageError(f"{self.path}: read capacity: reply not understood")
+            self.sector = rc16.block_length
+            self.size = (rc16.returned_lba + 1) * rc16.block_length
+        finally:
+            self._lib.scsi_free_scsi_task(task)
+        if self.sector <= 0 or MAX_TRANSFER % self.sector:
+            raise StorageError(f"{self.path}: unsupported logical block size {self.sector}")
+
+    def _error(self) -> str:
+        text = self._ffi.string(self._lib.iscsi_get_error(self._ctx)).decode(errors="replace")
+        return " ".join(text.split()) or "unknown error"
+
+    def _url_error(self) -> str:
+        # libiscsi says "Invalid URL <url>\n<what>\n<the form>": keep <what> (not the URL,
+        # which may hold a password)
+        lines = self._ffi.string(self._lib.iscsi_get_error(self._ctx)).decode(
+            errors="replace").splitlines()
+        return lines[1].strip() if len(lines) > 1 else "unparsable"
+
+    def _command(self, what: str, call, *args):
+        """Run one synchronous SCSI command under the lock; its task (to be freed by
+        the caller) or StorageError. A command the session could not complete
+        (connection lost, timed out, cancelled) leaves the device failed."""
+        lib, ffi = self._lib, self._ffi
+        with self._lock:
+            if self._failed is not None:
+                raise StorageError(f"{self.path}: {what}: {self._failed}")
+            if self._ctx is None:
+                raise StorageError(f"{self.path}: {what}: device is closed")
+            task = call(self._ctx, self.lun, *args)
+            if task != ffi.NULL and task.status == lib.SCSI_STATUS_GOOD:
+                return task
+            status = None if task == ffi.NULL else task.status
+            if task != ffi.NULL:
+                lib.scsi_free_scsi_task(task)
+            # libiscsi's error text is fresh for a failed call and for sense data; a
+            # cancelled or timed-out task may leave an older one there
+            if status == lib.SCSI_STATUS_CANCELLED:
+                reason = "connection to the target lost"
+            elif status == lib.SCSI_STATUS_TIMEOUT:
+                reason = f"no answer from the target within {self.timeout} s"
+            else:
+                reason = self._error()
+            if status != lib.SCSI_STATUS_CHECK_CONDITION:
+                self._failed = f"iSCSI session lost earlier ({reason})"
+        raise StorageError(f"{self.path}: {what}: {reason}")
+
+    # -- whole logical blocks ---------------------------------------------------------
+    def _read_lbas(self, lba: int, count: int) -> bytes:
+        ffi, lib = self._ffi, self._lib
+        out = []
+        per = MAX_TRANSFER // self.sector
+        while count:
+            n = min(count, per)
+            task = self._command(f"read at {lba * self.sector}", lib.iscsi_read16_sync,
+                                 lba, n * self.sector, self.sector, 0, 0, 0, 0, 0)
+            try:
+                got = task.datain.size
+                if got != n * self.sector:
+                    raise StorageError(f"{self.path}: short read at {lba * self.sector}")
+                out.append(ffi.buffer(task.datain.data, got)[:])
+            finally:
+                lib.scsi_free_scsi_task(task)
+            lba += n
+            count -= n
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _write_lbas(self, lba: int, buf, length: int) -> None:
+        """Write `length` bytes (whole logical blocks) of the cffi buffer `buf`."""
+        lib = self._lib
+        for start in range(0, length, MAX_TRANSFER):
+            n = min(MAX_TRANSFER, length - start)
+            at = lba + start // self.sector
+            task = self._command(f"write at {at * self.sector}", lib.iscsi_write16_sync,
+                                 at, buf + start, n, self.sector, 0, 0, 0, 0, 0)
+            lib.scsi_free_scsi_task(task)
+
+    # -- BlockDevice's interface --------------------------------------------------------
+    def read(self, blkno: int, count: int = 1) -> bytes:
+        length = count * BLOCK_SIZE
+        data = self.pread(blkno * BLOCK_SIZE, length)
+        if len(data) != length:
+            raise StorageError(f"{self.path}: short read at block {blkno}")
+        return data
+
+    def write(self, blkno: int, data: bytes | bytearray | memoryview) -> None:
+        self.pwrite(blkno * BLOCK_SIZE, data)
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Up to `length` bytes from `offset` (fewer at the end of the LUN, as a file)."""
+        end = min(offset + length, self.size)
+        if offset < 0:
+            raise StorageError(f"{self.path}: read at {offset}: negative offset")
+        if offset >= end:
+            return b""
+        s = self.sector
+        first, last = offset // s, -(-end // s)
+        self.reads += 1
+        data = self._read_lbas(first, last - first)
+        skip = offset - first * s
+        if skip == 0 and len(data) == end - offset:
+            return data
+        return data[skip : skip + end - offset]
+
+    def read_data(self, offset: int, length: int) -> bytes:
+        return self.pread(offset, length)
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if not self.writable:
+            raise StorageError(f"{self.path}: write at {offset}: opened read-only")
+        # The caller's bytes are passed to libiscsi in place, and the buffer is released
+        # on the way out whatever happens: a buffer export left to the garbage collector
+        # (an exception's traceback keeps this frame) made CPython 3.11 segfault in its
+        # garbage collector in our tests.
+        with self._ffi.from_buffer("unsigned char[]", data) as buf:
+            self._pwrite(offset, buf, len(buf))
+
+    def _pwrite(self, offset: int, buf, length: int) -> None:
+        end = offset + length
+        if offset < 0 or end > self.size:
+            raise StorageError(f"{self.path}: write at {offset}: beyond the end of the "
+                               f"device ({self.size} bytes)")
+        if not length:
+            return
+        s = self.sector
+        self.writes += 1
+        if offset % s == 0 and end % s == 0:
+            self._write_lbas(offset // s, buf, length)
+            return
+        # a partial logical block: read the blocks at either edge, merge, write back
+        first, last = offset // s, -(-end // s)
+        merged = bytearray(self._read_lbas(first, 1))
+        merged += bytes((last - first - 1) * s)
+        if last - 1 > first and end % s:
+            merged[-s:] = self._read_lbas(last - 1, 1)
+        merged[offset - first * s : end - first * s] = self._ffi.buffer(buf, length)
+        with self._ffi.from_buffer("unsigned char[]", merged) as whole:
+            self._write_lbas(first, whole, len(merged))
+
+    def write_behind(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Written at once (no queue): failures surface here rather than at drain."""
+        self.pwrite(offset, data)
+
+    @property
+    def behind_pending(self) -> int:
+        return 0
+
+    def behind_has_room(self, length: int) -> bool:
+        return True
+
+    def wait_behind_room(self, length: int) -> None:
+        pass
+
+    def drain(self) -> None:
+        pass
+
+    def advise_willneed(self, blkno: int, count: int) -> None:
+        pass                                   # no read-ahead over iSCSI (yet)
+
+    def forget_read_ahead(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        """SYNCHRONIZE CACHE 16 over the whole LUN: what was written is on stable storage."""
+        if not self.writable:
+            return
+        task = self._command("flush", self._lib.iscsi_synchronizecache16_sync, 0, 0, 0, 0)
+        self._lib.scsi_free_scsi_task(task)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._ctx is None:
+                return
+            if self._failed is None:
+                self._lib.iscsi_logout_sync(self._ctx)     # best effort, bounded by timeout
+            self._lib.iscsi_destroy_context(self._ctx)
+            self._ctx = None
+
+    def statistics(self) -> dict[str, int]:
+        return {"reads": self.reads, "writes": self.writes, "blocks": self.blocks}

@@ -1,0 +1,202 @@
+"""A private iSCSI target for tests: our own tgtd on 127.0.0.1, torn down whatever happens.
+
+``target(workdir, sizes)`` starts ``tgtd -f`` with its own portal (a free TCP port on
+127.0.0.1) and its own control port (tgtd's management socket is
+/var/run/tgtd/socket.<port>, so another tgtd on this machine is never addressed),
+creates one target with a fresh sparse backing file per LUN (LUN 1, 2, ...), lets
+only initiators from 127.0.0.1 in, and on exit SIGKILLs that tgtd by its pid (tgtd
+ignores SIGTERM) and removes its socket files. The tgtd process also gets SIGKILL
+from the kernel if the test process dies first (PR_SET_PDEATHSIG), and ``atexit``
+kills any still registered, so a failed or interrupted run leaves none behind.
+
+Like mountutil, this never imports clusterfs: the device under test is reached only
+through the URL it prints.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import ctypes
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TGTD_DIR = "/var/run/tgtd"
+START_TIMEOUT = 15.0
+_LIVE: dict[int, Target] = {}          # pid -> target still running
+
+
+def missing_prerequisites() -> str | None:
+    if os.geteuid() != 0:
+        return "iSCSI tests need root (tgtd)"
+    for tool in ("tgtd", "tgtadm"):
+        if shutil.which(tool) is None:
+            return f"{tool} not installed (apt-get install tgt)"
+    try:
+        import clusterfs._iscsi  # noqa: F401, PLC0415
+    except ImportError:
+        return "clusterfs._iscsi not built (libiscsi-dev missing at install?)"
+    return None
+
+
+@dataclass
+class Target:
+    iqn: str
+    portal_port: int
+    control_port: int
+    workdir: Path
+    proc: subprocess.Popen
+    backing: dict[int, Path] = field(default_factory=dict)   # lun -> backing file
+    owns_control: bool = False     # its socket files are ours to remove (it made them)
+
+    def url(self, lun: int = 1) -> str:
+        return f"iscsi://127.0.0.1:{self.portal_port}/{self.iqn}/{lun}"
+
+    def tgtadm(self, *args: str) -> subprocess.CompletedProcess:
+        r = subprocess.run(["tgtadm", "-C", str(self.control_port), "--lld", "iscsi", *args],
+                           capture_output=True, text=True, timeout=30)
+        if r.returncode != 0:
+            raise AssertionError(f"tgtadm {' '.join(args)} failed ({r.returncode}): "
+                                 f"{r.stderr.strip()}\ntgtd log:\n{self.log_text()}")
+        return r
+
+    def log_text(self) -> str:
+        try:
+            return (self.workdir / "tgtd.log").read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL our tgtd (by pid) and reap it; idempotent."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+        _LIVE.pop(self.proc.pid, None)
+        if not self.owns_control:      # e.g. it exited at start: another tgtd's port
+            return
+        self.owns_control = False
+        for name in (f"socket.{self.control_port}", f"socket.{self.control_port}.lock"):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(TGTD_DIR, name))
+
+    def stop(self) -> None:
+        """SIGSTOP our tgtd: the connection stays up, nothing is answered."""
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+
+def _kill_all() -> None:
+    for t in list(_LIVE.values()):
+        with contextlib.suppress(Exception):
+            t.kill()
+
+
+atexit.register(_kill_all)
+
+
+def _free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _free_control_port() -> int:
+    for _ in range(100):
+        port = random.randint(1000, 32767)      # tgtd takes at most 32767
+        if not os.path.exists(os.path.join(TGTD_DIR, f"socket.{port}")) and \
+                not os.path.exists(os.path.join(TGTD_DIR, f"socket.{port}.lock")):
+            return port
+    raise AssertionError(f"no free tgtd control port in {TGTD_DIR}")
+
+
+def _die_with_parent() -> None:
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+
+
+def _start(workdir: Path, iqn: str, attempts: int = 3) -> Target:
+    """A ready tgtd; on a clash over a port (another tgtd started meanwhile), new ports."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_once(workdir, iqn)
+        except _ExitedAtStart:
+            if attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
+
+
+class _ExitedAtStart(AssertionError):
+    pass
+
+
+def _start_once(workdir: Path, iqn: str) -> Target:
+    portal, control = _free_tcp_port(), _free_control_port()
+    logf = open(workdir / "tgtd.log", "ab")  # noqa: SIM115 - tgtd keeps it; closed below
+    try:
+        proc = subprocess.Popen(
+            ["tgtd", "-f", "-C", str(control), "--iscsi", f"portal=127.0.0.1:{portal}"],
+            stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+            start_new_session=True, preexec_fn=_die_with_parent)
+    finally:
+        logf.close()
+    t = Target(iqn, portal, control, workdir, proc)
+    _LIVE[proc.pid] = t
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        if proc.poll() is not None:
+            t.kill()
+            raise _ExitedAtStart(f"tgtd exited {proc.returncode} at start:\n{t.log_text()}")
+        ok = subprocess.run(["tgtadm", "-C", str(control), "--lld", "iscsi", "--mode",
+                             "target", "--op", "show"], capture_output=True).returncode == 0
+        if ok:
+            with contextlib.suppress(OSError), \
+                    socket.create_connection(("127.0.0.1", portal), timeout=1):
+                if proc.poll() is None:    # it answered, not another tgtd on that port
+                    t.owns_control = True
+                    return t
+        if time.monotonic() > deadline:
+            t.kill()
+            raise AssertionError(f"tgtd not ready after {START_TIMEOUT}s:\n{t.log_text()}")
+        time.sleep(0.05)
+
+
+@contextlib.contextmanager
+def target(sizes: list[int], blocksize: int | None = None,
+           workdir: str | os.PathLike | None = None) -> Iterator[Target]:
+    """A running target with one LUN per size (LUN 1 first), backed by sparse files in
+    `workdir` (default: a new /tmp/iscsi-* directory, removed at the end)."""
+    own = workdir is None
+    wd = Path(tempfile.mkdtemp(prefix="iscsi-", dir="/tmp") if own else workdir)
+    iqn = f"iqn.2025-01.io.clusterfs.test:t{os.getpid()}-{random.randrange(1 << 30)}"
+    t = None
+    try:
+        t = _start(wd, iqn)
+        t.tgtadm("--mode", "target", "--op", "new", "--tid", "1", "--targetname", iqn)
+        for lun, size in enumerate(sizes, start=1):
+            backing = wd / f"lun{lun}.img"
+            with open(backing, "wb") as f:
+                f.truncate(size)
+            extra = ["--blocksize", str(blocksize)] if blocksize else []
+            t.tgtadm("--mode", "logicalunit", "--op", "new", "--tid", "1", "--lun", str(lun),
+                     "--backing-store", str(backing), *extra)
+            t.backing[lun] = backing
+        t.tgtadm("--mode", "target", "--op", "bind", "--tid", "1",
+                 "--initiator-address", "127.0.0.1")
+        yield t
+    finally:
+        if t is not None:
+            t.kill()
+        if own:
+            shutil.rmtree(wd, ignore_errors=True)
