@@ -127,6 +127,17 @@ class TransactionManager:
             if self.journal.stats["checkpoints"] != checkpoints:
                 self.end_quarantine(mark)
 
+    async def flush_data(self) -> None:
+        """Data writes on the device and the device cache flushed, no journal commit
+        (fdatasync of an overwrite in place)."""
+        self.check_writable()
+        await self._drain_data()
+        try:
+            await trio.to_thread.run_sync(self.journal.dev.flush)
+        except Exception as exc:
+            self.withdraw(f"flush failed: {exc}")
+            raise Withdrawn(f"filesystem withdrawn: {exc}") from exc
+
     async def _drain_data(self) -> None:
         """Let queued data writes finish in a worker thread before the commit is
         captured, so the event loop does not block on them when the commit's first

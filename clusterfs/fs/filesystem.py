@@ -740,10 +740,20 @@ class FileSystem:
             self.opens.pop(ino, None)
             await self._maybe_free(ino)
 
-    async def fsync(self, ino: int) -> None:
-        """Data is written straight to the device; committing flushes it and the journal."""
+    async def fsync(self, ino: int, datasync: bool = False) -> None:
+        """Data is written straight to the device; committing flushes it and the journal.
+        fdatasync of a file whose size and block map no commit has yet to cover (an
+        overwrite in place) needs only its data on the device and a flush: times may
+        wait for the next commit (as fdatasync(2) allows)."""
         self.txn.check_writable()
+        node = self.inodes.get(ino)
+        if datasync and node is not None and node.synced >= node.meta_version:
+            await self.txn.flush_data()
+            return
+        version = node.meta_version if node is not None else 0
         await self.txn.commit()
+        if node is not None:
+            node.synced = max(node.synced, version)
 
     async def read(self, ino: int, off: int, size: int) -> bytes:
         async with self._hold(pr=[ino], write=False):
@@ -823,6 +833,7 @@ class FileSystem:
                 node.data.extend(bytes(off - len(node.data)))
             node.data[off:end] = data
             node.d.size = max(node.d.size, end)
+            node.meta_version += 1          # the data itself lives in the inode block
             node.touch()
             self._dirty(node)
             return
@@ -833,6 +844,8 @@ class FileSystem:
         unstuff = 1 if (node.stuffed and old) else 0
         goal = node.extents[-1].pblk + node.extents[-1].count if node.extents else node.ino
         new_runs = self._reserve_runs(goal, holes + unstuff)
+        if holes or unstuff or end > node.d.size:
+            node.meta_version += 1          # block map or size: a datasync must commit
         meta = self._reserve(goal, 2) if len(node.extents) + len(new_runs) > \
             fext.INLINE_EXTENTS else []
         # -- no failure past this point except I/O
@@ -937,6 +950,7 @@ class FileSystem:
     def _truncate(self, node: CachedInode, size: int) -> None:
         if node.dir is not None:
             raise FSError(errno.EISDIR)
+        node.meta_version += 1
         if node.stuffed:
             if size <= PAYLOAD_MAX:
                 node.data = node.data[:size].ljust(size, b"\0")

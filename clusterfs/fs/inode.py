@@ -38,6 +38,10 @@ class CachedInode:
         self.open_count = 0
         self.freed = False
         self.read_ahead_done = 0         # logical block up to which read-ahead was asked
+        # fdatasync: bumped by every change a datasync must make durable (size, block
+        # map, stuffed data); `synced` is the newest version a commit has covered
+        self.meta_version = 1
+        self.synced = 0
         self._load_map(read)
         if disk.xattr_blk:
             self.d.xattrs = decode_xattr_block(read(disk.xattr_blk), disk.xattr_blk)

@@ -260,7 +260,7 @@ class Operations(pyfuse3.Operations):
 
     @_edge
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
-        await self.fs.fsync(fh)
+        await self.fs.fsync(fh, datasync)
 
     # -- directories -----------------------------------------------------------------
     @_edge
