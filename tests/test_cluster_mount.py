@@ -310,3 +310,21 @@ def test_survivors_replay_a_killed_nodes_journal_and_go_on(tmp_path):
         assert sorted(os.listdir(c.path(1, "shared"))) == sorted([*data, "after"])
         with open(c.path(1, "shared", "after"), "rb") as f:
             assert f.read() == b"survivor"
+
+
+def test_clusterfs_umount_of_the_last_node_without_quorum(tmp_path):
+    """Two of three nodes unmount: the last one has no quorum, so every call on it waits;
+    `clusterfs umount` must not ask it anything, and must return once it has exited."""
+    with cluster(tmp_path, nodes=3) as c:
+        with open(c.path(3, "f"), "wb") as f:
+            f.write(b"last")
+        c.unmount(1)
+        c.unmount(2)
+        last = c.mounts.pop(3)
+        r = run_cli("umount", c.mountpoint(3), timeout=90)
+        assert r.returncode == 0, r.stderr
+        assert last.proc.wait(5) == 0
+        last.force_unmount()          # nothing left; forget it
+        c.start(1, 2)
+        with open(c.path(1, "f"), "rb") as f:
+            assert f.read() == b"last"

@@ -37,9 +37,17 @@ def remove(real_mountpoint: str) -> None:
             os.unlink(_path(real_mountpoint))
 
 
+def resolve(mountpoint: str) -> str:
+    """The mountpoint's real path, without looking at the mountpoint itself: that
+    would ask the filesystem mounted there, which may not answer (a cluster node
+    without quorum makes every call wait)."""
+    head, tail = os.path.split(os.path.abspath(mountpoint))
+    return os.path.join(os.path.realpath(head), tail)
+
+
 def read(mountpoint: str) -> int | None:
-    """The pid recorded for `mountpoint` (resolved here: not for the daemon), or None."""
-    return _recorded(os.path.realpath(mountpoint))
+    """The pid recorded for `mountpoint`, or None."""
+    return _recorded(resolve(mountpoint))
 
 
 def _recorded(real_mountpoint: str) -> int | None:

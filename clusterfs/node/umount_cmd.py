@@ -11,7 +11,6 @@ kernel filesystem.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
@@ -53,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
 
 def mounted_device(mountpoint: str) -> str:
     """The device a clusterfs mount at `mountpoint` serves (UmountError if none)."""
-    target = os.path.realpath(mountpoint)
+    target = mountrecord.resolve(mountpoint)
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
