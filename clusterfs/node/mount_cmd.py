@@ -394,6 +394,9 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
     from clusterfs.journal.log import Journal
 
     clustered = side_tasks is not None
+    if clustered and not dev.bypass_page_cache():
+        log.info("%s refuses O_DIRECT: metadata goes through this host's page cache, "
+                 "which is coherent only between nodes on this host", dev.path)
     slot, held = await claim_journal(locks, dev, sb, clustered)
     journal = Journal(dev, sb, slot, pool)
     journal.open()

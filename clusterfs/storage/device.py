@@ -1,9 +1,10 @@
 """BlockDevice: a loop device, block device or plain image file, read and written in blocks.
 
-Buffered I/O plus fsync (os.fsync on the device fd is the cache flush). On a
-shared disk seen by several hosts this must become O_DIRECT with aligned buffers
-(the page cache of one host does not see another host's writes); see
-docs/journal.md. For one node buffered I/O is both correct and faster.
+Buffered I/O plus fsync (os.fsync on the device fd is the cache flush) for one node,
+where it is both correct and faster. A cluster mount calls bypass_page_cache(): every
+read and write then goes through O_DIRECT with aligned buffers, since the page cache
+of one host does not see another host's writes (docs/journal.md). File data goes
+around the page cache in both modes (the write-behind and read-ahead below).
 """
 
 from __future__ import annotations
@@ -141,6 +142,52 @@ class _DirectWriter:
     def close(self) -> None:
         os.close(self.fd)
         self.staging.close()
+
+
+class _DirectIO:
+    """Metadata reads and writes through an O_DIRECT descriptor and an aligned bounce
+    buffer: on a disk several hosts share, our page cache would keep serving blocks
+    another host has rewritten since (a cluster mount turns this on; one node keeps the
+    page cache, which is faster and then correct). Unaligned writes (a partial block
+    zeroed by truncate) read, modify and write the blocks around them. Thread-safe:
+    the journal flushes in worker threads, recovery replays in the event loop."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.lock = threading.Lock()
+        self.buf = mmap.mmap(-1, DIRECT_STAGING)        # page-aligned
+
+    def pread(self, offset: int, length: int) -> bytes:
+        out = bytearray()
+        with self.lock, memoryview(self.buf) as view:
+            while len(out) < length:
+                n = min(length - len(out), DIRECT_STAGING)
+                got = os.preadv(self.fd, [view[:n]], offset + len(out))
+                out += view[:got]
+                if got < n:
+                    break                                  # end of device
+        return bytes(out)
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        start = offset - offset % BLOCK_SIZE
+        end = -(-(offset + len(data)) // BLOCK_SIZE) * BLOCK_SIZE
+        if start != offset or end != offset + len(data):
+            whole = bytearray(self.pread(start, end - start))
+            whole[offset - start : offset - start + len(data)] = data
+            offset, data = start, whole
+        with self.lock, memoryview(self.buf) as view, memoryview(data) as src:
+            done = 0
+            while done < len(src):
+                n = min(len(src) - done, DIRECT_STAGING)
+                view[:n] = src[done : done + n]
+                written = os.pwrite(self.fd, view[:n], offset + done)
+                if written != n:
+                    raise OSError(errno.EIO, "short direct write")
+                done += n
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.buf.close()
 
 
 class _Chunk:
@@ -495,6 +542,16 @@ class BlockDevice:
         self._behind: _WriteBehind | None = None
         self._ahead: _DirectReadAhead | None = None
         self._ahead_tried = False
+        self._direct: _DirectIO | None = None
+
+    def bypass_page_cache(self) -> bool:
+        """Make every later read and write go around the host's page cache (O_DIRECT);
+        False where the device or file refuses O_DIRECT (then nothing changes)."""
+        if self._direct is None:
+            fd = _open_direct(self.path, os.O_RDWR)
+            if fd is not None:
+                self._direct = _DirectIO(fd)
+        return self._direct is not None
 
     # -- write-behind of file data ---------------------------------------------------
     def write_behind(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -542,6 +599,8 @@ class BlockDevice:
         self.drain()
         try:
             self.reads += 1
+            if self._direct is not None and not (offset | length) % BLOCK_SIZE:
+                return self._direct.pread(offset, length)
             return os.pread(self.fd, length, offset)
         except OSError as exc:
             raise StorageError(f"{self.path}: read at {offset}: {exc.strerror}") from exc
@@ -568,6 +627,9 @@ class BlockDevice:
             self._ahead.invalidate(offset, len(data))
         try:
             self.writes += 1
+            if self._direct is not None:
+                self._direct.pwrite(offset, data)
+                return
             done = os.pwrite(self.fd, data, offset)
             while done < len(data):
                 done += os.pwrite(self.fd, memoryview(data)[done:], offset + done)
@@ -606,6 +668,9 @@ class BlockDevice:
         if self._advisor is not None:
             self._advisor.stop()
             self._advisor = None
+        if self._direct is not None:
+            self._direct.close()
+            self._direct = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

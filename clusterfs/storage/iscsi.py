@@ -294,6 +294,10 @@ class IscsiDevice:
     def forget_read_ahead(self) -> None:
         pass
 
+    def bypass_page_cache(self) -> bool:
+        """Always true here: every command goes to the target, no host cache between."""
+        return True
+
     def flush(self) -> None:
         """SYNCHRONIZE CACHE 16 over the whole LUN: what was written is on stable storage."""
         if not self.writable:
