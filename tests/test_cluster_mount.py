@@ -328,3 +328,31 @@ def test_clusterfs_umount_of_the_last_node_without_quorum(tmp_path):
         c.start(1, 2)
         with open(c.path(1, "f"), "rb") as f:
             assert f.read() == b"last"
+
+
+def test_a_file_unlinked_on_one_node_stays_usable_where_it_is_open(tmp_path):
+    """iopen: node 1 has a file open, node 2 unlinks it; node 1 goes on reading and
+    writing it; only node 1's close frees its blocks (fsck clean, space back)."""
+    with cluster(tmp_path, nodes=3) as c:
+        before = os.statvfs(c.path(3, ".")).f_bfree
+        blob = os.urandom(4 << 20)
+        fd = os.open(c.path(1, "f"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, blob)
+            os.fsync(fd)
+            os.unlink(c.path(2, "f"))
+            assert not os.path.exists(c.path(3, "f"))
+            assert os.pread(fd, len(blob), 0) == blob        # still there for node 1
+            os.pwrite(fd, b"still writable", 100)
+            os.fsync(fd)
+            assert os.pread(fd, 14, 100) == b"still writable"
+            assert os.fstat(fd).st_nlink == 0
+            held = os.statvfs(c.path(3, ".")).f_bfree
+            assert held <= before - len(blob) // 4096          # not freed while open
+        finally:
+            os.close(fd)
+        deadline = 50
+        while os.statvfs(c.path(3, ".")).f_bfree < before - 16 and deadline:
+            deadline -= 1
+            __import__("time").sleep(0.1)
+        assert os.statvfs(c.path(3, ".")).f_bfree >= before - 16   # freed at the close

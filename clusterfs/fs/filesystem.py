@@ -20,8 +20,8 @@ import trio
 
 from clusterfs.cache.glock import Glock, GlockManager
 from clusterfs.cache.transaction import TransactionManager
-from clusterfs.dlm.interface import Mode
-from clusterfs.errors import FormatError, FSError, StorageError
+from clusterfs.dlm.interface import Lock, Mode
+from clusterfs.errors import FormatError, FSError, StorageError, WouldBlock
 from clusterfs.format import extent as fext
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.directory import NAME_MAX
@@ -32,6 +32,7 @@ from clusterfs.format.inode import (
     XATTR_BLOCK_MAX,
     Inode,
     decode_inode,
+    encode_inode,
     encode_xattrs,
 )
 from clusterfs.format.superblock import Superblock
@@ -104,6 +105,20 @@ class _Hold:
             await self.fs.txn.end_operation()
 
 
+class _Tombstone:
+    """What a freed inode's block says until it is reused: mode 0, nlink 0. Another node
+    (or this one's kernel) that still names the inode reads it as gone (ESTALE)."""
+
+    def __init__(self, ino: int) -> None:
+        self.ino = ino
+
+    def block_estimate(self) -> int:
+        return 1
+
+    def to_blocks(self) -> dict[int, bytes]:
+        return {self.ino: bytes(encode_inode(Inode(ino=self.ino, mode=0, nlink=0, blocks=0)))}
+
+
 class _Changed(Exception):
     """A name moved between an operation's look under PR and its change under EX."""
 
@@ -130,6 +145,8 @@ class FileSystem:
         self.nlookup: dict[int, int] = {}
         self.opens: dict[int, int] = {}
         self.unlinked: set[int] = set()   # nlink went to 0 here; freed once unused
+        self.iopen: dict[int, Lock] = {}  # ("iopen", ino) PR held while open here
+        self._iopen_pending: dict[int, trio.Event] = {}
         self.freed: set[int] = set()      # inodes freed here the kernel may still name
                                           # (their blocks may be reused, even elsewhere)
         self.clustered = clustered
@@ -194,7 +211,10 @@ class FileSystem:
             if not self.sb.rgrp_start <= ino < self.sb.total_blocks:
                 raise FSError(errno.ESTALE, f"inode {ino} out of range")
             try:
-                node = CachedInode(decode_inode(self.read_meta(ino), ino), self.read_meta)
+                disk = decode_inode(self.read_meta(ino), ino)
+                if disk.mode == 0:
+                    raise FSError(errno.ESTALE, f"inode {ino} was deleted")
+                node = CachedInode(disk, self.read_meta)
             except FormatError as exc:
                 if ino in self.freed:
                     # the kernel still names an inode this node deleted, and its block
@@ -393,6 +413,7 @@ class FileSystem:
                 node = self._inode(node.ino)
         self.count_lookup(node.ino)
         if open_it:
+            await self._iopen_hold(node.ino)
             self.opens[node.ino] = self.opens.get(node.ino, 0) + 1
         return node
 
@@ -535,6 +556,9 @@ class FileSystem:
         so it is loaded again under the lock.)"""
         if ino not in self.unlinked or self.opens.get(ino, 0) > 0 or self.txn.withdrawn:
             return
+        if self.clustered:
+            await self._reap_if_unlinked(ino)
+            return
         node = self.inodes.get(ino)
         if self.nlookup.get(ino, 0) > 0 and (node is None or node.dir is not None):
             return
@@ -567,6 +591,7 @@ class FileSystem:
         self.freed.add(node.ino)
         node.freed = True
         self.txn.discard(node)
+        self.txn.add(_Tombstone(node.ino))   # so a node still naming it sees it is gone
         self.inodes.pop(node.ino, None)
         self.nlookup.pop(node.ino, None)
         self.opens.pop(node.ino, None)
@@ -727,18 +752,85 @@ class FileSystem:
 
     # ================================================================ open files
     async def open(self, ino: int) -> CachedInode:
-        async with self._hold(pr=[ino], write=False):
-            node = self._inode(ino)
-            self.opens[ino] = self.opens.get(ino, 0) + 1
-            return node
+        await self._iopen_hold(ino)
+        try:
+            async with self._hold(pr=[ino], write=False):
+                node = self._inode(ino)
+                self.opens[ino] = self.opens.get(ino, 0) + 1
+                return node
+        except BaseException:
+            if not self.opens.get(ino):
+                await self._iopen_release(ino)
+            raise
 
     async def release(self, ino: int) -> None:
         left = self.opens.get(ino, 0) - 1
         if left > 0:
             self.opens[ino] = left
+            return
+        self.opens.pop(ino, None)
+        if self.clustered:
+            await self._iopen_release(ino)
+            await self._reap_if_unlinked(ino)
         else:
-            self.opens.pop(ino, None)
             await self._maybe_free(ino)
+
+    # ================================================================ iopen (cluster)
+    # A node that has an inode open holds ("iopen", ino) in PR (one lock for all its
+    # opens, taken before the inode lock, as everywhere). Whoever drops the last link,
+    # or closes last, tries it in EX: granted means no node has it open, so it frees
+    # the inode; refused means another node does, and that node's last close (which
+    # releases its PR first, then tries) frees it. Two last closers at once cannot both
+    # fail: the second try sees no PR left.
+
+    async def _iopen_hold(self, ino: int) -> None:
+        if not self.clustered:
+            return
+        while ino not in self.iopen:
+            pending = self._iopen_pending.get(ino)
+            if pending is not None:
+                await pending.wait()
+                continue
+            self._iopen_pending[ino] = done = trio.Event()
+            try:
+                self.iopen[ino] = await self.glocks.locks.lock(("iopen", ino), Mode.PR)
+            finally:
+                del self._iopen_pending[ino]
+                done.set()
+
+    async def _iopen_release(self, ino: int) -> None:
+        lock = self.iopen.pop(ino, None)
+        if lock is not None:
+            await self.glocks.locks.unlock(lock)
+
+    async def _reap_if_unlinked(self, ino: int) -> None:
+        """Free `ino` if it has no link left and no node has it open (cluster)."""
+        if self.txn.withdrawn or self.opens.get(ino):
+            return
+        try:
+            async with self._hold(pr=[ino], write=False):
+                if self._inode(ino).d.nlink > 0:
+                    return
+        except FSError as exc:
+            if exc.errno == errno.ESTALE:
+                return                   # freed already, by another node
+            raise
+        try:
+            iopen = await self.glocks.locks.lock(("iopen", ino), Mode.EX, try_=True)
+        except WouldBlock:
+            self.unlinked.discard(ino)   # open elsewhere: its last close frees it
+            return
+        try:
+            async with self._hold(ex=[ino], frees=lambda: self._owned_blocks(self._inode(ino))):
+                node = self._inode(ino)
+                if node.d.nlink == 0 and not node.freed:
+                    self._free_inode(node)
+        except FSError as exc:
+            if exc.errno != errno.ESTALE:
+                raise
+        finally:
+            self.unlinked.discard(ino)
+            await self.glocks.locks.unlock(iopen)
 
     async def fsync(self, ino: int, datasync: bool = False) -> None:
         """Data is written straight to the device; committing flushes it and the journal.
@@ -1075,6 +1167,8 @@ class FileSystem:
                         sorted(self.unlinked)[:10])
         if not self.txn.withdrawn:
             await self.txn.close()
+        for ino in list(self.iopen):
+            await self._iopen_release(ino)
         await self.glocks.release_all()
 
     # ================================================================ lock demotion

@@ -417,6 +417,7 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
     mountrecord.write(mountpoint)
     ready()
     unmounted_by_us = False
+    shut = False
     try:
         async with trio.open_nursery() as nursery:
             glocks.start(nursery)
@@ -445,18 +446,32 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
 
             nursery.start_soon(raise_readahead)
             await pyfuse3.main()
+            # shut down while the side tasks still run: freeing unlinked inodes takes
+            # locks, which another node's departure can hold behind journal recovery,
+            # and other nodes may ask for our locks meanwhile
+            await _shutdown(fs)
+            shut = True
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            try:
-                await fs.shutdown()
-            except ClusterFSError as exc:   # a withdrawn fs (a dead disk): said already
-                log.error("unmount: could not write back: %s", exc)
+            if not shut:
+                await _shutdown(fs)
             for lock in held:
                 await locks.unlock(lock)
         pyfuse3.close(unmount=unmounted_by_us)
         mountrecord.remove(mountpoint)
         log.info("unmounted %s; journal clean: %s", mountpoint, not txn.withdrawn)
+
+
+async def _shutdown(fs) -> None:
+    """Write back and give the journal and locks up (shielded: an unmount must finish)."""
+    import trio
+
+    with trio.CancelScope(shield=True):
+        try:
+            await fs.shutdown()
+        except ClusterFSError as exc:   # a withdrawn fs (a dead disk): said already
+            log.error("unmount: could not write back: %s", exc)
 
 
 def _raise_readahead(mountpoint: str) -> None:
