@@ -78,9 +78,13 @@ ZERO_MIB = bytes(MiB)
 # directory or missing, never a symlink the kernel would follow.
 DIRS = ("", "d0", "d1", "d0/d0", "d0/d1", "d1/d0")
 DIR_WEIGHTS = (4, 3, 3, 1, 1, 1)
+# directories no file or symlink is ever created in (but one may be renamed there), so
+# that rmdir and rename over an empty directory succeed often enough
+EMPTY_DIRS = ("e0", "d0/e0", "d1/e0", "d0/d0/e0")
 FILE_NAMES = ("f0", "f1", "f2", "f3")
 LINK_NAMES = ("s0", "s1")
-XATTR_NAMES = ("user.a", "user.b", "user.c", "user.d")
+XATTR_NAMES = ("user.a", "user.b")
+XATTR_TARGETS = ("f0", "f1", "d0/f0", "d0", "d1")   # few, so that gets find what sets set
 OWNERS = (0, 1000, 12345, 65534)
 
 RENAME_NOREPLACE = 1
@@ -181,8 +185,11 @@ class Op:
 
 
 def _pick_dir(rng: random.Random, root_ok: bool = True) -> str:
+    """A directory to put things in (root_ok) or to create, remove or rename."""
     if root_ok:
         return rng.choices(DIRS, DIR_WEIGHTS)[0]
+    if rng.random() < 0.4:
+        return rng.choice(EMPTY_DIRS)
     return rng.choices(DIRS[1:], DIR_WEIGHTS[1:])[0]
 
 
@@ -194,11 +201,11 @@ def _pick_symlink(rng: random.Random) -> str:
     return _join(_pick_dir(rng), rng.choice(LINK_NAMES))
 
 
-def _pick_any(rng: random.Random, symlinks: bool) -> str:
+def _pick_any(rng: random.Random) -> str:
     r = rng.random()
     if r < 0.6:
         return _pick_file(rng)
-    if r < 0.85 or not symlinks:
+    if r < 0.85:
         return _pick_dir(rng, root_ok=False)
     return _pick_symlink(rng)
 
@@ -285,18 +292,18 @@ def _make_op(rng: random.Random, num: int, dom: str, max_offset: int) -> Op:
             return Op(num, kind, dom, _pick_file(rng), mode=0o600 | rng.randrange(0o200))
         return Op(num, kind, dom, _pick_dir(rng, False), mode=0o700 | rng.randrange(0o100))
     if kind == "chown":
-        return Op(num, kind, dom, _pick_any(rng, True), uid=rng.choice(OWNERS),
+        return Op(num, kind, dom, _pick_any(rng), uid=rng.choice(OWNERS),
                   gid=rng.choice(OWNERS))
     if kind == "utime":
-        return Op(num, kind, dom, _pick_any(rng, True),
+        return Op(num, kind, dom, _pick_any(rng),
                   atime=rng.randrange(1 << 31) * 10**9 + rng.randrange(10**9),
                   mtime=rng.randrange(1 << 31) * 10**9 + rng.randrange(10**9))
     if kind == "setxattr":
         flags = rng.choices((0, os.XATTR_CREATE, os.XATTR_REPLACE), (60, 20, 20))[0]
-        return Op(num, kind, dom, _pick_any(rng, False), xname=rng.choice(XATTR_NAMES),
+        return Op(num, kind, dom, rng.choice(XATTR_TARGETS), xname=rng.choice(XATTR_NAMES),
                   length=rng.randint(0, 300), flags=flags)
     if kind in ("getxattr", "removexattr"):
-        return Op(num, kind, dom, _pick_any(rng, False), xname=rng.choice(XATTR_NAMES))
+        return Op(num, kind, dom, rng.choice(XATTR_TARGETS), xname=rng.choice(XATTR_NAMES))
     if kind in ("fsync", "fdatasync"):
         return Op(num, kind, dom, _pick_file(rng))
     if kind == "readdir":
@@ -748,15 +755,17 @@ class Worker:
 
     # -- bookkeeping
 
-    def fail(self, op: Op | None, what: str) -> None:
+    def fail(self, op: Op | None, what: str, model_suspect: bool = True) -> None:
+        """Record a failure. Unless ``model_suspect`` is False (a hang says nothing
+        about the tree), one in the private tree ends the model checks."""
         where = f"op {op.num} ({op.describe()})" if op is not None else "check"
         msg = f"p{self.cfg.index} seed {self.cfg.seed}: {where}: {what}"
         with self._lock:
             self.nfailures += 1
             if len(self.failures) < 100:
                 self.failures.append(msg)
-        print(f"stress[p{self.cfg.index}] FAILURE: {msg}", file=self.out, flush=True)
-        if op is None or op.dom == "P":
+        say(self.out, f"stress[p{self.cfg.index}] FAILURE: {msg}")
+        if model_suspect and (op is None or op.dom == "P"):
             self._give_up_model()
 
     def _give_up_model(self) -> None:
@@ -766,8 +775,7 @@ class Worker:
         if not self.model_ok:
             return
         self.model_ok = False
-        print(f"stress[p{self.cfg.index}]: private model checks stop after this failure",
-              file=self.out, flush=True)
+        say(self.out, f"stress[p{self.cfg.index}]: private model checks stop after this failure")
         for path, state in list(self.expect.items()):
             if state == "fsync":
                 self._log_dirty(path, self._op.num if self._op else -1)
@@ -835,14 +843,13 @@ class Worker:
                 if deadline is not None and now >= deadline:
                     break
                 if cfg.verbose >= 2 or (cfg.verbose and op.num < 20):
-                    print(f"stress[p{cfg.index}] op {op.num}: {op.describe()}",
-                          file=self.out, flush=True)
+                    say(self.out, f"stress[p{cfg.index}] op {op.num}: {op.describe()}")
                 self._do(op)
                 self.done += 1
                 if cfg.check_every and self.done % cfg.check_every == 0:
                     self._timed(None, "tree check", lambda: self.check_tree(contents=False))
                 if now >= next_progress:
-                    print(self.progress_line(now), file=self.out, flush=True)
+                    say(self.out, self.progress_line(now))
                     next_progress = now + cfg.progress
             if cfg.fsync_at_end:
                 self._fsync_all()
@@ -896,7 +903,7 @@ class Worker:
                 desc = f"op {op.num} ({op.describe()})" if op is not None else what
                 msg = (f"hang: {desc} has been running for {el:.1f}s "
                        f"(--op-timeout {self.cfg.op_timeout:g})")
-                self.fail(None if op is None else op, msg)
+                self.fail(op, msg, model_suspect=False)
                 self.on_hang(self, msg)
                 with self._lock:
                     if self._op_started == started:
@@ -1359,6 +1366,18 @@ class Worker:
             self.fsync_logged += 1
 
 
+def say(out, line: str) -> None:
+    """Write one line to ``out`` in a single write(2) where it has a file descriptor, so
+    lines of processes sharing a pipe do not interleave."""
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, ValueError):
+        out.write(line + "\n")
+        return
+    out.flush()
+    os.write(fd, (line + "\n").encode(errors="backslashreplace"))
+
+
 def _ancestors(path: str, top: str) -> list[str]:
     """The directories from ``path``'s parent up to and including ``top`` (``path``
     is ``top`` joined with a relative path, both normalized)."""
@@ -1381,7 +1400,7 @@ def _fsync_dir(d: str) -> None:
 
 def _exit_on_hang(worker: Worker, msg: str) -> None:
     """The default when an op hangs: report, hand the result to the parent, exit 3."""
-    print(f"stress[p{worker.cfg.index}] {msg}; giving up", file=worker.out, flush=True)
+    say(worker.out, f"stress[p{worker.cfg.index}] {msg}; giving up")
     sink = getattr(worker, "result_fd", None)
     if sink is not None:
         with contextlib.suppress(OSError):
@@ -1412,7 +1431,7 @@ def run_procs(cfgs: list[Config], out=None) -> list[dict]:
                 os.write(w, json.dumps(res).encode())
                 status = 0
             except BaseException as e:  # noqa: BLE001 - the child must exit, not return
-                print(f"stress[p{cfg.index}]: {type(e).__name__}: {e}", file=out, flush=True)
+                say(out, f"stress[p{cfg.index}]: {type(e).__name__}: {e}")
                 with contextlib.suppress(OSError):
                     os.write(w, json.dumps({"proc": cfg.index, "seed": cfg.seed,
                                             "error": f"{type(e).__name__}: {e}"}).encode())
