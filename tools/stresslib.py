@@ -245,8 +245,9 @@ def _offset(rng: random.Random, max_offset: int) -> int:
     return rng.randrange(max_offset)
 
 
-def _make_op(rng: random.Random, num: int, dom: str, max_offset: int) -> Op:
-    kind = rng.choices(OP_KINDS, _KIND_WEIGHTS)[0]
+def _make_op(rng: random.Random, num: int, dom: str, max_offset: int,
+             weights: tuple[int, ...] = _KIND_WEIGHTS) -> Op:
+    kind = rng.choices(OP_KINDS, weights)[0]
     if kind == "create":
         return Op(num, kind, dom, _pick_file(rng), mode=0o600 | rng.randrange(0o200),
                   flags=0 if rng.random() < 0.7 else 1)
@@ -312,20 +313,24 @@ def _make_op(rng: random.Random, num: int, dom: str, max_offset: int) -> Op:
     return Op(num, kind, dom, _pick_symlink(rng))
 
 
-def generate(seed: int, domains: tuple[str, ...] = ("P", "S"),
-             max_offset: int = 32 * MiB) -> Iterator[Op]:
-    """The endless op sequence of seed ``seed``: a function of its arguments only."""
+def generate(seed: int, domains: tuple[str, ...] = ("P", "S"), max_offset: int = 32 * MiB,
+             skip: frozenset[str] = frozenset()) -> Iterator[Op]:
+    """The endless op sequence of seed ``seed``: a function of its arguments only.
+    ``skip`` leaves out some kinds of op (to narrow down a reproduction)."""
     rng = random.Random(seed)
+    weights = tuple(0 if k in skip else w for k, w in OP_WEIGHTS)
+    if not any(weights):
+        raise ValueError("every kind of op skipped")
     num = 0
     while True:
         dom = domains[0] if len(domains) == 1 else rng.choice(domains)
-        yield _make_op(rng, num, dom, max_offset)
+        yield _make_op(rng, num, dom, max_offset, weights)
         num += 1
 
 
 def plan(seed: int, n: int, domains: tuple[str, ...] = ("P", "S"),
-         max_offset: int = 32 * MiB) -> list[Op]:
-    gen = generate(seed, domains, max_offset)
+         max_offset: int = 32 * MiB, skip: frozenset[str] = frozenset()) -> list[Op]:
+    gen = generate(seed, domains, max_offset, skip)
     return [next(gen) for _ in range(n)]
 
 
@@ -693,8 +698,8 @@ class DurabilityLog:
         os.close(self.fd)
 
 
-class Hang(Exception):
-    pass
+MAX_FAILURES_PRINTED = 20    # per process, as they happen
+MAX_FAILURES_KEPT = 100      # per process, for the summary
 
 
 @dataclass
@@ -713,6 +718,7 @@ class Config:
     check_every: int = 250
     max_offset: int = 32 * MiB
     fsync_at_end: bool = False    # fsync (and log) every private file after the last op
+    skip: frozenset[str] = frozenset()    # kinds of op left out
 
 
 class Worker:
@@ -762,9 +768,13 @@ class Worker:
         msg = f"p{self.cfg.index} seed {self.cfg.seed}: {where}: {what}"
         with self._lock:
             self.nfailures += 1
-            if len(self.failures) < 100:
+            n = self.nfailures
+            if n <= MAX_FAILURES_KEPT:
                 self.failures.append(msg)
-        say(self.out, f"stress[p{self.cfg.index}] FAILURE: {msg}")
+        if n <= MAX_FAILURES_PRINTED:
+            say(self.out, f"stress[p{self.cfg.index}] FAILURE: {msg}")
+        elif n == MAX_FAILURES_PRINTED + 1:
+            say(self.out, f"stress[p{self.cfg.index}]: more failures; only counted from here")
         if model_suspect and (op is None or op.dom == "P"):
             self._give_up_model()
 
@@ -836,7 +846,7 @@ class Worker:
         deadline = self.started + cfg.duration if cfg.duration else None
         next_progress = self.started + cfg.progress
         try:
-            for op in generate(cfg.seed, self.domains, cfg.max_offset):
+            for op in generate(cfg.seed, self.domains, cfg.max_offset, cfg.skip):
                 if cfg.ops is not None and op.num >= cfg.ops:
                     break
                 now = time.monotonic()
@@ -1676,6 +1686,16 @@ def _size_arg(s: str) -> int:
     return int(s)
 
 
+def _kinds_arg(s: str) -> frozenset[str]:
+    kinds = frozenset(k.strip() for k in s.split(",") if k.strip())
+    if bad := kinds - set(OP_KINDS):
+        raise argparse.ArgumentTypeError(f"unknown op kind(s) {sorted(bad)}; "
+                                         f"the kinds are {', '.join(OP_KINDS)}")
+    if kinds >= set(OP_KINDS):
+        raise argparse.ArgumentTypeError("that skips every kind of op")
+    return kinds
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="stress", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -1706,6 +1726,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="compare the whole private tree with the model every N ops")
     r.add_argument("--max-offset", type=_size_arg, default=32 * MiB,
                    help="furthest sparse offset (default 32MiB)")
+    r.add_argument("--skip", type=_kinds_arg, default=frozenset(), metavar="KIND,...",
+                   help="leave these kinds of op out (changes the sequence; for narrowing "
+                        "down a reproduction)")
     r.add_argument("-v", "--verbose", action="count", default=0,
                    help="print the first 20 ops of each process (-vv: all ops)")
 
@@ -1716,6 +1739,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-shared", action="store_true", help="as run --shared ''")
     p.add_argument("--no-private", action="store_true", help="as run --private ''")
     p.add_argument("--max-offset", type=_size_arg, default=32 * MiB)
+    p.add_argument("--skip", type=_kinds_arg, default=frozenset(), metavar="KIND,...")
 
     v = sub.add_parser("verify", help="check the fsync'd files of a durability log")
     v.add_argument("--log", required=True)
@@ -1738,7 +1762,7 @@ def main(argv: list[str] | None = None) -> int:
         if not doms:
             print("stress plan: --no-shared and --no-private leave nothing", file=sys.stderr)
             return 2
-        for op in plan(args.seed + args.proc, args.ops, doms, args.max_offset):
+        for op in plan(args.seed + args.proc, args.ops, doms, args.max_offset, args.skip):
             print(f"op {op.num}: {op.describe()}")
         return 0
     if args.cmd == "verify":
@@ -1792,7 +1816,8 @@ def _run_cmd(args) -> int:
                      shared=shared, private=private, log=args.log,
                      op_timeout=args.op_timeout, progress=args.progress,
                      verbose=args.verbose, check_every=args.check_every,
-                     max_offset=args.max_offset, fsync_at_end=args.fsync_at_end)
+                     max_offset=args.max_offset, fsync_at_end=args.fsync_at_end,
+                     skip=args.skip)
         if private and args.reset:
             shutil.rmtree(os.path.join(root, private, f"p{i}"), ignore_errors=True)
         cfgs.append(cfg)
