@@ -757,7 +757,7 @@ class Worker:
         self._op_started: float | None = None
         self._what = ""
         self._stop = threading.Event()
-        self._tag_seed = cfg.seed
+        self.result_fd: int | None = None     # where _exit_on_hang sends the result
 
     # -- bookkeeping
 
@@ -902,6 +902,12 @@ class Worker:
             with self._lock:
                 self._op_started = None
 
+    def _tick(self, what: str) -> None:
+        """A long check makes progress: restart the watchdog's clock for its next step."""
+        with self._lock:
+            if self._op_started is not None:
+                self._op_started, self._what = time.monotonic(), what
+
     def _watch(self) -> None:
         while not self._stop.wait(0.2):
             with self._lock:
@@ -1012,7 +1018,7 @@ class Worker:
         elif k == "utime":
             os.utime(p, ns=(op.atime, op.mtime), follow_symlinks=False)
         elif k == "setxattr":
-            value = pattern(make_tag(self._tag_seed, op.num), 0, op.length)
+            value = pattern(make_tag(self.cfg.seed, op.num), 0, op.length)
             os.setxattr(p, op.xname, value, op.flags, follow_symlinks=False)
         elif k == "getxattr":
             return os.getxattr(p, op.xname, follow_symlinks=False)
@@ -1040,14 +1046,14 @@ class Worker:
             fd = os.open(p, (os.O_RDONLY if k in ("fsync", "fdatasync") else os.O_RDWR) | nf)
         try:
             if k == "write":
-                data = pattern(make_tag(self._tag_seed, op.num),
+                data = pattern(make_tag(self.cfg.seed, op.num),
                                self._append_at(op) if op.flags else op.off, op.length)
                 if not op.flags:
                     os.lseek(fd, op.off, os.SEEK_SET)
                 _write_all(fd, data)
                 return os.lseek(fd, 0, os.SEEK_CUR) - len(data)   # where it landed
             if k == "pwrite":
-                _write_all(fd, pattern(make_tag(self._tag_seed, op.num), op.off, op.length),
+                _write_all(fd, pattern(make_tag(self.cfg.seed, op.num), op.off, op.length),
                            op.off)
             elif k == "truncate":
                 os.ftruncate(fd, op.length)
@@ -1113,9 +1119,9 @@ class Worker:
             at = f.content.size if op.flags else op.off
             if op.length and got != at:
                 raise Mismatch(f"{p}: the write landed at offset {got}, not {at}")
-            f.content.write(at, pattern(make_tag(self._tag_seed, op.num), at, op.length))
+            f.content.write(at, pattern(make_tag(self.cfg.seed, op.num), at, op.length))
         elif k == "pwrite":
-            m.file(p).content.write(op.off, pattern(make_tag(self._tag_seed, op.num),
+            m.file(p).content.write(op.off, pattern(make_tag(self.cfg.seed, op.num),
                                                     op.off, op.length))
         elif k == "truncate":
             m.file(p).content.truncate(op.length)
@@ -1143,7 +1149,7 @@ class Worker:
                 raise Mismatch(f"setxattr create {op.xname} succeeded over an existing value")
             if op.flags == os.XATTR_REPLACE and op.xname not in node.xattrs:
                 raise Mismatch(f"setxattr replace {op.xname} succeeded with no value there")
-            node.xattrs[op.xname] = pattern(make_tag(self._tag_seed, op.num), 0, op.length)
+            node.xattrs[op.xname] = pattern(make_tag(self.cfg.seed, op.num), 0, op.length)
         elif k == "getxattr":
             want = self._need(p).xattrs.get(op.xname)
             if got != want:
@@ -1296,6 +1302,7 @@ class Worker:
                            f"{sorted(node.children)}")
         for name, child in sorted(node.children.items()):
             path = _join(rel, name)
+            self._tick(f"tree check at {path}")
             self._check_one(path, child)
             full = os.path.join(self.pdir, path)
             if isinstance(child, LinkNode):
@@ -1325,6 +1332,7 @@ class Worker:
         fd = os.open(full, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             for off, data, n in iter_content(fd, content.size):
+                self._tick(f"tree check at {rel}, offset {off}")
                 want = content.read(off, n)
                 got = data if data is not None else bytes(n)
                 if got != want:
@@ -1411,10 +1419,9 @@ def _fsync_dir(d: str) -> None:
 def _exit_on_hang(worker: Worker, msg: str) -> None:
     """The default when an op hangs: report, hand the result to the parent, exit 3."""
     say(worker.out, f"stress[p{worker.cfg.index}] {msg}; giving up")
-    sink = getattr(worker, "result_fd", None)
-    if sink is not None:
+    if worker.result_fd is not None:
         with contextlib.suppress(OSError):
-            os.write(sink, json.dumps(worker.result()).encode())
+            os.write(worker.result_fd, json.dumps(worker.result()).encode())
     os._exit(3)
 
 
@@ -1691,9 +1698,20 @@ def _kinds_arg(s: str) -> frozenset[str]:
     if bad := kinds - set(OP_KINDS):
         raise argparse.ArgumentTypeError(f"unknown op kind(s) {sorted(bad)}; "
                                          f"the kinds are {', '.join(OP_KINDS)}")
-    if kinds >= set(OP_KINDS):
-        raise argparse.ArgumentTypeError("that skips every kind of op")
     return kinds
+
+
+def _add_mix_args(ap: argparse.ArgumentParser) -> None:
+    mix = ap.add_mutually_exclusive_group()
+    mix.add_argument("--skip", type=_kinds_arg, default=frozenset(), metavar="KIND,...",
+                     help="leave these kinds of op out (changes the sequence; for narrowing "
+                          "down a reproduction)")
+    mix.add_argument("--only", type=_kinds_arg, metavar="KIND,...",
+                     help="only these kinds of op (the same as --skip of all the others)")
+
+
+def _skipped(args) -> frozenset[str]:
+    return frozenset(OP_KINDS) - args.only if args.only else args.skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -1726,9 +1744,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="compare the whole private tree with the model every N ops")
     r.add_argument("--max-offset", type=_size_arg, default=32 * MiB,
                    help="furthest sparse offset (default 32MiB)")
-    r.add_argument("--skip", type=_kinds_arg, default=frozenset(), metavar="KIND,...",
-                   help="leave these kinds of op out (changes the sequence; for narrowing "
-                        "down a reproduction)")
+    _add_mix_args(r)
     r.add_argument("-v", "--verbose", action="count", default=0,
                    help="print the first 20 ops of each process (-vv: all ops)")
 
@@ -1739,7 +1755,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-shared", action="store_true", help="as run --shared ''")
     p.add_argument("--no-private", action="store_true", help="as run --private ''")
     p.add_argument("--max-offset", type=_size_arg, default=32 * MiB)
-    p.add_argument("--skip", type=_kinds_arg, default=frozenset(), metavar="KIND,...")
+    _add_mix_args(p)
 
     v = sub.add_parser("verify", help="check the fsync'd files of a durability log")
     v.add_argument("--log", required=True)
@@ -1757,12 +1773,15 @@ def _domains(shared: bool, private: bool) -> tuple[str, ...]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd in ("run", "plan") and _skipped(args) >= set(OP_KINDS):
+        print(f"stress {args.cmd}: --skip leaves no kind of op", file=sys.stderr)
+        return 2
     if args.cmd == "plan":
         doms = _domains(not args.no_shared, not args.no_private)
         if not doms:
             print("stress plan: --no-shared and --no-private leave nothing", file=sys.stderr)
             return 2
-        for op in plan(args.seed + args.proc, args.ops, doms, args.max_offset, args.skip):
+        for op in plan(args.seed + args.proc, args.ops, doms, args.max_offset, _skipped(args)):
             print(f"op {op.num}: {op.describe()}")
         return 0
     if args.cmd == "verify":
@@ -1817,7 +1836,7 @@ def _run_cmd(args) -> int:
                      op_timeout=args.op_timeout, progress=args.progress,
                      verbose=args.verbose, check_every=args.check_every,
                      max_offset=args.max_offset, fsync_at_end=args.fsync_at_end,
-                     skip=args.skip)
+                     skip=_skipped(args))
         if private and args.reset:
             shutil.rmtree(os.path.join(root, private, f"p{i}"), ignore_errors=True)
         cfgs.append(cfg)
