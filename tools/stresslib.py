@@ -2,7 +2,7 @@
 
 It is an outside client of whatever filesystem holds the tree it runs on (ext4, tmpfs,
 a clusterfs mount): real syscalls only, standard library only, and it never imports
-clusterfs. Three commands (``tools/stress --help``):
+clusterfs. Its commands (``tools/stress --help``):
 
 ``run``     a seeded mix of namespace, data and attribute operations under ``--dir``,
             in one or more processes. Each process works in two places:
@@ -29,7 +29,12 @@ clusterfs. Three commands (``tools/stress --help``):
 
 ``digest``  one hash over a whole tree (names, kinds, sizes, modes, owners, link
             targets, hard-link groups, contents, xattrs; not times or inode
-            numbers), to compare the trees several nodes see.
+            numbers), to compare the trees several nodes see. An entry it cannot
+            read is an error in the hash and in the exit status, never skipped.
+            (Contents are hashed as read, except ranges the filesystem reports as
+            holes through SEEK_HOLE, which are hashed as the zeros they read as.)
+
+``plan``    prints a process's op sequence without running it.
 
 The durability log is JSON lines, appended with O_APPEND and fsync'd after every
 line. ``{"t": "fsync", "path", "size", "sha256", "op", "proc"}`` is written after a
