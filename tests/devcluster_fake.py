@@ -10,7 +10,10 @@ handling is tested before `clusterfs mount` joins clusters. `mkfs` drops
 anything else runs the real `python3 -m clusterfs.cli`.
 
 Faults, by environment: DEVCLUSTER_FAKE_FAIL=K makes node K exit 1 at start;
-DEVCLUSTER_FAKE_STUCK=K makes node K ignore SIGTERM and hang once unmounted.
+DEVCLUSTER_FAKE_SLOW=K makes node K sleep instead of mounting;
+DEVCLUSTER_FAKE_STUCK=K makes node K ignore SIGTERM and hang once unmounted;
+DEVCLUSTER_FAKE_OLD=1 passes `mount` to the real CLI of today, which has no
+--config.
 """
 
 from __future__ import annotations
@@ -40,6 +43,11 @@ def mount(argv: list[str]) -> int:
         print(f"fake clusterfs mount: node {args.node_id} refuses to start (fault injected)",
               file=sys.stderr)
         return 1
+    if os.environ.get("DEVCLUSTER_FAKE_SLOW") == str(args.node_id):
+        print(f"fake clusterfs mount: node {args.node_id} never mounts (fault injected)",
+              file=sys.stderr, flush=True)
+        while True:
+            time.sleep(60)
     import pyfuse3
     import trio
     from nullfs import SETTINGS, NullFS
@@ -77,7 +85,7 @@ def mount(argv: list[str]) -> int:
 
 def main() -> int:
     argv = sys.argv[1:]
-    if argv[:1] == ["mount"]:
+    if argv[:1] == ["mount"] and not os.environ.get("DEVCLUSTER_FAKE_OLD"):
         return mount(argv[1:])
     if argv[:1] == ["umount"]:
         return subprocess.run(["fusermount3", "-u", argv[-1]]).returncode

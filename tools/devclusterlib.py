@@ -222,6 +222,34 @@ def log_tail(path: str, since: int = 0, lines: int = LOG_TAIL_LINES) -> str:
     return "\n".join("    " + line for line in tail) if tail else "    (log is empty)"
 
 
+# SIGINT, SIGTERM and SIGHUP become KeyboardInterrupt, so that `up` and `start` tear
+# down what they made; inside deferred_interrupts() one waits for the end of the block
+# (not by blocking the signals: the node processes would inherit the mask)
+_deferring = False
+_deferred: int | None = None
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    global _deferred
+    if _deferring:
+        _deferred = signum
+        return
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    global _deferring, _deferred
+    _deferring = True
+    try:
+        yield
+    finally:
+        _deferring = False
+        signum, _deferred = _deferred, None
+        if signum is not None:
+            raise KeyboardInterrupt(f"signal {signum}")
+
+
 # ----------------------------------------------------------------------------
 # DIR and its record
 
@@ -233,7 +261,6 @@ class Cluster:
         self.dir = os.path.realpath(directory)
         self.state_path = os.path.join(self.dir, STATE_FILE)
         self.state: dict[str, Any] = {}
-        self._lock_fd: int | None = None
 
     # -- the record
 
@@ -299,8 +326,9 @@ class Cluster:
         return os.path.join(self.dir, name)
 
     def spawn(self, node: dict[str, Any], restart: bool = False) -> subprocess.Popen:
-        """Start node's mount process in its own session, output appended to its log."""
-        with open(node["log"], "ab") as log:
+        """Start node's mount process in its own session, output appended to its log.
+        An interrupt waits until the process is in the record, so teardown finds it."""
+        with deferred_interrupts(), open(node["log"], "ab") as log:
             if restart:
                 log.write(f"---- devcluster: node {node['id']} restarted at "
                           f"{time.strftime('%Y-%m-%d %H:%M:%S')} ----\n".encode())
@@ -309,9 +337,9 @@ class Cluster:
             proc = subprocess.Popen(node["argv"], stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, env=child_env(),
                                     start_new_session=True)
-        node["pid"] = proc.pid
-        node["start_time"] = start_time(proc.pid)
-        self.save()
+            node["pid"] = proc.pid
+            node["start_time"] = start_time(proc.pid)
+            self.save()
         return proc
 
     def wait_mounted(self, procs: dict[int, subprocess.Popen], timeout: float,
@@ -577,7 +605,7 @@ def teardown(cl: Cluster, timeout: float, fsck: bool) -> list[str]:
         print(f"node {n['id']} (pid {n['pid']}) still running: SIGTERM", flush=True)
         with contextlib.suppress(ProcessLookupError):
             os.kill(n["pid"], signal.SIGTERM)
-        if wait_gone(n, 10):
+        if wait_gone(n, min(10.0, timeout)):
             problems.append(f"node {n['id']} (pid {n['pid']}) needed a SIGTERM to exit")
             continue
         print(f"node {n['id']} (pid {n['pid']}) ignored SIGTERM: SIGKILL", flush=True)
@@ -820,14 +848,9 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    # SIGTERM / SIGHUP in the middle of `up` must still tear down what it made
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     try:
         return args.run(args)
