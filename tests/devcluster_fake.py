@@ -12,6 +12,8 @@ anything else runs the real `python3 -m clusterfs.cli`.
 Faults, by environment: DEVCLUSTER_FAKE_FAIL=K makes node K exit 1 at start;
 DEVCLUSTER_FAKE_SLOW=K makes node K sleep instead of mounting;
 DEVCLUSTER_FAKE_STUCK=K makes node K ignore SIGTERM and hang once unmounted;
+DEVCLUSTER_FAKE_HUNG=K makes node K ignore SIGTERM and never answer a getattr (a
+stat of its mountpoint, as `umount` makes, blocks in the kernel until it dies);
 DEVCLUSTER_FAKE_OLD=1 passes `mount` to the real CLI of today, which has no
 --config.
 """
@@ -52,10 +54,15 @@ def mount(argv: list[str]) -> int:
     import trio
     from nullfs import SETTINGS, NullFS
 
+    class HungFS(NullFS):
+        async def getattr(self, inode, ctx=None):
+            await trio.sleep_forever()
+
+    hung = os.environ.get("DEVCLUSTER_FAKE_HUNG") == str(args.node_id)
     device = os.open(args.device, os.O_RDONLY)   # a holder of the device, as a node is
     mountpoint = os.path.realpath(args.mountpoint)
     opts = set(SETTINGS["options"]) | {"fsname=devclfake", "subtype=devclfake"}
-    pyfuse3.init(NullFS(writeback=False), mountpoint, opts)
+    pyfuse3.init((HungFS if hung else NullFS)(writeback=False), mountpoint, opts)
     print(f"fake node {args.node_id} serving {mountpoint}", file=sys.stderr, flush=True)
 
     async def serve() -> None:
@@ -64,6 +71,9 @@ def mount(argv: list[str]) -> int:
                 await pyfuse3.main()
                 nursery.cancel_scope.cancel()
             nursery.start_soon(fuse_main)
+            if hung:
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
+                return
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 async for _ in signals:
                     nursery.cancel_scope.cancel()
@@ -88,6 +98,7 @@ def main() -> int:
     if argv[:1] == ["mount"] and not os.environ.get("DEVCLUSTER_FAKE_OLD"):
         return mount(argv[1:])
     if argv[:1] == ["umount"]:
+        os.stat(argv[-1])     # as the real one does (os.path.realpath)
         return subprocess.run(["fusermount3", "-u", argv[-1]]).returncode
     if argv[:1] == ["status"]:
         print("fake status: " + " ".join(argv[1:]))

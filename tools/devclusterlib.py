@@ -39,10 +39,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 CLUSTER_NAME = "devcl"
 STATE_FILE = "devcluster.json"
@@ -146,6 +147,15 @@ def node_alive(node: dict[str, Any]) -> bool:
         return False
     pairs = set(itertools.pairwise(args))
     return ("--node-id", str(node["id"])) in pairs and node["mountpoint"] in args
+
+
+def wait_all_gone(nodes: list[dict[str, Any]], deadline: float) -> list[dict[str, Any]]:
+    """Wait until none of `nodes` is alive or the deadline; returns those still alive."""
+    while True:
+        alive = [n for n in nodes if node_alive(n)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.05)
 
 
 def wait_gone(node: dict[str, Any], timeout: float) -> bool:
@@ -571,7 +581,7 @@ def teardown(cl: Cluster, timeout: float, fsck: bool) -> list[str]:
     # 1. a clean unmount of every live, mounted node, all at once: `clusterfs umount`
     #    waits for every process holding the device, which is every node. A live node
     #    not mounted (still starting) gets SIGTERM, which stops it as cleanly.
-    umounts = {}
+    umounts: dict[int, tuple[subprocess.Popen, IO[str]]] = {}
     for n in live:
         if mount_fstype(n["mountpoint"]) is None:
             print(f"node {n['id']} (pid {n['pid']}) not mounted: SIGTERM", flush=True)
@@ -579,44 +589,60 @@ def teardown(cl: Cluster, timeout: float, fsck: bool) -> list[str]:
                 os.kill(n["pid"], signal.SIGTERM)
         else:
             print(f"node {n['id']}: clusterfs umount {n['mountpoint']}", flush=True)
-            umounts[n["id"]] = subprocess.Popen(
+            out = tempfile.TemporaryFile("w+")   # noqa: SIM115 - closed below
+            umounts[n["id"]] = (subprocess.Popen(
                 [*cl.state["clusterfs"], "umount", "--timeout", str(int(timeout)),
                  n["mountpoint"]],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                text=True, env=child_env())
-    deadline = time.monotonic() + timeout
-    for node_id, p in umounts.items():
+                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                env=child_env()), out)
+
+    # 2. every node process gone: waited for until the timeout, then SIGTERM (a clean
+    #    unmount too), then SIGKILL, to all stuck nodes at once; only while the pid
+    #    still names the process we started
+    stuck = wait_all_gone(live, time.monotonic() + timeout)
+    for n in live:
+        if n not in stuck:
+            print(f"node {n['id']} (pid {n['pid']}) exited", flush=True)
+    if stuck:
+        for n in stuck:
+            print(f"node {n['id']} (pid {n['pid']}) still running after {timeout:.0f} s: "
+                  f"SIGTERM", flush=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(n["pid"], signal.SIGTERM)
+        deaf = wait_all_gone(stuck, time.monotonic() + min(10.0, timeout))
+        problems += [f"node {n['id']} (pid {n['pid']}) did not unmount in {timeout:.0f} s; "
+                     f"exited on SIGTERM" for n in stuck if n not in deaf]
+        for n in deaf:
+            print(f"node {n['id']} (pid {n['pid']}) ignored SIGTERM: SIGKILL", flush=True)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(n["pid"], signal.SIGKILL)
+        immortal = wait_all_gone(deaf, time.monotonic() + 10)
+        for n in deaf:
+            if n in immortal:
+                problems.append(f"node {n['id']} (pid {n['pid']}) survives SIGKILL; left "
+                                f"running")
+            else:
+                problems.append(f"node {n['id']} (pid {n['pid']}) did not exit on unmount or "
+                                f"SIGTERM; killed with SIGKILL (its journal needs replay)")
+
+    # 3. the umount commands: done once their nodes are gone (one blocked in the kernel
+    #    on a hung mount is released when that mount's server dies)
+    for node_id, (p, out) in umounts.items():
         try:
-            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()) + 5)
+            p.wait(5)
         except subprocess.TimeoutExpired:
             p.kill()
-            out, _ = p.communicate()
-            out = f"no answer after {timeout:.0f} s"
-        if p.returncode != 0:
-            problems.append(f"node {node_id}: clusterfs umount failed: "
-                            f"{(out.strip() or 'no output').splitlines()[-1]}")
-
-    # 2. every node process gone: waited for, then SIGTERM (a clean unmount too), then
-    #    SIGKILL; only while the pid still names the process we started
-    for n in live:
-        if wait_gone(n, max(0.0, deadline - time.monotonic())):
-            print(f"node {n['id']} (pid {n['pid']}) exited", flush=True)
-            continue
-        print(f"node {n['id']} (pid {n['pid']}) still running: SIGTERM", flush=True)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(n["pid"], signal.SIGTERM)
-        if wait_gone(n, min(10.0, timeout)):
-            problems.append(f"node {n['id']} (pid {n['pid']}) needed a SIGTERM to exit")
-            continue
-        print(f"node {n['id']} (pid {n['pid']}) ignored SIGTERM: SIGKILL", flush=True)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(n["pid"], signal.SIGKILL)
-        if wait_gone(n, 10):
-            problems.append(f"node {n['id']} (pid {n['pid']}) did not exit on unmount or "
-                            f"SIGTERM; killed with SIGKILL (its journal needs replay)")
-        else:
-            problems.append(f"node {n['id']} (pid {n['pid']}) survives SIGKILL "
-                            f"(state D?); left running")
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)
+        out.seek(0)
+        said = out.read().strip()
+        out.close()
+        if p.returncode is None:
+            problems.append(f"node {node_id}: clusterfs umount (pid {p.pid}) is stuck; "
+                            f"left behind")
+        elif p.returncode != 0:
+            last = said.splitlines()[-1] if said else f"exit status {p.returncode}"
+            problems.append(f"node {node_id}: clusterfs umount failed: {last}")
     left_running = [n for n in nodes if node_alive(n)]
 
     # 3. leftover mounts of ours (a killed node's dead FUSE mount), lazily
@@ -863,6 +889,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"devcluster {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:                 # `devcluster status | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAIL
     except OSError as exc:
         print(f"devcluster {args.command}: {exc}", file=sys.stderr)
         return EXIT_FAIL
