@@ -14,8 +14,8 @@ DEVCLUSTER_FAKE_SLOW=K makes node K sleep instead of mounting;
 DEVCLUSTER_FAKE_STUCK=K makes node K ignore SIGTERM and hang once unmounted;
 DEVCLUSTER_FAKE_HUNG=K makes node K ignore SIGTERM and never answer a getattr (a
 stat of its mountpoint, as `umount` makes, blocks in the kernel until it dies);
-DEVCLUSTER_FAKE_OLD=1 passes `mount` to the real CLI of today, which has no
---config.
+DEVCLUSTER_FAKE_OLD=1 makes `mount` the single-node one from before cluster
+mounts: no --config.
 """
 
 from __future__ import annotations
@@ -93,10 +93,22 @@ def mount(argv: list[str]) -> int:
     return 0
 
 
+def old_mount(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="clusterfs mount")
+    p.add_argument("-f", "--foreground", action="store_true")
+    p.add_argument("-o", dest="options", action="append", default=[])
+    p.add_argument("--log", metavar="FILE")
+    p.add_argument("device")
+    p.add_argument("mountpoint")
+    p.parse_args(argv)
+    print("fake clusterfs mount: the single-node mount is not faked", file=sys.stderr)
+    return 1
+
+
 def main() -> int:
     argv = sys.argv[1:]
-    if argv[:1] == ["mount"] and not os.environ.get("DEVCLUSTER_FAKE_OLD"):
-        return mount(argv[1:])
+    if argv[:1] == ["mount"]:
+        return old_mount(argv[1:]) if os.environ.get("DEVCLUSTER_FAKE_OLD") else mount(argv[1:])
     if argv[:1] == ["umount"]:
         os.stat(argv[-1])     # as the real one does (os.path.realpath)
         return subprocess.run(["fusermount3", "-u", argv[-1]]).returncode
