@@ -6,14 +6,14 @@ at MOUNTPOINT, holding DEVICE open as a real node would: no data is shared, but
 starting, mounting, SIGTERM, kill -9, dead mounts and unmounting behave as they
 will with real nodes, so tools/devcluster's process, mount and loop-device
 handling is tested before `clusterfs mount` joins clusters. `mkfs` drops
-`--cluster NAME`; `umount` is `fusermount3 -u`; `status` answers one line;
+`--cluster NAME`; `status` answers one line;
 anything else runs the real `python3 -m clusterfs.cli`.
 
 Faults, by environment: DEVCLUSTER_FAKE_FAIL=K makes node K exit 1 at start;
 DEVCLUSTER_FAKE_SLOW=K makes node K sleep instead of mounting;
 DEVCLUSTER_FAKE_STUCK=K makes node K ignore SIGTERM and hang once unmounted;
 DEVCLUSTER_FAKE_HUNG=K makes node K ignore SIGTERM and never answer a getattr (a
-stat of its mountpoint, as `umount` makes, blocks in the kernel until it dies);
+stat of its mountpoint blocks in the kernel until it dies, and keeps it busy);
 DEVCLUSTER_FAKE_OLD=1 makes `mount` the single-node one from before cluster
 mounts: no --config.
 """
@@ -109,9 +109,6 @@ def main() -> int:
     argv = sys.argv[1:]
     if argv[:1] == ["mount"]:
         return old_mount(argv[1:]) if os.environ.get("DEVCLUSTER_FAKE_OLD") else mount(argv[1:])
-    if argv[:1] == ["umount"]:
-        os.stat(argv[-1])     # as the real one does (os.path.realpath)
-        return subprocess.run(["fusermount3", "-u", argv[-1]]).returncode
     if argv[:1] == ["status"]:
         print("fake status: " + " ".join(argv[1:]))
         return 0
