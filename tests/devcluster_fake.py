@@ -14,6 +14,7 @@ DEVCLUSTER_FAKE_SLOW=K makes node K sleep instead of mounting;
 DEVCLUSTER_FAKE_STUCK=K makes node K ignore SIGTERM and hang once unmounted;
 DEVCLUSTER_FAKE_HUNG=K makes node K ignore SIGTERM and never answer a getattr (a
 stat of its mountpoint blocks in the kernel until it dies, and keeps it busy);
+DEVCLUSTER_FAKE_MUTE=1 makes `status` fail as when no node answers;
 DEVCLUSTER_FAKE_OLD=1 makes `mount` the single-node one from before cluster
 mounts: no --config.
 """
@@ -110,6 +111,9 @@ def main() -> int:
     if argv[:1] == ["mount"]:
         return old_mount(argv[1:]) if os.environ.get("DEVCLUSTER_FAKE_OLD") else mount(argv[1:])
     if argv[:1] == ["status"]:
+        if os.environ.get("DEVCLUSTER_FAKE_MUTE"):
+            print("clusterfs status: cannot reach the node (fault injected)", file=sys.stderr)
+            return 1
         print("fake status: " + " ".join(argv[1:]))
         return 0
     if argv[:1] == ["mkfs"] and "--cluster" in argv:

@@ -315,6 +315,10 @@ def test_fake_lifecycle_up_status_kill_start_down(devdir):
     assert live_nodes(devdir) == [1, 2, 3]
     one_line_error(devcluster("start", "2", "--dir", devdir, env=env), 1, "already running")
     assert devcluster("status", "--dir", devdir, env=env).returncode == 0
+    # nodes that do not answer `clusterfs status`: said, and not held against them
+    r = devcluster("status", "--dir", devdir, env=fake_env(mute="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.stdout.count("(no answer: clusterfs status: cannot reach") == 3, r.stdout
 
     r = devcluster("down", "--dir", devdir, "--fsck", env=env)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -477,6 +481,7 @@ def test_real_three_nodes_share_a_file_kill_one_and_go_down(real_cluster):
     r = devcluster("status", "--dir", d, env=real_env())
     assert r.returncode == 0, r.stdout + r.stderr
     assert all("alive  mounted" in v for v in status_lines(r).values()), r.stdout
+    assert "(no answer" not in r.stdout and r.stdout.count("members") == 3, r.stdout
 
     r = devcluster("kill", "2", "--dir", d, env=real_env())
     assert r.returncode == 0, r.stdout + r.stderr
