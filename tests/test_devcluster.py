@@ -315,6 +315,15 @@ def test_fake_lifecycle_up_status_kill_start_down(devdir):
     assert live_nodes(devdir) == [1, 2, 3]
     one_line_error(devcluster("start", "2", "--dir", devdir, env=env), 1, "already running")
     assert devcluster("status", "--dir", devdir, env=env).returncode == 0
+
+    # several at once (nodes that need each other for quorum)
+    for k in ("1", "3"):
+        assert devcluster("kill", k, "--dir", devdir, env=env).returncode == 0
+    assert live_nodes(devdir) == [2]
+    r = devcluster("start", "3", "1", "3", "--dir", devdir, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(re.findall(r"^node (\d) mounted at", r.stdout, re.MULTILINE)) == ["1", "3"]
+    assert live_nodes(devdir) == [1, 2, 3]
     # nodes that do not answer `clusterfs status`: said, and not held against them
     r = devcluster("status", "--dir", devdir, env=fake_env(mute="1"))
     assert r.returncode == 0, r.stdout + r.stderr

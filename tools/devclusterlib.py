@@ -3,7 +3,7 @@
     tools/devcluster up --nodes 3 --dir DIR [--size 2G] [--journals N] [--timeout S]
     tools/devcluster status --dir DIR
     tools/devcluster kill K --dir DIR
-    tools/devcluster start K --dir DIR [--timeout S]
+    tools/devcluster start K [K...] --dir DIR [--timeout S]
     tools/devcluster down --dir DIR [--fsck] [--timeout S]
 
 `up` makes DIR/disk.img (sparse), attaches it to a free loop device, formats it
@@ -15,7 +15,8 @@ other subcommands (and a `down` after any partial failure) know exactly what
 is ours: the loop device is detached only while it still serves DIR/disk.img,
 a process is signalled only while its pid still names the process we started
 (start time and command line), and only DIR/nodeK mountpoints are ever
-unmounted.
+unmounted. `down` unmounts every node at once and waits for them (see
+unmount_command), then SIGTERM, then SIGKILL.
 
 Exit status: 0 done; 1 something failed (said on stderr); 2 bad input
 (unknown DIR, node out of range, bad option), nothing was changed.
@@ -53,6 +54,7 @@ MAX_NODES = 32
 MIN_SIZE = 64 << 20
 LOG_TAIL_LINES = 25
 STATUS_TIMEOUT = 15.0        # seconds a node's `clusterfs status` may take
+SUN_PATH_MAX = 108           # sizeof(sockaddr_un.sun_path), with its NUL
 EXIT_FAIL = 1
 EXIT_USAGE = 2
 
@@ -106,7 +108,8 @@ def mount_options(cmd: list[str]) -> set[str]:
     return set(re.findall(r"--[a-z][a-z0-9-]*", r.stdout))
 
 
-def first_line(r: subprocess.CompletedProcess) -> str:
+def last_line(r: subprocess.CompletedProcess) -> str:
+    """The last line a command said (its error, usually)."""
     text = (r.stderr or "").strip() or (r.stdout or "").strip()
     return text.splitlines()[-1] if text else f"exit status {r.returncode}"
 
@@ -497,28 +500,30 @@ def _up(cl: Cluster, args: argparse.Namespace, cmd: list[str], options: set[str]
     with open(backing, "wb") as f:
         f.truncate(size)
 
-    r = subprocess.run(["losetup", "-f", "--show", backing], capture_output=True, text=True)
-    if r.returncode != 0:
-        raise Failure(f"losetup -f --show {backing}: {first_line(r)}")
-    loop = r.stdout.strip()
-    cl.state = {"version": STATE_VERSION, "dir": cl.dir, "backing": os.path.realpath(backing),
-                "loop": loop, "size": size, "journals": journals,
-                "config": cl.path("cluster.toml"), "key": cl.path("cluster.key"),
-                "clusterfs": cmd, "nodes": {}}
-    cl.save()
+    with deferred_interrupts():     # the loop device is in the record before anything else
+        r = subprocess.run(["losetup", "-f", "--show", backing], capture_output=True,
+                           text=True)
+        if r.returncode != 0:
+            raise Failure(f"losetup -f --show {backing}: {last_line(r)}")
+        loop = r.stdout.strip()
+        cl.state = {"version": STATE_VERSION, "dir": cl.dir,
+                    "backing": os.path.realpath(backing), "loop": loop, "size": size,
+                    "journals": journals, "config": cl.path("cluster.toml"),
+                    "key": cl.path("cluster.key"), "clusterfs": cmd, "nodes": {}}
+        cl.save()
     print(f"loop device {loop} over {backing} ({human_size(size)}, sparse)", flush=True)
     procs: dict[int, subprocess.Popen] = {}
     try:
         r = run_clusterfs(cmd, "keygen", "-o", cl.state["key"], timeout=60)
         if r.returncode != 0:
-            raise Failure(f"clusterfs keygen: {first_line(r)}")
+            raise Failure(f"clusterfs keygen: {last_line(r)}")
         with open(cl.state["config"], "w") as f:
             f.write(cluster_toml(free_ports(args.nodes)))
         r = run_clusterfs(cmd, "mkfs", "-q", "-j", str(journals), "--cluster", CLUSTER_NAME,
                           loop, timeout=600)
         if r.returncode != 0:
             raise Failure(f"mkfs.clusterfs -j {journals} --cluster {CLUSTER_NAME} {loop}: "
-                          f"{first_line(r)}")
+                          f"{last_line(r)}")
         print(f"formatted {loop}: {journals} journals, cluster {CLUSTER_NAME!r}; "
               f"config {cl.state['config']}", flush=True)
         for node_id in range(1, args.nodes + 1):
@@ -559,6 +564,9 @@ def new_node(cl: Cluster, node_id: int, options: set[str]) -> dict[str, Any]:
         # at the default /run/clusterfs/lockd-K.sock
         os.makedirs(cl.path("control"), exist_ok=True)
         control = cl.path(f"control/node{node_id}.sock")
+        if len(os.fsencode(control)) >= SUN_PATH_MAX:
+            raise Failure(f"{control}: too long for a unix socket ({SUN_PATH_MAX - 1} bytes "
+                          f"at most); use a shorter --dir")
         argv += ["--control", control]
     argv += [cl.state["loop"], mp]
     log = cl.path(f"node{node_id}.log")
@@ -765,7 +773,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             print("\n".join("    " + line for line in r.stdout.rstrip().splitlines()),
                   flush=True)
         else:
-            print(f"    (no answer: {first_line(r)})", flush=True)
+            print(f"    (no answer: {last_line(r)})", flush=True)
     return 0 if healthy else EXIT_FAIL
 
 
@@ -797,22 +805,29 @@ def cmd_start(args: argparse.Namespace) -> int:
     cl = Cluster(args.dir).load()
     with cl.locked():
         cl.load()
-        n = cl.node(args.node)
-        if node_alive(n):
-            raise Failure(f"node {n['id']} is already running (pid {n['pid']})")
+        nodes = [cl.node(k) for k in dict.fromkeys(args.node)]
+        for n in nodes:
+            if node_alive(n):
+                raise Failure(f"node {n['id']} is already running (pid {n['pid']})")
         if loop_backing(cl.state["loop"]) != cl.state["backing"]:
             raise Failure(f"{cl.state['loop']} no longer serves {cl.state['backing']}; "
                           f"`down` and `up` again")
-        if mount_fstype(n["mountpoint"]) is not None:
-            if not detach_mount(n["mountpoint"]):
-                raise Failure(f"{n['mountpoint']}: could not detach the dead mount")
-            print(f"detached the dead mount {n['mountpoint']}", flush=True)
+        for n in nodes:
+            if mount_fstype(n["mountpoint"]) is not None:
+                if not detach_mount(n["mountpoint"]):
+                    raise Failure(f"{n['mountpoint']}: could not detach the dead mount")
+                print(f"detached the dead mount {n['mountpoint']}", flush=True)
         started = time.monotonic()
-        proc = cl.spawn(n, restart=True)
+        procs: dict[int, subprocess.Popen] = {}
         try:
-            cl.wait_mounted({n["id"]: proc}, args.timeout, started)
+            for n in nodes:
+                procs[n["id"]] = cl.spawn(n, restart=True)
+            cl.wait_mounted(procs, args.timeout, started)
         except BaseException:
-            stop_failed_start(n, proc)
+            # those not mounted are stopped; those mounted stay (status shows them)
+            for n in nodes:
+                if n["id"] in procs and mount_fstype(n["mountpoint"]) is None:
+                    stop_failed_start(n, procs[n["id"]])
             raise
     return 0
 
@@ -867,9 +882,10 @@ def parser() -> argparse.ArgumentParser:
     kill.add_argument("--dir", required=True)
     kill.set_defaults(run=cmd_kill)
 
-    start = sub.add_parser("start", help="restart node K (as up started it) and wait "
-                                         "for its mount")
-    start.add_argument("node", type=node_id, metavar="K")
+    start = sub.add_parser("start", help="restart node(s) K (as up started them) and wait "
+                                         "for their mounts; give several to restart nodes "
+                                         "that need each other for quorum")
+    start.add_argument("node", type=node_id, metavar="K", nargs="+")
     start.add_argument("--dir", required=True)
     start.add_argument("--timeout", type=float, default=120.0,
                        help="seconds to wait for the mount (default 120)")
