@@ -6,7 +6,7 @@ at MOUNTPOINT, holding DEVICE open as a real node would: no data is shared, but
 starting, mounting, SIGTERM, kill -9, dead mounts and unmounting behave as they
 will with real nodes, so tools/devcluster's process, mount and loop-device
 handling is tested before `clusterfs mount` joins clusters. `mkfs` drops
-`--cluster NAME`; `status` answers one line;
+`--cluster NAME`; `umount` is `fusermount3 -u`; `status` answers one line;
 anything else runs the real `python3 -m clusterfs.cli`.
 
 Faults, by environment: DEVCLUSTER_FAKE_FAIL=K makes node K exit 1 at start;
@@ -110,6 +110,8 @@ def main() -> int:
     argv = sys.argv[1:]
     if argv[:1] == ["mount"]:
         return old_mount(argv[1:]) if os.environ.get("DEVCLUSTER_FAKE_OLD") else mount(argv[1:])
+    if argv[:1] == ["umount"]:
+        return subprocess.run(["fusermount3", "-u", argv[-1]]).returncode
     if argv[:1] == ["status"]:
         if os.environ.get("DEVCLUSTER_FAKE_MUTE"):
             print("clusterfs status: cannot reach the node (fault injected)", file=sys.stderr)

@@ -419,7 +419,7 @@ def test_fake_down_of_a_hung_node_does_not_hang(devdir):
             victim.kill()
     assert r.returncode == 1, r.stdout + r.stderr
     assert re.search(r"node 2 \(pid \d+\) did not exit .* SIGKILL", r.stderr), r.stderr
-    assert "node 2: fusermount3 failed" in r.stderr, r.stderr
+    assert "node 2: clusterfs umount failed" in r.stderr, r.stderr
     assert "node 1" not in r.stderr and "node 3" not in r.stderr, r.stderr
     assert leftovers(devdir) == []
 

@@ -15,8 +15,8 @@ other subcommands (and a `down` after any partial failure) know exactly what
 is ours: the loop device is detached only while it still serves DIR/disk.img,
 a process is signalled only while its pid still names the process we started
 (start time and command line), and only DIR/nodeK mountpoints are ever
-unmounted. `down` unmounts every node at once and waits for them (see
-unmount_command), then SIGTERM, then SIGKILL.
+unmounted. `down` runs `clusterfs umount` for every node at once, and after its
+--timeout SIGTERM, then SIGKILL, for nodes still running.
 
 Exit status: 0 done; 1 something failed (said on stderr); 2 bad input
 (unknown DIR, node out of range, bad option), nothing was changed.
@@ -579,18 +579,11 @@ def new_node(cl: Cluster, node_id: int, options: set[str]) -> dict[str, Any]:
 # down / teardown
 
 
-def unmount_command(mountpoint: str) -> list[str]:
-    """The clean unmount of one node, started for all nodes at once; teardown then waits
-    for the node processes itself.
-
-    `fusermount3 -u`, which is what `clusterfs umount` runs, not `clusterfs umount`
-    itself, for two reasons. It stats the mountpoint first (os.path.realpath), a FUSE
-    request the node answers only under a lock: when the other nodes have already left,
-    this last one has no quorum, and that stat (so its unmount) waits forever; 3 of 6
-    three-node downs hung so, none of 18 with fusermount3. And it waits for every
-    process holding the device, which in a cluster on one device is every node.
-    """
-    return ["fusermount3", "-u", mountpoint]
+def unmount_command(cl: Cluster, mountpoint: str, timeout: float) -> list[str]:
+    """`clusterfs umount` of one node: it unmounts and waits for that node's process.
+    Teardown starts it for every node at once, so that no node is left to unmount alone,
+    without quorum, after the others have gone."""
+    return [*cl.state["clusterfs"], "umount", "--timeout", str(int(timeout)), mountpoint]
 
 
 def teardown(cl: Cluster, timeout: float, fsck: bool) -> list[str]:
@@ -610,8 +603,8 @@ def teardown(cl: Cluster, timeout: float, fsck: bool) -> list[str]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(n["pid"], signal.SIGTERM)
         else:
-            argv = unmount_command(n["mountpoint"])
-            print(f"node {n['id']}: {shlex.join(argv)}", flush=True)
+            argv = unmount_command(cl, n["mountpoint"], timeout)
+            print(f"node {n['id']}: clusterfs umount {n['mountpoint']}", flush=True)
             out = tempfile.TemporaryFile("w+")   # noqa: SIM115 - closed below
             umounts[n["id"]] = (subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -659,11 +652,11 @@ def teardown(cl: Cluster, timeout: float, fsck: bool) -> list[str]:
         said = out.read().strip()
         out.close()
         if p.returncode is None:
-            problems.append(f"node {node_id}: {p.args[0]} (pid {p.pid}) is stuck; left "
+            problems.append(f"node {node_id}: clusterfs umount (pid {p.pid}) is stuck; left "
                             f"behind")
         elif p.returncode != 0:
             last = said.splitlines()[-1] if said else f"exit status {p.returncode}"
-            problems.append(f"node {node_id}: {p.args[0]} failed: {last}")
+            problems.append(f"node {node_id}: clusterfs umount failed: {last}")
     left_running = [n for n in nodes if node_alive(n)]
 
     # 3. leftover mounts of ours (a killed node's dead FUSE mount), lazily
