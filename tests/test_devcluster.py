@@ -492,15 +492,21 @@ def test_real_three_nodes_share_a_file_kill_one_and_go_down(real_cluster):
     assert all("alive  mounted" in v for v in status_lines(r).values()), r.stdout
     assert "(no answer" not in r.stdout and r.stdout.count("members") == 3, r.stdout
 
+    # node 2 writes (fsync'd) and dies; the survivors go on with its file
+    last_words = os.urandom(200_000)
+    _write(f"{d}/node2/last-words.bin", last_words)
     r = devcluster("kill", "2", "--dir", d, env=real_env())
     assert r.returncode == 0, r.stdout + r.stderr
     assert live_nodes(d) == [1, 3]
     r = devcluster("status", "--dir", d, env=real_env())
     assert r.returncode == 1, r.stdout + r.stderr
     assert "DEAD  not mounted" in status_lines(r)[2], r.stdout
+    assert _read(f"{d}/node1/last-words.bin") == last_words
+    assert _read(f"{d}/node3/last-words.bin") == last_words
 
-    r = devcluster("down", "--dir", d, env=real_env())
+    r = devcluster("down", "--dir", d, "--fsck", env=real_env(), timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
+    assert "fsck: clean" in r.stdout
     assert leftovers(d) == []
     assert not os.path.exists(os.path.join(d, "devcluster.json"))
 
