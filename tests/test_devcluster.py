@@ -168,8 +168,7 @@ def devdir():
     finally:
         if os.path.exists(os.path.join(directory, "devcluster.json")):
             with contextlib.suppress(subprocess.TimeoutExpired):
-                devcluster("down", "--dir", directory, "--timeout", "20",
-                           env=fake_env(), timeout=120)
+                devcluster("down", "--dir", directory, "--timeout", "20", timeout=120)
         left = _sweep(directory)
         shutil.rmtree(parent, ignore_errors=True)
         if left:
