@@ -147,8 +147,9 @@ class FileSystem:
         self.unlinked: set[int] = set()   # nlink went to 0 here; freed once unused
         self.iopen: dict[int, Lock] = {}  # ("iopen", ino) PR held while open here
         self._iopen_pending: dict[int, trio.Event] = {}
-        self.freed: set[int] = set()      # inodes freed here the kernel may still name
-                                          # (their blocks may be reused, even elsewhere)
+        # inodes freed here the kernel may still name -> their generation: such a name
+        # is stale until the block holds an inode of another generation
+        self.freed: dict[int, int] = {}
         self.clustered = clustered
         # where this node allocates new inodes in a cluster: its own part of the disk
         # (by journal slot), so nodes creating at once rarely want the same group
@@ -212,8 +213,9 @@ class FileSystem:
                 raise FSError(errno.ESTALE, f"inode {ino} out of range")
             try:
                 disk = decode_inode(self.read_meta(ino), ino)
-                if disk.mode == 0:
+                if disk.mode == 0 or self.freed.get(ino) == disk.generation:
                     raise FSError(errno.ESTALE, f"inode {ino} was deleted")
+                self.freed.pop(ino, None)        # its block holds a new inode now
                 node = CachedInode(disk, self.read_meta)
             except FormatError as exc:
                 if ino in self.freed:
@@ -433,7 +435,7 @@ class FileSystem:
         goal = self._create_goal(parent)
         reserve = self._reserve(goal, 1 + p.dir.blocks_needed_for_insert())
         ino = reserve.pop(0)
-        self.freed.discard(ino)
+        self.freed.pop(ino, None)
         now_s, now_ns = divmod(time.time_ns(), 1_000_000_000)
         is_dir = stat.S_ISDIR(mode)
         disk = Inode(ino=ino, mode=mode, uid=uid, gid=gid, nlink=2 if is_dir else 1,
@@ -481,7 +483,12 @@ class FileSystem:
 
         async def run(alloc):
             async with self._hold(ex=sorted({ino, parent}), alloc=alloc):
-                node = self._inode(ino)
+                try:
+                    node = self._inode(ino)
+                except FSError as exc:
+                    if exc.errno == errno.ESTALE:
+                        raise FSError(errno.ENOENT, "linking a deleted inode") from exc
+                    raise
                 if node.dir is not None:
                     raise FSError(errno.EPERM, "hard link to a directory")
                 p = self._inode(parent)
@@ -548,19 +555,17 @@ class FileSystem:
         self._dirty(node)
 
     async def _maybe_free(self, ino: int) -> None:
-        """Free an inode this node unlinked, once nothing here has it open and, for a
-        directory, the kernel no longer looks it up (a process may sit in it). A file
-        nobody has open cannot be reached any more, whatever the kernel still caches
-        of it; freeing it at once also means a clean unmount has nothing left that
-        needs a lock. (Its cached copy may have been dropped by a demote meanwhile,
-        so it is loaded again under the lock.)"""
+        """Free an inode this node unlinked, once nothing here has it open and the
+        kernel no longer looks it up (its forget). In a cluster the iopen lock decides
+        instead (_reap_if_unlinked), at once: a kernel reference that outlives the free
+        then meets ESTALE (see _inode), never the freed blocks. (Its cached copy may
+        have been dropped by a demote meanwhile, so it is loaded again under the lock.)"""
         if ino not in self.unlinked or self.opens.get(ino, 0) > 0 or self.txn.withdrawn:
             return
         if self.clustered:
             await self._reap_if_unlinked(ino)
             return
-        node = self.inodes.get(ino)
-        if self.nlookup.get(ino, 0) > 0 and (node is None or node.dir is not None):
+        if self.nlookup.get(ino, 0) > 0:
             return
         async with self._hold(ex=[ino], frees=lambda: self._owned_blocks(self._inode(ino))):
             self.unlinked.discard(ino)
@@ -588,7 +593,7 @@ class FileSystem:
             for blk in node.dir.blocks_owned():
                 self._release(blk, 1)
         self._release(node.ino, 1)
-        self.freed.add(node.ino)
+        self.freed[node.ino] = node.d.generation
         node.freed = True
         self.txn.discard(node)
         self.txn.add(_Tombstone(node.ino))   # so a node still naming it sees it is gone
@@ -602,7 +607,7 @@ class FileSystem:
             self.nlookup[ino] = left
             return
         self.nlookup.pop(ino, None)
-        self.freed.discard(ino)          # the kernel has let go of it
+        self.freed.pop(ino, None)          # the kernel has let go of it
         await self._maybe_free(ino)
 
     # ================================================================ rename
