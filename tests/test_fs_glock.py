@@ -203,3 +203,42 @@ async def test_a_blocking_callback_before_start_is_kept() -> None:
                 while glocks.glocks[R].mode is not None:
                     await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_a_stronger_request_during_a_demote_is_not_lost() -> None:
+    """A reader elsewhere makes us go EX->PR; while that demote flushes, a writer
+    elsewhere asks for EX. The DLM says so once: the glock must go on down to nothing."""
+    async with memory_cluster([1, 2, 3]) as mc:
+        glocks = GlockManager(mc.ls(1), min_hold=0)
+        flushing = trio.Event()
+        go_on = trio.Event()
+
+        async def slow_flush(glock, target):
+            if target == Mode.PR:
+                flushing.set()
+                await go_on.wait()
+
+        glocks.on_demote("inode", slow_flush)
+        async with trio.open_nursery() as nursery:
+            glocks.start(nursery)
+            async with glocks.hold([(R, Mode.EX)]):
+                pass
+            got: list = []
+
+            async def take(n, mode):
+                got.append(await mc.ls(n).lock(R, mode))
+
+            nursery.start_soon(take, 2, Mode.PR)
+            with trio.fail_after(5):
+                await flushing.wait()
+                nursery.start_soon(take, 3, Mode.EX)     # during the EX->PR flush
+                await trio.testing.wait_all_tasks_blocked(0.05)
+                go_on.set()
+                while len(got) < 1:
+                    await trio.sleep(0.01)
+                await mc.ls(2).unlock(got[0])            # the reader is done
+                while len(got) < 2:                       # the writer gets it
+                    await trio.sleep(0.01)
+            assert glocks.glocks[R].mode is None
+            nursery.cancel_scope.cancel()

@@ -70,6 +70,7 @@ class Glock:
         self.demoted = trio.Event()       # set when the pending demote is done
         self.granted_at = 0.0
         self.demotes = 0
+        self.requesting: Mode | None = None   # the mode a request in flight asks for
 
     @property
     def mode(self) -> Mode | None:
@@ -84,6 +85,7 @@ class Glock:
     def describe(self) -> dict[str, Any]:
         return {"name": list(self.name), "mode": self.mode.name if self.mode is not None
                 else None, "holders": self.holders,
+                "requesting": self.requesting.name if self.requesting is not None else None,
                 "demote_to": self.demote_to.name if self.demote_to is not None else None,
                 "held_for": round(time.monotonic() - self.granted_at, 3)
                 if self.lock is not None else None, "demotes": self.demotes}
@@ -192,6 +194,7 @@ class GlockManager:
         """Get `mode` on the glock (under its mutex); False to try again."""
         if glock.lock is not None and glock.lock.mode >= mode:
             return True
+        glock.requesting = mode
         try:
             if glock.lock is None:
                 glock.lock = await self.locks.lock(
@@ -208,6 +211,8 @@ class GlockManager:
             await self._go_down(glock, Mode.NL)
             await trio.sleep(random.random() * DEADLOCK_BACKOFF)
             return False
+        finally:
+            glock.requesting = None
         glock.granted_at = time.monotonic()
         self.stats["acquired"] += 1
         return True
@@ -235,9 +240,14 @@ class GlockManager:
                     await trio.sleep(wait)
                 while glock.holders:
                     await glock.idle.wait()
-                target = glock.demote_to
-                assert target is not None
-                if glock.lock is not None and glock.lock.mode > target:
+                # A blocking callback during _go_down (another node now wants more:
+                # EX after our EX->PR for a reader) lowers demote_to; the DLM tells us
+                # only once, so go down again rather than lose it.
+                while True:
+                    target = glock.demote_to
+                    assert target is not None
+                    if glock.lock is None or glock.lock.mode <= target:
+                        break
                     await self._go_down(glock, target)
         finally:
             glock.demote_to = None
@@ -274,4 +284,5 @@ class GlockManager:
 
     def dump(self) -> list[dict[str, Any]]:
         """Every glock this node caches, for `clusterfs status` / `locks`."""
-        return [g.describe() for g in self.glocks.values() if g.lock is not None]
+        return [g.describe() for g in self.glocks.values()
+                if g.lock is not None or g.requesting is not None]

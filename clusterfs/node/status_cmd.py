@@ -104,5 +104,7 @@ def print_status(st: dict[str, Any]) -> None:
         for gl in m["glocks"]:
             name = ":".join(str(p) for p in gl["name"])
             extra = f" demote->{gl['demote_to']}" if gl["demote_to"] else ""
-            print(f"  {name:<24} {gl['mode']:<3} holders={gl['holders']} "
+            if gl.get("requesting"):
+                extra += f" requesting {gl['requesting']}"
+            print(f"  {name:<24} {gl['mode'] or '-':<3} holders={gl['holders']} "
                   f"held {gl['held_for']} s{extra}")
