@@ -107,7 +107,7 @@ class _Hold:
 
 class _Tombstone:
     """What a freed inode's block says until it is reused: mode 0, nlink 0. Another node
-    (or this one's kernel) that still names the inode reads it as gone (ESTALE)."""
+    (or this one's kernel) that still names the inode reads it as gone (ENOENT)."""
 
     def __init__(self, ino: int) -> None:
         self.ino = ino
@@ -214,14 +214,14 @@ class FileSystem:
             try:
                 disk = decode_inode(self.read_meta(ino), ino)
                 if disk.mode == 0 or self.freed.get(ino) == disk.generation:
-                    raise FSError(errno.ESTALE, f"inode {ino} was deleted")
+                    raise FSError(errno.ENOENT, f"inode {ino} was deleted")
                 self.freed.pop(ino, None)        # its block holds a new inode now
                 node = CachedInode(disk, self.read_meta)
             except FormatError as exc:
                 if ino in self.freed:
                     # the kernel still names an inode this node deleted, and its block
                     # holds something else now: stale, not corrupt
-                    raise FSError(errno.ESTALE, f"inode {ino} was deleted") from exc
+                    raise FSError(errno.ENOENT, f"inode {ino} was deleted") from exc
                 raise self._corrupt(exc) from exc
             except StorageError as exc:
                 raise self._corrupt(exc) from exc
@@ -483,12 +483,7 @@ class FileSystem:
 
         async def run(alloc):
             async with self._hold(ex=sorted({ino, parent}), alloc=alloc):
-                try:
-                    node = self._inode(ino)
-                except FSError as exc:
-                    if exc.errno == errno.ESTALE:
-                        raise FSError(errno.ENOENT, "linking a deleted inode") from exc
-                    raise
+                node = self._inode(ino)
                 if node.dir is not None:
                     raise FSError(errno.EPERM, "hard link to a directory")
                 p = self._inode(parent)
@@ -558,7 +553,7 @@ class FileSystem:
         """Free an inode this node unlinked, once nothing here has it open and the
         kernel no longer looks it up (its forget). In a cluster the iopen lock decides
         instead (_reap_if_unlinked), at once: a kernel reference that outlives the free
-        then meets ESTALE (see _inode), never the freed blocks. (Its cached copy may
+        then meets ENOENT (see _inode), never the freed blocks. (Its cached copy may
         have been dropped by a demote meanwhile, so it is loaded again under the lock.)"""
         if ino not in self.unlinked or self.opens.get(ino, 0) > 0 or self.txn.withdrawn:
             return
@@ -817,7 +812,7 @@ class FileSystem:
                 if self._inode(ino).d.nlink > 0:
                     return
         except FSError as exc:
-            if exc.errno == errno.ESTALE:
+            if exc.errno == errno.ENOENT:
                 return                   # freed already, by another node
             raise
         try:
@@ -831,7 +826,7 @@ class FileSystem:
                 if node.d.nlink == 0 and not node.freed:
                     self._free_inode(node)
         except FSError as exc:
-            if exc.errno != errno.ESTALE:
+            if exc.errno != errno.ENOENT:
                 raise
         finally:
             self.unlinked.discard(ino)
