@@ -210,6 +210,7 @@ class FileSystem:
         node = self.inodes.get(ino)
         if node is None:
             if not self.sb.rgrp_start <= ino < self.sb.total_blocks:
+                log.warning("inode %d out of range", ino, stack_info=True)
                 raise FSError(errno.ESTALE, f"inode {ino} out of range")
             try:
                 disk = decode_inode(self.read_meta(ino), ino)
@@ -1196,7 +1197,11 @@ class FileSystem:
         await self._flush_for_demote()
         if target != Mode.NL:
             return                       # PR: our clean copy stays valid
-        self.inodes.pop(ino, None)
+        node = self.inodes.get(ino)
+        if node is not None and not self.txn.is_dirty(node):
+            # (dirty now means created during the flush under its parent's lock alone:
+            # a new inode of this number, which no other node can have seen yet)
+            del self.inodes[ino]
         self.dev.forget_read_ahead()     # chunks of its data may be rewritten elsewhere
         if self.invalidate_hook is not None:
             await trio.to_thread.run_sync(self.invalidate_hook, ino)

@@ -33,7 +33,7 @@ from pyfuse3 import (
     XAttrNameT,
 )
 
-from clusterfs.errors import ClusterFSError
+from clusterfs.errors import ClusterFSError, FSError
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.directory import NAME_MAX
 from clusterfs.fs.filesystem import FileSystem
@@ -203,10 +203,28 @@ class Operations(pyfuse3.Operations):
     @_edge
     async def create(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
                      ctx: RequestContext) -> tuple[FileInfo, EntryAttributes]:
-        node = await self.fs.mknod(self._ino(parent_inode), name,
-                                   stat.S_IFREG | stat.S_IMODE(mode), 0, ctx.uid, ctx.gid,
-                                   open_it=True)
-        return self._file_info(node.ino), self._attr(node)
+        parent = self._ino(parent_inode)
+        while True:
+            try:
+                node = await self.fs.mknod(parent, name, stat.S_IFREG | stat.S_IMODE(mode), 0,
+                                           ctx.uid, ctx.gid, open_it=True)
+                return self._file_info(node.ino), self._attr(node)
+            except FSError as exc:
+                if exc.errno != errno.EEXIST or flags & os.O_EXCL:
+                    raise
+            # Created elsewhere (another node) since the kernel's negative lookup: without
+            # O_EXCL, open(O_CREAT) opens what is there, as on a local filesystem, where
+            # the directory lock spans the lookup and the create.
+            found = await self.fs.lookup(parent, name)
+            if found is None:
+                continue                 # and gone again: create it after all
+            if not stat.S_ISREG(found.d.mode):
+                await self.fs.forget(found.ino, 1)
+                raise pyfuse3.FUSEError(errno.EISDIR if found.dir is not None else errno.EEXIST)
+            node = await self.fs.open(found.ino)
+            if flags & os.O_TRUNC and node.d.size:
+                await self.fs.truncate(node.ino, 0)
+            return self._file_info(node.ino), self._attr(node)
 
     def _file_info(self, ino: int) -> FileInfo:
         if self.clustered:
