@@ -98,7 +98,8 @@ class TransactionManager:
         commits and checkpoints are serialised by one lock. Objects changed while a
         commit is in flight belong to the next transaction (their blocks were
         encoded when this one was captured). Blocks freed up to the capture leave
-        quarantine once the log has been checkpointed past their freeing."""
+        quarantine only with checkpoint=True: the log is then checkpointed past their
+        freeing."""
         self.check_writable()
         async with self._lock:
             self.check_writable()
@@ -109,7 +110,6 @@ class TransactionManager:
             self.dirty.clear()
             self.estimate = 0
             mark = self.quarantine_mark()
-            checkpoints = self.journal.stats["checkpoints"]
             try:
                 pending = self.journal.begin_commit(blocks)
                 await trio.to_thread.run_sync(self.journal.dev.flush)
@@ -124,7 +124,12 @@ class TransactionManager:
                 # the disk refused a write or flush: nothing after this can be trusted
                 self.withdraw(f"journal commit failed: {exc}")
                 raise Withdrawn(f"filesystem withdrawn: {exc}") from exc
-            if self.journal.stats["checkpoints"] != checkpoints:
+            if checkpoint:
+                # Only a checkpoint made after this transaction was logged covers its
+                # frees. begin_commit's own checkpoint (the log was full) runs before it
+                # is written: releasing its frees then let a freed block be reused while
+                # this transaction still held a copy of it (a tombstone) for the next
+                # checkpoint to write home, over the block's new contents.
                 self.end_quarantine(mark)
 
     async def flush_data(self) -> None:

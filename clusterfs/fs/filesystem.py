@@ -335,6 +335,8 @@ class FileSystem:
             at = (ino - first) * BLOCK_SIZE
             try:
                 disk = decode_inode(raw[at : at + BLOCK_SIZE], ino)
+                if disk.mode == 0:
+                    continue             # a tombstone: _inode() says ENOENT for it
                 if disk.flags & F_STUFFED or not stat.S_ISDIR(disk.mode):
                     self.inodes[ino] = CachedInode(disk, self.read_meta)
             except FormatError:
