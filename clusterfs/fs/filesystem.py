@@ -147,8 +147,10 @@ class FileSystem:
         self.unlinked: set[int] = set()   # nlink went to 0 here; freed once unused
         self.iopen: dict[int, Lock] = {}  # ("iopen", ino) PR held while open here
         self._iopen_pending: dict[int, trio.Event] = {}
-        # inodes freed here the kernel may still name -> their generation: such a name
-        # is stale until the block holds an inode of another generation
+        # inodes freed here -> their generation: until the block holds an inode of
+        # another generation, a name that reaches it is stale, and until the freeing
+        # transaction is home the disk still shows the old inode (forget does not end
+        # that, so entries stay until the block is reused)
         self.freed: dict[int, int] = {}
         self.clustered = clustered
         # where this node allocates new inodes in a cluster: its own part of the disk
@@ -330,8 +332,9 @@ class FileSystem:
         except StorageError:
             return                       # the per-inode path will report it
         for ino in wanted:
-            if ino in self.inodes or self.journal.read_committed(ino) is not None:
-                continue
+            if ino in self.inodes or ino in self.freed or \
+                    self.journal.read_committed(ino) is not None:
+                continue                 # (a freed one's tombstone may not be home yet)
             at = (ino - first) * BLOCK_SIZE
             try:
                 disk = decode_inode(raw[at : at + BLOCK_SIZE], ino)
@@ -605,7 +608,6 @@ class FileSystem:
             self.nlookup[ino] = left
             return
         self.nlookup.pop(ino, None)
-        self.freed.pop(ino, None)          # the kernel has let go of it
         await self._maybe_free(ino)
 
     # ================================================================ rename
