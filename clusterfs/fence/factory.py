@@ -53,12 +53,17 @@ def make_agent(config: ClusterConfig, node_id: int, *,
                 dev.close()
             raise
     if f.agent == "poison-pill":
-        if device is None:
-            if f.device is None:
-                raise ConfigError("fencing.device: missing (agent 'poison-pill' needs the "
-                                  "shared device when not given one by the mount)")
-            device = _need(open_device, "poison-pill")(f.device)
-        return PoisonPillAgent(device, node_id, msgwait=f.msgwait)
+        if device is not None:
+            return PoisonPillAgent(device, node_id, msgwait=f.msgwait)
+        if f.device is None:
+            raise ConfigError("fencing.device: missing (agent 'poison-pill' needs the "
+                              "shared device when not given one by the mount)")
+        own = _need(open_device, "poison-pill")(f.device)
+        try:
+            return PoisonPillAgent(own, node_id, msgwait=f.msgwait)
+        except BaseException:
+            own.close()
+            raise
     raise ConfigError(f"fencing.agent: unknown agent {f.agent!r}")
 
 
