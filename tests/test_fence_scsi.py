@@ -10,16 +10,19 @@ writes (RESERVATION CONFLICT), and the backing file shows which writes landed.
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import iscsiutil
 import mountutil
 import pytest
 import trio
 
-from clusterfs.config import parse_config
+from clusterfs.config import load_config, parse_config
 from clusterfs.errors import FenceError, ReservationConflict, StorageError
 from clusterfs.fence import factory, scsi_pr
 from clusterfs.fence.scsi_pr import WERO, ScsiPrAgent, node_of_key, pr_key, register
+from clusterfs.node.lockbench_cmd import LocalLockCluster
 from clusterfs.storage import iscsi as iscsi_module
 from clusterfs.storage.iscsi import IscsiDevice, ScsiCheckCondition
 
@@ -248,3 +251,55 @@ def test_make_agent_opens_and_registers_every_path(target, session):
     with pytest.raises(StorageError, match="LOGICAL_UNIT_NOT_SUPPORTED"):
         factory.make_agent(bad, 1, open_device=lambda url: session(url, "n1b"))
     assert scsi_pr.WERO == 5
+
+
+# -- clusterfs lockd with [fencing] agent = "scsi-pr" -------------------------------------
+
+class PrLockCluster(LocalLockCluster):
+    """lockd processes fencing through [fencing] (no --fence-pid-dir)."""
+
+    def __init__(self, node_ids, fencing: str, **kw) -> None:
+        super().__init__(node_ids, **kw)
+        with open(self.config_path, "a") as f:
+            f.write(fencing)
+        self.name = load_config(self.config_path).name
+
+    def start(self, node_id: int) -> None:
+        log = open(self.dir / f"lockd-{node_id}.log", "ab")  # noqa: SIM115
+        cmd = [sys.executable, "-m", "clusterfs.cli", "lockd", "--config",
+               str(self.config_path), "--node-id", str(node_id), "--control",
+               self.control(node_id), "--state-dir", str(self.state_dir), "-v"]
+        self.procs[node_id] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log,
+                                               stdin=subprocess.DEVNULL)
+        log.close()
+
+
+def test_lockd_fences_a_dead_node_through_the_lun(tmp_path, target, session):
+    url = target.url()
+    fencing = f'\n[fencing]\nagent = "scsi-pr"\ndevices = ["{url}"]\n'
+    with PrLockCluster([1, 2, 3], fencing, workdir=str(tmp_path)) as cluster:
+        cluster.start_all()
+        keys = {n: pr_key(cluster.name, n) for n in (1, 2, 3)}
+        watcher = session(url, "observer")
+        assert sorted(watcher.pr_read_keys()) == sorted(keys.values())
+        cluster.kill(3)
+        cluster.wait_running([1, 2])
+        assert sorted(watcher.pr_read_keys()) == sorted([keys[1], keys[2]])
+        assert watcher.pr_read_reservation()[1] == WERO
+        log = cluster.log_tail(1, 10**7)
+        assert f"node 3 fenced: key {keys[3]:#x} preempted on 1 path" in log, log[-3000:]
+
+
+def test_lockd_refuses_to_start_when_a_path_cannot_be_registered(tmp_path, target):
+    port = iscsiutil._free_tcp_port()                   # nothing listens there
+    fencing = (f'\n[fencing]\nagent = "scsi-pr"\ndevices = ["{target.url()}", '
+               f'"iscsi://127.0.0.1:{port}/{target.iqn}/1"]\n')
+    with PrLockCluster([1, 2], fencing, workdir=str(tmp_path)) as cluster:
+        r = subprocess.run([sys.executable, "-m", "clusterfs.cli", "lockd", "--config",
+                            str(cluster.config_path), "--node-id", "1", "--control",
+                            str(tmp_path / "c.sock"), "--state-dir", str(cluster.state_dir)],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("clusterfs lockd: fencing: "), r.stderr
+    assert "refused" in lines[0]
