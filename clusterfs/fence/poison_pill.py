@@ -252,9 +252,9 @@ class PillWatcher:
                 try:
                     raw = await _read_in_thread(lambda: self.dev.read(self.blkno))
                     hs = decode_slot(raw, self.blkno)
-                except ClusterFSError as exc:
+                except Exception as exc:  # noqa: BLE001 - any failure: the slot is unread
                     self.bad_reads += 1
-                    self.last_error = str(exc)
+                    self.last_error = str(exc) or type(exc).__name__
                 else:
                     self.reads += 1
                     fresh = started
