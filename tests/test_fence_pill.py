@@ -353,3 +353,22 @@ def test_make_agent_builds_each_agent(image, devs, tmp_path):
     with pytest.raises(FormatError):
         factory.make_agent(_config({"agent": "poison-pill", "device": str(blank)}), 1,
                            open_device=lambda p: BlockDevice(p))
+
+
+def test_refused_device_fails_writes_still_queued(image, devs):
+    """A write queued behind (not yet on the device) when the pill comes never lands."""
+    path, _sb = image
+    dev = devs()
+    at = 2000 * BLOCK_SIZE
+    dev.write_behind(at, b"q" * BLOCK_SIZE)      # one aligned write: held back for a batch
+    dev.refuse_writes("poison pill: stop")
+    with pytest.raises(StorageError, match="poison pill: stop"):
+        dev.drain()
+    with open(path, "rb") as f:
+        f.seek(at)
+        assert f.read(BLOCK_SIZE) == bytes(BLOCK_SIZE)
+    with pytest.raises(StorageError, match="poison pill: stop"):
+        dev.flush()
+    # as for any failed write-behind, the failure sticks: later reads report it too
+    with pytest.raises(StorageError, match="poison pill: stop"):
+        dev.read(2000)
