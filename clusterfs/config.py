@@ -14,6 +14,10 @@ Example (see docs/cluster.md for every field)::
     name = "alpha"
     address = "127.0.0.1:7001"
 
+    [fencing]                       # optional; default agent "noop"
+    agent = "scsi-pr"               # noop | process | scsi-pr | poison-pill
+    devices = ["iscsi://10.0.0.5/iqn.2025-01.com.example:disk1/1"]
+
 Every error is a ConfigError whose message starts with the field it is about,
 e.g. ``node[2].address: port 70000 out of range``.
 """
@@ -50,6 +54,30 @@ class NodeConfig:
         return f"{host}:{self.port}"
 
 
+FENCE_AGENTS = ("noop", "process", "scsi-pr", "poison-pill")
+# the [fencing] fields each agent takes (besides `agent`)
+FENCE_FIELDS = {
+    "noop": (),
+    "process": ("pid_dir",),
+    "scsi-pr": ("devices",),
+    "poison-pill": ("device", "interval", "timeout", "msgwait"),
+}
+
+
+@dataclass(frozen=True)
+class FencingConfig:
+    """The [fencing] table: which agent fences a removed node, and its options
+    (docs/cluster.md, docs/recovery.md "Fencing agents")."""
+    agent: str = "noop"
+    pid_dir: str | None = None          # process: DIR/node<ID>.pid records
+    devices: tuple[str, ...] = ()       # scsi-pr: every path/LUN (iscsi:// URLs)
+    device: str | None = None           # poison-pill: the shared device (lockd; a
+                                        # mount uses the device it mounts)
+    interval: float = 1.0               # poison-pill: watcher reads its slot this often
+    timeout: float = 2.0                # poison-pill: no good read this long: stop
+    msgwait: float = 4.0                # poison-pill: the fencer's wait after the pill
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     name: str
@@ -61,6 +89,7 @@ class ClusterConfig:
     max_frame: int = MAX_FRAME_DEFAULT
     storage_group: tuple[int, ...] = ()
     path: str | None = None
+    fencing: FencingConfig = field(default_factory=FencingConfig)
 
     def node(self, node_id: int) -> NodeConfig:
         for n in self.nodes:
@@ -93,7 +122,8 @@ def load_config(path: str | os.PathLike[str]) -> ClusterConfig:
 
 def parse_config(data: dict[str, Any], *, base_dir: str | os.PathLike[str] = ".",
                  path: str | None = None) -> ClusterConfig:
-    known = {"name", "key", "key_file", "timeouts", "node", "storage", "max_frame"}
+    known = {"name", "key", "key_file", "timeouts", "node", "storage", "max_frame",
+             "fencing"}
     for k in data:
         if k not in known:
             raise ConfigError(f"{k}: unknown field")
@@ -167,9 +197,79 @@ def parse_config(data: dict[str, Any], *, base_dir: str | os.PathLike[str] = "."
         if g not in ids:
             raise ConfigError(f"storage.group: {g} is not a configured node id")
 
+    fencing = parse_fencing(data.get("fencing", {}), Path(base_dir))
     return ClusterConfig(name=name, key=key, nodes=tuple(nodes), heartbeat_interval=hb,
                          failure_timeout=ft, connect_timeout=ct, max_frame=max_frame,
-                         storage_group=tuple(group), path=path)
+                         storage_group=tuple(group), path=path, fencing=fencing)
+
+
+def parse_fencing(t: Any, base: Path) -> FencingConfig:
+    """The [fencing] table; ConfigError naming `fencing.<field>`."""
+    if not isinstance(t, dict):
+        raise ConfigError("fencing: must be a table")
+    agent = t.get("agent", "noop")
+    if not isinstance(agent, str):
+        raise ConfigError("fencing.agent: must be a string")
+    if agent not in FENCE_AGENTS:
+        raise ConfigError(f"fencing.agent: unknown agent {agent!r} (one of "
+                          f"{', '.join(FENCE_AGENTS)})")
+    every = {f for fields in FENCE_FIELDS.values() for f in fields}
+    for k in t:
+        if k == "agent":
+            continue
+        if k not in every:
+            raise ConfigError(f"fencing.{k}: unknown field")
+        if k not in FENCE_FIELDS[agent]:
+            raise ConfigError(f"fencing.{k}: not an option of agent {agent!r}")
+    out: dict[str, Any] = {"agent": agent}
+    if "pid_dir" in t:
+        out["pid_dir"] = _path(t["pid_dir"], "fencing.pid_dir", base)
+    if agent == "scsi-pr":
+        devices = t.get("devices")
+        if devices is None:
+            raise ConfigError("fencing.devices: missing (agent 'scsi-pr' needs every "
+                              "path to the LUN, as iscsi:// URLs)")
+        if not isinstance(devices, list) or not devices or \
+                not all(isinstance(d, str) for d in devices):
+            raise ConfigError("fencing.devices: must be a non-empty list of iscsi:// URLs")
+        for d in devices:
+            if not d.startswith("iscsi://"):
+                raise ConfigError(f"fencing.devices: {d!r} is not an iscsi:// URL "
+                                  "(persistent reservations need a SCSI LUN)")
+        if len(set(devices)) != len(devices):
+            raise ConfigError("fencing.devices: a path is listed twice")
+        out["devices"] = tuple(devices)
+    if "device" in t:
+        d = t["device"]
+        if not isinstance(d, str) or not d:
+            raise ConfigError("fencing.device: must be a device path or iscsi:// URL")
+        out["device"] = d if d.startswith("iscsi://") else _path(d, "fencing.device", base)
+    interval = _fence_seconds(t, "interval", 1.0)
+    timeout = _fence_seconds(t, "timeout", 2 * interval)
+    msgwait = _fence_seconds(t, "msgwait", 2 * timeout)
+    if timeout <= interval:
+        raise ConfigError(f"fencing.timeout: {timeout:g} s must be longer than interval "
+                          f"({interval:g} s)")
+    if msgwait <= timeout:
+        raise ConfigError(f"fencing.msgwait: {msgwait:g} s must be longer than timeout "
+                          f"({timeout:g} s): a fenced node's watcher may take that long")
+    out.update(interval=interval, timeout=timeout, msgwait=msgwait)
+    return FencingConfig(**out)
+
+
+def _path(v: Any, where: str, base: Path) -> str:
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{where}: must be a path")
+    return v if os.path.isabs(v) else str(base / v)
+
+
+def _fence_seconds(t: dict[str, Any], k: str, default: float) -> float:
+    v = t.get(k, default)
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        raise ConfigError(f"fencing.{k}: must be a number of seconds")
+    if not 0 < v <= 600:
+        raise ConfigError(f"fencing.{k}: {v} out of range (0, 600]")
+    return float(v)
 
 
 def parse_address(addr: Any, where: str) -> tuple[str, int]:

@@ -40,6 +40,12 @@ class StorageError(ClusterFSError):
     """The block device failed or is unreachable."""
 
 
+class ReservationConflict(StorageError):
+    """The target refused a command with RESERVATION CONFLICT. On a read or write this
+    means another node removed our SCSI-3 PR registration: this node was fenced, and
+    must withdraw (stop writing at once); see docs/recovery.md, "Fencing agents"."""
+
+
 class Withdrawn(ClusterFSError):
     """The filesystem hit corruption or lost its right to write, and stopped writing."""
 

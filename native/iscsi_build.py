@@ -1,4 +1,5 @@
-"""cffi builder for clusterfs._iscsi: the few libiscsi calls IscsiDevice makes.
+"""cffi builder for clusterfs._iscsi: the few libiscsi calls IscsiDevice makes
+(block I/O, and the persistent-reservation commands the SCSI-3 PR fencing agent uses).
 
 A module of its own, linked with -liscsi, so that a machine without libiscsi still
 builds clusterfs._native (setup.py leaves this one out when pkg-config cannot find
@@ -21,8 +22,41 @@ enum iscsi_session_type { ISCSI_SESSION_NORMAL, ... };
 enum iscsi_header_digest { ISCSI_HEADER_DIGEST_NONE_CRC32C, ... };
 
 enum scsi_status {
-    SCSI_STATUS_GOOD, SCSI_STATUS_CHECK_CONDITION, SCSI_STATUS_CANCELLED,
-    SCSI_STATUS_ERROR, SCSI_STATUS_TIMEOUT, ...
+    SCSI_STATUS_GOOD, SCSI_STATUS_CHECK_CONDITION, SCSI_STATUS_RESERVATION_CONFLICT,
+    SCSI_STATUS_CANCELLED, SCSI_STATUS_ERROR, SCSI_STATUS_TIMEOUT, ...
+};
+
+enum scsi_sense_key {
+    SCSI_SENSE_ILLEGAL_REQUEST, SCSI_SENSE_UNIT_ATTENTION, ...
+};
+
+struct scsi_sense {
+    unsigned char error_type;
+    enum scsi_sense_key key;
+    int ascq;
+    ...;
+};
+
+/* persistent reservations (SPC-3): PERSISTENT RESERVE IN / OUT */
+enum scsi_persistent_in_sa {
+    SCSI_PERSISTENT_RESERVE_READ_KEYS, SCSI_PERSISTENT_RESERVE_READ_RESERVATION, ...
+};
+enum scsi_persistent_out_sa {
+    SCSI_PERSISTENT_RESERVE_REGISTER, SCSI_PERSISTENT_RESERVE_RESERVE,
+    SCSI_PERSISTENT_RESERVE_PREEMPT, SCSI_PERSISTENT_RESERVE_PREEMPT_AND_ABORT,
+    SCSI_PERSISTENT_RESERVE_REGISTER_AND_IGNORE_EXISTING_KEY, ...
+};
+enum scsi_persistent_out_scope { SCSI_PERSISTENT_RESERVE_SCOPE_LU, ... };
+enum scsi_persistent_out_type {
+    SCSI_PERSISTENT_RESERVE_TYPE_WRITE_EXCLUSIVE_REGISTRANTS_ONLY, ...
+};
+struct scsi_persistent_reserve_out_basic {
+    uint64_t reservation_key;
+    uint64_t service_action_reservation_key;
+    uint8_t spec_i_pt;
+    uint8_t all_tg_pt;
+    uint8_t aptpl;
+    ...;
 };
 
 struct scsi_data {
@@ -32,6 +66,7 @@ struct scsi_data {
 
 struct scsi_task {
     int status;
+    struct scsi_sense sense;
     struct scsi_data datain;
     ...;
 };
@@ -67,6 +102,11 @@ struct scsi_task *iscsi_write16_sync(struct iscsi_context *iscsi, int lun, uint6
     int fua_nv, int group_number);
 struct scsi_task *iscsi_synchronizecache16_sync(struct iscsi_context *iscsi, int lun,
     uint64_t lba, uint32_t num_blocks, int syncnv, int immed);
+
+struct scsi_task *iscsi_persistent_reserve_in_sync(struct iscsi_context *iscsi, int lun,
+    int sa, uint16_t xferlen);
+struct scsi_task *iscsi_persistent_reserve_out_sync(struct iscsi_context *iscsi, int lun,
+    int sa, int scope, int type, void *params);
 
 void *scsi_datain_unmarshall(struct scsi_task *task);
 void scsi_free_scsi_task(struct scsi_task *task);

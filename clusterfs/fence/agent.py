@@ -11,8 +11,9 @@ Agents here: NoopAgent (reports done at once and proves nothing; tests) and
 ProcessAgent (local dev clusters: SIGKILLs the removed incarnation's process, found
 from a pid map or `node<ID>.pid` files, after checking that the pid still names
 that process; a record of a later incarnation proves it gone, and nothing is
-killed). SCSI-3 persistent reservations and a disk poison-pill slot come with
-the storage layer.
+killed). The agents for real disks are in scsi_pr.py (SCSI-3 persistent
+reservations) and poison_pill.py (a pill in the victim's heartbeat slot);
+factory.make_agent builds the one the config's [fencing] table names.
 """
 
 from __future__ import annotations

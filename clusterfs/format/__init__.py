@@ -10,6 +10,7 @@ structure is described in docs/format.md.
     extent      extent records and extent blocks
     directory   linear and hashed (extendible hashing) directories
     journal     journal header, descriptor and commit blocks
+    heartbeat   heartbeat slots: a node's claim and the poison pill fencing writes there
     mkfs        geometry planning and the blocks a fresh filesystem starts with
     signatures  recognising other filesystems on a device
 """

@@ -9,7 +9,11 @@ Fencing: with --fence-pid-dir DIR, lockd records itself in DIR/node<ID>.pid
 file when it stops, and fences a dead node by SIGKILL of the process that node's
 file names, unless the file names a later incarnation (the node was restarted:
 the dead one is gone) (clusterfs.fence.agent.ProcessAgent). Without it, fencing
-is the noop agent.
+is the agent the config's [fencing] table names (clusterfs.fence.factory.make_agent:
+noop by default; "process" with fencing.pid_dir does what --fence-pid-dir does;
+"scsi-pr" logs in to every configured LUN and registers this node's key there;
+"poison-pill" opens fencing.device), built before the node joins; a failure stops
+lockd at start with one line (exit 2).
 
 Generations: lockd keeps the highest generation it has promised in
 DIR/node<ID>.generation (--state-dir DIR, default /var/lib/clusterfs, created if
@@ -114,19 +118,46 @@ def run(args: argparse.Namespace) -> int:
     from clusterfs.membership.service import new_incarnation
 
     incarnation = new_incarnation()
+    from clusterfs.config import load_config
+
     try:
-        _claim_pid_file(args.fence_pid_dir, args.node_id, incarnation)
+        cfg = load_config(args.config)
+    except ConfigError as exc:
+        print(f"clusterfs lockd: config error: {exc}", file=sys.stderr)
+        return 2
+    pid_dir = args.fence_pid_dir
+    if pid_dir is None and cfg.fencing.agent == "process":
+        pid_dir = cfg.fencing.pid_dir
+    try:
+        _claim_pid_file(pid_dir, args.node_id, incarnation)
     except FenceError as exc:         # another live lockd holds this node id
         print(f"clusterfs lockd: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
-        print(f"clusterfs lockd: --fence-pid-dir {args.fence_pid_dir}: {exc.strerror}",
+        print(f"clusterfs lockd: --fence-pid-dir {pid_dir}: {exc.strerror}",
               file=sys.stderr)
         return 2
     # The file stays after we exit, clean or not: the others notice only that we went
     # silent, and fence us by this record (a pid that is gone counts as fenced at once).
     # Removing it would leave them no proof, and their recovery would wait.
-    return _run_service(args, control, record, incarnation)
+    try:
+        agent = _fence_agent(cfg, args.node_id, args.fence_pid_dir)
+    except ClusterFSError as exc:
+        print(f"clusterfs lockd: fencing: {exc}", file=sys.stderr)
+        return 2
+    return _run_service(args, control, record, incarnation, cfg, agent)
+
+
+def _fence_agent(cfg: Any, node_id: int, fence_pid_dir: str | None) -> Any:
+    """The fencing agent, built (and its devices opened) at start-up: the process agent
+    with --fence-pid-dir, else what [fencing] names."""
+    from clusterfs.fence.agent import ProcessAgent
+    from clusterfs.fence.factory import make_agent
+    from clusterfs.storage import open_block_device
+
+    if fence_pid_dir:
+        return ProcessAgent(pid_dir=fence_pid_dir)
+    return make_agent(cfg, node_id, open_device=open_block_device)
 
 
 def _open_generation_record(state_dir: str | None, node_id: int) -> GenerationFile:
@@ -149,14 +180,14 @@ def _claim_pid_file(pid_dir: str | None, node_id: int, incarnation: int) -> None
 
 
 def _run_service(args: argparse.Namespace, control: str, record: GenerationFile,
-                 incarnation: int) -> int:
+                 incarnation: int, cfg: Any = None, agent: Any = None) -> int:
     """Run lockd; the exit status. Errors leaving trio's nurseries may come grouped
     (trio >= 0.25), hence except*."""
     code = 0
     expelled = False
     try:
-        expelled = trio.run(serve, args.config, args.node_id, control, args.fence_pid_dir,
-                            record, incarnation)
+        expelled = trio.run(serve, cfg if cfg is not None else args.config, args.node_id,
+                            control, args.fence_pid_dir, record, incarnation, agent)
     except* ConfigError as group:
         print(f"clusterfs lockd: config error: {group.exceptions[0]}", file=sys.stderr)
         code = 2
@@ -168,16 +199,19 @@ def _run_service(args: argparse.Namespace, control: str, record: GenerationFile,
     return code
 
 
-async def serve(config: str, node_id: int, control: str, fence_pid_dir: str | None,
+async def serve(config: Any, node_id: int, control: str, fence_pid_dir: str | None,
                 generation_record: GenerationRecord | None = None,
-                incarnation: int | None = None) -> bool:
+                incarnation: int | None = None, agent: Any = None) -> bool:
     """Serve until told to quit (False) or expelled from the cluster (True). Expulsion is
-    a return value, not an exception: it needs no unwrapping from trio's groups."""
+    a return value, not an exception: it needs no unwrapping from trio's groups.
+    `config`: a ClusterConfig or the path of one; `agent`: the fencing agent (default:
+    the process agent with fence_pid_dir, else the noop agent)."""
     from clusterfs.dlm.lockspace import open_dlm
-    from clusterfs.fence.agent import FenceAgent, ProcessAgent
+    from clusterfs.fence.agent import ProcessAgent
     from clusterfs.node.cluster import open_cluster_node
 
-    agent: FenceAgent | None = ProcessAgent(pid_dir=fence_pid_dir) if fence_pid_dir else None
+    if agent is None and fence_pid_dir:
+        agent = ProcessAgent(pid_dir=fence_pid_dir)
     Path(control).parent.mkdir(parents=True, exist_ok=True)
     async with open_cluster_node(config, node_id, fence_agent=agent, incarnation=incarnation,
                                  generation_record=generation_record) as node:

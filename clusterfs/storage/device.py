@@ -376,6 +376,7 @@ class _WriteBehind:
         self.run_end: int | None = None   # where the queue, if one aligned run, ends
         self.urgent = 0                   # callers waiting for the queue: no holding back
         self.error: str | None = None
+        self.refused: str | None = None   # BlockDevice.refuse_writes: queued writes fail
         self.stopping = False
         self.direct = _DirectWriter.open(path)
         self.thread = threading.Thread(target=self._run, name="write-behind", daemon=True)
@@ -447,7 +448,9 @@ class _WriteBehind:
                     return
                 offset, pieces = self._take_run()
             size = sum(len(d) for d in pieces)
-            failed = self._write(offset, pieces)
+            refused = self.refused
+            failed = (f"write at {offset}: {refused}" if refused is not None
+                      else self._write(offset, pieces))
             with self.cond:
                 if failed is not None and self.error is None:
                     self.error = failed
@@ -543,6 +546,7 @@ class BlockDevice:
         self._ahead: _DirectReadAhead | None = None
         self._ahead_tried = False
         self._direct: _DirectIO | None = None
+        self._refused: str | None = None
 
     def bypass_page_cache(self) -> bool:
         """Make every later read and write go around the host's page cache (O_DIRECT);
@@ -553,11 +557,23 @@ class BlockDevice:
                 self._direct = _DirectIO(fd)
         return self._direct is not None
 
+    def refuse_writes(self, reason: str) -> None:
+        """From now on every write and flush fails with `reason`, writes still queued
+        included (a node told to stop writing: a poison pill, a withdraw). Reads work."""
+        self._refused = reason
+        if self._behind is not None:
+            self._behind.refused = reason
+
+    def _check_refused(self, what: str) -> None:
+        if self._refused is not None:
+            raise StorageError(f"{self.path}: {what}: {self._refused}")
+
     # -- write-behind of file data ---------------------------------------------------
     def write_behind(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Queue a data write: done by a helper thread, before any later I/O on this
         device (every other method waits for the queue first). `data` must not change
         afterwards. Failures surface at the next drain (flush, read, write)."""
+        self._check_refused(f"write at {offset}")
         if self._behind is None:
             self._behind = _WriteBehind(self.fd, self.path, WRITE_BEHIND_LIMIT)
         if self._ahead is not None:
@@ -622,6 +638,7 @@ class BlockDevice:
             self._ahead.invalidate(0, self.size)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._check_refused(f"write at {offset}")
         self.drain()
         if self._ahead is not None:
             self._ahead.invalidate(offset, len(data))
@@ -652,6 +669,7 @@ class BlockDevice:
         self._advisor.queue.put((self.fd, blkno * BLOCK_SIZE, count * BLOCK_SIZE))
 
     def flush(self) -> None:
+        self._check_refused("flush")
         self.drain()
         try:
             os.fsync(self.fd)

@@ -19,6 +19,19 @@ finds another path to the LUN, and re-targets, is later work: ../ARCHITECTURE).
 
 A libiscsi context is not thread-safe: one lock serialises every call on it. cffi
 releases the GIL for the duration of each call, so other threads run meanwhile.
+
+A command answered with CHECK CONDITION / UNIT ATTENTION (the target tells us that
+something changed: a reset, a reservation preempted or released) was not executed,
+and is sent again, at most UA_RETRIES times. A command answered with RESERVATION
+CONFLICT raises ReservationConflict (a StorageError): on a read or write that means
+another node preempted our persistent-reservation key, i.e. this node was fenced
+(clusterfs.fence.scsi_pr). The session itself stays usable (reads may still be
+allowed), so such a device is not marked failed.
+
+Persistent reservations (SPC-3, PERSISTENT RESERVE IN/OUT), for the fencing agent:
+pr_read_keys, pr_read_reservation, pr_register, pr_reserve, pr_preempt. Keys are
+registered per I_T nexus, i.e. per session: the session that writes must register
+its own key (clusterfs.fence.scsi_pr.register).
 """
 
 from __future__ import annotations
@@ -27,7 +40,7 @@ import re
 import socket
 import threading
 
-from clusterfs.errors import StorageError
+from clusterfs.errors import ReservationConflict, StorageError
 from clusterfs.format.block import BLOCK_SIZE
 
 SCHEME = "iscsi://"
@@ -35,6 +48,19 @@ COMMAND_TIMEOUT = 30          # seconds for a login or one SCSI command
 MAX_TRANSFER = 1 << 20        # bytes per READ/WRITE command
 INITIATOR = f"iqn.2025-01.io.clusterfs:{socket.gethostname() or 'host'}"
 URL_FORM = "iscsi://[USER[%PASSWORD]@]HOST[:PORT]/TARGET-IQN/LUN"
+UA_RETRIES = 5                # UNIT ATTENTION answers retried per command
+PR_IN_LENGTH = 8 + 8 * 256    # PERSISTENT RESERVE IN allocation: 256 keys
+ASCQ_INVALID_FIELD_IN_CDB = 0x2400
+FENCED = "reservation conflict: this node was fenced"
+
+
+class ScsiCheckCondition(StorageError):
+    """A command answered with CHECK CONDITION (sense key and ASC/ASCQ attached)."""
+
+    def __init__(self, message: str, key: int, ascq: int) -> None:
+        super().__init__(message)
+        self.key = key
+        self.ascq = ascq
 
 
 def is_iscsi_url(path: str) -> bool:
@@ -76,24 +102,28 @@ class IscsiDevice:
     """
 
     def __init__(self, url: str, writable: bool = True,
-                 timeout: int = COMMAND_TIMEOUT) -> None:
+                 timeout: int = COMMAND_TIMEOUT, initiator: str | None = None) -> None:
         self.path = redact(url)
+        self.initiator = initiator or INITIATOR
         self._url = url
         self.fd = None
         self.writable = writable
         self.timeout = timeout
         self.reads = 0
         self.writes = 0
+        self.unit_attentions = 0
+        self.conflicts = 0
         self.lun = 0
         self.sector = 0                     # the LUN's logical block size in bytes
         self._lock = threading.Lock()
         self._failed: str | None = None     # set once the session is no longer usable
+        self._refused: str | None = None    # set by refuse_writes(): why writes stop
         binding = _binding()
         if binding is None:
             raise StorageError(f"{self.path}: iSCSI support is not built (libiscsi-dev was "
                                "missing at install; install it and run tools/install.sh)")
         self._ffi, self._lib = binding
-        self._ctx = self._lib.iscsi_create_context(INITIATOR.encode())
+        self._ctx = self._lib.iscsi_create_context(self.initiator.encode())
         if self._ctx == self._ffi.NULL:
             raise StorageError(f"{self.path}: cannot create an iSCSI context")
         try:
@@ -151,22 +181,36 @@ class IscsiDevice:
             errors="replace").splitlines()
         return lines[1].strip() if len(lines) > 1 else "unparsable"
 
-    def _command(self, what: str, call, *args):
+    def _command(self, what: str, call, *args, fenced: bool = False):
         """Run one synchronous SCSI command under the lock; its task (to be freed by
-        the caller) or StorageError. A command the session could not complete
-        (connection lost, timed out, cancelled) leaves the device failed."""
+        the caller) or StorageError. UNIT ATTENTION answers are retried (bounded);
+        RESERVATION CONFLICT raises ReservationConflict (`fenced`: say that it means
+        this node was fenced, as for reads and writes). A command the session could
+        not complete (connection lost, timed out, cancelled) leaves the device failed."""
         lib, ffi = self._lib, self._ffi
         with self._lock:
-            if self._failed is not None:
-                raise StorageError(f"{self.path}: {what}: {self._failed}")
-            if self._ctx is None:
-                raise StorageError(f"{self.path}: {what}: device is closed")
-            task = call(self._ctx, self.lun, *args)
-            if task != ffi.NULL and task.status == lib.SCSI_STATUS_GOOD:
-                return task
-            status = None if task == ffi.NULL else task.status
-            if task != ffi.NULL:
-                lib.scsi_free_scsi_task(task)
+            for attempt in range(UA_RETRIES + 1):
+                if self._failed is not None:
+                    raise StorageError(f"{self.path}: {what}: {self._failed}")
+                if self._ctx is None:
+                    raise StorageError(f"{self.path}: {what}: device is closed")
+                task = call(self._ctx, self.lun, *args)
+                if task != ffi.NULL and task.status == lib.SCSI_STATUS_GOOD:
+                    return task
+                status = None if task == ffi.NULL else task.status
+                key = ascq = 0
+                if status == lib.SCSI_STATUS_CHECK_CONDITION:
+                    key, ascq = task.sense.key, task.sense.ascq
+                if task != ffi.NULL:
+                    lib.scsi_free_scsi_task(task)
+                if key == lib.SCSI_SENSE_UNIT_ATTENTION and attempt < UA_RETRIES:
+                    self.unit_attentions += 1      # not executed: send it again
+                    continue
+                break
+            if status == lib.SCSI_STATUS_RESERVATION_CONFLICT:
+                self.conflicts += 1
+                raise ReservationConflict(
+                    f"{self.path}: {what}: {FENCED if fenced else 'reservation conflict'}")
             # libiscsi's error text is fresh for a failed call and for sense data; a
             # cancelled or timed-out task may leave an older one there
             if status == lib.SCSI_STATUS_CANCELLED:
@@ -175,8 +219,9 @@ class IscsiDevice:
                 reason = f"no answer from the target within {self.timeout} s"
             else:
                 reason = self._error()
-            if status != lib.SCSI_STATUS_CHECK_CONDITION:
-                self._failed = f"iSCSI session lost earlier ({reason})"
+            if status == lib.SCSI_STATUS_CHECK_CONDITION:
+                raise ScsiCheckCondition(f"{self.path}: {what}: {reason}", key, ascq)
+            self._failed = f"iSCSI session lost earlier ({reason})"
         raise StorageError(f"{self.path}: {what}: {reason}")
 
     # -- whole logical blocks ---------------------------------------------------------
@@ -187,7 +232,8 @@ class IscsiDevice:
         while count:
             n = min(count, per)
             task = self._command(f"read at {lba * self.sector}", lib.iscsi_read16_sync,
-                                 lba, n * self.sector, self.sector, 0, 0, 0, 0, 0)
+                                 lba, n * self.sector, self.sector, 0, 0, 0, 0, 0,
+                                 fenced=True)
             try:
                 got = task.datain.size
                 if got != n * self.sector:
@@ -206,7 +252,8 @@ class IscsiDevice:
             n = min(MAX_TRANSFER, length - start)
             at = lba + start // self.sector
             task = self._command(f"write at {at * self.sector}", lib.iscsi_write16_sync,
-                                 at, buf + start, n, self.sector, 0, 0, 0, 0, 0)
+                                 at, buf + start, n, self.sector, 0, 0, 0, 0, 0,
+                                 fenced=True)
             lib.scsi_free_scsi_task(task)
 
     # -- BlockDevice's interface --------------------------------------------------------
@@ -242,6 +289,8 @@ class IscsiDevice:
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         if not self.writable:
             raise StorageError(f"{self.path}: write at {offset}: opened read-only")
+        if self._refused is not None:
+            raise StorageError(f"{self.path}: write at {offset}: {self._refused}")
         # The caller's bytes are passed to libiscsi in place, and the buffer is released
         # on the way out whatever happens: a buffer export left to the garbage collector
         # (an exception's traceback keeps this frame) made CPython 3.11 segfault in its
@@ -302,8 +351,81 @@ class IscsiDevice:
         """SYNCHRONIZE CACHE 16 over the whole LUN: what was written is on stable storage."""
         if not self.writable:
             return
-        task = self._command("flush", self._lib.iscsi_synchronizecache16_sync, 0, 0, 0, 0)
+        if self._refused is not None:
+            raise StorageError(f"{self.path}: flush: {self._refused}")
+        task = self._command("flush", self._lib.iscsi_synchronizecache16_sync, 0, 0, 0, 0,
+                             fenced=True)
         self._lib.scsi_free_scsi_task(task)
+
+    def refuse_writes(self, reason: str) -> None:
+        """From now on every write and flush fails at once with `reason` (a node told
+        to stop writing: a poison pill, a withdraw). Reads still work."""
+        self._refused = reason
+
+    # -- persistent reservations (SPC-3), for clusterfs.fence.scsi_pr -----------------
+    def _pr_in(self, what: str, action: int) -> bytes:
+        lib = self._lib
+        task = self._command(what, lib.iscsi_persistent_reserve_in_sync, action,
+                             PR_IN_LENGTH)
+        try:
+            return self._ffi.buffer(task.datain.data, task.datain.size)[:]
+        finally:
+            lib.scsi_free_scsi_task(task)
+
+    def _pr_out(self, what: str, action: int, key: int, sa_key: int, pr_type: int) -> None:
+        lib = self._lib
+        params = self._ffi.new("struct scsi_persistent_reserve_out_basic *")
+        params.reservation_key = key
+        params.service_action_reservation_key = sa_key
+        task = self._command(what, lib.iscsi_persistent_reserve_out_sync, action,
+                             lib.SCSI_PERSISTENT_RESERVE_SCOPE_LU, pr_type, params)
+        lib.scsi_free_scsi_task(task)
+
+    def pr_read_keys(self) -> list[int]:
+        """The reservation keys registered on the LUN (one per registered I_T nexus)."""
+        data = self._pr_in("read keys", self._lib.SCSI_PERSISTENT_RESERVE_READ_KEYS)
+        if len(data) < 8:
+            raise StorageError(f"{self.path}: read keys: short answer ({len(data)} bytes)")
+        length = min(int.from_bytes(data[4:8], "big"), len(data) - 8)
+        return [int.from_bytes(data[i : i + 8], "big") for i in range(8, 8 + length - 7, 8)]
+
+    def pr_read_reservation(self) -> tuple[int, int] | None:
+        """(holder's key, type) of the LUN's persistent reservation, or None."""
+        data = self._pr_in("read reservation",
+                           self._lib.SCSI_PERSISTENT_RESERVE_READ_RESERVATION)
+        if len(data) < 8:
+            raise StorageError(f"{self.path}: read reservation: short answer")
+        if int.from_bytes(data[4:8], "big") < 16 or len(data) < 24:
+            return None
+        return int.from_bytes(data[8:16], "big"), data[21] & 0x0F
+
+    def pr_register(self, key: int) -> None:
+        """REGISTER AND IGNORE EXISTING KEY: this session's key becomes `key` (0:
+        unregister), whatever it was."""
+        self._pr_out("register", self._lib.SCSI_PERSISTENT_RESERVE_REGISTER_AND_IGNORE_EXISTING_KEY,
+                     0, key, 0)
+
+    def pr_reserve(self, key: int, pr_type: int) -> None:
+        """RESERVE (scope LU) of type `pr_type` through our registration `key`."""
+        self._pr_out("reserve", self._lib.SCSI_PERSISTENT_RESERVE_RESERVE, key, 0, pr_type)
+
+    def pr_preempt(self, key: int, victim: int, pr_type: int, abort: bool = True) -> bool:
+        """PREEMPT AND ABORT (or PREEMPT) the registrations of key `victim` through ours
+        (`key`); a reservation `victim` held passes to us with type `pr_type`. A target
+        that does not implement PREEMPT AND ABORT (ILLEGAL REQUEST, INVALID FIELD IN CDB:
+        tgtd, for one) gets a PREEMPT. True if the abort was done."""
+        lib = self._lib
+        if abort:
+            try:
+                self._pr_out("preempt and abort", lib.SCSI_PERSISTENT_RESERVE_PREEMPT_AND_ABORT,
+                             key, victim, pr_type)
+                return True
+            except ScsiCheckCondition as exc:
+                if (exc.key != lib.SCSI_SENSE_ILLEGAL_REQUEST
+                        or exc.ascq != ASCQ_INVALID_FIELD_IN_CDB):
+                    raise
+        self._pr_out("preempt", lib.SCSI_PERSISTENT_RESERVE_PREEMPT, key, victim, pr_type)
+        return False
 
     def close(self) -> None:
         with self._lock:
@@ -315,4 +437,5 @@ class IscsiDevice:
             self._ctx = None
 
     def statistics(self) -> dict[str, int]:
-        return {"reads": self.reads, "writes": self.writes, "blocks": self.blocks}
+        return {"reads": self.reads, "writes": self.writes, "blocks": self.blocks,
+                "unit_attentions": self.unit_attentions, "conflicts": self.conflicts}

@@ -1,0 +1,222 @@
+"""SCSI-3 persistent-reservation fencing, as fence_scsi does it.
+
+Every node registers its own reservation key on every LUN (every path to it) with
+each session that writes there, and the LUN carries one reservation of type
+Write Exclusive - Registrants Only (WERO): the first registrant takes it and it is
+kept (it passes to whoever preempts its holder). With WERO, any registered session
+may write, and a session that is not registered may read but not write: the target
+answers RESERVATION CONFLICT. To fence node N, a registered node sends PREEMPT AND
+ABORT with N's key: every registration of that key (all of N's sessions) is removed
+and N's queued commands are aborted. N's next write is refused by the target itself,
+so nothing N does any more, hung or not, reaches the disk.
+
+Keys (8 bytes): the high 32 bits are the first 4 bytes of
+blake2b(cluster name, digest_size=4, person=b"clusterfs-pr"), as an unsigned
+big-endian integer (1 if that is 0); the low 32 bits are the node id. So every
+cluster has its own keys, a key names its node, and no key is 0 (which SPC reserves
+for "unregister"). A key names the node, not its incarnation: a fence of a removed
+incarnation also cuts off a restart of that node that registered before the fence
+came (its writes then fail with ReservationConflict, it withdraws and must start
+again); membership skips the fence when the restarted node rejoined first.
+
+The devices here are objects with IscsiDevice's pr_* methods (clusterfs.storage.iscsi:
+the fence layer sits below storage and never imports it; the node layer opens the
+sessions and hands them over). Blocking SCSI calls run in a worker thread.
+
+A target that does not implement PREEMPT AND ABORT (tgtd, for one, answers ILLEGAL
+REQUEST) gets a plain PREEMPT: the registrations go all the same, but a command of
+the victim already queued at the target may still complete; the agent logs that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+import trio
+
+from clusterfs.errors import FenceError, ReservationConflict, StorageError
+
+log = logging.getLogger(__name__)
+
+WERO = 5                       # SPC: type Write Exclusive - Registrants Only
+TYPE_NAMES = {1: "Write Exclusive", 3: "Exclusive Access", 5: "Write Exclusive - "
+              "Registrants Only", 6: "Exclusive Access - Registrants Only",
+              7: "Write Exclusive - All Registrants", 8: "Exclusive Access - All Registrants"}
+
+
+class PrDevice(Protocol):
+    path: str
+
+    def pr_read_keys(self) -> list[int]: ...
+    def pr_read_reservation(self) -> tuple[int, int] | None: ...
+    def pr_register(self, key: int) -> None: ...
+    def pr_reserve(self, key: int, pr_type: int) -> None: ...
+    def pr_preempt(self, key: int, victim: int, pr_type: int,
+                   abort: bool = True) -> bool: ...
+    def close(self) -> None: ...
+
+
+def cluster_prefix(cluster_name: str) -> int:
+    digest = hashlib.blake2b(cluster_name.encode(), digest_size=4,
+                             person=b"clusterfs-pr").digest()
+    return int.from_bytes(digest, "big") or 1
+
+
+def pr_key(cluster_name: str, node_id: int) -> int:
+    """Node `node_id`'s reservation key in cluster `cluster_name` (see the module doc)."""
+    if not 0 <= node_id < 1 << 32:
+        raise ValueError(f"node id {node_id} out of range")
+    return cluster_prefix(cluster_name) << 32 | node_id
+
+
+def node_of_key(cluster_name: str, key: int) -> int | None:
+    """The node id a key of this cluster names, or None for another cluster's key."""
+    return key & 0xFFFFFFFF if key >> 32 == cluster_prefix(cluster_name) else None
+
+
+def _type_name(pr_type: int) -> str:
+    return TYPE_NAMES.get(pr_type, f"type {pr_type}")
+
+
+def ensure_reservation(dev: PrDevice, key: int) -> tuple[int, int]:
+    """Make sure the LUN holds a WERO reservation (taking it with `key`, which must be
+    registered through `dev`, if there is none); the (holder key, type) it holds.
+    FenceError if it holds a reservation of another type (someone else's)."""
+    res = dev.pr_read_reservation()
+    if res is None:
+        try:
+            dev.pr_reserve(key, WERO)
+        except ReservationConflict:
+            pass                        # another node reserved meanwhile: see below
+        res = dev.pr_read_reservation()
+    if res is None:
+        raise FenceError(f"{dev.path}: cannot establish a persistent reservation")
+    if res[1] != WERO:
+        raise FenceError(f"{dev.path}: the LUN holds a reservation of type "
+                         f"{_type_name(res[1])} (key {res[0]:#x}), not "
+                         f"{_type_name(WERO)}: it is not ours to use")
+    return res
+
+
+def register(dev: PrDevice, key: int) -> None:
+    """Register `key` through this session (REGISTER AND IGNORE EXISTING KEY, so a
+    restarted node "unfences" itself) and make sure the LUN is reserved WERO.
+
+    The mount calls this at start on the device it writes through, before its first
+    write: registrations are per session (I_T nexus), and only a registered session
+    may write. StorageError if the target fails, FenceError if the LUN holds a
+    reservation of another type."""
+    dev.pr_register(key)
+    ensure_reservation(dev, key)
+    if key not in dev.pr_read_keys():
+        raise FenceError(f"{dev.path}: key {key:#x} not registered after REGISTER")
+
+
+class ScsiPrAgent:
+    """Fence by PREEMPT AND ABORT of the victim's key on every configured LUN.
+
+    `devices`: one session per path/LUN, opened at start-up (no login on the failover
+    path); each is registered here with this node's key, so that this node may
+    preempt through it. `reopen(i)` (optional) opens path i again when its session
+    failed (the target restarted): the new session is registered and used at once.
+    """
+
+    def __init__(self, devices: Sequence[PrDevice], cluster_name: str, node_id: int, *,
+                 reopen: Callable[[int], PrDevice] | None = None) -> None:
+        if not devices:
+            raise FenceError("scsi-pr fencing: no device configured")
+        self.cluster_name = cluster_name
+        self.node_id = node_id
+        self.key = pr_key(cluster_name, node_id)
+        self.devices = list(devices)
+        self.reopen = reopen
+        self.calls: list[tuple[int, int]] = []
+        self.preempts = 0
+        self.without_abort = 0
+        for dev in self.devices:
+            register(dev, self.key)
+        log.info("scsi-pr fencing: node %d registered key %#x on %s", node_id, self.key,
+                 ", ".join(d.path for d in self.devices))
+
+    async def fence(self, node_id: int, generation: int,
+                    incarnation: int | None = None) -> None:
+        self.calls.append((node_id, generation))
+        if node_id == self.node_id:
+            raise FenceError(f"node {node_id}: refusing to fence this node itself")
+        victim = pr_key(self.cluster_name, node_id)
+        for i in range(len(self.devices)):
+            await trio.to_thread.run_sync(self._fence_path, i, node_id, victim, generation)
+        log.warning("gen %d: node %d fenced: key %#x preempted on %d path(s)", generation,
+                    node_id, victim, len(self.devices))
+
+    def _fence_path(self, i: int, node_id: int, victim: int, generation: int) -> None:
+        try:
+            self._fence_on(self.devices[i], node_id, victim, generation)
+            return
+        except FenceError:
+            raise
+        except StorageError as exc:
+            if self.reopen is None:
+                raise FenceError(f"node {node_id}: {exc}") from exc
+            log.warning("gen %d: fencing node %d: %s; logging in again", generation,
+                        node_id, exc)
+        try:
+            fresh = self.reopen(i)
+            register(fresh, self.key)
+        except StorageError as exc:
+            raise FenceError(f"node {node_id}: {exc}") from exc
+        old, self.devices[i] = self.devices[i], fresh
+        try:
+            old.close()
+        except StorageError:
+            pass
+        try:
+            self._fence_on(fresh, node_id, victim, generation)
+        except StorageError as exc:
+            raise FenceError(f"node {node_id}: {exc}") from exc
+
+    def _fence_on(self, dev: PrDevice, node_id: int, victim: int, generation: int) -> None:
+        """Preempt `victim` on one LUN and prove it: its key gone, ours still there,
+        a WERO reservation in place. FenceError if that cannot be shown."""
+        keys = dev.pr_read_keys()
+        self._check_ours(dev, keys, node_id)
+        if victim in keys:
+            try:
+                aborted = dev.pr_preempt(self.key, victim, WERO)
+                self.preempts += 1
+                if not aborted:
+                    self.without_abort += 1
+                    log.warning("gen %d: %s does not implement PREEMPT AND ABORT: node %d "
+                                "preempted without aborting its queued commands",
+                                generation, dev.path, node_id)
+            except ReservationConflict:
+                pass            # its key went meanwhile (another fencer), or ours: below
+            keys = dev.pr_read_keys()
+            self._check_ours(dev, keys, node_id)
+            if victim in keys:
+                raise FenceError(f"node {node_id}: {dev.path}: key {victim:#x} still "
+                                 "registered after PREEMPT")
+        else:
+            log.info("gen %d: node %d: key %#x is not registered on %s (fenced already, "
+                     "or it never registered there)", generation, node_id, victim, dev.path)
+        ensure_reservation(dev, self.key)
+
+    def _check_ours(self, dev: PrDevice, keys: list[int], node_id: int) -> None:
+        if self.key not in keys:
+            raise FenceError(f"node {node_id}: {dev.path}: our key {self.key:#x} is not "
+                             "registered (this node was fenced itself): cannot fence")
+
+    def close(self) -> None:
+        for dev in self.devices:
+            try:
+                dev.close()
+            except StorageError:
+                pass
+
+    def statistics(self) -> dict[str, object]:
+        return {"agent": "scsi-pr", "key": f"{self.key:#x}", "fenced": len(self.calls),
+                "preempts": self.preempts, "without_abort": self.without_abort,
+                "paths": [d.path for d in self.devices]}
