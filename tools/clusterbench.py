@@ -768,6 +768,9 @@ def main(argv: list[str] | None = None) -> int:
             if why:
                 unavailable[s] = why
                 log(f"GlusterFS: not available ({why})")
+    except KeyboardInterrupt:
+        log("clusterbench: interrupted; everything it made is removed")
+        return 130
     finally:
         leaked = mountutil.cleanup_all()
         if leaked:
