@@ -41,6 +41,9 @@ total work divided by the time from the first start to the last finish. The work
                  4 KiB pwrites at random 4 KiB-aligned offsets into an existing,
                  fsync'd file, each followed by fsync / fdatasync; operations/s
 
+Each step starts after a pause (2 s, --quick 0.5 s) so that the last step's background
+commit is not measured; on the cluster its progress line also counts the glocks the nodes
+gave up or down-converted during it (`clusterfs status`), the lock traffic it caused.
 It prints a progress line per step, then a table with the ratios cluster/onenode,
 cluster/ext4 and cluster/gluster, then the aims and whether this run meets them. It
 needs root. Loop devices, mounts and processes it made are removed on exit, also on
@@ -340,6 +343,18 @@ class ClusterSystem(System):
         except ValueError:
             return None
 
+    def demotes(self) -> int | None:
+        """Glocks given up or down-converted so far by the cluster's nodes (from
+        `clusterfs status`), to show the lock traffic a step caused."""
+        total = 0
+        for n in self.c.node_ids:
+            st = self._status(n)
+            g = (st or {}).get("mount", {}).get("glock_stats")
+            if not g:
+                return None
+            total += g.get("demoted", 0) + g.get("down_converted", 0)
+        return total
+
     def settle(self, timeout: float = 60.0) -> None:
         """Until every node has seen the same full view for 2 s, with locking running and
         no journal recovery pending (after a remount the others first see a departure)."""
@@ -563,6 +578,7 @@ def measure(sysm: System, w: Workload, p: Params) -> tuple[float, str]:
         if not os.path.isdir(d):      # made by node 1, once, for both stat steps
             _mkdir(d)
             run_workers([(_w_creates, (d, "f", p.files))])
+            time.sleep(2.0)           # their background commit, not part of the stats
         dt = run_workers([(_w_stats, (os.path.join(node, "cstat"), "f", p.files))])
         return p.files / dt, f"{p.files} stats in {dt:.2f} s"
     if w.name.startswith("write-"):
@@ -614,7 +630,8 @@ def _check_count(directory: str, n: int) -> None:
 
 
 def run_system(name: str, workloads: list[Workload], p: Params, backing: str,
-               device_bytes: int, results: dict, failed: list[str]) -> str | None:
+               device_bytes: int, results: dict, failed: list[str],
+               pause: float) -> str | None:
     """Measure every workload on one system into results[name]; returns a reason when
     the system is not available (GlusterFS only), else None."""
     base = tempfile.mkdtemp(prefix="cbench-", dir=backing)
@@ -636,7 +653,12 @@ def run_system(name: str, workloads: list[Workload], p: Params, backing: str,
             log(f"  {name}: set up in {time.monotonic() - t0:.1f} s")
             for w in workloads:
                 try:
+                    time.sleep(pause)     # the last step's background commit (2 s timer)
+                    before = sysm.demotes() if isinstance(sysm, ClusterSystem) else None
                     fig, detail = measure(sysm, w, p)
+                    after = sysm.demotes() if isinstance(sysm, ClusterSystem) else None
+                    if before is not None and after is not None and w.name != "seq-read":
+                        detail += f", {after - before} glock demotes"
                 except Exception as exc:  # noqa: BLE001 - reported, the run goes on
                     failed.append(f"{name} {w.name}")
                     log(f"  {name}: {w.name}: FAILED: {_first_line(exc)}")
@@ -764,7 +786,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         for s in systems:
             log(f"clusterbench: {s}, {bench._load()}")
-            why = run_system(s, workloads, prm, backing, device_bytes, results, failed)
+            why = run_system(s, workloads, prm, backing, device_bytes, results, failed,
+                             pause=0.5 if quick else 2.0)
             if why:
                 unavailable[s] = why
                 log(f"GlusterFS: not available ({why})")
