@@ -620,6 +620,16 @@ def measure(sysm: System, w: Workload, p: Params) -> tuple[float, str]:
     raise ValueError(w.name)
 
 
+def _show_statfs(sysm: ClusterSystem) -> None:
+    """After a failed cluster step: what each node's statfs says (an ENOSPC on a device
+    with room shows here)."""
+    for n in sysm.c.node_ids:
+        with contextlib.suppress(OSError):
+            st = os.statvfs(sysm.mp(n))
+            log(f"    node {n} statfs: {st.f_bavail * st.f_frsize // MiB} MiB free of "
+                f"{st.f_blocks * st.f_frsize // MiB}, {st.f_ffree} inodes free")
+
+
 def _check_count(directory: str, n: int) -> None:
     got = len(os.listdir(directory))
     if got != n:
@@ -662,6 +672,12 @@ def run_system(name: str, workloads: list[Workload], p: Params, backing: str,
                 except Exception as exc:  # noqa: BLE001 - reported, the run goes on
                     failed.append(f"{name} {w.name}")
                     log(f"  {name}: {w.name}: FAILED: {_first_line(exc)}")
+                    if isinstance(sysm, ClusterSystem):
+                        _show_statfs(sysm)
+                        for line in sysm.c.logs().splitlines()[-400:]:
+                            if line.startswith("---") or " WARNING " in line \
+                                    or " ERROR " in line:
+                                log(f"    {line[:300]}")
                     if isinstance(sysm, ClusterSystem) and len(sysm.c.mounts) < 3:
                         raise
                     continue
