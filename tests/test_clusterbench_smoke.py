@@ -20,7 +20,8 @@ WORKLOADS = ("create-shared", "create-private", "create", "stat-local", "stat-re
 def test_clusterbench_runs_on_clusterfs(tmp_path):
     mountutil.require_mounts("clusterfs")
     r = subprocess.run([sys.executable, str(BENCH), "--quick", "--files", "60",
-                        "--size-mib", "4", "--rand-ops", "20", "--only", "cluster",
+                        "--size-mib", "4", "--rand-ops", "20", "--pause", "0",
+                        "--only", "cluster",
                         "--only", "onenode", "--backing-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stdout + r.stderr

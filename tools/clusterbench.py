@@ -3,7 +3,7 @@
 
     python3 tools/clusterbench.py [--quick] [--files 10000] [--size-mib 1024]
                                   [--only cluster|onenode|ext4|gluster] [--workload NAME]
-                                  [--backing-dir DIR]
+                                  [--backing-dir DIR] [--rand-ops N] [--pause S]
 
 The systems, each on its own loop device of the same size over a sparse file in one
 backing directory (/dev/shm when it has room, like tools/bench.py):
@@ -41,9 +41,10 @@ total work divided by the time from the first start to the last finish. The work
                  4 KiB pwrites at random 4 KiB-aligned offsets into an existing,
                  fsync'd file, each followed by fsync / fdatasync; operations/s
 
-Each step starts after a pause (2 s, --quick 0.5 s) so that the last step's background
-commit is not measured; on the cluster its progress line also counts the glocks the nodes
-gave up or down-converted during it (`clusterfs status`), the lock traffic it caused.
+Each step starts after a pause (--pause, default 2 s, --quick 0.5 s) so that the last
+step's background commit is not measured; on the cluster its progress line also counts
+the glocks the nodes gave up or down-converted during it (`clusterfs status`), the lock
+traffic it caused.
 It prints a progress line per step, then a table with the ratios cluster/onenode,
 cluster/ext4 and cluster/gluster, then the aims and whether this run meets them. It
 needs root. Loop devices, mounts and processes it made are removed on exit, also on
@@ -760,6 +761,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="file size of the write/read steps in MiB (default 1024, --quick 64)")
     p.add_argument("--rand-ops", type=int, default=None,
                    help="random 4 KiB overwrites per step (default 2000, --quick 200)")
+    p.add_argument("--pause", type=float, default=None,
+                   help="seconds to wait before each step (default 2, --quick 0.5)")
     p.add_argument("--only", choices=SYSTEMS, action="append",
                    help="run only this system (repeatable)")
     p.add_argument("--workload", choices=[w.name for w in WORKLOADS], action="append",
@@ -775,6 +778,7 @@ def main(argv: list[str] | None = None) -> int:
                  rand_file_mib=16 if quick else 64,
                  rand_ops=args.rand_ops or (200 if quick else 2000))
     prm.rand_file_mib = min(prm.rand_file_mib, max(1, prm.size_mib))
+    pause = args.pause if args.pause is not None else (0.5 if quick else 2.0)
     systems = [s for s in SYSTEMS if not args.only or s in args.only]
     workloads = [w for w in WORKLOADS if not args.workload or w.name in args.workload]
     # every file the steps leave (5 files of SIZE, the random file, 4 x FILES inodes)
@@ -803,7 +807,7 @@ def main(argv: list[str] | None = None) -> int:
         for s in systems:
             log(f"clusterbench: {s}, {bench._load()}")
             why = run_system(s, workloads, prm, backing, device_bytes, results, failed,
-                             pause=0.5 if quick else 2.0)
+                             pause=pause)
             if why:
                 unavailable[s] = why
                 log(f"GlusterFS: not available ({why})")
