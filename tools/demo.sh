@@ -37,7 +37,8 @@ step "a 3-node cluster on one 2 GiB loop device"
 t0=$(now)
 tools/devcluster up --nodes 3 --dir "$dc" --size 2G
 up_s=$(since "$t0")
-tools/devcluster status --dir "$dc" | head -4
+tools/devcluster status --dir "$dc" > "$work/status.txt"
+head -4 "$work/status.txt"
 
 step "writers on nodes 1 and 2, a reader verifying on node 3, all at once"
 src=$(python3 -c 'import os, trio; print(os.path.dirname(trio.__file__))')
