@@ -212,7 +212,6 @@ class FileSystem:
         node = self.inodes.get(ino)
         if node is None:
             if not self.sb.rgrp_start <= ino < self.sb.total_blocks:
-                log.warning("inode %d out of range", ino, stack_info=True)
                 raise FSError(errno.ESTALE, f"inode {ino} out of range")
             try:
                 disk = decode_inode(self.read_meta(ino), ino)
