@@ -523,7 +523,30 @@ class _WriteBehind:
             self.direct = None
 
 
-class BlockDevice:
+class BlockAddressed:
+    """Whole blocks by number, over the byte-addressed pread/pwrite of the class that
+    mixes it in (BlockDevice, IscsiDevice)."""
+
+    path: str
+
+    def pread(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        raise NotImplementedError
+
+    def read(self, blkno: int, count: int = 1) -> bytes:
+        length = count * BLOCK_SIZE
+        data = self.pread(blkno * BLOCK_SIZE, length)
+        if len(data) != length:
+            raise StorageError(f"{self.path}: short read at block {blkno}")
+        return data
+
+    def write(self, blkno: int, data: bytes | bytearray | memoryview) -> None:
+        self.pwrite(blkno * BLOCK_SIZE, data)
+
+
+class BlockDevice(BlockAddressed):
     def __init__(self, path: str, writable: bool = True) -> None:
         self.path = path
         try:
@@ -601,16 +624,6 @@ class BlockDevice:
             self._behind.drain()
 
     # -- ordinary I/O (each waits for queued writes first, keeping the order) ----------
-    def read(self, blkno: int, count: int = 1) -> bytes:
-        length = count * BLOCK_SIZE
-        data = self.pread(blkno * BLOCK_SIZE, length)
-        if len(data) != length:
-            raise StorageError(f"{self.path}: short read at block {blkno}")
-        return data
-
-    def write(self, blkno: int, data: bytes | bytearray | memoryview) -> None:
-        self.pwrite(blkno * BLOCK_SIZE, data)
-
     def pread(self, offset: int, length: int) -> bytes:
         self.drain()
         try:

@@ -42,6 +42,7 @@ import threading
 
 from clusterfs.errors import ReservationConflict, StorageError
 from clusterfs.format.block import BLOCK_SIZE
+from clusterfs.storage.device import BlockAddressed
 
 SCHEME = "iscsi://"
 COMMAND_TIMEOUT = 30          # seconds for a login or one SCSI command
@@ -94,7 +95,7 @@ def _binding():
     return ffi, lib
 
 
-class IscsiDevice:
+class IscsiDevice(BlockAddressed):
     """One iSCSI LUN, logged in to at construction (StorageError with the reason if not).
 
     `fd` is None: there is no local descriptor (node/mount_cmd.py's flock skips it).
@@ -257,16 +258,6 @@ class IscsiDevice:
             lib.scsi_free_scsi_task(task)
 
     # -- BlockDevice's interface --------------------------------------------------------
-    def read(self, blkno: int, count: int = 1) -> bytes:
-        length = count * BLOCK_SIZE
-        data = self.pread(blkno * BLOCK_SIZE, length)
-        if len(data) != length:
-            raise StorageError(f"{self.path}: short read at block {blkno}")
-        return data
-
-    def write(self, blkno: int, data: bytes | bytearray | memoryview) -> None:
-        self.pwrite(blkno * BLOCK_SIZE, data)
-
     def pread(self, offset: int, length: int) -> bytes:
         """Up to `length` bytes from `offset` (fewer at the end of the LUN, as a file)."""
         end = min(offset + length, self.size)
