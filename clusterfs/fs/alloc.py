@@ -37,13 +37,6 @@ def encode_free_lvb(free: int) -> bytes:
     return (LVB_MAGIC + free.to_bytes(8, "little")).ljust(32, b"\0")
 
 
-def decode_free_lvb(lvb: bytes, valid: bool) -> int | None:
-    """The free count a group's last holder left, or None (never set, or its writer
-    died holding it: recount from the bitmap)."""
-    if not valid or lvb[:4] != LVB_MAGIC:
-        return None
-    return int.from_bytes(lvb[4:12], "little")
-
 
 class ResourceGroup:
     """One group's header and whole bitmap, as loaded under its lock."""

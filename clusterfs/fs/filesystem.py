@@ -567,12 +567,15 @@ class FileSystem:
             return
         if self.nlookup.get(ino, 0) > 0:
             return
+        await self._free_if_unlinked(ino)
+        self.unlinked.discard(ino)
+
+    async def _free_if_unlinked(self, ino: int) -> None:
+        """Under its lock and its groups' locks: free `ino` if it still has no link."""
         async with self._hold(ex=[ino], frees=lambda: self._owned_blocks(self._inode(ino))):
-            self.unlinked.discard(ino)
             node = self._inode(ino)
-            if node.freed or node.d.nlink > 0:
-                return
-            self._free_inode(node)
+            if node.d.nlink == 0 and not node.freed:
+                self._free_inode(node)
 
     def _owned_blocks(self, node: CachedInode) -> list[int]:
         blocks = [node.ino] + node.ext_blocks + [e.pblk for e in node.extents]
@@ -825,10 +828,7 @@ class FileSystem:
             self.unlinked.discard(ino)   # open elsewhere: its last close frees it
             return
         try:
-            async with self._hold(ex=[ino], frees=lambda: self._owned_blocks(self._inode(ino))):
-                node = self._inode(ino)
-                if node.d.nlink == 0 and not node.freed:
-                    self._free_inode(node)
+            await self._free_if_unlinked(ino)
         except FSError as exc:
             if exc.errno != errno.ENOENT:
                 raise
@@ -1181,9 +1181,14 @@ class FileSystem:
         under its parent's lock only) may be stale now, unless it still has changes
         not yet committed, which no other node can have seen (another node reads it
         only after a flush of ours has committed them)."""
-        node = self.inodes.get(glock.name[1])
+        self._drop_if_clean(glock.name[1])
+
+    def _drop_if_clean(self, ino: int) -> None:
+        """Forget our copy of `ino` unless it has uncommitted changes (then it is an
+        inode created here under its parent's lock alone, which no other node has seen)."""
+        node = self.inodes.get(ino)
         if node is not None and not self.txn.is_dirty(node):
-            del self.inodes[glock.name[1]]
+            del self.inodes[ino]
 
     async def _flush_for_demote(self) -> None:
         """Before a lock goes down: commit, write every logged block home and empty the
@@ -1200,11 +1205,7 @@ class FileSystem:
         await self._flush_for_demote()
         if target != Mode.NL:
             return                       # PR: our clean copy stays valid
-        node = self.inodes.get(ino)
-        if node is not None and not self.txn.is_dirty(node):
-            # (dirty now means created during the flush under its parent's lock alone:
-            # a new inode of this number, which no other node can have seen yet)
-            del self.inodes[ino]
+        self._drop_if_clean(ino)         # (dirty now: created during the flush)
         self.dev.forget_read_ahead()     # chunks of its data may be rewritten elsewhere
         if self.invalidate_hook is not None:
             await trio.to_thread.run_sync(self.invalidate_hook, ino)

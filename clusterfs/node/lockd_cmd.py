@@ -108,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
                         format=f"%(asctime)s lockd{args.node_id} %(name)s: %(message)s")
     control = args.control or default_control_path(args.node_id)
     try:
-        record = _open_generation_record(args.state_dir, args.node_id)
+        record = open_generation_record(args.state_dir, args.node_id)
     except StateError as exc:
         print(f"clusterfs lockd: {exc}", file=sys.stderr)
         return 2
@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     if pid_dir is None and cfg.fencing.agent == "process":
         pid_dir = cfg.fencing.pid_dir
     try:
-        _claim_pid_file(pid_dir, args.node_id, incarnation)
+        claim_pid_file(pid_dir, args.node_id, incarnation)
     except FenceError as exc:         # another live lockd holds this node id
         print(f"clusterfs lockd: {exc}", file=sys.stderr)
         return 2
@@ -160,7 +160,7 @@ def _fence_agent(cfg: Any, node_id: int, fence_pid_dir: str | None) -> Any:
     return make_agent(cfg, node_id, open_device=open_block_device)
 
 
-def _open_generation_record(state_dir: str | None, node_id: int) -> GenerationFile:
+def open_generation_record(state_dir: str | None, node_id: int) -> GenerationFile:
     """The node's generation record; StateError (one line) if it cannot be used."""
     if state_dir is None:
         state_dir = DEFAULT_STATE_DIR
@@ -171,7 +171,7 @@ def _open_generation_record(state_dir: str | None, node_id: int) -> GenerationFi
     return GenerationFile(state_dir, node_id)
 
 
-def _claim_pid_file(pid_dir: str | None, node_id: int, incarnation: int) -> None:
+def claim_pid_file(pid_dir: str | None, node_id: int, incarnation: int) -> None:
     if not pid_dir:
         return
     from clusterfs.fence.pidfile import write_pid_file

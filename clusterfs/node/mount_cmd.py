@@ -73,7 +73,7 @@ class ClusterArgs:
         from clusterfs.config import load_config
         from clusterfs.errors import ConfigError, FenceError, StateError
         from clusterfs.membership.service import new_incarnation
-        from clusterfs.node.lockd_cmd import _claim_pid_file, _open_generation_record
+        from clusterfs.node.lockd_cmd import claim_pid_file, open_generation_record
 
         try:
             self.cfg = load_config(self.config)
@@ -81,12 +81,12 @@ class ClusterArgs:
         except ConfigError as exc:
             raise MountError(f"{self.config}: {exc}") from None
         try:
-            self.record = _open_generation_record(self.state_dir, self.node_id)
+            self.record = open_generation_record(self.state_dir, self.node_id)
         except StateError as exc:
             raise MountError(f"--state-dir: {exc}") from None
         self.incarnation = new_incarnation()
         try:
-            _claim_pid_file(self.fence_pid_dir, self.node_id, self.incarnation)
+            claim_pid_file(self.fence_pid_dir, self.node_id, self.incarnation)
         except (FenceError, OSError) as exc:
             raise MountError(f"--fence-pid-dir: {exc}") from None
 
