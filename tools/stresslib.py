@@ -724,6 +724,7 @@ class Config:
     max_offset: int = 32 * MiB
     fsync_at_end: bool = False    # fsync (and log) every private file after the last op
     skip: frozenset[str] = frozenset()    # kinds of op left out
+    stop_file: str | None = None  # stop before the next op once this path exists
 
 
 class Worker:
@@ -856,6 +857,8 @@ class Worker:
                     break
                 now = time.monotonic()
                 if deadline is not None and now >= deadline:
+                    break
+                if cfg.stop_file is not None and os.path.exists(cfg.stop_file):
                     break
                 if cfg.verbose >= 2 or (cfg.verbose and op.num < 20):
                     say(self.out, f"stress[p{cfg.index}] op {op.num}: {op.describe()}")
@@ -1727,7 +1730,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dir", required=True, help="the directory to work in (must exist)")
     r.add_argument("--seed", type=int, required=True, help="process i uses seed SEED+i")
     r.add_argument("--ops", type=int, help="ops per process (default 1000, or unlimited "
-                   "with --duration)")
+                   "with --duration or --stop-file)")
     r.add_argument("--duration", type=float, help="stop after this many seconds")
     r.add_argument("--procs", type=int, default=1, help="worker processes (default 1)")
     r.add_argument("--shared", default="shared",
@@ -1741,6 +1744,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--log", help="durability log (JSON lines; must be outside --dir)")
     r.add_argument("--fsync-at-end", action="store_true",
                    help="after the last op, fsync every private file (so verify checks all)")
+    r.add_argument("--stop-file", metavar="PATH",
+                   help="end the run (as --duration would) once PATH exists; it must "
+                        "live outside --dir")
     r.add_argument("--op-timeout", type=float, default=60.0,
                    help="seconds one op may take before it counts as a hang (default 60)")
     r.add_argument("--progress", type=float, default=5.0,
@@ -1833,7 +1839,13 @@ def _run_cmd(args) -> int:
                                 "procs": args.procs}) + "\n")
             f.flush()
             os.fsync(f.fileno())
-    ops = args.ops if args.ops is not None else (None if args.duration else 1000)
+    stop_file = os.path.realpath(args.stop_file) if args.stop_file else None
+    if stop_file and _is_under(stop_file, os.path.realpath(root)):
+        print(f"stress: --stop-file {args.stop_file} is inside --dir; it must live outside "
+              "the tested tree", file=sys.stderr)
+        return 2
+    unbounded = args.duration or stop_file
+    ops = args.ops if args.ops is not None else (None if unbounded else 1000)
     cfgs = []
     for i in range(args.procs):
         cfg = Config(root=root, index=i, seed=args.seed + i, ops=ops, duration=args.duration,
@@ -1841,7 +1853,7 @@ def _run_cmd(args) -> int:
                      op_timeout=args.op_timeout, progress=args.progress,
                      verbose=args.verbose, check_every=args.check_every,
                      max_offset=args.max_offset, fsync_at_end=args.fsync_at_end,
-                     skip=_skipped(args))
+                     skip=_skipped(args), stop_file=stop_file)
         if private and args.reset:
             shutil.rmtree(os.path.join(root, private, f"p{i}"), ignore_errors=True)
         cfgs.append(cfg)

@@ -1,0 +1,451 @@
+"""Helpers for the node-death tests (tests/test_recovery_stress.py): `tools/stress` runs
+on cluster nodes, their durability logs and digests, the nodes' recovery log lines, and
+what a device's journals hold.
+
+A stress run is its own process group (`start_new_session`), so a node's death takes its
+workload with it: `kill()` signals that group only, by the pid we started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from clusterutil import Cluster
+
+TOOLS = Path(__file__).resolve().parent.parent / "tools"
+STRESS = [sys.executable, str(TOOLS / "stress")]
+HANG_GUARD = 300.0      # seconds: a wait that takes this long is a hang, not slowness
+
+# `clusterfs.journal.log` logs one line per replay that found transactions, whoever
+# called it (the first mounter, a survivor's recovery, a node replaying its own slot)
+_REPLAYED = re.compile(r"clusterfs\.journal\.log: journal (\d+): replayed (\d+) "
+                       r"transactions \((\d+) blocks\)")
+_RECOVERED = re.compile(r"gen (\d+): journal recovery done in ([\d.]+) s \(DLM ([\d.]+) s, "
+                        r"replay ([\d.]+) s\)")
+_VERIFY = re.compile(r"verify: \d+ paths: (\d+) ok, (\d+) dirty .*, (\d+) failed")
+
+
+def wait_for(what: str, ready: Callable[[], bool], timeout: float = HANG_GUARD,
+             poll: float = 0.05) -> None:
+    """Until ready() is true; AssertionError naming `what` after `timeout` (a hang guard,
+    not a measure of speed)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still waiting after {timeout:.0f} s for {what}")
+        time.sleep(poll)
+
+
+@dataclass
+class StressRun:
+    """One `tools/stress run` on one node's mount; output in `out`, durability log in
+    `log`. It runs until `stop_file` exists (or `ops` ops per process, if given)."""
+    node: int
+    root: str
+    seed: int
+    work: Path                        # where its log, output and stop file go
+    private: str | None = None        # default: n<node> (each node its own)
+    shared: str | None = "shared"
+    procs: int = 2
+    ops: int | None = None
+    extra: list[str] = field(default_factory=list)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.work / f"stress-n{self.node}-s{self.seed}.log"
+
+    @property
+    def out(self) -> Path:
+        return self.work / f"stress-n{self.node}-s{self.seed}.out"
+
+    @property
+    def stop_file(self) -> Path:
+        return self.work / "stop-stress"
+
+    def argv(self) -> list[str]:
+        args = [*STRESS, "run", "--dir", self.root, "--seed", str(self.seed),
+                "--procs", str(self.procs), "--log", str(self.log), "--progress", "1000",
+                "--private", self.private if self.private is not None else f"n{self.node}",
+                "--shared", self.shared or "", *self.extra]
+        return args + (["--ops", str(self.ops)] if self.ops is not None
+                       else ["--stop-file", str(self.stop_file)])
+
+    def start(self) -> StressRun:
+        with open(self.out, "wb") as out:
+            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, stdout=out,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def output(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def fsyncs(self) -> int:
+        """fsync records in its durability log so far."""
+        try:
+            text = self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return 0
+        return text.count('"t": "fsync"')
+
+    def clean_fsynced(self) -> int:
+        """Paths whose last durability record is an fsync: what verify would check now."""
+        last: dict[str, str] = {}
+        try:
+            with open(self.log) as f:
+                for line in f:
+                    with contextlib.suppress(ValueError):
+                        rec = json.loads(line)
+                        if rec.get("t") in ("fsync", "dirty"):
+                            last[rec["path"]] = rec["t"]
+        except FileNotFoundError:
+            return 0
+        return sum(1 for t in last.values() if t == "fsync")
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL its whole process group (the run and its workers), as a node's death
+        takes its programs with it."""
+        if self.running():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(30)
+
+    def finish(self, timeout: float = HANG_GUARD) -> str:
+        """Wait for its end (stop file made by the caller); the run must be clean."""
+        assert self.proc is not None
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"stress on node {self.node} still running after "
+                                 f"{timeout:.0f} s:\n{self.output()[-3000:]}") from None
+        text = self.output()
+        assert self.proc.returncode == 0 and "stress: 0 failure(s)" in text, (
+            f"stress on node {self.node} (seed {self.seed}) exited "
+            f"{self.proc.returncode}:\n{text[-6000:]}")
+        return text
+
+
+def stop_all(runs: list[StressRun]) -> None:
+    """Tell every run to stop after its current op; kill any left running (cleanup)."""
+    for r in runs:
+        r.stop_file.touch()
+
+
+def kill_all(runs: list[StressRun]) -> None:
+    for r in runs:
+        r.kill()
+
+
+def verify(log: Path, root: str) -> tuple[int, int, int, str]:
+    """`stress verify` of a durability log against `root`: (ok, dirty, failed, text)."""
+    r = subprocess.run([*STRESS, "verify", "--log", str(log), "--root", root],
+                       capture_output=True, text=True, timeout=HANG_GUARD)
+    m = _VERIFY.search(r.stdout)
+    assert m, f"stress verify said:\n{r.stdout}{r.stderr}"
+    ok, dirty, failed = (int(x) for x in m.groups())
+    assert (r.returncode == 0) == (failed == 0), r.stdout + r.stderr
+    return ok, dirty, failed, r.stdout + r.stderr
+
+
+def verify_intact(run: StressRun, root: str) -> int:
+    """Every file `run` fsync'd (last state) is there, read through `root` (the private
+    tree as another, or the restarted, node sees it); the count checked."""
+    ok, _dirty, failed, text = verify(run.log, os.path.join(root))
+    assert failed == 0, f"node {run.node}'s fsync'd files, read at {root}:\n{text}"
+    return ok
+
+
+def digest(root: str) -> str:
+    r = subprocess.run([*STRESS, "digest", "--dir", root], capture_output=True, text=True,
+                       timeout=HANG_GUARD)
+    assert r.returncode == 0, f"digest of {root}:\n{r.stdout}{r.stderr}"
+    return r.stdout.strip()
+
+
+def assert_same_tree(c: Cluster, nodes: list[int]) -> str:
+    """Every node's digest of the whole tree is the same; that digest."""
+    seen = {n: digest(c.mountpoint(n)) for n in nodes}
+    assert len(set(seen.values())) == 1, "nodes disagree on the tree:\n" + "\n".join(
+        f"  node {n}: {d}" for n, d in seen.items())
+    return seen[nodes[0]]
+
+
+# ----------------------------------------------------------------------------
+# the nodes' logs
+
+
+def node_log(c: Cluster, node: int) -> str:
+    """Node's whole log, every life of it (clusterutil appends across restarts)."""
+    path = c.dir / f"node{node}.clusterfs.log"
+    try:
+        return path.read_text(errors="replace")
+    except FileNotFoundError:
+        return ""
+
+
+def log_size(c: Cluster, node: int) -> int:
+    with contextlib.suppress(FileNotFoundError):
+        return (c.dir / f"node{node}.clusterfs.log").stat().st_size
+    return 0
+
+
+def replays(text: str) -> list[tuple[int, int]]:
+    """(slot, transactions) of every replay that found transactions, in log order."""
+    return [(int(m.group(1)), int(m.group(2))) for m in _REPLAYED.finditer(text)]
+
+
+@dataclass(frozen=True)
+class Recovery:
+    generation: int
+    total: float
+    dlm: float
+    replay: float
+
+
+def recoveries(text: str) -> list[Recovery]:
+    """Every "journal recovery done" line of a node's log."""
+    return [Recovery(int(m.group(1)), float(m.group(2)), float(m.group(3)),
+                     float(m.group(4))) for m in _RECOVERED.finditer(text)]
+
+
+def since(c: Cluster, node: int, offset: int) -> str:
+    return node_log(c, node)[offset:] if offset else node_log(c, node)
+
+
+# ----------------------------------------------------------------------------
+# the device, read from outside while no node runs
+
+
+# ----------------------------------------------------------------------------
+# fsck after node deaths
+
+# A node that dies between committing an unlink (or the last close of an unlinked file)
+# and committing the free leaves the inode allocated with no name: survivors do not
+# free a dead node's unlinked inodes yet (issue 7 item 3). Until they do, the checks
+# below accept exactly those orphans, repair them, and require a clean fsck after.
+# Set False once item 3 is built: then any orphan fails the test.
+DEAD_NODES_LEAVE_ORPHANS = True
+
+_ORPHAN = re.compile(r"rgrp \d+: block (\d+) marked used but unreachable \(leaked\); "
+                     r"orphan inode (\d+), unlinked while open")
+_FSCK_CHATTER = re.compile(r"pass \d+/\d+: |.*: \d+ problems, |.*: \d+ of them can be fixed")
+
+
+def fsck_problems(text: str) -> list[str]:
+    return [line for line in text.splitlines()
+            if line.strip() and not _FSCK_CHATTER.match(line)]
+
+
+def fsck_after_deaths(device: str) -> None:
+    """fsck once every node unmounted cleanly: clean, or (DEAD_NODES_LEAVE_ORPHANS)
+    nothing but orphan inodes, which --repair fixes, after which it is clean."""
+    import mountutil
+
+    r = mountutil.fsck(device)
+    if r.returncode == 0:
+        return
+    text = r.stdout + r.stderr
+    problems = fsck_problems(text)
+    orphans = [p for p in problems if _ORPHAN.fullmatch(p)]
+    assert DEAD_NODES_LEAVE_ORPHANS and orphans == problems, f"fsck after the test:\n{text}"
+    print(f"fsck: {len(orphans)} orphan inode(s) left by dead nodes (issue 7 item 3): "
+          f"{', '.join(_ORPHAN.fullmatch(p).group(2) for p in orphans)}")
+    fixed = mountutil.fsck(device, repair=True)
+    assert fixed.returncode in (0, 1), f"fsck --repair:\n{fixed.stdout}{fixed.stderr}"
+    again = mountutil.fsck(device)
+    assert again.returncode == 0, f"fsck after --repair:\n{again.stdout}{again.stderr}"
+
+
+def journal_transactions(device: str, slots: list[int]) -> dict[int, int]:
+    """slot -> committed transactions a replay would find there now. While a node runs
+    this is a snapshot: stop it first (`frozen`) for an answer that stays true."""
+    from clusterfs.fence.poison_pill import read_superblock
+    from clusterfs.journal.log import scan_journal
+    from clusterfs.storage import open_block_device
+
+    dev = open_block_device(device, writable=False)
+    try:
+        sb = read_superblock(dev)
+        return {s: len(scan_journal(dev, sb, s)[1]) for s in slots}
+    finally:
+        dev.close()
+
+
+def _all_stopped(pid: int) -> bool:
+    """Every thread of `pid` is stopped (or gone): none is inside a syscall any more."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return True
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, IndexError):
+            continue
+        if state not in ("T", "t", "Z", "X"):
+            return False
+    return True
+
+
+@contextlib.contextmanager
+def frozen(pids: list[int]) -> Iterator[None]:
+    """SIGSTOP the processes (ours) and wait until every thread has stopped, so nothing
+    of theirs reaches the device meanwhile; SIGCONT at the end (a no-op once killed)."""
+    try:
+        for pid in pids:
+            os.kill(pid, signal.SIGSTOP)
+        wait_for(f"pids {pids} to stop", lambda: all(_all_stopped(p) for p in pids),
+                 poll=0.002)
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def kill_with_dirty_journals(c: Cluster, nodes: list[int], want: int = 1,
+                             also: Callable[[], bool] = lambda: True,
+                             first: Callable[[], None] = lambda: None,
+                             poll: float = 0.05) -> dict[int, int]:
+    """Kill -9 the nodes at the same moment, at a moment when at least `want` of their
+    journals hold committed transactions and also() holds (each try freezes them, reads
+    their journals from outside, and lets them go on if that is not so yet). first() runs
+    just before the kill, while they are frozen (to kill their programs: a program that
+    outlived its node would see its mount fail). Their dead mounts are detached.
+    Returns slot -> transactions that a replay must find."""
+    slots = {n: journal_slot(c, n) for n in nodes}
+    pids = [c.mounts[n].pid for n in nodes]
+    found: dict[int, int] = {}
+    tries = 0
+    began = time.monotonic()
+
+    def dirty_now() -> bool:
+        nonlocal found, tries
+        tries += 1
+        with frozen(pids):
+            found = journal_transactions(c.device, list(slots.values()))
+            if sum(1 for t in found.values() if t) < want or not also():
+                return False
+            first()
+            for pid in pids:
+                os.kill(pid, signal.SIGKILL)
+            return True
+    wait_for(f"{want} dirty journal(s) among nodes {nodes}", dirty_now, poll=poll)
+    print(f"nodes {nodes} killed after {tries} look(s) at their journals in "
+          f"{time.monotonic() - began:.1f} s: transactions per slot {found}")
+    for n in nodes:
+        c.kill9(n)           # reaps it and detaches its dead mount
+    return {s: t for s, t in found.items() if t}
+
+
+def journal_slot(c: Cluster, node: int) -> int:
+    """The journal slot of the node's current (last) life, from its log."""
+    found = re.findall(r"\(journal slot (\d+),", node_log(c, node))
+    assert found, f"node {node} never said its journal slot:\n{node_log(c, node)[-3000:]}"
+    return int(found[-1])
+
+
+# ----------------------------------------------------------------------------
+# a big dirty journal, and catching its replay
+
+
+def batch_content(i: int) -> bytes:
+    """File i's content: small, so it is stuffed in its inode and journaled with it."""
+    return f"file {i} ".encode() * (1 + i % 9)
+
+
+def write_batches(root: str, log: str, files: int, batch: int) -> None:
+    """Create `files` small files under root/many, fsyncing every `batch`-th (which
+    commits the whole running transaction: docs/journal.md). Logs each fsync'd file as
+    `tools/stress` does (so `stress verify` checks it) and {"t": "batch", "upto": i}."""
+    many = os.path.join(root, "many")
+    os.makedirs(many, exist_ok=True)
+    fd_log = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def append(rec: dict) -> None:
+        os.write(fd_log, (json.dumps(rec, sort_keys=True) + "\n").encode())
+        os.fsync(fd_log)
+    append({"t": "run", "root": root, "seed": 0, "procs": 1})
+    for i in range(files):
+        path = os.path.join(many, f"f{i:05d}")
+        data = batch_content(i)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.write(fd, data)
+            if (i + 1) % batch == 0:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if (i + 1) % batch == 0:
+            for d in (many, root):
+                dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+                os.fsync(dfd)
+                os.close(dfd)
+            append({"t": "fsync", "path": f"many/f{i:05d}", "size": len(data),
+                    "sha256": hashlib.sha256(data).hexdigest(), "op": i, "proc": 0})
+            append({"t": "batch", "upto": i})
+    os.close(fd_log)
+
+
+def check_batches(log: Path, root: str) -> int:
+    """Every file up to the last logged batch is there with its content, read at root;
+    how many."""
+    upto = -1
+    for line in log.read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("t") == "batch":
+            upto = rec["upto"]
+    for i in range(upto + 1):
+        path = os.path.join(root, "many", f"f{i:05d}")
+        with open(path, "rb") as f:
+            assert f.read() == batch_content(i), f"{path}: wrong content"
+    return upto + 1
+
+
+def read_bytes(pid: int) -> int:
+    """Bytes the process has had read from block devices (/proc/PID/io)."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def catch_reader(pids: dict[int, int], threshold: int,
+                 timeout: float = HANG_GUARD) -> int:
+    """The first node (of node -> pid) that reads `threshold` bytes from the device from
+    now on, SIGKILLed the moment it is seen; its node id."""
+    base = {n: read_bytes(p) for n, p in pids.items()}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for n, pid in pids.items():
+            if read_bytes(pid) - base[n] >= threshold:
+                os.kill(pid, signal.SIGKILL)
+                return n
+        time.sleep(0.001)
+    raise AssertionError(f"no node of {sorted(pids)} read {threshold} bytes in {timeout} s")
+
+
+if __name__ == "__main__":      # python3 tests/recoveryutil.py write-batches ROOT LOG N B
+    if sys.argv[1:2] == ["write-batches"]:
+        write_batches(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]))
