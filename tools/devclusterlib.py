@@ -1,6 +1,7 @@
 """devcluster: a local multi-node clusterfs cluster on one loop device, for development.
 
     tools/devcluster up --nodes 3 --dir DIR [--size 2G] [--journals N] [--timeout S]
+                        [--heartbeat-interval 0.5] [--failure-timeout 3.0]
     tools/devcluster status --dir DIR
     tools/devcluster kill K --dir DIR
     tools/devcluster start K [K...] --dir DIR [--timeout S]
@@ -423,9 +424,9 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def cluster_toml(ports: list[int]) -> str:
+def cluster_toml(ports: list[int], heartbeat: float = 0.5, failure: float = 3.0) -> str:
     out = [f'name = "{CLUSTER_NAME}"', 'key_file = "cluster.key"', "",
-           "[timeouts]", "heartbeat_interval = 0.5", "failure_timeout = 3.0"]
+           "[timeouts]", f"heartbeat_interval = {heartbeat}", f"failure_timeout = {failure}"]
     for node_id, port in enumerate(ports, 1):
         out += ["", "[[node]]", f"id = {node_id}", f'name = "node{node_id}"',
                 f'address = "127.0.0.1:{port}"']
@@ -476,6 +477,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     size = parse_size(args.size)
     if args.timeout <= 0:
         raise BadInput(f"--timeout {args.timeout}: must be positive")
+    if not 0 < args.heartbeat_interval <= args.failure_timeout / 2:
+        raise BadInput(f"--heartbeat-interval {args.heartbeat_interval}, --failure-timeout "
+                       f"{args.failure_timeout}: need 0 < heartbeat <= failure timeout / 2")
     check_machine()
     cmd = clusterfs_command()
     options = mount_options(cmd)
@@ -518,7 +522,8 @@ def _up(cl: Cluster, args: argparse.Namespace, cmd: list[str], options: set[str]
         if r.returncode != 0:
             raise Failure(f"clusterfs keygen: {last_line(r)}")
         with open(cl.state["config"], "w") as f:
-            f.write(cluster_toml(free_ports(args.nodes)))
+            f.write(cluster_toml(free_ports(args.nodes), args.heartbeat_interval,
+                                 args.failure_timeout))
         r = run_clusterfs(cmd, "mkfs", "-q", "-j", str(journals), "--cluster", CLUSTER_NAME,
                           loop, timeout=600)
         if r.returncode != 0:
@@ -863,6 +868,11 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--journals", type=int, help="journals = node slots (default: --nodes)")
     up.add_argument("--timeout", type=float, default=120.0,
                     help="seconds to wait for every mount (default 120)")
+    up.add_argument("--heartbeat-interval", type=float, default=0.5, metavar="S",
+                    help="the config's heartbeat_interval (default 0.5)")
+    up.add_argument("--failure-timeout", type=float, default=3.0, metavar="S",
+                    help="the config's failure_timeout: a silent node leaves the view "
+                         "after this (default 3.0)")
     up.set_defaults(run=cmd_up)
 
     st = sub.add_parser("status", help="each node: pid, alive, mounted, clusterfs status; "
