@@ -265,7 +265,8 @@ def wait_steps(watch: LogWatch, k: Kill, survivors: list[int], t0: float) -> Non
             raise Failure(f"kill {k.index}: the survivors did not all log their journal "
                           f"recovery in {STEP_TIMEOUT:.0f} s")
         time.sleep(0.05)
-    seen = watch.first("conn_lost", k.victim)     # none when frozen: sockets stay open
+    # a frozen process's sockets stay open until its fence kills it: not a step then
+    seen = watch.first("conn_lost", k.victim) if k.how == "kill" else None
     if seen is not None:
         k.steps["conn_lost"] = seen[0] - t0
     for step in ("detected", "fenced"):
