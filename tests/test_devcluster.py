@@ -254,6 +254,8 @@ def test_unreadable_record_is_one_line(tmp_path):
     (["--size", "12Q"], ["--size 12Q", "not a size"]),
     (["--size", "1M"], ["--size 1M", "at least"]),
     (["--timeout", "0"], ["--timeout"]),
+    (["--failure-timeout", "0.8"], ["--heartbeat-interval 0.5", "--failure-timeout 0.8"]),
+    (["--heartbeat-interval", "0"], ["--heartbeat-interval 0.0"]),
 ])
 def test_up_bad_arguments_make_nothing(args, words, tmp_path):
     target = str(tmp_path / "cluster")

@@ -164,6 +164,18 @@ def test_log_must_be_outside_the_tree(tmp_path):
     assert "outside" in r.stderr
 
 
+def test_stop_file_ends_the_run(tmp_path):
+    """--stop-file: no op once the file exists; it must live outside the tree."""
+    tree = tmp_path / "t"
+    tree.mkdir()
+    stop = tmp_path / "stop"
+    r = stress("run", "--dir", tree, "--seed", 1, "--stop-file", tree / "stop")
+    assert r.returncode == 2 and "outside" in r.stderr
+    stop.touch()
+    r = ok_run("--dir", tree, "--seed", 1, "--procs", 2, "--stop-file", stop)
+    assert "2 process(es), seeds 1,2: 0 ops" in r.stderr, r.stderr
+
+
 # ----------------------------------------------------------------------------
 # the checkers catch what they are for
 
