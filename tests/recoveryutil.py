@@ -323,9 +323,10 @@ def frozen(pids: list[int]) -> Iterator[None]:
 def kill_with_dirty_journals(c: Cluster, nodes: list[int], want: int = 1,
                              also: Callable[[], bool] = lambda: True,
                              first: Callable[[], None] = lambda: None,
-                             poll: float = 0.05) -> dict[int, int]:
+                             poll: float = 0.05, least: int = 1) -> dict[int, int]:
     """Kill -9 the nodes at the same moment, at a moment when at least `want` of their
-    journals hold committed transactions and also() holds (each try freezes them, reads
+    journals hold committed transactions (`least` at least) and also() holds (each try
+    freezes them, reads
     their journals from outside, and lets them go on if that is not so yet). first() runs
     just before the kill, while they are frozen (to kill their programs: a program that
     outlived its node would see its mount fail). Their dead mounts are detached.
@@ -341,7 +342,7 @@ def kill_with_dirty_journals(c: Cluster, nodes: list[int], want: int = 1,
         tries += 1
         with frozen(pids):
             found = journal_transactions(c.device, list(slots.values()))
-            if sum(1 for t in found.values() if t) < want or not also():
+            if sum(1 for t in found.values() if t >= least) < want or not also():
                 return False
             first()
             for pid in pids:
