@@ -281,6 +281,9 @@ def journal_transactions(device: str, slots: list[int]) -> dict[int, int]:
 
     dev = open_block_device(device, writable=False)
     try:
+        # as the nodes read it: through O_DIRECT, never this host's page cache, which
+        # may still hold what mkfs wrote there (a journal header marked clean)
+        assert dev.bypass_page_cache(), f"{device} refuses O_DIRECT"
         sb = read_superblock(dev)
         return {s: len(scan_journal(dev, sb, s)[1]) for s in slots}
     finally:
