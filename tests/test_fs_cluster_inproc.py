@@ -119,3 +119,31 @@ async def test_unlink_on_one_node_frees_once_and_statfs_agrees(tmp_path) -> None
         await b.fs.txn.commit(checkpoint=True)
         assert await a.fs.lookup(root, b"big") is None
         assert (await a.fs.usage()).free >= before - 4   # the space is back, seen from a
+
+
+@trio_test
+async def test_rename_over_a_target_unlinked_elsewhere_between_its_looks(tmp_path) -> None:
+    """A's rename finds the target under PR, then B unlinks it (B keeps it open, so it
+    is not freed) before A takes its locks in EX. A must look again, not unlink the
+    target a second time: that drove its link count to -1 and crashed the node at
+    commit (found by tools/stress on three nodes in one directory)."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        src = await a.fs.mknod(root, b"src", REG, 0, 0, 0)
+        dst = await a.fs.mknod(root, b"dst", REG, 0, 0, 0)
+        await b.fs.open(dst.ino)
+        real_retrying = a.fs._retrying
+
+        async def unlink_on_b_first(run, goal, want):
+            a.fs._retrying = real_retrying       # once
+            await b.fs.unlink(root, b"dst")      # between A's look and A's change
+            return await real_retrying(run, goal, want)
+
+        a.fs._retrying = unlink_on_b_first
+        await a.fs.rename(root, b"src", root, b"dst")
+        await a.fs.txn.commit(checkpoint=True)    # the crash was here (nlink -1)
+        moved = await b.fs.lookup(root, b"dst")
+        assert moved is not None and moved.ino == src.ino
+        assert await b.fs.lookup(root, b"src") is None
+        assert (await b.fs.getattr(dst.ino)).d.nlink == 0   # unlinked once, still open
+        await b.fs.release(dst.ino)

@@ -159,6 +159,9 @@ class FileSystem:
         # tell the kernel to forget an inode's attributes (set by the FUSE layer; may
         # block briefly, so it is called from a worker thread)
         self.invalidate_hook: Callable[[int], None] | None = None
+        # take back the names the kernel was given in a directory (set by the FUSE
+        # layer; never blocks: the kernel is told later, see fuse/names.py)
+        self.names_hook: Callable[[int], None] | None = None
         txn.quarantine_mark = self.alloc.quarantine_mark
         txn.end_quarantine = self.alloc.end_quarantine
         glocks.on_demote("inode", self._demote_inode)
@@ -208,7 +211,11 @@ class FileSystem:
             self.alloc.free_hint[index] = group.free
         return group
 
-    def _inode(self, ino: int) -> CachedInode:
+    def _inode(self, ino: int, by_name: bool = False) -> CachedInode:
+        """The cached inode, read under the lock the caller holds. `by_name`: reached
+        through a directory entry checked under its parent's lock, so a block that is
+        not an inode is corruption; otherwise (a number the kernel hands back) in a
+        cluster another node may have freed the inode and reused its block since."""
         node = self.inodes.get(ino)
         if node is None:
             if not self.sb.rgrp_start <= ino < self.sb.total_blocks:
@@ -224,6 +231,10 @@ class FileSystem:
                     # the kernel still names an inode this node deleted, and its block
                     # holds something else now: stale, not corrupt
                     raise FSError(errno.ENOENT, f"inode {ino} was deleted") from exc
+                if self.clustered and not by_name:
+                    # freed by another node and its block reused: the kernel's number
+                    # is stale (ESTALE makes a path walk look the name up again)
+                    raise FSError(errno.ESTALE, f"inode {ino}: stale ({exc})") from exc
                 raise self._corrupt(exc) from exc
             except StorageError as exc:
                 raise self._corrupt(exc) from exc
@@ -308,7 +319,7 @@ class FileSystem:
         async with self._hold(pr=sorted({parent, ino}), write=False):
             if self._find_or_none(parent, name) != ino:
                 return None
-            return self._inode(ino)
+            return self._inode(ino, by_name=True)
 
     async def prefetch(self, inos: list[int]) -> None:
         """Load many inodes with few reads: readdir needs every entry's attributes, and
@@ -528,7 +539,7 @@ class FileSystem:
         await self._maybe_free(ino)
 
     def _unlink(self, parent: int, name: bytes, ino: int, want_dir: bool) -> None:
-        p, node = self._inode(parent), self._inode(ino)
+        p, node = self._inode(parent), self._inode(ino, by_name=True)
         if want_dir:
             if node.dir is None:
                 raise FSError(errno.ENOTDIR)
@@ -674,10 +685,9 @@ class FileSystem:
                 dst: int | None, chain: list[int]) -> None:
         P1, P2 = self._inode(p1), self._inode(p2)
         assert P1.dir is not None and P2.dir is not None
-        if P1.dir.get(n1) is None or P1.dir.get(n1)[0] != src or \
-                (P2.dir.get(n2) or (dst,))[0] != dst:
+        if self._entry_ino(P1, n1) != src or self._entry_ino(P2, n2) != dst:
             raise _Changed
-        S = self._inode(src)
+        S = self._inode(src, by_name=True)
         if S.dir is not None and src in chain:
             raise FSError(errno.EINVAL, "cannot move a directory into itself")
         if flags & RENAME_NOREPLACE and dst is not None:
@@ -685,7 +695,7 @@ class FileSystem:
         if flags & RENAME_EXCHANGE:
             if dst is None:
                 raise FSError(errno.ENOENT)
-            D = self._inode(dst)
+            D = self._inode(dst, by_name=True)
             if D.dir is not None and dst in self._ancestors(p1) and p1 != p2:
                 raise FSError(errno.EINVAL)
             self._exchange(P1, n1, S, P2, n2, D)
@@ -693,7 +703,7 @@ class FileSystem:
         if dst == src:
             return
         if dst is not None:
-            D = self._inode(dst)
+            D = self._inode(dst, by_name=True)
             if S.dir is not None and D.dir is None:
                 raise FSError(errno.ENOTDIR)
             if S.dir is None and D.dir is not None:
@@ -726,6 +736,12 @@ class FileSystem:
             P.touch()
             self._dirty(P)
         self._dirty(S)
+
+    @staticmethod
+    def _entry_ino(parent: CachedInode, name: bytes) -> int | None:
+        assert parent.dir is not None
+        found = parent.dir.get(name)
+        return None if found is None else found[0]
 
     def _exchange(self, P1: CachedInode, n1: bytes, S: CachedInode, P2: CachedInode,
                   n2: bytes, D: CachedInode) -> None:
@@ -819,8 +835,8 @@ class FileSystem:
                 if self._inode(ino).d.nlink > 0:
                     return
         except FSError as exc:
-            if exc.errno == errno.ENOENT:
-                return                   # freed already, by another node
+            if exc.errno in (errno.ENOENT, errno.ESTALE):
+                return                   # freed already by another node (and reused)
             raise
         try:
             iopen = await self.glocks.locks.lock(("iopen", ino), Mode.EX, try_=True)
@@ -830,7 +846,7 @@ class FileSystem:
         try:
             await self._free_if_unlinked(ino)
         except FSError as exc:
-            if exc.errno != errno.ENOENT:
+            if exc.errno not in (errno.ENOENT, errno.ESTALE):
                 raise
         finally:
             self.unlinked.discard(ino)
@@ -1162,7 +1178,10 @@ class FileSystem:
             for ino in list(self.unlinked):
                 self.nlookup.pop(ino, None)
                 self.opens.pop(ino, None)
-                await self._maybe_free(ino)
+                try:
+                    await self._maybe_free(ino)
+                except FSError as exc:   # one inode must not keep the journal dirty
+                    log.warning("unmount: unlinked inode %d not freed: %s", ino, exc)
         if waited.cancelled_caught:
             # no quorum left to lock them (the other nodes went first): never hang an
             # unmount; fsck --repair frees what is left
@@ -1171,6 +1190,12 @@ class FileSystem:
                         sorted(self.unlinked)[:10])
         if not self.txn.withdrawn:
             await self.txn.close()
+        elif self.clustered:
+            # our journal may hold what never reached home: give no lock back, so the
+            # other nodes treat us as failed and replay it (node/mount_cmd.py)
+            log.error("unmount of a withdrawn node: keeping every lock; the other nodes "
+                      "replay journal %d", self.journal.slot)
+            return
         for ino in list(self.iopen):
             await self._iopen_release(ino)
         await self.glocks.release_all()
@@ -1197,6 +1222,10 @@ class FileSystem:
         of everything the next holder will read."""
         if not self.txn.withdrawn:
             await self.txn.commit(checkpoint=True)
+        elif self.clustered:
+            # what we committed may not be home: never hand it over stale; the mount
+            # leaves the cluster as failed and the others replay our journal
+            await trio.sleep_forever()
 
     async def _demote_inode(self, glock: Glock, target: Mode) -> None:
         """Another node wants this inode: flush; going to nothing, also drop our copy
@@ -1207,6 +1236,8 @@ class FileSystem:
             return                       # PR: our clean copy stays valid
         self._drop_if_clean(ino)         # (dirty now: created during the flush)
         self.dev.forget_read_ahead()     # chunks of its data may be rewritten elsewhere
+        if self.names_hook is not None:  # the other node may rename what is in it
+            self.names_hook(ino)
         if self.invalidate_hook is not None:
             await trio.to_thread.run_sync(self.invalidate_hook, ino)
 

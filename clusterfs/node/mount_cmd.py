@@ -285,6 +285,7 @@ async def _serve_clustered(cluster: ClusterArgs, dev, sb, mountpoint: str, opts:
                 nursery.start_soon(recovery.run, node.membership)
                 nursery.start_soon(control.serve, path)
                 nursery.start_soon(_watch_expelled, ls, fs)
+                nursery.start_soon(_leave_when_withdrawn, ls, fs, slot)
 
             await _serve_fs(ls, dev, sb, mountpoint, opts, ready, pool, side_tasks)
 
@@ -303,6 +304,23 @@ async def _watch_expelled(ls, fs) -> None:
     while not ls.ls_expelled:
         await trio.sleep(0.2)
     fs.txn.withdraw("expelled from the cluster; unmount and mount again")
+
+
+async def _leave_when_withdrawn(ls, fs, slot: int) -> None:
+    """Withdrawn here (a write failed, corruption found) while the cluster still counts
+    on us: our journal may hold committed changes that never reached home, under locks
+    other nodes wait for. Giving those locks back would hand them stale blocks; keeping
+    them would hang the cluster. So leave as a failed node does: end the mount without
+    giving any lock back, and the others fence us and replay our journal."""
+    import pyfuse3
+    import trio
+
+    while fs.txn.withdrawn is None or ls.ls_expelled:
+        await trio.sleep(0.2)
+    log.error("withdrawn while in the cluster: unmounting without giving locks back, so "
+              "the other nodes replay journal %d (restart this node once it is fenced)",
+              slot)
+    pyfuse3.terminate()
 
 
 async def claim_journal(locks, dev, sb, clustered: bool) -> tuple[int, list]:
@@ -456,9 +474,12 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
         with trio.CancelScope(shield=True):
             if not shut:
                 await _shutdown(fs)
-            for lock in held:
-                await locks.unlock(lock)
-        pyfuse3.close(unmount=unmounted_by_us)
+            if not (clustered and txn.withdrawn):   # else: leave as failed (above)
+                for lock in held:
+                    await locks.unlock(lock)
+        ops.close()
+        # a withdrawn cluster node ended its own mount (_leave_when_withdrawn)
+        pyfuse3.close(unmount=unmounted_by_us or bool(clustered and txn.withdrawn))
         mountrecord.remove(mountpoint)
         log.info("unmounted %s; journal clean: %s", mountpoint, not txn.withdrawn)
 

@@ -1,0 +1,75 @@
+"""KernelNames: the names this mount handed to the kernel, so a demote can take them back.
+
+In a cluster the kernel caches no names for long (entry timeout 0: every path walk asks
+again), but it keeps the dentries themselves, and a directory's dentry is unique: when
+another node moves a directory, the old dentry here still stands for it. The next lookup
+that finds the directory at its new place must move that alias (d_splice_alias), which
+needs the rename lock and the old parent's lock by trylock; inside a rename, or while
+another request holds the old parent, that fails and the application sees ESTALE.
+
+So when a directory's lock goes to another node (which may change its names), every name
+this mount handed out in it is invalidated. `invalidate_entry` waits for the directory's
+inode lock, which a pending lookup there holds while it waits for the very glock being
+demoted: the demote therefore only queues the names, and one worker thread invalidates
+them once the kernel lets it (docs/locking.md, "kernel caches").
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+
+log = logging.getLogger(__name__)
+
+# names remembered per directory before the oldest are let go: a directory listed with
+# readdirplus hands out every name in it, and forgetting a name only costs a later ESTALE
+# chance, never correctness of data
+NAMES_PER_DIR_MAX = 4096
+
+
+class KernelNames:
+    def __init__(self, invalidate_entry: Callable[[int, bytes], None]) -> None:
+        self._invalidate_entry = invalidate_entry
+        self._names: dict[int, dict[bytes, None]] = {}    # directory -> names (ordered)
+        self._queue: queue.SimpleQueue[tuple[int, list[bytes]] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._work, name="clusterfs-names",
+                                        daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout=5)
+            self._thread = None
+
+    def remember(self, parent: int, name: bytes) -> None:
+        """The kernel now has a dentry `name` in `parent` (a FUSE inode number)."""
+        names = self._names.setdefault(parent, {})
+        names[name] = None
+        if len(names) > NAMES_PER_DIR_MAX:
+            del names[next(iter(names))]
+
+    def take_back(self, parent: int) -> None:
+        """Queue every name handed out in `parent` for invalidation (never blocks)."""
+        names = self._names.pop(parent, None)
+        if names and self._thread is not None:
+            self._queue.put((parent, list(names)))
+
+    def pending(self) -> int:
+        return self._queue.qsize()
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            parent, names = item
+            for name in names:
+                try:
+                    self._invalidate_entry(parent, name)
+                except OSError:
+                    pass                 # the kernel no longer has it: nothing to do
+                except Exception as exc:   # never let the worker die: log and go on
+                    log.debug("invalidate_entry %d/%r: %s", parent, name, exc)
