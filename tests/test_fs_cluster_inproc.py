@@ -147,3 +147,29 @@ async def test_rename_over_a_target_unlinked_elsewhere_between_its_looks(tmp_pat
         assert await b.fs.lookup(root, b"src") is None
         assert (await b.fs.getattr(dst.ino)).d.nlink == 0   # unlinked once, still open
         await b.fs.release(dst.ino)
+
+
+@trio_test
+async def test_statfs_takes_free_counts_from_the_lock_value_blocks(tmp_path) -> None:
+    """A group's last EX holder leaves its free count in the lock value block; another
+    node's statfs reads it there instead of every group header from disk."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        before = (await b.fs.usage()).free
+        f = await a.fs.mknod(root, b"big", REG, 0, 0, 0)
+        await a.fs.write(f.ino, 0, bytes(1 << 20))
+        await a.fs.fsync(f.ino)
+        header_reads: list[int] = []
+        real_read_meta = b.fs.read_meta
+        headers = {b.fs.sb.rgrp_location(i)[0] for i in range(b.fs.sb.rgrp_count)}
+
+        def counting_read_meta(blkno: int) -> bytes:
+            if blkno in headers:
+                header_reads.append(blkno)
+            return real_read_meta(blkno)
+
+        b.fs.read_meta = counting_read_meta
+        after = (await b.fs.usage()).free
+        assert after <= before - 256                 # a's megabyte is seen by b
+        home = a.fs.sb.rgrp_location(a.fs.home_group)[0]
+        assert header_reads and home not in header_reads   # a's group: its value block

@@ -37,7 +37,7 @@ from clusterfs.format.inode import (
 )
 from clusterfs.format.superblock import Superblock
 from clusterfs.fs import extents as ext
-from clusterfs.fs.alloc import Allocator, ResourceGroup, encode_free_lvb
+from clusterfs.fs.alloc import Allocator, ResourceGroup, decode_free_lvb, encode_free_lvb
 from clusterfs.fs.directory import Directory
 from clusterfs.fs.inode import CachedInode
 from clusterfs.journal.log import Journal
@@ -168,6 +168,7 @@ class FileSystem:
         glocks.on_demote("rgrp", self._demote_rgrp)
         glocks.on_demote("rename", self._demote_flush)
         glocks.on_grant("inode", self._granted_inode)
+        glocks.on_grant("rgrp", self._granted_rgrp)
         self._load_group_hints()
 
     # ================================================================ plumbing
@@ -183,18 +184,40 @@ class FileSystem:
         return FSError(errno.EIO, str(exc))
 
     def _load_group_hints(self) -> None:
-        """Free counts of the groups this node does not hold, read without a lock: only
-        hints for choosing where to allocate (the allocation itself reads the bitmap
-        under the group's lock)."""
+        """Free counts of the groups this node has not loaded: from the lock value block
+        where a lock with a valid one is held (statfs holds them all), else the header
+        on disk (at mount: read without a lock, only hints for choosing where to
+        allocate; the allocation itself reads the bitmap under the group's lock)."""
         from clusterfs.format.rgrp import decode_rgrp
         for i in range(self.sb.rgrp_count):
             if i in self.alloc.groups:
                 continue                 # held: its loaded copy is the newest
+            if self._free_from_lvb(i):
+                continue
             first, _ = self.sb.rgrp_location(i)
             try:
                 self.alloc.free_hint[i] = decode_rgrp(self.read_meta(first), first).free
             except FormatError as exc:
                 raise self._corrupt(exc) from exc
+
+    def _free_from_lvb(self, index: int) -> bool:
+        """Take group `index`'s free count from its held lock's value block, if valid
+        (an EX holder that died without releasing leaves it invalid: then the header
+        is read, and the bitmap counted when the group is loaded)."""
+        glock = self.glocks.glocks.get(("rgrp", index))
+        lock = glock.lock if glock is not None else None
+        if lock is None or not lock.lvb_valid:
+            return False
+        free = decode_free_lvb(bytes(lock.lvb))
+        if free is None:
+            return False
+        self.alloc.free_hint[index] = free
+        return True
+
+    def _granted_rgrp(self, glock: Glock) -> None:
+        """A fresh grant of a group's lock brings the free count its last EX holder
+        left: a better hint for choosing groups than the one read at mount."""
+        self._free_from_lvb(glock.name[1])
 
     def _group(self, glock: Glock) -> ResourceGroup:
         """The group its held glock covers, loaded from disk on first use after a grant
@@ -1198,6 +1221,9 @@ class FileSystem:
             return
         for ino in list(self.iopen):
             await self._iopen_release(ino)
+        for glock in self.glocks.glocks.values():
+            if glock.name[0] == "rgrp":
+                self._leave_free_count(glock)
         await self.glocks.release_all()
 
     # ================================================================ lock demotion
@@ -1245,11 +1271,16 @@ class FileSystem:
         """Flush, leave the group's free count in the lock value block, drop the group."""
         await self._flush_for_demote()
         index = glock.name[1]
-        group = self.alloc.groups.get(index)
-        if group is not None and glock.lock is not None:
-            glock.lock.lvb = encode_free_lvb(group.free + group.quarantined)
+        self._leave_free_count(glock)
         if target == Mode.NL:
             self.alloc.drop(index)
+
+    def _leave_free_count(self, glock: Glock) -> None:
+        """Before an EX lock on a group goes down: its free count into the lock value
+        block, for the next holder and every statfs (stored only from EX)."""
+        group = self.alloc.groups.get(glock.name[1])
+        if group is not None and glock.lock is not None and glock.lock.mode == Mode.EX:
+            glock.lock.lvb = encode_free_lvb(group.free + group.quarantined)
 
     async def _demote_flush(self, glock: Glock, target: Mode) -> None:
         """The rename lock covers no cached object, only the order of directory moves:
