@@ -9,6 +9,7 @@ attribute, name or page caches) fails it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -16,6 +17,7 @@ import random
 import stat
 import subprocess
 import sys
+import time
 
 import mountutil
 import pytest
@@ -310,6 +312,34 @@ def test_survivors_replay_a_killed_nodes_journal_and_go_on(tmp_path):
         assert sorted(os.listdir(c.path(1, "shared"))) == sorted([*data, "after"])
         with open(c.path(1, "shared", "after"), "rb") as f:
             assert f.read() == b"survivor"
+
+
+def test_a_killed_nodes_open_unlinked_files_are_freed_by_the_survivors(tmp_path):
+    """Node 1 has two files open when it is killed: one it unlinked itself, one node 2
+    unlinked (node 2 could not free it: open on node 1). Nobody will ever close them;
+    the survivors free both after replaying node 1's journal (from node 1's orphan
+    list, and node 2's own), so the space comes back and fsck finds no leak."""
+    with cluster(tmp_path, nodes=3) as c:
+        before = os.statvfs(c.path(2, ".")).f_bfree
+        fds = []
+        for name in ("mine", "theirs"):
+            fd = os.open(c.path(1, name), os.O_RDWR | os.O_CREAT, 0o600)
+            os.write(fd, os.urandom(4 << 20))
+            fds.append(fd)
+        os.unlink(c.path(1, "mine"))
+        os.unlink(c.path(2, "theirs"))
+        os.fsync(fds[0])                     # node 1's unlink and orphan entry committed
+        c.kill9(1)
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        deadline = time.monotonic() + 60
+        while os.statvfs(c.path(2, ".")).f_bfree < before - 16 and \
+                time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert os.statvfs(c.path(3, ".")).f_bfree >= before - 16, c.logs()[-3000:]
+        assert "freed orphan inode" in c.logs()
+        c.start(1)
 
 
 def test_clusterfs_umount_of_the_last_node_without_quorum(tmp_path):

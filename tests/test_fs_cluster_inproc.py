@@ -4,11 +4,13 @@ without FUSE. (tests/test_cluster_mount.py does the same through real mounts.)""
 
 from __future__ import annotations
 
+import errno
 import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import pytest
 import trio
 from dlmcluster import memory_cluster
 from trioutil import trio_test
@@ -16,6 +18,7 @@ from trioutil import trio_test
 from clusterfs.cache.glock import GlockManager
 from clusterfs.cache.transaction import TransactionManager
 from clusterfs.dlm.interface import Mode
+from clusterfs.errors import FSError
 from clusterfs.fs.filesystem import FileSystem
 from clusterfs.journal.log import Journal
 from clusterfs.node.mkfs_cmd import make_filesystem
@@ -173,3 +176,27 @@ async def test_statfs_takes_free_counts_from_the_lock_value_blocks(tmp_path) -> 
         assert after <= before - 256                 # a's megabyte is seen by b
         home = a.fs.sb.rgrp_location(a.fs.home_group)[0]
         assert header_reads and home not in header_reads   # a's group: its value block
+
+
+@trio_test
+async def test_a_number_the_kernel_holds_is_stale_once_its_block_holds_a_new_inode(
+        tmp_path) -> None:
+    """A's kernel holds inode f (generation g1). B unlinks and frees f, then creates a
+    directory in the very block. A's next use of the number (getattr, link, setxattr by
+    inode) must be ESTALE, so the VFS looks the path up again, not the directory's
+    attributes (the kernel then saw a file turn into a directory: EIO / EPERM)."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        f = await a.fs.mknod(root, b"f", REG, 0, 0, 0)
+        await b.fs.unlink(root, b"f")
+        await b.fs.txn.commit(checkpoint=True)     # its block leaves quarantine
+        b.fs.home_group = a.fs.home_group           # so that B allocates there
+        d = await b.fs.mknod(root, b"d", stat.S_IFDIR | 0o755, 0, 0, 0)
+        assert d.ino == f.ino                       # the block was reused
+        with pytest.raises(FSError) as caught:
+            await a.fs.getattr(f.ino)
+        assert caught.value.errno == errno.ESTALE
+        with pytest.raises(FSError) as caught:
+            await a.fs.link(f.ino, root, b"again")
+        assert caught.value.errno == errno.ESTALE
+        assert (await a.fs.lookup(root, b"d")).ino == d.ino   # by name: the new one

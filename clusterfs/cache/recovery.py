@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -46,6 +47,8 @@ class JournalRecovery:
         self.need_gen = 0       # newest view that removed nodes
         self.done_gen = 0       # newest view whose departures' journals are replayed
         self.last: dict[str, Any] | None = None    # the last recovery, for status
+        # called once a recovery is done (the fs then frees the departed nodes' orphans)
+        self.on_recovered: Callable[[], None] | None = None
 
     # -- the gate ------------------------------------------------------------------------
     def is_open(self) -> bool:
@@ -102,6 +105,8 @@ class JournalRecovery:
                      "%s", generation, done - start, took - start, done - took,
                      ", ".join(f"slot {s}: {t} transactions" for s, t in replayed)
                      or "no journal needed replay")
+            if self.on_recovered is not None:
+                self.on_recovered()
 
     async def _replay_if_free(self, slot: int) -> int | None:
         """Replay `slot` if no live node holds it; the transactions replayed, or None."""

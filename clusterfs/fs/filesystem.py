@@ -40,6 +40,7 @@ from clusterfs.fs import extents as ext
 from clusterfs.fs.alloc import Allocator, ResourceGroup, decode_free_lvb, encode_free_lvb
 from clusterfs.fs.directory import Directory
 from clusterfs.fs.inode import CachedInode
+from clusterfs.fs.orphans import OrphanList
 from clusterfs.journal.log import Journal
 from clusterfs.storage.device import BlockDevice
 
@@ -58,6 +59,7 @@ READAHEAD_BLOCKS = 8192
 READAHEAD_STEP = 2048
 SYMLINK_MAX = 4095
 UNMOUNT_FREE_TIMEOUT = 20   # seconds an unmount waits for the locks to free unlinked inodes
+ORPHAN_SWEEP_INTERVAL = 30  # seconds between looks at orphan lists (sooner after a recovery)
 
 
 def dtype_of(mode: int) -> int:
@@ -143,6 +145,9 @@ class FileSystem:
         self.alloc = Allocator(sb)
         self.inodes: dict[int, CachedInode] = {}
         self.nlookup: dict[int, int] = {}
+        # the generation the kernel was given with each number it holds: in a cluster
+        # the block may hold a newer inode by the time the kernel uses the number again
+        self.handed: dict[int, int] = {}
         self.opens: dict[int, int] = {}
         self.unlinked: set[int] = set()   # nlink went to 0 here; freed once unused
         self.iopen: dict[int, Lock] = {}  # ("iopen", ino) PR held while open here
@@ -162,6 +167,10 @@ class FileSystem:
         # take back the names the kernel was given in a directory (set by the FUSE
         # layer; never blocks: the kernel is told later, see fuse/names.py)
         self.names_hook: Callable[[int], None] | None = None
+        self.orphans = self._load_orphans(journal.slot)
+        self._orphan_kick = trio.Event()
+        self._sweeping = trio.Lock()     # held by the sweeper while it works
+        self.closing = False
         txn.quarantine_mark = self.alloc.quarantine_mark
         txn.end_quarantine = self.alloc.end_quarantine
         glocks.on_demote("inode", self._demote_inode)
@@ -262,6 +271,11 @@ class FileSystem:
             except StorageError as exc:
                 raise self._corrupt(exc) from exc
             self.inodes[ino] = node
+        if not by_name and self.clustered and self.handed.get(ino, node.d.generation) \
+                != node.d.generation:
+            # the kernel's number names an inode freed since (another node reused the
+            # block for a new one): stale, and the VFS looks the path up again
+            raise FSError(errno.ESTALE, f"inode {ino}: generation changed")
         return node
 
     def _dirty(self, obj) -> None:
@@ -332,7 +346,7 @@ class FileSystem:
                 return None
             node = await self._named_inode(parent, name, ino)
             if node is not None:
-                self.count_lookup(ino)
+                self.count_lookup(ino, node.d.generation)
                 return node
 
     async def _named_inode(self, parent: int, name: bytes, ino: int) -> CachedInode | None:
@@ -378,9 +392,12 @@ class FileSystem:
             except FormatError:
                 continue                 # left for _inode(), which withdraws
 
-    def count_lookup(self, ino: int) -> None:
-        """The kernel now holds one more reference to `ino` (undone by forget)."""
+    def count_lookup(self, ino: int, generation: int | None = None) -> None:
+        """The kernel now holds one more reference to `ino` (undone by forget), of this
+        generation (a cluster checks it on every use of the number: _inode)."""
         self.nlookup[ino] = self.nlookup.get(ino, 0) + 1
+        if generation is not None:
+            self.handed[ino] = generation
 
     async def lookup_for_readdir(self, parent: int, name: bytes, ino: int) -> CachedInode:
         """Attributes of a directory entry (the caller counts the kernel reference with
@@ -452,7 +469,7 @@ class FileSystem:
             # of this number (freed since) is told to drop it
             async with self._hold(ex=[node.ino], write=False):
                 node = self._inode(node.ino)
-        self.count_lookup(node.ino)
+        self.count_lookup(node.ino, node.d.generation)
         if open_it:
             await self._iopen_hold(node.ino)
             self.opens[node.ino] = self.opens.get(node.ino, 0) + 1
@@ -545,7 +562,7 @@ class FileSystem:
                 return node
 
         node = await self._retrying(run, parent, 4)
-        self.count_lookup(ino)
+        self.count_lookup(ino, node.d.generation)
         return node
 
     # ================================================================ removing
@@ -581,7 +598,7 @@ class FileSystem:
         else:
             node.d.nlink -= 1
         if node.d.nlink == 0:
-            self.unlinked.add(node.ino)
+            self._orphaned(node.ino)
         p.d.size = self._dir_size(p)
         p.touch()
         node.touch(m=False)
@@ -632,11 +649,22 @@ class FileSystem:
         self._release(node.ino, 1)
         self.freed[node.ino] = node.d.generation
         node.freed = True
+        if self.orphans.discard(node.ino):
+            self._dirty(self.orphans)
         self.txn.discard(node)
         self.txn.add(_Tombstone(node.ino))   # so a node still naming it sees it is gone
         self.inodes.pop(node.ino, None)
         self.nlookup.pop(node.ino, None)
+        self.handed.pop(node.ino, None)
         self.opens.pop(node.ino, None)
+
+    def _orphaned(self, ino: int) -> None:
+        """`ino` lost its last name (in the body of the operation that removed it): free
+        it once unused, and list it in this slot's orphan block meanwhile, so it is
+        freed even if this node dies first (fs/orphans.py)."""
+        self.unlinked.add(ino)
+        if self.orphans.add(ino):
+            self._dirty(self.orphans)
 
     async def forget(self, ino: int, count: int) -> None:
         left = self.nlookup.get(ino, 0) - count
@@ -644,6 +672,7 @@ class FileSystem:
             self.nlookup[ino] = left
             return
         self.nlookup.pop(ino, None)
+        self.handed.pop(ino, None)
         await self._maybe_free(ino)
 
     # ================================================================ rename
@@ -742,7 +771,7 @@ class FileSystem:
             else:
                 D.d.nlink -= 1
             if D.d.nlink == 0:
-                self.unlinked.add(D.ino)
+                self._orphaned(D.ino)
             D.touch(m=False)
             self._dirty(D)
         else:
@@ -1178,6 +1207,120 @@ class FileSystem:
         node.touch(m=False)
         self._dirty(node)
 
+    # ================================================================ orphans
+    def _load_orphans(self, slot: int) -> OrphanList:
+        blkno = self.sb.orphan_location(slot)
+        try:
+            return OrphanList.decode(self.dev.read(blkno), blkno)
+        except (FormatError, StorageError) as exc:
+            raise FormatError(f"journal slot {slot}: {exc} (fsck --repair rewrites it)"
+                              ) from exc
+
+    def kick_orphans(self) -> None:
+        """Look at the orphan lists now (a journal recovery just ended)."""
+        self._orphan_kick.set()
+
+    async def run_orphan_sweeper(self) -> None:
+        """For the mount's lifetime: take over the orphan lists of slots no live node
+        holds, and free listed inodes no node has open any more; at mount, after each
+        journal recovery, and every ORPHAN_SWEEP_INTERVAL seconds."""
+        while not self.closing:
+            if self.txn.withdrawn is None:
+                async with self._sweeping:
+                    try:
+                        await self.adopt_orphans()
+                        await self.sweep_orphans()
+                    except (FSError, FormatError, StorageError) as exc:
+                        log.warning("orphan sweep: %s", exc)
+            with trio.move_on_after(ORPHAN_SWEEP_INTERVAL):
+                await self._orphan_kick.wait()
+            self._orphan_kick = trio.Event()
+
+    async def adopt_orphans(self) -> int:
+        """Move the orphan lists of journal slots that no live node holds (it died, or
+        the whole cluster did, or it left some behind at unmount) into ours, each under
+        that slot's journal lock, after every journal recovery the gate waits for."""
+        gate = self.glocks.gate
+        if gate is not None:
+            await gate.wait_open()
+        adopted = 0
+        for slot in range(self.sb.journal_count):
+            if slot == self.journal.slot or self.closing:
+                continue
+            try:
+                if not self._load_orphans(slot).inodes:
+                    continue             # a look without the lock: nothing to adopt
+            except FormatError as exc:
+                log.warning("orphan list of slot %d unreadable: %s", slot, exc)
+                continue
+            try:
+                lock = await self.glocks.locks.lock(("journal", slot), Mode.EX, try_=True)
+            except WouldBlock:
+                continue                 # a live node's slot
+            try:
+                adopted += await self._adopt_slot(slot)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.glocks.locks.unlock(lock)
+        return adopted
+
+    async def _adopt_slot(self, slot: int) -> int:
+        theirs = self._load_orphans(slot)
+        if not theirs.inodes:
+            return 0
+        left_out = self.orphans.update(sorted(theirs.inodes))
+        emptied = OrphanList(theirs.blkno, [])
+        # both blocks in one transaction, written home before the slot's lock goes (a
+        # node that claims the slot next must read it empty; and our journal must
+        # never hold a block another node may write later)
+        self._dirty(self.orphans)
+        self._dirty(emptied)
+        await self.txn.commit(checkpoint=True)
+        log.info("adopted %d orphan inodes of journal slot %d%s", len(theirs),
+                 slot, f" ({len(left_out)} did not fit: fsck --repair frees them)"
+                 if left_out else "")
+        return len(theirs)
+
+    async def sweep_orphans(self) -> int:
+        """Free each listed inode that still has no name and that no node has open;
+        drop entries whose inode another node freed meanwhile. The freed count."""
+        freed = 0
+        for ino in sorted(self.orphans.inodes):
+            if self.closing or self.txn.withdrawn is not None:
+                break
+            if ino in self.unlinked:
+                continue                 # unlinked in this life: the usual path frees it
+            freed += await self._sweep_one(ino)
+        return freed
+
+    async def _sweep_one(self, ino: int) -> int:
+        try:
+            async with self._hold(pr=[ino], write=False):
+                unlinked = self._inode(ino).d.nlink == 0
+        except FSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ESTALE):
+                raise
+            unlinked = False             # freed (and maybe reused) by another node
+        if not unlinked:
+            async with self._hold():
+                if self.orphans.discard(ino):
+                    self._dirty(self.orphans)
+            return 0
+        iopen = None
+        if self.clustered:
+            try:
+                iopen = await self.glocks.locks.lock(("iopen", ino), Mode.EX, try_=True)
+            except WouldBlock:
+                return 0                 # open on a live node: its last close frees it
+        try:
+            await self._free_if_unlinked(ino)
+        finally:
+            if iopen is not None:
+                with trio.CancelScope(shield=True):
+                    await self.glocks.locks.unlock(iopen)
+        log.info("freed orphan inode %d (unlinked while open, its opener gone)", ino)
+        return 1
+
     # ================================================================ whole fs
     async def usage(self) -> Usage:
         """Blocks in all, free, quarantined. In a cluster, statfs takes every group's lock
@@ -1197,6 +1340,10 @@ class FileSystem:
     async def shutdown(self) -> None:
         """Unmount: free unlinked inodes the kernel no longer holds, commit, checkpoint,
         mark the journal clean, give locks back."""
+        self.closing = True
+        self._orphan_kick.set()
+        async with self._sweeping:       # let a sweep under way finish its inode
+            pass
         with trio.move_on_after(UNMOUNT_FREE_TIMEOUT) as waited:
             for ino in list(self.unlinked):
                 self.nlookup.pop(ino, None)

@@ -341,7 +341,7 @@ class Operations(pyfuse3.Operations):
                 continue   # removed since opendir
             if not pyfuse3.readdir_reply(token, name, self._attr(node), index + 1):
                 return
-            self.fs.count_lookup(child)
+            self.fs.count_lookup(child, node.d.generation)
             if self.names is not None:   # readdirplus makes a dentry of each entry
                 self.names.remember(fh_parent_fuse, name)
 

@@ -41,6 +41,8 @@ from clusterfs.node import mountrecord
 log = logging.getLogger("clusterfs.mount")
 POOL_BUFFERS = 64
 READAHEAD_KB = 1024
+SLOT_ATTEMPTS = 25          # looks for a free journal slot before giving up...
+SLOT_RETRY_DELAY = 0.2      # ...this many seconds apart
 
 
 class MountError(Exception):
@@ -280,6 +282,7 @@ async def _serve_clustered(cluster: ClusterArgs, dev, sb, mountpoint: str, opts:
 
             def side_tasks(nursery: trio.Nursery, fs, slot: int) -> None:
                 recovery = JournalRecovery(ls, dev, sb, slot)
+                recovery.on_recovered = fs.kick_orphans
                 fs.glocks.gate = recovery
                 shown.update(fs=fs, slot=slot, recovery=recovery)
                 nursery.start_soon(recovery.run, node.membership)
@@ -365,16 +368,24 @@ async def claim_journal(locks, dev, sb, clustered: bool) -> tuple[int, list]:
 
 async def _claim_slot(locks, dev, sb):
     """The first free journal slot, a clean one if any is free (its lock held EX)."""
+    import trio
+
     from clusterfs.dlm.interface import Mode
     from clusterfs.errors import WouldBlock
     from clusterfs.format.journal import JF_CLEAN, decode_jhead
 
     free = []
-    for s in range(sb.journal_count):
-        try:
-            free.append((s, await locks.lock(("journal", s), Mode.EX, try_=True)))
-        except WouldBlock:
-            continue
+    for _attempt in range(SLOT_ATTEMPTS):
+        for s in range(sb.journal_count):
+            try:
+                free.append((s, await locks.lock(("journal", s), Mode.EX, try_=True)))
+            except WouldBlock:
+                continue
+        if free:
+            break
+        # a survivor may hold a free slot's lock for a moment (journal recovery, or
+        # taking over its orphan list): look again before calling the device full
+        await trio.sleep(SLOT_RETRY_DELAY)
     if not free:
         raise MountError(f"{dev.path}: all {sb.journal_count} journal slots are in use")
 
@@ -440,6 +451,7 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
         async with trio.open_nursery() as nursery:
             glocks.start(nursery)
             nursery.start_soon(txn.run_timer)
+            nursery.start_soon(fs.run_orphan_sweeper)
             if side_tasks is not None:
                 side_tasks(nursery, fs, slot)
 
