@@ -31,7 +31,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,6 +63,7 @@ class ClusterArgs:
     state_dir: str | None = None
     control: str | None = None
     cfg: Any = None                  # the loaded ClusterConfig
+    device: str | None = None        # the device as the user named it
     incarnation: int | None = None
     record: Any = None               # the GenerationFile
 
@@ -180,15 +181,17 @@ def check_cluster_name(path: str, sb, cluster: str | None, override: bool) -> No
                      "name)")
 
 
-def open_device(path: str, clustered: bool = False):
-    """Open and validate the device; MountError with a one-line reason."""
+def open_device(path: str, clustered: bool = False,
+                opener: Callable[[str], Any] | None = None):
+    """Open (through `opener`, default open_block_device) and validate the device;
+    MountError with a one-line reason."""
     from clusterfs.format.block import BLOCK_SIZE
     from clusterfs.format.signatures import SIGNATURE_BYTES, detect_signature
     from clusterfs.format.superblock import SUPERBLOCK_BLKNO, decode_superblock
     from clusterfs.storage import open_block_device
 
     try:
-        dev = open_block_device(path)
+        dev = (opener or open_block_device)(path)
     except StorageError as exc:
         raise MountError(str(exc)) from None
     try:
@@ -253,16 +256,66 @@ async def serve(dev, sb, mountpoint: str, opts: Options, ready: Callable[[], Non
 async def _serve_clustered(cluster: ClusterArgs, dev, sb, mountpoint: str, opts: Options,
                            ready: Callable[[], None], pool) -> None:
     """Join the cluster, open the filesystem's lockspace, serve through it."""
+    fencing = _mount_fencing(cluster, dev, sb)
+    try:
+        await _serve_fenced(cluster, fencing, dev, sb, mountpoint, opts, ready, pool)
+    finally:
+        fencing.close()
+
+
+def _mount_fencing(cluster: ClusterArgs, dev, sb):
+    """This mount's part in fencing (clusterfs.node.fencing): the key registered on
+    the LUN (scsi-pr) and the agent built, before the node joins; MountError if not."""
+    from clusterfs.errors import ConfigError, FenceError
+    from clusterfs.node.fencing import MountFencing
+
+    fencing = MountFencing(cluster.cfg, cluster.node_id, cluster.incarnation, dev, sb,
+                           cluster.device or dev.path, _second_opener(cluster),
+                           pid_dir=cluster.fence_pid_dir)
+    try:
+        fencing.prepare_device()
+        fencing.agent()
+    except (ConfigError, FenceError, StorageError) as exc:
+        fencing.close()
+        raise MountError(f"fencing: {exc}") from None
+    return fencing
+
+
+def _second_opener(cluster: ClusterArgs) -> Callable[[str, str], Any]:
+    """How the node opens more handles on the shared disk (fencing sessions, the
+    pill watcher's): an iSCSI session under this node's initiator name and `role`;
+    a local device bypassing the page cache (another host writes the pills)."""
+    from clusterfs.storage import open_block_device
+    from clusterfs.storage.iscsi import node_initiator
+
+    def opener(path: str, role: str):
+        dev = open_block_device(path, writable=role != "watch",
+                                initiator=node_initiator(cluster.node_id, role))
+        dev.bypass_page_cache()
+        return dev
+
+    return opener
+
+
+def cluster_opener(cluster: ClusterArgs) -> Callable[[str], Any]:
+    """How a cluster mount opens its device: an iSCSI LUN under this node's own
+    initiator name (its persistent-reservation registrations are its own)."""
+    from clusterfs.storage import open_block_device
+    from clusterfs.storage.iscsi import node_initiator
+
+    return lambda path: open_block_device(path, initiator=node_initiator(cluster.node_id))
+
+
+async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
+                        opts: Options, ready: Callable[[], None], pool) -> None:
     import trio
 
     from clusterfs.cache.recovery import JournalRecovery
     from clusterfs.dlm.lockspace import open_dlm, wait_running
-    from clusterfs.fence.agent import ProcessAgent
     from clusterfs.node.cluster import open_cluster_node
     from clusterfs.node.lockd_cmd import ControlServer, default_control_path
 
-    agent = ProcessAgent(pid_dir=cluster.fence_pid_dir) if cluster.fence_pid_dir else None
-    async with open_cluster_node(cluster.cfg, cluster.node_id, fence_agent=agent,
+    async with open_cluster_node(cluster.cfg, cluster.node_id, fence_agent=fencing.agent(),
                                  incarnation=cluster.incarnation,
                                  generation_record=cluster.record) as node:
         async with open_dlm(node.endpoint, node.membership) as dlm:
@@ -274,7 +327,9 @@ async def _serve_clustered(cluster: ClusterArgs, dev, sb, mountpoint: str, opts:
                      ls.statistics().generation, list(ls.statistics().members))
             shown: dict = {}        # what `clusterfs status` adds, once the fs is up
             control = ControlServer(ls, node, extra_status=lambda: {
-                "mount": _mount_status(mountpoint, dev.path, **shown)} if shown else {})
+                "mount": _mount_status(mountpoint, dev.path, **shown),
+                "fencing": fencing.statistics(),
+                "device": dev.statistics()} if shown else {})
             path = cluster.control or default_control_path(cluster.node_id)
             os.makedirs(os.path.dirname(path), exist_ok=True)
 
@@ -282,11 +337,15 @@ async def _serve_clustered(cluster: ClusterArgs, dev, sb, mountpoint: str, opts:
                 recovery = JournalRecovery(ls, dev, sb, slot)
                 fs.glocks.gate = recovery
                 shown.update(fs=fs, slot=slot, recovery=recovery)
+                fencing.attach(fs)
                 nursery.start_soon(recovery.run, node.membership)
                 nursery.start_soon(control.serve, path)
                 nursery.start_soon(_watch_expelled, ls, fs)
 
-            await _serve_fs(ls, dev, sb, mountpoint, opts, ready, pool, side_tasks)
+            async def on_slot(slot: int) -> None:
+                await fencing.claim_slot(slot, node.nursery)
+
+            await _serve_fs(ls, dev, sb, mountpoint, opts, ready, pool, side_tasks, on_slot)
 
 
 def _mount_status(mountpoint: str, device: str, fs, slot: int, recovery) -> dict:
@@ -305,9 +364,12 @@ async def _watch_expelled(ls, fs) -> None:
     fs.txn.withdraw("expelled from the cluster; unmount and mount again")
 
 
-async def claim_journal(locks, dev, sb, clustered: bool) -> tuple[int, list]:
+async def claim_journal(locks, dev, sb, clustered: bool,
+                        on_slot: Callable[[int], Awaitable[None]] | None = None
+                        ) -> tuple[int, list]:
     """Claim a journal slot and replay what must be replayed (see the module doc);
-    the slot and the locks to keep until unmount."""
+    the slot and the locks to keep until unmount. on_slot(slot) runs right after the
+    slot is ours and before any replay writes (fencing claims its pill slot there)."""
     from clusterfs.dlm.interface import Mode
     from clusterfs.errors import WouldBlock
 
@@ -326,6 +388,8 @@ async def claim_journal(locks, dev, sb, clustered: bool) -> tuple[int, list]:
             live = await locks.lock(("live",), Mode.PR)
             first = False
         slot, slot_lock = await _claim_slot(locks, dev, sb)
+        if on_slot is not None:
+            await on_slot(slot)
         if first:
             log.info("first node to mount %s: replaying every dirty journal", dev.path)
             for s in range(sb.journal_count):
@@ -383,7 +447,8 @@ def _replay(dev, sb, slot: int) -> None:
 
 
 async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Callable[[], None],
-                    pool, side_tasks: Callable | None = None) -> None:
+                    pool, side_tasks: Callable | None = None,
+                    on_slot: Callable[[int], Awaitable[None]] | None = None) -> None:
     import pyfuse3
     import trio
 
@@ -397,7 +462,7 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
     if clustered and not dev.bypass_page_cache():
         log.info("%s refuses O_DIRECT: metadata goes through this host's page cache, "
                  "which is coherent only between nodes on this host", dev.path)
-    slot, held = await claim_journal(locks, dev, sb, clustered)
+    slot, held = await claim_journal(locks, dev, sb, clustered, on_slot)
     journal = Journal(dev, sb, slot, pool)
     journal.open()
     txn = TransactionManager(journal)
@@ -534,9 +599,12 @@ def _mount(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     cluster = cluster_args(args)
     if not os.path.isdir(args.mountpoint):
         raise MountError(f"{args.mountpoint}: mountpoint is not a directory")
+    opener = None
     if cluster is not None:
         cluster.prepare()
-    dev, sb = open_device(args.device, clustered=cluster is not None)
+        cluster.device = args.device
+        opener = cluster_opener(cluster)
+    dev, sb = open_device(args.device, clustered=cluster is not None, opener=opener)
     try:
         check_cluster_name(args.device, sb, cluster.cfg.name if cluster else None,
                            args.no_cluster_check)
