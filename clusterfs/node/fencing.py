@@ -66,13 +66,20 @@ class MountFencing:
             self.dev.on_fenced = self.stop_writing
         if self.kind != "scsi-pr":
             return
+        if getattr(self.dev, "proxied", False):
+            log.info("node %d: no path of its own to the LUN: the block servers refuse "
+                     "its writes once it leaves the view", self.node_id)
+            return
+        self._register(self.dev)
+
+    def _register(self, dev: Any) -> None:
         from clusterfs.fence import scsi_pr
 
-        if not hasattr(self.dev, "pr_register"):
+        if not hasattr(dev, "pr_register"):
             raise FenceError(f"{self.path}: fencing agent 'scsi-pr' needs an iSCSI LUN "
                              "(iscsi://...) as the mounted device")
         key = scsi_pr.pr_key(self.cfg.name, self.node_id)
-        scsi_pr.register(self.dev, key)
+        scsi_pr.register(dev, key)
         log.info("node %d: key %#x registered on %s (scsi-pr fencing)", self.node_id, key,
                  self.path)
 
@@ -113,11 +120,17 @@ class MountFencing:
     def add_device(self, dev: Any) -> None:
         """Another handle this node writes through (a block server's): it stops with
         the others, and is guarded by the watcher as they are."""
+        if self.kind == "scsi-pr":
+            self._register(dev)
         self.devices.append(dev)
         if self.watcher is not None:
             dev.guard_writes(self.watcher.check_writable)
         if self.fired is not None:
             dev.refuse_writes(self.fired)
+
+    def own(self, dev: Any) -> None:
+        """Close `dev` with the fencing handles at the end of the mount."""
+        self._owned.append(dev)
 
     def attach(self, fs: Any) -> None:
         self.fs = fs

@@ -289,6 +289,10 @@ def _second_opener(cluster: ClusterArgs) -> Callable[[str, str], Any]:
     from clusterfs.storage.iscsi import node_initiator
 
     def opener(path: str, role: str):
+        if not cluster.cfg.reaches_disk(cluster.node_id):
+            from clusterfs.storage.proxy import ProxyDevice
+
+            return ProxyDevice(cluster.cfg, cluster.node_id)
         dev = open_block_device(path, writable=role != "watch",
                                 initiator=node_initiator(cluster.node_id, role))
         dev.bypass_page_cache()
@@ -298,12 +302,50 @@ def _second_opener(cluster: ClusterArgs) -> Callable[[str, str], Any]:
 
 
 def cluster_opener(cluster: ClusterArgs) -> Callable[[str], Any]:
-    """How a cluster mount opens its device: an iSCSI LUN under this node's own
-    initiator name (its persistent-reservation registrations are its own)."""
+    """How a cluster mount opens its device: through the storage group's block
+    servers when the config's [storage] group leaves this node out (proxy I/O);
+    else itself, an iSCSI LUN under this node's own initiator name (its
+    persistent-reservation registrations are its own)."""
     from clusterfs.storage import open_block_device
     from clusterfs.storage.iscsi import node_initiator
 
-    return lambda path: open_block_device(path, initiator=node_initiator(cluster.node_id))
+    def opener(path: str):
+        if cluster.cfg.reaches_disk(cluster.node_id):
+            return open_block_device(path, initiator=node_initiator(cluster.node_id))
+        from clusterfs.storage.proxy import ProxyDevice
+
+        log.info("node %d has no path to %s: reaching it through the storage group %s",
+                 cluster.node_id, path, list(cluster.cfg.storage_group))
+        return ProxyDevice(cluster.cfg, cluster.node_id)
+
+    return opener
+
+
+async def _start_storage(cluster: ClusterArgs, fencing, dev, node) -> Any:
+    """Proxy I/O, once the node has joined: a proxy device learns the view (its
+    requests carry the generation and go to live servers); a storage-group node
+    serves the disk to the others through a handle of its own. The server or None."""
+    from clusterfs.storage.blockserver import BlockServer
+
+    membership = node.membership
+    if getattr(dev, "proxied", False):
+        dev.attach(lambda: (membership.view.generation, membership.view.members))
+        return None
+    if not cluster.cfg.block_servers or cluster.node_id not in cluster.cfg.storage_group:
+        return None
+    try:
+        handle = _second_opener(cluster)(cluster.device or dev.path, "serve")
+        fencing.add_device(handle)
+    except ClusterFSError as exc:
+        raise MountError(f"block server: {exc}") from None
+    server = BlockServer(cluster.cfg, cluster.node_id, handle, membership)
+    try:
+        await node.nursery.start(server.serve)
+    except OSError as exc:
+        handle.close()
+        raise MountError(f"block server: {exc.strerror or exc}") from None
+    fencing.own(handle)
+    return server
 
 
 async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
@@ -318,6 +360,7 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
     async with open_cluster_node(cluster.cfg, cluster.node_id, fence_agent=fencing.agent(),
                                  incarnation=cluster.incarnation,
                                  generation_record=cluster.record) as node:
+        server = await _start_storage(cluster, fencing, dev, node)
         async with open_dlm(node.endpoint, node.membership) as dlm:
             ls = await dlm.new_lockspace("fs:" + sb.uuid_str)
             log.info("node %d: joining cluster %s; waiting for quorum", cluster.node_id,
@@ -329,7 +372,8 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
             control = ControlServer(ls, node, extra_status=lambda: {
                 "mount": _mount_status(mountpoint, dev.path, **shown),
                 "fencing": fencing.statistics(),
-                "device": dev.statistics()} if shown else {})
+                "device": dev.statistics(),
+                "block_server": server.statistics() if server else None} if shown else {})
             path = cluster.control or default_control_path(cluster.node_id)
             os.makedirs(os.path.dirname(path), exist_ok=True)
 
