@@ -335,8 +335,12 @@ async def _start_storage(cluster: ClusterArgs, fencing, dev, node) -> Any:
         return None
     try:
         handle = _second_opener(cluster)(cluster.device or dev.path, "serve")
+    except ClusterFSError as exc:
+        raise MountError(f"block server: {exc}") from None
+    try:
         fencing.add_device(handle)
     except ClusterFSError as exc:
+        handle.close()
         raise MountError(f"block server: {exc}") from None
     server = BlockServer(cluster.cfg, cluster.node_id, handle, membership)
     try:
