@@ -721,3 +721,31 @@ class BlockDevice(BlockAddressed):
 
     def statistics(self) -> dict[str, int]:
         return {"reads": self.reads, "writes": self.writes, "blocks": self.blocks}
+
+
+class WritesAtOnce:
+    """The write-behind and read-ahead interface of BlockDevice for a device that has
+    neither (iSCSI, proxy): data is written at once, so failures surface at the write
+    itself rather than at a later drain, and there is nothing to advise or forget."""
+
+    def write_behind(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.pwrite(offset, data)  # type: ignore[attr-defined]
+
+    @property
+    def behind_pending(self) -> int:
+        return 0
+
+    def behind_has_room(self, length: int) -> bool:
+        return True
+
+    def wait_behind_room(self, length: int) -> None:
+        pass
+
+    def drain(self) -> None:
+        pass
+
+    def advise_willneed(self, blkno: int, count: int) -> None:
+        pass
+
+    def forget_read_ahead(self) -> None:
+        pass

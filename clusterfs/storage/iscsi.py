@@ -43,7 +43,7 @@ from collections.abc import Callable
 
 from clusterfs.errors import ReservationConflict, StorageError
 from clusterfs.format.block import BLOCK_SIZE
-from clusterfs.storage.device import BlockAddressed
+from clusterfs.storage.device import BlockAddressed, WritesAtOnce
 
 SCHEME = "iscsi://"
 COMMAND_TIMEOUT = 30          # seconds for a login or one SCSI command
@@ -103,7 +103,7 @@ def _binding():
     return ffi, lib
 
 
-class IscsiDevice(BlockAddressed):
+class IscsiDevice(WritesAtOnce, BlockAddressed):
     """One iSCSI LUN, logged in to at construction (StorageError with the reason if not).
 
     `fd` is None: there is no local descriptor (node/mount_cmd.py's flock skips it).
@@ -325,28 +325,6 @@ class IscsiDevice(BlockAddressed):
         with self._ffi.from_buffer("unsigned char[]", merged) as whole:
             self._write_lbas(first, whole, len(merged))
 
-    def write_behind(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Written at once (no queue): failures surface here rather than at drain."""
-        self.pwrite(offset, data)
-
-    @property
-    def behind_pending(self) -> int:
-        return 0
-
-    def behind_has_room(self, length: int) -> bool:
-        return True
-
-    def wait_behind_room(self, length: int) -> None:
-        pass
-
-    def drain(self) -> None:
-        pass
-
-    def advise_willneed(self, blkno: int, count: int) -> None:
-        pass                                   # no read-ahead over iSCSI (yet)
-
-    def forget_read_ahead(self) -> None:
-        pass
 
     def bypass_page_cache(self) -> bool:
         """Always true here: every command goes to the target, no host cache between."""

@@ -46,7 +46,7 @@ from clusterfs.config import ClusterConfig
 from clusterfs.errors import StorageError, WireError
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.storage import blockwire as bw
-from clusterfs.storage.device import BlockAddressed
+from clusterfs.storage.device import BlockAddressed, WritesAtOnce
 from clusterfs.wire import frame as wf
 from clusterfs.wire.types import MsgType
 
@@ -143,7 +143,7 @@ class _Connection:
         self.sock.close()
 
 
-class ProxyDevice(BlockAddressed):
+class ProxyDevice(WritesAtOnce, BlockAddressed):
     """The shared disk through the storage group's block servers."""
 
     def __init__(self, config: ClusterConfig, node_id: int, *, name: str | None = None,
@@ -336,27 +336,6 @@ class ProxyDevice(BlockAddressed):
         self._unflushed.add(server)
         self.written[server] = self.written.get(server, 0) + len(piece)
 
-    def write_behind(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        self.pwrite(offset, data)
-
-    @property
-    def behind_pending(self) -> int:
-        return 0
-
-    def behind_has_room(self, length: int) -> bool:
-        return True
-
-    def wait_behind_room(self, length: int) -> None:
-        pass
-
-    def drain(self) -> None:
-        pass
-
-    def advise_willneed(self, blkno: int, count: int) -> None:
-        pass
-
-    def forget_read_ahead(self) -> None:
-        pass
 
     def bypass_page_cache(self) -> bool:
         return True                             # the servers read and write O_DIRECT
