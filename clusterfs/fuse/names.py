@@ -12,6 +12,12 @@ this mount handed out in it is invalidated. `invalidate_entry` waits for the dir
 inode lock, which a pending lookup there holds while it waits for the very glock being
 demoted: the demote therefore only queues the names, and one worker thread invalidates
 them once the kernel lets it (docs/locking.md, "kernel caches").
+
+That leaves a window (the worker may not have run yet, or may wait behind a pending
+lookup), so a lookup that finds a directory somewhere other than where this mount last
+showed it also takes the old name back itself, waiting a moment for it (`moved_from`):
+if the very request holds the old parent's lock (a rename there), the wait ends, the
+kernel gets its ESTALE and retries the lookup, and by then the old name is gone.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ class KernelNames:
     def __init__(self, invalidate_entry: Callable[[int, bytes], None]) -> None:
         self._invalidate_entry = invalidate_entry
         self._names: dict[int, dict[bytes, None]] = {}    # directory -> names (ordered)
+        self._dir_at: dict[int, tuple[int, bytes]] = {}   # directory -> where shown last
         self._queue: queue.SimpleQueue[tuple[int, list[bytes]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -47,12 +54,22 @@ class KernelNames:
             self._thread.join(timeout=5)
             self._thread = None
 
-    def remember(self, parent: int, name: bytes) -> None:
-        """The kernel now has a dentry `name` in `parent` (a FUSE inode number)."""
+    def remember(self, parent: int, name: bytes, directory: int | None = None) -> None:
+        """The kernel now has a dentry `name` in `parent` (FUSE inode numbers); for a
+        directory, its number (a directory has one dentry: see moved_from)."""
+        if directory is not None:
+            self._dir_at[directory] = (parent, name)
+            if len(self._dir_at) > NAMES_PER_DIR_MAX * 16:
+                del self._dir_at[next(iter(self._dir_at))]
         names = self._names.setdefault(parent, {})
         names[name] = None
         if len(names) > NAMES_PER_DIR_MAX:
             del names[next(iter(names))]
+
+    def moved_from(self, directory: int, parent: int, name: bytes) -> tuple[int, bytes] | None:
+        """Where the kernel may still have `directory`'s dentry, if not at (parent, name)."""
+        at = self._dir_at.get(directory)
+        return at if at is not None and at != (parent, name) else None
 
     def take_back(self, parent: int) -> None:
         """Queue every name handed out in `parent` for invalidation (never blocks)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import itertools
 import logging
 import os
@@ -55,6 +56,11 @@ NEGATIVE_TIMEOUT = 1.0
 # the glock being demoted), and file data bypasses the page cache (direct_io:
 # invalidating pages waits for page locks a pending read holds).
 CLUSTER_ENTRY_TIMEOUT = 0.0
+# how long a lookup waits for the kernel to drop a moved directory's old dentry
+ALIAS_WAIT = 0.05
+# trio 0.23 renamed to_thread.run_sync's `cancellable` to `abandon_on_cancel`
+_ABANDON = ("abandon_on_cancel" if "abandon_on_cancel"
+            in inspect.signature(trio.to_thread.run_sync).parameters else "cancellable")
 
 
 def _edge(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -134,8 +140,30 @@ class Operations(pyfuse3.Operations):
     def _named(self, parent_inode: InodeT, name: bytes, a: EntryAttributes) -> EntryAttributes:
         """A positive entry for the kernel: remembered so a demote can take it back."""
         if self.names is not None:
-            self.names.remember(parent_inode, name)
+            self.names.remember(parent_inode, name,
+                                a.st_ino if stat.S_ISDIR(a.st_mode) else None)
         return a
+
+    async def _evict_old_alias(self, parent_inode: InodeT, name: bytes,
+                               a: EntryAttributes) -> None:
+        """A directory found at a new place (another node moved it): take its old dentry
+        back before answering, so the kernel need not move it (which fails with ESTALE
+        when it cannot get the old parent's lock; fuse/names.py). Waits at most
+        ALIAS_WAIT: if this very request holds the old parent's lock, the kernel retries
+        after its ESTALE and the invalidation, left running, has happened by then."""
+        if self.names is None or not stat.S_ISDIR(a.st_mode):
+            return
+        old = self.names.moved_from(a.st_ino, parent_inode, name)
+        if old is None:
+            return
+        with trio.move_on_after(ALIAS_WAIT):
+            await trio.to_thread.run_sync(self._invalidate_quietly, *old, **{_ABANDON: True})
+
+    def _invalidate_quietly(self, fuse_parent: int, name: bytes) -> None:
+        try:
+            self._invalidate_entry(fuse_parent, name)
+        except OSError:
+            pass                         # the kernel no longer has it
 
     def _attr(self, node: CachedInode) -> pyfuse3.EntryAttributes:
         d = node.d
@@ -164,8 +192,11 @@ class Operations(pyfuse3.Operations):
         if len(name) > NAME_MAX:
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         node = await self.fs.lookup(self._ino(parent_inode), name)
-        return self._negative() if node is None else \
-            self._named(parent_inode, name, self._attr(node))
+        if node is None:
+            return self._negative()
+        a = self._attr(node)
+        await self._evict_old_alias(parent_inode, name, a)
+        return self._named(parent_inode, name, a)
 
     def _negative(self) -> pyfuse3.EntryAttributes:
         """"No such name", cacheable by the kernel (cheaper than raising ENOENT)."""
@@ -343,7 +374,8 @@ class Operations(pyfuse3.Operations):
                 return
             self.fs.count_lookup(child, node.d.generation)
             if self.names is not None:   # readdirplus makes a dentry of each entry
-                self.names.remember(fh_parent_fuse, name)
+                self.names.remember(fh_parent_fuse, name,
+                                    child if node.dir is not None else None)
 
     @_edge
     async def releasedir(self, fh: FileHandleT) -> None:
