@@ -66,12 +66,15 @@ class JournalRecovery:
             async for ev in membership.subscribe():
                 if not isinstance(ev, ViewChange):
                     continue
-                if ev.left:
+                # a node that left cleanly marked its journal clean first: nothing to
+                # replay, nothing to hold the gate for (membership's ViewChange.clean)
+                departed = ev.left - ev.clean
+                if departed:
                     self.need_gen = ev.view.generation
                     if scope is not None:
                         scope.cancel()
                     scope = trio.CancelScope()
-                    nursery.start_soon(self._recover, ev.view.generation, sorted(ev.left),
+                    nursery.start_soon(self._recover, ev.view.generation, sorted(departed),
                                        scope)
                 self.seen_gen = ev.view.generation
 

@@ -17,6 +17,7 @@ from clusterfs.membership.state import (
     BEHIND,
     EXPELLED,
     JOINING,
+    LEAVING,
     MEMBER,
     Key,
     body_key,
@@ -33,7 +34,7 @@ ROUNDS_BEFORE_SUSPECT = 3
 
 class Proposals(Promises):
     def _evaluate(self) -> None:
-        if self.state == EXPELLED:
+        if self.state in (EXPELLED, LEAVING):
             return
         now = trio.current_time()
         if self.state == JOINING and now - self._started_at < self.settle:
@@ -49,6 +50,8 @@ class Proposals(Promises):
             if n == self.node_id:
                 continue
             p = self._peers.get(n)
+            if self._left_cleanly(n):
+                continue      # unmounted cleanly: removed, not fenced (_proposal_body)
             if not usable(n):
                 continue
             if p is None:
@@ -155,10 +158,17 @@ class Proposals(Promises):
         members = {n: (self.incarnation if n == self.node_id
                        else self._incs[n] if n in base else self._peers[n].inc)
                    for n in target}
-        quorate = 2 * len(target) > self.cluster_size
+        # a member that announced a clean leave goes without fencing, and its vote with
+        # it (only then: a failed node keeps its vote, so the survivors of a failure
+        # never count themselves a majority of a smaller cluster)
+        clean = {n: self._incs[n] for n in base - target if self._left_cleanly(n)}
+        voters = self._expected if self.state == MEMBER else self.node_ids
+        expected = (voters - set(clean)) | target
+        quorate = self._quorate(target, expected)
         pending = dict(self._pending_fence)
         for n in base - target:
-            pending[n] = self._incs[n]
+            if n not in clean:
+                pending[n] = self._incs[n]
         for n in list(pending):
             if n in target:
                 # same incarnation: merged back from a non-quorate partition (it granted
@@ -175,12 +185,13 @@ class Proposals(Promises):
         return {"gen": gen, "coord": self.node_id, "cinc": self.incarnation,
                 "members": members, "base": sorted(base), "bkey": list(self._view_key),
                 "bfenced": self._fenced_here, "quorate": quorate, "removed": removed,
-                "fence": pending, "prior": self._view_body}
+                "fence": pending, "prior": self._view_body, "expected": sorted(expected),
+                "clean": clean}
 
     def _superseded(self, key: Key, body: Mapping[str, Any]) -> bool:
         """True if we may no longer decide this proposal: we promised a newer one,
         installed another view meanwhile, or were expelled."""
-        return (self._promised != key or self.state == EXPELLED
+        return (self._promised != key or self.state in (EXPELLED, LEAVING)
                 or self._view_key != body_key_of_base(body))
 
     async def _activate(self, body: dict[str, Any], others: list[int]) -> None:

@@ -35,6 +35,9 @@ log = logging.getLogger("clusterfs.membership.service")
 JOINING = "joining"
 MEMBER = "member"
 EXPELLED = "expelled"
+# announced by a member that unmounted cleanly (journal clean, every lock released):
+# it will never write again in this life; the others remove it without fencing it
+LEAVING = "leaving"
 
 # why a target refuses a proposal whose base view it does not hold
 AHEAD = "ahead"      # it installed a newer view than the proposal's base
@@ -154,6 +157,15 @@ class MembershipState:
         self.proposals_failed = 0
         self.expelled_sent = 0
         self.events: list[Event] = []        # every event published, for tests and dumps
+
+    def _quorate(self, members: frozenset[int] | set[int], expected: frozenset[int]) -> bool:
+        """A strict majority of the voters."""
+        return 2 * len(set(members) & expected) > len(expected)
+
+    def _left_cleanly(self, n: int) -> bool:
+        """Member n's incarnation in our view announced a clean leave."""
+        p = self._peers.get(n)
+        return p is not None and p.state == LEAVING and p.inc == self._incs.get(n)
 
     def _heartbeat_body(self) -> dict[str, Any]:
         return {"inc": self.incarnation, "st": self.state, "gen": self.view.generation,

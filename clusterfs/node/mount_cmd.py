@@ -287,6 +287,11 @@ async def _serve_clustered(cluster: ClusterArgs, dev, sb, mountpoint: str, opts:
                 nursery.start_soon(_watch_expelled, ls, fs)
 
             await _serve_fs(ls, dev, sb, mountpoint, opts, ready, pool, side_tasks)
+            if shown:     # it served, wrote back and gave its locks up: say goodbye
+                from clusterfs.node.leave import leave_cleanly
+
+                await leave_cleanly(node.membership, ls, dev, sb, shown["slot"],
+                                    shown["fs"].txn.withdrawn, 2 * cluster.cfg.failure_timeout)
 
 
 def _mount_status(mountpoint: str, device: str, fs, slot: int, recovery) -> dict:
