@@ -28,7 +28,7 @@ from typing import Any
 import trio
 
 from clusterfs.dlm.interface import Mode
-from clusterfs.errors import WouldBlock
+from clusterfs.errors import Expelled, Withdrawn, WouldBlock
 from clusterfs.journal.log import replay_journal
 from clusterfs.membership.view import ViewChange
 
@@ -55,6 +55,9 @@ class JournalRecovery:
 
     async def wait_open(self) -> None:
         while not self.is_open():
+            if self.ls.ls_expelled:
+                # the gate never opens again: every call fails (EIO), none waits forever
+                raise Withdrawn("this node was expelled from the cluster")
             await trio.sleep(GATE_POLL)
 
     # -- the survivors' side -------------------------------------------------------------
@@ -79,6 +82,16 @@ class JournalRecovery:
                 self.seen_gen = ev.view.generation
 
     async def _recover(self, generation: int, left: list[int], scope: trio.CancelScope) -> None:
+        try:
+            await self._recover_in(generation, left, scope)
+        except Expelled:
+            # the others recover for us now; the mount withdraws (and stays up, so that
+            # `clusterfs umount` works)
+            log.warning("gen %d: journal recovery abandoned: this node was expelled",
+                        generation)
+
+    async def _recover_in(self, generation: int, left: list[int],
+                          scope: trio.CancelScope) -> None:
         with scope:
             start = time.monotonic()
             log.info("gen %d: journal recovery for departed %s: waiting for the DLM",

@@ -45,9 +45,14 @@ class ViewInstallation(Fencing):
 
     def _follows(self, b: Mapping[str, Any]) -> bool:
         """True if our history leads into view b: we are not in its base (we join it),
-        or the view we hold is exactly its base."""
-        return (self.node_id not in {int(n) for n in b["base"]}
-                or self._view_key == body_key_of_base(b))
+        the view we hold is exactly its base, or b merges us back from views without
+        quorum that we went into from its base (proposals.py, _gone_without_quorum)."""
+        if (self.node_id not in {int(n) for n in b["base"]}
+                or self._view_key == body_key_of_base(b)):
+            return True
+        merged = {int(k): int(v) for k, v in (b.get("merged") or {}).items()}
+        return (merged.get(self.node_id) == self.incarnation and not self.view.quorate
+                and self._last_quorate_key == body_key_of_base(b))
 
     def _can_install(self, b: Mapping[str, Any]) -> bool:
         """A decided view b may be installed here: it names this incarnation and our
@@ -67,7 +72,10 @@ class ViewInstallation(Fencing):
                       self.node_id, self.view.generation, gen, self.generation_record.durable)
         self._deliver_base_fenced(b)
         members = {int(k): int(v) for k, v in b["members"].items()}
-        base = frozenset(int(n) for n in b["base"])
+        # a node merged back from views without quorum arrives from elsewhere: for
+        # the events it joins (so every member computes the same joined and left)
+        merged = frozenset(int(n) for n in (b.get("merged") or {}))
+        base = frozenset(int(n) for n in b["base"]) - merged
         expected = frozenset(int(n) for n in b.get("expected", self.node_ids))
         new = View(gen, frozenset(members), bool(b["quorate"]), self.cluster_size, expected)
         left = base - new.members
@@ -81,6 +89,8 @@ class ViewInstallation(Fencing):
             self._tentative = None
         self._incs = members
         self._expected = expected
+        if new.quorate:
+            self._last_quorate_key = self._view_key
         self.installed_incarnations[gen] = dict(members)
         self.state = MEMBER
         self._installed_at = trio.current_time()

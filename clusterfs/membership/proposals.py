@@ -45,6 +45,7 @@ class Proposals(Promises):
 
         base = self.view.members if self.state == MEMBER else frozenset()
         keep = {self.node_id}
+        merged: set[int] = set()     # not counted for who coordinates: it is elsewhere
         lagging = False
         for n in base:
             if n == self.node_id:
@@ -59,6 +60,9 @@ class Proposals(Promises):
                 continue
             if p.inc != self._incs.get(n):
                 continue      # restarted: the view's incarnation is gone
+            if self._gone_without_quorum(n):
+                merged.add(n)   # back in the next view (see _gone_without_quorum)
+                continue
             if p.state == MEMBER and self.node_id not in p.members and (
                     p.gen > self.view.generation
                     or (p.gen == self.view.generation and p.members != self.view.members)):
@@ -96,10 +100,10 @@ class Proposals(Promises):
             if quorate_elsewhere:
                 admissible = set()
             candidates = keep | {n for n in admissible if self._peers[n].state == MEMBER}
-            if min(candidates) != self.node_id:
+            if min(candidates) != self.node_id or self._merge_too_soon(admissible, keep, now):
                 return
-        target = keep | admissible
-        if self.state == MEMBER and target == base and not lagging:
+        target = keep | merged | admissible
+        if self.state == MEMBER and target == base and not lagging and not merged:
             self._maybe_fence()
             return
         assert self._nursery is not None
@@ -153,6 +157,34 @@ class Proposals(Promises):
         self._round_failed(gen, refused, missing, replies, learned, started, members)
         await trio.sleep(random.uniform(0, self.interval))
 
+    def _merge_too_soon(self, admissible: set[int], keep: set[int], now: float) -> bool:
+        """Merging partitions without quorum into one that has quorum and leaves some of
+        our members out (they get fenced and expelled) waits until the partitions we
+        hear again have been heard for a failure timeout: when links come back,
+        connections come back one by one (each with its own backoff and connect
+        timeout), and the first two partitions to hear each other would otherwise fence
+        a third that was about to join them."""
+        target = keep | admissible
+        voters = self._expected | target
+        # who a quorate view would fence: what our views without quorum left pending
+        fenced = (set(self._pending_fence) | self.view.members) - target
+        if not self._quorate(target, voters) or not fenced:
+            return False
+        return any(now - self._peers[n].heard_since < self.timeout for n in admissible)
+
+    def _gone_without_quorum(self, n: int) -> bool:
+        """Member n of our quorate view went on into a newer view without us that has
+        no quorum (its peers went silent to it: SIGSTOPped, cut off, and back now). No
+        view without quorum fences, purges a lock or replays a journal (DLM recovery
+        stops at "wait for fencing"), so its state is still that of our view: it is
+        merged back (as `merged` in the proposal) rather than removed, which would
+        fence and expel a node that did nothing wrong. It accepts only if no quorate
+        view came between (promises.py, _follows)."""
+        p = self._peers.get(n)
+        return (self.state == MEMBER and self.view.quorate and p is not None
+                and p.state == MEMBER and p.inc == self._incs.get(n) and not p.quorate
+                and p.gen > self.view.generation and self.node_id not in p.members)
+
     def _proposal_body(self, gen: int, target: frozenset[int], base: frozenset[int]
                        ) -> dict[str, Any]:
         members = {n: (self.incarnation if n == self.node_id
@@ -186,7 +218,9 @@ class Proposals(Promises):
                 "members": members, "base": sorted(base), "bkey": list(self._view_key),
                 "bfenced": self._fenced_here, "quorate": quorate, "removed": removed,
                 "fence": pending, "prior": self._view_body, "expected": sorted(expected),
-                "clean": clean}
+                "clean": clean,
+                "merged": {n: self._incs[n] for n in target & base
+                           if self._gone_without_quorum(n)}}
 
     def _superseded(self, key: Key, body: Mapping[str, Any]) -> bool:
         """True if we may no longer decide this proposal: we promised a newer one,

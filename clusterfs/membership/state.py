@@ -90,6 +90,7 @@ class PeerInfo:
     members: frozenset[int]
     quorate: bool
     last_seen: float
+    heard_since: float = 0.0   # start of the current run of heartbeats (no gap > timeout)
 
 
 
