@@ -27,7 +27,7 @@ import mountutil
 import netns
 import pytest
 from mountutil import CLUSTERFS, MOUNT_TIMEOUT, Mount, run_cli
-from test_cluster_quorum import device_digest, start_writer
+from test_cluster_quorum import BEATS, device_digest, start_writer
 
 CLUSTER = "netcutfs"
 PORT = 7410
@@ -38,6 +38,14 @@ def lab():
     mountutil.require_mounts()
     mountutil.require(netns.missing())
     with netns.NetLab(3) as lab:
+        yield lab
+
+
+@pytest.fixture
+def lab2():
+    mountutil.require_mounts()
+    mountutil.require(netns.missing())
+    with netns.NetLab(2) as lab:
         yield lab
 
 
@@ -113,11 +121,11 @@ class NetCluster:
 @contextlib.contextmanager
 def net_cluster(lab, tmp_path, fence: bool):
     with mountutil.loop_device(512 << 20, tmp_path) as dev:
-        r = run_cli("mkfs", "-q", "-j", "3", "--cluster", CLUSTER, dev)
+        r = run_cli("mkfs", "-q", "-j", str(len(lab.ns)), "--cluster", CLUSTER, dev)
         assert r.returncode == 0, r.stderr
         c = NetCluster(lab, tmp_path, dev, fence)
         try:
-            c.start(1, 2, 3)
+            c.start(*lab.ns)
             yield c
             for m in list(c.mounts.values()):
                 m.unmount(timeout=60)
@@ -139,11 +147,11 @@ def test_two_nodes_cut_off_nobody_writes_then_all_merge(lab, tmp_path):
             for n in (1, 2, 3):
                 c.wait_status(n, "quorum      NO")
             time.sleep(1)
-            before = device_digest(c.device)
+            before = device_digest(c.device, BEATS)
             writer = start_writer(c.path(1, "during"), blob)
             time.sleep(8)
             assert writer.poll() is None, writer.communicate()[0]
-            assert device_digest(c.device) == before, "a node without quorum wrote"
+            assert device_digest(c.device, BEATS) == before, "a node without quorum wrote"
         finally:
             lab.heal(2)
             lab.heal(3)
@@ -197,3 +205,40 @@ def test_an_expelled_node_withdraws_unmounts_and_rejoins_after_a_restart(lab, tm
         with open(c.path(3, "d", "f4"), "rb") as f:
             assert f.read() == data["f4"]
         del st
+
+
+def test_a_two_node_split_lets_only_the_disk_race_winner_write(lab2, tmp_path):
+    """Two nodes, the link between them cut (no fencing agent, so the loser lives to
+    show it): both still see the disk, so both see each other's disk heartbeat; the
+    tiebreak gives the lower id the quorum. Node 1 writes and fsyncs; node 2 has no
+    quorum, its write waits; reconnected, node 2 is expelled (EIO), restarts, rejoins."""
+    with net_cluster(lab2, tmp_path, fence=False) as c:
+        lab2.cut(2)
+        try:
+            c.wait_status(1, "members     1\n")
+            assert "quorum      yes" in c.wait_status(1, "locking     running")
+            c.wait_status(2, "quorum      NO")
+            loser = start_writer(c.path(2, "loser"), b"must not land")
+            winner = start_writer(c.path(1, "winner"), b"disk race won")
+            assert winner.wait(30) == 0, winner.communicate()[0]
+            time.sleep(6)
+            assert loser.poll() is None, loser.communicate()[0]     # waits, not written
+            assert "quorum      NO" in c.status(2)
+        finally:
+            lab2.heal(2)
+        loser.wait(60)
+        assert loser.returncode != 0, "the loser's write landed"
+        deadline = time.monotonic() + 30
+        while "EXPELLED" not in c.log(2):
+            assert time.monotonic() < deadline, c.log(2)[-3000:]
+            time.sleep(0.2)
+        m = c.mounts.pop(2)
+        r = run_cli("umount", c.path(2), timeout=60)
+        assert r.returncode == 0, r.stderr
+        m.proc.wait(10)
+        m.force_unmount()
+        c.start(2)
+        c.wait_status(1, "members     1 2\n")
+        with open(c.path(2, "winner"), "rb") as f:
+            assert f.read() == b"disk race won"
+        assert not os.path.exists(c.path(1, "loser"))

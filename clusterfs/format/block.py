@@ -43,6 +43,7 @@ class BlockType(IntEnum):
     JDESC = 10
     JCOMMIT = 11
     HEARTBEAT = 12
+    DISKBEAT = 13       # membership disk heartbeats (format/diskbeat.py)
 
 
 def block_crc(buf: bytes | bytearray | memoryview) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
@@ -87,7 +87,8 @@ class Proposals(Promises):
                 admissible.add(n)
         if self.state == JOINING:
             # propose only if nobody is a member anywhere and we are the lowest joiner
-            if member_elsewhere or min(admissible | {self.node_id}) != self.node_id:
+            if (member_elsewhere or self._quorate_on_disk_only(usable)
+                    or min(admissible | {self.node_id}) != self.node_id):
                 return
         elif self.view.quorate:
             # the lowest live member coordinates a quorate view; it admits joiners
@@ -103,7 +104,8 @@ class Proposals(Promises):
             if min(candidates) != self.node_id or self._merge_too_soon(admissible, keep, now):
                 return
         target = keep | merged | admissible
-        if self.state == MEMBER and target == base and not lagging and not merged:
+        if (self.state == MEMBER and target == base and not lagging and not merged
+                and self._quorate(target, self._expected) == self.view.quorate):
             self._maybe_fence()
             return
         assert self._nursery is not None
@@ -156,6 +158,14 @@ class Proposals(Promises):
                 return
         self._round_failed(gen, refused, missing, replies, learned, started, members)
         await trio.sleep(random.uniform(0, self.interval))
+
+    def _quorate_on_disk_only(self, usable: Callable[[int], bool]) -> bool:
+        """A member of a quorate view beats on the disk and we cannot hear it: a cluster
+        runs out of our sight (a cut, or nodes that left cleanly and so shrank its
+        voters below what we count). A joiner forms no view of its own then."""
+        if self.disk is None:
+            return False
+        return any(n not in self._peers or not usable(n) for n in self.disk.quorate_members())
 
     def _merge_too_soon(self, admissible: set[int], keep: set[int], now: float) -> bool:
         """Merging partitions without quorum into one that has quorum and leaves some of

@@ -71,6 +71,7 @@ from clusterfs.membership.state import (
     JOINING,
     LEAVING,
     MEMBER,
+    DiskPath,
     FenceHook,
     PeerInfo,
     log,
@@ -80,7 +81,7 @@ from clusterfs.membership.view import Event, ExpelledEvent, View, ViewChange
 from clusterfs.wire.types import MsgType
 
 # the names other layers and the tests take from here
-__all__ = ["EXPELLED", "JOINING", "LEAVING", "MEMBER", "FenceHook", "MembershipService",
+__all__ = ["EXPELLED", "JOINING", "LEAVING", "MEMBER", "DiskPath", "FenceHook", "MembershipService",
            "MembershipStatistics", "PeerInfo", "new_incarnation"]
 
 @dataclass
@@ -110,11 +111,12 @@ class MembershipService(Proposals):
                  heartbeat_interval: float = 0.5, failure_timeout: float = 3.0,
                  fence_agent: FenceHook | None = None, incarnation: int | None = None,
                  settle: float | None = None,
-                 generation_record: GenerationRecord | None = None) -> None:
+                 generation_record: GenerationRecord | None = None,
+                 disk: DiskPath | None = None) -> None:
         super().__init__(endpoint, node_ids, heartbeat_interval=heartbeat_interval,
                          failure_timeout=failure_timeout, fence_agent=fence_agent,
                          incarnation=incarnation, settle=settle,
-                         generation_record=generation_record)
+                         generation_record=generation_record, disk=disk)
         endpoint.register([MsgType.HEARTBEAT], self._on_heartbeat)
         endpoint.register([MsgType.VIEW_PROPOSE], self._on_propose)
         endpoint.register([MsgType.VIEW_ACK], self._on_ack)

@@ -42,12 +42,16 @@ def why_not_clean(ls: Any, dev: Any, sb: Any, slot: int, withdrawn: bool) -> str
 
 
 async def leave_cleanly(membership: Any, ls: Any, dev: Any, sb: Any, slot: int,
-                        withdrawn: bool, timeout: float) -> bool:
+                        withdrawn: bool, timeout: float, disk: Any = None) -> bool:
     """Announce the leave if it is honest (see the module doc); True once the others
-    installed a view without us."""
+    installed a view without us. Once announced, the disk heartbeat stops too (a last
+    STOPPED beat): on the disk as on the network, we are gone, not dead."""
     why = why_not_clean(ls, dev, sb, slot, withdrawn)
     if why is not None:
         log.warning("not leaving the cluster cleanly (%s): the others will take this "
                     "node for dead, fence it and recover its journal", why)
         return False
-    return await membership.leave(timeout)
+    left = await membership.leave(timeout)
+    if disk is not None and membership.state == "leaving":
+        await disk.stop()
+    return left

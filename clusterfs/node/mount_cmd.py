@@ -259,12 +259,19 @@ async def _serve_clustered(cluster: ClusterArgs, dev, sb, mountpoint: str, opts:
     from clusterfs.dlm.lockspace import open_dlm, wait_running
     from clusterfs.fence.agent import ProcessAgent
     from clusterfs.node.cluster import open_cluster_node
+    from clusterfs.node.diskbeat import DiskHeartbeat
     from clusterfs.node.lockd_cmd import ControlServer, default_control_path
 
     agent = ProcessAgent(pid_dir=cluster.fence_pid_dir) if cluster.fence_pid_dir else None
+    cfg = cluster.cfg
+    try:
+        disk = DiskHeartbeat.open(dev.path, frozenset(cfg.node_ids), cluster.node_id,
+                                  cfg.heartbeat_interval, cfg.failure_timeout)
+    except StorageError as exc:
+        raise MountError(f"{dev.path}: disk heartbeat: {exc}") from None
     async with open_cluster_node(cluster.cfg, cluster.node_id, fence_agent=agent,
                                  incarnation=cluster.incarnation,
-                                 generation_record=cluster.record) as node:
+                                 generation_record=cluster.record, disk=disk) as node:
         async with open_dlm(node.endpoint, node.membership) as dlm:
             ls = await dlm.new_lockspace("fs:" + sb.uuid_str)
             log.info("node %d: joining cluster %s; waiting for quorum", cluster.node_id,
@@ -291,7 +298,8 @@ async def _serve_clustered(cluster: ClusterArgs, dev, sb, mountpoint: str, opts:
                 from clusterfs.node.leave import leave_cleanly
 
                 await leave_cleanly(node.membership, ls, dev, sb, shown["slot"],
-                                    shown["fs"].txn.withdrawn, 2 * cluster.cfg.failure_timeout)
+                                    shown["fs"].txn.withdrawn, 2 * cluster.cfg.failure_timeout,
+                                    disk)
 
 
 def _mount_status(mountpoint: str, device: str, fs, slot: int, recovery) -> dict:
