@@ -29,7 +29,7 @@ from typing import Any
 import trio
 
 from clusterfs.dlm.interface import Mode
-from clusterfs.errors import WouldBlock
+from clusterfs.errors import Expelled, Withdrawn, WouldBlock
 from clusterfs.journal.log import replay_journal
 from clusterfs.membership.view import ViewChange
 
@@ -58,6 +58,9 @@ class JournalRecovery:
 
     async def wait_open(self) -> None:
         while not self.is_open():
+            if self.ls.ls_expelled:
+                # the gate never opens again: every call fails (EIO), none waits forever
+                raise Withdrawn("this node was expelled from the cluster")
             await trio.sleep(GATE_POLL)
 
     # -- the survivors' side -------------------------------------------------------------
@@ -69,16 +72,29 @@ class JournalRecovery:
             async for ev in membership.subscribe():
                 if not isinstance(ev, ViewChange):
                     continue
-                if ev.left:
+                # a node that left cleanly marked its journal clean first: nothing to
+                # replay, nothing to hold the gate for (membership's ViewChange.clean)
+                departed = ev.left - ev.clean
+                if departed:
                     self.need_gen = ev.view.generation
                     if scope is not None:
                         scope.cancel()
                     scope = trio.CancelScope()
-                    nursery.start_soon(self._recover, ev.view.generation, sorted(ev.left),
+                    nursery.start_soon(self._recover, ev.view.generation, sorted(departed),
                                        scope)
                 self.seen_gen = ev.view.generation
 
     async def _recover(self, generation: int, left: list[int], scope: trio.CancelScope) -> None:
+        try:
+            await self._recover_in(generation, left, scope)
+        except Expelled:
+            # the others recover for us now; the mount withdraws (and stays up, so that
+            # `clusterfs umount` works)
+            log.warning("gen %d: journal recovery abandoned: this node was expelled",
+                        generation)
+
+    async def _recover_in(self, generation: int, left: list[int],
+                          scope: trio.CancelScope) -> None:
         with scope:
             start = time.monotonic()
             log.info("gen %d: journal recovery for departed %s: waiting for the DLM",

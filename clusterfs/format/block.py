@@ -44,6 +44,7 @@ class BlockType(IntEnum):
     JCOMMIT = 11
     HEARTBEAT = 12
     ORPHAN = 13
+    DISKBEAT = 14       # membership disk heartbeats (format/diskbeat.py)
 
 
 def block_crc(buf: bytes | bytearray | memoryview) -> int:

@@ -21,7 +21,7 @@ import trio
 from clusterfs.cache.glock import Glock, GlockManager
 from clusterfs.cache.transaction import TransactionManager
 from clusterfs.dlm.interface import Lock, Mode
-from clusterfs.errors import FormatError, FSError, StorageError, WouldBlock
+from clusterfs.errors import ClusterFSError, FormatError, FSError, StorageError, WouldBlock
 from clusterfs.format import extent as fext
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.directory import NAME_MAX
@@ -1230,7 +1230,7 @@ class FileSystem:
                     try:
                         await self.adopt_orphans()
                         await self.sweep_orphans()
-                    except (FSError, FormatError, StorageError) as exc:
+                    except ClusterFSError as exc:   # (withdrawn, expelled: said already)
                         log.warning("orphan sweep: %s", exc)
             with trio.move_on_after(ORPHAN_SWEEP_INTERVAL):
                 await self._orphan_kick.wait()

@@ -323,6 +323,28 @@ def cluster_opener(cluster: ClusterArgs) -> Callable[[str], Any]:
     return opener
 
 
+def _open_disk_heartbeat(cluster: ClusterArgs, fencing, dev):
+    """Membership's second path (node/diskbeat.py) on a handle of its own, registered
+    and guarded like every handle this node writes through; none for a node that
+    reaches the disk only through the storage group."""
+    from clusterfs.node.diskbeat import DiskHeartbeat
+
+    cfg = cluster.cfg
+    if not cfg.reaches_disk(cluster.node_id):
+        return None
+    try:
+        handle = _second_opener(cluster)(cluster.device or dev.path, "beat")
+    except ClusterFSError as exc:
+        raise MountError(f"{dev.path}: disk heartbeat: {exc}") from None
+    fencing.own(handle)
+    try:
+        fencing.add_device(handle)
+    except ClusterFSError as exc:
+        raise MountError(f"{dev.path}: disk heartbeat: {exc}") from None
+    return DiskHeartbeat(handle, frozenset(cfg.node_ids), cluster.node_id,
+                         cfg.heartbeat_interval, cfg.failure_timeout)
+
+
 async def _start_storage(cluster: ClusterArgs, fencing, dev, node) -> Any:
     """Proxy I/O, once the node has joined: a proxy device learns the view (its
     requests carry the generation and go to live servers); a storage-group node
@@ -363,9 +385,10 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
     from clusterfs.node.cluster import open_cluster_node
     from clusterfs.node.lockd_cmd import ControlServer, default_control_path
 
+    disk = _open_disk_heartbeat(cluster, fencing, dev)
     async with open_cluster_node(cluster.cfg, cluster.node_id, fence_agent=fencing.agent(),
                                  incarnation=cluster.incarnation,
-                                 generation_record=cluster.record) as node:
+                                 generation_record=cluster.record, disk=disk) as node:
         server = await _start_storage(cluster, fencing, dev, node)
         async with open_dlm(node.endpoint, node.membership) as dlm:
             ls = await dlm.new_lockspace("fs:" + sb.uuid_str)
@@ -399,6 +422,12 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
                 await fencing.claim_slot(slot, node.nursery)
 
             await _serve_fs(ls, dev, sb, mountpoint, opts, ready, pool, side_tasks, on_slot)
+            if shown:     # it served, wrote back and gave its locks up: say goodbye
+                from clusterfs.node.leave import leave_cleanly
+
+                await leave_cleanly(node.membership, ls, dev, sb, shown["slot"],
+                                    shown["fs"].txn.withdrawn, 2 * cluster.cfg.failure_timeout,
+                                    disk)
 
 
 def _mount_status(mountpoint: str, device: str, fs, slot: int, recovery) -> dict:
