@@ -38,6 +38,7 @@ from clusterfs.errors import ConfigError
 KEY_MIN = 16
 KEY_MAX = 64
 MAX_FRAME_DEFAULT = 1 << 20
+IO_TIMEOUT_DEFAULT = 1.0
 NODE_ID_MAX = 2**32 - 1
 
 
@@ -90,6 +91,21 @@ class ClusterConfig:
     storage_group: tuple[int, ...] = ()
     path: str | None = None
     fencing: FencingConfig = field(default_factory=FencingConfig)
+    # [storage]: where each group node's block server listens (node id -> (host, port)),
+    # and how long a proxied I/O may take before the proxy tries another server
+    block_servers: tuple[tuple[int, str, int], ...] = ()
+    io_timeout: float = IO_TIMEOUT_DEFAULT
+
+    def block_server(self, node_id: int) -> tuple[str, int]:
+        """The block server address of group node `node_id` (ConfigError if none)."""
+        for nid, host, port in self.block_servers:
+            if nid == node_id:
+                return host, port
+        raise ConfigError(f"storage.servers: no block server address for node {node_id}")
+
+    def reaches_disk(self, node_id: int) -> bool:
+        """Whether the node has a direct path to the disk (no storage group: all do)."""
+        return not self.storage_group or node_id in self.storage_group
 
     def node(self, node_id: int) -> NodeConfig:
         for n in self.nodes:
@@ -187,20 +203,52 @@ def parse_config(data: dict[str, Any], *, base_dir: str | os.PathLike[str] = "."
         addrs.add((host, port))
         nodes.append(NodeConfig(nid, nname, host, port))
 
-    storage = data.get("storage", {})
+    group, servers, io_timeout = parse_storage(data.get("storage", {}), ids, ft)
+
+    fencing = parse_fencing(data.get("fencing", {}), Path(base_dir))
+    return ClusterConfig(name=name, key=key, nodes=tuple(nodes), heartbeat_interval=hb,
+                         failure_timeout=ft, connect_timeout=ct, max_frame=max_frame,
+                         storage_group=tuple(group), path=path, fencing=fencing,
+                         block_servers=servers, io_timeout=io_timeout)
+
+
+def parse_storage(storage: Any, ids: set[int], failure_timeout: float
+                  ) -> tuple[tuple[int, ...], tuple[tuple[int, str, int], ...], float]:
+    """The [storage] table: group (node ids with a direct path to the disk, which
+    serve it to the others), servers (a "host:port" per group node, its block
+    server; only needed when some node is outside the group) and io_timeout
+    (seconds; at most half of failure_timeout; default 1 s, or a quarter of a
+    failure_timeout under 4 s)."""
     if not isinstance(storage, dict):
         raise ConfigError("storage: must be a table")
+    for k in storage:
+        if k not in ("group", "servers", "io_timeout"):
+            raise ConfigError(f"storage.{k}: unknown field")
     group = storage.get("group", [])
     if not isinstance(group, list) or not all(isinstance(g, int) for g in group):
         raise ConfigError("storage.group: must be a list of node ids")
     for g in group:
         if g not in ids:
             raise ConfigError(f"storage.group: {g} is not a configured node id")
-
-    fencing = parse_fencing(data.get("fencing", {}), Path(base_dir))
-    return ClusterConfig(name=name, key=key, nodes=tuple(nodes), heartbeat_interval=hb,
-                         failure_timeout=ft, connect_timeout=ct, max_frame=max_frame,
-                         storage_group=tuple(group), path=path, fencing=fencing)
+    raw = storage.get("servers", {})
+    if not isinstance(raw, dict):
+        raise ConfigError("storage.servers: must be a table of node id = \"host:port\"")
+    servers = []
+    for k, v in raw.items():
+        if not k.isdigit() or int(k) not in group:
+            raise ConfigError(f"storage.servers.{k}: not a node id of storage.group")
+        host, port = parse_address(v, f"storage.servers.{k}")
+        servers.append((int(k), host, port))
+    if servers and len(servers) != len(group):
+        raise ConfigError("storage.servers: every node of storage.group needs an address")
+    # default: IO_TIMEOUT_DEFAULT, or a quarter of a shorter failure_timeout
+    v = storage.get("io_timeout", min(IO_TIMEOUT_DEFAULT, failure_timeout / 4))
+    if not isinstance(v, int | float) or isinstance(v, bool) or v <= 0:
+        raise ConfigError("storage.io_timeout: must be a positive number of seconds")
+    if v > failure_timeout / 2:
+        raise ConfigError(f"storage.io_timeout: {v} s must be at most half of "
+                          f"failure_timeout ({failure_timeout} s)")
+    return tuple(group), tuple(sorted(servers)), float(v)
 
 
 def parse_fencing(t: Any, base: Path) -> FencingConfig:

@@ -4,11 +4,13 @@ without FUSE. (tests/test_cluster_mount.py does the same through real mounts.)""
 
 from __future__ import annotations
 
+import errno
 import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import pytest
 import trio
 from dlmcluster import memory_cluster
 from trioutil import trio_test
@@ -16,6 +18,7 @@ from trioutil import trio_test
 from clusterfs.cache.glock import GlockManager
 from clusterfs.cache.transaction import TransactionManager
 from clusterfs.dlm.interface import Mode
+from clusterfs.errors import FSError
 from clusterfs.fs.filesystem import FileSystem
 from clusterfs.journal.log import Journal
 from clusterfs.node.mkfs_cmd import make_filesystem
@@ -119,3 +122,81 @@ async def test_unlink_on_one_node_frees_once_and_statfs_agrees(tmp_path) -> None
         await b.fs.txn.commit(checkpoint=True)
         assert await a.fs.lookup(root, b"big") is None
         assert (await a.fs.usage()).free >= before - 4   # the space is back, seen from a
+
+
+@trio_test
+async def test_rename_over_a_target_unlinked_elsewhere_between_its_looks(tmp_path) -> None:
+    """A's rename finds the target under PR, then B unlinks it (B keeps it open, so it
+    is not freed) before A takes its locks in EX. A must look again, not unlink the
+    target a second time: that drove its link count to -1 and crashed the node at
+    commit (found by tools/stress on three nodes in one directory)."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        src = await a.fs.mknod(root, b"src", REG, 0, 0, 0)
+        dst = await a.fs.mknod(root, b"dst", REG, 0, 0, 0)
+        await b.fs.open(dst.ino)
+        real_retrying = a.fs._retrying
+
+        async def unlink_on_b_first(run, goal, want):
+            a.fs._retrying = real_retrying       # once
+            await b.fs.unlink(root, b"dst")      # between A's look and A's change
+            return await real_retrying(run, goal, want)
+
+        a.fs._retrying = unlink_on_b_first
+        await a.fs.rename(root, b"src", root, b"dst")
+        await a.fs.txn.commit(checkpoint=True)    # the crash was here (nlink -1)
+        moved = await b.fs.lookup(root, b"dst")
+        assert moved is not None and moved.ino == src.ino
+        assert await b.fs.lookup(root, b"src") is None
+        assert (await b.fs.getattr(dst.ino)).d.nlink == 0   # unlinked once, still open
+        await b.fs.release(dst.ino)
+
+
+@trio_test
+async def test_statfs_takes_free_counts_from_the_lock_value_blocks(tmp_path) -> None:
+    """A group's last EX holder leaves its free count in the lock value block; another
+    node's statfs reads it there instead of every group header from disk."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        before = (await b.fs.usage()).free
+        f = await a.fs.mknod(root, b"big", REG, 0, 0, 0)
+        await a.fs.write(f.ino, 0, bytes(1 << 20))
+        await a.fs.fsync(f.ino)
+        header_reads: list[int] = []
+        real_read_meta = b.fs.read_meta
+        headers = {b.fs.sb.rgrp_location(i)[0] for i in range(b.fs.sb.rgrp_count)}
+
+        def counting_read_meta(blkno: int) -> bytes:
+            if blkno in headers:
+                header_reads.append(blkno)
+            return real_read_meta(blkno)
+
+        b.fs.read_meta = counting_read_meta
+        after = (await b.fs.usage()).free
+        assert after <= before - 256                 # a's megabyte is seen by b
+        home = a.fs.sb.rgrp_location(a.fs.home_group)[0]
+        assert header_reads and home not in header_reads   # a's group: its value block
+
+
+@trio_test
+async def test_a_number_the_kernel_holds_is_stale_once_its_block_holds_a_new_inode(
+        tmp_path) -> None:
+    """A's kernel holds inode f (generation g1). B unlinks and frees f, then creates a
+    directory in the very block. A's next use of the number (getattr, link, setxattr by
+    inode) must be ESTALE, so the VFS looks the path up again, not the directory's
+    attributes (the kernel then saw a file turn into a directory: EIO / EPERM)."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        f = await a.fs.mknod(root, b"f", REG, 0, 0, 0)
+        await b.fs.unlink(root, b"f")
+        await b.fs.txn.commit(checkpoint=True)     # its block leaves quarantine
+        b.fs.home_group = a.fs.home_group           # so that B allocates there
+        d = await b.fs.mknod(root, b"d", stat.S_IFDIR | 0o755, 0, 0, 0)
+        assert d.ino == f.ino                       # the block was reused
+        with pytest.raises(FSError) as caught:
+            await a.fs.getattr(f.ino)
+        assert caught.value.errno == errno.ESTALE
+        with pytest.raises(FSError) as caught:
+            await a.fs.link(f.ino, root, b"again")
+        assert caught.value.errno == errno.ESTALE
+        assert (await a.fs.lookup(root, b"d")).ino == d.ino   # by name: the new one

@@ -431,6 +431,16 @@ def test_corrupt_journal_header(image):
     assert f"journal 0: header block {jblk}: bad checksum" in out
 
 
+def test_corrupt_orphan_block_is_rewritten_empty(image):
+    img, _ = image
+    oblk = img.sb.orphan_location(0)
+    img.flip_bits(oblk, 40, 0x04)
+    out = check(img, want=4)
+    assert f"journal 0: orphan block {oblk}: bad checksum" in out
+    check(img, "--repair", want=1)
+    check(img, want=0)
+
+
 def test_committed_and_torn_transactions(image):
     """A committed but unreplayed transaction is reported and replayed by --repair;
     a torn one after it (descriptor and copy, no commit) is not committed: it is

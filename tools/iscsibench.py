@@ -1,12 +1,20 @@
 #!/usr/bin/env python3
-"""IscsiDevice against BlockDevice on equal backing files: 1 MiB sequential and 4 KiB
-random I/O, each measured `--runs` times (issue 8, item 7).
+"""IscsiDevice and ProxyDevice against BlockDevice on equal backing files: 1 MiB
+sequential and 4 KiB random I/O, each measured `--runs` times, and the time a proxy
+takes to re-target a write when its server is SIGSTOPped (issue 8, item 7).
 
 Both files are sparse files of the same size in one new /tmp/iscsi-bench-* directory:
 one opened directly as a BlockDevice, the other exported as a LUN by a private tgtd
 on 127.0.0.1 (tests/iscsiutil.py) and opened as iscsi://... So both go through the
 same filesystem and page cache; the difference is tgtd plus the iSCSI session (one
-synchronous command at a time, as IscsiDevice issues them).
+synchronous command at a time, as IscsiDevice issues them). The proxy row goes
+through a block server (clusterfs.storage.blockserver, in a process of its own,
+serving a third equal file as a BlockDevice) over authenticated frames on
+127.0.0.1, from a ProxyDevice in this process: the difference is the proxy
+protocol. Re-target: two block servers serve one file, the proxy writes 4 KiB
+blocks to the region one server is preferred for (and a flush),
+that server is SIGSTOPped, and the time to the first write that completes after
+the stop is taken (io_timeout set by --io-timeout), --retargets times.
 
     seq write   SIZE in 1 MiB writes, then flush (fsync / SYNCHRONIZE CACHE)
     seq read    SIZE in 1 MiB reads (the data just written: warm page cache on both)
@@ -34,8 +42,10 @@ sys.path.insert(0, str(ROOT))
 
 import iscsiutil  # noqa: E402
 
+from clusterfs.config import parse_config  # noqa: E402
 from clusterfs.storage.device import BlockDevice  # noqa: E402
 from clusterfs.storage.iscsi import IscsiDevice  # noqa: E402
+from clusterfs.storage.proxy import ProxyDevice, preferred_server  # noqa: E402
 
 MIB = 1 << 20
 BLOCK = 4096
@@ -73,11 +83,151 @@ def measure(dev, size: int, count: int, seed: int) -> dict[str, float]:
     return out
 
 
+# -- proxy I/O -----------------------------------------------------------------------
+PROXY_NODE = 3
+
+
+def bench_config(ports: list[int], io_timeout: float):
+    """A cluster config: nodes 1 and 2 serve (block servers on ports[2:4]), 3 proxies."""
+    return parse_config({
+        "name": "bench", "key": os.urandom(32).hex(),
+        "timeouts": {"failure_timeout": max(3.0, 2 * io_timeout)},
+        "node": [{"id": i, "address": f"127.0.0.1:{ports[i - 1]}"} for i in (1, 2, 3)],
+        "storage": {"group": [1, 2], "io_timeout": io_timeout,
+                    "servers": {"1": f"127.0.0.1:{ports[3]}", "2": f"127.0.0.1:{ports[4]}"}},
+    })
+
+
+class StaticMembership:
+    """One view of all three nodes that never changes (the bench has no cluster)."""
+
+    def __init__(self) -> None:
+        from clusterfs.membership.view import View
+
+        self.view = View(1, frozenset({1, 2, 3}), True, 3)
+
+    def subscribe(self):
+        import trio
+
+        from clusterfs.membership.view import ViewChange
+
+        send, recv = trio.open_memory_channel(1)
+        send.send_nowait(ViewChange(self.view, self.view.members, frozenset()))
+        return recv
+
+
+def serve(path: str, node_id: int, ports: list[int], io_timeout: float, key: str) -> None:
+    """The block server of `node_id` on `path` (run in a child process)."""
+    import dataclasses
+
+    import trio
+
+    from clusterfs.storage.blockserver import BlockServer
+
+    cfg = dataclasses.replace(bench_config(ports, io_timeout), key=bytes.fromhex(key))
+    dev = BlockDevice(path)
+
+    async def run() -> None:
+        server = BlockServer(cfg, node_id, dev, StaticMembership())
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.serve)
+            print("serving", flush=True)
+
+    trio.run(run)
+
+
+class Servers:
+    """Block server child processes, killed (by pid) at the end."""
+
+    def __init__(self, path: Path, ports: list[int], io_timeout: float, key: bytes,
+                 nodes: tuple[int, ...]) -> None:
+        import subprocess
+
+        self.procs = {}
+        for n in nodes:
+            p = subprocess.Popen([sys.executable, __file__, "--serve", str(path), str(n),
+                                  ",".join(map(str, ports)), str(io_timeout), key.hex()],
+                                 stdout=subprocess.PIPE, text=True)
+            self.procs[n] = p
+            if p.stdout.readline().strip() != "serving":
+                self.close()
+                raise SystemExit(f"block server {n} did not start")
+
+    def close(self) -> None:
+        import signal
+
+        for p in self.procs.values():
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+                os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def free_ports(n: int) -> list[int]:
+    import socket
+
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def open_proxy(path: Path, io_timeout: float, nodes: tuple[int, ...] = (1,)):
+    """A ProxyDevice on `path` through block servers `nodes`; (device, servers, cfg)."""
+    ports = free_ports(5)
+    cfg = bench_config(ports, io_timeout)
+    servers = Servers(path, ports, io_timeout, cfg.key, nodes)
+    try:
+        dev = ProxyDevice(cfg, PROXY_NODE)
+        dev.attach(lambda: (1, frozenset({*nodes, PROXY_NODE})))
+    except BaseException:
+        servers.close()
+        raise
+    return dev, servers, cfg
+
+
+def retarget_times(path: Path, io_timeout: float, times: int) -> list[float]:
+    """Seconds from SIGSTOP of the preferred server to the proxy's next completed write."""
+    import signal
+
+    out = []
+    for _ in range(times):
+        dev, servers, _cfg = open_proxy(path, io_timeout, (1, 2))
+        try:
+            offset = 0
+            victim = preferred_server([1, 2], PROXY_NODE, offset)
+            block = os.urandom(BLOCK)
+            for i in range(64):                     # warm up: connected, written, flushed
+                dev.pwrite(offset + i * BLOCK, block)
+            dev.flush()
+            os.kill(servers.procs[victim].pid, signal.SIGSTOP)
+            stopped = time.perf_counter()
+            dev.pwrite(offset, block)
+            out.append(time.perf_counter() - stopped)
+            dev.flush()
+            assert dev.statistics()["retargets"] >= 1
+        finally:
+            dev.close()
+            servers.close()
+    return out
+
+
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--serve":
+        path, node, ports, io_timeout, key = sys.argv[2:7]
+        serve(path, int(node), [int(p) for p in ports.split(",")], float(io_timeout), key)
+        return 0
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--count", type=int, default=4000, help="random 4 KiB operations")
     ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--io-timeout", type=float, default=0.5,
+                    help="the proxy's io_timeout for the re-target figure (seconds)")
+    ap.add_argument("--retargets", type=int, default=5)
     args = ap.parse_args()
     why = iscsiutil.missing_prerequisites()
     if why:
@@ -86,24 +236,35 @@ def main() -> int:
     size = args.size_mib * MIB
     work = Path(tempfile.mkdtemp(prefix="iscsi-bench-", dir="/tmp"))
     try:
-        plain = work / "plain.img"
-        with open(plain, "wb") as f:
-            f.truncate(size)
+        plain, served = work / "plain.img", work / "served.img"
+        for path in (plain, served):
+            with open(path, "wb") as f:
+                f.truncate(size)
         with iscsiutil.target([size], workdir=work) as target:
             print(f"backing files: {size // MIB} MiB each in {work}; LUN {target.url()}")
             rows: dict[str, list[str]] = {}
             for run in range(1, args.runs + 1):
-                for name, opener in (("BlockDevice", lambda: BlockDevice(str(plain))),
-                                     ("IscsiDevice", lambda: IscsiDevice(target.url()))):
-                    dev = opener()
+                local: dict[str, float] = {}
+                for name, opener in (("BlockDevice", lambda: (BlockDevice(str(plain)), None)),
+                                     ("IscsiDevice", lambda: (IscsiDevice(target.url()), None)),
+                                     ("ProxyDevice", lambda: open_proxy(served, 5.0)[:2])):
+                    dev, servers = opener()
                     try:
                         result = measure(dev, size, args.count, seed=run)
                     finally:
                         dev.close()
+                        if servers is not None:
+                            servers.close()
                     for what, value in result.items():
-                        rows.setdefault(what, []).append(f"{name[:5]} #{run}: {value:8.0f}")
+                        local.setdefault(what, value)
+                        ratio = f" ({value / local[what]:.3f})" if name != "BlockDevice" else ""
+                        rows.setdefault(what, []).append(
+                            f"{name[:5]} #{run}: {value:8.0f}{ratio}")
             for what, cells in rows.items():
                 print(f"{what:20s} " + "   ".join(cells))
+        times = retarget_times(served, args.io_timeout, args.retargets)
+        print(f"re-target after SIGSTOP of the server (io_timeout {args.io_timeout:g} s): "
+              + ", ".join(f"{t:.3f}" for t in times) + " s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

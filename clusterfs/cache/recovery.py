@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from clusterfs.dlm.interface import Mode
-from clusterfs.errors import WouldBlock
+from clusterfs.errors import Expelled, Withdrawn, WouldBlock
 from clusterfs.journal.log import replay_journal
 from clusterfs.membership.view import ViewChange
 
@@ -46,6 +47,8 @@ class JournalRecovery:
         self.need_gen = 0       # newest view that removed nodes
         self.done_gen = 0       # newest view whose departures' journals are replayed
         self.last: dict[str, Any] | None = None    # the last recovery, for status
+        # called once a recovery is done (the fs then frees the departed nodes' orphans)
+        self.on_recovered: Callable[[], None] | None = None
 
     # -- the gate ------------------------------------------------------------------------
     def is_open(self) -> bool:
@@ -55,6 +58,9 @@ class JournalRecovery:
 
     async def wait_open(self) -> None:
         while not self.is_open():
+            if self.ls.ls_expelled:
+                # the gate never opens again: every call fails (EIO), none waits forever
+                raise Withdrawn("this node was expelled from the cluster")
             await trio.sleep(GATE_POLL)
 
     # -- the survivors' side -------------------------------------------------------------
@@ -66,16 +72,29 @@ class JournalRecovery:
             async for ev in membership.subscribe():
                 if not isinstance(ev, ViewChange):
                     continue
-                if ev.left:
+                # a node that left cleanly marked its journal clean first: nothing to
+                # replay, nothing to hold the gate for (membership's ViewChange.clean)
+                departed = ev.left - ev.clean
+                if departed:
                     self.need_gen = ev.view.generation
                     if scope is not None:
                         scope.cancel()
                     scope = trio.CancelScope()
-                    nursery.start_soon(self._recover, ev.view.generation, sorted(ev.left),
+                    nursery.start_soon(self._recover, ev.view.generation, sorted(departed),
                                        scope)
                 self.seen_gen = ev.view.generation
 
     async def _recover(self, generation: int, left: list[int], scope: trio.CancelScope) -> None:
+        try:
+            await self._recover_in(generation, left, scope)
+        except Expelled:
+            # the others recover for us now; the mount withdraws (and stays up, so that
+            # `clusterfs umount` works)
+            log.warning("gen %d: journal recovery abandoned: this node was expelled",
+                        generation)
+
+    async def _recover_in(self, generation: int, left: list[int],
+                          scope: trio.CancelScope) -> None:
         with scope:
             start = time.monotonic()
             log.info("gen %d: journal recovery for departed %s: waiting for the DLM",
@@ -102,6 +121,8 @@ class JournalRecovery:
                      "%s", generation, done - start, took - start, done - took,
                      ", ".join(f"slot {s}: {t} transactions" for s, t in replayed)
                      or "no journal needed replay")
+            if self.on_recovered is not None:
+                self.on_recovered()
 
     async def _replay_if_free(self, slot: int) -> int | None:
         """Replay `slot` if no live node holds it; the transactions replayed, or None."""

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 from collections.abc import Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -245,6 +246,13 @@ class TcpEndpoint:
     async def _connect(self, peer: _Peer) -> tuple[trio.SocketStream, bytes]:
         with trio.fail_after(self.config.connect_timeout):
             stream = await trio.open_tcp_stream(peer.host, peer.port)
+            # A link that goes dead under an open connection (a cable pulled, a
+            # partition) must break it: TCP would otherwise retransmit with a backoff
+            # that reaches tens of seconds, and after the link is back the peers would
+            # go on not hearing each other that long. Data unacknowledged for a failure
+            # timeout aborts the connection; we then dial again (with our own backoff).
+            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                              int(self.config.failure_timeout * 1000))
             try:
                 nc = secrets.token_bytes(NONCE_SIZE)
                 hello = {"cluster": self.config.name, "to": peer.node_id, "nonce": nc}

@@ -38,7 +38,7 @@ class Members:
 
     def _on_view_change(self, ev: ViewChange, nursery: trio.Nursery) -> None:
         """Stop locking, abort a recovery for an older view, recover for this one."""
-        self._stop(ev.view, ev.left)
+        self._stop(ev.view, ev.left, ev.clean)
         if self._recover_scope is not None:
             self._recover_scope.cancel()
         if self.ls_node not in ev.view.members:
@@ -51,16 +51,18 @@ class Members:
         self.ls_need_fence -= ev.nodes
         self._wake()   # recovery step 1 may go on
 
-    def _stop(self, view: View, left: frozenset[int]) -> None:
-        """Step 0 (at once, on the event): stop locking; requests wait."""
-        log.info("dlm %s@%d gen %d: stop locking (members %s, left %s, quorate %s)",
-                 self.ls_name, self.ls_node, view.generation, sorted(view.members), sorted(left),
-                 view.quorate)
+    def _stop(self, view: View, left: frozenset[int],
+              clean: frozenset[int] = frozenset()) -> None:
+        """Step 0 (at once, on the event): stop locking; requests wait. A node that left
+        cleanly released every lock first and writes no more: no fence to wait for."""
+        log.info("dlm %s@%d gen %d: stop locking (members %s, left %s, cleanly %s, "
+                 "quorate %s)", self.ls_name, self.ls_node, view.generation,
+                 sorted(view.members), sorted(left), sorted(clean), view.quorate)
         self.ls_view = view
         self.ls_members = view.members
         self.ls_gone |= set(left)
         self.ls_gone -= view.members
-        self.ls_need_fence |= set(left)
+        self.ls_need_fence |= set(left - clean)
         self.ls_need_fence -= view.members
         if self.ls_running:
             self.ls_running = False

@@ -41,13 +41,14 @@ from __future__ import annotations
 
 import inspect
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
 
 import trio
 
-from clusterfs.errors import ClusterFSError, FenceError
+from clusterfs.errors import ClusterFSError, FenceError, StorageError
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.heartbeat import (
     HeartbeatSlot,
@@ -225,6 +226,9 @@ class PillWatcher:
         self.bad_reads = 0
         self.fired: str | None = None
         self.last_error: str | None = None
+        self.fresh_at = time.monotonic()      # start of the last good read (wall time)
+        self.guard_reads = 0
+        self._guard_lock = threading.Lock()
 
     @classmethod
     def for_slot(cls, dev: SlotDevice, sb: Superblock, slot: int, node_id: int,
@@ -247,6 +251,7 @@ class PillWatcher:
         fresh = trio.current_time()          # start of the last good read
         while self.fired is None:
             started = trio.current_time()
+            started_wall = time.monotonic()
             reason = None
             with trio.move_on_at(fresh + self.timeout):
                 try:
@@ -258,6 +263,7 @@ class PillWatcher:
                 else:
                     self.reads += 1
                     fresh = started
+                    self.fresh_at = max(self.fresh_at, started_wall)
                     reason = self.check(hs)
             if reason is None and trio.current_time() >= fresh + self.timeout:
                 reason = (f"heartbeat block {self.blkno} not read for {self.timeout:g} s "
@@ -269,11 +275,46 @@ class PillWatcher:
             await trio.sleep(min(self.interval,
                                  max(0.0, fresh + self.timeout - trio.current_time())))
 
+    def check_writable(self) -> None:
+        """The device's write guard (BlockAddressed.guard_writes), run before every
+        write and flush, in whatever thread makes it: StorageError once the watcher
+        fired; and when the last good read of the slot started more than `stale`
+        seconds ago (between interval and timeout: the node was stopped or starved, and
+        a fencer may have written a pill meanwhile and gone on after msgwait), the slot
+        is read again here first, so a node that wakes up after its fence writes
+        nothing before it has seen the pill. (A stop between this check and the write
+        itself is the window left: SBD closes it with a hardware watchdog.)"""
+        stale = (self.interval + self.timeout) / 2
+        if self.fired is None and time.monotonic() - self.fresh_at > stale:
+            with self._guard_lock:
+                if time.monotonic() - self.fresh_at > stale:
+                    self._read_now()
+        if self.fired is not None:
+            raise StorageError(f"write refused: {self.fired}")
+
+    def _read_now(self) -> None:
+        started = time.monotonic()
+        self.guard_reads += 1
+        try:
+            hs = decode_slot(self.dev.read(self.blkno), self.blkno)
+        except ClusterFSError as exc:
+            self._fire(f"heartbeat block {self.blkno} unreadable before a write ({exc}): "
+                       "cannot tell whether this node was fenced")
+            return
+        reason = self.check(hs)
+        if reason is not None:
+            self._fire(reason)
+        else:
+            self.fresh_at = max(self.fresh_at, started)
+
     def _fire(self, reason: str) -> None:
+        if self.fired is not None:
+            return
         self.fired = reason
         log.error("node %d: %s; stopping all writes", self.node_id, reason)
         self.on_pill(reason)
 
     def statistics(self) -> dict[str, object]:
         return {"reads": self.reads, "bad_reads": self.bad_reads, "fired": self.fired,
+                "guard_reads": self.guard_reads,
                 "interval": self.interval, "timeout": self.timeout}

@@ -23,7 +23,7 @@ from clusterfs.native import crc32c
 
 BLOCK_SIZE = 4096
 MAGIC = 0x53464C43
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2      # 2: each journal region ends with its slot's orphan block
 HEADER = struct.Struct("<IHHQQII")
 HEADER_SIZE = HEADER.size  # 32
 _CRC_OFFSET = 24
@@ -43,6 +43,8 @@ class BlockType(IntEnum):
     JDESC = 10
     JCOMMIT = 11
     HEARTBEAT = 12
+    ORPHAN = 13
+    DISKBEAT = 14       # membership disk heartbeats (format/diskbeat.py)
 
 
 def block_crc(buf: bytes | bytearray | memoryview) -> int:

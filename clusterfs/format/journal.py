@@ -1,8 +1,9 @@
 """Journal blocks. Each node slot owns a journal region of `journal_blocks` blocks.
 
 Block 0 of the region is the journal header (JHEAD): u32 slot, u32 flags,
-u64 tail sequence, u64 tail offset (where replay starts, 1..journal_blocks-1).
-The rest is a circular log of transactions:
+u64 tail sequence, u64 tail offset (where replay starts, 1..journal_blocks-2).
+The last block is the slot's orphan block (format/orphan.py); the blocks between
+are a circular log of transactions:
 
     JDESC(seq)  u32 count, u32 pad, then count u64 home addresses
     count full copies of the metadata blocks (each carries its own header)

@@ -14,6 +14,7 @@ from clusterfs.errors import FormatError
 from clusterfs.format.block import BLOCK_SIZE, BlockType, new_block, seal
 from clusterfs.format.inode import F_STUFFED, Inode, encode_inode
 from clusterfs.format.journal import JF_CLEAN, JournalHeader, encode_jhead
+from clusterfs.format.orphan import encode_orphans
 from clusterfs.format.rgrp import (
     BITS_PER_BITMAP,
     RgrpHeader,
@@ -112,6 +113,8 @@ def initial_blocks(sb: Superblock) -> Iterator[tuple[int, bytes]]:
         jblk = sb.journal_location(slot)
         yield jblk, bytes(encode_jhead(JournalHeader(slot, seq, 1, JF_CLEAN), jblk))
         yield jblk + 1, bytes(BLOCK_SIZE)   # the first log block: no stale transaction
+        oblk = sb.orphan_location(slot)
+        yield oblk, bytes(encode_orphans([], oblk))
     for header, bits in rgrp_headers(sb):
         yield header.first, bytes(encode_rgrp(header))
         for i, piece in enumerate(split_bitmap(bits, header.bitmap_blocks)):

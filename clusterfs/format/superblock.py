@@ -55,6 +55,23 @@ class Superblock:
     def journal_location(self, slot: int) -> int:
         return self.journal_start + slot * self.journal_blocks
 
+    @property
+    def journal_log_blocks(self) -> int:
+        """Blocks of a journal's circular log: all but the header and the orphan block."""
+        return self.journal_blocks - 2
+
+    def orphan_location(self, slot: int) -> int:
+        """The slot's orphan block: the last block of its journal region."""
+        return self.journal_location(slot) + self.journal_blocks - 1
+
+    def orphan_slot(self, blkno: int) -> int | None:
+        """The slot whose orphan block `blkno` is, or None."""
+        rel = blkno - self.journal_start
+        if 0 <= rel < self.journal_count * self.journal_blocks and \
+                rel % self.journal_blocks == self.journal_blocks - 1:
+            return rel // self.journal_blocks
+        return None
+
     def rgrp_location(self, index: int) -> tuple[int, int]:
         """(first block, length) of resource group `index`."""
         first = self.rgrp_start + index * self.rgrp_blocks

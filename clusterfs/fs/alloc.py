@@ -37,6 +37,14 @@ def encode_free_lvb(free: int) -> bytes:
     return (LVB_MAGIC + free.to_bytes(8, "little")).ljust(32, b"\0")
 
 
+def decode_free_lvb(lvb: bytes) -> int | None:
+    """The free count a group's last EX holder left in its lock value block, or None
+    if none did (a never-written block)."""
+    if lvb[:4] != LVB_MAGIC:
+        return None
+    return int.from_bytes(lvb[4:12], "little")
+
+
 
 class ResourceGroup:
     """One group's header and whole bitmap, as loaded under its lock."""

@@ -21,7 +21,7 @@ import trio
 from clusterfs.cache.glock import Glock, GlockManager
 from clusterfs.cache.transaction import TransactionManager
 from clusterfs.dlm.interface import Lock, Mode
-from clusterfs.errors import FormatError, FSError, StorageError, WouldBlock
+from clusterfs.errors import ClusterFSError, FormatError, FSError, StorageError, WouldBlock
 from clusterfs.format import extent as fext
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.directory import NAME_MAX
@@ -37,9 +37,10 @@ from clusterfs.format.inode import (
 )
 from clusterfs.format.superblock import Superblock
 from clusterfs.fs import extents as ext
-from clusterfs.fs.alloc import Allocator, ResourceGroup, encode_free_lvb
+from clusterfs.fs.alloc import Allocator, ResourceGroup, decode_free_lvb, encode_free_lvb
 from clusterfs.fs.directory import Directory
 from clusterfs.fs.inode import CachedInode
+from clusterfs.fs.orphans import OrphanList
 from clusterfs.journal.log import Journal
 from clusterfs.storage.device import BlockDevice
 
@@ -58,6 +59,7 @@ READAHEAD_BLOCKS = 8192
 READAHEAD_STEP = 2048
 SYMLINK_MAX = 4095
 UNMOUNT_FREE_TIMEOUT = 20   # seconds an unmount waits for the locks to free unlinked inodes
+ORPHAN_SWEEP_INTERVAL = 30  # seconds between looks at orphan lists (sooner after a recovery)
 
 
 def dtype_of(mode: int) -> int:
@@ -143,6 +145,9 @@ class FileSystem:
         self.alloc = Allocator(sb)
         self.inodes: dict[int, CachedInode] = {}
         self.nlookup: dict[int, int] = {}
+        # the generation the kernel was given with each number it holds: in a cluster
+        # the block may hold a newer inode by the time the kernel uses the number again
+        self.handed: dict[int, int] = {}
         self.opens: dict[int, int] = {}
         self.unlinked: set[int] = set()   # nlink went to 0 here; freed once unused
         self.iopen: dict[int, Lock] = {}  # ("iopen", ino) PR held while open here
@@ -159,12 +164,20 @@ class FileSystem:
         # tell the kernel to forget an inode's attributes (set by the FUSE layer; may
         # block briefly, so it is called from a worker thread)
         self.invalidate_hook: Callable[[int], None] | None = None
+        # take back the names the kernel was given in a directory (set by the FUSE
+        # layer; never blocks: the kernel is told later, see fuse/names.py)
+        self.names_hook: Callable[[int], None] | None = None
+        self.orphans = self._load_orphans(journal.slot)
+        self._orphan_kick = trio.Event()
+        self._sweeping = trio.Lock()     # held by the sweeper while it works
+        self.closing = False
         txn.quarantine_mark = self.alloc.quarantine_mark
         txn.end_quarantine = self.alloc.end_quarantine
         glocks.on_demote("inode", self._demote_inode)
         glocks.on_demote("rgrp", self._demote_rgrp)
         glocks.on_demote("rename", self._demote_flush)
         glocks.on_grant("inode", self._granted_inode)
+        glocks.on_grant("rgrp", self._granted_rgrp)
         self._load_group_hints()
 
     # ================================================================ plumbing
@@ -180,18 +193,40 @@ class FileSystem:
         return FSError(errno.EIO, str(exc))
 
     def _load_group_hints(self) -> None:
-        """Free counts of the groups this node does not hold, read without a lock: only
-        hints for choosing where to allocate (the allocation itself reads the bitmap
-        under the group's lock)."""
+        """Free counts of the groups this node has not loaded: from the lock value block
+        where a lock with a valid one is held (statfs holds them all), else the header
+        on disk (at mount: read without a lock, only hints for choosing where to
+        allocate; the allocation itself reads the bitmap under the group's lock)."""
         from clusterfs.format.rgrp import decode_rgrp
         for i in range(self.sb.rgrp_count):
             if i in self.alloc.groups:
                 continue                 # held: its loaded copy is the newest
+            if self._free_from_lvb(i):
+                continue
             first, _ = self.sb.rgrp_location(i)
             try:
                 self.alloc.free_hint[i] = decode_rgrp(self.read_meta(first), first).free
             except FormatError as exc:
                 raise self._corrupt(exc) from exc
+
+    def _free_from_lvb(self, index: int) -> bool:
+        """Take group `index`'s free count from its held lock's value block, if valid
+        (an EX holder that died without releasing leaves it invalid: then the header
+        is read, and the bitmap counted when the group is loaded)."""
+        glock = self.glocks.glocks.get(("rgrp", index))
+        lock = glock.lock if glock is not None else None
+        if lock is None or not lock.lvb_valid:
+            return False
+        free = decode_free_lvb(bytes(lock.lvb))
+        if free is None:
+            return False
+        self.alloc.free_hint[index] = free
+        return True
+
+    def _granted_rgrp(self, glock: Glock) -> None:
+        """A fresh grant of a group's lock brings the free count its last EX holder
+        left: a better hint for choosing groups than the one read at mount."""
+        self._free_from_lvb(glock.name[1])
 
     def _group(self, glock: Glock) -> ResourceGroup:
         """The group its held glock covers, loaded from disk on first use after a grant
@@ -208,7 +243,11 @@ class FileSystem:
             self.alloc.free_hint[index] = group.free
         return group
 
-    def _inode(self, ino: int) -> CachedInode:
+    def _inode(self, ino: int, by_name: bool = False) -> CachedInode:
+        """The cached inode, read under the lock the caller holds. `by_name`: reached
+        through a directory entry checked under its parent's lock, so a block that is
+        not an inode is corruption; otherwise (a number the kernel hands back) in a
+        cluster another node may have freed the inode and reused its block since."""
         node = self.inodes.get(ino)
         if node is None:
             if not self.sb.rgrp_start <= ino < self.sb.total_blocks:
@@ -224,10 +263,19 @@ class FileSystem:
                     # the kernel still names an inode this node deleted, and its block
                     # holds something else now: stale, not corrupt
                     raise FSError(errno.ENOENT, f"inode {ino} was deleted") from exc
+                if self.clustered and not by_name:
+                    # freed by another node and its block reused: the kernel's number
+                    # is stale (ESTALE makes a path walk look the name up again)
+                    raise FSError(errno.ESTALE, f"inode {ino}: stale ({exc})") from exc
                 raise self._corrupt(exc) from exc
             except StorageError as exc:
                 raise self._corrupt(exc) from exc
             self.inodes[ino] = node
+        if not by_name and self.clustered and self.handed.get(ino, node.d.generation) \
+                != node.d.generation:
+            # the kernel's number names an inode freed since (another node reused the
+            # block for a new one): stale, and the VFS looks the path up again
+            raise FSError(errno.ESTALE, f"inode {ino}: generation changed")
         return node
 
     def _dirty(self, obj) -> None:
@@ -298,7 +346,7 @@ class FileSystem:
                 return None
             node = await self._named_inode(parent, name, ino)
             if node is not None:
-                self.count_lookup(ino)
+                self.count_lookup(ino, node.d.generation)
                 return node
 
     async def _named_inode(self, parent: int, name: bytes, ino: int) -> CachedInode | None:
@@ -308,7 +356,7 @@ class FileSystem:
         async with self._hold(pr=sorted({parent, ino}), write=False):
             if self._find_or_none(parent, name) != ino:
                 return None
-            return self._inode(ino)
+            return self._inode(ino, by_name=True)
 
     async def prefetch(self, inos: list[int]) -> None:
         """Load many inodes with few reads: readdir needs every entry's attributes, and
@@ -344,9 +392,12 @@ class FileSystem:
             except FormatError:
                 continue                 # left for _inode(), which withdraws
 
-    def count_lookup(self, ino: int) -> None:
-        """The kernel now holds one more reference to `ino` (undone by forget)."""
+    def count_lookup(self, ino: int, generation: int | None = None) -> None:
+        """The kernel now holds one more reference to `ino` (undone by forget), of this
+        generation (a cluster checks it on every use of the number: _inode)."""
         self.nlookup[ino] = self.nlookup.get(ino, 0) + 1
+        if generation is not None:
+            self.handed[ino] = generation
 
     async def lookup_for_readdir(self, parent: int, name: bytes, ino: int) -> CachedInode:
         """Attributes of a directory entry (the caller counts the kernel reference with
@@ -418,7 +469,7 @@ class FileSystem:
             # of this number (freed since) is told to drop it
             async with self._hold(ex=[node.ino], write=False):
                 node = self._inode(node.ino)
-        self.count_lookup(node.ino)
+        self.count_lookup(node.ino, node.d.generation)
         if open_it:
             await self._iopen_hold(node.ino)
             self.opens[node.ino] = self.opens.get(node.ino, 0) + 1
@@ -511,7 +562,7 @@ class FileSystem:
                 return node
 
         node = await self._retrying(run, parent, 4)
-        self.count_lookup(ino)
+        self.count_lookup(ino, node.d.generation)
         return node
 
     # ================================================================ removing
@@ -528,7 +579,7 @@ class FileSystem:
         await self._maybe_free(ino)
 
     def _unlink(self, parent: int, name: bytes, ino: int, want_dir: bool) -> None:
-        p, node = self._inode(parent), self._inode(ino)
+        p, node = self._inode(parent), self._inode(ino, by_name=True)
         if want_dir:
             if node.dir is None:
                 raise FSError(errno.ENOTDIR)
@@ -547,7 +598,7 @@ class FileSystem:
         else:
             node.d.nlink -= 1
         if node.d.nlink == 0:
-            self.unlinked.add(node.ino)
+            self._orphaned(node.ino)
         p.d.size = self._dir_size(p)
         p.touch()
         node.touch(m=False)
@@ -598,11 +649,22 @@ class FileSystem:
         self._release(node.ino, 1)
         self.freed[node.ino] = node.d.generation
         node.freed = True
+        if self.orphans.discard(node.ino):
+            self._dirty(self.orphans)
         self.txn.discard(node)
         self.txn.add(_Tombstone(node.ino))   # so a node still naming it sees it is gone
         self.inodes.pop(node.ino, None)
         self.nlookup.pop(node.ino, None)
+        self.handed.pop(node.ino, None)
         self.opens.pop(node.ino, None)
+
+    def _orphaned(self, ino: int) -> None:
+        """`ino` lost its last name (in the body of the operation that removed it): free
+        it once unused, and list it in this slot's orphan block meanwhile, so it is
+        freed even if this node dies first (fs/orphans.py)."""
+        self.unlinked.add(ino)
+        if self.orphans.add(ino):
+            self._dirty(self.orphans)
 
     async def forget(self, ino: int, count: int) -> None:
         left = self.nlookup.get(ino, 0) - count
@@ -610,6 +672,7 @@ class FileSystem:
             self.nlookup[ino] = left
             return
         self.nlookup.pop(ino, None)
+        self.handed.pop(ino, None)
         await self._maybe_free(ino)
 
     # ================================================================ rename
@@ -674,10 +737,9 @@ class FileSystem:
                 dst: int | None, chain: list[int]) -> None:
         P1, P2 = self._inode(p1), self._inode(p2)
         assert P1.dir is not None and P2.dir is not None
-        if P1.dir.get(n1) is None or P1.dir.get(n1)[0] != src or \
-                (P2.dir.get(n2) or (dst,))[0] != dst:
+        if self._entry_ino(P1, n1) != src or self._entry_ino(P2, n2) != dst:
             raise _Changed
-        S = self._inode(src)
+        S = self._inode(src, by_name=True)
         if S.dir is not None and src in chain:
             raise FSError(errno.EINVAL, "cannot move a directory into itself")
         if flags & RENAME_NOREPLACE and dst is not None:
@@ -685,7 +747,7 @@ class FileSystem:
         if flags & RENAME_EXCHANGE:
             if dst is None:
                 raise FSError(errno.ENOENT)
-            D = self._inode(dst)
+            D = self._inode(dst, by_name=True)
             if D.dir is not None and dst in self._ancestors(p1) and p1 != p2:
                 raise FSError(errno.EINVAL)
             self._exchange(P1, n1, S, P2, n2, D)
@@ -693,7 +755,7 @@ class FileSystem:
         if dst == src:
             return
         if dst is not None:
-            D = self._inode(dst)
+            D = self._inode(dst, by_name=True)
             if S.dir is not None and D.dir is None:
                 raise FSError(errno.ENOTDIR)
             if S.dir is None and D.dir is not None:
@@ -709,7 +771,7 @@ class FileSystem:
             else:
                 D.d.nlink -= 1
             if D.d.nlink == 0:
-                self.unlinked.add(D.ino)
+                self._orphaned(D.ino)
             D.touch(m=False)
             self._dirty(D)
         else:
@@ -726,6 +788,12 @@ class FileSystem:
             P.touch()
             self._dirty(P)
         self._dirty(S)
+
+    @staticmethod
+    def _entry_ino(parent: CachedInode, name: bytes) -> int | None:
+        assert parent.dir is not None
+        found = parent.dir.get(name)
+        return None if found is None else found[0]
 
     def _exchange(self, P1: CachedInode, n1: bytes, S: CachedInode, P2: CachedInode,
                   n2: bytes, D: CachedInode) -> None:
@@ -819,8 +887,8 @@ class FileSystem:
                 if self._inode(ino).d.nlink > 0:
                     return
         except FSError as exc:
-            if exc.errno == errno.ENOENT:
-                return                   # freed already, by another node
+            if exc.errno in (errno.ENOENT, errno.ESTALE):
+                return                   # freed already by another node (and reused)
             raise
         try:
             iopen = await self.glocks.locks.lock(("iopen", ino), Mode.EX, try_=True)
@@ -830,7 +898,7 @@ class FileSystem:
         try:
             await self._free_if_unlinked(ino)
         except FSError as exc:
-            if exc.errno != errno.ENOENT:
+            if exc.errno not in (errno.ENOENT, errno.ESTALE):
                 raise
         finally:
             self.unlinked.discard(ino)
@@ -1139,6 +1207,120 @@ class FileSystem:
         node.touch(m=False)
         self._dirty(node)
 
+    # ================================================================ orphans
+    def _load_orphans(self, slot: int) -> OrphanList:
+        blkno = self.sb.orphan_location(slot)
+        try:
+            return OrphanList.decode(self.dev.read(blkno), blkno)
+        except (FormatError, StorageError) as exc:
+            raise FormatError(f"journal slot {slot}: {exc} (fsck --repair rewrites it)"
+                              ) from exc
+
+    def kick_orphans(self) -> None:
+        """Look at the orphan lists now (a journal recovery just ended)."""
+        self._orphan_kick.set()
+
+    async def run_orphan_sweeper(self) -> None:
+        """For the mount's lifetime: take over the orphan lists of slots no live node
+        holds, and free listed inodes no node has open any more; at mount, after each
+        journal recovery, and every ORPHAN_SWEEP_INTERVAL seconds."""
+        while not self.closing:
+            if self.txn.withdrawn is None:
+                async with self._sweeping:
+                    try:
+                        await self.adopt_orphans()
+                        await self.sweep_orphans()
+                    except ClusterFSError as exc:   # (withdrawn, expelled: said already)
+                        log.warning("orphan sweep: %s", exc)
+            with trio.move_on_after(ORPHAN_SWEEP_INTERVAL):
+                await self._orphan_kick.wait()
+            self._orphan_kick = trio.Event()
+
+    async def adopt_orphans(self) -> int:
+        """Move the orphan lists of journal slots that no live node holds (it died, or
+        the whole cluster did, or it left some behind at unmount) into ours, each under
+        that slot's journal lock, after every journal recovery the gate waits for."""
+        gate = self.glocks.gate
+        if gate is not None:
+            await gate.wait_open()
+        adopted = 0
+        for slot in range(self.sb.journal_count):
+            if slot == self.journal.slot or self.closing:
+                continue
+            try:
+                if not self._load_orphans(slot).inodes:
+                    continue             # a look without the lock: nothing to adopt
+            except FormatError as exc:
+                log.warning("orphan list of slot %d unreadable: %s", slot, exc)
+                continue
+            try:
+                lock = await self.glocks.locks.lock(("journal", slot), Mode.EX, try_=True)
+            except WouldBlock:
+                continue                 # a live node's slot
+            try:
+                adopted += await self._adopt_slot(slot)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await self.glocks.locks.unlock(lock)
+        return adopted
+
+    async def _adopt_slot(self, slot: int) -> int:
+        theirs = self._load_orphans(slot)
+        if not theirs.inodes:
+            return 0
+        left_out = self.orphans.update(sorted(theirs.inodes))
+        emptied = OrphanList(theirs.blkno, [])
+        # both blocks in one transaction, written home before the slot's lock goes (a
+        # node that claims the slot next must read it empty; and our journal must
+        # never hold a block another node may write later)
+        self._dirty(self.orphans)
+        self._dirty(emptied)
+        await self.txn.commit(checkpoint=True)
+        log.info("adopted %d orphan inodes of journal slot %d%s", len(theirs),
+                 slot, f" ({len(left_out)} did not fit: fsck --repair frees them)"
+                 if left_out else "")
+        return len(theirs)
+
+    async def sweep_orphans(self) -> int:
+        """Free each listed inode that still has no name and that no node has open;
+        drop entries whose inode another node freed meanwhile. The freed count."""
+        freed = 0
+        for ino in sorted(self.orphans.inodes):
+            if self.closing or self.txn.withdrawn is not None:
+                break
+            if ino in self.unlinked:
+                continue                 # unlinked in this life: the usual path frees it
+            freed += await self._sweep_one(ino)
+        return freed
+
+    async def _sweep_one(self, ino: int) -> int:
+        try:
+            async with self._hold(pr=[ino], write=False):
+                unlinked = self._inode(ino).d.nlink == 0
+        except FSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ESTALE):
+                raise
+            unlinked = False             # freed (and maybe reused) by another node
+        if not unlinked:
+            async with self._hold():
+                if self.orphans.discard(ino):
+                    self._dirty(self.orphans)
+            return 0
+        iopen = None
+        if self.clustered:
+            try:
+                iopen = await self.glocks.locks.lock(("iopen", ino), Mode.EX, try_=True)
+            except WouldBlock:
+                return 0                 # open on a live node: its last close frees it
+        try:
+            await self._free_if_unlinked(ino)
+        finally:
+            if iopen is not None:
+                with trio.CancelScope(shield=True):
+                    await self.glocks.locks.unlock(iopen)
+        log.info("freed orphan inode %d (unlinked while open, its opener gone)", ino)
+        return 1
+
     # ================================================================ whole fs
     async def usage(self) -> Usage:
         """Blocks in all, free, quarantined. In a cluster, statfs takes every group's lock
@@ -1158,11 +1340,18 @@ class FileSystem:
     async def shutdown(self) -> None:
         """Unmount: free unlinked inodes the kernel no longer holds, commit, checkpoint,
         mark the journal clean, give locks back."""
+        self.closing = True
+        self._orphan_kick.set()
+        async with self._sweeping:       # let a sweep under way finish its inode
+            pass
         with trio.move_on_after(UNMOUNT_FREE_TIMEOUT) as waited:
             for ino in list(self.unlinked):
                 self.nlookup.pop(ino, None)
                 self.opens.pop(ino, None)
-                await self._maybe_free(ino)
+                try:
+                    await self._maybe_free(ino)
+                except FSError as exc:   # one inode must not keep the journal dirty
+                    log.warning("unmount: unlinked inode %d not freed: %s", ino, exc)
         if waited.cancelled_caught:
             # no quorum left to lock them (the other nodes went first): never hang an
             # unmount; fsck --repair frees what is left
@@ -1171,8 +1360,17 @@ class FileSystem:
                         sorted(self.unlinked)[:10])
         if not self.txn.withdrawn:
             await self.txn.close()
+        elif self.clustered:
+            # our journal may hold what never reached home: give no lock back, so the
+            # other nodes treat us as failed and replay it (node/mount_cmd.py)
+            log.error("unmount of a withdrawn node: keeping every lock; the other nodes "
+                      "replay journal %d", self.journal.slot)
+            return
         for ino in list(self.iopen):
             await self._iopen_release(ino)
+        for glock in self.glocks.glocks.values():
+            if glock.name[0] == "rgrp":
+                self._leave_free_count(glock)
         await self.glocks.release_all()
 
     # ================================================================ lock demotion
@@ -1197,6 +1395,10 @@ class FileSystem:
         of everything the next holder will read."""
         if not self.txn.withdrawn:
             await self.txn.commit(checkpoint=True)
+        elif self.clustered:
+            # what we committed may not be home: never hand it over stale; the mount
+            # leaves the cluster as failed and the others replay our journal
+            await trio.sleep_forever()
 
     async def _demote_inode(self, glock: Glock, target: Mode) -> None:
         """Another node wants this inode: flush; going to nothing, also drop our copy
@@ -1207,6 +1409,8 @@ class FileSystem:
             return                       # PR: our clean copy stays valid
         self._drop_if_clean(ino)         # (dirty now: created during the flush)
         self.dev.forget_read_ahead()     # chunks of its data may be rewritten elsewhere
+        if self.names_hook is not None:  # the other node may rename what is in it
+            self.names_hook(ino)
         if self.invalidate_hook is not None:
             await trio.to_thread.run_sync(self.invalidate_hook, ino)
 
@@ -1214,11 +1418,16 @@ class FileSystem:
         """Flush, leave the group's free count in the lock value block, drop the group."""
         await self._flush_for_demote()
         index = glock.name[1]
-        group = self.alloc.groups.get(index)
-        if group is not None and glock.lock is not None:
-            glock.lock.lvb = encode_free_lvb(group.free + group.quarantined)
+        self._leave_free_count(glock)
         if target == Mode.NL:
             self.alloc.drop(index)
+
+    def _leave_free_count(self, glock: Glock) -> None:
+        """Before an EX lock on a group goes down: its free count into the lock value
+        block, for the next holder and every statfs (stored only from EX)."""
+        group = self.alloc.groups.get(glock.name[1])
+        if group is not None and glock.lock is not None and glock.lock.mode == Mode.EX:
+            glock.lock.lvb = encode_free_lvb(group.free + group.quarantined)
 
     async def _demote_flush(self, glock: Glock, target: Mode) -> None:
         """The rename lock covers no cached object, only the order of directory moves:

@@ -113,5 +113,8 @@ def _what_leaked(ctx: Context, start: int) -> str:
     except ClusterFSError:
         return ""
     if inode.nlink == 0:
-        return f"; orphan inode {start}, unlinked while open"
+        slot = ctx.orphans.get(start)
+        listed = "" if slot is None else \
+            f" (in journal slot {slot}'s orphan list: a mount frees it)"
+        return f"; orphan inode {start}, unlinked while open{listed}"
     return f"; unreachable inode {start} (nlink {inode.nlink})"

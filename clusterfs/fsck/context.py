@@ -25,6 +25,8 @@ class Context:
     # inode fields --repair rewrites: ino -> {field: value}, and the problems they fix
     inode_fixes: dict[int, dict[str, int]] = field(default_factory=dict)
     fix_problems: dict[int, list[Problem]] = field(default_factory=dict)
+    # inodes listed in the slots' orphan blocks (unlinked while open) -> slot
+    orphans: dict[int, int] = field(default_factory=dict)
 
     def fix_inode(self, ino: int, name: str, value: int, problem: Problem) -> None:
         self.inode_fixes.setdefault(ino, {})[name] = value

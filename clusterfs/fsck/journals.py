@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from clusterfs.errors import ClusterFSError
 from clusterfs.format.journal import JF_CLEAN, JournalHeader, decode_jhead, encode_jhead
+from clusterfs.format.orphan import decode_orphans, encode_orphans
 from clusterfs.format.superblock import Superblock
 from clusterfs.fsck.reader import Reader
 from clusterfs.fsck.report import Report
@@ -54,7 +55,7 @@ def _check_header(dev: BlockDevice, sb: Superblock, slot: int, report: Report
     if head.slot != slot:
         report.error(where, f"header block {blk} names slot {head.slot}")
         return None
-    if not 1 <= head.tail_off < sb.journal_blocks:
+    if not 1 <= head.tail_off <= sb.journal_log_blocks:
         report.error(where, f"header block {blk}: tail offset {head.tail_off} outside the log")
         return None
     return head
@@ -80,10 +81,11 @@ def _check_dirty(dev: BlockDevice, sb: Superblock, slot: int, head: JournalHeade
             return True
         return False
     for seq, blocks in txns:
-        wild = sorted(h for h in blocks if not sb.rgrp_start <= h < sb.total_blocks)
+        wild = sorted(h for h in blocks if not sb.rgrp_start <= h < sb.total_blocks
+                      and sb.orphan_slot(h) is None)
         if wild:
             report.error(where, f"committed transaction {seq} targets block {wild[0]}, "
-                                "outside the resource groups")
+                                "outside the resource groups and orphan blocks")
             return False
     nblocks = sum(len(blocks) for _, blocks in txns)
     p = report.error(where, f"{len(txns)} committed transactions ({nblocks} blocks) "
@@ -108,3 +110,25 @@ def _mark_clean(dev: BlockDevice, sb: Superblock, slot: int, head: JournalHeader
     dev.write(blk, encode_jhead(JournalHeader(slot, head.tail_seq, head.tail_off, JF_CLEAN),
                                 blk))
     dev.flush()
+
+
+def check_orphan_blocks(sb: Superblock, reader: Reader, report: Report
+                        ) -> tuple[dict[int, int], dict[int, bytes]]:
+    """Each slot's orphan block (read through the journals' overlay): the inodes listed,
+    inode -> slot, and the rewrites --repair makes (every list emptied: the leak pass
+    frees what they name, and a corrupt block is rewritten empty)."""
+    listed: dict[int, int] = {}
+    rewrites: dict[int, bytes] = {}
+    for slot in range(sb.journal_count):
+        blk = sb.orphan_location(slot)
+        try:
+            inodes = decode_orphans(reader.read(blk), blk)
+        except ClusterFSError as exc:
+            report.error(f"journal {slot}", f"orphan block {blk}: {exc}", fixable=True)
+            rewrites[blk] = bytes(encode_orphans([], blk))
+            continue
+        for ino in inodes:
+            listed.setdefault(ino, slot)
+        if inodes:
+            rewrites[blk] = bytes(encode_orphans([], blk))
+    return listed, rewrites

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import itertools
 import logging
 import os
@@ -38,6 +39,7 @@ from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.directory import NAME_MAX
 from clusterfs.fs.filesystem import FileSystem
 from clusterfs.fs.inode import CachedInode
+from clusterfs.fuse.names import KernelNames
 
 log = logging.getLogger(__name__)
 ENTRY_TIMEOUT = 1.0
@@ -54,6 +56,11 @@ NEGATIVE_TIMEOUT = 1.0
 # the glock being demoted), and file data bypasses the page cache (direct_io:
 # invalidating pages waits for page locks a pending read holds).
 CLUSTER_ENTRY_TIMEOUT = 0.0
+# how long a lookup waits for the kernel to drop a moved directory's old dentry
+ALIAS_WAIT = 0.05
+# trio 0.23 renamed to_thread.run_sync's `cancellable` to `abandon_on_cancel`
+_ABANDON = ("abandon_on_cancel" if "abandon_on_cancel"
+            in inspect.signature(trio.to_thread.run_sync).parameters else "cancellable")
 
 
 def _edge(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -92,9 +99,22 @@ class Operations(pyfuse3.Operations):
         self.entry_timeout = CLUSTER_ENTRY_TIMEOUT if fs.clustered else ENTRY_TIMEOUT
         self.negative_timeout = CLUSTER_ENTRY_TIMEOUT if fs.clustered else NEGATIVE_TIMEOUT
         fs.invalidate_hook = self._invalidate
+        # names handed to the kernel, taken back when their directory's lock goes (a
+        # cluster only: on one node nothing else changes a name)
+        self.names: KernelNames | None = None
+        if fs.clustered:
+            self.names = KernelNames(self._invalidate_entry)
+            fs.names_hook = self._take_back_names
 
     def init(self) -> None:
+        if self.names is not None:
+            self.names.start()
         self.initialized.set()
+
+    def close(self) -> None:
+        """Before the FUSE session goes: stop the worker that talks to it."""
+        if self.names is not None:
+            self.names.stop()
 
     # -- numbering ---------------------------------------------------------------
     def _ino(self, fuse_ino: int) -> int:
@@ -109,6 +129,41 @@ class Operations(pyfuse3.Operations):
             pyfuse3.invalidate_inode(self._fuse_ino(ino), attr_only=True)
         except Exception as exc:   # the kernel may not know the inode
             log.debug("invalidate %d: %s", ino, exc)
+
+    def _invalidate_entry(self, fuse_parent: int, name: bytes) -> None:
+        pyfuse3.invalidate_entry(fuse_parent, name)   # (pyfuse3 takes the FUSE numbers)
+
+    def _take_back_names(self, ino: int) -> None:
+        assert self.names is not None
+        self.names.take_back(self._fuse_ino(ino))
+
+    def _named(self, parent_inode: InodeT, name: bytes, a: EntryAttributes) -> EntryAttributes:
+        """A positive entry for the kernel: remembered so a demote can take it back."""
+        if self.names is not None:
+            self.names.remember(parent_inode, name,
+                                a.st_ino if stat.S_ISDIR(a.st_mode) else None)
+        return a
+
+    async def _evict_old_alias(self, parent_inode: InodeT, name: bytes,
+                               a: EntryAttributes) -> None:
+        """A directory found at a new place (another node moved it): take its old dentry
+        back before answering, so the kernel need not move it (which fails with ESTALE
+        when it cannot get the old parent's lock; fuse/names.py). Waits at most
+        ALIAS_WAIT: if this very request holds the old parent's lock, the kernel retries
+        after its ESTALE and the invalidation, left running, has happened by then."""
+        if self.names is None or not stat.S_ISDIR(a.st_mode):
+            return
+        old = self.names.moved_from(a.st_ino, parent_inode, name)
+        if old is None:
+            return
+        with trio.move_on_after(ALIAS_WAIT):
+            await trio.to_thread.run_sync(self._invalidate_quietly, *old, **{_ABANDON: True})
+
+    def _invalidate_quietly(self, fuse_parent: int, name: bytes) -> None:
+        try:
+            self._invalidate_entry(fuse_parent, name)
+        except OSError:
+            pass                         # the kernel no longer has it
 
     def _attr(self, node: CachedInode) -> pyfuse3.EntryAttributes:
         d = node.d
@@ -137,7 +192,11 @@ class Operations(pyfuse3.Operations):
         if len(name) > NAME_MAX:
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         node = await self.fs.lookup(self._ino(parent_inode), name)
-        return self._negative() if node is None else self._attr(node)
+        if node is None:
+            return self._negative()
+        a = self._attr(node)
+        await self._evict_old_alias(parent_inode, name, a)
+        return self._named(parent_inode, name, a)
 
     def _negative(self) -> pyfuse3.EntryAttributes:
         """"No such name", cacheable by the kernel (cheaper than raising ENOENT)."""
@@ -146,10 +205,16 @@ class Operations(pyfuse3.Operations):
         a.entry_timeout = self.negative_timeout
         return a
 
-    @_edge
     async def forget(self, inode_list: Sequence[tuple[InodeT, int]]) -> None:
+        # FORGET has no reply: pyfuse3 lets an exception from it end the whole session,
+        # so nothing may escape (a withdrawn fs cannot free what was unlinked: fsck does)
         for fuse_ino, count in inode_list:
-            await self.fs.forget(self._ino(fuse_ino), count)
+            try:
+                await self.fs.forget(self._ino(fuse_ino), count)
+            except ClusterFSError as exc:
+                log.debug("forget %d: %s", fuse_ino, exc)
+            except Exception:
+                log.exception("forget %d failed", fuse_ino)
 
     @_edge
     async def getattr(self, inode: InodeT, ctx: RequestContext | None = None
@@ -184,21 +249,21 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int,
                     ctx: RequestContext) -> EntryAttributes:
         node = await self.fs.mknod(self._ino(parent_inode), name, mode, rdev, ctx.uid, ctx.gid)
-        return self._attr(node)
+        return self._named(parent_inode, name, self._attr(node))
 
     @_edge
     async def mkdir(self, parent_inode: InodeT, name: FileNameT, mode: ModeT,
                     ctx: RequestContext) -> EntryAttributes:
         node = await self.fs.mknod(self._ino(parent_inode), name,
                                    stat.S_IFDIR | stat.S_IMODE(mode), 0, ctx.uid, ctx.gid)
-        return self._attr(node)
+        return self._named(parent_inode, name, self._attr(node))
 
     @_edge
     async def symlink(self, parent_inode: InodeT, name: FileNameT, target: FileNameT,
                       ctx: RequestContext) -> EntryAttributes:
         node = await self.fs.mknod(self._ino(parent_inode), name, stat.S_IFLNK | 0o777, 0,
                                    ctx.uid, ctx.gid, target=target)
-        return self._attr(node)
+        return self._named(parent_inode, name, self._attr(node))
 
     @_edge
     async def create(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
@@ -208,7 +273,8 @@ class Operations(pyfuse3.Operations):
             try:
                 node = await self.fs.mknod(parent, name, stat.S_IFREG | stat.S_IMODE(mode), 0,
                                            ctx.uid, ctx.gid, open_it=True)
-                return self._file_info(node.ino), self._attr(node)
+                return self._file_info(node.ino), self._named(parent_inode, name,
+                                                               self._attr(node))
             except FSError as exc:
                 if exc.errno != errno.EEXIST or flags & os.O_EXCL:
                     raise
@@ -224,7 +290,8 @@ class Operations(pyfuse3.Operations):
             node = await self.fs.open(found.ino)
             if flags & os.O_TRUNC and node.d.size:
                 await self.fs.truncate(node.ino, 0)
-            return self._file_info(node.ino), self._attr(node)
+            return self._file_info(node.ino), self._named(parent_inode, name,
+                                                           self._attr(node))
 
     def _file_info(self, ino: int) -> FileInfo:
         if self.clustered:
@@ -235,7 +302,7 @@ class Operations(pyfuse3.Operations):
     async def link(self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT,
                    ctx: RequestContext) -> EntryAttributes:
         node = await self.fs.link(self._ino(inode), self._ino(new_parent_inode), new_name)
-        return self._attr(node)
+        return self._named(new_parent_inode, new_name, self._attr(node))
 
     @_edge
     async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
@@ -251,6 +318,9 @@ class Operations(pyfuse3.Operations):
                      ctx: RequestContext) -> None:
         await self.fs.rename(self._ino(parent_inode_old), name_old,
                              self._ino(parent_inode_new), name_new, flags)
+        if self.names is not None:       # the kernel moves its dentry (or swaps two)
+            self.names.remember(parent_inode_new, name_new)
+            self.names.remember(parent_inode_old, name_old)
 
     # -- files ---------------------------------------------------------------------
     @_edge
@@ -292,6 +362,7 @@ class Operations(pyfuse3.Operations):
     @_edge
     async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
         parent, entries = self._dir_handles.get(fh, (0, []))
+        fh_parent_fuse = self._fuse_ino(parent)
         await self.fs.prefetch([ino for _n, ino in entries[start_id : start_id + 256]])
         for index in range(start_id, len(entries)):
             name, child = entries[index]
@@ -301,7 +372,10 @@ class Operations(pyfuse3.Operations):
                 continue   # removed since opendir
             if not pyfuse3.readdir_reply(token, name, self._attr(node), index + 1):
                 return
-            self.fs.count_lookup(child)
+            self.fs.count_lookup(child, node.d.generation)
+            if self.names is not None:   # readdirplus makes a dentry of each entry
+                self.names.remember(fh_parent_fuse, name,
+                                    child if node.dir is not None else None)
 
     @_edge
     async def releasedir(self, fh: FileHandleT) -> None:

@@ -56,7 +56,7 @@ def scan_journal(dev: BlockDevice, sb: Superblock, slot: int
                  ) -> tuple[JournalHeader, list[tuple[int, dict[int, bytes]]], int]:
     """Read a journal: (header, [(seq, {home: copy})...] committed in order, next offset)."""
     jstart = sb.journal_location(slot)
-    log_len = sb.journal_blocks - 1
+    log_len = sb.journal_log_blocks
     head = decode_jhead(dev.read(jstart), jstart)
     txns: list[tuple[int, dict[int, bytes]]] = []
     seq, off = head.tail_seq, head.tail_off
@@ -114,7 +114,7 @@ def replay_journal(dev: BlockDevice, sb: Superblock, slot: int) -> ReplayResult:
     nblocks = 0
     for _seq, blocks in txns:
         for home, copy in blocks.items():
-            if not sb.rgrp_start <= home < sb.total_blocks:
+            if not sb.rgrp_start <= home < sb.total_blocks and sb.orphan_slot(home) is None:
                 raise JournalError(f"journal {slot}: transaction targets block {home}")
             dev.write(home, copy)
             nblocks += 1
@@ -145,7 +145,7 @@ class Journal:
         self.pool = pool
         self.slot = slot
         self.jstart = sb.journal_location(slot)
-        self.log_len = sb.journal_blocks - 1
+        self.log_len = sb.journal_log_blocks
         head = decode_jhead(dev.read(self.jstart), self.jstart)
         self.seq = head.tail_seq
         self.tail_off = self.head_off = head.tail_off

@@ -60,6 +60,8 @@ class FailureDetection(ViewInstallation):
         info = PeerInfo(int(b["inc"]), str(b["st"]), int(b["gen"]), frozenset(b["m"]),
                         bool(b["q"]), now)
         old = self._peers.get(n)
+        info.heard_since = (old.heard_since if old is not None and old.inc == info.inc
+                            and now - old.last_seen <= self.timeout else now)
         if old is not None and old.inc != info.inc:
             log.info("node %d gen %d: node %d has a new incarnation %#x (was %#x)",
                      self.node_id, self.view.generation, n, info.inc, old.inc)

@@ -14,6 +14,7 @@ from clusterfs.comms.interface import Envelope
 from clusterfs.membership.fencing import Fencing
 from clusterfs.membership.state import (
     EXPELLED,
+    LEAVING,
     MEMBER,
     body_key,
     body_key_of_base,
@@ -29,7 +30,7 @@ class ViewInstallation(Fencing):
     async def _on_activate(self, env: Envelope) -> None:
         b = env.body
         key = body_key(b)
-        if (self.state == EXPELLED or key[0] <= self.view.generation
+        if (self.state in (EXPELLED, LEAVING) or key[0] <= self.view.generation
                 or not self._can_install(b)):
             log.info("node %d gen %d: ignoring activation of view %d from %d", self.node_id,
                      self.view.generation, key[0], env.sender)
@@ -44,9 +45,14 @@ class ViewInstallation(Fencing):
 
     def _follows(self, b: Mapping[str, Any]) -> bool:
         """True if our history leads into view b: we are not in its base (we join it),
-        or the view we hold is exactly its base."""
-        return (self.node_id not in {int(n) for n in b["base"]}
-                or self._view_key == body_key_of_base(b))
+        the view we hold is exactly its base, or b merges us back from views without
+        quorum that we went into from its base (proposals.py, _gone_without_quorum)."""
+        if (self.node_id not in {int(n) for n in b["base"]}
+                or self._view_key == body_key_of_base(b)):
+            return True
+        merged = {int(k): int(v) for k, v in (b.get("merged") or {}).items()}
+        return (merged.get(self.node_id) == self.incarnation and not self.view.quorate
+                and self._last_quorate_key == body_key_of_base(b))
 
     def _can_install(self, b: Mapping[str, Any]) -> bool:
         """A decided view b may be installed here: it names this incarnation and our
@@ -66,9 +72,15 @@ class ViewInstallation(Fencing):
                       self.node_id, self.view.generation, gen, self.generation_record.durable)
         self._deliver_base_fenced(b)
         members = {int(k): int(v) for k, v in b["members"].items()}
-        base = frozenset(int(n) for n in b["base"])
-        new = View(gen, frozenset(members), bool(b["quorate"]), self.cluster_size)
-        change = ViewChange(new, new.members - base, base - new.members)
+        # a node merged back from views without quorum arrives from elsewhere: for
+        # the events it joins (so every member computes the same joined and left)
+        merged = frozenset(int(n) for n in (b.get("merged") or {}))
+        base = frozenset(int(n) for n in b["base"]) - merged
+        expected = frozenset(int(n) for n in b.get("expected", self.node_ids))
+        new = View(gen, frozenset(members), bool(b["quorate"]), self.cluster_size, expected)
+        left = base - new.members
+        clean = frozenset(int(n) for n in b.get("clean", {})) & left
+        change = ViewChange(new, new.members - base, left, clean)
         self.view = new
         self._view_key = body_key(b)
         self._view_body = dict(b, prior=None)
@@ -76,6 +88,9 @@ class ViewInstallation(Fencing):
         if self._tentative is not None and int(self._tentative["gen"]) <= gen:
             self._tentative = None
         self._incs = members
+        self._expected = expected
+        if new.quorate:
+            self._last_quorate_key = self._view_key
         self.installed_incarnations[gen] = dict(members)
         self.state = MEMBER
         self._installed_at = trio.current_time()
@@ -83,9 +98,10 @@ class ViewInstallation(Fencing):
         self._pending_fence = {int(k): int(v) for k, v in b["fence"].items()}
         self.endpoint.generation = gen
         self.views_installed += 1
-        log.info("node %d gen %d: installed view: members %s joined %s left %s quorate %s "
-                 "coordinator %d", self.node_id, gen, sorted(new.members), sorted(change.joined),
-                 sorted(change.left), new.quorate, new.coordinator)
+        log.info("node %d gen %d: installed view: members %s joined %s left %s (cleanly %s) "
+                 "quorate %s (voters %s) coordinator %d", self.node_id, gen,
+                 sorted(new.members), sorted(change.joined), sorted(change.left),
+                 sorted(clean), new.quorate, sorted(expected), new.coordinator)
         self._publish(change)
         self._maybe_fence()
 
@@ -103,7 +119,8 @@ class ViewInstallation(Fencing):
         if self.state == EXPELLED or int(env.body["inc"]) != self.incarnation:
             return
         self.state = EXPELLED
-        self.view = View(self.view.generation, self.view.members, False, self.cluster_size)
+        self.view = View(self.view.generation, self.view.members, False, self.cluster_size,
+                         self.view.expected)
         log.error("node %d gen %d: EXPELLED by node %d (its generation %d); must restart "
                   "clean", self.node_id, self.view.generation, env.sender, int(env.body["gen"]))
         self._publish(ExpelledEvent(int(env.body["gen"])))

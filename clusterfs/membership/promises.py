@@ -12,7 +12,16 @@ import trio
 from clusterfs.comms.interface import Envelope
 from clusterfs.errors import StateError
 from clusterfs.membership.detection import FailureDetection
-from clusterfs.membership.state import AHEAD, BEHIND, EXPELLED, MEMBER, Key, guarded, log
+from clusterfs.membership.state import (
+    AHEAD,
+    BEHIND,
+    EXPELLED,
+    LEAVING,
+    MEMBER,
+    Key,
+    guarded,
+    log,
+)
 from clusterfs.wire.types import MsgType
 
 
@@ -47,6 +56,8 @@ class Promises(FailureDetection):
             self._install(prior)
         if self.state == EXPELLED:
             ok, why = False, "expelled"
+        elif self.state == LEAVING:
+            ok, why = False, "leaving"     # it is left out of the next proposal
         elif members.get(self.node_id) != self.incarnation:
             ok, why = False, "not my incarnation"
         elif gen <= self._promised[0] or gen <= self.view.generation:
@@ -74,7 +85,7 @@ class Promises(FailureDetection):
         key = (int(b["gen"]), int(b["coord"]), int(b["cinc"]))
         promised = self._promised_body
         ok = (key == self._promised and promised is not None
-              and key[0] > self.view.generation and self.state != EXPELLED
+              and key[0] > self.view.generation and self.state not in (EXPELLED, LEAVING)
               and self._follows(promised))
         if ok:
             self._tentative = promised

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import trio
@@ -17,6 +17,7 @@ from clusterfs.membership.state import (
     BEHIND,
     EXPELLED,
     JOINING,
+    LEAVING,
     MEMBER,
     Key,
     body_key,
@@ -33,7 +34,7 @@ ROUNDS_BEFORE_SUSPECT = 3
 
 class Proposals(Promises):
     def _evaluate(self) -> None:
-        if self.state == EXPELLED:
+        if self.state in (EXPELLED, LEAVING):
             return
         now = trio.current_time()
         if self.state == JOINING and now - self._started_at < self.settle:
@@ -44,11 +45,14 @@ class Proposals(Promises):
 
         base = self.view.members if self.state == MEMBER else frozenset()
         keep = {self.node_id}
+        merged: set[int] = set()     # not counted for who coordinates: it is elsewhere
         lagging = False
         for n in base:
             if n == self.node_id:
                 continue
             p = self._peers.get(n)
+            if self._left_cleanly(n):
+                continue      # unmounted cleanly: removed, not fenced (_proposal_body)
             if not usable(n):
                 continue
             if p is None:
@@ -56,6 +60,9 @@ class Proposals(Promises):
                 continue
             if p.inc != self._incs.get(n):
                 continue      # restarted: the view's incarnation is gone
+            if self._gone_without_quorum(n):
+                merged.add(n)   # back in the next view (see _gone_without_quorum)
+                continue
             if p.state == MEMBER and self.node_id not in p.members and (
                     p.gen > self.view.generation
                     or (p.gen == self.view.generation and p.members != self.view.members)):
@@ -80,7 +87,8 @@ class Proposals(Promises):
                 admissible.add(n)
         if self.state == JOINING:
             # propose only if nobody is a member anywhere and we are the lowest joiner
-            if member_elsewhere or min(admissible | {self.node_id}) != self.node_id:
+            if (member_elsewhere or self._quorate_on_disk_only(usable)
+                    or min(admissible | {self.node_id}) != self.node_id):
                 return
         elif self.view.quorate:
             # the lowest live member coordinates a quorate view; it admits joiners
@@ -93,10 +101,11 @@ class Proposals(Promises):
             if quorate_elsewhere:
                 admissible = set()
             candidates = keep | {n for n in admissible if self._peers[n].state == MEMBER}
-            if min(candidates) != self.node_id:
+            if min(candidates) != self.node_id or self._merge_too_soon(admissible, keep, now):
                 return
-        target = keep | admissible
-        if self.state == MEMBER and target == base and not lagging:
+        target = keep | merged | admissible
+        if (self.state == MEMBER and target == base and not lagging and not merged
+                and self._quorate(target, self._expected) == self.view.quorate):
             self._maybe_fence()
             return
         assert self._nursery is not None
@@ -150,15 +159,58 @@ class Proposals(Promises):
         self._round_failed(gen, refused, missing, replies, learned, started, members)
         await trio.sleep(random.uniform(0, self.interval))
 
+    def _quorate_on_disk_only(self, usable: Callable[[int], bool]) -> bool:
+        """A member of a quorate view beats on the disk and we cannot hear it: a cluster
+        runs out of our sight (a cut, or nodes that left cleanly and so shrank its
+        voters below what we count). A joiner forms no view of its own then."""
+        if self.disk is None:
+            return False
+        return any(n not in self._peers or not usable(n) for n in self.disk.quorate_members())
+
+    def _merge_too_soon(self, admissible: set[int], keep: set[int], now: float) -> bool:
+        """Merging partitions without quorum into one that has quorum and leaves some of
+        our members out (they get fenced and expelled) waits until the partitions we
+        hear again have been heard for a failure timeout: when links come back,
+        connections come back one by one (each with its own backoff and connect
+        timeout), and the first two partitions to hear each other would otherwise fence
+        a third that was about to join them."""
+        target = keep | admissible
+        voters = self._expected | target
+        # who a quorate view would fence: what our views without quorum left pending
+        fenced = (set(self._pending_fence) | self.view.members) - target
+        if not self._quorate(target, voters) or not fenced:
+            return False
+        return any(now - self._peers[n].heard_since < self.timeout for n in admissible)
+
+    def _gone_without_quorum(self, n: int) -> bool:
+        """Member n of our quorate view went on into a newer view without us that has
+        no quorum (its peers went silent to it: SIGSTOPped, cut off, and back now). No
+        view without quorum fences, purges a lock or replays a journal (DLM recovery
+        stops at "wait for fencing"), so its state is still that of our view: it is
+        merged back (as `merged` in the proposal) rather than removed, which would
+        fence and expel a node that did nothing wrong. It accepts only if no quorate
+        view came between (promises.py, _follows)."""
+        p = self._peers.get(n)
+        return (self.state == MEMBER and self.view.quorate and p is not None
+                and p.state == MEMBER and p.inc == self._incs.get(n) and not p.quorate
+                and p.gen > self.view.generation and self.node_id not in p.members)
+
     def _proposal_body(self, gen: int, target: frozenset[int], base: frozenset[int]
                        ) -> dict[str, Any]:
         members = {n: (self.incarnation if n == self.node_id
                        else self._incs[n] if n in base else self._peers[n].inc)
                    for n in target}
-        quorate = 2 * len(target) > self.cluster_size
+        # a member that announced a clean leave goes without fencing, and its vote with
+        # it (only then: a failed node keeps its vote, so the survivors of a failure
+        # never count themselves a majority of a smaller cluster)
+        clean = {n: self._incs[n] for n in base - target if self._left_cleanly(n)}
+        voters = self._expected if self.state == MEMBER else self.node_ids
+        expected = (voters - set(clean)) | target
+        quorate = self._quorate(target, expected)
         pending = dict(self._pending_fence)
         for n in base - target:
-            pending[n] = self._incs[n]
+            if n not in clean:
+                pending[n] = self._incs[n]
         for n in list(pending):
             if n in target:
                 # same incarnation: merged back from a non-quorate partition (it granted
@@ -175,12 +227,15 @@ class Proposals(Promises):
         return {"gen": gen, "coord": self.node_id, "cinc": self.incarnation,
                 "members": members, "base": sorted(base), "bkey": list(self._view_key),
                 "bfenced": self._fenced_here, "quorate": quorate, "removed": removed,
-                "fence": pending, "prior": self._view_body}
+                "fence": pending, "prior": self._view_body, "expected": sorted(expected),
+                "clean": clean,
+                "merged": {n: self._incs[n] for n in target & base
+                           if self._gone_without_quorum(n)}}
 
     def _superseded(self, key: Key, body: Mapping[str, Any]) -> bool:
         """True if we may no longer decide this proposal: we promised a newer one,
         installed another view meanwhile, or were expelled."""
-        return (self._promised != key or self.state == EXPELLED
+        return (self._promised != key or self.state in (EXPELLED, LEAVING)
                 or self._view_key != body_key_of_base(body))
 
     async def _activate(self, body: dict[str, Any], others: list[int]) -> None:

@@ -69,7 +69,9 @@ from clusterfs.membership.proposals import Proposals
 from clusterfs.membership.state import (
     EXPELLED,
     JOINING,
+    LEAVING,
     MEMBER,
+    DiskPath,
     FenceHook,
     PeerInfo,
     log,
@@ -79,7 +81,7 @@ from clusterfs.membership.view import Event, ExpelledEvent, View, ViewChange
 from clusterfs.wire.types import MsgType
 
 # the names other layers and the tests take from here
-__all__ = ["EXPELLED", "JOINING", "MEMBER", "FenceHook", "MembershipService",
+__all__ = ["EXPELLED", "JOINING", "LEAVING", "MEMBER", "DiskPath", "FenceHook", "MembershipService",
            "MembershipStatistics", "PeerInfo", "new_incarnation"]
 
 @dataclass
@@ -92,6 +94,7 @@ class MembershipStatistics:
     quorate: bool
     coordinator: int | None
     cluster_size: int
+    expected: list[int]
     views_installed: int
     proposals: int
     proposals_failed: int
@@ -108,11 +111,12 @@ class MembershipService(Proposals):
                  heartbeat_interval: float = 0.5, failure_timeout: float = 3.0,
                  fence_agent: FenceHook | None = None, incarnation: int | None = None,
                  settle: float | None = None,
-                 generation_record: GenerationRecord | None = None) -> None:
+                 generation_record: GenerationRecord | None = None,
+                 disk: DiskPath | None = None) -> None:
         super().__init__(endpoint, node_ids, heartbeat_interval=heartbeat_interval,
                          failure_timeout=failure_timeout, fence_agent=fence_agent,
                          incarnation=incarnation, settle=settle,
-                         generation_record=generation_record)
+                         generation_record=generation_record, disk=disk)
         endpoint.register([MsgType.HEARTBEAT], self._on_heartbeat)
         endpoint.register([MsgType.VIEW_PROPOSE], self._on_propose)
         endpoint.register([MsgType.VIEW_ACK], self._on_ack)
@@ -140,6 +144,45 @@ class MembershipService(Proposals):
                 return self.view
             await self._changed.wait()
 
+    async def leave(self, timeout: float) -> bool:
+        """Leave the cluster cleanly (votequorum_leaving, then the leave itself).
+
+        Call only once this node will never write to the shared disk again in this
+        life: its journal is clean and it holds no lock. From now on its heartbeats say
+        LEAVING; it refuses every proposal, and the coordinator removes it in a new
+        view without fencing it, its vote going with it. True once a member shows a
+        view without us (or we were alone); False if none did within `timeout` (then
+        the others, if they never heard the announcement, take us for dead: fencing
+        and replay of a clean journal, safe but slower)."""
+        if self.state != MEMBER:
+            return False       # joining: nobody counts on us; expelled: fenced already
+        others = self.view.members - {self.node_id}
+        self.state = LEAVING
+        self._leave_gen = self.view.generation
+        log.info("node %d gen %d: leaving the cluster cleanly (telling %s)", self.node_id,
+                 self.view.generation, sorted(others))
+        self._changed.set()
+        self._changed = trio.Event()
+        if not others:
+            return True
+        with trio.move_on_after(timeout):
+            while not self._leave_witnesses(others):
+                await self._heartbeat()         # the announcement, again each round
+                await trio.sleep(self.interval / 2)
+            log.info("node %d gen %d: left: node(s) %s installed a view without us",
+                     self.node_id, self.view.generation, sorted(self._leave_witnesses(others)))
+            return True
+        log.warning("node %d gen %d: no view without us within %.1f s; leaving anyway",
+                    self.node_id, self.view.generation, timeout)
+        return False
+
+    def _leave_witnesses(self, others: frozenset[int]) -> set[int]:
+        """Members of our last view whose heartbeat shows a newer view without us."""
+        return {n for n in others
+                if (p := self._peers.get(n)) is not None and p.state == MEMBER
+                and p.inc == self._incs.get(n) and p.gen > self._leave_gen
+                and self.node_id not in p.members}
+
     @property
     def generation(self) -> int:
         return self.view.generation
@@ -150,7 +193,8 @@ class MembershipService(Proposals):
             self.node_id, self.incarnation, self.state, self.view.generation,
             sorted(self.view.members), self.view.quorate,
             self.view.coordinator if self.state == MEMBER else None, self.cluster_size,
-            self.views_installed, self.proposals, self.proposals_failed, self.expelled_sent,
+            sorted(self._expected), self.views_installed, self.proposals,
+            self.proposals_failed, self.expelled_sent,
             sorted(self._pending_fence), dict(self._removed),
             {n: {"alive": self._alive(n, now), "inc": p.inc, "state": p.state, "gen": p.gen,
                  "age": round(now - p.last_seen, 3)} for n, p in sorted(self._peers.items())})

@@ -35,6 +35,9 @@ log = logging.getLogger("clusterfs.membership.service")
 JOINING = "joining"
 MEMBER = "member"
 EXPELLED = "expelled"
+# announced by a member that unmounted cleanly (journal clean, every lock released):
+# it will never write again in this life; the others remove it without fencing it
+LEAVING = "leaving"
 
 # why a target refuses a proposal whose base view it does not hold
 AHEAD = "ahead"      # it installed a newer view than the proposal's base
@@ -74,6 +77,21 @@ class FenceHook(Protocol):
                     incarnation: int | None = None) -> None: ...
 
 
+class DiskPath(Protocol):
+    """Membership's second path: the nodes' heartbeats on the shared disk (the node layer
+    reads and writes them, clusterfs/node/diskbeat.py; membership only asks)."""
+
+    def alive(self) -> frozenset[int]:
+        """Other nodes whose disk heartbeat changed within the failure timeout."""
+
+    def quorate_members(self) -> frozenset[int]:
+        """Of those, the ones whose last heartbeat says: member of a quorate view."""
+
+    def own_ok(self) -> bool:
+        """Our own heartbeat was written recently enough that nobody can take us for
+        dead on the disk yet."""
+
+
 def new_incarnation() -> int:
     """A random odd 63-bit incarnation: a node's identity for one life."""
     return secrets.randbits(63) | 1
@@ -87,6 +105,7 @@ class PeerInfo:
     members: frozenset[int]
     quorate: bool
     last_seen: float
+    heard_since: float = 0.0   # start of the current run of heartbeats (no gap > timeout)
 
 
 
@@ -98,8 +117,10 @@ class MembershipState:
                  heartbeat_interval: float = 0.5, failure_timeout: float = 3.0,
                  fence_agent: FenceHook | None = None, incarnation: int | None = None,
                  settle: float | None = None,
-                 generation_record: GenerationRecord | None = None) -> None:
+                 generation_record: GenerationRecord | None = None,
+                 disk: DiskPath | None = None) -> None:
         self.endpoint = endpoint
+        self.disk = disk
         self.node_id = endpoint.node_id
         self.node_ids = frozenset(node_ids)
         if self.node_id not in self.node_ids:
@@ -154,6 +175,33 @@ class MembershipState:
         self.proposals_failed = 0
         self.expelled_sent = 0
         self.events: list[Event] = []        # every event published, for tests and dumps
+
+    def _quorate(self, members: frozenset[int] | set[int], expected: frozenset[int]) -> bool:
+        """A strict majority of the voters; or exactly half of them, when the disk
+        breaks the tie (a two-node cluster, or an even split)."""
+        votes = 2 * len(set(members) & expected)
+        if votes != len(expected) or self.disk is None or not members:
+            return votes > len(expected)
+        return self._wins_tie(frozenset(members), expected)
+
+    def _wins_tie(self, members: frozenset[int], expected: frozenset[int]) -> bool:
+        """The quorum-disk tiebreak. Of the voters alive anywhere (ours through the
+        network, the others' heartbeats still changing on the disk), the half holding
+        the lowest id wins. Both halves see the same disk, so at most one wins: the
+        other half sees our heartbeats as long as we write them, and we stop counting
+        ourselves the winner (own_ok) before they could take us for dead. A node that
+        died stops changing its block: after the failure timeout the survivor's half
+        is the only one alive, and it wins (then fences the dead one as always)."""
+        assert self.disk is not None
+        if not self.disk.own_ok():
+            return False
+        alive = members | (self.disk.alive() & expected)
+        return min(alive) in members
+
+    def _left_cleanly(self, n: int) -> bool:
+        """Member n's incarnation in our view announced a clean leave."""
+        p = self._peers.get(n)
+        return p is not None and p.state == LEAVING and p.inc == self._incs.get(n)
 
     def _heartbeat_body(self) -> dict[str, Any]:
         return {"inc": self.incarnation, "st": self.state, "gen": self.view.generation,

@@ -17,7 +17,11 @@ class View:
     generation: int
     members: frozenset[int]
     quorate: bool
-    cluster_size: int = 0          # configured nodes (quorum = majority of these)
+    cluster_size: int = 0          # configured nodes
+    # the voters: quorum is a majority of these. All configured nodes, less those
+    # that left cleanly since (corosync's allow_downscale, but only on a clean leave);
+    # empty in views made by hand (tests): then every configured node votes
+    expected: frozenset[int] = frozenset()
 
     @property
     def coordinator(self) -> int:
@@ -30,6 +34,9 @@ class ViewChange:
     view: View
     joined: frozenset[int]
     left: frozenset[int]
+    # those of `left` that left cleanly (unmounted: journal clean, no lock held): they
+    # are not fenced, their journals need no replay, and they no longer vote
+    clean: frozenset[int] = frozenset()
 
 
 @dataclass(frozen=True)

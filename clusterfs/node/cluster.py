@@ -55,8 +55,10 @@ class ClusterNode:
 async def open_cluster_node(config: ClusterConfig | str | os.PathLike[str], node_id: int, *,
                             fence_agent: FenceAgent | None = None,
                             incarnation: int | None = None,
-                            generation_record: GenerationRecord | None = None
-                            ) -> AsyncIterator[ClusterNode]:
+                            generation_record: GenerationRecord | None = None,
+                            disk: Any = None) -> AsyncIterator[ClusterNode]:
+    """`disk`: a DiskHeartbeat (node/diskbeat.py) when this node has the shared device:
+    membership's second path, run here from before the first view."""
     cfg = config if isinstance(config, ClusterConfig) else load_config(config)
     cfg.node(node_id)   # ConfigError if not configured
     agent: FenceAgent = fence_agent if fence_agent is not None else NoopAgent()
@@ -65,8 +67,11 @@ async def open_cluster_node(config: ClusterConfig | str | os.PathLike[str], node
                                    heartbeat_interval=cfg.heartbeat_interval,
                                    failure_timeout=cfg.failure_timeout,
                                    fence_agent=agent, incarnation=incarnation,
-                                   generation_record=generation_record)
+                                   generation_record=generation_record, disk=disk)
     async with trio.open_nursery() as nursery:
+        if disk is not None:
+            disk.attach(membership)
+            await nursery.start(disk.run)
         await nursery.start(endpoint.serve)
         await nursery.start(membership.run)
         try:

@@ -31,7 +31,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +41,8 @@ from clusterfs.node import mountrecord
 log = logging.getLogger("clusterfs.mount")
 POOL_BUFFERS = 64
 READAHEAD_KB = 1024
+SLOT_ATTEMPTS = 25          # looks for a free journal slot before giving up...
+SLOT_RETRY_DELAY = 0.2      # ...this many seconds apart
 
 
 class MountError(Exception):
@@ -63,6 +65,7 @@ class ClusterArgs:
     state_dir: str | None = None
     control: str | None = None
     cfg: Any = None                  # the loaded ClusterConfig
+    device: str | None = None        # the device as the user named it
     incarnation: int | None = None
     record: Any = None               # the GenerationFile
 
@@ -180,15 +183,17 @@ def check_cluster_name(path: str, sb, cluster: str | None, override: bool) -> No
                      "name)")
 
 
-def open_device(path: str, clustered: bool = False):
-    """Open and validate the device; MountError with a one-line reason."""
+def open_device(path: str, clustered: bool = False,
+                opener: Callable[[str], Any] | None = None):
+    """Open (through `opener`, default open_block_device) and validate the device;
+    MountError with a one-line reason."""
     from clusterfs.format.block import BLOCK_SIZE
     from clusterfs.format.signatures import SIGNATURE_BYTES, detect_signature
     from clusterfs.format.superblock import SUPERBLOCK_BLKNO, decode_superblock
     from clusterfs.storage import open_block_device
 
     try:
-        dev = open_block_device(path)
+        dev = (opener or open_block_device)(path)
     except StorageError as exc:
         raise MountError(str(exc)) from None
     try:
@@ -253,18 +258,138 @@ async def serve(dev, sb, mountpoint: str, opts: Options, ready: Callable[[], Non
 async def _serve_clustered(cluster: ClusterArgs, dev, sb, mountpoint: str, opts: Options,
                            ready: Callable[[], None], pool) -> None:
     """Join the cluster, open the filesystem's lockspace, serve through it."""
+    fencing = _mount_fencing(cluster, dev, sb)
+    try:
+        await _serve_fenced(cluster, fencing, dev, sb, mountpoint, opts, ready, pool)
+    finally:
+        fencing.close()
+
+
+def _mount_fencing(cluster: ClusterArgs, dev, sb):
+    """This mount's part in fencing (clusterfs.node.fencing): the key registered on
+    the LUN (scsi-pr) and the agent built, before the node joins; MountError if not."""
+    from clusterfs.errors import ConfigError, FenceError
+    from clusterfs.node.fencing import MountFencing
+
+    fencing = MountFencing(cluster.cfg, cluster.node_id, cluster.incarnation, dev, sb,
+                           cluster.device or dev.path, _second_opener(cluster),
+                           pid_dir=cluster.fence_pid_dir)
+    try:
+        fencing.prepare_device()
+        fencing.agent()
+    except (ConfigError, FenceError, StorageError) as exc:
+        fencing.close()
+        raise MountError(f"fencing: {exc}") from None
+    return fencing
+
+
+def _second_opener(cluster: ClusterArgs) -> Callable[[str, str], Any]:
+    """How the node opens more handles on the shared disk (fencing sessions, the
+    pill watcher's): an iSCSI session under this node's initiator name and `role`;
+    a local device bypassing the page cache (another host writes the pills)."""
+    from clusterfs.storage import open_block_device
+    from clusterfs.storage.iscsi import node_initiator
+
+    def opener(path: str, role: str):
+        if not cluster.cfg.reaches_disk(cluster.node_id):
+            from clusterfs.storage.proxy import ProxyDevice
+
+            return ProxyDevice(cluster.cfg, cluster.node_id)
+        dev = open_block_device(path, writable=role != "watch",
+                                initiator=node_initiator(cluster.node_id, role))
+        dev.bypass_page_cache()
+        return dev
+
+    return opener
+
+
+def cluster_opener(cluster: ClusterArgs) -> Callable[[str], Any]:
+    """How a cluster mount opens its device: through the storage group's block
+    servers when the config's [storage] group leaves this node out (proxy I/O);
+    else itself, an iSCSI LUN under this node's own initiator name (its
+    persistent-reservation registrations are its own)."""
+    from clusterfs.storage import open_block_device
+    from clusterfs.storage.iscsi import node_initiator
+
+    def opener(path: str):
+        if cluster.cfg.reaches_disk(cluster.node_id):
+            return open_block_device(path, initiator=node_initiator(cluster.node_id))
+        from clusterfs.storage.proxy import ProxyDevice
+
+        log.info("node %d has no path to %s: reaching it through the storage group %s",
+                 cluster.node_id, path, list(cluster.cfg.storage_group))
+        return ProxyDevice(cluster.cfg, cluster.node_id)
+
+    return opener
+
+
+def _open_disk_heartbeat(cluster: ClusterArgs, fencing, dev):
+    """Membership's second path (node/diskbeat.py) on a handle of its own, registered
+    and guarded like every handle this node writes through; none for a node that
+    reaches the disk only through the storage group."""
+    from clusterfs.node.diskbeat import DiskHeartbeat
+
+    cfg = cluster.cfg
+    if not cfg.reaches_disk(cluster.node_id):
+        return None
+    try:
+        handle = _second_opener(cluster)(cluster.device or dev.path, "beat")
+    except ClusterFSError as exc:
+        raise MountError(f"{dev.path}: disk heartbeat: {exc}") from None
+    fencing.own(handle)
+    try:
+        fencing.add_device(handle)
+    except ClusterFSError as exc:
+        raise MountError(f"{dev.path}: disk heartbeat: {exc}") from None
+    return DiskHeartbeat(handle, frozenset(cfg.node_ids), cluster.node_id,
+                         cfg.heartbeat_interval, cfg.failure_timeout)
+
+
+async def _start_storage(cluster: ClusterArgs, fencing, dev, node) -> Any:
+    """Proxy I/O, once the node has joined: a proxy device learns the view (its
+    requests carry the generation and go to live servers); a storage-group node
+    serves the disk to the others through a handle of its own. The server or None."""
+    from clusterfs.storage.blockserver import BlockServer
+
+    membership = node.membership
+    if getattr(dev, "proxied", False):
+        dev.attach(lambda: (membership.view.generation, membership.view.members))
+        return None
+    if not cluster.cfg.block_servers or cluster.node_id not in cluster.cfg.storage_group:
+        return None
+    try:
+        handle = _second_opener(cluster)(cluster.device or dev.path, "serve")
+    except ClusterFSError as exc:
+        raise MountError(f"block server: {exc}") from None
+    try:
+        fencing.add_device(handle)
+    except ClusterFSError as exc:
+        handle.close()
+        raise MountError(f"block server: {exc}") from None
+    server = BlockServer(cluster.cfg, cluster.node_id, handle, membership)
+    try:
+        await node.nursery.start(server.serve)
+    except OSError as exc:
+        handle.close()
+        raise MountError(f"block server: {exc.strerror or exc}") from None
+    fencing.own(handle)
+    return server
+
+
+async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
+                        opts: Options, ready: Callable[[], None], pool) -> None:
     import trio
 
     from clusterfs.cache.recovery import JournalRecovery
     from clusterfs.dlm.lockspace import open_dlm, wait_running
-    from clusterfs.fence.agent import ProcessAgent
     from clusterfs.node.cluster import open_cluster_node
     from clusterfs.node.lockd_cmd import ControlServer, default_control_path
 
-    agent = ProcessAgent(pid_dir=cluster.fence_pid_dir) if cluster.fence_pid_dir else None
-    async with open_cluster_node(cluster.cfg, cluster.node_id, fence_agent=agent,
+    disk = _open_disk_heartbeat(cluster, fencing, dev)
+    async with open_cluster_node(cluster.cfg, cluster.node_id, fence_agent=fencing.agent(),
                                  incarnation=cluster.incarnation,
-                                 generation_record=cluster.record) as node:
+                                 generation_record=cluster.record, disk=disk) as node:
+        server = await _start_storage(cluster, fencing, dev, node)
         async with open_dlm(node.endpoint, node.membership) as dlm:
             ls = await dlm.new_lockspace("fs:" + sb.uuid_str)
             log.info("node %d: joining cluster %s; waiting for quorum", cluster.node_id,
@@ -274,19 +399,35 @@ async def _serve_clustered(cluster: ClusterArgs, dev, sb, mountpoint: str, opts:
                      ls.statistics().generation, list(ls.statistics().members))
             shown: dict = {}        # what `clusterfs status` adds, once the fs is up
             control = ControlServer(ls, node, extra_status=lambda: {
-                "mount": _mount_status(mountpoint, dev.path, **shown)} if shown else {})
+                "mount": _mount_status(mountpoint, dev.path, **shown),
+                "fencing": fencing.statistics(),
+                "device": dev.statistics(),
+                "block_server": server.statistics() if server else None} if shown else {})
             path = cluster.control or default_control_path(cluster.node_id)
             os.makedirs(os.path.dirname(path), exist_ok=True)
 
             def side_tasks(nursery: trio.Nursery, fs, slot: int) -> None:
                 recovery = JournalRecovery(ls, dev, sb, slot)
+                recovery.on_recovered = fs.kick_orphans
                 fs.glocks.gate = recovery
                 shown.update(fs=fs, slot=slot, recovery=recovery)
+                fencing.attach(fs)
                 nursery.start_soon(recovery.run, node.membership)
                 nursery.start_soon(control.serve, path)
                 nursery.start_soon(_watch_expelled, ls, fs)
+                nursery.start_soon(_leave_when_withdrawn, ls, fs, slot,
+                                   lambda: fencing.fired is not None)
 
-            await _serve_fs(ls, dev, sb, mountpoint, opts, ready, pool, side_tasks)
+            async def on_slot(slot: int) -> None:
+                await fencing.claim_slot(slot, node.nursery)
+
+            await _serve_fs(ls, dev, sb, mountpoint, opts, ready, pool, side_tasks, on_slot)
+            if shown:     # it served, wrote back and gave its locks up: say goodbye
+                from clusterfs.node.leave import leave_cleanly
+
+                await leave_cleanly(node.membership, ls, dev, sb, shown["slot"],
+                                    shown["fs"].txn.withdrawn, 2 * cluster.cfg.failure_timeout,
+                                    disk)
 
 
 def _mount_status(mountpoint: str, device: str, fs, slot: int, recovery) -> dict:
@@ -305,9 +446,31 @@ async def _watch_expelled(ls, fs) -> None:
     fs.txn.withdraw("expelled from the cluster; unmount and mount again")
 
 
-async def claim_journal(locks, dev, sb, clustered: bool) -> tuple[int, list]:
+async def _leave_when_withdrawn(ls, fs, slot: int, counted_out: Callable[[], bool]) -> None:
+    """Withdrawn here (a write failed, corruption found) while the cluster still counts
+    on us: our journal may hold committed changes that never reached home, under locks
+    other nodes wait for. Giving those locks back would hand them stale blocks; keeping
+    them would hang the cluster. So leave as a failed node does: end the mount without
+    giving any lock back, and the others fence us and replay our journal. (Not when the
+    cluster has counted us out already: expelled, or fenced; then the mount stays and
+    answers EIO until unmounted.)"""
+    import pyfuse3
+    import trio
+
+    while fs.txn.withdrawn is None or ls.ls_expelled or counted_out():
+        await trio.sleep(0.2)
+    log.error("withdrawn while in the cluster: unmounting without giving locks back, so "
+              "the other nodes replay journal %d (restart this node once it is fenced)",
+              slot)
+    pyfuse3.terminate()
+
+
+async def claim_journal(locks, dev, sb, clustered: bool,
+                        on_slot: Callable[[int], Awaitable[None]] | None = None
+                        ) -> tuple[int, list]:
     """Claim a journal slot and replay what must be replayed (see the module doc);
-    the slot and the locks to keep until unmount."""
+    the slot and the locks to keep until unmount. on_slot(slot) runs right after the
+    slot is ours and before any replay writes (fencing claims its pill slot there)."""
     from clusterfs.dlm.interface import Mode
     from clusterfs.errors import WouldBlock
 
@@ -326,6 +489,8 @@ async def claim_journal(locks, dev, sb, clustered: bool) -> tuple[int, list]:
             live = await locks.lock(("live",), Mode.PR)
             first = False
         slot, slot_lock = await _claim_slot(locks, dev, sb)
+        if on_slot is not None:
+            await on_slot(slot)
         if first:
             log.info("first node to mount %s: replaying every dirty journal", dev.path)
             for s in range(sb.journal_count):
@@ -347,16 +512,24 @@ async def claim_journal(locks, dev, sb, clustered: bool) -> tuple[int, list]:
 
 async def _claim_slot(locks, dev, sb):
     """The first free journal slot, a clean one if any is free (its lock held EX)."""
+    import trio
+
     from clusterfs.dlm.interface import Mode
     from clusterfs.errors import WouldBlock
     from clusterfs.format.journal import JF_CLEAN, decode_jhead
 
     free = []
-    for s in range(sb.journal_count):
-        try:
-            free.append((s, await locks.lock(("journal", s), Mode.EX, try_=True)))
-        except WouldBlock:
-            continue
+    for _attempt in range(SLOT_ATTEMPTS):
+        for s in range(sb.journal_count):
+            try:
+                free.append((s, await locks.lock(("journal", s), Mode.EX, try_=True)))
+            except WouldBlock:
+                continue
+        if free:
+            break
+        # a survivor may hold a free slot's lock for a moment (journal recovery, or
+        # taking over its orphan list): look again before calling the device full
+        await trio.sleep(SLOT_RETRY_DELAY)
     if not free:
         raise MountError(f"{dev.path}: all {sb.journal_count} journal slots are in use")
 
@@ -383,7 +556,8 @@ def _replay(dev, sb, slot: int) -> None:
 
 
 async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Callable[[], None],
-                    pool, side_tasks: Callable | None = None) -> None:
+                    pool, side_tasks: Callable | None = None,
+                    on_slot: Callable[[int], Awaitable[None]] | None = None) -> None:
     import pyfuse3
     import trio
 
@@ -397,7 +571,7 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
     if clustered and not dev.bypass_page_cache():
         log.info("%s refuses O_DIRECT: metadata goes through this host's page cache, "
                  "which is coherent only between nodes on this host", dev.path)
-    slot, held = await claim_journal(locks, dev, sb, clustered)
+    slot, held = await claim_journal(locks, dev, sb, clustered, on_slot)
     journal = Journal(dev, sb, slot, pool)
     journal.open()
     txn = TransactionManager(journal)
@@ -422,6 +596,7 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
         async with trio.open_nursery() as nursery:
             glocks.start(nursery)
             nursery.start_soon(txn.run_timer)
+            nursery.start_soon(fs.run_orphan_sweeper)
             if side_tasks is not None:
                 side_tasks(nursery, fs, slot)
 
@@ -456,9 +631,12 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
         with trio.CancelScope(shield=True):
             if not shut:
                 await _shutdown(fs)
-            for lock in held:
-                await locks.unlock(lock)
-        pyfuse3.close(unmount=unmounted_by_us)
+            if not (clustered and txn.withdrawn):   # else: leave as failed (above)
+                for lock in held:
+                    await locks.unlock(lock)
+        ops.close()
+        # a withdrawn cluster node ended its own mount (_leave_when_withdrawn)
+        pyfuse3.close(unmount=unmounted_by_us or bool(clustered and txn.withdrawn))
         mountrecord.remove(mountpoint)
         log.info("unmounted %s; journal clean: %s", mountpoint, not txn.withdrawn)
 
@@ -534,9 +712,12 @@ def _mount(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     cluster = cluster_args(args)
     if not os.path.isdir(args.mountpoint):
         raise MountError(f"{args.mountpoint}: mountpoint is not a directory")
+    opener = None
     if cluster is not None:
         cluster.prepare()
-    dev, sb = open_device(args.device, clustered=cluster is not None)
+        cluster.device = args.device
+        opener = cluster_opener(cluster)
+    dev, sb = open_device(args.device, clustered=cluster is not None, opener=opener)
     try:
         check_cluster_name(args.device, sb, cluster.cfg.name if cluster else None,
                            args.no_cluster_check)

@@ -19,6 +19,7 @@ import queue
 import stat
 import threading
 from collections import deque
+from collections.abc import Callable
 
 from clusterfs.errors import StorageError
 from clusterfs.format.block import BLOCK_SIZE
@@ -528,6 +529,17 @@ class BlockAddressed:
     mixes it in (BlockDevice, IscsiDevice)."""
 
     path: str
+    _write_guard: Callable[[], None] | None = None
+
+    def guard_writes(self, check: Callable[[], None] | None) -> None:
+        """Run check() before every write and flush (None: no more checks); it raises
+        StorageError to refuse that write. A poison-pill watcher whose last read of its
+        slot is too old reads the slot again there (clusterfs.fence.poison_pill)."""
+        self._write_guard = check
+
+    def _guard(self) -> None:
+        if self._write_guard is not None:
+            self._write_guard()
 
     def pread(self, offset: int, length: int) -> bytes:
         raise NotImplementedError
@@ -590,6 +602,7 @@ class BlockDevice(BlockAddressed):
     def _check_refused(self, what: str) -> None:
         if self._refused is not None:
             raise StorageError(f"{self.path}: {what}: {self._refused}")
+        self._guard()
 
     # -- write-behind of file data ---------------------------------------------------
     def write_behind(self, offset: int, data: bytes | bytearray | memoryview) -> None:
@@ -708,3 +721,31 @@ class BlockDevice(BlockAddressed):
 
     def statistics(self) -> dict[str, int]:
         return {"reads": self.reads, "writes": self.writes, "blocks": self.blocks}
+
+
+class WritesAtOnce:
+    """The write-behind and read-ahead interface of BlockDevice for a device that has
+    neither (iSCSI, proxy): data is written at once, so failures surface at the write
+    itself rather than at a later drain, and there is nothing to advise or forget."""
+
+    def write_behind(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self.pwrite(offset, data)  # type: ignore[attr-defined]
+
+    @property
+    def behind_pending(self) -> int:
+        return 0
+
+    def behind_has_room(self, length: int) -> bool:
+        return True
+
+    def wait_behind_room(self, length: int) -> None:
+        pass
+
+    def drain(self) -> None:
+        pass
+
+    def advise_willneed(self, blkno: int, count: int) -> None:
+        pass
+
+    def forget_read_ahead(self) -> None:
+        pass

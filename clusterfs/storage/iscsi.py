@@ -39,10 +39,11 @@ from __future__ import annotations
 import re
 import socket
 import threading
+from collections.abc import Callable
 
 from clusterfs.errors import ReservationConflict, StorageError
 from clusterfs.format.block import BLOCK_SIZE
-from clusterfs.storage.device import BlockAddressed
+from clusterfs.storage.device import BlockAddressed, WritesAtOnce
 
 SCHEME = "iscsi://"
 COMMAND_TIMEOUT = 30          # seconds for a login or one SCSI command
@@ -62,6 +63,13 @@ class ScsiCheckCondition(StorageError):
         super().__init__(message)
         self.key = key
         self.ascq = ascq
+
+
+def node_initiator(node_id: int, role: str = "") -> str:
+    """The initiator name a cluster node logs in under: this host's, with the node id
+    (and a role: "fence" for its agent's sessions), so that several nodes on one host
+    are several I_T nexuses with registrations of their own."""
+    return f"{INITIATOR}-node{node_id}" + (f"-{role}" if role else "")
 
 
 def is_iscsi_url(path: str) -> bool:
@@ -95,7 +103,7 @@ def _binding():
     return ffi, lib
 
 
-class IscsiDevice(BlockAddressed):
+class IscsiDevice(WritesAtOnce, BlockAddressed):
     """One iSCSI LUN, logged in to at construction (StorageError with the reason if not).
 
     `fd` is None: there is no local descriptor (node/mount_cmd.py's flock skips it).
@@ -119,6 +127,9 @@ class IscsiDevice(BlockAddressed):
         self._lock = threading.Lock()
         self._failed: str | None = None     # set once the session is no longer usable
         self._refused: str | None = None    # set by refuse_writes(): why writes stop
+        # called (under the session lock) with the message when a read or write meets
+        # RESERVATION CONFLICT, i.e. this node was fenced: the mount withdraws there
+        self.on_fenced: Callable[[str], None] | None = None
         binding = _binding()
         if binding is None:
             raise StorageError(f"{self.path}: iSCSI support is not built (libiscsi-dev was "
@@ -210,8 +221,10 @@ class IscsiDevice(BlockAddressed):
                 break
             if status == lib.SCSI_STATUS_RESERVATION_CONFLICT:
                 self.conflicts += 1
-                raise ReservationConflict(
-                    f"{self.path}: {what}: {FENCED if fenced else 'reservation conflict'}")
+                message = f"{self.path}: {what}: {FENCED if fenced else 'reservation conflict'}"
+                if fenced and self.on_fenced is not None:
+                    self.on_fenced(message)         # the mount stops writing at once
+                raise ReservationConflict(message)
             # libiscsi's error text is fresh for a failed call and for sense data; a
             # cancelled or timed-out task may leave an older one there
             if status == lib.SCSI_STATUS_CANCELLED:
@@ -282,6 +295,7 @@ class IscsiDevice(BlockAddressed):
             raise StorageError(f"{self.path}: write at {offset}: opened read-only")
         if self._refused is not None:
             raise StorageError(f"{self.path}: write at {offset}: {self._refused}")
+        self._guard()
         # The caller's bytes are passed to libiscsi in place, and the buffer is released
         # on the way out whatever happens: a buffer export left to the garbage collector
         # (an exception's traceback keeps this frame) made CPython 3.11 segfault in its
@@ -311,28 +325,6 @@ class IscsiDevice(BlockAddressed):
         with self._ffi.from_buffer("unsigned char[]", merged) as whole:
             self._write_lbas(first, whole, len(merged))
 
-    def write_behind(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Written at once (no queue): failures surface here rather than at drain."""
-        self.pwrite(offset, data)
-
-    @property
-    def behind_pending(self) -> int:
-        return 0
-
-    def behind_has_room(self, length: int) -> bool:
-        return True
-
-    def wait_behind_room(self, length: int) -> None:
-        pass
-
-    def drain(self) -> None:
-        pass
-
-    def advise_willneed(self, blkno: int, count: int) -> None:
-        pass                                   # no read-ahead over iSCSI (yet)
-
-    def forget_read_ahead(self) -> None:
-        pass
 
     def bypass_page_cache(self) -> bool:
         """Always true here: every command goes to the target, no host cache between."""
@@ -344,6 +336,7 @@ class IscsiDevice(BlockAddressed):
             return
         if self._refused is not None:
             raise StorageError(f"{self.path}: flush: {self._refused}")
+        self._guard()
         task = self._command("flush", self._lib.iscsi_synchronizecache16_sync, 0, 0, 0, 0,
                              fenced=True)
         self._lib.scsi_free_scsi_task(task)

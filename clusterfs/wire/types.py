@@ -47,3 +47,5 @@ class MsgType(IntEnum):
     BLOCK_READ = 80
     BLOCK_WRITE = 81
     BLOCK_REPLY = 82
+    BLOCK_FLUSH = 83
+    BLOCK_INFO = 84

@@ -1,0 +1,275 @@
+"""BlockServer: a node with a direct path to the disk serves it to the rest of the
+cluster (proxy I/O; the client side is storage/proxy.py, the protocol
+storage/blockwire.py).
+
+It runs in the node's mount process as a trio task, on the address the config
+gives it (`[storage] servers`), with a device handle of its own (O_DIRECT, so its
+reads and writes are the disk's, as the node's own are). Reads are served to any
+node of the cluster that authenticates (a proxy node reads the superblock before
+it joins). Writes and flushes are the dangerous part, and are refused:
+
+- from a node that is not a member of this server's current view: a node removed
+  from the view can no longer write through any server that has installed that
+  view, which is how a node without a disk path of its own is fenced;
+- with a generation older than the one in which that node (re)joined, as this
+  server saw it: a request from a previous life of the node;
+- when the request has waited longer than `lease` (half the proxy's io_timeout)
+  between its arrival and the moment it would go to the disk: this server was
+  stopped or starved meanwhile, and the proxy has given up on it and sent the
+  write elsewhere; a late copy could overwrite something newer. (A server stopped
+  for longer is removed from the view and fenced by the survivors.)
+- while this server is in quarantine: a thread of its own ticks every TICK
+  seconds, and a gap longer than `lease` between two ticks means the whole
+  process was stopped (SIGSTOP, a VM pause) or starved; requests sent to it
+  before or during the stop may still sit in its socket buffers, and the proxy
+  has re-sent them elsewhere since. So for io_timeout after such a gap every write
+  and flush is refused (the proxy takes them elsewhere), and a write also checks
+  the tick just before it goes to the disk;
+- once this server was expelled.
+
+Every I/O runs in a worker thread; one request is in flight per connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import trio
+
+from clusterfs.config import ClusterConfig
+from clusterfs.errors import ClusterFSError, StorageError, WireError
+from clusterfs.membership.view import ExpelledEvent, ViewChange
+from clusterfs.storage import blockwire as bw
+from clusterfs.wire import frame as wf
+from clusterfs.wire.types import MsgType
+
+log = logging.getLogger(__name__)
+
+TICK = 0.05                  # seconds between the stall detector's ticks
+
+
+class _Refused(ClusterFSError):
+    """A request this server will not carry out (the reason goes back to the proxy)."""
+
+
+class _Reader:
+    def __init__(self, stream: trio.SocketStream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def _fill(self, n: int) -> None:
+        while len(self.buf) < n:
+            data = await self.stream.receive_some(1 << 20)
+            if not data:
+                raise EOFError
+            self.buf += data
+
+    async def read(self) -> bytes:
+        await self._fill(wf.LENGTH.size)
+        (n,) = wf.LENGTH.unpack_from(self.buf)
+        wf.check_length(n, bw.MAX_FRAME)
+        await self._fill(wf.LENGTH.size + n)
+        data = bytes(self.buf[wf.LENGTH.size : wf.LENGTH.size + n])
+        del self.buf[: wf.LENGTH.size + n]
+        return data
+
+
+class BlockServer:
+    """Serve `dev` (this node's own handle on the disk) to the cluster's proxies.
+
+    `membership`: this node's (its `subscribe()` events tell who may write)."""
+
+    def __init__(self, config: ClusterConfig, node_id: int, dev: Any, membership: Any, *,
+                 lease: float | None = None) -> None:
+        self.cfg = config
+        self.node_id = node_id
+        self.dev = dev
+        self.membership = membership
+        self.lease = lease if lease is not None else config.io_timeout / 2
+        self.generation = 0
+        self.joined_at: dict[int, int] = {}      # member -> generation it (re)joined in
+        self.expelled = False
+        self.stats = {"connections": 0, "reads": 0, "writes": 0, "flushes": 0,
+                      "refused": 0, "errors": 0, "wire_errors": 0}
+        self.last_refusal: str | None = None
+        self.quarantine = config.io_timeout
+        self.ticked_at = time.monotonic()
+        self.quiet_until = 0.0                   # writes refused until then (a stall)
+        self.stalls = 0
+        self._stop = threading.Event()
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                    ) -> None:
+        host, port = self.cfg.block_server(self.node_id)
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        log.info("node %d: block server on %s:%d for the storage group", self.node_id,
+                 host, port)
+        ticker = threading.Thread(target=self._tick, name="block-server-tick", daemon=True)
+        ticker.start()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._follow_views)
+                task_status.started()
+                await trio.serve_listeners(self._serve_conn, listeners,
+                                           handler_nursery=nursery)
+        finally:
+            self._stop.set()
+
+    # -- stall detection -------------------------------------------------------------
+    def _tick(self) -> None:
+        while not self._stop.wait(TICK):
+            now = time.monotonic()
+            gap = now - self.ticked_at
+            if gap > self.lease:
+                self.quiet_until = now + self.quarantine
+                self.stalls += 1
+                log.warning("node %d: block server was stopped or starved for %.2f s: "
+                            "refusing writes for %.2f s", self.node_id, gap, self.quarantine)
+            self.ticked_at = now
+
+    def stalled(self) -> str | None:
+        """Why this server may not write now (it was, or is being, stopped), or None."""
+        now = time.monotonic()
+        if now - self.ticked_at > self.lease:
+            return f"block server {self.node_id} has not ticked for {now - self.ticked_at:.2f} s"
+        if now < self.quiet_until:
+            return (f"block server {self.node_id} was stopped: refusing writes for "
+                    f"{self.quiet_until - now:.2f} s more")
+        return None
+
+    # -- who may write ---------------------------------------------------------------
+    async def _follow_views(self) -> None:
+        first = True
+        async for ev in self.membership.subscribe():
+            if isinstance(ev, ExpelledEvent):
+                self.expelled = True
+            elif isinstance(ev, ViewChange):
+                self._install(ev.view.generation, ev.view.members, first)
+                first = False
+
+    def _install(self, generation: int, members: frozenset[int], first: bool) -> None:
+        """Members seen in our first view count from 0 (we cannot know when they
+        joined); later joiners from the generation that added them."""
+        self.generation = generation
+        for n in list(self.joined_at):
+            if n not in members:
+                del self.joined_at[n]
+        for n in members:
+            self.joined_at.setdefault(n, 0 if first else generation)
+
+    def refusal(self, sender: int, generation: int) -> str | None:
+        """Why a write or flush from `sender` at `generation` is refused, or None."""
+        if self.expelled:
+            return f"block server {self.node_id} was expelled from the cluster"
+        since = self.joined_at.get(sender)
+        if since is None:
+            return (f"node {sender} is not a member of generation {self.generation} "
+                    f"(block server {self.node_id})")
+        if generation < since:
+            return (f"request of generation {generation} from node {sender}, which "
+                    f"joined again in generation {since}")
+        return None
+
+    # -- connections -------------------------------------------------------------------
+    async def _serve_conn(self, stream: trio.SocketStream) -> None:
+        self.stats["connections"] += 1
+        client = -1
+        try:
+            reader = _Reader(stream)
+            with trio.fail_after(self.cfg.connect_timeout):
+                client, skey = await self._handshake(stream, reader)
+            inbound, outbound = bw.Sequencer(), bw.Sequencer()
+            while True:
+                f = wf.decode(skey, await reader.read(), max_frame=bw.MAX_FRAME)
+                inbound.check(f, client)
+                reply = await self._handle(f, time.monotonic())
+                await stream.send_all(wf.encode_prefixed(
+                    skey, MsgType.BLOCK_REPLY, self.node_id, self.generation,
+                    outbound.take(), reply))
+        except WireError as exc:
+            self.stats["wire_errors"] += 1
+            log.warning("node %d: block server: dropped connection from node %d: %s",
+                        self.node_id, client, exc)
+        except (EOFError, OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                trio.TooSlowError) as exc:
+            log.debug("node %d: block connection from %d ended: %r", self.node_id, client,
+                      exc)
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _handshake(self, stream: trio.SocketStream, reader: _Reader
+                         ) -> tuple[int, bytes]:
+        key = self.cfg.key
+        f = wf.decode(key, await reader.read(), max_frame=bw.MAX_FRAME)
+        if f.sender not in self.cfg.node_ids or f.sender == self.node_id:
+            raise WireError(f"block HELLO from unknown node id {f.sender}")
+        nc = bw.check_hello(f, self.cfg.name, self.node_id)
+        ns = bw.new_nonce()
+        await stream.send_all(wf.encode_prefixed(
+            key, MsgType.HELLO, self.node_id, self.generation, 0,
+            bw.hello(self.cfg.name, f.sender, ns, echo=nc)))
+        return f.sender, wf.session_key(key, f.sender, self.node_id, nc, ns)
+
+    async def _handle(self, f: wf.Frame, received: float) -> dict[str, Any]:
+        body = f.body
+        if f.type not in bw.REQUESTS or not isinstance(body, dict):
+            raise WireError(f"not a block request: type {f.type}")
+        rid = body.get("id")
+        try:
+            if f.type in (MsgType.BLOCK_WRITE, MsgType.BLOCK_FLUSH):
+                why = self.refusal(f.sender, f.generation)
+                if why is not None:
+                    raise _Refused(why)
+            out = await trio.to_thread.run_sync(self._io, f.type, body, received)
+        except _Refused as exc:
+            self.stats["refused"] += 1
+            self.last_refusal = str(exc)
+            log.warning("node %d: block server refused a request of node %d: %s",
+                        self.node_id, f.sender, exc)
+            return {"id": rid, "ok": False, "error": str(exc)}
+        except StorageError as exc:
+            self.stats["errors"] += 1
+            return {"id": rid, "ok": False, "error": str(exc)}
+        return {"id": rid, "ok": True, **out}
+
+    def _io(self, mtype: int, body: dict[str, Any], received: float) -> dict[str, Any]:
+        """The request's I/O, in a worker thread."""
+        if mtype == MsgType.BLOCK_INFO:
+            return {"size": self.dev.size}
+        if mtype == MsgType.BLOCK_READ:
+            off, length = _int(body, "off"), _int(body, "len")
+            if length > bw.MAX_IO:
+                raise WireError(f"read of {length} bytes (at most {bw.MAX_IO})")
+            self.stats["reads"] += 1
+            return {"data": self.dev.pread(off, length)}
+        waited = time.monotonic() - received
+        stalled = self.stalled()
+        if stalled is not None:
+            raise _Refused(stalled)
+        if waited > self.lease:
+            raise _Refused(f"request waited {waited:.2f} s on block server {self.node_id} "
+                           f"(lease {self.lease:g} s): it may have been sent elsewhere")
+        if mtype == MsgType.BLOCK_FLUSH:
+            self.stats["flushes"] += 1
+            self.dev.flush()
+            return {}
+        data = body.get("data")
+        if not isinstance(data, bytes) or len(data) > bw.MAX_IO:
+            raise WireError("write without data, or too large")
+        self.stats["writes"] += 1
+        self.dev.pwrite(_int(body, "off"), data)
+        return {}
+
+    def statistics(self) -> dict[str, Any]:
+        return {**self.stats, "generation": self.generation, "stalls": self.stalls,
+                "members": sorted(self.joined_at), "last_refusal": self.last_refusal}
+
+
+def _int(body: dict[str, Any], k: str) -> int:
+    v = body.get(k)
+    if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+        raise WireError(f"block request field {k!r}: not a non-negative integer")
+    return v

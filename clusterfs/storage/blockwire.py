@@ -1,0 +1,80 @@
+"""The block-server protocol: proxy I/O over authenticated frames (clusterfs.wire).
+
+One TCP connection per (proxy, server) pair, opened by the proxy. The handshake is
+the cluster comms' (clusterfs.comms.tcp): HELLO frames MAC'd with the cluster key
+carry fresh nonces both ways, everything after it is MAC'd with the session key
+derived from them, and each direction numbers its frames 1, 2, ... (a replayed,
+dropped or reordered frame fails the check and closes the connection). The HELLO
+body says `"service": "block"`, so a block connection is never mistaken for a
+comms one.
+
+Requests (the frame's generation field is the proxy's membership generation):
+
+    BLOCK_INFO   {id}                       -> {id, ok, size}
+    BLOCK_READ   {id, off, len}             -> {id, ok, data}
+    BLOCK_WRITE  {id, off, data}            -> {id, ok}
+    BLOCK_FLUSH  {id}                       -> {id, ok}
+
+A refused or failed request answers {id, ok: False, error: "..."}. One request is
+in flight per connection; at most MAX_IO bytes per read or write.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from clusterfs.errors import WireError
+from clusterfs.wire import frame as wf
+from clusterfs.wire.types import MsgType
+
+MAX_IO = 1 << 20                       # bytes per proxied read or write
+MAX_FRAME = MAX_IO + (64 << 10)        # a frame carrying MAX_IO bytes, and its header
+NONCE_SIZE = 16
+SERVICE = "block"
+REQUESTS = frozenset({MsgType.BLOCK_INFO, MsgType.BLOCK_READ, MsgType.BLOCK_WRITE,
+                      MsgType.BLOCK_FLUSH})
+
+
+def hello(cluster: str, to: int, nonce: bytes, echo: bytes | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"cluster": cluster, "to": to, "nonce": nonce, "service": SERVICE}
+    if echo is not None:
+        body["echo"] = echo
+    return body
+
+
+def new_nonce() -> bytes:
+    return secrets.token_bytes(NONCE_SIZE)
+
+
+def check_hello(f: wf.Frame, cluster: str, me: int, echo: bytes | None = None) -> bytes:
+    """The peer's nonce from a HELLO meant for us (WireError if it is not one)."""
+    b = f.body
+    if f.type != MsgType.HELLO or f.seq != 0:
+        raise WireError(f"expected HELLO, got type {f.type} seq {f.seq}")
+    if (not isinstance(b, dict) or b.get("to") != me or b.get("cluster") != cluster
+            or b.get("service") != SERVICE or not isinstance(b.get("nonce"), bytes)
+            or len(b["nonce"]) != NONCE_SIZE):
+        raise WireError(f"bad block-service HELLO from node {f.sender}")
+    if echo is not None and b.get("echo") != echo:
+        raise WireError(f"node {f.sender} did not echo our nonce")
+    return b["nonce"]
+
+
+class Sequencer:
+    """Frame numbering of one direction of a connection."""
+
+    def __init__(self) -> None:
+        self.next = 1
+
+    def take(self) -> int:
+        n = self.next
+        self.next += 1
+        return n
+
+    def check(self, f: wf.Frame, sender: int) -> None:
+        if f.sender != sender:
+            raise WireError(f"frame claims sender {f.sender} on node {sender}'s connection")
+        if f.seq != self.next:
+            raise WireError(f"sequence {f.seq} from node {sender}, expected {self.next}")
+        self.next += 1

@@ -1,0 +1,177 @@
+"""The block server's rules, one server in a thread of this process (tier 2): who may
+write (members of its view, not an older life of a node), what a forged or
+out-of-sequence frame does (closes that connection only), and a ProxyDevice's
+round trip and refusal handling. Real mounts are in test_proxy.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+import trio
+
+from clusterfs.config import parse_config
+from clusterfs.errors import StorageError
+from clusterfs.membership.view import View, ViewChange
+from clusterfs.storage import blockwire as bw
+from clusterfs.storage.blockserver import BlockServer
+from clusterfs.storage.device import BlockDevice
+from clusterfs.storage.proxy import ProxyDevice
+from clusterfs.wire import frame as wf
+from clusterfs.wire.types import MsgType
+
+MIB = 1 << 20
+
+
+def _ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+class Views:
+    """A membership whose views the test installs (from any thread)."""
+
+    def __init__(self) -> None:
+        self.view = View(1, frozenset({1, 3}), True, 3)
+        self.send, self.recv = trio.open_memory_channel(100)
+        self.send.send_nowait(ViewChange(self.view, self.view.members, frozenset()))
+
+    def subscribe(self):
+        return self.recv
+
+    def install(self, token: trio.lowlevel.TrioToken, generation: int,
+                members: set[int]) -> None:
+        self.view = View(generation, frozenset(members), True, 3)
+        trio.from_thread.run_sync(self.send.send_nowait,
+                                  ViewChange(self.view, self.view.members, frozenset()),
+                                  trio_token=token)
+
+
+@dataclasses.dataclass
+class Served:
+    cfg: object
+    server: BlockServer
+    views: Views
+    token: trio.lowlevel.TrioToken
+
+    def install(self, generation: int, members: set[int]) -> None:
+        self.views.install(self.token, generation, members)
+        deadline = 100
+        while self.server.generation != generation and deadline:   # it follows at once
+            threading.Event().wait(0.01)
+            deadline -= 1
+
+
+@pytest.fixture
+def served(tmp_path) -> Iterator[Served]:
+    p = _ports(4)
+    cfg = parse_config({
+        "name": "t", "key": os.urandom(32).hex(),
+        "node": [{"id": i, "address": f"127.0.0.1:{p[i - 1]}"} for i in (1, 2, 3)],
+        "storage": {"group": [1], "io_timeout": 0.2,
+                    "servers": {"1": f"127.0.0.1:{p[3]}"}}})
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(8 * MIB)
+    dev = BlockDevice(str(image))
+    views = Views()
+    server = BlockServer(cfg, 1, dev, views)
+    started = threading.Event()
+    box: dict = {}
+
+    async def main() -> None:
+        box["token"] = trio.lowlevel.current_trio_token()
+        async with trio.open_nursery() as nursery:
+            box["cancel"] = nursery.cancel_scope
+            await nursery.start(server.serve)
+            started.set()
+
+    thread = threading.Thread(target=trio.run, args=(main,), daemon=True)
+    thread.start()
+    assert started.wait(10)
+    try:
+        yield Served(cfg, server, views, box["token"])
+    finally:
+        trio.from_thread.run_sync(box["cancel"].cancel, trio_token=box["token"])
+        thread.join(10)
+        dev.close()
+
+
+def _proxy(s: Served, generation: int) -> ProxyDevice:
+    dev = ProxyDevice(s.cfg, 3)
+    dev.attach(lambda: (generation, frozenset({1, 3})))
+    return dev
+
+
+def test_a_member_reads_and_writes_through_the_server(served):
+    dev = _proxy(served, 1)
+    try:
+        assert dev.size == 8 * MIB
+        data = os.urandom(3 * MIB + 4096)                 # several requests
+        dev.pwrite(4096, data)
+        dev.flush()
+        assert dev.pread(4096, len(data)) == data
+        assert dev.read(1) == data[:4096]
+        st = served.server.statistics()
+        assert st["writes"] == 4 and st["flushes"] == 1 and st["refused"] == 0
+    finally:
+        dev.close()
+
+
+def test_a_node_removed_from_the_view_is_refused_and_reads_go_on(served):
+    dev = _proxy(served, 1)
+    try:
+        dev.pwrite(0, b"a" * 4096)
+        served.install(2, {1})                            # node 3 removed
+        with pytest.raises(StorageError, match="not a member of generation 2"):
+            dev.pwrite(0, b"b" * 4096)
+        assert dev.pread(0, 4096) == b"a" * 4096          # reads are still served
+        assert served.server.statistics()["refused"] >= 1
+    finally:
+        dev.close()
+
+
+def test_a_request_from_an_older_life_of_a_node_is_refused(served):
+    served.install(2, {1})
+    served.install(5, {1, 3})                             # node 3 joined again in 5
+    old, new = _proxy(served, 3), _proxy(served, 5)
+    try:
+        with pytest.raises(StorageError, match="joined again in generation 5"):
+            old.pwrite(0, b"old" * 1000)
+        new.pwrite(0, b"new" * 1000)
+        assert new.pread(0, 3000) == b"new" * 1000
+    finally:
+        old.close()
+        new.close()
+
+
+def test_a_forged_frame_closes_that_connection_only(served):
+    good = _proxy(served, 1)
+    host, port = served.cfg.block_server(1)
+    try:
+        with socket.create_connection((host, port), timeout=5) as raw:
+            wrong = os.urandom(32)                        # not the cluster key
+            raw.sendall(wf.encode_prefixed(wrong, MsgType.HELLO, 3, 0, 0,
+                                           bw.hello("t", 1, bw.new_nonce())))
+            assert raw.recv(100) == b""                   # closed on us
+        good.pwrite(0, b"still" * 100)                    # the others are served
+        assert good.pread(0, 500) == b"still" * 100
+        assert served.server.statistics()["wire_errors"] == 1
+    finally:
+        good.close()
+
+
+def test_no_server_answering_is_an_error_not_a_hang(served, tmp_path):
+    cfg = dataclasses.replace(served.cfg, block_servers=((1, "127.0.0.1", _ports(1)[0]),))
+    with pytest.raises(StorageError, match="no block server left"):
+        ProxyDevice(cfg, 3)

@@ -1,0 +1,109 @@
+"""Quorum loss on real node processes (tier 3/4: `clusterfs mount` processes on one
+loop device, syscalls from other processes).
+
+Of three mounted nodes, two are cut off: SIGSTOPped here (the netns cut is in
+test_cluster_netcut.py). The lone node has no quorum: a write on it waits, it neither
+fails nor reaches the disk (the device's bytes do not change); once the two wake up
+the three go on together and the write lands.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import mountutil
+import pytest
+from clusterutil import cluster
+from mountutil import run_cli
+
+from clusterfs.format.block import BLOCK_SIZE
+from clusterfs.format.diskbeat import AREA
+
+pytestmark = pytest.mark.skipif(mountutil.missing_prerequisites() is not None,
+                                reason=str(mountutil.missing_prerequisites()))
+
+WRITER = ("import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY|os.O_CREAT|os.O_TRUNC, 0o644);"
+          "os.write(fd, bytes.fromhex(sys.argv[2])); os.fsync(fd); os.close(fd)")
+CHUNK = 1 << 20
+# the disk heartbeats (format/diskbeat.py): every running node rewrites its block there
+# every interval, quorate or not; they are not filesystem data
+BEATS = (range(AREA.start * BLOCK_SIZE, AREA.stop * BLOCK_SIZE),)
+
+
+def start_writer(path: str, data: bytes) -> subprocess.Popen:
+    """A process that creates, writes and fsyncs `path` (it may wait a long time)."""
+    return subprocess.Popen([sys.executable, "-c", WRITER, path, data.hex()],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def device_digest(device: str, skip: tuple[range, ...] = ()) -> str:
+    """sha256 of the device as it is on the disk (O_DIRECT: no page cache), leaving out
+    the byte ranges in `skip` (blocks a node rewrites on its own, if any)."""
+    h = hashlib.sha256()
+    fd = os.open(device, os.O_RDONLY | os.O_DIRECT)
+    buf = mmap.mmap(-1, CHUNK)
+    try:
+        offset = 0
+        while n := os.preadv(fd, [buf], offset):
+            chunk = bytearray(buf[:n])
+            for r in skip:
+                lo, hi = max(r.start, offset), min(r.stop, offset + n)
+                if lo < hi:
+                    chunk[lo - offset:hi - offset] = bytes(hi - lo)
+            h.update(chunk)
+            offset += n
+    finally:
+        buf.close()
+        os.close(fd)
+    return h.hexdigest()
+
+
+def status(c, node: int) -> str:
+    r = run_cli("status", "--control", c.control(node))
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def wait_status(c, node: int, text: str, within: float = 30) -> str:
+    deadline = time.monotonic() + within
+    while text not in (st := status(c, node)):
+        assert time.monotonic() < deadline, f"node {node}: no {text!r} in:\n{st}"
+        time.sleep(0.2)
+    return st
+
+
+def test_a_lone_node_without_quorum_writes_nothing_until_the_others_wake(tmp_path):
+    with cluster(tmp_path, nodes=3) as c:
+        blob = os.urandom(50_000)
+        w = start_writer(c.path(1, "before"), b"quorate")
+        assert w.wait(30) == 0
+        stopped = [c.mounts[n].proc.pid for n in (2, 3)]
+        for pid in stopped:
+            os.kill(pid, signal.SIGSTOP)
+        try:
+            wait_status(c, 1, "quorum      NO")
+            time.sleep(1)                        # let anything already under way land
+            before = device_digest(c.device, BEATS)
+            writer = start_writer(c.path(1, "during"), blob)
+            time.sleep(8)                        # > 2 failure timeouts
+            assert writer.poll() is None, writer.communicate()[0]   # waits, did not fail
+            assert device_digest(c.device, BEATS) == before, "the lone node wrote to the disk"
+        finally:
+            for pid in stopped:
+                os.kill(pid, signal.SIGCONT)
+        assert writer.wait(60) == 0, writer.communicate()[0]
+        for n in (2, 3):
+            with open(c.path(n, "during"), "rb") as f:
+                assert f.read() == blob
+            with open(c.path(n, "before"), "rb") as f:
+                assert f.read() == b"quorate"
+        for n in (1, 2, 3):                      # nobody was expelled: all go on
+            st = wait_status(c, n, "members     1 2 3\n")
+            assert "quorum      yes" in st
+            assert c.mounts[n].alive()

@@ -1,0 +1,168 @@
+"""Fencing wired into `clusterfs mount` (issue 8, item 4), with real mounts.
+
+Three `clusterfs mount` processes share one device and fence through the agent the
+config names (no --fence-pid-dir: nothing kills anyone). A writer on node 3 has a
+file open; node 3 is SIGSTOPped; the survivors remove it, fence it (SCSI-3 PREEMPT
+on a tgtd LUN, or a poison pill on a loop device), replay its journal and serve.
+Then the writer writes a fresh pattern and fsyncs, and node 3 is let go: the
+target (scsi-pr) or node 3 itself (poison pill) refuses those writes, node 3
+withdraws and the writer gets EIO, and the pattern is nowhere on the disk.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import iscsiutil
+import mountutil
+import pytest
+from clusterutil import CLUSTER_NAME, Cluster, write_config
+from mountutil import run_cli
+
+MIB = 1 << 20
+BEFORE = b"fsynced-before-the-stop:" * 1000
+STALE = b"STALE-WRITE-AFTER-FENCE!" * 1000
+
+WRITER = r"""
+import os, sys
+path = sys.argv[1]
+fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+os.write(fd, bytes.fromhex(sys.argv[2])); os.fsync(fd)
+print("ready", flush=True)
+sys.stdin.readline()
+try:
+    os.write(fd, bytes.fromhex(sys.argv[3])); os.fsync(fd)
+    print("ok", flush=True)
+except OSError as exc:
+    print("error", exc.errno, flush=True)
+"""
+
+
+class FencedCluster(Cluster):
+    """A Cluster whose nodes fence through the config's [fencing] agent."""
+
+    def args(self, node: int) -> list[str]:
+        return ["--config", str(self.config), "--node-id", str(node), "--state-dir",
+                str(self.dir), "--control", self.control(node)]
+
+
+def _config(directory: Path, fencing: str) -> Path:
+    config = write_config(directory, 3)
+    config.write_text(config.read_text() + "\n[fencing]\n" + fencing)
+    return config
+
+
+def _wait(what: str, check, timeout: float = 60.0, logs=lambda: "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout}s: {what}\n{logs()}")
+        time.sleep(0.1)
+
+
+def _start_writer(c: Cluster) -> subprocess.Popen:
+    w = subprocess.Popen([sys.executable, "-c", WRITER, c.path(3, "victim"), BEFORE.hex(),
+                          STALE.hex()], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    assert w.stdout.readline().strip() == "ready", c.logs()
+    return w
+
+
+def _stop_fence_resume(c: Cluster, fenced, backing: Path) -> None:
+    """The scenario (module doc); `fenced()` tells when node 3 is fenced."""
+    writer = _start_writer(c)
+    victim = c.mounts[3]
+    try:
+        os.kill(victim.pid, signal.SIGSTOP)
+        _wait("node 3 fenced", fenced, logs=c.logs)
+        with open(c.path(1, "victim"), "rb") as f:     # replayed by the survivors
+            assert f.read() == BEFORE
+        with open(c.path(2, "after"), "wb") as f:     # and they serve
+            f.write(b"survivors")
+            os.fsync(f.fileno())
+        with open(c.path(1, "after"), "rb") as f:
+            assert f.read() == b"survivors"
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+        time.sleep(0.3)                               # the write waits in the kernel
+        os.kill(victim.pid, signal.SIGCONT)
+        out, _ = writer.communicate(timeout=60)
+    finally:
+        os.kill(victim.pid, signal.SIGCONT)
+        if writer.poll() is None:
+            writer.kill()
+    assert out.split()[:2] == ["error", "5"], f"{out!r}\n{c.logs()}"   # EIO
+    log = victim.log_text()
+    assert "refusing every write and withdrawing" in log, log[-3000:]
+    assert STALE[:48] not in backing.read_bytes()     # nothing stale reached the disk
+
+
+def _finish(c: Cluster) -> None:
+    c.mounts.pop(3).clean_after_crash()
+    c.unmount(1)
+    c.unmount(2)
+
+
+@pytest.fixture
+def prereq_iscsi():
+    mountutil.require(iscsiutil.missing_prerequisites())
+
+
+def test_scsi_pr_mount_registers_and_a_stopped_node_is_preempted(tmp_path, prereq_iscsi):
+    from clusterfs.fence.scsi_pr import pr_key
+    from clusterfs.storage.iscsi import IscsiDevice
+
+    with iscsiutil.target([256 * MIB]) as t:
+        url = t.url()
+        r = run_cli("mkfs", "-q", "-j", "3", "--cluster", CLUSTER_NAME, url)
+        assert r.returncode == 0, r.stderr
+        config = _config(tmp_path, f'agent = "scsi-pr"\ndevices = ["{url}"]\n')
+        c = FencedCluster(tmp_path, url, config, 3)
+        observer = IscsiDevice(url, timeout=10, initiator="iqn.2025-01.io.clusterfs.test:obs")
+        keys = {n: pr_key(CLUSTER_NAME, n) for n in (1, 2, 3)}
+        try:
+            c.start(1, 2, 3)
+            # every node registered its mount's session and its agent's: 2 each
+            assert sorted(observer.pr_read_keys()) == sorted([*keys.values()] * 2)
+            _stop_fence_resume(c, lambda: keys[3] not in observer.pr_read_keys(),
+                               t.backing[1])
+            assert "reservation conflict: this node was fenced" in c.mounts[3].log_text()
+            assert "node 3 fenced: key" in c.logs()
+            _finish(c)
+        except BaseException:
+            for m in c.mounts.values():
+                m.force_unmount()
+            raise
+        finally:
+            observer.close()
+        r = mountutil.fsck(url)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_poison_pill_mount_claims_a_slot_and_a_stopped_node_stops_itself(tmp_path):
+    mountutil.require_mounts()
+    with mountutil.loop_device(256 * MIB, tmp_path) as dev:
+        r = run_cli("mkfs", "-q", "-j", "3", "--cluster", CLUSTER_NAME, dev)
+        assert r.returncode == 0, r.stderr
+        config = _config(tmp_path, 'agent = "poison-pill"\ninterval = 0.5\ntimeout = 1.0\n'
+                                   'msgwait = 2.0\n')
+        c = FencedCluster(tmp_path, dev, config, 3)
+        try:
+            c.start(1, 2, 3)
+            for n in (1, 2, 3):
+                assert "pill watcher every 0.5 s" in c.mounts[n].log_text()
+            _stop_fence_resume(c, lambda: "node 3 fenced: its watcher" in c.logs(),
+                               tmp_path / "disk.img")
+            assert "poison pill from node" in c.mounts[3].log_text()
+            _finish(c)
+        except BaseException:
+            for m in c.mounts.values():
+                m.force_unmount()
+            raise
+        r = mountutil.fsck(dev)
+        assert r.returncode == 0, r.stdout + r.stderr

@@ -1,0 +1,275 @@
+"""Proxy I/O with real mounts (issue 8, items 2 and 3).
+
+Nodes 1 and 2 reach the loop device directly and serve it (the storage group);
+node 3 has no path of its own (the config leaves it out of the group) and mounts
+through them. Every node is its own `clusterfs mount` process; tests drive the
+mounts from separate processes (this one and small writers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mountutil
+import pytest
+from clusterutil import CLUSTER_NAME, Cluster, free_ports, write_config
+from mountutil import run_cli
+
+MIB = 1 << 20
+IO_TIMEOUT = 0.5
+
+
+@pytest.fixture(autouse=True)
+def _prereq():
+    mountutil.require_mounts()
+
+
+def _config(directory: Path) -> Path:
+    config = write_config(directory, 3)
+    p1, p2 = free_ports(2)
+    config.write_text(config.read_text() + f"""
+[storage]
+group = [1, 2]
+io_timeout = {IO_TIMEOUT}
+
+[storage.servers]
+1 = "127.0.0.1:{p1}"
+2 = "127.0.0.1:{p2}"
+""")
+    return config
+
+
+class ProxyCluster:
+    """Nodes 1 and 2 serve, node 3 proxies; all unmounted (fsck clean) at the end."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def __enter__(self) -> Cluster:
+        self._loop = mountutil.loop_device(512 * MIB, self.directory)
+        dev = self._loop.__enter__()
+        r = run_cli("mkfs", "-q", "-j", "3", "--cluster", CLUSTER_NAME, dev)
+        assert r.returncode == 0, r.stderr
+        self.c = Cluster(self.directory, dev, _config(self.directory), 3)
+        try:
+            self.c.start(1, 2)
+            self.c.start(3)
+        except BaseException:
+            self._abort()
+            raise
+        return self.c
+
+    def _abort(self) -> None:
+        for _n, m in sorted(self.c.mounts.items(), reverse=True):   # the proxy first
+            os.kill(m.pid, signal.SIGCONT) if m.alive() else None
+            m.force_unmount()
+        self._loop.__exit__(None, None, None)
+
+    def __exit__(self, kind, exc, tb) -> None:
+        if kind is not None:
+            self._abort()
+            return
+        try:
+            self.c.unmount(3)
+            self.c.unmount_all()
+        except BaseException:
+            self._abort()
+            raise
+        r = mountutil.fsck(self.c.device)
+        self._loop.__exit__(None, None, None)
+        assert r.returncode == 0, f"fsck after the proxy test:\n{r.stdout}{r.stderr}"
+
+
+def _status(c: Cluster, node: int) -> dict:
+    r = run_cli("status", "--control", c.control(node), "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _blob(seed: str, n: int) -> bytes:
+    out = bytearray()
+    i = 0
+    while len(out) < n:
+        out += hashlib.blake2b(f"{seed}/{i}".encode(), digest_size=64).digest()
+        i += 1
+    return bytes(out[:n])
+
+
+def test_two_servers_and_a_proxy_stay_coherent(tmp_path):
+    with ProxyCluster(tmp_path) as c:
+        st = _status(c, 3)
+        assert st["device"]["requests"] > 0 and set(st["device"]["per_server"]) == {"1", "2"}
+        assert _status(c, 1)["block_server"]["reads"] > 0
+        big = _blob("from3", 3 * MIB + 123)
+        with open(c.path(3, "from3"), "wb") as f:          # written through the proxy
+            f.write(big)
+            os.fsync(f.fileno())
+        for n in (1, 2):
+            with open(c.path(n, "from3"), "rb") as f:
+                assert f.read() == big, n
+        with open(c.path(1, "from1"), "wb") as f:          # read through the proxy
+            f.write(b"one" * 5000)
+        with open(c.path(3, "from1"), "rb") as f:
+            assert f.read() == b"one" * 5000
+        os.mkdir(c.path(2, "d"))
+        os.rename(c.path(3, "from1"), c.path(3, "d", "moved"))
+        assert os.listdir(c.path(1, "d")) == ["moved"]
+        assert os.stat(c.path(2, "d", "moved")).st_size == 15000
+        os.unlink(c.path(2, "from3"))
+        assert "from3" not in os.listdir(c.path(3))
+
+
+WRITER = r"""
+import hashlib, os, sys, time
+path, chunks, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+def blob(seed, n):
+    out = bytearray(); i = 0
+    while len(out) < n:
+        out += hashlib.blake2b(f"{seed}/{i}".encode(), digest_size=64).digest(); i += 1
+    return bytes(out[:n])
+fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+for r in range(rounds):
+    for k in range(chunks):
+        os.pwrite(fd, blob(f"{r}-{k}", 1 << 20), k << 20)
+        os.fsync(fd)
+        print(r, k, time.time(), flush=True)
+    if r == 0:
+        sys.stdin.readline()              # the test stops a server here
+print("done", flush=True)
+"""
+
+
+def _expected(chunks: int, rounds: int) -> bytes:
+    return b"".join(_blob(f"{rounds - 1}-{k}", MIB) for k in range(chunks))
+
+
+def _busiest_server(before: dict, after: dict) -> int:
+    delta = {int(s): after[s] - before.get(s, 0) for s in after}
+    return max(delta, key=delta.get)
+
+
+def _write_and_stop(c: Cluster, chunks: int, rounds: int, stop_for: float | None):
+    """A writer on node 3 rewrites `chunks` MiB `rounds` times with an fsync after
+    every MiB; after its first round the server node 3 used most is SIGSTOPped
+    (and let go after `stop_for` s, or left stopped). (server, stop time, writer
+    output lines)."""
+    w = subprocess.Popen([sys.executable, "-c", WRITER, c.path(3, "w"), str(chunks),
+                          str(rounds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                         text=True)
+    lines = []
+    try:
+        before = _status(c, 3)["device"]["written"]
+        lines += [w.stdout.readline() for _ in range(chunks)]
+        after = _status(c, 3)["device"]["written"]
+        server = _busiest_server(before, after)
+        print(f"\nwritten through each server before/after round 0: {before} {after}")
+        victim = c.mounts[server]
+        stopped_at = time.time()
+        os.kill(victim.pid, signal.SIGSTOP)
+        w.stdin.write("go\n")
+        w.stdin.flush()
+        if stop_for is not None:
+            time.sleep(stop_for)
+            os.kill(victim.pid, signal.SIGCONT)
+        out, _ = w.communicate(timeout=180)
+    finally:
+        if w.poll() is None:
+            w.kill()
+    lines += out.splitlines()
+    assert w.returncode == 0 and lines[-1].strip() == "done", (lines[-3:], c.logs())
+    return server, stopped_at, lines
+
+
+def test_sigstop_of_the_proxys_server_retargets_without_an_error(tmp_path):
+    """The server stays stopped: node 3 re-targets within io_timeout, the survivors
+    remove the stopped node, fence it (the dev cluster's process agent kills it)
+    and recover; no error reaches the writer and every byte verifies."""
+    chunks, rounds = 4, 6
+    with ProxyCluster(tmp_path) as c:
+        server, stopped_at, _lines = _write_and_stop(c, chunks, rounds, None)
+        other = 3 - server
+        dev = _status(c, 3)["device"]
+        assert dev["retargets"] >= 1 and dev["timeouts"] >= 1, dev
+        first = min(t for t in dev["retarget_times"] if t >= stopped_at)
+        print(f"\nSIGSTOP of server {server} -> first re-targeted I/O: "
+              f"{first - stopped_at:.3f} s (io_timeout {IO_TIMEOUT} s)")
+        assert first - stopped_at < 10 * IO_TIMEOUT
+        expect = _expected(chunks, rounds)
+        for n in (3, other):
+            with open(c.path(n, "w"), "rb") as f:
+                assert f.read() == expect, n
+        victim = c.mounts[server]
+        deadline = time.monotonic() + 60
+        while victim.alive() and time.monotonic() < deadline:   # fenced: killed
+            time.sleep(0.2)
+        assert not victim.alive(), c.logs()
+        c.mounts.pop(server).clean_after_crash()
+        with open(c.path(3, "after"), "wb") as f:        # one server left: still serving
+            f.write(b"x" * 100000)
+            os.fsync(f.fileno())
+        with open(c.path(other, "after"), "rb") as f:
+            assert f.read() == b"x" * 100000
+
+
+REWRITER = r"""
+import hashlib, os, sys
+path, stop = sys.argv[1], sys.argv[2]
+def blob(seed, n):
+    out = bytearray(); i = 0
+    while len(out) < n:
+        out += hashlib.blake2b(f"{seed}/{i}".encode(), digest_size=64).digest(); i += 1
+    return bytes(out[:n])
+fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+r = 0
+while not os.path.exists(stop):
+    os.pwrite(fd, blob(f"round-{r}", 1 << 20), 0)
+    os.fsync(fd)
+    print(r, flush=True)
+    r += 1
+print("last", r - 1, flush=True)
+"""
+
+
+def test_a_briefly_stopped_server_writes_nothing_stale(tmp_path):
+    """The server is let go before the cluster notices (shorter than failure_timeout).
+    A writer on node 3 rewrites one MiB again and again; while the server is
+    stopped, node 3 re-targets and rewrites it several times more, then the writer
+    stops, and only then is the server let go: the older copy that waited in its
+    socket must not land over the newer ones."""
+    stop = tmp_path / "stop-writing"
+    with ProxyCluster(tmp_path) as c:
+        w = subprocess.Popen([sys.executable, "-c", REWRITER, c.path(3, "w"), str(stop)],
+                             stdout=subprocess.PIPE, text=True)
+        try:
+            before = _status(c, 3)["device"]["written"]
+            for _ in range(3):
+                w.stdout.readline()
+            server = _busiest_server(before, _status(c, 3)["device"]["written"])
+            victim = c.mounts[server]
+            os.kill(victim.pid, signal.SIGSTOP)
+            try:
+                time.sleep(1.5)                       # re-target, and rewrite meanwhile
+                stop.touch()
+                out, _ = w.communicate(timeout=60)
+            finally:
+                os.kill(victim.pid, signal.SIGCONT)
+        finally:
+            if w.poll() is None:
+                w.kill()
+        last = out.splitlines()[-1].split()
+        assert last[0] == "last" and w.returncode == 0, (out, c.logs())
+        time.sleep(1.0)                               # the late copy would land now
+        st = _status(c, server)["block_server"]
+        assert st["stalls"] >= 1, st
+        assert _status(c, 3)["device"]["retargets"] >= 1
+        expect = _blob(f"round-{last[1]}", MIB)
+        for n in (1, 2, 3):
+            with open(c.path(n, "w"), "rb") as f:
+                assert f.read() == expect, (n, st)
