@@ -14,7 +14,7 @@ import contextlib
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import mountutil
@@ -110,11 +110,10 @@ class Cluster:
 
 @contextlib.contextmanager
 def cluster(directory: Path, nodes: int = 3, size: int = 512 << 20, journals: int | None = None,
-            start: bool = True, options: str = "", mkfs_args: tuple[str, ...] = (),
-            check: Callable[[str], None] | None = None) -> Iterator[Cluster]:
+            start: bool = True, options: str = "", mkfs_args: tuple[str, ...] = ()
+            ) -> Iterator[Cluster]:
     """A formatted cluster device with `nodes` configured nodes (all started unless
-    start=False); every node unmounted cleanly at the end, then fsck clean required
-    (or `check(device)` instead, which asserts what it must)."""
+    start=False); every node unmounted cleanly at the end, fsck clean required."""
     with mountutil.loop_device(size, directory) as dev:
         r = run_cli("mkfs", "-q", "-j", str(journals or nodes), "--cluster", CLUSTER_NAME,
                     *mkfs_args, dev)
@@ -129,8 +128,5 @@ def cluster(directory: Path, nodes: int = 3, size: int = 512 << 20, journals: in
             for m in c.mounts.values():
                 m.force_unmount()
             raise
-        if check is not None:
-            check(dev)
-            return
         r = mountutil.fsck(dev)
         assert r.returncode == 0, f"fsck after the cluster test:\n{r.stdout}{r.stderr}"

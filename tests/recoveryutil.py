@@ -8,6 +8,7 @@ workload with it: `kill()` signals that group only, by the pid we started.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import json
@@ -232,46 +233,6 @@ def since(c: Cluster, node: int, offset: int) -> str:
 # the device, read from outside while no node runs
 
 
-# ----------------------------------------------------------------------------
-# fsck after node deaths
-
-# A node that dies between committing an unlink (or the last close of an unlinked file)
-# and committing the free leaves the inode allocated with no name: survivors do not
-# free a dead node's unlinked inodes yet (issue 7 item 3). Until they do, the checks
-# below accept exactly those orphans, repair them, and require a clean fsck after.
-# Set False once item 3 is built: then any orphan fails the test.
-DEAD_NODES_LEAVE_ORPHANS = True
-
-_ORPHAN = re.compile(r"rgrp \d+: block (\d+) marked used but unreachable \(leaked\); "
-                     r"orphan inode (\d+), unlinked while open")
-_FSCK_CHATTER = re.compile(r"pass \d+/\d+: |.*: \d+ problems, |.*: \d+ of them can be fixed")
-
-
-def fsck_problems(text: str) -> list[str]:
-    return [line for line in text.splitlines()
-            if line.strip() and not _FSCK_CHATTER.match(line)]
-
-
-def fsck_after_deaths(device: str) -> None:
-    """fsck once every node unmounted cleanly: clean, or (DEAD_NODES_LEAVE_ORPHANS)
-    nothing but orphan inodes, which --repair fixes, after which it is clean."""
-    import mountutil
-
-    r = mountutil.fsck(device)
-    if r.returncode == 0:
-        return
-    text = r.stdout + r.stderr
-    problems = fsck_problems(text)
-    orphans = [p for p in problems if _ORPHAN.fullmatch(p)]
-    assert DEAD_NODES_LEAVE_ORPHANS and orphans == problems, f"fsck after the test:\n{text}"
-    print(f"fsck: {len(orphans)} orphan inode(s) left by dead nodes (issue 7 item 3): "
-          f"{', '.join(_ORPHAN.fullmatch(p).group(2) for p in orphans)}")
-    fixed = mountutil.fsck(device, repair=True)
-    assert fixed.returncode in (0, 1), f"fsck --repair:\n{fixed.stdout}{fixed.stderr}"
-    again = mountutil.fsck(device)
-    assert again.returncode == 0, f"fsck after --repair:\n{again.stdout}{again.stderr}"
-
-
 def journal_transactions(device: str, slots: list[int]) -> dict[int, int]:
     """slot -> committed transactions a replay would find there now. While a node runs
     this is a snapshot: stop it first (`frozen`) for an answer that stays true."""
@@ -307,16 +268,25 @@ def _all_stopped(pid: int) -> bool:
     return True
 
 
+FREEZE_WAIT = 1.0        # seconds a freeze waits for every thread to stop
+
+
 @contextlib.contextmanager
-def frozen(pids: list[int]) -> Iterator[None]:
+def frozen(pids: list[int]) -> Iterator[bool]:
     """SIGSTOP the processes (ours) and wait until every thread has stopped, so nothing
-    of theirs reaches the device meanwhile; SIGCONT at the end (a no-op once killed)."""
+    of theirs reaches the device meanwhile; SIGCONT at the end (a no-op once killed).
+    Yields False if some thread did not stop within FREEZE_WAIT: one blocked in the
+    kernel (e.g. a FUSE notification waiting for a directory lock that a client's call,
+    itself waiting for this frozen server, holds) stops only once the others go on."""
     try:
         for pid in pids:
             os.kill(pid, signal.SIGSTOP)
-        wait_for(f"pids {pids} to stop", lambda: all(_all_stopped(p) for p in pids),
-                 poll=0.002)
-        yield
+        deadline = time.monotonic() + FREEZE_WAIT
+        while not (stopped := all(_all_stopped(p) for p in pids)):
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.002)
+        yield stopped
     finally:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
@@ -329,11 +299,10 @@ def kill_with_dirty_journals(c: Cluster, nodes: list[int], want: int = 1,
                              poll: float = 0.05, least: int = 1) -> dict[int, int]:
     """Kill -9 the nodes at the same moment, at a moment when at least `want` of their
     journals hold committed transactions (`least` at least) and also() holds (each try
-    freezes them, reads
-    their journals from outside, and lets them go on if that is not so yet). first() runs
-    just before the kill, while they are frozen (to kill their programs: a program that
-    outlived its node would see its mount fail). Their dead mounts are detached.
-    Returns slot -> transactions that a replay must find."""
+    freezes them, reads their journals from outside, and lets them go on if that is not
+    so yet). first() runs just before the kill, while they are frozen (to kill their
+    programs: a program that outlived its node would see its mount fail). Their dead
+    mounts are detached. Returns slot -> transactions that a replay must find."""
     slots = {n: journal_slot(c, n) for n in nodes}
     pids = [c.mounts[n].pid for n in nodes]
     found: dict[int, int] = {}
@@ -343,7 +312,9 @@ def kill_with_dirty_journals(c: Cluster, nodes: list[int], want: int = 1,
     def dirty_now() -> bool:
         nonlocal found, tries
         tries += 1
-        with frozen(pids):
+        with frozen(pids) as stopped:
+            if not stopped:
+                return False            # let them go on, and look again
             found = journal_transactions(c.device, list(slots.values()))
             if sum(1 for t in found.values() if t >= least) < want or not also():
                 return False
@@ -435,19 +406,27 @@ def read_bytes(pid: int) -> int:
     return 0
 
 
-def catch_reader(pids: dict[int, int], threshold: int,
+def catch_reader(pids: dict[int, int], threshold: int, window: float = 0.05,
                  timeout: float = HANG_GUARD) -> int:
-    """The first node (of node -> pid) that reads `threshold` bytes from the device from
-    now on, SIGKILLed the moment it is seen; its node id."""
-    base = {n: read_bytes(p) for n, p in pids.items()}
+    """The first node (of node -> pid) that reads `threshold` bytes from the device
+    within `window` seconds, SIGKILLed the moment it is seen; its node id. A journal
+    replay reads at tens of MB/s; the nodes' other reads (disk heartbeats, the orphan
+    sweeper) come a few blocks at a time."""
+    seen: dict[int, collections.deque] = {n: collections.deque() for n in pids}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        now = time.monotonic()
         for n, pid in pids.items():
-            if read_bytes(pid) - base[n] >= threshold:
+            q = seen[n]
+            q.append((now, read_bytes(pid)))
+            while q[0][0] < now - window:
+                q.popleft()
+            if q[-1][1] - q[0][1] >= threshold:
                 os.kill(pid, signal.SIGKILL)
                 return n
         time.sleep(0.001)
-    raise AssertionError(f"no node of {sorted(pids)} read {threshold} bytes in {timeout} s")
+    raise AssertionError(f"no node of {sorted(pids)} read {threshold} bytes within "
+                         f"{window} s in {timeout} s")
 
 
 if __name__ == "__main__":      # python3 tests/recoveryutil.py write-batches ROOT LOG N B

@@ -14,9 +14,9 @@ What must hold afterwards:
 * every file a dead node had fsync'd is intact, read through a survivor and through
   the dead node itself once restarted; the restarted node works (a new stress run);
 * every node sees the same tree (stress digest);
-* after a clean unmount of every node, fsck is clean (recoveryutil.fsck_after_deaths:
-  but for orphan inodes a dead node left, which survivors do not free yet, issue 7
-  item 3; those must be all there is, and --repair must leave it clean).
+* after a clean unmount of every node, fsck is clean (clusterutil.cluster checks): no
+  orphan inode either (a file the dead node had open, or had just unlinked, is freed by
+  a survivor's orphan sweep after the replay).
 
 The default seeds keep every node in its private directory: with nodes racing in one
 shared directory stress fails now and then today (transient ESTALE, and worse: the
@@ -45,7 +45,6 @@ from recoveryutil import (
     assert_same_tree,
     catch_reader,
     check_batches,
-    fsck_after_deaths,
     kill_all,
     kill_with_dirty_journals,
     log_size,
@@ -145,7 +144,7 @@ def replays_of(c: Cluster, slot: int, offsets: dict[int, int]) -> list[tuple[int
 
 
 def node_death_under_stress(tmp_path, seed: int, shared: str = "none") -> None:
-    with cluster(tmp_path, nodes=3, size=DEVICE, check=fsck_after_deaths) as c:
+    with cluster(tmp_path, nodes=3, size=DEVICE) as c:
         victim = 1 + seed % 3
         survivors = [n for n in c.node_ids if n != victim]
         runs = start_stress(c, tmp_path, seed, {victim}, shared)
@@ -207,7 +206,7 @@ def test_two_of_five_killed_at_once(tmp_path):
     """Two nodes die in the same instant, both with committed transactions in their
     journals: both journals are replayed exactly once, nothing they fsync'd is lost,
     and both come back."""
-    with cluster(tmp_path, nodes=5, size=DEVICE, check=fsck_after_deaths) as c:
+    with cluster(tmp_path, nodes=5, size=DEVICE) as c:
         victims, survivors = [2, 4], [1, 3, 5]
         runs = {n: StressRun(n, c.mountpoint(n), 700 + 10 * n, tmp_path, procs=1,
                              shared=None).start() for n in c.node_ids}
@@ -249,8 +248,7 @@ def test_node_killed_while_replaying_a_dead_nodes_journal(tmp_path):
     The other three replay both journals, node 1's in full (an interrupted replay
     leaves the journal's tail where it was; replay is idempotent), and nothing fsync'd
     is lost."""
-    with cluster(tmp_path, nodes=5, size=2 << 30, mkfs_args=("-J", str(BIG_JOURNAL_MIB)),
-                 check=fsck_after_deaths) as c:
+    with cluster(tmp_path, nodes=5, size=2 << 30, mkfs_args=("-J", str(BIG_JOURNAL_MIB))) as c:
         log = tmp_path / "batches.log"
         writer = subprocess.Popen(
             [sys.executable, str(Path(__file__).parent / "recoveryutil.py"), "write-batches",
@@ -297,7 +295,7 @@ def test_whole_cluster_killed_then_two_mount_at_once(tmp_path):
     one of them is the first mounter, every dirty journal is replayed exactly once (by
     it, under the journal locks), the third node replays nothing when it comes back,
     nothing fsync'd is lost and fsck is clean."""
-    with cluster(tmp_path, nodes=3, size=DEVICE, check=fsck_after_deaths) as c:
+    with cluster(tmp_path, nodes=3, size=DEVICE) as c:
         runs = {n: StressRun(n, c.mountpoint(n), 900 + 10 * n, tmp_path, shared=None
                              ).start() for n in c.node_ids}
         try:
@@ -336,8 +334,7 @@ def test_long_replay_keeps_the_survivors_together(tmp_path):
     """Node 1 of three dies with ~42 000 blocks in its journal (4.4 s of replay here).
     The survivor that replays must stay a member throughout, both survivors must finish
     their journal recovery, and node 1 must be able to mount again."""
-    with cluster(tmp_path, nodes=3, size=4 << 30, mkfs_args=("-J", "512"),
-                 check=fsck_after_deaths) as c:
+    with cluster(tmp_path, nodes=3, size=4 << 30, mkfs_args=("-J", "512")) as c:
         log = tmp_path / "batches.log"
         r = subprocess.run([sys.executable, str(Path(__file__).parent / "recoveryutil.py"),
                             "write-batches", c.path(1, "n1"), str(log), str(LONG_FILES),
