@@ -1,7 +1,7 @@
 """Nodes die under load and the rest go on (tier 4; issue 7 items 6, 2 and 7).
 
 Three (or five) `clusterfs mount --config` processes on one loop device; `tools/stress`
-runs on every node at once, each node in its own private directory; nodes are killed
+runs on every node at once (below, which directories); nodes are killed
 with SIGKILL in the middle, at a moment their journals hold committed transactions
 (recoveryutil.kill_with_dirty_journals freezes them, reads their journals from outside
 and kills only then), so every replay is checked against a known transaction count.
@@ -18,11 +18,11 @@ What must hold afterwards:
   orphan inode either (a file the dead node had open, or had just unlinked, is freed by
   a survivor's orphan sweep after the replay).
 
-The default seeds keep every node in its private directory: with nodes racing in one
-shared directory stress fails now and then today (transient ESTALE, and worse: the
-README's known shared-directory bugs), with or without a death. The soak
-(`-m slow`, test_soak_node_killed_under_stress) runs many seeds in three variants:
-private only, the survivors also in one shared directory, every node in it.
+Each node works in its own private directory and, in two of the three default seeds,
+also in one shared directory where the nodes race on the same names (every node, the
+victim included; or the survivors only). The soak (`-m slow`,
+test_soak_node_killed_under_stress) runs many seeds in the three variants: private
+only, the survivors also in the shared directory, every node in it.
 
 Nothing here waits a fixed time: each step waits for an event (a number of fsync
 records, a log line, a process's end) under a hang guard of recoveryutil.HANG_GUARD.
@@ -60,7 +60,8 @@ from recoveryutil import (
 pytestmark = pytest.mark.skipif(mountutil.missing_prerequisites() is not None,
                                 reason=str(mountutil.missing_prerequisites()))
 
-SEEDS = [101, 202, 303]
+# (seed, who also races in the shared directory); the victim is node 1 + seed % 3
+SEEDS = [(101, "all"), (202, "survivors"), (303, "none")]
 SOAK_SEEDS = int(os.environ.get("CLUSTERFS_SOAK_SEEDS", "20"))
 SOAK_FROM = int(os.environ.get("CLUSTERFS_SOAK_FROM", "5000"))     # the first soak seed
 MIN_FSYNCS = 8          # fsync records each stress run has logged before a death
@@ -183,18 +184,17 @@ def one_death(c: Cluster, tmp_path, seed: int, victim: int, survivors: list[int]
     assert_same_tree(c, c.node_ids)
 
 
-@pytest.mark.parametrize("seed", SEEDS)
-def test_node_killed_under_stress(tmp_path, seed):
-    node_death_under_stress(tmp_path, seed)
+@pytest.mark.parametrize(("seed", "shared"), SEEDS)
+def test_node_killed_under_stress(tmp_path, seed, shared):
+    node_death_under_stress(tmp_path, seed, shared)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("shared", ["none", "survivors", "all"])
 @pytest.mark.parametrize("seed", range(SOAK_FROM, SOAK_FROM + SOAK_SEEDS))
 def test_soak_node_killed_under_stress(tmp_path, seed, shared):
-    """Many seeds; with the survivors, or every node, also racing in one shared
-    directory (which fails now and then today: the README's known shared-directory
-    bugs)."""
+    """Many seeds; each node in its own directory, with the survivors, or every node,
+    also racing in one shared directory."""
     node_death_under_stress(tmp_path, seed, shared)
 
 
