@@ -123,12 +123,14 @@ class Load:
         self.work = work
         self.stop_file = os.path.join(work, "stop-stress")
         self.runs: dict[int, tuple[subprocess.Popen, str]] = {}
-        self.finished: list[tuple[int, int, str]] = []     # node, status, output file
+        self.started = 0
 
     def start(self, node: int, tag: str) -> None:
+        """A stress run on node, in its own new directory n<node>-<tag>."""
+        self.started += 1
         out = os.path.join(self.work, f"stress-n{node}-{tag}.out")
         argv = [*STRESS, "run", "--dir", os.path.join(self.dir, f"node{node}"),
-                "--seed", str(1000 * node + len(self.finished)), "--procs", "1",
+                "--seed", str(1000 * self.started), "--procs", "1",
                 "--private", f"n{node}-{tag}", "--shared", "", "--progress", "1000",
                 "--stop-file", self.stop_file,
                 "--log", os.path.join(self.work, f"stress-n{node}-{tag}.log")]
@@ -356,6 +358,10 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _interrupted(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")     # so that the cluster is taken down
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.kills < 1 or args.nodes < 3:
@@ -365,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     own = args.dir is None
     if own:
         args.dir = tempfile.mkdtemp(prefix="rbench-", dir="/tmp")
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupted)
     try:
         return run(args)
     except Failure as exc:
