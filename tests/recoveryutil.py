@@ -143,7 +143,7 @@ class StressRun:
 
 
 def stop_all(runs: list[StressRun]) -> None:
-    """Tell every run to stop after its current op; kill any left running (cleanup)."""
+    """Tell every run to stop after its current op (they share one stop file)."""
     for r in runs:
         r.stop_file.touch()
 
@@ -167,7 +167,7 @@ def verify(log: Path, root: str) -> tuple[int, int, int, str]:
 def verify_intact(run: StressRun, root: str) -> int:
     """Every file `run` fsync'd (last state) is there, read through `root` (the private
     tree as another, or the restarted, node sees it); the count checked."""
-    ok, _dirty, failed, text = verify(run.log, os.path.join(root))
+    ok, _dirty, failed, text = verify(run.log, root)
     assert failed == 0, f"node {run.node}'s fsync'd files, read at {root}:\n{text}"
     return ok
 
