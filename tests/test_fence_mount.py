@@ -127,8 +127,9 @@ def test_scsi_pr_mount_registers_and_a_stopped_node_is_preempted(tmp_path, prere
         keys = {n: pr_key(CLUSTER_NAME, n) for n in (1, 2, 3)}
         try:
             c.start(1, 2, 3)
-            # every node registered its mount's session and its agent's: 2 each
-            assert sorted(observer.pr_read_keys()) == sorted([*keys.values()] * 2)
+            # every node registered its mount's session, its agent's and its disk
+            # heartbeat's: 3 each
+            assert sorted(observer.pr_read_keys()) == sorted([*keys.values()] * 3)
             _stop_fence_resume(c, lambda: keys[3] not in observer.pr_read_keys(),
                                t.backing[1])
             assert "reservation conflict: this node was fenced" in c.mounts[3].log_text()

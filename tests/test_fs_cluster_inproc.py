@@ -200,3 +200,17 @@ async def test_a_number_the_kernel_holds_is_stale_once_its_block_holds_a_new_ino
             await a.fs.link(f.ino, root, b"again")
         assert caught.value.errno == errno.ESTALE
         assert (await a.fs.lookup(root, b"d")).ino == d.ino   # by name: the new one
+
+
+@trio_test
+async def test_a_create_may_reuse_a_number_the_kernel_still_holds(tmp_path) -> None:
+    """A's kernel still holds f's number when B frees f; A's next create takes the very
+    block: that is A's own new inode, not a stale number (the create must succeed)."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        f = await a.fs.mknod(root, b"f", REG, 0, 0, 0)
+        await b.fs.unlink(root, b"f")
+        await b.fs.txn.commit(checkpoint=True)     # its block leaves quarantine
+        g = await a.fs.mknod(root, b"g", REG, 0, 0, 0)
+        assert g.ino == f.ino                       # the block was reused, here
+        assert (await a.fs.getattr(g.ino)).d.generation == g.d.generation

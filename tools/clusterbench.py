@@ -520,7 +520,7 @@ class GlusterSystem(System):
             self._cli("volume", "stop", self.vol, "force")
             self._cli("volume", "delete", self.vol)
             for pid in bricks:                   # only if stop left it running
-                with contextlib.suppress(ProcessLookupError):
+                with contextlib.suppress(OSError):   # (gone since: FileNotFoundError)
                     if self.vol.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
                         os.kill(pid, signal.SIGKILL)
         if self.glusterd is not None and self.glusterd.poll() is None:

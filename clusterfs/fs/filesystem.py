@@ -243,11 +243,15 @@ class FileSystem:
             self.alloc.free_hint[index] = group.free
         return group
 
-    def _inode(self, ino: int, by_name: bool = False) -> CachedInode:
-        """The cached inode, read under the lock the caller holds. `by_name`: reached
-        through a directory entry checked under its parent's lock, so a block that is
-        not an inode is corruption; otherwise (a number the kernel hands back) in a
-        cluster another node may have freed the inode and reused its block since."""
+    def _inode(self, ino: int, by_name: bool = False, kernel: bool = True) -> CachedInode:
+        """The cached inode, read under the lock the caller holds.
+
+        by_name: reached through a directory entry checked under its parent's lock
+        (or just created), so a block that is not an inode is corruption; otherwise,
+        in a cluster, another node may have freed the inode and reused its block since
+        (ESTALE). kernel: a number the kernel handed back, which must still name the
+        generation it was given (else ESTALE); False for our own lists (unlinked,
+        orphans), which name whatever generation the block holds."""
         node = self.inodes.get(ino)
         if node is None:
             if not self.sb.rgrp_start <= ino < self.sb.total_blocks:
@@ -271,8 +275,8 @@ class FileSystem:
             except StorageError as exc:
                 raise self._corrupt(exc) from exc
             self.inodes[ino] = node
-        if not by_name and self.clustered and self.handed.get(ino, node.d.generation) \
-                != node.d.generation:
+        if kernel and not by_name and self.clustered and \
+                self.handed.get(ino, node.d.generation) != node.d.generation:
             # the kernel's number names an inode freed since (another node reused the
             # block for a new one): stale, and the VFS looks the path up again
             raise FSError(errno.ESTALE, f"inode {ino}: generation changed")
@@ -468,7 +472,7 @@ class FileSystem:
             # the new inode's own lock, so that a node still caching an earlier inode
             # of this number (freed since) is told to drop it
             async with self._hold(ex=[node.ino], write=False):
-                node = self._inode(node.ino)
+                node = self._inode(node.ino, by_name=True)   # (ours: just created)
         self.count_lookup(node.ino, node.d.generation)
         if open_it:
             await self._iopen_hold(node.ino)
@@ -623,8 +627,9 @@ class FileSystem:
 
     async def _free_if_unlinked(self, ino: int) -> None:
         """Under its lock and its groups' locks: free `ino` if it still has no link."""
-        async with self._hold(ex=[ino], frees=lambda: self._owned_blocks(self._inode(ino))):
-            node = self._inode(ino)
+        async with self._hold(ex=[ino], frees=lambda: self._owned_blocks(
+                self._inode(ino, kernel=False))):
+            node = self._inode(ino, kernel=False)
             if node.d.nlink == 0 and not node.freed:
                 self._free_inode(node)
 
@@ -884,7 +889,7 @@ class FileSystem:
             return
         try:
             async with self._hold(pr=[ino], write=False):
-                if self._inode(ino).d.nlink > 0:
+                if self._inode(ino, kernel=False).d.nlink > 0:
                     return
         except FSError as exc:
             if exc.errno in (errno.ENOENT, errno.ESTALE):
@@ -1296,7 +1301,7 @@ class FileSystem:
     async def _sweep_one(self, ino: int) -> int:
         try:
             async with self._hold(pr=[ino], write=False):
-                unlinked = self._inode(ino).d.nlink == 0
+                unlinked = self._inode(ino, kernel=False).d.nlink == 0
         except FSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ESTALE):
                 raise
