@@ -326,10 +326,6 @@ LONG_FILES, LONG_BATCH = 25000, 25     # 1 000 transactions, about 42 000 blocks
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="a survivor replays in its event loop and sends no heartbeats "
-                          "meanwhile: a replay longer than failure_timeout splits the "
-                          "survivors, and afterwards their journal recoveries never end "
-                          "(docs/recovery.md)", strict=False)
 def test_long_replay_keeps_the_survivors_together(tmp_path):
     """Node 1 of three dies with ~42 000 blocks in its journal (4.4 s of replay here).
     The survivor that replays must stay a member throughout, both survivors must finish

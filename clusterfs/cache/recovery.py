@@ -30,7 +30,7 @@ import trio
 
 from clusterfs.dlm.interface import Mode
 from clusterfs.errors import Expelled, Withdrawn, WouldBlock
-from clusterfs.journal.log import replay_journal
+from clusterfs.journal.log import replay_steps
 from clusterfs.membership.view import ViewChange
 
 log = logging.getLogger(__name__)
@@ -131,9 +131,17 @@ class JournalRecovery:
         except WouldBlock:
             return None                       # a live node's journal
         try:
-            # in the event loop, not a worker thread: the device's read-ahead state is
-            # the loop's, and every lock user here waits behind the gate anyway
-            result = replay_journal(self.dev, self.sb, slot)
+            # in the event loop, not a worker thread (the device's staging buffers and
+            # read-ahead state are the loop's; every lock user waits behind the gate),
+            # but in steps: heartbeats and the DLM must go on during a long replay
+            steps = replay_steps(self.dev, self.sb, slot)
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as done:
+                    result = done.value
+                    break
+                await trio.sleep(0)
         finally:
             with trio.CancelScope(shield=True):
                 await self.ls.unlock(lock)
