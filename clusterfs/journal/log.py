@@ -55,7 +55,11 @@ def _log_positions(start: int, count: int, log_len: int) -> list[int]:
 def scan_journal(dev: BlockDevice, sb: Superblock, slot: int
                  ) -> tuple[JournalHeader, list[tuple[int, dict[int, bytes]]], int]:
     """Read a journal: (header, [(seq, {home: copy})...] committed in order, next offset)."""
-    steps = _scan_steps(dev, sb, slot)
+    return _run_through(_scan_steps(dev, sb, slot))
+
+
+def _run_through(steps):
+    """Run a step generator (_scan_steps, replay_steps) to its end in one go; its value."""
     while True:
         try:
             next(steps)
@@ -122,12 +126,7 @@ def _read_transaction(dev: BlockDevice, jstart: int, log_len: int, seq: int, off
 
 def replay_journal(dev: BlockDevice, sb: Superblock, slot: int) -> ReplayResult:
     """Write every committed transaction home, flush, then move the tail past them."""
-    steps = replay_steps(dev, sb, slot)
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
+    return _run_through(replay_steps(dev, sb, slot))
 
 
 REPLAY_STEP_BLOCKS = 64     # blocks written home between two yields of replay_steps
