@@ -25,7 +25,8 @@ fsck (clusterfs.fsck) sits beside node: it reads through storage, journal and
 format and never through fs or fuse, so it judges the disk, not the code.
 
 Shared by all: `clusterfs.errors` (our exceptions), `clusterfs.native` (the
-cffi module: checksums, memory reserve, lock table), `clusterfs.config`.
+cffi module: checksums, memory reserve, lock table), `clusterfs.config`,
+`clusterfs.compat` (differences between supported library versions).
 """
 
 __version__ = "0.1.0"

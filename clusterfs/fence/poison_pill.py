@@ -39,7 +39,6 @@ reads never wait behind the data path's queue.
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
@@ -48,6 +47,7 @@ from typing import Protocol
 
 import trio
 
+from clusterfs.compat import run_sync_abandoning
 from clusterfs.errors import ClusterFSError, FenceError, StorageError
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.heartbeat import (
@@ -196,14 +196,9 @@ class PoisonPillAgent:
                 "msgwait": self.msgwait, "device": self.dev.path}
 
 
-# trio 0.23 renamed to_thread.run_sync's `cancellable` to `abandon_on_cancel`
-_ABANDON = ("abandon_on_cancel" if "abandon_on_cancel"
-            in inspect.signature(trio.to_thread.run_sync).parameters else "cancellable")
-
-
 async def _read_in_thread(fn: Callable[[], bytes]) -> bytes:
     """fn() in a worker thread, abandoned (left to finish on its own) if cancelled."""
-    return await trio.to_thread.run_sync(fn, **{_ABANDON: True})
+    return await run_sync_abandoning(fn)
 
 
 class PillWatcher:

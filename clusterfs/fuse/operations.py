@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import inspect
 import itertools
 import logging
 import os
@@ -34,6 +33,7 @@ from pyfuse3 import (
     XAttrNameT,
 )
 
+from clusterfs.compat import run_sync_abandoning
 from clusterfs.errors import ClusterFSError, FSError
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.directory import NAME_MAX
@@ -58,9 +58,6 @@ NEGATIVE_TIMEOUT = 1.0
 CLUSTER_ENTRY_TIMEOUT = 0.0
 # how long a lookup waits for the kernel to drop a moved directory's old dentry
 ALIAS_WAIT = 0.05
-# trio 0.23 renamed to_thread.run_sync's `cancellable` to `abandon_on_cancel`
-_ABANDON = ("abandon_on_cancel" if "abandon_on_cancel"
-            in inspect.signature(trio.to_thread.run_sync).parameters else "cancellable")
 
 
 def _edge(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -157,7 +154,7 @@ class Operations(pyfuse3.Operations):
         if old is None:
             return
         with trio.move_on_after(ALIAS_WAIT):
-            await trio.to_thread.run_sync(self._invalidate_quietly, *old, **{_ABANDON: True})
+            await run_sync_abandoning(self._invalidate_quietly, *old)
 
     def _invalidate_quietly(self, fuse_parent: int, name: bytes) -> None:
         try:

@@ -21,6 +21,7 @@ from typing import Any
 
 import trio
 
+from clusterfs.compat import run_sync_abandoning
 from clusterfs.errors import ClusterFSError
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.diskbeat import (
@@ -91,7 +92,7 @@ class DiskHeartbeat:
             # a hung device must not hang membership: the read is abandoned, own_ok()
             # turns false, and the next round tries again
             with trio.move_on_after(self.timeout):
-                await trio.to_thread.run_sync(self._round, cancellable=True)
+                await run_sync_abandoning(self._round)
             await trio.sleep(self.interval)
 
     def _round(self) -> None:
