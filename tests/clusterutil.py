@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,21 +19,9 @@ from pathlib import Path
 import mountutil
 from mountutil import MOUNT_TIMEOUT, Mount, run_cli
 
+from clusterfs.comms.localcluster import free_ports
+
 CLUSTER_NAME = "testcl"
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct TCP ports on 127.0.0.1 that were free a moment ago."""
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def write_config(directory: Path, nodes: int, name: str = CLUSTER_NAME) -> Path:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 import trio
 
+from clusterfs.comms.localcluster import free_ports
 from clusterfs.config import parse_config
 from clusterfs.errors import StorageError
 from clusterfs.membership.view import View, ViewChange
@@ -25,17 +26,6 @@ from clusterfs.wire import frame as wf
 from clusterfs.wire.types import MsgType
 
 MIB = 1 << 20
-
-
-def _ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Views:
@@ -74,7 +64,7 @@ class Served:
 
 @pytest.fixture
 def served(tmp_path) -> Iterator[Served]:
-    p = _ports(4)
+    p = free_ports(4)
     cfg = parse_config({
         "name": "t", "key": os.urandom(32).hex(),
         "node": [{"id": i, "address": f"127.0.0.1:{p[i - 1]}"} for i in (1, 2, 3)],
@@ -172,6 +162,6 @@ def test_a_forged_frame_closes_that_connection_only(served):
 
 
 def test_no_server_answering_is_an_error_not_a_hang(served, tmp_path):
-    cfg = dataclasses.replace(served.cfg, block_servers=((1, "127.0.0.1", _ports(1)[0]),))
+    cfg = dataclasses.replace(served.cfg, block_servers=((1, "127.0.0.1", free_ports(1)[0]),))
     with pytest.raises(StorageError, match="no block server left"):
         ProxyDevice(cfg, 3)

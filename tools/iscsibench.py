@@ -42,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import iscsiutil  # noqa: E402
 
+from clusterfs.comms.localcluster import free_ports  # noqa: E402
 from clusterfs.config import parse_config  # noqa: E402
 from clusterfs.storage.device import BlockDevice  # noqa: E402
 from clusterfs.storage.iscsi import IscsiDevice  # noqa: E402
@@ -161,19 +162,6 @@ class Servers:
                 os.kill(p.pid, signal.SIGCONT)
                 os.kill(p.pid, signal.SIGKILL)
             p.wait()
-
-
-def free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def open_proxy(path: Path, io_timeout: float, nodes: tuple[int, ...] = (1,)):
