@@ -117,3 +117,19 @@ def cluster(directory: Path, nodes: int = 3, size: int = 512 << 20, journals: in
             raise
         r = mountutil.fsck(dev)
         assert r.returncode == 0, f"fsck after the cluster test:\n{r.stdout}{r.stderr}"
+
+
+def node_status(c, node: int) -> str:
+    """`clusterfs status` of a node (anything with control(node): a Cluster, NetCluster)."""
+    r = run_cli("status", "--control", c.control(node))
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def wait_node_status(c, node: int, text: str, within: float = 40) -> str:
+    """The node's status once it shows `text`; fails after `within` seconds."""
+    deadline = time.monotonic() + within
+    while text not in (st := node_status(c, node)):
+        assert time.monotonic() < deadline, f"node {node}: no {text!r} in:\n{st}"
+        time.sleep(0.2)
+    return st

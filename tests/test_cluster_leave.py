@@ -15,8 +15,7 @@ import time
 
 import mountutil
 import pytest
-from clusterutil import cluster
-from mountutil import run_cli
+from clusterutil import cluster, node_status
 
 pytestmark = pytest.mark.skipif(mountutil.missing_prerequisites() is not None,
                                 reason=str(mountutil.missing_prerequisites()))
@@ -32,12 +31,6 @@ def write_and_fsync(path: str, data: bytes, timeout: float) -> None:
                    timeout=timeout)
 
 
-def status(c, node: int) -> str:
-    r = run_cli("status", "--control", c.control(node))
-    assert r.returncode == 0, r.stderr
-    return r.stdout
-
-
 def node_log(c, node: int) -> str:
     with open(c.dir / f"node{node}.clusterfs.log", errors="replace") as f:
         return f.read()
@@ -51,13 +44,13 @@ def test_two_clean_unmounts_leave_the_last_node_quorate_without_fencing_or_repla
             c.unmount(n)
             # a leave takes a view change, not a failure timeout plus recovery
             assert time.monotonic() - t0 < FAILURE_TIMEOUT + 5, f"unmount of {n} slow"
-        assert "members     3\n" in status(c, 3)
-        assert "quorum      yes" in status(c, 3)
+        assert "members     3\n" in node_status(c, 3)
+        assert "quorum      yes" in node_status(c, 3)
         # the last node writes and fsyncs (without the leave it has no quorum: it waits)
         write_and_fsync(c.path(3, "after"), b"from node 3 alone", 20)
         with open(c.path(3, "before"), "rb") as f:
             assert f.read() == b"from node 1"
-        st = status(c, 3)
+        st = node_status(c, 3)
         assert "recovery    gen" not in st          # no journal recovery ran
         log3 = node_log(c, 3)
         assert "fencing node" not in log3 and "counted fenced" not in log3
@@ -72,7 +65,7 @@ def test_two_clean_unmounts_leave_the_last_node_quorate_without_fencing_or_repla
         write_and_fsync(c.path(1, "again"), b"rejoined", 30)
         with open(c.path(3, "again"), "rb") as f:
             assert f.read() == b"rejoined"
-        assert "members     1 2 3\n" in status(c, 2)
+        assert "members     1 2 3\n" in node_status(c, 2)
 
 
 def test_a_node_that_cannot_leave_cleanly_is_fenced_and_recovered(tmp_path):
@@ -82,7 +75,7 @@ def test_a_node_that_cannot_leave_cleanly_is_fenced_and_recovered(tmp_path):
         write_and_fsync(c.path(2, "f"), b"x", 30)
         c.kill9(2)
         deadline = time.monotonic() + 30
-        while "recovery    gen" not in (st := status(c, 1)):
+        while "recovery    gen" not in (st := node_status(c, 1)):
             assert time.monotonic() < deadline, st
             time.sleep(0.2)
         assert "departed [2]" in st

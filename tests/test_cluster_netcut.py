@@ -26,6 +26,7 @@ from pathlib import Path
 import mountutil
 import netns
 import pytest
+from clusterutil import node_status, wait_node_status
 from mountutil import CLUSTERFS, MOUNT_TIMEOUT, Mount, run_cli
 from test_cluster_quorum import BEATS, device_digest, start_writer
 
@@ -102,16 +103,10 @@ class NetCluster:
         return m
 
     def status(self, n: int) -> str:
-        r = run_cli("status", "--control", self.control(n))
-        assert r.returncode == 0, r.stderr
-        return r.stdout
+        return node_status(self, n)
 
     def wait_status(self, n: int, text: str, within: float = 40) -> str:
-        deadline = time.monotonic() + within
-        while text not in (st := self.status(n)):
-            assert time.monotonic() < deadline, f"node {n}: no {text!r}:\n{st}"
-            time.sleep(0.2)
-        return st
+        return wait_node_status(self, n, text, within)
 
     def log(self, n: int) -> str:
         with open(self.dir / f"node{n}.log", errors="replace") as f:

@@ -19,8 +19,7 @@ import time
 
 import mountutil
 import pytest
-from clusterutil import cluster
-from mountutil import run_cli
+from clusterutil import cluster, wait_node_status
 
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.diskbeat import AREA
@@ -64,20 +63,6 @@ def device_digest(device: str, skip: tuple[range, ...] = ()) -> str:
     return h.hexdigest()
 
 
-def status(c, node: int) -> str:
-    r = run_cli("status", "--control", c.control(node))
-    assert r.returncode == 0, r.stderr
-    return r.stdout
-
-
-def wait_status(c, node: int, text: str, within: float = 30) -> str:
-    deadline = time.monotonic() + within
-    while text not in (st := status(c, node)):
-        assert time.monotonic() < deadline, f"node {node}: no {text!r} in:\n{st}"
-        time.sleep(0.2)
-    return st
-
-
 def test_a_lone_node_without_quorum_writes_nothing_until_the_others_wake(tmp_path):
     with cluster(tmp_path, nodes=3) as c:
         blob = os.urandom(50_000)
@@ -87,7 +72,7 @@ def test_a_lone_node_without_quorum_writes_nothing_until_the_others_wake(tmp_pat
         for pid in stopped:
             os.kill(pid, signal.SIGSTOP)
         try:
-            wait_status(c, 1, "quorum      NO")
+            wait_node_status(c, 1, "quorum      NO", within=30)
             time.sleep(1)                        # let anything already under way land
             before = device_digest(c.device, BEATS)
             writer = start_writer(c.path(1, "during"), blob)
@@ -104,6 +89,6 @@ def test_a_lone_node_without_quorum_writes_nothing_until_the_others_wake(tmp_pat
             with open(c.path(n, "before"), "rb") as f:
                 assert f.read() == b"quorate"
         for n in (1, 2, 3):                      # nobody was expelled: all go on
-            st = wait_status(c, n, "members     1 2 3\n")
+            st = wait_node_status(c, n, "members     1 2 3\n", within=30)
             assert "quorum      yes" in st
             assert c.mounts[n].alive()

@@ -11,23 +11,14 @@ the disk path the survivor would wait forever (the first test fails so).
 from __future__ import annotations
 
 import os
-import time
 
 import mountutil
 import pytest
-from clusterutil import cluster
-from test_cluster_leave import node_log, status, write_and_fsync
+from clusterutil import cluster, wait_node_status
+from test_cluster_leave import node_log, write_and_fsync
 
 pytestmark = pytest.mark.skipif(mountutil.missing_prerequisites() is not None,
                                 reason=str(mountutil.missing_prerequisites()))
-
-
-def wait_status(c, node: int, text: str, within: float = 40) -> str:
-    deadline = time.monotonic() + within
-    while text not in (st := status(c, node)):
-        assert time.monotonic() < deadline, f"node {node}: no {text!r}:\n{st}"
-        time.sleep(0.2)
-    return st
 
 
 @pytest.mark.parametrize("dead", [1, 2])
@@ -38,16 +29,16 @@ def test_the_survivor_of_two_goes_on_after_the_other_dies(tmp_path, dead):
         for name, blob in data.items():
             write_and_fsync(c.path(dead, name), blob, 30)
         c.kill9(dead)
-        wait_status(c, survivor, f"members     {survivor}\n")
+        wait_node_status(c, survivor, f"members     {survivor}\n")
         # (a first view without it may lack quorum: its disk heartbeat is still fresh)
-        wait_status(c, survivor, "quorum      yes")
+        wait_node_status(c, survivor, "quorum      yes")
         write_and_fsync(c.path(survivor, "after"), b"the survivor writes", 40)
         for name, blob in data.items():          # the dead node's journal was replayed
             with open(c.path(survivor, name), "rb") as f:
                 assert f.read() == blob, name
         assert f"fencing node {dead}" in node_log(c, survivor)
         c.start(dead)                            # it comes back and rejoins
-        wait_status(c, dead, "members     1 2\n")
+        wait_node_status(c, dead, "members     1 2\n")
         with open(c.path(dead, "after"), "rb") as f:
             assert f.read() == b"the survivor writes"
 
@@ -55,7 +46,7 @@ def test_the_survivor_of_two_goes_on_after_the_other_dies(tmp_path, dead):
 def test_a_clean_leave_of_one_of_two_needs_no_tiebreak(tmp_path):
     with cluster(tmp_path, nodes=2) as c:
         c.unmount(1)
-        st = wait_status(c, 2, "members     2\n")
+        st = wait_node_status(c, 2, "members     2\n")
         assert "quorum      yes" in st
         write_and_fsync(c.path(2, "alone"), b"x", 20)
         assert "fencing node" not in node_log(c, 2)
