@@ -9,6 +9,7 @@ mounts from separate processes (this one and small writers).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import signal
@@ -102,6 +103,11 @@ def _blob(seed: str, n: int) -> bytes:
     return bytes(out[:n])
 
 
+# the child scripts below write _blob's data: they get its source, so the test's
+# expectations and what they wrote come from one definition
+BLOB = inspect.getsource(_blob)
+
+
 def test_two_servers_and_a_proxy_stay_coherent(tmp_path):
     with ProxyCluster(tmp_path) as c:
         st = _status(c, 3)
@@ -129,15 +135,10 @@ def test_two_servers_and_a_proxy_stay_coherent(tmp_path):
 WRITER = r"""
 import hashlib, os, sys, time
 path, chunks, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-def blob(seed, n):
-    out = bytearray(); i = 0
-    while len(out) < n:
-        out += hashlib.blake2b(f"{seed}/{i}".encode(), digest_size=64).digest(); i += 1
-    return bytes(out[:n])
-fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+""" + BLOB + r"""fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
 for r in range(rounds):
     for k in range(chunks):
-        os.pwrite(fd, blob(f"{r}-{k}", 1 << 20), k << 20)
+        os.pwrite(fd, _blob(f"{r}-{k}", 1 << 20), k << 20)
         os.fsync(fd)
         print(r, k, time.time(), flush=True)
     if r == 0:
@@ -221,15 +222,10 @@ def test_sigstop_of_the_proxys_server_retargets_without_an_error(tmp_path):
 REWRITER = r"""
 import hashlib, os, sys
 path, stop = sys.argv[1], sys.argv[2]
-def blob(seed, n):
-    out = bytearray(); i = 0
-    while len(out) < n:
-        out += hashlib.blake2b(f"{seed}/{i}".encode(), digest_size=64).digest(); i += 1
-    return bytes(out[:n])
-fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+""" + BLOB + r"""fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
 r = 0
 while not os.path.exists(stop):
-    os.pwrite(fd, blob(f"round-{r}", 1 << 20), 0)
+    os.pwrite(fd, _blob(f"round-{r}", 1 << 20), 0)
     os.fsync(fd)
     print(r, flush=True)
     r += 1
