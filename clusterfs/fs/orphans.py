@@ -31,9 +31,6 @@ class OrphanList:
     def decode(cls, raw: bytes, blkno: int) -> OrphanList:
         return cls(blkno, decode_orphans(raw, blkno))
 
-    def __contains__(self, ino: int) -> bool:
-        return ino in self.inodes
-
     def __len__(self) -> int:
         return len(self.inodes)
 

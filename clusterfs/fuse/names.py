@@ -77,9 +77,6 @@ class KernelNames:
         if names and self._thread is not None:
             self._queue.put((parent, list(names)))
 
-    def pending(self) -> int:
-        return self._queue.qsize()
-
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             parent, names = item
