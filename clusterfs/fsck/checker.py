@@ -17,10 +17,10 @@ from clusterfs.errors import ClusterFSError, NotClusterFS, StorageError
 from clusterfs.fsck.bitmaps import GroupFix, compare_bitmaps
 from clusterfs.fsck.blockmap import BlockMap
 from clusterfs.fsck.context import Context
-from clusterfs.fsck.journals import check_journals, check_orphan_blocks
+from clusterfs.fsck.journals import OrphanBlocks, check_journals, check_orphan_blocks
 from clusterfs.fsck.reader import Reader
 from clusterfs.fsck.repair import Unit, group_unit, inode_unit, write_units
-from clusterfs.fsck.report import EXIT_OPERATIONAL, EXIT_UNCORRECTED, Report
+from clusterfs.fsck.report import EXIT_OPERATIONAL, EXIT_UNCORRECTED, Problem, Report
 from clusterfs.fsck.rgrps import load_groups
 from clusterfs.fsck.superblock import CannotCheck, load_superblock
 from clusterfs.fsck.walk import Walker
@@ -86,7 +86,8 @@ def _check_device(path: str, dev: BlockDevice, report: Report, repair: bool) -> 
     reader = Reader(dev, sb.total_blocks)
     clean_slots = check_journals(dev, sb, reader, report, repair)
     ctx = Context(sb, reader, report, BlockMap(sb.total_blocks))
-    ctx.orphans, orphan_rewrites = check_orphan_blocks(sb, reader, report)
+    orphan_blocks = check_orphan_blocks(sb, reader, report)
+    ctx.orphans = orphan_blocks.listed
     ctx.bmap.mark_metadata(0, sb.rgrp_start, "superblock/heartbeat/journal area")
     report.progress(f"pass 2/{PASSES}: resource groups ({sb.rgrp_count})")
     ctx.groups = load_groups(reader, sb, ctx.bmap, report)
@@ -103,8 +104,7 @@ def _check_device(path: str, dev: BlockDevice, report: Report, repair: bool) -> 
         report.note("part of the tree could not be read: leaked blocks and link counts "
                     "are reported, not repaired")
     if repair:
-        _repair(dev, ctx, group_fixes, clean_slots,
-                {} if ctx.incomplete else orphan_rewrites)
+        _repair(dev, ctx, group_fixes, clean_slots, orphan_blocks)
     report.progress_done()
     report.print_problems()
     report.print_summary(path, {"inodes": len(walker.seen), "dirs": walker.directories,
@@ -113,11 +113,13 @@ def _check_device(path: str, dev: BlockDevice, report: Report, repair: bool) -> 
 
 
 def _repair(dev: BlockDevice, ctx: Context, group_fixes: list[GroupFix],
-            clean_slots: list[int], orphan_rewrites: dict[int, bytes]) -> None:
+            clean_slots: list[int], orphan_blocks: OrphanBlocks) -> None:
     units: list[Unit] = []
-    fixed = [p for p in ctx.report.problems if p.fixable and "orphan block" in p.text]
-    if orphan_rewrites and (fixed or any(f.problems for f in group_fixes)):
-        units.append(dict(orphan_rewrites))   # the leak repair frees what they name
+    fixed: list[Problem] = []
+    if orphan_blocks.rewrites and not ctx.incomplete and (
+            orphan_blocks.corrupt or any(f.problems for f in group_fixes)):
+        units.append(dict(orphan_blocks.rewrites))   # the leak repair frees what they name
+        fixed += orphan_blocks.corrupt
     for ino, fields in sorted(ctx.inode_fixes.items()):
         units.append(inode_unit(ctx.reader.read(ino), ino, fields))
         fixed += ctx.fix_problems[ino]

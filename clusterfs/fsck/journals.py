@@ -13,12 +13,14 @@ nothing.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from clusterfs.errors import ClusterFSError
 from clusterfs.format.journal import JF_CLEAN, JournalHeader, decode_jhead, encode_jhead
 from clusterfs.format.orphan import decode_orphans, encode_orphans
 from clusterfs.format.superblock import Superblock
 from clusterfs.fsck.reader import Reader
-from clusterfs.fsck.report import Report
+from clusterfs.fsck.report import Problem, Report
 from clusterfs.storage.device import BlockDevice
 
 try:  # the journal layer: fsck uses its scan and replay when they exist
@@ -112,23 +114,30 @@ def _mark_clean(dev: BlockDevice, sb: Superblock, slot: int, head: JournalHeader
     dev.flush()
 
 
-def check_orphan_blocks(sb: Superblock, reader: Reader, report: Report
-                        ) -> tuple[dict[int, int], dict[int, bytes]]:
-    """Each slot's orphan block (read through the journals' overlay): the inodes listed,
-    inode -> slot, and the rewrites --repair makes (every list emptied: the leak pass
-    frees what they name, and a corrupt block is rewritten empty)."""
-    listed: dict[int, int] = {}
-    rewrites: dict[int, bytes] = {}
+@dataclass
+class OrphanBlocks:
+    """What check_orphan_blocks found: the inodes listed (inode -> slot), the rewrites
+    --repair makes (every list emptied: the leak pass frees what they name; a corrupt
+    block rewritten empty) and the problems of corrupt blocks those rewrites fix."""
+    listed: dict[int, int] = field(default_factory=dict)
+    rewrites: dict[int, bytes] = field(default_factory=dict)
+    corrupt: list[Problem] = field(default_factory=list)
+
+
+def check_orphan_blocks(sb: Superblock, reader: Reader, report: Report) -> OrphanBlocks:
+    """Each slot's orphan block, read through the journals' overlay."""
+    found = OrphanBlocks()
     for slot in range(sb.journal_count):
         blk = sb.orphan_location(slot)
         try:
             inodes = decode_orphans(reader.read(blk), blk)
         except ClusterFSError as exc:
-            report.error(f"journal {slot}", f"orphan block {blk}: {exc}", fixable=True)
-            rewrites[blk] = bytes(encode_orphans([], blk))
+            found.corrupt.append(report.error(f"journal {slot}", f"orphan block {blk}: {exc}",
+                                              fixable=True))
+            found.rewrites[blk] = bytes(encode_orphans([], blk))
             continue
         for ino in inodes:
-            listed.setdefault(ino, slot)
+            found.listed.setdefault(ino, slot)
         if inodes:
-            rewrites[blk] = bytes(encode_orphans([], blk))
-    return listed, rewrites
+            found.rewrites[blk] = bytes(encode_orphans([], blk))
+    return found
