@@ -625,13 +625,15 @@ class FileSystem:
         await self._free_if_unlinked(ino)
         self.unlinked.discard(ino)
 
-    async def _free_if_unlinked(self, ino: int) -> None:
+    async def _free_if_unlinked(self, ino: int) -> bool:
         """Under its lock and its groups' locks: free `ino` if it still has no link."""
         async with self._hold(ex=[ino], frees=lambda: self._owned_blocks(
                 self._inode(ino, kernel=False))):
             node = self._inode(ino, kernel=False)
             if node.d.nlink == 0 and not node.freed:
                 self._free_inode(node)
+                return True
+            return False
 
     def _owned_blocks(self, node: CachedInode) -> list[int]:
         blocks = [node.ino] + node.ext_blocks + [e.pblk for e in node.extents]
@@ -888,26 +890,40 @@ class FileSystem:
         if self.txn.withdrawn or self.opens.get(ino):
             return
         try:
+            await self._free_if_unused_anywhere(ino)
+        finally:
+            self.unlinked.discard(ino)   # freed, or open elsewhere (its last close frees
+                                         # it), or not ours to free any more
+
+    async def _free_if_unused_anywhere(self, ino: int) -> str:
+        """Free `ino` if it still has no name and no node has it open (iopen EX, tried;
+        a one-node mount needs no lock): "freed"; "open" on another node (its last
+        close frees it); or "gone" (it has a name, or another node freed it already,
+        its block maybe reused)."""
+        try:
             async with self._hold(pr=[ino], write=False):
                 if self._inode(ino, kernel=False).d.nlink > 0:
-                    return
-        except FSError as exc:
-            if exc.errno in (errno.ENOENT, errno.ESTALE):
-                return                   # freed already by another node (and reused)
-            raise
-        try:
-            iopen = await self.glocks.locks.lock(("iopen", ino), Mode.EX, try_=True)
-        except WouldBlock:
-            self.unlinked.discard(ino)   # open elsewhere: its last close frees it
-            return
-        try:
-            await self._free_if_unlinked(ino)
+                    return "gone"
         except FSError as exc:
             if exc.errno not in (errno.ENOENT, errno.ESTALE):
                 raise
+            return "gone"
+        iopen = None
+        if self.clustered:
+            try:
+                iopen = await self.glocks.locks.lock(("iopen", ino), Mode.EX, try_=True)
+            except WouldBlock:
+                return "open"
+        try:
+            return "freed" if await self._free_if_unlinked(ino) else "gone"
+        except FSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ESTALE):
+                raise
+            return "gone"
         finally:
-            self.unlinked.discard(ino)
-            await self.glocks.locks.unlock(iopen)
+            if iopen is not None:
+                with trio.CancelScope(shield=True):
+                    await self.glocks.locks.unlock(iopen)
 
     async def fsync(self, ino: int, datasync: bool = False) -> None:
         """Data is written straight to the device; committing flushes it and the journal.
@@ -1299,30 +1315,13 @@ class FileSystem:
         return freed
 
     async def _sweep_one(self, ino: int) -> int:
-        try:
-            async with self._hold(pr=[ino], write=False):
-                unlinked = self._inode(ino, kernel=False).d.nlink == 0
-        except FSError as exc:
-            if exc.errno not in (errno.ENOENT, errno.ESTALE):
-                raise
-            unlinked = False             # freed (and maybe reused) by another node
-        if not unlinked:
+        outcome = await self._free_if_unused_anywhere(ino)
+        if outcome == "gone":            # (freed with its entry otherwise)
             async with self._hold():
                 if self.orphans.discard(ino):
                     self._dirty(self.orphans)
+        if outcome != "freed":
             return 0
-        iopen = None
-        if self.clustered:
-            try:
-                iopen = await self.glocks.locks.lock(("iopen", ino), Mode.EX, try_=True)
-            except WouldBlock:
-                return 0                 # open on a live node: its last close frees it
-        try:
-            await self._free_if_unlinked(ino)
-        finally:
-            if iopen is not None:
-                with trio.CancelScope(shield=True):
-                    await self.glocks.locks.unlock(iopen)
         log.info("freed orphan inode %d (unlinked while open, its opener gone)", ino)
         return 1
 
