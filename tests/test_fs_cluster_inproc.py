@@ -25,6 +25,7 @@ from clusterfs.node.mkfs_cmd import make_filesystem
 from clusterfs.storage.device import BlockDevice
 
 REG = stat.S_IFREG | 0o644
+BLOCK = 4096
 
 
 @dataclass
@@ -214,3 +215,99 @@ async def test_a_create_may_reuse_a_number_the_kernel_still_holds(tmp_path) -> N
         g = await a.fs.mknod(root, b"g", REG, 0, 0, 0)
         assert g.ino == f.ino                       # the block was reused, here
         assert (await a.fs.getattr(g.ino)).d.generation == g.d.generation
+
+
+def _record_io(node: Node) -> list[tuple[str, int]]:
+    """Log the node's device writes ("write", first block) and flushes ("flush", 0)."""
+    calls: list[tuple[str, int]] = []
+    dev = node.dev
+    write, flush = dev.write, dev.flush
+
+    def logged_write(blkno, data):
+        calls.append(("write", blkno))
+        return write(blkno, data)
+
+    def logged_flush():
+        calls.append(("flush", 0))
+        return flush()
+
+    dev.write, dev.flush = logged_write, logged_flush
+    return calls
+
+
+@trio_test
+async def test_a_demote_with_nothing_to_write_does_no_io(tmp_path) -> None:
+    """B stats files A created and has already committed and written home: A's locks go
+    down to PR with no journal write and no device flush (before, each cost a commit
+    and a checkpoint: three flushes)."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        inos = [(await a.fs.mknod(root, b"f%d" % i, REG, 0, 0, 0)).ino for i in range(5)]
+        await a.fs.txn.commit(checkpoint=True)
+        calls = _record_io(a)
+        for i, ino in enumerate(inos):
+            found = await b.fs.lookup(root, b"f%d" % i)
+            assert found is not None and found.ino == ino
+        assert a.fs.glocks.glocks[("inode", inos[-1])].mode == Mode.PR
+        assert calls == []
+
+
+@trio_test
+async def test_a_demote_with_changes_commits_and_writes_them_home(tmp_path) -> None:
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        f = await a.fs.mknod(root, b"f", REG, 0, 0, 0)
+        calls = _record_io(a)
+        assert await b.fs.lookup(root, b"f") is not None
+        assert ("flush", 0) in calls and ("write", f.ino) in calls   # home, not just logged
+        assert not a.fs.journal.pending_home
+
+
+@trio_test
+async def test_an_overwrite_commits_with_one_flush_and_new_data_with_two(tmp_path) -> None:
+    """Ordered data: data in newly allocated blocks is flushed before the commit block
+    is written; an overwrite in place needs no flush there (a torn commit fails its
+    checksum at replay)."""
+    async with nodes(tmp_path, count=1) as (a,):
+        f = await a.fs.mknod(a.fs.root, b"f", REG, 0, 0, 0)
+        calls = _record_io(a)
+        await a.fs.write(f.ino, 0, b"x" * 3 * BLOCK)          # allocates
+        await a.fs.fsync(f.ino)
+        kinds = [k for k, _ in calls]
+        assert kinds.count("flush") == 2
+        assert kinds[-1] == "flush" and kinds[-3] == "flush"  # ..., flush, commit, flush
+        calls.clear()
+        await a.fs.write(f.ino, BLOCK, b"y" * BLOCK)          # in place: mtime only
+        await a.fs.fsync(f.ino)
+        kinds = [k for k, _ in calls]
+        assert kinds.count("flush") == 1 and kinds[-1] == "flush"
+        assert kinds[:-1] and set(kinds[:-1]) == {"write"}    # log copies + commit block
+        assert await a.fs.read(f.ino, BLOCK, BLOCK) == b"y" * BLOCK
+
+
+@trio_test
+async def test_a_big_directory_is_not_reread_whole_when_its_lock_comes_back(
+        tmp_path) -> None:
+    """A creates in a hashed directory after B created there: A reads the table and the
+    leaf its name hashes to, not every leaf."""
+    async with nodes(tmp_path) as (a, b):
+        d = await a.fs.mknod(a.fs.root, b"d", stat.S_IFDIR | 0o755, 0, 0, 0)
+        for i in range(1500):
+            await a.fs.mknod(d.ino, b"entry-%05d" % i, REG, 0, 0, 0)
+        assert await b.fs.mknod(d.ino, b"from-b", REG, 0, 0, 0) is not None
+        leaves = a.fs.inodes.get(d.ino)
+        assert leaves is None                           # dropped when B took EX
+        reads: list[int] = []
+        read_meta = a.fs.read_meta
+
+        def logged(blkno):
+            reads.append(blkno)
+            return read_meta(blkno)
+
+        a.fs.read_meta = logged
+        await a.fs.mknod(d.ino, b"from-a", REG, 0, 0, 0)
+        node = a.fs.inodes[d.ino]
+        assert node.dir is not None and node.dir.leaf_count > 10
+        assert len(reads) <= 4, reads    # inode, table, a leaf (and a spare)
+        names = {n for n, _ in await b.fs.readdir(d.ino)}
+        assert {b"from-a", b"from-b", b"entry-01499"} <= names and len(names) == 1502

@@ -1,5 +1,6 @@
 """Hashed directories in memory and through their on-disk encoding (no mount)."""
 
+from clusterfs.errors import FormatError
 from clusterfs.format import directory as fmt
 from clusterfs.fs.directory import Directory
 
@@ -47,8 +48,9 @@ def test_hashed_directory_round_trips_through_blocks():
             d.remove(name)
             del names[name]
     blocks.store.update(d.to_blocks())
-    again = Directory.from_hashed(d.payload(), blocks.store.__getitem__)
-    assert again.entries == d.entries
+    again = Directory.from_hashed(d.payload(), blocks.store.__getitem__,
+                                  d.leaf_count + len(d.table_blocks))
+    assert dict(again.items()) == dict(d.items()) == {n: (i, 8) for n, i in names.items()}
     assert again.depth == d.depth
     assert set(again.leaves) == set(d.leaves)
 
@@ -66,5 +68,41 @@ def test_replace_points_name_at_new_inode():
     _fill(d, blocks, 500)
     d.replace(b"entry-000007-xxxxxxx", 42, 4)
     blocks.store.update(d.to_blocks())
-    again = Directory.from_hashed(d.payload(), blocks.store.__getitem__)
+    again = Directory.from_hashed(d.payload(), blocks.store.__getitem__,
+                                  d.leaf_count + len(d.table_blocks))
     assert again.get(b"entry-000007-xxxxxxx") == (42, 4)
+
+
+def test_a_lookup_reads_only_the_leaf_its_name_hashes_to():
+    """After a reload (another node had the lock) a lookup or an insert reads the
+    table and one leaf, not the whole directory."""
+    d, blocks = Directory(), Blocks()
+    names = _fill(d, blocks, 5000)
+    blocks.store.update(d.to_blocks())
+    reads: list[int] = []
+
+    def read(blkno: int) -> bytes:
+        reads.append(blkno)
+        return blocks.store[blkno]
+
+    again = Directory.from_hashed(d.payload(), read, d.leaf_count + len(d.table_blocks))
+    table_reads = len(reads)
+    name = b"entry-000123-" + b"x" * (123 % 40)
+    assert again.get(name) == (names[name], 8)
+    again.add(b"new-name", 77, 8, blocks.alloc, blocks.free)
+    assert again.get(b"new-name") == (77, 8)
+    assert len(reads) - table_reads <= 2 < d.leaf_count
+    assert len(again) == 5001                   # counting needs every leaf
+    assert len(set(reads)) == d.leaf_count + len(d.table_blocks)
+
+
+def test_a_block_count_too_small_for_the_table_is_corruption():
+    d, blocks = Directory(), Blocks()
+    _fill(d, blocks, 2000)
+    blocks.store.update(d.to_blocks())
+    try:
+        Directory.from_hashed(d.payload(), blocks.store.__getitem__, 1)
+    except FormatError as exc:
+        assert "cannot hold" in str(exc)
+    else:
+        raise AssertionError("a hashed directory counting 1 block loaded")

@@ -40,6 +40,10 @@ class TransactionManager:
         self.estimate = 0
         self.withdrawn: str | None = None
         self.stats = {"commits": 0, "operations": 0}
+        # set by the fs when it writes file data into blocks it just allocated: the
+        # next commit must make that data durable before its commit block can be
+        # (ordered data), so it flushes twice; otherwise once (see commit)
+        self.fresh_data = False
         self._limit = max(16, journal.max_transaction // LARGE_FRACTION)
         self._lock = trio.Lock()
         self._kick = trio.Event()         # wakes run_timer for a background commit
@@ -94,6 +98,14 @@ class TransactionManager:
         """Log every dirty object durably; just a device flush when nothing is dirty.
         With checkpoint=True also write everything home and empty the log.
 
+        One device flush, after the commit block, when no file data went to newly
+        allocated blocks since the last commit: a commit block that reached the disk
+        without the copies it covers fails its checksum at replay, which then ends
+        there, and that transaction was never reported durable. New data blocks need
+        a flush before the commit block too: else a crash could leave a durable
+        commit pointing a file at blocks that still hold whatever was there before
+        (jbd2's ordered mode; its async_commit does without that flush).
+
         The device flushes run in a worker thread, so requests keep being served;
         commits and checkpoints are serialised by one lock. Objects changed while a
         commit is in flight belong to the next transaction (their blocks were
@@ -109,17 +121,20 @@ class TransactionManager:
                 blocks.update(obj.to_blocks())
             self.dirty.clear()
             self.estimate = 0
+            ordered, self.fresh_data = self.fresh_data, False
             mark = self.quarantine_mark()
             try:
                 pending = self.journal.begin_commit(blocks)
-                await trio.to_thread.run_sync(self.journal.dev.flush)
+                if pending is None or ordered:
+                    await trio.to_thread.run_sync(self.journal.dev.flush)
                 if pending is not None:
                     self.journal.write_commit(pending)
                     await trio.to_thread.run_sync(self.journal.dev.flush)
-                    self.journal.end_commit(pending)
+                    self.journal.end_commit(pending, flushes=2 if ordered else 1)
                     self.stats["commits"] += 1
-                if checkpoint:
-                    self.journal.checkpoint()
+                if checkpoint and self.journal.pending_home:
+                    # home writes and two flushes: in a worker thread, like the commit's
+                    await trio.to_thread.run_sync(self.journal.checkpoint)
             except Exception as exc:
                 # the disk refused a write or flush: nothing after this can be trusted
                 self.withdraw(f"journal commit failed: {exc}")
@@ -131,6 +146,22 @@ class TransactionManager:
                 # this transaction still held a copy of it (a tombstone) for the next
                 # checkpoint to write home, over the block's new contents.
                 self.end_quarantine(mark)
+
+    async def flush_for_demote(self) -> None:
+        """Before a lock goes down: everything this node changed on disk and home, so
+        the next holder reads the newest copy there and our journal holds no block
+        whose lock we gave up (the no-stale-replay rule, docs/journal.md).
+
+        With nothing dirty, nothing logged that is not home yet and no commit under
+        way, only queued data writes have to reach the device (the next holder reads
+        them there); durability is not the point, so no device flush and no journal
+        write. A demote of a lock this node only read under (a stat of another node's
+        file) then costs no I/O at all."""
+        self.check_writable()
+        if self.dirty or self.journal.pending_home or self._lock.locked():
+            await self.commit(checkpoint=True)
+        else:
+            await self._drain_data()
 
     async def flush_data(self) -> None:
         """Data writes on the device and the device cache flushed, no journal commit

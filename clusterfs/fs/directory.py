@@ -44,16 +44,23 @@ class Leaf:
 
 
 class Directory:
-    def __init__(self) -> None:
-        self.entries: dict[bytes, tuple[int, int]] = {}
+    """Linear: every entry in `entries`. Hashed: the table is read at load, and each
+    leaf only when a name hashing to it is looked up (or everything is listed): a
+    node that gets the directory's lock back after another node changed it rereads
+    one leaf per name it needs, not the whole directory."""
+
+    def __init__(self, read: ReadBlock | None = None) -> None:
+        self.entries: dict[bytes, tuple[int, int]] = {}   # a linear directory's
         self.hashed = False
         self.linear_bytes = 0
         self.depth = 0
         self.table: list[int] = []              # leaf address per slot
         self.table_blocks: list[int] = []
-        self.leaves: dict[int, Leaf] = {}
+        self.leaves: dict[int, Leaf] = {}       # the leaves read (or made) so far
+        self.leaf_count = 0                     # every leaf, chained ones included
         self.dirty_leaves: set[int] = set()
         self.table_dirty = False
+        self._read = read
 
     # -- loading -------------------------------------------------------------------
     @classmethod
@@ -65,35 +72,74 @@ class Directory:
         return d
 
     @classmethod
-    def from_hashed(cls, payload: bytes, read: ReadBlock) -> Directory:
-        d = cls()
+    def from_hashed(cls, payload: bytes, read: ReadBlock, dir_blocks: int) -> Directory:
+        """dir_blocks: the table and leaf blocks the directory owns (from its inode's
+        block count), so the leaves need not be read to count them."""
+        d = cls(read)
         d.hashed = True
         d.depth, d.table_blocks = fmt.decode_hashed_payload(payload)
         size = 1 << d.depth
         for i, blk in enumerate(d.table_blocks):
             n = min(fmt.TABLE_PER_BLOCK, size - i * fmt.TABLE_PER_BLOCK)
             d.table += fmt.decode_table_block(read(blk), blk, n)
-        for blk in dict.fromkeys(d.table):
-            while blk:
-                if blk in d.leaves:
-                    raise FormatError(f"directory leaf {blk} linked twice")
-                depth, nxt, ents = fmt.decode_leaf(read(blk), blk)
-                leaf = Leaf(blk, depth, nxt)
-                for e in ents:
-                    leaf.add(e.name, e.ino, e.dtype)
-                    d.entries[e.name] = (e.ino, e.dtype)
-                d.leaves[blk] = leaf
-                blk = nxt
+        d.leaf_count = dir_blocks - len(d.table_blocks)
+        if d.leaf_count < len(set(d.table)) or 0 in d.table:
+            raise FormatError(f"hashed directory: {dir_blocks} blocks cannot hold "
+                              f"{len(set(d.table))} leaves and {len(d.table_blocks)} "
+                              "table blocks")
         return d
+
+    def _leaf(self, blkno: int) -> Leaf:
+        leaf = self.leaves.get(blkno)
+        if leaf is None:
+            assert self._read is not None
+            depth, nxt, ents = fmt.decode_leaf(self._read(blkno), blkno)
+            leaf = Leaf(blkno, depth, nxt)
+            for e in ents:
+                leaf.add(e.name, e.ino, e.dtype)
+            self.leaves[blkno] = leaf
+        return leaf
+
+    def _load_all(self) -> None:
+        """Every leaf, each chain followed; a leaf reached twice is corruption."""
+        seen: set[int] = set()
+        for blk in dict.fromkeys(self.table):
+            while blk:
+                if blk in seen:
+                    raise FormatError(f"directory leaf {blk} linked twice")
+                seen.add(blk)
+                blk = self._leaf(blk).next
+        if len(seen) != self.leaf_count:
+            raise FormatError(f"hashed directory has {len(seen)} leaves, its inode "
+                              f"counts {self.leaf_count}")
 
     # -- queries ------------------------------------------------------------------
     def get(self, name: bytes) -> tuple[int, int] | None:
-        return self.entries.get(name)
+        if not self.hashed:
+            return self.entries.get(name)
+        leaf = self._slot_leaf(name)
+        while True:
+            found = leaf.entries.get(name)
+            if found is not None or not leaf.next:
+                return found
+            leaf = self._leaf(leaf.next)
+
+    def items(self) -> list[tuple[bytes, tuple[int, int]]]:
+        """Every (name, (ino, dtype)); reads every leaf of a hashed directory."""
+        if not self.hashed:
+            return list(self.entries.items())
+        self._load_all()
+        return [item for leaf in self.leaves.values() for item in leaf.entries.items()]
 
     def __len__(self) -> int:
-        return len(self.entries)
+        if not self.hashed:
+            return len(self.entries)
+        self._load_all()
+        return sum(len(leaf.entries) for leaf in self.leaves.values())
 
     def blocks_owned(self) -> list[int]:
+        if self.hashed:
+            self._load_all()
         return list(self.leaves) + list(self.table_blocks)
 
     def payload(self) -> bytes:
@@ -116,12 +162,11 @@ class Directory:
                 self.linear_bytes = size
                 return
             self._convert_to_hashed(alloc, free)
-        self.entries[name] = (ino, dtype)
         self._hashed_add(name, ino, dtype, alloc, free)
 
     def remove(self, name: bytes) -> None:
-        del self.entries[name]
         if not self.hashed:
+            del self.entries[name]
             self.linear_bytes -= fmt.LINEAR_ENTRY.size + len(name)
             return
         leaf = self._leaf_holding(name)
@@ -130,20 +175,23 @@ class Directory:
 
     def replace(self, name: bytes, ino: int, dtype: int) -> None:
         """Point an existing name at another inode (rename over a target)."""
-        self.entries[name] = (ino, dtype)
-        if self.hashed:
-            leaf = self._leaf_holding(name)
-            leaf.entries[name] = (ino, dtype)
-            self.dirty_leaves.add(leaf.blkno)
+        if not self.hashed:
+            self.entries[name] = (ino, dtype)
+            return
+        leaf = self._leaf_holding(name)
+        leaf.entries[name] = (ino, dtype)
+        self.dirty_leaves.add(leaf.blkno)
 
     # -- hashed internals ------------------------------------------------------------
     def _slot_leaf(self, name: bytes) -> Leaf:
-        return self.leaves[self.table[fmt.table_slot(fmt.name_hash(name), self.depth)]]
+        return self._leaf(self.table[fmt.table_slot(fmt.name_hash(name), self.depth)])
 
     def _leaf_holding(self, name: bytes) -> Leaf:
         leaf = self._slot_leaf(name)
         while name not in leaf.entries:
-            leaf = self.leaves[leaf.next]
+            if not leaf.next:
+                raise KeyError(name)
+            leaf = self._leaf(leaf.next)
         return leaf
 
     def _convert_to_hashed(self, alloc: AllocBlock, free: FreeBlock) -> None:
@@ -151,11 +199,13 @@ class Directory:
         self.depth = 1
         a, b = Leaf(alloc(), 1), Leaf(alloc(), 1)
         self.leaves = {a.blkno: a, b.blkno: b}
+        self.leaf_count = 2
         self.table = [a.blkno, b.blkno]
         self.table_blocks = [alloc()]
         self.table_dirty = True
         self.dirty_leaves.update((a.blkno, b.blkno))
-        for name, (ino, dtype) in list(self.entries.items()):
+        linear, self.entries, self.linear_bytes = self.entries, {}, 0
+        for name, (ino, dtype) in linear.items():
             self._hashed_add(name, ino, dtype, alloc, free)
 
     def _hashed_add(self, name: bytes, ino: int, dtype: int, alloc: AllocBlock,
@@ -173,9 +223,10 @@ class Directory:
                 if not leaf.next:
                     extra = Leaf(alloc(), leaf.depth)
                     self.leaves[extra.blkno] = extra
+                    self.leaf_count += 1
                     leaf.next = extra.blkno
                     self.dirty_leaves.update((leaf.blkno, extra.blkno))
-                leaf = self.leaves[leaf.next]
+                leaf = self._leaf(leaf.next)
             break
         leaf.add(name, ino, dtype)
         self.dirty_leaves.add(leaf.blkno)
@@ -194,6 +245,7 @@ class Directory:
         new = Leaf(alloc(), leaf.depth + 1)
         leaf.depth += 1
         self.leaves[new.blkno] = new
+        self.leaf_count += 1
         for slot in range(half, first + span):
             self.table[slot] = new.blkno
         for name, (ino, dtype) in list(leaf.entries.items()):

@@ -103,6 +103,10 @@ class _Hold:
     async def __aexit__(self, exc_type, exc, tb) -> None:
         self.fs.alloc.usable = set()
         self.fs.glocks.release(self.taken)
+        if exc_type is not None and issubclass(exc_type, FormatError):
+            # a block read during the body (a directory leaf is read when first
+            # needed) did not decode: corruption, as at an inode's load
+            self.fs.txn.withdraw(str(exc))
         if self.write and exc_type is None:
             await self.fs.txn.end_operation()
 
@@ -534,7 +538,7 @@ class FileSystem:
     def _dir_size(node: CachedInode) -> int:
         assert node.dir is not None
         if node.dir.hashed:
-            return BLOCK_SIZE * (1 + len(node.dir.leaves) + len(node.dir.table_blocks))
+            return BLOCK_SIZE * (1 + node.dir.leaf_count + len(node.dir.table_blocks))
         return node.dir.linear_bytes
 
     async def link(self, ino: int, parent: int, name: bytes) -> CachedInode:
@@ -823,7 +827,10 @@ class FileSystem:
             node = self._inode(ino)
             if node.dir is None:
                 raise FSError(errno.ENOTDIR)
-            return [(name, child) for name, (child, _t) in node.dir.entries.items()]
+            try:
+                return [(name, child) for name, (child, _t) in node.dir.items()]
+            except FormatError as exc:
+                raise self._corrupt(exc) from exc
 
     async def readlink(self, ino: int) -> bytes:
         async with self._hold(pr=[ino], write=False):
@@ -1031,6 +1038,8 @@ class FileSystem:
         new_runs = self._reserve_runs(goal, holes + unstuff)
         if holes or unstuff or end > node.d.size:
             node.meta_version += 1          # block map or size: a datasync must commit
+        if holes or unstuff:
+            self.txn.fresh_data = True      # that commit must flush the data first
         meta = self._reserve(goal, 2) if len(node.extents) + len(new_runs) > \
             fext.INLINE_EXTENTS else []
         # -- no failure past this point except I/O
@@ -1398,7 +1407,7 @@ class FileSystem:
         (the no-stale-replay rule, docs/journal.md), and the disk holds the newest copy
         of everything the next holder will read."""
         if not self.txn.withdrawn:
-            await self.txn.commit(checkpoint=True)
+            await self.txn.flush_for_demote()
         elif self.clustered:
             # what we committed may not be home: never hand it over stale; the mount
             # leaves the cluster as failed and the others replay our journal

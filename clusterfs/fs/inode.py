@@ -51,7 +51,9 @@ class CachedInode:
         kind = d.flags & MAP_FLAGS
         if stat.S_ISDIR(d.mode):
             if kind == F_DIR_HASHED:
-                self.dir = Directory.from_hashed(d.payload, read)
+                # the table and leaf blocks: all the inode owns but itself and xattrs
+                dir_blocks = d.blocks - 1 - (1 if d.xattr_blk else 0)
+                self.dir = Directory.from_hashed(d.payload, read, dir_blocks)
             elif kind == F_STUFFED:
                 self.dir = Directory.from_linear(d.payload)
             else:
@@ -133,7 +135,7 @@ class CachedInode:
         """The inode block plus every data, map, directory and xattr block it owns."""
         n = 1 + (1 if self.d.xattr_blk else 0)
         if self.dir is not None:
-            return n + len(self.dir.leaves) + len(self.dir.table_blocks)
+            return n + self.dir.leaf_count + len(self.dir.table_blocks)
         return n + len(self.ext_blocks) + sum(e.count for e in self.extents)
 
     def xattrs_fit_inline(self) -> bool:

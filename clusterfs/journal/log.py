@@ -227,7 +227,7 @@ class Journal:
         self._write_staged(commit_blk, encode_commit(p.need - 1, p.crc, time.time_ns(),
                                                      commit_blk, self.seq))
 
-    def end_commit(self, p: _Pending) -> None:
+    def end_commit(self, p: _Pending, flushes: int = 2) -> None:
         """The commit block is durable: account for the transaction."""
         self.pending_home.update(p.blocks)
         self.in_flight = {}
@@ -236,7 +236,7 @@ class Journal:
         self.seq += 1
         self.stats["commits"] += 1
         self.stats["blocks"] += len(p.blocks)
-        self.stats["flushes"] += 2
+        self.stats["flushes"] += flushes
 
     def _encode(self, homes: list[int], blocks: dict[int, bytes]) -> tuple[list[bytes], int]:
         out: list[bytes] = []
