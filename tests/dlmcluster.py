@@ -8,7 +8,7 @@ failures by hand.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -29,7 +29,9 @@ class MemNode:
 
 class MemCluster:
     def __init__(self, net: MemoryNetwork, cluster: StaticCluster,
-                 nursery: trio.Nursery) -> None:
+                 nursery: trio.Nursery,
+                 dir_hint: Callable[[bytes], int | None] | None = None) -> None:
+        self.dir_hint = dir_hint
         self.net = net
         self.cluster = cluster
         self.nursery = nursery
@@ -51,7 +53,7 @@ class MemCluster:
             with node.scope:
                 async with open_dlm(ep, mem) as dlm:
                     node.dlm = dlm
-                    node.ls = await dlm.new_lockspace("default")
+                    node.ls = await dlm.new_lockspace("default", dir_hint=self.dir_hint)
                     ready.set()
                     await trio.sleep_forever()
 
@@ -104,12 +106,13 @@ class MemCluster:
 
 
 @asynccontextmanager
-async def memory_cluster(node_ids: list[int], *,
-                         auto_fence: bool = True) -> AsyncIterator[MemCluster]:
+async def memory_cluster(node_ids: list[int], *, auto_fence: bool = True,
+                         dir_hint: Callable[[bytes], int | None] | None = None
+                         ) -> AsyncIterator[MemCluster]:
     async with MemoryNetwork().running() as net:
         cluster = StaticCluster(node_ids, auto_fence=auto_fence)
         async with trio.open_nursery() as nursery:
-            mc = MemCluster(net, cluster, nursery)
+            mc = MemCluster(net, cluster, nursery, dir_hint)
             for nid in node_ids:
                 await mc.start(nid)
             await mc.wait_running()

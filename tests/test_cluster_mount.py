@@ -254,7 +254,9 @@ def test_device_and_mount_must_agree_on_the_cluster(tmp_path):
         other = tmp_path / "other"
         other.mkdir()
         cfg = write_config(other, 2, name="someoneelse")
-        r = run_cli("mount", "-f", "--config", str(cfg), "--node-id", "1", dev, str(mp))
+        # a state dir of the test's own: the default one is the host's
+        r = run_cli("mount", "-f", "--config", str(cfg), "--node-id", "1",
+                    "--state-dir", str(other), dev, str(mp))
         assert r.returncode == 1 and "not 'someoneelse'" in r.stderr
         r = run_cli("mount", "-f", "--config", str(cfg), dev, str(mp))
         assert r.returncode == 1 and "--config and --node-id go together" in r.stderr
@@ -272,7 +274,8 @@ def test_a_cluster_mount_of_a_one_node_device_is_refused(tmp_path):
         cfg = write_config(tmp_path, 2)
         mp = tmp_path / "mnt"
         mp.mkdir()
-        r = run_cli("mount", "-f", "--config", str(cfg), "--node-id", "1", dev, str(mp))
+        r = run_cli("mount", "-f", "--config", str(cfg), "--node-id", "1",
+                    "--state-dir", str(tmp_path), dev, str(mp))
         assert r.returncode == 1 and "a one-node filesystem" in r.stderr
 
 

@@ -70,6 +70,62 @@ async def test_directory_is_hash_over_members() -> None:
             await mc.ls(node).unlock(lk)
 
 
+def _hint_by_number(key: bytes) -> int | None:
+    """rgrp:N is at home on node N (of 1..3); anything else by hash."""
+    kind, _, number = key.partition(b":")
+    return int(number) if kind == b"rgrp" and number.isdigit() else None
+
+
+@trio_test
+async def test_a_directory_hint_makes_the_hinted_member_directory_and_master() -> None:
+    async with memory_cluster([1, 2, 3], dir_hint=_hint_by_number) as mc:
+        for n in (1, 2, 3):
+            before = mc.ls(n).statistics()
+            lk = await mc.ls(n).lock(("rgrp", n), Mode.EX)
+            assert mc.ls(n).ls_dir[resource_key(("rgrp", n))] == n
+            assert master_of(mc, ("rgrp", n)) == n
+            after = mc.ls(n).statistics()                     # no round trip
+            assert (after.remote_requests, after.remote_lookups) == \
+                (before.remote_requests, before.remote_lookups)
+            await mc.ls(n).unlock(lk)
+        lk = await mc.ls(1).lock(("rgrp", 7), Mode.PR)      # 7 is no member: by hash
+        key = resource_key(("rgrp", 7))
+        assert mc.ls([1, 2, 3][zlib.crc32(key) % 3]).ls_dir[key] == 1
+        await mc.ls(1).unlock(lk)
+
+
+@trio_test
+async def test_a_hinted_directory_node_dies_and_its_names_go_by_hash() -> None:
+    """Node 3's names move to hash placement while it is gone and come back when it
+    rejoins; locks held by survivors stay granted through both recoveries."""
+    async with memory_cluster([1, 2, 3], dir_hint=_hint_by_number) as mc:
+        name = ("rgrp", 3)
+        kept = await mc.ls(1).lock(name, Mode.PR)
+        assert mc.ls(3).ls_dir[resource_key(name)] == 1
+        mc.crash(3)
+        await mc.wait_running()
+        key = resource_key(name)
+        by_hash = [1, 2][zlib.crc32(key) % 2]
+        assert mc.ls(by_hash).ls_dir[key] == 1                # rebuilt where hash says
+        got = await mc.ls(2).lock(name, Mode.PR)              # compatible: granted
+        await mc.join(3)
+        await mc.wait_running()
+        assert mc.ls(3).ls_dir[key] == 1                      # home again
+        assert kept.granted and got.granted
+        waiter: list = []
+
+        async def want_ex() -> None:
+            waiter.append(await mc.ls(3).lock(name, Mode.EX))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(want_ex)
+            await settle()
+            assert not waiter
+            await mc.ls(1).unlock(kept)
+            await mc.ls(2).unlock(got)
+        assert waiter[0].granted
+
+
 @trio_test
 async def test_blocking_callback_and_lvb() -> None:
     async with memory_cluster([1, 2, 3]) as mc:

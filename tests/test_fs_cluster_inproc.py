@@ -22,6 +22,7 @@ from clusterfs.errors import FSError
 from clusterfs.fs.filesystem import FileSystem
 from clusterfs.journal.log import Journal
 from clusterfs.node.mkfs_cmd import make_filesystem
+from clusterfs.node.placement import Placement
 from clusterfs.storage.device import BlockDevice
 
 REG = stat.S_IFREG | 0o644
@@ -36,12 +37,17 @@ class Node:
 
 
 @asynccontextmanager
-async def nodes(tmp_path, count: int = 2) -> AsyncIterator[list[Node]]:
+async def nodes(tmp_path, count: int = 2, placed: bool = False) -> AsyncIterator[list[Node]]:
+    """count FileSystems on one image; placed: with a cluster mount's placement (home
+    groups by node rank, the DLM directory hint), else home groups by journal slot."""
     image = tmp_path / "disk.img"
     with open(image, "wb") as f:
         f.truncate(64 << 20)
     sb = make_filesystem(str(image), journals=count, cluster="inproc")
-    async with memory_cluster(list(range(1, count + 1))) as mc, trio.open_nursery() as nursery:
+    placement = Placement(sb, list(range(1, count + 1)))
+    hint = placement.dir_hint if placed else None
+    async with memory_cluster(list(range(1, count + 1)), dir_hint=hint) as mc, \
+            trio.open_nursery() as nursery:
         out = []
         for slot in range(count):
             dev = BlockDevice(str(image))
@@ -50,7 +56,8 @@ async def nodes(tmp_path, count: int = 2) -> AsyncIterator[list[Node]]:
             glocks = GlockManager(mc.ls(slot + 1), min_hold=0)
             glocks.start(nursery)
             fs = FileSystem(dev, sb, journal, glocks, TransactionManager(journal),
-                            clustered=True)
+                            clustered=True,
+                            home_group=placement.home_group(slot + 1) if placed else None)
             node = Node(fs, dev)
             fs.invalidate_hook = node.invalidated.append
             out.append(node)
@@ -311,3 +318,29 @@ async def test_a_big_directory_is_not_reread_whole_when_its_lock_comes_back(
         assert len(reads) <= 4, reads    # inode, table, a leaf (and a spare)
         names = {n for n, _ in await b.fs.readdir(d.ino)}
         assert {b"from-a", b"from-b", b"entry-01499"} <= names and len(names) == 1502
+
+
+@trio_test
+async def test_with_placement_a_node_creates_in_its_own_directory_without_round_trips(
+        tmp_path) -> None:
+    """Each node's new inodes lie in its own groups, whose locks it is directory node
+    and master of: creating, opening and closing there sends no lock request away."""
+    async with nodes(tmp_path, count=3, placed=True) as (a, b, c):
+        for node in (a, b, c):
+            d = await node.fs.mknod(node.fs.root, b"d%d" % node.fs.journal.slot,
+                                    stat.S_IFDIR | 0o755, 0, 0, 0)
+            ls = node.fs.glocks.locks
+            stats = ls.statistics()
+            before = stats.remote_requests + stats.remote_lookups
+            for i in range(30):
+                f = await node.fs.mknod(d.ino, b"f%d" % i, REG, 0, 0, 0)
+                await node.fs.open(f.ino)
+                await node.fs.write(f.ino, 0, b"x" * 5000)
+                await node.fs.release(f.ino)
+            stats = ls.statistics()
+            assert stats.remote_requests + stats.remote_lookups == before
+            assert node.fs.sb.rgrp_of(d.ino) == node.fs.home_group
+        names = {n for n, _ in await a.fs.readdir(c.fs.root)}
+        assert names == {b"d0", b"d1", b"d2"}
+        got = await a.fs.lookup(d.ino, b"f29")            # c's file, read from a
+        assert got is not None and got.d.size == 5000

@@ -26,6 +26,13 @@ class Directory:
     """Finding and recording masters (a mixin of Lockspace)."""
 
     def _dir_node(self, key: bytes) -> int:
+        """The hinted node when the lockspace has a hint for key and that node is a
+        member, else hash(key) over the sorted members. Every member must use the
+        same hint (it comes from the shared config and device): two members that
+        disagree send lookups to different directory nodes."""
+        hint = self.ls_dir_hint(key) if self.ls_dir_hint is not None else None
+        if hint is not None and hint in self.ls_members:
+            return hint
         members = sorted(self.ls_members)
         return members[zlib.crc32(key) % len(members)]
 
@@ -49,6 +56,7 @@ class Directory:
             ev = self.ls_lookups.get(key)
             if ev is None:
                 ev = self.ls_lookups[key] = trio.Event()
+                self.stats["remote_lookups"] += 1
                 self._send(dir_node, MsgType.DLM_LOOKUP,
                            {"name": key, "rec": recovery, "assign": assign,
                             "g": self.ls_recover_gen})

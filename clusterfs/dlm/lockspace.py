@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -88,6 +88,7 @@ class LockspaceStats:
     directory_entries: int
     requests: int
     remote_requests: int
+    remote_lookups: int
     grants: int
     basts: int
     removed: int
@@ -105,7 +106,8 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier):
         self.ls_dlm = dlm
         self.ls_node = dlm.node_id
         self._next_id = random.getrandbits(30)
-        self.stats = {"requests": 0, "remote_requests": 0, "grants": 0, "basts": 0,
+        self.stats = {"requests": 0, "remote_requests": 0, "remote_lookups": 0,
+                      "grants": 0, "basts": 0,
                       "removed": 0}
         self.ls_wake = trio.Event()                 # set and renewed on any progress
         self.ls_queries: dict[int, tuple[trio.Event, list[Any]]] = {}   # dump_resource
@@ -119,6 +121,10 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier):
         self.ls_master_of: dict[bytes, int] = {}    # owner's cache: key -> master
         self.ls_dir: dict[bytes, int] = {}          # directory entries this node keeps
         self.ls_lookups: dict[bytes, trio.Event] = {}
+        # key -> the node that should be its directory node (then, as first asker,
+        # usually its master): a user that knows which node uses which resources
+        # keeps their lookups local (new_lockspace's dir_hint)
+        self.ls_dir_hint: Callable[[bytes], int | None] | None = None
         self.ls_dir_ready = 0                       # generation whose directory is complete
         self.ls_rec_lookups: list[tuple[int, dict[str, Any]]] = []
         # toss.py
@@ -359,8 +365,13 @@ class Dlm:
         self.dropped_sends = 0
         endpoint.register(DLM_TYPES, self._on_message)
 
-    async def new_lockspace(self, name: str = "default") -> Lockspace:
+    async def new_lockspace(self, name: str = "default",
+                            dir_hint: Callable[[bytes], int | None] | None = None
+                            ) -> Lockspace:
+        """dir_hint(key): the node to be the resource's directory node while it is a
+        member (None: by hash); every member must pass the same function."""
         ls = Lockspace(self, name)
+        ls.ls_dir_hint = dir_hint
         self.lockspaces[name] = ls
         for env in self._early.pop(name, []):
             ls._dispatch(env.sender, env.type, env.body)

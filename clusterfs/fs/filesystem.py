@@ -138,8 +138,8 @@ class Usage:
 
 class FileSystem:
     def __init__(self, dev: BlockDevice, sb: Superblock, journal: Journal,
-                 glocks: GlockManager, txn: TransactionManager, clustered: bool = False
-                 ) -> None:
+                 glocks: GlockManager, txn: TransactionManager, clustered: bool = False,
+                 home_group: int | None = None) -> None:
         self.dev = dev
         self.sb = sb
         self.journal = journal
@@ -163,8 +163,10 @@ class FileSystem:
         self.freed: dict[int, int] = {}
         self.clustered = clustered
         # where this node allocates new inodes in a cluster: its own part of the disk
-        # (by journal slot), so nodes creating at once rarely want the same group
-        self.home_group = journal.slot * sb.rgrp_count // sb.journal_count
+        # (a cluster mount says where: node/placement.py; else by journal slot), so
+        # nodes creating at once rarely want the same group
+        self.home_group = home_group if home_group is not None else \
+            journal.slot * sb.rgrp_count // sb.journal_count
         # tell the kernel to forget an inode's attributes (set by the FUSE layer; may
         # block briefly, so it is called from a worker thread)
         self.invalidate_hook: Callable[[int], None] | None = None

@@ -384,6 +384,7 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
     from clusterfs.dlm.lockspace import open_dlm, wait_running
     from clusterfs.node.cluster import open_cluster_node
     from clusterfs.node.lockd_cmd import ControlServer, default_control_path
+    from clusterfs.node.placement import Placement
 
     disk = _open_disk_heartbeat(cluster, fencing, dev)
     async with open_cluster_node(cluster.cfg, cluster.node_id, fence_agent=fencing.agent(),
@@ -391,7 +392,8 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
                                  generation_record=cluster.record, disk=disk) as node:
         server = await _start_storage(cluster, fencing, dev, node)
         async with open_dlm(node.endpoint, node.membership) as dlm:
-            ls = await dlm.new_lockspace("fs:" + sb.uuid_str)
+            placement = Placement(sb, cluster.cfg.node_ids)
+            ls = await dlm.new_lockspace("fs:" + sb.uuid_str, dir_hint=placement.dir_hint)
             log.info("node %d: joining cluster %s; waiting for quorum", cluster.node_id,
                      cluster.cfg.name)
             await wait_running(ls)
@@ -421,7 +423,8 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
             async def on_slot(slot: int) -> None:
                 await fencing.claim_slot(slot, node.nursery)
 
-            await _serve_fs(ls, dev, sb, mountpoint, opts, ready, pool, side_tasks, on_slot)
+            await _serve_fs(ls, dev, sb, mountpoint, opts, ready, pool, side_tasks, on_slot,
+                            home_group=placement.home_group(cluster.node_id))
             if shown:     # it served, wrote back and gave its locks up: say goodbye
                 from clusterfs.node.leave import leave_cleanly
 
@@ -557,7 +560,8 @@ def _replay(dev, sb, slot: int) -> None:
 
 async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Callable[[], None],
                     pool, side_tasks: Callable | None = None,
-                    on_slot: Callable[[int], Awaitable[None]] | None = None) -> None:
+                    on_slot: Callable[[int], Awaitable[None]] | None = None,
+                    home_group: int | None = None) -> None:
     import pyfuse3
     import trio
 
@@ -576,7 +580,8 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
     journal.open()
     txn = TransactionManager(journal)
     glocks = GlockManager(locks, min_hold=MIN_HOLD if opts.min_hold is None else opts.min_hold)
-    fs = FileSystem(dev, sb, journal, glocks, txn, clustered=clustered)
+    fs = FileSystem(dev, sb, journal, glocks, txn, clustered=clustered,
+                    home_group=home_group)
     ops = Operations(fs)
     options = set(pyfuse3.default_options) | {
         "fsname=" + (dev.path if "://" in dev.path else os.path.abspath(dev.path)),

@@ -84,6 +84,7 @@ def print_status(st: dict[str, Any]) -> None:
           f"idle, {ls.get('removed', 0)} removed so far), {ls['master_locks']} locks; "
           f"directory entries {ls['directory_entries']}")
     print(f"traffic     requests={ls['requests']} remote={ls['remote_requests']} "
+          f"remote lookups={ls.get('remote_lookups', 0)} "
           f"grants={ls['grants']} basts={ls['basts']}")
     if "mount" in st:
         m = st["mount"]
