@@ -344,3 +344,33 @@ async def test_with_placement_a_node_creates_in_its_own_directory_without_round_
         assert names == {b"d0", b"d1", b"d2"}
         got = await a.fs.lookup(d.ino, b"f29")            # c's file, read from a
         assert got is not None and got.d.size == 5000
+
+
+@trio_test
+async def test_an_idle_node_writes_home_and_shares_what_it_no_longer_changes(
+        tmp_path) -> None:
+    """A made a file and went quiet: its transaction goes home by itself and its EX
+    glock down to PR, so B's read is granted without a blocking callback on A."""
+    async with nodes(tmp_path) as (a, b), trio.open_nursery() as nursery:
+        a.fs.txn.idle_writeback = True
+        a.fs.glocks.share_when_idle.add("inode")
+        nursery.start_soon(a.fs.txn.run_timer)
+        nursery.start_soon(a.fs.glocks.run_idle_sharing, a.fs.txn.quiet, 0.2)
+        f = await a.fs.mknod(a.fs.root, b"f", REG, 0, 0, 0)
+        await a.fs.open(f.ino)
+        await a.fs.write(f.ino, 0, b"made on a")
+        await a.fs.release(f.ino)
+        glock = a.fs.glocks.glocks[("inode", f.ino)]
+        assert glock.mode == Mode.EX
+        with trio.fail_after(10):
+            while glock.mode != Mode.PR or not a.fs.txn.quiet():
+                await trio.sleep(0.05)
+        assert not a.fs.journal.pending_home               # home: nothing to replay
+        basts = a.fs.glocks.locks.statistics().basts
+        got = await b.fs.lookup(a.fs.root, b"f")
+        assert got is not None and await b.fs.read(got.ino, 0, 100) == b"made on a"
+        assert a.fs.glocks.locks.statistics().basts == basts   # nobody had to ask A
+        await a.fs.write(f.ino, 0, b"MADE")                    # EX again: B drops
+        assert glock.mode == Mode.EX
+        assert await b.fs.read(f.ino, 0, 100) == b"MADE on a"
+        nursery.cancel_scope.cancel()

@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 DemoteCallback = Callable[["Glock", Mode], Awaitable[None] | None]
 GrantCallback = Callable[["Glock"], None]
 MIN_HOLD = 0.02          # seconds; docs/locking.md has the measurements behind it
+IDLE_SHARE = 1.0         # seconds an unused, clean EX glock is kept before going to PR
 DEADLOCK_BACKOFF = 0.01  # up to this long (random) before asking again after a deadlock
 
 
@@ -69,6 +70,7 @@ class Glock:
         self.demote_to: Mode | None = None  # a demote is pending, down to this mode
         self.demoted = trio.Event()       # set when the pending demote is done
         self.granted_at = 0.0
+        self.released_at = 0.0            # when the last local user let go
         self.demotes = 0
         self.requesting: Mode | None = None   # the mode a request in flight asks for
 
@@ -109,7 +111,11 @@ class GlockManager:
         # no quorum, a departed node's journal not yet replayed; cache/recovery.py)
         self.gate: Gate | None = None
         self.stats = {"acquired": 0, "cached_hits": 0, "demoted": 0, "down_converted": 0,
-                      "deadlocks_retried": 0}
+                      "deadlocks_retried": 0, "shared_when_idle": 0}
+        # kinds whose EX glocks go down to PR by themselves once unused for a while
+        # (run_idle_sharing), and the EX glocks of those kinds held now
+        self.share_when_idle: set[str] = set()
+        self._exclusive: dict[ResourceName, Glock] = {}
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -153,6 +159,7 @@ class GlockManager:
         for glock in taken:
             glock.holders -= 1
             if glock.holders == 0:
+                glock.released_at = time.monotonic()
                 glock.idle.set()
 
     @asynccontextmanager
@@ -215,6 +222,8 @@ class GlockManager:
             glock.requesting = None
         glock.granted_at = time.monotonic()
         self.stats["acquired"] += 1
+        if mode == Mode.EX and str(glock.name[0]) in self.share_when_idle:
+            self._exclusive[glock.name] = glock
         return True
 
     def _blocking(self, glock: Glock, wanted: Mode) -> None:
@@ -269,6 +278,30 @@ class GlockManager:
         else:
             await self.locks.convert(glock.lock, target)
             self.stats["down_converted"] += 1
+
+    async def run_idle_sharing(self, quiet: Callable[[], bool],
+                               after: float = IDLE_SHARE) -> None:
+        """Background task (cluster mounts): an EX glock of a kind in share_when_idle
+        that no local user has taken for `after` seconds goes down to PR, as if another
+        node had asked to read, while `quiet()` says there is nothing to write (so the
+        demote costs no I/O). A node that made files and moved on keeps its clean
+        copies, and another node reading them is granted PR by the master at once,
+        without a blocking callback and a demote here first; taking EX again is a
+        conversion, local when this node masters the lock (node/placement.py)."""
+        while True:
+            await trio.sleep(after / 2)
+            if quiet():
+                self._share_idle(time.monotonic() - after)
+
+    def _share_idle(self, unused_since: float) -> None:
+        for name, glock in list(self._exclusive.items()):
+            if glock.mode != Mode.EX:
+                del self._exclusive[name]
+            elif glock.holders == 0 and glock.demote_to is None and \
+                    glock.requesting is None and glock.released_at <= unused_since:
+                del self._exclusive[name]
+                self.stats["shared_when_idle"] += 1
+                self._blocking(glock, Mode.PR)
 
     async def release_all(self) -> None:
         """At unmount: give every cached lock back."""

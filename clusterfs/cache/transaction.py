@@ -23,6 +23,7 @@ from clusterfs.journal.log import Journal
 
 log = logging.getLogger(__name__)
 COMMIT_INTERVAL = 2.0        # seconds a dirty transaction may wait
+IDLE_WRITEBACK = 1.0         # seconds without a change before everything goes home
 LARGE_FRACTION = 4           # commit when estimated blocks > journal max / this
 
 
@@ -37,6 +38,7 @@ class TransactionManager:
         self.journal = journal
         self.dirty: dict[int, Dirtyable] = {}
         self.started = 0.0
+        self.last_change = 0.0            # when the last operation that wrote ended
         self.estimate = 0
         self.withdrawn: str | None = None
         self.stats = {"commits": 0, "operations": 0}
@@ -44,6 +46,9 @@ class TransactionManager:
         # next commit must make that data durable before its commit block can be
         # (ordered data), so it flushes twice; otherwise once (see commit)
         self.fresh_data = False
+        # a cluster mount: write everything home once nothing has changed for
+        # IDLE_WRITEBACK (another node may want what we hold; one node: no need)
+        self.idle_writeback = False
         self._limit = max(16, journal.max_transaction // LARGE_FRACTION)
         self._lock = trio.Lock()
         self._kick = trio.Event()         # wakes run_timer for a background commit
@@ -88,6 +93,7 @@ class TransactionManager:
         limit while a commit is under way does the operation wait (back-pressure;
         twice the limit is still half the journal)."""
         self.stats["operations"] += 1
+        self.last_change = time.monotonic()
         if self.estimate > self._limit:
             if self._background and self.estimate <= 2 * self._limit:
                 self._kick.set()
@@ -202,14 +208,26 @@ class TransactionManager:
         finally:
             self._background = False
 
+    def quiet(self) -> bool:
+        """Nothing to write: nothing dirty, nothing logged that is not home yet, no
+        commit under way (a demote now costs no I/O; see flush_for_demote)."""
+        return not self.dirty and not self.journal.pending_home and not self._lock.locked()
+
     async def _background_round(self) -> None:
         with trio.move_on_after(COMMIT_INTERVAL / 4):
             await self._kick.wait()
         self._kick = trio.Event()
-        if self.dirty and self.withdrawn is None and (
-                self.estimate > self._limit
-                or time.monotonic() - self.started >= COMMIT_INTERVAL):
-            try:
+        if self.withdrawn is not None:
+            return
+        now = time.monotonic()
+        try:
+            if self.idle_writeback and not self.quiet() and \
+                    now - self.last_change >= IDLE_WRITEBACK:
+                # nothing changed for a while: write everything home, so a later
+                # demote has nothing to do and a crash leaves little to replay
+                await self.commit(checkpoint=True)
+            elif self.dirty and (self.estimate > self._limit
+                                 or now - self.started >= COMMIT_INTERVAL):
                 await self.commit()
-            except Withdrawn:
-                pass       # logged by withdraw(); keep serving reads
+        except Withdrawn:
+            pass           # logged by withdraw(); keep serving reads

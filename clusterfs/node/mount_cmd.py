@@ -600,6 +600,10 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
     try:
         async with trio.open_nursery() as nursery:
             glocks.start(nursery)
+            if clustered:
+                txn.idle_writeback = True
+                glocks.share_when_idle.add("inode")
+                nursery.start_soon(glocks.run_idle_sharing, txn.quiet)
             nursery.start_soon(txn.run_timer)
             nursery.start_soon(fs.run_orphan_sweeper)
             if side_tasks is not None:

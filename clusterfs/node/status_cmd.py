@@ -100,7 +100,8 @@ def print_status(st: dict[str, Any]) -> None:
         g = m["glock_stats"]
         print(f"glocks      cached={g['cached']} acquired={g['acquired']} "
               f"hits={g['cached_hits']} released={g['demoted']} "
-              f"down-converted={g['down_converted']} deadlocks-retried="
+              f"down-converted={g['down_converted']} (idle: "
+              f"{g.get('shared_when_idle', 0)}) deadlocks-retried="
               f"{g['deadlocks_retried']}")
         for gl in m["glocks"]:
             name = ":".join(str(p) for p in gl["name"])
