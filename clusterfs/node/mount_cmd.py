@@ -16,6 +16,11 @@ in EX: it replays every dirty journal, holding each one's ("journal", slot)
 lock, then keeps "live" in PR like every later node. A later node replays only
 the slot it claimed (preferring a clean one).
 
+With CLUSTERFS_AUDIT_FAILOVER=1 in its environment the mount audits its failover
+path (clusterfs.failover): from the start it records, in memory, every file it opens
+and module it imports, and `clusterfs status --json` shows under "failover" those
+that happened while it took over from a dead node or a silent server (none should).
+
 Without -f the command forks; the parent exits 0 only once the mount is live
 (or 1 with the child's one-line error); the daemon logs to syslog, or to the
 --log file. Unmount with `clusterfs umount` or `fusermount3 -u MOUNTPOINT`;
@@ -35,6 +40,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from clusterfs import failover
 from clusterfs.errors import ChecksumError, ClusterFSError, NotClusterFS, StorageError
 from clusterfs.node import mountrecord
 
@@ -43,6 +49,7 @@ POOL_BUFFERS = 64
 READAHEAD_KB = 1024
 SLOT_ATTEMPTS = 25          # looks for a free journal slot before giving up...
 SLOT_RETRY_DELAY = 0.2      # ...this many seconds apart
+AUDIT_ENV = "CLUSTERFS_AUDIT_FAILOVER"    # =1: audit the failover path (module doc)
 
 
 class MountError(Exception):
@@ -404,7 +411,8 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
                 "mount": _mount_status(mountpoint, dev.path, **shown),
                 "fencing": fencing.statistics(),
                 "device": dev.statistics(),
-                "block_server": server.statistics() if server else None} if shown else {})
+                "block_server": server.statistics() if server else None,
+                "failover": failover.report()} if shown else {})
             path = cluster.control or default_control_path(cluster.node_id)
             os.makedirs(os.path.dirname(path), exist_ok=True)
 
@@ -710,7 +718,13 @@ def _daemon_log(path: str | None) -> int | None:
 
 
 def _mount(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+    if os.environ.get(AUDIT_ENV) == "1":
+        failover.install_audit()        # first: every later event is counted
     import trio
+
+    def live() -> None:
+        ready()
+        failover.arm_audit()            # what starting the mount did is not failover
 
     opts = parse_options(args.options)
     _setup_logging(opts.debug)
@@ -727,7 +741,7 @@ def _mount(args: argparse.Namespace, ready: Callable[[], None]) -> int:
         check_cluster_name(args.device, sb, cluster.cfg.name if cluster else None,
                            args.no_cluster_check)
         # resolved now: once mounted, this process may not look at its mountpoint
-        trio.run(serve, dev, sb, os.path.realpath(args.mountpoint), opts, ready, cluster)
+        trio.run(serve, dev, sb, os.path.realpath(args.mountpoint), opts, live, cluster)
     finally:
         dev.close()
     return 0

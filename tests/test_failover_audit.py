@@ -1,0 +1,208 @@
+"""Memory discipline on the failover path (issue 8, item 6): across a failover a node
+opens no host file and imports nothing.
+
+The mount audits itself when started with CLUSTERFS_AUDIT_FAILOVER=1
+(clusterfs.failover): a sys.addaudithook hook in the mount process records every
+file opened, module imported, process started... while a phase of the failover
+path is under way (membership seeing a node go until it is fenced, journal
+recovery, a proxy's re-target), and `clusterfs status --json` shows them. Here:
+the hook itself (it catches what it must, in a process of its own), then real
+mounts: a node killed under writers, and a proxy's server stopped under a writer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mountutil
+import pytest
+from clusterutil import cluster
+from mountutil import run_cli
+from recoveryutil import wait_for
+from test_proxy import ProxyCluster, _status, _write_and_stop
+
+from clusterfs import failover
+
+AUDIT = {"CLUSTERFS_AUDIT_FAILOVER": "1"}
+
+
+# -- the phases and the hook, in a process of their own ---------------------------------
+
+def test_phases_are_flags_by_name_and_leave_a_history():
+    failover.enter("test phase")
+    failover.enter("test phase")              # once is enough
+    assert "test phase" in failover.under_way()
+    failover.leave("test phase")
+    failover.leave("test phase")              # and leaving twice is harmless
+    assert "test phase" not in failover.under_way()
+    assert failover.phase_history()[-1]["phase"] == "test phase"
+
+
+HOOKED = textwrap.dedent(r"""
+    import json, sys
+    from clusterfs import failover
+    failover.install_audit()
+    open(sys.argv[1], "w").close()            # before arming: only counted
+    failover.arm_audit()
+    open(sys.argv[1]).close()                 # armed, outside every phase
+    failover.enter("test phase")
+    import colorsys                           # never imported before: a real import
+    open(sys.argv[1]).close()
+    import json                               # imported already: no event
+    failover.leave("test phase")
+    open(sys.argv[1]).close()
+    print(json.dumps(failover.report()))
+""")
+
+
+def test_the_hook_records_imports_and_opens_made_during_a_phase(tmp_path):
+    """The audit the mount tests rely on: it sees an import and an open made while a
+    phase is under way (with where they came from), and keeps what happened outside
+    apart. A deliberate import, so the mount tests' empty lists mean something."""
+    target = tmp_path / "f"
+    r = subprocess.run([sys.executable, "-c", HOOKED, str(target)], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    during = [(e["event"], e["what"]) for e in rep["during"]]
+    assert ("import", "'colorsys'") in during, during
+    assert ("open", f"{str(target)!r} 'r'") in during, during
+    assert not any(e["what"] == "'json'" for e in rep["during"])
+    assert all(e["phases"] == ["test phase"] for e in rep["during"])
+    assert any("colorsys" not in e["what"] and e["where"] for e in rep["during"])
+    outside = [e["what"] for e in rep["outside_sample"]]
+    assert outside.count(f"{str(target)!r} 'r'") == 2, outside
+    assert rep["seen"] >= len(rep["during"]) + rep["outside_count"] + 1   # + the unarmed one
+    assert rep["phases"][-1]["phase"] == "test phase"
+
+
+# -- real mounts --------------------------------------------------------------------------
+
+WRITER = r"""
+import os, sys
+root, stop = sys.argv[1], sys.argv[2]
+i = 0
+while not os.path.exists(stop):
+    with open(os.path.join(root, f"f{i % 50}"), "wb") as f:
+        f.write(os.urandom(4096 + 512 * (i % 17)))
+        os.fsync(f.fileno())
+    i += 1
+print(i, flush=True)
+"""
+
+
+def _audit(status_of, node: int) -> dict:
+    r = run_cli("status", "--control", status_of(node), "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)["failover"]
+
+
+def _phases_after(audit: dict, since: float) -> set[str]:
+    return {p["phase"] for p in audit["phases"] if p["at"] >= since}
+
+
+def _explain(audit: dict) -> str:
+    return "\n".join(f"{e['event']} {e['what']} during {e['phases']} in {e['thread']}\n    "
+                     + "\n    ".join(e.get("where", [])) for e in audit["during"])
+
+
+def assert_quiet_failover(audit: dict, since: float, phases: set[str]) -> None:
+    """The hook was in that process and armed, the failover's phases ran and ended
+    after `since`, and nothing was recorded while they were under way."""
+    assert audit["installed"] and audit["armed"], audit
+    assert audit["seen"] > 0, "the hook saw nothing at all: is it there?"
+    assert phases <= _phases_after(audit, since), audit["phases"]
+    assert not audit["during_dropped"] and not audit["during"], _explain(audit)
+
+
+@pytest.fixture
+def audited(monkeypatch):
+    mountutil.require_mounts()
+    for k, v in AUDIT.items():
+        monkeypatch.setenv(k, v)
+
+
+@contextlib.contextmanager
+def writing(roots: list[str], stop: Path) -> Iterator[list[subprocess.Popen]]:
+    """A WRITER on each root until the body ends (then the stop file); each must end
+    cleanly unless the body killed it."""
+    procs: list[subprocess.Popen] = []
+    try:
+        procs.extend(subprocess.Popen([sys.executable, "-c", WRITER, root, str(stop)],
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True) for root in roots)
+        yield procs
+    finally:
+        stop.touch()
+        for p in procs:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    for p in procs:
+        assert p.returncode in (0, -signal.SIGKILL), p.stdout.read()
+
+
+def test_survivors_of_a_kill_open_and_import_nothing_while_they_take_over(tmp_path, audited):
+    """kill -9 of node 1 while every node writes and fsyncs: node 2 (the new
+    coordinator) fences it, both survivors recover the DLM and node 1's journal is
+    replayed; neither records an event from the moment it sees node 1 go until its
+    journal recovery is done (and membership's part, fencing, is over)."""
+    with cluster(tmp_path, nodes=3) as c:
+        for n in (1, 2, 3):
+            os.mkdir(c.path(n, f"w{n}"))
+        with writing([c.path(n, f"w{n}") for n in (1, 2, 3)], tmp_path / "stop") as procs:
+            time.sleep(1.0)
+            killed_at = time.time()
+            c.kill9(1)
+            procs[0].kill()                   # its writer dies with it
+            for n in (2, 3):
+                wait_for(f"node {n}'s journal recovery",
+                         lambda n=n: "journal recovery" in _phases_after(
+                             _audit(c.control, n), killed_at), timeout=120, poll=0.2)
+            time.sleep(1.0)                   # the writers go on after the recovery
+        assert all(p.returncode == 0 for p in procs[1:])
+        audits = {n: _audit(c.control, n) for n in (2, 3)}
+        for n, audit in audits.items():
+            print(f"\nnode {n}: {audit['seen']} events seen, {audit['outside_count']} "
+                  f"outside the failover, phases {audit['phases']}\n{_explain(audit)}")
+        for audit in audits.values():
+            assert_quiet_failover(audit, killed_at, {"membership", "journal recovery"})
+
+
+def test_a_proxy_opens_and_imports_nothing_while_it_retargets(tmp_path, audited):
+    """Nodes 1 and 2 serve the disk, node 3 proxies (tests/test_proxy.py). The server
+    node 3 writes through most is SIGSTOPped while node 3 writes and fsyncs: node 3
+    re-targets to the other server, then the survivors remove the stopped node, fence
+    it (the process agent kills it) and recover. Node 3 records nothing from its first
+    timed-out request to the end of its journal recovery, nor does the other server
+    while it fences and recovers."""
+    with ProxyCluster(tmp_path) as c:
+        server, stopped_at, _lines = _write_and_stop(c, 4, 6, None)
+        other = 3 - server
+        victim = c.mounts[server]
+        wait_for("the stopped server fenced (killed)", lambda: not victim.alive(),
+                 timeout=120, poll=0.2)
+        c.mounts.pop(server).clean_after_crash()
+        for n in (3, other):
+            wait_for(f"node {n}'s journal recovery",
+                     lambda n=n: "journal recovery" in _phases_after(
+                         _audit(c.control, n), stopped_at), timeout=120, poll=0.2)
+        audits = {n: _audit(c.control, n) for n in (3, other)}
+        for n, audit in audits.items():
+            print(f"\nnode {n}: {audit['seen']} events seen, {audit['outside_count']} "
+                  f"outside the failover, phases {audit['phases']}\n{_explain(audit)}")
+        assert _status(c, 3)["device"]["retargets"] >= 1
+        assert_quiet_failover(audits[3], stopped_at,
+                              {"proxy re-target", "membership", "journal recovery"})
+        assert_quiet_failover(audits[other], stopped_at, {"membership", "journal recovery"})
