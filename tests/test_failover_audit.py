@@ -25,12 +25,19 @@ from pathlib import Path
 
 import mountutil
 import pytest
+import trio
 from clusterutil import cluster
 from mountutil import run_cli
 from recoveryutil import wait_for
 from test_proxy import ProxyCluster, _status, _write_and_stop
 
 from clusterfs import failover
+from clusterfs.membership.generation_record import (
+    SLOT,
+    GenerationFile,
+    encode_record,
+    generation_file_path,
+)
 
 AUDIT = {"CLUSTERFS_AUDIT_FAILOVER": "1"}
 
@@ -83,6 +90,41 @@ def test_the_hook_records_imports_and_opens_made_during_a_phase(tmp_path):
     assert outside.count(f"{str(target)!r} 'r'") == 2, outside
     assert rep["seen"] >= len(rep["during"]) + rep["outside_count"] + 1   # + the unarmed one
     assert rep["phases"][-1]["phase"] == "test phase"
+
+
+# -- what the failover path uses instead of the host's files ----------------------------
+
+def test_the_generation_record_is_written_in_place_without_opening_a_file(tmp_path):
+    """A promise made while a node departs is made durable through the descriptor the
+    record keeps: no temporary file, no rename (the file keeps its inode)."""
+    rec = GenerationFile(tmp_path, 4)
+    path = generation_file_path(tmp_path, 4)
+    inode = path.stat().st_ino
+    for generation in (5, 6, 9):
+        trio.run(rec.raise_to, generation)
+    assert path.stat().st_ino == inode and path.stat().st_size == SLOT * 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["node4.generation"]
+    assert GenerationFile(tmp_path, 4).durable == 9
+
+
+def test_a_torn_record_falls_back_to_the_other_slot(tmp_path):
+    rec = GenerationFile(tmp_path, 4)
+    for generation in (7, 8):                 # 7 in slot 1, 8 in slot 0
+        trio.run(rec.raise_to, generation)
+    path = generation_file_path(tmp_path, 4)
+    data = bytearray(path.read_bytes())
+    data[20:30] = b"\xff" * 10                # the write of 8 was torn by a crash
+    path.write_bytes(bytes(data))
+    assert GenerationFile(tmp_path, 4).durable == 7
+
+
+def test_a_one_line_record_of_an_earlier_version_is_read_and_rewritten(tmp_path):
+    path = generation_file_path(tmp_path, 4)
+    path.write_text(encode_record(12, 4))
+    rec = GenerationFile(tmp_path, 4)
+    assert rec.durable == 12 and path.stat().st_size == SLOT * 2
+    trio.run(rec.raise_to, 13)
+    assert GenerationFile(tmp_path, 4).durable == 13
 
 
 # -- real mounts --------------------------------------------------------------------------
