@@ -32,6 +32,9 @@ from recoveryutil import wait_for
 from test_proxy import ProxyCluster, _status, _write_and_stop
 
 from clusterfs import failover
+from clusterfs.errors import FenceError
+from clusterfs.fence.agent import ProcessAgent
+from clusterfs.fence.pidfile import identity_of, pid_file_path
 from clusterfs.membership.generation_record import (
     SLOT,
     GenerationFile,
@@ -125,6 +128,55 @@ def test_a_one_line_record_of_an_earlier_version_is_read_and_rewritten(tmp_path)
     assert rec.durable == 12 and path.stat().st_size == SLOT * 2
     trio.run(rec.raise_to, 13)
     assert GenerationFile(tmp_path, 4).durable == 13
+
+
+@pytest.fixture
+def sleeper():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def _record(pid_dir: Path, node_id: int, pid: int, incarnation: int) -> None:
+    who = identity_of(pid)
+    assert who is not None
+    pid_file_path(pid_dir, node_id).write_text(f"{who.pid} {who.start_time} {incarnation:x}\n")
+
+
+def test_a_process_held_since_it_joined_is_fenced_without_its_record(tmp_path, sleeper):
+    """The mount holds each member's process (expect) while it joins; fencing that
+    incarnation reads nothing: here the record is gone by then, and it still works."""
+    _record(tmp_path, 2, sleeper.pid, 0x51)
+    agent = ProcessAgent(pid_dir=tmp_path)
+    agent.expect(2, 0x51)
+    pid_file_path(tmp_path, 2).unlink()
+    trio.run(agent.fence, 2, 7, 0x51)
+    assert sleeper.wait(10) == -signal.SIGKILL
+    agent.close()
+
+
+def test_a_held_process_of_another_incarnation_is_not_used(tmp_path, sleeper):
+    """Holding is only for the incarnation it was taken for: fencing another one goes
+    by the record, as before (here: a record of a later life, so nothing is killed)."""
+    _record(tmp_path, 2, sleeper.pid, 0x51)
+    agent = ProcessAgent(pid_dir=tmp_path)
+    agent.expect(2, 0x51)
+    _record(tmp_path, 2, sleeper.pid, 0x77)
+    trio.run(agent.fence, 2, 7, 0x33)
+    assert sleeper.poll() is None
+    agent.close()
+
+
+def test_a_record_of_another_incarnation_is_not_held(tmp_path, sleeper):
+    _record(tmp_path, 2, sleeper.pid, 0x77)
+    agent = ProcessAgent(pid_dir=tmp_path)
+    agent.expect(2, 0x51)                     # the record is not (yet) that life's
+    pid_file_path(tmp_path, 2).unlink()
+    with pytest.raises(FenceError, match="no pid file"):
+        trio.run(agent.fence, 2, 7, 0x51)     # nothing held: it reads, and finds none
+    assert sleeper.poll() is None
 
 
 # -- real mounts --------------------------------------------------------------------------

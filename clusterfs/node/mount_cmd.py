@@ -397,6 +397,7 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
     async with open_cluster_node(cluster.cfg, cluster.node_id, fence_agent=fencing.agent(),
                                  incarnation=cluster.incarnation,
                                  generation_record=cluster.record, disk=disk) as node:
+        node.nursery.start_soon(fencing.hold_members, node.membership)
         server = await _start_storage(cluster, fencing, dev, node)
         async with open_dlm(node.endpoint, node.membership) as dlm:
             placement = Placement(sb, cluster.cfg.node_ids)
