@@ -43,6 +43,7 @@ from typing import Any
 from clusterfs import failover
 from clusterfs.errors import ChecksumError, ClusterFSError, NotClusterFS, StorageError
 from clusterfs.node import mountrecord
+from clusterfs.node.prepare import TracebackFormatter, preload
 
 log = logging.getLogger("clusterfs.mount")
 POOL_BUFFERS = 64
@@ -251,6 +252,7 @@ def reserve_memory():
 async def serve(dev, sb, mountpoint: str, opts: Options, ready: Callable[[], None],
                 cluster: ClusterArgs | None = None) -> None:
     pool = reserve_memory()
+    dev.start_write_behind()       # its descriptor, buffer and thread: now, not at write-back
     try:
         if cluster is None:
             from clusterfs.dlm.local import LocalLockService
@@ -265,6 +267,7 @@ async def serve(dev, sb, mountpoint: str, opts: Options, ready: Callable[[], Non
 async def _serve_clustered(cluster: ClusterArgs, dev, sb, mountpoint: str, opts: Options,
                            ready: Callable[[], None], pool) -> None:
     """Join the cluster, open the filesystem's lockspace, serve through it."""
+    preload()                      # the failover path imports nothing (node/prepare.py)
     fencing = _mount_fencing(cluster, dev, sb)
     try:
         await _serve_fenced(cluster, fencing, dev, sb, mountpoint, opts, ready, pool)
@@ -684,8 +687,10 @@ def _raise_readahead(mountpoint: str) -> None:
 
 
 def _setup_logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
-                        format="clusterfs[%(process)d] %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(TracebackFormatter(
+        "clusterfs[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
 
 
 SYSLOG_SOCKET = "/dev/log"
@@ -705,7 +710,7 @@ def _daemon_log(path: str | None) -> int | None:
         except OSError:
             handler = None  # type: ignore[assignment]
         if handler is not None:
-            handler.setFormatter(logging.Formatter(
+            handler.setFormatter(TracebackFormatter(
                 "clusterfs[%(process)d]: %(levelname)s %(name)s: %(message)s"))
             root = logging.getLogger()
             for old in list(root.handlers):
