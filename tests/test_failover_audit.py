@@ -297,6 +297,16 @@ def assert_quiet_failover(audit: dict, since: float, phases: set[str]) -> None:
     assert not audit["during_dropped"] and not audit["during"], _explain(audit)
 
 
+KILL_PHASES = {"membership", "journal recovery"}
+
+
+def wait_phases(c, node: int, since: float, phases: set[str]) -> None:
+    """Until every one of `phases` has run on `node` and ended, after `since`."""
+    wait_for(f"node {node}'s phases {sorted(phases)}",
+             lambda: phases <= _phases_after(_audit(c.control, node), since),
+             timeout=120, poll=0.2)
+
+
 @pytest.fixture
 def audited(monkeypatch):
     mountutil.require_mounts()
@@ -338,9 +348,7 @@ def test_survivors_of_a_kill_open_and_import_nothing_while_they_take_over(tmp_pa
             c.kill9(1)
             procs[0].kill()                   # its writer dies with it
             for n in (2, 3):
-                wait_for(f"node {n}'s journal recovery",
-                         lambda n=n: "journal recovery" in _phases_after(
-                             _audit(c.control, n), killed_at), timeout=120, poll=0.2)
+                wait_phases(c, n, killed_at, KILL_PHASES)
             time.sleep(1.0)                   # the writers go on after the recovery
         for p in procs[1:]:
             assert p.returncode == 0, p.stdout.read()
@@ -349,7 +357,7 @@ def test_survivors_of_a_kill_open_and_import_nothing_while_they_take_over(tmp_pa
             print(f"\nnode {n}: {audit['seen']} events seen, {audit['outside_count']} "
                   f"outside the failover, phases {audit['phases']}\n{_explain(audit)}")
         for audit in audits.values():
-            assert_quiet_failover(audit, killed_at, {"membership", "journal recovery"})
+            assert_quiet_failover(audit, killed_at, KILL_PHASES)
 
 
 def test_a_proxy_opens_and_imports_nothing_while_it_retargets(tmp_path, audited):
@@ -366,15 +374,12 @@ def test_a_proxy_opens_and_imports_nothing_while_it_retargets(tmp_path, audited)
         wait_for("the stopped server fenced (killed)", lambda: not victim.alive(),
                  timeout=120, poll=0.2)
         c.mounts.pop(server).clean_after_crash()
-        for n in (3, other):
-            wait_for(f"node {n}'s journal recovery",
-                     lambda n=n: "journal recovery" in _phases_after(
-                         _audit(c.control, n), stopped_at), timeout=120, poll=0.2)
+        wait_phases(c, 3, stopped_at, {"proxy re-target", *KILL_PHASES})
+        wait_phases(c, other, stopped_at, KILL_PHASES)
         audits = {n: _audit(c.control, n) for n in (3, other)}
         for n, audit in audits.items():
             print(f"\nnode {n}: {audit['seen']} events seen, {audit['outside_count']} "
                   f"outside the failover, phases {audit['phases']}\n{_explain(audit)}")
         assert _status(c, 3)["device"]["retargets"] >= 1
-        assert_quiet_failover(audits[3], stopped_at,
-                              {"proxy re-target", "membership", "journal recovery"})
-        assert_quiet_failover(audits[other], stopped_at, {"membership", "journal recovery"})
+        assert_quiet_failover(audits[3], stopped_at, {"proxy re-target", *KILL_PHASES})
+        assert_quiet_failover(audits[other], stopped_at, KILL_PHASES)
