@@ -85,7 +85,8 @@ def phase_history() -> list[dict[str, Any]]:
 
 
 class _Audit:
-    """What the hook saw. Only appends and counters: no lock (the GIL orders them)."""
+    """What the hook saw. Appends (atomic under the GIL) and counters, no lock: two
+    threads counting at once may lose a count, which misleads nobody."""
 
     def __init__(self) -> None:
         self.installed_at = time.time()

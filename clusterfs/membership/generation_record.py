@@ -39,7 +39,7 @@ import trio
 from clusterfs.errors import StateError
 
 FORMAT = 1
-SLOT = 512          # bytes per record slot (a sector: a write of one is not torn on disk)
+SLOT = 512          # bytes per record slot (a sector; a torn one fails its CRC, the other stands)
 SLOTS = 2
 
 
