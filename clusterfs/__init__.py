@@ -26,7 +26,9 @@ format and never through fs or fuse, so it judges the disk, not the code.
 
 Shared by all: `clusterfs.errors` (our exceptions), `clusterfs.native` (the
 cffi module: checksums, memory reserve, lock table), `clusterfs.config`,
-`clusterfs.compat` (differences between supported library versions).
+`clusterfs.compat` (differences between supported library versions),
+`clusterfs.failover` (the phases of the failover path each layer marks, and the
+mount's opt-in audit of what the process asks of the host meanwhile).
 """
 
 __version__ = "0.1.0"

@@ -28,6 +28,7 @@ from typing import Any
 
 import trio
 
+from clusterfs import failover
 from clusterfs.dlm.interface import Mode
 from clusterfs.errors import Expelled, Withdrawn, WouldBlock
 from clusterfs.journal.log import replay_steps
@@ -35,6 +36,7 @@ from clusterfs.membership.view import ViewChange
 
 log = logging.getLogger(__name__)
 GATE_POLL = 0.01       # seconds between looks at a closed gate
+FAILOVER_PHASE = "journal recovery"     # clusterfs.failover: a departure until replayed
 
 
 class JournalRecovery:
@@ -76,6 +78,7 @@ class JournalRecovery:
                 # replay, nothing to hold the gate for (membership's ViewChange.clean)
                 departed = ev.left - ev.clean
                 if departed:
+                    failover.enter(FAILOVER_PHASE)
                     self.need_gen = ev.view.generation
                     if scope is not None:
                         scope.cancel()
@@ -123,6 +126,8 @@ class JournalRecovery:
                      or "no journal needed replay")
             if self.on_recovered is not None:
                 self.on_recovered()
+            if self.done_gen >= self.need_gen:
+                failover.leave(FAILOVER_PHASE)
 
     async def _replay_if_free(self, slot: int) -> int | None:
         """Replay `slot` if no live node holds it; the transactions replayed, or None."""

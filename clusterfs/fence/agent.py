@@ -91,6 +91,36 @@ class ProcessAgent:
         self.pid_dir = Path(pid_dir) if pid_dir is not None else None
         self.wait = wait
         self.calls: list[tuple[int, int]] = []
+        # node -> its record and a pidfd of its process, taken while it joined (expect)
+        self._held: dict[int, tuple[PidRecord, int | None]] = {}
+        self._expected: dict[int, int] = {}    # node -> the incarnation last expected
+
+    def expect(self, node_id: int, incarnation: int) -> None:
+        """node_id is in our view as `incarnation`: read its record and hold its
+        process (a pidfd) now, so that fencing that incarnation later opens no file
+        (clusterfs.failover). Once per incarnation, and best effort: without it,
+        fence() reads the record then."""
+        if self._expected.get(node_id) == incarnation:
+            return
+        self._expected[node_id] = incarnation
+        try:
+            record = self.record_of_node(node_id)
+        except FenceError as exc:
+            log.debug("node %d: no pid record to hold yet: %s", node_id, exc)
+            return
+        if record.incarnation != incarnation:
+            return                   # not written yet, or a newer life: read at fence
+        self._release(node_id)
+        self._held[node_id] = (record, _open_if_same(record.process))
+
+    def _release(self, node_id: int) -> None:
+        held = self._held.pop(node_id, None)
+        if held is not None and held[1] is not None:
+            os.close(held[1])
+
+    def close(self) -> None:
+        for node_id in list(self._held):
+            self._release(node_id)
 
     def record_of_node(self, node_id: int) -> PidRecord:
         if node_id in self.known:
@@ -102,6 +132,11 @@ class ProcessAgent:
     async def fence(self, node_id: int, generation: int,
                     incarnation: int | None = None) -> None:
         self.calls.append((node_id, generation))
+        held = self._held.get(node_id)
+        if held is not None and incarnation is not None and held[0].incarnation == incarnation:
+            await self._fence_held(node_id, generation, held[0].process, held[1])
+            self._release(node_id)
+            return
         record = self.record_of_node(node_id)
         if (incarnation is not None and record.incarnation is not None
                 and record.incarnation != incarnation):
@@ -125,6 +160,19 @@ class ProcessAgent:
             os.close(pidfd)
         log.warning("gen %d: node %d fenced: pid %d killed and gone", generation, node_id,
                     recorded.pid)
+
+    async def _fence_held(self, node_id: int, generation: int, process: ProcessIdentity,
+                          pidfd: int | None) -> None:
+        """Fence the process held since it joined: its pidfd names that very process
+        (None: it was gone already then)."""
+        if pidfd is None:
+            log.info("gen %d: node %d fenced: its process (pid %d) was gone already",
+                     generation, node_id, process.pid)
+            return
+        killed = _kill(pidfd, node_id, process.pid)
+        await self._wait_gone(pidfd, node_id, process.pid)
+        log.warning("gen %d: node %d fenced: pid %d %s", generation, node_id, process.pid,
+                    "killed (SIGKILL) and gone" if killed else "was gone already")
 
     async def _wait_gone(self, pidfd: int, node_id: int, pid: int) -> None:
         # A pidfd turns readable when its process has exited (zombie or reaped).
@@ -155,10 +203,12 @@ def _open_if_same(recorded: ProcessIdentity) -> int | None:
     return pidfd
 
 
-def _kill(pidfd: int, node_id: int, pid: int) -> None:
+def _kill(pidfd: int, node_id: int, pid: int) -> bool:
+    """SIGKILL through the pidfd; False if the process had exited already."""
     try:
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     except ProcessLookupError:
-        return                        # exited meanwhile: the wait sees it at once
+        return False                  # exited meanwhile: the wait sees it at once
     except PermissionError as exc:
         raise FenceError(f"node {node_id}: cannot kill pid {pid}: {exc}") from exc
+    return True

@@ -14,11 +14,16 @@ Two records behind one interface:
 
 - `MemoryGenerationRecord`: no durability (tests in one process; a test may hand
   one record to several lives of a node to model a restart).
-- `GenerationFile`: `DIR/node<ID>.generation`, one line of JSON with a CRC,
-  replaced atomically (write a temporary file, fsync, rename over, fsync the
-  directory), so a crash leaves the old record or the new one, never a torn one.
-  The writes run in a worker thread (an fsync may take long on a loaded disk);
-  they are serialized, and the file never goes back.
+- `GenerationFile`: `DIR/node<ID>.generation`, two slots of SLOT bytes, each one
+  line of JSON with a CRC (NUL-padded). Each new record goes into the slot that
+  does not hold the current one (pwrite, fdatasync), so a crash leaves the old
+  record or the new one, never only a torn one; reading takes the highest valid
+  slot. The file is made (or rewritten from the one-line format of earlier
+  versions) when it is opened, through a temporary file renamed over it, and its
+  descriptor is kept: a promise made while a node departs writes to that
+  descriptor and opens no file (clusterfs.failover; docs/recovery.md). The
+  writes run in a worker thread (an fsync may take long on a loaded disk); they
+  are serialized, and the file never goes back.
 """
 
 from __future__ import annotations
@@ -34,6 +39,8 @@ import trio
 from clusterfs.errors import StateError
 
 FORMAT = 1
+SLOT = 512          # bytes per record slot (a sector; a torn one fails its CRC, the other stands)
+SLOTS = 2
 
 
 class GenerationRecord(Protocol):
@@ -64,8 +71,9 @@ def generation_file_path(state_dir: str | os.PathLike[str], node_id: int) -> Pat
 
 class GenerationFile:
     """The record in `state_dir` for node_id. Opening it reads the record (or
-    creates one at 0, which proves the directory writable): StateError if the
-    directory is missing or unwritable or the record is corrupt."""
+    creates one at 0, which proves the directory writable) and keeps the file
+    open: StateError if the directory is missing or unwritable or the record is
+    corrupt."""
 
     def __init__(self, state_dir: str | os.PathLike[str], node_id: int) -> None:
         self.dir = Path(state_dir)
@@ -73,10 +81,14 @@ class GenerationFile:
         self.path = generation_file_path(state_dir, node_id)
         if not self.dir.is_dir():
             raise StateError(f"state dir {self.dir} does not exist or is not a directory")
-        self._generation = self._read()
-        if self._generation is None:
-            self._generation = 0
-            self._write(0)
+        found = self._read()
+        self._generation, self._slot = found if found is not None else (0, 0)
+        if found is None or self.path.stat().st_size != SLOT * SLOTS:
+            self._replace(self._generation)        # new, or the one-line format
+        try:
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise StateError(f"cannot open {self.path}: {_reason(exc)}") from exc
         self._lock = trio.Lock()
 
     @property
@@ -90,24 +102,42 @@ class GenerationFile:
             await trio.to_thread.run_sync(self._write, generation)
             self._generation = generation
 
-    def _read(self) -> int | None:
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def _read(self) -> tuple[int, int] | None:
+        """(generation, slot) of the highest valid record; None if there is no file."""
         try:
-            text = self.path.read_text()
+            data = self.path.read_bytes()
         except FileNotFoundError:
             return None
-        except (OSError, UnicodeDecodeError) as exc:
+        except OSError as exc:
             raise StateError(f"cannot read {self.path}: {_reason(exc)}") from exc
         try:
-            return decode_record(text, self.node_id)
+            return decode_slots(data, self.node_id)
         except ValueError as exc:
             raise StateError(f"corrupt state file {self.path}: {exc}") from exc
 
     def _write(self, generation: int) -> None:
+        """Into the other slot, in place: the current record stays whole until the
+        new one is durable."""
+        slot = 1 - self._slot
+        try:
+            os.pwrite(self._fd, _slot_bytes(generation, self.node_id), slot * SLOT)
+            os.fdatasync(self._fd)
+        except OSError as exc:
+            raise StateError(f"cannot write {self.path}: {_reason(exc)}") from exc
+        self._slot = slot
+
+    def _replace(self, generation: int) -> None:
+        """A whole new file holding `generation` in slot 0 (at open only)."""
         tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
             try:
-                os.write(fd, encode_record(generation, self.node_id).encode())
+                os.write(fd, _slot_bytes(generation, self.node_id) + bytes(SLOT))
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -119,6 +149,28 @@ class GenerationFile:
                 os.close(dfd)
         except OSError as exc:
             raise StateError(f"cannot write {self.path}: {_reason(exc)}") from exc
+        self._slot = 0
+
+
+def _slot_bytes(generation: int, node_id: int) -> bytes:
+    return encode_record(generation, node_id).encode().ljust(SLOT, b"\0")
+
+
+def decode_slots(data: bytes, node_id: int) -> tuple[int, int]:
+    """(generation, slot) of the highest valid record in a file's bytes (a file of
+    the one-line format is slot 0); ValueError, saying what is wrong with the first
+    slot, if none is valid (a torn write spoils one slot at most)."""
+    slots = [data[i:i + SLOT] for i in range(0, max(len(data), 1), SLOT)][:SLOTS]
+    found: list[tuple[int, int]] = []
+    errors: list[str] = []
+    for i, raw in enumerate(slots):
+        try:
+            found.append((decode_record(raw.rstrip(b"\0").decode(), node_id), i))
+        except (ValueError, UnicodeDecodeError) as exc:
+            errors.append("not text" if isinstance(exc, UnicodeDecodeError) else str(exc))
+    if not found:
+        raise ValueError(errors[0])
+    return max(found)
 
 
 def encode_record(generation: int, node_id: int) -> str:

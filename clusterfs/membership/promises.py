@@ -9,6 +9,7 @@ from typing import Any
 
 import trio
 
+from clusterfs import failover
 from clusterfs.comms.interface import Envelope
 from clusterfs.errors import StateError
 from clusterfs.membership.detection import FailureDetection
@@ -99,6 +100,8 @@ class Promises(FailureDetection):
     async def _make_durable(self, key: Key) -> tuple[bool, str]:
         """Record the generation we just promised before anyone may count on the
         promise; (True, "") once it is, else (False, why) and the promise is void."""
+        if self.state == MEMBER and self._promises_a_departure():
+            failover.enter("membership")     # from here on, in a departure's path
         try:
             await self.generation_record.raise_to(key[0])
             return True, ""

@@ -47,6 +47,7 @@ class Proposals(Promises):
         keep = {self.node_id}
         merged: set[int] = set()     # not counted for who coordinates: it is elsewhere
         lagging = False
+        silent = False
         for n in base:
             if n == self.node_id:
                 continue
@@ -54,6 +55,7 @@ class Proposals(Promises):
             if self._left_cleanly(n):
                 continue      # unmounted cleanly: removed, not fenced (_proposal_body)
             if not usable(n):
+                silent = True
                 continue
             if p is None:
                 keep.add(n)   # not heard from since we started, but presumed alive
@@ -73,6 +75,7 @@ class Proposals(Promises):
                     and p.state == MEMBER
                     and now - self._installed_at > 2 * self.interval + self.timeout / 2):
                 lagging = True
+        self._mark_failover(silent)
         admissible: set[int] = set()
         member_elsewhere = quorate_elsewhere = False
         for n, p in self._peers.items():

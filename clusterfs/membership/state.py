@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import trio
 
+from clusterfs import failover
 from clusterfs.comms.interface import Endpoint, Envelope
 from clusterfs.errors import PeerUnreachable
 from clusterfs.membership.generation_record import GenerationRecord, MemoryGenerationRecord
@@ -214,6 +215,25 @@ class MembershipState:
             return True
         except PeerUnreachable:
             return False
+
+    def _mark_failover(self, silent: bool) -> None:
+        """Tell clusterfs.failover whether this node is on the failover path (`silent`: a
+        member of its view is): a member silent, a view without one promised, or a
+        removed node waiting to be fenced. Its journal recovery marks the rest."""
+        if self.state == MEMBER and (silent or self._pending_fence
+                                     or self._promises_a_departure()):
+            failover.enter("membership")
+        else:
+            failover.leave("membership")
+
+    def _promises_a_departure(self) -> bool:
+        """We promised (or propose) a view that leaves a member of ours out, other
+        than one that left cleanly."""
+        b = self._promised_body
+        if b is None or self._promised[0] <= self.view.generation:
+            return False
+        kept = {int(n) for n in b["members"]} | {int(n) for n in b.get("clean", {})}
+        return bool(self.view.members - kept)
 
     def _publish(self, ev: Event) -> None:
         self.events.append(ev)

@@ -28,6 +28,7 @@ import trio
 
 from clusterfs.errors import ClusterFSError, FenceError
 from clusterfs.fence.agent import FenceAgent, ProcessAgent
+from clusterfs.membership.view import ViewChange
 
 log = logging.getLogger("clusterfs.mount")
 
@@ -94,6 +95,21 @@ class MountFencing:
                 self._agent = make_agent(self.cfg, self.node_id, device=self.dev,
                                          open_device=lambda p: self.open_device(p, "fence"))
         return self._agent
+
+    async def hold_members(self, membership: Any) -> None:
+        """The process agent: as nodes come into our view, hold each one's process
+        (its pid record, a pidfd), so that fencing one later opens no file: a view
+        that only removes nodes brings no new incarnation, so nothing is read then
+        (clusterfs.failover). A task for the node's lifetime."""
+        agent = self.agent()
+        if not isinstance(agent, ProcessAgent):
+            return
+        async for ev in membership.subscribe():
+            if isinstance(ev, ViewChange):
+                members = membership.installed_incarnations.get(ev.view.generation, {})
+                for node_id, incarnation in sorted(members.items()):
+                    if node_id != self.node_id:
+                        agent.expect(node_id, incarnation)
 
     # -- once the journal slot is ours ----------------------------------------------
     async def claim_slot(self, slot: int, nursery: trio.Nursery) -> None:

@@ -16,6 +16,11 @@ in EX: it replays every dirty journal, holding each one's ("journal", slot)
 lock, then keeps "live" in PR like every later node. A later node replays only
 the slot it claimed (preferring a clean one).
 
+With CLUSTERFS_AUDIT_FAILOVER=1 in its environment the mount audits its failover
+path (clusterfs.failover): from the start it records, in memory, every file it opens
+and module it imports, and `clusterfs status --json` shows under "failover" those
+that happened while it took over from a dead node or a silent server (none should).
+
 Without -f the command forks; the parent exits 0 only once the mount is live
 (or 1 with the child's one-line error); the daemon logs to syslog, or to the
 --log file. Unmount with `clusterfs umount` or `fusermount3 -u MOUNTPOINT`;
@@ -35,14 +40,17 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from clusterfs import failover
 from clusterfs.errors import ChecksumError, ClusterFSError, NotClusterFS, StorageError
 from clusterfs.node import mountrecord
+from clusterfs.node.prepare import TracebackFormatter, preload
 
 log = logging.getLogger("clusterfs.mount")
 POOL_BUFFERS = 64
 READAHEAD_KB = 1024
 SLOT_ATTEMPTS = 25          # looks for a free journal slot before giving up...
 SLOT_RETRY_DELAY = 0.2      # ...this many seconds apart
+AUDIT_ENV = "CLUSTERFS_AUDIT_FAILOVER"    # =1: audit the failover path (module doc)
 
 
 class MountError(Exception):
@@ -244,6 +252,7 @@ def reserve_memory():
 async def serve(dev, sb, mountpoint: str, opts: Options, ready: Callable[[], None],
                 cluster: ClusterArgs | None = None) -> None:
     pool = reserve_memory()
+    dev.start_write_behind()       # its descriptor, buffer and thread: now, not at write-back
     try:
         if cluster is None:
             from clusterfs.dlm.local import LocalLockService
@@ -258,6 +267,7 @@ async def serve(dev, sb, mountpoint: str, opts: Options, ready: Callable[[], Non
 async def _serve_clustered(cluster: ClusterArgs, dev, sb, mountpoint: str, opts: Options,
                            ready: Callable[[], None], pool) -> None:
     """Join the cluster, open the filesystem's lockspace, serve through it."""
+    preload()                      # the failover path imports nothing (node/prepare.py)
     fencing = _mount_fencing(cluster, dev, sb)
     try:
         await _serve_fenced(cluster, fencing, dev, sb, mountpoint, opts, ready, pool)
@@ -390,6 +400,7 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
     async with open_cluster_node(cluster.cfg, cluster.node_id, fence_agent=fencing.agent(),
                                  incarnation=cluster.incarnation,
                                  generation_record=cluster.record, disk=disk) as node:
+        node.nursery.start_soon(fencing.hold_members, node.membership)
         server = await _start_storage(cluster, fencing, dev, node)
         async with open_dlm(node.endpoint, node.membership) as dlm:
             placement = Placement(sb, cluster.cfg.node_ids)
@@ -404,7 +415,8 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
                 "mount": _mount_status(mountpoint, dev.path, **shown),
                 "fencing": fencing.statistics(),
                 "device": dev.statistics(),
-                "block_server": server.statistics() if server else None} if shown else {})
+                "block_server": server.statistics() if server else None,
+                "failover": failover.report()} if shown else {})
             path = cluster.control or default_control_path(cluster.node_id)
             os.makedirs(os.path.dirname(path), exist_ok=True)
 
@@ -679,8 +691,10 @@ def _raise_readahead(mountpoint: str) -> None:
 
 
 def _setup_logging(debug: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, stream=sys.stderr,
-                        format="clusterfs[%(process)d] %(levelname)s %(name)s: %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(TracebackFormatter(
+        "clusterfs[%(process)d] %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
 
 
 SYSLOG_SOCKET = "/dev/log"
@@ -700,7 +714,7 @@ def _daemon_log(path: str | None) -> int | None:
         except OSError:
             handler = None  # type: ignore[assignment]
         if handler is not None:
-            handler.setFormatter(logging.Formatter(
+            handler.setFormatter(TracebackFormatter(
                 "clusterfs[%(process)d]: %(levelname)s %(name)s: %(message)s"))
             root = logging.getLogger()
             for old in list(root.handlers):
@@ -714,7 +728,13 @@ def _daemon_log(path: str | None) -> int | None:
 
 
 def _mount(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+    if os.environ.get(AUDIT_ENV) == "1":
+        failover.install_audit()        # first: every later event is counted
     import trio
+
+    def live() -> None:
+        ready()
+        failover.arm_audit()            # what starting the mount did is not failover
 
     opts = parse_options(args.options)
     _setup_logging(opts.debug)
@@ -731,7 +751,7 @@ def _mount(args: argparse.Namespace, ready: Callable[[], None]) -> int:
         check_cluster_name(args.device, sb, cluster.cfg.name if cluster else None,
                            args.no_cluster_check)
         # resolved now: once mounted, this process may not look at its mountpoint
-        trio.run(serve, dev, sb, os.path.realpath(args.mountpoint), opts, ready, cluster)
+        trio.run(serve, dev, sb, os.path.realpath(args.mountpoint), opts, live, cluster)
     finally:
         dev.close()
     return 0

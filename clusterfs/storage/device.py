@@ -605,13 +605,19 @@ class BlockDevice(BlockAddressed):
         self._guard()
 
     # -- write-behind of file data ---------------------------------------------------
+    def start_write_behind(self) -> None:
+        """Open the write-behind's O_DIRECT descriptor, map its staging buffer and start
+        its thread now rather than at the first data write (a mount does it at start:
+        write-back then needs nothing new from the host; clusterfs.failover)."""
+        if self._behind is None:
+            self._behind = _WriteBehind(self.fd, self.path, WRITE_BEHIND_LIMIT)
+
     def write_behind(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Queue a data write: done by a helper thread, before any later I/O on this
         device (every other method waits for the queue first). `data` must not change
         afterwards. Failures surface at the next drain (flush, read, write)."""
         self._check_refused(f"write at {offset}")
-        if self._behind is None:
-            self._behind = _WriteBehind(self.fd, self.path, WRITE_BEHIND_LIMIT)
+        self.start_write_behind()
         if self._ahead is not None:
             self._ahead.invalidate(offset, len(data))
         self.writes += 1
@@ -727,6 +733,9 @@ class WritesAtOnce:
     """The write-behind and read-ahead interface of BlockDevice for a device that has
     neither (iSCSI, proxy): data is written at once, so failures surface at the write
     itself rather than at a later drain, and there is nothing to advise or forget."""
+
+    def start_write_behind(self) -> None:
+        pass
 
     def write_behind(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self.pwrite(offset, data)  # type: ignore[attr-defined]

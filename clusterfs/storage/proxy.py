@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from clusterfs import failover
 from clusterfs.config import ClusterConfig
 from clusterfs.errors import StorageError, WireError
 from clusterfs.format.block import BLOCK_SIZE
@@ -57,6 +58,7 @@ LOG_LIMIT = 64 << 20         # unflushed write bytes kept for a re-send; past it
 SILENT_FOR = 30.0            # a silent server is skipped this long (or to a new view)
 REFUSED_WAIT = 4             # x io_timeout: how long to retry when every server refuses
 SCHEME = "proxy://"
+FAILOVER_PHASE = "proxy re-target"    # clusterfs.failover: a silent server until re-targeted
 
 View = tuple[int, frozenset[int]]          # (generation, members)
 
@@ -262,6 +264,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             conn.close()
 
     def _mark_silent(self, server: int, why: str) -> None:
+        failover.enter(FAILOVER_PHASE)
         generation = self._current()[0]
         self._silent[server] = (time.monotonic() + SILENT_FOR, generation)
         log.warning("node %d gen %d: %s; re-targeting to another server of the storage "
@@ -277,6 +280,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self.retarget_times.append(time.time())
         log.warning("node %d: %s re-targeted to block server %d", self.node_id,
                     MsgType(mtype).name, server)
+        failover.leave(FAILOVER_PHASE)
 
     def _resend_log(self) -> None:
         """A server that took writes not yet flushed went silent: send every write
@@ -359,6 +363,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
                 self._mark_silent(server, str(exc))     # re-sends the log elsewhere
                 continue
             self._unflushed.discard(server)
+        failover.leave(FAILOVER_PHASE)      # a silent server's writes are flushed elsewhere
         self._log.clear()
         self._log_bytes = 0
 
