@@ -15,6 +15,7 @@ import trio
 from dlmcluster import memory_cluster
 from trioutil import trio_test
 
+from clusterfs.cache.blocks import Blocks
 from clusterfs.cache.glock import GlockManager
 from clusterfs.cache.transaction import TransactionManager
 from clusterfs.dlm.interface import Mode
@@ -55,7 +56,7 @@ async def nodes(tmp_path, count: int = 2, placed: bool = False) -> AsyncIterator
             journal.open()
             glocks = GlockManager(mc.ls(slot + 1), min_hold=0)
             glocks.start(nursery)
-            fs = FileSystem(dev, sb, journal, glocks, TransactionManager(journal),
+            fs = FileSystem(Blocks(dev, journal, sb), sb, glocks, TransactionManager(journal),
                             clustered=True,
                             home_group=placement.home_group(slot + 1) if placed else None)
             node = Node(fs, dev)
@@ -171,7 +172,7 @@ async def test_statfs_takes_free_counts_from_the_lock_value_blocks(tmp_path) -> 
         await a.fs.write(f.ino, 0, bytes(1 << 20))
         await a.fs.fsync(f.ino)
         header_reads: list[int] = []
-        real_read_meta = b.fs.read_meta
+        real_read_meta = b.fs.blocks.read_meta
         headers = {b.fs.sb.rgrp_location(i)[0] for i in range(b.fs.sb.rgrp_count)}
 
         def counting_read_meta(blkno: int) -> bytes:
@@ -179,7 +180,7 @@ async def test_statfs_takes_free_counts_from_the_lock_value_blocks(tmp_path) -> 
                 header_reads.append(blkno)
             return real_read_meta(blkno)
 
-        b.fs.read_meta = counting_read_meta
+        b.fs.blocks.read_meta = counting_read_meta
         after = (await b.fs.usage()).free
         assert after <= before - 256                 # a's megabyte is seen by b
         home = a.fs.sb.rgrp_location(a.fs.home_group)[0]
@@ -267,7 +268,7 @@ async def test_a_demote_with_changes_commits_and_writes_them_home(tmp_path) -> N
         calls = _record_io(a)
         assert await b.fs.lookup(root, b"f") is not None
         assert ("flush", 0) in calls and ("write", f.ino) in calls   # home, not just logged
-        assert not a.fs.journal.pending_home
+        assert not a.fs.txn.journal.pending_home
 
 
 @trio_test
@@ -305,13 +306,13 @@ async def test_a_big_directory_is_not_reread_whole_when_its_lock_comes_back(
         leaves = a.fs.inodes.get(d.ino)
         assert leaves is None                           # dropped when B took EX
         reads: list[int] = []
-        read_meta = a.fs.read_meta
+        read_meta = a.fs.blocks.read_meta
 
         def logged(blkno):
             reads.append(blkno)
             return read_meta(blkno)
 
-        a.fs.read_meta = logged
+        a.fs.blocks.read_meta = logged
         await a.fs.mknod(d.ino, b"from-a", REG, 0, 0, 0)
         node = a.fs.inodes[d.ino]
         assert node.dir is not None and node.dir.leaf_count > 10
@@ -327,7 +328,7 @@ async def test_with_placement_a_node_creates_in_its_own_directory_without_round_
     and master of: creating, opening and closing there sends no lock request away."""
     async with nodes(tmp_path, count=3, placed=True) as (a, b, c):
         for node in (a, b, c):
-            d = await node.fs.mknod(node.fs.root, b"d%d" % node.fs.journal.slot,
+            d = await node.fs.mknod(node.fs.root, b"d%d" % node.fs.slot,
                                     stat.S_IFDIR | 0o755, 0, 0, 0)
             ls = node.fs.glocks.locks
             stats = ls.statistics()
@@ -365,7 +366,7 @@ async def test_an_idle_node_writes_home_and_shares_what_it_no_longer_changes(
         with trio.fail_after(10):
             while glock.mode != Mode.PR or not a.fs.txn.quiet():
                 await trio.sleep(0.05)
-        assert not a.fs.journal.pending_home               # home: nothing to replay
+        assert not a.fs.txn.journal.pending_home               # home: nothing to replay
         basts = a.fs.glocks.locks.statistics().basts
         got = await b.fs.lookup(a.fs.root, b"f")
         assert got is not None and await b.fs.read(got.ino, 0, 100) == b"made on a"

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import trio
 
+from clusterfs.cache.blocks import Blocks
 from clusterfs.cache.glock import Glock, GlockManager
 from clusterfs.cache.transaction import TransactionManager
 from clusterfs.dlm.interface import Lock, Mode
@@ -41,8 +42,6 @@ from clusterfs.fs.alloc import Allocator, ResourceGroup, decode_free_lvb, encode
 from clusterfs.fs.directory import Directory
 from clusterfs.fs.inode import CachedInode
 from clusterfs.fs.orphans import OrphanList
-from clusterfs.journal.log import Journal
-from clusterfs.storage.device import BlockDevice
 
 log = logging.getLogger(__name__)
 RENAME_NOREPLACE = 1
@@ -137,12 +136,12 @@ class Usage:
 
 
 class FileSystem:
-    def __init__(self, dev: BlockDevice, sb: Superblock, journal: Journal,
-                 glocks: GlockManager, txn: TransactionManager, clustered: bool = False,
+    def __init__(self, blocks: Blocks, sb: Superblock, glocks: GlockManager,
+                 txn: TransactionManager, clustered: bool = False,
                  home_group: int | None = None) -> None:
-        self.dev = dev
+        self.blocks = blocks              # every block read or written goes through it
+        self.slot = blocks.slot
         self.sb = sb
-        self.journal = journal
         self.glocks = glocks
         self.txn = txn
         self.root = sb.root_ino
@@ -166,14 +165,14 @@ class FileSystem:
         # (a cluster mount says where: node/placement.py; else by journal slot), so
         # nodes creating at once rarely want the same group
         self.home_group = home_group if home_group is not None else \
-            journal.slot * sb.rgrp_count // sb.journal_count
+            self.slot * sb.rgrp_count // sb.journal_count
         # tell the kernel to forget an inode's attributes (set by the FUSE layer; may
         # block briefly, so it is called from a worker thread)
         self.invalidate_hook: Callable[[int], None] | None = None
         # take back the names the kernel was given in a directory (set by the FUSE
         # layer; never blocks: the kernel is told later, see fuse/names.py)
         self.names_hook: Callable[[int], None] | None = None
-        self.orphans = self._load_orphans(journal.slot)
+        self.orphans = self._load_orphans(self.slot)
         self._orphan_kick = trio.Event()
         self._sweeping = trio.Lock()     # held by the sweeper while it works
         self.closing = False
@@ -187,13 +186,6 @@ class FileSystem:
         self._load_group_hints()
 
     # ================================================================ plumbing
-    def read_meta(self, blkno: int) -> bytes:
-        """A metadata block: the newest committed copy, else the device."""
-        if not self.sb.rgrp_start <= blkno < self.sb.total_blocks:
-            raise FormatError(f"metadata block {blkno} out of range")
-        copy = self.journal.read_committed(blkno)
-        return copy if copy is not None else self.dev.read(blkno)
-
     def _corrupt(self, exc: Exception) -> FSError:
         self.txn.withdraw(str(exc))
         return FSError(errno.EIO, str(exc))
@@ -211,7 +203,7 @@ class FileSystem:
                 continue
             first, _ = self.sb.rgrp_location(i)
             try:
-                self.alloc.free_hint[i] = decode_rgrp(self.read_meta(first), first).free
+                self.alloc.free_hint[i] = decode_rgrp(self.blocks.read_meta(first), first).free
             except FormatError as exc:
                 raise self._corrupt(exc) from exc
 
@@ -242,7 +234,7 @@ class FileSystem:
         if group is None:
             first, _ = self.sb.rgrp_location(index)
             try:
-                group = ResourceGroup.load(self.read_meta, first)
+                group = ResourceGroup.load(self.blocks.read_meta, first)
             except (FormatError, StorageError) as exc:
                 raise self._corrupt(exc) from exc
             self.alloc.groups[index] = group
@@ -263,11 +255,11 @@ class FileSystem:
             if not self.sb.rgrp_start <= ino < self.sb.total_blocks:
                 raise FSError(errno.ESTALE, f"inode {ino} out of range")
             try:
-                disk = decode_inode(self.read_meta(ino), ino)
+                disk = decode_inode(self.blocks.read_meta(ino), ino)
                 if disk.mode == 0 or self.freed.get(ino) == disk.generation:
                     raise FSError(errno.ENOENT, f"inode {ino} was deleted")
                 self.freed.pop(ino, None)        # its block holds a new inode now
-                node = CachedInode(disk, self.read_meta)
+                node = CachedInode(disk, self.blocks.read_meta)
             except FormatError as exc:
                 if ino in self.freed:
                     # the kernel still names an inode this node deleted, and its block
@@ -385,12 +377,12 @@ class FileSystem:
 
     def _load_run(self, first: int, count: int, wanted: set[int]) -> None:
         try:
-            raw = self.dev.read(first, count)
+            raw = self.blocks.read_meta_run(first, count)
         except StorageError:
             return                       # the per-inode path will report it
         for ino in wanted:
             if ino in self.inodes or ino in self.freed or \
-                    self.journal.read_committed(ino) is not None:
+                    self.blocks.logged(ino):
                 continue                 # (a freed one's tombstone may not be home yet)
             at = (ino - first) * BLOCK_SIZE
             try:
@@ -398,7 +390,7 @@ class FileSystem:
                 if disk.mode == 0:
                     continue             # a tombstone: _inode() says ENOENT for it
                 if disk.flags & F_STUFFED or not stat.S_ISDIR(disk.mode):
-                    self.inodes[ino] = CachedInode(disk, self.read_meta)
+                    self.inodes[ino] = CachedInode(disk, self.blocks.read_meta)
             except FormatError:
                 continue                 # left for _inode(), which withdraws
 
@@ -509,7 +501,7 @@ class FileSystem:
                      parent=parent if is_dir else 0, atime=now_s, mtime=now_s, ctime=now_s,
                      atime_ns=now_ns, mtime_ns=now_ns, ctime_ns=now_ns,
                      size=0)
-        node = CachedInode(disk, self.read_meta)
+        node = CachedInode(disk, self.blocks.read_meta)
         if is_dir:
             node.dir = Directory()
         self.inodes[ino] = node
@@ -740,7 +732,7 @@ class FileSystem:
                 ino = node.d.parent
             else:
                 try:
-                    ino = decode_inode(self.read_meta(ino), ino).parent
+                    ino = decode_inode(self.blocks.read_meta(ino), ino).parent
                 except (FormatError, StorageError) as exc:
                     raise self._corrupt(exc) from exc
             chain.append(ino)
@@ -976,7 +968,7 @@ class FileSystem:
             if pblk is None:
                 pieces.append(bytes(n * BLOCK_SIZE))
             else:
-                pieces.append(self.dev.read_data(pblk * BLOCK_SIZE, n * BLOCK_SIZE))
+                pieces.append(self.blocks.read_data(pblk, n))
         skip = off - first * BLOCK_SIZE
         data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
         return data[skip : skip + size] if skip or len(data) != size else data
@@ -994,7 +986,7 @@ class FileSystem:
         end = lblk + READAHEAD_BLOCKS
         for _l, pblk, n in ext.map_range(node.extents, done, end - done):
             if pblk is not None:
-                self.dev.advise_willneed(pblk, n)
+                self.blocks.advise_willneed(pblk, n)
         node.read_ahead_done = end
 
     async def write(self, ino: int, off: int, data: bytes) -> int:
@@ -1009,9 +1001,9 @@ class FileSystem:
                 self._write(node, off, data)
                 return len(data)
 
-        if not self.dev.behind_has_room(len(data)):
+        if not self.blocks.write_room(len(data)):
             # the write-behind queue is full: wait in a worker thread, not in the loop
-            await trio.to_thread.run_sync(self.dev.wait_behind_room, len(data))
+            await trio.to_thread.run_sync(self.blocks.wait_write_room, len(data))
         node = self.inodes.get(ino)
         goal = ino
         if node is not None and node.extents:
@@ -1050,7 +1042,7 @@ class FileSystem:
             node.data = bytearray()
             if unstuff:
                 pblk, _n = self._take_run(new_runs, 1)
-                self.dev.write(pblk, old.ljust(BLOCK_SIZE, b"\0"))
+                self.blocks.write_data_now(pblk, old.ljust(BLOCK_SIZE, b"\0"))
                 ext.insert(node.extents, fext.Extent(0, pblk, 1))
                 if first == 0:
                     runs = ext.map_range(node.extents, first, last - first + 1)
@@ -1078,7 +1070,7 @@ class FileSystem:
         the request is answered while the copy is made (the journal commit waits for
         the queue before it flushes, so data still precedes the metadata that points
         at it, and fsync still makes it durable)."""
-        self.dev.write_behind(pblk * BLOCK_SIZE, chunk)
+        self.blocks.write_data(pblk, chunk)
 
     def _assemble(self, node: CachedInode, off: int, data: bytes | memoryview, first: int,
                   last: int, runs: list) -> memoryview:
@@ -1092,7 +1084,7 @@ class FileSystem:
             for lblk, (pblk, n) in mapped.items():
                 if lblk <= edge < lblk + n:
                     at = (edge - first) * BLOCK_SIZE
-                    buf[at : at + BLOCK_SIZE] = self.dev.read(pblk + edge - lblk)
+                    buf[at : at + BLOCK_SIZE] = self.blocks.read_data_block(pblk + edge - lblk)
         buf[off - start : off - start + len(data)] = data
         return memoryview(buf)
 
@@ -1168,7 +1160,7 @@ class FileSystem:
                 tail = ext.map_range(node.extents, size // BLOCK_SIZE, 1)[0]
                 if tail[1] is not None:
                     cut = size % BLOCK_SIZE
-                    self.dev.pwrite(tail[1] * BLOCK_SIZE + cut, bytes(BLOCK_SIZE - cut))
+                    self.blocks.zero_data(tail[1], cut)
             self._fit_extent_blocks(node, [])
         node.d.size = size
         node.touch()
@@ -1243,7 +1235,7 @@ class FileSystem:
     def _load_orphans(self, slot: int) -> OrphanList:
         blkno = self.sb.orphan_location(slot)
         try:
-            return OrphanList.decode(self.dev.read(blkno), blkno)
+            return OrphanList.decode(self.blocks.read_meta(blkno), blkno)
         except (FormatError, StorageError) as exc:
             raise FormatError(f"journal slot {slot}: {exc} (fsck --repair rewrites it)"
                               ) from exc
@@ -1277,7 +1269,7 @@ class FileSystem:
             await gate.wait_open()
         adopted = 0
         for slot in range(self.sb.journal_count):
-            if slot == self.journal.slot or self.closing:
+            if slot == self.slot or self.closing:
                 continue
             try:
                 if not self._load_orphans(slot).inodes:
@@ -1379,7 +1371,7 @@ class FileSystem:
             # our journal may hold what never reached home: give no lock back, so the
             # other nodes treat us as failed and replay it (node/mount_cmd.py)
             log.error("unmount of a withdrawn node: keeping every lock; the other nodes "
-                      "replay journal %d", self.journal.slot)
+                      "replay journal %d", self.slot)
             return
         for ino in list(self.iopen):
             await self._iopen_release(ino)
@@ -1423,7 +1415,7 @@ class FileSystem:
         if target != Mode.NL:
             return                       # PR: our clean copy stays valid
         self._drop_if_clean(ino)         # (dirty now: created during the flush)
-        self.dev.forget_read_ahead()     # chunks of its data may be rewritten elsewhere
+        self.blocks.forget_read_ahead()  # chunks of its data may be rewritten elsewhere
         if self.names_hook is not None:  # the other node may rename what is in it
             self.names_hook(ino)
         if self.invalidate_hook is not None:

@@ -577,6 +577,7 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
     import pyfuse3
     import trio
 
+    from clusterfs.cache.blocks import Blocks
     from clusterfs.cache.glock import MIN_HOLD, GlockManager
     from clusterfs.cache.transaction import TransactionManager
     from clusterfs.fs.filesystem import FileSystem
@@ -592,7 +593,7 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
     journal.open()
     txn = TransactionManager(journal)
     glocks = GlockManager(locks, min_hold=MIN_HOLD if opts.min_hold is None else opts.min_hold)
-    fs = FileSystem(dev, sb, journal, glocks, txn, clustered=clustered,
+    fs = FileSystem(Blocks(dev, journal, sb), sb, glocks, txn, clustered=clustered,
                     home_group=home_group)
     ops = Operations(fs)
     options = set(pyfuse3.default_options) | {

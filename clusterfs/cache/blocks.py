@@ -1,0 +1,79 @@
+"""Blocks: the one way from the filesystem to the blocks it reads and writes.
+
+Metadata is read as its newest committed copy: the journal's copy of a block
+committed but not yet written home (or being committed), else the device's. In a
+cluster that copy is also the newest anywhere, because a lock never goes to
+another node before everything under it is home (docs/journal.md). File data
+goes straight to its blocks on the device: queued to the write-behind thread
+(a commit waits for the queue, so data precedes the metadata pointing at it) and
+read with the device's read-ahead. The fs layer holds a `Blocks` and never the
+device or the journal.
+"""
+
+from __future__ import annotations
+
+from clusterfs.errors import FormatError
+from clusterfs.format.block import BLOCK_SIZE
+from clusterfs.format.superblock import Superblock
+from clusterfs.journal.log import Journal
+from clusterfs.storage.device import BlockDevice
+
+
+class Blocks:
+    def __init__(self, dev: BlockDevice, journal: Journal, sb: Superblock) -> None:
+        self._dev = dev
+        self._journal = journal
+        self._sb = sb
+        self.slot = journal.slot          # this node's journal (and orphan list)
+
+    # -- metadata -------------------------------------------------------------------
+    def read_meta(self, blkno: int) -> bytes:
+        """A metadata block (resource groups onward, or an orphan block): the newest
+        committed copy."""
+        if not (self._sb.rgrp_start <= blkno < self._sb.total_blocks
+                or self._sb.orphan_slot(blkno) is not None):
+            raise FormatError(f"metadata block {blkno} out of range")
+        copy = self._journal.read_committed(blkno)
+        return copy if copy is not None else self._dev.read(blkno)
+
+    def read_meta_run(self, first: int, count: int) -> bytes:
+        """The device's copy of `count` blocks from `first` in one read (loading many
+        inodes at once); a block `logged()` says the journal holds newer is stale here."""
+        return self._dev.read(first, count)
+
+    def logged(self, blkno: int) -> bool:
+        return self._journal.read_committed(blkno) is not None
+
+    # -- file data ------------------------------------------------------------------
+    def read_data(self, pblk: int, count: int) -> bytes | memoryview:
+        """`count` data blocks from `pblk` (a view into a read-ahead buffer is valid
+        only until the next device call: BlockDevice.read_data)."""
+        return self._dev.read_data(pblk * BLOCK_SIZE, count * BLOCK_SIZE)
+
+    def read_data_block(self, pblk: int) -> bytes:
+        return self._dev.read(pblk)
+
+    def write_data(self, pblk: int, chunk: memoryview) -> None:
+        """Queued to the write-behind thread; the request is answered meanwhile."""
+        self._dev.write_behind(pblk * BLOCK_SIZE, chunk)
+
+    def write_data_now(self, pblk: int, data: bytes) -> None:
+        self._dev.write(pblk, data)
+
+    def zero_data(self, pblk: int, offset: int) -> None:
+        """Zeros from `offset` to the end of data block `pblk` (a truncated tail)."""
+        self._dev.pwrite(pblk * BLOCK_SIZE + offset, bytes(BLOCK_SIZE - offset))
+
+    def advise_willneed(self, pblk: int, count: int) -> None:
+        self._dev.advise_willneed(pblk, count)
+
+    def forget_read_ahead(self) -> None:
+        """Another node may rewrite data blocks we read ahead: drop them."""
+        self._dev.forget_read_ahead()
+
+    def write_room(self, length: int) -> bool:
+        return self._dev.behind_has_room(length)
+
+    def wait_write_room(self, length: int) -> None:
+        """Blocks until the write-behind queue has room (call from a worker thread)."""
+        self._dev.wait_behind_room(length)
