@@ -37,6 +37,8 @@ class MsgType(IntEnum):
     DLM_REMOVE = 41
     DLM_QUERY = 42
     DLM_QUERY_REPLY = 43
+    DLM_PREFER_ASK = 44       # an owner asks a master to name its locks' servers again
+    DLM_PREFER = 45           # a master names the preferred server of owned locks
     DLM_RECOVER_STATUS = 48
     DLM_RECOVER_NAMES = 49
     DLM_RECOVER_LOCKS = 50
