@@ -23,6 +23,8 @@ import pytest
 from clusterutil import CLUSTER_NAME, Cluster, free_ports, write_config
 from mountutil import run_cli
 
+from clusterfs.dlm.preferred import server_order
+
 MIB = 1 << 20
 IO_TIMEOUT = 0.5
 
@@ -130,6 +132,59 @@ def test_two_servers_and_a_proxy_stay_coherent(tmp_path):
         assert os.stat(c.path(2, "d", "moved")).st_size == 15000
         os.unlink(c.path(2, "from3"))
         assert "from3" not in os.listdir(c.path(3))
+
+
+def _write(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+
+
+def _served_node3(c: Cluster, server: int) -> int:
+    return _status(c, server)["block_server"]["per_node"].get("3", 0)
+
+
+def _wait_view(c: Cluster, node: int, members: list[int], within: float = 60) -> dict:
+    deadline = time.monotonic() + within
+    while True:
+        st = _status(c, node)
+        if st["members"] == members and st["running"]:
+            return st
+        assert time.monotonic() < deadline, (st["members"], c.logs())
+        time.sleep(0.2)
+
+
+def test_grants_name_the_servers_the_proxys_io_goes_to(tmp_path):
+    """Every lock grant names the preferred server of its resource, spread over the
+    live servers; node 3 routes the I/O of each region (its journal, a resource
+    group, the fixed area) to what the grant of the region's lock named, so its I/O
+    reaches both servers. Once a server dies, the grants name the other."""
+    with ProxyCluster(tmp_path) as c:
+        _write(c.path(3, "spread"), _blob("spread", 4 * MIB))
+        st = _status(c, 3)
+        named, routes = st["preferred_servers"], st["device"]["preferred"]
+        print(f"\nnode 3's grants name: {named}")
+        journal = f"journal:{st['mount']['slot']}"
+        assert {"live", journal} <= set(named)          # held from mount to unmount
+        for key, server in named.items():
+            assert server == server_order(key.encode(), [1, 2])[0], key   # the master's
+            assert routes[key] == server, key             # what the proxy routes by
+        assert set(named.values()) == {1, 2}
+        assert st["device"]["to_named"] > 0
+        assert _served_node3(c, 1) > 0 and _served_node3(c, 2) > 0, st["device"]
+        # the server node 3's journal grant names dies: every grant names the other
+        victim = named[journal]
+        other = 3 - victim
+        c.kill9(victim)
+        _wait_view(c, 3, [other, 3])
+        _write(c.path(3, "after"), _blob("after", MIB))      # new grants, too
+        st = _status(c, 3)
+        assert set(st["preferred_servers"].values()) == {other}, st["preferred_servers"]
+        assert set(st["device"]["preferred"].values()) == {other}
+        before = _served_node3(c, other)
+        with open(c.path(3, "spread"), "rb") as f:
+            assert f.read() == _blob("spread", 4 * MIB)
+        assert _served_node3(c, other) > before
 
 
 WRITER = r"""

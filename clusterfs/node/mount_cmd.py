@@ -385,15 +385,18 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
     from clusterfs.node.cluster import open_cluster_node
     from clusterfs.node.lockd_cmd import ControlServer, default_control_path
     from clusterfs.node.placement import Placement
+    from clusterfs.node.storagegroup import wire_proxy
 
     disk = _open_disk_heartbeat(cluster, fencing, dev)
     async with open_cluster_node(cluster.cfg, cluster.node_id, fence_agent=fencing.agent(),
                                  incarnation=cluster.incarnation,
                                  generation_record=cluster.record, disk=disk) as node:
         server = await _start_storage(cluster, fencing, dev, node)
-        async with open_dlm(node.endpoint, node.membership) as dlm:
+        servers = cluster.cfg.storage_group if cluster.cfg.block_servers else ()
+        async with open_dlm(node.endpoint, node.membership, servers) as dlm:
             placement = Placement(sb, cluster.cfg.node_ids)
             ls = await dlm.new_lockspace("fs:" + sb.uuid_str, dir_hint=placement.dir_hint)
+            wire_proxy(dev, sb, ls, node.membership)
             log.info("node %d: joining cluster %s; waiting for quorum", cluster.node_id,
                      cluster.cfg.name)
             await wait_running(ls)

@@ -95,6 +95,7 @@ class BlockServer:
         self.stats = {"connections": 0, "reads": 0, "writes": 0, "flushes": 0,
                       "refused": 0, "errors": 0, "wire_errors": 0}
         self.last_refusal: str | None = None
+        self.per_node: dict[int, int] = {}       # requests received, by the asking node
         self.quarantine = config.io_timeout
         self.ticked_at = time.monotonic()
         self.quiet_until = 0.0                   # writes refused until then (a stall)
@@ -218,6 +219,7 @@ class BlockServer:
         if f.type not in bw.REQUESTS or not isinstance(body, dict):
             raise WireError(f"not a block request: type {f.type}")
         rid = body.get("id")
+        self.per_node[f.sender] = self.per_node.get(f.sender, 0) + 1
         try:
             if f.type in (MsgType.BLOCK_WRITE, MsgType.BLOCK_FLUSH):
                 why = self.refusal(f.sender, f.generation)
@@ -265,7 +267,8 @@ class BlockServer:
 
     def statistics(self) -> dict[str, Any]:
         return {**self.stats, "generation": self.generation, "stalls": self.stalls,
-                "members": sorted(self.joined_at), "last_refusal": self.last_refusal}
+                "members": sorted(self.joined_at), "last_refusal": self.last_refusal,
+                "per_node": dict(self.per_node)}
 
 
 def _int(body: dict[str, Any], k: str) -> int:

@@ -2,18 +2,25 @@
 block servers of the storage group (storage/blockserver.py; protocol in
 storage/blockwire.py). Same interface as BlockDevice and IscsiDevice.
 
-Routing. The preferred server of an I/O is a deterministic function of the live
-servers (the storage group's members of this node's current view, less the ones
-this proxy found silent) and the region of the disk it touches:
-`preferred_server(servers, node_id, offset)`, so the load is spread over the
-servers region by region, and every proxy node agrees on it for a given view.
+Routing (docs/storage.md, "Preferred servers"). Every block lies in a region of
+the disk covered by one lock resource: a journal (("journal", slot)), a resource
+group (("rgrp", n): its bitmap and every inode and data block allocated in it),
+else the fixed area (("live",)); the mount hands that map over (`route_by`).
+Every lock grant names the preferred server of its resource (clusterfs.dlm:
+routing.py, preferred.py), and the mount passes each one on (`prefer`). An I/O
+goes to the server the latest grant of its region's resource named, if that one
+is live (a member of this node's current view and not found silent); else to the
+first live server of the resource's rendezvous order, which is what a grant
+would name (a region this node holds no lock on, or whose server went away
+since), the others following in that order.
 
 Re-target on ETIMEDOUT (../shared/seeds/000). Every request has `io_timeout`
 seconds (config `[storage] io_timeout`, well below failure_timeout). When a
 server does not answer in time, refuses, or its connection breaks, the proxy
 marks it silent (for SILENT_FOR seconds or until the view changes), logs it,
-calls `on_silent(server)` (the mount hands membership a hint there), and retries
-the request on the next live server; the caller sees no error. Only when no
+calls `on_silent(server)` (the mount tells membership to probe that node and asks
+the masters for new preferred servers there), and retries the request on the next
+live server of the resource's order; the caller sees no error. Only when no
 server is left does the I/O fail (StorageError).
 
 No acknowledged write is lost. A server acknowledges a write once its device
@@ -43,6 +50,7 @@ from collections.abc import Callable
 from typing import Any
 
 from clusterfs.config import ClusterConfig
+from clusterfs.dlm.preferred import server_order
 from clusterfs.errors import StorageError, WireError
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.storage import blockwire as bw
@@ -52,18 +60,14 @@ from clusterfs.wire.types import MsgType
 
 log = logging.getLogger(__name__)
 
-REGION = 64 << 20            # bytes of disk that share a preferred server
 LOG_LIMIT = 64 << 20         # unflushed write bytes kept for a re-send; past it, flush
 SILENT_FOR = 30.0            # a silent server is skipped this long (or to a new view)
 REFUSED_WAIT = 4             # x io_timeout: how long to retry when every server refuses
 SCHEME = "proxy://"
 
 View = tuple[int, frozenset[int]]          # (generation, members)
-
-
-def preferred_server(servers: list[int], node_id: int, offset: int) -> int:
-    """The server an I/O at `offset` from node `node_id` goes to first."""
-    return servers[(offset // REGION + node_id) % len(servers)]
+Locate = Callable[[int], bytes]            # byte offset -> key of its covering resource
+UNMAPPED = b""                             # the key of every offset before route_by
 
 
 class _Silent(Exception):
@@ -158,6 +162,9 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self.io_timeout = io_timeout if io_timeout is not None else config.io_timeout
         self.on_silent: Callable[[int], None] | None = None
         self._view: Callable[[], View] | None = None
+        self._locate: Locate | None = None
+        self._preferred: dict[bytes, int] = {}             # resource key -> named server
+        self._preferred_gen = 0                            # view it was last pruned for
         self._lock = threading.RLock()
         self._conns: dict[int, _Connection] = {}
         self._silent: dict[int, tuple[float, int]] = {}    # server -> (until, generation)
@@ -167,7 +174,8 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self._refused: str | None = None
         self._ids = 0
         self.stats = {"reads": 0, "writes": 0, "flushes": 0, "requests": 0,
-                      "timeouts": 0, "retargets": 0, "resent": 0, "refusals": 0}
+                      "timeouts": 0, "retargets": 0, "resent": 0, "refusals": 0,
+                      "to_named": 0, "to_computed": 0}
         self.per_server: dict[int, int] = {}               # requests answered
         self.written: dict[int, int] = {}                  # bytes written, by server
         self.retarget_times: list[float] = []              # wall clock of each re-target
@@ -178,6 +186,14 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         """From now on requests carry view()'s generation, and go to its members."""
         self._view = view
 
+    def route_by(self, locate: Locate) -> None:
+        """From now on an I/O at offset o is routed by the resource `locate(o)`."""
+        self._locate = locate
+
+    def prefer(self, key: bytes, server: int) -> None:
+        """A grant of resource `key` named `server` (any thread)."""
+        self._preferred[key] = server
+
     # -- routing ---------------------------------------------------------------------
     def _current(self) -> View:
         if self._view is None:
@@ -185,7 +201,8 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         return self._view()
 
     def _candidates(self, offset: int) -> list[int]:
-        """Live servers, the preferred one for `offset` first."""
+        """Live servers, the preferred one for `offset` first, the rest in the order
+        of its resource."""
         generation, members = self._current()
         now = time.monotonic()
         live = []
@@ -196,8 +213,25 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             live.append(s)
         if not live:
             return []
-        first = preferred_server(live, self.node_id, offset)
-        return [first] + [s for s in live if s != first]
+        if generation != self._preferred_gen:
+            self._prune_preferred(generation, members)
+        key = self._locate(offset) if self._locate is not None else UNMAPPED
+        order = server_order(key, live)
+        named = self._preferred.get(key)
+        if named in live:
+            self.stats["to_named"] += 1
+            order.remove(named)
+            return [named, *order]
+        self.stats["to_computed"] += 1
+        return order
+
+    def _prune_preferred(self, generation: int, members: frozenset[int]) -> None:
+        """A new view: forget what grants named of servers that are no longer in it
+        (held locks are named again by their masters; the rest when next granted)."""
+        self._preferred_gen = generation
+        for key, server in list(self._preferred.items()):
+            if server not in members:
+                self._preferred.pop(key, None)
 
     def _call(self, mtype: int, body: dict[str, Any], offset: int
               ) -> tuple[int, dict[str, Any]]:
@@ -374,4 +408,6 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         return {**self.stats, "per_server": dict(self.per_server),
                 "written": dict(self.written),
                 "silent": sorted(self._silent), "io_timeout": self.io_timeout,
+                "preferred": {k.decode(errors="replace"): s
+                              for k, s in sorted(self._preferred.items())},
                 "retarget_times": self.retarget_times[-50:]}

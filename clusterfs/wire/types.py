@@ -23,6 +23,8 @@ class MsgType(IntEnum):
     JOIN_REQUEST = 9
     BARRIER = 10
     VIEW_ACTIVATE = 11
+    SUSPECT = 12          # "node N did not answer my I/O": every member probes it
+    PROBE = 13            # "answer me now" (with a heartbeat)
 
     # dlm (32-79)
     DLM_REQUEST = 32
