@@ -244,9 +244,11 @@ def _write_and_stop(c: Cluster, chunks: int, rounds: int, stop_for: float | None
 
 
 def test_sigstop_of_the_proxys_server_retargets_without_an_error(tmp_path):
-    """The server stays stopped: node 3 re-targets within io_timeout, the survivors
-    remove the stopped node, fence it (the dev cluster's process agent kills it)
-    and recover; no error reaches the writer and every byte verifies."""
+    """The server stays stopped: node 3 re-targets within io_timeout, tells membership
+    to look at the silent server and asks for new preferred servers; the survivors
+    probe it, remove it without waiting out the failure timeout, fence it (the dev
+    cluster's process agent kills it) and recover; no error reaches the writer and
+    every byte verifies."""
     chunks, rounds = 4, 6
     with ProxyCluster(tmp_path) as c:
         server, stopped_at, _lines = _write_and_stop(c, chunks, rounds, None)
@@ -266,7 +268,16 @@ def test_sigstop_of_the_proxys_server_retargets_without_an_error(tmp_path):
         while victim.alive() and time.monotonic() < deadline:   # fenced: killed
             time.sleep(0.2)
         assert not victim.alive(), c.logs()
+        print(f"stopped server fenced (killed) {time.time() - stopped_at:.1f} s after the "
+              "stop (polled every 0.2 s)")
         c.mounts.pop(server).clean_after_crash()
+        # node 3 told membership to look at the silent server and asked the masters to
+        # name another one; the coordinator probed it and took it for dead at once
+        log3, log_other = c.mounts[3].log_text(), c.mounts[other].log_text()
+        assert f"node {server} is suspected silent" in log3, log3[-3000:]
+        assert f"(avoiding [{server}])" in log3, log3[-3000:]
+        assert f"node 3 suspects node {server}; probing it" in log_other, log_other[-3000:]
+        assert f"node {server} did not answer our probe" in log_other, log_other[-3000:]
         with open(c.path(3, "after"), "wb") as f:        # one server left: still serving
             f.write(b"x" * 100000)
             os.fsync(f.fileno())
@@ -289,7 +300,9 @@ print("last", r - 1, flush=True)
 
 
 def test_a_briefly_stopped_server_writes_nothing_stale(tmp_path):
-    """The server is let go before the cluster notices (shorter than failure_timeout).
+    """The server is let go before the cluster notices: node 3 suspects it once its
+    I/O times out (io_timeout 0.5 s), and membership would remove it if it left the
+    probe unanswered for probe_timeout (1 s) more; it is let go 0.9 s after the stop.
     A writer on node 3 rewrites one MiB again and again; while the server is
     stopped, node 3 re-targets and rewrites it several times more, then the writer
     stops, and only then is the server let go: the older copy that waited in its
@@ -306,7 +319,7 @@ def test_a_briefly_stopped_server_writes_nothing_stale(tmp_path):
             victim = c.mounts[server]
             os.kill(victim.pid, signal.SIGSTOP)
             try:
-                time.sleep(1.5)                       # re-target, and rewrite meanwhile
+                time.sleep(0.9)                       # re-target, and rewrite meanwhile
                 stop.touch()
                 out, _ = w.communicate(timeout=60)
             finally:

@@ -35,6 +35,7 @@ class FailureDetection(ViewInstallation):
         # heartbeat intervals (a loop busy for one interval is no evidence)
         self.probe_timeout = min(self.timeout, max(2 * self.interval, self.timeout / 3))
         self._probed: dict[int, float] = {}      # node -> when we probed it
+        self._unanswered_probes: set[int] = set()   # said so in the log
         self.probes = 0
         self.endpoint.register([MsgType.SUSPECT], self._on_suspect)
         self.endpoint.register([MsgType.PROBE], self._on_probe)
@@ -75,8 +76,16 @@ class FailureDetection(ViewInstallation):
             return False
         if last_seen >= probed:
             del self._probed[n]                   # heard since: not silent after all
+            self._unanswered_probes.discard(n)
             return False
-        return now - max(probed, self._judge_from) > self.probe_timeout
+        if now - max(probed, self._judge_from) <= self.probe_timeout:
+            return False
+        if n not in self._unanswered_probes:
+            self._unanswered_probes.add(n)
+            log.warning("node %d gen %d: node %d did not answer our probe within %.2f s: "
+                        "taken for dead", self.node_id, self.view.generation, n,
+                        self.probe_timeout)
+        return True
 
     @guarded
     async def _on_suspect(self, env: Envelope) -> None:

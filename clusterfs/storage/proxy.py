@@ -165,6 +165,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self._locate: Locate | None = None
         self._preferred: dict[bytes, int] = {}             # resource key -> named server
         self._preferred_gen = 0                            # view it was last pruned for
+        self._retarget_pending = False                     # a server went silent since
         self._lock = threading.RLock()
         self._conns: dict[int, _Connection] = {}
         self._silent: dict[int, tuple[float, int]] = {}    # server -> (until, generation)
@@ -245,15 +246,13 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             if not order and self._silent and time.monotonic() <= deadline:
                 self._silent.clear()          # every server silent: try them all again
                 continue
-            for i, server in enumerate(order):
+            for server in order:
                 try:
                     reply = self._send_to(server, mtype, body)
                 except _Silent as exc:
                     errors.append(str(exc))
                     self._mark_silent(server, str(exc))
                     continue
-                if i > 0 or errors:
-                    self._retargeted(server, mtype)
                 return server, reply
             if time.monotonic() > deadline:
                 break
@@ -288,6 +287,9 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             self.stats["refusals"] += 1
             raise _Silent(f"block server {server} refused: {reply.get('error')}")
         self.per_server[server] = self.per_server.get(server, 0) + 1
+        if self._retarget_pending:      # the first answer since a server went silent
+            self._retarget_pending = False
+            self._retargeted(server, mtype)
         return reply
 
     def _drop(self, server: int) -> None:
@@ -298,6 +300,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
     def _mark_silent(self, server: int, why: str) -> None:
         generation = self._current()[0]
         self._silent[server] = (time.monotonic() + SILENT_FOR, generation)
+        self._retarget_pending = True
         log.warning("node %d gen %d: %s; re-targeting to another server of the storage "
                     "group", self.node_id, generation, why)
         if self.on_silent is not None:
