@@ -354,6 +354,7 @@ async def _start_storage(cluster: ClusterArgs, fencing, dev, node) -> Any:
     membership = node.membership
     if getattr(dev, "proxied", False):
         dev.attach(lambda: (membership.view.generation, membership.view.members))
+        fencing.attach_storage(membership)
         return None
     if not cluster.cfg.block_servers or cluster.node_id not in cluster.cfg.storage_group:
         return None
@@ -373,6 +374,7 @@ async def _start_storage(cluster: ClusterArgs, fencing, dev, node) -> Any:
         handle.close()
         raise MountError(f"block server: {exc.strerror or exc}") from None
     fencing.own(handle)
+    fencing.attach_storage(membership, server)
     return server
 
 

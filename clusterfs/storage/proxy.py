@@ -161,6 +161,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self.proxied = True
         self.io_timeout = io_timeout if io_timeout is not None else config.io_timeout
         self.on_silent: Callable[[int], None] | None = None
+        self.on_fenced: Callable[[str], None] | None = None     # a server says: fenced
         self._view: Callable[[], View] | None = None
         self._locate: Locate | None = None
         self._preferred: dict[bytes, int] = {}             # resource key -> named server
@@ -285,12 +286,22 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             raise
         if not reply.get("ok"):
             self.stats["refusals"] += 1
+            if reply.get("fenced"):
+                self._fenced(str(reply.get("error")))
             raise _Silent(f"block server {server} refused: {reply.get('error')}")
         self.per_server[server] = self.per_server.get(server, 0) + 1
         if self._retarget_pending:      # the first answer since a server went silent
             self._retarget_pending = False
             self._retargeted(server, mtype)
         return reply
+
+    def _fenced(self, reason: str) -> None:
+        """The cluster fenced this node at its servers (it has no disk path of its
+        own): final, as a reservation conflict is; no other server is tried."""
+        self._refused = f"fenced: {reason}"
+        if self.on_fenced is not None:
+            self.on_fenced(reason)
+        raise StorageError(f"{self.path}: {reason}")
 
     def _drop(self, server: int) -> None:
         conn = self._conns.pop(server, None)

@@ -53,3 +53,4 @@ class MsgType(IntEnum):
     BLOCK_REPLY = 82
     BLOCK_FLUSH = 83
     BLOCK_INFO = 84
+    BLOCK_FENCE = 85      # a member has a server cut a removed node off (groupfence.py)
