@@ -250,3 +250,28 @@ def test_a_fencer_without_a_path_has_a_server_preempt_for_it(served):
     with pytest.raises(FenceError, match="node 4 joined again in generation 3"):
         trio.run(fence.fence, 4, 2)                      # a late fence of its old life
     assert asked == [(4, 2)]
+
+
+def test_a_connection_closed_under_the_proxy_is_made_again_not_taken_for_silence(served):
+    """A server that restarted closed the proxy's connection: the proxy connects again
+    and goes on with that server (no re-target, nobody suspected)."""
+    dev = _proxy(served, 1)
+    suspected: list[int] = []
+    dev.on_silent = suspected.append
+    try:
+        dev.pwrite(0, b"one" * 100)
+
+        class Closed:
+            def request(self, *args, **kwargs):
+                raise ConnectionError("connection closed by the server")
+
+            def close(self) -> None:
+                pass
+
+        dev._conns[1] = Closed()
+        dev.pwrite(0, b"two" * 100)
+        assert dev.pread(0, 300) == b"two" * 100
+        st = dev.statistics()
+        assert suspected == [] and st["retargets"] == 0 and st["silent"] == []
+    finally:
+        dev.close()

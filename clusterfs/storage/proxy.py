@@ -268,11 +268,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         generation = self._current()[0]
         self.stats["requests"] += 1
         try:
-            conn = self._conns.get(server)
-            if conn is None:
-                conn = self._conns[server] = _Connection(self.cfg, self.node_id, server,
-                                                         self.io_timeout)
-            reply = conn.request(mtype, generation, body, self.io_timeout)
+            reply = self._exchange(server, mtype, generation, body)
         except TimeoutError as exc:
             self.stats["timeouts"] += 1
             self._drop(server)
@@ -302,6 +298,21 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         if self.on_fenced is not None:
             self.on_fenced(reason)
         raise StorageError(f"{self.path}: {reason}")
+
+    def _exchange(self, server: int, mtype: int, generation: int, body: dict[str, Any]
+                  ) -> dict[str, Any]:
+        conn = self._conns.get(server)
+        if conn is not None:
+            try:
+                return conn.request(mtype, generation, body, self.io_timeout)
+            except ConnectionError:
+                # a connection made earlier was closed under us (the server restarted,
+                # or dropped it): no silence yet. Once more on a new one (a request
+                # is idempotent, and nothing else was sent meanwhile)
+                self._drop(server)
+        conn = self._conns[server] = _Connection(self.cfg, self.node_id, server,
+                                                 self.io_timeout)
+        return conn.request(mtype, generation, body, self.io_timeout)
 
     def _drop(self, server: int) -> None:
         conn = self._conns.pop(server, None)
