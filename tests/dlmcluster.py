@@ -30,9 +30,11 @@ class MemNode:
 class MemCluster:
     def __init__(self, net: MemoryNetwork, cluster: StaticCluster,
                  nursery: trio.Nursery,
-                 dir_hint: Callable[[bytes], int | None] | None = None) -> None:
+                 dir_hint: Callable[[bytes], int | None] | None = None,
+                 servers: frozenset[int] = frozenset()) -> None:
         self.dir_hint = dir_hint
         self.net = net
+        self.servers = servers           # the storage group's block servers, if any
         self.cluster = cluster
         self.nursery = nursery
         self.nodes: dict[int, MemNode] = {}
@@ -51,7 +53,7 @@ class MemCluster:
 
         async def run() -> None:
             with node.scope:
-                async with open_dlm(ep, mem) as dlm:
+                async with open_dlm(ep, mem, self.servers) as dlm:
                     node.dlm = dlm
                     node.ls = await dlm.new_lockspace("default", dir_hint=self.dir_hint)
                     ready.set()
@@ -107,12 +109,13 @@ class MemCluster:
 
 @asynccontextmanager
 async def memory_cluster(node_ids: list[int], *, auto_fence: bool = True,
-                         dir_hint: Callable[[bytes], int | None] | None = None
+                         dir_hint: Callable[[bytes], int | None] | None = None,
+                         servers: frozenset[int] = frozenset()
                          ) -> AsyncIterator[MemCluster]:
     async with MemoryNetwork().running() as net:
         cluster = StaticCluster(node_ids, auto_fence=auto_fence)
         async with trio.open_nursery() as nursery:
-            mc = MemCluster(net, cluster, nursery, dir_hint)
+            mc = MemCluster(net, cluster, nursery, dir_hint, servers)
             for nid in node_ids:
                 await mc.start(nid)
             await mc.wait_running()

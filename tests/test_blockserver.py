@@ -13,14 +13,16 @@ from collections.abc import Iterator
 
 import pytest
 import trio
+import trio.testing
 
 from clusterfs.comms.localcluster import free_ports
 from clusterfs.config import parse_config
-from clusterfs.errors import StorageError
+from clusterfs.errors import FenceError, StorageError
 from clusterfs.membership.view import View, ViewChange
 from clusterfs.storage import blockwire as bw
 from clusterfs.storage.blockserver import BlockServer
 from clusterfs.storage.device import BlockDevice
+from clusterfs.storage.groupfence import StorageGroupFence
 from clusterfs.storage.proxy import ProxyDevice
 from clusterfs.wire import frame as wf
 from clusterfs.wire.types import MsgType
@@ -165,3 +167,111 @@ def test_no_server_answering_is_an_error_not_a_hang(served, tmp_path):
     cfg = dataclasses.replace(served.cfg, block_servers=((1, "127.0.0.1", free_ports(1)[0]),))
     with pytest.raises(StorageError, match="no block server left"):
         ProxyDevice(cfg, 3)
+
+
+# -- fencing a node without a path: the servers cut it off (storage/groupfence.py) ----
+def _group_fence(s: Served, me: int, generation: int, inner=None, kind: str = "scsi-pr"):
+    fence = StorageGroupFence(s.cfg, me, inner, kind)
+    fence.attach(lambda: (generation, frozenset({1, 2})), None)
+    return fence
+
+
+def test_a_node_without_a_path_is_fenced_by_the_servers_cutting_it_off(served):
+    """Node 2 (the coordinator, say) fences proxy node 3, removed in view 3: server 1
+    refuses node 3's writes of every older generation; reads go on, and a new life of
+    node 3 (joined in a later view) writes again."""
+    served.install(2, {1, 2, 3})
+    dev = _proxy(served, 2)
+    told: list[str] = []
+    dev.on_fenced = told.append                          # the mount withdraws there
+    try:
+        dev.pwrite(0, b"before" * 100)
+        trio.run(_group_fence(served, 2, 3).fence, 3, 3)
+        assert served.server.statistics()["cut_off"] == {3: 3}
+        with pytest.raises(StorageError, match="node 3 was fenced in generation 3"):
+            dev.pwrite(0, b"stale!" * 100)
+        assert told == ["node 3 was fenced in generation 3 (block server 1)"]
+        with pytest.raises(StorageError, match="fenced"):
+            dev.flush()                                   # refused here at once now
+        assert dev.pread(0, 600) == b"before" * 100
+        served.install(4, {1, 2, 3})                      # node 3 back, a new life
+        again = _proxy(served, 4)
+        again.pwrite(0, b"again!" * 100)
+        again.close()
+    finally:
+        dev.close()
+
+
+def test_the_cut_off_waits_for_the_victims_writes_in_flight(served):
+    """A server answers a fence only once no write of the victim is under way: one
+    that passed the checks before the fence may still land, but not after it."""
+    server = BlockServer(served.cfg, 1, served.server.dev, Views())
+    order: list[str] = []
+
+    server._install(1, frozenset({1, 3}), True)
+
+    async def main() -> None:
+        server._inflight[3] = 1                           # a write of node 3 under way
+        async with trio.open_nursery() as n:
+            async def fence() -> None:
+                await server.cut_off_node(3, 7)
+                order.append("fenced")
+            n.start_soon(fence)
+            await trio.testing.wait_all_tasks_blocked()
+            order.append("write done")
+            server._inflight.pop(3)
+            server._io_done.set()
+        assert "fenced in generation 7" in server.refusal(3, 6)
+        assert server.refusal(3, 7) is None               # a life after the fence
+
+    trio.run(main)
+    assert order == ["write done", "fenced"]
+
+
+def test_a_fencer_without_a_path_has_a_server_preempt_for_it(served):
+    """scsi-pr: a node with a path is fenced on the LUN. A fencer without one (no
+    session there) asks a live server, which fences through its own node's agent;
+    not a node that joined again since, and not the server itself."""
+    served.install(2, {1, 2, 3})
+    asked: list[tuple[int, int]] = []
+
+    async def preempt(node: int, generation: int) -> None:
+        asked.append((node, generation))
+
+    served.server.fence_disk_node = preempt
+    cfg = dataclasses.replace(served.cfg, storage_group=(1, 4))      # 4: a disk node
+    fence = StorageGroupFence(cfg, 3, None, "scsi-pr")
+    fence.attach(lambda: (2, frozenset({1, 2, 3})), None)
+    trio.run(fence.fence, 4, 2)
+    assert asked == [(4, 2)] and fence.delegated == [(4, 2)]
+    with pytest.raises(FenceError, match="no live block server could fence it"):
+        trio.run(fence.fence, 1, 2)                      # the only server: nobody left
+    served.install(3, {1, 2, 3, 4})                      # node 4 joined again in 3
+    with pytest.raises(FenceError, match="node 4 joined again in generation 3"):
+        trio.run(fence.fence, 4, 2)                      # a late fence of its old life
+    assert asked == [(4, 2)]
+
+
+def test_a_connection_closed_under_the_proxy_is_made_again_not_taken_for_silence(served):
+    """A server that restarted closed the proxy's connection: the proxy connects again
+    and goes on with that server (no re-target, nobody suspected)."""
+    dev = _proxy(served, 1)
+    suspected: list[int] = []
+    dev.on_silent = suspected.append
+    try:
+        dev.pwrite(0, b"one" * 100)
+
+        class Closed:
+            def request(self, *args, **kwargs):
+                raise ConnectionError("connection closed by the server")
+
+            def close(self) -> None:
+                pass
+
+        dev._conns[1] = Closed()
+        dev.pwrite(0, b"two" * 100)
+        assert dev.pread(0, 300) == b"two" * 100
+        st = dev.statistics()
+        assert suspected == [] and st["retargets"] == 0 and st["silent"] == []
+    finally:
+        dev.close()

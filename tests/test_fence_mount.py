@@ -65,27 +65,28 @@ def _wait(what: str, check, timeout: float = 60.0, logs=lambda: "") -> None:
         time.sleep(0.1)
 
 
-def _start_writer(c: Cluster) -> subprocess.Popen:
-    w = subprocess.Popen([sys.executable, "-c", WRITER, c.path(3, "victim"), BEFORE.hex(),
+def _start_writer(c: Cluster, node: int = 3) -> subprocess.Popen:
+    w = subprocess.Popen([sys.executable, "-c", WRITER, c.path(node, "victim"), BEFORE.hex(),
                           STALE.hex()], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          text=True)
     assert w.stdout.readline().strip() == "ready", c.logs()
     return w
 
 
-def _stop_fence_resume(c: Cluster, fenced, backing: Path) -> None:
-    """The scenario (module doc); `fenced()` tells when node 3 is fenced."""
-    writer = _start_writer(c)
-    victim = c.mounts[3]
+def _stop_fence_resume(c: Cluster, fenced, backing: Path, victim_id: int = 3) -> None:
+    """The scenario (module doc); `fenced()` tells when node `victim_id` is fenced."""
+    writer = _start_writer(c, victim_id)
+    victim = c.mounts[victim_id]
+    one, two = (n for n in (1, 2, 3) if n != victim_id)
     try:
         os.kill(victim.pid, signal.SIGSTOP)
-        _wait("node 3 fenced", fenced, logs=c.logs)
-        with open(c.path(1, "victim"), "rb") as f:     # replayed by the survivors
+        _wait(f"node {victim_id} fenced", fenced, logs=c.logs)
+        with open(c.path(one, "victim"), "rb") as f:   # replayed by the survivors
             assert f.read() == BEFORE
-        with open(c.path(2, "after"), "wb") as f:     # and they serve
+        with open(c.path(two, "after"), "wb") as f:   # and they serve
             f.write(b"survivors")
             os.fsync(f.fileno())
-        with open(c.path(1, "after"), "rb") as f:
+        with open(c.path(one, "after"), "rb") as f:
             assert f.read() == b"survivors"
         writer.stdin.write("go\n")
         writer.stdin.flush()
@@ -102,10 +103,10 @@ def _stop_fence_resume(c: Cluster, fenced, backing: Path) -> None:
     assert STALE[:48] not in backing.read_bytes()     # nothing stale reached the disk
 
 
-def _finish(c: Cluster) -> None:
-    c.mounts.pop(3).clean_after_crash()
-    c.unmount(1)
-    c.unmount(2)
+def _finish(c: Cluster, victim: int = 3, survivors: tuple[int, ...] = (1, 2)) -> None:
+    c.mounts.pop(victim).clean_after_crash()
+    for n in survivors:                               # a proxy before its servers
+        c.unmount(n)
 
 
 @pytest.fixture
@@ -167,3 +168,87 @@ def test_poison_pill_mount_claims_a_slot_and_a_stopped_node_stops_itself(tmp_pat
             raise
         r = mountutil.fsck(dev)
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+# -- scsi-pr with proxy I/O: a node without a path to the LUN -----------------------
+def _proxy_config(directory: Path, url: str, group: tuple[int, int]) -> Path:
+    from clusterfs.comms.localcluster import free_ports
+
+    config = _config(directory, f'agent = "scsi-pr"\ndevices = ["{url}"]\n')
+    p = free_ports(2)
+    servers = "\n".join(f'{n} = "127.0.0.1:{port}"' for n, port in zip(group, p, strict=True))
+    config.write_text(config.read_text() + f"""
+[storage]
+group = [{group[0]}, {group[1]}]
+io_timeout = 0.5
+
+[storage.servers]
+{servers}
+""")
+    return config
+
+
+def _proxy_scsi_pr(tmp_path: Path, group: tuple[int, int], proxy: int, scenario) -> None:
+    """A tgtd LUN, scsi-pr fencing, nodes `group` mount it and serve it, `proxy`
+    mounts through them; `scenario(c, observer, keys, target)` runs in between."""
+    from clusterfs.fence.scsi_pr import pr_key
+    from clusterfs.storage.iscsi import IscsiDevice
+
+    with iscsiutil.target([256 * MIB]) as t:
+        url = t.url()
+        r = run_cli("mkfs", "-q", "-j", "3", "--cluster", CLUSTER_NAME, url)
+        assert r.returncode == 0, r.stderr
+        c = FencedCluster(tmp_path, url, _proxy_config(tmp_path, url, group), 3)
+        observer = IscsiDevice(url, timeout=10, initiator="iqn.2025-01.io.clusterfs.test:obs")
+        keys = {n: pr_key(CLUSTER_NAME, n) for n in (1, 2, 3)}
+        try:
+            c.start(*group)
+            c.start(proxy)
+            assert "reaching it through the storage group" in c.mounts[proxy].log_text()
+            registered = observer.pr_read_keys()
+            # a registration belongs to a session (I_T nexus): the proxy has none
+            assert keys[proxy] not in registered
+            assert all(keys[n] in registered for n in group)
+            scenario(c, observer, keys, t)
+        except BaseException:
+            for m in c.mounts.values():
+                m.force_unmount()
+            raise
+        finally:
+            observer.close()
+        r = mountutil.fsck(url)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_scsi_pr_a_stopped_proxy_node_is_cut_off_at_the_servers(tmp_path, prereq_iscsi):
+    """Nodes 1 and 2 serve the LUN, node 3 proxies. Node 3 is stopped: the
+    coordinator fences it where its writes go (both block servers cut it off,
+    waiting for its writes in flight), the survivors replay its journal, and once
+    let go node 3's write is refused by the servers: it withdraws, the writer gets
+    EIO, nothing stale reaches the LUN."""
+    def scenario(c, observer, keys, t):
+        _stop_fence_resume(c, lambda: "node 3 fenced: cut off at block server(s) [1, 2]"
+                           in c.mounts[1].log_text(), t.backing[1])
+        assert "node 3 was fenced in generation" in c.mounts[3].log_text()
+        for n in (1, 2):
+            assert "block server cuts node 3 off" in c.mounts[n].log_text()
+        _finish(c)
+
+    _proxy_scsi_pr(tmp_path, (1, 2), 3, scenario)
+
+
+def test_scsi_pr_a_proxy_coordinator_has_a_server_preempt_the_dead(tmp_path,
+                                                                   prereq_iscsi):
+    """Nodes 2 and 3 serve the LUN, node 1 proxies and, as the lowest id, coordinates.
+    Server 2 is stopped: node 1 has no session to PREEMPT through, so it asks server 3,
+    which preempts node 2's key with its own; let go, node 2's write meets the
+    reservation conflict, it withdraws and the writer gets EIO."""
+    def scenario(c, observer, keys, t):
+        _stop_fence_resume(c, lambda: keys[2] not in observer.pr_read_keys(),
+                           t.backing[1], victim_id=2)
+        assert "fenced on the disk by block server 3 for us" in c.mounts[1].log_text()
+        assert "reservation conflict: this node was fenced" in c.mounts[2].log_text()
+        assert keys[3] in observer.pr_read_keys()
+        _finish(c, victim=2, survivors=(1, 3))
+
+    _proxy_scsi_pr(tmp_path, (2, 3), 1, scenario)

@@ -23,6 +23,8 @@ import pytest
 from clusterutil import CLUSTER_NAME, Cluster, free_ports, write_config
 from mountutil import run_cli
 
+from clusterfs.dlm.preferred import server_order
+
 MIB = 1 << 20
 IO_TIMEOUT = 0.5
 
@@ -132,6 +134,59 @@ def test_two_servers_and_a_proxy_stay_coherent(tmp_path):
         assert "from3" not in os.listdir(c.path(3))
 
 
+def _write(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        os.fsync(f.fileno())
+
+
+def _served_node3(c: Cluster, server: int) -> int:
+    return _status(c, server)["block_server"]["per_node"].get("3", 0)
+
+
+def _wait_view(c: Cluster, node: int, members: list[int], within: float = 60) -> dict:
+    deadline = time.monotonic() + within
+    while True:
+        st = _status(c, node)
+        if st["members"] == members and st["running"]:
+            return st
+        assert time.monotonic() < deadline, (st["members"], c.logs())
+        time.sleep(0.2)
+
+
+def test_grants_name_the_servers_the_proxys_io_goes_to(tmp_path):
+    """Every lock grant names the preferred server of its resource, spread over the
+    live servers; node 3 routes the I/O of each region (its journal, a resource
+    group, the fixed area) to what the grant of the region's lock named, so its I/O
+    reaches both servers. Once a server dies, the grants name the other."""
+    with ProxyCluster(tmp_path) as c:
+        _write(c.path(3, "spread"), _blob("spread", 4 * MIB))
+        st = _status(c, 3)
+        named, routes = st["preferred_servers"], st["device"]["preferred"]
+        print(f"\nnode 3's grants name: {named}")
+        journal = f"journal:{st['mount']['slot']}"
+        assert {"live", journal} <= set(named)          # held from mount to unmount
+        for key, server in named.items():
+            assert server == server_order(key.encode(), [1, 2])[0], key   # the master's
+            assert routes[key] == server, key             # what the proxy routes by
+        assert set(named.values()) == {1, 2}
+        assert st["device"]["to_named"] > 0
+        assert _served_node3(c, 1) > 0 and _served_node3(c, 2) > 0, st["device"]
+        # the server node 3's journal grant names dies: every grant names the other
+        victim = named[journal]
+        other = 3 - victim
+        c.kill9(victim)
+        _wait_view(c, 3, [other, 3])
+        _write(c.path(3, "after"), _blob("after", MIB))      # new grants, too
+        st = _status(c, 3)
+        assert set(st["preferred_servers"].values()) == {other}, st["preferred_servers"]
+        assert set(st["device"]["preferred"].values()) == {other}
+        before = _served_node3(c, other)
+        with open(c.path(3, "spread"), "rb") as f:
+            assert f.read() == _blob("spread", 4 * MIB)
+        assert _served_node3(c, other) > before
+
+
 WRITER = r"""
 import hashlib, os, sys, time
 path, chunks, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
@@ -189,9 +244,11 @@ def _write_and_stop(c: Cluster, chunks: int, rounds: int, stop_for: float | None
 
 
 def test_sigstop_of_the_proxys_server_retargets_without_an_error(tmp_path):
-    """The server stays stopped: node 3 re-targets within io_timeout, the survivors
-    remove the stopped node, fence it (the dev cluster's process agent kills it)
-    and recover; no error reaches the writer and every byte verifies."""
+    """The server stays stopped: node 3 re-targets within io_timeout, tells membership
+    to look at the silent server and asks for new preferred servers; the survivors
+    probe it, remove it without waiting out the failure timeout, fence it (the dev
+    cluster's process agent kills it) and recover; no error reaches the writer and
+    every byte verifies."""
     chunks, rounds = 4, 6
     with ProxyCluster(tmp_path) as c:
         server, stopped_at, _lines = _write_and_stop(c, chunks, rounds, None)
@@ -211,7 +268,16 @@ def test_sigstop_of_the_proxys_server_retargets_without_an_error(tmp_path):
         while victim.alive() and time.monotonic() < deadline:   # fenced: killed
             time.sleep(0.2)
         assert not victim.alive(), c.logs()
+        print(f"stopped server fenced (killed) {time.time() - stopped_at:.1f} s after the "
+              "stop (polled every 0.2 s)")
         c.mounts.pop(server).clean_after_crash()
+        # node 3 told membership to look at the silent server and asked the masters to
+        # name another one; the coordinator probed it and took it for dead at once
+        log3, log_other = c.mounts[3].log_text(), c.mounts[other].log_text()
+        assert f"node {server} is suspected silent" in log3, log3[-3000:]
+        assert f"(avoiding [{server}])" in log3, log3[-3000:]
+        assert f"node 3 suspects node {server}; probing it" in log_other, log_other[-3000:]
+        assert f"node {server} did not answer our probe" in log_other, log_other[-3000:]
         with open(c.path(3, "after"), "wb") as f:        # one server left: still serving
             f.write(b"x" * 100000)
             os.fsync(f.fileno())
@@ -234,7 +300,9 @@ print("last", r - 1, flush=True)
 
 
 def test_a_briefly_stopped_server_writes_nothing_stale(tmp_path):
-    """The server is let go before the cluster notices (shorter than failure_timeout).
+    """The server is let go before the cluster notices: node 3 suspects it once its
+    I/O times out (io_timeout 0.5 s), and membership would remove it if it left the
+    probe unanswered for probe_timeout (1 s) more; it is let go 0.9 s after the stop.
     A writer on node 3 rewrites one MiB again and again; while the server is
     stopped, node 3 re-targets and rewrites it several times more, then the writer
     stops, and only then is the server let go: the older copy that waited in its
@@ -251,7 +319,7 @@ def test_a_briefly_stopped_server_writes_nothing_stale(tmp_path):
             victim = c.mounts[server]
             os.kill(victim.pid, signal.SIGSTOP)
             try:
-                time.sleep(1.5)                       # re-target, and rewrite meanwhile
+                time.sleep(0.9)                       # re-target, and rewrite meanwhile
                 stop.touch()
                 out, _ = w.communicate(timeout=60)
             finally:

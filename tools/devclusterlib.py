@@ -2,6 +2,8 @@
 
     tools/devcluster up --nodes 3 --dir DIR [--size 2G] [--journals N] [--timeout S]
                         [--heartbeat-interval 0.5] [--failure-timeout 3.0]
+                        [--device DEV] [--fencing process|scsi-pr]
+                        [--storage-group 1,2] [--io-timeout S]
     tools/devcluster status --dir DIR
     tools/devcluster kill K --dir DIR
     tools/devcluster start K [K...] --dir DIR [--timeout S]
@@ -18,6 +20,14 @@ a process is signalled only while its pid still names the process we started
 (start time and command line), and only DIR/nodeK mountpoints are ever
 unmounted. `down` runs `clusterfs umount` for every node at once, and after its
 --timeout SIGTERM, then SIGKILL, for nodes still running.
+
+Variants of `up` (the benchmarks of issue 8 use them): `--device DEV` formats and
+uses DEV (a block device or an iscsi:// URL someone else provides) instead of a
+loop device over DIR/disk.img; it is never detached. `--fencing scsi-pr` fences
+through SCSI-3 reservations on that LUN (the config's [fencing] table; no pid
+records) instead of the process agent. `--storage-group 1,2` makes those nodes
+serve the disk (block servers on free ports) and every other node mount through
+them (proxy I/O, docs/storage.md); the group's nodes are started first.
 
 Exit status: 0 done; 1 something failed (said on stderr); 2 bad input
 (unknown DIR, node out of range, bad option), nothing was changed.
@@ -424,13 +434,41 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def cluster_toml(ports: list[int], heartbeat: float = 0.5, failure: float = 3.0) -> str:
+def cluster_toml(ports: list[int], heartbeat: float = 0.5, failure: float = 3.0,
+                 fencing_device: str | None = None, group: list[int] | None = None,
+                 io_timeout: float | None = None) -> str:
+    """The config: the nodes; with fencing_device a scsi-pr [fencing] table on it; with
+    group a [storage] table (those nodes serve, on ports after the nodes' own)."""
     out = [f'name = "{CLUSTER_NAME}"', 'key_file = "cluster.key"', "",
            "[timeouts]", f"heartbeat_interval = {heartbeat}", f"failure_timeout = {failure}"]
-    for node_id, port in enumerate(ports, 1):
+    for node_id, port in enumerate(ports[:len(ports) - len(group or [])], 1):
         out += ["", "[[node]]", f"id = {node_id}", f'name = "node{node_id}"',
                 f'address = "127.0.0.1:{port}"']
+    if fencing_device is not None:
+        out += ["", "[fencing]", 'agent = "scsi-pr"', f'devices = ["{fencing_device}"]']
+    if group:
+        server_ports = ports[len(ports) - len(group):]
+        out += ["", "[storage]", f"group = {sorted(group)}"]
+        if io_timeout is not None:
+            out.append(f"io_timeout = {io_timeout}")
+        out += ["", "[storage.servers]"]
+        out += [f'{n} = "127.0.0.1:{p}"' for n, p in zip(sorted(group), server_ports,
+                                                          strict=True)]
     return "\n".join(out) + "\n"
+
+
+def parse_group(text: str | None, nodes: int) -> list[int]:
+    """--storage-group 1,2 -> [1, 2]; BadInput unless they are nodes and leave one out."""
+    if not text:
+        return []
+    try:
+        group = sorted({int(x) for x in text.split(",")})
+    except ValueError:
+        raise BadInput(f"--storage-group {text}: not a list of node numbers") from None
+    if not all(1 <= n <= nodes for n in group) or len(group) >= nodes:
+        raise BadInput(f"--storage-group {text}: node numbers of 1..{nodes}, leaving at "
+                       f"least one node to mount through them")
+    return group
 
 
 def check_machine() -> None:
@@ -480,6 +518,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     if not 0 < args.heartbeat_interval <= args.failure_timeout / 2:
         raise BadInput(f"--heartbeat-interval {args.heartbeat_interval}, --failure-timeout "
                        f"{args.failure_timeout}: need 0 < heartbeat <= failure timeout / 2")
+    if args.fencing == "scsi-pr" and not (args.device or "").startswith("iscsi://"):
+        raise BadInput("--fencing scsi-pr: needs --device iscsi://... (a LUN)")
+    parse_group(args.storage_group, args.nodes)
     check_machine()
     cmd = clusterfs_command()
     options = mount_options(cmd)
@@ -493,37 +534,54 @@ def cmd_up(args: argparse.Namespace) -> int:
         return _up(cl, args, cmd, options, journals, size)
 
 
-def _up(cl: Cluster, args: argparse.Namespace, cmd: list[str], options: set[str],
-        journals: int, size: int) -> int:
+def _attach(cl: Cluster, args: argparse.Namespace, size: int) -> str:
+    """The device the cluster runs on: --device as given, or a loop device over a new
+    DIR/disk.img. In the record before anything else is made."""
     backing = cl.path("disk.img")
-    for name in ("disk.img", "cluster.key", "cluster.toml"):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(cl.path(name))
-    for name in ("fence", "state", "control"):
-        shutil.rmtree(cl.path(name), ignore_errors=True)
+    if args.device:
+        with deferred_interrupts():
+            cl.state["loop"], cl.state["backing"], cl.state["external"] = (
+                args.device, None, True)
+            cl.save()
+        print(f"device {args.device} (given; left as it is at the end)", flush=True)
+        return args.device
     with open(backing, "wb") as f:
         f.truncate(size)
-
     with deferred_interrupts():     # the loop device is in the record before anything else
         r = subprocess.run(["losetup", "-f", "--show", backing], capture_output=True,
                            text=True)
         if r.returncode != 0:
             raise Failure(f"losetup -f --show {backing}: {last_line(r)}")
         loop = r.stdout.strip()
-        cl.state = {"version": STATE_VERSION, "dir": cl.dir,
-                    "backing": os.path.realpath(backing), "loop": loop, "size": size,
-                    "journals": journals, "config": cl.path("cluster.toml"),
-                    "key": cl.path("cluster.key"), "clusterfs": cmd, "nodes": {}}
+        cl.state["loop"], cl.state["backing"] = loop, os.path.realpath(backing)
         cl.save()
     print(f"loop device {loop} over {backing} ({human_size(size)}, sparse)", flush=True)
+    return loop
+
+
+def _up(cl: Cluster, args: argparse.Namespace, cmd: list[str], options: set[str],
+        journals: int, size: int) -> int:
+    for name in ("disk.img", "cluster.key", "cluster.toml"):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(cl.path(name))
+    for name in ("fence", "state", "control"):
+        shutil.rmtree(cl.path(name), ignore_errors=True)
+    group = parse_group(args.storage_group, args.nodes)
+    cl.state = {"version": STATE_VERSION, "dir": cl.dir, "backing": None, "loop": None,
+                "size": size, "journals": journals, "config": cl.path("cluster.toml"),
+                "key": cl.path("cluster.key"), "clusterfs": cmd, "nodes": {},
+                "fencing": args.fencing, "storage_group": group}
+    loop = _attach(cl, args, size)
     procs: dict[int, subprocess.Popen] = {}
     try:
         r = run_clusterfs(cmd, "keygen", "-o", cl.state["key"], timeout=60)
         if r.returncode != 0:
             raise Failure(f"clusterfs keygen: {last_line(r)}")
         with open(cl.state["config"], "w") as f:
-            f.write(cluster_toml(free_ports(args.nodes), args.heartbeat_interval,
-                                 args.failure_timeout))
+            f.write(cluster_toml(free_ports(args.nodes + len(group)), args.heartbeat_interval,
+                                 args.failure_timeout,
+                                 loop if args.fencing == "scsi-pr" else None, group,
+                                 args.io_timeout))
         r = run_clusterfs(cmd, "mkfs", "-q", "-j", str(journals), "--cluster", CLUSTER_NAME,
                           loop, timeout=600)
         if r.returncode != 0:
@@ -534,13 +592,17 @@ def _up(cl: Cluster, args: argparse.Namespace, cmd: list[str], options: set[str]
         for node_id in range(1, args.nodes + 1):
             node = new_node(cl, node_id, options)
             cl.state["nodes"][str(node_id)] = node
-        started = time.monotonic()
-        for node in cl.nodes():
-            procs[node["id"]] = cl.spawn(node)
-        print(f"started {args.nodes} node(s) (pids "
-              f"{' '.join(str(p.pid) for p in procs.values())}); waiting for their mounts",
-              flush=True)
-        cl.wait_mounted(procs, args.timeout, started)
+        # the storage group's nodes first: the others mount through their block servers
+        waves = [[n for n in cl.nodes() if n["id"] in group],
+                 [n for n in cl.nodes() if n["id"] not in group]]
+        for wave in filter(None, waves):
+            started = time.monotonic()
+            for node in wave:
+                procs[node["id"]] = cl.spawn(node)
+            print(f"started {len(wave)} node(s) (pids "
+                  f"{' '.join(str(procs[n['id']].pid) for n in wave)}); waiting for their "
+                  f"mounts", flush=True)
+            cl.wait_mounted({n["id"]: procs[n["id"]] for n in wave}, args.timeout, started)
     except BaseException as exc:
         why = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
         print(f"devcluster up {why}; tearing down what it made", file=sys.stderr, flush=True)
@@ -562,7 +624,9 @@ def new_node(cl: Cluster, node_id: int, options: set[str]) -> dict[str, Any]:
     os.makedirs(fence, exist_ok=True)
     os.makedirs(state, exist_ok=True)
     argv = [*cl.state["clusterfs"], "mount", "-f", "--config", cl.state["config"],
-            "--node-id", str(node_id), "--fence-pid-dir", fence, "--state-dir", state]
+            "--node-id", str(node_id), "--state-dir", state]
+    if cl.state.get("fencing", "process") == "process":
+        argv += ["--fence-pid-dir", fence]       # else: the config's agent
     control = None
     if "--control" in options:
         # a socket of our own, so two dev clusters on one machine do not meet
@@ -677,7 +741,8 @@ def teardown(cl: Cluster, timeout: float, fsck: bool) -> list[str]:
 
     # 4. fsck, with nothing of ours running on the device
     loop, backing = cl.state["loop"], cl.state["backing"]
-    ours = loop_backing(loop) == backing
+    external = cl.state.get("external", False)
+    ours = external or (loop is not None and loop_backing(loop) == backing)
     if fsck:
         if left_running:
             problems.append("fsck skipped: a node still runs")
@@ -687,7 +752,9 @@ def teardown(cl: Cluster, timeout: float, fsck: bool) -> list[str]:
             problems += run_fsck(cl.state["clusterfs"], loop)
 
     # 5. the loop device, only while it still serves our file
-    if not ours:
+    if external or loop is None:
+        pass                        # a device we were given, or none was attached yet
+    elif not ours:
         print(f"{loop} no longer serves {backing}; left alone", flush=True)
     elif left_running:
         problems.append(f"{loop} left attached: a node still has it open")
@@ -697,7 +764,7 @@ def teardown(cl: Cluster, timeout: float, fsck: bool) -> list[str]:
         print(f"detached {loop}", flush=True)
 
     still = left_running or any(mount_fstype(n["mountpoint"]) for n in nodes) or (
-        loop_backing(loop) == backing)
+        not external and loop is not None and loop_backing(loop) == backing)
     if still:
         problems.append(f"{STATE_FILE} kept: `down` again once the above is fixed")
     else:
@@ -742,7 +809,8 @@ def cmd_down(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     cl = Cluster(args.dir).load()
     print(f"cluster {cl.dir}: loop {cl.state['loop']}"
-          + ("" if loop_backing(cl.state["loop"]) == cl.state["backing"]
+          + ("" if cl.state.get("external")
+             or loop_backing(cl.state["loop"]) == cl.state["backing"]
              else " (DETACHED or no longer ours)")
           + f", config {cl.state['config']}")
     healthy = True
@@ -807,7 +875,8 @@ def cmd_start(args: argparse.Namespace) -> int:
         for n in nodes:
             if node_alive(n):
                 raise Failure(f"node {n['id']} is already running (pid {n['pid']})")
-        if loop_backing(cl.state["loop"]) != cl.state["backing"]:
+        if not cl.state.get("external") and \
+                loop_backing(cl.state["loop"]) != cl.state["backing"]:
             raise Failure(f"{cl.state['loop']} no longer serves {cl.state['backing']}; "
                           f"`down` and `up` again")
         for n in nodes:
@@ -873,6 +942,17 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--failure-timeout", type=float, default=3.0, metavar="S",
                     help="the config's failure_timeout: a silent node leaves the view "
                          "after this (default 3.0)")
+    up.add_argument("--device", metavar="DEV",
+                    help="use DEV (a block device or iscsi:// URL) instead of a loop device "
+                         "over DIR/disk.img (--size is then ignored)")
+    up.add_argument("--fencing", choices=("process", "scsi-pr"), default="process",
+                    help="process: kill -9 of a dead node's process (default); scsi-pr: "
+                         "SCSI-3 reservations on the --device LUN")
+    up.add_argument("--storage-group", metavar="IDS",
+                    help="e.g. 1,2: those nodes serve the disk, the others mount through "
+                         "them (proxy I/O)")
+    up.add_argument("--io-timeout", type=float, metavar="S",
+                    help="the config's storage io_timeout (with --storage-group)")
     up.set_defaults(run=cmd_up)
 
     st = sub.add_parser("status", help="each node: pid, alive, mounted, clusterfs status; "

@@ -12,7 +12,7 @@ through a block server (clusterfs.storage.blockserver, in a process of its own,
 serving a third equal file as a BlockDevice) over authenticated frames on
 127.0.0.1, from a ProxyDevice in this process: the difference is the proxy
 protocol. Re-target: two block servers serve one file, the proxy writes 4 KiB
-blocks to the region one server is preferred for (and a flush),
+blocks (and a flush) to its preferred server,
 that server is SIGSTOPped, and the time to the first write that completes after
 the stop is taken (io_timeout set by --io-timeout), --retargets times.
 
@@ -44,9 +44,10 @@ import iscsiutil  # noqa: E402
 
 from clusterfs.comms.localcluster import free_ports  # noqa: E402
 from clusterfs.config import parse_config  # noqa: E402
+from clusterfs.dlm.preferred import server_order  # noqa: E402
 from clusterfs.storage.device import BlockDevice  # noqa: E402
 from clusterfs.storage.iscsi import IscsiDevice  # noqa: E402
-from clusterfs.storage.proxy import ProxyDevice, preferred_server  # noqa: E402
+from clusterfs.storage.proxy import UNMAPPED, ProxyDevice  # noqa: E402
 
 MIB = 1 << 20
 BLOCK = 4096
@@ -187,7 +188,7 @@ def retarget_times(path: Path, io_timeout: float, times: int) -> list[float]:
         dev, servers, _cfg = open_proxy(path, io_timeout, (1, 2))
         try:
             offset = 0
-            victim = preferred_server([1, 2], PROXY_NODE, offset)
+            victim = server_order(UNMAPPED, [1, 2])[0]    # no route_by: one order
             block = os.urandom(BLOCK)
             for i in range(64):                     # warm up: connected, written, flushed
                 dev.pwrite(offset + i * BLOCK, block)

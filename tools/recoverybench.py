@@ -4,6 +4,7 @@
     python3 tools/recoverybench.py [--kills 10] [--nodes 3] [--how kill|freeze]
                                    [--failure-timeout 3.0] [--heartbeat-interval 0.5]
                                    [--dir DIR] [--size 2G] [--json FILE]
+                                   [--fencing process|scsi-pr] [--proxy [--io-timeout S]]
 
 It starts a dev cluster (tools/devcluster up, default timings unless told otherwise),
 puts `tools/stress` on every node (each in its own directory, for the whole run), and
@@ -27,6 +28,17 @@ then, --kills times, rotating over the nodes:
    time;
 5. the victim is started again (`devcluster start`), with a new stress run, and the
    next kill comes after the cluster has run under load for --settle seconds.
+
+Issue 8's variants. `--fencing scsi-pr`: the cluster runs on a LUN of a private tgtd
+on 127.0.0.1 (tests/iscsiutil.py, killed at the end) and fences through SCSI-3
+reservations (a PREEMPT of the victim's key) instead of killing its process; a frozen
+victim is killed by this process only after the step times are taken, so that it can
+be started again. `--proxy`: the last node has no path to the disk and mounts
+through the others' block servers (`devcluster up --storage-group`); the victims are
+the servers, the probe write runs on the proxy node, and two more steps are stamped
+from its log: it suspected the victim (its I/O to it timed out, or the connection
+broke) and its first I/O re-targeted to another server (with `--how freeze`: the
+time from the server's SIGSTOP to the proxy's first answered re-targeted request).
 
 At the end the stress runs stop and must report no failure, `devcluster down --fsck`
 must be clean, and it prints a line per kill, then the median and worst of each step.
@@ -58,6 +70,7 @@ DEVCLUSTER = [sys.executable, str(TOOLS / "devcluster")]
 STRESS = [sys.executable, str(TOOLS / "stress")]
 STEP_TIMEOUT = 120.0     # seconds a kill's recovery may take before it counts as failed
 LOG_POLL = 0.005         # seconds between looks at the survivors' logs
+sys.path.insert(0, str(TOOLS.parent / "tests"))     # iscsiutil: a private tgtd
 
 # the first line of each step, in a survivor's log, about victim V
 STEPS = {
@@ -66,6 +79,9 @@ STEPS = {
     "fenced": r"gen \d+: fenced \[([^\]]*)\]",
     "dlm_done": r"recover: 8 done: locking resumed",
     "replay_done": r"journal recovery done in",
+    # the proxy node's (--proxy)
+    "suspected": r"node (\d+) is suspected silent",
+    "retarget": r"BLOCK_[A-Z]+ re-targeted to block server \d+",
 }
 
 
@@ -166,6 +182,53 @@ class Load:
     def abort(self) -> None:
         for node in list(self.runs):
             self.kill(node)
+
+
+REWRITER = r"""
+import os, sys
+path, stop = sys.argv[1], sys.argv[2]
+fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+rounds = 0
+while not os.path.exists(stop):
+    os.pwrite(fd, os.urandom(1 << 20), 0)
+    os.fsync(fd)
+    rounds += 1
+print("rewrites:", rounds, flush=True)
+"""
+
+
+class Rewriter:
+    """With --proxy: one process on the proxy node rewriting and fsyncing 1 MiB of a
+    file of its own, all along. Its locks stay cached on the proxy node, so a frozen
+    server stalls it only through I/O: it is what the re-target step times (the stress
+    runs soon wait on locks mastered by the frozen node instead)."""
+
+    def __init__(self, mountpoint: str, work: str, stop_file: str) -> None:
+        self.out = os.path.join(work, "rewriter.out")
+        with open(self.out, "wb") as f:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", REWRITER, os.path.join(mountpoint, "proxy-rw"),
+                 stop_file], stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                start_new_session=True)
+
+    def stop(self) -> list[str]:
+        """Its failure, if it had one (the stop file is made by Load.stop)."""
+        try:
+            self.proc.wait(STEP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            self.abort()
+            return [f"the proxy node's rewriter did not stop ({self.out})"]
+        text = Path(self.out).read_text(errors="replace")
+        if self.proc.returncode != 0:
+            return [f"the proxy node's rewriter failed ({self.out}):\n{text[-2000:]}"]
+        print(f"proxy node's rewriter: {text.strip()} (no error)", flush=True)
+        return []
+
+    def abort(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
 
 
 # ----------------------------------------------------------------------------
@@ -271,6 +334,10 @@ def wait_steps(watch: LogWatch, k: Kill, survivors: list[int], t0: float) -> Non
     seen = watch.first("conn_lost", k.victim) if k.how == "kill" else None
     if seen is not None:
         k.steps["conn_lost"] = seen[0] - t0
+    for step in ("suspected", "retarget"):       # only a proxy node logs them
+        seen = watch.first(step, k.victim)
+        if seen is not None:
+            k.steps[step] = seen[0] - t0
     for step in ("detected", "fenced"):
         seen = watch.first(step, k.victim)
         if seen is None:
@@ -299,6 +366,9 @@ def read_replay(rec: dict, survivors: list[int], k: Kill) -> None:
 
 
 def restart(args: argparse.Namespace, load: Load, k: Kill) -> None:
+    if args.how == "freeze" and args.fencing != "process":
+        # fenced on the disk but still frozen (nothing killed it): kill it to restart it
+        devcluster("kill", str(k.victim), "--dir", args.dir)
     devcluster("start", str(k.victim), "--dir", args.dir)
     load.start(k.victim, f"k{k.index}")
     time.sleep(args.settle)          # load on a full cluster before the next kill
@@ -308,12 +378,14 @@ def restart(args: argparse.Namespace, load: Load, k: Kill) -> None:
 # report
 
 
-STEP_NAMES = [("conn_lost", "connection lost"), ("detected", "detected"),
+STEP_NAMES = [("conn_lost", "connection lost"), ("suspected", "proxy suspected"),
+              ("retarget", "proxy re-targeted"), ("detected", "detected"),
               ("fenced", "fenced"), ("dlm_done", "DLM done"), ("replay_done", "replay done")]
 
 
 def kill_line(k: Kill) -> str:
-    steps = "  ".join(f"{label} {k.steps.get(s, float('nan')):6.3f}" for s, label in STEP_NAMES)
+    steps = "  ".join(f"{label} {k.steps[s]:6.3f}" for s, label in STEP_NAMES
+                      if s in k.steps)
     replay = f"{k.replay_s:.3f}" if k.replay_s is not None else "?"
     txns = sum(r["transactions"] for r in k.replayed)
     return (f"kill {k.index:2d}: node {k.victim} ({k.how}), probe on node {k.prober}:  "
@@ -355,6 +427,14 @@ def parser() -> argparse.ArgumentParser:
                                  "removed at the end)")
     p.add_argument("--size", default="2G", help="device size (default 2G)")
     p.add_argument("--json", help="write every kill's figures here")
+    p.add_argument("--fencing", choices=("process", "scsi-pr"), default="process",
+                   help="process: kill -9 by the survivors (default); scsi-pr: the cluster "
+                        "on a private tgtd LUN, fenced by SCSI-3 PREEMPT")
+    p.add_argument("--proxy", action="store_true",
+                   help="the last node mounts through the others' block servers; the "
+                        "victims are the servers, the probe runs on the proxy node")
+    p.add_argument("--io-timeout", type=float, default=0.5, metavar="S",
+                   help="the proxy's io_timeout, with --proxy (default 0.5)")
     return p
 
 
@@ -385,16 +465,46 @@ def main(argv: list[str] | None = None) -> int:
             shutil.rmtree(args.dir, ignore_errors=True)
 
 
+def servers(args: argparse.Namespace) -> list[int]:
+    """The nodes with a path to the disk (with --proxy all but the last)."""
+    return list(range(1, args.nodes if args.proxy else args.nodes + 1))
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.fencing == "process":
+        return run_on(args, [])
+    import iscsiutil
+
+    why = iscsiutil.missing_prerequisites()
+    if why:
+        raise Failure(why)
+    from devclusterlib import parse_size
+
+    size = parse_size(args.size)
+    work = os.path.join(args.dir, "tgtd")
+    os.makedirs(work, exist_ok=True)
+    with iscsiutil.target([size], workdir=work) as target:
+        print(f"recoverybench: the cluster's disk is LUN {target.url()} of a private tgtd "
+              f"(pid {target.proc.pid})", flush=True)
+        return run_on(args, ["--device", target.url(), "--fencing", "scsi-pr"])
+
+
+def run_on(args: argparse.Namespace, device: list[str]) -> int:
+    group = servers(args)
     print(f"recoverybench: {args.nodes} nodes in {args.dir}, {args.kills} kill(s) "
           f"({args.how}), heartbeat {args.heartbeat_interval} s, failure timeout "
-          f"{args.failure_timeout} s", flush=True)
+          f"{args.failure_timeout} s, fencing {args.fencing}"
+          + (f", node {args.nodes} proxies through {group} (io_timeout {args.io_timeout} s)"
+             if args.proxy else ""), flush=True)
+    proxy = (["--storage-group", ",".join(map(str, group)), "--io-timeout",
+              str(args.io_timeout)] if args.proxy else [])
     devcluster("up", "--nodes", str(args.nodes), "--dir", args.dir, "--size", args.size,
                "--heartbeat-interval", str(args.heartbeat_interval),
-               "--failure-timeout", str(args.failure_timeout))
+               "--failure-timeout", str(args.failure_timeout), *device, *proxy)
     work = os.path.join(args.dir, "bench")
     os.makedirs(work, exist_ok=True)
     load = Load(args.dir, work)
+    rewriter: Rewriter | None = None
     kills: list[Kill] = []
     problems: list[str] = []
     try:
@@ -402,17 +512,25 @@ def run(args: argparse.Namespace) -> int:
         os.mkdir(os.path.join(rec["nodes"]["1"]["mountpoint"], "hot"))
         for n in range(1, args.nodes + 1):
             load.start(n, "k0")
+        if args.proxy:
+            rewriter = Rewriter(rec["nodes"][str(args.nodes)]["mountpoint"], work,
+                                load.stop_file)
         time.sleep(args.settle)
         for i in range(args.kills):
-            victim = 1 + i % args.nodes
-            k = Kill(i + 1, victim, 1 + (victim % args.nodes), args.how)
+            victim = group[i % len(group)]
+            prober = args.nodes if args.proxy else 1 + (victim % args.nodes)
+            k = Kill(i + 1, victim, prober, args.how)
             one_kill(args, record(args.dir), load, k)
             kills.append(k)
             print(kill_line(k), flush=True)
             restart(args, load, k)
         problems += load.stop()
+        if rewriter is not None:
+            problems += rewriter.stop()
     finally:
         load.abort()
+        if rewriter is not None:
+            rewriter.abort()
         r = subprocess.run([*DEVCLUSTER, "down", "--dir", args.dir, "--fsck"],
                            capture_output=True, text=True, timeout=600)
         if r.returncode != 0:

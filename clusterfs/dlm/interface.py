@@ -91,6 +91,9 @@ class Lock:
     on_blocking: BlockingCallback | None = None
     granted: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # implementation's own state
+    # the block server its grant named for the resource (proxy I/O: dlm/preferred.py);
+    # None without a storage group of block servers
+    server: int | None = None
 
 
 class LockService(Protocol):

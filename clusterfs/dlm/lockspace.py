@@ -18,6 +18,8 @@ lockspace's `ls_` fields; each module's docstring says which it owns):
 - members.py: membership events stop locking and start recovery;
 - recovery.py: `_recover`, one straight list of logged steps, each aborted
   (trio cancellation) when a newer view arrives; barrier.py: its barriers;
+- routing.py: with a storage group of block servers, every grant names the
+  resource's preferred server (preferred.py chooses it);
 - lkb.py: the owner's lock block. Lock ids are unique in the cluster:
   (owner node id << 32) | counter, so a master needs no id translation and
   recovery re-sends locks as they are.
@@ -31,7 +33,7 @@ from __future__ import annotations
 import logging
 import math
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -58,6 +60,7 @@ from clusterfs.dlm.master import Master
 from clusterfs.dlm.members import Members
 from clusterfs.dlm.owner import Owner
 from clusterfs.dlm.recovery import Recovery
+from clusterfs.dlm.routing import Routing
 from clusterfs.dlm.toss import Toss
 from clusterfs.errors import LockCancelled, LockError, PeerUnreachable
 from clusterfs.membership.view import Membership, View
@@ -98,7 +101,7 @@ class LockspaceStats:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
 
-class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier):
+class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Routing):
     """One lockspace on one node. Implements clusterfs.dlm.interface.LockService."""
 
     def __init__(self, dlm: Dlm, name: str) -> None:
@@ -148,6 +151,8 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier):
         # barrier.py
         self.ls_recover_status: dict[tuple[int, int], set[int]] = {}
         self.ls_barrier_sent: dict[int, int] = {}
+        # routing.py
+        self._init_routing(dlm.servers)
 
     # =========================================================================
     # public: the LockService protocol
@@ -342,6 +347,8 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier):
         MsgType.DLM_RECOVER_LOCKS: Recovery._receive_recover_locks,
         MsgType.DLM_QUERY: _receive_query,
         MsgType.DLM_QUERY_REPLY: _receive_query_reply,
+        MsgType.DLM_PREFER_ASK: Routing._receive_prefer_ask,
+        MsgType.DLM_PREFER: Routing._receive_prefer,
     }
 
 
@@ -350,11 +357,13 @@ class Dlm:
 
     All messages leave through one queue and one task, so that what a node
     sends to a peer arrives in the order it was decided (recovery relies on it).
+    `servers`: the storage group's block servers, if any (routing.py).
     """
 
     def __init__(self, endpoint: Endpoint, membership: Membership,
-                 nursery: trio.Nursery) -> None:
+                 nursery: trio.Nursery, servers: Iterable[int] = ()) -> None:
         self.endpoint = endpoint
+        self.servers = frozenset(servers)
         self.membership = membership
         self.node_id = endpoint.node_id
         self.lockspaces: dict[str, Lockspace] = {}
@@ -414,9 +423,11 @@ class Dlm:
 
 
 @asynccontextmanager
-async def open_dlm(endpoint: Endpoint, membership: Membership) -> AsyncIterator[Dlm]:
+async def open_dlm(endpoint: Endpoint, membership: Membership,
+                   servers: Iterable[int] = ()) -> AsyncIterator[Dlm]:
+    """A node's lock manager; `servers`: the block servers grants name (routing.py)."""
     async with trio.open_nursery() as nursery:
-        dlm = Dlm(endpoint, membership, nursery)
+        dlm = Dlm(endpoint, membership, nursery, servers)
         nursery.start_soon(dlm._sender)
         try:
             yield dlm

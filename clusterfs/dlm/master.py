@@ -38,8 +38,9 @@ class Master:
 
     def _reply_granted(self, owner: int, lkid: int, mode: int, op: str) -> None:
         lvb, seq, valid = self.ls_table.lock_lvb(lkid)
-        self._reply(owner, {"id": lkid, "op": op, "rc": "granted", "mode": mode,
-                            "lvb": lvb, "seq": seq, "valid": valid})
+        self._reply(owner, self._with_server(lkid, {
+            "id": lkid, "op": op, "rc": "granted", "mode": mode, "lvb": lvb, "seq": seq,
+            "valid": valid}))
 
     def _receive_request(self, sender: int, body: dict[str, Any]) -> None:
         if self._defer(sender, MsgType.DLM_REQUEST, body):
@@ -61,6 +62,7 @@ class Master:
         except LockError as exc:
             self._reply(owner, {"id": lkid, "op": "request", "rc": f"error: {exc}"})
             return
+        self._note_lock_key(lkid, key)
         if granted:
             self._reply_granted(owner, lkid, body["mode"], "request")
         else:
@@ -103,6 +105,7 @@ class Master:
             self.ls_table.unlock(body["id"], bytes(lvb) if lvb is not None else None)
         except LockError:
             return
+        self._forget_lock_key(body["id"])
         self._flush_table_events()
 
     def _receive_cancel(self, sender: int, body: dict[str, Any]) -> None:
@@ -112,6 +115,8 @@ class Master:
             cancelled = self.ls_table.cancel(body["id"])
         except LockError:
             cancelled = False
+        if cancelled and self.ls_table.lock_info(body["id"]) is None:
+            self._forget_lock_key(body["id"])     # a waiting request, now gone
         self._reply(sender, {"id": body["id"], "op": "cancel",
                              "rc": "cancelled" if cancelled else "notqueued"})
         self._flush_table_events()
@@ -127,9 +132,9 @@ class Master:
                 if info.queue != Queue.GRANTED or info.grmode != ev.mode:
                     continue
                 lvb, seq, valid = self.ls_table.lock_lvb(ev.lkid)
-                self._send_or_local(owner, MsgType.DLM_GRANT,
-                                    {"id": ev.lkid, "mode": int(ev.mode), "lvb": lvb,
-                                     "seq": seq, "valid": valid})
+                self._send_or_local(owner, MsgType.DLM_GRANT, self._with_server(ev.lkid, {
+                    "id": ev.lkid, "mode": int(ev.mode), "lvb": lvb, "seq": seq,
+                    "valid": valid}))
             else:
                 self._send_or_local(owner, MsgType.DLM_BAST,
                                     {"id": ev.lkid, "mode": int(ev.mode)})

@@ -148,6 +148,8 @@ class Owner:
         lock.mode, lock.granted = lkb.lkb_grmode, True
         lock.lvb, lock.lvb_valid = bytes(body["lvb"]), bool(body["valid"])
         lkb.lkb_lvbseq = int(body["seq"])
+        if "ps" in body:
+            self._take_server(lkb, int(body["ps"]))
         self.stats["grants"] += 1
         if lkb.lkb_abandoned and was_request:
             self._unlock_lkb(lkb)         # nobody wants it any more

@@ -106,6 +106,7 @@ class Recovery:
         resources are re-sent (step 6): the aborted run may not have delivered
         them all. Duplicates are skipped."""
         purged = sum(self.ls_table.purge_node(n) for n in sorted(self.ls_gone))
+        self._forget_keys_of(self.ls_gone)
         for key in self.ls_unconfirmed:
             self.ls_master_of.pop(key, None)
         self.ls_unconfirmed.clear()
@@ -212,6 +213,7 @@ class Recovery:
         self._flush_table_events()
         for sender, mtype, body in deferred:
             self._dispatch(sender, mtype, body)
+        self._reprefer_after_recovery()
         self._rlog(g, "8 done: locking resumed (%d deferred messages)", len(deferred))
 
     # -- recovery messages -------------------------------------------------------
@@ -249,6 +251,7 @@ class Recovery:
                     log.warning("dlm %s gen %d: recover lock %#x: %s", self.ls_name,
                                 body["g"], lkid, exc)
                     continue
+                self._note_lock_key(lkid, key)
             if gr >= 0:
                 copies.append((gr, seq, bytes(lvb)))
         if not copies:

@@ -1,11 +1,24 @@
 """Heartbeats and failure detection: who is alive, judged only over time in which
 we could have heard them; telling a removed incarnation it was expelled; sending
 a view again to a member that missed its activation (see service.py).
+
+Suspicion (../shared/seeds/000: "an i/o error generating an event into the CM to
+tell it to take another look around quickly"). A layer above that finds a member
+silent - the proxy's I/O to a block server timed out - calls `suspect(node)`.
+This node probes that node at once (PROBE, answered at once with a heartbeat)
+and tells every other member (SUSPECT), which probe it too, so that whichever
+member coordinates judges it. A probed node not heard from within
+`probe_timeout` of the probe (counted, like every silence, only over time in
+which we could have heard it) is dead to us without waiting out the failure
+timeout; any heartbeat after the probe clears the suspicion. The price is the
+failure timeout's own: a member whose I/O stalled and whose event loop does not
+answer for probe_timeout is removed and fenced although alive.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import trio
 
@@ -16,6 +29,78 @@ from clusterfs.wire.types import MsgType
 
 
 class FailureDetection(ViewInstallation):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # a probe gets no more than a third of the failure timeout, and at least two
+        # heartbeat intervals (a loop busy for one interval is no evidence)
+        self.probe_timeout = min(self.timeout, max(2 * self.interval, self.timeout / 3))
+        self._probed: dict[int, float] = {}      # node -> when we probed it
+        self._unanswered_probes: set[int] = set()   # said so in the log
+        self.probes = 0
+        self.endpoint.register([MsgType.SUSPECT], self._on_suspect)
+        self.endpoint.register([MsgType.PROBE], self._on_probe)
+
+    # -- suspicion ---------------------------------------------------------------------
+    def suspect(self, node: int) -> None:
+        """`node` did not answer us (see the module doc): probe it now and have the
+        other members probe it. Never waits; call from the trio thread."""
+        if (self.state != MEMBER or self._nursery is None or node == self.node_id
+                or node not in self.view.members):
+            return
+        log.warning("node %d gen %d: node %d is suspected silent; probing it and telling "
+                    "the members", self.node_id, self.view.generation, node)
+        self._probe(node)
+        body = {"node": node, "gen": self.view.generation}
+        for n in sorted(self.view.members - {self.node_id, node}):
+            self._nursery.start_soon(self._send, n, MsgType.SUSPECT, body)
+
+    def _probe(self, node: int) -> None:
+        assert self._nursery is not None
+        now = trio.current_time()
+        if now - self._probed.get(node, -math.inf) < self.probe_timeout:
+            return                                # a probe of it is under way
+        self._probed[node] = now
+        self.probes += 1
+        self._nursery.start_soon(self._send, node, MsgType.PROBE, {"inc": self.incarnation})
+        self._nursery.start_soon(self._judge_probe)
+
+    async def _judge_probe(self) -> None:
+        """Look again right after the probe's time is up, not at the next round."""
+        await trio.sleep(self.probe_timeout + 0.01)
+        if not self._round_running:
+            self._evaluate()                      # proposals.py
+
+    def _probe_unanswered(self, n: int, last_seen: float, now: float) -> bool:
+        probed = self._probed.get(n)
+        if probed is None:
+            return False
+        if last_seen >= probed:
+            del self._probed[n]                   # heard since: not silent after all
+            self._unanswered_probes.discard(n)
+            return False
+        if now - max(probed, self._judge_from) <= self.probe_timeout:
+            return False
+        if n not in self._unanswered_probes:
+            self._unanswered_probes.add(n)
+            log.warning("node %d gen %d: node %d did not answer our probe within %.2f s: "
+                        "taken for dead", self.node_id, self.view.generation, n,
+                        self.probe_timeout)
+        return True
+
+    @guarded
+    async def _on_suspect(self, env: Envelope) -> None:
+        node = int(env.body["node"])
+        if (self.state == MEMBER and env.sender in self.view.members
+                and node in self.view.members and node != self.node_id):
+            log.info("node %d gen %d: node %d suspects node %d; probing it", self.node_id,
+                     self.view.generation, env.sender, node)
+            self._probe(node)
+
+    @guarded
+    async def _on_probe(self, env: Envelope) -> None:
+        if env.sender in self.node_ids and env.sender != self.node_id:
+            await self._send(env.sender, MsgType.HEARTBEAT, self._heartbeat_body())
+
     async def _heartbeat(self) -> None:
         body = self._heartbeat_body()
         for n in self.node_ids:
@@ -48,7 +133,7 @@ class FailureDetection(ViewInstallation):
             # never heard since we started: presumed alive for a full failure timeout
             return now - self._judge_from <= self.timeout
         return (now - max(p.last_seen, self._judge_from) <= self.timeout
-                and p.state != EXPELLED)
+                and p.state != EXPELLED and not self._probe_unanswered(n, p.last_seen, now))
 
     @guarded
     async def _on_heartbeat(self, env: Envelope) -> None:

@@ -11,10 +11,14 @@ Both sides of it live in the mount process, which is the node:
   every device refuse writes at once and withdraws the filesystem;
 - as a survivor: the agent the config names (or the process agent of a dev
   cluster's --fence-pid-dir) goes to membership, whose coordinator fences a
-  removed node through it before any recovery.
+  removed node through it before any recovery. With block servers in the config
+  it is wrapped in a StorageGroupFence (clusterfs/storage/groupfence.py): a node
+  without a path is also cut off at every live server, and a fencer without a path
+  has a server preempt for it.
 
 `MountFencing` holds that state; node/mount_cmd.py calls it at fixed points:
 `prepare_device` (before joining), `agent()` (for open_cluster_node),
+`attach_storage` (once joined: the view, and the node's block server if any),
 `claim_slot` (from claim_journal), `attach(fs)` once the filesystem exists.
 """
 
@@ -68,8 +72,10 @@ class MountFencing:
         if self.kind != "scsi-pr":
             return
         if getattr(self.dev, "proxied", False):
-            log.info("node %d: no path of its own to the LUN: the block servers refuse "
-                     "its writes once it leaves the view", self.node_id)
+            # registrations belong to an I_T nexus, and this node has none: its writes
+            # ride the servers' registered sessions, so it is fenced at the servers
+            log.info("node %d: no path of its own to the LUN: nothing to register; it is "
+                     "fenced by the storage group's block servers", self.node_id)
             return
         self._register(self.dev)
 
@@ -87,13 +93,13 @@ class MountFencing:
     def agent(self) -> FenceAgent:
         """The agent the survivors' coordinator fences through (built once)."""
         if self._agent is None:
-            if self.pid_dir:
-                self._agent = ProcessAgent(pid_dir=self.pid_dir)
-            else:
-                from clusterfs.fence.factory import make_agent
+            inner = self._configured_agent()
+            if self.cfg.block_servers:
+                from clusterfs.storage.groupfence import StorageGroupFence
 
-                self._agent = make_agent(self.cfg, self.node_id, device=self.dev,
-                                         open_device=lambda p: self.open_device(p, "fence"))
+                self._agent = StorageGroupFence(self.cfg, self.node_id, inner, self.kind)
+            else:
+                self._agent = inner
         return self._agent
 
     async def hold_members(self, membership: Any) -> None:
@@ -102,6 +108,11 @@ class MountFencing:
         that only removes nodes brings no new incarnation, so nothing is read then
         (clusterfs.failover). A task for the node's lifetime."""
         agent = self.agent()
+        if self.cfg.block_servers:
+            from clusterfs.storage.groupfence import StorageGroupFence
+
+            if isinstance(agent, StorageGroupFence):
+                agent = agent.inner      # the process agent it wraps, if any
         if not isinstance(agent, ProcessAgent):
             return
         async for ev in membership.subscribe():
@@ -110,6 +121,30 @@ class MountFencing:
                 for node_id, incarnation in sorted(members.items()):
                     if node_id != self.node_id:
                         agent.expect(node_id, incarnation)
+
+    def _configured_agent(self) -> FenceAgent | None:
+        """The config's agent (or the dev cluster's process agent); None for scsi-pr on
+        a node without a path to the LUN (a block server preempts for it)."""
+        if self.pid_dir:
+            return ProcessAgent(pid_dir=self.pid_dir)
+        if self.kind == "scsi-pr" and not self.cfg.reaches_disk(self.node_id):
+            return None
+        from clusterfs.fence.factory import make_agent
+
+        return make_agent(self.cfg, self.node_id, device=self.dev,
+                          open_device=lambda p: self.open_device(p, "fence"))
+
+    def attach_storage(self, membership: Any, server: Any = None) -> None:
+        """Once joined: the storage-group agent learns the view, and its own block
+        server, which may fence nodes with a path on other members' behalf."""
+        from clusterfs.storage.groupfence import StorageGroupFence
+
+        agent = self._agent
+        if not isinstance(agent, StorageGroupFence):
+            return
+        agent.attach(lambda: (membership.view.generation, membership.view.members), server)
+        if server is not None and agent.inner is not None:
+            server.fence_disk_node = agent.inner.fence
 
     # -- once the journal slot is ours ----------------------------------------------
     async def claim_slot(self, slot: int, nursery: trio.Nursery) -> None:

@@ -337,6 +337,8 @@ class _Session:
                                "dropped_sends": self.ls.ls_dlm.dropped_sends,
                                "membership_generation":
                                    self.server.node.membership.view.generation}
+        if self.ls.ls_servers:           # proxy I/O: what each held lock's grant named
+            out["preferred_servers"] = self.ls.preferred_servers()
         if self.server.extra_status is not None:
             out.update(self.server.extra_status())
         return out

@@ -364,6 +364,7 @@ async def _start_storage(cluster: ClusterArgs, fencing, dev, node) -> Any:
     membership = node.membership
     if getattr(dev, "proxied", False):
         dev.attach(lambda: (membership.view.generation, membership.view.members))
+        fencing.attach_storage(membership)
         return None
     if not cluster.cfg.block_servers or cluster.node_id not in cluster.cfg.storage_group:
         return None
@@ -383,6 +384,7 @@ async def _start_storage(cluster: ClusterArgs, fencing, dev, node) -> Any:
         handle.close()
         raise MountError(f"block server: {exc.strerror or exc}") from None
     fencing.own(handle)
+    fencing.attach_storage(membership, server)
     return server
 
 
@@ -395,6 +397,7 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
     from clusterfs.node.cluster import open_cluster_node
     from clusterfs.node.lockd_cmd import ControlServer, default_control_path
     from clusterfs.node.placement import Placement
+    from clusterfs.node.storagegroup import wire_proxy
 
     disk = _open_disk_heartbeat(cluster, fencing, dev)
     async with open_cluster_node(cluster.cfg, cluster.node_id, fence_agent=fencing.agent(),
@@ -402,9 +405,11 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
                                  generation_record=cluster.record, disk=disk) as node:
         node.nursery.start_soon(fencing.hold_members, node.membership)
         server = await _start_storage(cluster, fencing, dev, node)
-        async with open_dlm(node.endpoint, node.membership) as dlm:
+        servers = cluster.cfg.storage_group if cluster.cfg.block_servers else ()
+        async with open_dlm(node.endpoint, node.membership, servers) as dlm:
             placement = Placement(sb, cluster.cfg.node_ids)
             ls = await dlm.new_lockspace("fs:" + sb.uuid_str, dir_hint=placement.dir_hint)
+            wire_proxy(dev, sb, ls, node.membership)
             log.info("node %d: joining cluster %s; waiting for quorum", cluster.node_id,
                      cluster.cfg.name)
             await wait_running(ls)

@@ -25,7 +25,15 @@ it joins). Writes and flushes are the dangerous part, and are refused:
   has re-sent them elsewhere since. So for io_timeout after such a gap every write
   and flush is refused (the proxy takes them elsewhere), and a write also checks
   the tick just before it goes to the disk;
-- once this server was expelled.
+- once this server was expelled;
+- from a node this server was told to cut off (BLOCK_FENCE, `cut_off_node`), with a
+  generation older than the view that removed it. A node without a path of its own
+  has no SCSI registration to preempt: this is its fence. The member fencing it
+  (storage/groupfence.py) tells every live server, and each answers only once no
+  write or flush of that node is in flight here any more, so none lands after the
+  fence is reported done. With `preempt`, the server also fences a node that has a
+  path, through this node's own agent (`fence_disk_node`: a SCSI-3 PREEMPT), on
+  behalf of a member that has no session on the LUN.
 
 Every I/O runs in a worker thread; one request is in flight per connection.
 """
@@ -35,12 +43,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
 
 from clusterfs.config import ClusterConfig
-from clusterfs.errors import ClusterFSError, StorageError, WireError
+from clusterfs.errors import ClusterFSError, FenceError, StorageError, WireError
 from clusterfs.membership.view import ExpelledEvent, ViewChange
 from clusterfs.storage import blockwire as bw
 from clusterfs.wire import frame as wf
@@ -53,6 +62,14 @@ TICK = 0.05                  # seconds between the stall detector's ticks
 
 class _Refused(ClusterFSError):
     """A request this server will not carry out (the reason goes back to the proxy)."""
+
+    fenced = False
+
+
+class _Fenced(_Refused):
+    """The asker was fenced: every server refuses it for good (it must restart)."""
+
+    fenced = True
 
 
 class _Reader:
@@ -95,6 +112,12 @@ class BlockServer:
         self.stats = {"connections": 0, "reads": 0, "writes": 0, "flushes": 0,
                       "refused": 0, "errors": 0, "wire_errors": 0}
         self.last_refusal: str | None = None
+        self.per_node: dict[int, int] = {}       # requests received, by the asking node
+        self.cut_off: dict[int, int] = {}        # node -> generation of its fence here
+        self._inflight: dict[int, int] = {}      # writes and flushes under way, by node
+        self._io_done = trio.Event()             # set (and renewed) as each one ends
+        # fences a node with a disk path on a member's behalf (its scsi-pr agent)
+        self.fence_disk_node: Callable[[int, int], Awaitable[None]] | None = None
         self.quarantine = config.io_timeout
         self.ticked_at = time.monotonic()
         self.quiet_until = 0.0                   # writes refused until then (a stall)
@@ -160,10 +183,21 @@ class BlockServer:
         for n in members:
             self.joined_at.setdefault(n, 0 if first else generation)
 
+    def fenced(self, sender: int, generation: int) -> str | None:
+        """Why `sender` at `generation` was cut off here for good, or None."""
+        cut = self.cut_off.get(sender)
+        if cut is not None and generation < cut:
+            return (f"node {sender} was fenced in generation {cut} (block server "
+                    f"{self.node_id})")
+        return None
+
     def refusal(self, sender: int, generation: int) -> str | None:
         """Why a write or flush from `sender` at `generation` is refused, or None."""
         if self.expelled:
             return f"block server {self.node_id} was expelled from the cluster"
+        fenced = self.fenced(sender, generation)
+        if fenced is not None:
+            return fenced
         since = self.joined_at.get(sender)
         if since is None:
             return (f"node {sender} is not a member of generation {self.generation} "
@@ -218,22 +252,79 @@ class BlockServer:
         if f.type not in bw.REQUESTS or not isinstance(body, dict):
             raise WireError(f"not a block request: type {f.type}")
         rid = body.get("id")
+        self.per_node[f.sender] = self.per_node.get(f.sender, 0) + 1
         try:
-            if f.type in (MsgType.BLOCK_WRITE, MsgType.BLOCK_FLUSH):
-                why = self.refusal(f.sender, f.generation)
-                if why is not None:
-                    raise _Refused(why)
-            out = await trio.to_thread.run_sync(self._io, f.type, body, received)
+            if f.type == MsgType.BLOCK_FENCE:
+                out = await self._fence_request(f.sender, f.generation, body)
+            elif f.type in (MsgType.BLOCK_WRITE, MsgType.BLOCK_FLUSH):
+                out = await self._write_request(f, body, received)
+            else:
+                out = await trio.to_thread.run_sync(self._io, f.type, body, received)
         except _Refused as exc:
             self.stats["refused"] += 1
             self.last_refusal = str(exc)
             log.warning("node %d: block server refused a request of node %d: %s",
                         self.node_id, f.sender, exc)
-            return {"id": rid, "ok": False, "error": str(exc)}
-        except StorageError as exc:
+            return {"id": rid, "ok": False, "error": str(exc), "fenced": exc.fenced}
+        except (StorageError, FenceError) as exc:
             self.stats["errors"] += 1
             return {"id": rid, "ok": False, "error": str(exc)}
         return {"id": rid, "ok": True, **out}
+
+    async def _write_request(self, f: wf.Frame, body: dict[str, Any], received: float
+                             ) -> dict[str, Any]:
+        """A write or flush: refused (see the module doc), or counted in flight while
+        it runs, so that a fence of its sender can wait for it to end."""
+        fenced = self.fenced(f.sender, f.generation)
+        if fenced is not None:
+            raise _Fenced(fenced)             # the proxy stops: no other server is tried
+        why = self.refusal(f.sender, f.generation)
+        if why is not None:
+            raise _Refused(why)
+        self._inflight[f.sender] = self._inflight.get(f.sender, 0) + 1
+        try:
+            return await trio.to_thread.run_sync(self._io, f.type, body, received)
+        finally:
+            self._inflight[f.sender] -= 1
+            if not self._inflight[f.sender]:
+                del self._inflight[f.sender]
+            self._io_done.set()
+            self._io_done = trio.Event()
+
+    # -- fencing through the storage group --------------------------------------------
+    async def _fence_request(self, sender: int, generation: int, body: dict[str, Any]
+                             ) -> dict[str, Any]:
+        why = self.refusal(sender, generation)          # a member, in its current life
+        if why is not None:
+            raise _Refused(why)
+        victim, gen = _int(body, "node"), _int(body, "gen")
+        if victim == sender:
+            raise _Refused(f"node {sender} asked to fence itself")
+        await self.cut_off_node(victim, gen, preempt=bool(body.get("preempt")))
+        return {}
+
+    async def cut_off_node(self, victim: int, generation: int, *, preempt: bool = False
+                           ) -> None:
+        """Fence `victim` here: refuse its writes and flushes of every generation before
+        `generation` (the view that removed it), and return once none of them is in
+        flight. With `preempt`, then also fence it on the disk through this node's
+        agent. _Refused / FenceError if that cannot be done."""
+        if victim == self.node_id:
+            raise _Refused(f"block server {self.node_id} was asked to fence itself")
+        rejoined = self.joined_at.get(victim)
+        if preempt and rejoined is not None and rejoined >= generation:
+            raise _Refused(f"node {victim} joined again in generation {rejoined}, after "
+                           f"the view {generation} that removed it")
+        self.cut_off[victim] = max(self.cut_off.get(victim, 0), generation)
+        log.warning("node %d: block server cuts node %d off (writes of generations before "
+                    "%d refused)", self.node_id, victim, generation)
+        while self._inflight.get(victim):
+            await self._io_done.wait()
+        if preempt:
+            if self.fence_disk_node is None:
+                raise _Refused(f"block server {self.node_id} has no agent to fence node "
+                               f"{victim} on the disk")
+            await self.fence_disk_node(victim, generation)
 
     def _io(self, mtype: int, body: dict[str, Any], received: float) -> dict[str, Any]:
         """The request's I/O, in a worker thread."""
@@ -265,7 +356,8 @@ class BlockServer:
 
     def statistics(self) -> dict[str, Any]:
         return {**self.stats, "generation": self.generation, "stalls": self.stalls,
-                "members": sorted(self.joined_at), "last_refusal": self.last_refusal}
+                "members": sorted(self.joined_at), "last_refusal": self.last_refusal,
+                "per_node": dict(self.per_node), "cut_off": dict(self.cut_off)}
 
 
 def _int(body: dict[str, Any], k: str) -> int:

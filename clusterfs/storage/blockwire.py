@@ -14,6 +14,7 @@ Requests (the frame's generation field is the proxy's membership generation):
     BLOCK_READ   {id, off, len}             -> {id, ok, data}
     BLOCK_WRITE  {id, off, data}            -> {id, ok}
     BLOCK_FLUSH  {id}                       -> {id, ok}
+    BLOCK_FENCE  {id, node, gen, preempt}   -> {id, ok}   (storage/groupfence.py)
 
 A refused or failed request answers {id, ok: False, error: "..."}. One request is
 in flight per connection; at most MAX_IO bytes per read or write.
@@ -33,7 +34,7 @@ MAX_FRAME = MAX_IO + (64 << 10)        # a frame carrying MAX_IO bytes, and its 
 NONCE_SIZE = 16
 SERVICE = "block"
 REQUESTS = frozenset({MsgType.BLOCK_INFO, MsgType.BLOCK_READ, MsgType.BLOCK_WRITE,
-                      MsgType.BLOCK_FLUSH})
+                      MsgType.BLOCK_FLUSH, MsgType.BLOCK_FENCE})
 
 
 def hello(cluster: str, to: int, nonce: bytes, echo: bytes | None = None) -> dict[str, Any]:

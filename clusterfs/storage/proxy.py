@@ -2,18 +2,25 @@
 block servers of the storage group (storage/blockserver.py; protocol in
 storage/blockwire.py). Same interface as BlockDevice and IscsiDevice.
 
-Routing. The preferred server of an I/O is a deterministic function of the live
-servers (the storage group's members of this node's current view, less the ones
-this proxy found silent) and the region of the disk it touches:
-`preferred_server(servers, node_id, offset)`, so the load is spread over the
-servers region by region, and every proxy node agrees on it for a given view.
+Routing (docs/storage.md, "Preferred servers"). Every block lies in a region of
+the disk covered by one lock resource: a journal (("journal", slot)), a resource
+group (("rgrp", n): its bitmap and every inode and data block allocated in it),
+else the fixed area (("live",)); the mount hands that map over (`route_by`).
+Every lock grant names the preferred server of its resource (clusterfs.dlm:
+routing.py, preferred.py), and the mount passes each one on (`prefer`). An I/O
+goes to the server the latest grant of its region's resource named, if that one
+is live (a member of this node's current view and not found silent); else to the
+first live server of the resource's rendezvous order, which is what a grant
+would name (a region this node holds no lock on, or whose server went away
+since), the others following in that order.
 
 Re-target on ETIMEDOUT (../shared/seeds/000). Every request has `io_timeout`
 seconds (config `[storage] io_timeout`, well below failure_timeout). When a
 server does not answer in time, refuses, or its connection breaks, the proxy
 marks it silent (for SILENT_FOR seconds or until the view changes), logs it,
-calls `on_silent(server)` (the mount hands membership a hint there), and retries
-the request on the next live server; the caller sees no error. Only when no
+calls `on_silent(server)` (the mount tells membership to probe that node and asks
+the masters for new preferred servers there), and retries the request on the next
+live server of the resource's order; the caller sees no error. Only when no
 server is left does the I/O fail (StorageError).
 
 No acknowledged write is lost. A server acknowledges a write once its device
@@ -44,6 +51,7 @@ from typing import Any
 
 from clusterfs import failover
 from clusterfs.config import ClusterConfig
+from clusterfs.dlm.preferred import server_order
 from clusterfs.errors import StorageError, WireError
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.storage import blockwire as bw
@@ -53,7 +61,6 @@ from clusterfs.wire.types import MsgType
 
 log = logging.getLogger(__name__)
 
-REGION = 64 << 20            # bytes of disk that share a preferred server
 LOG_LIMIT = 64 << 20         # unflushed write bytes kept for a re-send; past it, flush
 SILENT_FOR = 30.0            # a silent server is skipped this long (or to a new view)
 REFUSED_WAIT = 4             # x io_timeout: how long to retry when every server refuses
@@ -61,11 +68,8 @@ SCHEME = "proxy://"
 FAILOVER_PHASE = "proxy re-target"    # clusterfs.failover: a silent server until re-targeted
 
 View = tuple[int, frozenset[int]]          # (generation, members)
-
-
-def preferred_server(servers: list[int], node_id: int, offset: int) -> int:
-    """The server an I/O at `offset` from node `node_id` goes to first."""
-    return servers[(offset // REGION + node_id) % len(servers)]
+Locate = Callable[[int], bytes]            # byte offset -> key of its covering resource
+UNMAPPED = b""                             # the key of every offset before route_by
 
 
 class _Silent(Exception):
@@ -159,7 +163,12 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self.proxied = True
         self.io_timeout = io_timeout if io_timeout is not None else config.io_timeout
         self.on_silent: Callable[[int], None] | None = None
+        self.on_fenced: Callable[[str], None] | None = None     # a server says: fenced
         self._view: Callable[[], View] | None = None
+        self._locate: Locate | None = None
+        self._preferred: dict[bytes, int] = {}             # resource key -> named server
+        self._preferred_gen = 0                            # view it was last pruned for
+        self._retarget_pending = False                     # a server went silent since
         self._lock = threading.RLock()
         self._conns: dict[int, _Connection] = {}
         self._silent: dict[int, tuple[float, int]] = {}    # server -> (until, generation)
@@ -169,7 +178,8 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self._refused: str | None = None
         self._ids = 0
         self.stats = {"reads": 0, "writes": 0, "flushes": 0, "requests": 0,
-                      "timeouts": 0, "retargets": 0, "resent": 0, "refusals": 0}
+                      "timeouts": 0, "retargets": 0, "resent": 0, "refusals": 0,
+                      "to_named": 0, "to_computed": 0}
         self.per_server: dict[int, int] = {}               # requests answered
         self.written: dict[int, int] = {}                  # bytes written, by server
         self.retarget_times: list[float] = []              # wall clock of each re-target
@@ -180,6 +190,14 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         """From now on requests carry view()'s generation, and go to its members."""
         self._view = view
 
+    def route_by(self, locate: Locate) -> None:
+        """From now on an I/O at offset o is routed by the resource `locate(o)`."""
+        self._locate = locate
+
+    def prefer(self, key: bytes, server: int) -> None:
+        """A grant of resource `key` named `server` (any thread)."""
+        self._preferred[key] = server
+
     # -- routing ---------------------------------------------------------------------
     def _current(self) -> View:
         if self._view is None:
@@ -187,7 +205,8 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         return self._view()
 
     def _candidates(self, offset: int) -> list[int]:
-        """Live servers, the preferred one for `offset` first."""
+        """Live servers, the preferred one for `offset` first, the rest in the order
+        of its resource."""
         generation, members = self._current()
         now = time.monotonic()
         live = []
@@ -198,8 +217,25 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             live.append(s)
         if not live:
             return []
-        first = preferred_server(live, self.node_id, offset)
-        return [first] + [s for s in live if s != first]
+        if generation != self._preferred_gen:
+            self._prune_preferred(generation, members)
+        key = self._locate(offset) if self._locate is not None else UNMAPPED
+        order = server_order(key, live)
+        named = self._preferred.get(key)
+        if named in live:
+            self.stats["to_named"] += 1
+            order.remove(named)
+            return [named, *order]
+        self.stats["to_computed"] += 1
+        return order
+
+    def _prune_preferred(self, generation: int, members: frozenset[int]) -> None:
+        """A new view: forget what grants named of servers that are no longer in it
+        (held locks are named again by their masters; the rest when next granted)."""
+        self._preferred_gen = generation
+        for key, server in list(self._preferred.items()):
+            if server not in members:
+                self._preferred.pop(key, None)
 
     def _call(self, mtype: int, body: dict[str, Any], offset: int
               ) -> tuple[int, dict[str, Any]]:
@@ -213,15 +249,13 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             if not order and self._silent and time.monotonic() <= deadline:
                 self._silent.clear()          # every server silent: try them all again
                 continue
-            for i, server in enumerate(order):
+            for server in order:
                 try:
                     reply = self._send_to(server, mtype, body)
                 except _Silent as exc:
                     errors.append(str(exc))
                     self._mark_silent(server, str(exc))
                     continue
-                if i > 0 or errors:
-                    self._retargeted(server, mtype)
                 return server, reply
             if time.monotonic() > deadline:
                 break
@@ -236,11 +270,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         generation = self._current()[0]
         self.stats["requests"] += 1
         try:
-            conn = self._conns.get(server)
-            if conn is None:
-                conn = self._conns[server] = _Connection(self.cfg, self.node_id, server,
-                                                         self.io_timeout)
-            reply = conn.request(mtype, generation, body, self.io_timeout)
+            reply = self._exchange(server, mtype, generation, body)
         except TimeoutError as exc:
             self.stats["timeouts"] += 1
             self._drop(server)
@@ -254,9 +284,37 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             raise
         if not reply.get("ok"):
             self.stats["refusals"] += 1
+            if reply.get("fenced"):
+                self._fenced(str(reply.get("error")))
             raise _Silent(f"block server {server} refused: {reply.get('error')}")
         self.per_server[server] = self.per_server.get(server, 0) + 1
+        if self._retarget_pending:      # the first answer since a server went silent
+            self._retarget_pending = False
+            self._retargeted(server, mtype)
         return reply
+
+    def _fenced(self, reason: str) -> None:
+        """The cluster fenced this node at its servers (it has no disk path of its
+        own): final, as a reservation conflict is; no other server is tried."""
+        self._refused = f"fenced: {reason}"
+        if self.on_fenced is not None:
+            self.on_fenced(reason)
+        raise StorageError(f"{self.path}: {reason}")
+
+    def _exchange(self, server: int, mtype: int, generation: int, body: dict[str, Any]
+                  ) -> dict[str, Any]:
+        conn = self._conns.get(server)
+        if conn is not None:
+            try:
+                return conn.request(mtype, generation, body, self.io_timeout)
+            except ConnectionError:
+                # a connection made earlier was closed under us (the server restarted,
+                # or dropped it): no silence yet. Once more on a new one (a request
+                # is idempotent, and nothing else was sent meanwhile)
+                self._drop(server)
+        conn = self._conns[server] = _Connection(self.cfg, self.node_id, server,
+                                                 self.io_timeout)
+        return conn.request(mtype, generation, body, self.io_timeout)
 
     def _drop(self, server: int) -> None:
         conn = self._conns.pop(server, None)
@@ -267,6 +325,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         failover.enter(FAILOVER_PHASE)
         generation = self._current()[0]
         self._silent[server] = (time.monotonic() + SILENT_FOR, generation)
+        self._retarget_pending = True
         log.warning("node %d gen %d: %s; re-targeting to another server of the storage "
                     "group", self.node_id, generation, why)
         if self.on_silent is not None:
@@ -379,4 +438,6 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         return {**self.stats, "per_server": dict(self.per_server),
                 "written": dict(self.written),
                 "silent": sorted(self._silent), "io_timeout": self.io_timeout,
+                "preferred": {k.decode(errors="replace"): s
+                              for k, s in sorted(self._preferred.items())},
                 "retarget_times": self.retarget_times[-50:]}

@@ -23,6 +23,8 @@ class MsgType(IntEnum):
     JOIN_REQUEST = 9
     BARRIER = 10
     VIEW_ACTIVATE = 11
+    SUSPECT = 12          # "node N did not answer my I/O": every member probes it
+    PROBE = 13            # "answer me now" (with a heartbeat)
 
     # dlm (32-79)
     DLM_REQUEST = 32
@@ -37,6 +39,8 @@ class MsgType(IntEnum):
     DLM_REMOVE = 41
     DLM_QUERY = 42
     DLM_QUERY_REPLY = 43
+    DLM_PREFER_ASK = 44       # an owner asks a master to name its locks' servers again
+    DLM_PREFER = 45           # a master names the preferred server of owned locks
     DLM_RECOVER_STATUS = 48
     DLM_RECOVER_NAMES = 49
     DLM_RECOVER_LOCKS = 50
@@ -49,3 +53,4 @@ class MsgType(IntEnum):
     BLOCK_REPLY = 82
     BLOCK_FLUSH = 83
     BLOCK_INFO = 84
+    BLOCK_FENCE = 85      # a member has a server cut a removed node off (groupfence.py)
