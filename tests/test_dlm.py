@@ -18,6 +18,7 @@ from clusterfs.dlm.interface import ConversionDeadlock, Mode, resource_key
 from clusterfs.dlm.lockspace import Lockspace
 from clusterfs.dlm.locktable import Queue
 from clusterfs.errors import LockCancelled, LockError, WouldBlock
+from clusterfs.wire.types import MsgType
 
 R = ("inode", 7)
 
@@ -92,6 +93,31 @@ async def test_a_directory_hint_makes_the_hinted_member_directory_and_master() -
         key = resource_key(("rgrp", 7))
         assert mc.ls([1, 2, 3][zlib.crc32(key) % 3]).ls_dir[key] == 1
         await mc.ls(1).unlock(lk)
+
+
+@trio_test
+async def test_a_lookup_carries_the_request_to_a_directory_node_that_masters_it() -> None:
+    """Node 2 locks a resource at home on node 1, which masters it: one message out
+    (the lookup, carrying the request), no separate request (the Linux DLM's
+    lookup-as-request); a resource mastered elsewhere still gets its request."""
+    async with memory_cluster([1, 2, 3], dir_hint=_hint_by_number) as mc:
+        home = await mc.ls(1).lock(("rgrp", 1), Mode.PR)        # node 1 masters it
+        sent: list[int] = []
+        real_send = mc.ls(2)._send
+
+        def logged(dest, mtype, body):
+            sent.append(mtype)
+            real_send(dest, mtype, body)
+
+        mc.ls(2)._send = logged
+        got = await mc.ls(2).lock(("rgrp", 1), Mode.PR)
+        assert got.granted and sent == [MsgType.DLM_LOOKUP]
+        third = await mc.ls(3).lock(("rgrp", 2), Mode.PR)     # at home on 2, master 3
+        sent.clear()
+        other = await mc.ls(2).lock(("rgrp", 2), Mode.PR)     # 2 is directory: local
+        assert other.granted and sent == [MsgType.DLM_REQUEST]
+        for ls, lk in ((1, home), (2, got), (3, third), (2, other)):
+            await mc.ls(ls).unlock(lk)
 
 
 @trio_test

@@ -375,3 +375,34 @@ async def test_an_idle_node_writes_home_and_shares_what_it_no_longer_changes(
         assert glock.mode == Mode.EX
         assert await b.fs.read(f.ino, 0, 100) == b"MADE on a"
         nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_a_listing_of_another_nodes_directory_asks_for_its_locks_in_parallel(
+        tmp_path) -> None:
+    """readdir's prefetch warms the entries' inode locks with many requests in flight
+    (one round trip per batch, not per entry), holding none of them at once."""
+    async with nodes(tmp_path) as (a, b):
+        d = await a.fs.mknod(a.fs.root, b"d", stat.S_IFDIR | 0o755, 0, 0, 0)
+        inos = [(await a.fs.mknod(d.ino, b"f%d" % i, REG, 0, 0, 0)).ino for i in range(80)]
+        locks = b.fs.glocks.locks
+        real_lock = locks.lock
+        flying, most = [0], [0]
+
+        async def counting_lock(name, mode, **kw):
+            flying[0] += 1
+            most[0] = max(most[0], flying[0])
+            try:
+                return await real_lock(name, mode, **kw)
+            finally:
+                flying[0] -= 1
+
+        locks.lock = counting_lock
+        entries = await b.fs.readdir(d.ino)
+        await b.fs.prefetch([ino for _n, ino in entries])
+        assert most[0] > 8                        # before: one request at a time
+        for ino in inos:
+            glock = b.fs.glocks.glocks[("inode", ino)]
+            assert glock.mode == Mode.PR and glock.holders == 0
+            assert ino in b.fs.inodes
+        assert a.fs.glocks.glocks[("inode", inos[0])].mode == Mode.PR   # A keeps PR

@@ -30,6 +30,8 @@ total work divided by the time from the first start to the last finish. The work
   create         1 node creates FILES files in one directory (bench.py's creates)
   stat-local     node 1 stats the FILES files it created in `create`
   stat-remote    node 2 stats those same files (after stat-local)
+  list-remote    node 1 creates FILES files in a new directory; node 2 lists it as
+                 `ls -l` does (readdir, then a stat of every entry); entries/s
   write-shared-1m / write-shared-64k
                  2 nodes write disjoint halves of one new file at once in 1 MiB / 64 KiB
                  pwrites, then fsync; MiB/s in total
@@ -99,6 +101,7 @@ WORKLOADS = [
     Workload("create", "create, 1 node, one dir", "files/s", 1, True),
     Workload("stat-local", "stat own files, creating node", "stats/s", 1, True),
     Workload("stat-remote", "stat files another node made", "stats/s", 1, False),
+    Workload("list-remote", "ls -l of a dir another node made", "entries/s", 1, False),
     Workload("write-shared-1m", "one file, 2 nodes, 1 MiB pwrites", "MiB/s", 2, False),
     Workload("write-1m", "one file, 1 node, 1 MiB pwrites", "MiB/s", 1, True),
     Workload("write-shared-64k", "one file, 2 nodes, 64 KiB pwrites", "MiB/s", 2, False),
@@ -155,6 +158,17 @@ def _w_stats(start, directory: str, prefix: str, n: int):
         return t0, time.monotonic()
     finally:
         os.close(dfd)
+
+
+def _w_list(start, directory: str):
+    """ls -l: read the directory, stat every entry; returns the entries seen too."""
+    t0 = start()
+    seen = 0
+    with os.scandir(directory) as it:
+        for entry in it:
+            entry.stat(follow_symlinks=False)
+            seen += 1
+    return t0, time.monotonic()
 
 
 def _w_pwrite(start, path: str, offset: int, length: int, bs: int):
@@ -582,6 +596,14 @@ def measure(sysm: System, w: Workload, p: Params) -> tuple[float, str]:
             time.sleep(2.0)           # their background commit, not part of the stats
         dt = run_workers([(_w_stats, (os.path.join(node, "cstat"), "f", p.files))])
         return p.files / dt, f"{p.files} stats in {dt:.2f} s"
+    if w.name == "list-remote":
+        d = os.path.join(n1, "clist")
+        _mkdir(d)
+        run_workers([(_w_creates, (d, "f", p.files))])
+        time.sleep(2.0)               # their background commit, not part of the listing
+        dt = run_workers([(_w_list, (os.path.join(n2, "clist"),))])
+        _check_count(os.path.join(n2, "clist"), p.files)
+        return p.files / dt, f"{p.files} entries in {dt:.2f} s"
     if w.name.startswith("write-"):
         bs = MiB if w.name.endswith("1m") else 64 << 10
         name = w.name.replace("-", "")

@@ -44,6 +44,7 @@ from typing import Any, Protocol
 import trio
 
 from clusterfs.dlm.interface import ConversionDeadlock, Lock, LockService, Mode, ResourceName
+from clusterfs.errors import ClusterFSError
 
 log = logging.getLogger(__name__)
 DemoteCallback = Callable[["Glock", Mode], Awaitable[None] | None]
@@ -51,6 +52,7 @@ GrantCallback = Callable[["Glock"], None]
 MIN_HOLD = 0.02          # seconds; docs/locking.md has the measurements behind it
 IDLE_SHARE = 1.0         # seconds an unused, clean EX glock is kept before going to PR
 DEADLOCK_BACKOFF = 0.01  # up to this long (random) before asking again after a deadlock
+WARM_IN_FLIGHT = 32      # lock requests warm() keeps in flight at once
 
 
 class Gate(Protocol):
@@ -154,6 +156,35 @@ class GlockManager:
             self.release(taken)
             raise
         return taken
+
+    async def warm(self, wanted: Iterable[tuple[ResourceName, Mode]],
+                   in_flight: int = WARM_IN_FLIGHT) -> None:
+        """Bring glocks into the cache, up to `in_flight` requests at a time, holding
+        none of them after: a listing of another node's directory then waits one
+        round trip per batch, not one per entry. Each is taken and let go on its own,
+        so no two are held at once and the sorted order that keeps acquire() free of
+        deadlock is not needed. Best effort: a glock that could not be taken (or was
+        demoted again meanwhile) is left to the caller's acquire()."""
+        todo = [(name, mode) for name, mode in wanted
+                if not self._cached_for(name, mode)]
+        if not todo:
+            return
+        limiter = trio.CapacityLimiter(in_flight)
+
+        async def one(name: ResourceName, mode: Mode) -> None:
+            async with limiter:
+                try:
+                    self.release(await self.acquire([(name, mode)]))
+                except ClusterFSError as exc:   # nothing escapes the nursery but
+                    log.debug("glock %s: not warmed: %s", name, exc)   # cancellation
+
+        async with trio.open_nursery() as nursery:
+            for name, mode in todo:
+                nursery.start_soon(one, name, mode)
+
+    def _cached_for(self, name: ResourceName, mode: Mode) -> bool:
+        glock = self.glocks.get(name)
+        return glock is not None and glock.usable_for(mode, self.min_hold)
 
     def release(self, taken: list[Glock]) -> None:
         for glock in taken:

@@ -124,6 +124,7 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
         self.ls_master_of: dict[bytes, int] = {}    # owner's cache: key -> master
         self.ls_dir: dict[bytes, int] = {}          # directory entries this node keeps
         self.ls_lookups: dict[bytes, trio.Event] = {}
+        self.ls_lookup_handled: dict[int, bool] = {}   # lock ids a lookup's master took
         # key -> the node that should be its directory node (then, as first asker,
         # usually its master): a user that knows which node uses which resources
         # keeps their lookups local (new_lockspace's dir_hint)

@@ -42,6 +42,19 @@ class Master:
             "id": lkid, "op": op, "rc": "granted", "mode": mode, "lvb": lvb, "seq": seq,
             "valid": valid}))
 
+    def _answer_again(self, owner: int, lkid: int) -> bool:
+        """A request we already have, from its owner (the first copy rode a lookup
+        whose reply a view change overtook, so the owner sent it again): answer with
+        where it stands. False if the lock id is not that owner's."""
+        info = self.ls_table.lock_info(lkid)
+        if info is None or info.nodeid != owner:
+            return False
+        if info.queue == Queue.GRANTED and info.grmode is not None:
+            self._reply_granted(owner, lkid, int(info.grmode), "request")
+        else:
+            self._reply(owner, {"id": lkid, "op": "request", "rc": "queued"})
+        return True
+
     def _receive_request(self, sender: int, body: dict[str, Any]) -> None:
         if self._defer(sender, MsgType.DLM_REQUEST, body):
             return
@@ -60,7 +73,8 @@ class Master:
             self._reply(owner, {"id": lkid, "op": "request", "rc": "eagain"})
             return
         except LockError as exc:
-            self._reply(owner, {"id": lkid, "op": "request", "rc": f"error: {exc}"})
+            if not self._answer_again(owner, lkid):
+                self._reply(owner, {"id": lkid, "op": "request", "rc": f"error: {exc}"})
             return
         self._note_lock_key(lkid, key)
         if granted:

@@ -50,7 +50,15 @@ class Owner:
         """Find the master and hand it the request: locally or over the wire."""
         while True:
             await self._wait_running()
-            master = await self._find_master(lkb.lkb_key)
+            if lkb.lkb_done.is_set() or lkb.lkb_status != Status.WAITING:
+                return                    # answered meanwhile (a lookup carried it)
+            master, handled = await self._find_master_or_request(lkb)
+            if handled:                   # the directory node was the master: sent
+                lkb.lkb_sent = True
+                self.stats["requests"] += 1
+                self.stats["remote_requests"] += 1
+                return
+            self.ls_lookup_handled.pop(lkb.lkb_id, None)
             if master is None or not self.ls_running:
                 continue
             lkb.lkb_sent = True
@@ -58,11 +66,15 @@ class Owner:
             self._send_request(lkb, master)
             return
 
-    def _send_request(self, lkb: Lkb, master: int) -> None:
+    @staticmethod
+    def _request_body(lkb: Lkb) -> dict[str, Any]:
         lock = lkb.lkb_lock
         assert lkb.lkb_rqmode is not None
-        body = {"id": lkb.lkb_id, "name": lkb.lkb_key, "mode": int(lkb.lkb_rqmode),
+        return {"id": lkb.lkb_id, "name": lkb.lkb_key, "mode": int(lkb.lkb_rqmode),
                 "rs": lock.range[0], "re": lock.range[1], "try": lkb.lkb_try}
+
+    def _send_request(self, lkb: Lkb, master: int) -> None:
+        body = self._request_body(lkb)
         if master == self.ls_node:
             self._receive_request(self.ls_node, body)
         else:
@@ -168,6 +180,11 @@ class Owner:
     def _receive_reply(self, sender: int, body: dict[str, Any]) -> None:
         lkb = self.ls_lkbs.get(body["id"])
         if lkb is None:
+            if body.get("op") == "request" and body["rc"] == "granted":
+                # a request whose task was cancelled before it knew the request had
+                # gone (a lookup carried it): give the lock back at once
+                self._send_or_local(sender, MsgType.DLM_UNLOCK, {"id": body["id"],
+                                                                 "lvb": None})
             return
         rc = body["rc"]
         if body.get("op") == "cancel":

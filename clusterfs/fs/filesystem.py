@@ -367,6 +367,8 @@ class FileSystem:
                        self.sb.rgrp_start <= i < self.sb.total_blocks})
         if not todo:
             return
+        if self.clustered:               # their locks, many requests in flight at once
+            await self.glocks.warm((("inode", i), Mode.PR) for i in todo)
         async with self._hold(pr=todo, write=False):
             run: list[int] = []
             for ino in todo + [BIG]:
