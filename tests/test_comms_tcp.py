@@ -183,3 +183,34 @@ async def test_silent_connections_time_out_and_are_capped(monkeypatch):
         async with open_tcp_endpoint(cfg, 1) as a:
             await send_until_delivered(a, 2, got, "after the storm")
         assert b.statistics().connections_in >= 9
+
+
+@trio_test
+async def test_send_nowait_keeps_the_order_of_the_calls_across_tasks():
+    """send_nowait queues at the call: two tasks taking turns reach the peer in the
+    order of their calls (the DLM relies on it instead of a queue of its own)."""
+    cfg = local_config([1, 2])
+    got: list[Envelope] = []
+
+    async def handler(env):
+        got.append(env)
+
+    async with open_tcp_endpoint(cfg, 1) as a, open_tcp_endpoint(cfg, 2) as b:
+        b.register([T], handler)
+        await send_until_delivered(a, 2, got, "warmup")
+        got.clear()
+        calls: list[int] = []
+
+        async def sender(first: int) -> None:
+            for i in range(first, 400, 2):
+                a.send_nowait(2, T, i)
+                calls.append(i)
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(sender, 0)
+            n.start_soon(sender, 1)
+        await wait_until(lambda: len(got) == 400)
+        assert [e.body for e in got] == calls
+        with pytest.raises(PeerUnreachable):
+            a.send_nowait(99, T, None)

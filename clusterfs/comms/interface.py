@@ -34,8 +34,15 @@ class Endpoint(Protocol):
     node_id: int
     generation: int    # stamped on every outgoing frame; membership keeps it current
 
+    def send_nowait(self, dest: int, mtype: int, body: Any) -> None:
+        """Queue one message for dest, now, without yielding to the scheduler.
+
+        Raises PeerUnreachable if it cannot be queued. Messages queued by one
+        node for one peer leave in the order of the calls, whatever task made
+        them, so a caller that decides in order needs no queue of its own."""
+
     async def send(self, dest: int, mtype: int, body: Any) -> None:
-        """Queue one message for dest. Raises PeerUnreachable if it cannot be queued."""
+        """The same as send_nowait, for callers that are coroutines anyway."""
 
     def register(self, mtypes: Iterable[int], handler: Handler) -> None:
         """Route incoming messages of these types to handler."""

@@ -79,6 +79,9 @@ class MemoryEndpoint:
         self._inbox_send, self._inbox = trio.open_memory_channel[Envelope](10_000)
 
     async def send(self, dest: int, mtype: int, body: Any) -> None:
+        self.send_nowait(dest, mtype, body)
+
+    def send_nowait(self, dest: int, mtype: int, body: Any) -> None:
         if self.crashed:
             raise PeerUnreachable(f"node {self.node_id} is down")
         peer = self.net.endpoints.get(dest)

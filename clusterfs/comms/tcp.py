@@ -27,11 +27,12 @@ only after its first correctly signed session frame.
 A frame failing any check (WireError) is dropped, logged in one line, and that
 connection is closed; the node keeps serving everyone else.
 
-`send()` never blocks: it raises PeerUnreachable when the destination is not a
-configured node, when the last connection attempt to it failed (the peer is
-"down"; a background task keeps retrying with backoff), or when its queue is
-full. Messages queued when a connection breaks are dropped with it (so they never
-reach a restarted process at the other end); nothing is ever reordered.
+`send_nowait()` (and `send()`, the same for coroutines) never blocks: it raises
+PeerUnreachable when the destination is not a configured node, when the last
+connection attempt to it failed (the peer is "down"; a background task keeps
+retrying with backoff), or when its queue is full. Messages queued when a
+connection breaks are dropped with it (so they never reach a restarted process
+at the other end); nothing is ever reordered.
 """
 
 from __future__ import annotations
@@ -157,6 +158,9 @@ class TcpEndpoint:
 
     # -- the Endpoint contract ------------------------------------------------
     async def send(self, dest: int, mtype: int, body: Any) -> None:
+        self.send_nowait(dest, mtype, body)
+
+    def send_nowait(self, dest: int, mtype: int, body: Any) -> None:
         packed = wf.encode_body(body)
         if dest == self.node_id:
             self._deliver_nowait(Envelope(self.node_id, self.generation, int(mtype),
