@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import trio
+import trio.testing
 from trioutil import trio_test, wait_until
 
 from clusterfs.comms.interface import Envelope
@@ -38,3 +39,21 @@ async def test_send_nowait_delivers_in_call_order_and_refuses_cut_links():
             a.send_nowait(9, T, "nobody")
         await trio.testing.wait_all_tasks_blocked()
         assert len(got) == 101
+
+
+@trio_test
+async def test_inline_handlers_run_in_order_with_async_ones():
+    async with MemoryNetwork().running() as net:
+        a, b = net.endpoint(1), net.endpoint(2)
+        order: list[int] = []
+
+        async def slow(env: Envelope) -> None:
+            await trio.sleep(0.001)
+            order.append(env.body)
+
+        b.register([T], slow)
+        b.register_inline([MsgType.DLM_QUERY], lambda env: order.append(env.body))
+        for i in range(50):
+            a.send_nowait(2, T if i % 3 else MsgType.DLM_QUERY, i)
+        await wait_until(lambda: len(order) == 50)
+        assert order == list(range(50))

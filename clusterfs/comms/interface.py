@@ -28,6 +28,7 @@ class Envelope:
 
 
 Handler = Callable[[Envelope], Awaitable[None]]
+InlineHandler = Callable[[Envelope], None]    # a plain function that never blocks
 
 
 class Endpoint(Protocol):
@@ -46,3 +47,9 @@ class Endpoint(Protocol):
 
     def register(self, mtypes: Iterable[int], handler: Handler) -> None:
         """Route incoming messages of these types to handler."""
+
+    def register_inline(self, mtypes: Iterable[int], handler: InlineHandler) -> None:
+        """Route these types to a plain function that must never block. The
+        transport may call it in its reading task as the message arrives (no task
+        switch); the guarantees of `register` (one at a time per sender, in arrival
+        order, with the sender's other messages) still hold."""

@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from clusterfs.comms.interface import Envelope, Handler
+from clusterfs.comms.interface import Envelope, Handler, InlineHandler
 from clusterfs.errors import PeerUnreachable
 
 
@@ -75,7 +75,7 @@ class MemoryEndpoint:
         self.generation = 0
         self.crashed = False
         self.sent = 0
-        self._handlers: dict[int, Handler] = {}
+        self._handlers: dict[int, tuple[Handler | InlineHandler, bool]] = {}
         self._inbox_send, self._inbox = trio.open_memory_channel[Envelope](10_000)
 
     async def send(self, dest: int, mtype: int, body: Any) -> None:
@@ -95,12 +95,21 @@ class MemoryEndpoint:
 
     def register(self, mtypes: Iterable[int], handler: Handler) -> None:
         for t in mtypes:
-            self._handlers[int(t)] = handler
+            self._handlers[int(t)] = (handler, False)
+
+    def register_inline(self, mtypes: Iterable[int], handler: InlineHandler) -> None:
+        for t in mtypes:
+            self._handlers[int(t)] = (handler, True)
 
     async def _deliver_loop(self) -> None:
         async for env in self._inbox:
             if self.crashed or not self.net.linked(env.sender, self.node_id):
                 continue  # a message in flight on a cut link is lost
-            handler = self._handlers.get(env.type)
-            if handler is not None:
-                await handler(env)
+            entry = self._handlers.get(env.type)
+            if entry is None:
+                continue
+            handler, inline = entry
+            if inline:
+                handler(env)
+            else:
+                await handler(env)  # type: ignore[misc]

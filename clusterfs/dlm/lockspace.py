@@ -371,7 +371,9 @@ class Dlm:
         self._nursery = nursery
         self._early: dict[str, list[Envelope]] = {}
         self.dropped_sends = 0
-        endpoint.register(DLM_TYPES, self._on_message)
+        # inline: every DLM handler is a plain function, so the endpoint may run it
+        # as the frame arrives instead of passing it to another task first
+        endpoint.register_inline(DLM_TYPES, self._on_message)
 
     async def new_lockspace(self, name: str = "default",
                             dir_hint: Callable[[bytes], int | None] | None = None
@@ -396,7 +398,7 @@ class Dlm:
             self.dropped_sends += 1
             log.debug("dlm: send %s to %d dropped: %s", MsgType(mtype).name, dest, exc)
 
-    async def _on_message(self, env: Envelope) -> None:
+    def _on_message(self, env: Envelope) -> None:
         body = env.body
         name = body.get("ls") if isinstance(body, dict) else None
         if name is None:
