@@ -75,7 +75,8 @@ class MemoryEndpoint:
         self.generation = 0
         self.crashed = False
         self.sent = 0
-        self._handlers: dict[int, tuple[Handler | InlineHandler, bool]] = {}
+        self._handlers: dict[int, Handler] = {}
+        self._inline: dict[int, InlineHandler] = {}
         self._inbox_send, self._inbox = trio.open_memory_channel[Envelope](10_000)
 
     async def send(self, dest: int, mtype: int, body: Any) -> None:
@@ -95,21 +96,22 @@ class MemoryEndpoint:
 
     def register(self, mtypes: Iterable[int], handler: Handler) -> None:
         for t in mtypes:
-            self._handlers[int(t)] = (handler, False)
+            self._inline.pop(int(t), None)
+            self._handlers[int(t)] = handler
 
     def register_inline(self, mtypes: Iterable[int], handler: InlineHandler) -> None:
+        # one delivery task serves every sender here, so inline handlers run in it
         for t in mtypes:
-            self._handlers[int(t)] = (handler, True)
+            self._handlers.pop(int(t), None)
+            self._inline[int(t)] = handler
 
     async def _deliver_loop(self) -> None:
         async for env in self._inbox:
             if self.crashed or not self.net.linked(env.sender, self.node_id):
                 continue  # a message in flight on a cut link is lost
-            entry = self._handlers.get(env.type)
-            if entry is None:
-                continue
-            handler, inline = entry
-            if inline:
-                handler(env)
-            else:
-                await handler(env)  # type: ignore[misc]
+            inline = self._inline.get(env.type)
+            handler = self._handlers.get(env.type)
+            if inline is not None:
+                inline(env)
+            elif handler is not None:
+                await handler(env)

@@ -75,6 +75,7 @@ BACKOFF_MAX = 1.0
 NONCE_SIZE = 16
 MAX_HANDSHAKING = 256      # connections still in their handshake; more are refused
 RECEIVE_SIZE = 65536
+WRITE_BATCH = 256 * 1024
 _HANDLER_FAILED = "node %d gen %d: handler for type %d from node %d failed"
 
 
@@ -228,7 +229,8 @@ class TcpEndpoint:
         self.generation = 0
         self.me = config.node(node_id)
         self._key = config.key
-        self._handlers: dict[int, tuple[Handler | InlineHandler, bool]] = {}
+        self._handlers: dict[int, Handler] = {}
+        self._inline: dict[int, InlineHandler] = {}
         self._peers: dict[int, _Peer] = {
             n.id: _Peer(n.id, n.host, n.port) for n in config.nodes if n.id != node_id}
         self._lanes: dict[int, _Lane] = {}
@@ -271,11 +273,13 @@ class TcpEndpoint:
 
     def register(self, mtypes: Iterable[int], handler: Handler) -> None:
         for t in mtypes:
-            self._handlers[int(t)] = (handler, False)
+            self._inline.pop(int(t), None)
+            self._handlers[int(t)] = handler
 
     def register_inline(self, mtypes: Iterable[int], handler: InlineHandler) -> None:
         for t in mtypes:
-            self._handlers[int(t)] = (handler, True)
+            self._handlers.pop(int(t), None)
+            self._inline[int(t)] = handler
 
     # -- introspection ---------------------------------------------------------
     def peer_state(self, dest: int) -> str:
@@ -417,8 +421,9 @@ class TcpEndpoint:
             link.wake.set()
 
     def _encode_queue(self, peer: _Peer, link: _Link) -> None:
-        """Every queued message as frames in `unsent`, in one buffer (one send)."""
-        while peer.queue:
+        """Queued messages as frames in `unsent`, one buffer for one send; at most
+        about WRITE_BATCH bytes, so a long queue is not copied whole at once."""
+        while peer.queue and len(link.unsent) < WRITE_BATCH:
             mtype, gen, packed = peer.queue.popleft()
             link.seq += 1
             link.unsent += wf.encode_prefixed(link.skey, mtype, self.node_id, gen, link.seq,
@@ -537,10 +542,10 @@ class TcpEndpoint:
     async def _deliver(self, env: Envelope) -> None:
         """Hand a frame to its handler: at once when it is inline and nothing of its
         sender is still being handled (no task switch), else through the lane."""
-        entry = self._handlers.get(env.type)
+        inline = self._inline.get(env.type)
         lane = self._lane(env.sender)
-        if entry is not None and entry[1] and lane.pending == 0:
-            self._run_inline(entry[0], env)       # type: ignore[arg-type]
+        if inline is not None and lane.pending == 0:
+            self._run_inline(inline, env)
             return
         lane.pending += 1
         try:
@@ -574,14 +579,15 @@ class TcpEndpoint:
                              recv: trio.MemoryReceiveChannel[Envelope]) -> None:
         async for env in recv:
             try:
-                entry = self._handlers.get(env.type)
-                if entry is None:
+                inline = self._inline.get(env.type)
+                handler = self._handlers.get(env.type)
+                if inline is not None:
+                    self._run_inline(inline, env)
+                elif handler is not None:
+                    await self._run_async(handler, env)
+                else:
                     log.debug("node %d: no handler for type %d from %d", self.node_id,
                               env.type, sender)
-                elif entry[1]:
-                    self._run_inline(entry[0], env)    # type: ignore[arg-type]
-                else:
-                    await self._run_async(entry[0], env)   # type: ignore[arg-type]
             finally:
                 lane.pending -= 1
 
