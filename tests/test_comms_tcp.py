@@ -183,3 +183,162 @@ async def test_silent_connections_time_out_and_are_capped(monkeypatch):
         async with open_tcp_endpoint(cfg, 1) as a:
             await send_until_delivered(a, 2, got, "after the storm")
         assert b.statistics().connections_in >= 9
+
+
+@trio_test
+async def test_send_nowait_keeps_the_order_of_the_calls_across_tasks():
+    """send_nowait queues at the call: two tasks taking turns reach the peer in the
+    order of their calls (the DLM relies on it instead of a queue of its own)."""
+    cfg = local_config([1, 2])
+    got: list[Envelope] = []
+
+    async def handler(env):
+        got.append(env)
+
+    async with open_tcp_endpoint(cfg, 1) as a, open_tcp_endpoint(cfg, 2) as b:
+        b.register([T], handler)
+        await send_until_delivered(a, 2, got, "warmup")
+        got.clear()
+        calls: list[int] = []
+
+        async def sender(first: int) -> None:
+            for i in range(first, 400, 2):
+                a.send_nowait(2, T, i)
+                calls.append(i)
+                await trio.lowlevel.checkpoint()
+
+        async with trio.open_nursery() as n:
+            n.start_soon(sender, 0)
+            n.start_soon(sender, 1)
+        await wait_until(lambda: len(got) == 400)
+        assert [e.body for e in got] == calls
+        with pytest.raises(PeerUnreachable):
+            a.send_nowait(99, T, None)
+
+
+@trio_test
+async def test_inline_handlers_keep_order_and_one_at_a_time_with_async_ones():
+    """An inline handler runs as its frame arrives only when nothing of that sender
+    is still being handled: mixed with a slow async handler, every message of one
+    sender is still handled in arrival order and never two at once."""
+    cfg = local_config([1, 2])
+    SLOW, FAST = MsgType.BARRIER, MsgType.DLM_QUERY
+    order: list[int] = []
+    running = 0
+    overlaps = 0
+
+    async def slow(env):
+        nonlocal running, overlaps
+        running += 1
+        overlaps += running > 1
+        await trio.sleep(0.001)
+        order.append(env.body)
+        running -= 1
+
+    def fast(env):
+        nonlocal overlaps
+        overlaps += running > 0
+        order.append(env.body)
+
+    async with open_tcp_endpoint(cfg, 1) as a, open_tcp_endpoint(cfg, 2) as b:
+        b.register([SLOW], slow)
+        b.register_inline([FAST], fast)
+        await send_until_delivered(a, 2, order, -1)
+        order.clear()
+        for i in range(300):
+            a.send_nowait(2, SLOW if i % 7 == 0 else FAST, i)
+            if i % 50 == 0:
+                await trio.sleep(0.01)     # some arrive while the lane is idle
+        await wait_until(lambda: len(order) == 300)
+        assert order == list(range(300))
+        assert overlaps == 0
+
+
+@trio_test
+async def test_a_burst_larger_than_the_socket_buffers_arrives_whole_and_in_order():
+    """send_nowait writes straight to the socket until the kernel refuses more; the
+    rest waits for the writer, and later messages queue behind it."""
+    cfg = local_config([1, 2])
+    got: list[int] = []
+    blob = b"x" * 20_000
+
+    async def handler(env):
+        got.append(env.body[0])
+        await trio.sleep(0)       # a slow reader: its lane fills, TCP pushes back
+
+    async with open_tcp_endpoint(cfg, 1) as a, open_tcp_endpoint(cfg, 2) as b:
+        b.register([T], handler)
+        await send_until_delivered(a, 2, got, (-1, b""))
+        got.clear()
+        dropped = a.statistics().peers[0].dropped
+        for i in range(2000):          # 40 MB without yielding once
+            a.send_nowait(2, T, (i, blob))
+        assert a.statistics().peers[0].queued > 0     # the kernel did not take it all
+        await wait_until(lambda: len(got) == 2000, timeout=30)
+        assert got == list(range(2000))
+        assert a.statistics().peers[0].dropped == dropped
+
+
+@trio_test
+async def test_a_write_that_fails_breaks_the_connection_and_the_next_one_carries_on():
+    import socket
+
+    cfg = local_config([1, 2])
+    got: list[Envelope] = []
+
+    async def handler(env):
+        got.append(env)
+
+    async with open_tcp_endpoint(cfg, 1) as a, open_tcp_endpoint(cfg, 2) as b:
+        b.register([T], handler)
+        await send_until_delivered(a, 2, got, "first")
+        link = a._peers[2].link
+        link.sock.shutdown(socket.SHUT_WR)      # the next write fails (EPIPE)
+        a.send_nowait(2, T, "lost with the connection")
+        assert link.broken is not None
+        await wait_until(lambda: a.statistics().peers[0].connects == 2)
+        got.clear()
+        await send_until_delivered(a, 2, got, "second")
+        assert [e.body for e in got][:1] == ["second"]
+
+
+async def raw_session(cfg, me: int, target: int) -> tuple[trio.SocketStream, bytes]:
+    """A hand-made client: the handshake of node `me` with `target`, its session key."""
+    import os
+
+    stream = await trio.open_tcp_stream("127.0.0.1", cfg.node(target).port)
+    nc = os.urandom(16)
+    hello = {"cluster": cfg.name, "to": target, "nonce": nc}
+    await stream.send_all(wf.encode_prefixed(cfg.key, MsgType.HELLO, me, 0, 0, hello))
+    buf = b""
+    while len(buf) < 4 or len(buf) < 4 + wf.LENGTH.unpack_from(buf)[0]:
+        buf += await stream.receive_some(4096)
+    answer = wf.decode(cfg.key, buf[4:])
+    return stream, wf.session_key(cfg.key, me, target, nc, answer.body["nonce"])
+
+
+@trio_test
+async def test_frames_before_a_bad_one_in_the_same_chunk_are_handled():
+    """Frames are taken from a chunk in order; the first bad one closes the
+    connection, and what came before it in that chunk was still delivered."""
+    cfg = local_config([1, 2])
+    got: list[Envelope] = []
+
+    async def handler(env):
+        got.append(env)
+
+    async with open_tcp_endpoint(cfg, 2) as b:
+        b.register([T], handler)
+        stream, sk = await raw_session(cfg, 1, 2)
+        frames = [wf.encode_prefixed(sk, MsgType.HELLO, 1, 0, 1, None),
+                  wf.encode_prefixed(sk, T, 1, 0, 2, "good"),
+                  wf.encode_prefixed(sk, T, 1, 0, 3, "good too"),
+                  wf.LENGTH.pack(2**31) + b"\0" * 64]
+        await stream.send_all(b"".join(frames))
+        with trio.fail_after(5):
+            while await stream.receive_some(10):
+                pass                                  # closed on us
+        await stream.aclose()
+        await wait_until(lambda: len(got) == 2)
+        assert [e.body for e in got] == ["good", "good too"]
+        assert b.statistics().wire_errors == 1

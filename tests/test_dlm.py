@@ -58,6 +58,22 @@ async def test_lock_unlock_local_and_remote() -> None:
 
 
 @trio_test
+async def test_a_message_reaches_the_endpoint_when_it_is_decided() -> None:
+    """No queue of the DLM's own: what a lockspace decides to send is in the
+    endpoint's hands before the deciding task yields, so per-peer FIFO of the
+    transport is the order of the decisions."""
+    async with memory_cluster([1, 2]) as mc:
+        a = mc.ls(1)
+        ep = a.ls_dlm.endpoint
+        before = ep.sent
+        a._send(2, MsgType.DLM_QUERY_REPLY, {"q": 0, "locks": []})
+        a._send(2, MsgType.DLM_QUERY_REPLY, {"q": 1, "locks": []})
+        assert ep.sent == before + 2
+        a._send(9, MsgType.DLM_QUERY_REPLY, {"q": 2, "locks": []})   # not a node
+        assert a.ls_dlm.dropped_sends == 1
+
+
+@trio_test
 async def test_directory_is_hash_over_members() -> None:
     async with memory_cluster([1, 2, 3]) as mc:
         for i in range(20):

@@ -28,14 +28,28 @@ class Envelope:
 
 
 Handler = Callable[[Envelope], Awaitable[None]]
+InlineHandler = Callable[[Envelope], None]    # a plain function that never blocks
 
 
 class Endpoint(Protocol):
     node_id: int
     generation: int    # stamped on every outgoing frame; membership keeps it current
 
+    def send_nowait(self, dest: int, mtype: int, body: Any) -> None:
+        """Queue one message for dest, now, without yielding to the scheduler.
+
+        Raises PeerUnreachable if it cannot be queued. Messages queued by one
+        node for one peer leave in the order of the calls, whatever task made
+        them, so a caller that decides in order needs no queue of its own."""
+
     async def send(self, dest: int, mtype: int, body: Any) -> None:
-        """Queue one message for dest. Raises PeerUnreachable if it cannot be queued."""
+        """The same as send_nowait, for callers that are coroutines anyway."""
 
     def register(self, mtypes: Iterable[int], handler: Handler) -> None:
         """Route incoming messages of these types to handler."""
+
+    def register_inline(self, mtypes: Iterable[int], handler: InlineHandler) -> None:
+        """Route these types to a plain function that must never block. The
+        transport may call it in its reading task as the message arrives (no task
+        switch); the guarantees of `register` (one at a time per sender, in arrival
+        order, with the sender's other messages) still hold."""

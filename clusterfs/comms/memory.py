@@ -11,7 +11,7 @@ from typing import Any
 
 import trio
 
-from clusterfs.comms.interface import Envelope, Handler
+from clusterfs.comms.interface import Envelope, Handler, InlineHandler
 from clusterfs.errors import PeerUnreachable
 
 
@@ -76,9 +76,13 @@ class MemoryEndpoint:
         self.crashed = False
         self.sent = 0
         self._handlers: dict[int, Handler] = {}
+        self._inline: dict[int, InlineHandler] = {}
         self._inbox_send, self._inbox = trio.open_memory_channel[Envelope](10_000)
 
     async def send(self, dest: int, mtype: int, body: Any) -> None:
+        self.send_nowait(dest, mtype, body)
+
+    def send_nowait(self, dest: int, mtype: int, body: Any) -> None:
         if self.crashed:
             raise PeerUnreachable(f"node {self.node_id} is down")
         peer = self.net.endpoints.get(dest)
@@ -92,12 +96,22 @@ class MemoryEndpoint:
 
     def register(self, mtypes: Iterable[int], handler: Handler) -> None:
         for t in mtypes:
+            self._inline.pop(int(t), None)
             self._handlers[int(t)] = handler
+
+    def register_inline(self, mtypes: Iterable[int], handler: InlineHandler) -> None:
+        # one delivery task serves every sender here, so inline handlers run in it
+        for t in mtypes:
+            self._handlers.pop(int(t), None)
+            self._inline[int(t)] = handler
 
     async def _deliver_loop(self) -> None:
         async for env in self._inbox:
             if self.crashed or not self.net.linked(env.sender, self.node_id):
                 continue  # a message in flight on a cut link is lost
+            inline = self._inline.get(env.type)
             handler = self._handlers.get(env.type)
-            if handler is not None:
+            if inline is not None:
+                inline(env)
+            elif handler is not None:
                 await handler(env)

@@ -2,13 +2,25 @@
 
 Shape:
 - every node listens on its configured address;
-- for every other configured node it keeps ONE outgoing connection, fed by a
-  bounded per-peer send queue and driven by one task (connect, handshake, write,
-  reconnect with exponential backoff). Incoming connections only carry frames
-  toward this node, so there is never a duplicate-connection race;
-- incoming frames are handed to a per-sender inbox served by one task, so the
-  handlers for one sender run one at a time in arrival order, while different
-  senders proceed independently.
+- for every other configured node it keeps ONE outgoing connection and one task
+  for it (connect, handshake, reconnect with exponential backoff). Incoming
+  connections only carry frames toward this node, so there is never a
+  duplicate-connection race;
+- sending: `send_nowait` writes the frame straight to the socket from the
+  caller's task when nothing waits before it and the kernel takes it (the usual
+  case: no task switch at all). Otherwise the message waits in a bounded per-peer
+  queue (while connecting, or behind bytes the kernel did not take), and the
+  connection's writer task writes everything waiting in one send;
+- receiving: one task per incoming connection reads whole chunks and takes every
+  complete frame out of each. A frame whose handler was registered inline (a
+  plain function that never blocks, as the DLM's) is handled right there when
+  nothing else of its sender is pending; every other frame goes to a per-sender
+  lane (an inbox and one task), so the handlers for one sender run one at a time
+  in arrival order, while different senders proceed independently.
+
+We drive the (non-blocking) stdlib sockets ourselves and wait with trio only when
+the kernel says "later": trio's stream wrapper would cost a trip through the
+scheduler for every send and receive that succeeds at once.
 
 Handshake (frames MAC'd with the cluster key, type HELLO, seq 0)::
 
@@ -27,11 +39,12 @@ only after its first correctly signed session frame.
 A frame failing any check (WireError) is dropped, logged in one line, and that
 connection is closed; the node keeps serving everyone else.
 
-`send()` never blocks: it raises PeerUnreachable when the destination is not a
-configured node, when the last connection attempt to it failed (the peer is
-"down"; a background task keeps retrying with backoff), or when its queue is
-full. Messages queued when a connection breaks are dropped with it (so they never
-reach a restarted process at the other end); nothing is ever reordered.
+`send_nowait()` (and `send()`, the same for coroutines) never blocks: it raises
+PeerUnreachable when the destination is not a configured node, when the last
+connection attempt to it failed (the peer is "down"; a background task keeps
+retrying with backoff), or when its queue is full. Messages queued when a
+connection breaks are dropped with it (so they never reach a restarted process
+at the other end); nothing is ever reordered.
 """
 
 from __future__ import annotations
@@ -39,6 +52,7 @@ from __future__ import annotations
 import logging
 import secrets
 import socket
+from collections import deque
 from collections.abc import Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -46,7 +60,7 @@ from typing import Any
 
 import trio
 
-from clusterfs.comms.interface import Envelope, Handler
+from clusterfs.comms.interface import Envelope, Handler, InlineHandler
 from clusterfs.config import ClusterConfig
 from clusterfs.errors import PeerUnreachable, WireError
 from clusterfs.wire import frame as wf
@@ -60,42 +74,96 @@ BACKOFF_MIN = 0.05
 BACKOFF_MAX = 1.0
 NONCE_SIZE = 16
 MAX_HANDSHAKING = 256      # connections still in their handshake; more are refused
+RECEIVE_SIZE = 65536
+WRITE_BATCH = 256 * 1024
+_HANDLER_FAILED = "node %d gen %d: handler for type %d from node %d failed"
 
 
 class _Closed(Exception):
     """The other side closed the stream."""
 
 
+# -- sockets, driven without trio's stream wrapper (see the module docstring) -----
+
+
+def _detach(stream: trio.SocketStream) -> socket.socket:
+    """The stdlib socket under a trio stream; the stream must not be used after."""
+    sock = socket.socket(fileno=stream.socket.detach())
+    sock.setblocking(False)
+    return sock
+
+
+def _close(sock: socket.socket) -> None:
+    trio.lowlevel.notify_closing(sock)    # wakes any task still waiting on it
+    sock.close()
+
+
+async def _send_all(sock: socket.socket, data: bytes | bytearray) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[sock.send(view):]
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+
+
 class _FrameReader:
-    def __init__(self, stream: trio.abc.ReceiveStream, max_frame: int) -> None:
-        self.stream = stream
+    """Length-prefixed frames from a socket, in whole chunks of what has arrived."""
+
+    def __init__(self, sock: socket.socket, max_frame: int) -> None:
+        self.sock = sock
         self.max_frame = max_frame
         self.buf = bytearray()
 
-    async def _fill(self, n: int) -> None:
-        while len(self.buf) < n:
-            data = await self.stream.receive_some(65536)
+    async def _receive(self) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(self.sock)
+            try:
+                data = self.sock.recv(RECEIVE_SIZE)
+            except BlockingIOError:
+                continue     # woken without data (it can happen): wait again
             if not data:
                 raise _Closed()
             self.buf += data
+            return
 
-    async def read(self) -> bytes:
-        await self._fill(4)
+    def _next(self) -> bytes | None:
+        """The next complete frame in the buffer (without its prefix), or None."""
+        if len(self.buf) < wf.LENGTH.size:
+            return None
         (n,) = wf.LENGTH.unpack_from(self.buf)
         wf.check_length(n, self.max_frame)
-        await self._fill(4 + n)
-        data = bytes(self.buf[4:4 + n])
-        del self.buf[:4 + n]
+        end = wf.LENGTH.size + n
+        if len(self.buf) < end:
+            return None
+        data = bytes(self.buf[wf.LENGTH.size:end])
+        del self.buf[:end]
         return data
+
+    async def read(self) -> bytes:
+        """One frame (the handshake reads one at a time: what follows stays here)."""
+        while (data := self._next()) is None:
+            await self._receive()
+        return data
+
+    async def read_batch(self) -> list[bytes]:
+        """Every complete frame that has arrived; waits for at least one."""
+        batch = [await self.read()]
+        try:
+            while (data := self._next()) is not None:
+                batch.append(data)
+        except WireError:
+            pass    # a bad length: raised again by the next call, after these frames
+        return batch
 
 
 @dataclass
 class PeerStats:
     node_id: int
     state: str
-    queued: int
-    sent: int
-    dropped: int
+    queued: int      # messages waiting for a connection (or for the writer)
+    sent: int        # frames put on a connection
+    dropped: int     # messages never put on one: queue full, or dropped with a lost link
     connects: int
     connect_failures: int
 
@@ -113,19 +181,43 @@ class TcpStatistics:
     peers: list[PeerStats] = field(default_factory=list)
 
 
+@dataclass(eq=False)
+class _Link:
+    """The sending half of an authenticated connection to a peer.
+
+    `send_nowait` writes a frame straight to the socket while nothing is waiting
+    before it; what the kernel does not take at once waits in `unsent` for the
+    link's writer task, and later messages queue behind it (FIFO)."""
+    sock: socket.socket
+    skey: bytes
+    seq: int = 0
+    unsent: bytearray = field(default_factory=bytearray)
+    broken: OSError | None = None           # a write from send_nowait failed
+    wake: trio.Event = field(default_factory=trio.Event)   # the writer has work
+
+
 @dataclass
 class _Peer:
     node_id: int
     host: str
     port: int
-    send_q: trio.MemorySendChannel[tuple[int, int, bytes]]
-    recv_q: trio.MemoryReceiveChannel[tuple[int, int, bytes]]
+    queue: deque[tuple[int, int, bytes]] = field(default_factory=deque)
+    link: _Link | None = None      # set while up and past the handshake
     state: str = "connecting"      # connecting | up | down
     sent: int = 0
     dropped: int = 0
     connects: int = 0
     connect_failures: int = 0
-    wake: trio.Event = field(default_factory=trio.Event)
+    wake: trio.Event = field(default_factory=trio.Event)    # the peer connected to us
+
+
+@dataclass(eq=False)
+class _Lane:
+    """The handlers of one sender: one at a time, in arrival order. `pending`
+    counts envelopes given to the lane's task and not yet handled; while it is 0
+    an inline handler may run at once, in the reading task."""
+    inbox: trio.MemorySendChannel[Envelope]
+    pending: int = 0
 
 
 class TcpEndpoint:
@@ -138,12 +230,10 @@ class TcpEndpoint:
         self.me = config.node(node_id)
         self._key = config.key
         self._handlers: dict[int, Handler] = {}
-        self._peers: dict[int, _Peer] = {}
-        for n in config.nodes:
-            if n.id != node_id:
-                s, r = trio.open_memory_channel[tuple[int, int, bytes]](QUEUE_DEPTH)
-                self._peers[n.id] = _Peer(n.id, n.host, n.port, s, r)
-        self._inboxes: dict[int, trio.MemorySendChannel[Envelope]] = {}
+        self._inline: dict[int, InlineHandler] = {}
+        self._peers: dict[int, _Peer] = {
+            n.id: _Peer(n.id, n.host, n.port) for n in config.nodes if n.id != node_id}
+        self._lanes: dict[int, _Lane] = {}
         self._current_in: dict[int, trio.CancelScope] = {}
         self._nursery: trio.Nursery | None = None
         self.frames_in = 0
@@ -157,6 +247,9 @@ class TcpEndpoint:
 
     # -- the Endpoint contract ------------------------------------------------
     async def send(self, dest: int, mtype: int, body: Any) -> None:
+        self.send_nowait(dest, mtype, body)
+
+    def send_nowait(self, dest: int, mtype: int, body: Any) -> None:
         packed = wf.encode_body(body)
         if dest == self.node_id:
             self._deliver_nowait(Envelope(self.node_id, self.generation, int(mtype),
@@ -167,17 +260,26 @@ class TcpEndpoint:
             raise PeerUnreachable(f"node {dest} is not a configured node")
         if peer.state == "down":
             raise PeerUnreachable(f"node {dest} unreachable from {self.node_id}")
-        try:
-            peer.send_q.send_nowait((int(mtype), self.generation, packed))
-        except trio.WouldBlock:
+        link = peer.link
+        if link is not None and not peer.queue and not link.unsent and link.broken is None:
+            self._write_through(peer, link, int(mtype), packed)
+            return
+        if len(peer.queue) >= QUEUE_DEPTH:
             peer.dropped += 1
-            raise PeerUnreachable(f"node {dest}: send queue full") from None
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            raise PeerUnreachable(f"node {dest}: endpoint closed") from None
+            raise PeerUnreachable(f"node {dest}: send queue full")
+        peer.queue.append((int(mtype), self.generation, packed))
+        if link is not None:
+            link.wake.set()
 
     def register(self, mtypes: Iterable[int], handler: Handler) -> None:
         for t in mtypes:
+            self._inline.pop(int(t), None)
             self._handlers[int(t)] = handler
+
+    def register_inline(self, mtypes: Iterable[int], handler: InlineHandler) -> None:
+        for t in mtypes:
+            self._handlers.pop(int(t), None)
+            self._inline[int(t)] = handler
 
     # -- introspection ---------------------------------------------------------
     def peer_state(self, dest: int) -> str:
@@ -187,8 +289,8 @@ class TcpEndpoint:
         return TcpStatistics(
             self.node_id, self.generation, self.frames_in, self.frames_out, self.wire_errors,
             self.handshake_failures, self.connections_in, self.refused,
-            [PeerStats(p.node_id, p.state, p.recv_q.statistics().current_buffer_used, p.sent,
-                       p.dropped, p.connects, p.connect_failures)
+            [PeerStats(p.node_id, p.state, len(p.queue), p.sent, p.dropped, p.connects,
+                       p.connect_failures)
              for p in self._peers.values()])
 
     # -- running ---------------------------------------------------------------
@@ -210,7 +312,7 @@ class TcpEndpoint:
         backoff = BACKOFF_MIN
         while True:
             try:
-                stream, skey = await self._connect(peer)
+                sock, skey = await self._connect(peer)
             except (OSError, WireError, trio.TooSlowError, _Closed,
                     trio.BrokenResourceError) as exc:
                 peer.connect_failures += 1
@@ -230,35 +332,39 @@ class TcpEndpoint:
             log.info("node %d gen %d: connected to peer %d", self.node_id, self.generation,
                      peer.node_id)
             try:
-                async with stream, trio.open_nursery() as n:
-                    n.start_soon(self._watch_eof, stream)
-                    await self._write_loop(peer, stream, skey)
+                async with trio.open_nursery() as n:
+                    n.start_soon(self._watch_eof, sock)
+                    await self._write_loop(peer, _Link(sock, skey))
             except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError,
                      _Closed) as exc:
                 # except*: trio wraps what the nursery's tasks raised in an ExceptionGroup
                 log.info("node %d gen %d: connection to peer %d lost: %s", self.node_id,
                          self.generation, peer.node_id, _why(exc))
+            finally:
+                peer.link = None
+                _close(sock)
             # What was queued for the process at the other end is dropped with the
             # connection: it must never reach a restarted process on the next one.
             self._drop_queue(peer)
             peer.state = "connecting"
 
-    async def _connect(self, peer: _Peer) -> tuple[trio.SocketStream, bytes]:
+    async def _connect(self, peer: _Peer) -> tuple[socket.socket, bytes]:
         with trio.fail_after(self.config.connect_timeout):
-            stream = await trio.open_tcp_stream(peer.host, peer.port)
-            # A link that goes dead under an open connection (a cable pulled, a
-            # partition) must break it: TCP would otherwise retransmit with a backoff
-            # that reaches tens of seconds, and after the link is back the peers would
-            # go on not hearing each other that long. Data unacknowledged for a failure
-            # timeout aborts the connection; we then dial again (with our own backoff).
-            stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
-                              int(self.config.failure_timeout * 1000))
+            sock = _detach(await trio.open_tcp_stream(peer.host, peer.port))
             try:
+                # A link that goes dead under an open connection (a cable pulled, a
+                # partition) must break it: TCP would otherwise retransmit with a
+                # backoff that reaches tens of seconds, and after the link is back the
+                # peers would go on not hearing each other that long. Data
+                # unacknowledged for a failure timeout aborts the connection; we then
+                # dial again (with our own backoff).
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                                int(self.config.failure_timeout * 1000))
                 nc = secrets.token_bytes(NONCE_SIZE)
                 hello = {"cluster": self.config.name, "to": peer.node_id, "nonce": nc}
-                await stream.send_all(wf.encode_prefixed(self._key, MsgType.HELLO,
+                await _send_all(sock, wf.encode_prefixed(self._key, MsgType.HELLO,
                                                          self.node_id, self.generation, 0, hello))
-                f = wf.decode(self._key, await _FrameReader(stream, self.config.max_frame).read(),
+                f = wf.decode(self._key, await _FrameReader(sock, self.config.max_frame).read(),
                               max_frame=self.config.max_frame)
                 b = f.body
                 if (f.type != MsgType.HELLO or f.sender != peer.node_id or f.seq != 0
@@ -267,56 +373,107 @@ class TcpEndpoint:
                         or not isinstance(b.get("nonce"), bytes)):
                     raise WireError(f"bad handshake answer from {peer.host}:{peer.port}")
                 skey = wf.session_key(self._key, self.node_id, peer.node_id, nc, b["nonce"])
-                return stream, skey
+                return sock, skey
             except BaseException:
-                await trio.aclose_forcefully(stream)
+                _close(sock)
                 raise
 
-    async def _write_loop(self, peer: _Peer, stream: trio.SocketStream, skey: bytes) -> None:
-        seq = 1
-        await stream.send_all(wf.encode_prefixed(skey, MsgType.HELLO, self.node_id,
-                                                 self.generation, seq, None))
+    async def _write_loop(self, peer: _Peer, link: _Link) -> None:
+        """Confirm the session, then write what send_nowait could not write itself:
+        the messages queued while connecting, and whatever the kernel did not take."""
+        link.seq = 1
+        await _send_all(link.sock, wf.encode_prefixed(link.skey, MsgType.HELLO, self.node_id,
+                                                      self.generation, link.seq, None))
+        peer.link = link
         while True:
-            mtype, gen, packed = await peer.recv_q.receive()
-            seq += 1
-            await stream.send_all(wf.encode_prefixed(skey, mtype, self.node_id, gen, seq,
-                                                     None, packed_body=packed))
+            if link.broken is not None:
+                raise link.broken
+            if link.unsent:
+                await trio.lowlevel.wait_writable(link.sock)
+                self._flush(link)
+            elif peer.queue:
+                self._encode_queue(peer, link)
+                self._flush(link)
+            else:
+                link.wake = trio.Event()
+                await link.wake.wait()
+
+    def _write_through(self, peer: _Peer, link: _Link, mtype: int, packed: bytes) -> None:
+        """Write one frame from the caller's task: no task switch when the kernel
+        takes it at once (a round trip's usual case)."""
+        link.seq += 1
+        data = wf.encode_prefixed(link.skey, mtype, self.node_id, self.generation, link.seq,
+                                  None, packed_body=packed)
+        peer.sent += 1
+        self.frames_out += 1
+        try:
+            n = link.sock.send(data)
+        except BlockingIOError:
+            n = 0
+        except OSError as exc:
+            # The connection is broken: the frame is lost with it, as anything in
+            # flight; the writer raises it and the peer loop reconnects.
+            link.broken = exc
+            link.wake.set()
+            return
+        if n < len(data):
+            link.unsent += data[n:]
+            link.wake.set()
+
+    def _encode_queue(self, peer: _Peer, link: _Link) -> None:
+        """Queued messages as frames in `unsent`, one buffer for one send; at most
+        about WRITE_BATCH bytes, so a long queue is not copied whole at once."""
+        while peer.queue and len(link.unsent) < WRITE_BATCH:
+            mtype, gen, packed = peer.queue.popleft()
+            link.seq += 1
+            link.unsent += wf.encode_prefixed(link.skey, mtype, self.node_id, gen, link.seq,
+                                              None, packed_body=packed)
             peer.sent += 1
             self.frames_out += 1
 
     @staticmethod
-    async def _watch_eof(stream: trio.SocketStream) -> None:
+    def _flush(link: _Link) -> None:
+        try:
+            n = link.sock.send(link.unsent)
+        except BlockingIOError:
+            return
+        del link.unsent[:n]
+
+    @staticmethod
+    async def _watch_eof(sock: socket.socket) -> None:
         # The server never writes after the handshake: any byte, EOF or error ends us.
-        await stream.receive_some(1)
-        raise _Closed()
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            try:
+                sock.recv(1)
+            except BlockingIOError:
+                continue
+            raise _Closed()
 
     def _drop_queue(self, peer: _Peer) -> None:
-        while True:
-            try:
-                peer.recv_q.receive_nowait()
-            except trio.WouldBlock:
-                return
-            peer.dropped += 1
+        peer.dropped += len(peer.queue)
+        peer.queue.clear()
 
     # -- receiving side --------------------------------------------------------
     async def _serve_conn(self, stream: trio.SocketStream) -> None:
         self.connections_in += 1
+        sock = _detach(stream)
         client = -1
         scope = trio.CancelScope()
         if self._handshaking >= MAX_HANDSHAKING:
             self.refused += 1
             log.warning("node %d gen %d: %d handshakes in progress; refusing %s",
                         self.node_id, self.generation, self._handshaking,
-                        _peername(stream, client))
-            await trio.aclose_forcefully(stream)
+                        _peername(sock, client))
+            _close(sock)
             return
         try:
             with scope:
-                reader = _FrameReader(stream, self.config.max_frame)
+                reader = _FrameReader(sock, self.config.max_frame)
                 self._handshaking += 1
                 try:
                     with trio.fail_after(self.config.connect_timeout):
-                        client, skey = await self._accept_handshake(stream, reader)
+                        client, skey = await self._accept_handshake(sock, reader)
                 except WireError:
                     self.handshake_failures += 1
                     raise
@@ -326,17 +483,17 @@ class TcpEndpoint:
         except* WireError as exc:
             self.wire_errors += 1
             log.warning("node %d gen %d: dropped connection from %s: %s", self.node_id,
-                        self.generation, _peername(stream, client), _why(exc))
+                        self.generation, _peername(sock, client), _why(exc))
         except* (_Closed, OSError, trio.BrokenResourceError, trio.ClosedResourceError,
                  trio.TooSlowError) as exc:
             log.debug("node %d: incoming connection from %s ended: %s", self.node_id,
-                      _peername(stream, client), _why(exc))
+                      _peername(sock, client), _why(exc))
         finally:
             if self._current_in.get(client) is scope:
                 del self._current_in[client]
-            await trio.aclose_forcefully(stream)
+            _close(sock)
 
-    async def _accept_handshake(self, stream: trio.SocketStream,
+    async def _accept_handshake(self, sock: socket.socket,
                                 reader: _FrameReader) -> tuple[int, bytes]:
         f = wf.decode(self._key, await reader.read(), max_frame=self.config.max_frame)
         b = f.body
@@ -350,7 +507,7 @@ class TcpEndpoint:
             raise WireError(f"bad HELLO from node {f.sender}")
         ns = secrets.token_bytes(NONCE_SIZE)
         answer = {"cluster": self.config.name, "to": f.sender, "nonce": ns, "echo": b["nonce"]}
-        await stream.send_all(wf.encode_prefixed(self._key, MsgType.HELLO, self.node_id,
+        await _send_all(sock, wf.encode_prefixed(self._key, MsgType.HELLO, self.node_id,
                                                  self.generation, 0, answer))
         return f.sender, wf.session_key(self._key, f.sender, self.node_id, b["nonce"], ns)
 
@@ -358,53 +515,93 @@ class TcpEndpoint:
                          scope: trio.CancelScope) -> None:
         expect = 1
         while True:
-            f = wf.decode(skey, await reader.read(), max_frame=self.config.max_frame)
-            if f.sender != client:
-                raise WireError(f"frame claims sender {f.sender} on node {client}'s connection")
-            if f.seq != expect:
-                raise WireError(f"sequence {f.seq} from node {client}, expected {expect}")
-            expect += 1
-            if expect == 2:
-                old = self._current_in.get(client)
-                if old is not None:
-                    old.cancel()   # the newer authenticated connection wins
-                self._current_in[client] = scope
-                peer = self._peers[client]
-                if peer.state == "down":
-                    peer.wake.set()   # it is back: retry our side now, not after backoff
-            if f.type == MsgType.HELLO:
-                continue
-            self.frames_in += 1
-            await self._inbox(client).send(Envelope(client, f.generation, f.type, f.body))
+            for data in await reader.read_batch():
+                f = wf.decode(skey, data, max_frame=self.config.max_frame)
+                if f.sender != client:
+                    raise WireError(
+                        f"frame claims sender {f.sender} on node {client}'s connection")
+                if f.seq != expect:
+                    raise WireError(f"sequence {f.seq} from node {client}, expected {expect}")
+                expect += 1
+                if expect == 2:
+                    self._session_confirmed(client, scope)
+                if f.type == MsgType.HELLO:
+                    continue
+                self.frames_in += 1
+                await self._deliver(Envelope(client, f.generation, f.type, f.body))
 
-    def _inbox(self, sender: int) -> trio.MemorySendChannel[Envelope]:
-        ch = self._inboxes.get(sender)
-        if ch is None:
+    def _session_confirmed(self, client: int, scope: trio.CancelScope) -> None:
+        old = self._current_in.get(client)
+        if old is not None:
+            old.cancel()   # the newer authenticated connection wins
+        self._current_in[client] = scope
+        peer = self._peers[client]
+        if peer.state == "down":
+            peer.wake.set()   # it is back: retry our side now, not after backoff
+
+    async def _deliver(self, env: Envelope) -> None:
+        """Hand a frame to its handler: at once when it is inline and nothing of its
+        sender is still being handled (no task switch), else through the lane."""
+        inline = self._inline.get(env.type)
+        lane = self._lane(env.sender)
+        if inline is not None and lane.pending == 0:
+            self._run_inline(inline, env)
+            return
+        lane.pending += 1
+        try:
+            lane.inbox.send_nowait(env)
+        except trio.WouldBlock:
+            try:
+                await lane.inbox.send(env)       # the lane is full: wait (backpressure)
+            except BaseException:
+                lane.pending -= 1
+                raise
+
+    def _lane(self, sender: int) -> _Lane:
+        lane = self._lanes.get(sender)
+        if lane is None:
             assert self._nursery is not None
-            ch, recv = trio.open_memory_channel[Envelope](INBOX_DEPTH)
-            self._inboxes[sender] = ch
-            self._nursery.start_soon(self._dispatch_loop, sender, recv)
-        return ch
+            send, recv = trio.open_memory_channel[Envelope](INBOX_DEPTH)
+            lane = self._lanes[sender] = _Lane(send)
+            self._nursery.start_soon(self._dispatch_loop, sender, lane, recv)
+        return lane
 
     def _deliver_nowait(self, env: Envelope) -> None:
+        # Through the lane even for an inline handler: the caller may be a handler.
+        lane = self._lane(env.sender)
         try:
-            self._inbox(env.sender).send_nowait(env)
+            lane.inbox.send_nowait(env)
         except trio.WouldBlock:
             raise PeerUnreachable(f"node {self.node_id}: own inbox full") from None
+        lane.pending += 1
 
-    async def _dispatch_loop(self, sender: int,
+    async def _dispatch_loop(self, sender: int, lane: _Lane,
                              recv: trio.MemoryReceiveChannel[Envelope]) -> None:
         async for env in recv:
-            handler = self._handlers.get(env.type)
-            if handler is None:
-                log.debug("node %d: no handler for type %d from %d", self.node_id, env.type,
-                          sender)
-                continue
             try:
-                await handler(env)
-            except Exception:
-                log.exception("node %d gen %d: handler for type %d from node %d failed",
-                              self.node_id, self.generation, env.type, sender)
+                inline = self._inline.get(env.type)
+                handler = self._handlers.get(env.type)
+                if inline is not None:
+                    self._run_inline(inline, env)
+                elif handler is not None:
+                    await self._run_async(handler, env)
+                else:
+                    log.debug("node %d: no handler for type %d from %d", self.node_id,
+                              env.type, sender)
+            finally:
+                lane.pending -= 1
+
+    async def _run_async(self, handler: Handler, env: Envelope) -> None:
+        try:
+            await handler(env)
+        except Exception:
+            log.exception(_HANDLER_FAILED, self.node_id, self.generation, env.type, env.sender)
+
+    def _run_inline(self, handler: InlineHandler, env: Envelope) -> None:
+        try:
+            handler(env)
+        except Exception:
+            log.exception(_HANDLER_FAILED, self.node_id, self.generation, env.type, env.sender)
 
 
 @asynccontextmanager
@@ -425,9 +622,9 @@ def _why(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _peername(stream: trio.SocketStream, client: int) -> str:
+def _peername(sock: socket.socket, client: int) -> str:
     try:
-        host, port = stream.socket.getpeername()[:2]
+        host, port = sock.getpeername()[:2]
         addr = f"{host}:{port}"
     except OSError:
         addr = "?"

@@ -31,7 +31,6 @@ lockspace.
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
@@ -354,10 +353,12 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
 
 
 class Dlm:
-    """The lock manager of one node: its lockspaces, one outgoing queue.
+    """The lock manager of one node: its lockspaces.
 
-    All messages leave through one queue and one task, so that what a node
-    sends to a peer arrives in the order it was decided (recovery relies on it).
+    Every message is handed to the endpoint's per-peer queue at the moment it is
+    decided (`Endpoint.send_nowait`), so what a node sends to a peer arrives in
+    the order it was decided (recovery relies on it) without a queue and task of
+    our own in between: that hop cost a trip through the scheduler per message.
     `servers`: the storage group's block servers, if any (routing.py).
     """
 
@@ -370,10 +371,10 @@ class Dlm:
         self.lockspaces: dict[str, Lockspace] = {}
         self._nursery = nursery
         self._early: dict[str, list[Envelope]] = {}
-        self._out_send, self._out_recv = trio.open_memory_channel[
-            tuple[int, int, dict[str, Any]]](math.inf)
         self.dropped_sends = 0
-        endpoint.register(DLM_TYPES, self._on_message)
+        # inline: every DLM handler is a plain function, so the endpoint may run it
+        # as the frame arrives instead of passing it to another task first
+        endpoint.register_inline(DLM_TYPES, self._on_message)
 
     async def new_lockspace(self, name: str = "default",
                             dir_hint: Callable[[bytes], int | None] | None = None
@@ -391,17 +392,14 @@ class Dlm:
         return ls
 
     def send(self, dest: int, mtype: int, body: dict[str, Any]) -> None:
-        self._out_send.send_nowait((dest, mtype, body))
+        try:
+            self.endpoint.send_nowait(dest, mtype, body)
+        except PeerUnreachable as exc:
+            # a peer that is down is (or will be) out of the view: recovery covers it
+            self.dropped_sends += 1
+            log.debug("dlm: send %s to %d dropped: %s", MsgType(mtype).name, dest, exc)
 
-    async def _sender(self) -> None:
-        async for dest, mtype, body in self._out_recv:
-            try:
-                await self.endpoint.send(dest, mtype, body)
-            except PeerUnreachable as exc:
-                self.dropped_sends += 1
-                log.debug("dlm: send %s to %d dropped: %s", MsgType(mtype).name, dest, exc)
-
-    async def _on_message(self, env: Envelope) -> None:
+    def _on_message(self, env: Envelope) -> None:
         body = env.body
         name = body.get("ls") if isinstance(body, dict) else None
         if name is None:
@@ -429,7 +427,6 @@ async def open_dlm(endpoint: Endpoint, membership: Membership,
     """A node's lock manager; `servers`: the block servers grants name (routing.py)."""
     async with trio.open_nursery() as nursery:
         dlm = Dlm(endpoint, membership, nursery, servers)
-        nursery.start_soon(dlm._sender)
         try:
             yield dlm
         finally:
