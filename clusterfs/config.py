@@ -8,6 +8,8 @@ Example (see docs/cluster.md for every field)::
     [timeouts]
     heartbeat_interval = 0.5        # seconds between heartbeats
     failure_timeout = 3.0           # a node silent this long leaves the view
+    dead_on_refusal = true          # a node whose host refuses our connection
+                                    # (its process is gone) leaves at once
 
     [[node]]
     id = 1                          # 32-bit unsigned, unique
@@ -87,6 +89,9 @@ class ClusterConfig:
     heartbeat_interval: float = 0.5
     failure_timeout: float = 3.0
     connect_timeout: float = 2.0
+    # a peer whose host refuses a connection (nothing listens at its address: its
+    # process is gone) is dead at once, without waiting for failure_timeout
+    dead_on_refusal: bool = True
     max_frame: int = MAX_FRAME_DEFAULT
     storage_group: tuple[int, ...] = ()
     path: str | None = None
@@ -152,11 +157,15 @@ def parse_config(data: dict[str, Any], *, base_dir: str | os.PathLike[str] = "."
     if not isinstance(t, dict):
         raise ConfigError("timeouts: must be a table")
     for k in t:
-        if k not in ("heartbeat_interval", "failure_timeout", "connect_timeout"):
+        if k not in ("heartbeat_interval", "failure_timeout", "connect_timeout",
+                     "dead_on_refusal"):
             raise ConfigError(f"timeouts.{k}: unknown field")
     hb = _seconds(t, "heartbeat_interval", 0.5)
     ft = _seconds(t, "failure_timeout", 3.0)
     ct = _seconds(t, "connect_timeout", 2.0)
+    refusal = t.get("dead_on_refusal", True)
+    if not isinstance(refusal, bool):
+        raise ConfigError("timeouts.dead_on_refusal: must be true or false")
     if ft < 2 * hb:
         raise ConfigError(f"timeouts.failure_timeout: {ft} s must be at least twice "
                           f"heartbeat_interval ({hb} s)")
@@ -207,7 +216,8 @@ def parse_config(data: dict[str, Any], *, base_dir: str | os.PathLike[str] = "."
 
     fencing = parse_fencing(data.get("fencing", {}), Path(base_dir))
     return ClusterConfig(name=name, key=key, nodes=tuple(nodes), heartbeat_interval=hb,
-                         failure_timeout=ft, connect_timeout=ct, max_frame=max_frame,
+                         failure_timeout=ft, connect_timeout=ct, dead_on_refusal=refusal,
+                         max_frame=max_frame,
                          storage_group=tuple(group), path=path, fencing=fencing,
                          block_servers=servers, io_timeout=io_timeout)
 

@@ -8,7 +8,7 @@ failures by hand.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -17,6 +17,7 @@ import trio
 from clusterfs.comms.memory import MemoryNetwork
 from clusterfs.dlm.lockspace import Dlm, Lockspace, open_dlm
 from clusterfs.membership.static import StaticCluster
+from clusterfs.membership.view import View, ViewChange
 
 
 @dataclass(eq=False)
@@ -76,6 +77,23 @@ class MemCluster:
         node = await self.start(node_id)
         self.cluster.set_members(self.cluster.view.members | {node_id})
         return node
+
+    def install_on(self, nodes: Iterable[int], members: Iterable[int], *,
+                   joined: Iterable[int] = (), left: Iterable[int] = ()) -> View:
+        """A view installed by `nodes` only, with the events the real membership would
+        give them: StaticCluster gives every node the same view, but a partition's
+        side goes on alone (a node without quorum while the others still hold the old
+        view), and a merge back names the merged node in `joined` on every member
+        (docs/cluster.md). Becomes the cluster's view (what wait_running waits for)."""
+        old = self.cluster.view
+        members = frozenset(members)
+        view = View(old.generation + 1, members, 2 * len(members) > self.cluster.cluster_size,
+                    self.cluster.cluster_size)
+        self.cluster.view = view
+        change = ViewChange(view, frozenset(joined), frozenset(left))
+        for nid in nodes:
+            self.cluster.members[nid]._publish(change)
+        return view
 
     async def wait_running(self, timeout: float = 10) -> None:
         try:

@@ -407,11 +407,11 @@ def read_bytes(pid: int) -> int:
 
 
 def catch_reader(pids: dict[int, int], threshold: int, window: float = 0.05,
-                 timeout: float = HANG_GUARD) -> int:
+                 timeout: float = HANG_GUARD, sig: int = signal.SIGKILL) -> int:
     """The first node (of node -> pid) that reads `threshold` bytes from the device
-    within `window` seconds, SIGKILLed the moment it is seen; its node id. A journal
-    replay reads at tens of MB/s; the nodes' other reads (disk heartbeats, the orphan
-    sweeper) come a few blocks at a time."""
+    within `window` seconds, sent `sig` (SIGKILL; SIGSTOP to freeze it) the moment it
+    is seen; its node id. A journal replay reads at tens of MB/s; the nodes' other
+    reads (disk heartbeats, the orphan sweeper) come a few blocks at a time."""
     seen: dict[int, collections.deque] = {n: collections.deque() for n in pids}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -422,7 +422,7 @@ def catch_reader(pids: dict[int, int], threshold: int, window: float = 0.05,
             while q[0][0] < now - window:
                 q.popleft()
             if q[-1][1] - q[0][1] >= threshold:
-                os.kill(pid, signal.SIGKILL)
+                os.kill(pid, sig)
                 return n
         time.sleep(0.001)
     raise AssertionError(f"no node of {sorted(pids)} read {threshold} bytes within "

@@ -133,6 +133,25 @@ async def test_reconnect_after_peer_restart():
 
 
 @trio_test
+async def test_a_peer_whose_port_refuses_is_reported_refused_until_it_is_back():
+    """A peer process that is gone leaves nothing listening at its address: its host
+    refuses our connect, which is reported (refused_at), and forgotten once a
+    connection succeeds again. A peer we have never tried is not refused."""
+    cfg = local_config([1, 2])
+    async with open_tcp_endpoint(cfg, 1) as a:
+        async with open_tcp_endpoint(cfg, 2):
+            await wait_until(lambda: a.peer_state(2) == "up")
+            assert a.refused_at(2) is None
+        before = trio.current_time()
+        await wait_until(lambda: a.refused_at(2) is not None)
+        assert a.refused_at(2) >= before
+        async with open_tcp_endpoint(cfg, 2):
+            await wait_until(lambda: a.peer_state(2) == "up")
+            assert a.refused_at(2) is None
+        assert a.refused_at(3) is None
+
+
+@trio_test
 async def test_wrong_key_cannot_connect_and_bad_frames_are_dropped():
     cfg = local_config([1, 2])
     bad = dataclasses.replace(cfg, key=bytes(32))

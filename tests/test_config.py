@@ -66,7 +66,12 @@ def test_defaults_and_inline_key(tmp_path):
     text = f'key = "{KEY}"\n[[node]]\nid = 7\naddress = "127.0.0.1:9"\n'
     cfg = load_config(write(tmp_path, text, key=None))
     assert cfg.heartbeat_interval == 0.5 and cfg.failure_timeout <= 5.0
+    assert cfg.dead_on_refusal
     assert cfg.node(7).name == "node7"
+    off = load_config(write(tmp_path, text.replace("[[node]]", "[timeouts]\n"
+                                                   "dead_on_refusal = false\n[[node]]"),
+                            key=None))
+    assert not off.dead_on_refusal
 
 
 def _replace(old, new):
@@ -89,6 +94,8 @@ def _replace(old, new):
     (_replace("id = 2\n", ""), "node[1].id: missing"),
     (_replace("failure_timeout = 2", "failure_timeout = 0.3"), "timeouts.failure_timeout"),
     (_replace("failure_timeout = 2", 'failure_timeout = "soon"'), "timeouts.failure_timeout:"),
+    (_replace("failure_timeout = 2", "failure_timeout = 2\ndead_on_refusal = 1"),
+     "timeouts.dead_on_refusal: must be true or false"),
     (_replace("heartbeat_interval = 0.25", "heartbeat_interval = 0"),
      "timeouts.heartbeat_interval: 0 out of range"),
     (_replace('key_file = "cluster.key"', 'key_file = "nope.key"'), "key_file: not found"),

@@ -568,6 +568,124 @@ async def test_cancel_waiting_conversion_keeps_granted_mode() -> None:
         assert lb.mode == Mode.EX
 
 
+# -- a node without quorum merged back: what was lost between the two sides ------
+# Node 1 goes on alone in a view without quorum (2 and 3 went silent to it: SIGSTOP, a
+# cut) while 2 and 3 still hold the old view; then the membership merges it back into
+# that view, naming it in `joined` (no view without quorum purged or fenced anything).
+# Meanwhile messages between the sides were lost: node 1 drops whatever a node outside
+# its view sends, sends nothing to a master outside it, and a broken connection drops
+# what was queued. Each test loses one kind and then needs that lock (a hang guard of
+# HANG seconds makes a lock that never comes a failure). All four hung before the merge
+# resynchronised the pairs it joins.
+HANG = 10
+
+
+async def alone_without_quorum(mc: MemCluster, node: int) -> None:
+    others = set(mc.nodes) - {node}
+    mc.install_on([node], {node}, left=others)
+    await settle()
+    assert not mc.ls(node).ls_running
+
+
+async def merged_back(mc: MemCluster, node: int) -> None:
+    mc.install_on(list(mc.nodes), set(mc.nodes), joined={node})
+    await mc.wait_running()
+
+
+async def make_master(ls: Lockspace, name: tuple) -> None:
+    """ls masters name from now on (the first node that asks is its master)."""
+    await ls.unlock(await ls.lock(name, Mode.NL))
+
+
+@trio_test
+async def test_an_unlock_the_lone_master_dropped_does_not_hold_the_lock_forever() -> None:
+    async with memory_cluster([1, 2, 3]) as mc:
+        await make_master(mc.ls(1), R)
+        held = await mc.ls(2).lock(R, Mode.EX)
+        await alone_without_quorum(mc, 1)
+        await mc.ls(2).unlock(held)                  # DLM_UNLOCK: node 1 drops it
+        await settle()
+        await merged_back(mc, 1)
+        with trio.fail_after(HANG):
+            got = await mc.ls(3).lock(R, Mode.EX)
+        assert got.granted
+
+
+@trio_test
+async def test_a_grant_the_lone_owner_dropped_is_granted_after_the_merge() -> None:
+    async with memory_cluster([1, 2, 3]) as mc:
+        held = await mc.ls(2).lock(R, Mode.EX)       # node 2 masters R
+        got: list = []
+
+        async def want_pr() -> None:
+            got.append(await mc.ls(1).lock(R, Mode.PR))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(want_pr)
+            await settle()
+            await alone_without_quorum(mc, 1)
+            await mc.ls(2).unlock(held)              # DLM_GRANT to node 1: dropped
+            await settle()
+            assert not got
+            await merged_back(mc, 1)
+            with trio.fail_after(HANG):
+                while not got:
+                    await trio.sleep(0.01)
+        assert got[0].granted and got[0].mode == Mode.PR
+        with trio.fail_after(HANG):                  # and the master agrees it is held
+            other = await mc.ls(3).lock(R, Mode.PR)
+        with pytest.raises(WouldBlock):
+            await mc.ls(2).lock(R, Mode.EX, try_=True)
+        await mc.ls(3).unlock(other)
+
+
+@trio_test
+async def test_an_unlock_the_lone_owner_never_sent_releases_the_lock_after_the_merge() -> None:
+    async with memory_cluster([1, 2, 3]) as mc:
+        await make_master(mc.ls(2), R)
+        held = await mc.ls(1).lock(R, Mode.EX)
+        await alone_without_quorum(mc, 1)
+        await mc.ls(1).unlock(held)                  # its master is outside node 1's view
+        await merged_back(mc, 1)
+        with trio.fail_after(HANG):
+            got = await mc.ls(3).lock(R, Mode.EX)
+        assert got.granted
+
+
+@trio_test
+async def test_a_down_conversion_the_lone_owner_never_sent_counts_after_the_merge() -> None:
+    async with memory_cluster([1, 2, 3]) as mc:
+        await make_master(mc.ls(2), R)
+        held = await mc.ls(1).lock(R, Mode.EX)
+        await alone_without_quorum(mc, 1)
+        await mc.ls(1).convert(held, Mode.PR)        # down: applied here, never sent
+        await merged_back(mc, 1)
+        with trio.fail_after(HANG):
+            got = await mc.ls(3).lock(R, Mode.PR)    # compatible with node 1's PR
+        assert got.granted
+        with pytest.raises(WouldBlock):              # and node 1 still holds PR
+            await mc.ls(3).lock(R, Mode.EX, try_=True)
+
+
+@trio_test
+async def test_a_merge_overtaken_by_a_newer_view_still_resynchronises() -> None:
+    """The view that merges node 1 back is overtaken at once by a newer one (node 3
+    dies), which names nobody as joined: the resync the first asked for must still
+    happen, in the second one's recovery."""
+    async with memory_cluster([1, 2, 3]) as mc:
+        await make_master(mc.ls(1), R)
+        held = await mc.ls(2).lock(R, Mode.EX)
+        await alone_without_quorum(mc, 1)
+        await mc.ls(2).unlock(held)                  # dropped by node 1
+        await settle()
+        mc.install_on([1, 2, 3], {1, 2, 3}, joined={1})
+        mc.crash(3)                                  # before that recovery ran
+        await mc.wait_running()
+        with trio.fail_after(HANG):
+            got = await mc.ls(2).lock(R, Mode.EX)
+        assert got.granted
+
+
 # -- DLM_REMOVE: masters free idle resources ------------------------------------
 def masters(mc: MemCluster, name: tuple) -> list[int]:
     key = resource_key(name)

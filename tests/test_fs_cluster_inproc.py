@@ -12,11 +12,13 @@ from dataclasses import dataclass, field
 
 import pytest
 import trio
+import trio.testing
 from dlmcluster import memory_cluster
-from trioutil import trio_test
+from trioutil import trio_test, wait_until
 
 from clusterfs.cache.blocks import Blocks
 from clusterfs.cache.glock import GlockManager
+from clusterfs.cache.recovery import JournalRecovery
 from clusterfs.cache.transaction import TransactionManager
 from clusterfs.dlm.interface import Mode
 from clusterfs.errors import FSError
@@ -406,3 +408,46 @@ async def test_a_listing_of_another_nodes_directory_asks_for_its_locks_in_parall
             assert glock.mode == Mode.PR and glock.holders == 0
             assert ino in b.fs.inodes
         assert a.fs.glocks.glocks[("inode", inos[0])].mode == Mode.PR   # A keeps PR
+
+
+@trio_test
+async def test_a_journal_recovery_begun_without_quorum_ends_once_the_view_heals(
+        tmp_path) -> None:
+    """Node 1 dies; node 3 holds `("recovery",)` while it replays node 1's journal, and
+    node 2 waits for it. Node 3 stalls (a long replay, SIGSTOP) so long that node 2
+    goes on alone, without quorum: its recovery starts again, for node 3, and waits for
+    the DLM. Node 3 finishes and unlocks; node 2, the lock's master, drops that unlock
+    (node 3 is outside its view). Then the membership merges node 2 back into node 3's
+    view. Node 2's recovery must end and its gate open: before the merge resynchronised
+    the pair, node 3's dropped unlock held `("recovery",)` for good (issue 7; seen on
+    real nodes with a 4 s replay, docs/recovery.md)."""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    sb = make_filesystem(str(image), journals=3, cluster="inproc")
+    dev = BlockDevice(str(image))
+    try:
+        async with memory_cluster([1, 2, 3]) as mc, trio.open_nursery() as nursery:
+            ls2, ls3 = mc.ls(2), mc.ls(3)
+            await ls2.lock(("journal", 1), Mode.EX)     # each live node holds its slot
+            await ls3.lock(("journal", 2), Mode.EX)
+            await ls2.unlock(await ls2.lock(("recovery",), Mode.NL))   # node 2 masters it
+            recovery = JournalRecovery(ls2, dev, sb, own_slot=1)
+            nursery.start_soon(recovery.run, mc.cluster.members[2])
+            replaying = await ls3.lock(("recovery",), Mode.EX)    # node 3's replay
+            mc.crash(1)                                  # node 1 dies: gen 2 {2, 3}
+            await wait_until(lambda: recovery.need_gen == 2 and not recovery.is_open())
+            mc.install_on([2], {2}, left={3})            # node 2 alone: gen 3, no quorum
+            await wait_until(lambda: recovery.need_gen == 3)
+            await ls3.unlock(replaying)                  # node 2 drops this unlock
+            for _ in range(5):                           # (let it arrive there first)
+                await trio.testing.wait_all_tasks_blocked(0.01)
+            mc.install_on([2, 3], {2, 3}, joined={2})    # merged back: gen 4
+            with trio.fail_after(10):                    # a hang guard, not a timing
+                while not (recovery.last and recovery.last["generation"] == 3):
+                    await trio.sleep(0.01)
+            await wait_until(recovery.is_open)
+            assert recovery.last["departed"] == [3]
+            nursery.cancel_scope.cancel()
+    finally:
+        dev.close()

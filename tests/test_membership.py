@@ -49,6 +49,9 @@ class JitterEndpoint:
     def register(self, mtypes, handler) -> None:
         self.inner.register(mtypes, handler)
 
+    def refused_at(self, dest: int) -> float | None:
+        return self.inner.refused_at(dest)
+
     async def send(self, dest, mtype, body) -> None:
         if self.loss and self.rng.random() < self.loss:
             return
@@ -149,8 +152,9 @@ class Sim:
                 and len({m.view.generation for m in ms}) == 1)
 
 
-async def with_sim(ids, body, **kw):
-    async with MemoryNetwork().running() as net, trio.open_nursery() as nursery:
+async def with_sim(ids, body, refuse_crashed=False, **kw):
+    async with MemoryNetwork(refuse_crashed=refuse_crashed).running() as net, \
+            trio.open_nursery() as nursery:
         sim = Sim(net, nursery, ids, **kw)
         await body(sim)
         nursery.cancel_scope.cancel()
@@ -206,6 +210,43 @@ async def test_killed_node_leaves_within_timeout_then_fenced():
         assert sim.agents[2].calls == []     # only the coordinator fences
         assert sim.nodes[1].events == sim.nodes[2].events
     await with_sim([1, 2, 3], body)
+
+
+@mock_trio
+async def test_a_killed_process_its_host_refuses_leaves_before_the_failure_timeout():
+    """A crash the hosts report (TCP: connection refused, nothing listens at the dead
+    node's address) is a death at once: the view without it comes well before any
+    failure timeout could pass, the dead node is fenced. A coordinator's death too.
+    (Before the refusal counted, each took the failure timeout.)"""
+    async def body(sim):
+        for i in (1, 2, 3, 4):
+            await sim.start(i)
+        await sim.until(lambda: sim.agreed([1, 2, 3, 4], {1, 2, 3, 4}), 10)
+        sim.kill(4)
+        took = await sim.until(lambda: sim.agreed([1, 2, 3], {1, 2, 3}), DETECT + 1)
+        assert took < TIMEOUT / 2
+        await sim.until(lambda: sim.agents[1].calls, 5)
+        sim.kill(1)
+        took = await sim.until(lambda: sim.agreed([2, 3], {2, 3}), DETECT + 1)
+        assert took < TIMEOUT / 2
+        await sim.start(1)                       # a new life rejoins at once
+        await sim.until(lambda: sim.agreed([1, 2, 3], {1, 2, 3}), DETECT + 1)
+    await with_sim([1, 2, 3, 4], body, refuse_crashed=True)
+
+
+@mock_trio
+async def test_a_silent_node_is_still_judged_by_the_failure_timeout():
+    """Only a refusal shortens detection: a node cut off (or frozen, or powered off)
+    refuses nothing, so it stays in the view for a whole failure timeout."""
+    async def body(sim):
+        for i in (1, 2, 3):
+            await sim.start(i)
+        await sim.until(lambda: sim.agreed([1, 2, 3], {1, 2, 3}), 10)
+        sim.isolate(3)
+        sim.kill(3)                              # behind a cut: no host answers for it
+        took = await sim.until(lambda: sim.agreed([1, 2], {1, 2}), DETECT + 1)
+        assert took >= TIMEOUT
+    await with_sim([1, 2, 3], body, refuse_crashed=True)
 
 
 @mock_trio

@@ -42,6 +42,9 @@ class Dropper:
     def register(self, mtypes, handler) -> None:
         self.inner.register(mtypes, handler)
 
+    def refused_at(self, dest: int) -> float | None:
+        return self.inner.refused_at(dest)
+
     async def send(self, dest: int, mtype: int, body: Any) -> None:
         if not self.rule(dest, mtype):
             await self.inner.send(dest, mtype, body)

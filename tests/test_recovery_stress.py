@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import mountutil
 import pytest
-from clusterutil import Cluster, cluster
+from clusterutil import Cluster, cluster, node_status
 from recoveryutil import (
     HANG_GUARD,
     StressRun,
@@ -283,6 +284,53 @@ def test_node_killed_while_replaying_a_dead_nodes_journal(tmp_path):
         # the two that died and one that recovered them (a digest of another node's
         # many small files is slow: a lock handover per file)
         assert_same_tree(c, [1, replayer, rest[0]])
+
+
+def test_the_quorum_returns_while_a_survivor_replays(tmp_path):
+    """Node 1 of three dies with at least 80 transactions in its journal; the survivor
+    that replays them is frozen (SIGSTOP) in the middle of the replay, long enough for
+    the other one to go on alone, without quorum, and begin its recovery again (for
+    the frozen one too). The replayer wakes, finishes its replay, and the two merge:
+    both finish their recovery, the lone one's begun without quorum too; node 1's
+    journal is replayed once, in full; nothing fsync'd is lost; node 1 rejoins. This is
+    the split a long replay used to make (docs/recovery.md): the lone survivor's
+    recovery then never ended when the replayer's unlocks were lost on it."""
+    with cluster(tmp_path, nodes=3, size=2 << 30,
+                 mkfs_args=("-J", str(BIG_JOURNAL_MIB))) as c:
+        log = tmp_path / "batches.log"
+        writer = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "recoveryutil.py"), "write-batches",
+             c.path(1, "n1"), str(log), str(BIG_FILES), str(BIG_BATCH)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+        offsets = {n: log_size(c, n) for n in (2, 3)}
+        pids = {n: c.mounts[n].pid for n in (2, 3)}
+        try:
+            dirty = kill_with_dirty_journals(c, [1], least=BIG_DIRTY, poll=0.5,
+                                             also=lambda: writer.poll() is None,
+                                             first=lambda: writer.kill())
+        finally:
+            writer.kill()
+            writer.wait()
+        replayer = catch_reader(pids, REPLAYING, sig=signal.SIGSTOP)
+        other = 5 - replayer
+        try:
+            wait_for(f"node {other}, alone, to begin recovering node {replayer}",
+                     lambda: f"journal recovery for departed [{replayer}]"
+                     in since(c, other, offsets[other]))
+            assert "quorum      NO" in node_status(c, other)
+            assert not replays(since(c, replayer, offsets[replayer])), (
+                f"node {replayer} finished its replay before it was frozen")
+        finally:
+            os.kill(pids[replayer], signal.SIGCONT)
+        print(f"node {replayer} frozen while replaying node 1's journal, node {other} "
+              f"alone without quorum meanwhile")
+        report_recovery(wait_recovered(c, [2, 3], offsets, {1}))
+        assert_replayed_once(c, dirty, offsets)
+        written = check_batches(log, c.path(other, "n1"))
+        ok, _dirty, failed, said = verify(log, c.path(replayer, "n1"))
+        assert ok > 0 and failed == 0, said
+        c.start(1)
+        assert check_batches(log, c.path(1, "n1")) == written
 
 
 # ----------------------------------------------------------------------------

@@ -6,6 +6,8 @@ An Endpoint is one node's door to the others. Guarantees:
   reconnects or raises PeerUnreachable);
 - every delivered message was authenticated by the cluster key (TCP) and
   carries the sender's node id and the sender's view generation at send time;
+- a peer whose host refused a connection is reported (`refused_at`): the one
+  sign of a dead process that comes sooner than its silence;
 - handlers for one sender run one at a time, in arrival order.
 
 Implementations: `clusterfs.comms.memory` (in-process, for tests with many
@@ -53,3 +55,9 @@ class Endpoint(Protocol):
         transport may call it in its reading task as the message arrives (no task
         switch); the guarantees of `register` (one at a time per sender, in arrival
         order, with the sender's other messages) still hold."""
+
+    def refused_at(self, dest: int) -> float | None:
+        """When (trio clock) dest's host last refused a connection to dest: nothing
+        listens at its address, so the process that was dest is gone (killed, crashed,
+        exited). None if it never did, or a connection to dest succeeded since. A
+        silent peer (frozen, cut off, powered off) refuses nothing."""

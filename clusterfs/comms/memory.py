@@ -1,7 +1,10 @@
 """An in-memory transport: many nodes in one trio run, for tests.
 
 Same contract as the TCP transport (clusterfs.comms.interface), plus fault
-injection: cut() and heal() a link, crash() a node (its messages vanish).
+injection: cut() and heal() a link, crash() a node (its messages vanish). With
+`refuse_crashed`, a crashed node is reported refused to the nodes still linked to
+it, as a host reports a killed process (TCP's connection refused); without it a
+crash is silent, like a power cut.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ from clusterfs.errors import PeerUnreachable
 
 
 class MemoryNetwork:
-    def __init__(self) -> None:
+    def __init__(self, *, refuse_crashed: bool = False) -> None:
         self.endpoints: dict[int, MemoryEndpoint] = {}
+        self.refuse_crashed = refuse_crashed
+        self.crashed_at: dict[int, float] = {}
         self._cut: set[frozenset[int]] = set()
         self._nursery: trio.Nursery | None = None
 
@@ -26,6 +31,7 @@ class MemoryNetwork:
             raise RuntimeError("start the network first: async with net.running()")
         ep = MemoryEndpoint(self, node_id)
         self.endpoints[node_id] = ep
+        self.crashed_at.pop(node_id, None)
         self._nursery.start_soon(ep._deliver_loop)
         return ep
 
@@ -48,6 +54,7 @@ class MemoryNetwork:
         if ep is not None:
             ep.crashed = True
             ep._inbox_send.close()
+            self.crashed_at[node] = trio.current_time()
 
     def linked(self, a: int, b: int) -> bool:
         return frozenset((a, b)) not in self._cut
@@ -104,6 +111,11 @@ class MemoryEndpoint:
         for t in mtypes:
             self._handlers.pop(int(t), None)
             self._inline[int(t)] = handler
+
+    def refused_at(self, dest: int) -> float | None:
+        if not self.net.refuse_crashed or not self.net.linked(self.node_id, dest):
+            return None
+        return self.net.crashed_at.get(dest)
 
     async def _deliver_loop(self) -> None:
         async for env in self._inbox:

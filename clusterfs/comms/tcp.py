@@ -208,6 +208,7 @@ class _Peer:
     dropped: int = 0
     connects: int = 0
     connect_failures: int = 0
+    refused_at: float | None = None    # its host refused our last connect (see below)
     wake: trio.Event = field(default_factory=trio.Event)    # the peer connected to us
 
 
@@ -285,6 +286,12 @@ class TcpEndpoint:
     def peer_state(self, dest: int) -> str:
         return self._peers[dest].state
 
+    def refused_at(self, dest: int) -> float | None:
+        peer = self._peers.get(dest)
+        if peer is None or not self.config.dead_on_refusal:
+            return None      # (configured off: only the failure timeout judges a peer)
+        return peer.refused_at
+
     def statistics(self) -> TcpStatistics:
         return TcpStatistics(
             self.node_id, self.generation, self.frames_in, self.frames_out, self.wire_errors,
@@ -316,6 +323,10 @@ class TcpEndpoint:
             except (OSError, WireError, trio.TooSlowError, _Closed,
                     trio.BrokenResourceError) as exc:
                 peer.connect_failures += 1
+                if _refused(exc):
+                    # the peer's kernel answered with a reset: no process listens at
+                    # its address (a silent host would have let us time out instead)
+                    peer.refused_at = trio.current_time()
                 if peer.state != "down":
                     log.info("node %d gen %d: peer %d down: %s", self.node_id,
                              self.generation, peer.node_id, _why(exc))
@@ -329,6 +340,7 @@ class TcpEndpoint:
             backoff = BACKOFF_MIN
             peer.connects += 1
             peer.state = "up"
+            peer.refused_at = None
             log.info("node %d gen %d: connected to peer %d", self.node_id, self.generation,
                      peer.node_id)
             try:
@@ -614,6 +626,17 @@ async def open_tcp_endpoint(config: ClusterConfig, node_id: int):  # type: ignor
             yield ep
         finally:
             nursery.cancel_scope.cancel()
+
+
+def _refused(exc: BaseException) -> bool:
+    """The connect failed only because the peer's host refused it (ECONNREFUSED on
+    every address tried; trio gathers them under the OSError it raises)."""
+    if isinstance(exc, ConnectionRefusedError):
+        return True
+    inner = exc.__cause__
+    if isinstance(inner, BaseExceptionGroup):
+        return all(_refused(e) for e in inner.exceptions)
+    return inner is not None and _refused(inner)
 
 
 def _why(exc: BaseException) -> str:

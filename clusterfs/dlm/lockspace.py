@@ -138,6 +138,7 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
         self.ls_members: frozenset[int] = frozenset()
         self.ls_gone: set[int] = set()              # removed members, never purged from
         self.ls_need_fence: set[int] = set()
+        self.ls_resync: set[int] = set()            # joined since our last recovery
         self.ls_running = False
         self.ls_run_event = trio.Event()
         self.ls_expelled = False
@@ -145,11 +146,14 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
         # recovery.py
         self.ls_recover_gen = 0
         self.ls_recover_lvbs: dict[bytes, list[tuple[int, int, bytes]]] = {}
+        self.ls_recover_kept: dict[bytes, tuple[bytes, int, bool]] = {}
+        self.ls_resync_with: frozenset[int] = frozenset()   # pairs resynchronised now
         self.ls_unconfirmed: set[bytes] = set()     # mastery set by an unfinished recovery
         self.ls_orphan_ops: list[tuple[bytes, int, dict[str, Any]]] = []
         self.ls_recoveries = 0
         # barrier.py
         self.ls_recover_status: dict[tuple[int, int], set[int]] = {}
+        self.ls_resync_from: dict[int, set[int]] = {}
         self.ls_barrier_sent: dict[int, int] = {}
         # routing.py
         self._init_routing(dlm.servers)
@@ -321,7 +325,10 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
     def _dispatch(self, sender: int, mtype: int, body: dict[str, Any]) -> None:
         if mtype not in RECOVERY_TYPES and sender != self.ls_node \
                 and sender not in self.ls_members:
-            return    # from a node outside our view (dead, or not yet joined): drop
+            # from a node outside our view (dead, not yet joined, or on the other side
+            # of a partition): drop. If it comes back, the view that merges it names
+            # it as joined, and recovery resynchronises our locks with it.
+            return
         handler = self._handlers.get(mtype)
         if handler is not None:
             handler(self, sender, body)

@@ -7,7 +7,8 @@ lets a waiting recovery go on (step 1 waits for it); an ExpelledEvent
 withdraws the lockspace, failing every waiting request.
 
 Owns `ls_view`, `ls_members`, `ls_gone` (removed members whose locks are still
-to purge), `ls_need_fence`, `ls_running` / `ls_run_event`, `ls_expelled` and the
+to purge), `ls_need_fence`, `ls_resync` (members that joined since the last
+recovery finished here), `ls_running` / `ls_run_event`, `ls_expelled` and the
 running recovery's cancel scope. A mixin of `Lockspace`.
 """
 
@@ -38,7 +39,7 @@ class Members:
 
     def _on_view_change(self, ev: ViewChange, nursery: trio.Nursery) -> None:
         """Stop locking, abort a recovery for an older view, recover for this one."""
-        self._stop(ev.view, ev.left, ev.clean)
+        self._stop(ev.view, ev.left, ev.clean, ev.joined)
         if self._recover_scope is not None:
             self._recover_scope.cancel()
         if self.ls_node not in ev.view.members:
@@ -52,9 +53,12 @@ class Members:
         self._wake()   # recovery step 1 may go on
 
     def _stop(self, view: View, left: frozenset[int],
-              clean: frozenset[int] = frozenset()) -> None:
+              clean: frozenset[int] = frozenset(),
+              joined: frozenset[int] = frozenset()) -> None:
         """Step 0 (at once, on the event): stop locking; requests wait. A node that left
-        cleanly released every lock first and writes no more: no fence to wait for."""
+        cleanly released every lock first and writes no more: no fence to wait for. A
+        node that joined may bring lock state that messages lost while it was away left
+        out of step: recovery resynchronises our locks with it (ls_resync, recovery.py)."""
         log.info("dlm %s@%d gen %d: stop locking (members %s, left %s, cleanly %s, "
                  "quorate %s)", self.ls_name, self.ls_node, view.generation,
                  sorted(view.members), sorted(left), sorted(clean), view.quorate)
@@ -64,6 +68,7 @@ class Members:
         self.ls_gone -= view.members
         self.ls_need_fence |= set(left - clean)
         self.ls_need_fence -= view.members
+        self.ls_resync |= joined
         if self.ls_running:
             self.ls_running = False
             self.ls_run_event = trio.Event()

@@ -107,7 +107,8 @@ class Owner:
             self.ls_orphan_ops.append((lkb.lkb_key, MsgType.DLM_CONVERT,
                                        {"id": lkb.lkb_id, "mode": int(mode), "try": False,
                                         "down": True, "lvb": lvb}))
-        # else: its master is dead: recovery re-sends it at its new mode
+        # else: its master is outside our view (dead, or across a partition): recovery
+        # re-sends the lock at its new mode (to a new master, or in a resync)
 
     def _unlock_lkb(self, lkb: Lkb) -> None:
         lock = lkb.lkb_lock
@@ -122,7 +123,9 @@ class Owner:
             self.ls_orphan_ops.append((lkb.lkb_key, MsgType.DLM_UNLOCK, body))  # see above
             return
         if master is None or master not in self.ls_members:
-            return   # its master is gone: recovery will not re-send it, so it is released
+            # its master is outside our view: recovery will not re-send it, so it is
+            # released (a master that comes back purges it in the resync)
+            return
         if master == self.ls_node:
             self._receive_unlock(self.ls_node, body)
         else:

@@ -7,12 +7,27 @@ the locks they must hold, settle the lock value blocks, resume. A newer view
 cancels it (trio cancellation at any await) and a fresh run starts from step 1;
 every step is idempotent or undone by step 4 of the next run.
 
+Resynchronisation. A node that joins may be one the membership merges back: it
+went on in a view without quorum while the others kept theirs (a SIGSTOP, a
+network cut), and no view without quorum purges or fences, so its locks are
+still counted. But messages between the two sides were lost meanwhile: each
+side drops what a node outside its view sends (lockspace.py), sends no unlock or
+down-conversion to a master outside it (owner.py), and a broken connection drops
+what was queued on it. An unlock lost that way held the lock forever (a journal
+recovery waiting for `("recovery",)` never ended), a lost grant left its
+requester waiting. So for every pair of members of which one joined, the owner
+re-sends its locks to the master as they are now (asked for in the step-1 status,
+barrier.py): the master purges the owner's locks at step 4 and the messages it
+deferred from it (older than what the re-send says), and the owner treats those
+locks as orphans at step 6, found again through the rebuilt directory. A brand
+new node has nothing to re-send, so a plain join costs nothing.
+
 Owns `ls_recover_gen` (the generation being recovered: messages of an
-overtaken recovery are dropped by it), `ls_recover_lvbs`, `ls_unconfirmed`,
-`ls_orphan_ops` and `ls_recoveries`, and the two recovery messages that carry
-state: DLM_RECOVER_NAMES (a master to a directory node) and DLM_RECOVER_LOCKS
-(an owner to a new master). The barriers between steps are barrier.py's.
-A mixin of `Lockspace`.
+overtaken recovery are dropped by it), `ls_recover_lvbs`, `ls_recover_kept`,
+`ls_resync_with`, `ls_unconfirmed`, `ls_orphan_ops` and `ls_recoveries`, and the
+two recovery messages that carry state: DLM_RECOVER_NAMES (a master to a
+directory node) and DLM_RECOVER_LOCKS (an owner to a master). The barriers
+between steps are barrier.py's. A mixin of `Lockspace`.
 """
 
 from __future__ import annotations
@@ -51,7 +66,7 @@ class Recovery:
     async def _recover(self, view: View) -> None:
         """ls_recover: rebuild the lock state for a new view, step by step."""
         g = view.generation
-        self._recover_begin(g)
+        self._recover_begin(view)
 
         # 1. Wait until every removed node is reported fenced: its locks may
         #    only be dropped once it can no longer touch the disk.
@@ -69,8 +84,10 @@ class Recovery:
         self._rlog(g, "3 barrier: all members stopped")
         await self._barrier(g, 1)
 
-        # 4. Forget the dead: purge their locks and the masters that are gone.
+        # 4. Forget the dead: purge their locks and the masters that are gone;
+        #    forget what must be resynchronised with nodes that joined.
         self._purge_dead(view)
+        self._prepare_resync(view)
 
         # 5. Rebuild the directory over the members; once every member's names
         #    are in, answer the recovery lookups that waited for them.
@@ -87,13 +104,22 @@ class Recovery:
         self._rebuild_resources(g)
         await self._barrier(g, 4)
 
-        # 8. Resume locking: deferred messages, waiting requests, grants.
+        # 8. Resume locking: deferred messages, waiting requests, grants. (A newer
+        #    view may have come while we were woken from barrier 4: it stopped
+        #    locking and cancelled us; do not resume under it.)
+        await trio.lowlevel.checkpoint_if_cancelled()
         self._resume(g)
 
-    def _recover_begin(self, g: int) -> None:
+    def _recover_begin(self, view: View) -> None:
+        g = view.generation
         self.ls_recover_gen = g
         self.ls_recover_lvbs = {}
+        self.ls_recover_kept = {}
         self.ls_rec_lookups = []
+        self.ls_resync_with = self._resync_partners(view)
+        if self.ls_resync_with:
+            self._rlog(g, "0 resynchronising our locks with %s (joined since our last "
+                       "recovery: %s)", sorted(self.ls_resync_with), sorted(self.ls_resync))
         # The directory is rebuilt from scratch (step 5). Clear it now, before
         # the first barrier: a faster member may send us its names right after it.
         self.ls_dir.clear()
@@ -114,6 +140,36 @@ class Recovery:
             if master not in view.members:
                 del self.ls_master_of[key]
         self._rlog(view.generation, "4 purged %d locks of %s", purged, sorted(self.ls_gone))
+
+    def _resync_partners(self, view: View) -> frozenset[int]:
+        """The members whose locks and ours must be resynchronised in this recovery:
+        those that joined since our last finished recovery, or every member if we
+        joined ourselves. ls_resync keeps what an overtaken recovery did not finish;
+        resynchronising a pair twice is harmless (the owner's copy is the truth)."""
+        others = view.members - {self.ls_node}
+        if self.ls_node in self.ls_resync:
+            return others
+        return others & self.ls_resync
+
+    def _prepare_resync(self, view: View) -> None:
+        """Step 4, for the pairs to resynchronise. As master: drop the locks of every
+        member that asked (barrier 1 brought its status, so its request is in) and what
+        was deferred from it, all older than the locks it re-sends at step 6. As owner:
+        forget the masters we resynchronise with, so our locks there become orphans that
+        step 6 re-sends."""
+        g = view.generation
+        owners = sorted(self.ls_resync_from.get(g, set()) & view.members)
+        purged = sum(self.ls_table.purge_node(n) for n in owners)
+        self._forget_keys_of(owners)
+        deferred = len(self.ls_deferred)
+        self.ls_deferred = [m for m in self.ls_deferred if m[0] not in owners]
+        for key, master in list(self.ls_master_of.items()):
+            if master in self.ls_resync_with:
+                del self.ls_master_of[key]
+        if owners or self.ls_resync_with:
+            self._rlog(g, "4 resync: dropped %d locks and %d deferred messages of %s, "
+                       "re-sending ours to %s", purged, deferred - len(self.ls_deferred),
+                       owners, sorted(self.ls_resync_with))
 
     def _send_names(self, g: int) -> None:
         """Step 5: every master tells each key's new directory node that it
@@ -206,6 +262,7 @@ class Recovery:
         """Step 8: locking runs again; handle what was deferred meanwhile."""
         self.ls_unconfirmed.clear()
         self.ls_gone.clear()
+        self.ls_resync.clear()
         self.ls_recoveries += 1
         self.ls_running = True
         self.ls_run_event.set()
@@ -237,6 +294,8 @@ class Recovery:
         if body["g"] != self.ls_recover_gen:
             return     # from a recovery that was overtaken
         key = body["name"]
+        if key not in self.ls_recover_lvbs and key in self.ls_mastered:
+            self._keep_lvb(key)
         self.ls_mastered.add(key)
         copies = self.ls_recover_lvbs.setdefault(key, [])
         for lkid, gr, rq, rs, re_, lvb, seq in body["locks"]:
@@ -256,3 +315,11 @@ class Recovery:
                 copies.append((gr, seq, bytes(lvb)))
         if not copies:
             copies.append((-1, 0, bytes(LVB_SIZE)))
+
+    def _keep_lvb(self, key: bytes) -> None:
+        """Remember the LVB of a resource we master already (a resync re-sends locks
+        to a master that kept it) before the re-sent copies are weighed (step 7)."""
+        try:
+            self.ls_recover_kept[key] = self.ls_table.resource_lvb(key)
+        except LockError:
+            pass        # mastered but not in the table (no lock yet): nothing kept

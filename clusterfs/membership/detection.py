@@ -132,8 +132,19 @@ class FailureDetection(ViewInstallation):
         if p is None:
             # never heard since we started: presumed alive for a full failure timeout
             return now - self._judge_from <= self.timeout
+        if self._refused_since(n, p.last_seen):
+            return False
         return (now - max(p.last_seen, self._judge_from) <= self.timeout
                 and p.state != EXPELLED and not self._probe_unanswered(n, p.last_seen, now))
+
+    def _refused_since(self, n: int, heard: float) -> bool:
+        """n's host refused a connection to it after we last heard it: its process is
+        gone (killed, crashed), whatever the failure timeout says. Only a refusal counts,
+        the one answer a live process never gives; silence (a frozen node, a cut, a host
+        powered off) is still judged by the timeout. A heartbeat after the refusal (a
+        restarted node) makes it alive again."""
+        refused = self.endpoint.refused_at(n)
+        return refused is not None and refused > heard
 
     @guarded
     async def _on_heartbeat(self, env: Envelope) -> None:
