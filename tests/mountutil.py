@@ -385,7 +385,18 @@ class Mount:
             # the server leads its own session (start_new_session): kill all of it
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+            try:
+                self.proc.wait(2)
+            except subprocess.TimeoutExpired:
+                # a thread of the dead server is stuck in the kernel (an entry
+                # invalidation waiting for a directory lock that a request to the dead
+                # server holds): it dies only once the connection is aborted, as it
+                # would with a dead host's kernel
+                conn = self.conn if self.conn is not None else \
+                    _fuse_connection(self.mountpoint)
+                if conn is not None:
+                    abort_fuse_connection(conn)
+                self.proc.wait()
 
     def unmount(self, timeout: float = UNMOUNT_TIMEOUT) -> None:
         """Clean unmount. Raises AssertionError (after forcing it) when the

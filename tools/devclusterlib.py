@@ -196,6 +196,54 @@ def mount_fstype(path: str) -> str | None:
     return found
 
 
+def abort_fuse(path: str) -> bool:
+    """Abort the FUSE connection of the mount at `path` (/sys/fs/fuse/connections/N/abort;
+    N from /proc/self/mountinfo, never a stat of the path); True if done.
+
+    A node's death on one host must take its kernel mount with it, as a dead host's
+    would: a thread of the killed server can be stuck in the kernel (an entry
+    invalidation waiting for a directory lock that a request to the dead server
+    holds), and then the process never finishes dying, its /dev/fuse is never
+    closed and fencing never sees it gone, until the connection is aborted."""
+    conn = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4]) == path \
+                    and fields[fields.index("-") + 1].startswith("fuse"):
+                major, minor = fields[2].split(":")
+                conn = int(minor) if major == "0" else None
+    if conn is None:
+        return False
+    with contextlib.suppress(OSError):
+        if _write_abort("/sys/fs/fuse/connections", conn):
+            return True
+    # fusectl not mounted there: a private instance for the moment, not the host's table
+    tmp = tempfile.mkdtemp(prefix="cfs-fusectl-")
+    try:
+        if subprocess.run(["mount", "-t", "fusectl", "fusectl", tmp],
+                          capture_output=True).returncode != 0:
+            return False
+        try:
+            return _write_abort(tmp, conn)
+        except OSError:
+            return False
+        finally:
+            subprocess.run(["umount", tmp], capture_output=True)
+    finally:
+        with contextlib.suppress(OSError):
+            os.rmdir(tmp)
+
+
+def _write_abort(root: str, conn: int) -> bool:
+    path = os.path.join(root, str(conn), "abort")
+    if not os.path.exists(path):
+        return False
+    with open(path, "w") as f:
+        f.write("1")
+    return True
+
+
 def detach_mount(path: str) -> bool:
     """Lazily detach whatever is mounted at `path` (one of our DIR/nodeK); True if gone."""
     for cmd in (["fusermount3", "-u", "-z", path], ["umount", "-l", path]):
@@ -851,6 +899,7 @@ def cmd_kill(args: argparse.Namespace) -> int:
         killed = False
         if node_alive(n):
             os.kill(n["pid"], signal.SIGKILL)
+            abort_fuse(n["mountpoint"])     # its kernel mount dies with it (abort_fuse)
             if not wait_gone(n, 10):
                 raise Failure(f"node {n['id']} (pid {n['pid']}) still there 10 s after "
                               f"SIGKILL")

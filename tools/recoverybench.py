@@ -71,6 +71,8 @@ STRESS = [sys.executable, str(TOOLS / "stress")]
 STEP_TIMEOUT = 120.0     # seconds a kill's recovery may take before it counts as failed
 LOG_POLL = 0.005         # seconds between looks at the survivors' logs
 sys.path.insert(0, str(TOOLS.parent / "tests"))     # iscsiutil: a private tgtd
+sys.path.insert(0, str(TOOLS))
+from devclusterlib import abort_fuse  # noqa: E402  (after the path: a tool beside us)
 
 # the first line of each step, in a survivor's log, about victim V
 STEPS = {
@@ -312,6 +314,8 @@ def one_kill(args: argparse.Namespace, rec: dict, load: Load, k: Kill) -> None:
     try:
         t0 = time.monotonic()
         os.kill(victim["pid"], signal.SIGKILL if args.how == "kill" else signal.SIGSTOP)
+        if args.how == "kill":
+            abort_fuse(victim["mountpoint"])   # its kernel mount dies with it, as a host's
         load.kill(k.victim)
         write_fsync(os.path.join(nodes[str(k.prober)]["mountpoint"], name),
                     b"survivor %d" % k.index)
