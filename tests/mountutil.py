@@ -31,6 +31,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from devclusterlib import abort_fuse_connection, fuse_connection  # noqa: E402
+
 CLUSTERFS = [sys.executable, "-m", "clusterfs.cli"]
 FS_KINDS = ("clusterfs", "ext4")
 MOUNT_TIMEOUT = float(os.environ.get("CLUSTERFS_TEST_MOUNT_TIMEOUT", "60"))
@@ -304,50 +307,7 @@ def _is_mounted(path: str) -> bool:
 
 def _fuse_connection(path: str) -> int | None:
     """The FUSE connection number of the mount at ``path`` (its device minor)."""
-    real = os.path.abspath(path)   # not realpath: it would stat a hung mount
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            mp = parts[4].encode().decode("unicode_escape")
-            if mp == real:
-                sep = parts.index("-")
-                if parts[sep + 1].startswith("fuse"):
-                    return int(parts[2].split(":")[1])
-    return None
-
-
-def abort_fuse_connection(conn: int) -> bool:
-    """Write to /sys/fs/fuse/connections/<conn>/abort, for that one connection.
-
-    If fusectl is not mounted at /sys/fs/fuse/connections we mount a private
-    instance in a temporary directory (and unmount it again) rather than change
-    the machine's mount table for everyone.
-    """
-    def _abort(root: str) -> bool:
-        p = os.path.join(root, str(conn), "abort")
-        if not os.path.exists(p):
-            return False
-        with open(p, "w") as f:
-            f.write("1")
-        return True
-
-    with contextlib.suppress(OSError):
-        if _abort("/sys/fs/fuse/connections"):
-            return True
-    tmp = tempfile.mkdtemp(prefix="cfs-fusectl-")
-    try:
-        r = subprocess.run(["mount", "-t", "fusectl", "fusectl", tmp], capture_output=True)
-        if r.returncode != 0:
-            return False
-        try:
-            return _abort(tmp)
-        except OSError:
-            return False
-        finally:
-            subprocess.run(["umount", tmp], capture_output=True)
-    finally:
-        with contextlib.suppress(OSError):
-            os.rmdir(tmp)
+    return fuse_connection(os.path.abspath(path))   # not realpath: it would stat a hung mount
 
 
 @dataclass

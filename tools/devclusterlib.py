@@ -197,14 +197,20 @@ def mount_fstype(path: str) -> str | None:
 
 
 def abort_fuse(path: str) -> bool:
-    """Abort the FUSE connection of the mount at `path` (/sys/fs/fuse/connections/N/abort;
-    N from /proc/self/mountinfo, never a stat of the path); True if done.
+    """Abort the FUSE connection of the mount at `path`; True if done.
 
     A node's death on one host must take its kernel mount with it, as a dead host's
     would: a thread of the killed server can be stuck in the kernel (an entry
     invalidation waiting for a directory lock that a request to the dead server
     holds), and then the process never finishes dying, its /dev/fuse is never
     closed and fencing never sees it gone, until the connection is aborted."""
+    conn = fuse_connection(path)
+    return conn is not None and abort_fuse_connection(conn)
+
+
+def fuse_connection(path: str) -> int | None:
+    """The FUSE connection number of the mount at `path` (its device minor), from
+    /proc/self/mountinfo: never a stat of the path, which would hang on a dead mount."""
     conn = None
     with open("/proc/self/mountinfo") as f:
         for line in f:
@@ -212,13 +218,16 @@ def abort_fuse(path: str) -> bool:
             if _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4]) == path \
                     and fields[fields.index("-") + 1].startswith("fuse"):
                 major, minor = fields[2].split(":")
-                conn = int(minor) if major == "0" else None
-    if conn is None:
-        return False
+                conn = int(minor) if major == "0" else None   # the last one is on top
+    return conn
+
+
+def abort_fuse_connection(conn: int) -> bool:
+    """Write to /sys/fs/fuse/connections/<conn>/abort. If fusectl is not mounted there,
+    a private instance in a temporary directory, not a change to the host's table."""
     with contextlib.suppress(OSError):
         if _write_abort("/sys/fs/fuse/connections", conn):
             return True
-    # fusectl not mounted there: a private instance for the moment, not the host's table
     tmp = tempfile.mkdtemp(prefix="cfs-fusectl-")
     try:
         if subprocess.run(["mount", "-t", "fusectl", "fusectl", tmp],
