@@ -242,6 +242,22 @@ BIG_DIRTY = 80                  # transactions node 1's journal holds when it di
 REPLAYING = 256 << 10           # bytes read from the device that mean "replaying"
 
 
+def _kill_node1_writing_batches(c: Cluster, log: Path) -> dict[int, int]:
+    """Node 1 creates small files fsync'd in batches (logged in `log`) and is killed once
+    its journal holds at least BIG_DIRTY transactions; its dirty journals, by slot."""
+    writer = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "recoveryutil.py"), "write-batches",
+         c.path(1, "n1"), str(log), str(BIG_FILES), str(BIG_BATCH)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+    try:
+        return kill_with_dirty_journals(c, [1], least=BIG_DIRTY, poll=0.5,
+                                        also=lambda: writer.poll() is None,
+                                        first=lambda: writer.kill())
+    finally:
+        writer.kill()
+        writer.wait()
+
+
 def test_node_killed_while_replaying_a_dead_nodes_journal(tmp_path):
     """Node 1 dies, while it creates small files fsync'd in batches, with at least 80
     transactions in its journal; the survivor that starts replaying them (the first to
@@ -251,20 +267,10 @@ def test_node_killed_while_replaying_a_dead_nodes_journal(tmp_path):
     is lost."""
     with cluster(tmp_path, nodes=5, size=2 << 30, mkfs_args=("-J", str(BIG_JOURNAL_MIB))) as c:
         log = tmp_path / "batches.log"
-        writer = subprocess.Popen(
-            [sys.executable, str(Path(__file__).parent / "recoveryutil.py"), "write-batches",
-             c.path(1, "n1"), str(log), str(BIG_FILES), str(BIG_BATCH)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
         others = [2, 3, 4, 5]
         offsets = {n: log_size(c, n) for n in others}
         pids = {n: c.mounts[n].pid for n in others}
-        try:
-            dirty = kill_with_dirty_journals(c, [1], least=BIG_DIRTY, poll=0.5,
-                                             also=lambda: writer.poll() is None,
-                                             first=lambda: writer.kill())
-        finally:
-            writer.kill()
-            writer.wait()
+        dirty = _kill_node1_writing_batches(c, log)
         replayer = catch_reader(pids, REPLAYING)
         c.kill9(replayer)
         text = since(c, replayer, offsets[replayer])
@@ -298,19 +304,9 @@ def test_the_quorum_returns_while_a_survivor_replays(tmp_path):
     with cluster(tmp_path, nodes=3, size=2 << 30,
                  mkfs_args=("-J", str(BIG_JOURNAL_MIB))) as c:
         log = tmp_path / "batches.log"
-        writer = subprocess.Popen(
-            [sys.executable, str(Path(__file__).parent / "recoveryutil.py"), "write-batches",
-             c.path(1, "n1"), str(log), str(BIG_FILES), str(BIG_BATCH)],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
         offsets = {n: log_size(c, n) for n in (2, 3)}
         pids = {n: c.mounts[n].pid for n in (2, 3)}
-        try:
-            dirty = kill_with_dirty_journals(c, [1], least=BIG_DIRTY, poll=0.5,
-                                             also=lambda: writer.poll() is None,
-                                             first=lambda: writer.kill())
-        finally:
-            writer.kill()
-            writer.wait()
+        dirty = _kill_node1_writing_batches(c, log)
         replayer = catch_reader(pids, REPLAYING, sig=signal.SIGSTOP)
         other = 5 - replayer
         try:
