@@ -164,10 +164,10 @@ class TransactionManager:
         write. A demote of a lock this node only read under (a stat of another node's
         file) then costs no I/O at all."""
         self.check_writable()
-        if self.dirty or self.journal.pending_home or self._lock.locked():
-            await self.commit(checkpoint=True)
-        else:
+        if self.quiet():
             await self._drain_data()
+        else:
+            await self.commit(checkpoint=True)
 
     async def flush_data(self) -> None:
         """Data writes on the device and the device cache flushed, no journal commit
