@@ -242,3 +242,40 @@ async def test_a_stronger_request_during_a_demote_is_not_lost() -> None:
                     await trio.sleep(0.01)
             assert glocks.glocks[R].mode is None
             nursery.cancel_scope.cancel()
+
+
+async def _contend(local_keeps_using: bool) -> float:
+    """Node 1 holds R in EX; node 2 asks for it. With local_keeps_using, a task on
+    node 1 goes on taking R while node 2 waits (two nodes both working on R).
+    Returns node 1's hold time for R after the demote."""
+    async with memory_cluster([1, 2, 3]) as mc:
+        glocks = GlockManager(mc.ls(1), min_hold=0.05, max_hold=0.2, hold_step=0.05)
+        async with trio.open_nursery() as nursery:
+            glocks.start(nursery)
+            async with glocks.hold([(R, Mode.EX)]):
+                pass
+
+            async def keep_using() -> None:
+                while True:
+                    async with glocks.hold([(R, Mode.EX)]):
+                        await trio.sleep(0.002)
+
+            if local_keeps_using:
+                nursery.start_soon(keep_using)
+            with trio.fail_after(10):
+                other = await mc.ls(2).lock(R, Mode.EX)
+            hold = glocks.glocks[R].hold_time
+            nursery.cancel_scope.cancel()
+        await mc.ls(2).unlock(other)
+        return hold
+
+
+@trio_test
+async def test_the_hold_time_grows_while_both_nodes_use_a_lock() -> None:
+    assert await _contend(local_keeps_using=True) == 0.1
+
+
+@trio_test
+async def test_the_hold_time_stays_short_for_a_lock_no_longer_used_here() -> None:
+    """Strict turns (use, then another node asks) must not lengthen every handover."""
+    assert await _contend(local_keeps_using=False) == 0.05

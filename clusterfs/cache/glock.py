@@ -13,10 +13,14 @@ at once hides every one of these races):
 - Demote to what the other node needs. The blocking callback says which mode
   the other node asked for; a holder of EX asked for PR goes down to PR
   (keeping its clean cache), asked for anything stronger it unlocks.
-- A minimum hold time. A demote waits until the glock has been held
-  `min_hold` seconds since its grant, and local users keep taking it until
-  then, so two nodes taking turns on one lock each get some work done per
-  round trip instead of bouncing it.
+- A minimum hold time. A demote waits until the glock has been held its
+  hold time since its grant, and local users keep taking it until then, so
+  two nodes taking turns on one lock each get some work done per round trip
+  instead of bouncing it. The hold time adapts per glock (as GFS2's does): a
+  demote asked while local users are busy with the glock lengthens it by
+  `hold_step`, up to `max_hold`; one asked of a glock idle here shortens it
+  back towards `min_hold`. Two nodes both working on one lock then hand it
+  over less often, and a lock merely visited by others stays quick to get.
 - Conversion deadlocks stay inside. Two nodes holding PR that both convert to
   EX close a cycle; the DLM fails one conversion with ConversionDeadlock. That
   side flushes and drops its lock, waits a moment and asks again from nothing.
@@ -50,6 +54,8 @@ log = logging.getLogger(__name__)
 DemoteCallback = Callable[["Glock", Mode], Awaitable[None] | None]
 GrantCallback = Callable[["Glock"], None]
 MIN_HOLD = 0.02          # seconds; docs/locking.md has the measurements behind it
+MAX_HOLD = 0.2           # the longest a contended glock's hold time grows to
+HOLD_STEP = 0.02         # how much one demote asked of a busy glock adds (or an idle one takes)
 IDLE_SHARE = 1.0         # seconds an unused, clean EX glock is kept before going to PR
 DEADLOCK_BACKOFF = 0.01  # up to this long (random) before asking again after a deadlock
 WARM_IN_FLIGHT = 32      # lock requests warm() keeps in flight at once
@@ -62,8 +68,9 @@ class Gate(Protocol):
 
 
 class Glock:
-    def __init__(self, name: ResourceName) -> None:
+    def __init__(self, name: ResourceName, hold_time: float = MIN_HOLD) -> None:
         self.name = name
+        self.hold_time = hold_time        # adapts: GlockManager._adapt_hold_time
         self.lock: Lock | None = None
         self.holders = 0
         self.idle = trio.Event()          # set while holders == 0
@@ -75,16 +82,18 @@ class Glock:
         self.released_at = 0.0            # when the last local user let go
         self.demotes = 0
         self.requesting: Mode | None = None   # the mode a request in flight asks for
+        self.asked_at = 0.0               # when another node last asked us to go down
 
     @property
     def mode(self) -> Mode | None:
         return self.lock.mode if self.lock is not None else None
 
-    def usable_for(self, mode: Mode, min_hold: float) -> bool:
-        """Held in `mode` or better, and no demote pending or still inside the minimum
-        hold time (local users go on until it is over): take it without waiting."""
+    def usable_for(self, mode: Mode) -> bool:
+        """Held in `mode` or better, and no demote pending or still inside the hold
+        time (local users go on until it is over): take it without waiting."""
         return self.lock is not None and self.lock.mode >= mode and (
-            self.demote_to is None or time.monotonic() < self.granted_at + min_hold)
+            self.demote_to is None or time.monotonic() < self.granted_at + self.hold_time)
+
 
     def describe(self) -> dict[str, Any]:
         return {"name": list(self.name), "mode": self.mode.name if self.mode is not None
@@ -92,7 +101,8 @@ class Glock:
                 "requesting": self.requesting.name if self.requesting is not None else None,
                 "demote_to": self.demote_to.name if self.demote_to is not None else None,
                 "held_for": round(time.monotonic() - self.granted_at, 3)
-                if self.lock is not None else None, "demotes": self.demotes}
+                if self.lock is not None else None, "demotes": self.demotes,
+                "hold_time": round(self.hold_time, 3)}
 
 
 def demote_target(wanted: Mode) -> Mode:
@@ -101,9 +111,16 @@ def demote_target(wanted: Mode) -> Mode:
 
 
 class GlockManager:
-    def __init__(self, locks: LockService, min_hold: float = MIN_HOLD) -> None:
+    def __init__(self, locks: LockService, min_hold: float = MIN_HOLD,
+                 max_hold: float | None = None, hold_step: float = HOLD_STEP) -> None:
         self.locks = locks
         self.min_hold = min_hold
+        # min_hold 0 (hand over at once: the in-process tests) keeps it fixed unless
+        # a max_hold is given
+        if max_hold is None:
+            max_hold = MAX_HOLD if min_hold > 0 else 0.0
+        self.max_hold = max(min_hold, max_hold)
+        self.hold_step = hold_step
         self.glocks: dict[ResourceName, Glock] = {}
         self.demote_callbacks: dict[str, DemoteCallback] = {}   # by resource kind
         self.grant_callbacks: dict[str, GrantCallback] = {}
@@ -145,7 +162,7 @@ class GlockManager:
             for name in sorted(merged):
                 mode = merged[name]
                 glock = self.glocks.get(name)
-                if glock is not None and glock.usable_for(mode, self.min_hold) and \
+                if glock is not None and glock.usable_for(mode) and \
                         (self.gate is None or self.gate.is_open()):
                     self._hold(glock)
                     self.stats["cached_hits"] += 1
@@ -184,7 +201,7 @@ class GlockManager:
 
     def _cached_for(self, name: ResourceName, mode: Mode) -> bool:
         glock = self.glocks.get(name)
-        return glock is not None and glock.usable_for(mode, self.min_hold)
+        return glock is not None and glock.usable_for(mode)
 
     def release(self, taken: list[Glock]) -> None:
         for glock in taken:
@@ -211,7 +228,7 @@ class GlockManager:
     async def _acquire(self, name: ResourceName, mode: Mode) -> Glock:
         glock = self.glocks.get(name)
         if glock is None:
-            glock = self.glocks[name] = Glock(name)
+            glock = self.glocks[name] = Glock(name, self.min_hold)
         while True:
             if self.gate is not None and not self.gate.is_open():
                 await self.gate.wait_open()
@@ -263,6 +280,7 @@ class GlockManager:
         if glock.demote_to is not None:
             glock.demote_to = min(glock.demote_to, target)
             return
+        glock.asked_at = time.monotonic()
         glock.demote_to = target
         glock.demoted = trio.Event()
         if self._nursery is None:
@@ -270,14 +288,25 @@ class GlockManager:
         else:
             self._nursery.start_soon(self._demote, glock)
 
+    def _adapt_hold_time(self, glock: Glock) -> None:
+        """At the end of the hold, before going down: if local users took the glock
+        after the other node asked for it, both sides want it and each should get
+        more done per turn; if nobody here wanted it meanwhile (a node that used it
+        once, or two nodes taking strict turns), hand it over sooner next time."""
+        if glock.holders or glock.released_at > glock.asked_at:
+            glock.hold_time = min(self.max_hold, glock.hold_time + self.hold_step)
+        else:
+            glock.hold_time = max(self.min_hold, glock.hold_time - self.hold_step)
+
     async def _demote(self, glock: Glock) -> None:
         """After the minimum hold time and once no local user holds it: flush what the
         lock covers, then convert down or release."""
         try:
             async with glock.mutex:
-                wait = glock.granted_at + self.min_hold - time.monotonic()
+                wait = glock.granted_at + glock.hold_time - time.monotonic()
                 if wait > 0:
                     await trio.sleep(wait)
+                self._adapt_hold_time(glock)
                 while glock.holders:
                     await glock.idle.wait()
                 # A blocking callback during _go_down (another node now wants more:

@@ -62,6 +62,7 @@ class Options:
     debug: bool = False
     extra: tuple[str, ...] = ()
     min_hold: float | None = None     # glock minimum hold time, seconds
+    max_hold: float | None = None     # the most a contended glock's hold time grows to
 
 
 @dataclass
@@ -108,7 +109,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", dest="options", action="append", default=[],
                         help="comma-separated options: debug (verbose log), fuse_debug "
                              "(libfuse request trace), min_hold_ms=N (glock minimum hold "
-                             "time, default 20)")
+                             "time, default 20), max_hold_ms=N (the most it grows to "
+                             "while two nodes both use a lock, default 200)")
     parser.add_argument("--log", metavar="FILE", help="log file when daemonized "
                         "(default: syslog, or /var/log/clusterfs/mount.log without one)")
     parser.add_argument("--config", metavar="FILE",
@@ -143,6 +145,8 @@ def parse_options(values: list[str]) -> Options:
                 extra.append("debug")
             elif key == "min_hold_ms":
                 opts.min_hold = _milliseconds(key, value)
+            elif key == "max_hold_ms":
+                opts.max_hold = _milliseconds(key, value)
             else:
                 raise MountError(f"unknown mount option {item!r}")
     opts.extra = tuple(extra)
@@ -453,6 +457,7 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
 def _mount_status(mountpoint: str, device: str, fs, slot: int, recovery) -> dict:
     return {"mountpoint": mountpoint, "device": device, "slot": slot,
             "withdrawn": fs.txn.withdrawn, "glock_stats": fs.glocks.statistics(),
+            "min_hold": fs.glocks.min_hold,
             "glocks": fs.glocks.dump(), "locks_usable": recovery.is_open(),
             "last_recovery": recovery.last}
 
@@ -597,7 +602,8 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
     journal = Journal(dev, sb, slot, pool)
     journal.open()
     txn = TransactionManager(journal)
-    glocks = GlockManager(locks, min_hold=MIN_HOLD if opts.min_hold is None else opts.min_hold)
+    glocks = GlockManager(locks, min_hold=MIN_HOLD if opts.min_hold is None else opts.min_hold,
+                          max_hold=opts.max_hold)
     fs = FileSystem(Blocks(dev, journal, sb), sb, glocks, txn, clustered=clustered,
                     home_group=home_group)
     ops = Operations(fs)

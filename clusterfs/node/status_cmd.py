@@ -103,10 +103,13 @@ def print_status(st: dict[str, Any]) -> None:
               f"down-converted={g['down_converted']} (idle: "
               f"{g.get('shared_when_idle', 0)}) deadlocks-retried="
               f"{g['deadlocks_retried']}")
+        min_hold = m.get("min_hold", 0)
         for gl in m["glocks"]:
             name = ":".join(str(p) for p in gl["name"])
             extra = f" demote->{gl['demote_to']}" if gl["demote_to"] else ""
             if gl.get("requesting"):
                 extra += f" requesting {gl['requesting']}"
+            if gl.get("hold_time") and gl["hold_time"] > min_hold:
+                extra += f" hold {gl['hold_time']} s"     # grown: two nodes both use it
             print(f"  {name:<24} {gl['mode'] or '-':<3} holders={gl['holders']} "
                   f"held {gl['held_for']} s{extra}")
