@@ -187,8 +187,12 @@ class _DirectIO:
                 done += n
 
     def close(self) -> None:
-        os.close(self.fd)
-        self.buf.close()
+        with self.lock:                 # not under a read or write in another thread
+            os.close(self.fd)
+            # a view of the buffer may still be referenced (a failed call's traceback
+            # holds its slice): it then goes with the last view
+            with contextlib.suppress(BufferError):
+                self.buf.close()
 
 
 class _Chunk:
