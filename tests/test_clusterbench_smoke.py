@@ -14,7 +14,8 @@ import mountutil
 BENCH = Path(__file__).resolve().parent.parent / "tools" / "clusterbench.py"
 WORKLOADS = ("create-shared", "create-private", "create", "stat-local", "stat-remote",
              "write-shared-1m", "write-1m", "write-shared-64k", "write-64k", "seq-write",
-             "seq-read", "rand-fsync", "rand-fdatasync")
+             "overwrite-shared-64k", "overwrite-64k", "seq-read", "rand-fsync",
+             "rand-fdatasync")
 
 
 def test_clusterbench_runs_on_clusterfs(tmp_path):

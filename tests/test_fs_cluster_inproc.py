@@ -286,6 +286,8 @@ async def test_an_overwrite_commits_with_one_flush_and_new_data_with_two(tmp_pat
         kinds = [k for k, _ in calls]
         assert kinds.count("flush") == 2
         assert kinds[-1] == "flush" and kinds[-3] == "flush"  # ..., flush, commit, flush
+        await a.fs.setattr(f.ino, mtime_ns=1, ctime_ns=1)     # old times: the write
+        await a.fs.fsync(f.ino)                               # must set them
         calls.clear()
         await a.fs.write(f.ino, BLOCK, b"y" * BLOCK)          # in place: mtime only
         await a.fs.fsync(f.ino)
@@ -293,6 +295,13 @@ async def test_an_overwrite_commits_with_one_flush_and_new_data_with_two(tmp_pat
         assert kinds.count("flush") == 1 and kinds[-1] == "flush"
         assert kinds[:-1] and set(kinds[:-1]) == {"write"}    # log copies + commit block
         assert await a.fs.read(f.ino, BLOCK, BLOCK) == b"y" * BLOCK
+        calls.clear()
+        await a.fs.write(f.ino, 0, b"z" * BLOCK)   # times recent: data only, no commit
+        await a.fs.fsync(f.ino)
+        # the data went through the write-behind queue (not recorded here): no log
+        # copy, no commit block, one flush
+        assert [k for k, _ in calls] == ["flush"]
+        assert await a.fs.read(f.ino, 0, 2) == b"zz"
 
 
 @trio_test
@@ -451,3 +460,68 @@ async def test_a_journal_recovery_begun_without_quorum_ends_once_the_view_heals(
             nursery.cancel_scope.cancel()
     finally:
         dev.close()
+
+
+async def _file_of(a: Node, b: Node, size: int):
+    """A file of `size` bytes (blocks allocated, fsync'd) that both nodes have looked up."""
+    f = await a.fs.mknod(a.fs.root, b"shared", REG, 0, 0, 0)
+    await a.fs.write(f.ino, 0, b"." * size)
+    await a.fs.fsync(f.ino)
+    assert await b.fs.lookup(b.fs.root, b"shared") is not None
+    return f
+
+
+@trio_test
+async def test_two_nodes_overwrite_disjoint_chunks_of_one_file_without_handing_locks_over(
+        tmp_path) -> None:
+    """Byte-range data locks: A writes the first chunk, B the second, over and over;
+    neither the inode's lock nor a data lock changes hands, and every byte is there."""
+    from clusterfs.fs.filesystem import DATA_LOCK_BYTES
+    async with nodes(tmp_path) as (a, b):
+        f = await _file_of(a, b, 2 * DATA_LOCK_BYTES)
+        demotes = [n.fs.glocks.statistics()["demoted"] +
+                   n.fs.glocks.statistics()["down_converted"] for n in (a, b)]
+
+        async def writer(n: Node, base: int, fill: bytes) -> None:
+            for i in range(40):
+                await n.fs.write(f.ino, base + i * 8192, fill * 8192)
+
+        async with trio.open_nursery() as both:
+            both.start_soon(writer, a, 0, b"a")
+            both.start_soon(writer, b, DATA_LOCK_BYTES, b"b")
+        after = [n.fs.glocks.statistics()["demoted"] +
+                 n.fs.glocks.statistics()["down_converted"] for n in (a, b)]
+        assert after == demotes                       # nothing handed over
+        assert a.fs.glocks.glocks[("inode", f.ino)].mode == Mode.PR
+        assert b.fs.glocks.glocks[("data", f.ino, 1)].mode == Mode.EX
+        # each sees the other's bytes: reading takes the chunk in PR from the writer
+        assert await a.fs.read(f.ino, DATA_LOCK_BYTES, 8192) == b"b" * 8192
+        assert await b.fs.read(f.ino, 40 * 8192 - 10, 20) == b"a" * 10 + b"." * 10
+        assert (await b.fs.getattr(f.ino)).d.size == 2 * DATA_LOCK_BYTES
+
+
+@trio_test
+async def test_an_overwrite_of_one_chunk_from_two_nodes_hands_the_chunk_over(tmp_path) -> None:
+    """The same bytes from two nodes in turn: each write is seen by the next read on
+    the other node (the chunk's EX moves, the writer's queued data drained first)."""
+    async with nodes(tmp_path) as (a, b):
+        f = await _file_of(a, b, 3 * BLOCK)
+        for i in range(6):
+            w, r = (a, b) if i % 2 == 0 else (b, a)
+            data = bytes([65 + i]) * 100
+            await w.fs.write(f.ino, BLOCK + 7, data)
+            assert await r.fs.read(f.ino, BLOCK, 200) == b"." * 7 + data + b"." * 93
+        assert b.fs.glocks.statistics()["demoted"] >= 2
+
+
+@trio_test
+async def test_an_overwrite_after_a_pause_sets_the_times_for_every_node(tmp_path) -> None:
+    """Times older than the slack: the overwrite takes the inode in EX and sets them, so
+    another node's stat sees them move."""
+    async with nodes(tmp_path) as (a, b):
+        f = await _file_of(a, b, 2 * BLOCK)
+        await b.fs.setattr(f.ino, mtime_ns=5_000_000_000, ctime_ns=5_000_000_000)
+        await a.fs.write(f.ino, 0, b"new")
+        d = (await b.fs.getattr(f.ino)).d
+        assert d.mtime > 5 and d.ctime > 5
+        assert await b.fs.read(f.ino, 0, 4) == b"new."

@@ -37,6 +37,10 @@ total work divided by the time from the first start to the last finish. The work
                  pwrites, then fsync; MiB/s in total
   write-1m / write-64k
                  1 node writes the whole file alone, the same way
+  overwrite-shared-64k
+                 2 nodes overwrite disjoint halves of an existing, fsync'd file at once
+                 in 64 KiB pwrites, then fsync (byte-range data locks); MiB/s in total
+  overwrite-64k  1 node overwrites that whole file alone, the same way
   seq-write      SIZE MiB in 1 MiB write() calls + fsync on node 1 (bench.py's)
   seq-read       that file read in 1 MiB read() calls after a remount of node 1
   rand-fsync / rand-fdatasync
@@ -106,6 +110,9 @@ WORKLOADS = [
     Workload("write-1m", "one file, 1 node, 1 MiB pwrites", "MiB/s", 1, True),
     Workload("write-shared-64k", "one file, 2 nodes, 64 KiB pwrites", "MiB/s", 2, False),
     Workload("write-64k", "one file, 1 node, 64 KiB pwrites", "MiB/s", 1, True),
+    Workload("overwrite-shared-64k", "overwrite one file, 2 nodes, 64 KiB", "MiB/s", 2,
+             False),
+    Workload("overwrite-64k", "overwrite one file, 1 node, 64 KiB", "MiB/s", 1, True),
     Workload("seq-write", "sequential write 1 MiB + fsync", "MiB/s", 1, True),
     Workload("seq-read", "sequential read after remount", "MiB/s", 1, True),
     Workload("rand-fsync", "4 KiB random overwrite + fsync", "ops/s", 1, True),
@@ -604,6 +611,21 @@ def measure(sysm: System, w: Workload, p: Params) -> tuple[float, str]:
         dt = run_workers([(_w_list, (os.path.join(n2, "clist"),))])
         _check_count(os.path.join(n2, "clist"), p.files)
         return p.files / dt, f"{p.files} entries in {dt:.2f} s"
+    if w.name.startswith("overwrite-"):
+        path = os.path.join(n1, "overfile")
+        size = p.size_mib * MiB
+        if not os.path.exists(path):
+            run_workers([(_w_seq_write, (path, p.size_mib))])
+        n2_path = os.path.join(n2, "overfile")
+        if w.nodes == 2:
+            jobs = [(_w_pwrite, (path, 0, size // 2, 64 << 10)),
+                    (_w_pwrite, (n2_path, size // 2, size - size // 2, 64 << 10))]
+        else:
+            jobs = [(_w_pwrite, (path, 0, size, 64 << 10))]
+        dt = run_workers(jobs)
+        if os.stat(path).st_size != size:
+            raise RuntimeError(f"overfile is {os.stat(path).st_size} bytes, not {size}")
+        return p.size_mib / dt, f"{p.size_mib} MiB overwritten in {dt:.2f} s"
     if w.name.startswith("write-"):
         bs = MiB if w.name.endswith("1m") else 64 << 10
         name = w.name.replace("-", "")

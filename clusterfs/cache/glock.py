@@ -47,7 +47,14 @@ from typing import Any, Protocol
 
 import trio
 
-from clusterfs.dlm.interface import ConversionDeadlock, Lock, LockService, Mode, ResourceName
+from clusterfs.dlm.interface import (
+    FULL_RANGE,
+    ConversionDeadlock,
+    Lock,
+    LockService,
+    Mode,
+    ResourceName,
+)
 from clusterfs.errors import ClusterFSError
 
 log = logging.getLogger(__name__)
@@ -135,6 +142,8 @@ class GlockManager:
         # (run_idle_sharing), and the EX glocks of those kinds held now
         self.share_when_idle: set[str] = set()
         self._exclusive: dict[ResourceName, Glock] = {}
+        # kinds locked by byte range (ranged()): chunk size by kind
+        self._chunk_bytes: dict[str, int] = {}
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -144,6 +153,22 @@ class GlockManager:
 
     def on_demote(self, kind: str, callback: DemoteCallback) -> None:
         self.demote_callbacks[kind] = callback
+
+    def ranged(self, kind: str, chunk_bytes: int) -> None:
+        """Glocks of `kind` are named (kind, *resource, chunk) and each holds a DLM
+        lock on the resource (kind, *resource) over bytes [chunk * chunk_bytes,
+        (chunk + 1) * chunk_bytes): one DLM resource per file, and two nodes holding
+        disjoint chunks of it both hold EX at once. A glock caches one whole chunk,
+        so the cache and the demote logic stay one lock per glock."""
+        self._chunk_bytes[kind] = chunk_bytes
+
+    def _dlm_target(self, name: ResourceName) -> tuple[ResourceName, tuple[int, int]]:
+        """The DLM resource and byte range a glock locks."""
+        size = self._chunk_bytes.get(str(name[0]))
+        if size is None:
+            return name, FULL_RANGE
+        chunk = name[-1]
+        return name[:-1], (chunk * size, (chunk + 1) * size - 1)
 
     def on_grant(self, kind: str, callback: GrantCallback) -> None:
         """Call `callback(glock)` when a glock of `kind` is granted afresh (not held
@@ -252,8 +277,10 @@ class GlockManager:
         glock.requesting = mode
         try:
             if glock.lock is None:
+                resource, byte_range = self._dlm_target(glock.name)
                 glock.lock = await self.locks.lock(
-                    glock.name, mode, on_blocking=lambda m, g=glock: self._blocking(g, m))
+                    resource, mode, range=byte_range,
+                    on_blocking=lambda m, g=glock: self._blocking(g, m))
                 granted = self.grant_callbacks.get(str(glock.name[0]))
                 if granted is not None:
                     granted(glock)

@@ -180,6 +180,12 @@ class TransactionManager:
             self.withdraw(f"flush failed: {exc}")
             raise Withdrawn(f"filesystem withdrawn: {exc}") from exc
 
+    async def drain_data(self) -> None:
+        """Queued data writes on the device (not flushed): what the next holder of a
+        data lock reads there (fs: an overwrite in place's data lock going down)."""
+        self.check_writable()
+        await self._drain_data()
+
     async def _drain_data(self) -> None:
         """Let queued data writes finish in a worker thread before the commit is
         captured, so the event loop does not block on them when the commit's first

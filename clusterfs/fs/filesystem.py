@@ -57,6 +57,16 @@ READAHEAD_TRIGGER = 128 * 1024   # a read this large is taken as sequential
 READAHEAD_BLOCKS = 8192
 READAHEAD_STEP = 2048
 SYMLINK_MAX = 4095
+# In a cluster a file's data is locked by byte range, in chunks of this many bytes
+# (("data", ino, chunk) glocks: docs/locking.md): an overwrite in place holds the
+# inode in PR and its chunks in EX, so nodes writing disjoint parts of one file
+# run at once; a reader holds its chunks in PR.
+DATA_LOCK_BYTES = 4 << 20
+# An overwrite in place leaves the file's times alone when they are this recent
+# (and not in the future): the times live in the inode, which the overwrite holds
+# only in PR. A write after a longer pause takes the inode in EX and sets them, so
+# mtime and ctime lag a cluster's writes by less than this.
+WRITE_TIMES_SLACK_NS = 1_000_000_000
 UNMOUNT_FREE_TIMEOUT = 20   # seconds an unmount waits for the locks to free unlinked inodes
 ORPHAN_SWEEP_INTERVAL = 30  # seconds between looks at orphan lists (sooner after a recovery)
 
@@ -69,11 +79,11 @@ class _Hold:
     """The async context of one operation body (see FileSystem._hold). A plain class
     rather than a generator: it runs for every request."""
 
-    __slots__ = ("fs", "ex", "pr", "alloc", "frees", "write", "taken")
+    __slots__ = ("fs", "ex", "pr", "alloc", "frees", "write", "data", "taken")
 
-    def __init__(self, fs: FileSystem, ex, pr, alloc, frees, write: bool) -> None:
-        self.fs, self.ex, self.pr, self.alloc, self.frees, self.write = \
-            fs, ex, pr, alloc, frees, write
+    def __init__(self, fs: FileSystem, ex, pr, alloc, frees, write: bool, data) -> None:
+        self.fs, self.ex, self.pr, self.alloc, self.frees, self.write, self.data = \
+            fs, ex, pr, alloc, frees, write, data
         self.taken: list = []
 
     async def __aenter__(self) -> None:
@@ -82,6 +92,7 @@ class _Hold:
             fs.txn.check_writable()
         wanted = [(("inode", i), Mode.EX) for i in self.ex]
         wanted += [(("inode", i), Mode.PR) for i in self.pr]
+        wanted += self.data             # ("data", ino, chunk): sorted before the inodes
         self.taken = await fs.glocks.acquire(wanted)
         try:
             groups: set[int] = set()
@@ -181,6 +192,8 @@ class FileSystem:
         glocks.on_demote("inode", self._demote_inode)
         glocks.on_demote("rgrp", self._demote_rgrp)
         glocks.on_demote("rename", self._demote_flush)
+        glocks.on_demote("data", self._demote_data)
+        glocks.ranged("data", DATA_LOCK_BYTES)
         glocks.on_grant("inode", self._granted_inode)
         glocks.on_grant("rgrp", self._granted_rgrp)
         self._load_group_hints()
@@ -285,10 +298,20 @@ class FileSystem:
 
     def _hold(self, ex: Iterable[int] = (), pr: Iterable[int] = (),
               alloc: tuple[int, int] | None = None,
-              frees: Callable[[], Iterable[int]] | None = None, write: bool = True) -> _Hold:
-        """Take inode locks, then the resource groups the body may allocate from or
-        free into, load those groups, run the body, then maybe commit."""
-        return _Hold(self, ex, pr, alloc, frees, write)
+              frees: Callable[[], Iterable[int]] | None = None, write: bool = True,
+              data: list[tuple[tuple, Mode]] | tuple = ()) -> _Hold:
+        """Take data-range and inode locks (data_locks()), then the resource groups
+        the body may allocate from or free into, load those groups, run the body, then
+        maybe commit."""
+        return _Hold(self, ex, pr, alloc, frees, write, data)
+
+    def data_locks(self, ino: int, off: int, size: int, mode: Mode) -> list[tuple[tuple, Mode]]:
+        """The ("data", ino, chunk) glocks covering bytes [off, off + size) of a file,
+        in a cluster; none on one node (nothing to be coherent with)."""
+        if not self.clustered or size <= 0:
+            return []
+        first, last = off // DATA_LOCK_BYTES, (off + size - 1) // DATA_LOCK_BYTES
+        return [(("data", ino, c), mode) for c in range(first, last + 1)]
 
     async def _retrying(self, run, goal: int, want: int):
         """Run `run(alloc)` and retry an ENOSPC after freeing quarantined blocks
@@ -944,7 +967,8 @@ class FileSystem:
             node.synced = max(node.synced, version)
 
     async def read(self, ino: int, off: int, size: int) -> bytes:
-        async with self._hold(pr=[ino], write=False):
+        async with self._hold(pr=[ino], write=False,
+                              data=self.data_locks(ino, off, size, Mode.PR)):
             node = self._inode(ino)
             try:
                 return self._read(node, off, size)
@@ -1006,11 +1030,51 @@ class FileSystem:
         if not self.blocks.write_room(len(data)):
             # the write-behind queue is full: wait in a worker thread, not in the loop
             await trio.to_thread.run_sync(self.blocks.wait_write_room, len(data))
+        if self.clustered and await self._overwrite_in_place(ino, off, data):
+            return len(data)
         node = self.inodes.get(ino)
         goal = ino
         if node is not None and node.extents:
             goal = node.extents[-1].pblk + node.extents[-1].count
         return await self._retrying(run, goal, len(data) // BLOCK_SIZE + 2)
+
+    async def _overwrite_in_place(self, ino: int, off: int, data: bytes) -> bool:
+        """A cluster's overwrite of blocks the file already has, inside its size, with
+        recent times: under the inode's lock in PR and the data chunks' in EX, so
+        another node writing other chunks of the file (or reading its attributes)
+        goes on at the same time. False, having changed nothing, when the write
+        needs more (blocks, size or times: then it takes the inode in EX)."""
+        cached = self.inodes.get(ino)
+        if cached is not None and not self._fits_in_place(cached, off, len(data)):
+            return False                 # (a copy cached under no lock: only a guess)
+        async with self._hold(pr=[ino], write=False,
+                              data=self.data_locks(ino, off, len(data), Mode.EX)):
+            self.txn.check_writable()
+            node = self._inode(ino)
+            if not self._fits_in_place(node, off, len(data)):
+                return False
+            first, last = off // BLOCK_SIZE, (off + len(data) - 1) // BLOCK_SIZE
+            runs = ext.map_range(node.extents, first, last - first + 1)
+            buf = self._assemble(node, off, data, first, last, runs)
+            for lblk, pblk, n in runs:
+                pos = (lblk - first) * BLOCK_SIZE
+                self._write_data(pblk, buf[pos : pos + n * BLOCK_SIZE])
+            return True
+
+    @staticmethod
+    def _fits_in_place(node: CachedInode, off: int, size: int) -> bool:
+        """Whether a write of `size` bytes at `off` changes nothing but data: a regular
+        file's existing blocks below its size, its times recent enough to stand."""
+        d = node.d
+        if not stat.S_ISREG(d.mode) or node.stuffed or not size or off + size > d.size:
+            return False
+        now = time.time_ns()
+        for secs, nsecs in ((d.mtime, d.mtime_ns), (d.ctime, d.ctime_ns)):
+            if not 0 <= now - (secs * 1_000_000_000 + nsecs) < WRITE_TIMES_SLACK_NS:
+                return False
+        first, last = off // BLOCK_SIZE, (off + size - 1) // BLOCK_SIZE
+        return all(pblk is not None for _l, pblk, _n in
+                   ext.map_range(node.extents, first, last - first + 1))
 
     def _write(self, node: CachedInode, off: int, data: bytes | memoryview) -> None:
         end = off + len(data)
@@ -1422,6 +1486,18 @@ class FileSystem:
             self.names_hook(ino)
         if self.invalidate_hook is not None:
             await trio.to_thread.run_sync(self.invalidate_hook, ino)
+
+    async def _demote_data(self, glock: Glock, target: Mode) -> None:
+        """Another node wants a chunk of a file's data: our queued writes there must be
+        on the device before it reads or writes it; going to nothing (it will write),
+        what we read ahead may be stale. The data lock covers no metadata: an
+        overwrite in place changed none, so there is nothing to commit."""
+        if self.txn.withdrawn is not None:
+            await self._flush_for_demote()   # never hands a lock over (see there)
+            return
+        await self.txn.drain_data()
+        if target == Mode.NL:
+            self.blocks.forget_read_ahead()
 
     async def _demote_rgrp(self, glock: Glock, target: Mode) -> None:
         """Flush, leave the group's free count in the lock value block, drop the group."""

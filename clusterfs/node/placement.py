@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from clusterfs.format.superblock import Superblock
 
-LOCATED_KINDS = (b"inode", b"iopen")     # resources named by a block number
+LOCATED_KINDS = (b"inode", b"iopen", b"data")     # resources named by a block number
 
 
 class Placement:
