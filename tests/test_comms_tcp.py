@@ -143,13 +143,17 @@ async def test_a_peer_whose_port_refuses_is_reported_refused_until_it_is_back():
     refuses our connect, which is reported (refused_at), and forgotten once a
     connection succeeds again. A peer we have never tried is not refused."""
     cfg = local_config([1, 2])
+    told: list[tuple[int, float]] = []
     async with open_tcp_endpoint(cfg, 1) as a:
+        a.on_refused(lambda dest: told.append((dest, a.refused_at(dest))))
         async with open_tcp_endpoint(cfg, 2):
             await wait_until(lambda: a.peer_state(2) == "up")
             assert a.refused_at(2) is None
         before = trio.current_time()
         await wait_until(lambda: a.refused_at(2) is not None)
         assert a.refused_at(2) >= before
+        # the listener heard of it the moment it was recorded (membership acts on it)
+        assert told and told[0][0] == 2 and told[0][1] is not None
         async with open_tcp_endpoint(cfg, 2):
             await wait_until(lambda: a.peer_state(2) == "up")
             assert a.refused_at(2) is None

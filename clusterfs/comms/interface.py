@@ -34,6 +34,7 @@ class Envelope:
 
 Handler = Callable[[Envelope], Awaitable[None]]
 InlineHandler = Callable[[Envelope], None]    # a plain function that never blocks
+RefusalListener = Callable[[int], None]       # a plain function that never blocks
 
 
 class Endpoint(Protocol):
@@ -64,3 +65,8 @@ class Endpoint(Protocol):
         listens at its address, so the process that was dest is gone (killed, crashed,
         exited). None if it never did, or a connection to dest succeeded since. A
         silent peer (frozen, cut off, powered off) refuses nothing."""
+
+    def on_refused(self, listener: RefusalListener) -> None:
+        """Call listener(dest) the moment dest's host refuses a connection (whenever
+        refused_at(dest) is set anew), so a death can be acted on at once rather than
+        at the next look at refused_at."""

@@ -86,7 +86,7 @@ from typing import Any
 
 import trio
 
-from clusterfs.comms.interface import Envelope, Handler, InlineHandler
+from clusterfs.comms.interface import Envelope, Handler, InlineHandler, RefusalListener
 from clusterfs.config import ClusterConfig
 from clusterfs.errors import PeerUnreachable, WireError
 from clusterfs.wire import frame as wf
@@ -306,6 +306,7 @@ class TcpEndpoint:
         self._lanes: dict[int, _Lane] = {}
         self._current_in: dict[int, trio.CancelScope] = {}
         self._in_streams: dict[int, _InStream] = {}
+        self._refusal_listeners: list[RefusalListener] = []
         self.epoch = _new_token()      # this process, as its peers' streams know it
         self._nursery: trio.Nursery | None = None
         self.frames_in = 0
@@ -355,6 +356,9 @@ class TcpEndpoint:
             self._handlers.pop(int(t), None)
             self._inline[int(t)] = handler
 
+    def on_refused(self, listener: RefusalListener) -> None:
+        self._refusal_listeners.append(listener)
+
     # -- introspection ---------------------------------------------------------
     def peer_state(self, dest: int) -> str:
         return self._peers[dest].state
@@ -401,6 +405,7 @@ class TcpEndpoint:
                     # the peer's kernel answered with a reset: no process listens at
                     # its address (a silent host would have let us time out instead)
                     peer.refused_at = trio.current_time()
+                    self._tell_refused(peer.node_id)
                 if peer.state != "down":
                     log.info("node %d gen %d: peer %d down: %s", self.node_id,
                              self.generation, peer.node_id, _why(exc))
@@ -435,6 +440,16 @@ class TcpEndpoint:
             # connection writes it again if that same process answers (_resume).
             self._rewind(peer)
             peer.state = "connecting"
+
+    def _tell_refused(self, dest: int) -> None:
+        if not self.config.dead_on_refusal:
+            return       # (configured off: only the failure timeout judges a peer)
+        for listener in self._refusal_listeners:
+            try:
+                listener(dest)
+            except Exception:
+                log.exception("node %d gen %d: refusal listener failed for node %d",
+                              self.node_id, self.generation, dest)
 
     async def _connect(self, peer: _Peer) -> tuple[socket.socket, bytes]:
         with trio.fail_after(self.config.connect_timeout):
