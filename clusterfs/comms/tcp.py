@@ -304,7 +304,9 @@ class TcpEndpoint:
         self._peers: dict[int, _Peer] = {
             n.id: _Peer(n.id, n.host, n.port) for n in config.nodes if n.id != node_id}
         self._lanes: dict[int, _Lane] = {}
-        self._current_in: dict[int, trio.CancelScope] = {}
+        # client -> its current incoming connection: its cancel scope, and an event set
+        # once that connection's task is over (so nothing more is delivered by it)
+        self._current_in: dict[int, tuple[trio.CancelScope, trio.Event]] = {}
         self._in_streams: dict[int, _InStream] = {}
         self._refusal_listeners: list[RefusalListener] = []
         self.epoch = _new_token()      # this process, as its peers' streams know it
@@ -616,6 +618,7 @@ class TcpEndpoint:
         sock = _detach(stream)
         client = -1
         scope = trio.CancelScope()
+        over = trio.Event()
         if self._handshaking >= MAX_HANDSHAKING:
             self.refused += 1
             log.warning("node %d gen %d: %d handshakes in progress; refusing %s",
@@ -636,7 +639,7 @@ class TcpEndpoint:
                     raise
                 finally:
                     self._handshaking -= 1
-                await self._read_loop(client, skey, reader, scope, token, resume)
+                await self._read_loop(client, skey, reader, (scope, over), token, resume)
         except* WireError as exc:
             self.wire_errors += 1
             log.warning("node %d gen %d: dropped connection from %s: %s", self.node_id,
@@ -646,8 +649,9 @@ class TcpEndpoint:
             log.debug("node %d: incoming connection from %s ended: %s", self.node_id,
                       _peername(sock, client), _why(exc))
         finally:
-            if self._current_in.get(client) is scope:
+            if self._current_in.get(client, (None, None))[0] is scope:
                 del self._current_in[client]
+            over.set()
             _close(sock)
 
     async def _accept_handshake(self, sock: socket.socket, reader: _FrameReader
@@ -678,7 +682,8 @@ class TcpEndpoint:
         return f.sender, skey, token, resume
 
     async def _read_loop(self, client: int, skey: bytes, reader: _FrameReader,
-                         scope: trio.CancelScope, token: bytes | None, resume: int) -> None:
+                         conn: tuple[trio.CancelScope, trio.Event], token: bytes | None,
+                         resume: int) -> None:
         """Deliver the client's frames in order. The n-th data frame here is message
         `resume + n` of its stream: one an older connection already delivered is
         skipped, so a resumed stream delivers each message once."""
@@ -698,7 +703,11 @@ class TcpEndpoint:
                             f"sequence {f.seq} from node {client}, expected {expect}")
                     expect += 1
                     if expect == 2:
-                        stream = self._session_confirmed(client, scope, token)
+                        stream, older = self._session_confirmed(client, conn, token)
+                        # The older connection may have handed a message over whose
+                        # count it has not written yet (its send completed just before
+                        # the cancel): deliver nothing until it is over.
+                        await older.wait()
                         nursery.start_soon(self._send_acks, reader.sock, skey, stream, acks)
                     if f.type == MsgType.HELLO:
                         continue
@@ -716,14 +725,18 @@ class TcpEndpoint:
                 if acks.confirmable(stream) > 0:
                     acks.wake.set()
 
-    def _session_confirmed(self, client: int, scope: trio.CancelScope,
-                           token: bytes | None) -> _InStream:
-        """The client proved the session key: its connection replaces an older one,
-        and its stream (kept, or new) is the one this connection delivers."""
+    def _session_confirmed(self, client: int, conn: tuple[trio.CancelScope, trio.Event],
+                           token: bytes | None) -> tuple[_InStream, trio.Event]:
+        """The client proved the session key: its connection replaces an older one
+        (returned: the event set once that one's task is over), and its stream (kept,
+        or new) is the one this connection delivers."""
+        older = trio.Event()
+        older.set()
         old = self._current_in.get(client)
         if old is not None:
-            old.cancel()   # the newer authenticated connection wins
-        self._current_in[client] = scope
+            old[0].cancel()   # the newer authenticated connection wins
+            older = old[1]
+        self._current_in[client] = conn
         peer = self._peers[client]
         if peer.state == "down":
             peer.wake.set()   # it is back: retry our side now, not after backoff
@@ -732,7 +745,7 @@ class TcpEndpoint:
             stream = _InStream(token)
             if token is not None:
                 self._in_streams[client] = stream
-        return stream
+        return stream, older
 
     async def _send_acks(self, sock: socket.socket, skey: bytes, stream: _InStream,
                          acks: _AckState) -> None:
