@@ -235,8 +235,9 @@ def test_missing_pid_file_holds_recovery_until_fencing_is_proven(cluster3) -> No
 
 
 def test_lockd_quitting_cleanly_keeps_its_record_so_survivors_go_on(cluster3) -> None:
-    """The others cannot tell a clean stop from a crash; the record left behind proves the
-    process gone, so their recovery completes without waiting or killing anything."""
+    """A quit is a clean leave: the others drop the node in a new view without fencing
+    it (its closing port, a refusal acted on at once, used to get it SIGKILLed on its
+    way out), and it exits 0 leaving its record."""
     with ControlClient(cluster3.control(2)) as c:
         assert c.call("quit")["ok"]
     assert cluster3.procs[2].wait(timeout=DEADLINE) == 0
@@ -244,6 +245,7 @@ def test_lockd_quitting_cleanly_keeps_its_record_so_survivors_go_on(cluster3) ->
     wait_for("nodes 1 and 3 run without node 2",
              lambda: all(status(cluster3, n)["members"] == [1, 3]
                          and status(cluster3, n)["running"] for n in (1, 3)), cluster3)
+    assert "fencing node 2" not in cluster3.log_tail(1, 10**7)
 
 
 def test_lockd_restarted_before_its_old_life_is_fenced_is_not_killed(tmp_path: Path) -> None:

@@ -52,6 +52,9 @@ class JitterEndpoint:
     def refused_at(self, dest: int) -> float | None:
         return self.inner.refused_at(dest)
 
+    def on_refused(self, listener) -> None:
+        self.inner.on_refused(listener)
+
     async def send(self, dest, mtype, body) -> None:
         if self.loss and self.rng.random() < self.loss:
             return
@@ -232,6 +235,26 @@ async def test_a_killed_process_its_host_refuses_leaves_before_the_failure_timeo
         await sim.start(1)                       # a new life rejoins at once
         await sim.until(lambda: sim.agreed([1, 2, 3], {1, 2, 3}), DETECT + 1)
     await with_sim([1, 2, 3, 4], body, refuse_crashed=True)
+
+
+@mock_trio
+async def test_a_refusal_is_acted_on_at_once_not_at_the_next_round():
+    """The coordinator proposes the view without a refused member the moment the
+    refusal is reported, not at its next round: killed just after a round, the node
+    is out long before the next one. (Before, the refusal waited for that round:
+    about a heartbeat interval.)"""
+    async def body(sim):
+        for i in (1, 2, 3):
+            await sim.start(i)
+        await sim.until(lambda: sim.agreed([1, 2, 3], {1, 2, 3}), 10)
+        coordinator = sim.nodes[1]
+        await trio.sleep_until(coordinator._last_tick + INTERVAL + 0.01)   # a round just ran
+        sim.kill(3)
+        took = await sim.until(lambda: sim.agreed([1, 2], {1, 2}), DETECT + 1)
+        assert took < INTERVAL / 2, took
+        await sim.until(lambda: sim.agents[1].calls, 5)
+        assert sim.agents[1].calls == [(3, coordinator.view.generation)]
+    await with_sim([1, 2, 3], body, refuse_crashed=True)
 
 
 @mock_trio

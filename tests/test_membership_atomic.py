@@ -45,6 +45,9 @@ class Dropper:
     def refused_at(self, dest: int) -> float | None:
         return self.inner.refused_at(dest)
 
+    def on_refused(self, listener) -> None:
+        self.inner.on_refused(listener)
+
     async def send(self, dest: int, mtype: int, body: Any) -> None:
         if not self.rule(dest, mtype):
             await self.inner.send(dest, mtype, body)

@@ -71,6 +71,16 @@ EXIT_USAGE = 2
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 
+# The FUSE-connection helpers live in clusterfs (the process fencing agent aborts a
+# half-dead node's mount with them); this checkout's clusterfs, as the nodes run it.
+if str(CHECKOUT) not in sys.path:
+    sys.path.insert(0, str(CHECKOUT))
+from clusterfs.fence.fuseconn import (  # noqa: E402, F401  (the tools and tests use them)
+    abort_fuse,
+    abort_fuse_connection,
+    fuse_connection,
+)
+
 
 class Failure(Exception):
     """Something could not be done; one line, exit 1."""
@@ -194,63 +204,6 @@ def mount_fstype(path: str) -> str | None:
             if _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4]) == path:
                 found = fields[fields.index("-") + 1]   # the last one is on top
     return found
-
-
-def abort_fuse(path: str) -> bool:
-    """Abort the FUSE connection of the mount at `path`; True if done.
-
-    A node's death on one host must take its kernel mount with it, as a dead host's
-    would: a thread of the killed server can be stuck in the kernel (an entry
-    invalidation waiting for a directory lock that a request to the dead server
-    holds), and then the process never finishes dying, its /dev/fuse is never
-    closed and fencing never sees it gone, until the connection is aborted."""
-    conn = fuse_connection(path)
-    return conn is not None and abort_fuse_connection(conn)
-
-
-def fuse_connection(path: str) -> int | None:
-    """The FUSE connection number of the mount at `path` (its device minor), from
-    /proc/self/mountinfo: never a stat of the path, which would hang on a dead mount."""
-    conn = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if _OCTAL_ESCAPE.sub(lambda m: chr(int(m.group(1), 8)), fields[4]) == path \
-                    and fields[fields.index("-") + 1].startswith("fuse"):
-                major, minor = fields[2].split(":")
-                conn = int(minor) if major == "0" else None   # the last one is on top
-    return conn
-
-
-def abort_fuse_connection(conn: int) -> bool:
-    """Write to /sys/fs/fuse/connections/<conn>/abort. If fusectl is not mounted there,
-    a private instance in a temporary directory, not a change to the host's table."""
-    with contextlib.suppress(OSError):
-        if _write_abort("/sys/fs/fuse/connections", conn):
-            return True
-    tmp = tempfile.mkdtemp(prefix="cfs-fusectl-")
-    try:
-        if subprocess.run(["mount", "-t", "fusectl", "fusectl", tmp],
-                          capture_output=True).returncode != 0:
-            return False
-        try:
-            return _write_abort(tmp, conn)
-        except OSError:
-            return False
-        finally:
-            subprocess.run(["umount", tmp], capture_output=True)
-    finally:
-        with contextlib.suppress(OSError):
-            os.rmdir(tmp)
-
-
-def _write_abort(root: str, conn: int) -> bool:
-    path = os.path.join(root, str(conn), "abort")
-    if not os.path.exists(path):
-        return False
-    with open(path, "w") as f:
-        f.write("1")
-    return True
 
 
 def detach_mount(path: str) -> bool:

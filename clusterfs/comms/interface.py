@@ -1,9 +1,12 @@
 """The transport contract the layers above comms code against.
 
 An Endpoint is one node's door to the others. Guarantees:
-- messages from one sender to one receiver arrive in the order sent, or not at
-  all (a broken connection drops what was in flight; the sender's next send
-  reconnects or raises PeerUnreachable);
+- messages from one sender to one receiver arrive in the order sent, each once;
+  while both processes live, a message handed over without PeerUnreachable is
+  not lost when a connection breaks (TCP sends again what the receiving process
+  did not confirm, on the next connection); what was meant for a process that is
+  gone never reaches the one that replaces it. The in-memory transport's cut() is
+  harsher (it loses what was in flight): the layers above survive both;
 - every delivered message was authenticated by the cluster key (TCP) and
   carries the sender's node id and the sender's view generation at send time;
 - a peer whose host refused a connection is reported (`refused_at`): the one
@@ -31,6 +34,7 @@ class Envelope:
 
 Handler = Callable[[Envelope], Awaitable[None]]
 InlineHandler = Callable[[Envelope], None]    # a plain function that never blocks
+RefusalListener = Callable[[int], None]       # a plain function that never blocks
 
 
 class Endpoint(Protocol):
@@ -61,3 +65,8 @@ class Endpoint(Protocol):
         listens at its address, so the process that was dest is gone (killed, crashed,
         exited). None if it never did, or a connection to dest succeeded since. A
         silent peer (frozen, cut off, powered off) refuses nothing."""
+
+    def on_refused(self, listener: RefusalListener) -> None:
+        """Call listener(dest) the moment dest's host refuses a connection (whenever
+        refused_at(dest) is set anew), so a death can be acted on at once rather than
+        at the next look at refused_at."""

@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 
-from clusterfs.comms.interface import Envelope, Handler, InlineHandler
+from clusterfs.comms.interface import Envelope, Handler, InlineHandler, RefusalListener
 from clusterfs.errors import PeerUnreachable
 
 
@@ -55,6 +55,10 @@ class MemoryNetwork:
             ep.crashed = True
             ep._inbox_send.close()
             self.crashed_at[node] = trio.current_time()
+            if self.refuse_crashed:
+                for other in list(self.endpoints.values()):
+                    if self.linked(node, other.node_id):
+                        other._tell_refused(node)
 
     def linked(self, a: int, b: int) -> bool:
         return frozenset((a, b)) not in self._cut
@@ -84,6 +88,7 @@ class MemoryEndpoint:
         self.sent = 0
         self._handlers: dict[int, Handler] = {}
         self._inline: dict[int, InlineHandler] = {}
+        self._refusal_listeners: list[RefusalListener] = []
         self._inbox_send, self._inbox = trio.open_memory_channel[Envelope](10_000)
 
     async def send(self, dest: int, mtype: int, body: Any) -> None:
@@ -116,6 +121,13 @@ class MemoryEndpoint:
         if not self.net.refuse_crashed or not self.net.linked(self.node_id, dest):
             return None
         return self.net.crashed_at.get(dest)
+
+    def on_refused(self, listener: RefusalListener) -> None:
+        self._refusal_listeners.append(listener)
+
+    def _tell_refused(self, dest: int) -> None:
+        for listener in self._refusal_listeners:
+            listener(dest)
 
     async def _deliver_loop(self) -> None:
         async for env in self._inbox:

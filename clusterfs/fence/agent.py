@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,10 +29,12 @@ from typing import Protocol
 import trio
 
 from clusterfs.errors import FenceError
+from clusterfs.fence.fuseconn import abort_fuse_connection, fuse_mount_at
 from clusterfs.fence.pidfile import (
     PidRecord,
     ProcessIdentity,
-    identity_of,
+    identity_even_if_zombie,
+    read_mount_record,
     read_pid_record,
     start_time,
 )
@@ -81,16 +84,26 @@ class ProcessAgent:
     record only once its process is gone (pidfile.write_pid_file); so the removed
     incarnation is gone, it is fenced, and the restarted process is left alone.
     (Killing it, as a fence by node id did, threw a freshly restarted node out again.)
+
+    A killed mount process that is still there `abort_after` seconds after the
+    SIGKILL is taken for half-dead (a thread stuck in the kernel in its own FUSE
+    mount, fuseconn.py): the agent aborts the FUSE connection of that node's own
+    mount, as its mount record names it (pidfile.py), and waits again. A process is
+    gone only once its whole thread group has exited (its pidfd turns readable), a
+    zombie leader with a live thread is not.
     """
 
     def __init__(self, pids: Mapping[int, int] | None = None, *,
-                 pid_dir: str | os.PathLike[str] | None = None, wait: float = 5.0) -> None:
+                 pid_dir: str | os.PathLike[str] | None = None, wait: float = 5.0,
+                 abort_after: float = 1.0) -> None:
         # A pid given now names a process alive now; its start time pins that process.
         self.known = {nid: ProcessIdentity(pid, start_time(pid) or -1)
                       for nid, pid in (pids or {}).items()}
         self.pid_dir = Path(pid_dir) if pid_dir is not None else None
         self.wait = wait
+        self.abort_after = min(abort_after, wait)
         self.calls: list[tuple[int, int]] = []
+        self.aborted: list[tuple[int, int]] = []   # (node, FUSE connection) we aborted
         # node -> its record and a pidfd of its process, taken while it joined (expect)
         self._held: dict[int, tuple[PidRecord, int | None]] = {}
         self._expected: dict[int, int] = {}    # node -> the incarnation last expected
@@ -155,7 +168,7 @@ class ProcessAgent:
             log.warning("gen %d: fencing node %d: SIGKILL pid %d", generation, node_id,
                         recorded.pid)
             _kill(pidfd, node_id, recorded.pid)
-            await self._wait_gone(pidfd, node_id, recorded.pid)
+            await self._wait_gone(pidfd, node_id, recorded, generation)
         finally:
             os.close(pidfd)
         log.warning("gen %d: node %d fenced: pid %d killed and gone", generation, node_id,
@@ -170,16 +183,58 @@ class ProcessAgent:
                      generation, node_id, process.pid)
             return
         killed = _kill(pidfd, node_id, process.pid)
-        await self._wait_gone(pidfd, node_id, process.pid)
+        await self._wait_gone(pidfd, node_id, process, generation)
         log.warning("gen %d: node %d fenced: pid %d %s", generation, node_id, process.pid,
                     "killed (SIGKILL) and gone" if killed else "was gone already")
 
-    async def _wait_gone(self, pidfd: int, node_id: int, pid: int) -> None:
-        # A pidfd turns readable when its process has exited (zombie or reaped).
-        with trio.move_on_after(self.wait):
-            await trio.lowlevel.wait_readable(pidfd)
+    async def _wait_gone(self, pidfd: int, node_id: int, process: ProcessIdentity,
+                         generation: int) -> None:
+        """Return once the killed process is gone; abort its mount's FUSE connection
+        if it lingers (half-dead); FenceError if it is still there after `wait`."""
+        if await _exits_within(pidfd, self.abort_after):
             return
-        raise FenceError(f"node {node_id}: pid {pid} still alive {self.wait} s after SIGKILL")
+        await trio.to_thread.run_sync(self._abort_own_mount, node_id, process, generation)
+        if await _exits_within(pidfd, self.wait - self.abort_after):
+            return
+        raise FenceError(f"node {node_id}: pid {process.pid} still alive {self.wait} s "
+                         "after SIGKILL")
+
+    def _abort_own_mount(self, node_id: int, process: ProcessIdentity,
+                         generation: int) -> bool:
+        """Abort the FUSE connection of the mount that `process`, node_id's, recorded
+        as its own, if mountinfo still shows that very mount (same mount id,
+        connection and mountpoint): never another's. True if aborted. (A worker
+        thread: it reads the record and mountinfo and writes the abort file.)"""
+        if self.pid_dir is None:
+            return False
+        try:
+            record = read_mount_record(self.pid_dir, node_id)
+        except FenceError as exc:
+            log.warning("gen %d: node %d: pid %d lingers after SIGKILL, and it has no "
+                        "FUSE mount to abort: %s", generation, node_id, process.pid, exc)
+            return False
+        if record.process != process:
+            log.warning("gen %d: node %d: pid %d lingers after SIGKILL; its mount record "
+                        "names pid %d, not it: nothing aborted", generation, node_id,
+                        process.pid, record.process.pid)
+            return False
+        mounted = fuse_mount_at(record.mount.mountpoint)
+        if mounted != record.mount:
+            log.warning("gen %d: node %d: pid %d lingers after SIGKILL; its FUSE mount on "
+                        "%s (connection %d) is not there any more: nothing aborted",
+                        generation, node_id, process.pid, record.mount.mountpoint,
+                        record.mount.conn)
+            return False
+        log.warning("gen %d: node %d: pid %d still there %.1f s after SIGKILL (half-dead: a "
+                    "thread stuck in its own FUSE mount?); aborting that mount's FUSE "
+                    "connection %d on %s", generation, node_id, process.pid,
+                    self.abort_after, mounted.conn, mounted.mountpoint)
+        if not abort_fuse_connection(mounted.conn):
+            log.warning("gen %d: node %d: could not abort FUSE connection %d", generation,
+                        node_id, mounted.conn)
+            return False
+        self.aborted.append((node_id, mounted.conn))
+        return True
 
     def statistics(self) -> dict[str, object]:
         return {"agent": "process", "fenced": len(self.calls)}
@@ -197,10 +252,26 @@ def _open_if_same(recorded: ProcessIdentity) -> int | None:
         pidfd = os.pidfd_open(recorded.pid)
     except ProcessLookupError:
         return None
-    if identity_of(recorded.pid) != recorded:
+    if identity_even_if_zombie(recorded.pid) != recorded or _exited(pidfd):
         os.close(pidfd)
         return None
     return pidfd
+
+
+def _exited(pidfd: int) -> bool:
+    """The pidfd's whole thread group has exited (a zombie leader with a live thread
+    has not)."""
+    readable, _, _ = select.select([pidfd], [], [], 0)
+    return bool(readable)
+
+
+async def _exits_within(pidfd: int, seconds: float) -> bool:
+    # A pidfd turns readable when its process has exited (zombie or reaped), every
+    # thread of it.
+    with trio.move_on_after(seconds):
+        await trio.lowlevel.wait_readable(pidfd)
+        return True
+    return False
 
 
 def _kill(pidfd: int, node_id: int, pid: int) -> bool:

@@ -16,15 +16,24 @@ their incarnation is unknown.
 
 The file is written atomically (a temporary file renamed over it), so the agent
 never reads a half-written record.
+
+`DIR/node<ID>.mount` (JSON) is the same process's FUSE mount, written by the mount
+once it is up: its mount id, connection number and mountpoint as the process found
+them in its own /proc/self/mountinfo. The agent aborts that connection when the
+process it killed does not go away (a thread stuck in its own mount, fuseconn.py),
+and only if the record names that very process and mountinfo still shows that very
+mount.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from clusterfs.errors import FenceError
+from clusterfs.fence.fuseconn import FuseMount
 
 # /proc/PID/stat after the ") " that ends the command name starts at field 3
 _STARTTIME_FIELD = 22 - 3
@@ -42,8 +51,19 @@ class PidRecord:
     incarnation: int | None       # None: an old record that did not say
 
 
+@dataclass(frozen=True)
+class MountRecord:
+    process: ProcessIdentity
+    incarnation: int
+    mount: FuseMount
+
+
 def pid_file_path(pid_dir: str | os.PathLike[str], node_id: int) -> Path:
     return Path(pid_dir) / f"node{node_id}.pid"
+
+
+def mount_record_path(pid_dir: str | os.PathLike[str], node_id: int) -> Path:
+    return Path(pid_dir) / f"node{node_id}.mount"
 
 
 def _stat_fields(pid: int) -> list[str] | None:
@@ -68,6 +88,16 @@ def start_time(pid: int) -> int | None:
 def identity_of(pid: int) -> ProcessIdentity | None:
     started = start_time(pid)
     return None if started is None else ProcessIdentity(pid, started)
+
+
+def identity_even_if_zombie(pid: int) -> ProcessIdentity | None:
+    """The identity of pid while its task exists, a zombie's too: a killed process
+    whose leader is a zombie may still have a thread that has not exited (stuck in
+    the kernel), and is not gone until that one is."""
+    fields = _stat_fields(pid)
+    if fields is None or fields[0] == "X":
+        return None
+    return ProcessIdentity(pid, int(fields[_STARTTIME_FIELD]))
 
 
 def write_pid_file(pid_dir: str | os.PathLike[str], node_id: int,
@@ -99,6 +129,31 @@ def _refuse_if_running(pid_dir: str | os.PathLike[str], node_id: int,
     if current != me and identity_of(current.pid) == current:
         raise FenceError(f"node {node_id} already runs as pid {current.pid} "
                          f"({pid_file_path(pid_dir, node_id)})")
+
+
+def write_mount_record(pid_dir: str | os.PathLike[str], node_id: int, incarnation: int,
+                       mount: FuseMount) -> None:
+    """Record this process's FUSE mount beside its pid record (atomically)."""
+    me = identity_of(os.getpid())
+    assert me is not None, "our own process is alive"
+    path = mount_record_path(pid_dir, node_id)
+    tmp = path.with_name(f".{path.name}.{me.pid}.tmp")
+    tmp.write_text(json.dumps({
+        "pid": me.pid, "start_time": me.start_time, "incarnation": incarnation,
+        "mount_id": mount.mount_id, "conn": mount.conn, "mountpoint": mount.mountpoint}))
+    os.replace(tmp, path)
+
+
+def read_mount_record(pid_dir: str | os.PathLike[str], node_id: int) -> MountRecord:
+    """node_id's mount record; FenceError if there is none or it is unreadable."""
+    path = mount_record_path(pid_dir, node_id)
+    try:
+        r = json.loads(path.read_text())
+        return MountRecord(ProcessIdentity(int(r["pid"]), int(r["start_time"])),
+                           int(r["incarnation"]),
+                           FuseMount(int(r["mount_id"]), int(r["conn"]), str(r["mountpoint"])))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FenceError(f"node {node_id}: no usable mount record {path}: {exc}") from exc
 
 
 def read_pid_file(pid_dir: str | os.PathLike[str], node_id: int) -> ProcessIdentity:

@@ -37,8 +37,30 @@ class FailureDetection(ViewInstallation):
         self._probed: dict[int, float] = {}      # node -> when we probed it
         self._unanswered_probes: set[int] = set()   # said so in the log
         self.probes = 0
+        self._look_again = False      # a member refused while a round was running
         self.endpoint.register([MsgType.SUSPECT], self._on_suspect)
         self.endpoint.register([MsgType.PROBE], self._on_probe)
+        self.endpoint.on_refused(self._on_refused)
+
+    # -- a refused reconnect ---------------------------------------------------------
+    def _on_refused(self, node: int) -> None:
+        """`node`'s host refused our connection: its process is gone (_refused_since).
+        Judge now rather than at the next round, up to a heartbeat interval later: the
+        coordinator proposes the view without it at once (it is still fenced before
+        any recovery). Never waits; the transport calls it in the trio thread."""
+        if (self.state != MEMBER or self._nursery is None or node == self.node_id
+                or node not in self.view.members):
+            return
+        if self._round_running:
+            self._look_again = True        # the round's end looks (proposals.py)
+            return
+        self._evaluate()                   # proposals.py
+
+    def _evaluate_if_asked(self) -> None:
+        """A round just ended: look again at once if a member refused during it."""
+        if self._look_again:
+            self._look_again = False
+            self._evaluate()
 
     # -- suspicion ---------------------------------------------------------------------
     def suspect(self, node: int) -> None:

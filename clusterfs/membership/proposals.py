@@ -120,6 +120,7 @@ class Proposals(Promises):
             await self._propose(target, base)
         finally:
             self._round_running = False
+        self._evaluate_if_asked()         # detection.py: a refusal during the round
 
     async def _propose(self, target: frozenset[int], base: frozenset[int]) -> None:
         gen = max(self.view.generation, self._promised[0], self._max_gen) + 1

@@ -63,6 +63,29 @@ class MountFencing:
         self._agent: Any = None
         self._owned: list[Any] = []              # handles opened here, closed at the end
 
+    # -- once the FUSE mount is up ---------------------------------------------------
+    def record_mount(self, mountpoint: str) -> None:
+        """The process agent: record our FUSE mount (as our own mountinfo shows it,
+        without a look at the mount) beside our pid record, so that a fencer whose
+        SIGKILL leaves us half-dead can abort that connection, and only that one
+        (clusterfs.fence.agent). Best effort: without it a half-dead node waits for
+        the harness (or a human) to abort it."""
+        if not self.pid_dir:
+            return
+        from clusterfs.fence.fuseconn import fuse_mount_at
+        from clusterfs.fence.pidfile import write_mount_record
+
+        try:
+            mount = fuse_mount_at(mountpoint)
+            if mount is None:
+                log.warning("node %d: our FUSE mount on %s is not in mountinfo: not "
+                            "recorded for fencing", self.node_id, mountpoint)
+                return
+            write_mount_record(self.pid_dir, self.node_id, self.incarnation, mount)
+        except OSError as exc:
+            log.warning("node %d: cannot record our FUSE mount for fencing: %s",
+                        self.node_id, exc)
+
     # -- before joining -------------------------------------------------------------
     def prepare_device(self) -> None:
         """Register our key through the mount's own session (scsi-pr), and hear of a

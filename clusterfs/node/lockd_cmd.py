@@ -219,6 +219,12 @@ async def serve(config: Any, node_id: int, control: str, fence_pid_dir: str | No
             ls = await dlm.new_lockspace("default")
             server = ControlServer(ls, node)
             await server.serve(control)
+        if not server.expelled:
+            # told to quit: a clean leave, so the others drop us in a new view without
+            # fencing (a lock daemon writes no shared disk; its locks go in their DLM
+            # recovery). Without it our closing port reads as a death: they fence us
+            # at once, a SIGKILL while we are still on our way out.
+            await node.membership.leave(2 * node.config.failure_timeout)
     return server.expelled
 
 

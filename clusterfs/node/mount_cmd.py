@@ -445,7 +445,8 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
                 await fencing.claim_slot(slot, node.nursery)
 
             await _serve_fs(ls, dev, sb, mountpoint, opts, ready, pool, side_tasks, on_slot,
-                            home_group=placement.home_group(cluster.node_id))
+                            home_group=placement.home_group(cluster.node_id),
+                            on_mounted=fencing.record_mount)
             if shown:     # it served, wrote back and gave its locks up: say goodbye
                 from clusterfs.node.leave import leave_cleanly
 
@@ -583,7 +584,8 @@ def _replay(dev, sb, slot: int) -> None:
 async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Callable[[], None],
                     pool, side_tasks: Callable | None = None,
                     on_slot: Callable[[int], Awaitable[None]] | None = None,
-                    home_group: int | None = None) -> None:
+                    home_group: int | None = None,
+                    on_mounted: Callable[[str], None] | None = None) -> None:
     import pyfuse3
     import trio
 
@@ -618,6 +620,8 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
     log.info("mounted %s on %s (journal slot %d, uuid %s)", dev.path, mountpoint, slot,
              sb.uuid_str)
     mountrecord.write(mountpoint)
+    if on_mounted is not None:
+        on_mounted(mountpoint)          # (fencing: the process agent's mount record)
     ready()
     unmounted_by_us = False
     shut = False
