@@ -279,3 +279,40 @@ async def test_the_hold_time_grows_while_both_nodes_use_a_lock() -> None:
 async def test_the_hold_time_stays_short_for_a_lock_no_longer_used_here() -> None:
     """Strict turns (use, then another node asks) must not lengthen every handover."""
     assert await _contend(local_keeps_using=False) == 0.05
+
+
+@trio_test
+async def test_no_local_user_gets_in_while_a_grown_glock_goes_down() -> None:
+    """The hold time grows at the end of a contended hold; a local user must not be let
+    in while the demote callback flushes (its changes would miss the flush and go to
+    the other node unwritten). The hold time grew during the demote once, and
+    usable_for() reopened."""
+    async with memory_cluster([1, 2, 3]) as mc:
+        glocks = GlockManager(mc.ls(1), min_hold=0.05, max_hold=0.5, hold_step=0.2)
+        events: list[str] = []
+
+        async def slow_demote(glock, target) -> None:
+            events.append("flush starts")
+            await trio.sleep(0.3)
+            events.append("flush ends")
+
+        glocks.on_demote("inode", slow_demote)
+        async with trio.open_nursery() as nursery:
+            glocks.start(nursery)
+            async with glocks.hold([(R, Mode.EX)]):
+                pass
+
+            async def keep_using() -> None:
+                while True:
+                    async with glocks.hold([(R, Mode.EX)]):
+                        events.append("used")
+                    await trio.sleep(0.01)
+
+            nursery.start_soon(keep_using)
+            with trio.fail_after(10):
+                other = await mc.ls(2).lock(R, Mode.EX)
+            nursery.cancel_scope.cancel()
+        await mc.ls(2).unlock(other)
+        start = events.index("flush starts")
+        assert events[start + 1] == "flush ends", events[start:start + 5]
+        assert glocks.glocks[R].hold_time > 0.05        # it did grow

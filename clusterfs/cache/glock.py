@@ -90,6 +90,7 @@ class Glock:
         self.demotes = 0
         self.requesting: Mode | None = None   # the mode a request in flight asks for
         self.asked_at = 0.0               # when another node last asked us to go down
+        self.going_down = False           # a demote is past the hold: no new local users
 
     @property
     def mode(self) -> Mode | None:
@@ -99,7 +100,8 @@ class Glock:
         """Held in `mode` or better, and no demote pending or still inside the hold
         time (local users go on until it is over): take it without waiting."""
         return self.lock is not None and self.lock.mode >= mode and (
-            self.demote_to is None or time.monotonic() < self.granted_at + self.hold_time)
+            self.demote_to is None or not self.going_down and
+            time.monotonic() < self.granted_at + self.hold_time)
 
 
     def describe(self) -> dict[str, Any]:
@@ -315,12 +317,20 @@ class GlockManager:
         else:
             self._nursery.start_soon(self._demote, glock)
 
-    def _adapt_hold_time(self, glock: Glock) -> None:
-        """At the end of the hold, before going down: if local users took the glock
-        after the other node asked for it, both sides want it and each should get
-        more done per turn; if nobody here wanted it meanwhile (a node that used it
-        once, or two nodes taking strict turns), hand it over sooner next time."""
-        if glock.holders or glock.released_at > glock.asked_at:
+    @staticmethod
+    def _wanted_while_asked(glock: Glock) -> bool:
+        """At the end of the hold: did local users take the glock after the other node
+        asked for it (both sides want it), or did nobody here want it meanwhile (a
+        node that used it once, or two nodes taking strict turns)?"""
+        return glock.holders > 0 or glock.released_at > glock.asked_at
+
+    def _adapt_hold_time(self, glock: Glock, contended: bool) -> None:
+        """For the next tenure: longer when contended (each side gets more done per
+        turn), shorter otherwise (hand it over sooner). Only once the glock is down:
+        usable_for() lets local users in while granted_at + hold_time is ahead, so a
+        hold time grown during the demote would let them change what the demote is
+        flushing, and hand the lock over with their changes unwritten."""
+        if contended:
             glock.hold_time = min(self.max_hold, glock.hold_time + self.hold_step)
         else:
             glock.hold_time = max(self.min_hold, glock.hold_time - self.hold_step)
@@ -333,7 +343,8 @@ class GlockManager:
                 wait = glock.granted_at + glock.hold_time - time.monotonic()
                 if wait > 0:
                     await trio.sleep(wait)
-                self._adapt_hold_time(glock)
+                glock.going_down = True
+                contended = self._wanted_while_asked(glock)
                 while glock.holders:
                     await glock.idle.wait()
                 # A blocking callback during _go_down (another node now wants more:
@@ -345,7 +356,9 @@ class GlockManager:
                     if glock.lock is None or glock.lock.mode <= target:
                         break
                     await self._go_down(glock, target)
+                self._adapt_hold_time(glock, contended)
         finally:
+            glock.going_down = False
             glock.demote_to = None
             glock.demoted.set()
 
