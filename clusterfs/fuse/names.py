@@ -40,6 +40,7 @@ class KernelNames:
         self._invalidate_entry = invalidate_entry
         self._names: dict[int, dict[bytes, None]] = {}    # directory -> names (ordered)
         self._dir_at: dict[int, tuple[int, bytes]] = {}   # directory -> where shown last
+        self._dir_by_place: dict[tuple[int, bytes], int] = {}   # and back
         self._queue: queue.SimpleQueue[tuple[int, list[bytes]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -58,13 +59,42 @@ class KernelNames:
         """The kernel now has a dentry `name` in `parent` (FUSE inode numbers); for a
         directory, its number (a directory has one dentry: see moved_from)."""
         if directory is not None:
-            self._dir_at[directory] = (parent, name)
+            self._place(directory, (parent, name))
             if len(self._dir_at) > NAMES_PER_DIR_MAX * 16:
-                del self._dir_at[next(iter(self._dir_at))]
+                self._unplace(next(iter(self._dir_at)))
         names = self._names.setdefault(parent, {})
         names[name] = None
         if len(names) > NAMES_PER_DIR_MAX:
             del names[next(iter(names))]
+
+    def renamed(self, old: tuple[int, bytes], new: tuple[int, bytes], exchange: bool) -> None:
+        """A rename here succeeded: the kernel moved its dentry at `old` (parent, name)
+        to `new`, or swapped the two. A directory recorded at either place is now at
+        the other (else moved_from would later name the place another directory has
+        taken, and invalidate that one instead of the stale alias); one replaced at
+        `new` is gone."""
+        at_old = self._dir_by_place.get(old)
+        at_new = self._dir_by_place.get(new)
+        for directory in (at_old, at_new):
+            if directory is not None:
+                self._unplace(directory)
+        if at_old is not None:
+            self._place(at_old, new)
+        if exchange and at_new is not None:
+            self._place(at_new, old)
+
+    def _place(self, directory: int, at: tuple[int, bytes]) -> None:
+        self._unplace(directory)
+        other = self._dir_by_place.pop(at, None)
+        if other is not None:
+            self._dir_at.pop(other, None)    # that name now shows this directory
+        self._dir_at[directory] = at
+        self._dir_by_place[at] = directory
+
+    def _unplace(self, directory: int) -> None:
+        at = self._dir_at.pop(directory, None)
+        if at is not None and self._dir_by_place.get(at) == directory:
+            del self._dir_by_place[at]
 
     def moved_from(self, directory: int, parent: int, name: bytes) -> tuple[int, bytes] | None:
         """Where the kernel may still have `directory`'s dentry, if not at (parent, name)."""

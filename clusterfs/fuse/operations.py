@@ -37,7 +37,7 @@ from clusterfs.compat import run_sync_abandoning
 from clusterfs.errors import ClusterFSError, FSError
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.directory import NAME_MAX
-from clusterfs.fs.filesystem import FileSystem
+from clusterfs.fs.filesystem import RENAME_EXCHANGE, FileSystem
 from clusterfs.fs.inode import CachedInode
 from clusterfs.fuse.names import KernelNames
 
@@ -318,6 +318,8 @@ class Operations(pyfuse3.Operations):
         if self.names is not None:       # the kernel moves its dentry (or swaps two)
             self.names.remember(parent_inode_new, name_new)
             self.names.remember(parent_inode_old, name_old)
+            self.names.renamed((parent_inode_old, name_old), (parent_inode_new, name_new),
+                               exchange=bool(flags & RENAME_EXCHANGE))
 
     # -- files ---------------------------------------------------------------------
     @_edge
