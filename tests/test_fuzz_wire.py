@@ -178,7 +178,7 @@ def test_fuzz_live_node(tmp_path):
                              failure_timeout=2.0)
     errlog = open(tmp_path / "node1.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "clusterfs.node.cluster", "--config",
-                             str(tmp_path / "c.toml"), "--node-id", "1"],
+                             str(tmp_path / "c.toml"), "--node-id", "1", "--verbose"],
                             stdout=subprocess.PIPE, stderr=errlog, text=True)
     try:
         trio.run(functools.partial(_fuzz, cfg, proc))
@@ -187,8 +187,11 @@ def test_fuzz_live_node(tmp_path):
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
         errlog.close()
-    dropped = (tmp_path / "node1.log").read_text().count("dropped connection")
-    assert dropped >= CONNECTIONS * 0.95, dropped     # one log line per bad connection
+    text = (tmp_path / "node1.log").read_text()
+    # one log line per bad connection: dropped, or (a fuzzer that authenticated as node
+    # 3 while another did) replaced by the newer one before its bad frame was read
+    dropped = text.count("dropped connection") + text.count("replaced by a newer one")
+    assert dropped >= CONNECTIONS * 0.95, dropped
     out = [json.loads(line) for line in proc.stdout if line.startswith("{")]
     views = [e for e in out if e["event"] == "view"]
     # node 1 never lost node 2 during the fuzz; its last view is the one with node 3

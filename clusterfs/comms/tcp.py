@@ -640,6 +640,10 @@ class TcpEndpoint:
                 finally:
                     self._handshaking -= 1
                 await self._read_loop(client, skey, reader, (scope, over), token, resume)
+            if scope.cancelled_caught:
+                # only _session_confirmed cancels it: the same node connected again
+                log.info("node %d gen %d: connection from %s replaced by a newer one",
+                         self.node_id, self.generation, _peername(sock, client))
         except* WireError as exc:
             self.wire_errors += 1
             log.warning("node %d gen %d: dropped connection from %s: %s", self.node_id,
