@@ -20,6 +20,7 @@ import trio
 
 from clusterfs.cache.blocks import Blocks
 from clusterfs.cache.glock import Glock, GlockManager
+from clusterfs.cache.inodes import InodeCache
 from clusterfs.cache.transaction import TransactionManager
 from clusterfs.dlm.interface import Lock, Mode
 from clusterfs.errors import ClusterFSError, FormatError, FSError, StorageError, WouldBlock
@@ -157,7 +158,8 @@ class FileSystem:
         self.txn = txn
         self.root = sb.root_ino
         self.alloc = Allocator(sb)
-        self.inodes: dict[int, CachedInode] = {}
+        # every inode object this node keeps, each under its lock (cache/inodes.py)
+        self.inodes: InodeCache[CachedInode] = InodeCache(txn)
         self.nlookup: dict[int, int] = {}
         # the generation the kernel was given with each number it holds: in a cluster
         # the block may hold a newer inode by the time the kernel uses the number again
@@ -194,7 +196,7 @@ class FileSystem:
         glocks.on_demote("rename", self._demote_flush)
         glocks.on_demote("data", self._demote_data)
         glocks.ranged("data", DATA_LOCK_BYTES)
-        glocks.on_grant("inode", self._granted_inode)
+        self.inodes.attach(glocks)        # a fresh grant drops a clean copy
         glocks.on_grant("rgrp", self._granted_rgrp)
         self._load_group_hints()
 
@@ -285,7 +287,7 @@ class FileSystem:
                 raise self._corrupt(exc) from exc
             except StorageError as exc:
                 raise self._corrupt(exc) from exc
-            self.inodes[ino] = node
+            self.inodes.put(ino, node)
         if kernel and not by_name and self.clustered and \
                 self.handed.get(ino, node.d.generation) != node.d.generation:
             # the kernel's number names an inode freed since (another node reused the
@@ -415,7 +417,7 @@ class FileSystem:
                 if disk.mode == 0:
                     continue             # a tombstone: _inode() says ENOENT for it
                 if disk.flags & F_STUFFED or not stat.S_ISDIR(disk.mode):
-                    self.inodes[ino] = CachedInode(disk, self.blocks.read_meta)
+                    self.inodes.put(ino, CachedInode(disk, self.blocks.read_meta))
             except FormatError:
                 continue                 # left for _inode(), which withdraws
 
@@ -529,7 +531,7 @@ class FileSystem:
         node = CachedInode(disk, self.blocks.read_meta)
         if is_dir:
             node.dir = Directory()
-        self.inodes[ino] = node
+        self.inodes.put(ino, node)
         if target:
             self._write(node, 0, target)    # stuffed when short, a data block when long
         p.dir.add(name, ino, dtype_of(mode), self._taker(reserve, goal), self._free_meta)
@@ -683,7 +685,7 @@ class FileSystem:
             self._dirty(self.orphans)
         self.txn.discard(node)
         self.txn.add(_Tombstone(node.ino))   # so a node still naming it sees it is gone
-        self.inodes.pop(node.ino, None)
+        self.inodes.discard(node.ino)
         self.nlookup.pop(node.ino, None)
         self.handed.pop(node.ino, None)
         self.opens.pop(node.ino, None)
@@ -1447,20 +1449,6 @@ class FileSystem:
         await self.glocks.release_all()
 
     # ================================================================ lock demotion
-    def _granted_inode(self, glock: Glock) -> None:
-        """A fresh grant: a copy cached without the lock (an inode this node created
-        under its parent's lock only) may be stale now, unless it still has changes
-        not yet committed, which no other node can have seen (another node reads it
-        only after a flush of ours has committed them)."""
-        self._drop_if_clean(glock.name[1])
-
-    def _drop_if_clean(self, ino: int) -> None:
-        """Forget our copy of `ino` unless it has uncommitted changes (then it is an
-        inode created here under its parent's lock alone, which no other node has seen)."""
-        node = self.inodes.get(ino)
-        if node is not None and not self.txn.is_dirty(node):
-            del self.inodes[ino]
-
     async def _flush_for_demote(self) -> None:
         """Before a lock goes down: commit, write every logged block home and empty the
         journal. So the journal never holds a block whose lock this node has given up
@@ -1480,7 +1468,7 @@ class FileSystem:
         await self._flush_for_demote()
         if target != Mode.NL:
             return                       # PR: our clean copy stays valid
-        self._drop_if_clean(ino)         # (dirty now: created during the flush)
+        self.inodes.drop_if_clean(ino)   # (dirty now: created during the flush)
         self.blocks.forget_read_ahead()  # chunks of its data may be rewritten elsewhere
         if self.names_hook is not None:  # the other node may rename what is in it
             self.names_hook(ino)
