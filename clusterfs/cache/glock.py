@@ -17,10 +17,13 @@ at once hides every one of these races):
   hold time since its grant, and local users keep taking it until then, so
   two nodes taking turns on one lock each get some work done per round trip
   instead of bouncing it. The hold time adapts per glock (as GFS2's does): a
-  demote asked while local users are busy with the glock lengthens it by
-  `hold_step`, up to `max_hold`; one asked of a glock idle here shortens it
-  back towards `min_hold`. Two nodes both working on one lock then hand it
-  over less often, and a lock merely visited by others stays quick to get.
+  hold in which local users took the glock after the other node asked for it
+  makes the next one longer by `hold_step`, up to `max_hold`; one in which
+  nobody here wanted it any more makes the next shorter, back towards
+  `min_hold`. Two nodes both working on one lock then hand it over less often,
+  and a lock merely visited by others (or taken in strict turns) stays quick to
+  get. Once a demote is past its hold (`going_down`) no local user gets in,
+  whatever the clock says, until the lock is down.
 - Conversion deadlocks stay inside. Two nodes holding PR that both convert to
   EX close a cycle; the DLM fails one conversion with ConversionDeadlock. That
   side flushes and drops its lock, waits a moment and asks again from nothing.
@@ -62,7 +65,7 @@ DemoteCallback = Callable[["Glock", Mode], Awaitable[None] | None]
 GrantCallback = Callable[["Glock"], None]
 MIN_HOLD = 0.02          # seconds; docs/locking.md has the measurements behind it
 MAX_HOLD = 0.2           # the longest a contended glock's hold time grows to
-HOLD_STEP = 0.02         # how much one demote asked of a busy glock adds (or an idle one takes)
+HOLD_STEP = 0.02         # what one contended hold adds to the next (one not contended takes)
 IDLE_SHARE = 1.0         # seconds an unused, clean EX glock is kept before going to PR
 DEADLOCK_BACKOFF = 0.01  # up to this long (random) before asking again after a deadlock
 WARM_IN_FLIGHT = 32      # lock requests warm() keeps in flight at once
@@ -100,9 +103,8 @@ class Glock:
         """Held in `mode` or better, and no demote pending or still inside the hold
         time (local users go on until it is over): take it without waiting."""
         return self.lock is not None and self.lock.mode >= mode and (
-            self.demote_to is None or not self.going_down and
-            time.monotonic() < self.granted_at + self.hold_time)
-
+            self.demote_to is None or (
+                not self.going_down and time.monotonic() < self.granted_at + self.hold_time))
 
     def describe(self) -> dict[str, Any]:
         return {"name": list(self.name), "mode": self.mode.name if self.mode is not None
