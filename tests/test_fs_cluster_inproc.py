@@ -525,3 +525,22 @@ async def test_an_overwrite_after_a_pause_sets_the_times_for_every_node(tmp_path
         d = (await b.fs.getattr(f.ino)).d
         assert d.mtime > 5 and d.ctime > 5
         assert await b.fs.read(f.ino, 0, 4) == b"new."
+
+
+@trio_test
+async def test_a_withdrawn_node_ends_every_lock_wait_with_eio(tmp_path) -> None:
+    """Withdrawn, a node gives no lock back (its demotes never end); an operation that
+    waited behind such a demote used to wait for ever (a stress run's truncate hung
+    past its 60 s limit). Now it ends with EIO, as does every later one."""
+    async with nodes(tmp_path) as (a, b):
+        f = await a.fs.mknod(a.fs.root, b"f", REG, 0, 0, 0)
+        await a.fs.write(f.ino, 0, b"x")
+        a.fs.txn.withdraw("test: a corrupt block")
+        async with trio.open_nursery() as others:
+            others.start_soon(b.fs.setattr, f.ino)      # asks a for f: never answered
+            await trio.testing.wait_all_tasks_blocked(0.1)
+            assert a.fs.glocks.glocks[("inode", f.ino)].demote_to is not None
+            with trio.fail_after(5), pytest.raises(FSError) as exc:
+                await a.fs.getattr(f.ino)                # waited behind that demote
+            assert exc.value.errno == errno.EIO
+            others.cancel_scope.cancel()

@@ -148,6 +148,8 @@ class GlockManager:
         self._exclusive: dict[ResourceName, Glock] = {}
         # kinds locked by byte range (ranged()): chunk size by kind
         self._chunk_bytes: dict[str, int] = {}
+        # set by fail(): every wait for a glock, and every later acquire, ends with it
+        self.failed: ClusterFSError | None = None
 
     def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
@@ -182,6 +184,8 @@ class GlockManager:
     async def acquire(self, wanted: Iterable[tuple[ResourceName, Mode]]) -> list[Glock]:
         """Hold every (name, mode), in sorted order; release with release(). A glock
         already cached in a sufficient mode is taken without awaiting (the fast path)."""
+        if self.failed is not None:
+            raise self.failed
         merged: dict[ResourceName, Mode] = {}
         for name, mode in wanted:
             if merged.get(name, Mode.NL) < mode:
@@ -259,6 +263,8 @@ class GlockManager:
         if glock is None:
             glock = self.glocks[name] = Glock(name, self.min_hold)
         while True:
+            if self.failed is not None:
+                raise self.failed
             if self.gate is not None and not self.gate.is_open():
                 await self.gate.wait_open()
             if glock.demote_to is not None:
@@ -304,6 +310,14 @@ class GlockManager:
         if mode == Mode.EX and str(glock.name[0]) in self.share_when_idle:
             self._exclusive[glock.name] = glock
         return True
+
+    def fail(self, error: ClusterFSError) -> None:
+        """The node withdrew: a demote of ours never ends (it gives nothing back that
+        may be stale), so an operation waiting behind one would wait for ever. Wake
+        every such wait, and end it and every later acquire with `error`."""
+        self.failed = error
+        for glock in self.glocks.values():
+            glock.demoted.set()
 
     def _blocking(self, glock: Glock, wanted: Mode) -> None:
         """The lock service: another node waits for `wanted`. Never dropped."""

@@ -41,6 +41,8 @@ class TransactionManager:
         self.last_change = 0.0            # when the last operation that wrote ended
         self.estimate = 0
         self.withdrawn: str | None = None
+        # told once, when the filesystem withdraws (the fs ends every lock wait)
+        self.on_withdraw: list[Callable[[str], None]] = []
         self.stats = {"commits": 0, "operations": 0}
         # set by the fs when it writes file data into blocks it just allocated: the
         # next commit must make that data durable before its commit block can be
@@ -62,6 +64,8 @@ class TransactionManager:
         if self.withdrawn is None:
             self.withdrawn = reason
             log.error("clusterfs: withdrawing: %s; no more writes to disk", reason)
+            for hook in self.on_withdraw:
+                hook(reason)
 
     def check_writable(self) -> None:
         if self.withdrawn is not None:

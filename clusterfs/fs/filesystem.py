@@ -189,6 +189,11 @@ class FileSystem:
         self._orphan_kick = trio.Event()
         self._sweeping = trio.Lock()     # held by the sweeper while it works
         self.closing = False
+        if clustered:
+            # withdrawn, a node keeps every lock (nothing it hands over may be stale)
+            # and its demotes never end: no operation may wait for a lock any more
+            txn.on_withdraw.append(lambda reason: glocks.fail(
+                FSError(errno.EIO, f"filesystem withdrawn: {reason}")))
         txn.quarantine_mark = self.alloc.quarantine_mark
         txn.end_quarantine = self.alloc.end_quarantine
         glocks.on_demote("inode", self._demote_inode)
