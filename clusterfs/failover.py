@@ -44,6 +44,8 @@ PHASES = {
                         "journals are replayed here (covers DLM recovery, which it waits for)",
     "proxy re-target": "storage/proxy.py: from a block server found silent until a "
                        "request has completed on another one",
+    "lock recovery": "node/lockd_cmd.py (clusterfs lockd only): from a view that removed "
+                     "a node until the lockspace runs again (DLM recovery done)",
 }
 
 # the events that mean "needs the host": audit event names, or prefixes ending in "."
