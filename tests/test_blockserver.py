@@ -8,7 +8,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -437,3 +440,78 @@ def test_a_slow_request_holds_neither_the_loop_nor_the_connection(slow):
 
 async def _spawn(fn) -> None:
     trio.lowlevel.spawn_system_task(fn)
+
+
+# -- seed 000 with a window: a stopped server, several writes in flight to it --------
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     "tools", "iscsibench.py")
+
+
+@contextlib.contextmanager
+def _server_processes(image: str, cfg, ports: list[int], nodes: tuple[int, ...]
+                      ) -> Iterator[dict]:
+    """Block servers of `nodes` on `image`, each a process of its own (so that it
+    can be SIGSTOPped); killed by pid at the end."""
+    procs: dict[int, subprocess.Popen] = {}
+    try:
+        for n in nodes:
+            procs[n] = subprocess.Popen(
+                [sys.executable, BENCH, "--serve", image, str(n), ",".join(map(str, ports)),
+                 str(cfg.io_timeout), cfg.key.hex()], stdout=subprocess.PIPE, text=True)
+            assert procs[n].stdout.readline().strip() == "serving"
+        yield procs
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+                os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def test_writes_in_flight_to_a_stopped_server_are_retargeted_and_never_land_stale(tmp_path):
+    """Seed 000 with several requests in flight: the proxy's preferred server is
+    SIGSTOPped and eight queued writes go to it; they time out, the proxy re-targets
+    them to the other server (no error), reads them back there, and overwrites them.
+    On SIGCONT the stopped server finds those eight writes in its socket: it must
+    write none of them (it was stopped: quarantine), so the newer bytes stay."""
+    from clusterfs.dlm.preferred import server_order
+    from clusterfs.storage.proxy import UNMAPPED
+
+    ports = free_ports(5)
+    cfg = _bench_config(ports, io_timeout=0.5)
+    image = _image(tmp_path)
+    with _server_processes(image, cfg, ports, (1, 2)) as procs:
+        dev = ProxyDevice(cfg, 3)
+        dev.attach(lambda: (1, frozenset({1, 2, 3})))
+        try:
+            victim = server_order(UNMAPPED, [1, 2])[0]      # where the proxy writes
+            dev.pwrite(0, b"warm" * 1024)
+            dev.flush()
+            os.kill(procs[victim].pid, signal.SIGSTOP)
+            stale = [os.urandom(4096) for _ in range(8)]
+            for i, block in enumerate(stale):
+                dev.write_behind(i * 4096, block)
+            dev.drain()                                   # no error: re-targeted
+            st = dev.statistics()
+            assert st["retargets"] >= 1 and victim in st["silent"], st
+            assert dev.pread(0, 8 * 4096) == b"".join(stale)
+            newer = os.urandom(8 * 4096)
+            dev.pwrite(0, newer)
+            dev.flush()
+            os.kill(procs[victim].pid, signal.SIGCONT)
+            time.sleep(1.0)                               # it reads what was sent
+            with open(image, "rb") as f:
+                assert f.read(8 * 4096) == newer
+        finally:
+            dev.close()
+
+
+def _bench_config(p: list[int], io_timeout: float):
+    """tools/iscsibench.py's config (its --serve mode builds the same from the same
+    ports): nodes 1 and 2 serve, 3 proxies."""
+    return parse_config({
+        "name": "bench", "key": os.urandom(32).hex(),
+        "timeouts": {"failure_timeout": max(3.0, 2 * io_timeout)},
+        "node": [{"id": i, "address": f"127.0.0.1:{p[i - 1]}"} for i in (1, 2, 3)],
+        "storage": {"group": [1, 2], "io_timeout": io_timeout,
+                    "servers": {"1": f"127.0.0.1:{p[3]}", "2": f"127.0.0.1:{p[4]}"}}})

@@ -237,6 +237,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self._log_bytes = 0
         self._unflushed: set[int] = set()                  # servers written since flush
         self._inflight: collections.deque[_Request] = collections.deque()   # sent order
+        self._inflight_written = 0                         # bytes of writes among them
         self._refused: str | None = None
         self._ids = 0
         self.stats = {"reads": 0, "writes": 0, "flushes": 0, "requests": 0,
@@ -433,6 +434,8 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
                 self._mark_silent(server, str(exc))
                 continue
             self._inflight.append(req)
+            if req.writes:
+                self._inflight_written += req.length
             self.stats["pipelined"] += 1
             self.stats["most_in_flight"] = max(self.stats["most_in_flight"],
                                                len(self._inflight))
@@ -460,11 +463,8 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         deadline = time.monotonic() + self.io_timeout
         self.stats["requests"] += 1
         for attempt in (1, 2):
-            conn = self._conns.get(server)
-            if conn is None:
-                conn = self._conns[server] = _Connection(self.cfg, self.node_id, server,
-                                                         self.io_timeout)
             try:
+                conn = self._connection(server)
                 conn.send(mtype, generation, body, deadline)
             except ConnectionError as exc:
                 # closed under us (the server restarted): once more on a new one
@@ -472,6 +472,11 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
                 if attempt == 2:
                     raise _Silent(f"block server {server}: {exc}") from exc
                 continue
+            except TimeoutError as exc:
+                self.stats["timeouts"] += 1
+                self._drop(server)
+                raise _Silent(f"block server {server}: no answer within "
+                              f"{self.io_timeout:g} s") from exc
             except (OSError, WireError) as exc:
                 self._drop(server)
                 raise _Silent(f"block server {server}: {exc}") from exc
@@ -480,14 +485,20 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             return _Request(server, conn, mtype, body, offset, length, deadline)
         raise AssertionError("unreachable")
 
+    def _connection(self, server: int) -> _Connection:
+        conn = self._conns.get(server)
+        if conn is None:
+            conn = self._conns[server] = _Connection(self.cfg, self.node_id, server,
+                                                     self.io_timeout)
+        return conn
+
     def _finish(self, req: _Request) -> dict[str, Any]:
         """The reply to `req`, read once. Its server silent: a write is covered by
         the log re-sent (_mark_silent), a read is sent again elsewhere; its
         connection dropped for another reason (closed under us): sent again."""
         if req.reply is not None:
             return req.reply
-        if req in self._inflight:
-            self._inflight.remove(req)
+        self._forget(req)
         try:
             req.reply = self._accepted(req.server, req.mtype, self._read_reply(req))
         except _Lost:
@@ -527,7 +538,14 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         for req in list(self._inflight):
             if req.server == server and req.writes:
                 req.covered = True
-                self._inflight.remove(req)
+                self._forget(req)
+
+    def _forget(self, req: _Request) -> None:
+        """`req` no longer counts in the window."""
+        if req in self._inflight:
+            self._inflight.remove(req)
+            if req.writes:
+                self._inflight_written -= req.length
 
     def _finish_all(self) -> None:
         while self._inflight:
@@ -640,7 +658,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
     @property
     def behind_pending(self) -> int:
         """Bytes of writes sent and not answered yet."""
-        return sum(r.length for r in list(self._inflight) if r.writes)
+        return self._inflight_written
 
     def behind_has_room(self, length: int) -> bool:
         return len(self._inflight) < WINDOW
@@ -689,7 +707,14 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self._refused = reason
 
     def close(self) -> None:
+        """Wait for the writes in flight (a failure is logged: the caller flushed
+        before if it cared), then close every connection."""
         with self._lock:
+            try:
+                self._finish_all()
+            except StorageError as exc:
+                log.warning("node %d: %s: writes in flight at close: %s", self.node_id,
+                            self.path, exc)
             for server in list(self._conns):
                 self._drop(server)
 
