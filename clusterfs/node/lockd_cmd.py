@@ -27,7 +27,8 @@ loads every module that path may import (node/prepare.py `preload`, which also
 bounds the stacks of threads started later), and it marks "lock recovery" from a
 view that removed a node (not a clean leaver) until its lockspace runs again in
 that view or a later one. The process agent holds each member's process from the
-moment it joins (so a fence opens no pid file). With CLUSTERFS_AUDIT_FAILOVER=1 in
+moment it joins (so a fence opens no pid file; CLUSTERFS_LOCKD_FENCE_BY_RECORD=1 turns
+that off, for tests of a fence the record cannot prove). With CLUSTERFS_AUDIT_FAILOVER=1 in
 its environment it audits that path as a mount does, from the moment its control
 socket listens: `status` then has a "failover" entry (what was recorded during a
 phase).
@@ -116,6 +117,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 AUDIT_ENV = "CLUSTERFS_AUDIT_FAILOVER"    # =1: audit the failover path (module doc)
 LOCK_RECOVERY = "lock recovery"          # clusterfs.failover phase marked here
+# =1: the process agent reads a dead node's pid record when it fences it, not when the
+# node joins (so a record removed meanwhile leaves its fence unproven: tests of that)
+FENCE_BY_RECORD_ENV = "CLUSTERFS_LOCKD_FENCE_BY_RECORD"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,7 +243,8 @@ async def serve(config: Any, node_id: int, control: str, fence_pid_dir: str | No
             server = ControlServer(ls, node, extra_status=_failover_status)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_mark_lock_recovery, node.membership, ls)
-                if isinstance(agent, ProcessAgent):
+                if (isinstance(agent, ProcessAgent)
+                        and os.environ.get(FENCE_BY_RECORD_ENV) != "1"):
                     nursery.start_soon(_hold_members, node.membership, agent, node_id)
                 failover.arm_audit()        # what starting lockd did is not failover
                 await server.serve(control)
