@@ -187,8 +187,12 @@ class _DirectIO:
                 done += n
 
     def close(self) -> None:
-        os.close(self.fd)
-        self.buf.close()
+        """Under the lock: a read or write still under way in another thread (one a
+        cancelled caller abandoned, as the disk heartbeat's) holds a view of the buffer,
+        and closing the buffer under it raises BufferError; wait for it instead."""
+        with self.lock:
+            os.close(self.fd)
+            self.buf.close()
 
 
 class _Chunk:
