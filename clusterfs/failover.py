@@ -32,6 +32,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 # phase name -> who marks it, from when to when
@@ -43,6 +44,8 @@ PHASES = {
                         "journals are replayed here (covers DLM recovery, which it waits for)",
     "proxy re-target": "storage/proxy.py: from a block server found silent until a "
                        "request has completed on another one",
+    "lock recovery": "node/lockd_cmd.py (clusterfs lockd only): from a view that removed "
+                     "a node until the lockspace runs again (DLM recovery done)",
 }
 
 # the events that mean "needs the host": audit event names, or prefixes ending in "."
@@ -52,6 +55,15 @@ AUDITED = ("open", "import", "exec", "compile", "subprocess.Popen", "os.system",
            "os.chown", "os.link", "os.symlink", "os.utime", "os.chdir", "ctypes.dlopen",
            "socket.getaddrinfo", "socket.gethostbyname", "socket.gethostbyaddr",
            "socket.getnameinfo", "shutil.", "tempfile.", "glob.")
+
+# A thread of ours gets a stack this size, not the 8 MiB default (ulimit -s): under
+# mlockall(MCL_FUTURE) every page of a new thread's stack is faulted in and locked at
+# once, so each default thread costs 8 MiB of locked memory the moment it starts. Our
+# threads run shallow Python and short C calls (syscalls, libiscsi, cffi): 512 KiB
+# leaves them a wide margin (trio's worker threads are left at the default: what
+# they run is not ours to bound).
+THREAD_STACK = 512 << 10
+_stack_lock = threading.Lock()
 
 DURING_LIMIT = 1000      # events kept that happened during a phase (then only counted)
 SAMPLE = 20              # events kept that happened outside every phase (the latest)
@@ -77,6 +89,21 @@ def leave(phase: str) -> None:
 
 def under_way() -> tuple[str, ...]:
     return tuple(_under_way)
+
+
+def start_thread(target: Callable[[], None], name: str, *, daemon: bool = True
+                 ) -> threading.Thread:
+    """Start a thread of ours with a THREAD_STACK stack. The size is a process-wide
+    setting read when a thread starts: it is set and put back around our start only
+    (under a lock, so two of ours never undo each other's)."""
+    thread = threading.Thread(target=target, name=name, daemon=daemon)
+    with _stack_lock:
+        before = threading.stack_size(THREAD_STACK)
+        try:
+            thread.start()
+        finally:
+            threading.stack_size(before)
+    return thread
 
 
 def phase_history() -> list[dict[str, Any]]:

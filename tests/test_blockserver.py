@@ -5,10 +5,15 @@ round trip and refusal handling. Real mounts are in test_proxy.py."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -23,7 +28,7 @@ from clusterfs.storage import blockwire as bw
 from clusterfs.storage.blockserver import BlockServer
 from clusterfs.storage.device import BlockDevice
 from clusterfs.storage.groupfence import StorageGroupFence
-from clusterfs.storage.proxy import ProxyDevice
+from clusterfs.storage.proxy import ProxyDevice, _Connection
 from clusterfs.wire import frame as wf
 from clusterfs.wire.types import MsgType
 
@@ -64,20 +69,20 @@ class Served:
             deadline -= 1
 
 
-@pytest.fixture
-def served(tmp_path) -> Iterator[Served]:
-    p = free_ports(4)
-    cfg = parse_config({
+def _config(group: list[int], io_timeout: float = 0.2):
+    p = free_ports(5)
+    return parse_config({
         "name": "t", "key": os.urandom(32).hex(),
         "node": [{"id": i, "address": f"127.0.0.1:{p[i - 1]}"} for i in (1, 2, 3)],
-        "storage": {"group": [1], "io_timeout": 0.2,
-                    "servers": {"1": f"127.0.0.1:{p[3]}"}}})
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(8 * MIB)
-    dev = BlockDevice(str(image))
+        "storage": {"group": group, "io_timeout": io_timeout,
+                    "servers": {str(n): f"127.0.0.1:{p[2 + n]}" for n in group}}})
+
+
+@contextlib.contextmanager
+def _serving(cfg, node: int, dev) -> Iterator[Served]:
+    """A BlockServer of `node` on `dev`, in a trio run on a thread of its own."""
     views = Views()
-    server = BlockServer(cfg, 1, dev, views)
+    server = BlockServer(cfg, node, dev, views)
     started = threading.Event()
     box: dict = {}
 
@@ -96,6 +101,22 @@ def served(tmp_path) -> Iterator[Served]:
     finally:
         trio.from_thread.run_sync(box["cancel"].cancel, trio_token=box["token"])
         thread.join(10)
+
+
+def _image(tmp_path, name: str = "disk.img") -> str:
+    image = tmp_path / name
+    with open(image, "wb") as f:
+        f.truncate(8 * MIB)
+    return str(image)
+
+
+@pytest.fixture
+def served(tmp_path) -> Iterator[Served]:
+    dev = BlockDevice(_image(tmp_path))
+    try:
+        with _serving(_config([1]), 1, dev) as s:
+            yield s
+    finally:
         dev.close()
 
 
@@ -275,3 +296,222 @@ def test_a_connection_closed_under_the_proxy_is_made_again_not_taken_for_silence
         assert suspected == [] and st["retargets"] == 0 and st["silent"] == []
     finally:
         dev.close()
+
+
+# -- several requests in flight; device I/O off the server's event loop (issue 8) ----
+class SlowDevice:
+    """A BlockDevice whose reads and writes take `delay` seconds more (a slow disk
+    below the real server), counting how many run at once and on which threads."""
+
+    def __init__(self, path: str, delay: float) -> None:
+        self.inner = BlockDevice(path)
+        self.size = self.inner.size
+        self.delay = delay
+        self.slow_offsets: dict[int, float] = {}     # offset -> its own delay
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most_at_once = 0
+        self.threads: set[str] = set()
+
+    def _slowly(self, offset: int, fn, *args):
+        with self.lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+            self.threads.add(threading.current_thread().name)
+        try:
+            time.sleep(self.slow_offsets.get(offset, self.delay))
+            return fn(*args)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+    def pread(self, offset: int, length: int) -> bytes:
+        return self._slowly(offset, self.inner.pread, offset, length)
+
+    def pwrite(self, offset: int, data) -> None:
+        self._slowly(offset, self.inner.pwrite, offset, data)
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+@pytest.fixture
+def slow(tmp_path) -> Iterator[tuple[Served, SlowDevice]]:
+    dev = SlowDevice(_image(tmp_path), 0.05)
+    try:
+        with _serving(_config([1], io_timeout=1.5), 1, dev) as s:
+            yield s, dev
+    finally:
+        dev.close()
+
+
+def test_a_proxy_has_several_requests_in_flight_at_the_server(slow):
+    """Queued writes (write_behind: file data) and the pieces of a large read are
+    sent without waiting for each other's replies: the server's device works on
+    several at once, and eight 50 ms writes take about one write's time, not eight.
+    (One request at a time: at most one at the device, and 0.4 s.)"""
+    served, disk = slow
+    dev = _proxy(served, 1)
+    try:
+        blocks = [os.urandom(64 << 10) for _ in range(8)]
+        started = time.monotonic()
+        for i, block in enumerate(blocks):
+            dev.write_behind(i * MIB, block)
+        dev.drain()
+        took = time.monotonic() - started
+        assert disk.most_at_once >= 4, disk.most_at_once
+        assert took < 0.3, took
+        dev.flush()
+        for i, block in enumerate(blocks):
+            assert disk.inner.pread(i * MIB, len(block)) == block
+        disk.most_at_once = 0
+        whole = dev.pread(0, 4 * MIB)                    # four pieces, side by side
+        assert disk.most_at_once >= 2
+        assert [whole[i * MIB : i * MIB + len(b)] for i, b in enumerate(blocks[:4])] \
+            == blocks[:4]
+        assert served.server.statistics()["most_in_flight"] >= 4
+    finally:
+        dev.close()
+
+
+def test_a_read_never_overtakes_a_queued_write_of_the_same_bytes(slow):
+    """The server works on a connection's requests side by side, so the proxy holds
+    back a read (or write) of bytes a write in flight covers until that write is
+    answered: a slow write followed at once by a read of its bytes reads them."""
+    served, disk = slow
+    dev = _proxy(served, 1)
+    try:
+        disk.slow_offsets[2 * MIB] = 0.3                 # this write takes long
+        for round_ in range(3):
+            data = os.urandom(8192)
+            dev.write_behind(2 * MIB, data)
+            assert dev.pread(2 * MIB, 8192) == data, round_
+            later = os.urandom(4096)
+            dev.write_behind(2 * MIB, later)             # a second write of the same
+            dev.write_behind(2 * MIB + 4096, data[4096:])
+            assert dev.pread(2 * MIB, 8192) == later + data[4096:]
+    finally:
+        dev.close()
+
+
+def test_a_slow_request_holds_neither_the_loop_nor_the_connection(slow):
+    """Device I/O runs on the server's own I/O threads: while one read waits 1 s on
+    the device, the server's event loop keeps ticking and later requests on the
+    same connection are answered. (Before: the connection's next request waited for
+    the slow one.)"""
+    served, disk = slow
+    disk.delay = 0.0
+    disk.slow_offsets[0] = 1.0
+    lags: list[float] = []
+
+    async def watch_the_loop() -> None:              # a heartbeat-like task
+        for _ in range(30):
+            before = time.monotonic()
+            await trio.sleep(0.02)
+            lags.append(time.monotonic() - before - 0.02)
+
+    conn = _Connection(served.cfg, 3, 1, 5.0)          # frames by hand: no window
+    try:
+        def send(rid: int, mtype: int, body: dict) -> None:
+            conn._send(wf.encode_prefixed(conn.skey, mtype, 3, 1, conn.out.take(),
+                                          {**body, "id": rid}), time.monotonic() + 5)
+
+        send(1, MsgType.BLOCK_READ, {"off": 0, "len": 4096})          # the slow one
+        trio.from_thread.run(_spawn, watch_the_loop, trio_token=served.token)
+        started = time.monotonic()
+        send(2, MsgType.BLOCK_WRITE, {"off": 8192, "data": b"x" * 4096})
+        send(3, MsgType.BLOCK_READ, {"off": 8192, "len": 4096})
+        answered: dict[int, float] = {}
+        while len(answered) < 3:
+            f = wf.decode(conn.skey, conn._recv(time.monotonic() + 5), max_frame=bw.MAX_FRAME)
+            assert f.body["ok"], f.body
+            answered[f.body["id"]] = time.monotonic() - started
+        assert answered[2] < 0.5 and answered[3] < 0.5, answered    # not behind #1
+        assert answered[1] > 0.8, answered
+        assert lags and max(lags) < 0.2, max(lags)
+        assert all(name.startswith("block-server-io") for name in disk.threads), \
+            disk.threads
+    finally:
+        conn.close()
+
+
+async def _spawn(fn) -> None:
+    trio.lowlevel.spawn_system_task(fn)
+
+
+# -- seed 000 with a window: a stopped server, several writes in flight to it --------
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     "tools", "iscsibench.py")
+
+
+@contextlib.contextmanager
+def _server_processes(image: str, cfg, ports: list[int], nodes: tuple[int, ...]
+                      ) -> Iterator[dict]:
+    """Block servers of `nodes` on `image`, each a process of its own (so that it
+    can be SIGSTOPped); killed by pid at the end."""
+    procs: dict[int, subprocess.Popen] = {}
+    try:
+        for n in nodes:
+            procs[n] = subprocess.Popen(
+                [sys.executable, BENCH, "--serve", image, str(n), ",".join(map(str, ports)),
+                 str(cfg.io_timeout), cfg.key.hex()], stdout=subprocess.PIPE, text=True)
+            assert procs[n].stdout.readline().strip() == "serving"
+        yield procs
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                os.kill(p.pid, signal.SIGCONT)
+                os.kill(p.pid, signal.SIGKILL)
+            p.wait()
+
+
+def test_writes_in_flight_to_a_stopped_server_are_retargeted_and_never_land_stale(tmp_path):
+    """Seed 000 with several requests in flight: the proxy's preferred server is
+    SIGSTOPped and eight queued writes go to it; they time out, the proxy re-targets
+    them to the other server (no error), reads them back there, and overwrites them.
+    On SIGCONT the stopped server finds those eight writes in its socket: it must
+    write none of them (it was stopped: quarantine), so the newer bytes stay."""
+    from clusterfs.dlm.preferred import server_order
+    from clusterfs.storage.proxy import UNMAPPED
+
+    ports = free_ports(5)
+    cfg = _bench_config(ports, io_timeout=0.5)
+    image = _image(tmp_path)
+    with _server_processes(image, cfg, ports, (1, 2)) as procs:
+        dev = ProxyDevice(cfg, 3)
+        dev.attach(lambda: (1, frozenset({1, 2, 3})))
+        try:
+            victim = server_order(UNMAPPED, [1, 2])[0]      # where the proxy writes
+            dev.pwrite(0, b"warm" * 1024)
+            dev.flush()
+            os.kill(procs[victim].pid, signal.SIGSTOP)
+            stale = [os.urandom(4096) for _ in range(8)]
+            for i, block in enumerate(stale):
+                dev.write_behind(i * 4096, block)
+            dev.drain()                                   # no error: re-targeted
+            st = dev.statistics()
+            assert st["retargets"] >= 1 and victim in st["silent"], st
+            assert dev.pread(0, 8 * 4096) == b"".join(stale)
+            newer = os.urandom(8 * 4096)
+            dev.pwrite(0, newer)
+            dev.flush()
+            os.kill(procs[victim].pid, signal.SIGCONT)
+            time.sleep(1.0)                               # it reads what was sent
+            with open(image, "rb") as f:
+                assert f.read(8 * 4096) == newer
+        finally:
+            dev.close()
+
+
+def _bench_config(p: list[int], io_timeout: float):
+    """tools/iscsibench.py's config (its --serve mode builds the same from the same
+    ports): nodes 1 and 2 serve, 3 proxies."""
+    return parse_config({
+        "name": "bench", "key": os.urandom(32).hex(),
+        "timeouts": {"failure_timeout": max(3.0, 2 * io_timeout)},
+        "node": [{"id": i, "address": f"127.0.0.1:{p[i - 1]}"} for i in (1, 2, 3)],
+        "storage": {"group": [1, 2], "io_timeout": io_timeout,
+                    "servers": {"1": f"127.0.0.1:{p[3]}", "2": f"127.0.0.1:{p[4]}"}}})

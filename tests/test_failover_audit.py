@@ -43,6 +43,8 @@ from clusterfs.membership.generation_record import (
     generation_file_path,
 )
 from clusterfs.node import prepare
+from clusterfs.node.lockbench_cmd import LocalLockCluster
+from clusterfs.node.lockd_cmd import ControlClient
 
 AUDIT = {"CLUSTERFS_AUDIT_FAILOVER": "1"}
 
@@ -383,3 +385,47 @@ def test_a_proxy_opens_and_imports_nothing_while_it_retargets(tmp_path, audited)
         assert _status(c, 3)["device"]["retargets"] >= 1
         assert_quiet_failover(audits[3], stopped_at, {"proxy re-target", *KILL_PHASES})
         assert_quiet_failover(audits[other], stopped_at, KILL_PHASES)
+
+
+# -- clusterfs lockd ------------------------------------------------------------------
+LOCKD_PHASES = {"membership", "lock recovery"}
+
+
+def _lockd_audit(c, node: int) -> dict:
+    with ControlClient(c.control(node)) as client:
+        return client.call("status")["failover"]
+
+
+def test_lockd_survivors_open_and_import_nothing_while_they_recover_the_locks(
+        tmp_path, monkeypatch):
+    """Three `clusterfs lockd` (tools/lockcluster.py's kind), every node holding EX
+    locks; kill -9 of node 1: nodes 2 and 3 see it go, fence it (the process agent),
+    recover the DLM and grant its locks again, and record nothing meanwhile."""
+    for k, v in AUDIT.items():
+        monkeypatch.setenv(k, v)
+    with LocalLockCluster([1, 2, 3], workdir=str(tmp_path)) as c:
+        c.start_all()
+        clients = {n: ControlClient(c.control(n)) for n in (1, 2, 3)}
+        try:
+            for n, client in clients.items():
+                for i in range(20):
+                    client.call("lock", name=["inode", n * 100 + i], mode="EX")
+            killed_at = time.time()
+            c.kill(1)
+            for n in (2, 3):
+                wait_for(f"lockd {n}'s phases {sorted(LOCKD_PHASES)}",
+                         lambda n=n: _phases_after(_lockd_audit(c, n), killed_at)
+                         >= LOCKD_PHASES,
+                         timeout=60, poll=0.2)
+            got = clients[2].call("lock", name=["inode", 105], mode="EX", timeout=10)
+            assert got["mode"] == "EX"                   # node 1's lock, granted again
+            audits = {n: _lockd_audit(c, n) for n in (2, 3)}
+        finally:
+            for n, client in clients.items():
+                if n != 1:
+                    client.close()
+        for n, audit in audits.items():
+            print(f"\nlockd {n}: {audit['seen']} events seen, {audit['outside_count']} "
+                  f"outside the failover, phases {audit['phases']}\n{_explain(audit)}")
+        for audit in audits.values():
+            assert_quiet_failover(audit, killed_at, LOCKD_PHASES)

@@ -20,6 +20,10 @@ the stop is taken (io_timeout set by --io-timeout), --retargets times.
     seq read    SIZE in 1 MiB reads (the data just written: warm page cache on both)
     rand write  COUNT 4 KiB writes at random block addresses, then flush
     rand read   COUNT 4 KiB reads at random block addresses
+    queued      the same seq write and rand write through `write_behind` and `drain`
+                (how a mount writes file data: BlockDevice queues to its
+                write-behind thread, ProxyDevice sends without waiting for each
+                reply, up to its window; IscsiDevice writes at once)
 
 Run as root: python3 tools/iscsibench.py [--size-mib 256] [--count 4000] [--runs 2]
 Everything it starts (tgtd) and makes (the directory) is removed at the end.
@@ -82,6 +86,27 @@ def measure(dev, size: int, count: int, seed: int) -> dict[str, float]:
     for b in blocks:
         dev.pread(b * BLOCK, BLOCK)
     out["4k rand read IOPS"] = count / (time.perf_counter() - t)
+    out.update(measure_queued(dev, size, blocks))
+    return out
+
+
+def measure_queued(dev, size: int, blocks: list[int]) -> dict[str, float]:
+    """Writes queued with write_behind, then drain and flush."""
+    out = {}
+    chunk = os.urandom(MIB)
+    t = time.perf_counter()
+    for off in range(0, size, MIB):
+        dev.write_behind(off, chunk)
+    dev.drain()
+    dev.flush()
+    out["seq write queued MiB/s"] = size / MIB / (time.perf_counter() - t)
+    block = os.urandom(BLOCK)
+    t = time.perf_counter()
+    for b in blocks:
+        dev.write_behind(b * BLOCK, block)
+    dev.drain()
+    dev.flush()
+    out["4k rand write queued IOPS"] = len(blocks) / (time.perf_counter() - t)
     return out
 
 

@@ -22,6 +22,17 @@ cluster, every new view has a higher generation than any before
 (clusterfs.membership.generation_record). A missing or unwritable DIR or a
 corrupt record stops lockd at start with one line (exit 2).
 
+The failover path (clusterfs.failover; docs/recovery.md): before it joins, lockd
+loads every module that path may import (node/prepare.py `preload`, which also
+bounds the stacks of threads started later), and it marks "lock recovery" from a
+view that removed a node (not a clean leaver) until its lockspace runs again in
+that view or a later one. The process agent holds each member's process from the
+moment it joins (so a fence opens no pid file; CLUSTERFS_LOCKD_FENCE_BY_RECORD=1 turns
+that off, for tests of a fence the record cannot prove). With CLUSTERFS_AUDIT_FAILOVER=1 in
+its environment it audits that path as a mount does, from the moment its control
+socket listens: `status` then has a "failover" entry (what was recorded during a
+phase).
+
 Control protocol: one JSON object per line each way. A request is
 {"op": ..., ...}; the answer is {"ok": true, ...} or
 {"ok": false, "error": "<exception class>", "errno": N, "message": "..."}.
@@ -60,6 +71,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from clusterfs import failover
 from clusterfs.dlm.interface import LVB_SIZE, Lock, Mode
 from clusterfs.errors import ClusterFSError, ConfigError, FenceError, StateError
 from clusterfs.membership.generation_record import GenerationFile, GenerationRecord
@@ -103,7 +115,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+AUDIT_ENV = "CLUSTERFS_AUDIT_FAILOVER"    # =1: audit the failover path (module doc)
+LOCK_RECOVERY = "lock recovery"          # clusterfs.failover phase marked here
+# =1: the process agent reads a dead node's pid record when it fences it, not when the
+# node joins (so a record removed meanwhile leaves its fence unproven: tests of that)
+FENCE_BY_RECORD_ENV = "CLUSTERFS_LOCKD_FENCE_BY_RECORD"
+
+
 def run(args: argparse.Namespace) -> int:
+    if os.environ.get(AUDIT_ENV) == "1":
+        failover.install_audit()        # first: every later event is counted
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"%(asctime)s lockd{args.node_id} %(name)s: %(message)s")
     control = args.control or default_control_path(args.node_id)
@@ -209,16 +230,25 @@ async def serve(config: Any, node_id: int, control: str, fence_pid_dir: str | No
     from clusterfs.dlm.lockspace import open_dlm
     from clusterfs.fence.agent import ProcessAgent
     from clusterfs.node.cluster import open_cluster_node
+    from clusterfs.node.prepare import preload
 
     if agent is None and fence_pid_dir:
         agent = ProcessAgent(pid_dir=fence_pid_dir)
     Path(control).parent.mkdir(parents=True, exist_ok=True)
+    preload()                      # the failover path imports nothing (node/prepare.py)
     async with open_cluster_node(config, node_id, fence_agent=agent, incarnation=incarnation,
                                  generation_record=generation_record) as node:
         async with open_dlm(node.endpoint, node.membership) as dlm:
             ls = await dlm.new_lockspace("default")
-            server = ControlServer(ls, node)
-            await server.serve(control)
+            server = ControlServer(ls, node, extra_status=_failover_status)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_mark_lock_recovery, node.membership, ls)
+                if (isinstance(agent, ProcessAgent)
+                        and os.environ.get(FENCE_BY_RECORD_ENV) != "1"):
+                    nursery.start_soon(_hold_members, node.membership, agent, node_id)
+                failover.arm_audit()        # what starting lockd did is not failover
+                await server.serve(control)
+                nursery.cancel_scope.cancel()
         if not server.expelled:
             # told to quit: a clean leave, so the others drop us in a new view without
             # fencing (a lock daemon writes no shared disk; its locks go in their DLM
@@ -226,6 +256,40 @@ async def serve(config: Any, node_id: int, control: str, fence_pid_dir: str | No
             # at once, a SIGKILL while we are still on our way out.
             await node.membership.leave(2 * node.config.failure_timeout)
     return server.expelled
+
+
+def _failover_status() -> dict[str, Any]:
+    return {"failover": failover.report()}
+
+
+async def _hold_members(membership: Any, agent: Any, node_id: int) -> None:
+    """As nodes come into our view, have the process agent hold each one's process
+    (its pid record read, a pidfd opened) now, so that fencing it later opens no
+    file (the failover audit found that read at fence time; a mount does the same:
+    node/fencing.py, MountFencing.hold_members)."""
+    from clusterfs.membership.view import ViewChange
+
+    async for ev in membership.subscribe():
+        if isinstance(ev, ViewChange):
+            members = membership.installed_incarnations.get(ev.view.generation, {})
+            for member, incarnation in sorted(members.items()):
+                if member != node_id:
+                    agent.expect(member, incarnation)
+
+
+async def _mark_lock_recovery(membership: Any, ls: Lockspace) -> None:
+    """The "lock recovery" phase: from a view that removed a node that did not leave
+    cleanly until the lockspace runs in that view or a later one (its DLM recovery
+    done: the removed node fenced first, membership's own phase before that)."""
+    from clusterfs.membership.view import ViewChange
+
+    async for ev in membership.subscribe():
+        if not isinstance(ev, ViewChange) or not ev.left - ev.clean:
+            continue
+        failover.enter(LOCK_RECOVERY)
+        while not (ls.ls_running and ls.statistics().generation >= ev.view.generation):
+            await trio.sleep(0.01)
+        failover.leave(LOCK_RECOVERY)
 
 
 class ControlServer:

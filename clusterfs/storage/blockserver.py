@@ -35,19 +35,32 @@ it joins). Writes and flushes are the dangerous part, and are refused:
   path, through this node's own agent (`fence_disk_node`: a SCSI-3 PREEMPT), on
   behalf of a member that has no session on the LUN.
 
-Every I/O runs in a worker thread; one request is in flight per connection.
+Requests are worked on side by side: a connection's reader reads each request as it
+comes and hands it to a task of its own (at most CONN_WINDOW of a connection at once),
+which answers when it is done, so replies may come in another order than their
+requests (a proxy matches them by id, and never has two overlapping writes, or a
+write and a read of the same bytes, in flight). Every device read, write and flush
+runs on one of the server's own I/O threads (IO_THREADS, started with the server,
+small stacks: none is started on the failover path, and a device that hangs
+holds those threads, not the event loop nor the worker threads the rest of the
+node uses); the event loop only reads, checks and answers frames. A write or
+flush, once handed to an I/O thread, is waited for even if its connection goes:
+a fence of its sender waits for it (`cut_off_node`).
 """
 
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
+import outcome
 import trio
 
+from clusterfs import failover
 from clusterfs.config import ClusterConfig
 from clusterfs.errors import ClusterFSError, FenceError, StorageError, WireError
 from clusterfs.membership.view import ExpelledEvent, ViewChange
@@ -58,6 +71,11 @@ from clusterfs.wire.types import MsgType
 log = logging.getLogger(__name__)
 
 TICK = 0.05                  # seconds between the stall detector's ticks
+IO_THREADS = 8               # device I/O threads: a proxy's whole window starts at once
+CONN_WINDOW = 16             # requests of one connection worked on at once (the
+                             # proxy sends at most proxy.WINDOW)
+
+T = TypeVar("T")
 
 
 class _Refused(ClusterFSError):
@@ -94,6 +112,65 @@ class _Reader:
         return data
 
 
+class _IOThreads:
+    """The block server's own threads for device I/O (module doc)."""
+
+    def __init__(self, count: int, name: str) -> None:
+        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self.threads = [failover.start_thread(self._work, f"{name}-{i}")
+                        for i in range(count)]
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on one of the threads. Not cancellable: once handed over, the
+        I/O is waited for (a fence counts on it)."""
+        token = trio.lowlevel.current_trio_token()
+        done = trio.Event()
+        result: list[outcome.Outcome] = []
+
+        def deliver(out: outcome.Outcome) -> None:
+            result.append(out)
+            done.set()
+
+        self._jobs.put((fn, args, token, deliver))
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        return result[0].unwrap()
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            fn, args, token, deliver = job
+            out = outcome.capture(fn, *args)
+            try:
+                token.run_sync_soon(deliver, out)
+            except trio.RunFinishedError:
+                pass                            # the server is gone: nobody waits
+
+    def stop(self) -> None:
+        for _ in self.threads:
+            self._jobs.put(None)
+
+
+class _Replies:
+    """The sending half of one connection: replies, one at a time, numbered."""
+
+    def __init__(self, stream: trio.SocketStream, skey: bytes, me: int) -> None:
+        self.stream = stream
+        self.skey = skey
+        self.me = me
+        self.out = bw.Sequencer()
+        self.lock = trio.Lock()
+        self.error: BaseException | None = None     # what ended the connection
+
+    async def send(self, generation: int, body: dict[str, Any]) -> None:
+        async with self.lock:
+            await self.stream.send_all(wf.encode_prefixed(
+                self.skey, MsgType.BLOCK_REPLY, self.me, generation, self.out.take(),
+                body))
+
+
 class BlockServer:
     """Serve `dev` (this node's own handle on the disk) to the cluster's proxies.
 
@@ -123,6 +200,8 @@ class BlockServer:
         self.quiet_until = 0.0                   # writes refused until then (a stall)
         self.stalls = 0
         self._stop = threading.Event()
+        self._io_threads: _IOThreads | None = None
+        self.most_in_flight = 0                  # requests of one connection at once
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
@@ -130,8 +209,8 @@ class BlockServer:
         listeners = await trio.open_tcp_listeners(port, host=host)
         log.info("node %d: block server on %s:%d for the storage group", self.node_id,
                  host, port)
-        ticker = threading.Thread(target=self._tick, name="block-server-tick", daemon=True)
-        ticker.start()
+        failover.start_thread(self._tick, "block-server-tick")
+        self._io_threads = _IOThreads(IO_THREADS, "block-server-io")
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._follow_views)
@@ -140,6 +219,7 @@ class BlockServer:
                                            handler_nursery=nursery)
         finally:
             self._stop.set()
+            self._io_threads.stop()
 
     # -- stall detection -------------------------------------------------------------
     def _tick(self) -> None:
@@ -215,14 +295,11 @@ class BlockServer:
             reader = _Reader(stream)
             with trio.fail_after(self.cfg.connect_timeout):
                 client, skey = await self._handshake(stream, reader)
-            inbound, outbound = bw.Sequencer(), bw.Sequencer()
-            while True:
-                f = wf.decode(skey, await reader.read(), max_frame=bw.MAX_FRAME)
-                inbound.check(f, client)
-                reply = await self._handle(f, time.monotonic())
-                await stream.send_all(wf.encode_prefixed(
-                    skey, MsgType.BLOCK_REPLY, self.node_id, self.generation,
-                    outbound.take(), reply))
+            replies = _Replies(stream, skey, self.node_id)
+            async with trio.open_nursery() as requests:
+                await self._read_requests(reader, client, replies, requests)
+            if replies.error is not None:
+                raise replies.error
         except WireError as exc:
             self.stats["wire_errors"] += 1
             log.warning("node %d: block server: dropped connection from node %d: %s",
@@ -233,6 +310,33 @@ class BlockServer:
                       exc)
         finally:
             await trio.aclose_forcefully(stream)
+
+    async def _read_requests(self, reader: _Reader, client: int, replies: _Replies,
+                             requests: trio.Nursery) -> None:
+        """Read requests as they come, each answered by a task of its own."""
+        inbound = bw.Sequencer()
+        slots = trio.Semaphore(CONN_WINDOW)
+        while True:
+            f = wf.decode(replies.skey, await reader.read(), max_frame=bw.MAX_FRAME)
+            inbound.check(f, client)
+            received = time.monotonic()        # a wait for a slot counts in the lease
+            await slots.acquire()
+            self.most_in_flight = max(self.most_in_flight, CONN_WINDOW - slots.value)
+            requests.start_soon(self._answer, f, received, replies, slots, requests)
+
+    async def _answer(self, f: wf.Frame, received: float, replies: _Replies,
+                      slots: trio.Semaphore, requests: trio.Nursery) -> None:
+        """Carry out one request and send its reply. What breaks the connection (a
+        malformed request, a failed send) ends it once, for all its requests."""
+        try:
+            await replies.send(self.generation, await self._handle(f, received))
+        except (WireError, OSError, trio.BrokenResourceError,
+                trio.ClosedResourceError) as exc:
+            if replies.error is None:
+                replies.error = exc
+            requests.cancel_scope.cancel()
+        finally:
+            slots.release()
 
     async def _handshake(self, stream: trio.SocketStream, reader: _Reader
                          ) -> tuple[int, bytes]:
@@ -259,7 +363,7 @@ class BlockServer:
             elif f.type in (MsgType.BLOCK_WRITE, MsgType.BLOCK_FLUSH):
                 out = await self._write_request(f, body, received)
             else:
-                out = await trio.to_thread.run_sync(self._io, f.type, body, received)
+                out = await self._run_io(f.type, body, received)
         except _Refused as exc:
             self.stats["refused"] += 1
             self.last_refusal = str(exc)
@@ -283,7 +387,7 @@ class BlockServer:
             raise _Refused(why)
         self._inflight[f.sender] = self._inflight.get(f.sender, 0) + 1
         try:
-            return await trio.to_thread.run_sync(self._io, f.type, body, received)
+            return await self._run_io(f.type, body, received)
         finally:
             self._inflight[f.sender] -= 1
             if not self._inflight[f.sender]:
@@ -326,8 +430,14 @@ class BlockServer:
                                f"{victim} on the disk")
             await self.fence_disk_node(victim, generation)
 
+    async def _run_io(self, mtype: int, body: dict[str, Any], received: float
+                      ) -> dict[str, Any]:
+        if self._io_threads is None:             # not serving (a test's bare server)
+            return await trio.to_thread.run_sync(self._io, mtype, body, received)
+        return await self._io_threads.run(self._io, mtype, body, received)
+
     def _io(self, mtype: int, body: dict[str, Any], received: float) -> dict[str, Any]:
-        """The request's I/O, in a worker thread."""
+        """The request's I/O, on an I/O thread."""
         if mtype == MsgType.BLOCK_INFO:
             return {"size": self.dev.size}
         if mtype == MsgType.BLOCK_READ:
@@ -356,6 +466,7 @@ class BlockServer:
 
     def statistics(self) -> dict[str, Any]:
         return {**self.stats, "generation": self.generation, "stalls": self.stalls,
+                "most_in_flight": self.most_in_flight,
                 "members": sorted(self.joined_at), "last_refusal": self.last_refusal,
                 "per_node": dict(self.per_node), "cut_off": dict(self.cut_off)}
 

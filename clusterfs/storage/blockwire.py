@@ -16,8 +16,11 @@ Requests (the frame's generation field is the proxy's membership generation):
     BLOCK_FLUSH  {id}                       -> {id, ok}
     BLOCK_FENCE  {id, node, gen, preempt}   -> {id, ok}   (storage/groupfence.py)
 
-A refused or failed request answers {id, ok: False, error: "..."}. One request is
-in flight per connection; at most MAX_IO bytes per read or write.
+A refused or failed request answers {id, ok: False, error: "..."}. Several requests
+may be in flight on a connection (the proxy sends up to its window); the server works
+on them side by side and answers each when it is done, so replies come in any order
+and are matched by id. The proxy never has two requests in flight that overlap when
+one of them writes (storage/proxy.py). At most MAX_IO bytes per read or write.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ import threading
 from collections import deque
 from collections.abc import Callable
 
+from clusterfs import failover
 from clusterfs.errors import StorageError
 from clusterfs.format.block import BLOCK_SIZE
 
@@ -65,8 +66,7 @@ class _Advisor:
 
     def __init__(self) -> None:
         self.queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._run, name="fadvise", daemon=True)
-        self.thread.start()
+        self.thread = failover.start_thread(self._run, "fadvise")
 
     def _run(self) -> None:
         while (item := self.queue.get()) is not None:
@@ -187,10 +187,13 @@ class _DirectIO:
                 done += n
 
     def close(self) -> None:
-        with self.lock:                 # not under a read or write in another thread
+        """Under the lock: a read or write still under way in another thread (one a
+        cancelled caller abandoned, as the disk heartbeat's) holds a view of the buffer,
+        and closing the buffer under it raises BufferError; wait for it instead."""
+        with self.lock:
             os.close(self.fd)
-            # a view of the buffer may still be referenced (a failed call's traceback
-            # holds its slice): it then goes with the last view
+            # a view may still be referenced by a failed call's traceback (its
+            # slice): the buffer then goes with the last view
             with contextlib.suppress(BufferError):
                 self.buf.close()
 
@@ -237,10 +240,8 @@ class _DirectReadAhead:
         self.queue: deque[_Chunk] = deque()
         self.stopping = False
         self.broken = False                       # O_DIRECT refused: callers fall back
-        self.threads = [threading.Thread(target=self._run, name="read-ahead", daemon=True)
+        self.threads = [failover.start_thread(self._run, "read-ahead")
                         for _ in range(AHEAD_THREADS)]
-        for t in self.threads:
-            t.start()
 
     @classmethod
     def open(cls, path: str) -> _DirectReadAhead | None:
@@ -384,8 +385,7 @@ class _WriteBehind:
         self.refused: str | None = None   # BlockDevice.refuse_writes: queued writes fail
         self.stopping = False
         self.direct = _DirectWriter.open(path)
-        self.thread = threading.Thread(target=self._run, name="write-behind", daemon=True)
-        self.thread.start()
+        self.thread = failover.start_thread(self._run, "write-behind")
 
     def submit(self, offset: int, data: memoryview) -> None:
         if not self.has_room(len(data)):

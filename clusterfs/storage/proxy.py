@@ -35,13 +35,28 @@ servers' and the fencing agents' business: a server refuses a write that waited
 longer than half the io_timeout, and a server removed from the view is fenced by
 the survivors before any recovery.
 
+Several requests in flight (up to WINDOW per device). A read or write larger
+than PIECE is cut into pieces sent all at once, and `write_behind` (file data)
+sends its write and returns, its reply read later: when the window is full, at
+`drain`, at a flush, or before any request that overlaps it (so a read never
+overtakes a write of the same bytes, nor a write another, since the server works
+on a connection's requests side by side). Each request has its own io_timeout
+from its send; the first that times out makes its server silent, as above, and
+the others sent there are taken elsewhere with it: its writes by the re-sent log,
+its reads sent again. A write queued by write_behind that fails for good (fenced,
+no server left) fails the next call that reads its reply, as BlockDevice's
+write-behind fails its next drain. `pwrite` and `pread` return once their own
+requests are answered.
+
 Requests carry this node's membership generation (`attach(view)`); a server
 refuses writes from a node outside its view or from an older life of it.
-Thread-safe: one lock, one request in flight per device.
+Thread-safe: one lock; a call holds it while it sends and reads its replies.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import logging
 import socket
 import threading
@@ -64,6 +79,8 @@ log = logging.getLogger(__name__)
 LOG_LIMIT = 64 << 20         # unflushed write bytes kept for a re-send; past it, flush
 SILENT_FOR = 30.0            # a silent server is skipped this long (or to a new view)
 REFUSED_WAIT = 4             # x io_timeout: how long to retry when every server refuses
+WINDOW = 8                   # requests in flight per device, at most
+PIECE = bw.MAX_IO             # larger reads and writes go in pieces of this, side by side
 SCHEME = "proxy://"
 FAILOVER_PHASE = "proxy re-target"    # clusterfs.failover: a silent server until re-targeted
 
@@ -76,8 +93,36 @@ class _Silent(Exception):
     """This server did not answer in time, broke the connection, or refused."""
 
 
+class _Lost(Exception):
+    """The connection a request went out on was dropped before its reply came."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    """A request sent and not answered yet."""
+
+    server: int
+    conn: _Connection
+    mtype: int
+    body: dict[str, Any]           # as sent, with its id
+    offset: int
+    length: int
+    deadline: float
+    covered: bool = False          # a write its server's silence had re-sent (the log)
+    reply: dict[str, Any] | None = None
+
+    @property
+    def writes(self) -> bool:
+        return self.mtype == MsgType.BLOCK_WRITE
+
+    def overlaps(self, offset: int, length: int) -> bool:
+        return self.offset < offset + length and offset < self.offset + self.length
+
+
 class _Connection:
-    """One authenticated connection to one block server (blocking socket)."""
+    """One authenticated connection to one block server (blocking socket), with
+    several requests in flight: each is sent at once, and its reply is read when
+    asked for (`reply`), replies to the others read meanwhile being kept by id."""
 
     def __init__(self, cfg: ClusterConfig, me: int, server: int, timeout: float) -> None:
         self.server = server
@@ -91,6 +136,8 @@ class _Connection:
         self.buf = bytearray()
         self.me = me
         self.out, self.inb = bw.Sequencer(), bw.Sequencer()
+        self.waiting: set[int] = set()             # ids sent, reply not read yet
+        self.arrived: dict[int, dict[str, Any]] = {}   # replies read, not asked for yet
         try:
             self.skey = self._handshake(cfg, time.monotonic() + timeout)
         except BaseException:
@@ -107,18 +154,32 @@ class _Connection:
         ns = bw.check_hello(f, cfg.name, self.me, echo=nc)
         return wf.session_key(cfg.key, self.me, self.server, nc, ns)
 
-    def request(self, mtype: int, generation: int, body: dict[str, Any],
-                timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
+    def send(self, mtype: int, generation: int, body: dict[str, Any], deadline: float
+             ) -> None:
+        """Send one request (its reply is read by `reply(body["id"], ...)`)."""
+        self.waiting.add(body["id"])
         self._send(wf.encode_prefixed(self.skey, mtype, self.me, generation,
                                       self.out.take(), body), deadline)
-        f = wf.decode(self.skey, self._recv(deadline), max_frame=bw.MAX_FRAME)
-        self.inb.check(f, self.server)
-        reply = f.body
-        if f.type != MsgType.BLOCK_REPLY or not isinstance(reply, dict) \
-                or reply.get("id") != body["id"]:
-            raise WireError(f"block server {self.server}: reply does not match the request")
-        return reply
+
+    def reply(self, rid: int, deadline: float) -> dict[str, Any]:
+        """The reply to request `rid`, reading the others' as they come first."""
+        while rid not in self.arrived:
+            f = wf.decode(self.skey, self._recv(deadline), max_frame=bw.MAX_FRAME)
+            self.inb.check(f, self.server)
+            body = f.body
+            got = body.get("id") if isinstance(body, dict) else None
+            if f.type != MsgType.BLOCK_REPLY or got not in self.waiting:
+                raise WireError(f"block server {self.server}: a reply to no request of ours")
+            self.waiting.discard(got)
+            self.arrived[got] = body
+        return self.arrived.pop(rid)
+
+    def request(self, mtype: int, generation: int, body: dict[str, Any],
+                timeout: float) -> dict[str, Any]:
+        """One request and its reply."""
+        deadline = time.monotonic() + timeout
+        self.send(mtype, generation, body, deadline)
+        return self.reply(body["id"], deadline)
 
     def _send(self, data: bytes, deadline: float) -> None:
         self.sock.settimeout(max(0.001, deadline - time.monotonic()))
@@ -175,11 +236,13 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self._log: list[tuple[int, bytes]] = []
         self._log_bytes = 0
         self._unflushed: set[int] = set()                  # servers written since flush
+        self._inflight: collections.deque[_Request] = collections.deque()   # sent order
+        self._inflight_written = 0                         # bytes of writes among them
         self._refused: str | None = None
         self._ids = 0
         self.stats = {"reads": 0, "writes": 0, "flushes": 0, "requests": 0,
                       "timeouts": 0, "retargets": 0, "resent": 0, "refusals": 0,
-                      "to_named": 0, "to_computed": 0}
+                      "to_named": 0, "to_computed": 0, "pipelined": 0, "most_in_flight": 0}
         self.per_server: dict[int, int] = {}               # requests answered
         self.written: dict[int, int] = {}                  # bytes written, by server
         self.retarget_times: list[float] = []              # wall clock of each re-target
@@ -265,6 +328,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         raise StorageError(f"{self.path}: no block server left ({why})")
 
     def _send_to(self, server: int, mtype: int, body: dict[str, Any]) -> dict[str, Any]:
+        """One request to `server`, and its reply (nothing else is sent meanwhile)."""
         self._ids += 1
         body = {**body, "id": self._ids}
         generation = self._current()[0]
@@ -282,6 +346,11 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         except _Silent:
             self._drop(server)
             raise
+        return self._accepted(server, mtype, reply)
+
+    def _accepted(self, server: int, mtype: int, reply: dict[str, Any]) -> dict[str, Any]:
+        """`reply` if the server carried the request out; _Silent if it refused (or
+        StorageError if it says this node was fenced)."""
         if not reply.get("ok"):
             self.stats["refusals"] += 1
             if reply.get("fenced"):
@@ -328,6 +397,8 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self._retarget_pending = True
         log.warning("node %d gen %d: %s; re-targeting to another server of the storage "
                     "group", self.node_id, generation, why)
+        self._drop(server)       # its reads in flight are sent again elsewhere
+        self._cover(server)
         if self.on_silent is not None:
             self.on_silent(server)
         if server in self._unflushed:
@@ -349,6 +420,137 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             self._unflushed.add(server)
             self.stats["resent"] += 1
 
+    # -- several requests in flight ----------------------------------------------------
+    def _start(self, mtype: int, body: dict[str, Any], offset: int, length: int
+               ) -> _Request | None:
+        """Send a request to the first live server of `offset`'s order that takes it,
+        once the window has room and nothing in flight overlaps it; None if none
+        did (the caller then goes through _call, which waits for servers)."""
+        self._make_room(offset, length)
+        for server in self._candidates(offset):
+            try:
+                req = self._submit(server, mtype, body, offset, length)
+            except _Silent as exc:
+                self._mark_silent(server, str(exc))
+                continue
+            self._inflight.append(req)
+            if req.writes:
+                self._inflight_written += req.length
+            self.stats["pipelined"] += 1
+            self.stats["most_in_flight"] = max(self.stats["most_in_flight"],
+                                               len(self._inflight))
+            return req
+        return None
+
+    def _make_room(self, offset: int, length: int) -> None:
+        """Read the replies of every write in flight that overlaps [offset, +length)
+        (and of all sent before it: the order is kept), then of the oldest requests
+        until the window has room."""
+        last = None
+        for req in self._inflight:
+            if req.writes and req.overlaps(offset, length):
+                last = req
+        while last is not None and last in self._inflight:
+            self._finish(self._inflight[0])
+        while len(self._inflight) >= WINDOW:
+            self._finish(self._inflight[0])
+
+    def _submit(self, server: int, mtype: int, body: dict[str, Any], offset: int,
+                length: int) -> _Request:
+        self._ids += 1
+        body = {**body, "id": self._ids}
+        generation = self._current()[0]
+        deadline = time.monotonic() + self.io_timeout
+        self.stats["requests"] += 1
+        for attempt in (1, 2):
+            try:
+                conn = self._connection(server)
+                conn.send(mtype, generation, body, deadline)
+            except ConnectionError as exc:
+                # closed under us (the server restarted): once more on a new one
+                self._drop(server)
+                if attempt == 2:
+                    raise _Silent(f"block server {server}: {exc}") from exc
+                continue
+            except TimeoutError as exc:
+                self.stats["timeouts"] += 1
+                self._drop(server)
+                raise _Silent(f"block server {server}: no answer within "
+                              f"{self.io_timeout:g} s") from exc
+            except (OSError, WireError) as exc:
+                self._drop(server)
+                raise _Silent(f"block server {server}: {exc}") from exc
+            if mtype == MsgType.BLOCK_WRITE:
+                self._unflushed.add(server)     # its silence re-sends the log from now
+            return _Request(server, conn, mtype, body, offset, length, deadline)
+        raise AssertionError("unreachable")
+
+    def _connection(self, server: int) -> _Connection:
+        conn = self._conns.get(server)
+        if conn is None:
+            conn = self._conns[server] = _Connection(self.cfg, self.node_id, server,
+                                                     self.io_timeout)
+        return conn
+
+    def _finish(self, req: _Request) -> dict[str, Any]:
+        """The reply to `req`, read once. Its server silent: a write is covered by
+        the log re-sent (_mark_silent), a read is sent again elsewhere; its
+        connection dropped for another reason (closed under us): sent again."""
+        if req.reply is not None:
+            return req.reply
+        self._forget(req)
+        try:
+            req.reply = self._accepted(req.server, req.mtype, self._read_reply(req))
+        except _Lost:
+            req.reply = {} if req.covered else self._again(req)
+        except _Silent as exc:
+            # a write sent there is in the log its silence re-sends (_mark_silent)
+            req.covered = req.writes and req.server in self._unflushed
+            self._mark_silent(req.server, str(exc))
+            req.reply = {} if req.covered else self._again(req)
+        return req.reply
+
+    def _read_reply(self, req: _Request) -> dict[str, Any]:
+        if req.covered or self._conns.get(req.server) is not req.conn:
+            raise _Lost
+        try:
+            return req.conn.reply(req.body["id"], req.deadline)
+        except TimeoutError as exc:
+            self.stats["timeouts"] += 1
+            self._drop(req.server)
+            raise _Silent(f"block server {req.server}: no answer within "
+                          f"{self.io_timeout:g} s") from exc
+        except (OSError, WireError) as exc:
+            self._drop(req.server)
+            raise _Silent(f"block server {req.server}: {exc}") from exc
+
+    def _again(self, req: _Request) -> dict[str, Any]:
+        """Send a request whose first try was lost once more, waiting for it."""
+        body = {k: v for k, v in req.body.items() if k != "id"}
+        server, reply = self._call(req.mtype, body, req.offset)
+        if req.writes:
+            self._unflushed.add(server)
+        return reply
+
+    def _cover(self, server: int) -> None:
+        """`server` went silent: its writes in flight are re-sent with the log (they
+        are in it), so nothing waits for their replies any more."""
+        for req in list(self._inflight):
+            if req.server == server and req.writes:
+                req.covered = True
+                self._forget(req)
+
+    def _forget(self, req: _Request) -> None:
+        """`req` no longer counts in the window."""
+        if req in self._inflight:
+            self._inflight.remove(req)
+            if req.writes:
+                self._inflight_written -= req.length
+
+    def _finish_all(self) -> None:
+        while self._inflight:
+            self._finish(self._inflight[0])
+
     # -- the device interface --------------------------------------------------------
     def _info(self) -> int:
         _server, reply = self._call(MsgType.BLOCK_INFO, {}, 0)
@@ -359,45 +561,119 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
 
     def pread(self, offset: int, length: int) -> bytes:
         end = min(offset + length, self.size)
-        out = []
         with self._lock:
             self.stats["reads"] += 1
-            at = offset
-            while at < end:
-                n = min(bw.MAX_IO, end - at)
-                _server, reply = self._call(MsgType.BLOCK_READ, {"off": at, "len": n}, at)
-                data = reply.get("data")
-                if not isinstance(data, bytes) or len(data) != n:
-                    raise StorageError(f"{self.path}: short read at {at}")
-                out.append(data)
-                at += n
-        return out[0] if len(out) == 1 else b"".join(out)
+            if end - offset <= PIECE:
+                return self._read_one(offset, end - offset)
+            pieces = [self._read_started(at, min(PIECE, end - at))
+                      for at in range(offset, end, PIECE)]
+            return b"".join(self._read_finished(*piece) for piece in pieces)
+
+    def _read_one(self, offset: int, length: int) -> bytes:
+        """One request, answered before anything else is sent."""
+        self._make_room(offset, length)
+        _server, reply = self._call(MsgType.BLOCK_READ, {"off": offset, "len": length},
+                                    offset)
+        return self._read_data(reply, offset, length)
+
+    def _read_started(self, offset: int, length: int
+                      ) -> tuple[_Request | None, int, int]:
+        return (self._start(MsgType.BLOCK_READ, {"off": offset, "len": length}, offset,
+                            length), offset, length)
+
+    def _read_finished(self, req: _Request | None, offset: int, length: int) -> bytes:
+        if req is None:                    # no server took it when it was sent
+            return self._read_one(offset, length)
+        return self._read_data(self._finish(req), offset, length)
+
+    def _read_data(self, reply: dict[str, Any], offset: int, length: int) -> bytes:
+        data = reply.get("data")
+        if not isinstance(data, bytes) or len(data) != length:
+            raise StorageError(f"{self.path}: short read at {offset}")
+        return data
 
     def read_data(self, offset: int, length: int) -> bytes:
         return self.pread(offset, length)
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Write, and return once the servers took it (every piece answered)."""
+        raw = self._writable(offset, data)
+        with self._lock:
+            self.stats["writes"] += 1
+            if len(raw) <= PIECE:
+                self._make_room(offset, len(raw))
+                self._write_piece(offset, raw)
+                return
+            sent = [self._write_started(offset + at, raw[at : at + PIECE])
+                    for at in range(0, len(raw), PIECE)]
+            for req in sent:
+                if req is not None:
+                    self._finish(req)
+
+    def write_behind(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Send the write and return; its reply is read later (module doc)."""
+        raw = self._writable(offset, data)
+        with self._lock:
+            self.stats["writes"] += 1
+            for at in range(0, len(raw), PIECE):
+                self._write_started(offset + at, raw[at : at + PIECE])
+
+    def _writable(self, offset: int, data: bytes | bytearray | memoryview) -> bytes:
         if self._refused is not None:
             raise StorageError(f"{self.path}: write at {offset}: {self._refused}")
         self._guard()
         if offset < 0 or offset + len(data) > self.size:
             raise StorageError(f"{self.path}: write at {offset}: beyond the end of the "
                                f"device ({self.size} bytes)")
-        raw = bytes(data)
-        with self._lock:
-            self.stats["writes"] += 1
-            for at in range(0, len(raw), bw.MAX_IO):
-                piece = raw[at : at + bw.MAX_IO]
-                self._write_piece(offset + at, piece)
+        return bytes(data)
 
-    def _write_piece(self, offset: int, piece: bytes) -> None:
+    def _logged(self, offset: int, piece: bytes) -> None:
+        """Keep `piece` for a re-send until the next flush."""
         if self._log_bytes + len(piece) > LOG_LIMIT:
             self._flush_locked()                 # keeps the re-send log bounded
         self._log.append((offset, piece))
         self._log_bytes += len(piece)
+
+    def _write_piece(self, offset: int, piece: bytes) -> None:
+        self._logged(offset, piece)
         server, _ = self._call(MsgType.BLOCK_WRITE, {"off": offset, "data": piece}, offset)
         self._unflushed.add(server)
         self.written[server] = self.written.get(server, 0) + len(piece)
+
+    def _write_started(self, offset: int, piece: bytes) -> _Request | None:
+        """Send one piece (written at once, waiting, if no server takes it)."""
+        self._logged(offset, piece)
+        req = self._start(MsgType.BLOCK_WRITE, {"off": offset, "data": piece}, offset,
+                          len(piece))
+        if req is None:
+            server, _ = self._call(MsgType.BLOCK_WRITE, {"off": offset, "data": piece},
+                                   offset)
+            self._unflushed.add(server)
+            req_server = server
+        else:
+            req_server = req.server
+        self.written[req_server] = self.written.get(req_server, 0) + len(piece)
+        return req
+
+    @property
+    def behind_pending(self) -> int:
+        """Bytes of writes sent and not answered yet."""
+        return self._inflight_written
+
+    def behind_has_room(self, length: int) -> bool:
+        return len(self._inflight) < WINDOW
+
+    def wait_behind_room(self, length: int) -> None:
+        """Read replies until the window has room (from a worker thread: the event
+        loop then never waits for them)."""
+        with self._lock:
+            while len(self._inflight) >= WINDOW:
+                self._finish(self._inflight[0])
+
+    def drain(self) -> None:
+        """Wait for every write in flight; StorageError if one failed for good."""
+        with self._lock:
+            self._finish_all()
 
 
     def bypass_page_cache(self) -> bool:
@@ -414,6 +690,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         """Flush through every server written since the last flush; a silent one's
         writes are re-sent elsewhere (_mark_silent) and flushed there."""
         self.stats["flushes"] += 1
+        self._finish_all()                  # a flush covers only answered writes
         while self._unflushed:
             server = min(self._unflushed)
             try:
@@ -430,7 +707,14 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self._refused = reason
 
     def close(self) -> None:
+        """Wait for the writes in flight (a failure is logged: the caller flushed
+        before if it cared), then close every connection."""
         with self._lock:
+            try:
+                self._finish_all()
+            except StorageError as exc:
+                log.warning("node %d: %s: writes in flight at close: %s", self.node_id,
+                            self.path, exc)
             for server in list(self._conns):
                 self._drop(server)
 
