@@ -300,14 +300,16 @@ class BlockServer:
                 await self._read_requests(reader, client, replies, requests)
             if replies.error is not None:
                 raise replies.error
-        except WireError as exc:
+        # except*: what the requests' nursery raises comes in an ExceptionGroup (always
+        # so since trio 0.25's strict exception groups); a bare exception is matched too
+        except* WireError as group:
             self.stats["wire_errors"] += 1
             log.warning("node %d: block server: dropped connection from node %d: %s",
-                        self.node_id, client, exc)
-        except (EOFError, OSError, trio.BrokenResourceError, trio.ClosedResourceError,
-                trio.TooSlowError) as exc:
+                        self.node_id, client, group.exceptions[0])
+        except* (EOFError, OSError, trio.BrokenResourceError, trio.ClosedResourceError,
+                 trio.TooSlowError) as group:
             log.debug("node %d: block connection from %d ended: %r", self.node_id, client,
-                      exc)
+                      group.exceptions[0])
         finally:
             await trio.aclose_forcefully(stream)
 
