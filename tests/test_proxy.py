@@ -216,12 +216,14 @@ def _write_and_stop(c: Cluster, chunks: int, rounds: int, stop_for: float | None
     every MiB; after its first round the server node 3 used most is SIGSTOPped
     (and let go after `stop_for` s, or left stopped). (server, stop time, writer
     output lines)."""
+    # the counts before the writer starts: its first round may be over (its writes
+    # queued and answered later, several at once) before a status call here returns
+    before = _status(c, 3)["device"]["written"]
     w = subprocess.Popen([sys.executable, "-c", WRITER, c.path(3, "w"), str(chunks),
                           str(rounds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          text=True)
     lines = []
     try:
-        before = _status(c, 3)["device"]["written"]
         lines += [w.stdout.readline() for _ in range(chunks)]
         after = _status(c, 3)["device"]["written"]
         server = _busiest_server(before, after)
