@@ -20,7 +20,6 @@ kernel's references) lives apart, in the fs, and outlives an entry.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Generic, TypeVar
 
 from clusterfs.cache.glock import Glock, GlockManager
@@ -49,12 +48,6 @@ class InodeCache(Generic[T]):
 
     def __contains__(self, ino: int) -> bool:
         return ino in self._by_ino
-
-    def __len__(self) -> int:
-        return len(self._by_ino)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._by_ino)
 
     def put(self, ino: int, obj: T) -> None:
         """Keep `obj` for `ino`: read under the inode's lock, or just created."""
