@@ -244,30 +244,34 @@ async def test_a_stronger_request_during_a_demote_is_not_lost() -> None:
             nursery.cancel_scope.cancel()
 
 
+async def _node_2_takes_r(mc, glocks: GlockManager, keep_using=None) -> None:
+    """Node 1 (`glocks`) takes R in EX once; then node 2 asks for R in EX while the
+    coroutine function `keep_using`, if any, goes on taking R on node 1 (two nodes
+    both working on R). Returns once node 2 has had R and given it back."""
+    async with trio.open_nursery() as nursery:
+        glocks.start(nursery)
+        async with glocks.hold([(R, Mode.EX)]):
+            pass
+        if keep_using is not None:
+            nursery.start_soon(keep_using)
+        with trio.fail_after(10):
+            other = await mc.ls(2).lock(R, Mode.EX)
+        nursery.cancel_scope.cancel()
+    await mc.ls(2).unlock(other)
+
+
 async def _contend(local_keeps_using: bool) -> float:
-    """Node 1 holds R in EX; node 2 asks for it. With local_keeps_using, a task on
-    node 1 goes on taking R while node 2 waits (two nodes both working on R).
-    Returns node 1's hold time for R after the demote."""
+    """Node 1's hold time for R after node 2 took it (_node_2_takes_r)."""
     async with memory_cluster([1, 2, 3]) as mc:
         glocks = GlockManager(mc.ls(1), min_hold=0.05, max_hold=0.2, hold_step=0.05)
-        async with trio.open_nursery() as nursery:
-            glocks.start(nursery)
-            async with glocks.hold([(R, Mode.EX)]):
-                pass
 
-            async def keep_using() -> None:
-                while True:
-                    async with glocks.hold([(R, Mode.EX)]):
-                        await trio.sleep(0.002)
+        async def keep_using() -> None:
+            while True:
+                async with glocks.hold([(R, Mode.EX)]):
+                    await trio.sleep(0.002)
 
-            if local_keeps_using:
-                nursery.start_soon(keep_using)
-            with trio.fail_after(10):
-                other = await mc.ls(2).lock(R, Mode.EX)
-            hold = glocks.glocks[R].hold_time
-            nursery.cancel_scope.cancel()
-        await mc.ls(2).unlock(other)
-        return hold
+        await _node_2_takes_r(mc, glocks, keep_using if local_keeps_using else None)
+        return glocks.glocks[R].hold_time
 
 
 @trio_test
@@ -297,22 +301,14 @@ async def test_no_local_user_gets_in_while_a_grown_glock_goes_down() -> None:
             events.append("flush ends")
 
         glocks.on_demote("inode", slow_demote)
-        async with trio.open_nursery() as nursery:
-            glocks.start(nursery)
-            async with glocks.hold([(R, Mode.EX)]):
-                pass
 
-            async def keep_using() -> None:
-                while True:
-                    async with glocks.hold([(R, Mode.EX)]):
-                        events.append("used")
-                    await trio.sleep(0.01)
+        async def keep_using() -> None:
+            while True:
+                async with glocks.hold([(R, Mode.EX)]):
+                    events.append("used")
+                await trio.sleep(0.01)
 
-            nursery.start_soon(keep_using)
-            with trio.fail_after(10):
-                other = await mc.ls(2).lock(R, Mode.EX)
-            nursery.cancel_scope.cancel()
-        await mc.ls(2).unlock(other)
+        await _node_2_takes_r(mc, glocks, keep_using)
         start = events.index("flush starts")
         assert events[start + 1] == "flush ends", events[start:start + 5]
         assert glocks.glocks[R].hold_time > 0.05        # it did grow
