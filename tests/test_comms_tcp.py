@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import socket
 import struct
+from contextlib import asynccontextmanager
 
 import pytest
 import trio
@@ -344,14 +345,12 @@ def reset_from_underneath(ep, dest: int) -> None:
     sock.close()
 
 
-@trio_test
-async def test_connections_reset_under_a_stream_lose_nothing_and_repeat_nothing():
-    """Both processes live on while their connection is reset again and again in the
-    middle of a stream: every message arrives once, in order (sent again from where
-    the receiver's process stopped). Before reliable delivery, each reset dropped
-    what was queued and in flight."""
+@asynccontextmanager
+async def linked_pair():
+    """Endpoints of nodes 1 and 2, node 2 putting every message body it gets in a list,
+    once a first message (-1) went through: (a, b, got)."""
     cfg = local_config([1, 2])
-    got: list[int] = []
+    got: list = []
 
     async def handler(env):
         got.append(env.body)
@@ -359,6 +358,16 @@ async def test_connections_reset_under_a_stream_lose_nothing_and_repeat_nothing(
     async with open_tcp_endpoint(cfg, 1) as a, open_tcp_endpoint(cfg, 2) as b:
         b.register([T], handler)
         await send_until_delivered(a, 2, got, -1)
+        yield a, b, got
+
+
+@trio_test
+async def test_connections_reset_under_a_stream_lose_nothing_and_repeat_nothing():
+    """Both processes live on while their connection is reset again and again in the
+    middle of a stream: every message arrives once, in order (sent again from where
+    the receiver's process stopped). Before reliable delivery, each reset dropped
+    what was queued and in flight."""
+    async with linked_pair() as (a, _b, got):
         got.clear()
         dropped = a.statistics().peers[0].dropped     # (sends before the first connect)
         n = 0
@@ -385,15 +394,7 @@ async def test_connections_reset_under_a_stream_lose_nothing_and_repeat_nothing(
 
 @trio_test
 async def test_the_receiver_acknowledges_so_the_sender_forgets():
-    cfg = local_config([1, 2])
-    got: list[int] = []
-
-    async def handler(env):
-        got.append(env.body)
-
-    async with open_tcp_endpoint(cfg, 1) as a, open_tcp_endpoint(cfg, 2) as b:
-        b.register([T], handler)
-        await send_until_delivered(a, 2, got, -1)
+    async with linked_pair() as (a, _b, got):
         for i in range(1000):
             a.send_nowait(2, T, i)
             if i % 100 == 0:
