@@ -57,14 +57,21 @@ MIB = 1 << 20
 BLOCK = 4096
 
 
+def timed_writes(dev, write, offsets, data: bytes) -> float:
+    """Seconds to write `data` at every offset with `write` (dev.pwrite, or
+    dev.write_behind) and have it all on the device: queued writes drained, flushed."""
+    t = time.perf_counter()
+    for off in offsets:
+        write(off, data)
+    dev.drain()
+    dev.flush()
+    return time.perf_counter() - t
+
+
 def measure(dev, size: int, count: int, seed: int) -> dict[str, float]:
     out = {}
-    chunk = os.urandom(MIB)
-    t = time.perf_counter()
-    for off in range(0, size, MIB):
-        dev.pwrite(off, chunk)
-    dev.flush()
-    out["seq write MiB/s"] = size / MIB / (time.perf_counter() - t)
+    seq = range(0, size, MIB)
+    out["seq write MiB/s"] = size / MIB / timed_writes(dev, dev.pwrite, seq, os.urandom(MIB))
 
     t = time.perf_counter()
     for off in range(0, size, MIB):
@@ -74,12 +81,9 @@ def measure(dev, size: int, count: int, seed: int) -> dict[str, float]:
 
     rng = random.Random(seed)
     blocks = [rng.randrange(size // BLOCK) for _ in range(count)]
-    block = os.urandom(BLOCK)
-    t = time.perf_counter()
-    for b in blocks:
-        dev.pwrite(b * BLOCK, block)
-    dev.flush()
-    out["4k rand write IOPS"] = count / (time.perf_counter() - t)
+    offsets = [b * BLOCK for b in blocks]
+    out["4k rand write IOPS"] = count / timed_writes(dev, dev.pwrite, offsets,
+                                                     os.urandom(BLOCK))
 
     rng.shuffle(blocks)
     t = time.perf_counter()
@@ -92,22 +96,11 @@ def measure(dev, size: int, count: int, seed: int) -> dict[str, float]:
 
 def measure_queued(dev, size: int, blocks: list[int]) -> dict[str, float]:
     """Writes queued with write_behind, then drain and flush."""
-    out = {}
-    chunk = os.urandom(MIB)
-    t = time.perf_counter()
-    for off in range(0, size, MIB):
-        dev.write_behind(off, chunk)
-    dev.drain()
-    dev.flush()
-    out["seq write queued MiB/s"] = size / MIB / (time.perf_counter() - t)
-    block = os.urandom(BLOCK)
-    t = time.perf_counter()
-    for b in blocks:
-        dev.write_behind(b * BLOCK, block)
-    dev.drain()
-    dev.flush()
-    out["4k rand write queued IOPS"] = len(blocks) / (time.perf_counter() - t)
-    return out
+    seq = timed_writes(dev, dev.write_behind, range(0, size, MIB), os.urandom(MIB))
+    rand = timed_writes(dev, dev.write_behind, [b * BLOCK for b in blocks],
+                        os.urandom(BLOCK))
+    return {"seq write queued MiB/s": size / MIB / seq,
+            "4k rand write queued IOPS": len(blocks) / rand}
 
 
 # -- proxy I/O -----------------------------------------------------------------------
