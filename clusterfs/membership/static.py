@@ -17,6 +17,9 @@ class StaticCluster:
         self.auto_fence = auto_fence
         self.view = View(1, frozenset(nodes), True, self.cluster_size)
         self.members: dict[int, StaticMembership] = {}
+        # (suspecting node, suspect, why) for every suspect() call: views here change
+        # only by hand, so a suspicion is only recorded
+        self.suspicions: list[tuple[int, int, str]] = []
 
     def membership(self, node_id: int) -> StaticMembership:
         m = StaticMembership(self, node_id)
@@ -68,6 +71,9 @@ class StaticMembership:
                 s.send_nowait(ev)
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
+
+    def suspect(self, node: int, why: str = "") -> None:
+        self.cluster.suspicions.append((self.node_id, node, why))
 
     async def wait_quorum(self) -> View:
         while not self.cluster.view.quorate:
