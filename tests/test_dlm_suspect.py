@@ -61,7 +61,7 @@ async def test_a_master_that_does_not_answer_is_suspected(via: str) -> None:
             n.start_soon(mc.ls(2).lock, name, Mode.EX)
             await wait_until(lambda: suspected(mc, 2, 3), timeout=5)
             took = trio.current_time() - start
-            assert T <= took < T + 0.5, took
+            assert T <= took < 2.0, took
             what = suspected(mc, 2, 3)[0]
             assert ("lookup" in what) == (via == "lookup"), what
             await trio.sleep(8 * T)

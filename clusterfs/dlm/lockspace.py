@@ -227,7 +227,7 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
                 break
             await trio.sleep(0.01)   # (not expected: a held lock's master is known)
         lkb.lkb_status, lkb.lkb_rqmode, lkb.lkb_try = Status.CONVERTING, mode, try_
-        lkb.lkb_done, lkb.lkb_error = trio.Event(), None
+        lkb.lkb_done, lkb.lkb_error, lkb.lkb_queued = trio.Event(), None, False
         self._send_convert(lkb, master, mode, try_=try_)
         if master != self.ls_node:
             self._watch_waiting(lkb)

@@ -52,6 +52,8 @@ class Owner:
             await self._wait_running()
             if lkb.lkb_done.is_set() or lkb.lkb_status != Status.WAITING:
                 return                    # answered meanwhile (a lookup carried it)
+            # (a reply may overtake the task's return from a lookup that carried it)
+            lkb.lkb_queued = False
             master, handled = await self._find_master_or_request(lkb)
             if handled:                   # the directory node was the master: sent
                 lkb.lkb_sent = True

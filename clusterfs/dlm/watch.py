@@ -83,7 +83,6 @@ class Watch:
     def _watch_waiting(self, lkb: Lkb) -> None:
         """lkb's request, conversion or cancel went to a remote master."""
         if self._watching:
-            lkb.lkb_queued = False
             self.ls_waiting[lkb.lkb_id] = (trio.current_time(), self.ls_answer_timeout)
 
     def _unwatch_waiting(self, lkid: int) -> None:
