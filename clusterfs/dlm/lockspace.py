@@ -100,6 +100,7 @@ class LockspaceStats:
     removed: int
     deferred: int
     suspected: int           # nodes this lockspace asked membership to look at (watch.py)
+    overdue: int             # answers overdue from nodes still heard from: not suspected
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}

@@ -81,6 +81,16 @@ class FailureDetection(ViewInstallation):
         for n in sorted(self.view.members - {self.node_id, node}):
             self._nursery.start_soon(self._send, n, MsgType.SUSPECT, body)
 
+    def silent_for(self, node: int) -> float:
+        """Seconds since we last heard `node` (a heartbeat, or a probe's answer), not
+        counting our own stalls; inf if we have not heard it since we started. A layer
+        above asks before it suspects a node that owes it an answer: one heard from
+        since is alive (a probe would be answered by its next heartbeat anyway)."""
+        p = self._peers.get(node)
+        if p is None or self._nursery is None:
+            return math.inf
+        return max(0.0, trio.current_time() - max(p.last_seen, self._judge_from))
+
     def _probe(self, node: int) -> None:
         assert self._nursery is not None
         now = trio.current_time()

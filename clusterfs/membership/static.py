@@ -20,6 +20,9 @@ class StaticCluster:
         # (suspecting node, suspect, why) for every suspect() call: views here change
         # only by hand, so a suspicion is only recorded
         self.suspicions: list[tuple[int, int, str]] = []
+        # node -> when it was last "heard" (trio time), set by tests; a node not in it
+        # is silent (there are no heartbeats here)
+        self.heard: dict[int, float] = {}
 
     def membership(self, node_id: int) -> StaticMembership:
         m = StaticMembership(self, node_id)
@@ -74,6 +77,10 @@ class StaticMembership:
 
     def suspect(self, node: int, why: str = "") -> None:
         self.cluster.suspicions.append((self.node_id, node, why))
+
+    def silent_for(self, node: int) -> float:
+        heard = self.cluster.heard.get(node)
+        return float("inf") if heard is None else trio.current_time() - heard
 
     async def wait_quorum(self) -> View:
         while not self.cluster.view.quorate:
