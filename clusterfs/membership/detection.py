@@ -5,9 +5,10 @@ a view again to a member that missed its activation (see service.py).
 Suspicion (../shared/seeds/000: "an i/o error generating an event into the CM to
 tell it to take another look around quickly"). A layer above that finds a member
 silent - the proxy's I/O to a block server timed out, a lock message to it or a
-blocking callback it was sent went unanswered (clusterfs/dlm/watch.py) - calls
-`suspect(node, why)`. This node probes that node at once (PROBE, answered at once with a heartbeat)
-and tells every other member (SUSPECT), which probe it too, so that whichever
+blocking callback it was sent went unanswered while its heartbeats stopped too
+(clusterfs/dlm/watch.py, which asks `silent_for(node)` first) - calls
+`suspect(node, why)`. This node probes that node at once (PROBE, answered at once
+with a heartbeat) and tells every other member (SUSPECT), which probe it too, so that whichever
 member coordinates judges it. A probed node not heard from within
 `probe_timeout` of the probe (counted, like every silence, only over time in
 which we could have heard it) is dead to us without waiting out the failure
