@@ -79,6 +79,7 @@ log = logging.getLogger(__name__)
 LOG_LIMIT = 64 << 20         # unflushed write bytes kept for a re-send; past it, flush
 SILENT_FOR = 30.0            # a silent server is skipped this long (or to a new view)
 REFUSED_WAIT = 4             # x io_timeout: how long to retry when every server refuses
+CLOCK_DRIFT = 1e-4           # how far two nodes' clocks may drift apart, s per s
 WINDOW = 8                   # requests in flight per device, at most
 PIECE = bw.MAX_IO             # larger reads and writes go in pieces of this, side by side
 SCHEME = "proxy://"
@@ -108,6 +109,7 @@ class _Request:
     offset: int
     length: int
     deadline: float
+    wait: float                    # seconds from its send to `deadline`
     covered: bool = False          # a write its server's silence had re-sent (the log)
     reply: dict[str, Any] | None = None
 
@@ -138,6 +140,10 @@ class _Connection:
         self.out, self.inb = bw.Sequencer(), bw.Sequencer()
         self.waiting: set[int] = set()             # ids sent, reply not read yet
         self.arrived: dict[int, dict[str, Any]] = {}   # replies read, not asked for yet
+        # a lower bound of (the server's clock - ours), from the clock its HELLO and
+        # replies carry (blockwire): a write's start deadline `by` is mapped with it
+        self.offset = float("-inf")
+        self.offset_at = 0.0
         try:
             self.skey = self._handshake(cfg, time.monotonic() + timeout)
         except BaseException:
@@ -152,11 +158,38 @@ class _Connection:
         if f.sender != self.server:
             raise WireError(f"block HELLO from node {f.sender}, not {self.server}")
         ns = bw.check_hello(f, cfg.name, self.me, echo=nc)
+        self._clock(f.body)
         return wf.session_key(cfg.key, self.me, self.server, nc, ns)
 
-    def send(self, mtype: int, generation: int, body: dict[str, Any], deadline: float
-             ) -> None:
-        """Send one request (its reply is read by `reply(body["id"], ...)`)."""
+    def _clock(self, body: Any) -> None:
+        """A frame just read says the server's clock read `t` when it sent it: so now
+        (ours) its clock reads at least `t`. Keep the largest such bound, letting the
+        older ones sag by CLOCK_DRIFT of the time since (clocks run at rates that
+        differ slightly)."""
+        t = bw.clock(body)
+        if t is None:
+            return
+        now = time.monotonic()
+        sagged = self.offset - CLOCK_DRIFT * (now - self.offset_at)
+        self.offset, self.offset_at = max(sagged, t - now), now
+
+    def server_time(self, ours: float) -> float | None:
+        """Our clock's `ours` on the server's clock, at the earliest (None if this
+        server never said its clock: a server before `by`, which then has only
+        its own lease)."""
+        if self.offset == float("-inf"):
+            return None
+        return ours + self.offset - CLOCK_DRIFT * (time.monotonic() - self.offset_at)
+
+    def send(self, mtype: int, generation: int, body: dict[str, Any], deadline: float,
+             wait: float) -> None:
+        """Send one request (its reply is read by `reply(body["id"], ...)`), which we
+        wait `wait` seconds for, until `deadline`. A write may start on the server no
+        later than halfway there (its `by`, on the server's clock: blockwire)."""
+        if mtype == MsgType.BLOCK_WRITE:
+            by = self.server_time(deadline - wait / 2)
+            if by is not None:
+                body = {**body, "by": by}
         self.waiting.add(body["id"])
         self._send(wf.encode_prefixed(self.skey, mtype, self.me, generation,
                                       self.out.take(), body), deadline)
@@ -167,6 +200,7 @@ class _Connection:
             f = wf.decode(self.skey, self._recv(deadline), max_frame=bw.MAX_FRAME)
             self.inb.check(f, self.server)
             body = f.body
+            self._clock(body)
             got = body.get("id") if isinstance(body, dict) else None
             if f.type != MsgType.BLOCK_REPLY or got not in self.waiting:
                 raise WireError(f"block server {self.server}: a reply to no request of ours")
@@ -178,7 +212,7 @@ class _Connection:
                 timeout: float) -> dict[str, Any]:
         """One request and its reply."""
         deadline = time.monotonic() + timeout
-        self.send(mtype, generation, body, deadline)
+        self.send(mtype, generation, body, deadline, timeout)
         return self.reply(body["id"], deadline)
 
     def _send(self, data: bytes, deadline: float) -> None:
@@ -332,14 +366,14 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self._ids += 1
         body = {**body, "id": self._ids}
         generation = self._current()[0]
+        wait = self._wait()
         self.stats["requests"] += 1
         try:
-            reply = self._exchange(server, mtype, generation, body)
+            reply = self._exchange(server, mtype, generation, body, wait)
         except TimeoutError as exc:
             self.stats["timeouts"] += 1
             self._drop(server)
-            raise _Silent(f"block server {server}: no answer within {self.io_timeout:g} s"
-                          ) from exc
+            raise _Silent(f"block server {server}: no answer within {wait:g} s") from exc
         except (OSError, WireError) as exc:
             self._drop(server)
             raise _Silent(f"block server {server}: {exc}") from exc
@@ -370,20 +404,19 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             self.on_fenced(reason)
         raise StorageError(f"{self.path}: {reason}")
 
-    def _exchange(self, server: int, mtype: int, generation: int, body: dict[str, Any]
-                  ) -> dict[str, Any]:
+    def _exchange(self, server: int, mtype: int, generation: int, body: dict[str, Any],
+                  wait: float) -> dict[str, Any]:
         conn = self._conns.get(server)
         if conn is not None:
             try:
-                return conn.request(mtype, generation, body, self.io_timeout)
+                return conn.request(mtype, generation, body, wait)
             except ConnectionError:
                 # a connection made earlier was closed under us (the server restarted,
                 # or dropped it): no silence yet. Once more on a new one (a request
                 # is idempotent, and nothing else was sent meanwhile)
                 self._drop(server)
-        conn = self._conns[server] = _Connection(self.cfg, self.node_id, server,
-                                                 self.io_timeout)
-        return conn.request(mtype, generation, body, self.io_timeout)
+        conn = self._connection(server, wait)
+        return conn.request(mtype, generation, body, wait)
 
     def _drop(self, server: int) -> None:
         conn = self._conns.pop(server, None)
@@ -460,12 +493,13 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self._ids += 1
         body = {**body, "id": self._ids}
         generation = self._current()[0]
-        deadline = time.monotonic() + self.io_timeout
+        wait = self._wait()
+        deadline = time.monotonic() + wait
         self.stats["requests"] += 1
         for attempt in (1, 2):
             try:
-                conn = self._connection(server)
-                conn.send(mtype, generation, body, deadline)
+                conn = self._connection(server, wait)
+                conn.send(mtype, generation, body, deadline, wait)
             except ConnectionError as exc:
                 # closed under us (the server restarted): once more on a new one
                 self._drop(server)
@@ -475,22 +509,25 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             except TimeoutError as exc:
                 self.stats["timeouts"] += 1
                 self._drop(server)
-                raise _Silent(f"block server {server}: no answer within "
-                              f"{self.io_timeout:g} s") from exc
+                raise _Silent(f"block server {server}: no answer within {wait:g} s"
+                              ) from exc
             except (OSError, WireError) as exc:
                 self._drop(server)
                 raise _Silent(f"block server {server}: {exc}") from exc
             if mtype == MsgType.BLOCK_WRITE:
                 self._unflushed.add(server)     # its silence re-sends the log from now
-            return _Request(server, conn, mtype, body, offset, length, deadline)
+            return _Request(server, conn, mtype, body, offset, length, deadline, wait)
         raise AssertionError("unreachable")
 
-    def _connection(self, server: int) -> _Connection:
+    def _connection(self, server: int, wait: float) -> _Connection:
         conn = self._conns.get(server)
         if conn is None:
-            conn = self._conns[server] = _Connection(self.cfg, self.node_id, server,
-                                                     self.io_timeout)
+            conn = self._conns[server] = _Connection(self.cfg, self.node_id, server, wait)
         return conn
+
+    def _wait(self) -> float:
+        """How long a request sent now waits for its reply."""
+        return self.io_timeout
 
     def _finish(self, req: _Request) -> dict[str, Any]:
         """The reply to `req`, read once. Its server silent: a write is covered by
@@ -519,7 +556,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             self.stats["timeouts"] += 1
             self._drop(req.server)
             raise _Silent(f"block server {req.server}: no answer within "
-                          f"{self.io_timeout:g} s") from exc
+                          f"{req.wait:g} s") from exc
         except (OSError, WireError) as exc:
             self._drop(req.server)
             raise _Silent(f"block server {req.server}: {exc}") from exc
@@ -725,3 +762,4 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
                 "preferred": {k.decode(errors="replace"): s
                               for k, s in sorted(self._preferred.items())},
                 "retarget_times": self.retarget_times[-50:]}
+
