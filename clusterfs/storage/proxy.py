@@ -15,7 +15,13 @@ would name (a region this node holds no lock on, or whose server went away
 since), the others following in that order.
 
 Re-target on ETIMEDOUT (../shared/seeds/000). Every request has `io_timeout`
-seconds (config `[storage] io_timeout`, well below failure_timeout). When a
+seconds (config `[storage] io_timeout`, well below failure_timeout), except one
+sent from a thread that runs a trio event loop, which has `loop_timeout`
+(io_timeout / LOOP_SHARE): the mount's fs and journal call the device
+synchronously on its loop, and everything else that node does (lock callbacks,
+comms acks, membership, its control socket) waits while such a call does. So a
+call on the loop waits at most loop_timeout for a server before it goes to the
+next one; a worker thread's (drain, flush, checkpoint) waits io_timeout. When a
 server does not answer in time, refuses, or its connection breaks, the proxy
 marks it silent (for SILENT_FOR seconds or until the view changes), logs it,
 calls `on_silent(server)` (the mount tells membership to probe that node and asks
@@ -30,10 +36,14 @@ itself), and when a server that took some of them goes silent it sends the whole
 log again, in order, through another server before going on. A flush goes to
 every server written through since the last one.
 
-The writes a silent server may still hold (it was stopped, not dead) are the
-servers' and the fencing agents' business: a server refuses a write that waited
-longer than half the io_timeout, and a server removed from the view is fenced by
-the survivors before any recovery.
+The writes a silent server may still hold (it was stopped or slow, not dead) must
+not land after the proxy gave up on them: a later write of the same bytes through
+another server could be under way. Each write carries `by` (storage/blockwire.py):
+its send time mapped onto the server's clock (through a lower bound of the clocks'
+offset that every reply refines) plus half its wait; the server refuses it if it
+reaches the disk later. So none starts after its wait ran out, wherever it sat
+meanwhile (in socket buffers, behind a held or stopped event loop). A server removed
+from the view is also fenced by the survivors before any recovery.
 
 Several requests in flight (up to WINDOW per device). A read or write larger
 than PIECE is cut into pieces sent all at once, and `write_behind` (file data)
@@ -64,6 +74,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import trio
+
 from clusterfs import failover
 from clusterfs.config import ClusterConfig
 from clusterfs.dlm.preferred import server_order
@@ -79,6 +91,7 @@ log = logging.getLogger(__name__)
 LOG_LIMIT = 64 << 20         # unflushed write bytes kept for a re-send; past it, flush
 SILENT_FOR = 30.0            # a silent server is skipped this long (or to a new view)
 REFUSED_WAIT = 4             # x io_timeout: how long to retry when every server refuses
+LOOP_SHARE = 4               # a request sent on the event loop waits io_timeout / this
 CLOCK_DRIFT = 1e-4           # how far two nodes' clocks may drift apart, s per s
 WINDOW = 8                   # requests in flight per device, at most
 PIECE = bw.MAX_IO             # larger reads and writes go in pieces of this, side by side
@@ -257,6 +270,8 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self.fd = None
         self.proxied = True
         self.io_timeout = io_timeout if io_timeout is not None else config.io_timeout
+        # what a request sent on an event loop's thread waits (module doc)
+        self.loop_timeout = self.io_timeout / LOOP_SHARE
         self.on_silent: Callable[[int], None] | None = None
         self.on_fenced: Callable[[str], None] | None = None     # a server says: fenced
         self._view: Callable[[], View] | None = None
@@ -526,8 +541,9 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         return conn
 
     def _wait(self) -> float:
-        """How long a request sent now waits for its reply."""
-        return self.io_timeout
+        """How long a request sent now waits for its reply: io_timeout, or
+        loop_timeout on an event loop's thread (module doc)."""
+        return self.loop_timeout if _on_event_loop() else self.io_timeout
 
     def _finish(self, req: _Request) -> dict[str, Any]:
         """The reply to `req`, read once. Its server silent: a write is covered by
@@ -763,3 +779,12 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
                               for k, s in sorted(self._preferred.items())},
                 "retarget_times": self.retarget_times[-50:]}
 
+
+def _on_event_loop() -> bool:
+    """Whether this thread runs a trio event loop (the mount's: its fs and journal
+    call the device there, synchronously)."""
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return False
+    return True
