@@ -491,8 +491,10 @@ def test_a_slow_servers_late_writes_never_land_over_newer_ones(tmp_path):
                 assert slow.server.statistics()["stalls"] == 0     # not a stop
                 with open(image, "rb") as f:
                     assert f.read(8 * 4096) == newer
+                # all eight refused: the one or two its loop had read before it was
+                # held by the arrival lease, the others only by their `by`
                 st = slow.server.statistics()
-                assert st["writes"] == 1 and st["late"] == 8, st      # warm-up only
+                assert st["writes"] == 1 and st["refused"] == 8 and st["late"] >= 6, st
             finally:
                 dev.close()
     finally:
