@@ -40,9 +40,11 @@ class Node:
 
 
 @asynccontextmanager
-async def nodes(tmp_path, count: int = 2, placed: bool = False) -> AsyncIterator[list[Node]]:
+async def nodes(tmp_path, count: int = 2, placed: bool = False,
+                max_cached: int | None = None) -> AsyncIterator[list[Node]]:
     """count FileSystems on one image; placed: with a cluster mount's placement (home
-    groups by node rank, the DLM directory hint), else home groups by journal slot."""
+    groups by node rank, the DLM directory hint), else home groups by journal slot;
+    max_cached: each node's lock cache bounded so (its shrinker running)."""
     image = tmp_path / "disk.img"
     with open(image, "wb") as f:
         f.truncate(64 << 20)
@@ -58,6 +60,9 @@ async def nodes(tmp_path, count: int = 2, placed: bool = False) -> AsyncIterator
             journal.open()
             glocks = GlockManager(mc.ls(slot + 1), min_hold=0)
             glocks.start(nursery)
+            if max_cached is not None:
+                glocks.max_cached = max_cached
+                nursery.start_soon(glocks.run_shrinker)
             fs = FileSystem(Blocks(dev, journal, sb), sb, glocks, TransactionManager(journal),
                             clustered=True,
                             home_group=placement.home_group(slot + 1) if placed else None)
@@ -544,3 +549,33 @@ async def test_a_withdrawn_node_ends_every_lock_wait_with_eio(tmp_path) -> None:
                 await a.fs.getattr(f.ino)                # waited behind that demote
             assert exc.value.errno == errno.EIO
             others.cancel_scope.cancel()
+
+
+@trio_test
+async def test_a_bounded_lock_cache_lets_files_go_and_stays_coherent(tmp_path) -> None:
+    """Node a, its cache bounded to 40 locks, makes 200 files with data: once they are
+    home its locks and cached inodes go back under the bound, every file reads back on
+    both nodes, and a change by b to a file a had let go is seen by a."""
+    async with nodes(tmp_path, max_cached=40) as (a, b):
+        root = a.fs.root
+        d = await a.fs.mknod(root, b"d", stat.S_IFDIR | 0o755, 0, 0, 0)
+        inos = []
+        for i in range(200):
+            f = await a.fs.mknod(d.ino, b"f%03d" % i, REG, 0, 0, 0)
+            await a.fs.write(f.ino, 0, b"data %d" % i)
+            inos.append(f.ino)
+        # only what is home can go without a flush: a mount's background commit and
+        # checkpoint do this by themselves
+        assert len(a.fs.glocks.glocks) > 40
+        await a.fs.txn.commit(checkpoint=True)
+        await wait_until(lambda: len(a.fs.glocks.glocks) <= 40)
+        assert a.fs.glocks.statistics()["evicted"] >= 160
+        assert sum(1 for ino in inos if ino in a.fs.inodes) <= 40
+        assert inos[0] in a.invalidated                 # the kernel told to forget it
+        for i, ino in enumerate(inos):
+            for node in (a, b):
+                assert await node.fs.read(ino, 0, 100) == b"data %d" % i
+        await b.fs.write(inos[0], 0, b"DATA")            # b changes one a let go
+        assert await a.fs.read(inos[0], 0, 100) == b"DATA 0"
+        names = sorted(n for n, _ in await a.fs.readdir(d.ino))
+        assert names == [b"f%03d" % i for i in range(200)]

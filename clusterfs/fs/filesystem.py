@@ -201,6 +201,10 @@ class FileSystem:
         glocks.on_demote("rename", self._demote_flush)
         glocks.on_demote("data", self._demote_data)
         glocks.ranged("data", DATA_LOCK_BYTES)
+        # what the lock cache may let go when it is full: an inode's or a chunk's lock
+        # goes with what it covers, as if another node had asked for it
+        glocks.shrinkable.update(("inode", "data"))
+        glocks.can_let_go = self._nothing_to_flush
         self.inodes.attach(glocks)        # a fresh grant drops a clean copy
         glocks.on_grant("rgrp", self._granted_rgrp)
         self._load_group_hints()
@@ -1466,11 +1470,31 @@ class FileSystem:
             # leaves the cluster as failed and the others replay our journal
             await trio.sleep_forever()
 
+    def _nothing_to_flush(self, glock: Glock) -> bool:
+        """May the lock cache let this glock go without a journal flush? A data chunk
+        always (its demote only drains queued writes). An inode if no change to it is
+        dirty, being committed or logged and not yet home: then the disk holds the
+        newest copy of everything its lock covers, and our journal no copy a replay
+        could put over a newer one (docs/journal.md). Under a busy node the journal
+        is seldom empty; this lets its idle inodes go without emptying it each time."""
+        if glock.name[0] != "inode":
+            return glock.name[0] == "data"
+        node = self.inodes.get(glock.name[1])
+        if node is None:
+            return not self.blocks.logged(glock.name[1])
+        return not self.txn.is_dirty(node) and \
+            not any(self.blocks.logged(blkno) for blkno in node.meta_blocks())
+
     async def _demote_inode(self, glock: Glock, target: Mode) -> None:
         """Another node wants this inode: flush; going to nothing, also drop our copy
-        (open or not: per-open state lives in self.opens) and tell the kernel."""
+        (open or not: per-open state lives in self.opens) and tell the kernel. The
+        lock cache letting an idle, clean inode go needs no flush, only queued data
+        writes on the device (_nothing_to_flush)."""
         ino = glock.name[1]
-        await self._flush_for_demote()
+        if glock.evicting and self._nothing_to_flush(glock):
+            await self.txn.drain_data()
+        else:
+            await self._flush_for_demote()
         if target != Mode.NL:
             return                       # PR: our clean copy stays valid
         self.inodes.drop_if_clean(ino)   # (dirty now: created during the flush)
