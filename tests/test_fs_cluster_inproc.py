@@ -67,7 +67,7 @@ async def nodes(tmp_path, count: int = 2, placed: bool = False,
                             clustered=True,
                             home_group=placement.home_group(slot + 1) if placed else None)
             node = Node(fs, dev)
-            fs.invalidate_hook = node.invalidated.append
+            fs.kernel_forget.hook = node.invalidated.append
             out.append(node)
         try:
             yield out

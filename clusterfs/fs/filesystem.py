@@ -42,6 +42,7 @@ from clusterfs.fs import extents as ext
 from clusterfs.fs.alloc import Allocator, ResourceGroup, decode_free_lvb, encode_free_lvb
 from clusterfs.fs.directory import Directory
 from clusterfs.fs.inode import CachedInode
+from clusterfs.fs.kernelforget import KernelForget
 from clusterfs.fs.orphans import OrphanList
 
 log = logging.getLogger(__name__)
@@ -179,9 +180,9 @@ class FileSystem:
         # nodes creating at once rarely want the same group
         self.home_group = home_group if home_group is not None else \
             self.slot * sb.rgrp_count // sb.journal_count
-        # tell the kernel to forget an inode's attributes (set by the FUSE layer; may
-        # block briefly, so it is called from a worker thread)
-        self.invalidate_hook: Callable[[int], None] | None = None
+        # tell the kernel to forget an inode's attributes (its hook set by the FUSE
+        # layer; called from a worker thread, for many inodes at a time)
+        self.kernel_forget = KernelForget()
         # take back the names the kernel was given in a directory (set by the FUSE
         # layer; never blocks: the kernel is told later, see fuse/names.py)
         self.names_hook: Callable[[int], None] | None = None
@@ -1501,8 +1502,7 @@ class FileSystem:
         self.blocks.forget_read_ahead()  # chunks of its data may be rewritten elsewhere
         if self.names_hook is not None:  # the other node may rename what is in it
             self.names_hook(ino)
-        if self.invalidate_hook is not None:
-            await trio.to_thread.run_sync(self.invalidate_hook, ino)
+        await self.kernel_forget.forget(ino)
 
     async def _demote_data(self, glock: Glock, target: Mode) -> None:
         """Another node wants a chunk of a file's data: our queued writes there must be
