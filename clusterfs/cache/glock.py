@@ -165,6 +165,8 @@ class GlockManager:
         # the fs's say on whether a glock can go without a journal flush; one that
         # cannot waits for a later shrink (the journal is emptied now and then anyway)
         self.can_let_go: Callable[[Glock], bool] | None = None
+        # and its way to make them able to: write the journal home (one flush for all)
+        self.make_room: Callable[[], Awaitable[None]] | None = None
         self._over_limit = trio.Event()
         # kinds whose EX glocks go down to PR by themselves once unused for a while
         # (run_idle_sharing), and the EX glocks of those kinds held now
@@ -435,10 +437,15 @@ class GlockManager:
             if len(self.glocks) <= self.max_cached:
                 await self._over_limit.wait()
             self._over_limit = trio.Event()
-            await self.shrink(int(self.max_cached * SHRINK_TO))
+            target = int(self.max_cached * SHRINK_TO)
+            await self.shrink(target)
+            if len(self.glocks) > self.max_cached and self.make_room is not None:
+                # most of what is left has changes in the journal not yet home: write
+                # it home once (the fs's checkpoint), and those can go without one each
+                await self.make_room()
+                await self.shrink(target)
             if len(self.glocks) > self.max_cached:
-                # what is left could not go yet (in use, or changes not home): look
-                # again in a while, not at every new glock
+                # what is left is in use: look again in a while, not at every new glock
                 await trio.sleep(SHRINK_PAUSE)
 
     async def shrink(self, target: int) -> int:

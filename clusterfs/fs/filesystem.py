@@ -206,6 +206,7 @@ class FileSystem:
         # goes with what it covers, as if another node had asked for it
         glocks.shrinkable.update(("inode", "data"))
         glocks.can_let_go = self._nothing_to_flush
+        glocks.make_room = self._flush_for_demote
         self.inodes.attach(glocks)        # a fresh grant drops a clean copy
         glocks.on_grant("rgrp", self._granted_rgrp)
         self._load_group_hints()
