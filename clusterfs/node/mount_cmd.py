@@ -53,6 +53,7 @@ SLOT_ATTEMPTS = 25          # looks for a free journal slot before giving up...
 SLOT_RETRY_DELAY = 0.2      # ...this many seconds apart
 AUDIT_ENV = "CLUSTERFS_AUDIT_FAILOVER"    # =1: audit the failover path (module doc)
 MAX_GLOCKS_RANGE = (100, 100_000_000)     # -o max_glocks (default: cache/glock.py MAX_CACHED)
+GC_YOUNG = 10_000           # net allocations between young collections (_tune_collector)
 
 
 class MountError(Exception):
@@ -763,6 +764,19 @@ def _daemon_log(path: str | None) -> int | None:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
 
+def _tune_collector() -> None:
+    """What start-up made (modules, config, the preloaded failover path) lives as long
+    as the mount: frozen out of the collector's way, so a full collection (a pause of
+    the whole event loop) walks only what the mount made since. And a young collection
+    every GC_YOUNG net allocations, not Python's 700: a mount caches tens of thousands
+    of long-lived objects (locks, inodes), and each young collection found almost
+    nothing to free (in-process creates, three runs each: 4663-6070 creates/s with
+    700, 5214-6594 with 10 000)."""
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG, middle, old)
+
+
 def _mount(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     if os.environ.get(AUDIT_ENV) == "1":
         failover.install_audit()        # first: every later event is counted
@@ -771,10 +785,7 @@ def _mount(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     def live() -> None:
         ready()
         failover.arm_audit()            # what starting the mount did is not failover
-        # What start-up made (modules, config, the preloaded failover path) lives as
-        # long as the mount: out of the collector's way, so a full collection (a pause
-        # of the whole event loop) walks only what the mount made since.
-        gc.freeze()
+        _tune_collector()
 
     opts = parse_options(args.options)
     _setup_logging(opts.debug)
