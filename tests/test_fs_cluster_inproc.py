@@ -577,3 +577,22 @@ async def test_a_bounded_lock_cache_lets_files_go_and_stays_coherent(tmp_path) -
         assert await a.fs.read(inos[0], 0, 100) == b"DATA 0"
         names = sorted(n for n, _ in await a.fs.readdir(d.ino))
         assert names == [b"f%03d" % i for i in range(200)]
+
+
+@trio_test
+async def test_a_rename_into_a_directory_another_node_removed_is_enoent(tmp_path) -> None:
+    """b removes directory t while a still has its number (as a's kernel would): a's
+    rename of a file into t across directories is ENOENT, and a goes on serving. (It
+    took the removed t's ENOENT for a missing target name, walked t's ancestors from its
+    freed inode, reached parent 0 and withdrew on "metadata block 0 out of range".)"""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        src_dir = await a.fs.mknod(root, b"s", stat.S_IFDIR | 0o755, 0, 0, 0)
+        await a.fs.mknod(src_dir.ino, b"f", REG, 0, 0, 0)
+        t = await a.fs.mknod(root, b"t", stat.S_IFDIR | 0o755, 0, 0, 0)
+        await b.fs.unlink(root, b"t", want_dir=True)
+        with pytest.raises(FSError) as caught:
+            await a.fs.rename(src_dir.ino, b"f", t.ino, b"g")
+        assert caught.value.errno == errno.ENOENT
+        assert not a.fs.txn.withdrawn
+        assert [n for n, _ in await a.fs.readdir(src_dir.ino)] == [b"f"]

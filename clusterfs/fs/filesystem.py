@@ -740,12 +740,10 @@ class FileSystem:
         async with self.glocks.hold(wanted):
             async with self._hold(pr=sorted({p1, p2}), write=False):
                 src = self._find(p1, n1)
-                try:
-                    dst: int | None = self._find(p2, n2)
-                except FSError as exc:
-                    if exc.errno != errno.ENOENT:
-                        raise
-                    dst = None
+                # (a target directory another node removed is ENOENT here: taken for a
+                # missing name, the ancestor walk below read its freed inode, found
+                # parent 0 and withdrew the node on "metadata block 0")
+                dst = self._find_or_none(p2, n2)
                 chain = self._ancestors(p2) if p1 != p2 else []
 
             async def run(alloc):
