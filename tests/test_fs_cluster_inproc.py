@@ -596,3 +596,26 @@ async def test_a_rename_into_a_directory_another_node_removed_is_enoent(tmp_path
         assert caught.value.errno == errno.ENOENT
         assert not a.fs.txn.withdrawn
         assert [n for n, _ in await a.fs.readdir(src_dir.ino)] == [b"f"]
+
+
+@trio_test
+async def test_a_scan_of_another_nodes_directory_brings_its_inodes_in_ahead(tmp_path) -> None:
+    """b looks up a's 300 files one by one (a stat of each, as ls -l without readdirplus
+    or find do): after a few lookups that each locked and read one inode, b brings in
+    the next ones by the hundred; three lookups alone bring in nothing ahead. What b
+    brought in is under its locks: a's change to one of them is what b sees next."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        d = await a.fs.mknod(root, b"d", stat.S_IFDIR | 0o755, 0, 0, 0)
+        inos = [(await a.fs.mknod(d.ino, b"f%03d" % i, REG, 0, 0, 0)).ino
+                for i in range(300)]
+        for i in range(3):
+            assert (await b.fs.lookup(d.ino, b"f%03d" % i)).ino == inos[i]
+        assert sum(1 for ino in inos if ino in b.fs.inodes) == 3     # nothing ahead yet
+        await b.fs.lookup(d.ino, b"f003")
+        assert sum(1 for ino in inos if ino in b.fs.inodes) >= 64    # a scan: ahead
+        for i in range(4, 300):
+            assert (await b.fs.lookup(d.ino, b"f%03d" % i)).ino == inos[i]
+        await a.fs.setattr(inos[200], mode=0o600)                    # b's copy goes
+        got = await b.fs.lookup(d.ino, b"f200")
+        assert stat.S_IMODE(got.d.mode) == 0o600

@@ -51,6 +51,16 @@ RENAME_EXCHANGE = 2
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 BIG = 1 << 62
 PREFETCH_SPAN = 64       # blocks read at once when prefetching inodes
+# A scan (stat of every file of a directory, one by one: ls -l without readdirplus,
+# find, rsync, make) in a cluster: once SCAN_AFTER lookups in one directory, each less
+# than SCAN_WINDOW after the one before, had to lock and read their inode, a lookup
+# brings in the next SCAN_BATCH of the directory's inodes by number (made together,
+# they lie together) with their locks, many requests in flight at once, instead of one
+# round trip and one read each; while the scan goes on, its next miss brings the next.
+SCAN_AFTER = 4
+SCAN_WINDOW = 0.5
+SCAN_BATCH = 128
+SCAN_LEAVES_MAX = 256    # a hashed directory with more leaves is not scanned ahead
 READAHEAD_TRIGGER = 128 * 1024   # a read this large is taken as sequential
 # Device read-ahead for a sequential reader: keep up to READAHEAD_BLOCKS (32 MiB)
 # advised ahead of it, topped up in steps of READAHEAD_STEP (8 MiB). A 4 MiB window
@@ -162,6 +172,8 @@ class FileSystem:
         # every inode object this node keeps, each under its lock (cache/inodes.py)
         self.inodes: InodeCache[CachedInode] = InodeCache(txn)
         self.nlookup: dict[int, int] = {}
+        # directory -> (lookups that had to read, time of the last): _scan_ahead
+        self._scan_misses: dict[int, tuple[int, float]] = {}
         # the generation the kernel was given with each number it holds: in a cluster
         # the block may hold a newer inode by the time the kernel uses the number again
         self.handed: dict[int, int] = {}
@@ -380,12 +392,37 @@ class FileSystem:
         while True:
             async with self._hold(pr=[parent], write=False):
                 ino = self._find_or_none(parent, name)
+                ahead = self._scan_ahead(parent, ino) if self.clustered else []
             if ino is None:
                 return None
+            if ahead:
+                await self.prefetch(ahead)
             node = await self._named_inode(parent, name, ino)
             if node is not None:
                 self.count_lookup(ino, node.d.generation)
                 return node
+
+    def _scan_ahead(self, parent: int, ino: int | None) -> list[int]:
+        """The inodes a lookup of `ino` in `parent` should bring in with it: none,
+        unless `parent` is being scanned (SCAN_AFTER) and `ino` is not cached; then
+        `ino` and the next of the directory's inodes by number. Under the directory's
+        lock."""
+        if ino is None or ino in self.inodes:
+            return []
+        now = time.monotonic()
+        misses, last = self._scan_misses.get(parent, (0, 0.0))
+        misses = misses + 1 if now - last < SCAN_WINDOW else 1
+        if len(self._scan_misses) > 1024:        # directories visited once, long ago
+            self._scan_misses.clear()
+        self._scan_misses[parent] = (min(misses, SCAN_AFTER), now)
+        if misses < SCAN_AFTER:
+            return []
+        d = self._inode(parent).dir
+        if d is None or (d.hashed and d.leaf_count > SCAN_LEAVES_MAX):
+            return []
+        ahead = sorted(child for _name, (child, _t) in d.items()
+                       if child >= ino and child not in self.inodes)
+        return ahead[:SCAN_BATCH]
 
     async def _named_inode(self, parent: int, name: bytes, ino: int) -> CachedInode | None:
         """The inode `name` in `parent` names, read while both are locked (in order) and
