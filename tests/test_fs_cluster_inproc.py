@@ -619,3 +619,26 @@ async def test_a_scan_of_another_nodes_directory_brings_its_inodes_in_ahead(tmp_
         await a.fs.setattr(inos[200], mode=0o600)                    # b's copy goes
         got = await b.fs.lookup(d.ino, b"f200")
         assert stat.S_IMODE(got.d.mode) == 0o600
+
+
+@trio_test
+async def test_a_busy_node_hands_over_a_clean_inode_without_writing_its_journal_home(
+        tmp_path) -> None:
+    """a made f (two blocks of data) and wrote it home, then goes on changing g (its
+    journal not empty): b reading f and overwriting part of it in place takes f's
+    locks from a with no journal write-back on a (f has nothing in a's journal), and
+    each side sees the other's bytes. g, dirty, still costs a its flush when b reads it."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        f = await a.fs.mknod(root, b"f", REG, 0, 0, 0)
+        await a.fs.write(f.ino, 0, b"a" * 2 * BLOCK)
+        await a.fs.txn.commit(checkpoint=True)
+        g = await a.fs.mknod(root, b"g", REG, 0, 0, 0)
+        await a.fs.write(g.ino, 0, b"g on a")
+        checkpoints = a.fs.txn.journal.stats["checkpoints"]
+        assert await b.fs.read(f.ino, 0, 2 * BLOCK) == b"a" * 2 * BLOCK
+        await b.fs.write(f.ino, BLOCK, b"FROM B")
+        assert a.fs.txn.journal.stats["checkpoints"] == checkpoints   # nothing written home
+        assert await a.fs.read(f.ino, BLOCK - 1, 7) == b"aFROM B"
+        assert await b.fs.read(g.ino, 0, 100) == b"g on a"            # g: flushed for b
+        assert a.fs.txn.journal.stats["checkpoints"] > checkpoints

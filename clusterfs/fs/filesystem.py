@@ -1513,22 +1513,29 @@ class FileSystem:
         dirty, being committed or logged and not yet home: then the disk holds the
         newest copy of everything its lock covers, and our journal no copy a replay
         could put over a newer one (docs/journal.md). Under a busy node the journal
-        is seldom empty; this lets its idle inodes go without emptying it each time."""
+        is seldom empty; this lets its idle inodes go without emptying it each time,
+        to its lock cache or to another node."""
         if glock.name[0] != "inode":
             return glock.name[0] == "data"
-        node = self.inodes.get(glock.name[1])
+        ino = glock.name[1]
+        if self.txn.committing():
+            return False                 # (the journal's state is moving: flush as before)
+        node = self.inodes.get(ino)
         if node is None:
-            return not self.blocks.logged(glock.name[1])
+            # (freed here: its tombstone may be dirty, with no cached inode to say so)
+            return ino not in self.freed and not self.blocks.logged(ino)
         return not self.txn.is_dirty(node) and \
             not any(self.blocks.logged(blkno) for blkno in node.meta_blocks())
 
     async def _demote_inode(self, glock: Glock, target: Mode) -> None:
-        """Another node wants this inode: flush; going to nothing, also drop our copy
-        (open or not: per-open state lives in self.opens) and tell the kernel. The
-        lock cache letting an idle, clean inode go needs no flush, only queued data
-        writes on the device (_nothing_to_flush)."""
+        """Another node wants this inode (or the lock cache lets it go): flush;
+        going to nothing, also drop our copy (open or not: per-open state lives in
+        self.opens) and tell the kernel. An inode with nothing of it dirty or in the
+        journal needs no flush, only queued data writes on the device
+        (_nothing_to_flush): a busy node does not write its whole journal home because
+        another node reads one of its older files."""
         ino = glock.name[1]
-        if glock.evicting and self._nothing_to_flush(glock):
+        if self._nothing_to_flush(glock) and self.txn.withdrawn is None:
             await self.txn.drain_data()
         else:
             await self._flush_for_demote()
