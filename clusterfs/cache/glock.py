@@ -466,8 +466,8 @@ class GlockManager:
 
     def _eviction_batch(self, count: int) -> list[Glock]:
         """Up to `count` of the oldest idle glocks that nothing is using, asking for
-        or demoting; others met on the way leave the LRU (they re-enter when they are
-        next released)."""
+        or demoting. Those in use met on the way leave the LRU (they re-enter when next
+        released); those the fs cannot let go without a flush go back to its young end."""
         batch: list[Glock] = []
         later: list[Glock] = []
         looked = 0

@@ -1508,8 +1508,9 @@ class FileSystem:
             await trio.sleep_forever()
 
     def _nothing_to_flush(self, glock: Glock) -> bool:
-        """May the lock cache let this glock go without a journal flush? A data chunk
-        always (its demote only drains queued writes). An inode if no change to it is
+        """May this glock go down without a journal flush (to another node, or out of
+        the lock cache)? A data chunk always (its demote only drains queued writes).
+        An inode if no change to it is
         dirty, being committed or logged and not yet home: then the disk holds the
         newest copy of everything its lock covers, and our journal no copy a replay
         could put over a newer one (docs/journal.md). Under a busy node the journal
