@@ -406,12 +406,15 @@ def read_bytes(pid: int) -> int:
     return 0
 
 
-def catch_reader(pids: dict[int, int], threshold: int, window: float = 0.05,
+def catch_reader(pids: dict[int, int], threshold: int, window: float = 0.25,
                  timeout: float = HANG_GUARD, sig: int = signal.SIGKILL) -> int:
     """The first node (of node -> pid) that reads `threshold` bytes from the device
     within `window` seconds, sent `sig` (SIGKILL; SIGSTOP to freeze it) the moment it
     is seen; its node id. A journal replay reads at tens of MB/s; the nodes' other
-    reads (disk heartbeats, the orphan sweeper) come a few blocks at a time."""
+    reads (disk heartbeats, the orphan sweeper) come a few blocks at a time. The window
+    is wide enough for a loaded machine: there this loop may look only every few tens
+    of milliseconds, and the replay read at a few MB/s (with 0.05 s a CI run under load
+    saw no node read 256 KiB in a window and waited out the hang guard)."""
     seen: dict[int, collections.deque] = {n: collections.deque() for n in pids}
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

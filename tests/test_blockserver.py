@@ -442,6 +442,90 @@ async def _spawn(fn) -> None:
     trio.lowlevel.spawn_system_task(fn)
 
 
+
+def _hold_loop(served: Served, seconds: float) -> None:
+    """Hold `served`'s event loop for `seconds` (a blocking call on it, as a mount's
+    synchronous device call would be): the server is slow, not stopped; its stall
+    detector's thread keeps ticking."""
+    async def hold() -> None:
+        time.sleep(seconds)
+
+    trio.from_thread.run(_spawn, hold, trio_token=served.token)
+
+
+def test_a_slow_servers_late_writes_never_land_over_newer_ones(tmp_path):
+    """Item 2 of issue 8: a server whose event loop is held (slow, not stopped: its
+    tick thread goes on, so no quarantine) while eight queued writes sit in its
+    socket. The proxy times them out, re-targets them to the other server, and then
+    writes newer bytes over them there. When the slow server's loop comes back it
+    reads the eight old writes: it must execute none of them, because each carries
+    the latest moment (on the server's clock) it may start, set by the proxy from
+    its send time. (Before: the server measured a request's age from when its loop
+    read it, so these looked fresh and landed over the newer bytes.)"""
+    from clusterfs.dlm.preferred import server_order
+    from clusterfs.storage.proxy import UNMAPPED
+
+    cfg = _config([1, 2], io_timeout=0.5)
+    image = _image(tmp_path)
+    disks = [BlockDevice(image), BlockDevice(image)]
+    try:
+        with _serving(cfg, 1, disks[0]) as s1, _serving(cfg, 2, disks[1]) as s2:
+            dev = ProxyDevice(cfg, 3)
+            dev.attach(lambda: (1, frozenset({1, 2, 3})))
+            victim = server_order(UNMAPPED, [1, 2])[0]        # where the proxy writes
+            slow = {1: s1, 2: s2}[victim]
+            try:
+                dev.pwrite(0, b"warm" * 1024)                 # connected to both
+                dev.flush()
+                _hold_loop(slow, 1.5)
+                old = [os.urandom(4096) for _ in range(8)]
+                for i, block in enumerate(old):
+                    dev.write_behind(i * 4096, block)
+                dev.drain()                                   # re-targeted, no error
+                st = dev.statistics()
+                assert st["retargets"] >= 1 and victim in st["silent"], st
+                newer = os.urandom(8 * 4096)
+                dev.pwrite(0, newer)
+                dev.flush()
+                time.sleep(2.0)               # the slow loop is back, reads the old ones
+                assert slow.server.statistics()["stalls"] == 0     # not a stop
+                with open(image, "rb") as f:
+                    assert f.read(8 * 4096) == newer
+                # all eight refused: the one or two its loop had read before it was
+                # held by the arrival lease, the others only by their `by`
+                st = slow.server.statistics()
+                assert st["writes"] == 1 and st["refused"] == 8 and st["late"] >= 6, st
+            finally:
+                dev.close()
+    finally:
+        for d in disks:
+            d.close()
+
+
+
+def test_a_writes_start_deadline_is_never_later_than_the_proxy_allows(monkeypatch):
+    """The proxy maps a write's start deadline onto the server's clock through a
+    lower bound of the two clocks' offset, learnt from the times the server's frames
+    carry: a frame that was late (it sat somewhere) only makes the bound lower, never
+    higher than the true offset; the deadline is then at most the true one."""
+    from clusterfs.storage import proxy
+
+    now = [100.0]
+    monkeypatch.setattr(proxy.time, "monotonic", lambda: now[0])
+    true_offset = 5000.0                                 # server clock - ours
+    conn = object.__new__(_Connection)
+    conn.offset, conn.offset_at = float("-inf"), 0.0
+    assert conn.server_time(now[0]) is None              # a server that said nothing
+    for sent, delay in ((99.9, 0.1), (100.5, 0.4), (101.0, 0.0), (102.0, 1.5)):
+        now[0] = sent + delay                             # its frame reaches us now
+        conn._clock({"t": sent + true_offset})
+        assert conn.server_time(now[0]) <= now[0] + true_offset
+    now[0] = 103.5
+    assert conn.server_time(103.6) == pytest.approx(103.6 + true_offset, abs=1e-3)
+    now[0] = 3700.0                                      # an hour without a frame
+    assert 103.6 + true_offset - conn.server_time(103.6) == pytest.approx(0.36, abs=1e-3)
+
+
 # -- seed 000 with a window: a stopped server, several writes in flight to it --------
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                      "tools", "iscsibench.py")

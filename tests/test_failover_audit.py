@@ -27,7 +27,7 @@ from pathlib import Path
 import mountutil
 import pytest
 import trio
-from clusterutil import cluster
+from clusterutil import CLUSTER_NAME, cluster
 from mountutil import run_cli
 from recoveryutil import wait_for
 from test_proxy import ProxyCluster, _status, _write_and_stop
@@ -385,6 +385,77 @@ def test_a_proxy_opens_and_imports_nothing_while_it_retargets(tmp_path, audited)
         assert _status(c, 3)["device"]["retargets"] >= 1
         assert_quiet_failover(audits[3], stopped_at, {"proxy re-target", *KILL_PHASES})
         assert_quiet_failover(audits[other], stopped_at, KILL_PHASES)
+
+
+# -- the disk fencing agents (the tests above fence through the process agent) ----------
+def _disk_agent_failover(c, fenced, backing: Path) -> None:
+    """tests/test_fence_mount.py's scenario (node 3 SIGSTOPped under a writer, fenced
+    by the survivors through the config's agent, let go: its late write refused),
+    under the audit: survivors 1 and 2 record nothing from the stop until node 3's
+    journal is replayed and their membership phase (the fence itself) is over."""
+    from test_fence_mount import _finish, _stop_fence_resume
+
+    stopped_at = time.time()
+    _stop_fence_resume(c, fenced, backing)
+    for n in (1, 2):
+        wait_phases(c, n, stopped_at, KILL_PHASES)
+    audits = {n: _audit(c.control, n) for n in (1, 2)}
+    for n, audit in audits.items():
+        print(f"\nnode {n}: {audit['seen']} events seen, {audit['outside_count']} "
+              f"outside the failover, phases {audit['phases']}\n{_explain(audit)}")
+    for audit in audits.values():
+        assert_quiet_failover(audit, stopped_at, KILL_PHASES)
+    _finish(c)
+
+
+def test_survivors_fencing_with_scsi_pr_open_and_import_nothing(tmp_path, audited):
+    """scsi-pr on a tgtd LUN: the fence is a PREEMPT AND ABORT of node 3's key."""
+    import iscsiutil
+    from test_fence_mount import MIB, FencedCluster, _config
+
+    from clusterfs.fence.scsi_pr import pr_key
+    from clusterfs.storage.iscsi import IscsiDevice
+
+    mountutil.require(iscsiutil.missing_prerequisites())
+    with iscsiutil.target([256 * MIB]) as t:
+        url = t.url()
+        r = run_cli("mkfs", "-q", "-j", "3", "--cluster", CLUSTER_NAME, url)
+        assert r.returncode == 0, r.stderr
+        c = FencedCluster(tmp_path, url, _config(tmp_path, f'agent = "scsi-pr"\n'
+                                                           f'devices = ["{url}"]\n'), 3)
+        observer = IscsiDevice(url, timeout=10, initiator="iqn.2025-01.io.clusterfs.test:obs")
+        key = pr_key(CLUSTER_NAME, 3)
+        try:
+            c.start(1, 2, 3)
+            _disk_agent_failover(c, lambda: key not in observer.pr_read_keys(),
+                                 t.backing[1])
+        except BaseException:
+            for m in c.mounts.values():
+                m.force_unmount()
+            raise
+        finally:
+            observer.close()
+
+
+def test_survivors_fencing_with_a_poison_pill_open_and_import_nothing(tmp_path, audited):
+    """poison-pill on a loop device: the fence writes a pill into node 3's slot and
+    waits msgwait."""
+    from test_fence_mount import MIB, FencedCluster, _config
+
+    with mountutil.loop_device(256 * MIB, tmp_path) as dev:
+        r = run_cli("mkfs", "-q", "-j", "3", "--cluster", CLUSTER_NAME, dev)
+        assert r.returncode == 0, r.stderr
+        c = FencedCluster(tmp_path, dev, _config(
+            tmp_path, 'agent = "poison-pill"\ninterval = 0.5\ntimeout = 1.0\n'
+                      'msgwait = 2.0\n'), 3)
+        try:
+            c.start(1, 2, 3)
+            _disk_agent_failover(c, lambda: "node 3 fenced: its watcher" in c.logs(),
+                                 tmp_path / "disk.img")
+        except BaseException:
+            for m in c.mounts.values():
+                m.force_unmount()
+            raise
 
 
 # -- clusterfs lockd ------------------------------------------------------------------

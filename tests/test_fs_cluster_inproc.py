@@ -40,9 +40,11 @@ class Node:
 
 
 @asynccontextmanager
-async def nodes(tmp_path, count: int = 2, placed: bool = False) -> AsyncIterator[list[Node]]:
+async def nodes(tmp_path, count: int = 2, placed: bool = False,
+                max_cached: int | None = None) -> AsyncIterator[list[Node]]:
     """count FileSystems on one image; placed: with a cluster mount's placement (home
-    groups by node rank, the DLM directory hint), else home groups by journal slot."""
+    groups by node rank, the DLM directory hint), else home groups by journal slot;
+    max_cached: each node's lock cache bounded so (its shrinker running)."""
     image = tmp_path / "disk.img"
     with open(image, "wb") as f:
         f.truncate(64 << 20)
@@ -58,11 +60,14 @@ async def nodes(tmp_path, count: int = 2, placed: bool = False) -> AsyncIterator
             journal.open()
             glocks = GlockManager(mc.ls(slot + 1), min_hold=0)
             glocks.start(nursery)
+            if max_cached is not None:
+                glocks.max_cached = max_cached
+                nursery.start_soon(glocks.run_shrinker)
             fs = FileSystem(Blocks(dev, journal, sb), sb, glocks, TransactionManager(journal),
                             clustered=True,
                             home_group=placement.home_group(slot + 1) if placed else None)
             node = Node(fs, dev)
-            fs.invalidate_hook = node.invalidated.append
+            fs.kernel_forget.hook = node.invalidated.append
             out.append(node)
         try:
             yield out
@@ -544,3 +549,96 @@ async def test_a_withdrawn_node_ends_every_lock_wait_with_eio(tmp_path) -> None:
                 await a.fs.getattr(f.ino)                # waited behind that demote
             assert exc.value.errno == errno.EIO
             others.cancel_scope.cancel()
+
+
+@trio_test
+async def test_a_bounded_lock_cache_lets_files_go_and_stays_coherent(tmp_path) -> None:
+    """Node a, its cache bounded to 40 locks, makes 200 files with data: its locks and
+    cached inodes go back under the bound (their changes written home first), every file
+    reads back on both nodes, and a change by b to a file a had let go is seen by a."""
+    async with nodes(tmp_path, max_cached=40) as (a, b):
+        root = a.fs.root
+        d = await a.fs.mknod(root, b"d", stat.S_IFDIR | 0o755, 0, 0, 0)
+        inos = []
+        for i in range(200):
+            f = await a.fs.mknod(d.ino, b"f%03d" % i, REG, 0, 0, 0)
+            await a.fs.write(f.ino, 0, b"data %d" % i)
+            inos.append(f.ino)
+        # what has changes in the journal goes once the shrinker had it written home
+        await wait_until(lambda: len(a.fs.glocks.glocks) <= 40)
+        assert a.fs.txn.journal.stats["checkpoints"] >= 1
+        assert a.fs.glocks.statistics()["evicted"] >= 160
+        assert sum(1 for ino in inos if ino in a.fs.inodes) <= 40
+        assert inos[0] in a.invalidated                 # the kernel told to forget it
+        for i, ino in enumerate(inos):
+            for node in (a, b):
+                assert await node.fs.read(ino, 0, 100) == b"data %d" % i
+        await b.fs.write(inos[0], 0, b"DATA")            # b changes one a let go
+        assert await a.fs.read(inos[0], 0, 100) == b"DATA 0"
+        names = sorted(n for n, _ in await a.fs.readdir(d.ino))
+        assert names == [b"f%03d" % i for i in range(200)]
+
+
+@trio_test
+async def test_a_rename_into_a_directory_another_node_removed_is_enoent(tmp_path) -> None:
+    """b removes directory t while a still has its number (as a's kernel would): a's
+    rename of a file into t across directories is ENOENT, and a goes on serving. (It
+    took the removed t's ENOENT for a missing target name, walked t's ancestors from its
+    freed inode, reached parent 0 and withdrew on "metadata block 0 out of range".)"""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        src_dir = await a.fs.mknod(root, b"s", stat.S_IFDIR | 0o755, 0, 0, 0)
+        await a.fs.mknod(src_dir.ino, b"f", REG, 0, 0, 0)
+        t = await a.fs.mknod(root, b"t", stat.S_IFDIR | 0o755, 0, 0, 0)
+        await b.fs.unlink(root, b"t", want_dir=True)
+        with pytest.raises(FSError) as caught:
+            await a.fs.rename(src_dir.ino, b"f", t.ino, b"g")
+        assert caught.value.errno == errno.ENOENT
+        assert not a.fs.txn.withdrawn
+        assert [n for n, _ in await a.fs.readdir(src_dir.ino)] == [b"f"]
+
+
+@trio_test
+async def test_a_scan_of_another_nodes_directory_brings_its_inodes_in_ahead(tmp_path) -> None:
+    """b looks up a's 300 files one by one (a stat of each, as ls -l without readdirplus
+    or find do): after a few lookups that each locked and read one inode, b brings in
+    the next ones by the hundred; three lookups alone bring in nothing ahead. What b
+    brought in is under its locks: a's change to one of them is what b sees next."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        d = await a.fs.mknod(root, b"d", stat.S_IFDIR | 0o755, 0, 0, 0)
+        inos = [(await a.fs.mknod(d.ino, b"f%03d" % i, REG, 0, 0, 0)).ino
+                for i in range(300)]
+        for i in range(3):
+            assert (await b.fs.lookup(d.ino, b"f%03d" % i)).ino == inos[i]
+        assert sum(1 for ino in inos if ino in b.fs.inodes) == 3     # nothing ahead yet
+        await b.fs.lookup(d.ino, b"f003")
+        assert sum(1 for ino in inos if ino in b.fs.inodes) >= 64    # a scan: ahead
+        for i in range(4, 300):
+            assert (await b.fs.lookup(d.ino, b"f%03d" % i)).ino == inos[i]
+        await a.fs.setattr(inos[200], mode=0o600)                    # b's copy goes
+        got = await b.fs.lookup(d.ino, b"f200")
+        assert stat.S_IMODE(got.d.mode) == 0o600
+
+
+@trio_test
+async def test_a_busy_node_hands_over_a_clean_inode_without_writing_its_journal_home(
+        tmp_path) -> None:
+    """a made f (two blocks of data) and wrote it home, then goes on changing g (its
+    journal not empty): b reading f and overwriting part of it in place takes f's
+    locks from a with no journal write-back on a (f has nothing in a's journal), and
+    each side sees the other's bytes. g, dirty, still costs a its flush when b reads it."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        f = await a.fs.mknod(root, b"f", REG, 0, 0, 0)
+        await a.fs.write(f.ino, 0, b"a" * 2 * BLOCK)
+        await a.fs.txn.commit(checkpoint=True)
+        g = await a.fs.mknod(root, b"g", REG, 0, 0, 0)
+        await a.fs.write(g.ino, 0, b"g on a")
+        checkpoints = a.fs.txn.journal.stats["checkpoints"]
+        assert await b.fs.read(f.ino, 0, 2 * BLOCK) == b"a" * 2 * BLOCK
+        await b.fs.write(f.ino, BLOCK, b"FROM B")
+        assert a.fs.txn.journal.stats["checkpoints"] == checkpoints   # nothing written home
+        assert await a.fs.read(f.ino, BLOCK - 1, 7) == b"aFROM B"
+        assert await b.fs.read(g.ino, 0, 100) == b"g on a"            # g: flushed for b
+        assert a.fs.txn.journal.stats["checkpoints"] > checkpoints

@@ -312,3 +312,88 @@ async def test_no_local_user_gets_in_while_a_grown_glock_goes_down() -> None:
         start = events.index("flush starts")
         assert events[start + 1] == "flush ends", events[start:start + 5]
         assert glocks.glocks[R].hold_time > 0.05        # it did grow
+
+
+# -- the bounded cache (GlockManager.shrink / run_shrinker) ------------------------------
+def _inode(n: int) -> tuple:
+    return ("inode", n)
+
+
+@trio_test
+async def test_the_cache_lets_the_least_recently_used_idle_glocks_go() -> None:
+    """Past max_cached, the oldest idle glocks go down to nothing through their demote
+    callback and are forgotten with their DLM locks; one in use and a kind that is not
+    shrinkable stay."""
+    async with memory_cluster([1, 2, 3]) as mc:
+        glocks = GlockManager(mc.ls(1), min_hold=0, max_cached=20)
+        glocks.shrinkable.add("inode")
+        demoted: list = []
+
+        async def demote(glock, target):
+            await trio.sleep(0)
+            demoted.append((glock.name, target))
+
+        glocks.on_demote("inode", demote)
+        async with trio.open_nursery() as nursery:
+            glocks.start(nursery)
+            nursery.start_soon(glocks.run_shrinker)
+            rgrp = await glocks.acquire([(("rgrp", 0), Mode.EX)])
+            glocks.release(rgrp)                          # oldest of all, not shrinkable
+            busy = await glocks.acquire([(_inode(0), Mode.EX)])   # held throughout
+            for n in range(1, 60):
+                glocks.release(await glocks.acquire([(_inode(n), Mode.EX)]))
+            with trio.fail_after(5):
+                while len(glocks.glocks) > 20:
+                    await trio.sleep(0.01)
+            await trio.testing.wait_all_tasks_blocked(0.01)
+            kept = set(glocks.glocks)
+            assert ("rgrp", 0) in kept and _inode(0) in kept
+            assert _inode(59) in kept and _inode(1) not in kept    # oldest first
+            gone = [name for name, _t in demoted]
+            assert all(target == Mode.NL for _n, target in demoted)
+            assert set(gone) == {_inode(n) for n in range(60)} - kept
+            assert glocks.statistics()["evicted"] == len(gone)
+            assert await _owned(mc.ls(1)) == len(kept)    # their DLM locks went too
+            glocks.release(busy)
+            nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_a_user_of_a_glock_being_let_go_gets_a_fresh_one_and_one_dlm_lock() -> None:
+    """A local user arriving while the shrinker demotes its glock waits, then asks afresh
+    under a new glock: never two DLM locks for one resource from this node."""
+    async with memory_cluster([1, 2, 3]) as mc:
+        glocks = GlockManager(mc.ls(1), min_hold=0, max_cached=10)
+        glocks.shrinkable.add("inode")
+        gate = trio.Event()
+
+        async def slow_demote(glock, target):
+            await gate.wait()                     # the demote takes its time
+
+        glocks.on_demote("inode", slow_demote)
+        async with trio.open_nursery() as nursery:
+            glocks.start(nursery)
+            for n in range(12):
+                glocks.release(await glocks.acquire([(_inode(n), Mode.EX)]))
+            old = glocks.glocks[_inode(0)]
+            nursery.start_soon(glocks.shrink, 5)
+            await trio.testing.wait_all_tasks_blocked(0.01)
+            assert old.demote_to == Mode.NL          # being let go, blocked in its demote
+            got: list = []
+
+            async def user():
+                got.append(await glocks.acquire([(_inode(0), Mode.PR)]))
+
+            nursery.start_soon(user)
+            await trio.testing.wait_all_tasks_blocked(0.01)
+            assert not got                           # waits for the demote
+            gate.set()
+            with trio.fail_after(5):
+                while not got:
+                    await trio.sleep(0.01)
+            fresh = got[0][0]
+            assert fresh is not old and glocks.glocks[_inode(0)] is fresh
+            assert fresh.mode == Mode.PR and old.lock is None
+            assert len(mc.ls(1).dump_local(b"inode:0") or []) == 1   # one lock, the new one
+            glocks.release(got[0])
+            nursery.cancel_scope.cancel()

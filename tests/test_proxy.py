@@ -339,3 +339,73 @@ def test_a_briefly_stopped_server_writes_nothing_stale(tmp_path):
         for n in (1, 2, 3):
             with open(c.path(n, "w"), "rb") as f:
                 assert f.read() == expect, (n, st)
+
+
+def _loop_lags(control: str, seconds: float) -> list[tuple[float, float]]:
+    """Ask `control` for its status again and again for `seconds`: (when asked, how
+    long the answer took) for each. The status is served on the mount's event loop,
+    so a long answer is a loop that was held."""
+    from clusterfs.node.lockd_cmd import ControlClient
+
+    lags = []
+    end = time.monotonic() + seconds
+    with ControlClient(control, timeout=30) as client:
+        while time.monotonic() < end:
+            asked = time.monotonic()
+            assert client.call("status")["ok"]
+            lags.append((asked, time.monotonic() - asked))
+            time.sleep(0.02)
+    return lags
+
+
+def test_the_proxys_loop_stays_live_while_its_server_is_stopped(tmp_path):
+    """Node 3 rewrites and fsyncs one MiB again and again; the server it writes
+    through most is SIGSTOPped. Node 3's requests to it wait out io_timeout (0.5 s)
+    before they are re-targeted, and that wait must not hold node 3's event loop:
+    its control socket (served on that loop, as its lock service and its comms are)
+    answers every status request within a bound well under io_timeout meanwhile.
+    (Before: the fs's device calls ran on the loop's thread, and a status request
+    waited up to io_timeout and more.)"""
+    stop = tmp_path / "stop-writing"
+    with ProxyCluster(tmp_path) as c:
+        w = subprocess.Popen([sys.executable, "-c", REWRITER, c.path(3, "w"), str(stop)],
+                             stdout=subprocess.PIPE, text=True)
+        try:
+            before = _status(c, 3)["device"]["written"]
+            for _ in range(3):
+                w.stdout.readline()
+            server = _busiest_server(before, _status(c, 3)["device"]["written"])
+            victim = c.mounts[server]
+            stopped_at = time.monotonic()
+            os.kill(victim.pid, signal.SIGSTOP)
+            try:
+                lags = _loop_lags(c.control(3), 2.5)
+                stop.touch()
+                out, _ = w.communicate(timeout=60)
+            finally:
+                os.kill(victim.pid, signal.SIGCONT)
+        finally:
+            if w.poll() is None:
+                w.kill()
+        assert w.returncode == 0 and out.splitlines()[-1].startswith("last"), (out, c.logs())
+        dev = _status(c, 3)["device"]
+        assert dev["retargets"] >= 1 and dev["timeouts"] >= 1, dev
+        worst = max(lags, key=lambda x: x[1])
+        print(f"\nnode 3's status answers while server {server} was stopped: "
+              f"{len(lags)}, slowest {worst[1]:.3f} s ({worst[0] - stopped_at:.2f} s "
+              f"after the stop); io_timeout {IO_TIMEOUT} s")
+        assert worst[1] < IO_TIMEOUT / 2, lags
+        expect_last = out.splitlines()[-1].split()[1]
+        with open(c.path(3, "w"), "rb") as f:
+            assert f.read() == _blob(f"round-{expect_last}", MIB)
+        _wait_fenced(c, server)
+
+
+def _wait_fenced(c: Cluster, server: int) -> None:
+    """The survivors fence a server left stopped (the dev cluster's agent kills it)."""
+    victim = c.mounts[server]
+    deadline = time.monotonic() + 60
+    while victim.alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not victim.alive(), c.logs()
+    c.mounts.pop(server).clean_after_crash()

@@ -3,7 +3,7 @@
     tools/devcluster up --nodes 3 --dir DIR [--size 2G] [--journals N] [--timeout S]
                         [--heartbeat-interval 0.5] [--failure-timeout 3.0]
                         [--device DEV] [--fencing process|scsi-pr]
-                        [--storage-group 1,2] [--io-timeout S]
+                        [--storage-group 1,2] [--io-timeout S] [--mount-options OPTS]
     tools/devcluster status --dir DIR
     tools/devcluster kill K --dir DIR
     tools/devcluster start K [K...] --dir DIR [--timeout S]
@@ -580,7 +580,8 @@ def _up(cl: Cluster, args: argparse.Namespace, cmd: list[str], options: set[str]
     cl.state = {"version": STATE_VERSION, "dir": cl.dir, "backing": None, "loop": None,
                 "size": size, "journals": journals, "config": cl.path("cluster.toml"),
                 "key": cl.path("cluster.key"), "clusterfs": cmd, "nodes": {},
-                "fencing": args.fencing, "storage_group": group}
+                "fencing": args.fencing, "storage_group": group,
+                "mount_options": args.mount_options}
     loop = _attach(cl, args, size)
     procs: dict[int, subprocess.Popen] = {}
     try:
@@ -647,6 +648,8 @@ def new_node(cl: Cluster, node_id: int, options: set[str]) -> dict[str, Any]:
             raise Failure(f"{control}: too long for a unix socket ({SUN_PATH_MAX - 1} bytes "
                           f"at most); use a shorter --dir")
         argv += ["--control", control]
+    if cl.state.get("mount_options"):
+        argv += ["-o", cl.state["mount_options"]]
     argv += [cl.state["loop"], mp]
     log = cl.path(f"node{node_id}.log")
     open(log, "wb").close()
@@ -964,6 +967,8 @@ def parser() -> argparse.ArgumentParser:
                          "them (proxy I/O)")
     up.add_argument("--io-timeout", type=float, metavar="S",
                     help="the config's storage io_timeout (with --storage-group)")
+    up.add_argument("--mount-options", metavar="OPTS",
+                    help="clusterfs mount -o OPTS for every node (e.g. max_glocks=5000)")
     up.set_defaults(run=cmd_up)
 
     st = sub.add_parser("status", help="each node: pid, alive, mounted, clusterfs status; "

@@ -29,6 +29,13 @@ at once hides every one of these races):
   side flushes and drops its lock, waits a moment and asks again from nothing.
 - A blocking callback is never dropped: one that arrives before `start()` is
   kept and run once the manager has its nursery.
+- A bounded cache. Past `max_cached` glocks, the least recently used idle ones
+  of the kinds in `shrinkable` go down to nothing as if another node had asked
+  for them (the same demote: flush, drop what they cover, tell the kernel), and
+  their Glock objects are forgotten (as GFS2's glock LRU and shrinker). Without
+  it a node keeps a lock, a lock record and a cached inode for every file it
+  ever touched: memory (locked by mlockall) and every full garbage collection
+  grow with the number of files.
 
 Before a glock goes down, its kind's demote callback runs (flush what the lock
 covers, drop cached state, tell the kernel to forget) with the mode it is going
@@ -44,6 +51,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
@@ -69,6 +77,11 @@ HOLD_STEP = 0.02         # what one contended hold adds to the next (one not con
 IDLE_SHARE = 1.0         # seconds an unused, clean EX glock is kept before going to PR
 DEADLOCK_BACKOFF = 0.01  # up to this long (random) before asking again after a deadlock
 WARM_IN_FLIGHT = 32      # lock requests warm() keeps in flight at once
+MAX_CACHED = 50_000      # glocks kept before the least recently used idle ones go
+SHRINK_TO = 0.9          # a shrink goes down to this fraction of max_cached
+SHRINK_IN_FLIGHT = 256   # demotes a shrink has in flight at once
+SHRINK_PAUSE = 0.1       # seconds before a shrink that stopped short looks again
+SHRINK_LOOK = 4          # idle glocks a shrink looks at per one it lets go, at most
 
 
 class Gate(Protocol):
@@ -94,6 +107,7 @@ class Glock:
         self.requesting: Mode | None = None   # the mode a request in flight asks for
         self.asked_at = 0.0               # when another node last asked us to go down
         self.going_down = False           # a demote is past the hold: no new local users
+        self.evicting = False             # the shrinker's demote: forget it once down
 
     @property
     def mode(self) -> Mode | None:
@@ -123,7 +137,8 @@ def demote_target(wanted: Mode) -> Mode:
 
 class GlockManager:
     def __init__(self, locks: LockService, min_hold: float = MIN_HOLD,
-                 max_hold: float | None = None, hold_step: float = HOLD_STEP) -> None:
+                 max_hold: float | None = None, hold_step: float = HOLD_STEP,
+                 max_cached: int = MAX_CACHED) -> None:
         self.locks = locks
         self.min_hold = min_hold
         # min_hold 0 (hand over at once: the in-process tests) keeps it fixed unless
@@ -141,7 +156,18 @@ class GlockManager:
         # no quorum, a departed node's journal not yet replayed; cache/recovery.py)
         self.gate: Gate | None = None
         self.stats = {"acquired": 0, "cached_hits": 0, "demoted": 0, "down_converted": 0,
-                      "deadlocks_retried": 0, "shared_when_idle": 0}
+                      "deadlocks_retried": 0, "shared_when_idle": 0, "evicted": 0}
+        # the bounded cache (run_shrinker): idle glocks by last use, oldest first, of
+        # the kinds that may be let go while nobody asks for them
+        self.max_cached = max_cached
+        self.shrinkable: set[str] = set()
+        self._lru: OrderedDict[ResourceName, Glock] = OrderedDict()
+        # the fs's say on whether a glock can go without a journal flush; one that
+        # cannot waits for a later shrink (the journal is emptied now and then anyway)
+        self.can_let_go: Callable[[Glock], bool] | None = None
+        # and its way to make them able to: write the journal home (one flush for all)
+        self.make_room: Callable[[], Awaitable[None]] | None = None
+        self._over_limit = trio.Event()
         # kinds whose EX glocks go down to PR by themselves once unused for a while
         # (run_idle_sharing), and the EX glocks of those kinds held now
         self.share_when_idle: set[str] = set()
@@ -242,6 +268,8 @@ class GlockManager:
             if glock.holders == 0:
                 glock.released_at = time.monotonic()
                 glock.idle.set()
+                self._lru[glock.name] = glock      # (re)enters as the newest
+                self._lru.move_to_end(glock.name)
 
     @asynccontextmanager
     async def hold(self, wanted: Iterable[tuple[ResourceName, Mode]]):
@@ -252,26 +280,27 @@ class GlockManager:
         finally:
             self.release(taken)
 
-    @staticmethod
-    def _hold(glock: Glock) -> None:
+    def _hold(self, glock: Glock) -> None:
         if glock.holders == 0:
             glock.idle = trio.Event()
+            self._lru.pop(glock.name, None)
         glock.holders += 1
 
     async def _acquire(self, name: ResourceName, mode: Mode) -> Glock:
-        glock = self.glocks.get(name)
-        if glock is None:
-            glock = self.glocks[name] = Glock(name, self.min_hold)
         while True:
+            # fetched again on every round: a glock the shrinker let go while we
+            # waited is forgotten, and a new one stands for the resource
+            glock = self._glock(name)
             if self.failed is not None:
                 raise self.failed
             if self.gate is not None and not self.gate.is_open():
                 await self.gate.wait_open()
+                continue
             if glock.demote_to is not None:
                 await glock.demoted.wait()   # the other node first: it asked before us
                 continue
             async with glock.mutex:
-                if glock.demote_to is not None:
+                if glock.demote_to is not None or self.glocks.get(name) is not glock:
                     continue
                 if not await self._request(glock, mode):
                     continue
@@ -279,6 +308,14 @@ class GlockManager:
                     continue                 # granted across a view change: wait first
                 self._hold(glock)            # before the mutex goes: no demote slips in
                 return glock
+
+    def _glock(self, name: ResourceName) -> Glock:
+        glock = self.glocks.get(name)
+        if glock is None:
+            glock = self.glocks[name] = Glock(name, self.min_hold)
+            if len(self.glocks) > self.max_cached:
+                self._over_limit.set()
+        return glock
 
     async def _request(self, glock: Glock, mode: Mode) -> bool:
         """Get `mode` on the glock (under its mutex); False to try again."""
@@ -319,13 +356,15 @@ class GlockManager:
         for glock in self.glocks.values():
             glock.demoted.set()
 
-    def _blocking(self, glock: Glock, wanted: Mode) -> None:
-        """The lock service: another node waits for `wanted`. Never dropped."""
+    def _blocking(self, glock: Glock, wanted: Mode, asked: bool = True) -> None:
+        """The lock service: another node waits for `wanted`. Never dropped.
+        (asked=False: the shrinker's own demote, which no other node waits for.)"""
         target = demote_target(wanted)
         if glock.demote_to is not None:
             glock.demote_to = min(glock.demote_to, target)
             return
-        glock.asked_at = time.monotonic()
+        if asked:
+            glock.asked_at = time.monotonic()
         glock.demote_to = target
         glock.demoted = trio.Event()
         if self._nursery is None:
@@ -373,10 +412,83 @@ class GlockManager:
                         break
                     await self._go_down(glock, target)
                 self._adapt_hold_time(glock, contended)
+                if glock.evicting and glock.lock is None:
+                    self._forget(glock)
         finally:
+            glock.evicting = False
             glock.going_down = False
             glock.demote_to = None
             glock.demoted.set()
+
+    def _forget(self, glock: Glock) -> None:
+        """Drop a glock whose lock is gone (under its mutex, so no request of ours is
+        in flight): a later user makes a new one and asks the lock service afresh."""
+        if glock.holders == 0 and self.glocks.get(glock.name) is glock:
+            del self.glocks[glock.name]
+            self._lru.pop(glock.name, None)
+            self._exclusive.pop(glock.name, None)
+            self.stats["evicted"] += 1
+
+    async def run_shrinker(self) -> None:
+        """Background task: whenever more than max_cached glocks are cached, let the
+        least recently used idle ones of the shrinkable kinds go (see the module doc),
+        down to SHRINK_TO of the limit."""
+        while True:
+            if len(self.glocks) <= self.max_cached:
+                await self._over_limit.wait()
+            self._over_limit = trio.Event()
+            target = int(self.max_cached * SHRINK_TO)
+            await self.shrink(target)
+            if len(self.glocks) > self.max_cached and self.make_room is not None:
+                # most of what is left has changes in the journal not yet home: write
+                # it home once (the fs's checkpoint), and those can go without one each
+                await self.make_room()
+                await self.shrink(target)
+            if len(self.glocks) > self.max_cached:
+                # what is left is in use: look again in a while, not at every new glock
+                await trio.sleep(SHRINK_PAUSE)
+
+    async def shrink(self, target: int) -> int:
+        """Demote idle glocks, least recently used first, until at most `target` are
+        cached or none is left to let go; returns how many were let go."""
+        evicted = 0
+        while len(self.glocks) > target:
+            batch = self._eviction_batch(min(SHRINK_IN_FLIGHT, len(self.glocks) - target))
+            if not batch:
+                break
+            for glock in batch:
+                glock.evicting = True
+                self._blocking(glock, Mode.EX, asked=False)
+            for glock in batch:
+                await glock.demoted.wait()
+            evicted += len(batch)
+        return evicted
+
+    def _eviction_batch(self, count: int) -> list[Glock]:
+        """Up to `count` of the oldest idle glocks that nothing is using, asking for
+        or demoting. Those in use met on the way leave the LRU (they re-enter when next
+        released); those the fs cannot let go without a flush go back to its young end."""
+        batch: list[Glock] = []
+        later: list[Glock] = []
+        looked = 0
+        while self._lru and len(batch) < count and looked < SHRINK_LOOK * count:
+            looked += 1
+            name, glock = self._lru.popitem(last=False)
+            if glock.holders or glock.requesting is not None or \
+                    glock.demote_to is not None or self.glocks.get(name) is not glock:
+                continue
+            if str(name[0]) not in self.shrinkable:
+                continue
+            if glock.lock is None:           # never granted or already down: just forget
+                self._forget(glock)
+                continue
+            if self.can_let_go is not None and not self.can_let_go(glock):
+                later.append(glock)          # back at the young end: not before a flush
+                continue
+            batch.append(glock)
+        for glock in later:
+            self._lru[glock.name] = glock
+        return batch
 
     async def _go_down(self, glock: Glock, target: Mode) -> None:
         """Run the kind's demote callback, then convert to `target` (NL: unlock)."""
@@ -420,12 +532,16 @@ class GlockManager:
                 self._blocking(glock, Mode.PR)
 
     async def release_all(self) -> None:
-        """At unmount: give every cached lock back."""
+        """At unmount: give every cached lock back. Each under its mutex: a demote
+        still in flight (the shrinker's, another node's) finishes first rather than
+        find its lock gone in the middle."""
         for glock in list(self.glocks.values()):
-            if glock.lock is not None:
-                lock, glock.lock = glock.lock, None
-                await self.locks.unlock(lock)
+            async with glock.mutex:
+                if glock.lock is not None:
+                    lock, glock.lock = glock.lock, None
+                    await self.locks.unlock(lock)
         self.glocks.clear()
+        self._lru.clear()
 
     def statistics(self) -> dict[str, int]:
         held = sum(1 for g in self.glocks.values() if g.lock is not None)

@@ -218,6 +218,10 @@ class TransactionManager:
         finally:
             self._background = False
 
+    def committing(self) -> bool:
+        """A commit or checkpoint is under way."""
+        return self._lock.locked()
+
     def quiet(self) -> bool:
         """Nothing to write: nothing dirty, nothing logged that is not home yet, no
         commit under way (a demote now costs no I/O; see flush_for_demote)."""

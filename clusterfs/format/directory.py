@@ -72,9 +72,11 @@ def decode_linear(payload: bytes) -> list[DirEntry]:
 
 
 def encode_leaf(entries: list[DirEntry], depth: int, next_leaf: int, blkno: int,
-                seq: int = 0) -> bytearray:
+                seq: int = 0, hashes: dict[bytes, int] | None = None) -> bytearray:
+    """hashes: each entry's name_hash, known already (else worked out here)."""
+    hash_of = hashes.__getitem__ if hashes is not None else name_hash
     data = b"".join(
-        LEAF_ENTRY.pack(name_hash(e.name), e.ino, e.dtype, len(e.name)) + e.name for e in entries
+        LEAF_ENTRY.pack(hash_of(e.name), e.ino, e.dtype, len(e.name)) + e.name for e in entries
     )
     if len(data) > LEAF_CAPACITY:
         raise FormatError(f"directory leaf {blkno} overflows ({len(data)} bytes)")

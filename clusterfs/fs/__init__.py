@@ -5,4 +5,5 @@
     directory   Directory: linear and hashed (extendible hashing) directories
     extents     extent-list operations (map, insert, truncate)
     alloc       ResourceGroup, Allocator: allocation in resource groups
+    kernelforget KernelForget: the kernel told to forget inodes, many per round
 """

@@ -42,6 +42,7 @@ from clusterfs.fs import extents as ext
 from clusterfs.fs.alloc import Allocator, ResourceGroup, decode_free_lvb, encode_free_lvb
 from clusterfs.fs.directory import Directory
 from clusterfs.fs.inode import CachedInode
+from clusterfs.fs.kernelforget import KernelForget
 from clusterfs.fs.orphans import OrphanList
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,16 @@ RENAME_EXCHANGE = 2
 XATTR_NAMESPACES = (b"user.", b"trusted.", b"security.")
 BIG = 1 << 62
 PREFETCH_SPAN = 64       # blocks read at once when prefetching inodes
+# A scan (stat of every file of a directory, one by one: ls -l without readdirplus,
+# find, rsync, make) in a cluster: once SCAN_AFTER lookups in one directory, each less
+# than SCAN_WINDOW after the one before, had to lock and read their inode, a lookup
+# brings in the next SCAN_BATCH of the directory's inodes by number (made together,
+# they lie together) with their locks, many requests in flight at once, instead of one
+# round trip and one read each; while the scan goes on, its next miss brings the next.
+SCAN_AFTER = 4
+SCAN_WINDOW = 0.5
+SCAN_BATCH = 128
+SCAN_LEAVES_MAX = 256    # a hashed directory with more leaves is not scanned ahead
 READAHEAD_TRIGGER = 128 * 1024   # a read this large is taken as sequential
 # Device read-ahead for a sequential reader: keep up to READAHEAD_BLOCKS (32 MiB)
 # advised ahead of it, topped up in steps of READAHEAD_STEP (8 MiB). A 4 MiB window
@@ -161,6 +172,8 @@ class FileSystem:
         # every inode object this node keeps, each under its lock (cache/inodes.py)
         self.inodes: InodeCache[CachedInode] = InodeCache(txn)
         self.nlookup: dict[int, int] = {}
+        # directory -> (lookups that had to read, time of the last): _scan_ahead
+        self._scan_misses: dict[int, tuple[int, float]] = {}
         # the generation the kernel was given with each number it holds: in a cluster
         # the block may hold a newer inode by the time the kernel uses the number again
         self.handed: dict[int, int] = {}
@@ -179,9 +192,9 @@ class FileSystem:
         # nodes creating at once rarely want the same group
         self.home_group = home_group if home_group is not None else \
             self.slot * sb.rgrp_count // sb.journal_count
-        # tell the kernel to forget an inode's attributes (set by the FUSE layer; may
-        # block briefly, so it is called from a worker thread)
-        self.invalidate_hook: Callable[[int], None] | None = None
+        # tell the kernel to forget an inode's attributes (its hook set by the FUSE
+        # layer; called from a worker thread, for many inodes at a time)
+        self.kernel_forget = KernelForget()
         # take back the names the kernel was given in a directory (set by the FUSE
         # layer; never blocks: the kernel is told later, see fuse/names.py)
         self.names_hook: Callable[[int], None] | None = None
@@ -201,6 +214,11 @@ class FileSystem:
         glocks.on_demote("rename", self._demote_flush)
         glocks.on_demote("data", self._demote_data)
         glocks.ranged("data", DATA_LOCK_BYTES)
+        # what the lock cache may let go when it is full: an inode's or a chunk's lock
+        # goes with what it covers, as if another node had asked for it
+        glocks.shrinkable.update(("inode", "data"))
+        glocks.can_let_go = self._nothing_to_flush
+        glocks.make_room = self._flush_for_demote
         self.inodes.attach(glocks)        # a fresh grant drops a clean copy
         glocks.on_grant("rgrp", self._granted_rgrp)
         self._load_group_hints()
@@ -374,12 +392,37 @@ class FileSystem:
         while True:
             async with self._hold(pr=[parent], write=False):
                 ino = self._find_or_none(parent, name)
+                ahead = self._scan_ahead(parent, ino) if self.clustered else []
             if ino is None:
                 return None
+            if ahead:
+                await self.prefetch(ahead)
             node = await self._named_inode(parent, name, ino)
             if node is not None:
                 self.count_lookup(ino, node.d.generation)
                 return node
+
+    def _scan_ahead(self, parent: int, ino: int | None) -> list[int]:
+        """The inodes a lookup of `ino` in `parent` should bring in with it: none,
+        unless `parent` is being scanned (SCAN_AFTER) and `ino` is not cached; then
+        `ino` and the next of the directory's inodes by number. Under the directory's
+        lock."""
+        if ino is None or ino in self.inodes:
+            return []
+        now = time.monotonic()
+        misses, last = self._scan_misses.get(parent, (0, 0.0))
+        misses = misses + 1 if now - last < SCAN_WINDOW else 1
+        if len(self._scan_misses) > 1024:        # directories visited once, long ago
+            self._scan_misses.clear()
+        self._scan_misses[parent] = (min(misses, SCAN_AFTER), now)
+        if misses < SCAN_AFTER:
+            return []
+        d = self._inode(parent).dir
+        if d is None or (d.hashed and d.leaf_count > SCAN_LEAVES_MAX):
+            return []
+        ahead = sorted(child for _name, (child, _t) in d.items()
+                       if child >= ino and child not in self.inodes)
+        return ahead[:SCAN_BATCH]
 
     async def _named_inode(self, parent: int, name: bytes, ino: int) -> CachedInode | None:
         """The inode `name` in `parent` names, read while both are locked (in order) and
@@ -734,12 +777,10 @@ class FileSystem:
         async with self.glocks.hold(wanted):
             async with self._hold(pr=sorted({p1, p2}), write=False):
                 src = self._find(p1, n1)
-                try:
-                    dst: int | None = self._find(p2, n2)
-                except FSError as exc:
-                    if exc.errno != errno.ENOENT:
-                        raise
-                    dst = None
+                # (a target directory another node removed is ENOENT here: taken for a
+                # missing name, the ancestor walk below read its freed inode, found
+                # parent 0 and withdrew the node on "metadata block 0")
+                dst = self._find_or_none(p2, n2)
                 chain = self._ancestors(p2) if p1 != p2 else []
 
             async def run(alloc):
@@ -1466,19 +1507,46 @@ class FileSystem:
             # leaves the cluster as failed and the others replay our journal
             await trio.sleep_forever()
 
-    async def _demote_inode(self, glock: Glock, target: Mode) -> None:
-        """Another node wants this inode: flush; going to nothing, also drop our copy
-        (open or not: per-open state lives in self.opens) and tell the kernel."""
+    def _nothing_to_flush(self, glock: Glock) -> bool:
+        """May this glock go down without a journal flush (to another node, or out of
+        the lock cache)? A data chunk always (its demote only drains queued writes).
+        An inode if no change to it is
+        dirty, being committed or logged and not yet home: then the disk holds the
+        newest copy of everything its lock covers, and our journal no copy a replay
+        could put over a newer one (docs/journal.md). Under a busy node the journal
+        is seldom empty; this lets its idle inodes go without emptying it each time,
+        to its lock cache or to another node."""
+        if glock.name[0] != "inode":
+            return glock.name[0] == "data"
         ino = glock.name[1]
-        await self._flush_for_demote()
+        if self.txn.committing():
+            return False                 # (the journal's state is moving: flush as before)
+        node = self.inodes.get(ino)
+        if node is None:
+            # (freed here: its tombstone may be dirty, with no cached inode to say so)
+            return ino not in self.freed and not self.blocks.logged(ino)
+        return not self.txn.is_dirty(node) and \
+            not any(self.blocks.logged(blkno) for blkno in node.meta_blocks())
+
+    async def _demote_inode(self, glock: Glock, target: Mode) -> None:
+        """Another node wants this inode (or the lock cache lets it go): flush;
+        going to nothing, also drop our copy (open or not: per-open state lives in
+        self.opens) and tell the kernel. An inode with nothing of it dirty or in the
+        journal needs no flush, only queued data writes on the device
+        (_nothing_to_flush): a busy node does not write its whole journal home because
+        another node reads one of its older files."""
+        ino = glock.name[1]
+        if self._nothing_to_flush(glock) and self.txn.withdrawn is None:
+            await self.txn.drain_data()
+        else:
+            await self._flush_for_demote()
         if target != Mode.NL:
             return                       # PR: our clean copy stays valid
         self.inodes.drop_if_clean(ino)   # (dirty now: created during the flush)
         self.blocks.forget_read_ahead()  # chunks of its data may be rewritten elsewhere
         if self.names_hook is not None:  # the other node may rename what is in it
             self.names_hook(ino)
-        if self.invalidate_hook is not None:
-            await trio.to_thread.run_sync(self.invalidate_hook, ino)
+        await self.kernel_forget.forget(ino)
 
     async def _demote_data(self, glock: Glock, target: Mode) -> None:
         """Another node wants a chunk of a file's data: our queued writes there must be

@@ -131,6 +131,18 @@ class CachedInode:
         out[d.ino] = bytes(encode_inode(d, xattr_inline))
         return out
 
+    def meta_blocks(self) -> list[int]:
+        """Every metadata block of this inode this copy knows: its own, its extent and
+        xattr blocks, a directory's table and the leaves read so far (one not read was
+        not changed here)."""
+        out = [self.d.ino, *self.ext_blocks]
+        if self.d.xattr_blk:
+            out.append(self.d.xattr_blk)
+        if self.dir is not None:
+            out += self.dir.table_blocks
+            out += self.dir.leaves
+        return out
+
     def owned_block_count(self) -> int:
         """The inode block plus every data, map, directory and xattr block it owns."""
         n = 1 + (1 if self.d.xattr_blk else 0)

@@ -95,7 +95,7 @@ class Operations(pyfuse3.Operations):
         self.clustered = fs.clustered
         self.entry_timeout = CLUSTER_ENTRY_TIMEOUT if fs.clustered else ENTRY_TIMEOUT
         self.negative_timeout = CLUSTER_ENTRY_TIMEOUT if fs.clustered else NEGATIVE_TIMEOUT
-        fs.invalidate_hook = self._invalidate
+        fs.kernel_forget.hook = self._invalidate
         # names handed to the kernel, taken back when their directory's lock goes (a
         # cluster only: on one node nothing else changes a name)
         self.names: KernelNames | None = None

@@ -278,14 +278,17 @@ class Journal:
             self.pool.put(buf)
 
     def checkpoint(self) -> None:
-        """Write committed blocks home, then free the log by moving the tail to the head."""
+        """Write committed blocks home, then free the log by moving the tail to the head.
+        A block stays in `pending_home` (read_committed: still logged) until the moved
+        tail is on disk: a lock may be given up without a flush once nothing of it is
+        logged (fs: _nothing_to_flush), and until then a replay would still write it."""
         for home in sorted(self.pending_home):
             self.dev.write(home, self.pending_home[home])
         self.dev.flush()
-        self.pending_home.clear()
         self.tail_off = self.head_off
         self.used = 0
         self._write_head(0)
+        self.pending_home.clear()
         self.stats["checkpoints"] += 1
 
     def close(self) -> None:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import gc
 import logging
 import os
 import signal
@@ -51,6 +52,8 @@ READAHEAD_KB = 1024
 SLOT_ATTEMPTS = 25          # looks for a free journal slot before giving up...
 SLOT_RETRY_DELAY = 0.2      # ...this many seconds apart
 AUDIT_ENV = "CLUSTERFS_AUDIT_FAILOVER"    # =1: audit the failover path (module doc)
+MAX_GLOCKS_RANGE = (100, 100_000_000)     # -o max_glocks (default: cache/glock.py MAX_CACHED)
+GC_YOUNG = 10_000           # net allocations between young collections (_tune_collector)
 
 
 class MountError(Exception):
@@ -63,6 +66,7 @@ class Options:
     extra: tuple[str, ...] = ()
     min_hold: float | None = None     # glock minimum hold time, seconds
     max_hold: float | None = None     # the most a contended glock's hold time grows to
+    max_glocks: int | None = None     # locks cached before the least recently used go
 
 
 @dataclass
@@ -110,7 +114,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="comma-separated options: debug (verbose log), fuse_debug "
                              "(libfuse request trace), min_hold_ms=N (glock minimum hold "
                              "time, default 20), max_hold_ms=N (the most it grows to "
-                             "while two nodes both use a lock, default 200)")
+                             "while two nodes both use a lock, default 200), "
+                             "max_glocks=N (locks, with the inodes they cover, kept "
+                             "cached before the least recently used go; default 50000)")
     parser.add_argument("--log", metavar="FILE", help="log file when daemonized "
                         "(default: syslog, or /var/log/clusterfs/mount.log without one)")
     parser.add_argument("--config", metavar="FILE",
@@ -147,10 +153,23 @@ def parse_options(values: list[str]) -> Options:
                 opts.min_hold = _milliseconds(key, value)
             elif key == "max_hold_ms":
                 opts.max_hold = _milliseconds(key, value)
+            elif key == "max_glocks":
+                opts.max_glocks = _glock_count(key, value)
             else:
                 raise MountError(f"unknown mount option {item!r}")
     opts.extra = tuple(extra)
     return opts
+
+
+def _glock_count(key: str, value: str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        raise MountError(f"mount option {key}: {value!r} is not a whole number") from None
+    if not MAX_GLOCKS_RANGE[0] <= count <= MAX_GLOCKS_RANGE[1]:
+        raise MountError(f"mount option {key}: {count} out of range "
+                         f"{MAX_GLOCKS_RANGE[0]}..{MAX_GLOCKS_RANGE[1]}")
+    return count
 
 
 def _milliseconds(key: str, value: str) -> float:
@@ -591,7 +610,7 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
     import trio
 
     from clusterfs.cache.blocks import Blocks
-    from clusterfs.cache.glock import MIN_HOLD, GlockManager
+    from clusterfs.cache.glock import MAX_CACHED, MIN_HOLD, GlockManager
     from clusterfs.cache.transaction import TransactionManager
     from clusterfs.fs.filesystem import FileSystem
     from clusterfs.fuse.operations import Operations
@@ -606,7 +625,8 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
     journal.open()
     txn = TransactionManager(journal)
     glocks = GlockManager(locks, min_hold=MIN_HOLD if opts.min_hold is None else opts.min_hold,
-                          max_hold=opts.max_hold)
+                          max_hold=opts.max_hold,
+                          max_cached=MAX_CACHED if opts.max_glocks is None else opts.max_glocks)
     fs = FileSystem(Blocks(dev, journal, sb), sb, glocks, txn, clustered=clustered,
                     home_group=home_group)
     ops = Operations(fs)
@@ -634,6 +654,7 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
                 glocks.share_when_idle.add("inode")
                 nursery.start_soon(glocks.run_idle_sharing, txn.quiet)
             nursery.start_soon(txn.run_timer)
+            nursery.start_soon(glocks.run_shrinker)
             nursery.start_soon(fs.run_orphan_sweeper)
             if side_tasks is not None:
                 side_tasks(nursery, fs, slot)
@@ -744,6 +765,19 @@ def _daemon_log(path: str | None) -> int | None:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
 
+def _tune_collector() -> None:
+    """What start-up made (modules, config, the preloaded failover path) lives as long
+    as the mount: frozen out of the collector's way, so a full collection (a pause of
+    the whole event loop) walks only what the mount made since. And a young collection
+    every GC_YOUNG net allocations, not Python's 700: a mount caches tens of thousands
+    of long-lived objects (locks, inodes), and each young collection found almost
+    nothing to free (in-process creates, three runs each: 4663-6070 creates/s with
+    700, 5214-6594 with 10 000)."""
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG, middle, old)
+
+
 def _mount(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     if os.environ.get(AUDIT_ENV) == "1":
         failover.install_audit()        # first: every later event is counted
@@ -752,6 +786,7 @@ def _mount(args: argparse.Namespace, ready: Callable[[], None]) -> int:
     def live() -> None:
         ready()
         failover.arm_audit()            # what starting the mount did is not failover
+        _tune_collector()
 
     opts = parse_options(args.options)
     _setup_logging(opts.debug)

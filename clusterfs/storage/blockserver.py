@@ -18,6 +18,12 @@ it joins). Writes and flushes are the dangerous part, and are refused:
   stopped or starved meanwhile, and the proxy has given up on it and sent the
   write elsewhere; a late copy could overwrite something newer. (A server stopped
   for longer is removed from the view and fenced by the survivors.)
+- when it reaches the disk after its `by` (storage/blockwire.py): the latest moment,
+  on this server's clock, the proxy allows it to start, from the proxy's send time
+  (so it counts the time the request sat in socket buffers, or unread behind a
+  held event loop, which `lease` does not see) plus half the time the proxy waits
+  for its reply. After that the proxy may have given up on this server and written
+  the same bytes, and newer ones, through another;
 - while this server is in quarantine: a thread of its own ticks every TICK
   seconds, and a gap longer than `lease` between two ticks means the whole
   process was stopped (SIGSTOP, a VM pause) or starved; requests sent to it
@@ -168,7 +174,7 @@ class _Replies:
         async with self.lock:
             await self.stream.send_all(wf.encode_prefixed(
                 self.skey, MsgType.BLOCK_REPLY, self.me, generation, self.out.take(),
-                body))
+                {**body, "t": time.monotonic()}))
 
 
 class BlockServer:
@@ -187,7 +193,7 @@ class BlockServer:
         self.joined_at: dict[int, int] = {}      # member -> generation it (re)joined in
         self.expelled = False
         self.stats = {"connections": 0, "reads": 0, "writes": 0, "flushes": 0,
-                      "refused": 0, "errors": 0, "wire_errors": 0}
+                      "refused": 0, "errors": 0, "wire_errors": 0, "late": 0}
         self.last_refusal: str | None = None
         self.per_node: dict[int, int] = {}       # requests received, by the asking node
         self.cut_off: dict[int, int] = {}        # node -> generation of its fence here
@@ -350,7 +356,7 @@ class BlockServer:
         ns = bw.new_nonce()
         await stream.send_all(wf.encode_prefixed(
             key, MsgType.HELLO, self.node_id, self.generation, 0,
-            bw.hello(self.cfg.name, f.sender, ns, echo=nc)))
+            bw.hello(self.cfg.name, f.sender, ns, echo=nc, now=time.monotonic())))
         return f.sender, wf.session_key(key, f.sender, self.node_id, nc, ns)
 
     async def _handle(self, f: wf.Frame, received: float) -> dict[str, Any]:
@@ -462,6 +468,16 @@ class BlockServer:
         data = body.get("data")
         if not isinstance(data, bytes) or len(data) > bw.MAX_IO:
             raise WireError("write without data, or too large")
+        by = body.get("by")
+        if by is not None:
+            if not isinstance(by, (int, float)) or isinstance(by, bool):
+                raise WireError("block request field 'by': not a number")
+            late = time.monotonic() - by
+            if late > 0:
+                self.stats["late"] += 1
+                raise _Refused(f"write reached block server {self.node_id} {late:.2f} s "
+                               "after the proxy's start deadline: it may have been sent "
+                               "elsewhere")
         self.stats["writes"] += 1
         self.dev.pwrite(_int(body, "off"), data)
         return {}

@@ -12,11 +12,18 @@ Requests (the frame's generation field is the proxy's membership generation):
 
     BLOCK_INFO   {id}                       -> {id, ok, size}
     BLOCK_READ   {id, off, len}             -> {id, ok, data}
-    BLOCK_WRITE  {id, off, data}            -> {id, ok}
+    BLOCK_WRITE  {id, off, data, by}        -> {id, ok}
     BLOCK_FLUSH  {id}                       -> {id, ok}
     BLOCK_FENCE  {id, node, gen, preempt}   -> {id, ok}   (storage/groupfence.py)
 
-A refused or failed request answers {id, ok: False, error: "..."}. Several requests
+A refused or failed request answers {id, ok: False, error: "..."}. Every reply, and
+the server's HELLO, also carries `t`: the server's monotonic clock when it sent it.
+From those the proxy keeps a lower bound of (server clock - its own clock) per
+connection, and a write's `by` is the latest moment, on the server's clock, at which
+the server may still start it: the proxy's send time mapped through that bound, plus
+half the time the proxy waits for the reply. A write that reaches the device later is
+refused, so a write the proxy gave up on (and re-sent elsewhere) never starts after
+it gave up, however long it sat in sockets or behind a held event loop. Several requests
 may be in flight on a connection (the proxy sends up to its window); the server works
 on them side by side and answers each when it is done, so replies come in any order
 and are matched by id. The proxy never has two requests in flight that overlap when
@@ -40,11 +47,20 @@ REQUESTS = frozenset({MsgType.BLOCK_INFO, MsgType.BLOCK_READ, MsgType.BLOCK_WRIT
                       MsgType.BLOCK_FLUSH, MsgType.BLOCK_FENCE})
 
 
-def hello(cluster: str, to: int, nonce: bytes, echo: bytes | None = None) -> dict[str, Any]:
+def hello(cluster: str, to: int, nonce: bytes, echo: bytes | None = None,
+          now: float | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {"cluster": cluster, "to": to, "nonce": nonce, "service": SERVICE}
     if echo is not None:
         body["echo"] = echo
+    if now is not None:
+        body["t"] = now                    # the server's clock (module doc)
     return body
+
+
+def clock(body: Any) -> float | None:
+    """The server's clock a reply or HELLO carries (`t`), or None."""
+    t = body.get("t") if isinstance(body, dict) else None
+    return float(t) if isinstance(t, (int, float)) and not isinstance(t, bool) else None
 
 
 def new_nonce() -> bytes:

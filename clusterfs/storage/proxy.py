@@ -15,7 +15,13 @@ would name (a region this node holds no lock on, or whose server went away
 since), the others following in that order.
 
 Re-target on ETIMEDOUT (../shared/seeds/000). Every request has `io_timeout`
-seconds (config `[storage] io_timeout`, well below failure_timeout). When a
+seconds (config `[storage] io_timeout`, well below failure_timeout), except one
+sent from a thread that runs a trio event loop, which has `loop_timeout`
+(io_timeout / LOOP_SHARE): the mount's fs and journal call the device
+synchronously on its loop, and everything else that node does (lock callbacks,
+comms acks, membership, its control socket) waits while such a call does. So a
+call on the loop waits at most loop_timeout for a server before it goes to the
+next one; a worker thread's (drain, flush, checkpoint) waits io_timeout. When a
 server does not answer in time, refuses, or its connection breaks, the proxy
 marks it silent (for SILENT_FOR seconds or until the view changes), logs it,
 calls `on_silent(server)` (the mount tells membership to probe that node and asks
@@ -30,10 +36,14 @@ itself), and when a server that took some of them goes silent it sends the whole
 log again, in order, through another server before going on. A flush goes to
 every server written through since the last one.
 
-The writes a silent server may still hold (it was stopped, not dead) are the
-servers' and the fencing agents' business: a server refuses a write that waited
-longer than half the io_timeout, and a server removed from the view is fenced by
-the survivors before any recovery.
+The writes a silent server may still hold (it was stopped or slow, not dead) must
+not land after the proxy gave up on them: a later write of the same bytes through
+another server could be under way. Each write carries `by` (storage/blockwire.py):
+its send time mapped onto the server's clock (through a lower bound of the clocks'
+offset that every reply refines) plus half its wait; the server refuses it if it
+reaches the disk later. So none starts after its wait ran out, wherever it sat
+meanwhile (in socket buffers, behind a held or stopped event loop). A server removed
+from the view is also fenced by the survivors before any recovery.
 
 Several requests in flight (up to WINDOW per device). A read or write larger
 than PIECE is cut into pieces sent all at once, and `write_behind` (file data)
@@ -64,6 +74,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import trio
+
 from clusterfs import failover
 from clusterfs.config import ClusterConfig
 from clusterfs.dlm.preferred import server_order
@@ -79,6 +91,8 @@ log = logging.getLogger(__name__)
 LOG_LIMIT = 64 << 20         # unflushed write bytes kept for a re-send; past it, flush
 SILENT_FOR = 30.0            # a silent server is skipped this long (or to a new view)
 REFUSED_WAIT = 4             # x io_timeout: how long to retry when every server refuses
+LOOP_SHARE = 4               # a request sent on the event loop waits io_timeout / this
+CLOCK_DRIFT = 1e-4           # how far two nodes' clocks may drift apart, s per s
 WINDOW = 8                   # requests in flight per device, at most
 PIECE = bw.MAX_IO             # larger reads and writes go in pieces of this, side by side
 SCHEME = "proxy://"
@@ -108,6 +122,7 @@ class _Request:
     offset: int
     length: int
     deadline: float
+    wait: float                    # seconds from its send to `deadline`
     covered: bool = False          # a write its server's silence had re-sent (the log)
     reply: dict[str, Any] | None = None
 
@@ -138,6 +153,10 @@ class _Connection:
         self.out, self.inb = bw.Sequencer(), bw.Sequencer()
         self.waiting: set[int] = set()             # ids sent, reply not read yet
         self.arrived: dict[int, dict[str, Any]] = {}   # replies read, not asked for yet
+        # a lower bound of (the server's clock - ours), from the clock its HELLO and
+        # replies carry (blockwire): a write's start deadline `by` is mapped with it
+        self.offset = float("-inf")
+        self.offset_at = 0.0
         try:
             self.skey = self._handshake(cfg, time.monotonic() + timeout)
         except BaseException:
@@ -152,11 +171,38 @@ class _Connection:
         if f.sender != self.server:
             raise WireError(f"block HELLO from node {f.sender}, not {self.server}")
         ns = bw.check_hello(f, cfg.name, self.me, echo=nc)
+        self._clock(f.body)
         return wf.session_key(cfg.key, self.me, self.server, nc, ns)
 
-    def send(self, mtype: int, generation: int, body: dict[str, Any], deadline: float
-             ) -> None:
-        """Send one request (its reply is read by `reply(body["id"], ...)`)."""
+    def _clock(self, body: Any) -> None:
+        """A frame just read says the server's clock read `t` when it sent it: so now
+        (ours) its clock reads at least `t`. Keep the largest such bound, letting the
+        older ones sag by CLOCK_DRIFT of the time since (clocks run at rates that
+        differ slightly)."""
+        t = bw.clock(body)
+        if t is None:
+            return
+        now = time.monotonic()
+        sagged = self.offset - CLOCK_DRIFT * (now - self.offset_at)
+        self.offset, self.offset_at = max(sagged, t - now), now
+
+    def server_time(self, ours: float) -> float | None:
+        """Our clock's `ours` on the server's clock, at the earliest (None if this
+        server never said its clock: a server before `by`, which then has only
+        its own lease)."""
+        if self.offset == float("-inf"):
+            return None
+        return ours + self.offset - CLOCK_DRIFT * (time.monotonic() - self.offset_at)
+
+    def send(self, mtype: int, generation: int, body: dict[str, Any], deadline: float,
+             wait: float) -> None:
+        """Send one request (its reply is read by `reply(body["id"], ...)`), which we
+        wait `wait` seconds for, until `deadline`. A write may start on the server no
+        later than halfway there (its `by`, on the server's clock: blockwire)."""
+        if mtype == MsgType.BLOCK_WRITE:
+            by = self.server_time(deadline - wait / 2)
+            if by is not None:
+                body = {**body, "by": by}
         self.waiting.add(body["id"])
         self._send(wf.encode_prefixed(self.skey, mtype, self.me, generation,
                                       self.out.take(), body), deadline)
@@ -167,6 +213,7 @@ class _Connection:
             f = wf.decode(self.skey, self._recv(deadline), max_frame=bw.MAX_FRAME)
             self.inb.check(f, self.server)
             body = f.body
+            self._clock(body)
             got = body.get("id") if isinstance(body, dict) else None
             if f.type != MsgType.BLOCK_REPLY or got not in self.waiting:
                 raise WireError(f"block server {self.server}: a reply to no request of ours")
@@ -178,7 +225,7 @@ class _Connection:
                 timeout: float) -> dict[str, Any]:
         """One request and its reply."""
         deadline = time.monotonic() + timeout
-        self.send(mtype, generation, body, deadline)
+        self.send(mtype, generation, body, deadline, timeout)
         return self.reply(body["id"], deadline)
 
     def _send(self, data: bytes, deadline: float) -> None:
@@ -223,6 +270,8 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self.fd = None
         self.proxied = True
         self.io_timeout = io_timeout if io_timeout is not None else config.io_timeout
+        # what a request sent on an event loop's thread waits (module doc)
+        self.loop_timeout = self.io_timeout / LOOP_SHARE
         self.on_silent: Callable[[int], None] | None = None
         self.on_fenced: Callable[[str], None] | None = None     # a server says: fenced
         self._view: Callable[[], View] | None = None
@@ -332,14 +381,14 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self._ids += 1
         body = {**body, "id": self._ids}
         generation = self._current()[0]
+        wait = self._wait()
         self.stats["requests"] += 1
         try:
-            reply = self._exchange(server, mtype, generation, body)
+            reply = self._exchange(server, mtype, generation, body, wait)
         except TimeoutError as exc:
             self.stats["timeouts"] += 1
             self._drop(server)
-            raise _Silent(f"block server {server}: no answer within {self.io_timeout:g} s"
-                          ) from exc
+            raise _Silent(f"block server {server}: no answer within {wait:g} s") from exc
         except (OSError, WireError) as exc:
             self._drop(server)
             raise _Silent(f"block server {server}: {exc}") from exc
@@ -370,20 +419,19 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             self.on_fenced(reason)
         raise StorageError(f"{self.path}: {reason}")
 
-    def _exchange(self, server: int, mtype: int, generation: int, body: dict[str, Any]
-                  ) -> dict[str, Any]:
+    def _exchange(self, server: int, mtype: int, generation: int, body: dict[str, Any],
+                  wait: float) -> dict[str, Any]:
         conn = self._conns.get(server)
         if conn is not None:
             try:
-                return conn.request(mtype, generation, body, self.io_timeout)
+                return conn.request(mtype, generation, body, wait)
             except ConnectionError:
                 # a connection made earlier was closed under us (the server restarted,
                 # or dropped it): no silence yet. Once more on a new one (a request
                 # is idempotent, and nothing else was sent meanwhile)
                 self._drop(server)
-        conn = self._conns[server] = _Connection(self.cfg, self.node_id, server,
-                                                 self.io_timeout)
-        return conn.request(mtype, generation, body, self.io_timeout)
+        conn = self._connection(server, wait)
+        return conn.request(mtype, generation, body, wait)
 
     def _drop(self, server: int) -> None:
         conn = self._conns.pop(server, None)
@@ -460,12 +508,13 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self._ids += 1
         body = {**body, "id": self._ids}
         generation = self._current()[0]
-        deadline = time.monotonic() + self.io_timeout
+        wait = self._wait()
+        deadline = time.monotonic() + wait
         self.stats["requests"] += 1
         for attempt in (1, 2):
             try:
-                conn = self._connection(server)
-                conn.send(mtype, generation, body, deadline)
+                conn = self._connection(server, wait)
+                conn.send(mtype, generation, body, deadline, wait)
             except ConnectionError as exc:
                 # closed under us (the server restarted): once more on a new one
                 self._drop(server)
@@ -475,22 +524,26 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             except TimeoutError as exc:
                 self.stats["timeouts"] += 1
                 self._drop(server)
-                raise _Silent(f"block server {server}: no answer within "
-                              f"{self.io_timeout:g} s") from exc
+                raise _Silent(f"block server {server}: no answer within {wait:g} s"
+                              ) from exc
             except (OSError, WireError) as exc:
                 self._drop(server)
                 raise _Silent(f"block server {server}: {exc}") from exc
             if mtype == MsgType.BLOCK_WRITE:
                 self._unflushed.add(server)     # its silence re-sends the log from now
-            return _Request(server, conn, mtype, body, offset, length, deadline)
+            return _Request(server, conn, mtype, body, offset, length, deadline, wait)
         raise AssertionError("unreachable")
 
-    def _connection(self, server: int) -> _Connection:
+    def _connection(self, server: int, wait: float) -> _Connection:
         conn = self._conns.get(server)
         if conn is None:
-            conn = self._conns[server] = _Connection(self.cfg, self.node_id, server,
-                                                     self.io_timeout)
+            conn = self._conns[server] = _Connection(self.cfg, self.node_id, server, wait)
         return conn
+
+    def _wait(self) -> float:
+        """How long a request sent now waits for its reply: io_timeout, or
+        loop_timeout on an event loop's thread (module doc)."""
+        return self.loop_timeout if _on_event_loop() else self.io_timeout
 
     def _finish(self, req: _Request) -> dict[str, Any]:
         """The reply to `req`, read once. Its server silent: a write is covered by
@@ -519,7 +572,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             self.stats["timeouts"] += 1
             self._drop(req.server)
             raise _Silent(f"block server {req.server}: no answer within "
-                          f"{self.io_timeout:g} s") from exc
+                          f"{req.wait:g} s") from exc
         except (OSError, WireError) as exc:
             self._drop(req.server)
             raise _Silent(f"block server {req.server}: {exc}") from exc
@@ -725,3 +778,13 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
                 "preferred": {k.decode(errors="replace"): s
                               for k, s in sorted(self._preferred.items())},
                 "retarget_times": self.retarget_times[-50:]}
+
+
+def _on_event_loop() -> bool:
+    """Whether this thread runs a trio event loop (the mount's: its fs and journal
+    call the device there, synchronously)."""
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return False
+    return True
