@@ -10,6 +10,8 @@ Example (see docs/cluster.md for every field)::
     failure_timeout = 3.0           # a node silent this long leaves the view
     dead_on_refusal = true          # a node whose host refuses our connection
                                     # (its process is gone) leaves at once
+    answer_timeout = 1.0            # a lock message unanswered this long: probe its node
+    probe_timeout = 1.0             # a probed node silent this long leaves the view
 
     [[node]]
     id = 1                          # 32-bit unsigned, unique
@@ -41,6 +43,7 @@ KEY_MIN = 16
 KEY_MAX = 64
 MAX_FRAME_DEFAULT = 1 << 20
 IO_TIMEOUT_DEFAULT = 1.0
+ANSWER_TIMEOUT_DEFAULT = 1.0
 NODE_ID_MAX = 2**32 - 1
 
 
@@ -100,6 +103,13 @@ class ClusterConfig:
     # and how long a proxied I/O may take before the proxy tries another server
     block_servers: tuple[tuple[int, str, int], ...] = ()
     io_timeout: float = IO_TIMEOUT_DEFAULT
+    # a DLM message owed an answer (a request, a conversion, a lookup, a blocking
+    # callback waiting on a demote, a recovery barrier) unanswered this long makes the
+    # node suspect the one that owes it (membership probes it: docs/cluster.md)
+    answer_timeout: float = ANSWER_TIMEOUT_DEFAULT
+    # a suspected node not heard from this long after the probe is dead (None: a third
+    # of failure_timeout, at least two heartbeat intervals)
+    probe_timeout: float | None = None
 
     def block_server(self, node_id: int) -> tuple[str, int]:
         """The block server address of group node `node_id` (ConfigError if none)."""
@@ -158,7 +168,7 @@ def parse_config(data: dict[str, Any], *, base_dir: str | os.PathLike[str] = "."
         raise ConfigError("timeouts: must be a table")
     for k in t:
         if k not in ("heartbeat_interval", "failure_timeout", "connect_timeout",
-                     "dead_on_refusal"):
+                     "dead_on_refusal", "answer_timeout", "probe_timeout"):
             raise ConfigError(f"timeouts.{k}: unknown field")
     hb = _seconds(t, "heartbeat_interval", 0.5)
     ft = _seconds(t, "failure_timeout", 3.0)
@@ -169,6 +179,15 @@ def parse_config(data: dict[str, Any], *, base_dir: str | os.PathLike[str] = "."
     if ft < 2 * hb:
         raise ConfigError(f"timeouts.failure_timeout: {ft} s must be at least twice "
                           f"heartbeat_interval ({hb} s)")
+    # default: ANSWER_TIMEOUT_DEFAULT, or a quarter of a shorter failure_timeout
+    answer = _seconds(t, "answer_timeout", min(ANSWER_TIMEOUT_DEFAULT, ft / 4))
+    if answer > ft / 2:
+        raise ConfigError(f"timeouts.answer_timeout: {answer} s must be at most half of "
+                          f"failure_timeout ({ft} s)")
+    probe = _seconds(t, "probe_timeout", 1.0) if "probe_timeout" in t else None
+    if probe is not None and not hb <= probe <= ft:
+        raise ConfigError(f"timeouts.probe_timeout: {probe} s must be at least "
+                          f"heartbeat_interval ({hb} s) and at most failure_timeout ({ft} s)")
 
     max_frame = _get(data, "max_frame", int, "max_frame", default=MAX_FRAME_DEFAULT)
     if not 1024 <= max_frame <= 64 << 20:
@@ -219,7 +238,8 @@ def parse_config(data: dict[str, Any], *, base_dir: str | os.PathLike[str] = "."
                          failure_timeout=ft, connect_timeout=ct, dead_on_refusal=refusal,
                          max_frame=max_frame,
                          storage_group=tuple(group), path=path, fencing=fencing,
-                         block_servers=servers, io_timeout=io_timeout)
+                         block_servers=servers, io_timeout=io_timeout,
+                         answer_timeout=answer, probe_timeout=probe)
 
 
 def parse_storage(storage: Any, ids: set[int], failure_timeout: float

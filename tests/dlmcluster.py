@@ -32,8 +32,10 @@ class MemCluster:
     def __init__(self, net: MemoryNetwork, cluster: StaticCluster,
                  nursery: trio.Nursery,
                  dir_hint: Callable[[bytes], int | None] | None = None,
-                 servers: frozenset[int] = frozenset()) -> None:
+                 servers: frozenset[int] = frozenset(),
+                 answer_timeout: float | None = 1.0) -> None:
         self.dir_hint = dir_hint
+        self.answer_timeout = answer_timeout   # watch.py's (None: never suspect)
         self.net = net
         self.servers = servers           # the storage group's block servers, if any
         self.cluster = cluster
@@ -54,7 +56,7 @@ class MemCluster:
 
         async def run() -> None:
             with node.scope:
-                async with open_dlm(ep, mem, self.servers) as dlm:
+                async with open_dlm(ep, mem, self.servers, self.answer_timeout) as dlm:
                     node.dlm = dlm
                     node.ls = await dlm.new_lockspace("default", dir_hint=self.dir_hint)
                     ready.set()
@@ -128,12 +130,13 @@ class MemCluster:
 @asynccontextmanager
 async def memory_cluster(node_ids: list[int], *, auto_fence: bool = True,
                          dir_hint: Callable[[bytes], int | None] | None = None,
-                         servers: frozenset[int] = frozenset()
+                         servers: frozenset[int] = frozenset(),
+                         answer_timeout: float | None = 1.0
                          ) -> AsyncIterator[MemCluster]:
     async with MemoryNetwork().running() as net:
         cluster = StaticCluster(node_ids, auto_fence=auto_fence)
         async with trio.open_nursery() as nursery:
-            mc = MemCluster(net, cluster, nursery, dir_hint, servers)
+            mc = MemCluster(net, cluster, nursery, dir_hint, servers, answer_timeout)
             for nid in node_ids:
                 await mc.start(nid)
             await mc.wait_running()

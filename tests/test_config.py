@@ -72,6 +72,15 @@ def test_defaults_and_inline_key(tmp_path):
                                                    "dead_on_refusal = false\n[[node]]"),
                             key=None))
     assert not off.dead_on_refusal
+    # suspicion (docs/cluster.md): a lock answer owed 1 s (a quarter of a shorter
+    # failure timeout), the probe's deadline membership's default unless set
+    assert cfg.answer_timeout == min(1.0, cfg.failure_timeout / 4)
+    assert cfg.probe_timeout is None
+    set_ = load_config(write(tmp_path, text.replace("[[node]]", "[timeouts]\n"
+                                                    "answer_timeout = 0.5\n"
+                                                    "probe_timeout = 2\n[[node]]"),
+                             key=None))
+    assert set_.answer_timeout == 0.5 and set_.probe_timeout == 2.0
 
 
 def _replace(old, new):
@@ -98,6 +107,12 @@ def _replace(old, new):
      "timeouts.dead_on_refusal: must be true or false"),
     (_replace("heartbeat_interval = 0.25", "heartbeat_interval = 0"),
      "timeouts.heartbeat_interval: 0 out of range"),
+    (_replace("failure_timeout = 2", "failure_timeout = 2\nanswer_timeout = 1.5"),
+     "timeouts.answer_timeout: 1.5 s must be at most half of failure_timeout"),
+    (_replace("failure_timeout = 2", "failure_timeout = 2\nprobe_timeout = 0.1"),
+     "timeouts.probe_timeout: 0.1 s must be at least heartbeat_interval"),
+    (_replace("failure_timeout = 2", "failure_timeout = 2\nprobe_timeout = 3"),
+     "timeouts.probe_timeout: 3.0 s must be at least"),
     (_replace('key_file = "cluster.key"', 'key_file = "nope.key"'), "key_file: not found"),
     (_replace("group = [1, 2]", "group = [9]"), "storage.group: 9 is not a configured"),
     (_replace('name = "dev"', 'name = "dev"\nflavour = 1'), "flavour: unknown field"),

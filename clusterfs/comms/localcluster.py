@@ -32,13 +32,19 @@ def free_ports(n: int) -> list[int]:
 def local_config_text(node_ids: list[int], *, key: bytes | None = None,
                       heartbeat_interval: float = 0.2, failure_timeout: float = 1.5,
                       dead_on_refusal: bool = True, name: str = "test",
-                      ports: list[int] | None = None) -> str:
+                      ports: list[int] | None = None, answer_timeout: float | None = None,
+                      probe_timeout: float | None = None) -> str:
     key = key if key is not None else secrets.token_bytes(32)
     ports = ports if ports is not None else free_ports(len(node_ids))
     lines = [f'name = "{name}"', f'key = "{key.hex()}"', "", "[timeouts]",
              f"heartbeat_interval = {heartbeat_interval}",
              f"failure_timeout = {failure_timeout}", "connect_timeout = 1.0",
-             f"dead_on_refusal = {'true' if dead_on_refusal else 'false'}", ""]
+             f"dead_on_refusal = {'true' if dead_on_refusal else 'false'}"]
+    if answer_timeout is not None:
+        lines.append(f"answer_timeout = {answer_timeout}")
+    if probe_timeout is not None:
+        lines.append(f"probe_timeout = {probe_timeout}")
+    lines.append("")
     for nid, port in zip(node_ids, ports, strict=True):
         lines += ["[[node]]", f"id = {nid}", f'name = "n{nid}"',
                   f'address = "{LOOPBACK}:{port}"', ""]

@@ -37,6 +37,7 @@ class Barrier:
         # peer was not listening yet (a lockspace still starting, a reconnect).
         others = self.ls_members - {self.ls_node}
         self.ls_barrier_sent[g] = max(step, self.ls_barrier_sent.get(g, 0))
+        since = trio.current_time()
         while True:
             for n in sorted(others):
                 self._send(n, MsgType.DLM_RECOVER_STATUS, self._status_body(g, step, n))
@@ -44,6 +45,10 @@ class Barrier:
                 while not others <= self.ls_recover_status.get((g, step), set()):
                     await self.ls_wake.wait()
                 break
+            # members silent at a barrier for answer_timeout are suspects (watch.py)
+            self._suspect_missing(others - self.ls_recover_status.get((g, step), set()),
+                                  f"recovery barrier {step} of gen {g}",
+                                  trio.current_time() - since)
         for k in [k for k in self.ls_recover_status if k[0] < g]:
             del self.ls_recover_status[k]
         for old in [k for k in self.ls_resync_from if k < g]:

@@ -61,6 +61,8 @@ class Directory:
                 self._send(dir_node, MsgType.DLM_LOOKUP,
                            {"name": key, "rec": recovery, "assign": assign,
                             "g": self.ls_recover_gen})
+                if not recovery:
+                    self._watch_lookup(key, dir_node)     # watch.py
             await ev.wait()
             if key not in self.ls_master_of:
                 if not assign:
@@ -82,6 +84,7 @@ class Directory:
         self._send(dir_node, MsgType.DLM_LOOKUP,
                    {"name": key, "rec": False, "assign": True, "g": self.ls_recover_gen,
                     "req": self._request_body(lkb)})
+        self._watch_lookup(key, dir_node)                 # watch.py
         await ev.wait()
         if self.ls_lookup_handled.pop(lkb.lkb_id, False):
             return self.ls_master_of.get(key), True
@@ -109,6 +112,7 @@ class Directory:
         ev = self.ls_lookups.pop(key, None)
         if ev is not None:
             ev.set()
+        self.ls_lookup_since.pop(key, None)
 
     # -- the directory node's side --------------------------------------------
     def _dir_lookup(self, key: bytes, requester: int, assign: bool = True) -> int | None:

@@ -50,6 +50,7 @@ class Lkb:
     lkb_sent: bool = False          # the master has (or will get) the request
     lkb_abandoned: bool = False     # the asking task is gone: undo a late grant
     lkb_cancelling: bool = False    # a cancel is on its way to the master
+    lkb_queued: bool = False        # the master answered "queued" (watch.py's logs)
     lkb_lvbseq: int = 0
     lkb_done: trio.Event = field(default_factory=trio.Event)
     lkb_error: BaseException | None = None

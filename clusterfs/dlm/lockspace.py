@@ -20,6 +20,8 @@ lockspace's `ls_` fields; each module's docstring says which it owns):
   (trio cancellation) when a newer view arrives; barrier.py: its barriers;
 - routing.py: with a storage group of block servers, every grant names the
   resource's preferred server (preferred.py chooses it);
+- watch.py: an answer owed too long (a request, a lookup, a blocking callback,
+  a recovery barrier) makes the node that owes it a suspect: membership probes it;
 - lkb.py: the owner's lock block. Lock ids are unique in the cluster:
   (owner node id << 32) | counter, so a master needs no id translation and
   recovery re-sends locks as they are.
@@ -40,6 +42,7 @@ from typing import Any, ClassVar
 import trio
 
 from clusterfs.comms.interface import Endpoint, Envelope
+from clusterfs.config import ANSWER_TIMEOUT_DEFAULT
 from clusterfs.dlm import toss
 from clusterfs.dlm.barrier import Barrier
 from clusterfs.dlm.directory import Directory
@@ -61,6 +64,7 @@ from clusterfs.dlm.owner import Owner
 from clusterfs.dlm.recovery import Recovery
 from clusterfs.dlm.routing import Routing
 from clusterfs.dlm.toss import Toss
+from clusterfs.dlm.watch import Watch
 from clusterfs.errors import LockCancelled, LockError, PeerUnreachable
 from clusterfs.membership.view import Membership, View
 from clusterfs.wire.types import MsgType
@@ -95,12 +99,14 @@ class LockspaceStats:
     basts: int
     removed: int
     deferred: int
+    suspected: int           # nodes this lockspace asked membership to look at (watch.py)
+    overdue: int             # answers overdue from nodes still heard from: not suspected
 
     def as_dict(self) -> dict[str, Any]:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in self.__dict__.items()}
 
 
-class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Routing):
+class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Routing, Watch):
     """One lockspace on one node. Implements clusterfs.dlm.interface.LockService."""
 
     def __init__(self, dlm: Dlm, name: str) -> None:
@@ -157,6 +163,8 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
         self.ls_barrier_sent: dict[int, int] = {}
         # routing.py
         self._init_routing(dlm.servers)
+        # watch.py
+        self._init_watch(dlm.answer_timeout)
 
     # =========================================================================
     # public: the LockService protocol
@@ -220,8 +228,10 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
                 break
             await trio.sleep(0.01)   # (not expected: a held lock's master is known)
         lkb.lkb_status, lkb.lkb_rqmode, lkb.lkb_try = Status.CONVERTING, mode, try_
-        lkb.lkb_done, lkb.lkb_error = trio.Event(), None
+        lkb.lkb_done, lkb.lkb_error, lkb.lkb_queued = trio.Event(), None, False
         self._send_convert(lkb, master, mode, try_=try_)
+        if master != self.ls_node:
+            self._watch_waiting(lkb)
         try:
             await lkb.lkb_done.wait()
         except BaseException:
@@ -367,11 +377,15 @@ class Dlm:
     the order it was decided (recovery relies on it) without a queue and task of
     our own in between: that hop cost a trip through the scheduler per message.
     `servers`: the storage group's block servers, if any (routing.py).
+    `answer_timeout`: how long an answer may be owed before its node is suspected
+    (watch.py; None: never).
     """
 
     def __init__(self, endpoint: Endpoint, membership: Membership,
-                 nursery: trio.Nursery, servers: Iterable[int] = ()) -> None:
+                 nursery: trio.Nursery, servers: Iterable[int] = (),
+                 answer_timeout: float | None = ANSWER_TIMEOUT_DEFAULT) -> None:
         self.endpoint = endpoint
+        self.answer_timeout = answer_timeout
         self.servers = frozenset(servers)
         self.membership = membership
         self.node_id = endpoint.node_id
@@ -395,6 +409,7 @@ class Dlm:
             ls._dispatch(env.sender, env.type, env.body)
         self._nursery.start_soon(ls._event_loop, self.membership, self._nursery)
         self._nursery.start_soon(ls._toss_loop)
+        self._nursery.start_soon(ls._watch_loop)
         await trio.lowlevel.checkpoint()
         return ls
 
@@ -430,10 +445,13 @@ class Dlm:
 
 @asynccontextmanager
 async def open_dlm(endpoint: Endpoint, membership: Membership,
-                   servers: Iterable[int] = ()) -> AsyncIterator[Dlm]:
-    """A node's lock manager; `servers`: the block servers grants name (routing.py)."""
+                   servers: Iterable[int] = (),
+                   answer_timeout: float | None = ANSWER_TIMEOUT_DEFAULT
+                   ) -> AsyncIterator[Dlm]:
+    """A node's lock manager; `servers`: the block servers grants name (routing.py);
+    `answer_timeout`: [timeouts] answer_timeout (watch.py)."""
     async with trio.open_nursery() as nursery:
-        dlm = Dlm(endpoint, membership, nursery, servers)
+        dlm = Dlm(endpoint, membership, nursery, servers, answer_timeout)
         try:
             yield dlm
         finally:

@@ -90,6 +90,7 @@ class Master:
 
     def _do_convert(self, owner: int, body: dict[str, Any]) -> None:
         lkid, down = body["id"], body["down"]
+        self._bast_answered(lkid)
         lvb = body.get("lvb")
         try:
             granted = self.ls_table.convert(lkid, Mode(body["mode"]), try_=body["try"],
@@ -114,6 +115,7 @@ class Master:
     def _receive_unlock(self, sender: int, body: dict[str, Any]) -> None:
         if self._defer(sender, MsgType.DLM_UNLOCK, body):
             return
+        self._bast_answered(body["id"])
         lvb = body.get("lvb")
         try:
             self.ls_table.unlock(body["id"], bytes(lvb) if lvb is not None else None)
@@ -125,6 +127,7 @@ class Master:
     def _receive_cancel(self, sender: int, body: dict[str, Any]) -> None:
         if self._defer(sender, MsgType.DLM_CANCEL, body):
             return
+        self._bast_answered(body["id"])
         try:
             cancelled = self.ls_table.cancel(body["id"])
         except LockError:
@@ -152,3 +155,4 @@ class Master:
             else:
                 self._send_or_local(owner, MsgType.DLM_BAST,
                                     {"id": ev.lkid, "mode": int(ev.mode)})
+                self._watch_bast(ev.lkid, owner)     # watch.py: until it demotes

@@ -52,11 +52,14 @@ class Owner:
             await self._wait_running()
             if lkb.lkb_done.is_set() or lkb.lkb_status != Status.WAITING:
                 return                    # answered meanwhile (a lookup carried it)
+            # (a reply may overtake the task's return from a lookup that carried it)
+            lkb.lkb_queued = False
             master, handled = await self._find_master_or_request(lkb)
             if handled:                   # the directory node was the master: sent
                 lkb.lkb_sent = True
                 self.stats["requests"] += 1
                 self.stats["remote_requests"] += 1
+                self._watch_waiting(lkb)
                 return
             self.ls_lookup_handled.pop(lkb.lkb_id, None)
             if master is None or not self.ls_running:
@@ -80,6 +83,7 @@ class Owner:
         else:
             self.stats["remote_requests"] += 1
             self._send(master, MsgType.DLM_REQUEST, body)
+            self._watch_waiting(lkb)
 
     def _send_convert(self, lkb: Lkb, master: int, mode: Mode, *, try_: bool = False,
                       down: bool = False, lvb: bytes | None = None) -> None:
@@ -143,6 +147,8 @@ class Owner:
             self._receive_cancel(self.ls_node, body)
         else:
             self._send(master, MsgType.DLM_CANCEL, body)
+            if lkb.lkb_id not in self.ls_waiting:
+                self._watch_waiting(lkb)
 
     def _abandon(self, lkb: Lkb, *, request: bool) -> None:
         """The task waiting for lkb was cancelled (trio cancellation)."""
@@ -166,12 +172,14 @@ class Owner:
         if "ps" in body:
             self._take_server(lkb, int(body["ps"]))
         self.stats["grants"] += 1
+        self._unwatch_waiting(lkb.lkb_id)
         if lkb.lkb_abandoned and was_request:
             self._unlock_lkb(lkb)         # nobody wants it any more
             return
         lkb.lkb_done.set()
 
     def _fail(self, lkb: Lkb, err: BaseException) -> None:
+        self._unwatch_waiting(lkb.lkb_id)
         if lkb.lkb_status == Status.WAITING:
             self.ls_lkbs.pop(lkb.lkb_id, None)
         else:
@@ -198,7 +206,7 @@ class Owner:
         if rc == "granted":
             self._granted(lkb, body)
         elif rc == "queued":
-            pass
+            lkb.lkb_queued = True     # answered; watch.py still waits for the grant
         elif rc == "notmaster":
             self.ls_master_of.pop(lkb.lkb_key, None)
             lkb.lkb_error = NotMaster()

@@ -4,13 +4,17 @@ a view again to a member that missed its activation (see service.py).
 
 Suspicion (../shared/seeds/000: "an i/o error generating an event into the CM to
 tell it to take another look around quickly"). A layer above that finds a member
-silent - the proxy's I/O to a block server timed out - calls `suspect(node)`.
-This node probes that node at once (PROBE, answered at once with a heartbeat)
-and tells every other member (SUSPECT), which probe it too, so that whichever
+silent - the proxy's I/O to a block server timed out, a lock message to it or a
+blocking callback it was sent went unanswered while its heartbeats stopped too
+(clusterfs/dlm/watch.py, which asks `silent_for(node)` first) - calls
+`suspect(node, why)`. This node probes that node at once (PROBE, answered at once
+with a heartbeat) and tells every other member (SUSPECT), which probe it too, so that whichever
 member coordinates judges it. A probed node not heard from within
 `probe_timeout` of the probe (counted, like every silence, only over time in
 which we could have heard it) is dead to us without waiting out the failure
-timeout; any heartbeat after the probe clears the suspicion. The price is the
+timeout; any heartbeat after the probe clears the suspicion: a node that answers
+stays, however long it keeps a lock (a probe asks whether its process answers, not
+whether its locks are granted). Both outcomes are logged. The price is the
 failure timeout's own: a member whose I/O stalled and whose event loop does not
 answer for probe_timeout is removed and fenced although alive.
 """
@@ -31,12 +35,12 @@ from clusterfs.wire.types import MsgType
 class FailureDetection(ViewInstallation):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # a probe gets no more than a third of the failure timeout, and at least two
-        # heartbeat intervals (a loop busy for one interval is no evidence)
-        self.probe_timeout = min(self.timeout, max(2 * self.interval, self.timeout / 3))
+        # self.probe_timeout: state.py ([timeouts] probe_timeout, or its default)
         self._probed: dict[int, float] = {}      # node -> when we probed it
         self._unanswered_probes: set[int] = set()   # said so in the log
         self.probes = 0
+        self.probes_answered = 0
+        self.probes_unanswered = 0
         self._look_again = False      # a member refused while a round was running
         self.endpoint.register([MsgType.SUSPECT], self._on_suspect)
         self.endpoint.register([MsgType.PROBE], self._on_probe)
@@ -63,18 +67,30 @@ class FailureDetection(ViewInstallation):
             self._evaluate()
 
     # -- suspicion ---------------------------------------------------------------------
-    def suspect(self, node: int) -> None:
-        """`node` did not answer us (see the module doc): probe it now and have the
-        other members probe it. Never waits; call from the trio thread."""
+    def suspect(self, node: int, why: str = "") -> None:
+        """`node` did not answer us (see the module doc; `why`: what it did not answer,
+        for the log): probe it now and have the other members probe it. Never waits;
+        call from the trio thread."""
         if (self.state != MEMBER or self._nursery is None or node == self.node_id
                 or node not in self.view.members):
             return
-        log.warning("node %d gen %d: node %d is suspected silent; probing it and telling "
-                    "the members", self.node_id, self.view.generation, node)
+        log.info("node %d gen %d: node %d is suspected silent%s; probing it and telling "
+                 "the members", self.node_id, self.view.generation, node,
+                 f" ({why})" if why else "")
         self._probe(node)
         body = {"node": node, "gen": self.view.generation}
         for n in sorted(self.view.members - {self.node_id, node}):
             self._nursery.start_soon(self._send, n, MsgType.SUSPECT, body)
+
+    def silent_for(self, node: int) -> float:
+        """Seconds since we last heard `node` (a heartbeat, or a probe's answer), not
+        counting our own stalls; inf if we have not heard it since we started. A layer
+        above asks before it suspects a node that owes it an answer: one heard from
+        since is alive (a probe would be answered by its next heartbeat anyway)."""
+        p = self._peers.get(node)
+        if p is None or self._nursery is None:
+            return math.inf
+        return max(0.0, trio.current_time() - max(p.last_seen, self._judge_from))
 
     def _probe(self, node: int) -> None:
         assert self._nursery is not None
@@ -99,11 +115,16 @@ class FailureDetection(ViewInstallation):
         if last_seen >= probed:
             del self._probed[n]                   # heard since: not silent after all
             self._unanswered_probes.discard(n)
+            self.probes_answered += 1
+            log.info("node %d gen %d: node %d answered our probe after %.3f s: alive "
+                     "(only slow), it stays", self.node_id, self.view.generation, n,
+                     last_seen - probed)
             return False
         if now - max(probed, self._judge_from) <= self.probe_timeout:
             return False
         if n not in self._unanswered_probes:
             self._unanswered_probes.add(n)
+            self.probes_unanswered += 1
             log.warning("node %d gen %d: node %d did not answer our probe within %.2f s: "
                         "taken for dead", self.node_id, self.view.generation, n,
                         self.probe_timeout)

@@ -102,6 +102,9 @@ class MembershipStatistics:
     pending_fence: list[int]
     removed: dict[int, int]
     peers: dict[int, dict[str, Any]] = field(default_factory=dict)
+    probes: int = 0               # suspicions: probes sent, answered, not answered
+    probes_answered: int = 0
+    probes_unanswered: int = 0
 
 
 class MembershipService(Proposals):
@@ -112,11 +115,12 @@ class MembershipService(Proposals):
                  fence_agent: FenceHook | None = None, incarnation: int | None = None,
                  settle: float | None = None,
                  generation_record: GenerationRecord | None = None,
-                 disk: DiskPath | None = None) -> None:
+                 disk: DiskPath | None = None, probe_timeout: float | None = None) -> None:
         super().__init__(endpoint, node_ids, heartbeat_interval=heartbeat_interval,
                          failure_timeout=failure_timeout, fence_agent=fence_agent,
                          incarnation=incarnation, settle=settle,
-                         generation_record=generation_record, disk=disk)
+                         generation_record=generation_record, disk=disk,
+                         probe_timeout=probe_timeout)
         endpoint.register([MsgType.HEARTBEAT], self._on_heartbeat)
         endpoint.register([MsgType.VIEW_PROPOSE], self._on_propose)
         endpoint.register([MsgType.VIEW_ACK], self._on_ack)
@@ -197,7 +201,9 @@ class MembershipService(Proposals):
             self.proposals_failed, self.expelled_sent,
             sorted(self._pending_fence), dict(self._removed),
             {n: {"alive": self._alive(n, now), "inc": p.inc, "state": p.state, "gen": p.gen,
-                 "age": round(now - p.last_seen, 3)} for n, p in sorted(self._peers.items())})
+                 "age": round(now - p.last_seen, 3)} for n, p in sorted(self._peers.items())},
+            probes=self.probes, probes_answered=self.probes_answered,
+            probes_unanswered=self.probes_unanswered)
 
     def dump(self) -> str:
         s = self.statistics()

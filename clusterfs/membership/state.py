@@ -119,7 +119,7 @@ class MembershipState:
                  fence_agent: FenceHook | None = None, incarnation: int | None = None,
                  settle: float | None = None,
                  generation_record: GenerationRecord | None = None,
-                 disk: DiskPath | None = None) -> None:
+                 disk: DiskPath | None = None, probe_timeout: float | None = None) -> None:
         self.endpoint = endpoint
         self.disk = disk
         self.node_id = endpoint.node_id
@@ -129,6 +129,12 @@ class MembershipState:
         self.cluster_size = len(self.node_ids)
         self.interval = heartbeat_interval
         self.timeout = failure_timeout
+        # a suspected node's probe (detection.py) gets this long: by default a third of
+        # the failure timeout, at least two heartbeat intervals (a loop busy for one
+        # interval is no evidence), never more than the failure timeout
+        self.probe_timeout = (min(failure_timeout, max(2 * heartbeat_interval,
+                                                       failure_timeout / 3))
+                              if probe_timeout is None else min(failure_timeout, probe_timeout))
         self.settle = 2.5 * heartbeat_interval if settle is None else settle
         self.fence_agent = fence_agent
         self.incarnation = incarnation if incarnation is not None else new_incarnation()

@@ -17,6 +17,12 @@ class StaticCluster:
         self.auto_fence = auto_fence
         self.view = View(1, frozenset(nodes), True, self.cluster_size)
         self.members: dict[int, StaticMembership] = {}
+        # (suspecting node, suspect, why) for every suspect() call: views here change
+        # only by hand, so a suspicion is only recorded
+        self.suspicions: list[tuple[int, int, str]] = []
+        # node -> when it was last "heard" (trio time), set by tests; a node not in it
+        # is silent (there are no heartbeats here)
+        self.heard: dict[int, float] = {}
 
     def membership(self, node_id: int) -> StaticMembership:
         m = StaticMembership(self, node_id)
@@ -68,6 +74,13 @@ class StaticMembership:
                 s.send_nowait(ev)
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
+
+    def suspect(self, node: int, why: str = "") -> None:
+        self.cluster.suspicions.append((self.node_id, node, why))
+
+    def silent_for(self, node: int) -> float:
+        heard = self.cluster.heard.get(node)
+        return float("inf") if heard is None else trio.current_time() - heard
 
     async def wait_quorum(self) -> View:
         while not self.cluster.view.quorate:

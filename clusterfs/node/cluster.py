@@ -67,7 +67,8 @@ async def open_cluster_node(config: ClusterConfig | str | os.PathLike[str], node
                                    heartbeat_interval=cfg.heartbeat_interval,
                                    failure_timeout=cfg.failure_timeout,
                                    fence_agent=agent, incarnation=incarnation,
-                                   generation_record=generation_record, disk=disk)
+                                   generation_record=generation_record, disk=disk,
+                                   probe_timeout=cfg.probe_timeout)
     async with trio.open_nursery() as nursery:
         if disk is not None:
             disk.attach(membership)

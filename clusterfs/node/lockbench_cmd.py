@@ -39,7 +39,9 @@ class LocalLockCluster:
 
     def __init__(self, node_ids: list[int], *, workdir: str | None = None,
                  heartbeat_interval: float = 0.2, failure_timeout: float = 1.5,
-                 dead_on_refusal: bool = True, verbose: bool = False) -> None:
+                 dead_on_refusal: bool = True, verbose: bool = False,
+                 answer_timeout: float | None = None,
+                 probe_timeout: float | None = None) -> None:
         from clusterfs.comms.localcluster import write_local_config
 
         self._own_dir = workdir is None
@@ -53,7 +55,8 @@ class LocalLockCluster:
         write_local_config(self.config_path, self.node_ids,
                            heartbeat_interval=heartbeat_interval,
                            failure_timeout=failure_timeout,
-                           dead_on_refusal=dead_on_refusal)
+                           dead_on_refusal=dead_on_refusal,
+                           answer_timeout=answer_timeout, probe_timeout=probe_timeout)
         self.verbose = verbose
         self.procs: dict[int, subprocess.Popen[bytes]] = {}
 

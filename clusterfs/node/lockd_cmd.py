@@ -238,7 +238,8 @@ async def serve(config: Any, node_id: int, control: str, fence_pid_dir: str | No
     preload()                      # the failover path imports nothing (node/prepare.py)
     async with open_cluster_node(config, node_id, fence_agent=agent, incarnation=incarnation,
                                  generation_record=generation_record) as node:
-        async with open_dlm(node.endpoint, node.membership) as dlm:
+        async with open_dlm(node.endpoint, node.membership,
+                            answer_timeout=node.config.answer_timeout) as dlm:
             ls = await dlm.new_lockspace("default")
             server = ControlServer(ls, node, extra_status=_failover_status)
             async with trio.open_nursery() as nursery:

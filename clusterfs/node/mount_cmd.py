@@ -429,7 +429,8 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
         node.nursery.start_soon(fencing.hold_members, node.membership)
         server = await _start_storage(cluster, fencing, dev, node)
         servers = cluster.cfg.storage_group if cluster.cfg.block_servers else ()
-        async with open_dlm(node.endpoint, node.membership, servers) as dlm:
+        async with open_dlm(node.endpoint, node.membership, servers,
+                            answer_timeout=cluster.cfg.answer_timeout) as dlm:
             placement = Placement(sb, cluster.cfg.node_ids)
             ls = await dlm.new_lockspace("fs:" + sb.uuid_str, dir_hint=placement.dir_hint)
             wire_proxy(dev, sb, ls, node.membership)

@@ -85,7 +85,8 @@ def print_status(st: dict[str, Any]) -> None:
           f"directory entries {ls['directory_entries']}")
     print(f"traffic     requests={ls['requests']} remote={ls['remote_requests']} "
           f"remote lookups={ls.get('remote_lookups', 0)} "
-          f"grants={ls['grants']} basts={ls['basts']}")
+          f"grants={ls['grants']} basts={ls['basts']} "
+          f"overdue={ls.get('overdue', 0)} suspected={ls.get('suspected', 0)}")
     if "mount" in st:
         m = st["mount"]
         print(f"mount       {m['mountpoint']} on {m['device']}, journal slot {m['slot']}"

@@ -1,0 +1,323 @@
+"""Suspicion from lock messages (clusterfs/dlm/watch.py): an answer owed too long makes
+the node that owes it a suspect, which membership probes (issue 7; issue 8 item 3).
+
+Tier 2 (many nodes in one trio run, StaticCluster records the suspicions) shows what
+the DLM watches; tier 3 (three `clusterfs lockd` processes over TCP on 127.0.0.1)
+shows the whole path: a SIGSTOPped master or holder is removed, fenced and recovered
+from long before the failure timeout (30 s here), and a node that keeps a contended
+lock for a long time while it answers the probes is not removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+import zlib
+from typing import Any
+
+import pytest
+import trio
+from dlmcluster import MemCluster, memory_cluster
+from trioutil import trio_test, wait_until
+
+from clusterfs.dlm.interface import Mode, resource_key
+from clusterfs.node.lockbench_cmd import LocalLockCluster
+from clusterfs.node.lockd_cmd import ControlClient, parse_name
+
+T = 0.1          # the tier-2 answer timeout
+
+
+def suspected(mc: MemCluster, by: int, node: int) -> list[str]:
+    return [why for s, n, why in mc.cluster.suspicions if s == by and n == node]
+
+
+def name_with_dir_node(mc: MemCluster, asker: int, dir_node: int) -> tuple:
+    for i in range(1000):
+        name = ("inode", i)
+        if mc.ls(asker)._dir_node(resource_key(name)) == dir_node:
+            return name
+    raise AssertionError("no such name")
+
+
+# -- tier 2 --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("via", ["lookup", "request"])
+@trio_test
+async def test_a_master_that_does_not_answer_is_suspected(via: str) -> None:
+    """Node 3 masters a resource and goes silent (its links cut: what it is sent is
+    lost, as with a frozen process; no heartbeat of it is heard here). Node 2's lookup
+    (directory node 3) or request (directory node 1, master 3) goes unanswered: node 2
+    tells membership to look at node 3 after about the answer timeout, once while it
+    stays silent (membership's probe decides)."""
+    async with memory_cluster([1, 2, 3], answer_timeout=T) as mc:
+        name = name_with_dir_node(mc, 2, 3 if via == "lookup" else 1)
+        held = await mc.ls(3).lock(name, Mode.NL)          # the first asker masters it
+        assert held.granted
+        mc.net.cut(2, 3)
+        start = trio.current_time()
+        async with trio.open_nursery() as n:
+            n.start_soon(mc.ls(2).lock, name, Mode.EX)
+            await wait_until(lambda: suspected(mc, 2, 3), timeout=5)
+            took = trio.current_time() - start
+            assert T <= took < 2.0, took
+            what = suspected(mc, 2, 3)[0]
+            assert ("lookup" in what) == (via == "lookup"), what
+            await trio.sleep(4 * T)
+            assert len(suspected(mc, 2, 3)) == 1, suspected(mc, 2, 3)
+            assert mc.ls(2).statistics().suspected == len(suspected(mc, 2, 3))
+            mc.crash(3)                       # membership's verdict: the view without 3
+            await mc.wait_running()
+            n.cancel_scope.cancel()
+        assert not suspected(mc, 2, 1) and not suspected(mc, 1, 3)
+
+
+@trio_test
+async def test_a_holder_that_does_not_demote_is_suspected_until_it_does() -> None:
+    """Node 1 masters, node 3 holds EX and ignores the blocking callback, node 2 waits
+    for EX. The master suspects the holder (asked to demote, it has not) and the
+    waiter suspects the master (queued, not granted); once node 3 unlocks, node 2 is
+    granted and nobody is suspected any more. (Membership here hears no heartbeats,
+    so every node is silent to it; a suspicion is only recorded.)"""
+    async with memory_cluster([1, 2, 3], answer_timeout=T) as mc:
+        name = name_with_dir_node(mc, 2, 1)
+        await mc.ls(1).lock(name, Mode.NL)
+        held = await mc.ls(3).lock(name, Mode.EX)
+        got: list[Any] = []
+
+        async def want() -> None:
+            got.append(await mc.ls(2).lock(name, Mode.EX))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(want)
+            await trio.sleep(10 * T)
+            assert not got
+            by_master = suspected(mc, 1, 3)
+            assert by_master and "asked to demote" in by_master[0], by_master
+            by_waiter = suspected(mc, 2, 1)
+            assert by_waiter and "queued there, not granted" in by_waiter[0], by_waiter
+            await mc.ls(3).unlock(held)
+        assert got[0].granted
+        before = len(mc.cluster.suspicions)
+        await trio.sleep(5 * T)
+        assert len(mc.cluster.suspicions) == before
+        assert not mc.ls(1).ls_basts and not mc.ls(2).ls_waiting
+
+
+@trio_test
+async def test_a_holder_still_heard_from_is_not_suspected_until_it_falls_silent() -> None:
+    """The same long hold, but membership still hears node 3 (its heartbeats): its
+    overdue demote is counted, not suspected - it is alive, only keeping its lock.
+    When it falls silent (no heartbeat for the answer timeout), it is suspected."""
+    async with memory_cluster([1, 2, 3], answer_timeout=T) as mc:
+        name = name_with_dir_node(mc, 2, 1)
+        await mc.ls(1).lock(name, Mode.NL)
+        held = await mc.ls(3).lock(name, Mode.EX)
+
+        async def heartbeats(node: int) -> None:
+            while True:
+                mc.cluster.heard[node] = trio.current_time()
+                await trio.sleep(T / 4)
+
+        async with trio.open_nursery() as n:
+            beats = trio.CancelScope()
+
+            async def beat_3() -> None:
+                with beats:
+                    await heartbeats(3)
+
+            n.start_soon(beat_3)
+            n.start_soon(heartbeats, 1)
+            n.start_soon(mc.ls(2).lock, name, Mode.EX)
+            await trio.sleep(10 * T)
+            assert mc.cluster.suspicions == []
+            assert mc.ls(1).statistics().overdue == 1        # the demote, counted once
+            assert mc.ls(2).statistics().overdue == 1        # the wait on master 1
+            beats.cancel()                                   # node 3 falls silent
+            silent_at = mc.cluster.heard[3]                  # its last heartbeat
+            await wait_until(lambda: suspected(mc, 1, 3), timeout=5)
+            assert trio.current_time() - silent_at >= T
+            assert not suspected(mc, 2, 1)
+            await mc.ls(3).unlock(held)
+            await wait_until(lambda: not mc.ls(2).ls_waiting)
+            n.cancel_scope.cancel()
+
+
+@trio_test
+async def test_answered_lock_traffic_suspects_nobody() -> None:
+    async with memory_cluster([1, 2, 3], answer_timeout=T) as mc:
+        for i in range(60):
+            ls = mc.ls(1 + i % 3)
+            lk = await ls.lock(("x", i % 7), Mode.EX)
+            await trio.sleep(T / 10)
+            await ls.unlock(lk)
+        await trio.sleep(3 * T)
+        assert mc.cluster.suspicions == []
+        assert all(not mc.ls(n).ls_waiting and not mc.ls(n).ls_lookup_since
+                   for n in (1, 2, 3))
+
+
+# -- tier 3: lockd processes -------------------------------------------------------
+
+FAILURE_TIMEOUT = 30.0       # long: only a suspicion can remove a node in this test
+ANSWER_TIMEOUT = 0.5
+PROBE_TIMEOUT = 2.0
+
+
+@pytest.fixture
+def slow_cluster(tmp_path):
+    """Three lockds whose heartbeats would take 30 s to find a frozen node."""
+    with LocalLockCluster([1, 2, 3], workdir=str(tmp_path), verbose=True,
+                          failure_timeout=FAILURE_TIMEOUT, answer_timeout=ANSWER_TIMEOUT,
+                          probe_timeout=PROBE_TIMEOUT) as cl:
+        cl.start_all()
+        stopped: list[int] = []
+        cl.stopped = stopped          # type: ignore[attr-defined]
+        try:
+            yield cl
+        finally:
+            for pid in stopped:       # our own SIGSTOPped lockd, if it still exists
+                try:
+                    os.kill(pid, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+
+
+def sigstop(cl: LocalLockCluster, node: int) -> float:
+    pid = cl.procs[node].pid
+    cl.stopped.append(pid)            # type: ignore[attr-defined]
+    os.kill(pid, signal.SIGSTOP)
+    return time.monotonic()
+
+
+def lock_in_thread(path: str, result: dict[str, Any], **req: Any) -> threading.Thread:
+    def run() -> None:
+        with ControlClient(path, timeout=FAILURE_TIMEOUT + 30) as c:
+            result.update(c.call("lock", **req))
+            result["at"] = time.monotonic()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def wait_members(c: ControlClient, members: list[int], deadline: float) -> float:
+    while True:
+        st = c.call("status")
+        if st["members"] == members and st["running"]:
+            return time.monotonic()
+        assert time.monotonic() < deadline, st
+        time.sleep(0.05)
+
+
+def name_with_dir_node_1(prefix: str) -> str:
+    """A lockd resource name whose directory node, of members 1 2 3, is node 1 (the
+    hash of directory.py), so that what node 3 is asked is a request or a blocking
+    callback, not a lookup."""
+    for i in range(1000):
+        name = f"{prefix}:{i}"
+        if zlib.crc32(resource_key(parse_name(name))) % 3 == 0:
+            return name
+    raise AssertionError("no such name")
+
+
+def master_is(c: ControlClient, name: str, master: int) -> None:
+    r = c.call("locks", name=name)
+    assert r["ok"] and r["master"] == master, r
+
+
+@pytest.mark.parametrize("frozen_is", ["master", "holder"])
+def test_a_frozen_node_is_removed_long_before_the_failure_timeout(
+        slow_cluster: LocalLockCluster, frozen_is: str) -> None:
+    """SIGSTOP node 3 (its connections stay up) while it masters a resource node 2
+    then asks for (its request is not answered), or while it holds EX on a resource
+    node 1 masters (it never demotes). Node 2's lockspace, resp. node 1's, suspects
+    it; membership probes it; it does not answer; the view drops it, the process
+    agent fences it (SIGKILL), recovery runs, and node 2 is granted - all with a
+    failure timeout of 30 s that alone would have kept node 2 waiting 30 s."""
+    cl = slow_cluster
+    name = name_with_dir_node_1("frozen")
+    c1, c2 = ControlClient(cl.control(1)), ControlClient(cl.control(2))
+    try:
+        with ControlClient(cl.control(3)) as c3:
+            if frozen_is == "master":
+                assert c3.call("lock", name=name, mode="NL")["ok"]     # 3 masters it
+                master_is(c1, name, 3)
+            else:
+                assert c1.call("lock", name=name, mode="NL")["ok"]     # 1 masters it
+                assert c3.call("lock", name=name, mode="EX")["ok"]     # 3 holds it
+                master_is(c1, name, 1)
+            gen = c1.call("status")["generation"]
+            stopped = sigstop(cl, 3)
+            result: dict[str, Any] = {}
+            waiter = lock_in_thread(cl.control(2), result, name=name, mode="EX",
+                                    timeout=FAILURE_TIMEOUT + 10)
+            removed = wait_members(c1, [1, 2], stopped + FAILURE_TIMEOUT - 5)
+            waiter.join(FAILURE_TIMEOUT)
+        assert result.get("ok"), result
+        granted = result["at"]
+        print(f"\nfrozen {frozen_is}: removed {removed - stopped:.2f} s and node 2 granted "
+              f"{granted - stopped:.2f} s after the SIGSTOP (answer_timeout {ANSWER_TIMEOUT}"
+              f" s, probe_timeout {PROBE_TIMEOUT} s, failure_timeout {FAILURE_TIMEOUT} s)")
+        # the ordering that matters: out of the view and recovered from, well before
+        # the failure timeout could have removed it
+        assert granted - stopped < FAILURE_TIMEOUT / 2
+        assert cl.procs[3].wait(timeout=10) == -signal.SIGKILL      # fenced
+        if frozen_is == "holder":
+            assert result["lvb_valid"] is False        # a dead EX holder's LVB
+        st = c1.call("status")
+        assert st["generation"] > gen and st["members"] == [1, 2]
+        suspecter = 2 if frozen_is == "master" else 1
+        assert ControlClient(cl.control(suspecter)).call("status")["lockspace"]["suspected"] >= 1
+        log = cl.log_tail(suspecter, 200_000)
+        assert "and node 3 silent" in log and "asking membership to look at it" in log
+        assert ("waiting" if frozen_is == "master" else "asked to demote") in log
+        assert (f"did not answer our probe within {PROBE_TIMEOUT:.2f} s"
+                in cl.log_tail(1, 200_000) + cl.log_tail(2, 200_000))
+    finally:
+        c1.close()
+        c2.close()
+
+
+def test_a_long_holder_that_answers_is_not_removed(slow_cluster: LocalLockCluster) -> None:
+    """Node 3 holds EX on a resource node 1 masters, and keeps it for several
+    answer-plus-probe timeouts while node 2 waits: node 1 finds node 3's demote overdue
+    and node 2 its lock on master 1 overdue, but both nodes are heard from (their
+    heartbeats), so they are alive: nobody is removed (if a late heartbeat makes one a
+    suspect, it answers the probe). Node 3 unlocks; node 2 is granted in the same
+    view."""
+    cl = slow_cluster
+    name = name_with_dir_node_1("held")
+    c1 = ControlClient(cl.control(1))
+    c3 = ControlClient(cl.control(3))
+    try:
+        assert c1.call("lock", name=name, mode="NL")["ok"]
+        held = c3.call("lock", name=name, mode="EX")
+        assert held["ok"]
+        gen = c1.call("status")["generation"]
+        result: dict[str, Any] = {}
+        waiter = lock_in_thread(cl.control(2), result, name=name, mode="EX",
+                                timeout=FAILURE_TIMEOUT)
+        hold = 4 * (ANSWER_TIMEOUT + PROBE_TIMEOUT)
+        deadline = time.monotonic() + hold
+        while time.monotonic() < deadline:
+            st = c1.call("status")
+            assert st["members"] == [1, 2, 3] and st["generation"] == gen, st
+            assert not result, result
+            time.sleep(0.2)
+        assert c1.call("status")["lockspace"]["overdue"] >= 1     # the demote
+        with ControlClient(cl.control(2)) as c2:
+            assert c2.call("status")["lockspace"]["overdue"] >= 1  # the wait on master 1
+        logs = "".join(cl.log_tail(n, 200_000) for n in (1, 2, 3))
+        assert "did not answer our probe" not in logs
+        assert c3.call("unlock", handle=held["handle"])["ok"]
+        waiter.join(20)
+        assert result.get("ok"), result
+        st = c1.call("status")
+        assert st["members"] == [1, 2, 3] and st["generation"] == gen, st
+        assert json.loads(json.dumps(st))["running"]
+    finally:
+        c1.close()
+        c3.close()
