@@ -301,6 +301,33 @@ print("last", r - 1, flush=True)
 """
 
 
+def _rewrite_with_busiest_server_stopped(c: Cluster, tmp_path, while_stopped):
+    """Node 3 runs REWRITER; after its third round the server it wrote through most is
+    SIGSTOPped, `while_stopped()` runs, the writer is told to stop and waited for, and
+    only then is the server let go (SIGCONT). Returns (that server, the writer's
+    output, its exit code, what while_stopped returned)."""
+    stop = tmp_path / "stop-writing"
+    w = subprocess.Popen([sys.executable, "-c", REWRITER, c.path(3, "w"), str(stop)],
+                         stdout=subprocess.PIPE, text=True)
+    try:
+        before = _status(c, 3)["device"]["written"]
+        for _ in range(3):
+            w.stdout.readline()
+        server = _busiest_server(before, _status(c, 3)["device"]["written"])
+        victim = c.mounts[server]
+        os.kill(victim.pid, signal.SIGSTOP)
+        try:
+            result = while_stopped()
+            stop.touch()
+            out, _ = w.communicate(timeout=60)
+        finally:
+            os.kill(victim.pid, signal.SIGCONT)
+    finally:
+        if w.poll() is None:
+            w.kill()
+    return server, out, w.returncode, result
+
+
 def test_a_briefly_stopped_server_writes_nothing_stale(tmp_path):
     """The server is let go before the cluster notices: node 3 suspects it once its
     I/O times out (io_timeout 0.5 s), and membership would remove it if it left the
@@ -309,28 +336,12 @@ def test_a_briefly_stopped_server_writes_nothing_stale(tmp_path):
     stopped, node 3 re-targets and rewrites it several times more, then the writer
     stops, and only then is the server let go: the older copy that waited in its
     socket must not land over the newer ones."""
-    stop = tmp_path / "stop-writing"
     with ProxyCluster(tmp_path) as c:
-        w = subprocess.Popen([sys.executable, "-c", REWRITER, c.path(3, "w"), str(stop)],
-                             stdout=subprocess.PIPE, text=True)
-        try:
-            before = _status(c, 3)["device"]["written"]
-            for _ in range(3):
-                w.stdout.readline()
-            server = _busiest_server(before, _status(c, 3)["device"]["written"])
-            victim = c.mounts[server]
-            os.kill(victim.pid, signal.SIGSTOP)
-            try:
-                time.sleep(0.9)                       # re-target, and rewrite meanwhile
-                stop.touch()
-                out, _ = w.communicate(timeout=60)
-            finally:
-                os.kill(victim.pid, signal.SIGCONT)
-        finally:
-            if w.poll() is None:
-                w.kill()
+        # re-target, and rewrite meanwhile
+        server, out, rc, _ = _rewrite_with_busiest_server_stopped(
+            c, tmp_path, lambda: time.sleep(0.9))
         last = out.splitlines()[-1].split()
-        assert last[0] == "last" and w.returncode == 0, (out, c.logs())
+        assert last[0] == "last" and rc == 0, (out, c.logs())
         time.sleep(1.0)                               # the late copy would land now
         st = _status(c, server)["block_server"]
         assert st["stalls"] >= 1, st
@@ -366,33 +377,15 @@ def test_the_proxys_loop_stays_live_while_its_server_is_stopped(tmp_path):
     answers every status request within a bound well under io_timeout meanwhile.
     (Before: the fs's device calls ran on the loop's thread, and a status request
     waited up to io_timeout and more.)"""
-    stop = tmp_path / "stop-writing"
     with ProxyCluster(tmp_path) as c:
-        w = subprocess.Popen([sys.executable, "-c", REWRITER, c.path(3, "w"), str(stop)],
-                             stdout=subprocess.PIPE, text=True)
-        try:
-            before = _status(c, 3)["device"]["written"]
-            for _ in range(3):
-                w.stdout.readline()
-            server = _busiest_server(before, _status(c, 3)["device"]["written"])
-            victim = c.mounts[server]
-            stopped_at = time.monotonic()
-            os.kill(victim.pid, signal.SIGSTOP)
-            try:
-                lags = _loop_lags(c.control(3), 2.5)
-                stop.touch()
-                out, _ = w.communicate(timeout=60)
-            finally:
-                os.kill(victim.pid, signal.SIGCONT)
-        finally:
-            if w.poll() is None:
-                w.kill()
-        assert w.returncode == 0 and out.splitlines()[-1].startswith("last"), (out, c.logs())
+        server, out, rc, lags = _rewrite_with_busiest_server_stopped(
+            c, tmp_path, lambda: _loop_lags(c.control(3), 2.5))
+        assert rc == 0 and out.splitlines()[-1].startswith("last"), (out, c.logs())
         dev = _status(c, 3)["device"]
         assert dev["retargets"] >= 1 and dev["timeouts"] >= 1, dev
         worst = max(lags, key=lambda x: x[1])
         print(f"\nnode 3's status answers while server {server} was stopped: "
-              f"{len(lags)}, slowest {worst[1]:.3f} s ({worst[0] - stopped_at:.2f} s "
+              f"{len(lags)}, slowest {worst[1]:.3f} s ({worst[0] - lags[0][0]:.2f} s "
               f"after the stop); io_timeout {IO_TIMEOUT} s")
         assert worst[1] < IO_TIMEOUT / 2, lags
         expect_last = out.splitlines()[-1].split()[1]
