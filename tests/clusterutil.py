@@ -62,6 +62,17 @@ class Cluster:
                  "--control", self.control(node)]
         return extra + (["-o", self.options] if self.options else [])
 
+    @contextlib.contextmanager
+    def forced_down_on_error(self) -> Iterator[None]:
+        """For the body of a test that starts nodes: if it fails, every mount is forced
+        down before the error goes on (nothing of the test's is left mounted)."""
+        try:
+            yield
+        except BaseException:
+            for m in self.mounts.values():
+                m.force_unmount()
+            raise
+
     def start(self, *nodes: int) -> None:
         """Start the nodes at once (a lone node of three has no quorum and would wait)
         and return when every one is mounted."""
@@ -106,15 +117,11 @@ def cluster(directory: Path, nodes: int = 3, size: int = 512 << 20, journals: in
                     *mkfs_args, dev)
         assert r.returncode == 0, r.stderr
         c = Cluster(directory, dev, write_config(directory, nodes), nodes, options)
-        try:
+        with c.forced_down_on_error():
             if start:
                 c.start(*c.node_ids)
             yield c
             c.unmount_all()
-        except BaseException:
-            for m in c.mounts.values():
-                m.force_unmount()
-            raise
         r = mountutil.fsck(dev)
         assert r.returncode == 0, f"fsck after the cluster test:\n{r.stdout}{r.stderr}"
 

@@ -426,13 +426,10 @@ def test_survivors_fencing_with_scsi_pr_open_and_import_nothing(tmp_path, audite
         observer = IscsiDevice(url, timeout=10, initiator="iqn.2025-01.io.clusterfs.test:obs")
         key = pr_key(CLUSTER_NAME, 3)
         try:
-            c.start(1, 2, 3)
-            _disk_agent_failover(c, lambda: key not in observer.pr_read_keys(),
-                                 t.backing[1])
-        except BaseException:
-            for m in c.mounts.values():
-                m.force_unmount()
-            raise
+            with c.forced_down_on_error():
+                c.start(1, 2, 3)
+                _disk_agent_failover(c, lambda: key not in observer.pr_read_keys(),
+                                     t.backing[1])
         finally:
             observer.close()
 
@@ -448,14 +445,10 @@ def test_survivors_fencing_with_a_poison_pill_open_and_import_nothing(tmp_path, 
         c = FencedCluster(tmp_path, dev, _config(
             tmp_path, 'agent = "poison-pill"\ninterval = 0.5\ntimeout = 1.0\n'
                       'msgwait = 2.0\n'), 3)
-        try:
+        with c.forced_down_on_error():
             c.start(1, 2, 3)
             _disk_agent_failover(c, lambda: "node 3 fenced: its watcher" in c.logs(),
                                  tmp_path / "disk.img")
-        except BaseException:
-            for m in c.mounts.values():
-                m.force_unmount()
-            raise
 
 
 # -- clusterfs lockd ------------------------------------------------------------------

@@ -127,19 +127,16 @@ def test_scsi_pr_mount_registers_and_a_stopped_node_is_preempted(tmp_path, prere
         observer = IscsiDevice(url, timeout=10, initiator="iqn.2025-01.io.clusterfs.test:obs")
         keys = {n: pr_key(CLUSTER_NAME, n) for n in (1, 2, 3)}
         try:
-            c.start(1, 2, 3)
-            # every node registered its mount's session, its agent's and its disk
-            # heartbeat's: 3 each
-            assert sorted(observer.pr_read_keys()) == sorted([*keys.values()] * 3)
-            _stop_fence_resume(c, lambda: keys[3] not in observer.pr_read_keys(),
-                               t.backing[1])
-            assert "reservation conflict: this node was fenced" in c.mounts[3].log_text()
-            assert "node 3 fenced: key" in c.logs()
-            _finish(c)
-        except BaseException:
-            for m in c.mounts.values():
-                m.force_unmount()
-            raise
+            with c.forced_down_on_error():
+                c.start(1, 2, 3)
+                # every node registered its mount's session, its agent's and its disk
+                # heartbeat's: 3 each
+                assert sorted(observer.pr_read_keys()) == sorted([*keys.values()] * 3)
+                _stop_fence_resume(c, lambda: keys[3] not in observer.pr_read_keys(),
+                                   t.backing[1])
+                assert "reservation conflict: this node was fenced" in c.mounts[3].log_text()
+                assert "node 3 fenced: key" in c.logs()
+                _finish(c)
         finally:
             observer.close()
         r = mountutil.fsck(url)
@@ -154,7 +151,7 @@ def test_poison_pill_mount_claims_a_slot_and_a_stopped_node_stops_itself(tmp_pat
         config = _config(tmp_path, 'agent = "poison-pill"\ninterval = 0.5\ntimeout = 1.0\n'
                                    'msgwait = 2.0\n')
         c = FencedCluster(tmp_path, dev, config, 3)
-        try:
+        with c.forced_down_on_error():
             c.start(1, 2, 3)
             for n in (1, 2, 3):
                 assert "pill watcher every 0.5 s" in c.mounts[n].log_text()
@@ -162,10 +159,6 @@ def test_poison_pill_mount_claims_a_slot_and_a_stopped_node_stops_itself(tmp_pat
                                tmp_path / "disk.img")
             assert "poison pill from node" in c.mounts[3].log_text()
             _finish(c)
-        except BaseException:
-            for m in c.mounts.values():
-                m.force_unmount()
-            raise
         r = mountutil.fsck(dev)
         assert r.returncode == 0, r.stdout + r.stderr
 
@@ -202,18 +195,15 @@ def _proxy_scsi_pr(tmp_path: Path, group: tuple[int, int], proxy: int, scenario)
         observer = IscsiDevice(url, timeout=10, initiator="iqn.2025-01.io.clusterfs.test:obs")
         keys = {n: pr_key(CLUSTER_NAME, n) for n in (1, 2, 3)}
         try:
-            c.start(*group)
-            c.start(proxy)
-            assert "reaching it through the storage group" in c.mounts[proxy].log_text()
-            registered = observer.pr_read_keys()
-            # a registration belongs to a session (I_T nexus): the proxy has none
-            assert keys[proxy] not in registered
-            assert all(keys[n] in registered for n in group)
-            scenario(c, observer, keys, t)
-        except BaseException:
-            for m in c.mounts.values():
-                m.force_unmount()
-            raise
+            with c.forced_down_on_error():
+                c.start(*group)
+                c.start(proxy)
+                assert "reaching it through the storage group" in c.mounts[proxy].log_text()
+                registered = observer.pr_read_keys()
+                # a registration belongs to a session (I_T nexus): the proxy has none
+                assert keys[proxy] not in registered
+                assert all(keys[n] in registered for n in group)
+                scenario(c, observer, keys, t)
         finally:
             observer.close()
         r = mountutil.fsck(url)
