@@ -278,7 +278,7 @@ def test_a_connection_closed_under_the_proxy_is_made_again_not_taken_for_silence
     and goes on with that server (no re-target, nobody suspected)."""
     dev = _proxy(served, 1)
     suspected: list[int] = []
-    dev.on_silent = suspected.append
+    dev.on_silent = lambda server, waited: suspected.append(server)
     try:
         dev.pwrite(0, b"one" * 100)
 

@@ -159,6 +159,73 @@ async def test_answered_lock_traffic_suspects_nobody() -> None:
                    for n in (1, 2, 3))
 
 
+async def _into(out: list, awaitable: Any) -> None:
+    out.append(await awaitable)
+
+
+@trio_test
+async def test_a_query_its_master_does_not_answer_is_suspected_and_ends_with_the_view() -> None:
+    """DLM_QUERY (dump_resource: a resource's queues, asked of its master). Node 3
+    masters a resource node 1 holds PR on, and goes silent; node 2's query is not
+    answered: node 2 suspects node 3 after about the answer timeout (before: nobody
+    did, and the query gave up after QUERY_TIMEOUT, 5 s). The view without node 3 ends
+    the wait, and the query is asked again of the master after the recovery."""
+    async with memory_cluster([1, 2, 3], answer_timeout=T) as mc:
+        name = name_with_dir_node(mc, 2, 1)
+        await mc.ls(3).lock(name, Mode.NL)                 # the first asker masters it
+        await mc.ls(1).lock(name, Mode.PR)
+        mc.net.cut(2, 3)
+        start = trio.current_time()
+        got: list[dict] = []
+        async with trio.open_nursery() as n:
+            n.start_soon(_into, got, mc.ls(2).dump_resource(name))
+            await wait_until(lambda: suspected(mc, 2, 3), timeout=5)
+            took = trio.current_time() - start
+            assert T <= took < 2.0, took
+            assert "query" in suspected(mc, 2, 3)[0], suspected(mc, 2, 3)
+            assert not got
+            mc.crash(3)                       # membership's verdict: the view without 3
+        took = trio.current_time() - start
+        assert took < 2.0, took               # not QUERY_TIMEOUT
+        assert got[0]["master"] == 1, got
+        assert [(i["node"], i["grmode"]) for i in got[0]["locks"]] == [(1, "PR")], got
+        assert not mc.ls(2).ls_queries
+        await wait_until(lambda: not mc.ls(2).ls_query_since)     # dropped when judged
+
+
+@trio_test
+async def test_an_ask_for_servers_its_master_does_not_answer_is_suspected() -> None:
+    """DLM_PREFER_ASK (routing.py). Servers 1 and 2, node 3 proxies, node 4 masters
+    some of node 3's locks and goes silent. Node 3's proxy finds server 1 silent
+    (`reprefer(1)`): the masters it can reach name server 2 at once, node 4 does not
+    answer, and node 3 suspects it (before: nobody waited for that answer, and node 4,
+    owed nothing else, was found only by the failure timeout). Masters with nothing to
+    name answer too. After the view without node 4, every lock names server 2."""
+    async with memory_cluster([1, 2, 3, 4], servers=frozenset({1, 2}),
+                              answer_timeout=T) as mc:
+        names = [("rgrp", i) for i in range(40)]
+        for i, name in enumerate(names):                 # masters: 1, 2, 3, 4 in turn
+            first = mc.ls(1 + i % 4)
+            await first.unlock(await first.lock(name, Mode.NL))
+        locks = {name: await mc.ls(3).lock(name, Mode.EX) for name in names}
+        on_4 = [n for i, n in enumerate(names) if i % 4 == 3 and locks[n].server == 1]
+        assert on_4 and any(lk.server == 1 for n, lk in locks.items() if n not in on_4)
+        mc.net.cut(3, 4)
+        start = trio.current_time()
+        mc.ls(3).reprefer(1)
+        await wait_until(lambda: suspected(mc, 3, 4), timeout=5)
+        assert T <= trio.current_time() - start < 2.0
+        assert "ask" in suspected(mc, 3, 4)[0], suspected(mc, 3, 4)
+        assert [m for m, _ in mc.ls(3).ls_asks.values()] == [4]    # the others answered
+        assert {locks[n].server for n in on_4} == {1}
+        assert all(lk.server == 2 for n, lk in locks.items() if n not in on_4)
+        mc.crash(4)                           # membership's verdict: the view without 4
+        await mc.wait_running()
+        await wait_until(lambda: all(lk.server == 2 for lk in locks.values()), timeout=5)
+        await wait_until(lambda: not mc.ls(3).ls_asks and not mc.ls(3).ls_ask_since)
+        assert {n for _, n, _ in mc.cluster.suspicions} == {4}
+
+
 # -- tier 3: lockd processes -------------------------------------------------------
 
 FAILURE_TIMEOUT = 30.0       # long: only a suspicion can remove a node in this test
@@ -276,6 +343,42 @@ def test_a_frozen_node_is_removed_long_before_the_failure_timeout(
         assert ("waiting" if frozen_is == "master" else "asked to demote") in log
         assert (f"did not answer our probe within {PROBE_TIMEOUT:.2f} s"
                 in cl.log_tail(1, 200_000) + cl.log_tail(2, 200_000))
+    finally:
+        c1.close()
+        c2.close()
+
+
+def test_a_query_of_a_frozen_master_ends_and_the_master_is_removed(
+        slow_cluster: LocalLockCluster) -> None:
+    """`clusterfs lockd`'s "locks" (dump_resource, DLM_QUERY) of a resource whose master,
+    node 3, is SIGSTOPped: node 2 suspects it (its query owed for answer_timeout, it
+    silent as long), membership probes and removes it, and the query, ended by that
+    view, is asked again of the new master, node 1 (it holds PR there). Before: the
+    query failed after 5 s (Timeout) and node 3 stayed for the failure timeout (30 s)."""
+    cl = slow_cluster
+    name = name_with_dir_node_1("query")
+    c1, c2 = ControlClient(cl.control(1)), ControlClient(cl.control(2))
+    try:
+        with ControlClient(cl.control(3)) as c3:
+            assert c3.call("lock", name=name, mode="NL")["ok"]     # 3 masters it
+        assert c1.call("lock", name=name, mode="PR")["ok"]
+        master_is(c2, name, 3)
+        stopped = sigstop(cl, 3)
+        with ControlClient(cl.control(2), timeout=FAILURE_TIMEOUT) as c:
+            r = c.call("locks", name=name, timeout=FAILURE_TIMEOUT)
+        answered = time.monotonic()
+        removed = wait_members(c1, [1, 2], stopped + FAILURE_TIMEOUT - 5)
+        print(f"\nquery of a frozen master: answered {answered - stopped:.2f} s after the "
+              f"SIGSTOP (by the new master), node 3 out of the view by "
+              f"{removed - stopped:.2f} s (answer_timeout {ANSWER_TIMEOUT} s, "
+              f"probe_timeout {PROBE_TIMEOUT} s, failure_timeout {FAILURE_TIMEOUT} s)")
+        assert r["ok"] and r["master"] == 1, r
+        assert [(i["node"], i["grmode"]) for i in r["locks"]] == [(1, "PR")], r
+        assert answered - stopped < FAILURE_TIMEOUT / 2
+        assert cl.procs[3].wait(timeout=10) == -signal.SIGKILL      # fenced
+        assert c2.call("status")["lockspace"]["suspected"] >= 1
+        log = cl.log_tail(2, 200_000)
+        assert "query" in log and "and node 3 silent" in log, log[-3000:]
     finally:
         c1.close()
         c2.close()

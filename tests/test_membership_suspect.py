@@ -61,3 +61,104 @@ async def test_suspecting_a_non_member_or_itself_does_nothing():
         sim.nodes[3].suspect(7)
         assert sim.nodes[3].probes == 0
     await with_sim([1, 2, 3], body)
+
+
+# -- a suspicion with `quiet` (the proxy's: node/storagegroup.py) -----------------------
+
+def _suspect_a_slow_node(quiet: float | None) -> list[int]:
+    """Node 3 suspects node 2, which answers its I/O late again and again (every 0.3 s
+    another request owed its answer for 0.5 s) while its heartbeats arrive (5 ms of
+    jitter on every message): the probes each node sent, the suspicions node 3 left."""
+    out: list[int] = []
+
+    @mock_trio
+    async def run():
+        async def body(sim):
+            await start_three(sim)
+            g = sim.nodes[1].view.generation
+            for _ in range(20):
+                sim.nodes[3].suspect(2, "block I/O not answered for 0.5 s", quiet=quiet)
+                await trio.sleep(0.3)
+            await trio.sleep(2 * INTERVAL)
+            assert sim.agreed([1, 2, 3], {1, 2, 3}) and sim.nodes[1].view.generation == g
+            assert sim.nodes[3].statistics().suspicions_heard == sim.nodes[3].suspicions_heard
+            out.extend([*(sim.nodes[n].probes for n in (1, 2, 3)),
+                        sim.nodes[3].suspicions_heard])
+        await with_sim([1, 2, 3], body, jitter=0.005)
+
+    run()
+    return out
+
+
+def test_a_slow_node_still_heard_from_is_not_probed():
+    """With `quiet` (the proxy's rule, as the DLM's), a node heard from within the time
+    it owed its answer is alive, so it is never probed; without it (the proxy before),
+    every suspicion probed it - answered each time, it stayed, after two info lines on
+    each member but the suspect."""
+    *probes, spared = _suspect_a_slow_node(INTERVAL)
+    assert probes == [0, 0, 0] and spared >= 5, (probes, spared)   # one look at a time
+    *probes, spared = _suspect_a_slow_node(None)
+    assert probes[0] >= 10 and probes[2] >= 10 and spared == 0, (probes, spared)
+
+
+@mock_trio
+async def test_quiet_delays_no_probe_of_a_stopped_node():
+    """The node stops (its heartbeats with it) before the I/O it then owes: by the time
+    the answer is overdue it has been silent at least that long, so it is probed at
+    once, as without `quiet`. An I/O sent just before the stop: the probe follows once
+    the node has been silent that long, never later than its wait after the stop."""
+    async def body(sim):
+        await start_three(sim)
+        sim.isolate(1)
+        await trio.sleep(INTERVAL)                  # the proxy's wait, sent at the stop
+        assert sim.nodes[3].silent_for(1) >= INTERVAL
+        sim.nodes[3].suspect(1, "block I/O not answered for 0.5 s", quiet=INTERVAL)
+        assert sim.nodes[3].probes == 1             # at once
+        took = await sim.until(lambda: sim.agreed([2, 3], {2, 3}), TIMEOUT * 3)
+        assert INTERVAL + took < TIMEOUT
+    await with_sim([1, 2, 3], body)
+
+
+@mock_trio
+async def test_an_answer_owed_from_before_the_stop_is_probed_once_silent_that_long():
+    async def body(sim):
+        await start_three(sim)
+        await trio.sleep(0.2)                       # some time after a heartbeat
+        sim.isolate(1)
+        stopped = trio.current_time()
+        await trio.sleep(0.1)               # the I/O was sent 0.4 s before the stop
+        sim.nodes[3].suspect(1, "block I/O not answered for 0.5 s", quiet=INTERVAL)
+        await sim.until(lambda: sim.nodes[3].probes == 1, 2)
+        probed = trio.current_time() - stopped
+        assert probed <= 1.5 * INTERVAL + 0.06, probed
+        assert sim.nodes[3].silent_for(1) >= INTERVAL - 0.06
+        await sim.until(lambda: sim.agreed([2, 3], {2, 3}), TIMEOUT * 3)
+    await with_sim([1, 2, 3], body)
+
+
+def test_the_proxy_hands_membership_how_long_its_io_waited():
+    """node/storagegroup.py: a silent block server is reprefered at once and handed to
+    membership with `quiet` = how long its request waited (none for a refusal)."""
+    from types import SimpleNamespace
+
+    from clusterfs.node.storagegroup import wire_proxy
+
+    calls: list = []
+    dev = SimpleNamespace(proxied=True, route_by=lambda locate: None, prefer=None,
+                          on_silent=None)
+    ls = SimpleNamespace(on_preferred=None, reprefer=lambda s: calls.append(("ask", s)))
+    membership = SimpleNamespace(
+        suspect=lambda node, why, quiet: calls.append(("suspect", node, quiet, why)))
+    sb = SimpleNamespace(journal_start=1, journal_count=1, journal_blocks=1, rgrp_count=1,
+                         rgrp_start=2, rgrp_of=lambda b: 0)
+
+    async def main():
+        wire_proxy(dev, sb, ls, membership)
+        dev.on_silent(2, 0.5)
+        dev.on_silent(1, 0.0)
+        await trio.sleep(0)
+
+    trio.run(main)
+    assert calls == [("ask", 2), ("suspect", 2, 0.5, "block I/O not answered for 0.5 s"),
+                     ("ask", 1),
+                     ("suspect", 1, 0.0, "block I/O refused or its connection broken")]

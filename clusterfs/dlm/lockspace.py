@@ -36,7 +36,7 @@ import logging
 import random
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import trio
@@ -72,8 +72,22 @@ from clusterfs.wire.types import MsgType
 log = logging.getLogger("clusterfs.dlm")
 
 DLM_TYPES = [t for t in MsgType if 32 <= t <= 79]
+# A master answers a query at once (it is never deferred). One that is still in the
+# view and does not answer (a message lost with a connection, or a frozen master not
+# yet removed: watch.py has membership probe it) fails the query after this long.
+QUERY_TIMEOUT = 5.0
 RECOVERY_TYPES = {MsgType.DLM_RECOVER_STATUS, MsgType.DLM_RECOVER_NAMES,
                   MsgType.DLM_RECOVER_LOCKS, MsgType.DLM_QUERY, MsgType.DLM_QUERY_REPLY}
+
+
+@dataclass(eq=False)
+class Query:
+    """A DLM_QUERY sent, its answer not in yet (dump_resource)."""
+
+    master: int
+    key: bytes
+    done: trio.Event = field(default_factory=trio.Event)
+    locks: list[dict[str, Any]] | None = None     # the answer; None: none came
 
 
 @dataclass(frozen=True)
@@ -118,7 +132,7 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
                       "grants": 0, "basts": 0,
                       "removed": 0}
         self.ls_wake = trio.Event()                 # set and renewed on any progress
-        self.ls_queries: dict[int, tuple[trio.Event, list[Any]]] = {}   # dump_resource
+        self.ls_queries: dict[int, Query] = {}      # dump_resource's, by query id
         # owner.py
         self.ls_lkbs: dict[int, Lkb] = {}           # the locks this node owns
         # master.py
@@ -286,39 +300,57 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
         return self.ls_table.dump(key)
 
     async def dump_resource(self, name: ResourceName) -> dict[str, Any]:
-        """The grant/convert/wait queues of a resource, asked of its master."""
+        """The grant/convert/wait queues of a resource, asked of its master. A master
+        that leaves the view before it answers is not waited for: the resource's master
+        after the recovery is asked instead. TooSlowError if a master still in the view
+        does not answer within QUERY_TIMEOUT."""
         key = resource_key(name)
-        master = await self._find_master(key, assign=False)
-        if master is None:
-            return {"resource": key.decode(errors="replace"), "master": None, "locks": []}
-        if master == self.ls_node:
-            infos = [i.as_dict() for i in (self.dump_local(key) or [])]
-        else:
-            infos = await self._query(master, key)
+        while True:
+            master = await self._find_master(key, assign=False)
+            if master is None:
+                return {"resource": key.decode(errors="replace"), "master": None,
+                        "locks": []}
+            if master == self.ls_node:
+                infos = [i.as_dict() for i in (self.dump_local(key) or [])]
+                break
+            answer = await self._query(master, key)
+            if answer is not None:
+                infos = answer
+                break
         return {"resource": key.decode(errors="replace"), "master": master, "locks": infos}
 
     # -- DLM_QUERY: the queues of a resource, asked of its master -----------------
-    async def _query(self, master: int, key: bytes) -> list[dict[str, Any]]:
+    async def _query(self, master: int, key: bytes) -> list[dict[str, Any]] | None:
+        """Ask `master` for key's queues. None if it left the view first (`_stop`)."""
         qid = self._new_lkid()
-        ev: tuple[trio.Event, list[Any]] = (trio.Event(), [])
-        self.ls_queries[qid] = ev
+        query = Query(master, key)
+        self.ls_queries[qid] = query
         self._send(master, MsgType.DLM_QUERY, {"q": qid, "name": key})
+        self._watch_query(qid, master)             # watch.py: a frozen master
         try:
-            with trio.fail_after(5):
-                await ev[0].wait()
+            with trio.fail_after(QUERY_TIMEOUT):
+                await query.done.wait()
         finally:
             self.ls_queries.pop(qid, None)
-        return ev[1][0]
+        return query.locks
+
+    def _end_queries(self, every: bool = False) -> None:
+        """A new view: a query whose master left it will never be answered (`every`:
+        this node was expelled, none will)."""
+        for qid, query in list(self.ls_queries.items()):
+            if every or query.master not in self.ls_members:
+                del self.ls_queries[qid]
+                query.done.set()
 
     def _receive_query(self, sender: int, body: dict[str, Any]) -> None:
         infos = [i.as_dict() for i in (self.dump_local(body["name"]) or [])]
         self._send(sender, MsgType.DLM_QUERY_REPLY, {"q": body["q"], "locks": infos})
 
     def _receive_query_reply(self, sender: int, body: dict[str, Any]) -> None:
-        q = self.ls_queries.get(body["q"])
-        if q is not None:
-            q[1].append(body["locks"])
-            q[0].set()
+        query = self.ls_queries.pop(body["q"], None)
+        if query is not None:
+            query.locks = body["locks"]
+            query.done.set()
 
     # =========================================================================
     # messages

@@ -75,6 +75,8 @@ class Members:
         for ev in list(self.ls_lookups.values()):
             ev.set()     # normal lookups start over after recovery
         self.ls_lookups.clear()
+        self._end_queries()        # lockspace.py: asked again of the new master
+        self._end_asks()           # routing.py: asked again after the recovery
         self._wake()
 
     def _expel(self, generation: int) -> None:
@@ -87,4 +89,5 @@ class Members:
         for lkb in list(self.ls_lkbs.values()):
             if lkb.lkb_status != Status.GRANTED and not lkb.lkb_done.is_set():
                 self._fail(lkb, Expelled("this node was expelled"))
+        self._end_queries(every=True)
         self.ls_run_event.set()

@@ -7,7 +7,9 @@ owner keeps it in `Lock.server` and tells `Lockspace.on_preferred(key, server)`
 (a proxy device routes the I/O under the lock by it).
 
 A grant can outlive its server. So an owner asks again (DLM_PREFER_ASK {ids,
-avoid} -> DLM_PREFER {locks: [[id, server], ...]}, batched per master):
+avoid, a} -> DLM_PREFER {locks: [[id, server], ...], a}, batched per master; `a`
+is the ask's id, and the master answers every ask that carries one, naming
+nothing if it has nothing to name):
 
 - after every recovery in which the live servers changed, for all its granted
   locks (so a server that left is named by no lock, and one that joined takes its
@@ -16,6 +18,15 @@ avoid} -> DLM_PREFER {locks: [[id, server], ...]}, batched per master):
   it, with that server in `avoid`: the master names the next server of each
   resource's order while the view still holds the silent one.
 
+Nobody waits for the answer: the proxy routes around a silent server by itself.
+But an ask is owed its answer (`ls_asks`, ask id -> the master and what it was to
+avoid), and watch.py has membership probe a master that leaves one unanswered for
+answer_timeout while also silent: a frozen master of locks that are all held is
+owed nothing else, so it would otherwise be found only by the failure timeout. A
+view change ends every ask (`_end_asks`): the master's answer may never come (it
+left; or it drops the asks of a node it resynchronises with), so the recovery's
+step 8 asks again, for every granted lock, avoiding what those asks avoided.
+
 The master needs a lock's resource to choose, and the C lock table knows a lock
 only by id: `ls_lock_keys` maps the ids of the locks this node masters to their
 resource keys (kept only with a storage group: nothing is paid without one). An
@@ -23,7 +34,7 @@ entry outliving its lock (an aborted recovery's leftovers) is harmless: ids are
 unique, and a lock the table no longer has is never named.
 
 A mixin of `Lockspace`; owns `ls_servers`, `ls_lock_keys`, `ls_live_servers`,
-`ls_avoid` and `on_preferred`.
+`ls_avoid`, `ls_asks` and `on_preferred`.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ class Routing:
     ls_lock_keys: dict[int, bytes]
     ls_live_servers: frozenset[int]
     ls_avoid: set[int]
+    ls_asks: dict[int, tuple[int, frozenset[int]]]     # ask id -> (master, avoid)
     on_preferred: Callable[[bytes, int], None] | None
 
     def _init_routing(self, servers: Iterable[int]) -> None:
@@ -55,6 +67,7 @@ class Routing:
         self.ls_lock_keys = {}
         self.ls_live_servers = frozenset()
         self.ls_avoid = set()
+        self.ls_asks = {}
         self.on_preferred = None
 
     def _live_servers(self) -> frozenset[int]:
@@ -100,7 +113,10 @@ class Routing:
             server = self._named_server(lkid, avoid)
             if server is not None:
                 named.append([lkid, server])
-        if named:
+        aid = body.get("a")
+        if aid is not None:          # owed an answer, if only "nothing to name"
+            self._send_or_local(sender, MsgType.DLM_PREFER, {"locks": named, "a": aid})
+        elif named:
             self._send_or_local(sender, MsgType.DLM_PREFER, {"locks": named})
 
     # -- owner side ----------------------------------------------------------------
@@ -110,6 +126,9 @@ class Routing:
             self.on_preferred(lkb.lkb_key, server)
 
     def _receive_prefer(self, sender: int, body: dict[str, Any]) -> None:
+        aid = body.get("a")
+        if aid is not None:
+            self.ls_asks.pop(aid, None)        # answered (watch.py stops watching it)
         for lkid, server in body["locks"]:
             lkb = self.ls_lkbs.get(lkid)
             if lkb is not None and lkb.lkb_status == Status.GRANTED:
@@ -149,13 +168,30 @@ class Routing:
                 by_master.setdefault(master, []).append(lkb.lkb_id)
         for master, ids in by_master.items():
             for at in range(0, len(ids), ASK_BATCH):
-                self._send_or_local(master, MsgType.DLM_PREFER_ASK,
-                                    {"ids": ids[at : at + ASK_BATCH],
-                                     "avoid": sorted(avoid)})
+                self._ask(master, ids[at : at + ASK_BATCH], frozenset(avoid))
         if by_master:
             log.info("dlm %s@%d: asked %d master(s) to name the servers of %d locks "
                      "again (avoiding %s)", self.ls_name, self.ls_node, len(by_master),
                      sum(map(len, by_master.values())), sorted(avoid))
+
+    def _ask(self, master: int, ids: list[int], avoid: frozenset[int]) -> None:
+        aid = self._new_lkid()
+        # recorded before the send: a local master answers within it
+        self.ls_asks[aid] = (master, avoid)
+        self._send_or_local(master, MsgType.DLM_PREFER_ASK,
+                            {"ids": ids, "avoid": sorted(avoid), "a": aid})
+        self._watch_ask(aid, master)          # watch.py: a frozen master
+
+    def _end_asks(self) -> None:
+        """A new view (members.py): an ask's answer may never come now. Step 8 of the
+        recovery names every granted lock's server again (as if the live servers had
+        changed), avoiding what the asks avoided."""
+        if not self.ls_asks:
+            return
+        for _, avoid in self.ls_asks.values():
+            self.ls_avoid |= avoid
+        self.ls_asks.clear()
+        self.ls_live_servers = frozenset()
 
     def preferred_servers(self) -> dict[str, int]:
         """The server each granted lock's grant named (for status and tests)."""

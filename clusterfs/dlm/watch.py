@@ -22,6 +22,17 @@ What is watched (each entry keeps when it started waiting):
 - master side, `ls_basts` (lock id -> (owner, since)): a blocking callback sent to a
   remote holder, until that holder converts, unlocks or cancels that lock (or the
   lock is gone): a frozen holder never demotes;
+- `ls_query_since` (query id -> (master, since)): a DLM_QUERY (`dump_resource`: the
+  queues of a resource, asked of its master), until its reply. Its caller waits for
+  it, at most QUERY_TIMEOUT (lockspace.py), and a view without that master ends the
+  wait (the query is asked again of the master after recovery);
+- `ls_ask_since` (ask id -> (master, since)): a DLM_PREFER_ASK (routing.py: an owner
+  asks a master to name its locks' servers again, after its proxy found a server
+  silent or the live servers changed), until its DLM_PREFER. Nobody waits for it (the
+  proxy routes around a silent server by itself), but while it is unanswered the
+  owner's grants keep naming the server it asked to avoid, and the master of a lock
+  already held is owed nothing else: this is how a frozen master of held locks is
+  found. A view change ends it (routing.py asks again after the recovery);
 - recovery barriers (barrier.py): members not heard from at a barrier.
 
 An answer overdue is a reason to look, not a verdict. A node is suspected only if
@@ -41,16 +52,18 @@ generation, what is owed and how long the node has been silent, and membership l
 the outcome (answered: it stays; not answered: it is removed).
 Entries are judged only while locking runs; a recovery restarts every clock (a
 master defers what arrives during recovery: no answer is owed meanwhile). Stale
-entries (the lock granted, failed or gone, the node out of the view) are dropped
-when judged. Owns `ls_answer_timeout`, `ls_waiting`, `ls_lookup_since`, `ls_basts`
-and `ls_suspected_at`. A mixin of `Lockspace`.
+entries (the lock granted, failed or gone, the lookup, query or ask over, the node
+out of the view) are dropped when judged. Owns `ls_answer_timeout`, `ls_waiting`,
+`ls_lookup_since`, `ls_basts`, `ls_query_since`, `ls_ask_since` and
+`ls_suspected_at`. A mixin of `Lockspace`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import trio
 
@@ -67,6 +80,8 @@ class Watch:
     ls_waiting: dict[int, tuple[float, bool]]
     ls_lookup_since: dict[bytes, tuple[int, float, bool]]
     ls_basts: dict[int, tuple[int, float, bool]]
+    ls_query_since: dict[int, tuple[int, float, bool]]
+    ls_ask_since: dict[int, tuple[int, float, bool]]
     ls_suspected_at: dict[int, float]
 
     def _init_watch(self, answer_timeout: float | None) -> None:
@@ -74,6 +89,8 @@ class Watch:
         self.ls_waiting = {}
         self.ls_lookup_since = {}
         self.ls_basts = {}
+        self.ls_query_since = {}
+        self.ls_ask_since = {}
         self.ls_suspected_at = {}
         self.stats["suspected"] = 0      # nodes handed to membership to look at
         self.stats["overdue"] = 0        # answers overdue from nodes still heard from
@@ -107,6 +124,16 @@ class Watch:
         if self.ls_basts:
             self.ls_basts.pop(lkid, None)
 
+    def _watch_query(self, qid: int, master: int) -> None:
+        """A DLM_QUERY went to a remote master; it ends with its reply (ls_queries)."""
+        if self._watching and master != self.ls_node:
+            self.ls_query_since[qid] = (master, trio.current_time(), False)
+
+    def _watch_ask(self, aid: int, master: int) -> None:
+        """A DLM_PREFER_ASK went to a remote master; it ends with its DLM_PREFER."""
+        if self._watching and master != self.ls_node:
+            self.ls_ask_since[aid] = (master, trio.current_time(), False)
+
     # -- judging -----------------------------------------------------------------
     async def _watch_loop(self) -> None:
         """Judge what is owed a few times per answer_timeout while locking runs."""
@@ -127,11 +154,31 @@ class Watch:
         """Locking resumed after a recovery: nothing was owed while it was stopped."""
         now = trio.current_time()
         self.ls_waiting = {k: (now, seen) for k, (_, seen) in self.ls_waiting.items()}
-        self.ls_lookup_since = {k: (n, now, seen)
-                                for k, (n, _, seen) in self.ls_lookup_since.items()}
-        self.ls_basts = {k: (n, now, seen) for k, (n, _, seen) in self.ls_basts.items()}
+        for owed in (self.ls_lookup_since, self.ls_basts, self.ls_query_since,
+                     self.ls_ask_since):
+            for k, (n, _, seen) in owed.items():
+                owed[k] = (n, now, seen)
 
     def _judge(self, now: float) -> None:
+        self._judge_waiting(now)
+        self._judge_owed(self.ls_lookup_since, now, lambda key: key in self.ls_lookups,
+                         lambda key, w: f"lookup of {key!r} not answered for {w:.1f} s "
+                                        "by its directory node")
+        self._judge_owed(self.ls_basts, now,
+                         lambda lkid: self.ls_table.lock_info(lkid) is not None,
+                         lambda lkid, w: f"holder of lock {lkid:#x} asked to demote "
+                                         f"{w:.1f} s ago, has not")
+        self._judge_owed(self.ls_query_since, now, lambda qid: qid in self.ls_queries,
+                         lambda qid, w: f"query {qid:#x} of "
+                                        f"{self.ls_queries[qid].key!r} not answered for "
+                                        f"{w:.1f} s by its master")
+        self._judge_owed(self.ls_ask_since, now, lambda aid: aid in self.ls_asks,
+                         lambda aid, w: f"ask {aid:#x} to name servers again not "
+                                        f"answered for {w:.1f} s by its master")
+
+    def _judge_waiting(self, now: float) -> None:
+        """Locks waiting on a remote master: its node is looked up anew each time (a
+        lookup or a recovery may have moved the resource)."""
         t = self.ls_answer_timeout
         for lkid, (since, seen) in list(self.ls_waiting.items()):
             lkb = self.ls_lkbs.get(lkid)
@@ -146,24 +193,20 @@ class Watch:
             if not self._overdue(master, seen, f"lock {lkid:#x} on {lkb.lkb_key!r} waiting "
                                  f"{now - since:.1f} s for its master ({how})"):
                 self.ls_waiting[lkid] = (since, True)
-        for key, (node, since, seen) in list(self.ls_lookup_since.items()):
-            if key not in self.ls_lookups or node not in self.ls_members:
-                del self.ls_lookup_since[key]
+
+    def _judge_owed(self, owed: dict[Any, tuple[int, float, bool]], now: float,
+                    pending: Callable[[Any], bool],
+                    what: Callable[[Any, float], str]) -> None:
+        """Judge entries (key -> (node, since, overdue counted)) of answers owed by one
+        node each: dropped once answered (`pending` false) or the node is out of the
+        view; after answer_timeout, its node suspected if silent too."""
+        t = self.ls_answer_timeout
+        for key, (node, since, seen) in list(owed.items()):
+            if node not in self.ls_members or not pending(key):
+                del owed[key]
                 continue
-            if now - since < t:
-                continue
-            if not self._overdue(node, seen, f"lookup of {key!r} not answered for "
-                                 f"{now - since:.1f} s by its directory node"):
-                self.ls_lookup_since[key] = (node, since, True)
-        for lkid, (owner, since, seen) in list(self.ls_basts.items()):
-            if owner not in self.ls_members or self.ls_table.lock_info(lkid) is None:
-                del self.ls_basts[lkid]
-                continue
-            if now - since < t:
-                continue
-            if not self._overdue(owner, seen, f"holder of lock {lkid:#x} asked to demote "
-                                 f"{now - since:.1f} s ago, has not"):
-                self.ls_basts[lkid] = (owner, since, True)
+            if now - since >= t and not self._overdue(node, seen, what(key, now - since)):
+                owed[key] = (node, since, True)
 
     def _overdue(self, node: int, counted: bool, why: str) -> bool:
         """An answer `node` owes is overdue: suspect it if it is silent too (True);

@@ -7,9 +7,25 @@ tell it to take another look around quickly"). A layer above that finds a member
 silent - the proxy's I/O to a block server timed out, a lock message to it or a
 blocking callback it was sent went unanswered while its heartbeats stopped too
 (clusterfs/dlm/watch.py, which asks `silent_for(node)` first) - calls
-`suspect(node, why)`. This node probes that node at once (PROBE, answered at once
-with a heartbeat) and tells every other member (SUSPECT), which probe it too, so that whichever
-member coordinates judges it. A probed node not heard from within
+`suspect(node, why)`. An answer overdue alone is a reason to look, not to probe:
+with `quiet` (the proxy's: how long the server owed its I/O the answer) the node is
+probed only if we have not heard it either, not even a heartbeat, for that long -
+the rule clusterfs/dlm/watch.py applies to lock messages (quiet 0: the node refused,
+or its connection broke; then a heartbeat interval). One heard more recently is
+looked at again once it would have been silent that long and half a heartbeat
+interval more (heartbeats come a little late at times): heard from meanwhile, it is
+alive (slow, not stopped), left alone and counted (`suspicions_heard`, logged at
+debug); still silent, it is probed then. A node stopped before the I/O it owes was
+sent has been silent longer than the I/O waited, so it is probed at once, as
+without `quiet`; only one whose last heartbeat came after the I/O was sent (sent
+just before the stop) waits until it has been silent that long, and half an
+interval. A quiet shorter than the heartbeat interval (the proxy's requests on an
+event loop wait io_timeout / 4) spares a live node only when its last heartbeat was
+that recent: such a node is probed as before, and answers.
+
+A node suspected is probed at once (PROBE, answered at once with a heartbeat), and
+every other member is told (SUSPECT) and probes it too, so that whichever member
+coordinates judges it. A probed node not heard from within
 `probe_timeout` of the probe (counted, like every silence, only over time in
 which we could have heard it) is dead to us without waiting out the failure
 timeout; any heartbeat after the probe clears the suspicion: a node that answers
@@ -41,6 +57,8 @@ class FailureDetection(ViewInstallation):
         self.probes = 0
         self.probes_answered = 0
         self.probes_unanswered = 0
+        self.suspicions_heard = 0     # heard from within their quiet: not probed
+        self._quiet_checks: set[int] = set()     # nodes looked at again after a while
         self._look_again = False      # a member refused while a round was running
         self.endpoint.register([MsgType.SUSPECT], self._on_suspect)
         self.endpoint.register([MsgType.PROBE], self._on_probe)
@@ -67,20 +85,56 @@ class FailureDetection(ViewInstallation):
             self._evaluate()
 
     # -- suspicion ---------------------------------------------------------------------
-    def suspect(self, node: int, why: str = "") -> None:
+    def suspect(self, node: int, why: str = "", *, quiet: float | None = None) -> None:
         """`node` did not answer us (see the module doc; `why`: what it did not answer,
-        for the log): probe it now and have the other members probe it. Never waits;
-        call from the trio thread."""
-        if (self.state != MEMBER or self._nursery is None or node == self.node_id
-                or node not in self.view.members):
+        for the log): probe it now and have the other members probe it; with `quiet`
+        (how long it owed the answer), only once we have not heard it for that long
+        either (quiet 0: for a heartbeat interval). Never waits; call from the trio
+        thread."""
+        if not self._may_suspect(node):
             return
+        if quiet is not None:
+            need = quiet or self.interval
+            if self.silent_for(node) < need:
+                self._suspect_when_silent(node, why, need)
+                return
         log.info("node %d gen %d: node %d is suspected silent%s; probing it and telling "
                  "the members", self.node_id, self.view.generation, node,
                  f" ({why})" if why else "")
         self._probe(node)
+        assert self._nursery is not None
         body = {"node": node, "gen": self.view.generation}
         for n in sorted(self.view.members - {self.node_id, node}):
             self._nursery.start_soon(self._send, n, MsgType.SUSPECT, body)
+
+    def _may_suspect(self, node: int) -> bool:
+        return (self.state == MEMBER and self._nursery is not None
+                and node != self.node_id and node in self.view.members)
+
+    def _suspect_when_silent(self, node: int, why: str, need: float) -> None:
+        """`node` was heard within `need` s: look again once it would have been silent
+        that long (one such look per node at a time)."""
+        assert self._nursery is not None
+        if node not in self._quiet_checks:
+            self._quiet_checks.add(node)
+            self._nursery.start_soon(self._look_when_silent, node, why, need)
+
+    async def _look_when_silent(self, node: int, why: str, need: float) -> None:
+        """Probe `node` unless it is heard from before it has been silent `need` s, and
+        half a heartbeat interval more: a live node's next heartbeat is due by then, a
+        little late at times, never early."""
+        heard = self._peers.get(node)      # every heartbeat, a probe's answer too, is new
+        try:
+            await trio.sleep(need - self.silent_for(node) + self.interval / 2)
+        finally:
+            self._quiet_checks.discard(node)
+        if self._peers.get(node) is not heard:
+            self.suspicions_heard += 1
+            log.debug("node %d gen %d: node %d owed an answer (%s) but was heard within "
+                      "%.2f s: alive, not probed", self.node_id, self.view.generation,
+                      node, why, need)
+            return
+        self.suspect(node, f"{why}; silent {self.silent_for(node):.2f} s")
 
     def silent_for(self, node: int) -> float:
         """Seconds since we last heard `node` (a heartbeat, or a probe's answer), not

@@ -105,6 +105,7 @@ class MembershipStatistics:
     probes: int = 0               # suspicions: probes sent, answered, not answered
     probes_answered: int = 0
     probes_unanswered: int = 0
+    suspicions_heard: int = 0     # suspicions of a node heard within their quiet: no probe
 
 
 class MembershipService(Proposals):
@@ -203,7 +204,8 @@ class MembershipService(Proposals):
             {n: {"alive": self._alive(n, now), "inc": p.inc, "state": p.state, "gen": p.gen,
                  "age": round(now - p.last_seen, 3)} for n, p in sorted(self._peers.items())},
             probes=self.probes, probes_answered=self.probes_answered,
-            probes_unanswered=self.probes_unanswered)
+            probes_unanswered=self.probes_unanswered,
+            suspicions_heard=self.suspicions_heard)
 
     def dump(self) -> str:
         s = self.statistics()

@@ -75,8 +75,9 @@ class StaticMembership:
             except (trio.ClosedResourceError, trio.BrokenResourceError):
                 pass
 
-    def suspect(self, node: int, why: str = "") -> None:
-        self.cluster.suspicions.append((self.node_id, node, why))
+    def suspect(self, node: int, why: str = "", *, quiet: float | None = None) -> None:
+        if quiet is None or self.silent_for(node) >= quiet:   # (no later look here)
+            self.cluster.suspicions.append((self.node_id, node, why))
 
     def silent_for(self, node: int) -> float:
         heard = self.cluster.heard.get(node)

@@ -67,9 +67,10 @@ class Membership(Protocol):
     async def wait_quorum(self) -> View:
         """Return the current view once it is quorate."""
 
-    def suspect(self, node: int, why: str = "") -> None:
+    def suspect(self, node: int, why: str = "", *, quiet: float | None = None) -> None:
         """`node` did not answer us (`why`: what it did not answer): look at it now, not
-        after the failure timeout. Never waits; a node that answers stays."""
+        after the failure timeout (with `quiet`: once it has not been heard from for
+        that long either). Never waits; a node that answers stays."""
 
     def silent_for(self, node: int) -> float:
         """Seconds since this node last heard `node` (inf: not since it started)."""

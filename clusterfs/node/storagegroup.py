@@ -12,9 +12,17 @@ join them:
   name goes to the device (`ProxyDevice.prefer`), which routes the I/O of the
   resource's region by it;
 - when the device finds a server silent (`on_silent`, from whatever thread did
-  the I/O), membership is told to probe that node at once
-  (`MembershipService.suspect`) and the masters are asked to name another server
-  for the locks that named it (`Lockspace.reprefer`).
+  the I/O), the masters are asked to name another server for the locks that named
+  it (`Lockspace.reprefer`), and membership is told to look at that node
+  (`MembershipService.suspect`) by the rule the DLM's answers follow
+  (clusterfs/dlm/watch.py): a probe only if it has also been silent - not even a
+  heartbeat heard - for as long as it owed the I/O its answer (`quiet`; one that
+  refused, or whose connection broke: for a heartbeat interval). A server that
+  answers late, or refuses, while its heartbeats arrive is alive: re-targeting
+  from it is enough, and a probe would only be answered. A stopped server's
+  heartbeats stopped before its I/O was due, so that one is probed as soon as
+  before (membership/detection.py has the one exception, and what a quiet shorter
+  than a heartbeat interval spares).
 """
 
 from __future__ import annotations
@@ -59,13 +67,15 @@ def wire_proxy(dev: Any, sb: Superblock, ls: Any, membership: Any) -> None:
     ls.on_preferred = dev.prefer
     token = trio.lowlevel.current_trio_token()
 
-    def look_at(server: int) -> None:
-        membership.suspect(server)
+    def look_at(server: int, waited: float) -> None:
         ls.reprefer(server)
+        why = (f"block I/O not answered for {waited:g} s" if waited
+               else "block I/O refused or its connection broken")
+        membership.suspect(server, why, quiet=waited)
 
-    def on_silent(server: int) -> None:
+    def on_silent(server: int, waited: float) -> None:
         try:
-            token.run_sync_soon(look_at, server)
+            token.run_sync_soon(look_at, server, waited)
         except trio.RunFinishedError:
             log.debug("block server %d silent after the node stopped", server)
 

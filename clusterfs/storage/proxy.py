@@ -24,9 +24,11 @@ call on the loop waits at most loop_timeout for a server before it goes to the
 next one; a worker thread's (drain, flush, checkpoint) waits io_timeout. When a
 server does not answer in time, refuses, or its connection breaks, the proxy
 marks it silent (for SILENT_FOR seconds or until the view changes), logs it,
-calls `on_silent(server)` (the mount tells membership to probe that node and asks
-the masters for new preferred servers there), and retries the request on the next
-live server of the resource's order; the caller sees no error. Only when no
+calls `on_silent(server, waited)` (the mount asks the masters for new preferred
+servers there, and has membership probe that node if it has not been heard from,
+not even a heartbeat, for as long as it owed the answer: node/storagegroup.py),
+and retries the request on the next live server of the resource's order; the
+caller sees no error. Only when no
 server is left does the I/O fail (StorageError).
 
 No acknowledged write is lost. A server acknowledges a write once its device
@@ -104,7 +106,13 @@ UNMAPPED = b""                             # the key of every offset before rout
 
 
 class _Silent(Exception):
-    """This server did not answer in time, broke the connection, or refused."""
+    """This server did not answer in time, broke the connection, or refused.
+    `waited`: how long it had owed the answer (0: it refused, or the connection broke
+    or was refused)."""
+
+    def __init__(self, why: str, waited: float = 0.0) -> None:
+        super().__init__(why)
+        self.waited = waited
 
 
 class _Lost(Exception):
@@ -146,7 +154,8 @@ class _Connection:
             self.sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
             raise _Silent(f"cannot connect to block server {server} at {host}:{port}: "
-                          f"{exc.strerror or exc}") from exc
+                          f"{exc.strerror or exc}",
+                          timeout if isinstance(exc, TimeoutError) else 0.0) from exc
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buf = bytearray()
         self.me = me
@@ -272,7 +281,9 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self.io_timeout = io_timeout if io_timeout is not None else config.io_timeout
         # what a request sent on an event loop's thread waits (module doc)
         self.loop_timeout = self.io_timeout / LOOP_SHARE
-        self.on_silent: Callable[[int], None] | None = None
+        # on_silent(server, waited): it did not answer a request it owed for `waited` s
+        # (0: it refused, or its connection broke)
+        self.on_silent: Callable[[int, float], None] | None = None
         self.on_fenced: Callable[[str], None] | None = None     # a server says: fenced
         self._view: Callable[[], View] | None = None
         self._locate: Locate | None = None
@@ -366,7 +377,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
                     reply = self._send_to(server, mtype, body)
                 except _Silent as exc:
                     errors.append(str(exc))
-                    self._mark_silent(server, str(exc))
+                    self._mark_silent(server, exc)
                     continue
                 return server, reply
             if time.monotonic() > deadline:
@@ -388,7 +399,8 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         except TimeoutError as exc:
             self.stats["timeouts"] += 1
             self._drop(server)
-            raise _Silent(f"block server {server}: no answer within {wait:g} s") from exc
+            raise _Silent(f"block server {server}: no answer within {wait:g} s",
+                          wait) from exc
         except (OSError, WireError) as exc:
             self._drop(server)
             raise _Silent(f"block server {server}: {exc}") from exc
@@ -438,17 +450,17 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         if conn is not None:
             conn.close()
 
-    def _mark_silent(self, server: int, why: str) -> None:
+    def _mark_silent(self, server: int, exc: _Silent) -> None:
         failover.enter(FAILOVER_PHASE)
         generation = self._current()[0]
         self._silent[server] = (time.monotonic() + SILENT_FOR, generation)
         self._retarget_pending = True
         log.warning("node %d gen %d: %s; re-targeting to another server of the storage "
-                    "group", self.node_id, generation, why)
+                    "group", self.node_id, generation, exc)
         self._drop(server)       # its reads in flight are sent again elsewhere
         self._cover(server)
         if self.on_silent is not None:
-            self.on_silent(server)
+            self.on_silent(server, exc.waited)
         if server in self._unflushed:
             self._unflushed.discard(server)
             self._resend_log()
@@ -479,7 +491,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             try:
                 req = self._submit(server, mtype, body, offset, length)
             except _Silent as exc:
-                self._mark_silent(server, str(exc))
+                self._mark_silent(server, exc)
                 continue
             self._inflight.append(req)
             if req.writes:
@@ -524,8 +536,8 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             except TimeoutError as exc:
                 self.stats["timeouts"] += 1
                 self._drop(server)
-                raise _Silent(f"block server {server}: no answer within {wait:g} s"
-                              ) from exc
+                raise _Silent(f"block server {server}: no answer within {wait:g} s",
+                              wait) from exc
             except (OSError, WireError) as exc:
                 self._drop(server)
                 raise _Silent(f"block server {server}: {exc}") from exc
@@ -559,7 +571,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         except _Silent as exc:
             # a write sent there is in the log its silence re-sends (_mark_silent)
             req.covered = req.writes and req.server in self._unflushed
-            self._mark_silent(req.server, str(exc))
+            self._mark_silent(req.server, exc)
             req.reply = {} if req.covered else self._again(req)
         return req.reply
 
@@ -572,7 +584,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             self.stats["timeouts"] += 1
             self._drop(req.server)
             raise _Silent(f"block server {req.server}: no answer within "
-                          f"{req.wait:g} s") from exc
+                          f"{req.wait:g} s", req.wait) from exc
         except (OSError, WireError) as exc:
             self._drop(req.server)
             raise _Silent(f"block server {req.server}: {exc}") from exc
@@ -749,7 +761,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             try:
                 self._send_to(server, MsgType.BLOCK_FLUSH, {})
             except _Silent as exc:
-                self._mark_silent(server, str(exc))     # re-sends the log elsewhere
+                self._mark_silent(server, exc)     # re-sends the log elsewhere
                 continue
             self._unflushed.discard(server)
         failover.leave(FAILOVER_PHASE)      # a silent server's writes are flushed elsewhere
