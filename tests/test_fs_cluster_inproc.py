@@ -22,8 +22,9 @@ from clusterfs.cache.recovery import JournalRecovery
 from clusterfs.cache.transaction import TransactionManager
 from clusterfs.dlm.interface import Mode
 from clusterfs.errors import FSError
+from clusterfs.format.inode import decode_inode
 from clusterfs.fs.filesystem import FileSystem
-from clusterfs.journal.log import Journal
+from clusterfs.journal.log import Journal, replay_journal
 from clusterfs.node.mkfs_cmd import make_filesystem
 from clusterfs.node.placement import Placement
 from clusterfs.storage.device import BlockDevice
@@ -275,7 +276,53 @@ async def test_a_demote_with_changes_commits_and_writes_them_home(tmp_path) -> N
         calls = _record_io(a)
         assert await b.fs.lookup(root, b"f") is not None
         assert ("flush", 0) in calls and ("write", f.ino) in calls   # home, not just logged
-        assert not a.fs.txn.journal.pending_home
+        pending = a.fs.txn.journal.pending_home
+        assert f.ino not in pending and root not in pending        # and no longer logged
+
+
+async def _busy_then_asked(a: Node, b: Node) -> tuple[list[int], int]:
+    """A creates 40 files in a directory of its own and one file `f` in the root and
+    commits; then B looks `f` up. Returns A's private inodes and f's number."""
+    root = a.fs.root
+    private = await a.fs.mknod(root, b"mine", stat.S_IFDIR | 0o755, 0, 0, 0)
+    inos = [(await a.fs.mknod(private.ino, b"p%d" % i, REG, 0, 0, 0)).ino
+            for i in range(40)]
+    f = await a.fs.mknod(root, b"f", REG, 0, 0, 0)
+    await a.fs.txn.commit()
+    assert await b.fs.lookup(root, b"f") is not None
+    return inos, f.ino
+
+
+@trio_test
+async def test_a_demote_writes_home_only_what_its_lock_covers_and_revokes_it(
+        tmp_path) -> None:
+    """A busy node asked for one file: the root's and the file's blocks go home and are
+    revoked in the journal; the 40 inodes of its own directory stay logged (before,
+    the whole journal was written home at every such demote)."""
+    async with nodes(tmp_path) as (a, b):
+        inos, f = await _busy_then_asked(a, b)
+        journal = a.fs.txn.journal
+        assert f not in journal.pending_home and a.fs.root not in journal.pending_home
+        assert all(ino in journal.pending_home for ino in inos)
+        assert journal.stats["revoked"] >= 2 and journal.stats["checkpoints"] == 0
+
+
+@trio_test
+async def test_a_revoked_block_is_not_replayed_over_another_nodes_newer_copy(
+        tmp_path) -> None:
+    """A changes f and gives its lock to B (write-back and revoke, the rest of A's
+    journal stays); B changes f again and writes it home; A's journal is replayed as
+    after A's death: B's f stands, and A's other logged blocks are replayed."""
+    async with nodes(tmp_path) as (a, b):
+        inos, f = await _busy_then_asked(a, b)
+        await a.fs.setattr(f, mode=stat.S_IFREG | 0o600)
+        await a.fs.txn.commit()
+        await b.fs.setattr(f, mode=stat.S_IFREG | 0o644)       # A's write-back + revoke
+        await b.fs.txn.commit(checkpoint=True)                  # B's f home
+        assert inos[0] in a.fs.txn.journal.pending_home         # A's journal not empty
+        result = replay_journal(a.dev, a.fs.sb, a.fs.txn.journal.slot)
+        assert result.revoked >= 1 and result.blocks >= len(inos)
+        assert decode_inode(a.dev.read(f), f).mode & 0o777 == 0o644
 
 
 @trio_test
@@ -635,10 +682,15 @@ async def test_a_busy_node_hands_over_a_clean_inode_without_writing_its_journal_
         await a.fs.txn.commit(checkpoint=True)
         g = await a.fs.mknod(root, b"g", REG, 0, 0, 0)
         await a.fs.write(g.ino, 0, b"g on a")
-        checkpoints = a.fs.txn.journal.stats["checkpoints"]
+        stats = a.fs.txn.journal.stats
+
+        def written_home() -> int:
+            return stats["checkpoints"] + stats["write_backs"]
+
+        before = written_home()
         assert await b.fs.read(f.ino, 0, 2 * BLOCK) == b"a" * 2 * BLOCK
         await b.fs.write(f.ino, BLOCK, b"FROM B")
-        assert a.fs.txn.journal.stats["checkpoints"] == checkpoints   # nothing written home
+        assert written_home() == before                               # nothing written home
         assert await a.fs.read(f.ino, BLOCK - 1, 7) == b"aFROM B"
         assert await b.fs.read(g.ino, 0, 100) == b"g on a"            # g: flushed for b
-        assert a.fs.txn.journal.stats["checkpoints"] > checkpoints
+        assert written_home() > before

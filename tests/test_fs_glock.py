@@ -397,3 +397,38 @@ async def test_a_user_of_a_glock_being_let_go_gets_a_fresh_one_and_one_dlm_lock(
             assert len(mc.ls(1).dump_local(b"inode:0") or []) == 1   # one lock, the new one
             glocks.release(got[0])
             nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_the_hold_ends_when_a_local_user_needs_more_than_is_held() -> None:
+    """Node 1 holds R in PR (a lookup) and node 2 asks for EX; then node 1's own user
+    wants EX (the create after the lookup). Node 1's PR, of no use to anyone, must go
+    at once, not at the end of its hold time; node 1 gets EX after node 2."""
+    async with memory_cluster([1, 2, 3]) as mc:
+        hold = 5.0
+        glocks = GlockManager(mc.ls(1), min_hold=hold)
+        order: list[int] = []
+        async with trio.open_nursery() as nursery:
+            glocks.start(nursery)
+            async with glocks.hold([(R, Mode.PR)]):
+                pass
+            start = time.monotonic()
+
+            async def node_2() -> None:
+                lock = await mc.ls(2).lock(R, Mode.EX)
+                order.append(2)
+                await mc.ls(2).unlock(lock)
+
+            async def node_1_creates() -> None:
+                async with glocks.hold([(R, Mode.EX)]):
+                    order.append(1)
+
+            with trio.fail_after(hold / 2):
+                async with trio.open_nursery() as both:
+                    both.start_soon(node_2)
+                    while glocks.glocks[R].demote_to is None:   # node 2 has asked
+                        await trio.sleep(0.001)
+                    both.start_soon(node_1_creates)
+            assert order == [2, 1]
+            assert time.monotonic() - start < hold / 2
+            nursery.cancel_scope.cancel()

@@ -87,3 +87,39 @@ def test_clean_close_leaves_nothing_to_replay(image):
     assert dev.read(target) == _meta(target, 5)
     assert replay_journal(dev, sb, 0).transactions == 0
     assert len(dev.read(target)) == BLOCK_SIZE
+
+
+def test_a_revoked_copy_is_not_replayed_and_a_later_one_is(image):
+    """write_back puts a block home and revokes its logged copies: a replay then skips
+    them (another node may have written the block since), replays the blocks not
+    revoked, and replays a copy logged again after the revoke."""
+    dev, sb = image
+    j = Journal(dev, sb, 1)
+    j.open()
+    x, y, z = sb.rgrp_start + 700, sb.rgrp_start + 701, sb.rgrp_start + 702
+    j.commit({x: _meta(x, 1), y: _meta(y, 2), z: _meta(z, 3)})
+    j.write_back([x, z])
+    assert dev.read(x) == _meta(x, 1) and x not in j.pending_home and y in j.pending_home
+    dev.write(x, _meta(x, 7))                 # another node's newer x, once the lock went
+    j.commit({z: _meta(z, 4)})                # z changed here again after its revoke
+    res = replay_journal(dev, sb, 1)
+    assert res.revoked == 2                   # x's and z's first copies
+    assert dev.read(x) == _meta(x, 7)         # the newer x stands
+    assert dev.read(y) == _meta(y, 2)         # never revoked: replayed
+    assert dev.read(z) == _meta(z, 4)         # logged after the revoke: replayed
+
+
+def test_revoke_records_span_several_blocks(image):
+    dev, sb = image
+    j = Journal(dev, sb, 0)
+    j.open()
+    base = sb.rgrp_start + 1000
+    homes = [base, base + 1]
+    many = [base + 5000 + i for i in range(600)]   # more than one revoke block holds
+    j.commit({h: _meta(h, 8) for h in homes})
+    j.write_back(homes)
+    pending = j.begin_commit({}, many)
+    j.write_commit(pending)
+    j.end_commit(pending)
+    _head, txns, _off = scan_journal(dev, sb, 0)
+    assert [len(blocks) for _seq, blocks in txns] == [0, 0, 0]   # revoked, then revokes

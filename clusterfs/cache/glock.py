@@ -108,6 +108,9 @@ class Glock:
         self.asked_at = 0.0               # when another node last asked us to go down
         self.going_down = False           # a demote is past the hold: no new local users
         self.evicting = False             # the shrinker's demote: forget it once down
+        # set when a local user waits behind the pending demote for a mode stronger
+        # than the one held: the rest of the hold time would serve no one (_demote)
+        self.outgrown = trio.Event()
 
     @property
     def mode(self) -> Mode | None:
@@ -297,6 +300,8 @@ class GlockManager:
                 await self.gate.wait_open()
                 continue
             if glock.demote_to is not None:
+                if glock.mode is None or glock.mode < mode:
+                    glock.outgrown.set()     # (our users cannot use what we keep)
                 await glock.demoted.wait()   # the other node first: it asked before us
                 continue
             async with glock.mutex:
@@ -367,6 +372,7 @@ class GlockManager:
             glock.asked_at = time.monotonic()
         glock.demote_to = target
         glock.demoted = trio.Event()
+        glock.outgrown = trio.Event()
         if self._nursery is None:
             self._early.append(glock)
         else:
@@ -392,12 +398,19 @@ class GlockManager:
 
     async def _demote(self, glock: Glock) -> None:
         """After the minimum hold time and once no local user holds it: flush what the
-        lock covers, then convert down or release."""
+        lock covers, then convert down or release.
+
+        The hold ends early when a local user comes to wait for a stronger mode than
+        the one held (`outgrown`): a node holding PR for a lookup whose create then
+        needs EX kept its PR, unused, for the whole hold while the other node's EX
+        request waited for it (two nodes creating in one directory lost about a
+        third of their time that way)."""
         try:
             async with glock.mutex:
                 wait = glock.granted_at + glock.hold_time - time.monotonic()
                 if wait > 0:
-                    await trio.sleep(wait)
+                    with trio.move_on_after(wait):
+                        await glock.outgrown.wait()
                 glock.going_down = True
                 contended = self._wanted_while_asked(glock)
                 while glock.holders:

@@ -151,6 +151,7 @@ class JournalRecovery:
             with trio.CancelScope(shield=True):
                 await self.ls.unlock(lock)
         if result.transactions:
-            log.info("journal %d: replayed %d transactions (%d blocks) of a departed node",
-                     slot, result.transactions, result.blocks)
+            log.info("journal %d: replayed %d transactions (%d blocks) of a departed node; "
+                     "%d revoked copies skipped", slot, result.transactions, result.blocks,
+                     result.revoked)
         return result.transactions

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
 import trio
@@ -25,6 +25,11 @@ log = logging.getLogger(__name__)
 COMMIT_INTERVAL = 2.0        # seconds a dirty transaction may wait
 IDLE_WRITEBACK = 1.0         # seconds without a change before everything goes home
 LARGE_FRACTION = 4           # commit when estimated blocks > journal max / this
+
+
+# the blocks a lock covers, asked after the commit that precedes its flush (so blocks
+# that commit logged count); None: not known, write everything home
+Covered = Callable[[], Iterable[int] | None]
 
 
 class Dirtyable(Protocol):
@@ -43,7 +48,7 @@ class TransactionManager:
         self.withdrawn: str | None = None
         # told once, when the filesystem withdraws (the fs ends every lock wait)
         self.on_withdraw: list[Callable[[str], None]] = []
-        self.stats = {"commits": 0, "operations": 0}
+        self.stats = {"commits": 0, "operations": 0, "write_backs": 0}
         # set by the fs when it writes file data into blocks it just allocated: the
         # next commit must make that data durable before its commit block can be
         # (ordered data), so it flushes twice; otherwise once (see commit)
@@ -104,9 +109,11 @@ class TransactionManager:
             else:
                 await self.commit()
 
-    async def commit(self, checkpoint: bool = False) -> None:
+    async def commit(self, checkpoint: bool = False, covered: Covered | None = None) -> None:
         """Log every dirty object durably; just a device flush when nothing is dirty.
-        With checkpoint=True also write everything home and empty the log.
+        With checkpoint=True also write everything home and empty the log; or, given
+        `covered` (a lock going down), only the blocks it names, with a revoke record
+        (`_write_home`).
 
         One device flush, after the commit block, when no file data went to newly
         allocated blocks since the last commit: a commit block that reached the disk
@@ -126,41 +133,65 @@ class TransactionManager:
         async with self._lock:
             self.check_writable()
             await self._drain_data()
-            blocks: dict[int, bytes] = {}
-            for obj in list(self.dirty.values()):
-                blocks.update(obj.to_blocks())
-            self.dirty.clear()
-            self.estimate = 0
-            ordered, self.fresh_data = self.fresh_data, False
             mark = self.quarantine_mark()
             try:
-                pending = self.journal.begin_commit(blocks)
-                if pending is None or ordered:
-                    await trio.to_thread.run_sync(self.journal.dev.flush)
-                if pending is not None:
-                    self.journal.write_commit(pending)
-                    await trio.to_thread.run_sync(self.journal.dev.flush)
-                    self.journal.end_commit(pending, flushes=2 if ordered else 1)
-                    self.stats["commits"] += 1
-                if checkpoint and self.journal.pending_home:
-                    # home writes and two flushes: in a worker thread, like the commit's
-                    await trio.to_thread.run_sync(self.journal.checkpoint)
+                await self._commit_running()
+                emptied = checkpoint and await self._write_home(covered)
             except Exception as exc:
                 # the disk refused a write or flush: nothing after this can be trusted
                 self.withdraw(f"journal commit failed: {exc}")
                 raise Withdrawn(f"filesystem withdrawn: {exc}") from exc
-            if checkpoint:
+            if emptied:
                 # Only a checkpoint made after this transaction was logged covers its
                 # frees. begin_commit's own checkpoint (the log was full) runs before it
                 # is written: releasing its frees then let a freed block be reused while
                 # this transaction still held a copy of it (a tombstone) for the next
-                # checkpoint to write home, over the block's new contents.
+                # checkpoint to write home, over the block's new contents. A write-back
+                # of some blocks (a lock going down) leaves the log and them as they are.
                 self.end_quarantine(mark)
 
-    async def flush_for_demote(self) -> None:
-        """Before a lock goes down: everything this node changed on disk and home, so
-        the next holder reads the newest copy there and our journal holds no block
-        whose lock we gave up (the no-stale-replay rule, docs/journal.md).
+    async def _commit_running(self) -> None:
+        """(Under self._lock.) Capture the running transaction and commit it."""
+        blocks: dict[int, bytes] = {}
+        for obj in list(self.dirty.values()):
+            blocks.update(obj.to_blocks())
+        self.dirty.clear()
+        self.estimate = 0
+        ordered, self.fresh_data = self.fresh_data, False
+        pending = self.journal.begin_commit(blocks)
+        if pending is None or ordered:
+            await trio.to_thread.run_sync(self.journal.dev.flush)
+        if pending is not None:
+            self.journal.write_commit(pending)
+            await trio.to_thread.run_sync(self.journal.dev.flush)
+            self.journal.end_commit(pending, flushes=2 if ordered else 1)
+            self.stats["commits"] += 1
+
+    async def _write_home(self, covered: Covered | None) -> bool:
+        """(Under self._lock, after a commit.) Write home what `covered` names, with a
+        revoke record (Journal.write_back), or everything (a checkpoint) when no set is
+        given or known, when the set is everything logged anyway, or when the revoke
+        would not fit in the log. True if the log was emptied (a checkpoint)."""
+        journal = self.journal
+        if not journal.pending_home:
+            return True
+        wanted = covered() if covered is not None else None
+        homes = journal.logged_among(wanted) if wanted is not None else None
+        if homes is None or len(homes) == len(journal.pending_home) or \
+                not journal.room_to_revoke(len(homes)):
+            # home writes and two flushes: in a worker thread, like the commit's
+            await trio.to_thread.run_sync(journal.checkpoint)
+            return True
+        if homes:
+            await trio.to_thread.run_sync(journal.write_back, homes)
+            self.stats["write_backs"] += 1
+        return False
+
+    async def flush_for_demote(self, covered: Covered | None = None) -> None:
+        """Before a lock goes down: everything this node changed committed, and what
+        the lock covers (`covered`; everything when None) home and revoked in the
+        journal, so the next holder reads the newest copy on disk and a replay of our
+        journal never puts an older one over what it writes next (docs/journal.md).
 
         With nothing dirty, nothing logged that is not home yet and no commit under
         way, only queued data writes have to reach the device (the next holder reads
@@ -171,7 +202,7 @@ class TransactionManager:
         if self.quiet():
             await self._drain_data()
         else:
-            await self.commit(checkpoint=True)
+            await self.commit(checkpoint=True, covered=covered)
 
     async def flush_data(self) -> None:
         """Data writes on the device and the device cache flushed, no journal commit

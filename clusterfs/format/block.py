@@ -45,6 +45,7 @@ class BlockType(IntEnum):
     HEARTBEAT = 12
     ORPHAN = 13
     DISKBEAT = 14       # membership disk heartbeats (format/diskbeat.py)
+    JREVOKE = 15        # journal revoke records (format/journal.py)
 
 
 def block_crc(buf: bytes | bytearray | memoryview) -> int:

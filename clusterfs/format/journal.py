@@ -8,11 +8,16 @@ are a circular log of transactions:
     JDESC(seq)  u32 count, u32 pad, then count u64 home addresses
     count full copies of the metadata blocks (each carries its own header)
     ... more JDESC + copies of the same seq for big transactions ...
-    JCOMMIT(seq) u32 nblocks (descriptors + copies), u32 crc32c over all of them
-                 in log order, u64 commit time (ns)
+    JREVOKE(seq) u32 count, u32 pad, then count u64 home addresses (none or more)
+    JCOMMIT(seq) u32 nblocks (descriptors + copies + revoke blocks), u32 crc32c
+                 over all of them in log order, u64 commit time (ns)
 
-Replay walks from the tail while sequence numbers follow on and checksums
-verify, writing each copy home; a transaction without a valid commit ends it.
+A revoke record says that the copies of those blocks logged by earlier
+transactions must not be replayed: the node wrote them home and gave up the lock
+that covers them, so another node may have written a newer copy since (as jbd2's
+and GFS2's revokes). Replay walks from the tail while sequence numbers follow on
+and checksums verify, collecting revokes, then writes each copy home that no
+later transaction revoked; a transaction without a valid commit ends the log.
 """
 
 from __future__ import annotations
@@ -59,6 +64,21 @@ def encode_descriptor(targets: list[int], blkno: int, seq: int) -> bytearray:
 def decode_descriptor(buf: bytes | bytearray | memoryview, blkno: int) -> tuple[int, list[int]]:
     """(seq, home addresses)."""
     seq = check(buf, blkno, BlockType.JDESC)
+    count, _ = DESC_FIELDS.unpack_from(buf, HEADER_SIZE)
+    count = min(count, TARGETS_PER_DESC)
+    return seq, list(struct.unpack_from(f"<{count}Q", buf, HEADER_SIZE + DESC_FIELDS.size))
+
+
+def encode_revoke(homes: list[int], blkno: int, seq: int) -> bytearray:
+    buf = new_block(BlockType.JREVOKE, blkno, seq)
+    DESC_FIELDS.pack_into(buf, HEADER_SIZE, len(homes), 0)
+    struct.pack_into(f"<{len(homes)}Q", buf, HEADER_SIZE + DESC_FIELDS.size, *homes)
+    return seal(buf, BlockType.JREVOKE, blkno, seq)
+
+
+def decode_revoke(buf: bytes | bytearray | memoryview, blkno: int) -> tuple[int, list[int]]:
+    """(seq, revoked home addresses)."""
+    seq = check(buf, blkno, BlockType.JREVOKE)
     count, _ = DESC_FIELDS.unpack_from(buf, HEADER_SIZE)
     count = min(count, TARGETS_PER_DESC)
     return seq, list(struct.unpack_from(f"<{count}Q", buf, HEADER_SIZE + DESC_FIELDS.size))

@@ -21,7 +21,7 @@ import trio
 from clusterfs.cache.blocks import Blocks
 from clusterfs.cache.glock import Glock, GlockManager
 from clusterfs.cache.inodes import InodeCache
-from clusterfs.cache.transaction import TransactionManager
+from clusterfs.cache.transaction import Covered, TransactionManager
 from clusterfs.dlm.interface import Lock, Mode
 from clusterfs.errors import ClusterFSError, FormatError, FSError, StorageError, WouldBlock
 from clusterfs.format import extent as fext
@@ -186,6 +186,10 @@ class FileSystem:
         # transaction is home the disk still shows the old inode (forget does not end
         # that, so entries stay until the block is reused)
         self.freed: dict[int, int] = {}
+        # cluster: directory -> inodes created in it whose own lock is not held here
+        # yet (mknod takes it just after): until then the directory's lock covers
+        # their blocks, so its demote writes them home too (_covered_by)
+        self._unguarded: dict[int, set[int]] = {}
         self.clustered = clustered
         # where this node allocates new inodes in a cluster: its own part of the disk
         # (a cluster mount says where: node/placement.py; else by journal slot), so
@@ -546,6 +550,7 @@ class FileSystem:
             # of this number (freed since) is told to drop it
             async with self._hold(ex=[node.ino], write=False):
                 node = self._inode(node.ino, by_name=True)   # (ours: just created)
+                self._unguarded.get(parent, set()).discard(node.ino)
         self.count_lookup(node.ino, node.d.generation)
         if open_it:
             await self._iopen_hold(node.ino)
@@ -580,6 +585,8 @@ class FileSystem:
         if is_dir:
             node.dir = Directory()
         self.inodes.put(ino, node)
+        if self.clustered:
+            self._unguarded.setdefault(parent, set()).add(ino)
         if target:
             self._write(node, 0, target)    # stuffed when short, a data block when long
         p.dir.add(name, ino, dtype_of(mode), self._taker(reserve, goal), self._free_meta)
@@ -1495,13 +1502,14 @@ class FileSystem:
         await self.glocks.release_all()
 
     # ================================================================ lock demotion
-    async def _flush_for_demote(self) -> None:
-        """Before a lock goes down: commit, write every logged block home and empty the
-        journal. So the journal never holds a block whose lock this node has given up
-        (the no-stale-replay rule, docs/journal.md), and the disk holds the newest copy
-        of everything the next holder will read."""
+    async def _flush_for_demote(self, covered: Covered | None = None) -> None:
+        """Before a lock goes down: commit, and write home what it covers (`covered`,
+        with a revoke record for those blocks; everything, emptying the journal, when
+        None). So no replay of our journal puts a block whose lock this node gave up
+        over a newer copy (the no-stale-replay rule, docs/journal.md), and the disk
+        holds the newest copy of everything the next holder will read."""
         if not self.txn.withdrawn:
-            await self.txn.flush_for_demote()
+            await self.txn.flush_for_demote(covered)
         elif self.clustered:
             # what we committed may not be home: never hand it over stale; the mount
             # leaves the cluster as failed and the others replay our journal
@@ -1539,7 +1547,8 @@ class FileSystem:
         if self._nothing_to_flush(glock) and self.txn.withdrawn is None:
             await self.txn.drain_data()
         else:
-            await self._flush_for_demote()
+            await self._flush_for_demote(self._covered_by(ino))
+            self._unguarded.pop(ino, None)
         if target != Mode.NL:
             return                       # PR: our clean copy stays valid
         self.inodes.drop_if_clean(ino)   # (dirty now: created during the flush)
@@ -1547,6 +1556,19 @@ class FileSystem:
         if self.names_hook is not None:  # the other node may rename what is in it
             self.names_hook(ino)
         await self.kernel_forget.forget(ino)
+
+    def _covered_by(self, ino: int) -> Covered:
+        """What inode `ino`'s lock covers, asked once its flush has committed: every
+        metadata block of the cached inode, and the inode block of each inode created
+        in it (a directory) whose own lock is not held yet. None (write everything
+        home) when the inode is not cached or was freed here: then which of its blocks
+        may be in the journal is not known."""
+        def blocks() -> list[int] | None:
+            node = self.inodes.get(ino)
+            if node is None or ino in self.freed:
+                return None
+            return node.meta_blocks() + list(self._unguarded.get(ino, ()))
+        return blocks
 
     async def _demote_data(self, glock: Glock, target: Mode) -> None:
         """Another node wants a chunk of a file's data: our queued writes there must be

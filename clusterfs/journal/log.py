@@ -9,14 +9,18 @@ before commit() returns.
 Committed blocks are kept in `pending_home` until a checkpoint writes them to
 their home addresses and advances the tail recorded in the journal header.
 A checkpoint happens when the log has no room for the next transaction and at
-close. Replay (replay_journal) is idempotent: it writes the same copies home
-again and only then moves the tail.
+close. `write_back` writes only some of them home and then logs a revoke record
+for them (a lock going to another node: its blocks home, and never replayed
+over what that node writes next), leaving the tail where it is. Replay
+(replay_journal) is idempotent: it writes the same copies home again, skipping
+revoked ones, and only then moves the tail.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from clusterfs.errors import FormatError, JournalError
@@ -28,9 +32,11 @@ from clusterfs.format.journal import (
     decode_commit,
     decode_descriptor,
     decode_jhead,
+    decode_revoke,
     encode_commit,
     encode_descriptor,
     encode_jhead,
+    encode_revoke,
 )
 from clusterfs.format.superblock import Superblock
 from clusterfs.native import BufferPool, crc32c
@@ -45,6 +51,16 @@ class ReplayResult:
     blocks: int
     next_seq: int
     next_off: int
+    revoked: int = 0        # logged copies not replayed: a later transaction revoked them
+
+
+Transaction = tuple[int, dict[int, bytes], list[int]]   # seq, {home: copy}, revoked homes
+
+
+def _log_blocks(copies: int, revokes: int) -> int:
+    """Log blocks a transaction of `copies` block copies and `revokes` revoked blocks
+    takes: descriptors, copies, revoke records and the commit block."""
+    return copies + -(-copies // TARGETS_PER_DESC) + -(-revokes // TARGETS_PER_DESC) + 1
 
 
 def _log_positions(start: int, count: int, log_len: int) -> list[int]:
@@ -54,8 +70,21 @@ def _log_positions(start: int, count: int, log_len: int) -> list[int]:
 
 def scan_journal(dev: BlockDevice, sb: Superblock, slot: int
                  ) -> tuple[JournalHeader, list[tuple[int, dict[int, bytes]]], int]:
-    """Read a journal: (header, [(seq, {home: copy})...] committed in order, next offset)."""
-    return _run_through(_scan_steps(dev, sb, slot))
+    """Read a journal: (header, [(seq, {home: copy})...] committed in order, next offset),
+    without the copies a later transaction revoked (what a replay writes)."""
+    head, txns, off = _run_through(_scan_steps(dev, sb, slot))
+    return head, [(seq, live) for seq, live, _revoked in _without_revoked(txns)], off
+
+
+def _without_revoked(txns: list[Transaction]) -> list[Transaction]:
+    """Each transaction's copies less those revoked by a later one: a revoke record in
+    transaction R covers the copies of its blocks logged before R (jbd2's rule)."""
+    revoked_at: dict[int, int] = {}
+    for seq, _blocks, revokes in txns:
+        for home in revokes:
+            revoked_at[home] = seq
+    return [(seq, {h: c for h, c in blocks.items() if revoked_at.get(h, seq) <= seq},
+             revokes) for seq, blocks, revokes in txns]
 
 
 def _run_through(steps):
@@ -73,7 +102,7 @@ def _scan_steps(dev: BlockDevice, sb: Superblock, slot: int):
     jstart = sb.journal_location(slot)
     log_len = sb.journal_log_blocks
     head = decode_jhead(dev.read(jstart), jstart)
-    txns: list[tuple[int, dict[int, bytes]]] = []
+    txns: list[Transaction] = []
     seq, off = head.tail_seq, head.tail_off
     if head.flags & JF_CLEAN:
         return head, txns, off
@@ -81,8 +110,8 @@ def _scan_steps(dev: BlockDevice, sb: Superblock, slot: int):
         found = _read_transaction(dev, jstart, log_len, seq, off)
         if found is None:
             break
-        blocks, used = found
-        txns.append((seq, blocks))
+        blocks, revokes, used = found
+        txns.append((seq, blocks, revokes))
         seq += 1
         off = 1 + (off - 1 + used) % log_len
         if len(txns) > log_len:
@@ -92,9 +121,11 @@ def _scan_steps(dev: BlockDevice, sb: Superblock, slot: int):
 
 
 def _read_transaction(dev: BlockDevice, jstart: int, log_len: int, seq: int, off: int
-                      ) -> tuple[dict[int, bytes], int] | None:
-    """The transaction `seq` at log offset `off`, if complete and valid."""
+                      ) -> tuple[dict[int, bytes], list[int], int] | None:
+    """The transaction `seq` at log offset `off`, if complete and valid: its copies, the
+    blocks it revokes and the log blocks it takes."""
     blocks: dict[int, bytes] = {}
+    revokes: list[int] = []
     crc, used, pos = 0, 0, off
     while used < log_len:
         blkno = jstart + pos
@@ -105,7 +136,16 @@ def _read_transaction(dev: BlockDevice, jstart: int, log_len: int, seq: int, off
                 got_seq, nblocks, want_crc = decode_commit(raw, blkno)
                 if got_seq != seq or nblocks != used or want_crc != crc:
                     return None
-                return blocks, used + 1
+                return blocks, revokes, used + 1
+            if kind == BlockType.JREVOKE:
+                got_seq, homes = decode_revoke(raw, blkno)
+                if got_seq != seq:
+                    return None
+                crc = crc32c(raw, crc)
+                revokes += homes
+                used += 1
+                pos = 1 + (off - 1 + used) % log_len
+                continue
             if kind != BlockType.JDESC:
                 return None
             got_seq, targets = decode_descriptor(raw, blkno)
@@ -137,9 +177,11 @@ def replay_steps(dev: BlockDevice, sb: Superblock, slot: int):
     REPLAY_STEP_BLOCKS blocks written, and returns the ReplayResult. A node replaying
     another's journal in its event loop lets its other tasks run in between: a replay
     of 40 000 blocks took 4 s, long enough for the others to miss its heartbeats."""
-    head, txns, off = yield from _scan_steps(dev, sb, slot)
+    head, logged, off = yield from _scan_steps(dev, sb, slot)
+    txns = _without_revoked(logged)
+    revoked = sum(len(b) for _s, b, _r in logged) - sum(len(b) for _s, b, _r in txns)
     nblocks = 0
-    for _seq, blocks in txns:
+    for _seq, blocks, _revokes in txns:
         for home, copy in blocks.items():
             if not sb.rgrp_start <= home < sb.total_blocks and sb.orphan_slot(home) is None:
                 raise JournalError(f"journal {slot}: transaction targets block {home}")
@@ -153,8 +195,9 @@ def replay_steps(dev: BlockDevice, sb: Superblock, slot: int):
         jstart = sb.journal_location(slot)
         dev.write(jstart, encode_jhead(JournalHeader(slot, next_seq, off, 0), jstart))
         dev.flush()
-        log.info("journal %d: replayed %d transactions (%d blocks)", slot, len(txns), nblocks)
-    return ReplayResult(len(txns), nblocks, next_seq, off)
+        log.info("journal %d: replayed %d transactions (%d blocks); %d revoked copies "
+                 "skipped", slot, len(txns), nblocks, revoked)
+    return ReplayResult(len(txns), nblocks, next_seq, off, revoked)
 
 
 @dataclass
@@ -163,6 +206,7 @@ class _Pending:
     need: int
     crc: int
     commit_pos: int
+    revokes: list[int]
 
 
 class Journal:
@@ -181,7 +225,8 @@ class Journal:
         self.used = 0
         self.pending_home: dict[int, bytes] = {}
         self.in_flight: dict[int, bytes] = {}
-        self.stats = {"commits": 0, "blocks": 0, "checkpoints": 0, "flushes": 0}
+        self.stats = {"commits": 0, "blocks": 0, "checkpoints": 0, "flushes": 0,
+                      "write_backs": 0, "revoked": 0}
 
     @property
     def max_transaction(self) -> int:
@@ -205,22 +250,24 @@ class Journal:
     # The three steps of commit(), so a caller can run the flushes between them in a
     # worker thread while it keeps serving requests. Steps of one transaction must not
     # interleave with another commit or a checkpoint (the caller serialises them).
-    def begin_commit(self, blocks: dict[int, bytes]) -> _Pending | None:
-        """Checkpoint if the log is full, then write descriptors and copies (no commit)."""
-        if not blocks:
+    def begin_commit(self, blocks: dict[int, bytes], revokes: list[int] | None = None
+                     ) -> _Pending | None:
+        """Checkpoint if the log is full, then write descriptors, copies and revoke
+        records (no commit)."""
+        revokes = sorted(revokes or ())
+        if not blocks and not revokes:
             return None
         homes = sorted(blocks)
-        ndesc = -(-len(homes) // TARGETS_PER_DESC)
-        need = len(homes) + ndesc + 1
+        need = _log_blocks(len(homes), len(revokes))
         if need > self.log_len - 1:
             raise JournalError(f"transaction of {len(homes)} blocks exceeds the journal")
         if self.used + need > self.log_len - 1:
             self.checkpoint()
-        payload, crc = self._encode(homes, blocks)
+        payload, crc = self._encode(homes, blocks, revokes)
         positions = _log_positions(self.head_off, need, self.log_len)
         self._write_run(positions[:-1], payload)
         self.in_flight = blocks
-        return _Pending(blocks, need, crc, positions[-1])
+        return _Pending(blocks, need, crc, positions[-1], revokes)
 
     def write_commit(self, p: _Pending) -> None:
         commit_blk = self.jstart + p.commit_pos
@@ -229,6 +276,8 @@ class Journal:
 
     def end_commit(self, p: _Pending, flushes: int = 2) -> None:
         """The commit block is durable: account for the transaction."""
+        for home in p.revokes:           # (written home before they were revoked)
+            self.pending_home.pop(home, None)
         self.pending_home.update(p.blocks)
         self.in_flight = {}
         self.head_off = 1 + p.commit_pos % self.log_len
@@ -238,7 +287,8 @@ class Journal:
         self.stats["blocks"] += len(p.blocks)
         self.stats["flushes"] += flushes
 
-    def _encode(self, homes: list[int], blocks: dict[int, bytes]) -> tuple[list[bytes], int]:
+    def _encode(self, homes: list[int], blocks: dict[int, bytes], revokes: list[int]
+                ) -> tuple[list[bytes], int]:
         out: list[bytes] = []
         crc = 0
         pos = self.head_off
@@ -254,6 +304,12 @@ class Journal:
                 out.append(copy)
                 crc = crc32c(copy, crc)
             pos = 1 + (pos - 1 + 1 + len(chunk)) % self.log_len
+        for i in range(0, len(revokes), TARGETS_PER_DESC):
+            record = bytes(encode_revoke(revokes[i : i + TARGETS_PER_DESC],
+                                         self.jstart + pos, self.seq))
+            out.append(record)
+            crc = crc32c(record, crc)
+            pos = 1 + pos % self.log_len
         return out, crc
 
     def _write_run(self, positions: list[int], payload: list[bytes]) -> None:
@@ -290,6 +346,35 @@ class Journal:
         self._write_head(0)
         self.pending_home.clear()
         self.stats["checkpoints"] += 1
+
+    def logged_among(self, homes: Iterable[int]) -> list[int]:
+        """Those of `homes` committed here and not yet written home."""
+        pending = self.pending_home
+        return [home for home in homes if home in pending]
+
+    def room_to_revoke(self, count: int) -> bool:
+        """Does a transaction revoking `count` blocks fit without a checkpoint?"""
+        return self.used + _log_blocks(0, count) <= self.log_len - 1
+
+    def write_back(self, homes: list[int]) -> None:
+        """Write these committed blocks home, flush, then log and commit a revoke record
+        for them: from then on neither this node's copies in the log (a replay skips
+        them) nor its memory (`read_committed`) stand for them, and a lock covering them
+        may go to another node. The tail stays: the log's other blocks are not home.
+        The caller made sure the revoke fits (room_to_revoke), so no checkpoint runs
+        in between."""
+        for home in sorted(homes):
+            self.dev.write(home, self.pending_home[home])
+        self.dev.flush()
+        pending = self.begin_commit({}, homes)
+        assert pending is not None
+        # one flush: a commit block that reached the disk without its revoke record
+        # fails the checksum, and the lock is not given up before this flush returns
+        self.write_commit(pending)
+        self.dev.flush()
+        self.end_commit(pending, flushes=2)
+        self.stats["write_backs"] += 1
+        self.stats["revoked"] += len(homes)
 
     def close(self) -> None:
         """Checkpoint and mark the journal clean (nothing to replay)."""
