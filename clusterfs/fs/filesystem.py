@@ -9,7 +9,9 @@ block addresses (the FUSE adapter maps the root to 1).
 
 from __future__ import annotations
 
+import bisect
 import errno
+import itertools
 import logging
 import stat
 import time
@@ -424,9 +426,14 @@ class FileSystem:
         d = self._inode(parent).dir
         if d is None or (d.hashed and d.leaf_count > SCAN_LEAVES_MAX):
             return []
-        ahead = sorted(child for _name, (child, _t) in d.items()
-                       if child >= ino and child not in self.inodes)
-        return ahead[:SCAN_BATCH]
+        numbers = d.inode_numbers()
+        ahead: list[int] = []
+        for child in itertools.islice(numbers, bisect.bisect_left(numbers, ino), None):
+            if child not in self.inodes:
+                ahead.append(child)
+                if len(ahead) == SCAN_BATCH:
+                    break
+        return ahead
 
     async def _named_inode(self, parent: int, name: bytes, ino: int) -> CachedInode | None:
         """The inode `name` in `parent` names, read while both are locked (in order) and
