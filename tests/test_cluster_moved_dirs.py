@@ -17,6 +17,7 @@ id (fuse/names.py), so there is no alias to move.
 from __future__ import annotations
 
 import os
+import random
 import subprocess
 import sys
 
@@ -79,3 +80,41 @@ def test_a_cross_directory_rename_of_a_directory_moved_elsewhere_while_held(tmp_
         assert not os.path.exists(b("x", "e"))
         for node in (1, 2):
             assert sorted(os.listdir(c.path(node, "S", "x"))) == ["e3"]
+
+
+def test_directories_moved_back_and_forth_by_both_nodes_while_held(tmp_path):
+    """Three directories moved around three parents, each move by a random node
+    (across parents, or where it is), while node 2 holds each of them open from where
+    it first saw it: no ESTALE, and both nodes agree."""
+    rng = random.Random(20261206)
+    with cluster(tmp_path, nodes=2) as c:
+        parents = ["p0", "p1", "p2"]
+        for p in parents:
+            os.makedirs(c.path(1, "S", p))
+        where = {}                                   # directory -> its parent now
+        for i, p in enumerate(parents):
+            os.mkdir(c.path(1, "S", p, f"d{i}"))
+            where[f"d{i}"] = p
+        held = [os.open(c.path(2, "S", p, d), os.O_RDONLY | os.O_DIRECTORY)
+                for d, p in where.items()]
+        try:
+            for step in range(60):
+                d = rng.choice(sorted(where))
+                to = rng.choice(parents)
+                node = rng.choice((1, 2))
+                os.rename(c.path(node, "S", where[d], d), c.path(node, "S", to, d))
+                where[d] = to
+                for p in parents:    # (a listing on node 2 would move its dentries)
+                    want = sorted(x for x, q in where.items() if q == p)
+                    assert sorted(os.listdir(c.path(1, "S", p))) == want, \
+                        f"step {step}: {d} -> {to} on node {node}"
+            for fd in held:                          # still the directories they were
+                name = f"from-fd{fd}"
+                os.close(os.open(name, os.O_CREAT | os.O_WRONLY, 0o644, dir_fd=fd))
+            for n in (1, 2):
+                found = sorted(f for d, p in where.items()
+                               for f in os.listdir(c.path(n, "S", p, d)))
+                assert found == sorted(f"from-fd{fd}" for fd in held)
+        finally:
+            for fd in held:
+                os.close(fd)
