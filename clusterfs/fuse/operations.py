@@ -210,10 +210,10 @@ class Operations(pyfuse3.Operations):
         # FORGET has no reply: pyfuse3 lets an exception from it end the whole session,
         # so nothing may escape (a withdrawn fs cannot free what was unlinked: fsck does)
         for fuse_ino, count in inode_list:
-            if self.names is not None:
-                self.names.forgotten(fuse_ino, count)
             ino = self.root if fuse_ino == pyfuse3.ROOT_INODE else ino_of(fuse_ino)
             try:
+                if self.names is not None:
+                    self.names.forgotten(fuse_ino, count)
                 await self.fs.forget(ino, count)
             except ClusterFSError as exc:
                 log.debug("forget %d: %s", fuse_ino, exc)
