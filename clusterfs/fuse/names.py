@@ -1,23 +1,46 @@
-"""KernelNames: the names this mount handed to the kernel, so a demote can take them back.
+"""KernelNames: the names and directory node ids this mount handed to the kernel.
 
 In a cluster the kernel caches no names for long (entry timeout 0: every path walk asks
-again), but it keeps the dentries themselves, and a directory's dentry is unique: when
-another node moves a directory, the old dentry here still stands for it. The next lookup
-that finds the directory at its new place must move that alias (d_splice_alias), which
-needs the rename lock and the old parent's lock by trylock; inside a rename, or while
-another request holds the old parent, that fails and the application sees ESTALE.
+again), but it keeps the dentries themselves, and a directory inode has exactly one
+dentry. When another node moves a directory, the dentry here still stands for it at the
+old place. A lookup that finds the directory at its new place under the same node id
+makes the kernel move that dentry (fs/dcache.c: d_splice_alias -> __d_unalias), which
+needs the rename mutex and the old parent's lock, by trylock. Inside a cross-directory
+rename (do_renameat2 holds the rename mutex itself while it looks its last components up),
+or while another request holds the old parent, that fails: ESTALE. The rename retries
+once (retry_estale, LOOKUP_REVAL) and fails the same way if the old dentry is still
+there, and nothing can take a dentry away that an open directory or a working directory
+holds (invalidation only unhashes it; it stays the inode's alias).
 
-So when a directory's lock goes to another node (which may change its names), every name
-this mount handed out in it is invalidated. `invalidate_entry` waits for the directory's
-inode lock, which a pending lookup there holds while it waits for the very glock being
-demoted: the demote therefore only queues the names, and one worker thread invalidates
-them once the kernel lets it (docs/locking.md, "kernel caches").
+So a directory is shown under a node id of its own per place, in effect: its node id is
+its inode number plus an id generation in the high bits (`node_id`). A lookup that finds
+a directory where the kernel may hold it under its current id elsewhere hands it out
+under a new generation (`directory_id`): to the kernel that is another inode, with no
+alias to move, and the old one stays valid at its old place for whoever holds it (the
+requests on either id reach the same directory). Cases where the old id can be kept:
+the kernel's dentry of it is at this very place (or in the same parent: a move there
+takes no lock); or the kernel holds no lookup of it (then it has no inode, no alias).
+So only a directory another node moved while this kernel held it changes node id, and it
+goes back to its inode number once the kernel has forgotten every older id. What that
+costs: the kernel shows st_ino as the node id, so such a directory's st_ino on this node
+carries the generation (a large number) until then; and the kernel's own loop checks
+on rename walk dentries, which no longer see an old alias: ours do not depend on them
+(FileSystem._ancestors checks the disk, under the rename lock).
 
-That leaves a window (the worker may not have run yet, or may wait behind a pending
-lookup), so a lookup that finds a directory somewhere other than where this mount last
-showed it also takes the old name back itself, waiting a moment for it (`moved_from`):
-if the very request holds the old parent's lock (a rename there), the wait ends, the
-kernel gets its ESTALE and retries the lookup, and by then the old name is gone.
+To know which ids the kernel may hold, every entry for a directory counts one lookup
+per node id (`remember`), and FORGET takes them back (`forgotten`). A directory's block
+reused by a new inode (another generation on disk) retires its ids: the new directory
+takes over id generation 0, with its count (the kernel marks the old inode with that id
+bad itself, seeing the new generation), and requests on its other ids are ESTALE
+(`is_stale`), as they would be on a reused inode number.
+
+The names themselves: when a directory's lock goes to another node (which may change its
+names), every name this mount handed out in it is invalidated (`take_back`), so unused
+dentries go and the kernel forgets their ids. `invalidate_entry` waits for the
+directory's inode lock, which a pending lookup there holds while it waits for the very
+glock being demoted: the demote therefore only queues the names, and one worker thread
+invalidates them once the kernel lets it (docs/locking.md, "Kernel caches"). A directory
+given a new id has its old dentry queued the same way (nothing waits for it).
 """
 
 from __future__ import annotations
@@ -30,17 +53,55 @@ from collections.abc import Callable
 log = logging.getLogger(__name__)
 
 # names remembered per directory before the oldest are let go: a directory listed with
-# readdirplus hands out every name in it, and forgetting a name only costs a later ESTALE
-# chance, never correctness of data
+# readdirplus hands out every name in it, and a name not taken back stays in the kernel
+# only until a lookup there finds it changed (entry timeout 0)
 NAMES_PER_DIR_MAX = 4096
+
+# A node id is an inode number (a block address) with an id generation above it. Bits
+# 48-62: below 2**63, so that nothing that reads st_ino (the kernel shows the node id)
+# as signed sees it negative; blocks below 2**48 (1 EiB of 4 KiB blocks).
+GEN_SHIFT = 48
+INO_MASK = (1 << GEN_SHIFT) - 1
+GENERATIONS = 1 << 15
+
+Place = tuple[int, bytes]                # (parent node id, name): a dentry in the kernel
+
+
+def node_id(ino: int, gen: int) -> int:
+    return ino | gen << GEN_SHIFT
+
+
+def ino_of(nid: int) -> int:
+    return nid & INO_MASK
+
+
+class _Directory:
+    """One directory's ids in the kernel."""
+    __slots__ = ("gen", "generation", "held", "inherited")
+
+    def __init__(self, generation: int) -> None:
+        self.generation = generation     # the inode's generation on disk they are for
+        self.gen = 0                     # the id generation lookups hand out now
+        self.held: dict[int, int] = {}   # node id -> lookups the kernel holds
+        # the inode number's lookups are still only a deleted directory's (which the
+        # kernel marks bad once it sees the number with this generation): free to use
+        self.inherited = False
 
 
 class KernelNames:
-    def __init__(self, invalidate_entry: Callable[[int, bytes], None]) -> None:
+    def __init__(self, invalidate_entry: Callable[[int, bytes], None],
+                 generations: bool = True) -> None:
         self._invalidate_entry = invalidate_entry
-        self._names: dict[int, dict[bytes, None]] = {}    # directory -> names (ordered)
-        self._dir_at: dict[int, tuple[int, bytes]] = {}   # directory -> where shown last
-        self._dir_by_place: dict[tuple[int, bytes], int] = {}   # and back
+        # False where inode numbers need the high bits (a device of 2**48 blocks or
+        # more): every directory keeps its inode number, and the ESTALE stays possible
+        self._generations = generations
+        self._names: dict[int, dict[bytes, None]] = {}    # parent id -> names (ordered)
+        self._dir_at: dict[int, Place] = {}               # directory id -> its dentry
+        self._dir_by_place: dict[Place, int] = {}         # and back
+        self._dirs: dict[int, _Directory] = {}            # inode -> its ids
+        # inode -> the ids the kernel holds (replaced whole: worker threads read it)
+        self._ids: dict[int, tuple[int, ...]] = {}
+        self._stale: dict[int, int] = {}   # id of a directory since deleted -> lookups
         self._queue: queue.SimpleQueue[tuple[int, list[bytes]] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
@@ -55,24 +116,123 @@ class KernelNames:
             self._thread.join(timeout=5)
             self._thread = None
 
+    # -- node ids ------------------------------------------------------------------
+    def directory_id(self, ino: int, generation: int, at: Place) -> int:
+        """The node id to show directory `ino` (of this generation on disk) under at
+        `at`: one the kernel can take without moving a dentry from elsewhere. Counted
+        only once the entry is in a reply (remember)."""
+        d = self._directory(ino, generation)
+        shown = self._dir_by_place.get(at)
+        if shown is not None and shown in d.held:
+            return shown                 # the kernel's dentry here has this id
+        current = node_id(ino, d.gen)
+        place = self._dir_at.get(current)
+        if current not in d.held or d.inherited or \
+                (place is not None and place[0] == at[0]):
+            return current               # no inode, so no alias; or a lock-free move
+        self._queue_invalidate(place)    # the old dentry: let it go when it can
+        return self._new_id(ino, d)
+
+    def file_id(self, ino: int) -> int:
+        """The node id of a non-directory (its inode number: hard links are fine, the
+        kernel allows those several dentries). Its block may have held a directory:
+        that one's ids are retired."""
+        if ino in self._dirs:
+            self._retire(ino)
+        return ino
+
+    def is_stale(self, nid: int) -> bool:
+        """A node id of a directory since deleted (its block holds a new inode)."""
+        return nid in self._stale
+
+    def ids(self, ino: int) -> tuple[int, ...]:
+        """The node ids the kernel may know `ino` by (empty: only its inode number).
+        Safe from any thread."""
+        return self._ids.get(ino, ())
+
+    def _directory(self, ino: int, generation: int) -> _Directory:
+        d = self._dirs.get(ino)
+        if d is not None and d.generation == generation:
+            return d
+        gen0 = self._retire(ino) if d is not None else 0
+        d = self._dirs[ino] = _Directory(generation)
+        if gen0:                         # the kernel may still hold the dead one's
+            d.held[ino] = gen0           # inode under it: its FORGETs will come
+            d.inherited = True
+            self._ids[ino] = (ino,)
+        return d
+
+    def _retire(self, ino: int) -> int:
+        """The directory at `ino` was deleted: its ids other than the inode number are
+        stale; returns the lookups the kernel holds under the inode number."""
+        d = self._dirs.pop(ino)
+        self._ids.pop(ino, None)
+        for nid, count in d.held.items():
+            self._unplace(nid)
+            if nid != ino:
+                self._stale[nid] = count
+        return d.held.get(ino, 0)
+
+    def _new_id(self, ino: int, d: _Directory) -> int:
+        if not self._generations:
+            return node_id(ino, d.gen)
+        for step in range(1, GENERATIONS):
+            gen = (d.gen + step) % GENERATIONS
+            nid = node_id(ino, gen)
+            if nid not in d.held and nid not in self._stale:
+                d.gen = gen
+                return nid
+        return node_id(ino, d.gen)       # 32 767 ids held at once: cannot happen
+
+    # -- what the kernel got and gave back -------------------------------------------
     def remember(self, parent: int, name: bytes, directory: int | None = None) -> None:
-        """The kernel now has a dentry `name` in `parent` (FUSE inode numbers); for a
-        directory, its number (a directory has one dentry: see moved_from)."""
+        """The kernel now has a dentry `name` in `parent` (node ids); for a directory,
+        its node id (from directory_id), counted as one more lookup the kernel holds."""
         if directory is not None:
-            self._place(directory, (parent, name))
-            if len(self._dir_at) > NAMES_PER_DIR_MAX * 16:
-                self._unplace(next(iter(self._dir_at)))
+            d = self._dirs.get(ino_of(directory))
+            if d is not None:
+                self._hold(d, directory)
+                self._place(directory, (parent, name))
         names = self._names.setdefault(parent, {})
         names[name] = None
         if len(names) > NAMES_PER_DIR_MAX:
             del names[next(iter(names))]
 
-    def renamed(self, old: tuple[int, bytes], new: tuple[int, bytes], exchange: bool) -> None:
+    def _hold(self, d: _Directory, nid: int) -> None:
+        if nid == ino_of(nid):
+            d.inherited = False          # the count is this directory's too now
+        if nid not in d.held:
+            self._ids[ino_of(nid)] = (*d.held, nid)
+        d.held[nid] = d.held.get(nid, 0) + 1
+
+    def forgotten(self, nid: int, count: int) -> None:
+        """The kernel's FORGET: it let go of `count` lookups of `nid`."""
+        if nid in self._stale:
+            left = self._stale.pop(nid) - count
+            if left > 0:
+                self._stale[nid] = left
+            return
+        ino = ino_of(nid)
+        d = self._dirs.get(ino)
+        if d is None or nid not in d.held:
+            return
+        left = d.held.pop(nid) - count
+        if left > 0:
+            d.held[nid] = left
+            return
+        self._unplace(nid)               # no inode with this id: no dentry either
+        self._names.pop(nid, None)
+        if d.held:
+            self._ids[ino] = tuple(d.held)
+        else:                            # nothing held: the inode number again next
+            del self._dirs[ino]
+            self._ids.pop(ino, None)
+
+    def renamed(self, old: Place, new: Place, exchange: bool) -> None:
         """A rename here succeeded: the kernel moved its dentry at `old` (parent, name)
         to `new`, or swapped the two. A directory recorded at either place is now at
-        the other (else moved_from would later name the place another directory has
-        taken, and invalidate that one instead of the stale alias); one replaced at
-        `new` is gone."""
+        the other (else directory_id would take the dentry for one at the old place);
+        one replaced at `new` is gone."""
         at_old = self._dir_by_place.get(old)
         at_new = self._dir_by_place.get(new)
         for directory in (at_old, at_new):
@@ -83,7 +243,7 @@ class KernelNames:
         if exchange and at_new is not None:
             self._place(at_new, old)
 
-    def _place(self, directory: int, at: tuple[int, bytes]) -> None:
+    def _place(self, directory: int, at: Place) -> None:
         self._unplace(directory)
         other = self._dir_by_place.pop(at, None)
         if other is not None:
@@ -96,16 +256,17 @@ class KernelNames:
         if at is not None and self._dir_by_place.get(at) == directory:
             del self._dir_by_place[at]
 
-    def moved_from(self, directory: int, parent: int, name: bytes) -> tuple[int, bytes] | None:
-        """Where the kernel may still have `directory`'s dentry, if not at (parent, name)."""
-        at = self._dir_at.get(directory)
-        return at if at is not None and at != (parent, name) else None
-
+    # -- taking names back -------------------------------------------------------------
     def take_back(self, parent: int) -> None:
-        """Queue every name handed out in `parent` for invalidation (never blocks)."""
+        """Queue every name handed out in `parent` (a node id) for invalidation (never
+        blocks)."""
         names = self._names.pop(parent, None)
         if names and self._thread is not None:
             self._queue.put((parent, list(names)))
+
+    def _queue_invalidate(self, at: Place | None) -> None:
+        if at is not None and self._thread is not None:
+            self._queue.put((at[0], [at[1]]))
 
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:

@@ -1,7 +1,9 @@
 """The pyfuse3 Operations adapter. The only place FUSEError is raised.
 
-FUSE inode 1 is the root; every other FUSE inode number is the inode's block
-address. File handles are inode numbers (per-open state lives in the fs layer);
+FUSE inode 1 is the root; every other FUSE inode number (node id) is the inode's block
+address, except that in a cluster a directory another node moved while the kernel held
+it may be shown under its block address plus an id generation in the high bits
+(fuse/names.py). File handles are inode numbers (per-open state lives in the fs layer);
 directory handles index a snapshot of the entries taken at opendir.
 """
 
@@ -33,13 +35,12 @@ from pyfuse3 import (
     XAttrNameT,
 )
 
-from clusterfs.compat import run_sync_abandoning
 from clusterfs.errors import ClusterFSError, FSError
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.directory import NAME_MAX
 from clusterfs.fs.filesystem import RENAME_EXCHANGE, FileSystem
 from clusterfs.fs.inode import CachedInode
-from clusterfs.fuse.names import KernelNames
+from clusterfs.fuse.names import INO_MASK, KernelNames, ino_of
 
 log = logging.getLogger(__name__)
 ENTRY_TIMEOUT = 1.0
@@ -56,8 +57,6 @@ NEGATIVE_TIMEOUT = 1.0
 # the glock being demoted), and file data bypasses the page cache (direct_io:
 # invalidating pages waits for page locks a pending read holds).
 CLUSTER_ENTRY_TIMEOUT = 0.0
-# how long a lookup waits for the kernel to drop a moved directory's old dentry
-ALIAS_WAIT = 0.05
 
 
 def _edge(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -87,7 +86,8 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.root = fs.root
-        self._dir_handles: dict[int, tuple[int, list[tuple[bytes, int]]]] = {}
+        # fh -> (inode, the node id it was opened under, entries)
+        self._dir_handles: dict[int, tuple[int, int, list[tuple[bytes, int]]]] = {}
         self._next_fh = itertools.count(1)
         # set while the kernel's INIT is handled: a task waiting on it runs once the
         # reply is sent, i.e. once the kernel has applied the mount's settings
@@ -96,11 +96,12 @@ class Operations(pyfuse3.Operations):
         self.entry_timeout = CLUSTER_ENTRY_TIMEOUT if fs.clustered else ENTRY_TIMEOUT
         self.negative_timeout = CLUSTER_ENTRY_TIMEOUT if fs.clustered else NEGATIVE_TIMEOUT
         fs.kernel_forget.hook = self._invalidate
-        # names handed to the kernel, taken back when their directory's lock goes (a
-        # cluster only: on one node nothing else changes a name)
+        # names and directory node ids handed to the kernel (a cluster only: on one
+        # node nothing else moves a directory or changes a name)
         self.names: KernelNames | None = None
         if fs.clustered:
-            self.names = KernelNames(self._invalidate_entry)
+            self.names = KernelNames(self._invalidate_entry,
+                                     generations=fs.sb.total_blocks <= INO_MASK)
             fs.names_hook = self._take_back_names
 
     def init(self) -> None:
@@ -115,57 +116,62 @@ class Operations(pyfuse3.Operations):
 
     # -- numbering ---------------------------------------------------------------
     def _ino(self, fuse_ino: int) -> int:
-        return self.root if fuse_ino == pyfuse3.ROOT_INODE else fuse_ino
+        """The inode a node id from the kernel stands for (ESTALE: a directory deleted
+        since, its block reused, fuse/names.py)."""
+        if fuse_ino == pyfuse3.ROOT_INODE:
+            return self.root
+        if self.names is not None and self.names.is_stale(fuse_ino):
+            raise FSError(errno.ESTALE, f"node id {fuse_ino:#x}: directory deleted")
+        return ino_of(fuse_ino)
 
     def _fuse_ino(self, ino: int) -> int:
+        """The node id of `ino` when it has only one (not a directory in a cluster)."""
         return pyfuse3.ROOT_INODE if ino == self.root else ino
+
+    def _fuse_inos(self, ino: int) -> tuple[int, ...]:
+        """Every node id the kernel may know `ino` by (safe from any thread)."""
+        return (self.names.ids(ino) if self.names is not None else ()) or \
+            (self._fuse_ino(ino),)
 
     def _invalidate(self, ino: int) -> None:
         """Forget the inode's attributes (called from a worker thread by a demote)."""
-        try:
-            pyfuse3.invalidate_inode(self._fuse_ino(ino), attr_only=True)
-        except Exception as exc:   # the kernel may not know the inode
-            log.debug("invalidate %d: %s", ino, exc)
+        for fuse_ino in self._fuse_inos(ino):
+            try:
+                pyfuse3.invalidate_inode(fuse_ino, attr_only=True)
+            except Exception as exc:   # the kernel may not know the inode
+                log.debug("invalidate %#x: %s", fuse_ino, exc)
 
     def _invalidate_entry(self, fuse_parent: int, name: bytes) -> None:
         pyfuse3.invalidate_entry(fuse_parent, name)   # (pyfuse3 takes the FUSE numbers)
 
     def _take_back_names(self, ino: int) -> None:
         assert self.names is not None
-        self.names.take_back(self._fuse_ino(ino))
+        for fuse_ino in self._fuse_inos(ino):
+            self.names.take_back(fuse_ino)
 
-    def _named(self, parent_inode: InodeT, name: bytes, a: EntryAttributes) -> EntryAttributes:
-        """A positive entry for the kernel: remembered so a demote can take it back."""
+    def _entry_id(self, parent_inode: int, name: bytes, node: CachedInode) -> int:
+        """The node id to hand `node` to the kernel under, as `name` in `parent_inode`."""
+        if self.names is None:
+            return self._fuse_ino(node.ino)
+        if stat.S_ISDIR(node.d.mode):
+            return self.names.directory_id(node.ino, node.d.generation, (parent_inode, name))
+        return self.names.file_id(node.ino)
+
+    def _entry(self, parent_inode: InodeT, name: bytes, node: CachedInode) -> EntryAttributes:
+        """A positive entry for the kernel, under the node id it should have there;
+        remembered so a demote can take it back (and a directory's id counted)."""
+        fuse_ino = self._entry_id(parent_inode, name, node)
         if self.names is not None:
             self.names.remember(parent_inode, name,
-                                a.st_ino if stat.S_ISDIR(a.st_mode) else None)
-        return a
+                                fuse_ino if stat.S_ISDIR(node.d.mode) else None)
+        return self._attr(node, fuse_ino)
 
-    async def _evict_old_alias(self, parent_inode: InodeT, name: bytes,
-                               a: EntryAttributes) -> None:
-        """A directory found at a new place (another node moved it): take its old dentry
-        back before answering, so the kernel need not move it (which fails with ESTALE
-        when it cannot get the old parent's lock; fuse/names.py). Waits at most
-        ALIAS_WAIT: if this very request holds the old parent's lock, the kernel retries
-        after its ESTALE and the invalidation, left running, has happened by then."""
-        if self.names is None or not stat.S_ISDIR(a.st_mode):
-            return
-        old = self.names.moved_from(a.st_ino, parent_inode, name)
-        if old is None:
-            return
-        with trio.move_on_after(ALIAS_WAIT):
-            await run_sync_abandoning(self._invalidate_quietly, *old)
-
-    def _invalidate_quietly(self, fuse_parent: int, name: bytes) -> None:
-        try:
-            self._invalidate_entry(fuse_parent, name)
-        except OSError:
-            pass                         # the kernel no longer has it
-
-    def _attr(self, node: CachedInode) -> pyfuse3.EntryAttributes:
+    def _attr(self, node: CachedInode, fuse_ino: int) -> pyfuse3.EntryAttributes:
+        """The attributes of `node`, known to the kernel as `fuse_ino` (pyfuse3 shows
+        the node id as st_ino, so every reply about one kernel inode carries its id)."""
         d = node.d
         a = pyfuse3.EntryAttributes()
-        a.st_ino = self._fuse_ino(d.ino)
+        a.st_ino = fuse_ino
         a.generation = d.generation
         a.entry_timeout = self.entry_timeout
         a.attr_timeout = ATTR_TIMEOUT
@@ -191,9 +197,7 @@ class Operations(pyfuse3.Operations):
         node = await self.fs.lookup(self._ino(parent_inode), name)
         if node is None:
             return self._negative()
-        a = self._attr(node)
-        await self._evict_old_alias(parent_inode, name, a)
-        return self._named(parent_inode, name, a)
+        return self._entry(parent_inode, name, node)
 
     def _negative(self) -> pyfuse3.EntryAttributes:
         """"No such name", cacheable by the kernel (cheaper than raising ENOENT)."""
@@ -206,8 +210,11 @@ class Operations(pyfuse3.Operations):
         # FORGET has no reply: pyfuse3 lets an exception from it end the whole session,
         # so nothing may escape (a withdrawn fs cannot free what was unlinked: fsck does)
         for fuse_ino, count in inode_list:
+            ino = self.root if fuse_ino == pyfuse3.ROOT_INODE else ino_of(fuse_ino)
             try:
-                await self.fs.forget(self._ino(fuse_ino), count)
+                if self.names is not None:
+                    self.names.forgotten(fuse_ino, count)
+                await self.fs.forget(ino, count)
             except ClusterFSError as exc:
                 log.debug("forget %d: %s", fuse_ino, exc)
             except Exception:
@@ -216,7 +223,7 @@ class Operations(pyfuse3.Operations):
     @_edge
     async def getattr(self, inode: InodeT, ctx: RequestContext | None = None
                       ) -> EntryAttributes:
-        return self._attr(await self.fs.getattr(self._ino(inode)))
+        return self._attr(await self.fs.getattr(self._ino(inode)), inode)
 
     @_edge
     async def setattr(self, inode: InodeT, attr: EntryAttributes, fields: SetattrFields,
@@ -236,7 +243,7 @@ class Operations(pyfuse3.Operations):
             kw["mtime_ns"] = attr.st_mtime_ns
         if getattr(fields, "update_ctime", False):
             kw["ctime_ns"] = attr.st_ctime_ns
-        return self._attr(await self.fs.setattr(self._ino(inode), **kw))
+        return self._attr(await self.fs.setattr(self._ino(inode), **kw), inode)
 
     @_edge
     async def readlink(self, inode: InodeT, ctx: RequestContext) -> bytes:
@@ -246,21 +253,21 @@ class Operations(pyfuse3.Operations):
     async def mknod(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, rdev: int,
                     ctx: RequestContext) -> EntryAttributes:
         node = await self.fs.mknod(self._ino(parent_inode), name, mode, rdev, ctx.uid, ctx.gid)
-        return self._named(parent_inode, name, self._attr(node))
+        return self._entry(parent_inode, name, node)
 
     @_edge
     async def mkdir(self, parent_inode: InodeT, name: FileNameT, mode: ModeT,
                     ctx: RequestContext) -> EntryAttributes:
         node = await self.fs.mknod(self._ino(parent_inode), name,
                                    stat.S_IFDIR | stat.S_IMODE(mode), 0, ctx.uid, ctx.gid)
-        return self._named(parent_inode, name, self._attr(node))
+        return self._entry(parent_inode, name, node)
 
     @_edge
     async def symlink(self, parent_inode: InodeT, name: FileNameT, target: FileNameT,
                       ctx: RequestContext) -> EntryAttributes:
         node = await self.fs.mknod(self._ino(parent_inode), name, stat.S_IFLNK | 0o777, 0,
                                    ctx.uid, ctx.gid, target=target)
-        return self._named(parent_inode, name, self._attr(node))
+        return self._entry(parent_inode, name, node)
 
     @_edge
     async def create(self, parent_inode: InodeT, name: FileNameT, mode: ModeT, flags: FlagT,
@@ -270,8 +277,7 @@ class Operations(pyfuse3.Operations):
             try:
                 node = await self.fs.mknod(parent, name, stat.S_IFREG | stat.S_IMODE(mode), 0,
                                            ctx.uid, ctx.gid, open_it=True)
-                return self._file_info(node.ino), self._named(parent_inode, name,
-                                                               self._attr(node))
+                return self._file_info(node.ino), self._entry(parent_inode, name, node)
             except FSError as exc:
                 if exc.errno != errno.EEXIST or flags & os.O_EXCL:
                     raise
@@ -287,8 +293,7 @@ class Operations(pyfuse3.Operations):
             node = await self.fs.open(found.ino)
             if flags & os.O_TRUNC and node.d.size:
                 await self.fs.truncate(node.ino, 0)
-            return self._file_info(node.ino), self._named(parent_inode, name,
-                                                           self._attr(node))
+            return self._file_info(node.ino), self._entry(parent_inode, name, node)
 
     def _file_info(self, ino: int) -> FileInfo:
         if self.clustered:
@@ -299,7 +304,7 @@ class Operations(pyfuse3.Operations):
     async def link(self, inode: InodeT, new_parent_inode: InodeT, new_name: FileNameT,
                    ctx: RequestContext) -> EntryAttributes:
         node = await self.fs.link(self._ino(inode), self._ino(new_parent_inode), new_name)
-        return self._named(new_parent_inode, new_name, self._attr(node))
+        return self._entry(new_parent_inode, new_name, node)
 
     @_edge
     async def unlink(self, parent_inode: InodeT, name: FileNameT, ctx: RequestContext) -> None:
@@ -355,13 +360,12 @@ class Operations(pyfuse3.Operations):
         ino = self._ino(inode)
         entries = await self.fs.readdir(ino)
         fh = next(self._next_fh)
-        self._dir_handles[fh] = (ino, entries)
+        self._dir_handles[fh] = (ino, inode, entries)
         return fh
 
     @_edge
     async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
-        parent, entries = self._dir_handles.get(fh, (0, []))
-        fh_parent_fuse = self._fuse_ino(parent)
+        parent, fuse_parent, entries = self._dir_handles.get(fh, (0, 0, []))
         await self.fs.prefetch([ino for _n, ino in entries[start_id : start_id + 256]])
         for index in range(start_id, len(entries)):
             name, child = entries[index]
@@ -369,12 +373,15 @@ class Operations(pyfuse3.Operations):
                 node = await self.fs.lookup_for_readdir(parent, name, child)
             except ClusterFSError:
                 continue   # removed since opendir
-            if not pyfuse3.readdir_reply(token, name, self._attr(node), index + 1):
+            # readdirplus makes a dentry of each entry, under the directory's dentry
+            # of the node id it was opened under
+            fuse_ino = self._entry_id(fuse_parent, name, node)
+            if not pyfuse3.readdir_reply(token, name, self._attr(node, fuse_ino), index + 1):
                 return
             self.fs.count_lookup(child, node.d.generation)
-            if self.names is not None:   # readdirplus makes a dentry of each entry
-                self.names.remember(fh_parent_fuse, name,
-                                    child if node.dir is not None else None)
+            if self.names is not None:
+                self.names.remember(fuse_parent, name,
+                                    fuse_ino if stat.S_ISDIR(node.d.mode) else None)
 
     @_edge
     async def releasedir(self, fh: FileHandleT) -> None:
