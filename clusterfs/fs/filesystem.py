@@ -399,6 +399,10 @@ class FileSystem:
             async with self._hold(pr=[parent], write=False):
                 ino = self._find_or_none(parent, name)
                 ahead = self._scan_ahead(parent, ino) if self.clustered else []
+                node = self._cached_child(ino) if not ahead else None
+            if node is not None:
+                self.count_lookup(node.d.ino, node.d.generation)
+                return node
             if ino is None:
                 return None
             if ahead:
@@ -434,6 +438,20 @@ class FileSystem:
                 if len(ahead) == SCAN_BATCH:
                     break
         return ahead
+
+    def _cached_child(self, ino: int | None) -> CachedInode | None:
+        """(Under the parent's lock, name just found.) The child inode when its own lock
+        is cached, taken without a wait: the lookup then needs one round of locks, not
+        two (_named_inode). None when it would have to wait."""
+        if ino is None:
+            return None
+        glock = self.glocks.hold_if_cached(("inode", ino), Mode.PR)
+        if glock is None:
+            return None
+        try:
+            return self._inode(ino, by_name=True)
+        finally:
+            self.glocks.release([glock])
 
     async def _named_inode(self, parent: int, name: bytes, ino: int) -> CachedInode | None:
         """The inode `name` in `parent` names, read while both are locked (in order) and
