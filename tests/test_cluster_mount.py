@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import stat
 import subprocess
 import sys
@@ -289,6 +290,8 @@ def test_status_shows_the_mount_and_its_glocks(tmp_path):
         assert f"mount       {c.mountpoint(1)}" in r.stdout
         assert "journal slot" in r.stdout
         assert "inode:" in r.stdout          # a cached glock, with its mode
+        assert re.search(r"journal     commits=\d+ blocks=\d+ checkpoints=\d+ "
+                         r"write-backs=\d+ \(blocks revoked=\d+\)", r.stdout), r.stdout
 
 
 def _glock_stats(c, node: int) -> dict:

@@ -694,3 +694,30 @@ async def test_a_busy_node_hands_over_a_clean_inode_without_writing_its_journal_
         assert await a.fs.read(f.ino, BLOCK - 1, 7) == b"aFROM B"
         assert await b.fs.read(g.ino, 0, 100) == b"g on a"            # g: flushed for b
         assert written_home() > before
+
+
+@trio_test
+async def test_a_lookup_of_a_file_whose_lock_is_cached_takes_one_round_of_locks(
+        tmp_path) -> None:
+    """The child's lock cached: the name and the inode under one hold of the parent
+    (GlockManager.hold_if_cached), not a second hold of both; not cached (or demoted
+    since): the two-round path, which waits for the lock."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        f = await a.fs.mknod(root, b"f", REG, 0, 0, 0)
+        assert (await b.fs.lookup(root, b"f")).ino == f.ino       # b caches f's lock
+        rounds: list[list] = []
+        acquire = b.fs.glocks.acquire
+
+        async def counting(wanted):
+            wanted = list(wanted)
+            rounds.append([name for name, _mode in wanted])
+            return await acquire(wanted)
+
+        b.fs.glocks.acquire = counting
+        assert (await b.fs.lookup(root, b"f")).ino == f.ino
+        assert rounds == [[("inode", root)]]
+        await a.fs.setattr(f.ino, mode=stat.S_IFREG | 0o600)      # b's copy goes
+        rounds.clear()
+        got = await b.fs.lookup(root, b"f")
+        assert stat.S_IMODE(got.d.mode) == 0o600 and len(rounds) == 2

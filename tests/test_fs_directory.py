@@ -106,3 +106,16 @@ def test_a_block_count_too_small_for_the_table_is_corruption():
         assert "cannot hold" in str(exc)
     else:
         raise AssertionError("a hashed directory counting 1 block loaded")
+
+
+def test_inode_numbers_are_sorted_and_follow_every_change():
+    d, blocks = Directory(), Blocks()
+    names = _fill(d, blocks, 3000)                # hashed by now
+    assert d.inode_numbers() == sorted(names.values())
+    first = next(iter(names))
+    d.remove(first)
+    d.replace(b"entry-000001-x", 99, 8)
+    d.add(b"late", 1, 8, blocks.alloc, blocks.free)
+    want = sorted([1, 99] + [ino for n, ino in names.items()
+                             if n not in (first, b"entry-000001-x")])
+    assert d.inode_numbers() == want

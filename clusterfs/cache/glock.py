@@ -261,6 +261,19 @@ class GlockManager:
             for name, mode in todo:
                 nursery.start_soon(one, name, mode)
 
+    def hold_if_cached(self, name: ResourceName, mode: Mode) -> Glock | None:
+        """Hold `name` if that needs no wait (cached in `mode` or better, no demote past
+        its hold, locking open), else None; release() it. Taking a lock this way while
+        holding others cannot deadlock: it never waits, so the sorted order acquire()
+        keeps does not apply."""
+        glock = self.glocks.get(name)
+        if glock is None or not glock.usable_for(mode) or \
+                (self.gate is not None and not self.gate.is_open()):
+            return None
+        self._hold(glock)
+        self.stats["cached_hits"] += 1
+        return glock
+
     def _cached_for(self, name: ResourceName, mode: Mode) -> bool:
         glock = self.glocks.get(name)
         return glock is not None and glock.usable_for(mode)

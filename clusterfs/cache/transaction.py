@@ -249,6 +249,10 @@ class TransactionManager:
         finally:
             self._background = False
 
+    def journal_stats(self) -> dict[str, int]:
+        """The journal's counters (commits, checkpoints, write-backs...), for status."""
+        return dict(self.journal.stats)
+
     def committing(self) -> bool:
         """A commit or checkpoint is under way."""
         return self._lock.locked()

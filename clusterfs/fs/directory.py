@@ -70,6 +70,8 @@ class Directory:
         self.dirty_leaves: set[int] = set()
         self.table_dirty = False
         self._read = read
+        self._by_number: list[int] | None = None   # children's numbers, sorted (kept
+                                                    # until the next change)
 
     # -- loading -------------------------------------------------------------------
     @classmethod
@@ -140,6 +142,13 @@ class Directory:
         self._load_all()
         return [item for leaf in self.leaves.values() for item in leaf.entries.items()]
 
+    def inode_numbers(self) -> list[int]:
+        """Every entry's inode number, sorted; kept until the next change, so a scan
+        of a big directory does not sort it again for each batch it brings in."""
+        if self._by_number is None:
+            self._by_number = sorted(ino for _name, (ino, _t) in self.items())
+        return self._by_number
+
     def __len__(self) -> int:
         if not self.hashed:
             return len(self.entries)
@@ -164,6 +173,7 @@ class Directory:
 
     # -- changes -----------------------------------------------------------------
     def add(self, name: bytes, ino: int, dtype: int, alloc: AllocBlock, free: FreeBlock) -> None:
+        self._by_number = None
         if not self.hashed:
             size = fmt.linear_size(self.linear_bytes, name)
             if size <= PAYLOAD_MAX:
@@ -174,6 +184,7 @@ class Directory:
         self._hashed_add(name, ino, dtype, alloc, free)
 
     def remove(self, name: bytes) -> None:
+        self._by_number = None
         if not self.hashed:
             del self.entries[name]
             self.linear_bytes -= fmt.LINEAR_ENTRY.size + len(name)
@@ -184,6 +195,7 @@ class Directory:
 
     def replace(self, name: bytes, ino: int, dtype: int) -> None:
         """Point an existing name at another inode (rename over a target)."""
+        self._by_number = None
         if not self.hashed:
             self.entries[name] = (ino, dtype)
             return

@@ -9,7 +9,9 @@ block addresses (the FUSE adapter maps the root to 1).
 
 from __future__ import annotations
 
+import bisect
 import errno
+import itertools
 import logging
 import stat
 import time
@@ -397,6 +399,10 @@ class FileSystem:
             async with self._hold(pr=[parent], write=False):
                 ino = self._find_or_none(parent, name)
                 ahead = self._scan_ahead(parent, ino) if self.clustered else []
+                node = self._cached_child(ino) if not ahead else None
+            if node is not None:
+                self.count_lookup(node.d.ino, node.d.generation)
+                return node
             if ino is None:
                 return None
             if ahead:
@@ -424,9 +430,28 @@ class FileSystem:
         d = self._inode(parent).dir
         if d is None or (d.hashed and d.leaf_count > SCAN_LEAVES_MAX):
             return []
-        ahead = sorted(child for _name, (child, _t) in d.items()
-                       if child >= ino and child not in self.inodes)
-        return ahead[:SCAN_BATCH]
+        numbers = d.inode_numbers()
+        ahead: list[int] = []
+        for child in itertools.islice(numbers, bisect.bisect_left(numbers, ino), None):
+            if child not in self.inodes:
+                ahead.append(child)
+                if len(ahead) == SCAN_BATCH:
+                    break
+        return ahead
+
+    def _cached_child(self, ino: int | None) -> CachedInode | None:
+        """(Under the parent's lock, name just found.) The child inode when its own lock
+        is cached, taken without a wait: the lookup then needs one round of locks, not
+        two (_named_inode). None when it would have to wait."""
+        if ino is None:
+            return None
+        glock = self.glocks.hold_if_cached(("inode", ino), Mode.PR)
+        if glock is None:
+            return None
+        try:
+            return self._inode(ino, by_name=True)
+        finally:
+            self.glocks.release([glock])
 
     async def _named_inode(self, parent: int, name: bytes, ino: int) -> CachedInode | None:
         """The inode `name` in `parent` names, read while both are locked (in order) and

@@ -478,6 +478,7 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
 def _mount_status(mountpoint: str, device: str, fs, slot: int, recovery) -> dict:
     return {"mountpoint": mountpoint, "device": device, "slot": slot,
             "withdrawn": fs.txn.withdrawn, "glock_stats": fs.glocks.statistics(),
+            "journal_stats": fs.txn.journal_stats(),
             "min_hold": fs.glocks.min_hold,
             "glocks": fs.glocks.dump(), "locks_usable": recovery.is_open(),
             "last_recovery": recovery.last}

@@ -104,6 +104,11 @@ def print_status(st: dict[str, Any]) -> None:
               f"down-converted={g['down_converted']} (idle: "
               f"{g.get('shared_when_idle', 0)}) deadlocks-retried="
               f"{g['deadlocks_retried']}")
+        j = m.get("journal_stats")
+        if j:
+            print(f"journal     commits={j['commits']} blocks={j['blocks']} "
+                  f"checkpoints={j['checkpoints']} write-backs={j['write_backs']} "
+                  f"(blocks revoked={j['revoked']}) flushes={j['flushes']}")
         min_hold = m.get("min_hold", 0)
         for gl in m["glocks"]:
             name = ":".join(str(p) for p in gl["name"])
