@@ -38,8 +38,9 @@ from pyfuse3 import (
 from clusterfs.errors import ClusterFSError, FSError
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.directory import NAME_MAX
-from clusterfs.fs.filesystem import RENAME_EXCHANGE, FileSystem
+from clusterfs.fs.filesystem import FileSystem
 from clusterfs.fs.inode import CachedInode
+from clusterfs.fs.namespace import RENAME_EXCHANGE
 from clusterfs.fuse.names import INO_MASK, KernelNames, ino_of
 
 log = logging.getLogger(__name__)

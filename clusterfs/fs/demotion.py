@@ -1,0 +1,120 @@
+"""Demotion: what the filesystem does when one of its locks goes down (another
+node asked, or the lock cache lets it go): commit, write home what the lock
+covers with a revoke record (or everything), drop the objects it covers, tell
+the kernel to forget (docs/journal.md, "No stale replay").
+
+A mixin of FileSystem (fs/filesystem.py), split out by noun: its methods use the
+filesystem's state and plumbing (`_hold`, `_inode`, `txn`, `glocks`, ...).
+"""
+
+from __future__ import annotations
+
+import trio
+
+from clusterfs.cache.glock import Glock
+from clusterfs.cache.transaction import Covered
+from clusterfs.dlm.interface import Mode
+from clusterfs.fs.alloc import encode_free_lvb
+
+
+class Demotion:
+    # ================================================================ lock demotion
+    async def _flush_for_demote(self, covered: Covered | None = None) -> None:
+        """Before a lock goes down: commit, and write home what it covers (`covered`,
+        with a revoke record for those blocks; everything, emptying the journal, when
+        None). So no replay of our journal puts a block whose lock this node gave up
+        over a newer copy (the no-stale-replay rule, docs/journal.md), and the disk
+        holds the newest copy of everything the next holder will read."""
+        if not self.txn.withdrawn:
+            await self.txn.flush_for_demote(covered)
+        elif self.clustered:
+            # what we committed may not be home: never hand it over stale; the mount
+            # leaves the cluster as failed and the others replay our journal
+            await trio.sleep_forever()
+
+    def _nothing_to_flush(self, glock: Glock) -> bool:
+        """May this glock go down without a journal flush (to another node, or out of
+        the lock cache)? A data chunk always (its demote only drains queued writes).
+        An inode if no change to it is
+        dirty, being committed or logged and not yet home: then the disk holds the
+        newest copy of everything its lock covers, and our journal no copy a replay
+        could put over a newer one (docs/journal.md). Under a busy node the journal
+        is seldom empty; this lets its idle inodes go without emptying it each time,
+        to its lock cache or to another node."""
+        if glock.name[0] != "inode":
+            return glock.name[0] == "data"
+        ino = glock.name[1]
+        if self.txn.committing():
+            return False                 # (the journal's state is moving: flush as before)
+        node = self.inodes.get(ino)
+        if node is None:
+            # (freed here: its tombstone may be dirty, with no cached inode to say so)
+            return ino not in self.freed and not self.blocks.logged(ino)
+        return not self.txn.is_dirty(node) and \
+            not any(self.blocks.logged(blkno) for blkno in node.meta_blocks())
+
+    async def _demote_inode(self, glock: Glock, target: Mode) -> None:
+        """Another node wants this inode (or the lock cache lets it go): flush;
+        going to nothing, also drop our copy (open or not: per-open state lives in
+        self.opens) and tell the kernel. An inode with nothing of it dirty or in the
+        journal needs no flush, only queued data writes on the device
+        (_nothing_to_flush): a busy node does not write its whole journal home because
+        another node reads one of its older files."""
+        ino = glock.name[1]
+        if self._nothing_to_flush(glock) and self.txn.withdrawn is None:
+            await self.txn.drain_data()
+        else:
+            await self._flush_for_demote(self._covered_by(ino))
+            self._unguarded.pop(ino, None)
+        if target != Mode.NL:
+            return                       # PR: our clean copy stays valid
+        self.inodes.drop_if_clean(ino)   # (dirty now: created during the flush)
+        self.blocks.forget_read_ahead()  # chunks of its data may be rewritten elsewhere
+        if self.names_hook is not None:  # the other node may rename what is in it
+            self.names_hook(ino)
+        await self.kernel_forget.forget(ino)
+
+    def _covered_by(self, ino: int) -> Covered:
+        """What inode `ino`'s lock covers, asked once its flush has committed: every
+        metadata block of the cached inode, and the inode block of each inode created
+        in it (a directory) whose own lock is not held yet. None (write everything
+        home) when the inode is not cached or was freed here: then which of its blocks
+        may be in the journal is not known."""
+        def blocks() -> list[int] | None:
+            node = self.inodes.get(ino)
+            if node is None or ino in self.freed:
+                return None
+            return node.meta_blocks() + list(self._unguarded.get(ino, ()))
+        return blocks
+
+    async def _demote_data(self, glock: Glock, target: Mode) -> None:
+        """Another node wants a chunk of a file's data: our queued writes there must be
+        on the device before it reads or writes it; going to nothing (it will write),
+        what we read ahead may be stale. The data lock covers no metadata: an
+        overwrite in place changed none, so there is nothing to commit."""
+        if self.txn.withdrawn is not None:
+            await self._flush_for_demote()   # never hands a lock over (see there)
+            return
+        await self.txn.drain_data()
+        if target == Mode.NL:
+            self.blocks.forget_read_ahead()
+
+    async def _demote_rgrp(self, glock: Glock, target: Mode) -> None:
+        """Flush, leave the group's free count in the lock value block, drop the group."""
+        await self._flush_for_demote()
+        index = glock.name[1]
+        self._leave_free_count(glock)
+        if target == Mode.NL:
+            self.alloc.drop(index)
+
+    def _leave_free_count(self, glock: Glock) -> None:
+        """Before an EX lock on a group goes down: its free count into the lock value
+        block, for the next holder and every statfs (stored only from EX)."""
+        group = self.alloc.groups.get(glock.name[1])
+        if group is not None and glock.lock is not None and glock.lock.mode == Mode.EX:
+            glock.lock.lvb = encode_free_lvb(group.free + group.quarantined)
+
+    async def _demote_flush(self, glock: Glock, target: Mode) -> None:
+        """The rename lock covers no cached object, only the order of directory moves:
+        what the moves changed must be home before another node moves directories."""
+        await self._flush_for_demote()

@@ -1,0 +1,322 @@
+"""FileData: fsync and fdatasync, read (with the device's read-ahead), write
+(stuffed in the inode, in place under byte-range data locks, or into new
+extents) and truncate.
+
+A mixin of FileSystem (fs/filesystem.py), split out by noun: its methods use the
+filesystem's state and plumbing (`_hold`, `_inode`, `txn`, `glocks`, ...).
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+import time
+
+import trio
+
+from clusterfs.dlm.interface import Mode
+from clusterfs.errors import FSError, StorageError
+from clusterfs.format import extent as fext
+from clusterfs.format.block import BLOCK_SIZE
+from clusterfs.format.inode import (
+    F_EXTENTS,
+    PAYLOAD_MAX,
+)
+from clusterfs.fs import extents as ext
+from clusterfs.fs.inode import CachedInode
+
+READAHEAD_TRIGGER = 128 * 1024   # a read this large is taken as sequential
+# Device read-ahead for a sequential reader: keep up to READAHEAD_BLOCKS (32 MiB)
+# advised ahead of it, topped up in steps of READAHEAD_STEP (8 MiB). A 4 MiB window
+# left most 1 MiB reads waiting on the disk (half the read time in pread, cold);
+# a deep queue keeps the disk streaming while we answer FUSE.
+READAHEAD_BLOCKS = 8192
+READAHEAD_STEP = 2048
+# An overwrite in place leaves the file's times alone when they are this recent
+# (and not in the future): the times live in the inode, which the overwrite holds
+# only in PR. A write after a longer pause takes the inode in EX and sets them, so
+# mtime and ctime lag a cluster's writes by less than this.
+WRITE_TIMES_SLACK_NS = 1_000_000_000
+
+
+class FileData:
+    async def fsync(self, ino: int, datasync: bool = False) -> None:
+        """Data is written straight to the device; committing flushes it and the journal.
+        fdatasync of a file whose size and block map no commit has yet to cover (an
+        overwrite in place) needs only its data on the device and a flush: times may
+        wait for the next commit (as fdatasync(2) allows)."""
+        self.txn.check_writable()
+        node = self.inodes.get(ino)
+        if datasync and node is not None and node.synced >= node.meta_version:
+            await self.txn.flush_data()
+            return
+        version = node.meta_version if node is not None else 0
+        await self.txn.commit()
+        if node is not None:
+            node.synced = max(node.synced, version)
+
+    async def read(self, ino: int, off: int, size: int) -> bytes:
+        async with self._hold(pr=[ino], write=False,
+                              data=self.data_locks(ino, off, size, Mode.PR)):
+            node = self._inode(ino)
+            try:
+                return self._read(node, off, size)
+            except StorageError as exc:
+                raise FSError(errno.EIO, str(exc)) from exc
+
+    def _read(self, node: CachedInode, off: int, size: int) -> bytes | memoryview:
+        """The bytes; a memoryview into a read-ahead buffer is valid only until the next
+        device call, i.e. for the reply to this request (see BlockDevice.read_data)."""
+        fsize = node.d.size
+        if off >= fsize or size <= 0:
+            return b""
+        size = min(size, fsize - off)
+        if node.stuffed:
+            return bytes(node.data[off : off + size])
+        first, last = off // BLOCK_SIZE, (off + size - 1) // BLOCK_SIZE
+        if size >= READAHEAD_TRIGGER:
+            # before taking this request's data: the device may hand it out as a view
+            # into a read-ahead buffer that must not be refilled until the reply
+            self._read_ahead(node, last + 1)
+        pieces: list[bytes | memoryview] = []
+        for _l, pblk, n in ext.map_range(node.extents, first, last - first + 1):
+            if pblk is None:
+                pieces.append(bytes(n * BLOCK_SIZE))
+            else:
+                pieces.append(self.blocks.read_data(pblk, n))
+        skip = off - first * BLOCK_SIZE
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        return data[skip : skip + size] if skip or len(data) != size else data
+
+    def _read_ahead(self, node: CachedInode, lblk: int) -> None:
+        """Sequential reader: ask the device to start reading what follows
+        (asynchronously), so the next requests find it cached. `read_ahead_done` is
+        the logical block up to which read-ahead was asked; only the new part of the
+        window is advised, in READAHEAD_STEP steps."""
+        done = node.read_ahead_done
+        if done - lblk > READAHEAD_BLOCKS or done < lblk:
+            done = lblk                  # the reader jumped: restart the window here
+        elif done - lblk > READAHEAD_BLOCKS - READAHEAD_STEP:
+            return                       # still far enough ahead
+        end = lblk + READAHEAD_BLOCKS
+        for _l, pblk, n in ext.map_range(node.extents, done, end - done):
+            if pblk is not None:
+                self.blocks.advise_willneed(pblk, n)
+        node.read_ahead_done = end
+
+    async def write(self, ino: int, off: int, data: bytes) -> int:
+        if off + len(data) > (1 << 63) - 1:
+            raise FSError(errno.EFBIG)
+
+        async def run(alloc):
+            # extent blocks may be given back when extents merge
+            async with self._hold(ex=[ino], alloc=alloc,
+                                  frees=lambda: self._inode(ino).ext_blocks):
+                node = self._inode(ino)
+                self._write(node, off, data)
+                return len(data)
+
+        if not self.blocks.write_room(len(data)):
+            # the write-behind queue is full: wait in a worker thread, not in the loop
+            await trio.to_thread.run_sync(self.blocks.wait_write_room, len(data))
+        if self.clustered and await self._overwrite_in_place(ino, off, data):
+            return len(data)
+        node = self.inodes.get(ino)
+        goal = ino
+        if node is not None and node.extents:
+            goal = node.extents[-1].pblk + node.extents[-1].count
+        return await self._retrying(run, goal, len(data) // BLOCK_SIZE + 2)
+
+    async def _overwrite_in_place(self, ino: int, off: int, data: bytes) -> bool:
+        """A cluster's overwrite of blocks the file already has, inside its size, with
+        recent times: under the inode's lock in PR and the data chunks' in EX, so
+        another node writing other chunks of the file (or reading its attributes)
+        goes on at the same time. False, having changed nothing, when the write
+        needs more (blocks, size or times: then it takes the inode in EX)."""
+        cached = self.inodes.get(ino)
+        if cached is not None and not self._fits_in_place(cached, off, len(data)):
+            return False                 # (a copy cached under no lock: only a guess)
+        async with self._hold(pr=[ino], write=False,
+                              data=self.data_locks(ino, off, len(data), Mode.EX)):
+            self.txn.check_writable()
+            node = self._inode(ino)
+            if not self._fits_in_place(node, off, len(data)):
+                return False
+            first, last = off // BLOCK_SIZE, (off + len(data) - 1) // BLOCK_SIZE
+            runs = ext.map_range(node.extents, first, last - first + 1)
+            buf = self._assemble(node, off, data, first, last, runs)
+            for lblk, pblk, n in runs:
+                pos = (lblk - first) * BLOCK_SIZE
+                self._write_data(pblk, buf[pos : pos + n * BLOCK_SIZE])
+            return True
+
+    @staticmethod
+    def _fits_in_place(node: CachedInode, off: int, size: int) -> bool:
+        """Whether a write of `size` bytes at `off` changes nothing but data: a regular
+        file's existing blocks below its size, its times recent enough to stand."""
+        d = node.d
+        if not stat.S_ISREG(d.mode) or node.stuffed or not size or off + size > d.size:
+            return False
+        now = time.time_ns()
+        for secs, nsecs in ((d.mtime, d.mtime_ns), (d.ctime, d.ctime_ns)):
+            if not 0 <= now - (secs * 1_000_000_000 + nsecs) < WRITE_TIMES_SLACK_NS:
+                return False
+        first, last = off // BLOCK_SIZE, (off + size - 1) // BLOCK_SIZE
+        return all(pblk is not None for _l, pblk, _n in
+                   ext.map_range(node.extents, first, last - first + 1))
+
+    def _write(self, node: CachedInode, off: int, data: bytes | memoryview) -> None:
+        end = off + len(data)
+        if not data:
+            return
+        if node.stuffed and end <= PAYLOAD_MAX:
+            if len(node.data) < off:
+                node.data.extend(bytes(off - len(node.data)))
+            node.data[off:end] = data
+            node.d.size = max(node.d.size, end)
+            node.meta_version += 1          # the data itself lives in the inode block
+            node.touch()
+            self._dirty(node)
+            return
+        first, last = off // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
+        old = bytes(node.data) if node.stuffed else b""
+        runs = ext.map_range(node.extents, first, last - first + 1)
+        holes = sum(n for _l, p, n in runs if p is None)
+        unstuff = 1 if (node.stuffed and old) else 0
+        goal = node.extents[-1].pblk + node.extents[-1].count if node.extents else node.ino
+        new_runs = self._reserve_runs(goal, holes + unstuff)
+        if holes or unstuff or end > node.d.size:
+            node.meta_version += 1          # block map or size: a datasync must commit
+        if holes or unstuff:
+            self.txn.fresh_data = True      # that commit must flush the data first
+        meta = self._reserve(goal, 2) if len(node.extents) + len(new_runs) > \
+            fext.INLINE_EXTENTS else []
+        # -- no failure past this point except I/O
+        if node.stuffed:
+            node.set_map_kind(F_EXTENTS)
+            node.data = bytearray()
+            if unstuff:
+                pblk, _n = self._take_run(new_runs, 1)
+                self.blocks.write_data_now(pblk, old.ljust(BLOCK_SIZE, b"\0"))
+                ext.insert(node.extents, fext.Extent(0, pblk, 1))
+                if first == 0:
+                    runs = ext.map_range(node.extents, first, last - first + 1)
+        buf = self._assemble(node, off, data, first, last, runs)
+        for lblk, pblk, n in runs:
+            pos = (lblk - first) * BLOCK_SIZE
+            if pblk is not None:
+                self._write_data(pblk, buf[pos : pos + n * BLOCK_SIZE])
+                continue
+            done = 0
+            while done < n:
+                pstart, got = self._take_run(new_runs, n - done)
+                chunk = buf[pos + done * BLOCK_SIZE : pos + (done + got) * BLOCK_SIZE]
+                self._write_data(pstart, chunk)
+                ext.insert(node.extents, fext.Extent(lblk + done, pstart, got))
+                done += got
+        self._unreserve([b for s, c in new_runs for b in range(s, s + c)])
+        self._fit_extent_blocks(node, meta)
+        node.d.size = max(node.d.size, end)
+        node.touch()
+        self._dirty(node)
+
+    def _write_data(self, pblk: int, chunk: memoryview) -> None:
+        """File data straight to its blocks, queued to the device's write-behind thread:
+        the request is answered while the copy is made (the journal commit waits for
+        the queue before it flushes, so data still precedes the metadata that points
+        at it, and fsync still makes it durable)."""
+        self.blocks.write_data(pblk, chunk)
+
+    def _assemble(self, node: CachedInode, off: int, data: bytes | memoryview, first: int,
+                  last: int, runs: list) -> memoryview:
+        """Whole blocks covering the write: existing bytes around it, zeros in holes."""
+        start = first * BLOCK_SIZE
+        if off == start and len(data) % BLOCK_SIZE == 0:
+            return memoryview(data)
+        buf = bytearray((last - first + 1) * BLOCK_SIZE)
+        mapped = {lblk: (pblk, n) for lblk, pblk, n in runs if pblk is not None}
+        for edge in {first, last}:
+            for lblk, (pblk, n) in mapped.items():
+                if lblk <= edge < lblk + n:
+                    at = (edge - first) * BLOCK_SIZE
+                    buf[at : at + BLOCK_SIZE] = self.blocks.read_data_block(pblk + edge - lblk)
+        buf[off - start : off - start + len(data)] = data
+        return memoryview(buf)
+
+    def _reserve_runs(self, goal: int, count: int) -> list[tuple[int, int]]:
+        runs: list[tuple[int, int]] = []
+        try:
+            while count > 0:
+                start, n = self.alloc.allocate(goal, count, self._dirty)
+                runs.append((start, n))
+                goal, count = start + n, count - n
+        except FSError:
+            self._unreserve([b for s, c in runs for b in range(s, s + c)])
+            raise
+        return runs
+
+    @staticmethod
+    def _take_run(runs: list[tuple[int, int]], want: int) -> tuple[int, int]:
+        start, n = runs[0]
+        got = min(n, want)
+        if got == n:
+            runs.pop(0)
+        else:
+            runs[0] = (start + got, n - got)
+        return start, got
+
+    def _fit_extent_blocks(self, node: CachedInode, spare: list[int]) -> None:
+        """Give the extent list as many extent blocks as it needs, no more."""
+        need = node.extent_blocks_needed()
+        if need > fext.MAX_EXTENT_BLOCKS:
+            self._unreserve(spare)
+            raise FSError(errno.EFBIG, "file too fragmented")
+        while len(node.ext_blocks) < need:
+            node.ext_blocks.append(spare.pop() if spare else self._reserve(node.ino, 1)[0])
+        while len(node.ext_blocks) > need:
+            self._release(node.ext_blocks.pop(), 1)
+        self._unreserve(spare)
+
+    async def truncate(self, ino: int, size: int) -> None:
+        async def run(alloc):
+            async with self._hold(ex=[ino], alloc=alloc,
+                                  frees=lambda: self._tail_blocks(ino, size)):
+                self._truncate(self._inode(ino), size)
+
+        await self._retrying(run, ino, 4)
+
+    def _tail_blocks(self, ino: int, size: int) -> list[int]:
+        node = self._inode(ino)
+        keep = -(-size // BLOCK_SIZE)
+        return [e.pblk for e in node.extents if e.lend > keep] + node.ext_blocks
+
+    def _truncate(self, node: CachedInode, size: int) -> None:
+        if node.dir is not None:
+            raise FSError(errno.EISDIR)
+        node.meta_version += 1
+        if node.stuffed:
+            if size <= PAYLOAD_MAX:
+                node.data = node.data[:size].ljust(size, b"\0")
+                node.d.size = size
+                node.touch()
+                self._dirty(node)
+                return
+            data = bytes(node.data)
+            node.data = bytearray()
+            node.set_map_kind(F_EXTENTS)
+            node.d.size = 0
+            if data:
+                self._write(node, 0, data)
+        keep = -(-size // BLOCK_SIZE)
+        if size < node.d.size:
+            for pblk, n in ext.truncate(node.extents, keep):
+                self._release(pblk, n)
+            if size % BLOCK_SIZE:
+                tail = ext.map_range(node.extents, size // BLOCK_SIZE, 1)[0]
+                if tail[1] is not None:
+                    cut = size % BLOCK_SIZE
+                    self.blocks.zero_data(tail[1], cut)
+            self._fit_extent_blocks(node, [])
+        node.d.size = size
+        node.touch()
+        self._dirty(node)
