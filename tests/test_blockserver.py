@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -532,16 +533,18 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @contextlib.contextmanager
-def _server_processes(image: str, cfg, ports: list[int], nodes: tuple[int, ...]
-                      ) -> Iterator[dict]:
+def _server_processes(image: str, cfg, ports: list[int], nodes: tuple[int, ...],
+                      env: dict[int, dict[str, str]] | None = None) -> Iterator[dict]:
     """Block servers of `nodes` on `image`, each a process of its own (so that it
-    can be SIGSTOPped); killed by pid at the end."""
+    can be SIGSTOPped); killed by pid at the end. `env`: more environment for some
+    (tools/iscsibench.py's test hook)."""
     procs: dict[int, subprocess.Popen] = {}
     try:
         for n in nodes:
             procs[n] = subprocess.Popen(
                 [sys.executable, BENCH, "--serve", image, str(n), ",".join(map(str, ports)),
-                 str(cfg.io_timeout), cfg.key.hex()], stdout=subprocess.PIPE, text=True)
+                 str(cfg.io_timeout), cfg.key.hex()], stdout=subprocess.PIPE, text=True,
+                env={**os.environ, **(env or {}).get(n, {})})
             assert procs[n].stdout.readline().strip() == "serving"
         yield procs
     finally:
@@ -586,6 +589,65 @@ def test_writes_in_flight_to_a_stopped_server_are_retargeted_and_never_land_stal
             time.sleep(1.0)                               # it reads what was sent
             with open(image, "rb") as f:
                 assert f.read(8 * 4096) == newer
+        finally:
+            dev.close()
+
+
+def _said(proc: subprocess.Popen, line: str, timeout: float) -> bool:
+    """Whether `proc` writes `line` on its stdout within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
+        if ready:
+            got = proc.stdout.readline()
+            if not got:
+                return False
+            if got.strip() == line:
+                return True
+    return False
+
+
+def test_a_write_that_outlasts_the_proxys_wait_never_lands_over_a_newer_one(tmp_path):
+    """Issue 8's last hole: the preferred server checks a write's `by` (in time) and
+    starts it, and its device then takes 2 s on it (tools/iscsibench.py's test hook),
+    while the proxy waits 0.5 s. The proxy re-targets the write to the other server,
+    then writes a newer copy of the same block. The slow server is alive (it answers
+    and is never fenced), so nothing stops its device write: the newer copy may go
+    nowhere until that server has said it is done with the old one. Once the slow
+    write landed, the block must hold the newer copy, and reads through the proxy
+    never see the old one after the newer was written. (Before: the newer copy went
+    to the other server at once, and the old one landed over it 1.5 s later.)"""
+    from clusterfs.dlm.preferred import server_order
+    from clusterfs.storage.proxy import UNMAPPED
+
+    ports = free_ports(5)
+    cfg = _bench_config(ports, io_timeout=0.5)
+    image = _image(tmp_path)
+    victim = server_order(UNMAPPED, [1, 2])[0]            # where the proxy writes
+    block = 64 * 4096
+    slow = {victim: {"CLUSTERFS_TEST_SLOW_WRITE": f"{block}:2.0"}}
+    with _server_processes(image, cfg, ports, (1, 2), slow) as procs:
+        dev = ProxyDevice(cfg, 3)
+        dev.attach(lambda: (1, frozenset({1, 2, 3})))
+        try:
+            dev.pwrite(0, b"warm" * 1024)                 # connected to both
+            dev.flush()
+            old, newer = os.urandom(4096), os.urandom(4096)
+            dev.pwrite(block, old)                        # outlasts the wait: re-targeted
+            st = dev.statistics()
+            assert st["retargets"] >= 1 and victim in st["silent"], st
+            dev.pwrite(block, newer)
+            assert dev.pread(block, 4096) == newer
+            dev.flush()
+            assert dev.pread(block, 4096) == newer
+            assert _said(procs[victim], "slow write landed", 5.0)
+            time.sleep(0.2)
+            with open(image, "rb") as f:
+                f.seek(block)
+                on_disk = f.read(4096)
+            assert on_disk != old, "the old write landed over the newer copy"
+            assert on_disk == newer
+            assert dev.pread(block, 4096) == newer
         finally:
             dev.close()
 
