@@ -8,12 +8,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 
 import pytest
@@ -283,6 +285,8 @@ def test_a_connection_closed_under_the_proxy_is_made_again_not_taken_for_silence
         dev.pwrite(0, b"one" * 100)
 
         class Closed:
+            writes: dict = {}                            # noqa: RUF012
+
             def request(self, *args, **kwargs):
                 raise ConnectionError("connection closed by the server")
 
@@ -532,16 +536,18 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @contextlib.contextmanager
-def _server_processes(image: str, cfg, ports: list[int], nodes: tuple[int, ...]
-                      ) -> Iterator[dict]:
+def _server_processes(image: str, cfg, ports: list[int], nodes: tuple[int, ...],
+                      env: dict[int, dict[str, str]] | None = None) -> Iterator[dict]:
     """Block servers of `nodes` on `image`, each a process of its own (so that it
-    can be SIGSTOPped); killed by pid at the end."""
+    can be SIGSTOPped); killed by pid at the end. `env`: more environment for some
+    (tools/iscsibench.py's test hook)."""
     procs: dict[int, subprocess.Popen] = {}
     try:
         for n in nodes:
             procs[n] = subprocess.Popen(
                 [sys.executable, BENCH, "--serve", image, str(n), ",".join(map(str, ports)),
-                 str(cfg.io_timeout), cfg.key.hex()], stdout=subprocess.PIPE, text=True)
+                 str(cfg.io_timeout), cfg.key.hex()], stdout=subprocess.PIPE, text=True,
+                env={**os.environ, **(env or {}).get(n, {})})
             assert procs[n].stdout.readline().strip() == "serving"
         yield procs
     finally:
@@ -556,28 +562,39 @@ def test_writes_in_flight_to_a_stopped_server_are_retargeted_and_never_land_stal
     """Seed 000 with several requests in flight: the proxy's preferred server is
     SIGSTOPped and eight queued writes go to it; they time out, the proxy re-targets
     them to the other server (no error), reads them back there, and overwrites them.
-    On SIGCONT the stopped server finds those eight writes in its socket: it must
-    write none of them (it was stopped: quarantine), so the newer bytes stay."""
+    The eight are maybe in flight on the stopped server (it took them and did not
+    answer), so the drain returns only once it is out of the view, which membership
+    does about 1.2 s after a stop (here a timer, 1 s after it). On SIGCONT the
+    stopped server finds those eight writes in its socket: it must write none of
+    them (it was stopped: quarantine), so the newer bytes stay."""
     from clusterfs.dlm.preferred import server_order
     from clusterfs.storage.proxy import UNMAPPED
 
     ports = free_ports(5)
     cfg = _bench_config(ports, io_timeout=0.5)
     image = _image(tmp_path)
+    view = [(1, frozenset({1, 2, 3}))]
     with _server_processes(image, cfg, ports, (1, 2)) as procs:
         dev = ProxyDevice(cfg, 3)
-        dev.attach(lambda: (1, frozenset({1, 2, 3})))
+        dev.attach(lambda: view[0])
+        removed = None
         try:
             victim = server_order(UNMAPPED, [1, 2])[0]      # where the proxy writes
             dev.pwrite(0, b"warm" * 1024)
             dev.flush()
             os.kill(procs[victim].pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+            removed = threading.Timer(1.0, view.__setitem__,
+                                      (0, (2, frozenset({1, 2, 3}) - {victim})))
+            removed.start()
             stale = [os.urandom(4096) for _ in range(8)]
             for i, block in enumerate(stale):
                 dev.write_behind(i * 4096, block)
             dev.drain()                                   # no error: re-targeted
+            assert time.monotonic() - stopped >= 1.0      # and the victim left the view
             st = dev.statistics()
             assert st["retargets"] >= 1 and victim in st["silent"], st
+            assert st["maybe_in_flight"] >= 1 and st["unsettled"] == 0, st
             assert dev.pread(0, 8 * 4096) == b"".join(stale)
             newer = os.urandom(8 * 4096)
             dev.pwrite(0, newer)
@@ -586,6 +603,193 @@ def test_writes_in_flight_to_a_stopped_server_are_retargeted_and_never_land_stal
             time.sleep(1.0)                               # it reads what was sent
             with open(image, "rb") as f:
                 assert f.read(8 * 4096) == newer
+        finally:
+            if removed is not None:
+                removed.cancel()
+            dev.close()
+
+
+# -- a write maybe in flight: newer writes of its bytes wait for it (issue 8) --------
+def test_a_server_closes_a_half_closed_connection_only_once_its_io_is_done(slow):
+    """What the proxy counts on for a write whose reply did not come: it half-closes
+    the connection (no more requests), and the server closes its end only once
+    every request it read from it is done, so the close says the write can no longer
+    land. The write's device I/O takes 1 s here: the close comes after it, with the
+    bytes on the disk."""
+    served, disk = slow
+    disk.slow_offsets[0] = 1.0
+    conn = _Connection(served.cfg, 3, 1, 5.0)
+    try:
+        data = os.urandom(4096)
+        started = time.monotonic()
+        conn.send(MsgType.BLOCK_WRITE, 1, {"id": 1, "off": 0, "data": data},
+                  time.monotonic() + 5, 5.0, seq=1)
+        time.sleep(0.2)                                  # under way on the server
+        conn.linger()
+        while not conn.settled():
+            assert time.monotonic() - started < 5
+            time.sleep(0.01)
+        assert time.monotonic() - started >= 0.9
+        assert disk.inner.pread(0, 4096) == data
+    finally:
+        conn.close()
+
+
+def test_only_newer_overlapping_writes_wait_for_one_maybe_in_flight():
+    """The rule by itself: a write maybe in flight (number 5, one block) holds back
+    writes that overlap it and are newer; not older ones or itself (the log re-sent
+    after a silence: it ends with the newest copy), nor writes elsewhere. A held
+    write holds back the newer ones over its own bytes, and reads see it."""
+    from clusterfs.storage.proxy import _Logged
+
+    dev = object.__new__(ProxyDevice)
+    dev.stats = {"held": 0}
+    dev._held = []
+    dev._lingering = [types.SimpleNamespace(writes={7: (8192, 4096, 5)})]
+    older, itself = _Logged(8192, b"a" * 4096, 3), _Logged(8192, b"b" * 4096, 5)
+    newer, elsewhere = _Logged(4096, b"c" * 8192, 6), _Logged(0, b"d" * 4096, 9)
+    assert not dev._must_wait(older) and not dev._must_wait(itself)
+    assert dev._must_wait(newer) and not dev._must_wait(elsewhere)
+    dev._hold(newer)
+    later = _Logged(4096, b"e" * 4096, 10)               # over the held one only
+    assert dev._must_wait(later)
+    dev._lingering = []                                   # settled
+    assert not dev._must_wait(newer) and dev._must_wait(later)
+    assert dev._with_held(0, bytes(16384)) == bytes(4096) + b"c" * 8192 + bytes(4096)
+
+
+@contextlib.contextmanager
+def _slow_pair(tmp_path, block: int, seconds: float) -> Iterator[tuple]:
+    """Servers 1 and 2 on one image, in this process; the device of the one the
+    proxy writes to first takes `seconds` on every write at `block`. Yields (proxy,
+    image path, that server)."""
+    from clusterfs.dlm.preferred import server_order
+    from clusterfs.storage.proxy import UNMAPPED
+
+    cfg = _config([1, 2], io_timeout=0.5)
+    image = _image(tmp_path)
+    victim = server_order(UNMAPPED, [1, 2])[0]
+    disks = {n: SlowDevice(image, 0.0) for n in (1, 2)}
+    disks[victim].slow_offsets[block] = seconds
+    try:
+        with _serving(cfg, 1, disks[1]), _serving(cfg, 2, disks[2]):
+            dev = ProxyDevice(cfg, 3)
+            dev.attach(lambda: (1, frozenset({1, 2, 3})))
+            try:
+                dev.pwrite(0, b"warm" * 1024)             # connected to both
+                dev.flush()
+                yield dev, image, victim
+            finally:
+                dev.close()
+                time.sleep(max(0.0, seconds - 0.5))       # its slow write ends
+    finally:
+        for d in disks.values():
+            d.close()
+
+
+def _on_disk(image: str, offset: int) -> bytes:
+    with open(image, "rb") as f:
+        f.seek(offset)
+        return f.read(4096)
+
+
+def test_a_newer_write_is_held_until_the_old_one_is_settled_and_read_meanwhile(tmp_path):
+    """The old write outlasts the proxy's wait (its server's device takes 1.5 s) and
+    is re-sent through the other server. The newer copy of the block is held, not
+    sent: reads through the proxy return it, the disk still holds the old copy; a
+    drain returns once the slow server closed the connection (its write done), with
+    the newer copy sent and on the disk."""
+    block = 64 * 4096
+    with _slow_pair(tmp_path, block, 1.5) as (dev, image, victim):
+        old, newer = os.urandom(4096), os.urandom(4096)
+        dev.pwrite(block, old)                           # re-targeted after 0.5 s
+        assert victim in dev.statistics()["silent"]
+        dev.pwrite(block, newer)
+        st = dev.statistics()
+        assert st["holding"] == 1 and st["unsettled"] == 1, st
+        assert dev.pread(block, 4096) == newer
+        assert dev.pread(block - 4096, 3 * 4096)[4096:8192] == newer
+        assert _on_disk(image, block) == old
+        assert dev.behind_pending >= 8192                # a drain has work to do
+        dev.drain()
+        st = dev.statistics()
+        assert st["holding"] == 0 and st["unsettled"] == 0, st
+        assert _on_disk(image, block) == newer
+        assert dev.pread(block, 4096) == newer
+
+
+def test_a_server_that_never_settles_fails_the_flush_instead_of_hanging(tmp_path):
+    """A server that took a write, is alive (not removed from the view) and never
+    finishes it: the held newer copy cannot be ordered after it, so a flush fails
+    (StorageError: the mount withdraws) after settle_timeout instead of hanging or
+    writing the newer copy where the old one could land over it."""
+    block = 64 * 4096
+    with _slow_pair(tmp_path, block, 3.0) as (dev, _path, _victim):
+        dev.settle_timeout = 0.8
+        dev.pwrite(block, b"o" * 4096)                   # re-targeted after 0.5 s
+        dev.pwrite(block, b"n" * 4096)                   # held
+        started = time.monotonic()
+        with pytest.raises(StorageError, match="neither answered them"):
+            dev.flush()
+        assert time.monotonic() - started < 1.5
+        assert dev.pread(block, 4096) == b"n" * 4096
+
+
+def _said(proc: subprocess.Popen, line: str, timeout: float) -> bool:
+    """Whether `proc` writes `line` on its stdout within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([proc.stdout], [], [], deadline - time.monotonic())
+        if ready:
+            got = proc.stdout.readline()
+            if not got:
+                return False
+            if got.strip() == line:
+                return True
+    return False
+
+
+def test_a_write_that_outlasts_the_proxys_wait_never_lands_over_a_newer_one(tmp_path):
+    """Issue 8's last hole: the preferred server checks a write's `by` (in time) and
+    starts it, and its device then takes 2 s on it (tools/iscsibench.py's test hook),
+    while the proxy waits 0.5 s. The proxy re-targets the write to the other server,
+    then writes a newer copy of the same block. The slow server is alive (it answers
+    and is never fenced), so nothing stops its device write: the newer copy may go
+    nowhere until that server has said it is done with the old one. Once the slow
+    write landed, the block must hold the newer copy, and reads through the proxy
+    never see the old one after the newer was written. (Before: the newer copy went
+    to the other server at once, and the old one landed over it 1.5 s later.)"""
+    from clusterfs.dlm.preferred import server_order
+    from clusterfs.storage.proxy import UNMAPPED
+
+    ports = free_ports(5)
+    cfg = _bench_config(ports, io_timeout=0.5)
+    image = _image(tmp_path)
+    victim = server_order(UNMAPPED, [1, 2])[0]            # where the proxy writes
+    block = 64 * 4096
+    slow = {victim: {"CLUSTERFS_TEST_SLOW_WRITE": f"{block}:2.0"}}
+    with _server_processes(image, cfg, ports, (1, 2), slow) as procs:
+        dev = ProxyDevice(cfg, 3)
+        dev.attach(lambda: (1, frozenset({1, 2, 3})))
+        try:
+            dev.pwrite(0, b"warm" * 1024)                 # connected to both
+            dev.flush()
+            old, newer = os.urandom(4096), os.urandom(4096)
+            dev.pwrite(block, old)                        # outlasts the wait: re-targeted
+            st = dev.statistics()
+            assert st["retargets"] >= 1 and victim in st["silent"], st
+            dev.pwrite(block, newer)
+            assert dev.pread(block, 4096) == newer
+            dev.flush()
+            assert dev.pread(block, 4096) == newer
+            assert _said(procs[victim], "slow write landed", 5.0)
+            time.sleep(0.2)
+            with open(image, "rb") as f:
+                f.seek(block)
+                on_disk = f.read(4096)
+            assert on_disk != old, "the old write landed over the newer copy"
+            assert on_disk == newer
+            assert dev.pread(block, 4096) == newer
         finally:
             dev.close()
 

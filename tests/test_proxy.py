@@ -261,6 +261,12 @@ def test_sigstop_of_the_proxys_server_retargets_without_an_error(tmp_path):
         print(f"\nSIGSTOP of server {server} -> first re-targeted I/O: "
               f"{first - stopped_at:.3f} s (io_timeout {IO_TIMEOUT} s)")
         assert first - stopped_at < 10 * IO_TIMEOUT
+        print(f"writes maybe in flight on the stopped server: "
+              f"{dev.get('maybe_in_flight')}, newer ones held behind them: {dev.get('held')}")
+        done = [float(line.split()[2]) for line in _lines if len(line.split()) == 3]
+        after = [t for t in done if t >= stopped_at]
+        gaps = [b - a for a, b in zip([stopped_at, *after], after, strict=False)]
+        print(f"longest write + fsync of a MiB after the stop: {max(gaps):.2f} s")
         expect = _expected(chunks, rounds)
         for n in (3, other):
             with open(c.path(n, "w"), "rb") as f:
@@ -301,11 +307,13 @@ print("last", r - 1, flush=True)
 """
 
 
-def _rewrite_with_busiest_server_stopped(c: Cluster, tmp_path, while_stopped):
+def _rewrite_with_busiest_server_stopped(c: Cluster, tmp_path, while_stopped,
+                                        let_go_first: bool = False):
     """Node 3 runs REWRITER; after its third round the server it wrote through most is
     SIGSTOPped, `while_stopped()` runs, the writer is told to stop and waited for, and
-    only then is the server let go (SIGCONT). Returns (that server, the writer's
-    output, its exit code, what while_stopped returned)."""
+    only then is the server let go (SIGCONT; with `let_go_first`, before the writer
+    is told). Returns (that server, the writer's output, its exit code, what
+    while_stopped returned)."""
     stop = tmp_path / "stop-writing"
     w = subprocess.Popen([sys.executable, "-c", REWRITER, c.path(3, "w"), str(stop)],
                          stdout=subprocess.PIPE, text=True)
@@ -318,6 +326,8 @@ def _rewrite_with_busiest_server_stopped(c: Cluster, tmp_path, while_stopped):
         os.kill(victim.pid, signal.SIGSTOP)
         try:
             result = while_stopped()
+            if let_go_first:
+                os.kill(victim.pid, signal.SIGCONT)
             stop.touch()
             out, _ = w.communicate(timeout=60)
         finally:
@@ -333,13 +343,17 @@ def test_a_briefly_stopped_server_writes_nothing_stale(tmp_path):
     I/O times out (io_timeout 0.5 s), and membership would remove it if it left the
     probe unanswered for probe_timeout (1 s) more; it is let go 0.9 s after the stop.
     A writer on node 3 rewrites one MiB again and again; while the server is
-    stopped, node 3 re-targets and rewrites it several times more, then the writer
-    stops, and only then is the server let go: the older copy that waited in its
-    socket must not land over the newer ones."""
+    stopped, node 3 re-targets and rewrites it, then the server is let go, then the
+    writer stops: the older copy that waited in its socket must not land over the
+    newer ones. (A rewrite over a write the stopped server took and did not answer,
+    maybe in flight there, is held and the writer's fsync waits for that server:
+    storage/proxy.py. So the server is let go before the writer is told to stop;
+    the other way round, the fsync would keep it stopped until membership removed
+    it.)"""
     with ProxyCluster(tmp_path) as c:
         # re-target, and rewrite meanwhile
         server, out, rc, _ = _rewrite_with_busiest_server_stopped(
-            c, tmp_path, lambda: time.sleep(0.9))
+            c, tmp_path, lambda: time.sleep(0.9), let_go_first=True)
         last = out.splitlines()[-1].split()
         assert last[0] == "last" and rc == 0, (out, c.logs())
         time.sleep(1.0)                               # the late copy would land now

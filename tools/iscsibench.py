@@ -136,6 +136,34 @@ class StaticMembership:
         return recv
 
 
+# TEST HOOK (tests/test_blockserver.py), off by default: with
+# CLUSTERFS_TEST_SLOW_WRITE=OFFSET:SECONDS in its environment, a --serve process's
+# first device write at byte OFFSET takes SECONDS longer (a disk that stalls on one
+# write the server started in time: after its `by` check), and says `slow write
+# landed` on stdout once it is on the device.
+SLOW_WRITE_ENV = "CLUSTERFS_TEST_SLOW_WRITE"
+
+
+class _SlowOnce:
+    """A BlockDevice whose first write at one offset stalls (the test hook above)."""
+
+    def __init__(self, dev: BlockDevice, offset: int, seconds: float) -> None:
+        self.dev, self.offset, self.seconds = dev, offset, seconds
+        self.size = dev.size
+
+    def pwrite(self, offset: int, data) -> None:
+        if offset != self.offset or self.seconds <= 0:
+            self.dev.pwrite(offset, data)
+            return
+        seconds, self.seconds = self.seconds, 0.0
+        time.sleep(seconds)
+        self.dev.pwrite(offset, data)
+        print("slow write landed", flush=True)
+
+    def __getattr__(self, name: str):
+        return getattr(self.dev, name)
+
+
 def serve(path: str, node_id: int, ports: list[int], io_timeout: float, key: str) -> None:
     """The block server of `node_id` on `path` (run in a child process)."""
     import dataclasses
@@ -146,6 +174,10 @@ def serve(path: str, node_id: int, ports: list[int], io_timeout: float, key: str
 
     cfg = dataclasses.replace(bench_config(ports, io_timeout), key=bytes.fromhex(key))
     dev = BlockDevice(path)
+    slow = os.environ.get(SLOW_WRITE_ENV)
+    if slow:                              # a test hook, off unless the variable is set
+        offset, seconds = slow.split(":")
+        dev = _SlowOnce(dev, int(offset), float(seconds))
 
     async def run() -> None:
         server = BlockServer(cfg, node_id, dev, StaticMembership())

@@ -52,6 +52,14 @@ holds those threads, not the event loop nor the worker threads the rest of the
 node uses); the event loop only reads, checks and answers frames. A write or
 flush, once handed to an I/O thread, is waited for even if its connection goes:
 a fence of its sender waits for it (`cut_off_node`).
+
+A promise the proxy counts on (storage/proxy.py, "Maybe in flight"): a connection
+is closed here only once every request read from it is done with the device (its
+requests' nursery waits for their shielded I/O before the stream is closed, for an
+end of the requests, a broken frame and a stop alike). A proxy that gave up on a
+write half-closes the connection and reads on: the reply, or else this close, tells
+it the write can no longer land, so a newer write of the same bytes may go out.
+Closing the connection does not stop a device write under way; nothing here does.
 """
 
 from __future__ import annotations
@@ -302,6 +310,8 @@ class BlockServer:
             with trio.fail_after(self.cfg.connect_timeout):
                 client, skey = await self._handshake(stream, reader)
             replies = _Replies(stream, skey, self.node_id)
+            # the stream is closed (finally) only after this nursery, which waits for
+            # every request's device I/O: a proxy reads the close as "all done" (doc)
             async with trio.open_nursery() as requests:
                 await self._read_requests(reader, client, replies, requests)
             if replies.error is not None:

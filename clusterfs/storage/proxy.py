@@ -47,6 +47,36 @@ reaches the disk later. So none starts after its wait ran out, wherever it sat
 meanwhile (in socket buffers, behind a held or stopped event loop). A server removed
 from the view is also fenced by the survivors before any recovery.
 
+Maybe in flight. `by` bounds when a write starts, not when it ends: a server may
+start one in time and its device then take longer than the proxy waits (a slow
+disk, a stalled thread), and nothing stops a device write under way (closing the
+connection does not: the server's I/O threads finish what they took). Such a write
+may land at any time until its server is done with it. So a write whose reply did
+not come is "maybe in flight", and the rule is: no write that overlaps its bytes
+and is newer (every write is numbered when accepted) goes to any server until it is
+settled, that is until its server
+- answered it (late: ok or refused, the server answers once its device is done), or
+- closed the connection. The proxy half-closes it (no more requests: the server
+  reads their end) and keeps reading it; a block server closes a connection only
+  once every request it read from it has finished its I/O (storage/blockserver.py),
+  and a killed one's sockets close only once its threads left their system calls;
+- or left this node's view (removed, so fenced by the survivors).
+A newer overlapping write meanwhile is held: kept in memory (it is in the log,
+which LOG_LIMIT bounds) and not sent, and the caller goes on, so a call on the event
+loop never waits for a slow server (that loop runs membership, which is what removes
+a stopped one). Reads are patched with the held writes: none returns an older copy
+after a newer was written. Every call first looks, without waiting, for late answers
+and closes and sends the held writes nothing older blocks any more. A flush and a
+drain wait until nothing is maybe in flight or held (the device lock released while
+they wait): after either, another node may take the lock over these bytes and write
+them, and a late write landing then would be as stale. That wait is bounded
+(settle_timeout: SETTLE_SHARE x the failure timeout): a server that neither answers
+nor leaves the view that long (alive, its disk hung) fails the flush (StorageError:
+the mount withdraws) rather than hang or lose a write. The log re-sent after a
+silence follows the same rule without waiting for the server that went silent:
+each of its writes over a byte that one may still write is that very write or an
+older one (nothing newer over it was sent), and the re-send ends with the newest.
+
 Several requests in flight (up to WINDOW per device). A read or write larger
 than PIECE is cut into pieces sent all at once, and `write_behind` (file data)
 sends its write and returns, its reply read later: when the window is full, at
@@ -67,6 +97,7 @@ Thread-safe: one lock; a call holds it while it sends and reads its replies.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import logging
@@ -97,6 +128,9 @@ LOOP_SHARE = 4               # a request sent on the event loop waits io_timeout
 CLOCK_DRIFT = 1e-4           # how far two nodes' clocks may drift apart, s per s
 WINDOW = 8                   # requests in flight per device, at most
 PIECE = bw.MAX_IO             # larger reads and writes go in pieces of this, side by side
+SETTLE_SHARE = 2             # x failure_timeout: how long a flush waits for a write
+                             # maybe in flight to be settled (module doc)
+SETTLE_POLL = 0.02           # seconds between looks while a flush waits for that
 SCHEME = "proxy://"
 FAILOVER_PHASE = "proxy re-target"    # clusterfs.failover: a silent server until re-targeted
 
@@ -119,6 +153,24 @@ class _Lost(Exception):
     """The connection a request went out on was dropped before its reply came."""
 
 
+class _Blocked(Exception):
+    """A write may not be sent yet: an older one over its bytes may still land
+    (module doc, "Maybe in flight"). It is held instead."""
+
+
+@dataclasses.dataclass(eq=False)
+class _Logged:
+    """A write accepted since the last flush (the log), numbered in the order accepted."""
+
+    offset: int
+    data: bytes
+    seq: int
+    held: bool = False             # not sent yet: an older overlapping one may land
+
+    def overlaps(self, offset: int, length: int) -> bool:
+        return self.offset < offset + length and offset < self.offset + len(self.data)
+
+
 @dataclasses.dataclass(eq=False)
 class _Request:
     """A request sent and not answered yet."""
@@ -133,6 +185,7 @@ class _Request:
     wait: float                    # seconds from its send to `deadline`
     covered: bool = False          # a write its server's silence had re-sent (the log)
     reply: dict[str, Any] | None = None
+    entry: _Logged | None = None   # a write's entry in the log
 
     @property
     def writes(self) -> bool:
@@ -162,6 +215,11 @@ class _Connection:
         self.out, self.inb = bw.Sequencer(), bw.Sequencer()
         self.waiting: set[int] = set()             # ids sent, reply not read yet
         self.arrived: dict[int, dict[str, Any]] = {}   # replies read, not asked for yet
+        # writes sent and not answered: id -> (offset, length, seq). After a silence
+        # they are maybe in flight on the server (module doc)
+        self.writes: dict[int, tuple[int, int, int]] = {}
+        self.since = 0.0              # when it was half-closed (linger)
+        self.broken = False           # its frames can no longer be read (lingering)
         # a lower bound of (the server's clock - ours), from the clock its HELLO and
         # replies carry (blockwire): a write's start deadline `by` is mapped with it
         self.offset = float("-inf")
@@ -204,14 +262,16 @@ class _Connection:
         return ours + self.offset - CLOCK_DRIFT * (time.monotonic() - self.offset_at)
 
     def send(self, mtype: int, generation: int, body: dict[str, Any], deadline: float,
-             wait: float) -> None:
+             wait: float, seq: int = 0) -> None:
         """Send one request (its reply is read by `reply(body["id"], ...)`), which we
         wait `wait` seconds for, until `deadline`. A write may start on the server no
-        later than halfway there (its `by`, on the server's clock: blockwire)."""
+        later than halfway there (its `by`, on the server's clock: blockwire); `seq`
+        is its number in the log."""
         if mtype == MsgType.BLOCK_WRITE:
             by = self.server_time(deadline - wait / 2)
             if by is not None:
                 body = {**body, "by": by}
+            self.writes[body["id"]] = (body["off"], len(body["data"]), seq)
         self.waiting.add(body["id"])
         self._send(wf.encode_prefixed(self.skey, mtype, self.me, generation,
                                       self.out.take(), body), deadline)
@@ -219,23 +279,69 @@ class _Connection:
     def reply(self, rid: int, deadline: float) -> dict[str, Any]:
         """The reply to request `rid`, reading the others' as they come first."""
         while rid not in self.arrived:
-            f = wf.decode(self.skey, self._recv(deadline), max_frame=bw.MAX_FRAME)
-            self.inb.check(f, self.server)
-            body = f.body
-            self._clock(body)
-            got = body.get("id") if isinstance(body, dict) else None
-            if f.type != MsgType.BLOCK_REPLY or got not in self.waiting:
-                raise WireError(f"block server {self.server}: a reply to no request of ours")
-            self.waiting.discard(got)
-            self.arrived[got] = body
+            self._take(self._recv(deadline))
         return self.arrived.pop(rid)
 
+    def _take(self, data: bytes) -> None:
+        """Check one frame read and keep the reply it carries."""
+        f = wf.decode(self.skey, data, max_frame=bw.MAX_FRAME)
+        self.inb.check(f, self.server)
+        body = f.body
+        self._clock(body)
+        got = body.get("id") if isinstance(body, dict) else None
+        if f.type != MsgType.BLOCK_REPLY or got not in self.waiting:
+            raise WireError(f"block server {self.server}: a reply to no request of ours")
+        self.waiting.discard(got)
+        self.writes.pop(got, None)        # answered: the server is done with it
+        self.arrived[got] = body
+
     def request(self, mtype: int, generation: int, body: dict[str, Any],
-                timeout: float) -> dict[str, Any]:
+                timeout: float, seq: int = 0) -> dict[str, Any]:
         """One request and its reply."""
         deadline = time.monotonic() + timeout
-        self.send(mtype, generation, body, deadline, timeout)
+        self.send(mtype, generation, body, deadline, timeout, seq)
         return self.reply(body["id"], deadline)
+
+    def linger(self) -> None:
+        """Send nothing more here, but keep reading: writes sent here are maybe in
+        flight until answered, or until the server closes its end, which it does
+        only once every request it read is done (module doc). Half-closing tells it
+        that no more requests come."""
+        self.since = time.monotonic()
+        self.arrived.clear()
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass                          # already gone: reading says so
+
+    def settled(self) -> bool:
+        """Whether no write sent here can land any more: each answered, or the
+        server closed the connection (after its I/O). Reads what has come; never
+        waits. A connection whose frames cannot be read any more (forged, out of
+        sequence) settles nothing: the view has to."""
+        if self.broken:
+            return False
+        try:
+            self.sock.setblocking(False)
+            while self.writes:
+                data = self._frame()
+                if data is not None:
+                    self._take(data)
+                    continue
+                chunk = self.sock.recv(1 << 16)
+                if not chunk:
+                    return True           # closed by the server, its I/O done
+                self.buf += chunk
+        except BlockingIOError:
+            return False
+        except ConnectionError:
+            return True                   # reset: the server's socket is gone
+        except (OSError, WireError) as exc:
+            log.warning("block server %d: cannot read the replies to writes that may "
+                        "still land: %s", self.server, exc)
+            self.broken = True
+            return False
+        return True
 
     def _send(self, data: bytes, deadline: float) -> None:
         self.sock.settimeout(max(0.001, deadline - time.monotonic()))
@@ -247,6 +353,19 @@ class _Connection:
         (n,) = wf.LENGTH.unpack_from(self.buf)
         wf.check_length(n, bw.MAX_FRAME)
         self._fill(head + n, deadline)
+        data = self._frame()
+        assert data is not None
+        return data
+
+    def _frame(self) -> bytes | None:
+        """The first whole frame read, taken from the buffer; None if none is."""
+        head = wf.LENGTH.size
+        if len(self.buf) < head:
+            return None
+        (n,) = wf.LENGTH.unpack_from(self.buf)
+        wf.check_length(n, bw.MAX_FRAME)
+        if len(self.buf) < head + n:
+            return None
         data = bytes(self.buf[head : head + n])
         del self.buf[: head + n]
         return data
@@ -291,10 +410,17 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self._preferred_gen = 0                            # view it was last pruned for
         self._retarget_pending = False                     # a server went silent since
         self._lock = threading.RLock()
+        self._settling = threading.Condition(self._lock)  # a flush's wait releases the lock
         self._conns: dict[int, _Connection] = {}
         self._silent: dict[int, tuple[float, int]] = {}    # server -> (until, generation)
-        self._log: list[tuple[int, bytes]] = []
+        self._log: list[_Logged] = []
         self._log_bytes = 0
+        self._seq = 0                                      # the last write's number
+        # half-closed connections whose writes are maybe in flight (module doc), and
+        # the writes held until those are settled, in their order
+        self._lingering: list[_Connection] = []
+        self._held: list[_Logged] = []
+        self.settle_timeout = SETTLE_SHARE * config.failure_timeout
         self._unflushed: set[int] = set()                  # servers written since flush
         self._inflight: collections.deque[_Request] = collections.deque()   # sent order
         self._inflight_written = 0                         # bytes of writes among them
@@ -302,7 +428,8 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self._ids = 0
         self.stats = {"reads": 0, "writes": 0, "flushes": 0, "requests": 0,
                       "timeouts": 0, "retargets": 0, "resent": 0, "refusals": 0,
-                      "to_named": 0, "to_computed": 0, "pipelined": 0, "most_in_flight": 0}
+                      "to_named": 0, "to_computed": 0, "pipelined": 0, "most_in_flight": 0,
+                      "maybe_in_flight": 0, "held": 0}
         self.per_server: dict[int, int] = {}               # requests answered
         self.written: dict[int, int] = {}                  # bytes written, by server
         self.retarget_times: list[float] = []              # wall clock of each re-target
@@ -360,21 +487,26 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             if server not in members:
                 self._preferred.pop(key, None)
 
-    def _call(self, mtype: int, body: dict[str, Any], offset: int
-              ) -> tuple[int, dict[str, Any]]:
+    def _call(self, mtype: int, body: dict[str, Any], offset: int,
+              entry: _Logged | None = None) -> tuple[int, dict[str, Any]]:
         """Send one request to the first live server that answers: (server, reply).
         When every server failed, try them all again for up to REFUSED_WAIT x
-        io_timeout (views changing, a server in quarantine) before giving up."""
+        io_timeout (views changing, a server in quarantine) before giving up.
+        A write (`entry`) that a silence meanwhile put behind a write maybe in
+        flight raises _Blocked."""
         errors: list[str] = []
         deadline = time.monotonic() + REFUSED_WAIT * self.io_timeout
+        seq = entry.seq if entry is not None else 0
         while True:
             order = self._candidates(offset)
             if not order and self._silent and time.monotonic() <= deadline:
                 self._silent.clear()          # every server silent: try them all again
                 continue
             for server in order:
+                if entry is not None and self._must_wait(entry):
+                    raise _Blocked
                 try:
-                    reply = self._send_to(server, mtype, body)
+                    reply = self._send_to(server, mtype, body, seq)
                 except _Silent as exc:
                     errors.append(str(exc))
                     self._mark_silent(server, exc)
@@ -387,7 +519,8 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         why = "; ".join(errors[-3:]) or "none live"
         raise StorageError(f"{self.path}: no block server left ({why})")
 
-    def _send_to(self, server: int, mtype: int, body: dict[str, Any]) -> dict[str, Any]:
+    def _send_to(self, server: int, mtype: int, body: dict[str, Any], seq: int = 0
+                 ) -> dict[str, Any]:
         """One request to `server`, and its reply (nothing else is sent meanwhile)."""
         self._ids += 1
         body = {**body, "id": self._ids}
@@ -395,7 +528,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         wait = self._wait()
         self.stats["requests"] += 1
         try:
-            reply = self._exchange(server, mtype, generation, body, wait)
+            reply = self._exchange(server, mtype, generation, body, wait, seq)
         except TimeoutError as exc:
             self.stats["timeouts"] += 1
             self._drop(server)
@@ -432,23 +565,34 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         raise StorageError(f"{self.path}: {reason}")
 
     def _exchange(self, server: int, mtype: int, generation: int, body: dict[str, Any],
-                  wait: float) -> dict[str, Any]:
+                  wait: float, seq: int) -> dict[str, Any]:
         conn = self._conns.get(server)
         if conn is not None:
             try:
-                return conn.request(mtype, generation, body, wait)
+                return conn.request(mtype, generation, body, wait, seq)
             except ConnectionError:
                 # a connection made earlier was closed under us (the server restarted,
                 # or dropped it): no silence yet. Once more on a new one (a request
                 # is idempotent, and nothing else was sent meanwhile)
                 self._drop(server)
         conn = self._connection(server, wait)
-        return conn.request(mtype, generation, body, wait)
+        return conn.request(mtype, generation, body, wait, seq)
 
     def _drop(self, server: int) -> None:
+        """Use `server`'s connection no more. Writes it took and did not answer are
+        maybe in flight there: it lingers until they are settled (module doc)."""
         conn = self._conns.pop(server, None)
-        if conn is not None:
+        if conn is None:
+            return
+        if not conn.writes:
             conn.close()
+            return
+        conn.linger()
+        self._lingering.append(conn)
+        self.stats["maybe_in_flight"] += len(conn.writes)
+        log.info("node %d: %d write(s) maybe still under way on block server %d: newer "
+                 "writes of their bytes wait until it answers, closes or leaves the view",
+                 self.node_id, len(conn.writes), server)
 
     def _mark_silent(self, server: int, exc: _Silent) -> None:
         failover.enter(FAILOVER_PHASE)
@@ -474,22 +618,126 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
 
     def _resend_log(self) -> None:
         """A server that took writes not yet flushed went silent: send every write
-        since the last flush again, in order (the others' too: the same final state)."""
-        for offset, data in list(self._log):
-            server, _ = self._call(MsgType.BLOCK_WRITE, {"off": offset, "data": data}, offset)
-            self._unflushed.add(server)
-            self.stats["resent"] += 1
+        since the last flush again, in order (the others' too: the same final state).
+        The held ones go when released."""
+        for entry in list(self._log):
+            if not entry.held:
+                self._put(entry)
+                self.stats["resent"] += 1
+
+    # -- writes maybe in flight (module doc) ---------------------------------------------
+    def _must_wait(self, entry: _Logged) -> bool:
+        """Whether an older write over `entry`'s bytes may still land after it: one
+        maybe in flight on a silent server, or one held. Free when there is none."""
+        if not self._lingering and not self._held:
+            return False
+        offset, length = entry.offset, len(entry.data)
+        for conn in self._lingering:
+            for off, n, seq in conn.writes.values():
+                if seq < entry.seq and off < offset + length and offset < off + n:
+                    return True
+        return any(h.seq < entry.seq and h.overlaps(offset, length) for h in self._held)
+
+    def _put(self, entry: _Logged) -> int | None:
+        """Write `entry` through the first server that takes it, waiting for its
+        answer: that server. None if it is held instead (an older write over its
+        bytes may still land)."""
+        if self._must_wait(entry):
+            self._hold(entry)
+            return None
+        try:
+            server, _ = self._call(MsgType.BLOCK_WRITE,
+                                   {"off": entry.offset, "data": entry.data},
+                                   entry.offset, entry)
+        except _Blocked:
+            self._hold(entry)
+            return None
+        self._unflushed.add(server)
+        return server
+
+    def _hold(self, entry: _Logged) -> None:
+        entry.held = True
+        bisect.insort(self._held, entry, key=lambda e: e.seq)
+        self.stats["held"] += 1
+
+    def _settle(self) -> None:
+        """Forget the writes maybe in flight that no longer are (answered, connection
+        closed by the server, server out of the view), then send the held writes
+        that nothing older blocks any more. Never waits for a slow server."""
+        if not self._lingering and not self._held:
+            return
+        if self._lingering:
+            members = self._current()[1]
+            for conn in list(self._lingering):
+                left = conn.server not in members
+                if left or conn.settled():
+                    self._lingering.remove(conn)
+                    conn.close()
+                    log.info("node %d: block server %d %s: its writes can no longer "
+                             "land late", self.node_id, conn.server,
+                             "left the view" if left else "answered or closed")
+        for entry in list(self._held):
+            if entry.held and not self._must_wait(entry):
+                self._held.remove(entry)
+                entry.held = False
+                server = self._put(entry)
+                if server is not None:
+                    self.written[server] = self.written.get(server, 0) + len(entry.data)
+
+    def _await_settled(self) -> None:
+        """(Under the lock.) Wait until no write is maybe in flight or held, letting
+        go of the lock between looks (the event loop's calls hold their writes
+        meanwhile rather than wait). StorageError if a server has owed that for
+        settle_timeout."""
+        started = time.monotonic()
+        while True:
+            self._settle()
+            if not self._lingering and not self._held:
+                return
+            since = min([started, *(c.since for c in self._lingering)])
+            if time.monotonic() - since > self.settle_timeout:
+                raise StorageError(self._unsettled_error())
+            self._settling.wait(SETTLE_POLL)
+
+    def _unsettled_error(self) -> str:
+        servers = sorted({c.server for c in self._lingering})
+        return (f"{self.path}: block server(s) {servers} took writes and neither answered "
+                f"them, nor closed the connection, nor left the view within "
+                f"{self.settle_timeout:g} s: they may still land, so newer writes of "
+                f"those bytes cannot be ordered after them")
+
+    def _quiesce(self) -> None:
+        """(Under the lock.) Every write sent answered, none maybe in flight or held."""
+        while True:
+            self._finish_all()
+            self._await_settled()
+            if not self._inflight:
+                return
+
+    def _with_held(self, offset: int, data: bytes) -> bytes:
+        """`data` read at `offset`, with the held writes over it laid on, in order."""
+        if not self._held:
+            return data
+        out = bytearray(data)
+        for h in self._held:
+            if h.overlaps(offset, len(out)):
+                lo, hi = max(h.offset, offset), min(h.offset + len(h.data), offset + len(out))
+                out[lo - offset : hi - offset] = h.data[lo - h.offset : hi - h.offset]
+        return bytes(out)
 
     # -- several requests in flight ----------------------------------------------------
-    def _start(self, mtype: int, body: dict[str, Any], offset: int, length: int
-               ) -> _Request | None:
+    def _start(self, mtype: int, body: dict[str, Any], offset: int, length: int,
+               entry: _Logged | None = None) -> _Request | None:
         """Send a request to the first live server of `offset`'s order that takes it,
         once the window has room and nothing in flight overlaps it; None if none
-        did (the caller then goes through _call, which waits for servers)."""
+        did (the caller then goes through _call, which waits for servers). A write
+        (`entry`) put behind one maybe in flight meanwhile raises _Blocked."""
         self._make_room(offset, length)
         for server in self._candidates(offset):
+            if entry is not None and self._must_wait(entry):
+                raise _Blocked
             try:
-                req = self._submit(server, mtype, body, offset, length)
+                req = self._submit(server, mtype, body, offset, length, entry)
             except _Silent as exc:
                 self._mark_silent(server, exc)
                 continue
@@ -516,7 +764,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             self._finish(self._inflight[0])
 
     def _submit(self, server: int, mtype: int, body: dict[str, Any], offset: int,
-                length: int) -> _Request:
+                length: int, entry: _Logged | None = None) -> _Request:
         self._ids += 1
         body = {**body, "id": self._ids}
         generation = self._current()[0]
@@ -526,7 +774,8 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         for attempt in (1, 2):
             try:
                 conn = self._connection(server, wait)
-                conn.send(mtype, generation, body, deadline, wait)
+                conn.send(mtype, generation, body, deadline, wait,
+                          entry.seq if entry is not None else 0)
             except ConnectionError as exc:
                 # closed under us (the server restarted): once more on a new one
                 self._drop(server)
@@ -543,7 +792,8 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
                 raise _Silent(f"block server {server}: {exc}") from exc
             if mtype == MsgType.BLOCK_WRITE:
                 self._unflushed.add(server)     # its silence re-sends the log from now
-            return _Request(server, conn, mtype, body, offset, length, deadline, wait)
+            return _Request(server, conn, mtype, body, offset, length, deadline, wait,
+                            entry=entry)
         raise AssertionError("unreachable")
 
     def _connection(self, server: int, wait: float) -> _Connection:
@@ -591,6 +841,9 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
 
     def _again(self, req: _Request) -> dict[str, Any]:
         """Send a request whose first try was lost once more, waiting for it."""
+        if req.entry is not None:
+            self._put(req.entry)             # a write: unless held
+            return {}
         body = {k: v for k, v in req.body.items() if k != "id"}
         server, reply = self._call(req.mtype, body, req.offset)
         if req.writes:
@@ -628,11 +881,13 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         end = min(offset + length, self.size)
         with self._lock:
             self.stats["reads"] += 1
+            self._settle()
             if end - offset <= PIECE:
-                return self._read_one(offset, end - offset)
+                return self._with_held(offset, self._read_one(offset, end - offset))
             pieces = [self._read_started(at, min(PIECE, end - at))
                       for at in range(offset, end, PIECE)]
-            return b"".join(self._read_finished(*piece) for piece in pieces)
+            data = b"".join(self._read_finished(*piece) for piece in pieces)
+            return self._with_held(offset, data)
 
     def _read_one(self, offset: int, length: int) -> bytes:
         """One request, answered before anything else is sent."""
@@ -665,6 +920,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         raw = self._writable(offset, data)
         with self._lock:
             self.stats["writes"] += 1
+            self._settle()
             if len(raw) <= PIECE:
                 self._make_room(offset, len(raw))
                 self._write_piece(offset, raw)
@@ -680,6 +936,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         raw = self._writable(offset, data)
         with self._lock:
             self.stats["writes"] += 1
+            self._settle()
             for at in range(0, len(raw), PIECE):
                 self._write_started(offset + at, raw[at : at + PIECE])
 
@@ -692,38 +949,49 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
                                f"device ({self.size} bytes)")
         return bytes(data)
 
-    def _logged(self, offset: int, piece: bytes) -> None:
-        """Keep `piece` for a re-send until the next flush."""
+    def _logged(self, offset: int, piece: bytes) -> _Logged:
+        """Keep `piece` for a re-send until the next flush, numbered (the log bounds
+        the held writes too: they are in it)."""
         if self._log_bytes + len(piece) > LOG_LIMIT:
             self._flush_locked()                 # keeps the re-send log bounded
-        self._log.append((offset, piece))
+        self._seq += 1
+        entry = _Logged(offset, piece, self._seq)
+        self._log.append(entry)
         self._log_bytes += len(piece)
+        return entry
 
     def _write_piece(self, offset: int, piece: bytes) -> None:
-        self._logged(offset, piece)
-        server, _ = self._call(MsgType.BLOCK_WRITE, {"off": offset, "data": piece}, offset)
-        self._unflushed.add(server)
-        self.written[server] = self.written.get(server, 0) + len(piece)
+        server = self._put(self._logged(offset, piece))
+        if server is not None:
+            self.written[server] = self.written.get(server, 0) + len(piece)
 
     def _write_started(self, offset: int, piece: bytes) -> _Request | None:
-        """Send one piece (written at once, waiting, if no server takes it)."""
-        self._logged(offset, piece)
-        req = self._start(MsgType.BLOCK_WRITE, {"off": offset, "data": piece}, offset,
-                          len(piece))
-        if req is None:
-            server, _ = self._call(MsgType.BLOCK_WRITE, {"off": offset, "data": piece},
-                                   offset)
-            self._unflushed.add(server)
-            req_server = server
-        else:
-            req_server = req.server
-        self.written[req_server] = self.written.get(req_server, 0) + len(piece)
+        """Send one piece (written at once, waiting, if no server takes it; held if
+        an older write over it is maybe in flight)."""
+        entry = self._logged(offset, piece)
+        try:
+            if self._must_wait(entry):
+                raise _Blocked
+            req = self._start(MsgType.BLOCK_WRITE, {"off": offset, "data": piece}, offset,
+                              len(piece), entry)
+        except _Blocked:
+            self._hold(entry)
+            return None
+        server = req.server if req is not None else self._put(entry)
+        if server is not None:
+            self.written[server] = self.written.get(server, 0) + len(piece)
         return req
 
     @property
     def behind_pending(self) -> int:
-        """Bytes of writes sent and not answered yet."""
-        return self._inflight_written
+        """Bytes of writes sent and not answered yet, maybe in flight, or held (a
+        drain waits for all of them)."""
+        pending = self._inflight_written
+        if self._lingering or self._held:
+            pending += sum(len(e.data) for e in list(self._held))
+            pending += sum(n for c in list(self._lingering)
+                           for _, n, _ in list(c.writes.values()))
+        return pending
 
     def behind_has_room(self, length: int) -> bool:
         return len(self._inflight) < WINDOW
@@ -736,9 +1004,10 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
                 self._finish(self._inflight[0])
 
     def drain(self) -> None:
-        """Wait for every write in flight; StorageError if one failed for good."""
+        """Wait for every write in flight, maybe in flight or held (the next holder of
+        a lock reads them on the disk); StorageError if one failed for good."""
         with self._lock:
-            self._finish_all()
+            self._quiesce()
 
 
     def bypass_page_cache(self) -> bool:
@@ -755,7 +1024,16 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         """Flush through every server written since the last flush; a silent one's
         writes are re-sent elsewhere (_mark_silent) and flushed there."""
         self.stats["flushes"] += 1
-        self._finish_all()                  # a flush covers only answered writes
+        while True:
+            self._quiesce()                 # a flush covers only answered writes, and
+            self._flush_servers()           # none may land late after it (module doc)
+            if not (self._lingering or self._held or self._inflight):
+                break                       # (a server went silent during the flush)
+        failover.leave(FAILOVER_PHASE)      # a silent server's writes are flushed elsewhere
+        self._log.clear()
+        self._log_bytes = 0
+
+    def _flush_servers(self) -> None:
         while self._unflushed:
             server = min(self._unflushed)
             try:
@@ -764,9 +1042,6 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
                 self._mark_silent(server, exc)     # re-sends the log elsewhere
                 continue
             self._unflushed.discard(server)
-        failover.leave(FAILOVER_PHASE)      # a silent server's writes are flushed elsewhere
-        self._log.clear()
-        self._log_bytes = 0
 
     def refuse_writes(self, reason: str) -> None:
         self._refused = reason
@@ -776,17 +1051,22 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         before if it cared), then close every connection."""
         with self._lock:
             try:
-                self._finish_all()
+                self._quiesce()
             except StorageError as exc:
                 log.warning("node %d: %s: writes in flight at close: %s", self.node_id,
                             self.path, exc)
             for server in list(self._conns):
                 self._drop(server)
+            for conn in self._lingering:
+                conn.close()
+            self._lingering.clear()
 
     def statistics(self) -> dict[str, Any]:
         return {**self.stats, "per_server": dict(self.per_server),
                 "written": dict(self.written),
                 "silent": sorted(self._silent), "io_timeout": self.io_timeout,
+                "unsettled": sum(len(c.writes) for c in list(self._lingering)),
+                "holding": len(self._held),
                 "preferred": {k.decode(errors="replace"): s
                               for k, s in sorted(self._preferred.items())},
                 "retarget_times": self.retarget_times[-50:]}
