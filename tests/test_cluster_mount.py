@@ -292,6 +292,11 @@ def test_status_shows_the_mount_and_its_glocks(tmp_path):
         assert "inode:" in r.stdout          # a cached glock, with its mode
         assert re.search(r"journal     commits=\d+ blocks=\d+ checkpoints=\d+ "
                          r"write-backs=\d+ \(blocks revoked=\d+\)", r.stdout), r.stdout
+        slots = json.loads(run_cli("status", "--control", c.control(1), "--json").stdout)
+        holders = {s["holder"]: s["slot"] for s in slots["slots"]}
+        assert sorted(n for n in holders if isinstance(n, int)) == [1, 2, 3], slots["slots"]
+        assert holders[1] == slots["mount"]["slot"]          # node 1's own, as it says
+        assert f"{holders[2]}: node 2" in r.stdout
 
 
 def _glock_stats(c, node: int) -> dict:

@@ -65,7 +65,7 @@ import os
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -295,13 +295,17 @@ async def _mark_lock_recovery(membership: Any, ls: Lockspace) -> None:
 
 class ControlServer:
     """The control socket of a lockd, or of a cluster mount (which adds what its
-    `extra_status` returns, e.g. its glocks, to every status answer)."""
+    `extra_status` returns, e.g. its glocks, and what `asked_status` finds out by
+    asking the cluster, e.g. who holds each journal slot, to every status answer)."""
 
     def __init__(self, ls: Lockspace, node: Any,
-                 extra_status: Callable[[], dict[str, Any]] | None = None) -> None:
+                 extra_status: Callable[[], dict[str, Any]] | None = None,
+                 asked_status: Callable[[], Awaitable[dict[str, Any]]] | None = None
+                 ) -> None:
         self.ls = ls
         self.node = node
         self.extra_status = extra_status
+        self.asked_status = asked_status
         self.stop = trio.Event()
         self.expelled = False
 
@@ -412,6 +416,8 @@ class _Session:
             out["preferred_servers"] = self.ls.preferred_servers()
         if self.server.extra_status is not None:
             out.update(self.server.extra_status())
+        if self.server.asked_status is not None:
+            out.update(await self.server.asked_status())
         return out
 
     async def op_wait_running(self, req: dict[str, Any]) -> dict[str, Any]:

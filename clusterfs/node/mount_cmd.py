@@ -39,12 +39,15 @@ import signal
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clusterfs import failover
 from clusterfs.errors import ChecksumError, ClusterFSError, NotClusterFS, StorageError
 from clusterfs.node import mountrecord
 from clusterfs.node.prepare import TracebackFormatter, preload
+
+if TYPE_CHECKING:
+    from clusterfs.format.superblock import Superblock
 
 log = logging.getLogger("clusterfs.mount")
 POOL_BUFFERS = 64
@@ -445,7 +448,8 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
                 "fencing": fencing.statistics(),
                 "device": dev.statistics(),
                 "block_server": server.statistics() if server else None,
-                "failover": failover.report()} if shown else {})
+                "failover": failover.report()} if shown else {},
+                asked_status=lambda: _slot_holders(ls, sb))
             path = cluster.control or default_control_path(cluster.node_id)
             os.makedirs(os.path.dirname(path), exist_ok=True)
 
@@ -482,6 +486,36 @@ def _mount_status(mountpoint: str, device: str, fs, slot: int, recovery) -> dict
             "min_hold": fs.glocks.min_hold,
             "glocks": fs.glocks.dump(), "locks_usable": recovery.is_open(),
             "last_recovery": recovery.last}
+
+
+SLOT_QUERY_TIMEOUT = 1.0     # seconds `clusterfs status` waits for the slots' answers
+
+
+async def _slot_holders(ls, sb: Superblock) -> dict:
+    """Who holds each journal slot's lock in EX (a mounted node, or a survivor replaying
+    a dead node's journal), asked of the masters, all at once: `clusterfs status`
+    shows every node's slot, not only this one's. While locking is stopped (a view
+    change, a recovery) or a master does not answer within SLOT_QUERY_TIMEOUT, the
+    slot is shown as unknown: status must answer at once then too."""
+    import trio
+
+    holders: dict[int, int | str | None] = dict.fromkeys(range(sb.journal_count), "unknown")
+    if not ls.statistics().running:
+        return {"slots": [{"slot": s, "holder": h} for s, h in holders.items()]}
+
+    async def ask(slot: int) -> None:
+        try:
+            queues = await ls.dump_resource(("journal", slot))
+        except ClusterFSError:
+            return
+        holders[slot] = next((lk["node"] for lk in queues["locks"]
+                              if lk["queue"] == "granted" and lk["grmode"] == "EX"), None)
+
+    with trio.move_on_after(SLOT_QUERY_TIMEOUT):
+        async with trio.open_nursery() as nursery:
+            for slot in holders:
+                nursery.start_soon(ask, slot)
+    return {"slots": [{"slot": s, "holder": h} for s, h in holders.items()]}
 
 
 async def _watch_expelled(ls, fs) -> None:

@@ -91,6 +91,12 @@ def print_status(st: dict[str, Any]) -> None:
         m = st["mount"]
         print(f"mount       {m['mountpoint']} on {m['device']}, journal slot {m['slot']}"
               f"{', withdrawn: ' + m['withdrawn'] if m.get('withdrawn') else ''}")
+        slots = st.get("slots")
+        if slots:
+            print("slots       " + ", ".join(
+                f"{s['slot']}: " + (f"node {s['holder']}" if isinstance(s["holder"], int)
+                                    else "free" if s["holder"] is None else "unknown")
+                for s in slots))
         rec = m.get("last_recovery")
         if rec:
             print(f"recovery    gen {rec['generation']}: departed {rec['departed']}, "
