@@ -721,3 +721,14 @@ async def test_a_lookup_of_a_file_whose_lock_is_cached_takes_one_round_of_locks(
         rounds.clear()
         got = await b.fs.lookup(root, b"f")
         assert stat.S_IMODE(got.d.mode) == 0o600 and len(rounds) == 2
+
+
+@trio_test
+async def test_files_created_in_many_directories_leave_no_unguarded_records(tmp_path) -> None:
+    """A file created in a directory is covered by the directory's lock only until its
+    own lock is taken (just after): nothing is kept per directory after that."""
+    async with nodes(tmp_path) as (a, _b):
+        for i in range(20):
+            d = await a.fs.mknod(a.fs.root, b"d%d" % i, stat.S_IFDIR | 0o755, 0, 0, 0)
+            await a.fs.mknod(d.ino, b"f", REG, 0, 0, 0)
+        assert a.fs._unguarded == {}

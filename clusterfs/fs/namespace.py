@@ -75,12 +75,21 @@ class Namespace:
             # of this number (freed since) is told to drop it
             async with self._hold(ex=[node.ino], write=False):
                 node = self._inode(node.ino, by_name=True)   # (ours: just created)
-                self._unguarded.get(parent, set()).discard(node.ino)
+                self._guarded(parent, node.ino)
         self.count_lookup(node.ino, node.d.generation)
         if open_it:
             await self._iopen_hold(node.ino)
             self.opens[node.ino] = self.opens.get(node.ino, 0) + 1
         return node
+
+    def _guarded(self, parent: int, ino: int) -> None:
+        """`ino`'s own lock is held now: the directory's lock no longer covers its block
+        (and a directory created in for good leaves no empty set behind)."""
+        unguarded = self._unguarded.get(parent)
+        if unguarded is not None:
+            unguarded.discard(ino)
+            if not unguarded:
+                del self._unguarded[parent]
 
     def _create(self, parent: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
                 target: bytes) -> CachedInode:
