@@ -54,34 +54,38 @@ def decode_jhead(buf: bytes | bytearray | memoryview, blkno: int) -> JournalHead
     return JournalHeader(slot, seq, off, flags)
 
 
+def _encode_homes(btype: BlockType, homes: list[int], blkno: int, seq: int) -> bytearray:
+    """A block listing home addresses (a descriptor or a revoke record: one layout)."""
+    buf = new_block(btype, blkno, seq)
+    DESC_FIELDS.pack_into(buf, HEADER_SIZE, len(homes), 0)
+    struct.pack_into(f"<{len(homes)}Q", buf, HEADER_SIZE + DESC_FIELDS.size, *homes)
+    return seal(buf, btype, blkno, seq)
+
+
+def _decode_homes(btype: BlockType, buf: bytes | bytearray | memoryview, blkno: int
+                  ) -> tuple[int, list[int]]:
+    seq = check(buf, blkno, btype)
+    count, _ = DESC_FIELDS.unpack_from(buf, HEADER_SIZE)
+    count = min(count, TARGETS_PER_DESC)
+    return seq, list(struct.unpack_from(f"<{count}Q", buf, HEADER_SIZE + DESC_FIELDS.size))
+
+
 def encode_descriptor(targets: list[int], blkno: int, seq: int) -> bytearray:
-    buf = new_block(BlockType.JDESC, blkno, seq)
-    DESC_FIELDS.pack_into(buf, HEADER_SIZE, len(targets), 0)
-    struct.pack_into(f"<{len(targets)}Q", buf, HEADER_SIZE + DESC_FIELDS.size, *targets)
-    return seal(buf, BlockType.JDESC, blkno, seq)
+    return _encode_homes(BlockType.JDESC, targets, blkno, seq)
 
 
 def decode_descriptor(buf: bytes | bytearray | memoryview, blkno: int) -> tuple[int, list[int]]:
     """(seq, home addresses)."""
-    seq = check(buf, blkno, BlockType.JDESC)
-    count, _ = DESC_FIELDS.unpack_from(buf, HEADER_SIZE)
-    count = min(count, TARGETS_PER_DESC)
-    return seq, list(struct.unpack_from(f"<{count}Q", buf, HEADER_SIZE + DESC_FIELDS.size))
+    return _decode_homes(BlockType.JDESC, buf, blkno)
 
 
 def encode_revoke(homes: list[int], blkno: int, seq: int) -> bytearray:
-    buf = new_block(BlockType.JREVOKE, blkno, seq)
-    DESC_FIELDS.pack_into(buf, HEADER_SIZE, len(homes), 0)
-    struct.pack_into(f"<{len(homes)}Q", buf, HEADER_SIZE + DESC_FIELDS.size, *homes)
-    return seal(buf, BlockType.JREVOKE, blkno, seq)
+    return _encode_homes(BlockType.JREVOKE, homes, blkno, seq)
 
 
 def decode_revoke(buf: bytes | bytearray | memoryview, blkno: int) -> tuple[int, list[int]]:
     """(seq, revoked home addresses)."""
-    seq = check(buf, blkno, BlockType.JREVOKE)
-    count, _ = DESC_FIELDS.unpack_from(buf, HEADER_SIZE)
-    count = min(count, TARGETS_PER_DESC)
-    return seq, list(struct.unpack_from(f"<{count}Q", buf, HEADER_SIZE + DESC_FIELDS.size))
+    return _decode_homes(BlockType.JREVOKE, buf, blkno)
 
 
 def encode_commit(nblocks: int, crc: int, when_ns: int, blkno: int, seq: int) -> bytearray:
