@@ -223,12 +223,8 @@ class GlockManager:
         try:
             for name in sorted(merged):
                 mode = merged[name]
-                glock = self.glocks.get(name)
-                if glock is not None and glock.usable_for(mode) and \
-                        (self.gate is None or self.gate.is_open()):
-                    self._hold(glock)
-                    self.stats["cached_hits"] += 1
-                else:
+                glock = self.hold_if_cached(name, mode)
+                if glock is None:
                     glock = await self._acquire(name, mode)
                 taken.append(glock)
         except BaseException:
