@@ -48,7 +48,7 @@ class TransactionManager:
         self.withdrawn: str | None = None
         # told once, when the filesystem withdraws (the fs ends every lock wait)
         self.on_withdraw: list[Callable[[str], None]] = []
-        self.stats = {"commits": 0, "operations": 0, "write_backs": 0}
+        self.stats = {"commits": 0, "operations": 0}
         # set by the fs when it writes file data into blocks it just allocated: the
         # next commit must make that data durable before its commit block can be
         # (ordered data), so it flushes twice; otherwise once (see commit)
@@ -183,8 +183,7 @@ class TransactionManager:
             await trio.to_thread.run_sync(journal.checkpoint)
             return True
         if homes:
-            await trio.to_thread.run_sync(journal.write_back, homes)
-            self.stats["write_backs"] += 1
+            await trio.to_thread.run_sync(journal.write_back, homes)   # (counted there)
         return False
 
     async def flush_for_demote(self, covered: Covered | None = None) -> None:
