@@ -290,6 +290,13 @@ def _explain(audit: dict) -> str:
                      + "\n    ".join(e.get("where", [])) for e in audit["during"])
 
 
+def _print_audits(audits: dict[int, dict], what: str = "node") -> None:
+    """Each process's audit, shown when a test fails (what it saw, and when)."""
+    for n, audit in audits.items():
+        print(f"\n{what} {n}: {audit['seen']} events seen, {audit['outside_count']} "
+              f"outside the failover, phases {audit['phases']}\n{_explain(audit)}")
+
+
 def assert_quiet_failover(audit: dict, since: float, phases: set[str]) -> None:
     """The hook was in that process and armed, the failover's phases ran and ended
     after `since`, and nothing was recorded while they were under way."""
@@ -355,9 +362,7 @@ def test_survivors_of_a_kill_open_and_import_nothing_while_they_take_over(tmp_pa
         for p in procs[1:]:
             assert p.returncode == 0, p.stdout.read()
         audits = {n: _audit(c.control, n) for n in (2, 3)}
-        for n, audit in audits.items():
-            print(f"\nnode {n}: {audit['seen']} events seen, {audit['outside_count']} "
-                  f"outside the failover, phases {audit['phases']}\n{_explain(audit)}")
+        _print_audits(audits)
         for audit in audits.values():
             assert_quiet_failover(audit, killed_at, KILL_PHASES)
 
@@ -379,9 +384,7 @@ def test_a_proxy_opens_and_imports_nothing_while_it_retargets(tmp_path, audited)
         wait_phases(c, 3, stopped_at, {"proxy re-target", *KILL_PHASES})
         wait_phases(c, other, stopped_at, KILL_PHASES)
         audits = {n: _audit(c.control, n) for n in (3, other)}
-        for n, audit in audits.items():
-            print(f"\nnode {n}: {audit['seen']} events seen, {audit['outside_count']} "
-                  f"outside the failover, phases {audit['phases']}\n{_explain(audit)}")
+        _print_audits(audits)
         assert _status(c, 3)["device"]["retargets"] >= 1
         assert_quiet_failover(audits[3], stopped_at, {"proxy re-target", *KILL_PHASES})
         assert_quiet_failover(audits[other], stopped_at, KILL_PHASES)
@@ -400,9 +403,7 @@ def _disk_agent_failover(c, fenced, backing: Path) -> None:
     for n in (1, 2):
         wait_phases(c, n, stopped_at, KILL_PHASES)
     audits = {n: _audit(c.control, n) for n in (1, 2)}
-    for n, audit in audits.items():
-        print(f"\nnode {n}: {audit['seen']} events seen, {audit['outside_count']} "
-              f"outside the failover, phases {audit['phases']}\n{_explain(audit)}")
+    _print_audits(audits)
     for audit in audits.values():
         assert_quiet_failover(audit, stopped_at, KILL_PHASES)
     _finish(c)
@@ -488,8 +489,6 @@ def test_lockd_survivors_open_and_import_nothing_while_they_recover_the_locks(
             for n, client in clients.items():
                 if n != 1:
                     client.close()
-        for n, audit in audits.items():
-            print(f"\nlockd {n}: {audit['seen']} events seen, {audit['outside_count']} "
-                  f"outside the failover, phases {audit['phases']}\n{_explain(audit)}")
+        _print_audits(audits, "lockd")
         for audit in audits.values():
             assert_quiet_failover(audit, killed_at, LOCKD_PHASES)
