@@ -756,14 +756,15 @@ def _said(proc: subprocess.Popen, line: str, timeout: float) -> bool:
 
 def test_a_write_that_outlasts_the_proxys_wait_never_lands_over_a_newer_one(tmp_path):
     """Issue 8's last hole: the preferred server checks a write's `by` (in time) and
-    starts it, and its device then takes 2 s on it (tools/iscsibench.py's test hook),
-    while the proxy waits 0.5 s. The proxy re-targets the write to the other server,
-    then writes a newer copy of the same block. The slow server is alive (it answers
-    and is never fenced), so nothing stops its device write: the newer copy may go
-    nowhere until that server has said it is done with the old one. Once the slow
-    write landed, the block must hold the newer copy, and reads through the proxy
-    never see the old one after the newer was written. (Before: the newer copy went
-    to the other server at once, and the old one landed over it 1.5 s later.)"""
+    starts it, and its device then takes 1.2 s on it (tools/iscsibench.py's test
+    hook; slow, not hung: under the 1.5 s disk_timeout), while the proxy waits
+    0.5 s. The proxy re-targets the write to the other server, then writes a newer
+    copy of the same block. The slow server is alive (it answers and is never
+    fenced), so nothing stops its device write: the newer copy may go nowhere until
+    that server has said it is done with the old one. Once the slow write landed,
+    the block must hold the newer copy, and reads through the proxy never see the
+    old one after the newer was written. (Before: the newer copy went to the other
+    server at once, and the old one landed over it 0.7 s later.)"""
     from clusterfs.dlm.preferred import server_order
     from clusterfs.storage.proxy import UNMAPPED
 
@@ -772,7 +773,7 @@ def test_a_write_that_outlasts_the_proxys_wait_never_lands_over_a_newer_one(tmp_
     image = _image(tmp_path)
     victim = server_order(UNMAPPED, [1, 2])[0]            # where the proxy writes
     block = 64 * 4096
-    slow = {victim: {"CLUSTERFS_TEST_SLOW_WRITE": f"{block}:2.0"}}
+    slow = {victim: {"CLUSTERFS_TEST_SLOW_WRITE": f"{block}:1.2"}}
     with _server_processes(image, cfg, ports, (1, 2), slow) as procs:
         dev = ProxyDevice(cfg, 3)
         dev.attach(lambda: (1, frozenset({1, 2, 3})))
@@ -945,3 +946,64 @@ def test_a_server_whose_disk_hangs_stops_and_the_proxy_goes_on_with_nothing_lost
             assert dev.pread(0, 128 * 4096) == disk
         finally:
             dev.close()
+
+
+def test_disk_timeout_defaults_to_half_the_failure_timeout_and_is_checked():
+    """[storage] disk_timeout: at least io_timeout (a slow disk is re-targeted from,
+    not fenced), below failure_timeout (the proxies' flushes wait twice that)."""
+    from clusterfs.errors import ConfigError
+
+    assert _config([1, 2], io_timeout=0.5).disk_hung_after == 1.5
+    base = {"name": "t", "key": os.urandom(32).hex(),
+            "node": [{"id": i, "address": f"127.0.0.1:{7000 + i}"} for i in (1, 2, 3)]}
+    ok = parse_config({**base, "storage": {"group": [1, 2], "disk_timeout": 2}})
+    assert ok.disk_hung_after == 2.0
+    for bad in (0.1, 3, "x"):
+        with pytest.raises(ConfigError, match=r"storage\.disk_timeout"):
+            parse_config({**base, "storage": {"group": [1, 2], "io_timeout": 0.5,
+                                              "disk_timeout": bad}})
+
+
+def test_the_disk_watch_stops_serving_only_with_another_server_live(tmp_path):
+    """The watch itself: a device call under way for longer than disk_timeout of
+    running time stops the server (every request refused, on_disk_hung told once),
+    unless no other server of the group is in its view; a stall of the whole
+    process does not count as the device's time."""
+    cfg = _config([1, 2], io_timeout=0.2)
+    server = BlockServer(cfg, 1, None, Views())
+    told: list[str] = []
+    server.on_disk_hung = told.append
+    server._io_threads = types.SimpleNamespace(oldest=lambda: 100.0)
+    server.members = frozenset({1, 3})                 # the only server live
+    server._watch_disk(100.0 + 5)
+    assert server.disk_hung is None and not told
+    server.members = frozenset({1, 2, 3})
+    server.resumed_at = 104.0                          # stopped until then
+    server._watch_disk(105.0)
+    assert server.disk_hung is None
+    server._watch_disk(104.0 + cfg.disk_hung_after + 0.1)
+    assert server.disk_hung is not None and told == [server.disk_hung]
+    assert "servers [2] serve on" in told[0]
+    server._watch_disk(200.0)
+    assert len(told) == 1
+
+
+def test_the_mount_hands_the_proxy_every_fence_done():
+    """node/storagegroup.py: membership's Fenced events reach the proxy device
+    (server_fenced), views do not."""
+    from clusterfs.membership.view import Fenced
+    from clusterfs.node.storagegroup import follow_fences
+
+    got: list = []
+    dev = types.SimpleNamespace(server_fenced=lambda nodes, gen: got.append((nodes, gen)))
+    views = Views()
+
+    async def main() -> None:
+        follow = follow_fences(dev, views)
+        views.send.send_nowait(Fenced(2, frozenset({1})))
+        views.send.send_nowait(Fenced(4, frozenset({2, 1})))
+        views.send.close()
+        await follow()
+
+    trio.run(main)
+    assert got == [(frozenset({1}), 2), (frozenset({1, 2}), 4)]
