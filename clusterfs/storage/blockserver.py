@@ -53,7 +53,7 @@ node uses); the event loop only reads, checks and answers frames. A write or
 flush, once handed to an I/O thread, is waited for even if its connection goes:
 a fence of its sender waits for it (`cut_off_node`).
 
-A hung disk (docs/storage.md, "A hung disk"). A server alive whose disk hangs
+A hung disk (docs/storage.md, "A server whose disk hangs"). A server alive whose disk hangs
 would keep the proxies' newer writes held behind its stalled one (they may be sent
 only once it answers, closes or is fenced) until their flushes give up. So the tick
 thread also watches the device, as OCFS2's o2hb watches its own heartbeat write (a

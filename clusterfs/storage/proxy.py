@@ -79,10 +79,11 @@ them, and a late write landing then would be as stale. That wait is bounded
 (settle_timeout: SETTLE_SHARE x the failure timeout): a server that neither answers
 nor is fenced that long fails the flush (StorageError: the mount withdraws) rather
 than hang or lose a write. A server alive with a hung disk stops serving and
-fences itself well before that (storage/blockserver.py, "A hung disk"). The log re-sent after a
-silence follows the same rule without waiting for the server that went silent:
-each of its writes over a byte that one may still write is that very write or an
-older one (nothing newer over it was sent), and the re-send ends with the newest.
+fences itself well before that (storage/blockserver.py, "A hung disk"). The log
+re-sent after a silence follows the same rule without waiting for the server that
+went silent: each of its writes over a byte that one may still write is that very
+write or an older one (nothing newer over it was sent), and the re-send ends with
+the newest.
 
 Several requests in flight (up to WINDOW per device). A read or write larger
 than PIECE is cut into pieces sent all at once, and `write_behind` (file data)
