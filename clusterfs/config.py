@@ -103,6 +103,10 @@ class ClusterConfig:
     # and how long a proxied I/O may take before the proxy tries another server
     block_servers: tuple[tuple[int, str, int], ...] = ()
     io_timeout: float = IO_TIMEOUT_DEFAULT
+    # a block server whose device I/O has been under way this long takes its disk
+    # for hung: it stops serving and fences itself (storage/blockserver.py; None:
+    # half of failure_timeout)
+    disk_timeout: float | None = None
     # a DLM message owed an answer (a request, a conversion, a lookup, a blocking
     # callback waiting on a demote, a recovery barrier) unanswered this long makes the
     # node suspect the one that owes it (membership probes it: docs/cluster.md)
@@ -117,6 +121,13 @@ class ClusterConfig:
             if nid == node_id:
                 return host, port
         raise ConfigError(f"storage.servers: no block server address for node {node_id}")
+
+    @property
+    def disk_hung_after(self) -> float:
+        """storage.disk_timeout, else half of failure_timeout (never below io_timeout)."""
+        if self.disk_timeout is not None:
+            return self.disk_timeout
+        return max(self.io_timeout, self.failure_timeout / 2)
 
     def reaches_disk(self, node_id: int) -> bool:
         """Whether the node has a direct path to the disk (no storage group: all do)."""
@@ -231,28 +242,31 @@ def parse_config(data: dict[str, Any], *, base_dir: str | os.PathLike[str] = "."
         addrs.add((host, port))
         nodes.append(NodeConfig(nid, nname, host, port))
 
-    group, servers, io_timeout = parse_storage(data.get("storage", {}), ids, ft)
+    group, servers, io_timeout, disk = parse_storage(data.get("storage", {}), ids, ft)
 
     fencing = parse_fencing(data.get("fencing", {}), Path(base_dir))
     return ClusterConfig(name=name, key=key, nodes=tuple(nodes), heartbeat_interval=hb,
                          failure_timeout=ft, connect_timeout=ct, dead_on_refusal=refusal,
                          max_frame=max_frame,
                          storage_group=tuple(group), path=path, fencing=fencing,
-                         block_servers=servers, io_timeout=io_timeout,
+                         block_servers=servers, io_timeout=io_timeout, disk_timeout=disk,
                          answer_timeout=answer, probe_timeout=probe)
 
 
 def parse_storage(storage: Any, ids: set[int], failure_timeout: float
-                  ) -> tuple[tuple[int, ...], tuple[tuple[int, str, int], ...], float]:
+                  ) -> tuple[tuple[int, ...], tuple[tuple[int, str, int], ...], float,
+                             float | None]:
     """The [storage] table: group (node ids with a direct path to the disk, which
     serve it to the others), servers (a "host:port" per group node, its block
-    server; only needed when some node is outside the group) and io_timeout
+    server; only needed when some node is outside the group), io_timeout
     (seconds; at most half of failure_timeout; default 1 s, or a quarter of a
-    failure_timeout under 4 s)."""
+    failure_timeout under 4 s) and disk_timeout (seconds a block server's device
+    I/O may be under way before its disk counts as hung; at least io_timeout, less
+    than failure_timeout; None: the default, half of failure_timeout)."""
     if not isinstance(storage, dict):
         raise ConfigError("storage: must be a table")
     for k in storage:
-        if k not in ("group", "servers", "io_timeout"):
+        if k not in ("group", "servers", "io_timeout", "disk_timeout"):
             raise ConfigError(f"storage.{k}: unknown field")
     group = storage.get("group", [])
     if not isinstance(group, list) or not all(isinstance(g, int) for g in group):
@@ -278,7 +292,25 @@ def parse_storage(storage: Any, ids: set[int], failure_timeout: float
     if v > failure_timeout / 2:
         raise ConfigError(f"storage.io_timeout: {v} s must be at most half of "
                           f"failure_timeout ({failure_timeout} s)")
-    return tuple(group), tuple(sorted(servers)), float(v)
+    return tuple(group), tuple(sorted(servers)), float(v), _disk_timeout(
+        storage, float(v), failure_timeout)
+
+
+def _disk_timeout(storage: dict, io_timeout: float, failure_timeout: float
+                  ) -> float | None:
+    """storage.disk_timeout: a proxy gives up on a request after io_timeout, so a
+    shorter one would take a slow disk for a hung one; it must end well before the
+    proxies' flushes give up (twice failure_timeout), hence below failure_timeout."""
+    d = storage.get("disk_timeout")
+    if d is None:
+        return None
+    if not isinstance(d, int | float) or isinstance(d, bool) or d <= 0:
+        raise ConfigError("storage.disk_timeout: must be a positive number of seconds")
+    if not io_timeout <= d < failure_timeout:
+        raise ConfigError(f"storage.disk_timeout: {d} s must be at least io_timeout "
+                          f"({io_timeout} s) and less than failure_timeout "
+                          f"({failure_timeout} s)")
+    return float(d)
 
 
 def parse_fencing(t: Any, base: Path) -> FencingConfig:

@@ -566,7 +566,9 @@ def test_writes_in_flight_to_a_stopped_server_are_retargeted_and_never_land_stal
     answer), so the drain returns only once it is out of the view, which membership
     does about 1.2 s after a stop (here a timer, 1 s after it). On SIGCONT the
     stopped server finds those eight writes in its socket: it must write none of
-    them (it was stopped: quarantine), so the newer bytes stay."""
+    them (it was stopped: quarantine), so the newer bytes stay. Its writes count as
+    settled only once its fence is done (here the timer's stand-in for
+    membership's Fenced, 0.3 s after the removal)."""
     from clusterfs.dlm.preferred import server_order
     from clusterfs.storage.proxy import UNMAPPED
 
@@ -586,12 +588,14 @@ def test_writes_in_flight_to_a_stopped_server_are_retargeted_and_never_land_stal
             stopped = time.monotonic()
             removed = threading.Timer(1.0, view.__setitem__,
                                       (0, (2, frozenset({1, 2, 3}) - {victim})))
+            fenced = threading.Timer(1.3, dev.server_fenced, ([victim], 2))
             removed.start()
+            fenced.start()
             stale = [os.urandom(4096) for _ in range(8)]
             for i, block in enumerate(stale):
                 dev.write_behind(i * 4096, block)
             dev.drain()                                   # no error: re-targeted
-            assert time.monotonic() - stopped >= 1.0      # and the victim left the view
+            assert time.monotonic() - stopped >= 1.3      # and the victim was fenced
             st = dev.statistics()
             assert st["retargets"] >= 1 and victim in st["silent"], st
             assert st["maybe_in_flight"] >= 1 and st["unsettled"] == 0, st
@@ -606,6 +610,7 @@ def test_writes_in_flight_to_a_stopped_server_are_retargeted_and_never_land_stal
         finally:
             if removed is not None:
                 removed.cancel()
+                fenced.cancel()
             dev.close()
 
 
@@ -751,14 +756,15 @@ def _said(proc: subprocess.Popen, line: str, timeout: float) -> bool:
 
 def test_a_write_that_outlasts_the_proxys_wait_never_lands_over_a_newer_one(tmp_path):
     """Issue 8's last hole: the preferred server checks a write's `by` (in time) and
-    starts it, and its device then takes 2 s on it (tools/iscsibench.py's test hook),
-    while the proxy waits 0.5 s. The proxy re-targets the write to the other server,
-    then writes a newer copy of the same block. The slow server is alive (it answers
-    and is never fenced), so nothing stops its device write: the newer copy may go
-    nowhere until that server has said it is done with the old one. Once the slow
-    write landed, the block must hold the newer copy, and reads through the proxy
-    never see the old one after the newer was written. (Before: the newer copy went
-    to the other server at once, and the old one landed over it 1.5 s later.)"""
+    starts it, and its device then takes 1.2 s on it (tools/iscsibench.py's test
+    hook; slow, not hung: under the 1.5 s disk_timeout), while the proxy waits
+    0.5 s. The proxy re-targets the write to the other server, then writes a newer
+    copy of the same block. The slow server is alive (it answers and is never
+    fenced), so nothing stops its device write: the newer copy may go nowhere until
+    that server has said it is done with the old one. Once the slow write landed,
+    the block must hold the newer copy, and reads through the proxy never see the
+    old one after the newer was written. (Before: the newer copy went to the other
+    server at once, and the old one landed over it 0.7 s later.)"""
     from clusterfs.dlm.preferred import server_order
     from clusterfs.storage.proxy import UNMAPPED
 
@@ -767,7 +773,7 @@ def test_a_write_that_outlasts_the_proxys_wait_never_lands_over_a_newer_one(tmp_
     image = _image(tmp_path)
     victim = server_order(UNMAPPED, [1, 2])[0]            # where the proxy writes
     block = 64 * 4096
-    slow = {victim: {"CLUSTERFS_TEST_SLOW_WRITE": f"{block}:2.0"}}
+    slow = {victim: {"CLUSTERFS_TEST_SLOW_WRITE": f"{block}:1.2"}}
     with _server_processes(image, cfg, ports, (1, 2), slow) as procs:
         dev = ProxyDevice(cfg, 3)
         dev.attach(lambda: (1, frozenset({1, 2, 3})))
@@ -803,3 +809,201 @@ def _bench_config(p: list[int], io_timeout: float):
         "node": [{"id": i, "address": f"127.0.0.1:{p[i - 1]}"} for i in (1, 2, 3)],
         "storage": {"group": [1, 2], "io_timeout": io_timeout,
                     "servers": {"1": f"127.0.0.1:{p[3]}", "2": f"127.0.0.1:{p[4]}"}}})
+
+
+# -- a write maybe in flight on a removed server waits for its fence (issue 8) ------
+def _flush_in_thread(dev: ProxyDevice) -> tuple[threading.Thread, list]:
+    """dev.flush() on a thread of its own; the list gets its exception, if any."""
+    failed: list = []
+
+    def run() -> None:
+        try:
+            dev.flush()
+        except StorageError as exc:
+            failed.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, failed
+
+
+def _stalling_pair(tmp_path, seconds: float):
+    """Servers 1 and 2 as processes on one image, the first the proxy writes to
+    stalling `seconds` on its first write at block 64: (cfg, ports, image, victim,
+    block, env)."""
+    from clusterfs.dlm.preferred import server_order
+    from clusterfs.storage.proxy import UNMAPPED
+
+    ports = free_ports(5)
+    cfg = _bench_config(ports, io_timeout=0.5)
+    victim = server_order(UNMAPPED, [1, 2])[0]            # where the proxy writes
+    block = 64 * 4096
+    env = {victim: {"CLUSTERFS_TEST_SLOW_WRITE": f"{block}:{seconds:g}"}}
+    return cfg, ports, _image(tmp_path), victim, block, env
+
+
+def test_a_removed_servers_write_maybe_in_flight_waits_for_its_fence(tmp_path):
+    """The double fault: the proxy's server stalls on one device write (30 s: its
+    disk is stuck) and is then stopped (SIGSTOP, before its disk watch could stop
+    it) and removed from the proxy's view, its fence not done yet (slow: a process
+    agent waiting for a process stuck in the kernel, a PREEMPT under way). Leaving
+    the view is not enough: the stalled write can still land once it runs again.
+    So the newer copy of the block stays held and a flush waits, through a Fenced
+    of an older view (a fence of an earlier life, before the write went out),
+    until the fence of the view that removed it is done; then the newer copy goes
+    out and the flush returns. (Before: the newer copy went out and the flush
+    returned as soon as the server was out of the view.)"""
+    cfg, ports, image, victim, block, env = _stalling_pair(tmp_path, 30)
+    view = [(1, frozenset({1, 2, 3}))]
+    with _server_processes(image, cfg, ports, (1, 2), env) as procs:
+        dev = ProxyDevice(cfg, 3)
+        dev.attach(lambda: view[0])
+        try:
+            dev.pwrite(0, b"warm" * 1024)                 # connected to both
+            dev.flush()
+            old, newer = os.urandom(4096), os.urandom(4096)
+            dev.pwrite(block, old)                        # stalls: re-targeted
+            os.kill(procs[victim].pid, signal.SIGSTOP)    # and its node is stopped
+            dev.pwrite(block, newer)                      # held behind it
+            view[0] = (2, frozenset({1, 2, 3}) - {victim})    # removed, not fenced
+            assert dev.pread(block, 4096) == newer
+            flushing, failed = _flush_in_thread(dev)
+            flushing.join(0.6)
+            dev.server_fenced([victim], 1)                # an older life's fence
+            flushing.join(0.6)
+            assert flushing.is_alive() and not failed, "the flush went on unfenced"
+            st = dev.statistics()
+            assert st["holding"] == 1 and st["unsettled"] == 1, st
+            assert _on_disk(image, block) == old          # the newer copy not sent
+            dev.server_fenced([victim], 2)                # the fence is done
+            flushing.join(5)
+            assert not flushing.is_alive() and not failed, failed
+            assert _on_disk(image, block) == newer
+            st = dev.statistics()
+            assert st["holding"] == 0 and st["unsettled"] == 0, st
+        finally:
+            dev.close()
+
+
+def test_a_fence_that_never_completes_fails_the_flush_not_the_data(tmp_path):
+    """The same stopped and removed server, its fence failing for good: the flush
+    fails after settle_timeout (the mount withdraws) and the newer copy was never
+    sent where the stalled write could still land over it."""
+    cfg, ports, image, victim, block, env = _stalling_pair(tmp_path, 30)
+    view = [(1, frozenset({1, 2, 3}))]
+    with _server_processes(image, cfg, ports, (1, 2), env) as procs:
+        dev = ProxyDevice(cfg, 3)
+        dev.attach(lambda: view[0])
+        try:
+            dev.pwrite(0, b"warm" * 1024)
+            dev.flush()
+            dev.settle_timeout = 1.5
+            dev.pwrite(block, b"o" * 4096)
+            os.kill(procs[victim].pid, signal.SIGSTOP)
+            dev.pwrite(block, b"n" * 4096)
+            view[0] = (2, frozenset({1, 2, 3}) - {victim})
+            with pytest.raises(StorageError, match="nor were fenced"):
+                dev.flush()
+            assert _on_disk(image, block) == b"o" * 4096
+        finally:
+            dev.close()
+
+
+# -- a server whose disk hangs stops serving and fences itself (issue 8) -------------
+def test_a_server_whose_disk_hangs_stops_and_the_proxy_goes_on_with_nothing_lost(tmp_path):
+    """The proxy's server is alive but its disk hangs on one write (60 s), with
+    writes of other blocks around it. The proxy re-targets the stalled write after
+    io_timeout (0.5 s) and holds the newer copy of that block. The hung server's
+    disk watch finds a device write under way for longer than disk_timeout (half
+    the 3 s failure timeout): it stops serving, says why in one line, and fences
+    itself (the process goes; a mount's would be removed and fenced by the
+    survivors). Its connection closes, the held write settles, and the proxy's
+    flush returns with no error: every byte on the disk is the newest. (Before:
+    nothing stopped the server, and the flush failed after twice the failure
+    timeout, so the mount withdrew.)"""
+    cfg, ports, image, victim, block, env = _stalling_pair(tmp_path, 60)
+    with _server_processes(image, cfg, ports, (1, 2), env) as procs:
+        dev = ProxyDevice(cfg, 3)
+        dev.attach(lambda: (1, frozenset({1, 2, 3})))
+        try:
+            dev.pwrite(0, b"warm" * 1024)
+            dev.flush()
+            want = {at: os.urandom(4096) for at in range(0, 128 * 4096, 4096)}
+            for at, data in want.items():                 # the write at `block` hangs
+                dev.pwrite(at, data)
+            want[block] = os.urandom(4096)
+            dev.pwrite(block, want[block])                # held behind the hung one
+            dev.flush()                                   # no error
+            said = procs[victim].stdout.readline()
+            assert said.startswith("disk hung: block server stops serving"), said
+            assert "disk_timeout 1.5 s" in said, said
+            assert procs[victim].wait(5) == -signal.SIGKILL
+            assert dev.statistics()["unsettled"] == 0
+            with open(image, "rb") as f:
+                disk = f.read(128 * 4096)
+            for at, data in want.items():
+                assert disk[at : at + 4096] == data, f"block at {at} lost"
+            assert dev.pread(0, 128 * 4096) == disk
+        finally:
+            dev.close()
+
+
+def test_disk_timeout_defaults_to_half_the_failure_timeout_and_is_checked():
+    """[storage] disk_timeout: at least io_timeout (a slow disk is re-targeted from,
+    not fenced), below failure_timeout (the proxies' flushes wait twice that)."""
+    from clusterfs.errors import ConfigError
+
+    assert _config([1, 2], io_timeout=0.5).disk_hung_after == 1.5
+    base = {"name": "t", "key": os.urandom(32).hex(),
+            "node": [{"id": i, "address": f"127.0.0.1:{7000 + i}"} for i in (1, 2, 3)]}
+    ok = parse_config({**base, "storage": {"group": [1, 2], "disk_timeout": 2}})
+    assert ok.disk_hung_after == 2.0
+    for bad in (0.1, 3, "x"):
+        with pytest.raises(ConfigError, match=r"storage\.disk_timeout"):
+            parse_config({**base, "storage": {"group": [1, 2], "io_timeout": 0.5,
+                                              "disk_timeout": bad}})
+
+
+def test_the_disk_watch_stops_serving_only_with_another_server_live(tmp_path):
+    """The watch itself: a device call under way for longer than disk_timeout of
+    running time stops the server (every request refused, on_disk_hung told once),
+    unless no other server of the group is in its view; a stall of the whole
+    process does not count as the device's time."""
+    cfg = _config([1, 2], io_timeout=0.2)
+    server = BlockServer(cfg, 1, None, Views())
+    told: list[str] = []
+    server.on_disk_hung = told.append
+    server._io_threads = types.SimpleNamespace(oldest=lambda: 100.0)
+    server.members = frozenset({1, 3})                 # the only server live
+    server._watch_disk(100.0 + 5)
+    assert server.disk_hung is None and not told
+    server.members = frozenset({1, 2, 3})
+    server.resumed_at = 104.0                          # stopped until then
+    server._watch_disk(105.0)
+    assert server.disk_hung is None
+    server._watch_disk(104.0 + cfg.disk_hung_after + 0.1)
+    assert server.disk_hung is not None and told == [server.disk_hung]
+    assert "servers [2] serve on" in told[0]
+    server._watch_disk(200.0)
+    assert len(told) == 1
+
+
+def test_the_mount_hands_the_proxy_every_fence_done():
+    """node/storagegroup.py: membership's Fenced events reach the proxy device
+    (server_fenced), views do not."""
+    from clusterfs.membership.view import Fenced
+    from clusterfs.node.storagegroup import follow_fences
+
+    got: list = []
+    dev = types.SimpleNamespace(server_fenced=lambda nodes, gen: got.append((nodes, gen)))
+    views = Views()
+
+    async def main() -> None:
+        follow = follow_fences(dev, views)
+        views.send.send_nowait(Fenced(2, frozenset({1})))
+        views.send.send_nowait(Fenced(4, frozenset({2, 1})))
+        views.send.close()
+        await follow()
+
+    trio.run(main)
+    assert got == [(frozenset({1}), 2), (frozenset({1, 2}), 4)]

@@ -140,7 +140,9 @@ class StaticMembership:
 # CLUSTERFS_TEST_SLOW_WRITE=OFFSET:SECONDS in its environment, a --serve process's
 # first device write at byte OFFSET takes SECONDS longer (a disk that stalls on one
 # write the server started in time: after its `by` check), and says `slow write
-# landed` on stdout once it is on the device.
+# landed` on stdout once it is on the device. A stall longer than the server's
+# disk_timeout is a hung disk: the server says `disk hung: WHY` on stdout and
+# fences itself as a mount's would (node/storagegroup.py's fence_self).
 SLOW_WRITE_ENV = "CLUSTERFS_TEST_SLOW_WRITE"
 
 
@@ -164,6 +166,14 @@ class _SlowOnce:
         return getattr(self.dev, name)
 
 
+def _hung(node_id: int, why: str) -> None:
+    """The server's disk hangs: say so (the tests read it), then stop as a mount does."""
+    from clusterfs.node.storagegroup import fence_self
+
+    print(f"disk hung: {why}", flush=True)
+    fence_self(node_id, why)
+
+
 def serve(path: str, node_id: int, ports: list[int], io_timeout: float, key: str) -> None:
     """The block server of `node_id` on `path` (run in a child process)."""
     import dataclasses
@@ -181,6 +191,7 @@ def serve(path: str, node_id: int, ports: list[int], io_timeout: float, key: str
 
     async def run() -> None:
         server = BlockServer(cfg, node_id, dev, StaticMembership())
+        server.on_disk_hung = lambda why: _hung(node_id, why)
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
             print("serving", flush=True)

@@ -385,11 +385,13 @@ async def _start_storage(cluster: ClusterArgs, fencing, dev, node) -> Any:
     """Proxy I/O, once the node has joined: a proxy device learns the view (its
     requests carry the generation and go to live servers); a storage-group node
     serves the disk to the others through a handle of its own. The server or None."""
+    from clusterfs.node.storagegroup import fence_self, follow_fences
     from clusterfs.storage.blockserver import BlockServer
 
     membership = node.membership
     if getattr(dev, "proxied", False):
         dev.attach(lambda: (membership.view.generation, membership.view.members))
+        node.nursery.start_soon(follow_fences(dev, membership))
         fencing.attach_storage(membership)
         return None
     if not cluster.cfg.block_servers or cluster.node_id not in cluster.cfg.storage_group:
@@ -404,6 +406,7 @@ async def _start_storage(cluster: ClusterArgs, fencing, dev, node) -> Any:
         handle.close()
         raise MountError(f"block server: {exc}") from None
     server = BlockServer(cluster.cfg, cluster.node_id, handle, membership)
+    server.on_disk_hung = lambda why: fence_self(cluster.node_id, why)
     try:
         await node.nursery.start(server.serve)
     except OSError as exc:

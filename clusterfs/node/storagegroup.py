@@ -22,12 +22,24 @@ join them:
   from it is enough, and a probe would only be answered. A stopped server's
   heartbeats stopped before its I/O was due, so that one is probed as soon as
   before (membership/detection.py has the one exception, and what a quiet shorter
-  than a heartbeat interval spares).
+  than a heartbeat interval spares);
+- when the survivors' fence of a removed server is done (membership's Fenced
+  event, on every member), the device hears of it (`ProxyDevice.server_fenced`):
+  only then do the writes that server may still have had under way count as
+  settled, and the newer writes of their bytes go out (`follow_fences`);
+- a block server whose disk hangs (one of its device I/Os under way longer than
+  `[storage] disk_timeout`) stops serving and fences itself (`fence_self`), as
+  OCFS2's o2hb does when its heartbeat write times out and SBD when its watchdog
+  is not fed: the proxies re-target, the survivors remove and fence it, and the
+  writes held behind its stalled one settle by that fence.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +48,7 @@ import trio
 from clusterfs.dlm.interface import resource_key
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.superblock import Superblock
+from clusterfs.membership.view import Fenced
 
 log = logging.getLogger("clusterfs.mount")
 
@@ -80,3 +93,36 @@ def wire_proxy(dev: Any, sb: Superblock, ls: Any, membership: Any) -> None:
             log.debug("block server %d silent after the node stopped", server)
 
     dev.on_silent = on_silent
+
+
+def follow_fences(dev: Any, membership: Any) -> Callable[[], Any]:
+    """Hand every Fenced of `membership` to the proxy device `dev`. Subscribes now (so
+    nothing published after this call is missed); returns the task to run for the
+    node's lifetime (node.nursery.start_soon)."""
+    events = membership.subscribe()
+
+    async def follow() -> None:
+        async for ev in events:
+            if isinstance(ev, Fenced):
+                dev.server_fenced(ev.nodes, ev.generation)
+
+    return follow
+
+
+def fence_self(node_id: int, why: str) -> None:
+    """This node's disk hangs (its block server saw a device I/O outlast disk_timeout):
+    stop it at once, as o2hb fences its node when a heartbeat write times out and
+    SBD's watchdog resets a node that cannot reach its disk. A hung write may land
+    at any time; while this node lives it could still write, and it cannot serve, so
+    it goes: its heartbeats stop and its sockets close (once no thread of it is in a
+    device call), the survivors remove it, fence it and replay its journal, and the
+    proxies' writes held behind its stalled one settle by that fence. Any thread."""
+    log.critical("node %d: %s; stopping this node (self-fence) so that the others fence "
+                 "it and go on", node_id, why)
+    for handler in logging.getLogger().handlers + log.handlers:
+        try:
+            handler.flush()
+        except (OSError, ValueError):
+            pass                           # the line is best effort; the stop is not
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -53,6 +53,24 @@ node uses); the event loop only reads, checks and answers frames. A write or
 flush, once handed to an I/O thread, is waited for even if its connection goes:
 a fence of its sender waits for it (`cut_off_node`).
 
+A hung disk (docs/storage.md, "A server whose disk hangs"). A server alive whose disk hangs
+would keep the proxies' newer writes held behind its stalled one (they may be sent
+only once it answers, closes or is fenced) until their flushes give up. So the tick
+thread also watches the device, as OCFS2's o2hb watches its own heartbeat write (a
+write that has not completed within its timeout makes the node fence itself) and
+SBD its slot reads (a watchdog it stops feeding): a device I/O under way longer
+than `disk_timeout` (a read or write: a flush takes as long as what the device
+has to write back; config `[storage] disk_timeout`, default half of
+failure_timeout, at least io_timeout) means the disk hangs. The server then stops
+serving (every request refused with the reason, so the proxies re-target) and
+calls `on_disk_hung(why)`, which the mount wires to a self-fence
+(node/storagegroup.py): the node stops, the survivors remove and fence it, and the
+writes maybe in flight here settle by that fence. Not while it is the only live
+server of the group (as o2hb does not fence a node whose region every node finds
+hung): stopping would leave the proxies no path at all, and a disk that comes back
+lets them go on. A stall of the whole process (the tick's gap) is not counted as
+device time.
+
 A promise the proxy counts on (storage/proxy.py, "Maybe in flight"): a connection
 is closed here only once every request read from it is done with the device (its
 requests' nursery waits for their shielded I/O before the stream is closed, for an
@@ -131,12 +149,20 @@ class _IOThreads:
 
     def __init__(self, count: int, name: str) -> None:
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        self.threads = [failover.start_thread(self._work, f"{name}-{i}")
+        # per thread: when its device call began, None when idle (the disk watch)
+        self.started: list[float | None] = [None] * count
+        self.threads = [failover.start_thread(lambda i=i: self._work(i), f"{name}-{i}")
                         for i in range(count)]
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    def oldest(self) -> float | None:
+        """When the longest device call still under way began (None: none is)."""
+        return min((t for t in list(self.started) if t is not None), default=None)
+
+    async def run(self, fn: Callable[..., T], *args: Any, watch: bool = True) -> T:
         """fn(*args) on one of the threads. Not cancellable: once handed over, the
-        I/O is waited for (a fence counts on it)."""
+        I/O is waited for (a fence counts on it). `watch`: its duration counts for
+        the disk watch (`oldest`); a flush's does not (it grows with what the
+        device has to write back, not with a hang)."""
         token = trio.lowlevel.current_trio_token()
         done = trio.Event()
         result: list[outcome.Outcome] = []
@@ -145,18 +171,22 @@ class _IOThreads:
             result.append(out)
             done.set()
 
-        self._jobs.put((fn, args, token, deliver))
+        self._jobs.put((fn, args, token, deliver, watch))
         with trio.CancelScope(shield=True):
             await done.wait()
         return result[0].unwrap()
 
-    def _work(self) -> None:
+    def _work(self, i: int) -> None:
         while True:
             job = self._jobs.get()
             if job is None:
                 return
-            fn, args, token, deliver = job
-            out = outcome.capture(fn, *args)
+            fn, args, token, deliver, watch = job
+            self.started[i] = time.monotonic() if watch else None
+            try:
+                out = outcome.capture(fn, *args)
+            finally:
+                self.started[i] = None
             try:
                 token.run_sync_soon(deliver, out)
             except trio.RunFinishedError:
@@ -216,6 +246,12 @@ class BlockServer:
         self._stop = threading.Event()
         self._io_threads: _IOThreads | None = None
         self.most_in_flight = 0                  # requests of one connection at once
+        self.members: frozenset[int] = frozenset()   # this server's view (tick thread)
+        self.disk_timeout = config.disk_hung_after
+        self.disk_hung: str | None = None        # why this server stopped serving
+        self.resumed_at = 0.0                    # end of the last stall of the process
+        # what to do once the disk hangs (the mount: fence this node); any thread
+        self.on_disk_hung: Callable[[str], None] | None = None
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
@@ -245,7 +281,28 @@ class BlockServer:
                 self.stalls += 1
                 log.warning("node %d: block server was stopped or starved for %.2f s: "
                             "refusing writes for %.2f s", self.node_id, gap, self.quarantine)
+                self.resumed_at = now            # the stop is not the disk's time
             self.ticked_at = now
+            self._watch_disk(now)
+
+    def _watch_disk(self, now: float) -> None:
+        """Stop serving once a device call has been under way for disk_timeout of
+        this process's running time (module doc, "A hung disk")."""
+        if self.disk_hung is not None or self._io_threads is None:
+            return
+        began = self._io_threads.oldest()
+        if began is None or now - max(began, self.resumed_at) <= self.disk_timeout:
+            return
+        others = set(self.cfg.storage_group) & self.members - {self.node_id}
+        if not others:
+            return                    # the last server: nowhere to route around to
+        self.disk_hung = (f"block server stops serving: a device I/O has been under way "
+                          f"for {now - began:.1f} s (disk_timeout {self.disk_timeout:g} "
+                          f"s): its disk hangs; servers {sorted(others)} serve on")
+        if self.on_disk_hung is None:
+            log.error("node %d: %s", self.node_id, self.disk_hung)
+            return
+        self.on_disk_hung(self.disk_hung)
 
     def stalled(self) -> str | None:
         """Why this server may not write now (it was, or is being, stopped), or None."""
@@ -271,6 +328,7 @@ class BlockServer:
         """Members seen in our first view count from 0 (we cannot know when they
         joined); later joiners from the generation that added them."""
         self.generation = generation
+        self.members = members
         for n in list(self.joined_at):
             if n not in members:
                 del self.joined_at[n]
@@ -376,6 +434,8 @@ class BlockServer:
         rid = body.get("id")
         self.per_node[f.sender] = self.per_node.get(f.sender, 0) + 1
         try:
+            if self.disk_hung is not None and f.type != MsgType.BLOCK_FENCE:
+                raise _Refused(f"block server {self.node_id}: {self.disk_hung}")
             if f.type == MsgType.BLOCK_FENCE:
                 out = await self._fence_request(f.sender, f.generation, body)
             elif f.type in (MsgType.BLOCK_WRITE, MsgType.BLOCK_FLUSH):
@@ -452,7 +512,8 @@ class BlockServer:
                       ) -> dict[str, Any]:
         if self._io_threads is None:             # not serving (a test's bare server)
             return await trio.to_thread.run_sync(self._io, mtype, body, received)
-        return await self._io_threads.run(self._io, mtype, body, received)
+        return await self._io_threads.run(self._io, mtype, body, received,
+                                          watch=mtype != MsgType.BLOCK_FLUSH)
 
     def _io(self, mtype: int, body: dict[str, Any], received: float) -> dict[str, Any]:
         """The request's I/O, on an I/O thread."""
@@ -496,6 +557,7 @@ class BlockServer:
         return {**self.stats, "generation": self.generation, "stalls": self.stalls,
                 "most_in_flight": self.most_in_flight,
                 "members": sorted(self.joined_at), "last_refusal": self.last_refusal,
+                "disk_hung": self.disk_hung,
                 "per_node": dict(self.per_node), "cut_off": dict(self.cut_off)}
 
 

@@ -60,7 +60,13 @@ settled, that is until its server
   reads their end) and keeps reading it; a block server closes a connection only
   once every request it read from it has finished its I/O (storage/blockserver.py),
   and a killed one's sockets close only once its threads left their system calls;
-- or left this node's view (removed, so fenced by the survivors).
+- or was fenced: removed from the view and cut off by the survivors' fence
+  (`server_fenced`, from membership's Fenced event: node/storagegroup.py), in a
+  view after the last one a write went out there in. Leaving this node's view is
+  not enough: until the fence is done (the process agent saw the process gone, a
+  PREEMPT AND ABORT went through) a server whose disk stalled a write can still
+  land it (a removed server with a hung disk, a stopped one let go before its
+  fence). A clean leave is not fenced: the close settles its writes.
 A newer overlapping write meanwhile is held: kept in memory (it is in the log,
 which LOG_LIMIT bounds) and not sent, and the caller goes on, so a call on the event
 loop never waits for a slow server (that loop runs membership, which is what removes
@@ -71,11 +77,13 @@ drain wait until nothing is maybe in flight or held (the device lock released wh
 they wait): after either, another node may take the lock over these bytes and write
 them, and a late write landing then would be as stale. That wait is bounded
 (settle_timeout: SETTLE_SHARE x the failure timeout): a server that neither answers
-nor leaves the view that long (alive, its disk hung) fails the flush (StorageError:
-the mount withdraws) rather than hang or lose a write. The log re-sent after a
-silence follows the same rule without waiting for the server that went silent:
-each of its writes over a byte that one may still write is that very write or an
-older one (nothing newer over it was sent), and the re-send ends with the newest.
+nor is fenced that long fails the flush (StorageError: the mount withdraws) rather
+than hang or lose a write. A server alive with a hung disk stops serving and
+fences itself well before that (storage/blockserver.py, "A hung disk"). The log
+re-sent after a silence follows the same rule without waiting for the server that
+went silent: each of its writes over a byte that one may still write is that very
+write or an older one (nothing newer over it was sent), and the re-send ends with
+the newest.
 
 Several requests in flight (up to WINDOW per device). A read or write larger
 than PIECE is cut into pieces sent all at once, and `write_behind` (file data)
@@ -104,7 +112,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import trio
@@ -218,6 +226,8 @@ class _Connection:
         # writes sent and not answered: id -> (offset, length, seq). After a silence
         # they are maybe in flight on the server (module doc)
         self.writes: dict[int, tuple[int, int, int]] = {}
+        self.newest_gen = 0           # the newest generation a write here carried
+        self.left_seen = False        # its server's leaving the view was logged
         self.since = 0.0              # when it was half-closed (linger)
         self.broken = False           # its frames can no longer be read (lingering)
         # a lower bound of (the server's clock - ours), from the clock its HELLO and
@@ -272,6 +282,7 @@ class _Connection:
             if by is not None:
                 body = {**body, "by": by}
             self.writes[body["id"]] = (body["off"], len(body["data"]), seq)
+            self.newest_gen = max(self.newest_gen, generation)
         self.waiting.add(body["id"])
         self._send(wf.encode_prefixed(self.skey, mtype, self.me, generation,
                                       self.out.take(), body), deadline)
@@ -422,6 +433,8 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self._held: list[_Logged] = []
         self.settle_timeout = SETTLE_SHARE * config.failure_timeout
         self._unflushed: set[int] = set()                  # servers written since flush
+        # server -> the newest view whose fence of it completed (server_fenced)
+        self._fenced_in: dict[int, int] = {}
         self._inflight: collections.deque[_Request] = collections.deque()   # sent order
         self._inflight_written = 0                         # bytes of writes among them
         self._refused: str | None = None
@@ -447,6 +460,14 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
     def prefer(self, key: bytes, server: int) -> None:
         """A grant of resource `key` named `server` (any thread)."""
         self._preferred[key] = server
+
+    def server_fenced(self, nodes: Iterable[int], generation: int) -> None:
+        """The survivors' fence of `nodes`, removed in view `generation` or earlier,
+        is done (membership's Fenced; any thread, never waits): the writes they took
+        before that view can no longer land (module doc, "Maybe in flight")."""
+        for n in nodes:
+            if generation > self._fenced_in.get(n, 0):
+                self._fenced_in[n] = generation
 
     # -- routing ---------------------------------------------------------------------
     def _current(self) -> View:
@@ -591,7 +612,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self._lingering.append(conn)
         self.stats["maybe_in_flight"] += len(conn.writes)
         log.info("node %d: %d write(s) maybe still under way on block server %d: newer "
-                 "writes of their bytes wait until it answers, closes or leaves the view",
+                 "writes of their bytes wait until it answers, closes or is fenced",
                  self.node_id, len(conn.writes), server)
 
     def _mark_silent(self, server: int, exc: _Silent) -> None:
@@ -662,20 +683,19 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
 
     def _settle(self) -> None:
         """Forget the writes maybe in flight that no longer are (answered, connection
-        closed by the server, server out of the view), then send the held writes
+        closed by the server, server fenced), then send the held writes
         that nothing older blocks any more. Never waits for a slow server."""
         if not self._lingering and not self._held:
             return
         if self._lingering:
             members = self._current()[1]
             for conn in list(self._lingering):
-                left = conn.server not in members
-                if left or conn.settled():
+                how = self._settled_how(conn, members)
+                if how is not None:
                     self._lingering.remove(conn)
                     conn.close()
                     log.info("node %d: block server %d %s: its writes can no longer "
-                             "land late", self.node_id, conn.server,
-                             "left the view" if left else "answered or closed")
+                             "land late", self.node_id, conn.server, how)
         for entry in list(self._held):
             if entry.held and not self._must_wait(entry):
                 self._held.remove(entry)
@@ -683,6 +703,22 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
                 server = self._put(entry)
                 if server is not None:
                     self.written[server] = self.written.get(server, 0) + len(entry.data)
+
+    def _settled_how(self, conn: _Connection, members: frozenset[int]) -> str | None:
+        """How `conn`'s writes maybe in flight were settled, or None if they were not:
+        its server answered them or closed the connection, or was fenced in a view
+        after the last one they went out in. Out of the view and not fenced yet is
+        not settled (module doc): that is logged once."""
+        if self._fenced_in.get(conn.server, 0) > conn.newest_gen:
+            return f"was fenced (view {self._fenced_in[conn.server]})"
+        if conn.settled():
+            return "answered or closed"
+        if conn.server not in members and not conn.left_seen:
+            conn.left_seen = True
+            log.info("node %d: block server %d left the view with %d write(s) maybe "
+                     "under way: newer writes of their bytes wait for its fence",
+                     self.node_id, conn.server, len(conn.writes))
+        return None
 
     def _await_settled(self) -> None:
         """(Under the lock.) Wait until no write is maybe in flight or held, letting
@@ -702,7 +738,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
     def _unsettled_error(self) -> str:
         servers = sorted({c.server for c in self._lingering})
         return (f"{self.path}: block server(s) {servers} took writes and neither answered "
-                f"them, nor closed the connection, nor left the view within "
+                f"them, nor closed the connection, nor were fenced within "
                 f"{self.settle_timeout:g} s: they may still land, so newer writes of "
                 f"those bytes cannot be ordered after them")
 
@@ -1067,6 +1103,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
                 "silent": sorted(self._silent), "io_timeout": self.io_timeout,
                 "unsettled": sum(len(c.writes) for c in list(self._lingering)),
                 "holding": len(self._held),
+                "fenced_servers": dict(self._fenced_in),
                 "preferred": {k.decode(errors="replace"): s
                               for k, s in sorted(self._preferred.items())},
                 "retarget_times": self.retarget_times[-50:]}
