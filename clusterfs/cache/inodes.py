@@ -1,8 +1,9 @@
 """InodeCache: every inode object this node keeps, each under its lock.
 
 An entry lives only as long as what justifies it: this node holds the inode's
-glock, or it created the inode under its parent's lock and has not committed it
-yet (no other node can know that inode). So:
+glock, or it created the inode under its parent's lock and that lock has not
+gone since (no other node can know that inode; the fs drops it when the parent's
+lock goes, docs/locking.md "Creates take no lock of their own"). So:
 
 - a fresh grant of an inode's lock drops a clean entry: it was kept across a
   time without the lock, when another node may have changed the inode;

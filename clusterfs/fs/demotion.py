@@ -46,12 +46,33 @@ class Demotion:
         ino = glock.name[1]
         if self.txn.committing():
             return False                 # (the journal's state is moving: flush as before)
-        node = self.inodes.get(ino)
-        if node is None:
+        if any(self._pending(child) for child in self._unguarded.get(ino, ())):
+            return False                 # (made in it, covered by its lock: _covered_by)
+        if self.inodes.get(ino) is None:
             # (freed here: its tombstone may be dirty, with no cached inode to say so)
             return ino not in self.freed and not self.blocks.logged(ino)
-        return not self.txn.is_dirty(node) and \
-            not any(self.blocks.logged(blkno) for blkno in node.meta_blocks())
+        return not self._pending(ino)
+
+    def _pending(self, ino: int) -> bool:
+        """A change to the cached inode `ino` is dirty, or logged and not yet home."""
+        node = self.inodes.get(ino)
+        if node is None:
+            return self.blocks.logged(ino)
+        return self.txn.is_dirty(node) or \
+            any(self.blocks.logged(blkno) for blkno in node.meta_blocks())
+
+    async def _let_children_go(self, ino: int) -> None:
+        """(Directory `ino`'s lock going down, its flush done.) The inodes made in it
+        with no lock of their own were covered by its lock only: they are home now;
+        drop them and have the kernel forget their attributes, since another node
+        may take their own locks and change them without asking this one."""
+        children = self._unguarded.pop(ino, None)
+        if not children:
+            return
+        for child in children:
+            self._unguarded_in.pop(child, None)
+            self.inodes.drop_if_clean(child)
+        await self.kernel_forget.forget_many(sorted(children))
 
     async def _demote_inode(self, glock: Glock, target: Mode) -> None:
         """Another node wants this inode (or the lock cache lets it go): flush;
@@ -61,11 +82,13 @@ class Demotion:
         (_nothing_to_flush): a busy node does not write its whole journal home because
         another node reads one of its older files."""
         ino = glock.name[1]
+        for child in list(self._unguarded.get(ino, ())):
+            await self._settle_iopen(child)       # before another node can reach it
         if self._nothing_to_flush(glock) and self.txn.withdrawn is None:
             await self.txn.drain_data()
         else:
             await self._flush_for_demote(self._covered_by(ino))
-            self._unguarded.pop(ino, None)
+        await self._let_children_go(ino)
         if target != Mode.NL:
             return                       # PR: our clean copy stays valid
         self.inodes.drop_if_clean(ino)   # (dirty now: created during the flush)
@@ -84,7 +107,11 @@ class Demotion:
             node = self.inodes.get(ino)
             if node is None or ino in self.freed:
                 return None
-            return node.meta_blocks() + list(self._unguarded.get(ino, ()))
+            out = node.meta_blocks()
+            for child in self._unguarded.get(ino, ()):
+                made = self.inodes.get(child)
+                out += made.meta_blocks() if made is not None else [child]
+            return out
         return blocks
 
     async def _demote_data(self, glock: Glock, target: Mode) -> None:

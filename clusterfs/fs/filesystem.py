@@ -44,7 +44,7 @@ from clusterfs.fs.demotion import Demotion
 from clusterfs.fs.filedata import FileData
 from clusterfs.fs.inode import CachedInode
 from clusterfs.fs.kernelforget import KernelForget
-from clusterfs.fs.namespace import Namespace
+from clusterfs.fs.namespace import UNGUARDED_MAX, Namespace
 from clusterfs.fs.openfiles import OpenFiles
 from clusterfs.fs.orphans import OrphanList
 from clusterfs.fs.xattrs import Xattrs
@@ -86,11 +86,20 @@ class _Hold:
         fs = self.fs
         if self.write:
             fs.txn.check_writable()
-        wanted = [(("inode", i), Mode.EX) for i in self.ex]
-        wanted += [(("inode", i), Mode.PR) for i in self.pr]
+        ex, pr = self.ex, self.pr
+        if fs._unguarded_in and any(i in fs._unguarded_in for i in pr):
+            # the first lock of its own an inode made here takes is EX, whatever the
+            # operation needs: this node has its only copy (in its journal or cache),
+            # and another node's PR must wait for the demote that writes it home
+            ex = sorted({*ex, *(i for i in pr if i in fs._unguarded_in)})
+            pr = [i for i in pr if i not in fs._unguarded_in]
+        wanted = [(("inode", i), Mode.EX) for i in ex]
+        wanted += [(("inode", i), Mode.PR) for i in pr]
         wanted += self.data             # ("data", ino, chunk): sorted before the inodes
         self.taken = await fs.glocks.acquire(wanted)
         try:
+            if fs._unguarded_in:
+                await fs._guard(ex, pr)
             groups: set[int] = set()
             if self.alloc is not None:
                 groups.update(fs.alloc.groups_for(*self.alloc))
@@ -152,10 +161,18 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         # transaction is home the disk still shows the old inode (forget does not end
         # that, so entries stay until the block is reused)
         self.freed: dict[int, int] = {}
-        # cluster: directory -> inodes created in it whose own lock is not held here
-        # yet (mknod takes it just after): until then the directory's lock covers
-        # their blocks, so its demote writes them home too (_covered_by)
+        # cluster: directory -> inodes created in it whose own lock this node has not
+        # taken (a create takes none: no other node can reach a new inode before the
+        # directory's lock goes, docs/locking.md "Creates take no lock of their own").
+        # The directory's lock covers them: its demote writes them home too
+        # (_covered_by) and drops them; the first operation that takes one's own lock
+        # takes it out of here (_guard). And each such inode -> its directory.
         self._unguarded: dict[int, set[int]] = {}
+        self._unguarded_in: dict[int, int] = {}
+        self.unguarded_max = UNGUARDED_MAX        # (tests set it lower)
+        # new inodes opened by their create while unguarded: their ("iopen", ino) PR is
+        # owed, taken before any other node can reach them (_settle_iopen)
+        self._iopen_owed: set[int] = set()
         self.clustered = clustered
         # where this node allocates new inodes in a cluster: its own part of the disk
         # (a cluster mount says where: node/placement.py; else by journal slot), so
@@ -363,7 +380,7 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
             async with self._hold(pr=[parent], write=False):
                 ino = self._find_or_none(parent, name)
                 ahead = self._scan_ahead(parent, ino) if self.clustered else []
-                node = self._cached_child(ino) if not ahead else None
+                node = self._cached_child(parent, ino) if not ahead else None
             if node is not None:
                 self.count_lookup(node.d.ino, node.d.generation)
                 return node
@@ -403,12 +420,16 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
                     break
         return ahead
 
-    def _cached_child(self, ino: int | None) -> CachedInode | None:
+    def _cached_child(self, parent: int, ino: int | None) -> CachedInode | None:
         """(Under the parent's lock, name just found.) The child inode when its own lock
-        is cached, taken without a wait: the lookup then needs one round of locks, not
-        two (_named_inode). None when it would have to wait."""
+        is cached, taken without a wait, or it was made here under the parent's lock
+        and has no lock of its own yet (which the parent's covers): the lookup then
+        needs one round of locks, not two (_named_inode). None when it would have to
+        wait."""
         if ino is None:
             return None
+        if self._unguarded_in.get(ino) == parent:
+            return self._inode(ino, by_name=True)
         glock = self.glocks.hold_if_cached(("inode", ino), Mode.PR)
         if glock is None:
             return None
@@ -430,6 +451,7 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         """Load many inodes with few reads: readdir needs every entry's attributes, and
         inodes created together sit together on disk."""
         todo = sorted({i for i in inos if i not in self.inodes and
+                       i not in self._unguarded_in and   # (their own lock would be EX)
                        self.sb.rgrp_start <= i < self.sb.total_blocks})
         if not todo:
             return

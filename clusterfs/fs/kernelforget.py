@@ -46,6 +46,12 @@ class KernelForget:
         finally:
             self._running = False
 
+    async def forget_many(self, inos: list[int]) -> None:
+        """`forget` for several inodes, told in one round."""
+        if inos:
+            self._queued.extend(inos[:-1])       # (taken by the round that takes the last)
+            await self.forget(inos[-1])
+
     def _tell(self, inos: list[int]) -> None:
         hook = self.hook
         assert hook is not None

@@ -11,6 +11,7 @@ filesystem's state and plumbing (`_hold`, `_inode`, `txn`, `glocks`, ...).
 from __future__ import annotations
 
 import errno
+import itertools
 import stat
 import time
 
@@ -50,6 +51,12 @@ class _Tombstone:
         return {self.ino: bytes(encode_inode(Inode(ino=self.ino, mode=0, nlink=0, blocks=0)))}
 
 
+# A node keeps at most this many inodes it made with no lock of their own (about 2 KiB
+# each, with their directory's growth); past it the oldest UNGUARD_BATCH take theirs.
+UNGUARDED_MAX = 50_000
+UNGUARD_BATCH = 1024
+
+
 class _Changed(Exception):
     """A name moved between an operation's look under PR and its change under EX."""
 
@@ -70,21 +77,45 @@ class Namespace:
                 return self._create(parent, name, mode, rdev, uid, gid, target)
 
         node = await self._retrying(run, self._create_goal(parent), 8)
-        if self.clustered:
-            # the new inode's own lock, so that a node still caching an earlier inode
-            # of this number (freed since) is told to drop it
-            async with self._hold(ex=[node.ino], write=False):
-                node = self._inode(node.ino, by_name=True)   # (ours: just created)
-                self._guarded(parent, node.ino)
+        # (cluster: no lock of its own yet; the directory's covers it, _unguarded)
+        if len(self._unguarded_in) > self.unguarded_max:
+            await self._guard_oldest()
         self.count_lookup(node.ino, node.d.generation)
         if open_it:
-            await self._iopen_hold(node.ino)
+            if self._unguarded_in.get(node.ino) == parent:
+                self._iopen_owed.add(node.ino)       # taken before anyone can reach it
+            else:
+                await self._iopen_hold(node.ino)
             self.opens[node.ino] = self.opens.get(node.ino, 0) + 1
         return node
 
+    async def _guard(self, ex: list[int], pr: list[int]) -> None:
+        """(An operation now holds these inodes' own locks.) Those made here unguarded
+        are covered by their own locks from now on, not by their directory's: a lock
+        that can go without the directory's, so an iopen owed is taken first."""
+        for ino in (*ex, *pr):
+            parent = self._unguarded_in.get(ino)
+            if parent is None:
+                continue
+            if ino in self._iopen_owed:
+                await self._settle_iopen(ino)
+            self._guarded(parent, ino)
+
+    async def _guard_oldest(self) -> None:
+        """Past `unguarded_max` inodes made here with no lock of their own (a long burst
+        of creates with no directory lock going), take the own locks of the oldest
+        batch: kept that way, their objects are bounded by the lock cache (its
+        shrinker), as every other inode's are, and no longer by the directory's lock
+        alone."""
+        oldest = sorted(itertools.islice(self._unguarded_in, UNGUARD_BATCH))
+        async with self._hold(ex=oldest, write=False):
+            pass                                   # (_Hold moves them: _guard)
+
     def _guarded(self, parent: int, ino: int) -> None:
-        """`ino`'s own lock is held now: the directory's lock no longer covers its block
-        (and a directory created in for good leaves no empty set behind)."""
+        """`ino`'s own lock is held now (or its directory's lock went and took it
+        along): the directory's lock no longer covers its block (and a directory
+        created in for good leaves no empty set behind)."""
+        self._unguarded_in.pop(ino, None)
         unguarded = self._unguarded.get(parent)
         if unguarded is not None:
             unguarded.discard(ino)
@@ -121,6 +152,7 @@ class Namespace:
         self.inodes.put(ino, node)
         if self.clustered:
             self._unguarded.setdefault(parent, set()).add(ino)
+            self._unguarded_in[ino] = parent
         if target:
             self._write(node, 0, target)    # stuffed when short, a data block when long
         p.dir.add(name, ino, dtype_of(mode), self._taker(reserve, goal), self._free_meta)

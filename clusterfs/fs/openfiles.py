@@ -39,8 +39,12 @@ class OpenFiles:
             return
         self.opens.pop(ino, None)
         if self.clustered:
+            self._iopen_owed.discard(ino)          # (never taken: nobody else could see it)
             await self._iopen_release(ino)
-            await self._reap_if_unlinked(ino)
+            if ino not in self._unguarded_in:
+                # (one made here with no lock of its own yet still has its name: only
+                # this node can reach it, and an unlink would have taken its lock)
+                await self._reap_if_unlinked(ino)
         else:
             await self._maybe_free(ino)
 
@@ -66,6 +70,18 @@ class OpenFiles:
             finally:
                 del self._iopen_pending[ino]
                 done.set()
+
+    async def _settle_iopen(self, ino: int) -> None:
+        """Take the ("iopen", ino) PR a create left owed (mknod: while only this node
+        can reach the new inode, nobody needs to know it is open), if it is still open
+        here; the file may be closed while the lock is on its way."""
+        if ino not in self._iopen_owed:
+            return
+        self._iopen_owed.discard(ino)
+        if self.opens.get(ino):
+            await self._iopen_hold(ino)
+            if not self.opens.get(ino):
+                await self._iopen_release(ino)
 
     async def _iopen_release(self, ino: int) -> None:
         lock = self.iopen.pop(ino, None)
