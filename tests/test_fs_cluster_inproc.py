@@ -469,7 +469,7 @@ async def test_a_listing_of_another_nodes_directory_asks_for_its_locks_in_parall
             glock = b.fs.glocks.glocks[("inode", ino)]
             assert glock.mode == Mode.PR and glock.holders == 0
             assert ino in b.fs.inodes
-        assert ("inode", inos[0]) not in a.fs.glocks.glocks   # (A made them: no lock)
+        assert a.fs.glocks.glocks[("inode", inos[0])].mode == Mode.PR   # A keeps PR
 
 
 @trio_test
@@ -744,9 +744,10 @@ async def test_files_created_in_many_directories_leave_no_unguarded_records(tmp_
 async def test_a_create_takes_no_lock_of_its_own(tmp_path) -> None:
     """No other node can reach a new inode before its directory's lock goes, so a create
     asks the DLM for nothing (a create and close cost three requests before: the
-    inode's EX, and the iopen PR and its unlock). When the directory's lock goes the
-    new inodes go home with it and are dropped here: B sees them, changes one under
-    its own lock without asking A, and A reads the change."""
+    inode's EX, and the iopen PR and its unlock). When the directory's lock goes to
+    PR the new inodes go home with it and A takes their own locks in PR, keeping its
+    copies: B sees them, changes one (A's PR goes), and A reads the change. When it
+    goes to nothing A drops them and its kernel forgets them."""
     async with nodes(tmp_path) as (a, b):
         d = await a.fs.mknod(a.fs.root, b"d", stat.S_IFDIR | 0o755, 0, 0, 0)
         await a.fs.mknod(d.ino, b"warm", REG, 0, 0, 0)     # (d's own lock, taken once)
@@ -768,10 +769,18 @@ async def test_a_create_takes_no_lock_of_its_own(tmp_path) -> None:
         assert asked == []
         f = await b.fs.lookup(d.ino, b"f7")
         assert f is not None and f.ino == made[7]
-        assert made[7] not in a.fs.inodes and a.fs._unguarded_in == {}
-        assert made[7] in a.invalidated           # and A's kernel forgot its attributes
+        assert a.fs._unguarded_in == {}
+        assert a.fs.glocks.glocks[("inode", made[7])].mode == Mode.PR
+        assert made[7] in a.fs.inodes and made[7] not in a.invalidated
         await b.fs.setattr(made[7], mode=0o600)
+        assert made[7] not in a.fs.inodes and made[7] in a.invalidated
         assert stat.S_IMODE((await a.fs.getattr(made[7])).d.mode) == 0o600
+        more = [(await a.fs.mknod(d.ino, b"g%d" % i, REG, 0, 0, 0)).ino for i in range(5)]
+        await b.fs.mknod(d.ino, b"from-b", REG, 0, 0, 0)      # d's lock goes to nothing
+        assert not any(i in a.fs.inodes for i in more)
+        assert all(i in a.invalidated for i in more)
+        await b.fs.setattr(more[2], mode=0o640)
+        assert stat.S_IMODE((await a.fs.getattr(more[2])).d.mode) == 0o640
 
 
 @trio_test

@@ -61,18 +61,34 @@ class Demotion:
         return self.txn.is_dirty(node) or \
             any(self.blocks.logged(blkno) for blkno in node.meta_blocks())
 
-    async def _let_children_go(self, ino: int) -> None:
+    async def _let_children_go(self, ino: int, target: Mode) -> None:
         """(Directory `ino`'s lock going down, its flush done.) The inodes made in it
-        with no lock of their own were covered by its lock only: they are home now;
-        drop them and have the kernel forget their attributes, since another node
-        may take their own locks and change them without asking this one."""
+        with no lock of their own were covered by its lock only; they are home now.
+        Going to PR (a reader elsewhere, or idle sharing), this node keeps reading the
+        directory: it takes their own locks in PR, many at once, and keeps its copies
+        (nothing could change them while the directory's EX was still held), so it
+        goes on answering for them from its cache and another node reads them with
+        no demote here. Otherwise, or where that fails, it drops them and has the
+        kernel forget their attributes: another node may take their own locks and
+        change them without asking this one."""
         children = self._unguarded.pop(ino, None)
         if not children:
             return
         for child in children:
             self._unguarded_in.pop(child, None)
-            self.inodes.drop_if_clean(child)
-        await self.kernel_forget.forget_many(sorted(children))
+        kept = {c: self.inodes.get(c) for c in children} if target == Mode.PR else {}
+        if kept:
+            await self.glocks.warm((("inode", c), Mode.PR) for c in sorted(children))
+        lost = []
+        for child in sorted(children):
+            glock = self.glocks.glocks.get(("inode", child))
+            copy = kept.get(child)
+            if copy is not None and glock is not None and glock.mode is not None:
+                self.inodes.put(child, copy)   # (the fresh grant dropped it: _granted)
+            else:
+                self.inodes.drop_if_clean(child)
+                lost.append(child)
+        await self.kernel_forget.forget_many(lost)
 
     async def _demote_inode(self, glock: Glock, target: Mode) -> None:
         """Another node wants this inode (or the lock cache lets it go): flush;
@@ -88,7 +104,7 @@ class Demotion:
             await self.txn.drain_data()
         else:
             await self._flush_for_demote(self._covered_by(ino))
-        await self._let_children_go(ino)
+        await self._let_children_go(ino, target)
         if target != Mode.NL:
             return                       # PR: our clean copy stays valid
         self.inodes.drop_if_clean(ino)   # (dirty now: created during the flush)
