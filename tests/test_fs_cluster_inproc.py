@@ -856,3 +856,20 @@ async def test_a_new_files_first_lock_of_its_own_is_exclusive(tmp_path) -> None:
         got = await b.fs.lookup(root, b"f")
         assert got is not None and got.d.generation == f.d.generation
         assert a.fs.txn.withdrawn is None and b.fs.txn.withdrawn is None
+
+
+@trio_test
+async def test_a_directory_going_to_pr_keeps_at_most_so_many_new_inodes(
+        tmp_path, monkeypatch) -> None:
+    """A reader on another node waits while the new inodes' own locks are taken: past
+    KEEP_ON_SHARE the rest are dropped (and the kernel forgets them) instead."""
+    import clusterfs.fs.demotion as demotion
+    monkeypatch.setattr(demotion, "KEEP_ON_SHARE", 3)
+    async with nodes(tmp_path) as (a, b):
+        made = [(await a.fs.mknod(a.fs.root, b"f%d" % i, REG, 0, 0, 0)).ino
+                for i in range(8)]
+        assert await b.fs.lookup(a.fs.root, b"f0") is not None
+        kept = [i for i in made if i in a.fs.inodes]
+        assert kept == sorted(made)[:3]
+        assert all(a.fs.glocks.glocks[("inode", i)].mode == Mode.PR for i in kept)
+        assert all(i in a.invalidated for i in made if i not in kept)

@@ -16,6 +16,11 @@ from clusterfs.cache.transaction import Covered
 from clusterfs.dlm.interface import Mode
 from clusterfs.fs.alloc import encode_free_lvb
 
+# At most this many inodes made under a directory's lock keep their copies when that
+# lock goes to PR (their own locks taken then, about 25 µs each here): a reader on
+# another node waits for them, so a longer burst's rest is dropped and read again.
+KEEP_ON_SHARE = 4096
+
 
 class Demotion:
     # ================================================================ lock demotion
@@ -76,9 +81,10 @@ class Demotion:
             return
         for child in children:
             self._unguarded_in.pop(child, None)
-        kept = {c: self.inodes.get(c) for c in children} if target == Mode.PR else {}
+        kept = {c: self.inodes.get(c) for c in sorted(children)[:KEEP_ON_SHARE]} \
+            if target == Mode.PR else {}
         if kept:
-            await self.glocks.warm((("inode", c), Mode.PR) for c in sorted(children))
+            await self.glocks.warm((("inode", c), Mode.PR) for c in kept)
         lost = []
         for child in sorted(children):
             glock = self.glocks.glocks.get(("inode", child))
