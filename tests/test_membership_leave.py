@@ -102,3 +102,29 @@ async def test_a_lone_member_leaves_at_once():
         assert await sim.nodes[1].leave(timeout=10)
         assert trio.current_time() - t0 < INTERVAL
     await with_sim([1], body)
+
+
+@mock_trio
+async def test_members_leaving_all_at_once_do_not_wait_for_one_another():
+    """Every member leaving together (devcluster down, a whole-cluster shutdown): no one
+    is left to install a view without the others, and none need be (each leaves with
+    its journal clean and no lock held), so each is done once every other member is
+    leaving too, instead of waiting out its timeout and warning."""
+    async def body(sim):
+        for i in (1, 2, 3):
+            await sim.start(i)
+        await sim.until(lambda: sim.agreed([1, 2, 3], {1, 2, 3}), 10)
+        said: dict[int, bool] = {}
+        t0 = trio.current_time()
+
+        async def leave(nid: int) -> None:
+            said[nid] = await sim.nodes[nid].leave(timeout=2 * TIMEOUT)
+
+        async with trio.open_nursery() as nursery:
+            for nid in (1, 2, 3):
+                nursery.start_soon(leave, nid)
+        assert said == {1: True, 2: True, 3: True}
+        assert trio.current_time() - t0 < QUICK
+        for n in (1, 2, 3):
+            assert sim.agents[n].calls == []
+    await with_sim([1, 2, 3], body)

@@ -171,15 +171,30 @@ class MembershipService(Proposals):
         if not others:
             return True
         with trio.move_on_after(timeout):
-            while not self._leave_witnesses(others):
-                await self._heartbeat()         # the announcement, again each round
+            while True:
+                # the announcement, again each round, and once at least: the others
+                # leaving at once are done only when they heard it (_all_leaving)
+                await self._heartbeat()
+                if self._leave_witnesses(others) or self._all_leaving(others):
+                    break
                 await trio.sleep(self.interval / 2)
-            log.info("node %d gen %d: left: node(s) %s installed a view without us",
-                     self.node_id, self.view.generation, sorted(self._leave_witnesses(others)))
+            witnesses = self._leave_witnesses(others)
+            if witnesses:
+                log.info("node %d gen %d: left: node(s) %s installed a view without us",
+                         self.node_id, self.view.generation, sorted(witnesses))
+            else:
+                log.info("node %d gen %d: left together with %s (every member is leaving)",
+                         self.node_id, self.view.generation, sorted(others))
             return True
         log.warning("node %d gen %d: no view without us within %.1f s; leaving anyway",
                     self.node_id, self.view.generation, timeout)
         return False
+
+    def _all_leaving(self, others: frozenset[int]) -> bool:
+        """Every other member of our last view announces a clean leave too: no one is
+        left to install a view without us, and no one needs to (a leaver has its journal
+        clean and holds no lock: there is nothing to fence or replay)."""
+        return all(self._left_cleanly(n) for n in others)
 
     def _leave_witnesses(self, others: frozenset[int]) -> set[int]:
         """Members of our last view whose heartbeat shows a newer view without us."""
