@@ -842,6 +842,23 @@ def _stalling_pair(tmp_path, seconds: float):
     return cfg, ports, _image(tmp_path), victim, block, env
 
 
+@contextlib.contextmanager
+def _proxy_on_stalling_pair(tmp_path, seconds: float, view) -> Iterator[tuple]:
+    """_stalling_pair's servers as processes and a proxy (node 3, its view from
+    `view()`) that has written and flushed once, so it is connected to both:
+    (dev, procs, image, victim, block). The proxy is closed after."""
+    cfg, ports, image, victim, block, env = _stalling_pair(tmp_path, seconds)
+    with _server_processes(image, cfg, ports, (1, 2), env) as procs:
+        dev = ProxyDevice(cfg, 3)
+        dev.attach(view)
+        try:
+            dev.pwrite(0, b"warm" * 1024)                 # connected to both
+            dev.flush()
+            yield dev, procs, image, victim, block
+        finally:
+            dev.close()
+
+
 def test_a_removed_servers_write_maybe_in_flight_waits_for_its_fence(tmp_path):
     """The double fault: the proxy's server stalls on one device write (30 s: its
     disk is stuck) and is then stopped (SIGSTOP, before its disk watch could stop
@@ -853,60 +870,46 @@ def test_a_removed_servers_write_maybe_in_flight_waits_for_its_fence(tmp_path):
     until the fence of the view that removed it is done; then the newer copy goes
     out and the flush returns. (Before: the newer copy went out and the flush
     returned as soon as the server was out of the view.)"""
-    cfg, ports, image, victim, block, env = _stalling_pair(tmp_path, 30)
     view = [(1, frozenset({1, 2, 3}))]
-    with _server_processes(image, cfg, ports, (1, 2), env) as procs:
-        dev = ProxyDevice(cfg, 3)
-        dev.attach(lambda: view[0])
-        try:
-            dev.pwrite(0, b"warm" * 1024)                 # connected to both
-            dev.flush()
-            old, newer = os.urandom(4096), os.urandom(4096)
-            dev.pwrite(block, old)                        # stalls: re-targeted
-            os.kill(procs[victim].pid, signal.SIGSTOP)    # and its node is stopped
-            dev.pwrite(block, newer)                      # held behind it
-            view[0] = (2, frozenset({1, 2, 3}) - {victim})    # removed, not fenced
-            assert dev.pread(block, 4096) == newer
-            flushing, failed = _flush_in_thread(dev)
-            flushing.join(0.6)
-            dev.server_fenced([victim], 1)                # an older life's fence
-            flushing.join(0.6)
-            assert flushing.is_alive() and not failed, "the flush went on unfenced"
-            st = dev.statistics()
-            assert st["holding"] == 1 and st["unsettled"] == 1, st
-            assert _on_disk(image, block) == old          # the newer copy not sent
-            dev.server_fenced([victim], 2)                # the fence is done
-            flushing.join(5)
-            assert not flushing.is_alive() and not failed, failed
-            assert _on_disk(image, block) == newer
-            st = dev.statistics()
-            assert st["holding"] == 0 and st["unsettled"] == 0, st
-        finally:
-            dev.close()
+    with _proxy_on_stalling_pair(tmp_path, 30, lambda: view[0]) as (
+            dev, procs, image, victim, block):
+        old, newer = os.urandom(4096), os.urandom(4096)
+        dev.pwrite(block, old)                        # stalls: re-targeted
+        os.kill(procs[victim].pid, signal.SIGSTOP)    # and its node is stopped
+        dev.pwrite(block, newer)                      # held behind it
+        view[0] = (2, frozenset({1, 2, 3}) - {victim})    # removed, not fenced
+        assert dev.pread(block, 4096) == newer
+        flushing, failed = _flush_in_thread(dev)
+        flushing.join(0.6)
+        dev.server_fenced([victim], 1)                # an older life's fence
+        flushing.join(0.6)
+        assert flushing.is_alive() and not failed, "the flush went on unfenced"
+        st = dev.statistics()
+        assert st["holding"] == 1 and st["unsettled"] == 1, st
+        assert _on_disk(image, block) == old          # the newer copy not sent
+        dev.server_fenced([victim], 2)                # the fence is done
+        flushing.join(5)
+        assert not flushing.is_alive() and not failed, failed
+        assert _on_disk(image, block) == newer
+        st = dev.statistics()
+        assert st["holding"] == 0 and st["unsettled"] == 0, st
 
 
 def test_a_fence_that_never_completes_fails_the_flush_not_the_data(tmp_path):
     """The same stopped and removed server, its fence failing for good: the flush
     fails after settle_timeout (the mount withdraws) and the newer copy was never
     sent where the stalled write could still land over it."""
-    cfg, ports, image, victim, block, env = _stalling_pair(tmp_path, 30)
     view = [(1, frozenset({1, 2, 3}))]
-    with _server_processes(image, cfg, ports, (1, 2), env) as procs:
-        dev = ProxyDevice(cfg, 3)
-        dev.attach(lambda: view[0])
-        try:
-            dev.pwrite(0, b"warm" * 1024)
+    with _proxy_on_stalling_pair(tmp_path, 30, lambda: view[0]) as (
+            dev, procs, image, victim, block):
+        dev.settle_timeout = 1.5
+        dev.pwrite(block, b"o" * 4096)
+        os.kill(procs[victim].pid, signal.SIGSTOP)
+        dev.pwrite(block, b"n" * 4096)
+        view[0] = (2, frozenset({1, 2, 3}) - {victim})
+        with pytest.raises(StorageError, match="nor were fenced"):
             dev.flush()
-            dev.settle_timeout = 1.5
-            dev.pwrite(block, b"o" * 4096)
-            os.kill(procs[victim].pid, signal.SIGSTOP)
-            dev.pwrite(block, b"n" * 4096)
-            view[0] = (2, frozenset({1, 2, 3}) - {victim})
-            with pytest.raises(StorageError, match="nor were fenced"):
-                dev.flush()
-            assert _on_disk(image, block) == b"o" * 4096
-        finally:
-            dev.close()
+        assert _on_disk(image, block) == b"o" * 4096
 
 
 # -- a server whose disk hangs stops serving and fences itself (issue 8) -------------
@@ -921,31 +924,24 @@ def test_a_server_whose_disk_hangs_stops_and_the_proxy_goes_on_with_nothing_lost
     flush returns with no error: every byte on the disk is the newest. (Before:
     nothing stopped the server, and the flush failed after twice the failure
     timeout, so the mount withdrew.)"""
-    cfg, ports, image, victim, block, env = _stalling_pair(tmp_path, 60)
-    with _server_processes(image, cfg, ports, (1, 2), env) as procs:
-        dev = ProxyDevice(cfg, 3)
-        dev.attach(lambda: (1, frozenset({1, 2, 3})))
-        try:
-            dev.pwrite(0, b"warm" * 1024)
-            dev.flush()
-            want = {at: os.urandom(4096) for at in range(0, 128 * 4096, 4096)}
-            for at, data in want.items():                 # the write at `block` hangs
-                dev.pwrite(at, data)
-            want[block] = os.urandom(4096)
-            dev.pwrite(block, want[block])                # held behind the hung one
-            dev.flush()                                   # no error
-            said = procs[victim].stdout.readline()
-            assert said.startswith("disk hung: block server stops serving"), said
-            assert "disk_timeout 1.5 s" in said, said
-            assert procs[victim].wait(5) == -signal.SIGKILL
-            assert dev.statistics()["unsettled"] == 0
-            with open(image, "rb") as f:
-                disk = f.read(128 * 4096)
-            for at, data in want.items():
-                assert disk[at : at + 4096] == data, f"block at {at} lost"
-            assert dev.pread(0, 128 * 4096) == disk
-        finally:
-            dev.close()
+    with _proxy_on_stalling_pair(tmp_path, 60, lambda: (1, frozenset({1, 2, 3}))) as (
+            dev, procs, image, victim, block):
+        want = {at: os.urandom(4096) for at in range(0, 128 * 4096, 4096)}
+        for at, data in want.items():                 # the write at `block` hangs
+            dev.pwrite(at, data)
+        want[block] = os.urandom(4096)
+        dev.pwrite(block, want[block])                # held behind the hung one
+        dev.flush()                                   # no error
+        said = procs[victim].stdout.readline()
+        assert said.startswith("disk hung: block server stops serving"), said
+        assert "disk_timeout 1.5 s" in said, said
+        assert procs[victim].wait(5) == -signal.SIGKILL
+        assert dev.statistics()["unsettled"] == 0
+        with open(image, "rb") as f:
+            disk = f.read(128 * 4096)
+        for at, data in want.items():
+            assert disk[at : at + 4096] == data, f"block at {at} lost"
+        assert dev.pread(0, 128 * 4096) == disk
 
 
 def test_disk_timeout_defaults_to_half_the_failure_timeout_and_is_checked():
