@@ -97,8 +97,7 @@ class Namespace:
             parent = self._unguarded_in.get(ino)
             if parent is None:
                 continue
-            if ino in self._iopen_owed:
-                await self._settle_iopen(ino)
+            await self._settle_iopen(ino)          # (returns at once when none is owed)
             self._guarded(parent, ino)
 
     async def _guard_oldest(self) -> None:

@@ -503,8 +503,6 @@ async def _slot_holders(ls, sb: Superblock) -> dict:
     import trio
 
     holders: dict[int, int | str | None] = dict.fromkeys(range(sb.journal_count), "unknown")
-    if not ls.statistics().running:
-        return {"slots": [{"slot": s, "holder": h} for s, h in holders.items()]}
 
     async def ask(slot: int) -> None:
         try:
@@ -514,10 +512,11 @@ async def _slot_holders(ls, sb: Superblock) -> dict:
         holders[slot] = next((lk["node"] for lk in queues["locks"]
                               if lk["queue"] == "granted" and lk["grmode"] == "EX"), None)
 
-    with trio.move_on_after(SLOT_QUERY_TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            for slot in holders:
-                nursery.start_soon(ask, slot)
+    if ls.statistics().running:
+        with trio.move_on_after(SLOT_QUERY_TIMEOUT):
+            async with trio.open_nursery() as nursery:
+                for slot in holders:
+                    nursery.start_soon(ask, slot)
     return {"slots": [{"slot": s, "holder": h} for s, h in holders.items()]}
 
 
