@@ -5,6 +5,8 @@ without FUSE. (tests/test_cluster_mount.py does the same through real mounts.)""
 from __future__ import annotations
 
 import errno
+import os
+import random
 import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -873,3 +875,33 @@ async def test_a_directory_going_to_pr_keeps_at_most_so_many_new_inodes(
         assert kept == sorted(made)[:3]
         assert all(a.fs.glocks.glocks[("inode", i)].mode == Mode.PR for i in kept)
         assert all(i in a.invalidated for i in made if i not in kept)
+
+
+@trio_test
+async def test_writes_split_inside_blocks_read_their_queued_blocks_back(tmp_path) -> None:
+    """Direct I/O: the kernel splits a write at the page edges of the user's buffer, so
+    a streaming writer's requests end inside a block and the next one starts there
+    (256 KiB - 16 bytes, then 16, ...). Each finds the head of its first block in the
+    write-behind queue: the device is not read for it (before, every other request
+    read it back, waiting for the whole queue first). Then writes at random offsets
+    and sizes over it, and the other node reads exactly what was written."""
+    async with nodes(tmp_path) as (a, b):
+        f = await a.fs.mknod(a.fs.root, b"f", REG, 0, 0, 0)
+        want = bytearray(os.urandom(1 << 20))
+        await a.fs.write(f.ino, 0, bytes(want[:BLOCK]))
+        await a.fs.fsync(f.ino)                 # the allocation's metadata read and home
+        reads, pos = a.dev.reads, BLOCK
+        while pos < len(want):
+            for size in ((256 << 10) - 16, 16):
+                end = min(pos + size, len(want))
+                await a.fs.write(f.ino, pos, bytes(want[pos:end]))
+                pos = end
+        assert a.dev.reads == reads and a.dev.behind_pending > 0
+        rng = random.Random(7)
+        for _ in range(40):
+            off, size = rng.randrange(len(want) + BLOCK), rng.randrange(1, 3 * BLOCK)
+            data = os.urandom(size)
+            await a.fs.write(f.ino, off, data)
+            want[len(want):off] = bytes(max(0, off - len(want)))
+            want[off : off + size] = data
+        assert await b.fs.read(f.ino, 0, len(want) + 1) == bytes(want)

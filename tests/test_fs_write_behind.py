@@ -132,6 +132,70 @@ def test_a_gap_ends_the_batch(dev, direct_puts):
     assert dev.read(0, 1) == b"a" * BLOCK_SIZE and dev.read(8, 1) == b"b" * BLOCK_SIZE
 
 
+# -- the newest copy of one block (BlockDevice.read_newest) -------------------------
+# A direct write the kernel split at the page edges of the user's buffer ends inside
+# a block; the next request starts there and needs that block's head back.
+
+
+def test_a_queued_block_is_read_back_without_writing_the_queue(dev, direct_puts):
+    _needs_direct(dev)
+    calls, _done = direct_puts
+    data = os.urandom(4 * BLOCK_SIZE)
+    dev.write_behind(0, data)                   # held back: less than a batch
+    assert dev.read_newest(2) == data[2 * BLOCK_SIZE : 3 * BLOCK_SIZE]
+    assert calls == [] and dev.behind_pending == 4 * BLOCK_SIZE
+    assert dev.read_newest(9) == bytes(BLOCK_SIZE)    # in no queued write: the device
+
+
+def test_the_newest_queued_write_of_a_block_is_the_one_read(dev):
+    old, new = b"o" * (4 * BLOCK_SIZE), b"n" * BLOCK_SIZE
+    dev.write_behind(0, old)
+    dev.write_behind(8 * BLOCK_SIZE, b"x" * BLOCK_SIZE)       # not the block: no matter
+    dev.write_behind(BLOCK_SIZE, new)
+    assert dev.read_newest(1) == new
+    assert dev.read_newest(0) == old[:BLOCK_SIZE]
+    dev.write_behind(2 * BLOCK_SIZE + 100, b"xyz")   # part of a block: read after the queue
+    assert dev.read_newest(2) == b"o" * 100 + b"xyz" + b"o" * (BLOCK_SIZE - 103)
+
+
+def test_a_block_being_written_is_read_from_its_write(dev, monkeypatch):
+    _needs_direct(dev)
+    monkeypatch.setattr(device, "WRITE_BATCH", 4 * BLOCK_SIZE)
+    started, release = threading.Event(), threading.Event()
+    real = device._DirectWriter._put
+
+    def stalled(self, staging, length, offset):
+        started.set()
+        release.wait(5)                         # (a read that waits for it waits 5 s)
+        real(self, staging, length, offset)
+    monkeypatch.setattr(device._DirectWriter, "_put", stalled)
+    data = os.urandom(4 * BLOCK_SIZE)
+    dev.write_behind(0, data)                   # a full batch: taken at once
+    try:
+        assert started.wait(30)
+        assert dev.read_newest(3) == data[3 * BLOCK_SIZE :]   # the write is still stalled
+        assert dev.behind_pending == 4 * BLOCK_SIZE
+    finally:
+        release.set()
+    dev.flush()
+    assert dev.read(0, 4) == data
+
+
+def test_a_write_of_the_last_queued_block_replaces_it_in_the_run(dev, direct_puts):
+    """The rest of a block the last queued write ended inside comes as that whole
+    block again: the queue drops its older copy and stays one run, one device write."""
+    _needs_direct(dev)
+    calls, _done = direct_puts
+    first = os.urandom(4 * BLOCK_SIZE)
+    again = os.urandom(2 * BLOCK_SIZE)
+    dev.write_behind(0, first)
+    dev.write_behind(3 * BLOCK_SIZE, again)     # block 3 anew, and block 4
+    assert dev.behind_pending == 5 * BLOCK_SIZE
+    dev.flush()
+    assert calls == [(0, 5 * BLOCK_SIZE)]
+    assert dev.read(0, 5) == first[: 3 * BLOCK_SIZE] + again
+
+
 # -- direct read-ahead (BlockDevice.advise_willneed + read_data) ---------------------
 
 

@@ -51,7 +51,8 @@ class Blocks:
         return self._dev.read_data(pblk * BLOCK_SIZE, count * BLOCK_SIZE)
 
     def read_data_block(self, pblk: int) -> bytes:
-        return self._dev.read(pblk)
+        """One data block, newest copy: a write of it still queued counts."""
+        return self._dev.read_newest(pblk)
 
     def write_data(self, pblk: int, chunk: memoryview) -> None:
         """Queued to the write-behind thread; the request is answered meanwhile."""

@@ -144,10 +144,9 @@ class FileData:
                 return False
             first, last = off // BLOCK_SIZE, (off + len(data) - 1) // BLOCK_SIZE
             runs = ext.map_range(node.extents, first, last - first + 1)
-            buf = self._assemble(node, off, data, first, last, runs)
+            blocks = self._assemble(off, data, first, last, runs)
             for lblk, pblk, n in runs:
-                pos = (lblk - first) * BLOCK_SIZE
-                self._write_data(pblk, buf[pos : pos + n * BLOCK_SIZE])
+                self._write_data(pblk, blocks.span(lblk - first, n))
             return True
 
     @staticmethod
@@ -201,17 +200,15 @@ class FileData:
                 ext.insert(node.extents, fext.Extent(0, pblk, 1))
                 if first == 0:
                     runs = ext.map_range(node.extents, first, last - first + 1)
-        buf = self._assemble(node, off, data, first, last, runs)
+        blocks = self._assemble(off, data, first, last, runs)
         for lblk, pblk, n in runs:
-            pos = (lblk - first) * BLOCK_SIZE
             if pblk is not None:
-                self._write_data(pblk, buf[pos : pos + n * BLOCK_SIZE])
+                self._write_data(pblk, blocks.span(lblk - first, n))
                 continue
             done = 0
             while done < n:
                 pstart, got = self._take_run(new_runs, n - done)
-                chunk = buf[pos + done * BLOCK_SIZE : pos + (done + got) * BLOCK_SIZE]
-                self._write_data(pstart, chunk)
+                self._write_data(pstart, blocks.span(lblk - first + done, got))
                 ext.insert(node.extents, fext.Extent(lblk + done, pstart, got))
                 done += got
         self._unreserve([b for s, c in new_runs for b in range(s, s + c)])
@@ -220,28 +217,50 @@ class FileData:
         node.touch()
         self._dirty(node)
 
-    def _write_data(self, pblk: int, chunk: memoryview) -> None:
+    def _write_data(self, pblk: int, pieces: list[memoryview]) -> None:
         """File data straight to its blocks, queued to the device's write-behind thread:
         the request is answered while the copy is made (the journal commit waits for
         the queue before it flushes, so data still precedes the metadata that points
         at it, and fsync still makes it durable)."""
-        self.blocks.write_data(pblk, chunk)
+        for piece in pieces:
+            self.blocks.write_data(pblk, piece)
+            pblk += len(piece) // BLOCK_SIZE
 
-    def _assemble(self, node: CachedInode, off: int, data: bytes | memoryview, first: int,
-                  last: int, runs: list) -> memoryview:
-        """Whole blocks covering the write: existing bytes around it, zeros in holes."""
-        start = first * BLOCK_SIZE
-        if off == start and len(data) % BLOCK_SIZE == 0:
-            return memoryview(data)
-        buf = bytearray((last - first + 1) * BLOCK_SIZE)
-        mapped = {lblk: (pblk, n) for lblk, pblk, n in runs if pblk is not None}
-        for edge in {first, last}:
-            for lblk, (pblk, n) in mapped.items():
-                if lblk <= edge < lblk + n:
-                    at = (edge - first) * BLOCK_SIZE
-                    buf[at : at + BLOCK_SIZE] = self.blocks.read_data_block(pblk + edge - lblk)
-        buf[off - start : off - start + len(data)] = data
-        return memoryview(buf)
+    def _assemble(self, off: int, data: bytes | memoryview, first: int, last: int,
+                  runs: list) -> _Assembled:
+        """Whole blocks covering the write: a block it fills only in part is made of
+        its existing bytes (zeros in a hole) and the new ones; the blocks it fills
+        whole are views of `data`, not copies (a direct write the kernel split at the
+        page edges of the user's buffer ends inside a block: its megabyte is not
+        copied for the sake of that one block)."""
+        view = memoryview(data)
+        start, end = first * BLOCK_SIZE, off + len(data)
+        tail_at = last * BLOCK_SIZE
+        head_cut, tail_cut = off - start, (last + 1) * BLOCK_SIZE - end
+        if first == last and (head_cut or tail_cut):
+            return _Assembled([self._edge_block(runs, first, head_cut, view)])
+        pieces = []
+        if head_cut:
+            pieces.append(self._edge_block(runs, first, head_cut,
+                                           view[: BLOCK_SIZE - head_cut]))
+        inner_from = start + BLOCK_SIZE if head_cut else off
+        inner_to = tail_at if tail_cut else end
+        if inner_to > inner_from:
+            pieces.append(view[inner_from - off : inner_to - off])
+        if tail_cut:
+            pieces.append(self._edge_block(runs, last, 0, view[tail_at - off :]))
+        return _Assembled(pieces)
+
+    def _edge_block(self, runs: list, lblk: int, at: int, part: memoryview) -> memoryview:
+        """Block `lblk` of the write with `part` put at byte `at` over what it holds."""
+        for first, pblk, n in runs:
+            if pblk is not None and first <= lblk < first + n:
+                block = bytearray(self.blocks.read_data_block(pblk + lblk - first))
+                break
+        else:
+            block = bytearray(BLOCK_SIZE)
+        block[at : at + len(part)] = part
+        return memoryview(block)
 
     def _reserve_runs(self, goal: int, count: int) -> list[tuple[int, int]]:
         runs: list[tuple[int, int]] = []
@@ -320,3 +339,23 @@ class FileData:
         node.d.size = size
         node.touch()
         self._dirty(node)
+
+
+class _Assembled:
+    """The whole blocks a write covers, as consecutive pieces of whole blocks."""
+
+    __slots__ = ("pieces",)
+
+    def __init__(self, pieces: list[memoryview]) -> None:
+        self.pieces = pieces
+
+    def span(self, index: int, count: int) -> list[memoryview]:
+        """The pieces of blocks index .. index + count - 1 (from the write's first)."""
+        lo, hi = index * BLOCK_SIZE, (index + count) * BLOCK_SIZE
+        out, at = [], 0
+        for piece in self.pieces:
+            end = at + len(piece)
+            if at < hi and lo < end:
+                out.append(piece[max(lo, at) - at : min(hi, end) - at])
+            at = end
+        return out

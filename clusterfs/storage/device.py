@@ -13,6 +13,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import itertools
 import mmap
 import os
 import queue
@@ -380,6 +381,7 @@ class _WriteBehind:
         self.pending = 0                  # queued bytes, including the one being written
         self.waiting = 0                  # queued bytes not yet taken by the thread
         self.run_end: int | None = None   # where the queue, if one aligned run, ends
+        self.writing: list[tuple[int, memoryview]] = []   # taken, being written
         self.urgent = 0                   # callers waiting for the queue: no holding back
         self.error: str | None = None
         self.refused: str | None = None   # BlockDevice.refuse_writes: queued writes fail
@@ -394,6 +396,7 @@ class _WriteBehind:
             self._raise_error()
             if not self.items:
                 self.run_end = offset
+            self._supersede_tail(offset, len(data))
             self.items.append((offset, data))
             self.pending += len(data)
             self.waiting += len(data)
@@ -407,6 +410,38 @@ class _WriteBehind:
             self.run_end = offset + length
         else:
             self.run_end = None
+
+    def _supersede_tail(self, offset: int, length: int) -> None:
+        """Cut off the last queued write's tail blocks when this write rewrites them
+        all: a writer whose requests end inside a block (the kernel splits a direct
+        write at the page edges of the user's buffer) sends the rest of that block
+        next, as a whole block assembled from the queued copy; cutting the old one
+        keeps the queue one contiguous run and writes the block once (called under
+        cond, on the thread's untaken items only)."""
+        if not self.items:
+            return
+        start, data = self.items[-1]
+        end = start + len(data)
+        if not start < offset < end <= offset + length or (offset - start) % BLOCK_SIZE:
+            return
+        cut = end - offset
+        self.items[-1] = (start, data[: offset - start])
+        self.pending -= cut
+        self.waiting -= cut
+        if self.run_end == end:
+            self.run_end = offset
+
+    def newest_copy(self, offset: int, length: int) -> bytes | None:
+        """The bytes at [offset, offset + length) as the queue will leave them, when
+        one queued or in-flight write holds them all and no later one touches them;
+        None when they are not all in one (read the device after a drain)."""
+        with self.cond:
+            for start, data in itertools.chain(reversed(self.items), self.writing):
+                if start < offset + length and offset < start + len(data):
+                    if start <= offset and offset + length <= start + len(data):
+                        return bytes(data[offset - start : offset - start + length])
+                    return None
+        return None
 
     def _hold_back(self) -> bool:
         """Leave the queue for now: it is one contiguous run, aligned for the direct
@@ -452,6 +487,7 @@ class _WriteBehind:
                 if not self.items:
                     return
                 offset, pieces = self._take_run()
+                self.writing = self._placed(offset, pieces)
             size = sum(len(d) for d in pieces)
             refused = self.refused
             failed = (f"write at {offset}: {refused}" if refused is not None
@@ -460,12 +496,22 @@ class _WriteBehind:
                 if failed is not None and self.error is None:
                     self.error = failed
                 self.pending -= size
+                self.writing = []
                 if self.error is not None:
                     self.pending -= sum(len(d) for _o, d in self.items)
                     self.waiting = 0
                     self.run_end = None
                     self.items.clear()
                 self.cond.notify_all()
+
+    @staticmethod
+    def _placed(offset: int, pieces: list[memoryview]) -> list[tuple[int, memoryview]]:
+        """Each piece of a run with its own offset."""
+        placed = []
+        for piece in pieces:
+            placed.append((offset, piece))
+            offset += len(piece)
+        return placed
 
     def _take_run(self) -> tuple[int, list[memoryview]]:
         """The first queued write and those continuing it, up to WRITE_BATCH bytes when
@@ -646,6 +692,17 @@ class BlockDevice(BlockAddressed):
         if self._behind is not None and (self._behind.pending or self._behind.error):
             self._behind.drain()
 
+    def read_newest(self, blkno: int) -> bytes:
+        """One block as the device will hold it once the queue is written: from the
+        newest queued write of it, without waiting for the queue (a writer whose
+        requests end inside a block reads that block back at its next request),
+        else from the device after a drain."""
+        if self._behind is not None:
+            copy = self._behind.newest_copy(blkno * BLOCK_SIZE, BLOCK_SIZE)
+            if copy is not None:
+                return copy
+        return self.read(blkno)
+
     # -- ordinary I/O (each waits for queued writes first, keeping the order) ----------
     def pread(self, offset: int, length: int) -> bytes:
         self.drain()
@@ -756,6 +813,9 @@ class WritesAtOnce:
 
     def drain(self) -> None:
         pass
+
+    def read_newest(self, blkno: int) -> bytes:
+        return self.read(blkno)  # type: ignore[attr-defined]
 
     def advise_willneed(self, blkno: int, count: int) -> None:
         pass
