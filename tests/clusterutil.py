@@ -46,6 +46,9 @@ class Cluster:
         self.node_ids = list(range(1, nodes + 1))
         self.options = options
         self.mounts: dict[int, Mount] = {}
+        # a node that reaches the disk by another path than `device` (the same image
+        # through another loop device): node -> its path
+        self.devices: dict[int, str] = {}
 
     def mountpoint(self, node: int) -> str:
         return str(self.dir / f"node{node}")
@@ -77,7 +80,8 @@ class Cluster:
         """Start the nodes at once (a lone node of three has no quorum and would wait)
         and return when every one is mounted."""
         for n in nodes:
-            self.mounts[n] = mountutil.start_mount(self.device, self.mountpoint(n),
+            self.mounts[n] = mountutil.start_mount(self.devices.get(n, self.device),
+                                                   self.mountpoint(n),
                                                    extra_args=self.args(n), wait=False)
         deadline = time.monotonic() + MOUNT_TIMEOUT
         for n in nodes:

@@ -450,6 +450,9 @@ def _server_cmd(fs: str, device: str, mountpoint: str, extra_args: Sequence[str]
     if fs == "null":
         nullfs = Path(__file__).resolve().parent.parent / "tools" / "nullfs.py"
         return [sys.executable, str(nullfs), *extra_args, mountpoint]
+    if fs == "hangable":     # `device`: the image it passes through (hangable_disk.py)
+        hangable = Path(__file__).resolve().parent / "hangable_disk.py"
+        return [sys.executable, str(hangable), device, mountpoint, *extra_args]
     raise ValueError(f"mounted: unknown fs {fs!r}")
 
 

@@ -8,25 +8,18 @@ mounts from separate processes (this one and small writers).
 
 from __future__ import annotations
 
-import hashlib
-import inspect
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import mountutil
 import pytest
-from clusterutil import CLUSTER_NAME, Cluster, free_ports, write_config
-from mountutil import run_cli
+from clusterutil import Cluster
+from proxyutil import BLOB, IO_TIMEOUT, MIB, ProxyCluster, blob, status, wait_fenced, wait_view
 
 from clusterfs.dlm.preferred import server_order
-
-MIB = 1 << 20
-IO_TIMEOUT = 0.5
 
 
 @pytest.fixture(autouse=True)
@@ -34,88 +27,12 @@ def _prereq():
     mountutil.require_mounts()
 
 
-def _config(directory: Path) -> Path:
-    config = write_config(directory, 3)
-    p1, p2 = free_ports(2)
-    config.write_text(config.read_text() + f"""
-[storage]
-group = [1, 2]
-io_timeout = {IO_TIMEOUT}
-
-[storage.servers]
-1 = "127.0.0.1:{p1}"
-2 = "127.0.0.1:{p2}"
-""")
-    return config
-
-
-class ProxyCluster:
-    """Nodes 1 and 2 serve, node 3 proxies; all unmounted (fsck clean) at the end."""
-
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-
-    def __enter__(self) -> Cluster:
-        self._loop = mountutil.loop_device(512 * MIB, self.directory)
-        dev = self._loop.__enter__()
-        r = run_cli("mkfs", "-q", "-j", "3", "--cluster", CLUSTER_NAME, dev)
-        assert r.returncode == 0, r.stderr
-        self.c = Cluster(self.directory, dev, _config(self.directory), 3)
-        try:
-            self.c.start(1, 2)
-            self.c.start(3)
-        except BaseException:
-            self._abort()
-            raise
-        return self.c
-
-    def _abort(self) -> None:
-        for _n, m in sorted(self.c.mounts.items(), reverse=True):   # the proxy first
-            os.kill(m.pid, signal.SIGCONT) if m.alive() else None
-            m.force_unmount()
-        self._loop.__exit__(None, None, None)
-
-    def __exit__(self, kind, exc, tb) -> None:
-        if kind is not None:
-            self._abort()
-            return
-        try:
-            self.c.unmount(3)
-            self.c.unmount_all()
-        except BaseException:
-            self._abort()
-            raise
-        r = mountutil.fsck(self.c.device)
-        self._loop.__exit__(None, None, None)
-        assert r.returncode == 0, f"fsck after the proxy test:\n{r.stdout}{r.stderr}"
-
-
-def _status(c: Cluster, node: int) -> dict:
-    r = run_cli("status", "--control", c.control(node), "--json")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
-
-
-def _blob(seed: str, n: int) -> bytes:
-    out = bytearray()
-    i = 0
-    while len(out) < n:
-        out += hashlib.blake2b(f"{seed}/{i}".encode(), digest_size=64).digest()
-        i += 1
-    return bytes(out[:n])
-
-
-# the child scripts below write _blob's data: they get its source, so the test's
-# expectations and what they wrote come from one definition
-BLOB = inspect.getsource(_blob)
-
-
 def test_two_servers_and_a_proxy_stay_coherent(tmp_path):
     with ProxyCluster(tmp_path) as c:
-        st = _status(c, 3)
+        st = status(c, 3)
         assert st["device"]["requests"] > 0 and set(st["device"]["per_server"]) == {"1", "2"}
-        assert _status(c, 1)["block_server"]["reads"] > 0
-        big = _blob("from3", 3 * MIB + 123)
+        assert status(c, 1)["block_server"]["reads"] > 0
+        big = blob("from3", 3 * MIB + 123)
         with open(c.path(3, "from3"), "wb") as f:          # written through the proxy
             f.write(big)
             os.fsync(f.fileno())
@@ -141,17 +58,7 @@ def _write(path: str, data: bytes) -> None:
 
 
 def _served_node3(c: Cluster, server: int) -> int:
-    return _status(c, server)["block_server"]["per_node"].get("3", 0)
-
-
-def _wait_view(c: Cluster, node: int, members: list[int], within: float = 60) -> dict:
-    deadline = time.monotonic() + within
-    while True:
-        st = _status(c, node)
-        if st["members"] == members and st["running"]:
-            return st
-        assert time.monotonic() < deadline, (st["members"], c.logs())
-        time.sleep(0.2)
+    return status(c, server)["block_server"]["per_node"].get("3", 0)
 
 
 def test_grants_name_the_servers_the_proxys_io_goes_to(tmp_path):
@@ -160,8 +67,8 @@ def test_grants_name_the_servers_the_proxys_io_goes_to(tmp_path):
     group, the fixed area) to what the grant of the region's lock named, so its I/O
     reaches both servers. Once a server dies, the grants name the other."""
     with ProxyCluster(tmp_path) as c:
-        _write(c.path(3, "spread"), _blob("spread", 4 * MIB))
-        st = _status(c, 3)
+        _write(c.path(3, "spread"), blob("spread", 4 * MIB))
+        st = status(c, 3)
         named, routes = st["preferred_servers"], st["device"]["preferred"]
         print(f"\nnode 3's grants name: {named}")
         journal = f"journal:{st['mount']['slot']}"
@@ -176,14 +83,14 @@ def test_grants_name_the_servers_the_proxys_io_goes_to(tmp_path):
         victim = named[journal]
         other = 3 - victim
         c.kill9(victim)
-        _wait_view(c, 3, [other, 3])
-        _write(c.path(3, "after"), _blob("after", MIB))      # new grants, too
-        st = _status(c, 3)
+        wait_view(c, 3, [other, 3])
+        _write(c.path(3, "after"), blob("after", MIB))      # new grants, too
+        st = status(c, 3)
         assert set(st["preferred_servers"].values()) == {other}, st["preferred_servers"]
         assert set(st["device"]["preferred"].values()) == {other}
         before = _served_node3(c, other)
         with open(c.path(3, "spread"), "rb") as f:
-            assert f.read() == _blob("spread", 4 * MIB)
+            assert f.read() == blob("spread", 4 * MIB)
         assert _served_node3(c, other) > before
 
 
@@ -193,7 +100,7 @@ path, chunks, rounds = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 """ + BLOB + r"""fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
 for r in range(rounds):
     for k in range(chunks):
-        os.pwrite(fd, _blob(f"{r}-{k}", 1 << 20), k << 20)
+        os.pwrite(fd, blob(f"{r}-{k}", 1 << 20), k << 20)
         os.fsync(fd)
         print(r, k, time.time(), flush=True)
     if r == 0:
@@ -203,7 +110,7 @@ print("done", flush=True)
 
 
 def _expected(chunks: int, rounds: int) -> bytes:
-    return b"".join(_blob(f"{rounds - 1}-{k}", MIB) for k in range(chunks))
+    return b"".join(blob(f"{rounds - 1}-{k}", MIB) for k in range(chunks))
 
 
 def _busiest_server(before: dict, after: dict) -> int:
@@ -218,14 +125,14 @@ def _write_and_stop(c: Cluster, chunks: int, rounds: int, stop_for: float | None
     output lines)."""
     # the counts before the writer starts: its first round may be over (its writes
     # queued and answered later, several at once) before a status call here returns
-    before = _status(c, 3)["device"]["written"]
+    before = status(c, 3)["device"]["written"]
     w = subprocess.Popen([sys.executable, "-c", WRITER, c.path(3, "w"), str(chunks),
                           str(rounds)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          text=True)
     lines = []
     try:
         lines += [w.stdout.readline() for _ in range(chunks)]
-        after = _status(c, 3)["device"]["written"]
+        after = status(c, 3)["device"]["written"]
         server = _busiest_server(before, after)
         print(f"\nwritten through each server before/after round 0: {before} {after}")
         victim = c.mounts[server]
@@ -255,7 +162,7 @@ def test_sigstop_of_the_proxys_server_retargets_without_an_error(tmp_path):
     with ProxyCluster(tmp_path) as c:
         server, stopped_at, _lines = _write_and_stop(c, chunks, rounds, None)
         other = 3 - server
-        dev = _status(c, 3)["device"]
+        dev = status(c, 3)["device"]
         assert dev["retargets"] >= 1 and dev["timeouts"] >= 1, dev
         first = min(t for t in dev["retarget_times"] if t >= stopped_at)
         print(f"\nSIGSTOP of server {server} -> first re-targeted I/O: "
@@ -299,7 +206,7 @@ path, stop = sys.argv[1], sys.argv[2]
 """ + BLOB + r"""fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
 r = 0
 while not os.path.exists(stop):
-    os.pwrite(fd, _blob(f"round-{r}", 1 << 20), 0)
+    os.pwrite(fd, blob(f"round-{r}", 1 << 20), 0)
     os.fsync(fd)
     print(r, flush=True)
     r += 1
@@ -318,10 +225,10 @@ def _rewrite_with_busiest_server_stopped(c: Cluster, tmp_path, while_stopped,
     w = subprocess.Popen([sys.executable, "-c", REWRITER, c.path(3, "w"), str(stop)],
                          stdout=subprocess.PIPE, text=True)
     try:
-        before = _status(c, 3)["device"]["written"]
+        before = status(c, 3)["device"]["written"]
         for _ in range(3):
             w.stdout.readline()
-        server = _busiest_server(before, _status(c, 3)["device"]["written"])
+        server = _busiest_server(before, status(c, 3)["device"]["written"])
         victim = c.mounts[server]
         os.kill(victim.pid, signal.SIGSTOP)
         try:
@@ -357,10 +264,10 @@ def test_a_briefly_stopped_server_writes_nothing_stale(tmp_path):
         last = out.splitlines()[-1].split()
         assert last[0] == "last" and rc == 0, (out, c.logs())
         time.sleep(1.0)                               # the late copy would land now
-        st = _status(c, server)["block_server"]
+        st = status(c, server)["block_server"]
         assert st["stalls"] >= 1, st
-        assert _status(c, 3)["device"]["retargets"] >= 1
-        expect = _blob(f"round-{last[1]}", MIB)
+        assert status(c, 3)["device"]["retargets"] >= 1
+        expect = blob(f"round-{last[1]}", MIB)
         for n in (1, 2, 3):
             with open(c.path(n, "w"), "rb") as f:
                 assert f.read() == expect, (n, st)
@@ -395,7 +302,7 @@ def test_the_proxys_loop_stays_live_while_its_server_is_stopped(tmp_path):
         server, out, rc, lags = _rewrite_with_busiest_server_stopped(
             c, tmp_path, lambda: _loop_lags(c.control(3), 2.5))
         assert rc == 0 and out.splitlines()[-1].startswith("last"), (out, c.logs())
-        dev = _status(c, 3)["device"]
+        dev = status(c, 3)["device"]
         assert dev["retargets"] >= 1 and dev["timeouts"] >= 1, dev
         worst = max(lags, key=lambda x: x[1])
         print(f"\nnode 3's status answers while server {server} was stopped: "
@@ -404,15 +311,6 @@ def test_the_proxys_loop_stays_live_while_its_server_is_stopped(tmp_path):
         assert worst[1] < IO_TIMEOUT / 2, lags
         expect_last = out.splitlines()[-1].split()[1]
         with open(c.path(3, "w"), "rb") as f:
-            assert f.read() == _blob(f"round-{expect_last}", MIB)
-        _wait_fenced(c, server)
+            assert f.read() == blob(f"round-{expect_last}", MIB)
+        wait_fenced(c, server)
 
-
-def _wait_fenced(c: Cluster, server: int) -> None:
-    """The survivors fence a server left stopped (the dev cluster's agent kills it)."""
-    victim = c.mounts[server]
-    deadline = time.monotonic() + 60
-    while victim.alive() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not victim.alive(), c.logs()
-    c.mounts.pop(server).clean_after_crash()
