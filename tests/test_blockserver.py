@@ -143,6 +143,29 @@ def test_a_member_reads_and_writes_through_the_server(served):
         dev.close()
 
 
+def test_a_block_written_since_the_flush_is_read_back_from_the_log(served):
+    """A writer whose requests end inside a block (direct I/O splits at the page edges
+    of the user's buffer) reads that block back at its next request: the proxy's
+    re-send log has it, so no round trip; after a flush, or when the newest write of
+    it covers only part, it comes from the server."""
+    dev = _proxy(served, 1)
+    try:
+        old, new = os.urandom(4 * 4096), os.urandom(4096)
+        dev.write_behind(0, old)
+        dev.write_behind(2 * 4096, new)
+        reads = dev.stats["reads"]
+        assert dev.read_newest(2) == new and dev.read_newest(1) == old[4096:8192]
+        assert dev.stats["reads"] == reads
+        dev.write_behind(3 * 4096 + 100, b"xyz")               # part of block 3
+        assert dev.read_newest(3) == old[3 * 4096 : 3 * 4096 + 100] + b"xyz" + \
+            old[3 * 4096 + 103 :]
+        dev.flush()
+        assert dev.read_newest(0) == old[:4096]
+        assert dev.stats["reads"] == reads + 2
+    finally:
+        dev.close()
+
+
 def test_a_node_removed_from_the_view_is_refused_and_reads_go_on(served):
     dev = _proxy(served, 1)
     try:
