@@ -29,8 +29,9 @@ import pytest
 import trio
 from clusterutil import CLUSTER_NAME, cluster
 from mountutil import run_cli
+from proxyutil import ProxyCluster, status
 from recoveryutil import wait_for
-from test_proxy import ProxyCluster, _status, _write_and_stop
+from test_proxy import _write_and_stop
 
 from clusterfs import failover
 from clusterfs.errors import FenceError
@@ -385,7 +386,7 @@ def test_a_proxy_opens_and_imports_nothing_while_it_retargets(tmp_path, audited)
         wait_phases(c, other, stopped_at, KILL_PHASES)
         audits = {n: _audit(c.control, n) for n in (3, other)}
         _print_audits(audits)
-        assert _status(c, 3)["device"]["retargets"] >= 1
+        assert status(c, 3)["device"]["retargets"] >= 1
         assert_quiet_failover(audits[3], stopped_at, {"proxy re-target", *KILL_PHASES})
         assert_quiet_failover(audits[other], stopped_at, KILL_PHASES)
 
