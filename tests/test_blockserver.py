@@ -686,6 +686,27 @@ def test_only_newer_overlapping_writes_wait_for_one_maybe_in_flight():
     assert dev._with_held(0, bytes(16384)) == bytes(4096) + b"c" * 8192 + bytes(4096)
 
 
+def test_a_write_held_twice_is_held_once_and_sent_once_settled(served):
+    """A put that finds its server silent re-sends the log, and that re-send may hold
+    the very write being put before the put finds it blocked and holds it again.
+    Held twice, the settle sent one copy and left the other in the held list marked
+    not held: it blocked every newer write of its bytes and the flush for good (a
+    proxied mount withdrew after a SIGSTOP of its server now and then, once no read
+    came between its writes: tests/test_proxy.py)."""
+    dev = _proxy(served, 1)
+    try:
+        entry = dev._logged(0, b"w" * 4096)
+        dev._hold(entry)
+        dev._hold(entry)                          # the nested re-send's, then the put's
+        assert dev._held == [entry] and entry.held
+        dev._settle()                             # nothing in flight blocks it: sent
+        assert dev._held == [] and not entry.held
+        dev.flush()                               # nothing left to wait for
+        assert dev.pread(0, 4096) == b"w" * 4096
+    finally:
+        dev.close()
+
+
 @contextlib.contextmanager
 def _slow_pair(tmp_path, block: int, seconds: float) -> Iterator[tuple]:
     """Servers 1 and 2 on one image, in this process; the device of the one the

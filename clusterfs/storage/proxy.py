@@ -677,6 +677,14 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         return server
 
     def _hold(self, entry: _Logged) -> None:
+        """Hold `entry` until _settle sends it: in `_held` once (held is True exactly
+        while it is there). Once only: a put that finds its server silent re-sends
+        the log (_mark_silent), and that re-send may hold this very entry before the
+        put itself finds it blocked; held twice, _settle sent one and left the other
+        behind as not held, blocking every newer write of its bytes, and the flush,
+        for good."""
+        if entry.held:
+            return
         entry.held = True
         bisect.insort(self._held, entry, key=lambda e: e.seq)
         self.stats["held"] += 1
