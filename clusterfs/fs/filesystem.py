@@ -210,6 +210,11 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         glocks.on_grant("rgrp", self._granted_rgrp)
         self._load_group_hints()
 
+    def when_withdrawn(self, hook: Callable[[str], None]) -> None:
+        """Call `hook(reason)` once, when this node withdraws (the layer above drops
+        what the kernel caches)."""
+        self.txn.on_withdraw.append(hook)
+
     # ================================================================ plumbing
     def _corrupt(self, exc: Exception) -> FSError:
         self.txn.withdraw(str(exc))
