@@ -62,6 +62,8 @@ NEGATIVE_TIMEOUT = 1.0
 # those of readdirplus and creates. File data bypasses the page cache (direct_io:
 # invalidating pages waits for page locks a pending read holds).
 CLUSTER_ENTRY_TIMEOUT = 0.0
+# Entries a readdirplus handles with one round of locks (about what one reply holds)
+READDIR_CHUNK = 256
 CLUSTER_CACHED_ENTRY_TIMEOUT = ENTRY_TIMEOUT
 
 
@@ -405,22 +407,23 @@ class Operations(pyfuse3.Operations):
     @_edge
     async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
         parent, fuse_parent, entries = self._dir_handles.get(fh, (0, 0, []))
-        await self.fs.prefetch([ino for _n, ino in entries[start_id : start_id + 256]])
-        for index in range(start_id, len(entries)):
-            name, child = entries[index]
-            try:
-                node = await self.fs.lookup_for_readdir(parent, name, child)
-            except ClusterFSError:
-                continue   # removed since opendir
-            # readdirplus makes a dentry of each entry, under the directory's dentry
-            # of the node id it was opened under
-            fuse_ino = self._entry_id(fuse_parent, name, node)
-            if not pyfuse3.readdir_reply(token, name, self._attr(node, fuse_ino), index + 1):
-                return
-            self.fs.count_lookup(child, node.d.generation)
-            if self.names is not None:
-                self.names.remember(fuse_parent, name,
-                                    fuse_ino if stat.S_ISDIR(node.d.mode) else None)
+        for first in range(start_id, len(entries), READDIR_CHUNK):
+            chunk = entries[first : first + READDIR_CHUNK]
+            # (one round of locks for the chunk; no await from here to the next one)
+            nodes = await self.fs.readdir_nodes(parent, chunk)
+            for index, (name, child), node in zip(itertools.count(first), chunk, nodes):
+                if node is None:
+                    continue   # removed since opendir
+                # readdirplus makes a dentry of each entry, under the directory's
+                # dentry of the node id it was opened under
+                fuse_ino = self._entry_id(fuse_parent, name, node)
+                if not pyfuse3.readdir_reply(token, name, self._attr(node, fuse_ino),
+                                             index + 1):
+                    return
+                self.fs.count_lookup(child, node.d.generation)
+                if self.names is not None:
+                    self.names.remember(fuse_parent, name,
+                                        fuse_ino if stat.S_ISDIR(node.d.mode) else None)
 
     @_edge
     async def releasedir(self, fh: FileHandleT) -> None:
