@@ -245,10 +245,12 @@ class GlockManager:
                 if not self._cached_for(name, mode)]
         if not todo:
             return
-        limiter = trio.CapacityLimiter(in_flight)
+        left = iter(todo)
 
-        async def one(name: ResourceName, mode: Mode) -> None:
-            async with limiter:
+        async def worker() -> None:
+            # (`in_flight` of these take the requests one after another: a task and a
+            # limiter's round per lock cost as much as the lock request itself)
+            for name, mode in left:
                 try:
                     self.release(await self.acquire([(name, mode)]))
                 except ClusterFSError as exc:   # nothing escapes the nursery but
@@ -259,8 +261,8 @@ class GlockManager:
         batched = getattr(self.locks, "batched", None)
         with batched() if batched is not None else contextlib.nullcontext():
             async with trio.open_nursery() as nursery:
-                for name, mode in todo:
-                    nursery.start_soon(one, name, mode)
+                for _ in range(min(in_flight, len(todo))):
+                    nursery.start_soon(worker)
 
     def hold_if_cached(self, name: ResourceName, mode: Mode) -> Glock | None:
         """Hold `name` if that needs no wait (cached in `mode` or better, no demote past
