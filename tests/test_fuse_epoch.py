@@ -15,6 +15,7 @@ import trio
 
 from clusterfs.format.inode import Inode
 from clusterfs.fs.inode import CachedInode
+from clusterfs.fuse import operations
 from clusterfs.fuse.epoch import FUSE_NOTIFY_INC_EPOCH, KernelEpoch, find_fuse_fd
 from clusterfs.fuse.operations import CLUSTER_CACHED_ENTRY_TIMEOUT, Operations
 
@@ -136,3 +137,22 @@ def test_a_withdrawn_node_drops_its_cached_names_and_caches_no_more(pipe):
         hook("test")
     assert _sent(r) == 1
     assert trio.run(ops.lookup, D, b"f").entry_timeout == 0
+
+
+def test_the_directories_remembered_are_bounded(pipe, monkeypatch):
+    """A tree walked with no directory lock going would remember every directory it
+    looked names up in: past the bound the epoch is raised and the set starts anew."""
+    r, w = pipe
+    monkeypatch.setattr(operations, "NAMES_CACHED_DIRS_MAX", 2)
+    ops, fs = _ops(w)
+    _sent(r)
+    fs.nodes[(E, b"g")] = _node(301, stat.S_IFREG | 0o644)
+    trio.run(ops.lookup, pyfuse3.ROOT_INODE, b"d")
+    trio.run(ops.lookup, D, b"f")
+    assert _sent(r) == 0
+    trio.run(ops.lookup, E, b"g")          # a third directory: over the bound
+    assert _sent(r) == 1
+    fs.names_hook(D)                       # (forgotten with the raise: nothing to do)
+    assert _sent(r) == 0
+    fs.names_hook(E)
+    assert _sent(r) == 1

@@ -62,6 +62,9 @@ NEGATIVE_TIMEOUT = 1.0
 # those of readdirplus and creates. File data bypasses the page cache (direct_io:
 # invalidating pages waits for page locks a pending read holds).
 CLUSTER_ENTRY_TIMEOUT = 0.0
+# The directories remembered as having handed names out for caching, at most: past it
+# the epoch is raised (every cached name asked for again once) and the set starts anew
+NAMES_CACHED_DIRS_MAX = 65536
 # Entries a readdirplus handles with one round of locks (about what one reply holds)
 READDIR_CHUNK = 256
 CLUSTER_CACHED_ENTRY_TIMEOUT = ENTRY_TIMEOUT
@@ -203,6 +206,9 @@ class Operations(pyfuse3.Operations):
         if cacheable and self.clustered and self.epoch.available:
             # (no await since the lookup let go of the lock: a demote of the
             # directory that raises the epoch comes after this, as it must)
+            if len(self._names_cached_in) >= NAMES_CACHED_DIRS_MAX:
+                self._names_cached_in.clear()
+                self.epoch.bump()
             self._names_cached_in.add(self._ino(parent_inode))
             attr.entry_timeout = CLUSTER_CACHED_ENTRY_TIMEOUT
         return attr
