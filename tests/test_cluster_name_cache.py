@@ -58,9 +58,12 @@ def test_a_looked_up_name_is_answered_by_the_kernel_alone(tmp_path):
             f.write(b"x")
         _skip_unless_name_cache(c, 2)
         path = c.path(2, "d", "f")
-        first = os.stat(path)           # LOOKUPs of d and f: cached for a second
-        with _frozen(c.mounts[2].pid):
-            again = _stat_within(path, 0.5)
+        for _attempt in range(3):       # (a second is short on a loaded machine)
+            first = os.stat(path)       # LOOKUPs of d and f: cached for a second
+            with _frozen(c.mounts[2].pid):
+                again = _stat_within(path, 0.5)
+            if again is not None:
+                break
         # (uncached, the path walk asks the frozen server again and waits)
         assert again is not None, "the stat waited for the server: names not cached"
         assert (again.st_ino, again.st_size) == (first.st_ino, 1)
