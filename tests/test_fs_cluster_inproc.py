@@ -475,6 +475,32 @@ async def test_a_listing_of_another_nodes_directory_asks_for_its_locks_in_parall
 
 
 @trio_test
+async def test_a_listings_entries_come_with_one_round_of_locks(tmp_path) -> None:
+    """readdirplus asks for a run of entries at once (readdir_nodes): their locks warmed
+    together, then held with the directory's in one round (before: one round per
+    entry); an entry renamed or removed since the listing was taken is left out."""
+    async with nodes(tmp_path) as (a, b):
+        d = await a.fs.mknod(a.fs.root, b"d", stat.S_IFDIR | 0o755, 0, 0, 0)
+        for i in range(50):
+            await a.fs.mknod(d.ino, b"f%d" % i, REG, 0, 0, 0)
+        entries = await b.fs.readdir(d.ino)
+        await a.fs.rename(d.ino, b"f1", d.ino, b"g1")
+        await a.fs.unlink(d.ino, b"f2")
+        rounds = []
+        real_hold = b.fs._hold
+        b.fs._hold = lambda *args, **kw: (rounds.append(kw.get("pr")), real_hold(*args, **kw))[1]
+        listed = await b.fs.readdir_nodes(d.ino, entries)
+        assert len(rounds) == 1 and d.ino in rounds[0]          # one round, all of them
+        for (name, ino), node in zip(entries, listed, strict=True):
+            if name in (b"f1", b"f2"):
+                assert node is None, name
+            else:
+                assert node is not None and node.ino == ino
+                glock = b.fs.glocks.glocks[("inode", ino)]
+                assert glock.mode == Mode.PR and glock.holders == 0
+
+
+@trio_test
 async def test_a_journal_recovery_begun_without_quorum_ends_once_the_view_heals(
         tmp_path) -> None:
     """Node 1 dies; node 3 holds `("recovery",)` while it replays node 1's journal, and

@@ -38,6 +38,18 @@ async def test_memory_torture_with_crashes() -> None:
     assert res.ops > 200, res
 
 
+@trio_test
+async def test_memory_torture_with_crashes_and_batches() -> None:
+    """The same with every node batching all the time: what a node decides reaches
+    each other node in order, in DLM_BATCHes, across crashes and recoveries."""
+    res = await memory_torture([1, 2, 3, 4], seconds=6, kill_rounds=2, seed=7,
+                               batching=True)
+    assert res.checker.violations == []
+    assert res.lost_locks == [] and res.errors == []
+    assert res.kills == 2
+    assert res.ops > 200 and res.batches > 50, res
+
+
 def test_memory_torture_with_idle_resources_removed(monkeypatch) -> None:
     """Masters free idle resources (DLM_REMOVE) all the time, racing lookups
     and requests from nodes that still cache them as master, and crashes."""

@@ -15,6 +15,7 @@ test scaffolding does not ship in the package).
 
 from __future__ import annotations
 
+import contextlib
 import random
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,15 +120,21 @@ class TortureResult:
     deadlocks: int = 0
     kills: int = 0
     removed: int = 0      # idle resources the surviving masters freed (DLM_REMOVE)
+    batches: int = 0      # DLM_BATCHes the live nodes sent (batching=True)
     lost_locks: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
 async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_node: int = 3,
                          resources: int = 3, kill_rounds: int = 1, seed: int = 1,
-                         double_kills: bool = True, await_removal: bool = False) -> TortureResult:
+                         double_kills: bool = True, await_removal: bool = False,
+                         batching: bool = False) -> TortureResult:
     """Random locking on MemCluster nodes; every seconds/(kill_rounds+1) a node
     is crashed (then restarted and rejoined). Returns what the checker saw.
+
+    batching: every node's lockspace sends through its outboxes all the time
+    (Lockspace.batched), so requests, replies, grants, callbacks and recovery's own
+    messages travel in DLM_BATCHes.
 
     At the end the workers finish their current lock and stop; with await_removal the
     run then waits (at most 30 s) until the masters have freed some idle resource,
@@ -180,9 +187,11 @@ async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_nod
             with trio.CancelScope() as scope:
                 scopes[node] = scope
                 task_status.started()
-                async with trio.open_nursery() as n:
-                    for w in range(workers_per_node):
-                        n.start_soon(worker, node, w, random.Random(rng.random()))
+                ls = mc.ls(node)
+                with ls.batched() if batching else contextlib.nullcontext():
+                    async with trio.open_nursery() as n:
+                        for w in range(workers_per_node):
+                            n.start_soon(worker, node, w, random.Random(rng.random()))
 
         async with trio.open_nursery() as nursery:
             for node in node_ids:
@@ -217,6 +226,7 @@ async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_nod
                     while _removed(mc) == 0:
                         await trio.sleep(0.05)
             result.removed = _removed(mc)
+            result.batches = sum(mc.ls(n).statistics().batches_sent for n in mc.nodes)
             _check_one_master_each(mc, result)
             nursery.cancel_scope.cancel()
     return result

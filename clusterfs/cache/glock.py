@@ -48,6 +48,7 @@ one another on this node, and ordering prevents deadlock between nodes.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -244,18 +245,24 @@ class GlockManager:
                 if not self._cached_for(name, mode)]
         if not todo:
             return
-        limiter = trio.CapacityLimiter(in_flight)
+        left = iter(todo)
 
-        async def one(name: ResourceName, mode: Mode) -> None:
-            async with limiter:
+        async def worker() -> None:
+            # (`in_flight` of these take the requests one after another: a task and a
+            # limiter's round per lock cost as much as the lock request itself)
+            for name, mode in left:
                 try:
                     self.release(await self.acquire([(name, mode)]))
                 except ClusterFSError as exc:   # nothing escapes the nursery but
                     log.debug("glock %s: not warmed: %s", name, exc)   # cancellation
 
-        async with trio.open_nursery() as nursery:
-            for name, mode in todo:
-                nursery.start_soon(one, name, mode)
+        # a DLM sends the requests started together as one message per master, and
+        # the master answers them the same way (Lockspace.batched)
+        batched = getattr(self.locks, "batched", None)
+        with batched() if batched is not None else contextlib.nullcontext():
+            async with trio.open_nursery() as nursery:
+                for _ in range(min(in_flight, len(todo))):
+                    nursery.start_soon(worker)
 
     def hold_if_cached(self, name: ResourceName, mode: Mode) -> Glock | None:
         """Hold `name` if that needs no wait (cached in `mode` or better, no demote past

@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -78,6 +78,10 @@ DLM_TYPES = [t for t in MsgType if 32 <= t <= 79]
 QUERY_TIMEOUT = 5.0
 RECOVERY_TYPES = {MsgType.DLM_RECOVER_STATUS, MsgType.DLM_RECOVER_NAMES,
                   MsgType.DLM_RECOVER_LOCKS, MsgType.DLM_QUERY, MsgType.DLM_QUERY_REPLY}
+# A DLM_BATCH's messages are judged one by one (_receive_batch), each as if alone
+UNCHECKED_TYPES = RECOVERY_TYPES | {MsgType.DLM_BATCH}
+# At most this many messages in one DLM_BATCH (a frame stays far below max_frame)
+BATCH_MAX = 256
 
 
 @dataclass(eq=False)
@@ -112,6 +116,7 @@ class LockspaceStats:
     grants: int
     basts: int
     removed: int
+    batches_sent: int        # DLM_BATCH messages sent (batched(), _receive_batch)
     deferred: int
     suspected: int           # nodes this lockspace asked membership to look at (watch.py)
     overdue: int             # answers overdue from nodes still heard from: not suspected
@@ -179,6 +184,15 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
         self._init_routing(dlm.servers)
         # watch.py
         self._init_watch(dlm.answer_timeout)
+        # batching (batched(), _receive_batch): while either is on, what this
+        # lockspace sends waits in a per-node outbox, in order, and goes as one
+        # DLM_BATCH per node: at the end of a received batch, or (batched) at the
+        # flusher's next turn
+        self._outbox: dict[int, list[tuple[int, dict[str, Any]]]] = {}
+        self._handling_batch = 0
+        self._batching = 0
+        self._flush_soon = trio.Event()
+        self.stats["batches_sent"] = 0
 
     # =========================================================================
     # public: the LockService protocol
@@ -275,6 +289,24 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
         self._send_cancel(lkb)
         return True
 
+    @contextmanager
+    def batched(self) -> Iterator[None]:
+        """While the body runs (and its tasks: many lock requests in flight at once,
+        GlockManager.warm), the messages this lockspace sends are gathered per node
+        and sent as one DLM_BATCH each, one scheduler turn later (the flusher task):
+        a master answers a batch with one batch (_receive_batch). A listing of
+        another node's directory then costs one frame per batch of lock requests
+        each way, not three frames per lock (the lookup carrying the request, its
+        reply and the request's reply). Everything to a node goes through its outbox
+        meanwhile, in the order it was decided, so per-pair order holds."""
+        self._batching += 1
+        try:
+            yield
+        finally:
+            self._batching -= 1
+            if not self._batching and not self._handling_batch:
+                self._flush_outbox()
+
     def statistics(self) -> LockspaceStats:
         v = self.ls_view
         owned = list(self.ls_lkbs.values())
@@ -356,7 +388,54 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
     # messages
     # =========================================================================
     def _send(self, dest: int, mtype: int, body: dict[str, Any]) -> None:
+        if self._batching or self._handling_batch:
+            self._outbox.setdefault(dest, []).append((int(mtype), body))
+            if not self._handling_batch:
+                self._flush_soon.set()   # (a received batch flushes at its end)
+            return
         self.ls_dlm.send(dest, mtype, {"ls": self.ls_name, **body})
+
+    def _flush_outbox(self) -> None:
+        """Send what waits in the outboxes: a node's one message as itself, several
+        as DLM_BATCHes of up to BATCH_MAX, in order."""
+        outbox, self._outbox = self._outbox, {}
+        for dest, messages in outbox.items():
+            if len(messages) == 1:
+                mtype, body = messages[0]
+                self.ls_dlm.send(dest, mtype, {"ls": self.ls_name, **body})
+                continue
+            for start in range(0, len(messages), BATCH_MAX):
+                self.stats["batches_sent"] += 1
+                self.ls_dlm.send(dest, MsgType.DLM_BATCH, {
+                    "ls": self.ls_name,
+                    "m": [list(m) for m in messages[start:start + BATCH_MAX]]})
+
+    async def _flush_loop(self) -> None:
+        """The flusher: sends what batched() gathered, one scheduler turn after the
+        first of it (by then every task started together has sent its request)."""
+        while True:
+            await self._flush_soon.wait()
+            self._flush_soon = trio.Event()
+            if not self._handling_batch:
+                self._flush_outbox()
+
+    def _receive_batch(self, sender: int, body: dict[str, Any]) -> None:
+        """Handle each message of a batch as if it had come alone, in order; what that
+        sends is gathered and goes at the end, as one batch per node."""
+        self._handling_batch += 1
+        try:
+            for mtype, inner in body["m"]:
+                if mtype == MsgType.DLM_BATCH:
+                    continue             # (never sent: a batch holds plain messages)
+                try:
+                    self._dispatch(sender, int(mtype), inner)
+                except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                    log.warning("dlm: bad message %r in a batch from node %d dropped: %r",
+                                mtype, sender, exc)
+        finally:
+            self._handling_batch -= 1
+            if not self._handling_batch:
+                self._flush_outbox()
 
     def _send_or_local(self, dest: int, mtype: int, body: dict[str, Any]) -> None:
         if dest == self.ls_node:
@@ -365,7 +444,7 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
             self._send(dest, mtype, body)
 
     def _dispatch(self, sender: int, mtype: int, body: dict[str, Any]) -> None:
-        if mtype not in RECOVERY_TYPES and sender != self.ls_node \
+        if mtype not in UNCHECKED_TYPES and sender != self.ls_node \
                 and sender not in self.ls_members:
             # from a node outside our view (dead, not yet joined, or on the other side
             # of a partition): drop. If it comes back, the view that merges it names
@@ -398,6 +477,7 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
         MsgType.DLM_QUERY_REPLY: _receive_query_reply,
         MsgType.DLM_PREFER_ASK: Routing._receive_prefer_ask,
         MsgType.DLM_PREFER: Routing._receive_prefer,
+        MsgType.DLM_BATCH: _receive_batch,
     }
 
 
@@ -442,6 +522,7 @@ class Dlm:
         self._nursery.start_soon(ls._event_loop, self.membership, self._nursery)
         self._nursery.start_soon(ls._toss_loop)
         self._nursery.start_soon(ls._watch_loop)
+        self._nursery.start_soon(ls._flush_loop)
         await trio.lowlevel.checkpoint()
         return ls
 

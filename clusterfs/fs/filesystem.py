@@ -210,6 +210,11 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         glocks.on_grant("rgrp", self._granted_rgrp)
         self._load_group_hints()
 
+    def when_withdrawn(self, hook: Callable[[str], None]) -> None:
+        """Call `hook(reason)` once, when this node withdraws (the layer above drops
+        what the kernel caches)."""
+        self.txn.on_withdraw.append(hook)
+
     # ================================================================ plumbing
     def _corrupt(self, exc: Exception) -> FSError:
         self.txn.withdraw(str(exc))
@@ -458,12 +463,46 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         if self.clustered:               # their locks, many requests in flight at once
             await self.glocks.warm((("inode", i), Mode.PR) for i in todo)
         async with self._hold(pr=todo, write=False):
-            run: list[int] = []
-            for ino in todo + [BIG]:
-                if run and (ino - run[0] >= PREFETCH_SPAN):
-                    self._load_run(run[0], run[-1] - run[0] + 1, set(run))
-                    run = []
-                run.append(ino)
+            self._load_runs(todo)
+
+    def _load_runs(self, todo: list[int]) -> None:
+        """(Under their locks.) Read the sorted inodes `todo` not cached yet in runs of
+        up to PREFETCH_SPAN blocks."""
+        run: list[int] = []
+        for ino in todo + [BIG]:
+            if run and (ino - run[0] >= PREFETCH_SPAN):
+                self._load_run(run[0], run[-1] - run[0] + 1, set(run))
+                run = []
+            run.append(ino)
+
+    async def readdir_nodes(self, parent: int, entries: list[tuple[bytes, int]]
+                            ) -> list[CachedInode | None]:
+        """The inodes of a run of a listing's entries (readdirplus), under one round of
+        locks: the locks not cached are warmed together (in a cluster, many requests in
+        one message per master), then the directory and every entry's inode are held at
+        once, in order, those not cached read in a few runs, and each name checked to
+        still name its inode. None for an entry gone since the listing was taken. (The
+        caller counts the kernel reference with count_lookup once an entry is really
+        in the reply.)"""
+        inos = sorted({ino for _name, ino in entries})
+        if self.clustered:
+            await self.glocks.warm((("inode", i), Mode.PR) for i in inos
+                                   if i not in self.inodes and i not in self._unguarded_in)
+        async with self._hold(pr=sorted({parent, *inos}), write=False):
+            # (a fresh grant dropped a clean copy kept from before: read those too)
+            self._load_runs([i for i in inos if i not in self.inodes and
+                             self.sb.rgrp_start <= i < self.sb.total_blocks])
+            return [self._listed_node(parent, name, ino) for name, ino in entries]
+
+    def _listed_node(self, parent: int, name: bytes, ino: int) -> CachedInode | None:
+        """(Both locked.) The inode `name` in `parent` names if it is still `ino`."""
+        try:
+            if self._find_or_none(parent, name) != ino:
+                return None
+            node = self._inode(ino, by_name=True)
+        except FSError:
+            return None                  # (gone; or corrupt: withdrawn, said so)
+        return None if node.freed else node
 
     def _load_run(self, first: int, count: int, wanted: set[int]) -> None:
         try:
@@ -490,15 +529,6 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         self.nlookup[ino] = self.nlookup.get(ino, 0) + 1
         if generation is not None:
             self.handed[ino] = generation
-
-    async def lookup_for_readdir(self, parent: int, name: bytes, ino: int) -> CachedInode:
-        """Attributes of a directory entry (the caller counts the kernel reference with
-        count_lookup once the entry is really in the reply); ENOENT if the entry is gone
-        since the listing was taken."""
-        node = await self._named_inode(parent, name, ino)
-        if node is None or node.freed:
-            raise FSError(errno.ENOENT)
-        return node
 
     def _find(self, parent: int, name: bytes) -> int:
         ino = self._find_or_none(parent, name)

@@ -1,8 +1,9 @@
 """KernelNames: the names and directory node ids this mount handed to the kernel.
 
-In a cluster the kernel caches no names for long (entry timeout 0: every path walk asks
-again), but it keeps the dentries themselves, and a directory inode has exactly one
-dentry. When another node moves a directory, the dentry here still stands for it at the
+In a cluster the kernel caches names only while their directory's lock stays here (a
+LOOKUP's answer, on kernels with FUSE_NOTIFY_INC_EPOCH: fuse/epoch.py; else none: every
+path walk asks again), but it keeps the dentries themselves, and a directory inode has
+exactly one dentry. When another node moves a directory, the dentry here still stands for it at the
 old place. A lookup that finds the directory at its new place under the same node id
 makes the kernel move that dentry (fs/dcache.c: d_splice_alias -> __d_unalias), which
 needs the rename mutex and the old parent's lock, by trylock. Inside a cross-directory

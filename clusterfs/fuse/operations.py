@@ -41,6 +41,7 @@ from clusterfs.format.directory import NAME_MAX
 from clusterfs.fs.filesystem import FileSystem
 from clusterfs.fs.inode import CachedInode
 from clusterfs.fs.namespace import RENAME_EXCHANGE
+from clusterfs.fuse.epoch import KernelEpoch
 from clusterfs.fuse.names import INO_MASK, KernelNames, ino_of
 
 log = logging.getLogger(__name__)
@@ -53,11 +54,20 @@ NEGATIVE_TIMEOUT = 1.0
 # In a cluster, the kernel caches only what an invalidation can take back without
 # deadlock (docs/locking.md, "kernel caches"): attributes, which a demote invalidates
 # (invalidate_inode with attr_only never waits on the kernel, and a reply racing the
-# invalidation is discarded by the kernel's attr_version check). Names are not cached
-# (invalidate_entry would wait for a pending lookup in that directory, which waits for
-# the glock being demoted), and file data bypasses the page cache (direct_io:
+# invalidation is discarded by the kernel's attr_version check), and, where the kernel
+# has FUSE_NOTIFY_INC_EPOCH (Linux 6.16), the names a LOOKUP found: a demote of their
+# directory to nothing raises the epoch, which invalidates them taking no lock
+# (fuse/epoch.py). Otherwise names are not cached (invalidate_entry would wait for a
+# pending lookup in that directory, which waits for the glock being demoted), nor are
+# those of readdirplus and creates. File data bypasses the page cache (direct_io:
 # invalidating pages waits for page locks a pending read holds).
 CLUSTER_ENTRY_TIMEOUT = 0.0
+# The directories remembered as having handed names out for caching, at most: past it
+# the epoch is raised (every cached name asked for again once) and the set starts anew
+NAMES_CACHED_DIRS_MAX = 65536
+# Entries a readdirplus handles with one round of locks (about what one reply holds)
+READDIR_CHUNK = 256
+CLUSTER_CACHED_ENTRY_TIMEOUT = ENTRY_TIMEOUT
 
 
 def _edge(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -100,20 +110,28 @@ class Operations(pyfuse3.Operations):
         # names and directory node ids handed to the kernel (a cluster only: on one
         # node nothing else moves a directory or changes a name)
         self.names: KernelNames | None = None
+        # cluster: the kernel may cache the names our LOOKUPs found while the lock of
+        # their directory stays here (fuse/epoch.py); the directories (inode numbers)
+        # with names handed out for caching since the epoch was last raised
+        self.epoch = KernelEpoch()
+        self._names_cached_in: set[int] = set()
         if fs.clustered:
             self.names = KernelNames(self._invalidate_entry,
                                      generations=fs.sb.total_blocks <= INO_MASK)
             fs.names_hook = self._take_back_names
+            fs.when_withdrawn(self._withdrawn)
 
     def init(self) -> None:
         if self.names is not None:
             self.names.start()
+            self.epoch.start()
         self.initialized.set()
 
     def close(self) -> None:
-        """Before the FUSE session goes: stop the worker that talks to it."""
+        """Before the FUSE session goes: stop the workers that talk to it."""
         if self.names is not None:
             self.names.stop()
+        self.epoch.stop()
 
     # -- numbering ---------------------------------------------------------------
     def _ino(self, fuse_ino: int) -> int:
@@ -146,9 +164,25 @@ class Operations(pyfuse3.Operations):
         pyfuse3.invalidate_entry(fuse_parent, name)   # (pyfuse3 takes the FUSE numbers)
 
     def _take_back_names(self, ino: int) -> None:
+        """(Directory `ino`'s lock is going to nothing, not gone yet.) Names found in it
+        may change elsewhere from now on: if the kernel may cache any, raise the
+        epoch, which invalidates every cached name at once (before the lock goes:
+        this runs in the demote, before its unlock); and have the unused dentries
+        let go."""
         assert self.names is not None
+        if ino in self._names_cached_in:
+            self._names_cached_in.clear()
+            self.epoch.bump()
         for fuse_ino in self._fuse_inos(ino):
             self.names.take_back(fuse_ino)
+
+    def _withdrawn(self, reason: str) -> None:
+        """The node withdrew: the other nodes will replay its journal and go on without
+        it. Nothing it cached is to be trusted any more, nor handed out again."""
+        if self._names_cached_in:
+            self._names_cached_in.clear()
+            self.epoch.bump()
+        self.epoch.stop()
 
     def _entry_id(self, parent_inode: int, name: bytes, node: CachedInode) -> int:
         """The node id to hand `node` to the kernel under, as `name` in `parent_inode`."""
@@ -158,14 +192,26 @@ class Operations(pyfuse3.Operations):
             return self.names.directory_id(node.ino, node.d.generation, (parent_inode, name))
         return self.names.file_id(node.ino)
 
-    def _entry(self, parent_inode: InodeT, name: bytes, node: CachedInode) -> EntryAttributes:
+    def _entry(self, parent_inode: InodeT, name: bytes, node: CachedInode,
+               cacheable: bool = False) -> EntryAttributes:
         """A positive entry for the kernel, under the node id it should have there;
-        remembered so a demote can take it back (and a directory's id counted)."""
+        remembered so a demote can take it back (and a directory's id counted).
+        cacheable: a LOOKUP's answer, found under its directory's lock, which the kernel
+        may keep while that lock stays here (see CLUSTER_CACHED_ENTRY_TIMEOUT)."""
         fuse_ino = self._entry_id(parent_inode, name, node)
         if self.names is not None:
             self.names.remember(parent_inode, name,
                                 fuse_ino if stat.S_ISDIR(node.d.mode) else None)
-        return self._attr(node, fuse_ino)
+        attr = self._attr(node, fuse_ino)
+        if cacheable and self.clustered and self.epoch.available:
+            # (no await since the lookup let go of the lock: a demote of the
+            # directory that raises the epoch comes after this, as it must)
+            if len(self._names_cached_in) >= NAMES_CACHED_DIRS_MAX:
+                self._names_cached_in.clear()
+                self.epoch.bump()
+            self._names_cached_in.add(self._ino(parent_inode))
+            attr.entry_timeout = CLUSTER_CACHED_ENTRY_TIMEOUT
+        return attr
 
     def _attr(self, node: CachedInode, fuse_ino: int) -> pyfuse3.EntryAttributes:
         """The attributes of `node`, known to the kernel as `fuse_ino` (pyfuse3 shows
@@ -198,7 +244,7 @@ class Operations(pyfuse3.Operations):
         node = await self.fs.lookup(self._ino(parent_inode), name)
         if node is None:
             return self._negative()
-        return self._entry(parent_inode, name, node)
+        return self._entry(parent_inode, name, node, cacheable=True)
 
     def _negative(self) -> pyfuse3.EntryAttributes:
         """"No such name", cacheable by the kernel (cheaper than raising ENOENT)."""
@@ -367,22 +413,23 @@ class Operations(pyfuse3.Operations):
     @_edge
     async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
         parent, fuse_parent, entries = self._dir_handles.get(fh, (0, 0, []))
-        await self.fs.prefetch([ino for _n, ino in entries[start_id : start_id + 256]])
-        for index in range(start_id, len(entries)):
-            name, child = entries[index]
-            try:
-                node = await self.fs.lookup_for_readdir(parent, name, child)
-            except ClusterFSError:
-                continue   # removed since opendir
-            # readdirplus makes a dentry of each entry, under the directory's dentry
-            # of the node id it was opened under
-            fuse_ino = self._entry_id(fuse_parent, name, node)
-            if not pyfuse3.readdir_reply(token, name, self._attr(node, fuse_ino), index + 1):
-                return
-            self.fs.count_lookup(child, node.d.generation)
-            if self.names is not None:
-                self.names.remember(fuse_parent, name,
-                                    fuse_ino if stat.S_ISDIR(node.d.mode) else None)
+        for first in range(start_id, len(entries), READDIR_CHUNK):
+            chunk = entries[first : first + READDIR_CHUNK]
+            # (one round of locks for the chunk; no await from here to the next one)
+            nodes = await self.fs.readdir_nodes(parent, chunk)
+            for index, (name, child), node in zip(itertools.count(first), chunk, nodes):
+                if node is None:
+                    continue   # removed since opendir
+                # readdirplus makes a dentry of each entry, under the directory's
+                # dentry of the node id it was opened under
+                fuse_ino = self._entry_id(fuse_parent, name, node)
+                if not pyfuse3.readdir_reply(token, name, self._attr(node, fuse_ino),
+                                             index + 1):
+                    return
+                self.fs.count_lookup(child, node.d.generation)
+                if self.names is not None:
+                    self.names.remember(fuse_parent, name,
+                                        fuse_ino if stat.S_ISDIR(node.d.mode) else None)
 
     @_edge
     async def releasedir(self, fh: FileHandleT) -> None:

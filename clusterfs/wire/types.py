@@ -41,6 +41,7 @@ class MsgType(IntEnum):
     DLM_QUERY_REPLY = 43
     DLM_PREFER_ASK = 44       # an owner asks a master to name its locks' servers again
     DLM_PREFER = 45           # a master names the preferred server of owned locks
+    DLM_BATCH = 46            # several DLM messages of one lockspace, in their order
     DLM_RECOVER_STATUS = 48
     DLM_RECOVER_NAMES = 49
     DLM_RECOVER_LOCKS = 50
