@@ -197,25 +197,6 @@ def test_two_writers_and_a_reader_at_once(tmp_path):
         assert seen > 0
 
 
-def test_a_cluster_mount_has_programs_read_a_megabyte_at_a_time(tmp_path):
-    """A cluster's files are direct_io (no page cache, no kernel read-ahead), so every
-    read(2) is a request to the node; stdio, Python's buffered files, cp and cmp size
-    their buffers by st_blksize (cmp of a 256 MiB file by hand: 30 MiB/s at 4 KiB,
-    810-1243 MiB/s at 1 MiB). A buffered reader taking 4 KiB at a time gets its bytes
-    right either way."""
-    with cluster(tmp_path, nodes=2) as c:
-        data = os.urandom(3 << 20)
-        with open(c.path(1, "f"), "wb") as f:
-            f.write(data)
-        st = os.stat(c.path(2, "f"))
-        assert st.st_blksize == 1 << 20 and st.st_size == len(data)
-        got = bytearray()
-        with open(c.path(2, "f"), "rb") as f:
-            while chunk := f.read(4096):
-                got += chunk
-        assert got == data
-
-
 def test_a_released_block_is_never_replayed_over_a_newer_copy(tmp_path):
     """Node 1 changes an inode and gives up its lock; node 2 changes it again; node 1
     dies with its journal open; the first node to mount replays node 1's journal: node
