@@ -171,17 +171,21 @@ class Operations(pyfuse3.Operations):
         let go."""
         assert self.names is not None
         if ino in self._names_cached_in:
-            self._names_cached_in.clear()
-            self.epoch.bump()
+            self._raise_epoch()
         for fuse_ino in self._fuse_inos(ino):
             self.names.take_back(fuse_ino)
+
+    def _raise_epoch(self) -> None:
+        """Every name the kernel caches is invalid from now on: no directory has
+        handed out a cached name since."""
+        self._names_cached_in.clear()
+        self.epoch.bump()
 
     def _withdrawn(self, reason: str) -> None:
         """The node withdrew: the other nodes will replay its journal and go on without
         it. Nothing it cached is to be trusted any more, nor handed out again."""
         if self._names_cached_in:
-            self._names_cached_in.clear()
-            self.epoch.bump()
+            self._raise_epoch()
         self.epoch.stop()
 
     def _entry_id(self, parent_inode: int, name: bytes, node: CachedInode) -> int:
@@ -207,8 +211,7 @@ class Operations(pyfuse3.Operations):
             # (no await since the lookup let go of the lock: a demote of the
             # directory that raises the epoch comes after this, as it must)
             if len(self._names_cached_in) >= NAMES_CACHED_DIRS_MAX:
-                self._names_cached_in.clear()
-                self.epoch.bump()
+                self._raise_epoch()
             self._names_cached_in.add(self._ino(parent_inode))
             attr.entry_timeout = CLUSTER_CACHED_ENTRY_TIMEOUT
         return attr
