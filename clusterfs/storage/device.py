@@ -20,7 +20,7 @@ import queue
 import stat
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 from clusterfs import failover
 from clusterfs.errors import StorageError
@@ -356,6 +356,19 @@ class _DirectReadAhead:
         os.close(self.fd)
 
 
+def from_newest_write(writes: Iterable[tuple[int, bytes | memoryview]], offset: int,
+                      length: int) -> bytes | None:
+    """The bytes at [offset, offset + length) from the first of `writes` (newest
+    first: (offset, data)) that touches them, if it holds them all; None if it holds
+    only part, or none does."""
+    for start, data in writes:
+        if start < offset + length and offset < start + len(data):
+            if start <= offset and offset + length <= start + len(data):
+                return bytes(data[offset - start : offset - start + length])
+            return None
+    return None
+
+
 class _WriteBehind:
     """A daemon thread performing queued data writes, in order, off the caller's thread.
 
@@ -436,12 +449,8 @@ class _WriteBehind:
         one queued or in-flight write holds them all and no later one touches them;
         None when they are not all in one (read the device after a drain)."""
         with self.cond:
-            for start, data in itertools.chain(reversed(self.items), self.writing):
-                if start < offset + length and offset < start + len(data):
-                    if start <= offset and offset + length <= start + len(data):
-                        return bytes(data[offset - start : offset - start + length])
-                    return None
-        return None
+            return from_newest_write(itertools.chain(reversed(self.items), self.writing),
+                               offset, length)
 
     def _hold_back(self) -> bool:
         """Leave the queue for now: it is one contiguous run, aligned for the direct

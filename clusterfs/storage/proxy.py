@@ -123,7 +123,7 @@ from clusterfs.dlm.preferred import server_order
 from clusterfs.errors import StorageError, WireError
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.storage import blockwire as bw
-from clusterfs.storage.device import BlockAddressed, WritesAtOnce
+from clusterfs.storage.device import BlockAddressed, WritesAtOnce, from_newest_write
 from clusterfs.wire import frame as wf
 from clusterfs.wire.types import MsgType
 
@@ -938,15 +938,10 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         the last flush holds it whole (a writer whose requests end inside a block reads
         that block back at its next request: no round trip, and no wait for that
         write's reply), else from a server."""
-        offset = blkno * BLOCK_SIZE
         with self._lock:
-            for entry in reversed(self._log):
-                if entry.overlaps(offset, BLOCK_SIZE):
-                    at = offset - entry.offset
-                    if at >= 0 and at + BLOCK_SIZE <= len(entry.data):
-                        return entry.data[at : at + BLOCK_SIZE]
-                    break
-        return self.read(blkno)
+            copy = from_newest_write(((e.offset, e.data) for e in reversed(self._log)),
+                               blkno * BLOCK_SIZE, BLOCK_SIZE)
+        return copy if copy is not None else self.read(blkno)
 
     def _read_one(self, offset: int, length: int) -> bytes:
         """One request, answered before anything else is sent."""
