@@ -171,6 +171,7 @@ def test_mkfs_refuses_clusterfs_without_force(tmp_path):
 def _write_keep(m: mountutil.Mount) -> None:
     with open(m.path("keep"), "wb") as f:
         f.write(b"keep me")
+        f.flush()
         os.fsync(f.fileno())
 
 

@@ -319,6 +319,7 @@ def test_fdatasync_of_an_overwrite_survives_kill9(cfs):
     first = os.urandom(1 << 20)
     with open(path, "wb") as f:
         f.write(first)
+        f.flush()
         os.fsync(f.fileno())
     patch, tail = os.urandom(8192), os.urandom(5000)
     fd = os.open(path, os.O_WRONLY)

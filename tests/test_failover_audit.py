@@ -270,6 +270,7 @@ i = 0
 while not os.path.exists(stop):
     with open(os.path.join(root, f"f{i % 50}"), "wb") as f:
         f.write(os.urandom(4096 + 512 * (i % 17)))
+        f.flush()
         os.fsync(f.fileno())
     i += 1
 print(i, flush=True)

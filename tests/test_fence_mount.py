@@ -85,6 +85,7 @@ def _stop_fence_resume(c: Cluster, fenced, backing: Path, victim_id: int = 3) ->
             assert f.read() == BEFORE
         with open(c.path(two, "after"), "wb") as f:   # and they serve
             f.write(b"survivors")
+            f.flush()
             os.fsync(f.fileno())
         with open(c.path(one, "after"), "rb") as f:
             assert f.read() == b"survivors"

@@ -345,6 +345,7 @@ def test_a_server_whose_disk_hangs_is_fenced_once_gone_and_its_late_write_lands_
         wait_view(c, 3, [other, 3])
         with open(c.path(3, "after"), "wb") as f:
             f.write(b"x" * 100000)
+            f.flush()
             os.fsync(f.fileno())
         with open(c.path(other, "after"), "rb") as f:
             assert f.read() == b"x" * 100000

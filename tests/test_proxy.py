@@ -35,6 +35,7 @@ def test_two_servers_and_a_proxy_stay_coherent(tmp_path):
         big = blob("from3", 3 * MIB + 123)
         with open(c.path(3, "from3"), "wb") as f:          # written through the proxy
             f.write(big)
+            f.flush()
             os.fsync(f.fileno())
         for n in (1, 2):
             with open(c.path(n, "from3"), "rb") as f:
@@ -54,6 +55,7 @@ def test_two_servers_and_a_proxy_stay_coherent(tmp_path):
 def _write(path: str, data: bytes) -> None:
     with open(path, "wb") as f:
         f.write(data)
+        f.flush()
         os.fsync(f.fileno())
 
 
@@ -195,6 +197,7 @@ def test_sigstop_of_the_proxys_server_retargets_without_an_error(tmp_path):
         assert f"node {server} did not answer our probe" in log_other, log_other[-3000:]
         with open(c.path(3, "after"), "wb") as f:        # one server left: still serving
             f.write(b"x" * 100000)
+            f.flush()
             os.fsync(f.fileno())
         with open(c.path(other, "after"), "rb") as f:
             assert f.read() == b"x" * 100000

@@ -76,6 +76,7 @@ i = 0
 while not os.path.exists(stop):
     with open(os.path.join(root, f"f{i % 20}"), "wb") as f:
         f.write(os.urandom(4096 * (1 + i % 2)))
+        f.flush()
         os.fsync(f.fileno())
     i += 1
     time.sleep(0.02)
