@@ -48,7 +48,6 @@ one another on this node, and ordering prevents deadlock between nodes.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import time
@@ -258,8 +257,7 @@ class GlockManager:
 
         # a DLM sends the requests started together as one message per master, and
         # the master answers them the same way (Lockspace.batched)
-        batched = getattr(self.locks, "batched", None)
-        with batched() if batched is not None else contextlib.nullcontext():
+        with self.locks.batched():
             async with trio.open_nursery() as nursery:
                 for _ in range(min(in_flight, len(todo))):
                     nursery.start_soon(worker)

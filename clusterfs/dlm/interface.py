@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno as _errno
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any, Protocol
@@ -110,6 +111,12 @@ class LockService(Protocol):
     async def convert(self, lock: Lock, mode: Mode, *, try_: bool = False) -> None: ...
 
     async def unlock(self, lock: Lock) -> None: ...
+
+    def batched(self) -> AbstractContextManager[None]:
+        """While the body runs, lock requests started together may travel to their
+        master as one message (Lockspace.batched); a service with no messages to
+        gather (LocalLockService) does nothing."""
+        ...
 
 
 # -- additions for the distributed lock manager (compatible extensions) ----------

@@ -12,6 +12,7 @@ blocking event calls the holder's `on_blocking`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import trio
@@ -47,6 +48,10 @@ class LocalLockService:
         self.stats = {"granted": 0, "waited": 0, "blocking_callbacks": 0}
 
     # -- public ------------------------------------------------------------
+    def batched(self) -> contextlib.nullcontext[None]:
+        """Nothing to gather: every request is answered here, with no message."""
+        return contextlib.nullcontext()
+
     async def lock(
         self,
         name: ResourceName,
