@@ -1199,3 +1199,36 @@ def test_queued_writes_refused_before_they_go_are_dropped_not_sent(served):
     finally:
         dev.guard_writes(None)
         dev.close()
+
+
+def test_a_flush_that_lets_go_of_the_lock_never_reorders_queued_bytes(served, monkeypatch):
+    """Sending the queued run may first flush the re-send log (it would pass
+    LOG_LIMIT), and a flush lets go of the device lock while it waits for writes
+    maybe in flight: another thread's write can come then (a truncate's pwrite on
+    the event loop while a worker drains). The run is sent only after that flush,
+    nothing taken off it before, so a newer write of its bytes still goes after
+    them. (Taken off first, the queued block was logged and sent after the newer
+    write, and landed over it.)"""
+    from clusterfs.storage import proxy
+
+    dev = _proxy(served, 1)
+    try:
+        old, newer = b"o" * BLOCK, b"n" * BLOCK
+        dev.pwrite(8 * BLOCK, b"x" * BLOCK)                # the log holds a block
+        dev.write_behind(0, old)                           # queued
+        monkeypatch.setattr(proxy, "LOG_LIMIT", BLOCK)     # sending it needs a flush
+        flush = dev._flush_locked
+        meanwhile: list[bytes] = []
+
+        def flush_letting_go() -> None:
+            flush()
+            if not meanwhile:                              # what came while it waited
+                meanwhile.append(newer)
+                dev.pwrite(0, newer)
+
+        monkeypatch.setattr(dev, "_flush_locked", flush_letting_go)
+        dev.drain()
+        dev.flush()
+        assert meanwhile and dev.pread(0, BLOCK) == newer
+    finally:
+        dev.close()

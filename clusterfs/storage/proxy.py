@@ -1045,6 +1045,12 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             raise StorageError(f"{self.path}: write at {offset}: {self._refused}")
         self._guard()              # queued a while ago, maybe: no write after a pill
         while self._pending.length > keep:
+            if not self._log_has_room(min(PIECE, self._pending.length)):
+                # flush with the run still whole: the flush lets go of the lock while
+                # it waits, and a write queued meanwhile may change the run (bytes
+                # taken off it first would then be logged, and sent, after newer ones)
+                self._flush_locked()
+                continue
             self._write_started(*self._pending.take(PIECE))
 
     def _send_overlapping(self, offset: int, length: int) -> None:
@@ -1056,13 +1062,16 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
     def _logged(self, offset: int, piece: bytes) -> _Logged:
         """Keep `piece` for a re-send until the next flush, numbered (the log bounds
         the held writes too: they are in it)."""
-        if self._log_bytes + len(piece) > LOG_LIMIT:
+        if not self._log_has_room(len(piece)):
             self._flush_locked()                 # keeps the re-send log bounded
         self._seq += 1
         entry = _Logged(offset, piece, self._seq)
         self._log.append(entry)
         self._log_bytes += len(piece)
         return entry
+
+    def _log_has_room(self, length: int) -> bool:
+        return self._log_bytes + length <= LOG_LIMIT
 
     def _write_piece(self, offset: int, piece: bytes) -> None:
         server = self._put(self._logged(offset, piece))
