@@ -506,18 +506,18 @@ def test_a_slow_servers_late_writes_never_land_over_newer_ones(tmp_path):
                 dev.flush()
                 _hold_loop(slow, 1.5)
                 old = [os.urandom(4096) for _ in range(8)]
-                for i, block in enumerate(old):
-                    dev.write_behind(i * 4096, block)
+                for i, block in enumerate(old):             # every other block: eight
+                    dev.write_behind(i * 8192, block)       # requests, not one run
                 dev.drain()                                   # re-targeted, no error
                 st = dev.statistics()
                 assert st["retargets"] >= 1 and victim in st["silent"], st
-                newer = os.urandom(8 * 4096)
+                newer = os.urandom(16 * 4096)
                 dev.pwrite(0, newer)
                 dev.flush()
                 time.sleep(2.0)               # the slow loop is back, reads the old ones
                 assert slow.server.statistics()["stalls"] == 0     # not a stop
                 with open(image, "rb") as f:
-                    assert f.read(8 * 4096) == newer
+                    assert f.read(16 * 4096) == newer
                 # all eight refused: the one or two its loop had read before it was
                 # held by the arrival lease, the others only by their `by`
                 st = slow.server.statistics()
@@ -615,21 +615,21 @@ def test_writes_in_flight_to_a_stopped_server_are_retargeted_and_never_land_stal
             removed.start()
             fenced.start()
             stale = [os.urandom(4096) for _ in range(8)]
-            for i, block in enumerate(stale):
-                dev.write_behind(i * 4096, block)
+            for i, block in enumerate(stale):             # every other block: eight
+                dev.write_behind(i * 8192, block)         # requests, not one run
             dev.drain()                                   # no error: re-targeted
             assert time.monotonic() - stopped >= 1.3      # and the victim was fenced
             st = dev.statistics()
             assert st["retargets"] >= 1 and victim in st["silent"], st
             assert st["maybe_in_flight"] >= 1 and st["unsettled"] == 0, st
-            assert dev.pread(0, 8 * 4096) == b"".join(stale)
-            newer = os.urandom(8 * 4096)
+            assert [dev.pread(i * 8192, 4096) for i in range(8)] == stale
+            newer = os.urandom(16 * 4096)
             dev.pwrite(0, newer)
             dev.flush()
             os.kill(procs[victim].pid, signal.SIGCONT)
             time.sleep(1.0)                               # it reads what was sent
             with open(image, "rb") as f:
-                assert f.read(8 * 4096) == newer
+                assert f.read(16 * 4096) == newer
         finally:
             if removed is not None:
                 removed.cancel()
@@ -1047,3 +1047,188 @@ def test_the_mount_hands_the_proxy_every_fence_done():
 
     trio.run(main)
     assert got == [(frozenset({1}), 2), (frozenset({1, 2}), 4)]
+
+
+# -- writes that end inside a block: the queued run (issue 8) -------------------------
+BLOCK = 4096
+
+
+def _edge_block(dev: ProxyDevice, blkno: int, at: int, data: bytes) -> memoryview:
+    """Block `blkno` as a write of `data` at byte `at` leaves it: its newest bytes
+    (read_newest, as the file system reads them) with the write's laid over."""
+    block = bytearray(dev.read_newest(blkno))
+    lo, hi = max(at, blkno * BLOCK), min(at + len(data), (blkno + 1) * BLOCK)
+    block[lo - blkno * BLOCK : hi - blkno * BLOCK] = data[lo - at : hi - at]
+    return memoryview(block)
+
+
+def _queue_request(dev: ProxyDevice, at: int, data: bytes) -> None:
+    """What the file system queues for one write request (FileData._assemble): a
+    block it starts or ends inside made whole from that block's newest bytes, the
+    blocks it fills whole as one view of the request, in order."""
+    end = at + len(data)
+    first, last = at // BLOCK, (end - 1) // BLOCK
+    edges = {blk: _edge_block(dev, blk, at, data)
+             for blk in {first if at % BLOCK else None, last if end % BLOCK else None}
+             if blk is not None}
+    inner_from = at if not at % BLOCK else (first + 1) * BLOCK
+    inner_to = end if not end % BLOCK else last * BLOCK
+    if first in edges:
+        dev.write_behind(first * BLOCK, edges[first])
+    if inner_to > inner_from:
+        dev.write_behind(inner_from, memoryview(data)[inner_from - at : inner_to - at])
+    if last in edges and last != first:
+        dev.write_behind(last * BLOCK, edges[last])
+
+
+def _kernel_split_write(dev: ProxyDevice, at: int, data: bytes, skew: int) -> None:
+    """One write() from a buffer `skew` bytes past a page edge, on a direct_io file:
+    the kernel sends it as requests of at most 256 pages of the buffer, so the first
+    is 1 MiB - skew bytes and the others start at a page edge of the buffer."""
+    step = MIB - skew
+    while data:
+        _queue_request(dev, at, data[:step])
+        at, data, step = at + len(data[:step]), data[step:], MIB
+
+
+def test_a_kernel_split_stream_sends_each_megabyte_once_in_one_request(served):
+    """A 1 MiB write() from a malloc'd buffer (16 bytes past a page edge) reaches the
+    file system as 1 MiB - 16 bytes, then 16: the first queues its 255 whole blocks
+    and the block it ends inside, the second that block again, whole. The queued
+    run takes the second copy of the block in place of the first: the server gets
+    one 1 MiB write per megabyte, as from an aligned buffer. (Before: three writes,
+    the block twice, and its second copy waited for the first one's reply.)"""
+    dev = _proxy(served, 1)
+    try:
+        expected = bytearray(dev.size)
+        for i in range(6):
+            data = os.urandom(MIB)
+            _kernel_split_write(dev, i * MIB, data, skew=16)
+            expected[i * MIB : (i + 1) * MIB] = data
+        assert dev.behind_pending > 0             # queued: a drain has to wait for it
+        dev.drain()
+        assert dev.behind_pending == 0
+        st = served.server.statistics()
+        assert st["writes"] == 6, st
+        assert dev.stats["superseded"] == 6 * BLOCK
+        assert dev.pread(0, dev.size) == expected
+    finally:
+        dev.close()
+
+
+def test_unaligned_writes_read_back_exactly_also_across_a_retarget(tmp_path):
+    """Writes of random lengths at random offsets from buffers a random number of
+    bytes past a page edge, queued as the file system queues them, with reads of
+    the bytes just written and of others in between; half-way the server the proxy
+    writes to has its loop held for 1.5 s (slow, not stopped), so what it was sent
+    times out and goes to the other server. Every read, the proxy's and the disk's
+    once the held server has read its stale requests, is the newest copy."""
+    import random
+
+    from clusterfs.dlm.preferred import server_order
+    from clusterfs.storage.proxy import UNMAPPED
+
+    rng = random.Random(8)
+    area = 4 * MIB
+    cfg = _config([1, 2], io_timeout=0.5)
+    image = _image(tmp_path)
+    disks = [BlockDevice(image), BlockDevice(image)]
+    try:
+        with _serving(cfg, 1, disks[0]) as s1, _serving(cfg, 2, disks[1]) as s2:
+            victim = {1: s1, 2: s2}[server_order(UNMAPPED, [1, 2])[0]]
+            dev = ProxyDevice(cfg, 3)
+            dev.attach(lambda: (1, frozenset({1, 2, 3})))
+            model = bytearray(area)
+            try:
+                for n in range(80):
+                    if n == 40:
+                        _hold_loop(victim, 1.5)
+                    at = rng.randrange(area - 1)
+                    size = rng.choice([16, 3000, BLOCK, 70000, MIB, 2 * MIB])
+                    data = rng.randbytes(min(size + rng.randrange(64), area - at))
+                    _kernel_split_write(dev, at, data, skew=rng.randrange(BLOCK))
+                    model[at : at + len(data)] = data
+                    if n % 4 == 3:
+                        assert dev.pread(at, len(data)) == model[at : at + len(data)], n
+                        lo = rng.randrange(area - 3 * BLOCK)
+                        assert dev.pread(lo, 3 * BLOCK) == model[lo : lo + 3 * BLOCK], n
+                    if n % 16 == 15:
+                        dev.flush()
+                dev.flush()
+                assert dev.statistics()["retargets"] >= 1
+                assert dev.pread(0, area) == model
+                time.sleep(2.0)               # the held loop is back, reads what it had
+                with open(image, "rb") as f:
+                    assert f.read(area) == model
+            finally:
+                dev.close()
+    finally:
+        for d in disks:
+            d.close()
+
+
+def test_queued_writes_refused_before_they_go_are_dropped_not_sent(served):
+    """A queued write goes out later than write_behind returned: refuse_writes (a
+    poison pill, a withdraw) meanwhile drops it, and the call that would have sent
+    it says so; a write guard that refuses by then keeps it from going too."""
+    dev = _proxy(served, 1)
+    try:
+        dev.write_behind(0, b"q" * BLOCK)
+        dev.refuse_writes("poison pill: stop")
+        with pytest.raises(StorageError, match="poison pill"):
+            dev.drain()
+        assert dev.behind_pending == 0
+        assert dev.pread(0, BLOCK) == bytes(BLOCK)          # reads go on
+        assert served.server.statistics()["writes"] == 0
+    finally:
+        dev.close()
+    dev = _proxy(served, 1)
+    fired: list[str] = []
+
+    def guard() -> None:
+        if fired:
+            raise StorageError(f"write refused: {fired[0]}")
+
+    try:
+        dev.guard_writes(guard)
+        dev.write_behind(0, b"g" * BLOCK)
+        fired.append("pill seen")
+        with pytest.raises(StorageError, match="pill seen"):
+            dev.drain()
+        assert served.server.statistics()["writes"] == 0
+    finally:
+        dev.guard_writes(None)
+        dev.close()
+
+
+def test_a_flush_that_lets_go_of_the_lock_never_reorders_queued_bytes(served, monkeypatch):
+    """Sending the queued run may first flush the re-send log (it would pass
+    LOG_LIMIT), and a flush lets go of the device lock while it waits for writes
+    maybe in flight: another thread's write can come then (a truncate's pwrite on
+    the event loop while a worker drains). The run is sent only after that flush,
+    nothing taken off it before, so a newer write of its bytes still goes after
+    them. (Taken off first, the queued block was logged and sent after the newer
+    write, and landed over it.)"""
+    from clusterfs.storage import proxy
+
+    dev = _proxy(served, 1)
+    try:
+        old, newer = b"o" * BLOCK, b"n" * BLOCK
+        dev.pwrite(8 * BLOCK, b"x" * BLOCK)                # the log holds a block
+        dev.write_behind(0, old)                           # queued
+        monkeypatch.setattr(proxy, "LOG_LIMIT", BLOCK)     # sending it needs a flush
+        flush = dev._flush_locked
+        meanwhile: list[bytes] = []
+
+        def flush_letting_go() -> None:
+            flush()
+            if not meanwhile:                              # what came while it waited
+                meanwhile.append(newer)
+                dev.pwrite(0, newer)
+
+        monkeypatch.setattr(dev, "_flush_locked", flush_letting_go)
+        dev.drain()
+        dev.flush()
+        assert meanwhile and dev.pread(0, BLOCK) == newer
+    finally:
+        dev.close()

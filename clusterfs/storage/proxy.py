@@ -87,16 +87,31 @@ the newest.
 
 Several requests in flight (up to WINDOW per device). A read or write larger
 than PIECE is cut into pieces sent all at once, and `write_behind` (file data)
-sends its write and returns, its reply read later: when the window is full, at
-`drain`, at a flush, or before any request that overlaps it (so a read never
-overtakes a write of the same bytes, nor a write another, since the server works
-on a connection's requests side by side). Each request has its own io_timeout
-from its send; the first that times out makes its server silent, as above, and
-the others sent there are taken elsewhere with it: its writes by the re-sent log,
-its reads sent again. A write queued by write_behind that fails for good (fenced,
-no server left) fails the next call that reads its reply, as BlockDevice's
-write-behind fails its next drain. `pwrite` and `pread` return once their own
-requests are answered.
+sends its write (once it leaves the queued run, below) without waiting: its reply
+is read later, when the window is full, at `drain`, at a flush, or before any
+request that overlaps it (so a read never overtakes a write of the same bytes,
+nor a write another, since the server works on a connection's requests side by
+side). Each request has its own io_timeout from its send; the first that times
+out makes its server silent, as above, and the others sent there are taken
+elsewhere with it: its writes by the re-sent log, its reads sent again. A write
+queued by write_behind that fails for good (fenced, no server left) fails the
+next call that reads its reply, as BlockDevice's write-behind fails its next
+drain. `pwrite` and `pread` return once their own requests are answered.
+
+Queued writes (storage/pending.py). `write_behind` keeps the newest contiguous
+run of its writes, up to PIECE bytes, unsent: a write that continues the run
+joins it, and one that rewrites the run's tail (starts inside it and reaches its
+end) cuts that tail off first, so it is never sent. The kernel splits a direct
+write at the page edges of the user's buffer, and a writer's block that one
+request ends inside is queued twice, once with its old bytes and once whole from
+the next request: held here, each megabyte still goes out as one request, as an
+aligned writer's does, with no write waiting for another of the same bytes. The
+run goes out in PIECE-sized requests as it grows past PIECE, whole when a write
+elsewhere comes, at `drain`, flush and close, and before a read or `pwrite` that
+overlaps it; `read_newest` and `behind_pending` count it. It is not in the log
+(nothing was sent), so a silence has nothing of it to re-send; the write guard
+and refuse_writes are checked again when it goes (refused: dropped, and the call
+that would have sent it fails).
 
 Requests carry this node's membership generation (`attach(view)`); a server
 refuses writes from a node outside its view or from an older life of it.
@@ -108,6 +123,7 @@ from __future__ import annotations
 import bisect
 import collections
 import dataclasses
+import itertools
 import logging
 import socket
 import threading
@@ -124,6 +140,7 @@ from clusterfs.errors import StorageError, WireError
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.storage import blockwire as bw
 from clusterfs.storage.device import BlockAddressed, WritesAtOnce, from_newest_write
+from clusterfs.storage.pending import PendingRun
 from clusterfs.wire import frame as wf
 from clusterfs.wire.types import MsgType
 
@@ -437,12 +454,13 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self._fenced_in: dict[int, int] = {}
         self._inflight: collections.deque[_Request] = collections.deque()   # sent order
         self._inflight_written = 0                         # bytes of writes among them
+        self._pending = PendingRun()                       # write_behind's, not sent yet
         self._refused: str | None = None
         self._ids = 0
         self.stats = {"reads": 0, "writes": 0, "flushes": 0, "requests": 0,
                       "timeouts": 0, "retargets": 0, "resent": 0, "refusals": 0,
                       "to_named": 0, "to_computed": 0, "pipelined": 0, "most_in_flight": 0,
-                      "maybe_in_flight": 0, "held": 0}
+                      "maybe_in_flight": 0, "held": 0, "joined": 0, "superseded": 0}
         self.per_server: dict[int, int] = {}               # requests answered
         self.written: dict[int, int] = {}                  # bytes written, by server
         self.retarget_times: list[float] = []              # wall clock of each re-target
@@ -926,6 +944,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         with self._lock:
             self.stats["reads"] += 1
             self._settle()
+            self._send_overlapping(offset, end - offset)
             if end - offset <= PIECE:
                 return self._with_held(offset, self._read_one(offset, end - offset))
             pieces = [self._read_started(at, min(PIECE, end - at))
@@ -934,13 +953,14 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             return self._with_held(offset, data)
 
     def read_newest(self, blkno: int) -> bytes:
-        """One block as this node last wrote it: from the re-send log when a write since
-        the last flush holds it whole (a writer whose requests end inside a block reads
-        that block back at its next request: no round trip, and no wait for that
-        write's reply), else from a server."""
+        """One block as this node last wrote it: from the queued run or the re-send log
+        when the newest write of it there holds it whole (a writer whose requests end
+        inside a block reads that block back at its next request: no round trip, and
+        no wait for that write's reply), else from a server."""
         with self._lock:
-            copy = from_newest_write(((e.offset, e.data) for e in reversed(self._log)),
-                               blkno * BLOCK_SIZE, BLOCK_SIZE)
+            newest_first = itertools.chain(self._pending.newest_first(),
+                                           ((e.offset, e.data) for e in reversed(self._log)))
+            copy = from_newest_write(newest_first, blkno * BLOCK_SIZE, BLOCK_SIZE)
         return copy if copy is not None else self.read(blkno)
 
     def _read_one(self, offset: int, length: int) -> bytes:
@@ -971,10 +991,12 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Write, and return once the servers took it (every piece answered)."""
-        raw = self._writable(offset, data)
+        self._check_writable(offset, len(data))
+        raw = bytes(data)
         with self._lock:
             self.stats["writes"] += 1
             self._settle()
+            self._send_overlapping(offset, len(raw))
             if len(raw) <= PIECE:
                 self._make_room(offset, len(raw))
                 self._write_piece(offset, raw)
@@ -986,33 +1008,70 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
                     self._finish(req)
 
     def write_behind(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        """Send the write and return; its reply is read later (module doc)."""
-        raw = self._writable(offset, data)
+        """Queue the write and return: it joins the queued run (module doc, "Queued
+        writes"), which is sent in requests of PIECE bytes as it grows past that; the
+        replies are read later. `data` must not change afterwards."""
+        self._check_writable(offset, len(data))
+        view = memoryview(data).cast("B")
         with self._lock:
             self.stats["writes"] += 1
             self._settle()
-            for at in range(0, len(raw), PIECE):
-                self._write_started(offset + at, raw[at : at + PIECE])
+            if not view:
+                return
+            if not self._pending.joins(offset, len(view)):
+                self._send_pending()             # elsewhere: the run goes as it is
+            elif self._pending.length:
+                self.stats["joined"] += 1
+            self.stats["superseded"] += self._pending.add(offset, view)
+            self._send_pending(keep=PIECE)
 
-    def _writable(self, offset: int, data: bytes | bytearray | memoryview) -> bytes:
+    def _check_writable(self, offset: int, length: int) -> None:
         if self._refused is not None:
             raise StorageError(f"{self.path}: write at {offset}: {self._refused}")
         self._guard()
-        if offset < 0 or offset + len(data) > self.size:
+        if offset < 0 or offset + length > self.size:
             raise StorageError(f"{self.path}: write at {offset}: beyond the end of the "
                                f"device ({self.size} bytes)")
-        return bytes(data)
+
+    def _send_pending(self, keep: int = 0) -> None:
+        """Send the queued run from its start, in pieces of PIECE bytes, until at most
+        `keep` bytes of it are left (the next write may still rewrite those). Refused
+        writes (refuse_writes) are dropped, not sent: StorageError."""
+        if self._pending.length <= keep:
+            return
+        if self._refused is not None:
+            offset = self._pending.start
+            self._pending.clear()
+            raise StorageError(f"{self.path}: write at {offset}: {self._refused}")
+        self._guard()              # queued a while ago, maybe: no write after a pill
+        while self._pending.length > keep:
+            if not self._log_has_room(min(PIECE, self._pending.length)):
+                # flush with the run still whole: the flush lets go of the lock while
+                # it waits, and a write queued meanwhile may change the run (bytes
+                # taken off it first would then be logged, and sent, after newer ones)
+                self._flush_locked()
+                continue
+            self._write_started(*self._pending.take(PIECE))
+
+    def _send_overlapping(self, offset: int, length: int) -> None:
+        """Send the queued run if it overlaps [offset, offset + length): a read or
+        write of those bytes comes after it."""
+        if self._pending.overlaps(offset, length):
+            self._send_pending()
 
     def _logged(self, offset: int, piece: bytes) -> _Logged:
         """Keep `piece` for a re-send until the next flush, numbered (the log bounds
         the held writes too: they are in it)."""
-        if self._log_bytes + len(piece) > LOG_LIMIT:
+        if not self._log_has_room(len(piece)):
             self._flush_locked()                 # keeps the re-send log bounded
         self._seq += 1
         entry = _Logged(offset, piece, self._seq)
         self._log.append(entry)
         self._log_bytes += len(piece)
         return entry
+
+    def _log_has_room(self, length: int) -> bool:
+        return self._log_bytes + length <= LOG_LIMIT
 
     def _write_piece(self, offset: int, piece: bytes) -> None:
         server = self._put(self._logged(offset, piece))
@@ -1038,9 +1097,9 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
 
     @property
     def behind_pending(self) -> int:
-        """Bytes of writes sent and not answered yet, maybe in flight, or held (a
-        drain waits for all of them)."""
-        pending = self._inflight_written
+        """Bytes of writes queued, sent and not answered yet, maybe in flight, or held
+        (a drain waits for all of them)."""
+        pending = self._inflight_written + self._pending.length
         if self._lingering or self._held:
             pending += sum(len(e.data) for e in list(self._held))
             pending += sum(n for c in list(self._lingering)
@@ -1058,9 +1117,11 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
                 self._finish(self._inflight[0])
 
     def drain(self) -> None:
-        """Wait for every write in flight, maybe in flight or held (the next holder of
-        a lock reads them on the disk); StorageError if one failed for good."""
+        """Send the queued writes and wait for every write in flight, maybe in flight or
+        held (the next holder of a lock reads them on the disk); StorageError if one
+        failed for good."""
         with self._lock:
+            self._send_pending()
             self._quiesce()
 
 
@@ -1072,6 +1133,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             raise StorageError(f"{self.path}: flush: {self._refused}")
         self._guard()
         with self._lock:
+            self._send_pending()
             self._flush_locked()
 
     def _flush_locked(self) -> None:
@@ -1101,10 +1163,11 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         self._refused = reason
 
     def close(self) -> None:
-        """Wait for the writes in flight (a failure is logged: the caller flushed
-        before if it cared), then close every connection."""
+        """Send the queued writes and wait for the writes in flight (a failure is
+        logged: the caller flushed before if it cared), then close every connection."""
         with self._lock:
             try:
+                self._send_pending()
                 self._quiesce()
             except StorageError as exc:
                 log.warning("node %d: %s: writes in flight at close: %s", self.node_id,
@@ -1120,7 +1183,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
                 "written": dict(self.written),
                 "silent": sorted(self._silent), "io_timeout": self.io_timeout,
                 "unsettled": sum(len(c.writes) for c in list(self._lingering)),
-                "holding": len(self._held),
+                "holding": len(self._held), "queued": self._pending.length,
                 "fenced_servers": dict(self._fenced_in),
                 "preferred": {k.decode(errors="replace"): s
                               for k, s in sorted(self._preferred.items())},
