@@ -34,10 +34,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from devclusterlib import abort_fuse_connection, fuse_connection  # noqa: E402
 
+from clusterfs.storage import holders  # noqa: E402
+
 CLUSTERFS = [sys.executable, "-m", "clusterfs.cli"]
 FS_KINDS = ("clusterfs", "ext4")
 MOUNT_TIMEOUT = float(os.environ.get("CLUSTERFS_TEST_MOUNT_TIMEOUT", "60"))
 UNMOUNT_TIMEOUT = float(os.environ.get("CLUSTERFS_TEST_UNMOUNT_TIMEOUT", "30"))
+BUSY_RETRY = 10.0      # seconds a clean unmount tries again while the mount is busy
 
 
 # ----------------------------------------------------------------------------
@@ -368,6 +371,19 @@ class Mount:
             raise
         self._forget()
 
+    def _fusermount(self, timeout: float) -> subprocess.CompletedProcess:
+        """fusermount3 -u, again for a few seconds while the mount is busy: on a loaded
+        machine a process of the test that just finished with the mount (a writer,
+        a reader's close) can still hold it for a moment (two tests saw EBUSY at
+        teardown, 2026-12-05, under three concurrent suites)."""
+        deadline = time.monotonic() + BUSY_RETRY
+        while True:
+            r = subprocess.run(["fusermount3", "-u", self.mountpoint], capture_output=True,
+                               text=True, timeout=timeout)
+            if r.returncode == 0 or "busy" not in r.stderr or time.monotonic() > deadline:
+                return r
+            time.sleep(0.5)
+
     def _clean_unmount(self, timeout: float) -> None:
         if self.fs == "ext4":
             r = subprocess.run(["umount", self.mountpoint], capture_output=True, text=True,
@@ -379,10 +395,11 @@ class Mount:
             raise AssertionError(
                 f"{self.fs} server exited ({self.proc.returncode}) before unmount; log:\n"
                 + self.log_text())
-        r = subprocess.run(["fusermount3", "-u", self.mountpoint], capture_output=True,
-                           text=True, timeout=timeout)
+        r = self._fusermount(timeout)
         if r.returncode != 0:
-            raise AssertionError(f"fusermount3 -u {self.mountpoint}: {r.stderr.strip()}")
+            users = holders.mount_users(self.mountpoint)
+            raise AssertionError(f"fusermount3 -u {self.mountpoint}: {r.stderr.strip()}"
+                                 + (f"; in use by {'; '.join(users)}" if users else ""))
         if self.proc is not None:
             try:
                 rc = self.proc.wait(timeout)

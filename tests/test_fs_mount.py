@@ -221,6 +221,29 @@ def test_umount_finds_a_mountpoint_with_space_and_utf8_in_its_name(tmp_path):
     assert holders.users(dev) == []
 
 
+def test_umount_of_a_busy_mount_says_who_uses_it_and_changes_nothing(tmp_path):
+    """A process working in the mount keeps it busy: `clusterfs umount` fails with one
+    line naming it (as `fuser -m` would), the mount goes on serving, and once that
+    process is gone the unmount works."""
+    dev, mnt, r = _fresh_daemon_mount(tmp_path)
+    assert r.returncode == 0, r.stderr
+    os.mkdir(os.path.join(mnt, "d"))
+    sleeper = subprocess.Popen(["sleep", "60"], cwd=os.path.join(mnt, "d"))
+    try:
+        u = _umount(mnt)
+        assert u.returncode == 1
+        assert f"in use by pid {sleeper.pid} (sleep): cwd" in u.stderr, u.stderr
+        assert len(u.stderr.strip().splitlines()) == 1, u.stderr
+        assert os.listdir(mnt) == ["d"]                  # still mounted and serving
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        u = _umount(mnt)
+        if mountutil._is_mounted(mnt):
+            subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
+    assert u.returncode == 0, u.stderr
+
+
 def test_umount_of_something_else_is_refused(tmp_path):
     r = subprocess.run([*CLUSTERFS, "umount", str(tmp_path)], capture_output=True, text=True,
                        timeout=60)

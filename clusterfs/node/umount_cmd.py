@@ -74,7 +74,11 @@ def _unescape(field: str) -> str:
 def _fusermount(mountpoint: str) -> None:
     r = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
     if r.returncode != 0:
-        raise UmountError(r.stderr.strip() or f"fusermount3 -u failed ({r.returncode})")
+        said = r.stderr.strip() or f"fusermount3 -u failed ({r.returncode})"
+        users = holders.mount_users(mountpoint) if "busy" in said else []
+        if users:          # say who, as a user would otherwise ask fuser -m
+            said += f"; in use by {'; '.join(users)}"
+        raise UmountError(said)
 
 
 def _wait_for_exit(pids: list[int], timeout: float) -> None:

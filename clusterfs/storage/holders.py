@@ -42,6 +42,30 @@ def holder_pids(path: str) -> list[int]:
     return found
 
 
+def mount_users(mountpoint: str) -> list[str]:
+    """Processes other than this one keeping a mount busy: a working or root directory
+    or an open file under `mountpoint`. Names only (readlink of /proc), so a stopped or
+    busy server of that mount cannot hang the caller."""
+    top = os.path.realpath(mountpoint)
+    me = os.getpid()
+    found = []
+    for pid in filter(str.isdigit, _listdir("/proc")):
+        if int(pid) == me:
+            continue
+        uses = [what for what in ("cwd", "root")
+                if _under(_fd_target(f"/proc/{pid}/{what}"), top)]
+        if any(_under(_fd_target(f"/proc/{pid}/fd/{fd}"), top)
+               for fd in _listdir(f"/proc/{pid}/fd")):
+            uses.append("open files")
+        if uses:
+            found.append(f"pid {pid} ({_comm(pid)}): {', '.join(uses)}")
+    return found
+
+
+def _under(path: str | None, top: str) -> bool:
+    return path is not None and (path == top or path.startswith(top.rstrip("/") + "/"))
+
+
 def _fd_target(link: str) -> str | None:
     try:
         target = os.readlink(link)
