@@ -51,6 +51,10 @@ LOG_FAILURES = re.compile(
 STEP_SLACK = 180.0        # seconds a step may run past its nominal time before it hangs
 
 
+class Stop(Exception):
+    """A node is gone: the steps left would only fail on its mount."""
+
+
 @dataclass
 class Step:
     name: str
@@ -104,6 +108,16 @@ class Cluster:
 
     def node_ids(self) -> range:
         return range(1, self.nodes + 1)
+
+    def gone(self) -> list[int]:
+        """Nodes whose mount no longer answers (a fenced or crashed node's is ENOTCONN)."""
+        gone = []
+        for k in self.node_ids():
+            try:
+                os.stat(self.mount(k))
+            except OSError:
+                gone.append(k)
+        return gone
 
 
 def run_on_all(cluster: Cluster, argvs: dict[int, list[str]], timeout: float,
@@ -230,11 +244,16 @@ def main() -> int:
                                            args.instances, out_dir))
                 print(f"{name:12} {mode:6} {'ok' if steps[-1].ok else 'FAIL'}"
                       f"{'' if steps[-1].ok else ': ' + steps[-1].detail}", flush=True)
+                if cluster.gone():
+                    raise Stop(f"node(s) {cluster.gone()} gone after {name} ({mode})")
         if not args.no_fio:
             for run in (fio_cross_node, fio_own):
                 cluster.mark_logs()
                 steps.append(run(cluster, out_dir))
                 print(f"{steps[-1].name}: {steps[-1].detail}", flush=True)
+    except Stop as stop:
+        print(f"stopped: {stop}")
+        steps.append(Step("(rest)", "", False, str(stop)))
     finally:
         if not args.keep:
             fsck_ok, fsck_out = cluster.down(out_dir)
