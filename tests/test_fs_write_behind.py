@@ -7,6 +7,7 @@ from __future__ import annotations
 import mmap
 import os
 import threading
+import time
 
 import mountutil
 import pytest
@@ -179,6 +180,49 @@ def test_a_block_being_written_is_read_from_its_write(dev, monkeypatch):
         release.set()
     dev.flush()
     assert dev.read(0, 4) == data
+
+
+def test_a_read_of_bytes_no_queued_write_touches_does_not_wait(dev, monkeypatch):
+    """The fs reads on its event loop (the edge block of a write that ends inside a
+    block, a metadata block): waiting there for the whole queue, up to 32 MiB of
+    scattered writes, stalled three nodes under stress-ng's fpunch past the failure
+    timeout and got a live node fenced. Only writes of the bytes read must land first."""
+    _needs_direct(dev)
+    monkeypatch.setattr(device, "WRITE_BATCH", 4 * BLOCK_SIZE)
+    started, release = threading.Event(), threading.Event()
+    real = device._DirectWriter._put
+
+    def stalled(self, staging, length, offset):
+        started.set()
+        release.wait(5)                         # (a read that waits for it waits 5 s)
+        real(self, staging, length, offset)
+    monkeypatch.setattr(device._DirectWriter, "_put", stalled)
+    dev.pwrite(9 * BLOCK_SIZE, b"h" * BLOCK_SIZE)
+    data = os.urandom(4 * BLOCK_SIZE)
+    dev.write_behind(0, data)                   # a full batch: taken at once, stalled
+    dev.write_behind(6 * BLOCK_SIZE, b"q" * BLOCK_SIZE)    # queued behind it
+    try:
+        assert started.wait(30)
+        assert dev.read(9) == b"h" * BLOCK_SIZE         # touched by neither write
+        assert dev.read_newest(5) == bytes(BLOCK_SIZE)
+        assert dev.pread(4 * BLOCK_SIZE + 100, 200) == bytes(200)
+        assert dev.behind_pending == 5 * BLOCK_SIZE     # nothing waited for the queue
+    finally:
+        release.set()
+    assert dev.read(6) == b"q" * BLOCK_SIZE             # a queued write's bytes: after it
+    assert dev.behind_pending == 0
+    assert dev.read(0, 4) == data
+
+
+def test_a_read_reports_a_write_known_to_have_failed(dev):
+    """A read of other bytes no longer waits for a failing write, but once the
+    failure is known every read reports it, as before."""
+    dev.write_behind(1 << 62, b"xyz")      # EFBIG; not whole blocks: not held back
+    deadline = time.monotonic() + 30
+    while dev.behind_pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with pytest.raises(StorageError):
+        dev.read(3)
 
 
 def test_a_write_of_the_last_queued_block_replaces_it_in_the_run(dev, direct_puts):
