@@ -242,6 +242,7 @@ def test_umount_of_a_busy_mount_says_who_uses_it_and_changes_nothing(tmp_path):
         if mountutil._is_mounted(mnt):
             subprocess.run(["fusermount3", "-u", "-z", mnt], capture_output=True)
     assert u.returncode == 0, u.stderr
+    assert holders.users(dev) == []
 
 
 def test_umount_of_something_else_is_refused(tmp_path):
