@@ -126,7 +126,9 @@ def run_on_all(cluster: Cluster, argvs: dict[int, list[str]], timeout: float,
     procs = {}
     for k, argv in argvs.items():
         out = open(os.path.join(out_dir, f"{label}-node{k}.out"), "w")
-        procs[k] = (subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT), out)
+        # (in out_dir: fio leaves its verify state files in the working directory)
+        procs[k] = (subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT,
+                                     cwd=out_dir), out)
     failures = []
     deadline = time.monotonic() + timeout
     try:
