@@ -66,7 +66,9 @@ CLUSTER_ENTRY_TIMEOUT = 0.0
 # direct_io: no page cache, no kernel read-ahead, so each read(2) is a request to us;
 # stdio, Python's buffered files, cp and cmp size their buffers by st_blksize, and at
 # the 4 KiB block size `cmp` of a 256 MiB file read 30 MiB/s (one round trip per 4 KiB).
-# 1 MiB: the largest request the kernel sends us (CephFS and Lustre say 4 MiB).
+# 1 MiB: the largest request the kernel sends us (NFS reports its 1 MiB transfer size
+# the same way; CephFS and Lustre say 4 MiB). Buffered writers then keep up to 1 MiB
+# before write(2), so a program must flush before fsync, as on NFS (README).
 CLUSTER_IO_SIZE = 1 << 20
 # The directories remembered as having handed names out for caching, at most: past it
 # the epoch is raised (every cached name asked for again once) and the set starts anew
