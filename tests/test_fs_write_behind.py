@@ -159,17 +159,25 @@ def test_the_newest_queued_write_of_a_block_is_the_one_read(dev):
     assert dev.read_newest(2) == b"o" * 100 + b"xyz" + b"o" * (BLOCK_SIZE - 103)
 
 
-def test_a_block_being_written_is_read_from_its_write(dev, monkeypatch):
-    _needs_direct(dev)
+def _stall_direct_writes(monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Batches of 4 blocks, and every device write held until `release` is set (at
+    most 5 s: a read that waits for it waits that long); `started` is set when the
+    first is taken."""
     monkeypatch.setattr(device, "WRITE_BATCH", 4 * BLOCK_SIZE)
     started, release = threading.Event(), threading.Event()
     real = device._DirectWriter._put
 
     def stalled(self, staging, length, offset):
         started.set()
-        release.wait(5)                         # (a read that waits for it waits 5 s)
+        release.wait(5)
         real(self, staging, length, offset)
     monkeypatch.setattr(device._DirectWriter, "_put", stalled)
+    return started, release
+
+
+def test_a_block_being_written_is_read_from_its_write(dev, monkeypatch):
+    _needs_direct(dev)
+    started, release = _stall_direct_writes(monkeypatch)
     data = os.urandom(4 * BLOCK_SIZE)
     dev.write_behind(0, data)                   # a full batch: taken at once
     try:
@@ -188,15 +196,7 @@ def test_a_read_of_bytes_no_queued_write_touches_does_not_wait(dev, monkeypatch)
     scattered writes, stalled three nodes under stress-ng's fpunch past the failure
     timeout and got a live node fenced. Only writes of the bytes read must land first."""
     _needs_direct(dev)
-    monkeypatch.setattr(device, "WRITE_BATCH", 4 * BLOCK_SIZE)
-    started, release = threading.Event(), threading.Event()
-    real = device._DirectWriter._put
-
-    def stalled(self, staging, length, offset):
-        started.set()
-        release.wait(5)                         # (a read that waits for it waits 5 s)
-        real(self, staging, length, offset)
-    monkeypatch.setattr(device._DirectWriter, "_put", stalled)
+    started, release = _stall_direct_writes(monkeypatch)
     dev.pwrite(9 * BLOCK_SIZE, b"h" * BLOCK_SIZE)
     data = os.urandom(4 * BLOCK_SIZE)
     dev.write_behind(0, data)                   # a full batch: taken at once, stalled
