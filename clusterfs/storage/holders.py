@@ -31,15 +31,7 @@ def holder_pids(path: str) -> list[int]:
     if is_iscsi_url(path) or not os.path.exists(path):
         return []
     real = os.path.realpath(path)
-    me = os.getpid()
-    found = []
-    for pid in filter(str.isdigit, _listdir("/proc")):
-        if int(pid) == me:
-            continue
-        if any(_fd_target(f"/proc/{pid}/fd/{fd}") == real
-               for fd in _listdir(f"/proc/{pid}/fd")):
-            found.append(int(pid))
-    return found
+    return [int(pid) for pid in _other_pids() if real in _open_files(pid)]
 
 
 def mount_users(mountpoint: str) -> list[str]:
@@ -47,19 +39,27 @@ def mount_users(mountpoint: str) -> list[str]:
     or an open file under `mountpoint`. Names only (readlink of /proc), so a stopped or
     busy server of that mount cannot hang the caller."""
     top = os.path.realpath(mountpoint)
-    me = os.getpid()
     found = []
-    for pid in filter(str.isdigit, _listdir("/proc")):
-        if int(pid) == me:
-            continue
+    for pid in _other_pids():
         uses = [what for what in ("cwd", "root")
                 if _under(_fd_target(f"/proc/{pid}/{what}"), top)]
-        if any(_under(_fd_target(f"/proc/{pid}/fd/{fd}"), top)
-               for fd in _listdir(f"/proc/{pid}/fd")):
+        if any(_under(target, top) for target in _open_files(pid)):
             uses.append("open files")
         if uses:
             found.append(f"pid {pid} ({_comm(pid)}): {', '.join(uses)}")
     return found
+
+
+def _other_pids() -> list[str]:
+    """Every process's /proc name but this one's."""
+    me = str(os.getpid())
+    return [pid for pid in _listdir("/proc") if pid.isdigit() and pid != me]
+
+
+def _open_files(pid: str) -> set[str]:
+    """What a process's descriptors name (the names it opened, "(deleted)" taken off)."""
+    targets = (_fd_target(f"/proc/{pid}/fd/{fd}") for fd in _listdir(f"/proc/{pid}/fd"))
+    return {t for t in targets if t is not None}
 
 
 def _under(path: str | None, top: str) -> bool:
