@@ -966,3 +966,63 @@ async def test_a_write_inside_a_block_waits_for_queue_room_off_the_event_loop(
         assert on_loop == [False]                     # waited in a worker thread
         want = b"a" * BLOCK + b"b" * BLOCK + b"." * (3 * BLOCK + 1) + b"c" * 512
         assert await a.fs.read(f.ino, 0, len(want)) == want
+
+
+def _record_loop_waits(monkeypatch) -> list[str]:
+    """Log each device write or flush, and each wait for the write-behind queue, made
+    in the main thread (the event loop's)."""
+    from clusterfs.storage import device
+    on_loop: list[str] = []
+
+    def recorded(cls, name):
+        real = getattr(cls, name)
+
+        def call(self, *args):
+            if threading.current_thread() is threading.main_thread():
+                on_loop.append(name)
+            return real(self, *args)
+        monkeypatch.setattr(cls, name, call)
+
+    for name in ("pwrite", "flush"):
+        recorded(BlockDevice, name)
+    for name in ("drain", "wait_room"):
+        recorded(device._WriteBehind, name)
+    return on_loop
+
+
+@trio_test
+async def test_the_event_loop_neither_writes_the_device_nor_waits_for_queued_writes(
+        tmp_path, monkeypatch) -> None:
+    """Every device write and flush, and every wait for the write-behind queue, in a
+    worker thread: commits (their log writes waited there for data queued meanwhile,
+    and a full log checkpointed there), write-backs for a demote, a truncate's zeroed
+    tail and an unstuffed file's first block (both plain writes, which wait for the
+    whole queue first), and a sequential reader's read-ahead (which waited for the
+    queue before each submission and each read) while another file's writes are
+    queued. On a busy disk each of these stopped the loop, heartbeats with it, for as
+    long as the disk took to write up to 32 MiB of queued writes."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        f = await a.fs.mknod(root, b"f", REG, 0, 0, 0)
+        g = await a.fs.mknod(root, b"g", REG, 0, 0, 0)
+        big = os.urandom(8 << 20)
+        await a.fs.write(g.ino, 0, big)
+        await a.fs.write(f.ino, 0, b"f" * (6 * BLOCK))
+        await a.fs.fsync(g.ino)
+        on_loop = _record_loop_waits(monkeypatch)
+        await a.fs.write(f.ino, 6 * BLOCK, b"more" * BLOCK)      # queued
+        await a.fs.truncate(f.ino, 2 * BLOCK + 100)               # its tail block zeroed
+        h = await a.fs.mknod(root, b"h", REG, 0, 0, 0)
+        await a.fs.write(h.ino, 0, b"h" * 100)                    # stuffed in the inode
+        await a.fs.write(h.ino, 3 * BLOCK, b"x" * 10)             # unstuffed
+        await a.fs.write(f.ino, 4 * BLOCK, b"again" * 100)        # queued meanwhile
+        got = bytearray()
+        for off in range(0, len(big), 256 << 10):                 # read ahead, sequential
+            got += await a.fs.read(g.ino, off, 256 << 10)
+        assert got == big
+        await a.fs.fsync(f.ino)
+        assert await b.fs.read(f.ino, 0, 5 * BLOCK + 500) == \
+            b"f" * (2 * BLOCK) + b"f" * 100 + bytes(2 * BLOCK - 100) + b"again" * 100
+        assert await b.fs.read(h.ino, 0, 3 * BLOCK + 10) == \
+            b"h" * 100 + bytes(3 * BLOCK - 100) + b"x" * 10
+        assert on_loop == []

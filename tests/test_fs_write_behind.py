@@ -278,6 +278,38 @@ def test_read_ahead_after_a_queued_write_sees_it(dev):
     assert got == b"R" * (4 * BLOCK_SIZE)
 
 
+def test_read_ahead_neither_waits_for_nor_overtakes_queued_writes(tmp_path, monkeypatch):
+    """Read-ahead is submitted and served on the event loop: it waited there for the
+    whole write-behind queue (seconds of scattered writes on a busy disk). Now the
+    chunks a queued write touches are left out and read plainly after it."""
+    path = tmp_path / "big.img"
+    chunk = device.AHEAD_CHUNK // BLOCK_SIZE
+    with open(path, "wb") as f:
+        f.write(os.urandom(3 * chunk * BLOCK_SIZE))
+    dev = BlockDevice(str(path))
+    try:
+        _needs_direct(dev)
+        data = dev.read(0, chunk)
+        started, release = _stall_direct_writes(monkeypatch)
+        s_at, t_at = 2 * chunk + 8, chunk + 3                  # in the 3rd and 2nd chunks
+        dev.write_behind(s_at * BLOCK_SIZE, b"S" * (4 * BLOCK_SIZE))   # taken, stalled
+        dev.write_behind(t_at * BLOCK_SIZE, b"T" * BLOCK_SIZE)         # queued behind it
+        try:
+            assert started.wait(30)
+            dev.advise_willneed(0, 3 * chunk)
+            got = dev.read_data(0, 8 * BLOCK_SIZE)             # the 1st: no queued write
+            assert isinstance(got, memoryview)
+            assert bytes(got) == data[: 8 * BLOCK_SIZE]
+            assert dev.behind_pending == 5 * BLOCK_SIZE        # nothing waited
+        finally:
+            release.set()
+        assert bytes(dev.read_data(t_at * BLOCK_SIZE, BLOCK_SIZE)) == b"T" * BLOCK_SIZE
+        assert bytes(dev.read_data(s_at * BLOCK_SIZE, 4 * BLOCK_SIZE)) == \
+            b"S" * (4 * BLOCK_SIZE)
+    finally:
+        dev.close()
+
+
 def test_read_outside_the_read_ahead_falls_back(dev):
     data = _fill(dev, 64)
     dev.advise_willneed(0, 4)

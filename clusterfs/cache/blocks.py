@@ -58,12 +58,12 @@ class Blocks:
         """Queued to the write-behind thread; the request is answered meanwhile."""
         self._dev.write_behind(pblk * BLOCK_SIZE, chunk)
 
-    def write_data_now(self, pblk: int, data: bytes) -> None:
-        self._dev.write(pblk, data)
-
     def zero_data(self, pblk: int, offset: int) -> None:
-        """Zeros from `offset` to the end of data block `pblk` (a truncated tail)."""
-        self._dev.pwrite(pblk * BLOCK_SIZE + offset, bytes(BLOCK_SIZE - offset))
+        """Zeros from `offset` to the end of data block `pblk` (a truncated tail),
+        queued like any data write: the block's newest bytes before `offset`, then
+        zeros. (A plain write here waited for the whole queue on the event loop.)"""
+        head = self._dev.read_newest(pblk)[:offset]
+        self._dev.write_behind(pblk * BLOCK_SIZE, head + bytes(BLOCK_SIZE - offset))
 
     def advise_willneed(self, pblk: int, count: int) -> None:
         self._dev.advise_willneed(pblk, count)

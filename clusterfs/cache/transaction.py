@@ -123,7 +123,8 @@ class TransactionManager:
         commit pointing a file at blocks that still hold whatever was there before
         (jbd2's ordered mode; its async_commit does without that flush).
 
-        The device flushes run in a worker thread, so requests keep being served;
+        The journal's writes and flushes run in a worker thread, so requests keep
+        being served;
         commits and checkpoints are serialised by one lock. Objects changed while a
         commit is in flight belong to the next transaction (their blocks were
         encoded when this one was captured). Blocks freed up to the capture leave
@@ -132,8 +133,6 @@ class TransactionManager:
         self.check_writable()
         async with self._lock:
             self.check_writable()
-            if self.dirty:
-                await self._drain_data()   # (else the flush below drains, in one hop)
             mark = self.quarantine_mark()
             try:
                 await self._commit_running()
@@ -159,12 +158,13 @@ class TransactionManager:
         self.dirty.clear()
         self.estimate = 0
         ordered, self.fresh_data = self.fresh_data, False
-        pending = self.journal.begin_commit(blocks)
-        if pending is None or ordered:
-            await trio.to_thread.run_sync(self._drain_and_flush)
+        # Every journal write waits for the queued data writes first, and a full log
+        # checkpoints: all of it in one worker-thread hop, never on the event loop
+        # (a commit's log writes used to wait there for data queued meanwhile).
+        self.journal.stage(blocks)
+        pending = await trio.to_thread.run_sync(self.journal.log_transaction, blocks,
+                                                ordered)
         if pending is not None:
-            self.journal.write_commit(pending)
-            await trio.to_thread.run_sync(self.journal.dev.flush)
             self.journal.end_commit(pending, flushes=2 if ordered else 1)
             self.stats["commits"] += 1
 
@@ -229,9 +229,8 @@ class TransactionManager:
         await self._drain_data()
 
     async def _drain_data(self) -> None:
-        """Let queued data writes finish in a worker thread before the commit is
-        captured, so the event loop does not block on them when the commit's first
-        device write has to wait for the queue (which keeps data ahead of metadata)."""
+        """Let queued data writes finish, in a worker thread (the event loop never
+        waits for the queue)."""
         dev = self.journal.dev
         if dev.behind_pending:
             try:

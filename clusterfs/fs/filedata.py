@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import stat
 import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import trio
 
@@ -37,6 +39,7 @@ READAHEAD_STEP = 2048
 # only in PR. A write after a longer pause takes the inode in EX and sets them, so
 # mtime and ctime lag a cluster's writes by less than this.
 WRITE_TIMES_SLACK_NS = 1_000_000_000
+T = TypeVar("T")
 
 
 def _queued_bytes(off: int, size: int) -> int:
@@ -53,6 +56,10 @@ class _QueueFull(Exception):
     without room waited on the loop itself, for as long as the disk took to write the
     queue (seconds of scattered 4 KiB writes: stress-ng's fpunch on three nodes
     stopped a node's heartbeats long enough to have it fenced)."""
+
+    def __init__(self, needed: int) -> None:
+        super().__init__(needed)
+        self.needed = needed            # bytes of room the operation waits for
 
 
 class FileData:
@@ -129,32 +136,41 @@ class FileData:
             # extent blocks may be given back when extents merge
             async with self._hold(ex=[ino], alloc=alloc,
                                   frees=lambda: self._inode(ino).ext_blocks):
-                self._check_room(queued)
                 node = self._inode(ino)
+                # unstuffing queues the inline bytes' block as well
+                self._check_room(queued + (BLOCK_SIZE if node.stuffed else 0))
                 self._write(node, off, data)
                 return len(data)
 
+        async def attempt() -> int:
+            if self.clustered and await self._overwrite_in_place(ino, off, data, queued):
+                return len(data)
+            node = self.inodes.get(ino)
+            goal = ino
+            if node is not None and node.extents:
+                goal = node.extents[-1].pblk + node.extents[-1].count
+            return await self._retrying(run, goal, len(data) // BLOCK_SIZE + 2)
+
+        return await self._with_room(queued, attempt)
+
+    async def _with_room(self, need: int, attempt: Callable[[], Awaitable[T]]) -> T:
+        """Run `attempt` (an operation that queues data writes and checks, under its
+        locks, that the write-behind queue has room for them: _check_room) until it
+        finds the room; wait for room in a worker thread, never in the event loop."""
         while True:
-            if not self.blocks.write_room(queued):
-                # the write-behind queue is full: wait in a worker thread, not in the loop
-                await trio.to_thread.run_sync(self.blocks.wait_write_room, queued)
+            if not self.blocks.write_room(need):
+                await trio.to_thread.run_sync(self.blocks.wait_write_room, need)
             try:
-                if self.clustered and await self._overwrite_in_place(ino, off, data, queued):
-                    return len(data)
-                node = self.inodes.get(ino)
-                goal = ino
-                if node is not None and node.extents:
-                    goal = node.extents[-1].pblk + node.extents[-1].count
-                return await self._retrying(run, goal, len(data) // BLOCK_SIZE + 2)
-            except _QueueFull:
-                continue             # nothing changed: wait for room again, unlocked
+                return await attempt()
+            except _QueueFull as full:
+                need = full.needed   # nothing changed: wait for room again, unlocked
 
     def _check_room(self, queued: int) -> None:
         """(In the operation's body, before it changes anything.) Raise _QueueFull if the
         write-behind queue cannot take `queued` bytes now: other writes filled it while
         this one took its locks, and queueing would wait for room on the event loop."""
         if not self.blocks.write_room(queued):
-            raise _QueueFull
+            raise _QueueFull(queued)
 
     async def _overwrite_in_place(self, ino: int, off: int, data: bytes, queued: int) -> bool:
         """A cluster's overwrite of blocks the file already has, inside its size, with
@@ -226,7 +242,7 @@ class FileData:
             node.data = bytearray()
             if unstuff:
                 pblk, _n = self._take_run(new_runs, 1)
-                self.blocks.write_data_now(pblk, old.ljust(BLOCK_SIZE, b"\0"))
+                self.blocks.write_data(pblk, memoryview(old.ljust(BLOCK_SIZE, b"\0")))
                 ext.insert(node.extents, fext.Extent(0, pblk, 1))
                 if first == 0:
                     runs = ext.map_range(node.extents, first, last - first + 1)
@@ -330,9 +346,15 @@ class FileData:
         async def run(alloc):
             async with self._hold(ex=[ino], alloc=alloc,
                                   frees=lambda: self._tail_blocks(ino, size)):
+                # a truncate queues one block at most: the tail's zeroed block, or an
+                # unstuffed file's first
+                self._check_room(BLOCK_SIZE)
                 self._truncate(self._inode(ino), size)
 
-        await self._retrying(run, ino, 4)
+        async def attempt() -> None:
+            await self._retrying(run, ino, 4)
+
+        await self._with_room(BLOCK_SIZE, attempt)
 
     def _tail_blocks(self, ino: int, size: int) -> list[int]:
         node = self._inode(ino)

@@ -239,13 +239,32 @@ class Journal:
 
     def commit(self, blocks: dict[int, bytes]) -> None:
         """Log one transaction durably (ordered after all data already written)."""
+        self.stage(blocks)
+        pending = self.log_transaction(blocks, ordered=True)
+        if pending is not None:
+            self.end_commit(pending)
+
+    def stage(self, blocks: dict[int, bytes]) -> None:
+        """The copies of a transaction about to be logged: read_committed answers from
+        them from now on, while another thread writes them (log_transaction)."""
+        self.in_flight = blocks
+
+    def log_transaction(self, blocks: dict[int, bytes], ordered: bool) -> _Pending | None:
+        """Everything of a commit but its accounting (end_commit), in the caller's
+        thread: a worker's, so a full log's checkpoint and the waits for queued data
+        writes (every write here waits for them) never block the event loop. With
+        `ordered` (file data went to newly allocated blocks) the data and log blocks
+        are flushed before the commit block is written, else one flush after it (a
+        commit block on disk without its copies fails its checksum at replay). With
+        nothing to log, just a flush. None then, else the transaction to end."""
         pending = self.begin_commit(blocks)
-        if pending is None:
-            return
-        self.dev.flush()          # data and log blocks before the commit block
-        self.write_commit(pending)
-        self.dev.flush()
-        self.end_commit(pending)
+        if pending is None or ordered:
+            self.dev.drain()
+            self.dev.flush()
+        if pending is not None:
+            self.write_commit(pending)
+            self.dev.flush()
+        return pending
 
     # The three steps of commit(), so a caller can run the flushes between them in a
     # worker thread while it keeps serving requests. Steps of one transaction must not
@@ -265,8 +284,8 @@ class Journal:
             self.checkpoint()
         payload, crc = self._encode(homes, blocks, revokes)
         positions = _log_positions(self.head_off, need, self.log_len)
-        self._write_run(positions[:-1], payload)
         self.in_flight = blocks
+        self._write_run(positions[:-1], payload)
         return _Pending(blocks, need, crc, positions[-1], revokes)
 
     def write_commit(self, p: _Pending) -> None:

@@ -226,7 +226,9 @@ class _DirectReadAhead:
     streams while requests are answered. Every write through BlockDevice marks
     overlapping chunks stale first, and the kernel writes back dirty cached pages of
     a range before reading it directly, so a chunk never serves older data than the
-    device holds. Called only from the event-loop thread (take, submit, invalidate).
+    device holds. take and submit are called from the event-loop thread, invalidate
+    also from worker threads (a journal commit or checkpoint writes metadata there):
+    the chunk list is changed under `mutex`, whose holder may wait for a read.
     A view returned by take() stays valid until the next take() or submit(): the
     file system submits a request's read-ahead before taking its data, and pyfuse3
     sends the reply before another request runs."""
@@ -236,6 +238,7 @@ class _DirectReadAhead:
         self.free: list[mmap.mmap] = []           # made as needed, up to AHEAD_CHUNKS
         self.allocated = 0
         self.chunks: list[_Chunk] = []            # oldest first
+        self.mutex = threading.RLock()            # over chunks (see the class doc)
         self.lent: list[mmap.mmap] = []           # buffers of views handed out last
         self.cond = threading.Condition()
         self.queue: deque[_Chunk] = deque()
@@ -251,13 +254,21 @@ class _DirectReadAhead:
         return None if fd is None else cls(fd)
 
     # -- event-loop side ----------------------------------------------------------------
-    def submit(self, offset: int, length: int) -> None:
-        """Read [offset, offset+length) ahead, in chunks, as far as buffers allow."""
+    def submit(self, offset: int, length: int,
+               skip: Callable[[int, int], bool] | None = None) -> None:
+        """Read [offset, offset+length) ahead, in chunks, as far as buffers allow; not
+        the chunks `skip(offset, length)` says to leave out."""
+        with self.mutex:
+            self._submit(offset, length, skip)
+
+    def _submit(self, offset: int, length: int,
+                skip: Callable[[int, int], bool] | None) -> None:
         self._release_lent()
         end = offset + length
         while offset < end and not self.broken:
             n = min(AHEAD_CHUNK, end - offset)
-            if not any(c.covers(offset, n) for c in self.chunks):
+            if not any(c.covers(offset, n) for c in self.chunks) and \
+                    not (skip is not None and skip(offset, n)):
                 buf = self._buffer()
                 if buf is None:
                     return                        # window full: the reader catches up
@@ -270,6 +281,10 @@ class _DirectReadAhead:
 
     def take(self, offset: int, length: int) -> memoryview | None:
         """The bytes of a chunk covering the range (waiting for its read), or None."""
+        with self.mutex:
+            return self._take(offset, length)
+
+    def _take(self, offset: int, length: int) -> memoryview | None:
         self._release_lent()
         for chunk in self.chunks:
             if chunk.covers(offset, length) and not chunk.stale:
@@ -293,8 +308,9 @@ class _DirectReadAhead:
             self.lent.clear()
 
     def invalidate(self, offset: int, length: int) -> None:
-        for chunk in [c for c in self.chunks if c.overlaps(offset, length)]:
-            self._drop(chunk)
+        with self.mutex:
+            for chunk in [c for c in self.chunks if c.overlaps(offset, length)]:
+                self._drop(chunk)
 
     def _buffer(self) -> mmap.mmap | None:
         """A free buffer, recycling the oldest finished chunk if none is free."""
@@ -744,7 +760,11 @@ class BlockDevice(BlockAddressed):
         """File data: from a direct read-ahead chunk when one covers it (a view valid
         until the next call on this device), else a plain pread."""
         if self._ahead is not None:
-            self.drain()
+            # A chunk never overlaps a queued write (none did when it was submitted,
+            # and a write queued since dropped it), so only a failed write is waited
+            # for, to be reported; the queue is not (the event loop calls this).
+            if self._behind is not None and self._behind.error:
+                self._behind.drain()
             view = self._ahead.take(offset, length)
             if view is not None:
                 self.reads += 1
@@ -780,8 +800,12 @@ class BlockDevice(BlockAddressed):
             self._ahead_tried = True
             self._ahead = _DirectReadAhead.open(self.path) if DIRECT_READ_AHEAD else None
         if self._ahead is not None and not self._ahead.broken:
-            self.drain()                 # a direct read must not overtake a queued write
-            self._ahead.submit(blkno * BLOCK_SIZE, count * BLOCK_SIZE)
+            # A direct read must not overtake a queued write: a chunk that a queued
+            # write touches is left out (its bytes are read plainly, after that write)
+            # instead of waiting for the queue here, on the event loop.
+            behind = self._behind
+            self._ahead.submit(blkno * BLOCK_SIZE, count * BLOCK_SIZE,
+                               skip=behind.owes if behind is not None else None)
             return
         if self._advisor is None:
             self._advisor = _Advisor()
