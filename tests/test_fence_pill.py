@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
 import pytest
 import trio
@@ -260,6 +261,30 @@ def test_a_read_that_hangs_triggers(image, devs):
     assert len(victim.fired) == 1, "the watcher never fired"
     assert "the read did not return" in victim.fired[0][1]
     assert TIMEOUT <= took < TIMEOUT + 1.0
+
+
+def test_a_node_stopped_past_its_timeout_reads_the_pill_it_finds(image, devs):
+    """SIGSTOP (here: the event loop blocked) past the timeout while a fencer writes a
+    pill: once running again the watcher reads its slot and stops for the pill; it
+    used to give up at once, unread, for "not read" (the cause it then named)."""
+    _path, sb = image
+    victim = Victim(devs, sb)
+    fencer = devs()
+    blk = sb.hb_start + 1
+
+    async def main():
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(victim.watcher.run)
+            await trio.sleep(3 * INTERVAL)
+            mine = decode_slot(fencer.read(blk), blk)
+            fencer.write(blk, encode_slot(with_pill(mine, Pill(2, INC2, 1, 9)), blk))
+            time.sleep(2 * TIMEOUT)                 # the whole loop stopped
+            await trio.sleep(3 * INTERVAL)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    assert len(victim.fired) == 1, "the watcher never fired"
+    assert "poison pill from node 1 (generation 9)" in victim.fired[0][1]
 
 
 def test_slot_taken_by_another_node_triggers(image, devs):

@@ -248,7 +248,15 @@ class PillWatcher:
             started = trio.current_time()
             started_wall = time.monotonic()
             reason = None
-            with trio.move_on_at(fresh + self.timeout):
+            deadline = fresh + self.timeout
+            if started > deadline:
+                # This loop did not run at all for a timeout (the process was stopped
+                # or starved), which says nothing about the slot: read it before
+                # deciding. A fencer's pill is then what stops us, and says so; giving
+                # up unread named the wrong cause ("not read"). The read has an
+                # interval, as any other.
+                deadline = started + self.interval
+            with trio.move_on_at(deadline):
                 try:
                     raw = await _read_in_thread(lambda: self.dev.read(self.blkno))
                     hs = decode_slot(raw, self.blkno)
