@@ -9,6 +9,7 @@ workload with it: `kill()` signals that group only, by the pid we started.
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import hashlib
 import json
@@ -17,6 +18,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -406,23 +408,56 @@ def read_bytes(pid: int) -> int:
     return 0
 
 
+MAX_LOOK_GAP = 1.0     # seconds: catch_reader's longest span between two looks
+
+
+class ReaderWatch:
+    """catch_reader in a thread, started before what makes a node read (a kill): a
+    replay that begins, or even ends, before the test would have started looking is
+    still caught. A context manager: leaving it stops the watch (a test that failed
+    before asking for the result leaves no thread that could signal a pid later)."""
+
+    def __init__(self, pids: dict[int, int], threshold: int, sig: int = signal.SIGKILL
+                 ) -> None:
+        self._stop = threading.Event()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._caught = self._pool.submit(catch_reader, pids, threshold, sig=sig,
+                                         stop=self._stop)
+
+    def result(self) -> int:
+        """The node caught (waits; the hang guard ends it)."""
+        return self._caught.result()
+
+    def __enter__(self) -> ReaderWatch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._pool.shutdown()
+
+
 def catch_reader(pids: dict[int, int], threshold: int, window: float = 0.25,
-                 timeout: float = HANG_GUARD, sig: int = signal.SIGKILL) -> int:
+                 timeout: float = HANG_GUARD, sig: int = signal.SIGKILL,
+                 stop: threading.Event | None = None) -> int:
     """The first node (of node -> pid) that reads `threshold` bytes from the device
     within `window` seconds, sent `sig` (SIGKILL; SIGSTOP to freeze it) the moment it
     is seen; its node id. A journal replay reads at tens of MB/s; the nodes' other
     reads (disk heartbeats, the orphan sweeper) come a few blocks at a time. The window
     is wide enough for a loaded machine: there this loop may look only every few tens
     of milliseconds, and the replay read at a few MB/s (with 0.05 s a CI run under load
-    saw no node read 256 KiB in a window and waited out the hang guard)."""
+    saw no node read 256 KiB in a window and waited out the hang guard). A look that
+    comes later than `window` after the one before compares with that one (up to
+    MAX_LOOK_GAP): a replay done between two looks far apart is still seen (a CI run
+    under load missed one so and waited out the hang guard)."""
     seen: dict[int, collections.deque] = {n: collections.deque() for n in pids}
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (stop is not None and stop.is_set()):
         now = time.monotonic()
         for n, pid in pids.items():
             q = seen[n]
             q.append((now, read_bytes(pid)))
-            while q[0][0] < now - window:
+            # the left edge: the newest look at least `window` old (none past the cap)
+            while len(q) > 1 and (q[1][0] <= now - window or q[0][0] < now - MAX_LOOK_GAP):
                 q.popleft()
             if q[-1][1] - q[0][1] >= threshold:
                 os.kill(pid, sig)

@@ -42,9 +42,9 @@ import pytest
 from clusterutil import Cluster, cluster, node_status
 from recoveryutil import (
     HANG_GUARD,
+    ReaderWatch,
     StressRun,
     assert_same_tree,
-    catch_reader,
     check_batches,
     kill_all,
     kill_with_dirty_journals,
@@ -270,8 +270,9 @@ def test_node_killed_while_replaying_a_dead_nodes_journal(tmp_path):
         others = [2, 3, 4, 5]
         offsets = {n: log_size(c, n) for n in others}
         pids = {n: c.mounts[n].pid for n in others}
-        dirty = _kill_node1_writing_batches(c, log)
-        replayer = catch_reader(pids, REPLAYING)
+        with ReaderWatch(pids, REPLAYING) as watch:
+            dirty = _kill_node1_writing_batches(c, log)
+            replayer = watch.result()
         c.kill9(replayer)
         text = since(c, replayer, offsets[replayer])
         assert "journal recovery for departed [1]" in text, text
@@ -306,8 +307,9 @@ def test_the_quorum_returns_while_a_survivor_replays(tmp_path):
         log = tmp_path / "batches.log"
         offsets = {n: log_size(c, n) for n in (2, 3)}
         pids = {n: c.mounts[n].pid for n in (2, 3)}
-        dirty = _kill_node1_writing_batches(c, log)
-        replayer = catch_reader(pids, REPLAYING, sig=signal.SIGSTOP)
+        with ReaderWatch(pids, REPLAYING, sig=signal.SIGSTOP) as watch:
+            dirty = _kill_node1_writing_batches(c, log)
+            replayer = watch.result()
         other = 5 - replayer
         try:
             wait_for(f"node {other}, alone, to begin recovering node {replayer}",
