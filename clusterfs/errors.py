@@ -59,6 +59,10 @@ class ConfigError(ClusterFSError):
     """A cluster configuration file is invalid; the message names the field."""
 
 
+class ListenError(ClusterFSError):
+    """This node cannot listen on its configured address (taken, or not ours)."""
+
+
 class WireError(ClusterFSError):
     """A frame failed to decode or authenticate."""
 
@@ -95,3 +99,17 @@ class LockCancelled(LockError):
 
 class NativeError(ClusterFSError):
     pass
+
+
+def first_in_group(group: BaseExceptionGroup, kind: type[BaseException]
+                   ) -> BaseException | None:
+    """The first exception of `kind` in a (nested) exception group: trio >= 0.25 wraps
+    every error that leaves a nursery, once per nursery it crosses."""
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = first_in_group(exc, kind)
+            if found is not None:
+                return found
+        elif isinstance(exc, kind):
+            return exc
+    return None

@@ -270,3 +270,47 @@ def test_corrupt_inode_block_gives_eio_and_withdraws(tmp_path):
         r = mountutil.fsck(dev)
         assert "usage:" not in r.stderr and "not built" not in r.stderr, r.stderr
         assert r.returncode != 0, "fsck missed the corrupt inode block:\n" + r.stdout
+
+
+def test_a_second_copy_of_a_running_node_is_refused_and_changes_nothing(tmp_path):
+    """Node 1's address is taken (node 1 already runs; here the test holds it): its
+    mount is refused with one line naming the address (it was a trio traceback), before
+    fencing (a poison-pill slot claim) or the disk heartbeat wrote to the shared disk;
+    `clusterfs lockd` as node 1 is refused the same way."""
+    import socket
+
+    from clusterutil import CLUSTER_NAME, write_config
+    from mountutil import run_cli
+
+    from clusterfs.config import load_config
+
+    with loop_device(SIZE, tmp_path) as dev:
+        r = run_cli("mkfs", "-q", "-j", "2", "--cluster", CLUSTER_NAME, dev)
+        assert r.returncode == 0, r.stderr
+        config = write_config(tmp_path, 2)
+        plain = tmp_path / "plain.toml"                 # lockd's: no device to fence on
+        plain.write_text(config.read_text())
+        config.write_text(config.read_text() + '\n[fencing]\nagent = "poison-pill"\n')
+        me = load_config(str(config)).node(1)
+        state = tmp_path / "state"
+        state.mkdir()
+        mountpoint = tmp_path / "mnt"
+        mountpoint.mkdir()
+        with socket.socket() as held:
+            held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            held.bind((me.host, me.port))
+            held.listen()
+            before = device_hash(dev)
+            r = run_cli("mount", "--config", str(config), "--node-id", "1", "--state-dir",
+                        str(state), "--control", str(tmp_path / "n1.sock"), dev,
+                        str(mountpoint), timeout=60)
+            if mountutil._is_mounted(str(mountpoint)):
+                subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True)
+            _assert_refused(r, "a node whose address is taken")
+            assert f"cannot listen on {me.address}" in r.stderr, r.stderr
+            assert "already running" in r.stderr
+            assert device_hash(dev) == before
+            r = run_cli("lockd", "--config", str(plain), "--node-id", "1", "--state-dir",
+                        str(state), "--control", str(tmp_path / "l1.sock"), timeout=60)
+            assert r.returncode == 1, r.stderr
+            assert f"cannot listen on {me.address}" in r.stderr and "Traceback" not in r.stderr

@@ -171,6 +171,10 @@ def test_daemon_mode_and_sigterm(tmp_path):
     try:
         assert r.returncode == 0, r.stderr
         assert mountutil._is_mounted(mnt)     # live as soon as the parent returned
+        # its start-up lines went to its log, not to the terminal that ran the command
+        # (they used to come out there, after the shell's prompt)
+        assert r.stderr == "" and r.stdout == ""
+        assert "mounted " in (tmp_path / "log").read_text()
         with open(os.path.join(mnt, "f"), "wb") as f:
             f.write(b"daemon")
     finally:

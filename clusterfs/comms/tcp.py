@@ -75,6 +75,7 @@ ever reordered.
 
 from __future__ import annotations
 
+import errno
 import logging
 import secrets
 import socket
@@ -88,7 +89,7 @@ import trio
 
 from clusterfs.comms.interface import Envelope, Handler, InlineHandler, RefusalListener
 from clusterfs.config import ClusterConfig
-from clusterfs.errors import PeerUnreachable, WireError
+from clusterfs.errors import ListenError, PeerUnreachable, WireError
 from clusterfs.wire import frame as wf
 from clusterfs.wire.types import MsgType
 
@@ -320,6 +321,7 @@ class TcpEndpoint:
         self.duplicates = 0
         self._handshaking = 0
         self.listen_port: int | None = None
+        self._listeners: list[trio.SocketListener] | None = None
 
     # -- the Endpoint contract ------------------------------------------------
     async def send(self, dest: int, mtype: int, body: Any) -> None:
@@ -381,12 +383,33 @@ class TcpEndpoint:
             self.duplicates)
 
     # -- running ---------------------------------------------------------------
+    async def listen(self) -> None:
+        """Bind this node's address, if not done yet: ListenError (one line) when it is
+        taken or not ours. A node binds before anything else of it starts, so a second
+        copy of a running node is refused before it touches anything shared."""
+        if self._listeners is not None:
+            return
+        try:
+            self._listeners = await trio.open_tcp_listeners(self.me.port, host=self.me.host)
+        except OSError as exc:
+            hint = (f" (is node {self.node_id} already running?)"
+                    if exc.errno == errno.EADDRINUSE else "")
+            raise ListenError(f"node {self.node_id}: cannot listen on {self.me.address}: "
+                              f"{exc.strerror or exc}{hint}") from None
+        self.listen_port = self._listeners[0].socket.getsockname()[1]
+
+    def close_listeners(self) -> None:
+        """Give the address back (after serve, which closes them itself, a no-op)."""
+        for listener in self._listeners or ():
+            listener.socket.close()
+
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                     ) -> None:
+        await self.listen()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            listeners = await trio.open_tcp_listeners(self.me.port, host=self.me.host)
-            self.listen_port = listeners[0].socket.getsockname()[1]
+            listeners = self._listeners
+            assert listeners is not None
             log.info("node %d gen %d: listening on %s", self.node_id, self.generation,
                      self.me.address)
             for peer in self._peers.values():

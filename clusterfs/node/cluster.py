@@ -56,29 +56,37 @@ async def open_cluster_node(config: ClusterConfig | str | os.PathLike[str], node
                             fence_agent: FenceAgent | None = None,
                             incarnation: int | None = None,
                             generation_record: GenerationRecord | None = None,
-                            disk: Any = None) -> AsyncIterator[ClusterNode]:
+                            disk: Any = None, endpoint: TcpEndpoint | None = None
+                            ) -> AsyncIterator[ClusterNode]:
     """`disk`: a DiskHeartbeat (node/diskbeat.py) when this node has the shared device:
-    membership's second path, run here from before the first view."""
+    membership's second path, run here from before the first view. `endpoint`: one
+    made (and listening) already, e.g. by a mount that binds before it does anything
+    else."""
     cfg = config if isinstance(config, ClusterConfig) else load_config(config)
     cfg.node(node_id)   # ConfigError if not configured
     agent: FenceAgent = fence_agent if fence_agent is not None else NoopAgent()
-    endpoint = TcpEndpoint(cfg, node_id)
+    if endpoint is None:
+        endpoint = TcpEndpoint(cfg, node_id)
     membership = MembershipService(endpoint, cfg.node_ids,
                                    heartbeat_interval=cfg.heartbeat_interval,
                                    failure_timeout=cfg.failure_timeout,
                                    fence_agent=agent, incarnation=incarnation,
                                    generation_record=generation_record, disk=disk,
                                    probe_timeout=cfg.probe_timeout)
-    async with trio.open_nursery() as nursery:
-        if disk is not None:
-            disk.attach(membership)
-            await nursery.start(disk.run)
-        await nursery.start(endpoint.serve)
-        await nursery.start(membership.run)
-        try:
-            yield ClusterNode(cfg, node_id, endpoint, membership, agent, nursery)
-        finally:
-            nursery.cancel_scope.cancel()
+    await endpoint.listen()     # first: a node already running here is refused at once
+    try:
+        async with trio.open_nursery() as nursery:
+            if disk is not None:
+                disk.attach(membership)
+                await nursery.start(disk.run)
+            await nursery.start(endpoint.serve)
+            await nursery.start(membership.run)
+            try:
+                yield ClusterNode(cfg, node_id, endpoint, membership, agent, nursery)
+            finally:
+                nursery.cancel_scope.cancel()
+    finally:
+        endpoint.close_listeners()
 
 
 # -- `python -m clusterfs.node.cluster --config FILE --node-id N`: a bare cluster node ----
@@ -157,15 +165,18 @@ def _run_node(args: argparse.Namespace, record: GenerationRecord | None,
               incarnation: int) -> int:
     """Run until interrupted; the exit status. trio >= 0.25 groups errors leaving a
     nursery, hence except*."""
-    from clusterfs.errors import ConfigError
+    from clusterfs.errors import ConfigError, ListenError, first_in_group
 
     code = 0
     try:
         trio.run(_serve_main, args.config, args.node_id, args.fence_pid_dir, record,
                  incarnation)
     except* ConfigError as group:
-        print(f"config error: {group.exceptions[0]}", file=sys.stderr)
+        print(f"config error: {first_in_group(group, ConfigError)}", file=sys.stderr)
         code = 2
+    except* ListenError as group:
+        print(first_in_group(group, ListenError), file=sys.stderr)
+        code = 1
     except* KeyboardInterrupt:
         code = 130
     return code

@@ -73,7 +73,14 @@ import trio
 
 from clusterfs import failover
 from clusterfs.dlm.interface import LVB_SIZE, Lock, Mode
-from clusterfs.errors import ClusterFSError, ConfigError, FenceError, StateError
+from clusterfs.errors import (
+    ClusterFSError,
+    ConfigError,
+    FenceError,
+    ListenError,
+    StateError,
+    first_in_group,
+)
 from clusterfs.membership.generation_record import GenerationFile, GenerationRecord
 
 if TYPE_CHECKING:
@@ -210,8 +217,12 @@ def _run_service(args: argparse.Namespace, control: str, record: GenerationFile,
         expelled = trio.run(serve, cfg if cfg is not None else args.config, args.node_id,
                             control, args.fence_pid_dir, record, incarnation, agent)
     except* ConfigError as group:
-        print(f"clusterfs lockd: config error: {group.exceptions[0]}", file=sys.stderr)
+        print(f"clusterfs lockd: config error: {first_in_group(group, ConfigError)}",
+              file=sys.stderr)
         code = 2
+    except* ListenError as group:
+        print(f"clusterfs lockd: {first_in_group(group, ListenError)}", file=sys.stderr)
+        code = 1
     except* KeyboardInterrupt:
         code = 130
     if expelled:

@@ -42,7 +42,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from clusterfs import failover
-from clusterfs.errors import ChecksumError, ClusterFSError, NotClusterFS, StorageError
+from clusterfs.errors import (
+    ChecksumError,
+    ClusterFSError,
+    NotClusterFS,
+    StorageError,
+    first_in_group,
+)
 from clusterfs.node import mountrecord
 from clusterfs.node.prepare import TracebackFormatter, preload
 
@@ -293,12 +299,22 @@ async def serve(dev, sb, mountpoint: str, opts: Options, ready: Callable[[], Non
 async def _serve_clustered(cluster: ClusterArgs, dev, sb, mountpoint: str, opts: Options,
                            ready: Callable[[], None], pool) -> None:
     """Join the cluster, open the filesystem's lockspace, serve through it."""
+    from clusterfs.comms.tcp import TcpEndpoint
+
     preload()                      # the failover path imports nothing (node/prepare.py)
-    fencing = _mount_fencing(cluster, dev, sb)
+    endpoint = TcpEndpoint(cluster.cfg, cluster.node_id)
+    # first: a second copy of a running node is refused before fencing or the disk
+    # heartbeat writes anything to the shared disk
+    await endpoint.listen()
     try:
-        await _serve_fenced(cluster, fencing, dev, sb, mountpoint, opts, ready, pool)
+        fencing = _mount_fencing(cluster, dev, sb)
+        try:
+            await _serve_fenced(cluster, fencing, dev, sb, mountpoint, opts, ready, pool,
+                                endpoint)
+        finally:
+            fencing.close()
     finally:
-        fencing.close()
+        endpoint.close_listeners()
 
 
 def _mount_fencing(cluster: ClusterArgs, dev, sb):
@@ -418,7 +434,7 @@ async def _start_storage(cluster: ClusterArgs, fencing, dev, node) -> Any:
 
 
 async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
-                        opts: Options, ready: Callable[[], None], pool) -> None:
+                        opts: Options, ready: Callable[[], None], pool, endpoint) -> None:
     import trio
 
     from clusterfs.cache.recovery import JournalRecovery
@@ -431,7 +447,8 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
     disk = _open_disk_heartbeat(cluster, fencing, dev)
     async with open_cluster_node(cluster.cfg, cluster.node_id, fence_agent=fencing.agent(),
                                  incarnation=cluster.incarnation,
-                                 generation_record=cluster.record, disk=disk) as node:
+                                 generation_record=cluster.record, disk=disk,
+                                 endpoint=endpoint) as node:
         node.nursery.start_soon(fencing.hold_members, node.membership)
         server = await _start_storage(cluster, fencing, dev, node)
         servers = cluster.cfg.storage_group if cluster.cfg.block_servers else ()
@@ -766,10 +783,26 @@ def _raise_readahead(mountpoint: str) -> None:
 
 
 def _setup_logging(debug: bool) -> None:
+    """Log to stderr (a foreground mount; a daemon's stderr is its log by then)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(TracebackFormatter(
         "clusterfs[%(process)d] %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, handlers=[handler])
+
+
+def _setup_daemon_logging(path: str | None, debug: bool) -> int | None:
+    """A daemonized mount logs to its log from its first line, not to the terminal
+    that ran `clusterfs mount` (which printed its start-up lines after the prompt):
+    syslog, or the --log file (or FALLBACK_LOG), which then also takes stderr. What
+    the user must see of a failed start comes through the pipe, one line. Returns the
+    log file's fd (None: syslog), for stdout and stderr once the mount is live."""
+    logfd = _daemon_log(path)
+    if logfd is not None:
+        os.dup2(logfd, 2)
+        _setup_logging(debug)
+    else:
+        logging.getLogger().setLevel(logging.DEBUG if debug else logging.INFO)
+    return logfd
 
 
 SYSLOG_SOCKET = "/dev/log"
@@ -815,7 +848,8 @@ def _tune_collector() -> None:
     gc.set_threshold(GC_YOUNG, middle, old)
 
 
-def _mount(args: argparse.Namespace, ready: Callable[[], None]) -> int:
+def _mount(args: argparse.Namespace, ready: Callable[[], None],
+           setup_logging: Callable[[bool], object] = _setup_logging) -> int:
     if os.environ.get(AUDIT_ENV) == "1":
         failover.install_audit()        # first: every later event is counted
     import trio
@@ -826,7 +860,7 @@ def _mount(args: argparse.Namespace, ready: Callable[[], None]) -> int:
         _tune_collector()
 
     opts = parse_options(args.options)
-    _setup_logging(opts.debug)
+    setup_logging(opts.debug)
     cluster = cluster_args(args)
     if not os.path.isdir(args.mountpoint):
         raise MountError(f"{args.mountpoint}: mountpoint is not a directory")
@@ -840,10 +874,27 @@ def _mount(args: argparse.Namespace, ready: Callable[[], None]) -> int:
         check_cluster_name(args.device, sb, cluster.cfg.name if cluster else None,
                            args.no_cluster_check)
         # resolved now: once mounted, this process may not look at its mountpoint
-        trio.run(serve, dev, sb, os.path.realpath(args.mountpoint), opts, live, cluster)
+        try:
+            trio.run(serve, dev, sb, os.path.realpath(args.mountpoint), opts, live, cluster)
+        except BaseExceptionGroup as group:
+            reason = _one_reason(group)
+            if reason is None:
+                raise
+            raise reason from None
+        except ClusterFSError as exc:
+            raise MountError(str(exc)) from None
     finally:
         dev.close()
     return 0
+
+
+def _one_reason(group: BaseExceptionGroup) -> MountError | None:
+    """The one line a mount that failed says: its first MountError or clusterfs error,
+    out of the groups trio's nurseries wrapped it in (else None: the group as it is)."""
+    found = first_in_group(group, MountError) or first_in_group(group, ClusterFSError)
+    if found is None or isinstance(found, MountError):
+        return found
+    return MountError(str(found))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -874,15 +925,20 @@ def _daemonize(args: argparse.Namespace) -> int:
     devnull = os.open(os.devnull, os.O_RDWR)
     os.dup2(devnull, 0)
 
+    logfds: list[int | None] = []
+
+    def setup_logging(debug: bool) -> None:
+        logfds.append(_setup_daemon_logging(args.log, debug))
+
     def ready() -> None:
         os.write(wfd, b"ok")
         os.close(wfd)
-        logfd = _daemon_log(args.log)
+        logfd = logfds[0] if logfds else None
         os.dup2(logfd if logfd is not None else devnull, 1)
         os.dup2(logfd if logfd is not None else devnull, 2)
 
     try:
-        code = _mount(args, ready)
+        code = _mount(args, ready, setup_logging)
     except MountError as exc:
         os.write(wfd, f"clusterfs: {exc}".encode())
         code = 1
