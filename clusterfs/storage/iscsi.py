@@ -33,10 +33,17 @@ path (a stuck portal, a gateway that resumes) from landing later over a newer co
   not write: it unregisters again and raises ReservationConflict), then PREEMPT AND
   ABORT of the old key: the target aborts the old nexus's tasks (tgtd only PREEMPTs)
   and answers its every later command with RESERVATION CONFLICT;
-- without a reservation, the new session logs in with the old one's ISID: iSCSI
-  session reinstatement (RFC 7143, 6.3.5), on which the target closes the old
-  session's connections and ends its tasks before the new session is up. A target
-  does that for portals of one portal group (one target port) only: docs/storage.md.
+- without a reservation nothing in SCSI cuts one nexus off from another's session
+  (task management reaches only tasks the target already has), so: the new session
+  logs in with the old one's ISID (iSCSI session reinstatement, RFC 7143 6.3.5: a
+  conforming target then closes the old session and ends its tasks; only for
+  portals of one portal group, and tgtd only after a CHAP stage), and the write
+  that failed is *maybe in flight* on the old path until that path's connection is
+  closed from the far end: we half-close our end and watch it. A later write over
+  any of its bytes, and any flush (after which another node may write them), waits
+  for that close, at most `settle` seconds (URL ?settle=S, default SETTLE_TIMEOUT);
+  then it fails (StorageError, the device failed) rather than go out where the old
+  copy could still land over it. docs/storage.md has the bounds and the limits.
 
 A libiscsi context is not thread-safe: one lock serialises every call on it. cffi
 releases the GIL for the duration of each call, so other threads run meanwhile.
@@ -60,6 +67,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import select
 import socket
 import threading
 import time
@@ -76,6 +84,8 @@ log = logging.getLogger(__name__)
 SCHEME = "iscsi://"
 COMMAND_TIMEOUT = 30          # seconds for a login or one SCSI command, one portal
 PATH_TIMEOUT = 1              # the same with several portals: soon on to the next
+SETTLE_TIMEOUT = 6            # seconds a write maybe in flight on a left path may hold
+                              # newer writes over its bytes and flushes (no reservation)
 MAX_TIMEOUT = 3600
 MAX_TRANSFER = 1 << 20        # bytes per READ/WRITE command
 INITIATOR = f"iqn.2025-01.io.clusterfs:{socket.gethostname() or 'host'}"
@@ -130,6 +140,7 @@ class IscsiUrl:
     portals: tuple[str, ...]      # "HOST[:PORT]" each, in the order given
     rest: str                     # "/TARGET-IQN/LUN", and any query libiscsi takes
     timeout: int | None           # ?timeout=SECONDS, if given
+    settle: int | None = None     # ?settle=SECONDS, if given
 
     def for_portal(self, i: int) -> str:
         return f"{SCHEME}{self.credentials}{self.portals[i]}{self.rest}"
@@ -150,8 +161,9 @@ def parse_url(url: str) -> IscsiUrl:
         twice = sorted({p for p in portals if portals.count(p) > 1})
         if twice:
             raise StorageError(f"portal {twice[0]} listed twice")
-    rest, timeout = _take_timeout(slash + rest)
-    return IscsiUrl(credentials + at, portals, rest, timeout)
+    rest, options = _take_options(slash + rest)
+    return IscsiUrl(credentials + at, portals, rest, options.get("timeout"),
+                    options.get("settle"))
 
 
 def _check_portal(portal: str) -> None:
@@ -160,8 +172,8 @@ def _check_portal(portal: str) -> None:
         raise StorageError("empty portal in the portal list")
     host, port = portal, None
     if portal.startswith("["):
-        host, _, after = portal.partition("]")
-        host += "]"
+        host, bracket, after = portal.partition("]")
+        host += bracket
         if after:
             if not after.startswith(":"):
                 raise StorageError(f"bad portal {portal!r}")
@@ -177,21 +189,22 @@ def _check_portal(portal: str) -> None:
         raise StorageError(f"bad port in portal {portal!r}")
 
 
-def _take_timeout(rest: str) -> tuple[str, int | None]:
-    """`rest` without its timeout=SECONDS query argument, and that value."""
+def _take_options(rest: str) -> tuple[str, dict[str, int]]:
+    """`rest` without our query arguments (timeout=S, settle=S), and their values;
+    the others are libiscsi's."""
     path, q, query = rest.partition("?")
     if not q:
-        return rest, None
-    kept, timeout = [], None
+        return rest, {}
+    kept, options = [], {}
     for arg in query.split("&"):
         name, _, value = arg.partition("=")
-        if name != "timeout":
+        if name not in ("timeout", "settle"):
             kept.append(arg)
             continue
         if not value.isdigit() or not 0 < int(value) <= MAX_TIMEOUT:
-            raise StorageError(f"timeout={value}: want whole seconds, 1 to {MAX_TIMEOUT}")
-        timeout = int(value)
-    return path + ("?" + "&".join(kept) if kept else ""), timeout
+            raise StorageError(f"{name}={value}: want whole seconds, 1 to {MAX_TIMEOUT}")
+        options[name] = int(value)
+    return path + ("?" + "&".join(kept) if kept else ""), options
 
 
 def _unreachable(portal: str, timeout: float) -> str | None:
@@ -214,6 +227,38 @@ def _binding():
     except ImportError:
         return None
     return ffi, lib
+
+
+@dataclass
+class _MaybeInFlight:
+    """A write a session we left may still run at the target (no reservation cut
+    that session off): its bytes, and our end of that session's connection, which
+    we half-closed and watch. Settled once the far end closes it."""
+
+    start: int                    # byte range [start, end) of the write
+    end: int
+    conn: socket.socket
+    portal: str
+    since: float                  # time.monotonic() when we left that session
+
+    def overlaps(self, span: tuple[int, int] | None) -> bool:
+        """Does a write over `span` (None: a flush) have to wait for this one?"""
+        return span is None or (span[0] < self.end and self.start < span[1])
+
+    def settled(self, wait: float = 0.0) -> bool:
+        """Whether the far end closed the connection (waiting up to `wait` s). What
+        comes before the close (a late reply, an R2T) is read and dropped."""
+        deadline = time.monotonic() + wait
+        while True:
+            left = max(0.0, deadline - time.monotonic())
+            ready, _, _ = select.select([self.conn], [], [], left)
+            if not ready:
+                return False
+            try:
+                if not self.conn.recv(1 << 16):
+                    return True
+            except OSError:
+                return True                 # reset: closed too
 
 
 def _random_isid() -> int:
@@ -256,6 +301,7 @@ class IscsiDevice(WritesAtOnce, BlockAddressed):
         self._ctx = None
         self._portal = 0                    # index of the current session's portal
         self._isid = _random_isid()
+        self._in_flight: list[_MaybeInFlight] = []   # writes left on a path (no PR)
         binding = _binding()
         if binding is None:
             raise StorageError(f"{self.path}: iSCSI support is not built (libiscsi-dev was "
@@ -269,6 +315,8 @@ class IscsiDevice(WritesAtOnce, BlockAddressed):
         self.portals = list(self._url.portals)
         self.timeout = timeout or self._url.timeout or (
             COMMAND_TIMEOUT if len(self.portals) == 1 else PATH_TIMEOUT)
+        self.settle_timeout = self._url.settle or SETTLE_TIMEOUT
+        self.settle_waits = 0
         self._check_urls()
         self._first_login()
         self.blocks = self.size // BLOCK_SIZE
@@ -345,6 +393,23 @@ class IscsiDevice(WritesAtOnce, BlockAddressed):
             self._lib.iscsi_destroy_context(self._ctx)
             self._ctx = None
 
+    def _leave_session(self) -> socket.socket | None:
+        """Forget the current session, but keep our end of its connection open and
+        half-closed (a FIN: the far end reads what we sent, then closes), so that its
+        close can be seen: the session's commands can no longer run after it."""
+        fd = self._lib.iscsi_get_fd(self._ctx) if self._ctx is not None else -1
+        conn = None
+        if fd >= 0:
+            try:
+                conn = socket.socket(fileno=os.dup(fd))
+                conn.shutdown(socket.SHUT_WR)
+            except OSError:
+                if conn is not None:
+                    conn.close()
+                conn = None                 # not connected any more: nothing to watch
+        self._drop_session()
+        return conn
+
     def _read_capacity(self) -> tuple[int, int]:
         """(logical block size, bytes) of the LUN, on the current session."""
         task = self._on_path("read capacity", self._lib.iscsi_readcapacity16_sync, ())
@@ -374,14 +439,16 @@ class IscsiDevice(WritesAtOnce, BlockAddressed):
         return lines[1].strip() if len(lines) > 1 else "unparsable"
 
     # -- commands -------------------------------------------------------------------------
-    def _command(self, what: str, call, *args, fenced: bool = False):
+    def _command(self, what: str, call, *args, fenced: bool = False,
+                 span: tuple[int, int] | None = None):
         """Run one synchronous SCSI command under the lock; its task (to be freed by
         the caller) or StorageError. UNIT ATTENTION answers are retried (bounded);
         RESERVATION CONFLICT raises ReservationConflict (`fenced`: say that it means
         this node was fenced, as for reads and writes). A command the session could
         not complete (connection lost, timed out) is sent again through another
         session (re-targeting, the module doc); if no portal takes it, the device is
-        left failed."""
+        left failed. `span`: the bytes a write covers (it waits for an older write
+        over them maybe still in flight on a path we left)."""
         with self._lock:
             if self._failed is not None:
                 raise StorageError(f"{self.path}: {what}: {self._failed}")
@@ -390,7 +457,29 @@ class IscsiDevice(WritesAtOnce, BlockAddressed):
             try:
                 return self._on_path(what, call, args, fenced)
             except _PathLost as lost:
-                return self._retarget(what, call, args, fenced, lost.reason)
+                return self._retarget(what, call, args, fenced, lost.reason, span)
+
+    def _settle(self, what: str, span: tuple[int, int] | None) -> None:
+        """Before a write over `span` (None: a flush) goes out: wait until every write
+        over those bytes maybe in flight on a path we left is settled (its connection
+        closed from the far end), each at most settle_timeout after we left it. One
+        that does not settle in time fails this call and the device: sending the
+        newer copy could let the older land over it."""
+        with self._lock:
+            for entry in list(self._in_flight):
+                if not entry.overlaps(span):
+                    continue
+                if not entry.settled():
+                    self.settle_waits += 1
+                    left = entry.since + self.settle_timeout - time.monotonic()
+                    if not entry.settled(max(0.0, left)):
+                        self._failed = (f"a write at {entry.start} left on portal "
+                                        f"{entry.portal} may still land there: its "
+                                        f"connection not closed within "
+                                        f"{self.settle_timeout} s")
+                        raise StorageError(f"{self.path}: {what}: {self._failed}")
+                entry.conn.close()
+                self._in_flight.remove(entry)
 
     def _on_path(self, what: str, call, args: tuple, fenced: bool = False):
         """One command on the current session, UNIT ATTENTION retried: its task, or
@@ -442,12 +531,19 @@ class IscsiDevice(WritesAtOnce, BlockAddressed):
         n = len(self.portals)
         return [(failed + k) % n for k in range(1, n + 1)]
 
-    def _retarget(self, what: str, call, args: tuple, fenced: bool, reason: str):
+    def _retarget(self, what: str, call, args: tuple, fenced: bool, reason: str,
+                  span: tuple[int, int] | None = None):
         """Send the command that failed with `reason` again through a new session
         (each portal once, the module doc); its task. StorageError, and the device
-        failed, if no portal takes it."""
+        failed, if no portal takes it. A write (`span`) left on a session no
+        reservation cuts off is kept as maybe in flight (_settle)."""
         started = time.monotonic()
         failed_at, old_key, old_isid = self._portal, self.pr_key, self._isid
+        if old_key is None and span is not None:
+            conn = self._leave_session()
+            if conn is not None:
+                self._in_flight.append(_MaybeInFlight(span[0], span[1], conn,
+                                                      self.portals[failed_at], started))
         self._drop_session()
         tried = []
         for i in self._retarget_order(failed_at):
@@ -567,9 +663,13 @@ class IscsiDevice(WritesAtOnce, BlockAddressed):
         for start in range(0, length, MAX_TRANSFER):
             n = min(MAX_TRANSFER, length - start)
             at = lba + start // self.sector
-            task = self._command(f"write at {at * self.sector}", lib.iscsi_write16_sync,
+            span = (at * self.sector, at * self.sector + n)
+            what = f"write at {span[0]}"
+            if self._in_flight:
+                self._settle(what, span)
+            task = self._command(what, lib.iscsi_write16_sync,
                                  at, buf + start, n, self.sector, 0, 0, 0, 0, 0,
-                                 fenced=True)
+                                 fenced=True, span=span)
             lib.scsi_free_scsi_task(task)
 
     # -- BlockDevice's interface --------------------------------------------------------
@@ -639,6 +739,8 @@ class IscsiDevice(WritesAtOnce, BlockAddressed):
         if self._refused is not None:
             raise StorageError(f"{self.path}: flush: {self._refused}")
         self._guard()
+        if self._in_flight:
+            self._settle("flush", None)
         task = self._command("flush", self._lib.iscsi_synchronizecache16_sync, 0, 0, 0, 0,
                              fenced=True)
         self._lib.scsi_free_scsi_task(task)
@@ -746,8 +848,12 @@ class IscsiDevice(WritesAtOnce, BlockAddressed):
                 self._lib.iscsi_logout_sync(self._ctx)     # best effort, bounded by timeout
             self._drop_session()
             scsi_pr.release_session_key(self.pr_key)
+            for entry in self._in_flight:
+                entry.conn.close()
+            self._in_flight.clear()
 
     def statistics(self) -> dict[str, object]:
         return {"reads": self.reads, "writes": self.writes, "blocks": self.blocks,
                 "unit_attentions": self.unit_attentions, "conflicts": self.conflicts,
-                "retargets": self.retargets, "portal": self.portals[self._portal]}
+                "retargets": self.retargets, "portal": self.portals[self._portal],
+                "settle_waits": self.settle_waits, "maybe_in_flight": len(self._in_flight)}
