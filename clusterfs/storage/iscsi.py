@@ -560,9 +560,10 @@ class IscsiDevice(WritesAtOnce, BlockAddressed):
                 self._drop_session()
                 continue
             self.retargets += 1
-            log.warning("%s: %s on portal %s (%s); re-targeted to portal %s in %.2f s",
-                        self.path, what, self.portals[failed_at], reason,
-                        self.portals[i], time.monotonic() - started)
+            log.warning("%s: %s on portal %s (%s); re-targeted to portal %s (%.2f s to "
+                        "log in, cut the old session off and send it again)", self.path,
+                        what, self.portals[failed_at], reason, self.portals[i],
+                        time.monotonic() - started)
             return task
         self._failed = f"iSCSI session lost earlier ({reason})"
         raise StorageError(f"{self.path}: {what}: {reason}; no path took it again "
