@@ -303,6 +303,8 @@ def test_without_reservations_a_newer_write_waits_for_the_old_path_to_settle(pat
         newer.start()
         newer.join(1.0)
         assert not done.is_set() and paths.block_on_disk(5) == mid   # held
+        assert _run(dev.read, 6) == b"x" * BLOCK  # reads go on meanwhile
+        assert not done.is_set()
         paths.relay.resume()
         newer.join(BOUND)
         assert done.is_set(), "the newer write never went out"

@@ -251,14 +251,16 @@ class _MaybeInFlight:
         deadline = time.monotonic() + wait
         while True:
             left = max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([self.conn], [], [], left)
-            if not ready:
-                return False
             try:
-                if not self.conn.recv(1 << 16):
+                ready, _, _ = select.select([self.conn], [], [], left)
+                if not ready:
+                    return False
+                if not self.conn.recv(1 << 16, socket.MSG_DONTWAIT):
                     return True
-            except OSError:
-                return True                 # reset: closed too
+            except BlockingIOError:
+                continue                    # another thread read it first
+            except (OSError, ValueError):
+                return True                 # reset, or closed by whoever saw it settle
 
 
 def _random_isid() -> int:
@@ -464,22 +466,25 @@ class IscsiDevice(WritesAtOnce, BlockAddressed):
         over those bytes maybe in flight on a path we left is settled (its connection
         closed from the far end), each at most settle_timeout after we left it. One
         that does not settle in time fails this call and the device: sending the
-        newer copy could let the older land over it."""
+        newer copy could let the older land over it. The wait is outside the device
+        lock: reads and other writes go on meanwhile."""
         with self._lock:
-            for entry in list(self._in_flight):
-                if not entry.overlaps(span):
-                    continue
-                if not entry.settled():
-                    self.settle_waits += 1
-                    left = entry.since + self.settle_timeout - time.monotonic()
-                    if not entry.settled(max(0.0, left)):
+            waiting = [entry for entry in self._in_flight if entry.overlaps(span)]
+        for entry in waiting:
+            if not entry.settled():
+                self.settle_waits += 1
+                left = entry.since + self.settle_timeout - time.monotonic()
+                if not entry.settled(max(0.0, left)):
+                    with self._lock:
                         self._failed = (f"a write at {entry.start} left on portal "
                                         f"{entry.portal} may still land there: its "
                                         f"connection not closed within "
                                         f"{self.settle_timeout} s")
-                        raise StorageError(f"{self.path}: {what}: {self._failed}")
-                entry.conn.close()
-                self._in_flight.remove(entry)
+                    raise StorageError(f"{self.path}: {what}: {self._failed}")
+            with self._lock:
+                if entry in self._in_flight:
+                    self._in_flight.remove(entry)
+                    entry.conn.close()
 
     def _on_path(self, what: str, call, args: tuple, fenced: bool = False):
         """One command on the current session, UNIT ATTENTION retried: its task, or
