@@ -128,6 +128,30 @@ def test_two_nodes_register_wero_and_both_write(target, session):
     assert _block(target.backing[1], 3) == bytes(4096)
 
 
+def test_a_new_life_of_a_node_cuts_off_the_keys_of_its_earlier_lives(target, session):
+    """Each session registers a key of its own, so a node restarted many times (killed
+    before anyone fenced it, or unmounted) would pile up keys: its earlier lives' could
+    still write, and the 255 session tags would run out. A registration preempts every
+    key of its node that no session of this process holds."""
+    from clusterfs.fence.scsi_pr import release_session_key
+
+    old = session(target.url(), "old-life")
+    old_key = register(old, KEY2)
+    release_session_key(old_key)           # as if that process were gone
+    other = session(target.url(), "other")
+    other_key = register(other, KEY1)      # another node's key stays
+    for life in range(3):
+        new = session(target.url(), f"life{life}")
+        key = register(new, KEY2)
+        keys = new.pr_read_keys()
+        assert sorted(keys) == sorted([other_key, key]), [hex(k) for k in keys]
+        new.write(5, bytes([life]) * 4096)
+        release_session_key(key)           # this life ends too
+    with pytest.raises(ReservationConflict):
+        old.write(6, b"o" * 4096)          # the first life is cut off
+    assert _block(target.backing[1], 6) == bytes(4096)
+
+
 def test_a_foreign_reservation_is_refused(target, session):
     other = session(target.url(), "admin")
     other.pr_register(0x1234)

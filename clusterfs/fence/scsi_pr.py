@@ -174,13 +174,31 @@ def register(dev: PrDevice, key: int) -> int:
     try:
         dev.pr_register(session_key)
         ensure_reservation(dev, session_key)
-        if session_key not in dev.pr_read_keys():
+        keys = dev.pr_read_keys()
+        if session_key not in keys:
             raise FenceError(f"{dev.path}: key {session_key:#x} not registered after "
                              "REGISTER")
+        _cut_off_earlier_lives(dev, session_key, keys)
     except BaseException:
         release_session_key(session_key)
         raise
     return session_key
+
+
+def _cut_off_earlier_lives(dev: PrDevice, session_key: int, keys: list[int]) -> None:
+    """Preempt the keys of this node that no session of this process holds: an
+    earlier life's (a mount that ended, or was killed and restarted before anyone
+    fenced it; one process runs a node, its address refuses a second). Left there,
+    they would let a session of that life still write, and each life would use up
+    session tags until none of the 255 is left."""
+    with _claimed_lock:
+        ours = set(_claimed)
+    for stale in sorted({k for k in keys if same_node(k, session_key) and k not in ours}):
+        try:
+            dev.pr_preempt(session_key, stale, WERO)
+        except ReservationConflict:
+            continue              # gone meanwhile
+        log.info("%s: key %#x of an earlier life of this node preempted", dev.path, stale)
 
 
 class ScsiPrAgent:
