@@ -89,6 +89,8 @@ int iscsi_set_session_type(struct iscsi_context *iscsi, enum iscsi_session_type 
 int iscsi_set_header_digest(struct iscsi_context *iscsi, enum iscsi_header_digest header_digest);
 int iscsi_set_timeout(struct iscsi_context *iscsi, int timeout);
 void iscsi_set_noautoreconnect(struct iscsi_context *iscsi, int state);
+int iscsi_set_isid_random(struct iscsi_context *iscsi, uint32_t rnd, uint32_t qualifier);
+int iscsi_get_fd(struct iscsi_context *iscsi);
 
 int iscsi_full_connect_sync(struct iscsi_context *iscsi, const char *portal, int lun);
 int iscsi_logout_sync(struct iscsi_context *iscsi);

@@ -9,6 +9,11 @@ ignores SIGTERM) and removes its socket files. The tgtd process also gets SIGKIL
 from the kernel if the test process dies first (PR_SET_PDEATHSIG), and ``atexit``
 kills any still registered, so a failed or interrupted run leaves none behind.
 
+``t.add_portal()`` has the target listen on one more portal (tgtadm's portal mode:
+every portal of a tgtd is in one portal group), and ``relay(port)`` starts a TCP
+relay (tests/tcprelay.py) in front of a portal, so that a test can stop a path
+(SIGSTOP) or break it (SIGKILL); relays are killed by pid at the end like tgtd.
+
 Like mountutil, this never imports clusterfs: the device under test is reached only
 through the URL it prints.
 """
@@ -20,10 +25,12 @@ import contextlib
 import ctypes
 import os
 import random
+import select
 import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -32,7 +39,8 @@ from pathlib import Path
 
 TGTD_DIR = "/var/run/tgtd"
 START_TIMEOUT = 15.0
-_LIVE: dict[int, Target] = {}          # pid -> target still running
+RELAY = Path(__file__).with_name("tcprelay.py")
+_LIVE: dict[int, Target | Relay] = {}   # pid -> target or relay still running
 
 
 def missing_prerequisites() -> str | None:
@@ -58,8 +66,22 @@ class Target:
     backing: dict[int, Path] = field(default_factory=dict)   # lun -> backing file
     owns_control: bool = False     # its socket files are ours to remove (it made them)
 
+    extra_ports: list[int] = field(default_factory=list)   # add_portal()'s
+
     def url(self, lun: int = 1) -> str:
         return f"iscsi://127.0.0.1:{self.portal_port}/{self.iqn}/{lun}"
+
+    def multi_url(self, ports: list[int], lun: int = 1, query: str = "") -> str:
+        """A URL naming the portals 127.0.0.1:PORT of `ports`, in that order."""
+        portals = ",".join(f"127.0.0.1:{p}" for p in ports)
+        return f"iscsi://{portals}/{self.iqn}/{lun}" + (f"?{query}" if query else "")
+
+    def add_portal(self) -> int:
+        """Listen on one more portal (a free port of 127.0.0.1); its port."""
+        port = _free_tcp_port()
+        self.tgtadm("--mode", "portal", "--op", "new", "--param", f"portal=127.0.0.1:{port}")
+        self.extra_ports.append(port)
+        return port
 
     def tgtadm(self, *args: str) -> subprocess.CompletedProcess:
         r = subprocess.run(["tgtadm", "-C", str(self.control_port), "--lld", "iscsi", *args],
@@ -95,6 +117,64 @@ class Target:
     def stop(self) -> None:
         """SIGSTOP our tgtd: the connection stays up, nothing is answered."""
         os.kill(self.proc.pid, signal.SIGSTOP)
+
+
+class Relay:
+    """A tests/tcprelay.py process in front of 127.0.0.1:`upstream`, listening on
+    `port`. stop()/resume() SIGSTOP/SIGCONT it; kill() SIGKILLs it by pid."""
+
+    def __init__(self, upstream: int) -> None:
+        self.upstream = upstream
+        self.proc = subprocess.Popen([sys.executable, str(RELAY), f"127.0.0.1:{upstream}"],
+                                     stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     text=True, start_new_session=True,
+                                     preexec_fn=_die_with_parent)
+        _LIVE[self.proc.pid] = self
+        line = self.proc.stdout.readline().split()
+        if line[:1] != ["port"]:
+            self.kill()
+            raise AssertionError(f"tcprelay did not start: {line}")
+        self.port = int(line[1])
+        self.closed = 0
+
+    def stop(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def wait_closed(self, count: int = 1, timeout: float = 60.0) -> None:
+        """Wait until `count` relayed connections have ended in all (each `closed`
+        line says both its directions are done: what it held was delivered or
+        refused). AssertionError after `timeout` s."""
+        deadline = time.monotonic() + timeout
+        while self.closed < count:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
+            if ready:
+                line = self.proc.stdout.readline()
+                if not line:
+                    raise AssertionError("tcprelay exited")
+                self.closed += line.strip() == "closed"
+            if time.monotonic() > deadline:
+                raise AssertionError(f"tcprelay: {self.closed} of {count} connections "
+                                     f"closed after {timeout} s")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(30)
+        _LIVE.pop(self.proc.pid, None)
+
+
+@contextlib.contextmanager
+def relay(upstream: int) -> Iterator[Relay]:
+    """A running relay to 127.0.0.1:`upstream`, SIGKILLed at the end whatever happens."""
+    r = Relay(upstream)
+    try:
+        yield r
+    finally:
+        r.kill()
 
 
 def _kill_all() -> None:

@@ -414,9 +414,8 @@ def _disk_agent_failover(c, fenced, backing: Path) -> None:
 def test_survivors_fencing_with_scsi_pr_open_and_import_nothing(tmp_path, audited):
     """scsi-pr on a tgtd LUN: the fence is a PREEMPT AND ABORT of node 3's key."""
     import iscsiutil
-    from test_fence_mount import MIB, FencedCluster, _config
+    from test_fence_mount import MIB, FencedCluster, _config, registered_nodes
 
-    from clusterfs.fence.scsi_pr import pr_key
     from clusterfs.storage.iscsi import IscsiDevice
 
     mountutil.require(iscsiutil.missing_prerequisites())
@@ -427,11 +426,10 @@ def test_survivors_fencing_with_scsi_pr_open_and_import_nothing(tmp_path, audite
         c = FencedCluster(tmp_path, url, _config(tmp_path, f'agent = "scsi-pr"\n'
                                                            f'devices = ["{url}"]\n'), 3)
         observer = IscsiDevice(url, timeout=10, initiator="iqn.2025-01.io.clusterfs.test:obs")
-        key = pr_key(CLUSTER_NAME, 3)
         try:
             with c.forced_down_on_error():
                 c.start(1, 2, 3)
-                _disk_agent_failover(c, lambda: key not in observer.pr_read_keys(),
+                _disk_agent_failover(c, lambda: 3 not in registered_nodes(observer),
                                      t.backing[1])
         finally:
             observer.close()

@@ -104,6 +104,14 @@ def _stop_fence_resume(c: Cluster, fenced, backing: Path, victim_id: int = 3) ->
     assert STALE[:48] not in backing.read_bytes()     # nothing stale reached the disk
 
 
+def registered_nodes(observer) -> list[int | None]:
+    """The node each key registered on the LUN names, sorted (keys are per session:
+    the node's key with a tag of its own, clusterfs.fence.scsi_pr)."""
+    from clusterfs.fence.scsi_pr import node_of_key
+
+    return sorted(node_of_key(CLUSTER_NAME, k) for k in observer.pr_read_keys())
+
+
 def _finish(c: Cluster, victim: int = 3, survivors: tuple[int, ...] = (1, 2)) -> None:
     c.mounts.pop(victim).clean_after_crash()
     for n in survivors:                               # a proxy before its servers
@@ -116,7 +124,6 @@ def prereq_iscsi():
 
 
 def test_scsi_pr_mount_registers_and_a_stopped_node_is_preempted(tmp_path, prereq_iscsi):
-    from clusterfs.fence.scsi_pr import pr_key
     from clusterfs.storage.iscsi import IscsiDevice
 
     with iscsiutil.target([256 * MIB]) as t:
@@ -126,14 +133,14 @@ def test_scsi_pr_mount_registers_and_a_stopped_node_is_preempted(tmp_path, prere
         config = _config(tmp_path, f'agent = "scsi-pr"\ndevices = ["{url}"]\n')
         c = FencedCluster(tmp_path, url, config, 3)
         observer = IscsiDevice(url, timeout=10, initiator="iqn.2025-01.io.clusterfs.test:obs")
-        keys = {n: pr_key(CLUSTER_NAME, n) for n in (1, 2, 3)}
         try:
             with c.forced_down_on_error():
                 c.start(1, 2, 3)
                 # every node registered its mount's session, its agent's and its disk
-                # heartbeat's: 3 each
-                assert sorted(observer.pr_read_keys()) == sorted([*keys.values()] * 3)
-                _stop_fence_resume(c, lambda: keys[3] not in observer.pr_read_keys(),
+                # heartbeat's: 3 each, a key of its own each
+                assert registered_nodes(observer) == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+                assert len(set(observer.pr_read_keys())) == 9
+                _stop_fence_resume(c, lambda: 3 not in registered_nodes(observer),
                                    t.backing[1])
                 assert "reservation conflict: this node was fenced" in c.mounts[3].log_text()
                 assert "node 3 fenced: key" in c.logs()
@@ -184,8 +191,7 @@ io_timeout = 0.5
 
 def _proxy_scsi_pr(tmp_path: Path, group: tuple[int, int], proxy: int, scenario) -> None:
     """A tgtd LUN, scsi-pr fencing, nodes `group` mount it and serve it, `proxy`
-    mounts through them; `scenario(c, observer, keys, target)` runs in between."""
-    from clusterfs.fence.scsi_pr import pr_key
+    mounts through them; `scenario(c, observer, target)` runs in between."""
     from clusterfs.storage.iscsi import IscsiDevice
 
     with iscsiutil.target([256 * MIB]) as t:
@@ -194,17 +200,16 @@ def _proxy_scsi_pr(tmp_path: Path, group: tuple[int, int], proxy: int, scenario)
         assert r.returncode == 0, r.stderr
         c = FencedCluster(tmp_path, url, _proxy_config(tmp_path, url, group), 3)
         observer = IscsiDevice(url, timeout=10, initiator="iqn.2025-01.io.clusterfs.test:obs")
-        keys = {n: pr_key(CLUSTER_NAME, n) for n in (1, 2, 3)}
         try:
             with c.forced_down_on_error():
                 c.start(*group)
                 c.start(proxy)
                 assert "reaching it through the storage group" in c.mounts[proxy].log_text()
-                registered = observer.pr_read_keys()
+                registered = registered_nodes(observer)
                 # a registration belongs to a session (I_T nexus): the proxy has none
-                assert keys[proxy] not in registered
-                assert all(keys[n] in registered for n in group)
-                scenario(c, observer, keys, t)
+                assert proxy not in registered
+                assert all(n in registered for n in group)
+                scenario(c, observer, t)
         finally:
             observer.close()
         r = mountutil.fsck(url)
@@ -217,7 +222,7 @@ def test_scsi_pr_a_stopped_proxy_node_is_cut_off_at_the_servers(tmp_path, prereq
     waiting for its writes in flight), the survivors replay its journal, and once
     let go node 3's write is refused by the servers: it withdraws, the writer gets
     EIO, nothing stale reaches the LUN."""
-    def scenario(c, observer, keys, t):
+    def scenario(c, observer, t):
         _stop_fence_resume(c, lambda: "node 3 fenced: cut off at block server(s) [1, 2]"
                            in c.mounts[1].log_text(), t.backing[1])
         assert "node 3 was fenced in generation" in c.mounts[3].log_text()
@@ -234,12 +239,12 @@ def test_scsi_pr_a_proxy_coordinator_has_a_server_preempt_the_dead(tmp_path,
     Server 2 is stopped: node 1 has no session to PREEMPT through, so it asks server 3,
     which preempts node 2's key with its own; let go, node 2's write meets the
     reservation conflict, it withdraws and the writer gets EIO."""
-    def scenario(c, observer, keys, t):
-        _stop_fence_resume(c, lambda: keys[2] not in observer.pr_read_keys(),
+    def scenario(c, observer, t):
+        _stop_fence_resume(c, lambda: 2 not in registered_nodes(observer),
                            t.backing[1], victim_id=2)
         assert "fenced on the disk by block server 3 for us" in c.mounts[1].log_text()
         assert "reservation conflict: this node was fenced" in c.mounts[2].log_text()
-        assert keys[3] in observer.pr_read_keys()
+        assert 3 in registered_nodes(observer)
         _finish(c, victim=2, survivors=(1, 3))
 
     _proxy_scsi_pr(tmp_path, (2, 3), 1, scenario)

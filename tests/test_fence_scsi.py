@@ -21,7 +21,15 @@ import trio
 from clusterfs.config import load_config, parse_config
 from clusterfs.errors import FenceError, ReservationConflict, StorageError
 from clusterfs.fence import factory, scsi_pr
-from clusterfs.fence.scsi_pr import WERO, ScsiPrAgent, node_of_key, pr_key, register
+from clusterfs.fence.scsi_pr import (
+    WERO,
+    ScsiPrAgent,
+    node_of_key,
+    pr_key,
+    register,
+    same_node,
+    with_tag,
+)
 from clusterfs.node.lockbench_cmd import LocalLockCluster
 from clusterfs.storage import iscsi as iscsi_module
 from clusterfs.storage.iscsi import IscsiDevice, ScsiCheckCondition
@@ -72,6 +80,12 @@ def fence(agent: ScsiPrAgent, node_id: int) -> None:
     trio.run(agent.fence, node_id, 7, None)
 
 
+def nodes(keys: list[int]) -> list[int | None]:
+    """The node each key names (keys are per session: the node's key, a tag of its
+    own), sorted."""
+    return sorted(node_of_key(CLUSTER, k) for k in keys)
+
+
 # -- keys ------------------------------------------------------------------------------
 
 def test_keys_name_cluster_and_node():
@@ -83,16 +97,24 @@ def test_keys_name_cluster_and_node():
     assert pr_key(CLUSTER, 2**32 - 1) & 0xFFFFFFFF == 2**32 - 1
     with pytest.raises(ValueError):
         pr_key(CLUSTER, 2**32)
+    # a session's key: the node's, with a tag of its own; fencing goes by the node
+    session_key = pr_key(CLUSTER, 2, tag=7)
+    assert session_key == with_tag(KEY2, 7) != KEY2
+    assert node_of_key(CLUSTER, session_key) == 2 and same_node(session_key, KEY2)
+    assert not same_node(session_key, KEY1)
+    with pytest.raises(ValueError):
+        with_tag(KEY2, 256)
 
 
 # -- registration and the reservation ------------------------------------------------
 
 def test_two_nodes_register_wero_and_both_write(target, session):
     a, b = session(target.url(), "a"), session(target.url(), "b")
-    register(a, KEY1)
-    register(b, KEY2)
-    assert sorted(a.pr_read_keys()) == sorted([KEY1, KEY2])
-    assert b.pr_read_reservation() == (KEY1, WERO)      # the first registrant's, kept
+    ka, kb = register(a, KEY1), register(b, KEY2)
+    assert (ka, kb) == (a.pr_key, b.pr_key)             # one key per session
+    assert same_node(ka, KEY1) and same_node(kb, KEY2) and ka != KEY1
+    assert sorted(a.pr_read_keys()) == sorted([ka, kb])
+    assert b.pr_read_reservation() == (ka, WERO)        # the first registrant's, kept
     a.write(1, b"a" * 4096)
     b.write(2, b"b" * 4096)
     a.flush()
@@ -104,6 +126,30 @@ def test_two_nodes_register_wero_and_both_write(target, session):
     with pytest.raises(ReservationConflict, match="reservation conflict: this node was fenced"):
         c.write(3, b"c" * 4096)
     assert _block(target.backing[1], 3) == bytes(4096)
+
+
+def test_a_new_life_of_a_node_cuts_off_the_keys_of_its_earlier_lives(target, session):
+    """Each session registers a key of its own, so a node restarted many times (killed
+    before anyone fenced it, or unmounted) would pile up keys: its earlier lives' could
+    still write, and the 255 session tags would run out. A registration preempts every
+    key of its node that no session of this process holds."""
+    from clusterfs.fence.scsi_pr import release_session_key
+
+    old = session(target.url(), "old-life")
+    old_key = register(old, KEY2)
+    release_session_key(old_key)           # as if that process were gone
+    other = session(target.url(), "other")
+    other_key = register(other, KEY1)      # another node's key stays
+    for life in range(3):
+        new = session(target.url(), f"life{life}")
+        key = register(new, KEY2)
+        keys = new.pr_read_keys()
+        assert sorted(keys) == sorted([other_key, key]), [hex(k) for k in keys]
+        new.write(5, bytes([life]) * 4096)
+        release_session_key(key)           # this life ends too
+    with pytest.raises(ReservationConflict):
+        old.write(6, b"o" * 4096)          # the first life is cut off
+    assert _block(target.backing[1], 6) == bytes(4096)
 
 
 def test_a_foreign_reservation_is_refused(target, session):
@@ -129,8 +175,8 @@ def test_fenced_node_writes_are_refused_while_the_fencer_writes(target, session,
     with caplog.at_level(logging.WARNING, logger="clusterfs.fence.scsi_pr"):
         fence(agent1, 2)
     keys = a_io.pr_read_keys()
-    assert KEY2 not in keys and KEY1 in keys               # every session of node 2 gone
-    assert a_io.pr_read_reservation() == (KEY1, WERO)
+    assert nodes(keys) == [1, 1]                           # every session of node 2 gone
+    assert a_io.pr_read_reservation() == (a_io.pr_key, WERO)
     # node 2's next write: first a UNIT ATTENTION (registrations preempted), retried,
     # then RESERVATION CONFLICT, which says what it means
     with pytest.raises(ReservationConflict) as caught:
@@ -149,8 +195,8 @@ def test_fenced_node_writes_are_refused_while_the_fencer_writes(target, session,
     # a fenced node cannot fence back: its agent's session lost its key too
     with pytest.raises(FenceError, match="this node was fenced itself"):
         fence(agent2, 1)
-    assert KEY1 in a_io.pr_read_keys()
-    # fencing it again proves it at once (its key is gone)
+    assert a_io.pr_key in a_io.pr_read_keys()
+    # fencing it again proves it at once (its keys are gone)
     fence(agent1, 2)
     # a restarted node 2 registers again ("unfences") and writes
     b_new = session(url, "b-io-2")
@@ -166,9 +212,9 @@ def test_fencing_the_holder_moves_the_reservation(target, session):
     agent1 = ScsiPrAgent([session(url, "a-fence")], CLUSTER, 1)
     a_io = session(url, "a-io")
     register(a_io, KEY1)
-    assert a_io.pr_read_reservation() == (KEY2, WERO)
+    assert a_io.pr_read_reservation() == (b_io.pr_key, WERO)
     fence(agent1, 2)
-    assert a_io.pr_read_reservation() == (KEY1, WERO)
+    assert a_io.pr_read_reservation() == (agent1.devices[0].pr_key, WERO)
     a_io.write(1, b"a" * 4096)
     with pytest.raises(ReservationConflict):
         b_io.write(2, b"b" * 4096)
@@ -184,7 +230,7 @@ def test_fence_goes_to_every_path():
             agent = ScsiPrAgent([s(t.url(1), "a1"), s(t.url(2), "a2")], CLUSTER, 1)
             fence(agent, 2)
             for dev in (b1, b2):
-                assert KEY2 not in dev.pr_read_keys()
+                assert 2 not in nodes(dev.pr_read_keys())
                 with pytest.raises(ReservationConflict):
                     dev.write(0, b"b" * 4096)
         finally:
@@ -208,7 +254,7 @@ def test_a_lost_session_is_logged_in_again(target, session):
     agent.devices[0].close()                            # as a session the target dropped
     fence(agent, 2)
     assert agent.devices[0].initiator.endswith("a-again")
-    assert KEY2 not in agent.devices[0].pr_read_keys()
+    assert 2 not in nodes(agent.devices[0].pr_read_keys())
     # without a way to log in again, the same failure is a FenceError (retried later)
     bare = ScsiPrAgent([session(url, "c")], CLUSTER, 3)
     bare.devices[0].close()
@@ -242,7 +288,7 @@ def test_make_agent_opens_and_registers_every_path(target, session):
     cfg = _config({"agent": "scsi-pr", "devices": [target.url()]})
     agent = factory.make_agent(cfg, 1, open_device=lambda url: session(url, "n1"))
     assert isinstance(agent, ScsiPrAgent)
-    assert agent.key == KEY1 and KEY1 in agent.devices[0].pr_read_keys()
+    assert agent.key == KEY1 and nodes(agent.devices[0].pr_read_keys()) == [1]
     assert agent.statistics()["paths"] == [target.url()]
     with pytest.raises(FenceError, match="no way to open"):
         factory.make_agent(cfg, 1)
@@ -281,10 +327,14 @@ def test_lockd_fences_a_dead_node_through_the_lun(tmp_path, target, session):
         cluster.start_all()
         keys = {n: pr_key(cluster.name, n) for n in (1, 2, 3)}
         watcher = session(url, "observer")
-        assert sorted(watcher.pr_read_keys()) == sorted(keys.values())
+
+        def nodes_of(keys: list[int]) -> list[int | None]:
+            return sorted(node_of_key(cluster.name, k) for k in keys)
+
+        assert nodes_of(watcher.pr_read_keys()) == [1, 2, 3]
         cluster.kill(3)
         cluster.wait_running([1, 2])
-        assert sorted(watcher.pr_read_keys()) == sorted([keys[1], keys[2]])
+        assert nodes_of(watcher.pr_read_keys()) == [1, 2]
         assert watcher.pr_read_reservation()[1] == WERO
         log = cluster.log_tail(1, 10**7)
         assert f"node 3 fenced: key {keys[3]:#x} preempted on 1 path" in log, log[-3000:]

@@ -347,6 +347,10 @@ def _bad_url(t: iscsiutil.Target, kind: str) -> tuple[str, str]:
         return f"{base}/{t.iqn}/7", "LOGICAL_UNIT_NOT_SUPPORTED"
     if kind == "unreachable":
         return f"iscsi://127.0.0.1:{iscsiutil._free_tcp_port()}/{t.iqn}/1", "refused"
+    if kind == "empty-portal":          # a multi-portal URL (test_iscsi_multipath.py)
+        return f"{base},,127.0.0.1:{t.portal_port + 1}/{t.iqn}/1", "empty portal"
+    if kind == "bad-portal-port":
+        return f"{base},127.0.0.1:99999/{t.iqn}/1", "bad port in portal"
     raise ValueError(kind)
 
 
@@ -359,7 +363,8 @@ COMMANDS = {
 }
 
 
-@pytest.mark.parametrize("kind", ["malformed", "wrong-iqn", "wrong-lun", "unreachable"])
+@pytest.mark.parametrize("kind", ["malformed", "wrong-iqn", "wrong-lun", "unreachable",
+                                  "empty-portal", "bad-portal-port"])
 @pytest.mark.parametrize("command", list(COMMANDS))
 def test_bad_url_is_one_line_and_changes_nothing(tmp_path, formatted, command, kind):
     url, word = _bad_url(formatted, kind)

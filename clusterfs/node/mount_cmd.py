@@ -684,8 +684,10 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
     fs = FileSystem(Blocks(dev, journal, sb), sb, glocks, txn, clustered=clustered,
                     home_group=home_group)
     ops = Operations(fs)
+    fsname = dev.path if "://" in dev.path else os.path.abspath(dev.path)
     options = set(pyfuse3.default_options) | {
-        "fsname=" + (dev.path if "://" in dev.path else os.path.abspath(dev.path)),
+        # libfuse splits its options at commas: a multi-portal iSCSI URL has some
+        "fsname=" + fsname.replace("\\", "\\\\").replace(",", "\\,"),
         "subtype=clusterfs", "allow_other",
         *opts.extra}
     try:

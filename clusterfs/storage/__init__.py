@@ -2,7 +2,7 @@
 
     device   BlockDevice: block reads/writes and flush over a local path
     iscsi    IscsiDevice: the same interface over an iSCSI LUN (libiscsi, no kernel
-             initiator), named iscsi://HOST[:PORT]/TARGET-IQN/LUN
+             initiator), named iscsi://HOST[:PORT][,HOST[:PORT]...]/TARGET-IQN/LUN
     holders  who else uses a local device (mounts, open descriptors)
 
 open_block_device() is how commands open a device a user named.
