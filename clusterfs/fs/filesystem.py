@@ -187,6 +187,9 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         self.names_hook: Callable[[int], None] | None = None
         self.orphans = self._load_orphans(self.slot)
         self._orphan_kick = trio.Event()
+        # a departed slot still lists inodes ours had no room for when we adopted it:
+        # the sweeper looks again as soon as an entry of ours goes (_orphan_room)
+        self._orphans_left_behind = False
         self._sweeping = trio.Lock()     # held by the sweeper while it works
         self.closing = False
         if clustered:
@@ -608,6 +611,7 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         if gate is not None:
             await gate.wait_open()
         adopted = 0
+        self._orphans_left_behind = False
         for slot in range(self.sb.journal_count):
             if slot == self.slot or self.closing:
                 continue
@@ -629,21 +633,37 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         return adopted
 
     async def _adopt_slot(self, slot: int) -> int:
+        """Take as many of the departed slot's orphans into ours as ours has room for;
+        the rest stay listed in that slot (never dropped: an inode listed nowhere is
+        freed by nobody, and fsck finds it leaked), to be taken once ours has room, or
+        by the node that claims the slot next."""
         theirs = self._load_orphans(slot)
         if not theirs.inodes:
             return 0
         left_out = self.orphans.update(sorted(theirs.inodes))
-        emptied = OrphanList(theirs.blkno, [])
+        if left_out:
+            self._orphans_left_behind = True
+        if len(left_out) == len(theirs):  # ours is full: nothing moves, nothing to write
+            log.info("left %d orphan inodes of journal slot %d listed there: ours is full",
+                     len(left_out), slot)
+            return 0
+        rest = OrphanList(theirs.blkno, left_out)
         # both blocks in one transaction, written home before the slot's lock goes (a
-        # node that claims the slot next must read it empty; and our journal must
-        # never hold a block another node may write later)
+        # node that claims the slot next must read what is left there; and our journal
+        # must never hold a block another node may write later)
         self._dirty(self.orphans)
-        self._dirty(emptied)
+        self._dirty(rest)
         await self.txn.commit(checkpoint=True)
-        log.info("adopted %d orphan inodes of journal slot %d%s", len(theirs),
-                 slot, f" ({len(left_out)} did not fit: fsck --repair frees them)"
-                 if left_out else "")
-        return len(theirs)
+        taken = len(theirs) - len(left_out)
+        log.info("adopted %d orphan inodes of journal slot %d%s", taken, slot,
+                 f" ({len(left_out)} left listed there: ours is full)" if left_out else "")
+        return taken
+
+    def _orphan_room(self) -> None:
+        """An entry of ours went: if a departed slot still lists orphans ours had no
+        room for, have the sweeper adopt them now."""
+        if self._orphans_left_behind:
+            self._orphan_kick.set()
 
     async def sweep_orphans(self) -> int:
         """Free each listed inode that still has no name and that no node has open;
@@ -663,6 +683,7 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
             async with self._hold():
                 if self.orphans.discard(ino):
                     self._dirty(self.orphans)
+                    self._orphan_room()
         if outcome != "freed":
             return 0
         log.info("freed orphan inode %d (unlinked while open, its opener gone)", ino)

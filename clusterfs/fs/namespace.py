@@ -303,6 +303,7 @@ class Namespace:
         node.freed = True
         if self.orphans.discard(node.ino):
             self._dirty(self.orphans)
+            self._orphan_room()
         self.txn.discard(node)
         self.txn.add(_Tombstone(node.ino))   # so a node still naming it sees it is gone
         self.inodes.discard(node.ino)

@@ -50,8 +50,12 @@ class OrphanList:
         return True
 
     def update(self, inodes: list[int]) -> list[int]:
-        """List several (adopted from a departed slot); those that did not fit."""
-        return [ino for ino in inodes if ino not in self.inodes and not self.add(ino)]
+        """List several (adopted from a departed slot) while there is room; those that
+        did not fit, which the caller leaves listed where they were."""
+        new = [ino for ino in inodes if ino not in self.inodes]
+        room = max(ORPHANS_MAX - len(self.inodes), 0)
+        self.inodes.update(new[:room])
+        return new[room:]
 
     def discard(self, ino: int) -> bool:
         if ino not in self.inodes:
