@@ -32,10 +32,13 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import pytest
 
 TGTD_DIR = "/var/run/tgtd"
 START_TIMEOUT = 15.0
@@ -102,11 +105,7 @@ class Target:
 
     def kill(self) -> None:
         """SIGKILL our tgtd (by pid) and reap it; idempotent."""
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
-        _LIVE.pop(self.proc.pid, None)
+        _kill_and_reap(self.proc)
         if not self.owns_control:      # e.g. it exited at start: another tgtd's port
             return
         self.owns_control = False
@@ -117,6 +116,38 @@ class Target:
     def stop(self) -> None:
         """SIGSTOP our tgtd: the connection stays up, nothing is answered."""
         os.kill(self.proc.pid, signal.SIGSTOP)
+
+
+def _kill_and_reap(proc: subprocess.Popen) -> None:
+    """SIGKILL one of our processes by its pid (tgtd ignores SIGTERM), reap it and
+    forget it; idempotent."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    _LIVE.pop(proc.pid, None)
+
+
+def bounded(fn, *args, bound: float):
+    """fn(*args) in a helper thread: its result, or its exception raised here; the test
+    fails (instead of hanging: a call stuck inside libiscsi ignores signals) if it
+    takes longer than `bound` seconds."""
+    out: dict = {}
+
+    def run() -> None:
+        try:
+            out["value"] = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            out["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(bound)
+    if t.is_alive():
+        pytest.fail(f"{getattr(fn, '__name__', fn)} still hangs after {bound} s")
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
 
 
 class Relay:
@@ -160,11 +191,7 @@ class Relay:
                                      f"closed after {timeout} s")
 
     def kill(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(30)
-        _LIVE.pop(self.proc.pid, None)
+        _kill_and_reap(self.proc)
 
 
 @contextlib.contextmanager

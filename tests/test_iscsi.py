@@ -190,25 +190,7 @@ def test_mount_write_remount_verify(tmp_path, target):
 # -- faults: the target dies or stops answering ------------------------------------------
 
 def _bounded(fn, *args, bound: float = FAULT_BOUND):
-    """fn(*args) in a helper thread: its result, or its exception raised here; the test
-    fails (instead of hanging: a call stuck inside libiscsi ignores signals) if it
-    takes longer than `bound` seconds."""
-    out: dict = {}
-
-    def run() -> None:
-        try:
-            out["value"] = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-            out["error"] = exc
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    t.join(bound)
-    if t.is_alive():
-        pytest.fail(f"{getattr(fn, '__name__', fn)} still hangs after {bound} s")
-    if "error" in out:
-        raise out["error"]
-    return out["value"]
+    return iscsiutil.bounded(fn, *args, bound=bound)
 
 
 def _write_until_error(dev: IscsiDevice, started: threading.Event, result: dict) -> None:

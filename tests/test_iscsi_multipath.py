@@ -82,24 +82,8 @@ def _device(p: Paths, who: str = "n1", key: int | None = None) -> IscsiDevice:
 
 
 def _run(fn, *args):
-    """fn(*args) in a thread; its result, or the test fails (a call stuck in libiscsi
-    ignores signals) after BOUND seconds."""
-    out: dict = {}
-
-    def body() -> None:
-        try:
-            out["value"] = fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
-            out["error"] = exc
-
-    t = threading.Thread(target=body, daemon=True)
-    t.start()
-    t.join(BOUND)
-    if t.is_alive():
-        pytest.fail(f"{getattr(fn, '__name__', fn)} still hangs after {BOUND} s")
-    if "error" in out:
-        raise out["error"]
-    return out.get("value")
+    """fn(*args), failing the test after BOUND seconds (iscsiutil.bounded)."""
+    return iscsiutil.bounded(fn, *args, bound=BOUND)
 
 
 # -- parsing -------------------------------------------------------------------------------
