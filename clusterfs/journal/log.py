@@ -266,8 +266,8 @@ class Journal:
             self.dev.flush()
         return pending
 
-    # The three steps of commit(), so a caller can run the flushes between them in a
-    # worker thread while it keeps serving requests. Steps of one transaction must not
+    # The three steps of a commit (log_transaction runs the first two with their
+    # flushes; write_back logs a revoke with them). Steps of one transaction must not
     # interleave with another commit or a checkpoint (the caller serialises them).
     def begin_commit(self, blocks: dict[int, bytes], revokes: list[int] | None = None
                      ) -> _Pending | None:
