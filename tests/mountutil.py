@@ -211,12 +211,18 @@ def loop_device(size_bytes: int, directory: str | os.PathLike | None = None,
     backing = Path(directory) / name
     with open(backing, "wb") as f:
         f.truncate(size_bytes)
+    keep = False
     try:
         with attach_loop(str(backing)) as dev:
             yield dev
+    except BaseException:
+        # a failed test's image, for a look afterwards (fsck, journal scans) on request
+        keep = bool(os.environ.get("CLUSTERFS_KEEP_IMAGE")) and own_dir is None
+        raise
     finally:
-        with contextlib.suppress(OSError):
-            backing.unlink()
+        if not keep:
+            with contextlib.suppress(OSError):
+                backing.unlink()
         if own_dir is not None:
             shutil.rmtree(own_dir, ignore_errors=True)
 

@@ -1026,3 +1026,31 @@ async def test_the_event_loop_neither_writes_the_device_nor_waits_for_queued_wri
         assert await b.fs.read(h.ino, 0, 3 * BLOCK + 10) == \
             b"h" * 100 + bytes(3 * BLOCK - 100) + b"x" * 10
         assert on_loop == []
+
+
+@trio_test
+async def test_a_write_while_new_inodes_take_their_own_locks_is_not_lost(
+        tmp_path, monkeypatch) -> None:
+    """A directory going to PR takes its new inodes' own locks (warm) before it lets
+    the other node read. A write to one of them on this node may run in the middle
+    (its own lock granted, the warm still waiting for others): the copy it changed is
+    the one kept. The copy from before the warm used to be put back over it, and the
+    next change to the file was made to that stale copy: the write's size and blocks
+    were lost (leaked blocks and a short file, found by the node-death soak)."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        f = await a.fs.mknod(root, b"f", REG, 0, 0, 0)
+        assert f.ino in a.fs._unguarded_in
+        warm = a.fs.glocks.warm
+
+        async def warm_then_write(wanted, *args, **kwargs) -> None:
+            await warm(wanted, *args, **kwargs)
+            await a.fs.write(f.ino, 0, b"x" * (3 * BLOCK))   # (between grant and keep)
+        monkeypatch.setattr(a.fs.glocks, "warm", warm_then_write)
+        assert await b.fs.lookup(root, b"g") is None       # root goes to PR on a
+        monkeypatch.setattr(a.fs.glocks, "warm", warm)
+        await a.fs.write(f.ino, 3 * BLOCK, b"y" * BLOCK)    # the next change
+        assert (await a.fs.getattr(f.ino)).d.size == 4 * BLOCK
+        got = await b.fs.lookup(root, b"f")
+        assert got is not None and got.d.size == 4 * BLOCK
+        assert await b.fs.read(f.ino, 0, 4 * BLOCK) == b"x" * (3 * BLOCK) + b"y" * BLOCK

@@ -11,7 +11,11 @@ lock goes, docs/locking.md "Creates take no lock of their own"). So:
   by the fs between the flush and telling the kernel), since the next holder
   may change it; an entry still dirty then was created during the flush, under
   its parent's lock alone, and goes with the next flush;
-- a demote to PR keeps it: a clean copy under a shared lock stays true.
+- a demote to PR keeps it: a clean copy under a shared lock stays true;
+- the one exception: an inode made here under its directory's lock, whose first
+  lock of its own is taken while that directory lock is still held EX
+  (`keep_at_first_grant`): no other node could reach it meanwhile, so its copy,
+  and any change a local operation makes to it under the new lock, stays.
 
 The objects are the fs layer's (fs/inode.py: an inode with its map, directory
 and xattrs); this layer only keeps them, keyed by inode number, and knows whether
@@ -21,6 +25,7 @@ kernel's references) lives apart, in the fs, and outlives an entry.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Generic, TypeVar
 
 from clusterfs.cache.glock import Glock, GlockManager
@@ -33,13 +38,30 @@ class InodeCache(Generic[T]):
     def __init__(self, txn: TransactionManager) -> None:
         self._txn = txn
         self._by_ino: dict[int, T] = {}
+        self._keep_next: set[int] = set()     # inodes whose next fresh grant keeps them
 
     def attach(self, glocks: GlockManager, kind: str = "inode") -> None:
         """Drop clean entries when their lock is granted afresh."""
         glocks.on_grant(kind, self._granted)
 
     def _granted(self, glock: Glock) -> None:
-        self.drop_if_clean(glock.name[1])
+        ino = glock.name[1]
+        if ino in self._keep_next:
+            self._keep_next.discard(ino)      # (only the first: see keep_at_first_grant)
+            return
+        self.drop_if_clean(ino)
+
+    def keep_at_first_grant(self, inos: Iterable[int]) -> None:
+        """The next fresh grant of each of these inodes' locks keeps its entry (until
+        `end_keep`). For inodes made here whose directory's EX lock is still held while
+        their own locks are taken: their copies are the newest anywhere. Dropping one
+        at the grant and putting it back after all the locks were taken lost any change
+        made under its new lock in between: the one kept is the one changed."""
+        self._keep_next.update(inos)
+
+    def end_keep(self, inos: Iterable[int]) -> None:
+        """Grants from now on drop as usual (the directory's lock is going down)."""
+        self._keep_next.difference_update(inos)
 
     def get(self, ino: int) -> T | None:
         return self._by_ino.get(ino)

@@ -71,30 +71,39 @@ class Demotion:
         with no lock of their own were covered by its lock only; they are home now.
         Going to PR (a reader elsewhere, or idle sharing), this node keeps reading the
         directory: it takes their own locks in PR, many at once, and keeps its copies
-        (nothing could change them while the directory's EX was still held), so it
-        goes on answering for them from its cache and another node reads them with
-        no demote here. Otherwise, or where that fails, it drops them and has the
-        kernel forget their attributes: another node may take their own locks and
-        change them without asking this one."""
+        (nothing could change them while the directory's EX was still held, as it is
+        until this returns), so it goes on answering for them from its cache and
+        another node reads them with no demote here. Otherwise, or where that fails,
+        it drops them and has the kernel forget their attributes: another node may
+        take their own locks and change them without asking this one.
+
+        A local operation on one of them may take its own lock during the warm and
+        change it: the cached copy is the one it changed, kept at the grant
+        (keep_at_first_grant), never a copy from before the warm put back over it."""
         children = self._unguarded.pop(ino, None)
         if not children:
             return
         for child in children:
             self._unguarded_in.pop(child, None)
-        kept = {c: self.inodes.get(c) for c in sorted(children)[:KEEP_ON_SHARE]} \
-            if target == Mode.PR else {}
+        kept = sorted(children)[:KEEP_ON_SHARE] if target == Mode.PR else []
         if kept:
-            await self.glocks.warm((("inode", c), Mode.PR) for c in kept)
+            self.inodes.keep_at_first_grant(kept)
+            try:
+                await self.glocks.warm((("inode", c), Mode.PR) for c in kept)
+            finally:
+                self.inodes.end_keep(kept)
+        held = {c for c in kept if self._held(c)}
         lost = []
         for child in sorted(children):
-            glock = self.glocks.glocks.get(("inode", child))
-            copy = kept.get(child)
-            if copy is not None and glock is not None and glock.mode is not None:
-                self.inodes.put(child, copy)   # (the fresh grant dropped it: _granted)
-            else:
+            if child not in held:
                 self.inodes.drop_if_clean(child)
                 lost.append(child)
         await self.kernel_forget.forget_many(lost)
+
+    def _held(self, ino: int) -> bool:
+        """This node holds inode `ino`'s own lock (in the cache, in some mode)."""
+        glock = self.glocks.glocks.get(("inode", ino))
+        return glock is not None and glock.mode is not None
 
     async def _demote_inode(self, glock: Glock, target: Mode) -> None:
         """Another node wants this inode (or the lock cache lets it go): flush;
