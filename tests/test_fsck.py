@@ -433,7 +433,7 @@ def test_corrupt_journal_header(image):
 
 def test_corrupt_orphan_block_is_rewritten_empty(image):
     img, _ = image
-    oblk = img.sb.orphan_location(0)
+    oblk = img.sb.orphan_locations(0)[0]
     img.flip_bits(oblk, 40, 0x04)
     out = check(img, want=4)
     assert f"journal 0: orphan block {oblk}: bad checksum" in out

@@ -14,7 +14,7 @@ from clusterfs.errors import FormatError
 from clusterfs.format.block import BLOCK_SIZE, BlockType, new_block, seal
 from clusterfs.format.inode import F_STUFFED, Inode, encode_inode
 from clusterfs.format.journal import JF_CLEAN, JournalHeader, encode_jhead
-from clusterfs.format.orphan import encode_orphans
+from clusterfs.format.orphan import ORPHANS_PER_BLOCK, encode_orphans
 from clusterfs.format.rgrp import (
     BITS_PER_BITMAP,
     RgrpHeader,
@@ -26,6 +26,8 @@ from clusterfs.format.rgrp import (
     split_bitmap,
 )
 from clusterfs.format.superblock import (
+    MAX_ORPHAN_BLOCKS,
+    MIN_LOG_BLOCKS,
     SUPERBLOCK_BLKNO,
     SUPERBLOCK_OFFSET,
     Superblock,
@@ -37,12 +39,18 @@ DEFAULT_MAX_RGRP = BITS_PER_BITMAP     # 32512 blocks: one bitmap block per grou
 MIN_JOURNAL_BLOCKS = 128                # the default's range: 512 KiB ..
 MAX_JOURNAL_BLOCKS = 8192              # .. 32 MiB
 VALID_JOURNAL_BLOCKS = range(16, (1 << 30) // BLOCK_SIZE + 1)   # what may be asked for
+# orphan blocks per slot by default: 8112 files a node holds unlinked while open (stress-
+# ng's `open` stressor holds about 2300 per node; one block, 507, was the old format's)
+DEFAULT_ORPHAN_BLOCKS = 16
 
 
 def plan_geometry(device_bytes: int, journals: int = 1, journal_blocks: int | None = None,
                   rgrp_blocks: int | None = None, uuid: bytes | None = None,
-                  now: int | None = None) -> Superblock:
-    """Lay the filesystem out on a device of `device_bytes`; FormatError if it cannot."""
+                  now: int | None = None, orphans: int | None = None) -> Superblock:
+    """Lay the filesystem out on a device of `device_bytes`; FormatError if it cannot.
+    `orphans`: files a node may hold unlinked while open and still have them listed
+    (rounded up to whole orphan blocks; default DEFAULT_ORPHAN_BLOCKS of them, at most
+    an eighth of the journal)."""
     if not 1 <= journals <= 256:
         raise FormatError(f"journal count {journals} out of range 1..256")
     if journal_blocks is not None and journal_blocks not in VALID_JOURNAL_BLOCKS:
@@ -55,6 +63,7 @@ def plan_geometry(device_bytes: int, journals: int = 1, journal_blocks: int | No
     jstart = hb_start + journals
     if journal_blocks is None:
         journal_blocks = max(MIN_JOURNAL_BLOCKS, min(MAX_JOURNAL_BLOCKS, total // (10 * journals)))
+    orphan_blocks = _orphan_blocks(orphans, journal_blocks)
     rstart = jstart + journals * journal_blocks
     remaining = total - rstart
     if remaining < MIN_RGRP_BLOCKS:
@@ -69,13 +78,31 @@ def plan_geometry(device_bytes: int, journals: int = 1, journal_blocks: int | No
     else:
         total -= rest      # too small to be a group: leave it unused
     first_data = rstart + 1 + bitmap_blocks_for(rgrp_blocks)
-    return Superblock(
+    sb = Superblock(
         uuid=uuid or os.urandom(16), block_size=BLOCK_SIZE, total_blocks=total,
         journal_count=journals, journal_start=jstart, journal_blocks=journal_blocks,
         hb_start=hb_start, rgrp_start=rstart, rgrp_blocks=rgrp_blocks, rgrp_count=count,
         bitmap_blocks=bitmap_blocks_for(rgrp_blocks), root_ino=first_data,
         created=int(time.time()) if now is None else now,
     )
+    sb.set_orphan_blocks(orphan_blocks)
+    return sb
+
+
+def _orphan_blocks(orphans: int | None, journal_blocks: int) -> int:
+    """Orphan blocks per journal slot, taken from the end of each journal region."""
+    if orphans is None:
+        return max(1, min(DEFAULT_ORPHAN_BLOCKS, journal_blocks // 8,
+                          journal_blocks - 1 - MIN_LOG_BLOCKS))
+    blocks = -(-orphans // ORPHANS_PER_BLOCK)
+    if not 1 <= blocks <= MAX_ORPHAN_BLOCKS:
+        raise FormatError(f"orphans {orphans} out of range 1.."
+                          f"{MAX_ORPHAN_BLOCKS * ORPHANS_PER_BLOCK}")
+    if journal_blocks - 1 - blocks < MIN_LOG_BLOCKS:
+        raise FormatError(f"orphans {orphans} ({blocks} blocks) leave the journal's log "
+                          f"{journal_blocks - 1 - blocks} blocks, fewer than "
+                          f"{MIN_LOG_BLOCKS}: a larger journal (-J) or fewer orphans")
+    return blocks
 
 
 def initial_journal_seq(sb: Superblock) -> int:
@@ -113,8 +140,8 @@ def initial_blocks(sb: Superblock) -> Iterator[tuple[int, bytes]]:
         jblk = sb.journal_location(slot)
         yield jblk, bytes(encode_jhead(JournalHeader(slot, seq, 1, JF_CLEAN), jblk))
         yield jblk + 1, bytes(BLOCK_SIZE)   # the first log block: no stale transaction
-        oblk = sb.orphan_location(slot)
-        yield oblk, bytes(encode_orphans([], oblk))
+        for oblk in sb.orphan_locations(slot):
+            yield oblk, bytes(encode_orphans([], oblk))
     for header, bits in rgrp_headers(sb):
         yield header.first, bytes(encode_rgrp(header))
         for i, piece in enumerate(split_bitmap(bits, header.bitmap_blocks)):

@@ -29,6 +29,8 @@ _FIELDS = struct.Struct("<16sIQIQQQQIIIQqI32sI")
 CONFIG_OFFSET = HEADER_SIZE + _FIELDS.size
 CONFIG_MAX = BLOCK_SIZE - CONFIG_OFFSET
 CLUSTER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
+MAX_ORPHAN_BLOCKS = 1024      # per journal slot: 519 168 files unlinked while open
+MIN_LOG_BLOCKS = 14           # a journal's circular log, at the least
 
 
 @dataclass
@@ -57,18 +59,29 @@ class Superblock:
 
     @property
     def journal_log_blocks(self) -> int:
-        """Blocks of a journal's circular log: all but the header and the orphan block."""
-        return self.journal_blocks - 2
+        """Blocks of a journal's circular log: all but the header and the orphan blocks."""
+        return self.journal_blocks - 1 - self.orphan_blocks
 
-    def orphan_location(self, slot: int) -> int:
-        """The slot's orphan block: the last block of its journal region."""
-        return self.journal_location(slot) + self.journal_blocks - 1
+    @property
+    def orphan_blocks(self) -> int:
+        """Orphan blocks per journal slot (the `orphan_blocks` setting; an image made
+        before it existed has one)."""
+        value = self._settings().get("orphan_blocks")
+        try:
+            return int(value) if value is not None else 1
+        except ValueError:
+            return 0                     # (check_superblock refuses it)
+
+    def orphan_locations(self, slot: int) -> list[int]:
+        """The slot's orphan blocks: the last `orphan_blocks` of its journal region."""
+        first = self.journal_location(slot) + self.journal_blocks - self.orphan_blocks
+        return list(range(first, first + self.orphan_blocks))
 
     def orphan_slot(self, blkno: int) -> int | None:
         """The slot whose orphan block `blkno` is, or None."""
         rel = blkno - self.journal_start
         if 0 <= rel < self.journal_count * self.journal_blocks and \
-                rel % self.journal_blocks == self.journal_blocks - 1:
+                rel % self.journal_blocks >= self.journal_blocks - self.orphan_blocks:
             return rel // self.journal_blocks
         return None
 
@@ -87,19 +100,35 @@ class Superblock:
     @property
     def cluster_name(self) -> str | None:
         """The cluster this device belongs to (GFS2's lock table), or None for a
-        one-node filesystem. Kept in the config blob as `cluster=NAME` lines of
-        text, so an old image (empty blob) reads as one-node."""
-        for line in self.config.decode(errors="replace").splitlines():
-            key, _, value = line.partition("=")
-            if key.strip() == "cluster" and value.strip():
-                return value.strip()
-        return None
+        one-node filesystem. Kept in the config blob as a `cluster=NAME` line, so an
+        old image (empty blob) reads as one-node."""
+        return self._settings().get("cluster") or None
 
     def set_cluster_name(self, name: str | None) -> None:
         if name is not None and not CLUSTER_NAME.fullmatch(name):
             raise FormatError(f"cluster name {name!r}: use 1-32 letters, digits, '-', '_' "
                               "or '.'")
-        self.config = b"" if name is None else f"cluster={name}\n".encode()
+        self._set("cluster", name)
+
+    def set_orphan_blocks(self, count: int) -> None:
+        self._set("orphan_blocks", str(count))
+
+    # The config blob: `key=value` lines of text. Settings added after the format was
+    # first used live here, each with the value an image without its line means.
+    def _settings(self) -> dict[str, str]:
+        out: dict[str, str] = {}
+        for line in self.config.decode(errors="replace").splitlines():
+            key, _, value = line.partition("=")
+            if key.strip():
+                out.setdefault(key.strip(), value.strip())
+        return out
+
+    def _set(self, key: str, value: str | None) -> None:
+        settings = self._settings()
+        settings.pop(key, None)
+        if value is not None:
+            settings[key] = value
+        self.config = "".join(f"{k}={v}\n" for k, v in settings.items()).encode()
 
 
 def encode_superblock(sb: Superblock) -> bytearray:
@@ -153,6 +182,11 @@ def check_superblock(sb: Superblock) -> None:
         problems.append(f"journals at {sb.journal_start}")
     if sb.journal_blocks < 16:
         problems.append(f"journal size {sb.journal_blocks}")
+    if not 1 <= sb.orphan_blocks <= MAX_ORPHAN_BLOCKS:
+        problems.append(f"orphan blocks per slot {sb._settings().get('orphan_blocks')!r}")
+    elif sb.journal_log_blocks < MIN_LOG_BLOCKS:
+        problems.append(f"journal log of {sb.journal_log_blocks} blocks (journal "
+                        f"{sb.journal_blocks}, orphan blocks {sb.orphan_blocks})")
     if sb.rgrp_start != sb.journal_start + sb.journal_count * sb.journal_blocks:
         problems.append(f"resource groups at {sb.rgrp_start}")
     if sb.rgrp_count < 1 or sb.rgrp_blocks < 2 + sb.bitmap_blocks:

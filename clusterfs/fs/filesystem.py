@@ -576,9 +576,9 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
 
     # ================================================================ orphans
     def _load_orphans(self, slot: int) -> OrphanList:
-        blkno = self.sb.orphan_location(slot)
+        blknos = self.sb.orphan_locations(slot)
         try:
-            return OrphanList.decode(self.blocks.read_meta(blkno), blkno)
+            return OrphanList.decode([self.blocks.read_meta(b) for b in blknos], blknos)
         except (FormatError, StorageError) as exc:
             raise FormatError(f"journal slot {slot}: {exc} (fsck --repair rewrites it)"
                               ) from exc
@@ -647,8 +647,8 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
             log.info("left %d orphan inodes of journal slot %d listed there: ours is full",
                      len(left_out), slot)
             return 0
-        rest = OrphanList(theirs.blkno, left_out)
-        # both blocks in one transaction, written home before the slot's lock goes (a
+        rest = OrphanList.rewritten(theirs.blknos, left_out)
+        # both lists in one transaction, written home before the slot's lock goes (a
         # node that claims the slot next must read what is left there; and our journal
         # must never hold a block another node may write later)
         self._dirty(self.orphans)

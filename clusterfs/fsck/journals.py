@@ -125,19 +125,24 @@ class OrphanBlocks:
 
 
 def check_orphan_blocks(sb: Superblock, reader: Reader, report: Report) -> OrphanBlocks:
-    """Each slot's orphan block, read through the journals' overlay."""
+    """Each slot's orphan blocks, read through the journals' overlay."""
     found = OrphanBlocks()
     for slot in range(sb.journal_count):
-        blk = sb.orphan_location(slot)
-        try:
-            inodes = decode_orphans(reader.read(blk), blk)
-        except ClusterFSError as exc:
-            found.corrupt.append(report.error(f"journal {slot}", f"orphan block {blk}: {exc}",
-                                              fixable=True))
-            found.rewrites[blk] = bytes(encode_orphans([], blk))
-            continue
-        for ino in inodes:
-            found.listed.setdefault(ino, slot)
-        if inodes:
-            found.rewrites[blk] = bytes(encode_orphans([], blk))
+        for blk in sb.orphan_locations(slot):
+            _check_orphan_block(slot, blk, reader, report, found)
     return found
+
+
+def _check_orphan_block(slot: int, blk: int, reader: Reader, report: Report,
+                        found: OrphanBlocks) -> None:
+    try:
+        inodes = decode_orphans(reader.read(blk), blk)
+    except ClusterFSError as exc:
+        found.corrupt.append(report.error(f"journal {slot}", f"orphan block {blk}: {exc}",
+                                          fixable=True))
+        found.rewrites[blk] = bytes(encode_orphans([], blk))
+        return
+    for ino in inodes:
+        found.listed.setdefault(ino, slot)
+    if inodes:
+        found.rewrites[blk] = bytes(encode_orphans([], blk))

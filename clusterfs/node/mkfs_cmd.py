@@ -8,6 +8,7 @@ import sys
 from clusterfs.errors import ClusterFSError
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.mkfs import free_blocks, initial_blocks, plan_geometry
+from clusterfs.format.orphan import ORPHANS_PER_BLOCK
 from clusterfs.format.signatures import SIGNATURE_BYTES, detect_signature
 from clusterfs.format.superblock import Superblock
 from clusterfs.storage import holders, open_block_device
@@ -28,6 +29,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="number of journals = node slots (default 1)")
     parser.add_argument("-J", "--journal-size", type=_positive_int, default=None, metavar="MIB",
                         help="size of each journal in MiB (default: scaled to the device)")
+    parser.add_argument("--orphans", type=_positive_int, default=None, metavar="FILES",
+                        help="files a node may hold unlinked while open and still have "
+                             "freed if it dies (default 8112, fewer for a small journal; "
+                             "rounded up to a multiple of 507)")
     parser.add_argument("-b", "--block-size", type=int, default=BLOCK_SIZE,
                         help="block size in bytes (only 4096 is supported)")
     parser.add_argument("-c", "--cluster", metavar="NAME",
@@ -40,7 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def make_filesystem(path: str, journals: int = 1, journal_mib: int | None = None,
-                    force: bool = False, cluster: str | None = None) -> Superblock:
+                    force: bool = False, cluster: str | None = None,
+                    orphans: int | None = None) -> Superblock:
     """Format `path`; raises ClusterFSError with a one-line reason."""
     busy = holders.users(path)
     if busy:
@@ -53,7 +59,7 @@ def make_filesystem(path: str, journals: int = 1, journal_mib: int | None = None
         if found and not force:
             raise ClusterFSError(f"{path} already holds {found}; use --force to overwrite")
         jblocks = None if journal_mib is None else journal_mib * (1 << 20) // BLOCK_SIZE
-        sb = plan_geometry(dev.size, journals, jblocks)
+        sb = plan_geometry(dev.size, journals, jblocks, orphans=orphans)
         sb.set_cluster_name(cluster)
         # Build every block before writing the first: an error found while encoding must
         # leave the device as it was.
@@ -73,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     try:
         sb = make_filesystem(args.device, args.journals, args.journal_size, args.force,
-                             args.cluster)
+                             args.cluster, args.orphans)
     except ClusterFSError as exc:
         print(f"mkfs.clusterfs: {exc}", file=sys.stderr)
         return 1
@@ -84,7 +90,9 @@ def run(args: argparse.Namespace) -> int:
               if sb.cluster_name else "  one node at a time (no --cluster)")
         print(f"  size {size_mib:.1f} MiB, {sb.total_blocks} blocks of {sb.block_size} bytes")
         print(f"  journals {sb.journal_count} x {sb.journal_blocks} blocks "
-              f"({sb.journal_blocks * BLOCK_SIZE >> 20} MiB) from block {sb.journal_start}")
+              f"({sb.journal_blocks * BLOCK_SIZE >> 20} MiB) from block {sb.journal_start}, "
+              f"each with {sb.orphan_blocks} orphan blocks "
+              f"({sb.orphan_blocks * ORPHANS_PER_BLOCK} files unlinked while open)")
         print(f"  resource groups {sb.rgrp_count} x {sb.rgrp_blocks} blocks from block "
               f"{sb.rgrp_start}")
         print(f"  root inode {sb.root_ino}, free blocks {free_blocks(sb)} "
