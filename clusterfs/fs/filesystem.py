@@ -675,6 +675,10 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
             if ino in self.unlinked:
                 continue                 # unlinked in this life: the usual path frees it
             freed += await self._sweep_one(ino)
+        if freed:
+            # one line a sweep: a node that died in stress-ng's `open` leaves thousands
+            log.info("orphan sweep: freed %d inode%s unlinked while open (their openers "
+                     "gone)", freed, "" if freed == 1 else "s")
         return freed
 
     async def _sweep_one(self, ino: int) -> int:
@@ -686,7 +690,7 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
                     self._orphan_room()
         if outcome != "freed":
             return 0
-        log.info("freed orphan inode %d (unlinked while open, its opener gone)", ino)
+        log.debug("freed orphan inode %d (unlinked while open, its opener gone)", ino)
         return 1
 
     # ================================================================ whole fs
