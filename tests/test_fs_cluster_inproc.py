@@ -1054,3 +1054,29 @@ async def test_a_write_while_new_inodes_take_their_own_locks_is_not_lost(
         got = await b.fs.lookup(root, b"f")
         assert got is not None and got.d.size == 4 * BLOCK
         assert await b.fs.read(f.ino, 0, 4 * BLOCK) == b"x" * (3 * BLOCK) + b"y" * BLOCK
+
+
+@trio_test
+async def test_nothing_is_moved_or_linked_into_a_directory_another_node_removed(
+        tmp_path) -> None:
+    """b removes directory t while a has it open, so t is not freed yet (nlink 0, an
+    orphan): a rename or a link into it on a (whose kernel still has t) is ENOENT. The
+    rename used to succeed: the entry went into the removed directory and was lost
+    with it when t was freed, leaving the file with a link count no name accounts for
+    (fsck: "unreachable inode ... (nlink 1)", found by the node-death soak)."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        src_dir = await a.fs.mknod(root, b"s", stat.S_IFDIR | 0o755, 0, 0, 0)
+        f = await a.fs.mknod(src_dir.ino, b"f", REG, 0, 0, 0)
+        t = await a.fs.mknod(root, b"t", stat.S_IFDIR | 0o755, 0, 0, 0)
+        await a.fs.open(t.ino)                             # (opendir on a)
+        await b.fs.unlink(root, b"t", want_dir=True)
+        for move in (lambda: a.fs.rename(src_dir.ino, b"f", t.ino, b"g"),
+                     lambda: a.fs.rename(root, b"s", t.ino, b"s2"),
+                     lambda: a.fs.link(f.ino, t.ino, b"h")):
+            with pytest.raises(FSError) as caught:
+                await move()
+            assert caught.value.errno == errno.ENOENT
+        assert [n for n, _ in await a.fs.readdir(src_dir.ino)] == [b"f"]
+        assert (await b.fs.getattr(f.ino)).d.nlink == 1
+        assert not a.fs.txn.withdrawn and not b.fs.txn.withdrawn

@@ -194,6 +194,8 @@ class Namespace:
                 p = self._inode(parent)
                 if p.dir is None:
                     raise FSError(errno.ENOTDIR)
+                if p.d.nlink == 0:
+                    raise FSError(errno.ENOENT, "directory was removed")  # (_rename)
                 if p.dir.get(name) is not None:
                     raise FSError(errno.EEXIST)
                 if node.d.nlink == 0:
@@ -388,6 +390,11 @@ class Namespace:
                 dst: int | None, chain: list[int]) -> None:
         P1, P2 = self._inode(p1), self._inode(p2)
         assert P1.dir is not None and P2.dir is not None
+        if P2.d.nlink == 0:
+            # removed by another node, not freed yet (still open somewhere): this
+            # node's kernel cannot know (its VFS refuses only its own removed
+            # directories), and an entry made here would go with the directory
+            raise FSError(errno.ENOENT, "target directory was removed")
         if self._entry_ino(P1, n1) != src or self._entry_ino(P2, n2) != dst:
             raise _Changed
         S = self._inode(src, by_name=True)
