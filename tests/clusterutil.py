@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -72,9 +73,23 @@ class Cluster:
         try:
             yield
         except BaseException:
+            self.dump_states()
             for m in self.mounts.values():
                 m.force_unmount()
             raise
+
+    def dump_states(self) -> None:
+        """Each live node's status with its glocks and every task's wait frames, into
+        DIR/nodeN.state.txt: what a hang looked like, kept with the test's directory."""
+        for n, m in self.mounts.items():
+            if not m.alive():
+                continue
+            try:
+                r = run_cli("status", "--tasks", "--control", self.control(n), timeout=15)
+                text = r.stdout + r.stderr
+            except subprocess.TimeoutExpired:
+                text = "no answer within 15 s\n"
+            (self.dir / f"node{n}.state.txt").write_text(text)
 
     def start(self, *nodes: int) -> None:
         """Start the nodes at once (a lone node of three has no quorum and would wait)

@@ -318,6 +318,11 @@ def test_status_shows_the_mount_and_its_glocks(tmp_path):
         assert sorted(n for n in holders if isinstance(n, int)) == [1, 2, 3], slots["slots"]
         assert holders[1] == slots["mount"]["slot"]          # node 1's own, as it says
         assert f"{holders[2]}: node 2" in r.stdout
+        # --tasks: every task of the node and the frames it waits in (for a hang)
+        r = run_cli("status", "--tasks", "--control", c.control(1))
+        assert r.returncode == 0, r.stderr
+        assert re.search(r"^task .*\n    .*cache/transaction\.py:\d+ run_timer", r.stdout,
+                         re.MULTILINE), r.stdout[-3000:]
 
 
 def _glock_stats(c, node: int) -> dict:

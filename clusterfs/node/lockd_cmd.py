@@ -41,6 +41,7 @@ that connection only); lock handles belong to their connection, and closing
 the connection unlocks whatever it still holds.
 
   status                          node, generation, members, quorum, running, stats
+  tasks                           every trio task and the frames it waits in
   wait_running   [timeout]        until locking runs (first recovery done)
   locks          name             the resource's grant/convert/wait queues (asked of its master)
   lock           name mode [range] [try] [timeout] [lvb_hex]
@@ -430,6 +431,11 @@ class _Session:
         if self.server.asked_status is not None:
             out.update(await self.server.asked_status())
         return out
+
+    async def op_tasks(self, req: dict[str, Any]) -> dict[str, Any]:
+        from clusterfs.node.taskdump import describe_tasks
+
+        return {"tasks": describe_tasks()}
 
     async def op_wait_running(self, req: dict[str, Any]) -> dict[str, Any]:
         with trio.fail_after(float(req.get("timeout", 30))):

@@ -23,6 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--node-id", type=int, help="ask this node's lockd (default socket)")
     p.add_argument("--control", help="control socket of the lockd to ask")
     p.add_argument("--json", action="store_true", help="print the raw answer")
+    p.add_argument("--tasks", action="store_true",
+                   help="also every task of the node and where it waits (a hang)")
 
 
 def control_path(args: argparse.Namespace) -> str:
@@ -63,10 +65,19 @@ def run(args: argparse.Namespace) -> int:
     code, st = ask("status", args, "status")
     if code:
         return code
+    if getattr(args, "tasks", False):
+        code, reply = ask("status", args, "tasks")
+        if code:
+            return code
+        st["tasks"] = reply["tasks"]
     if args.json:
         print(json.dumps(st, indent=2))
         return 0
     print_status(st)
+    for task in st.get("tasks", ()):
+        print(f"task {task['name']}")
+        for frame in task["frames"]:
+            print(f"    {frame}")
     return 0
 
 
