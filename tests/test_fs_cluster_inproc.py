@@ -1054,3 +1054,37 @@ async def test_a_write_while_new_inodes_take_their_own_locks_is_not_lost(
         got = await b.fs.lookup(root, b"f")
         assert got is not None and got.d.size == 4 * BLOCK
         assert await b.fs.read(f.ino, 0, 4 * BLOCK) == b"x" * (3 * BLOCK) + b"y" * BLOCK
+
+
+@trio_test
+async def test_an_open_while_the_last_close_lets_the_iopen_lock_go_keeps_it(
+        tmp_path, monkeypatch) -> None:
+    """An open finds the iopen lock held (an earlier open of the file here) and waits
+    for the inode's lock; the earlier open's last close lets the iopen lock go
+    meanwhile. The new open must not end without it: B's unlink would find the file
+    open nowhere and free it under A's open file."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        f = await a.fs.mknod(root, b"f", REG, 0, 0, 0)
+        await a.fs.write(f.ino, 0, b"data")
+        await a.fs.open(f.ino)
+        assert (await b.fs.lookup(root, b"f")) is not None
+        await b.fs.setattr(f.ino, mode=0o600)        # A's lock on f goes: the next waits
+        acquire = a.fs.glocks.acquire
+        armed = True
+
+        async def close_while_waiting(wanted, *args, **kwargs):
+            nonlocal armed
+            wanted = list(wanted)
+            if armed and (("inode", f.ino), Mode.PR) in wanted:
+                armed = False
+                await a.fs.release(f.ino)            # the earlier open's last close
+            return await acquire(wanted, *args, **kwargs)
+        monkeypatch.setattr(a.fs.glocks, "acquire", close_while_waiting)
+        await a.fs.open(f.ino)
+        monkeypatch.setattr(a.fs.glocks, "acquire", acquire)
+        assert not armed
+        assert f.ino in a.fs.iopen
+        await b.fs.unlink(root, b"f")                # open on A: not freed
+        assert await a.fs.read(f.ino, 0, 100) == b"data"
+        await a.fs.release(f.ino)
