@@ -1088,3 +1088,40 @@ async def test_an_open_while_the_last_close_lets_the_iopen_lock_go_keeps_it(
         await b.fs.unlink(root, b"f")                # open on A: not freed
         assert await a.fs.read(f.ino, 0, 100) == b"data"
         await a.fs.release(f.ino)
+
+
+@trio_test
+async def test_a_create_that_opens_during_its_directorys_demote_takes_the_iopen_lock(
+        tmp_path, monkeypatch) -> None:
+    """A create with open_it finishes (its commit waited) while its directory's lock is
+    going down, past the demote's settling of owed iopen locks but before the new
+    inode leaves the directory's cover. Its iopen lock must still be taken before B
+    can reach the file: else B's unlink finds it open nowhere and frees it."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        in_flush, go = trio.Event(), trio.Event()
+        flush = a.fs._flush_for_demote
+
+        async def held_flush(*args, **kwargs) -> None:
+            in_flush.set()
+            await go.wait()
+            await flush(*args, **kwargs)
+        end_operation = a.fs.txn.end_operation
+
+        async with trio.open_nursery() as nursery:
+            async def demote_meanwhile() -> None:
+                monkeypatch.setattr(a.fs.txn, "end_operation", end_operation)
+                await end_operation()
+                monkeypatch.setattr(a.fs, "_flush_for_demote", held_flush)
+                nursery.start_soon(b.fs.lookup, root, b"g")   # root goes to PR on A
+                await in_flush.wait()
+            monkeypatch.setattr(a.fs.txn, "end_operation", demote_meanwhile)
+            f = await a.fs.mknod(root, b"f", REG, 0, 0, 0, open_it=True)
+            go.set()
+        monkeypatch.setattr(a.fs, "_flush_for_demote", flush)
+        assert f.ino not in a.fs._unguarded_in
+        assert f.ino in a.fs.iopen
+        await b.fs.unlink(root, b"f")                # open on A: not freed
+        await a.fs.write(f.ino, 0, b"still here")
+        assert await a.fs.read(f.ino, 0, 100) == b"still here"
+        await a.fs.release(f.ino)
