@@ -1080,3 +1080,74 @@ async def test_nothing_is_moved_or_linked_into_a_directory_another_node_removed(
         assert [n for n, _ in await a.fs.readdir(src_dir.ino)] == [b"f"]
         assert (await b.fs.getattr(f.ino)).d.nlink == 1
         assert not a.fs.txn.withdrawn and not b.fs.txn.withdrawn
+
+
+@trio_test
+async def test_an_open_while_the_last_close_lets_the_iopen_lock_go_keeps_it(
+        tmp_path, monkeypatch) -> None:
+    """An open finds the iopen lock held (an earlier open of the file here) and waits
+    for the inode's lock; the earlier open's last close lets the iopen lock go
+    meanwhile. The new open must not end without it: B's unlink would find the file
+    open nowhere and free it under A's open file."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        f = await a.fs.mknod(root, b"f", REG, 0, 0, 0)
+        await a.fs.write(f.ino, 0, b"data")
+        await a.fs.open(f.ino)
+        assert (await b.fs.lookup(root, b"f")) is not None
+        await b.fs.setattr(f.ino, mode=0o600)        # A's lock on f goes: the next waits
+        acquire = a.fs.glocks.acquire
+        armed = True
+
+        async def close_while_waiting(wanted, *args, **kwargs):
+            nonlocal armed
+            wanted = list(wanted)
+            if armed and (("inode", f.ino), Mode.PR) in wanted:
+                armed = False
+                await a.fs.release(f.ino)            # the earlier open's last close
+            return await acquire(wanted, *args, **kwargs)
+        monkeypatch.setattr(a.fs.glocks, "acquire", close_while_waiting)
+        await a.fs.open(f.ino)
+        monkeypatch.setattr(a.fs.glocks, "acquire", acquire)
+        assert not armed
+        assert f.ino in a.fs.iopen
+        await b.fs.unlink(root, b"f")                # open on A: not freed
+        assert await a.fs.read(f.ino, 0, 100) == b"data"
+        await a.fs.release(f.ino)
+
+
+@trio_test
+async def test_a_create_that_opens_during_its_directorys_demote_takes_the_iopen_lock(
+        tmp_path, monkeypatch) -> None:
+    """A create with open_it finishes (its commit waited) while its directory's lock is
+    going down, past the demote's settling of owed iopen locks but before the new
+    inode leaves the directory's cover. Its iopen lock must still be taken before B
+    can reach the file: else B's unlink finds it open nowhere and frees it."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        in_flush, go = trio.Event(), trio.Event()
+        flush = a.fs._flush_for_demote
+
+        async def held_flush(*args, **kwargs) -> None:
+            in_flush.set()
+            await go.wait()
+            await flush(*args, **kwargs)
+        end_operation = a.fs.txn.end_operation
+
+        async with trio.open_nursery() as nursery:
+            async def demote_meanwhile() -> None:
+                monkeypatch.setattr(a.fs.txn, "end_operation", end_operation)
+                await end_operation()
+                monkeypatch.setattr(a.fs, "_flush_for_demote", held_flush)
+                nursery.start_soon(b.fs.lookup, root, b"g")   # root goes to PR on A
+                await in_flush.wait()
+            monkeypatch.setattr(a.fs.txn, "end_operation", demote_meanwhile)
+            f = await a.fs.mknod(root, b"f", REG, 0, 0, 0, open_it=True)
+            go.set()
+        monkeypatch.setattr(a.fs, "_flush_for_demote", flush)
+        assert f.ino not in a.fs._unguarded_in
+        assert f.ino in a.fs.iopen
+        await b.fs.unlink(root, b"f")                # open on A: not freed
+        await a.fs.write(f.ino, 0, b"still here")
+        assert await a.fs.read(f.ino, 0, 100) == b"still here"
+        await a.fs.release(f.ino)

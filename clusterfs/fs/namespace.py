@@ -74,19 +74,24 @@ class Namespace:
 
         async def run(alloc):
             async with self._hold(ex=[parent], alloc=alloc):
-                return self._create(parent, name, mode, rdev, uid, gid, target)
+                node = self._create(parent, name, mode, rdev, uid, gid, target)
+                if open_it:
+                    # counted open in the body that made it: the directory's lock may
+                    # start going down as soon as the body ends (this create's commit
+                    # may still wait), and its demote takes the iopen lock owed before
+                    # another node can reach the file. Counted after that await, a
+                    # demote under way had settled nothing and let the file go with no
+                    # iopen lock: another node's unlink freed it under the open file.
+                    self.opens[node.ino] = self.opens.get(node.ino, 0) + 1
+                    if self.clustered:
+                        self._iopen_owed.add(node.ino)
+                return node
 
         node = await self._retrying(run, self._create_goal(parent), 8)
         # (cluster: no lock of its own yet; the directory's covers it, _unguarded)
         if len(self._unguarded_in) > self.unguarded_max:
             await self._guard_oldest()
         self.count_lookup(node.ino, node.d.generation)
-        if open_it:
-            if self._unguarded_in.get(node.ino) == parent:
-                self._iopen_owed.add(node.ino)       # taken before anyone can reach it
-            else:
-                await self._iopen_hold(node.ino)
-            self.opens[node.ino] = self.opens.get(node.ino, 0) + 1
         return node
 
     async def _guard(self, ex: list[int], pr: list[int]) -> None:

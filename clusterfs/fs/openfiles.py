@@ -21,16 +21,23 @@ from clusterfs.fs.inode import CachedInode
 class OpenFiles:
     # ================================================================ open files
     async def open(self, ino: int) -> CachedInode:
-        await self._iopen_hold(ino)
-        try:
-            async with self._hold(pr=[ino], write=False):
-                node = self._inode(ino)
-                self.opens[ino] = self.opens.get(ino, 0) + 1
-                return node
-        except BaseException:
-            if not self.opens.get(ino):
-                await self._iopen_release(ino)
-            raise
+        while True:
+            await self._iopen_hold(ino)
+            try:
+                async with self._hold(pr=[ino], write=False):
+                    if self.clustered and ino not in self.iopen:
+                        # the last close of an earlier open here (or a failed open) let
+                        # the iopen lock go while this one waited for the inode's lock:
+                        # counted open without it, another node's unlink would free the
+                        # file under us. Take it again first.
+                        continue
+                    node = self._inode(ino)
+                    self.opens[ino] = self.opens.get(ino, 0) + 1
+                    return node
+            except BaseException:
+                if not self.opens.get(ino):
+                    await self._iopen_release(ino)
+                raise
 
     async def release(self, ino: int) -> None:
         left = self.opens.get(ino, 0) - 1
