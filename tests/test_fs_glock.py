@@ -188,6 +188,40 @@ async def test_conversion_deadlock_is_retried_inside() -> None:
 
 
 @trio_test
+async def test_a_conversion_deadlock_never_lets_go_of_a_lock_a_local_task_holds() -> None:
+    """As above, with another task on each node holding the glock in PR meanwhile (a
+    listing, a lookup): the node whose conversion failed must not unlock under it. It
+    did: the holder went on reading blocks another node was free to rewrite (a torn
+    directory leaf is a withdraw). It waits for its holders, then lets go."""
+    async with memory_cluster([1, 2, 3]) as mc:
+        managers = [GlockManager(mc.ls(n), min_hold=0) for n in (1, 2)]
+        async with trio.open_nursery() as nursery:
+            for g in managers:
+                g.start(nursery)
+            readers = [await g.acquire([(R, Mode.PR)]) for g in managers]
+            done: list[int] = []
+
+            async def upgrade(n: int, g: GlockManager) -> None:
+                async with g.hold([(R, Mode.EX)]):
+                    done.append(n)
+
+            async with trio.open_nursery() as both:
+                for n, g in enumerate(managers):
+                    both.start_soon(upgrade, n, g)
+                with trio.fail_after(10):
+                    while not any(g.statistics()["deadlocks_retried"] for g in managers):
+                        await trio.sleep(0.01)
+                await trio.sleep(0.2)                 # (time to unlock, if it would)
+                for held in readers:
+                    assert held[0].lock is not None and held[0].mode is not None, \
+                        "a lock let go under a local holder"
+                for g, held in zip(managers, readers, strict=True):
+                    g.release(held)
+            assert sorted(done) == [0, 1]
+            nursery.cancel_scope.cancel()
+
+
+@trio_test
 async def test_a_blocking_callback_before_start_is_kept() -> None:
     async with memory_cluster([1, 2, 3]) as mc:
         glocks = GlockManager(mc.ls(1), min_hold=0)

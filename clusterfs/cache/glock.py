@@ -108,6 +108,7 @@ class Glock:
         self.asked_at = 0.0               # when another node last asked us to go down
         self.going_down = False           # a demote is past the hold: no new local users
         self.evicting = False             # the shrinker's demote: forget it once down
+        self.draining = False             # a failed conversion waits for its holders
         # set when a local user waits behind the pending demote for a mode stronger
         # than the one held: the rest of the hold time would serve no one (_demote)
         self.outgrown = trio.Event()
@@ -119,7 +120,7 @@ class Glock:
     def usable_for(self, mode: Mode) -> bool:
         """Held in `mode` or better, and no demote pending or still inside the hold
         time (local users go on until it is over): take it without waiting."""
-        return self.lock is not None and self.lock.mode >= mode and (
+        return self.lock is not None and self.lock.mode >= mode and not self.draining and (
             self.demote_to is None or (
                 not self.going_down and time.monotonic() < self.granted_at + self.hold_time))
 
@@ -353,9 +354,12 @@ class GlockManager:
             else:
                 await self.locks.convert(glock.lock, mode)
         except ConversionDeadlock:
-            # both of us hold PR and want EX: give ours up entirely and ask afresh
+            # both of us hold PR and want EX: give ours up entirely and ask afresh, once
+            # no local task holds it any more (letting it go under a reader let another
+            # node rewrite the blocks it was reading: a torn directory leaf withdraws)
             self.stats["deadlocks_retried"] += 1
             log.debug("glock %s: conversion deadlock; dropping and asking again", glock.name)
+            await self._drain_holders(glock)
             await self._go_down(glock, Mode.NL)
             await trio.sleep(random.random() * DEADLOCK_BACKOFF)
             return False
@@ -366,6 +370,16 @@ class GlockManager:
         if mode == Mode.EX and str(glock.name[0]) in self.share_when_idle:
             self._exclusive[glock.name] = glock
         return True
+
+    @staticmethod
+    async def _drain_holders(glock: Glock) -> None:
+        """Until no local task holds `glock`; none may start holding it meanwhile."""
+        glock.draining = True
+        try:
+            while glock.holders:
+                await glock.idle.wait()
+        finally:
+            glock.draining = False
 
     def fail(self, error: ClusterFSError) -> None:
         """The node withdrew: a demote of ours never ends (it gives nothing back that
