@@ -1151,3 +1151,32 @@ async def test_a_create_that_opens_during_its_directorys_demote_takes_the_iopen_
         await a.fs.write(f.ino, 0, b"still here")
         assert await a.fs.read(f.ino, 0, 100) == b"still here"
         await a.fs.release(f.ino)
+
+
+@trio_test
+async def test_a_directorys_demote_does_not_wait_on_a_new_inode_another_node_wants(
+        tmp_path) -> None:
+    """a made f in d (covered by d's lock only). An operation on a holds f's own lock
+    and waits for d's (sorted order: f first when its number is lower); b asks for f
+    (a number it knew from before: its kernel, an orphan entry) and for d. d's demote
+    on a took f's lock for a's cache (warm) and waited for f's demote, which waited for
+    the operation, which waited for d's demote: every node hung (the node-death soak,
+    once). The warm of a demote now takes only what is granted at once."""
+    with trio.move_on_after(30) as hang_guard:     # (a hang cancels everything)
+        async with nodes(tmp_path) as (a, b):
+            d = await a.fs.mknod(a.fs.root, b"d", stat.S_IFDIR | 0o755, 0, 0, 0)
+            await b.fs.lookup(a.fs.root, b"d")              # (b knows d)
+            await a.fs.mknod(d.ino, b"warm", REG, 0, 0, 0)  # (d's EX back on a)
+            f = await a.fs.mknod(d.ino, b"f", REG, 0, 0, 0)
+            assert f.ino in a.fs._unguarded_in
+            op = await a.fs.glocks.acquire([(("inode", f.ino), Mode.EX)])
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(b.fs.glocks.acquire, [(("inode", f.ino), Mode.EX)])
+                await wait_until(lambda: a.fs.glocks.glocks[("inode", f.ino)].demote_to
+                                 is not None)
+                nursery.start_soon(b.fs.lookup, d.ino, b"x")  # d's demote on a
+                await wait_until(lambda: a.fs.glocks.glocks[("inode", d.ino)].demote_to
+                                 is not None)
+                more = await a.fs.glocks.acquire([(("inode", d.ino), Mode.EX)])
+                a.fs.glocks.release(op + more)
+    assert not hang_guard.cancelled_caught, "a's demote of d waited for f: deadlock"

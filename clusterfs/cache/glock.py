@@ -66,7 +66,7 @@ from clusterfs.dlm.interface import (
     Mode,
     ResourceName,
 )
-from clusterfs.errors import ClusterFSError
+from clusterfs.errors import ClusterFSError, WouldBlock
 
 log = logging.getLogger(__name__)
 DemoteCallback = Callable[["Glock", Mode], Awaitable[None] | None]
@@ -234,13 +234,17 @@ class GlockManager:
         return taken
 
     async def warm(self, wanted: Iterable[tuple[ResourceName, Mode]],
-                   in_flight: int = WARM_IN_FLIGHT) -> None:
+                   in_flight: int = WARM_IN_FLIGHT, at_once: bool = False) -> None:
         """Bring glocks into the cache, up to `in_flight` requests at a time, holding
         none of them after: a listing of another node's directory then waits one
         round trip per batch, not one per entry. Each is taken and let go on its own,
         so no two are held at once and the sorted order that keeps acquire() free of
         deadlock is not needed. Best effort: a glock that could not be taken (or was
-        demoted again meanwhile) is left to the caller's acquire()."""
+        demoted again meanwhile) is left to the caller's acquire().
+
+        at_once: only what needs no wait for another node or for a demote here (the
+        lock service's try): a demote that warms (fs: a directory's new inodes) must
+        not wait on a lock whose holder may be waiting for that very demote."""
         todo = [(name, mode) for name, mode in wanted
                 if not self._cached_for(name, mode)]
         if not todo:
@@ -252,7 +256,12 @@ class GlockManager:
             # limiter's round per lock cost as much as the lock request itself)
             for name, mode in left:
                 try:
-                    self.release(await self.acquire([(name, mode)]))
+                    if at_once:
+                        glock = await self._acquire_at_once(name, mode)
+                        if glock is not None:
+                            self.release([glock])
+                    else:
+                        self.release(await self.acquire([(name, mode)]))
                 except ClusterFSError as exc:   # nothing escapes the nursery but
                     log.debug("glock %s: not warmed: %s", name, exc)   # cancellation
 
@@ -262,6 +271,27 @@ class GlockManager:
             async with trio.open_nursery() as nursery:
                 for _ in range(min(in_flight, len(todo))):
                     nursery.start_soon(worker)
+
+    async def _acquire_at_once(self, name: ResourceName, mode: Mode) -> Glock | None:
+        """Hold `name` in `mode` if it is cached so, or if the lock service grants a
+        fresh request at once; else None, having waited for nobody."""
+        glock = self.hold_if_cached(name, mode)
+        if glock is not None or self.failed is not None or \
+                (self.gate is not None and not self.gate.is_open()):
+            return glock
+        glock = self._glock(name)
+        if glock.lock is not None or glock.demote_to is not None or glock.mutex.locked():
+            return None          # (a conversion, a demote or a request under way)
+        async with glock.mutex:
+            if glock.lock is not None or glock.demote_to is not None or \
+                    self.glocks.get(name) is not glock:
+                return None
+            if not await self._request(glock, mode, try_=True):
+                return None
+            if self.gate is not None and not self.gate.is_open():
+                return None
+            self._hold(glock)
+            return glock
 
     def hold_if_cached(self, name: ResourceName, mode: Mode) -> Glock | None:
         """Hold `name` if that needs no wait (cached in `mode` or better, no demote past
@@ -337,17 +367,21 @@ class GlockManager:
                 self._over_limit.set()
         return glock
 
-    async def _request(self, glock: Glock, mode: Mode) -> bool:
-        """Get `mode` on the glock (under its mutex); False to try again."""
+    async def _request(self, glock: Glock, mode: Mode, try_: bool = False) -> bool:
+        """Get `mode` on the glock (under its mutex); False to try again (try_: or
+        not granted at once)."""
         if glock.lock is not None and glock.lock.mode >= mode:
             return True
         glock.requesting = mode
         try:
             if glock.lock is None:
                 resource, byte_range = self._dlm_target(glock.name)
-                glock.lock = await self.locks.lock(
-                    resource, mode, range=byte_range,
-                    on_blocking=lambda m, g=glock: self._blocking(g, m))
+                try:
+                    glock.lock = await self.locks.lock(
+                        resource, mode, range=byte_range, try_=try_,
+                        on_blocking=lambda m, g=glock: self._blocking(g, m))
+                except WouldBlock:
+                    return False
                 granted = self.grant_callbacks.get(str(glock.name[0]))
                 if granted is not None:
                     granted(glock)

@@ -89,7 +89,10 @@ class Demotion:
         if kept:
             self.inodes.keep_at_first_grant(kept)
             try:
-                await self.glocks.warm((("inode", c), Mode.PR) for c in kept)
+                # (at once or not at all: this demote must not wait on a lock whose
+                # holder may wait for it, as a local operation holding a child and
+                # waiting for this directory would when another node asks for the child)
+                await self.glocks.warm(((("inode", c), Mode.PR) for c in kept), at_once=True)
             finally:
                 self.inodes.end_keep(kept)
         held = {c for c in kept if self._held(c)}
