@@ -108,3 +108,14 @@ def test_a_bad_orphan_setting_is_refused_at_decode() -> None:
     sb.config = b"orphan_blocks=lots\n"
     with pytest.raises(FormatError, match="orphan blocks per slot 'lots'"):
         decode_superblock(encode_superblock(sb))
+
+
+def test_an_adoption_that_does_not_fit_warns_of_nothing_left_unlisted(caplog) -> None:
+    """What an adoption leaves out stays listed in the departed slot: no "orphan list
+    full ... fsck --repair frees it" warning, which an unlink past the room gives."""
+    orphans = OrphanList.rewritten([100], list(range(ORPHANS_PER_BLOCK - 1)))
+    with caplog.at_level("WARNING"):
+        assert orphans.update([10**6, 10**6 + 1]) == [10**6 + 1]
+        assert "orphan list full" not in caplog.text
+        assert not orphans.add(10**7)
+        assert "orphan list full" in caplog.text

@@ -79,9 +79,18 @@ class OrphanList:
 
     def update(self, inodes: list[int]) -> list[int]:
         """List several (adopted from a departed slot) while there is room; those that
-        did not fit, which the caller leaves listed where they were."""
-        return [ino for ino in inodes               # (add lists it when there is room)
-                if ino not in self.inodes and not self.add(ino)]
+        did not fit, which the caller leaves listed where they were (and says so: no
+        "list full" warning here, nothing is left unlisted)."""
+        left_out: list[int] = []
+        for ino in inodes:
+            if ino in self.inodes:
+                continue
+            index = self._room_for(ino)
+            if index is None:
+                left_out.append(ino)
+            else:
+                self._place(ino, index)
+        return left_out
 
     def discard(self, ino: int) -> bool:
         index = self._where.pop(ino, None)
