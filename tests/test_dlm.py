@@ -804,6 +804,27 @@ async def test_remove_races_request_from_cached_master() -> None:
 
 
 @trio_test
+async def test_dump_resource_from_a_node_whose_cached_master_freed_it() -> None:
+    """Node 1 caches node 2 as the master; node 2 frees the resource (idle) and node 3
+    takes it and masters it. Node 1's dump must show node 3's lock: it showed the
+    former master's empty answer, and `clusterfs status` a held journal slot as free."""
+    async with memory_cluster([1, 2, 3]) as mc:
+        a, b, c = mc.ls(1), mc.ls(2), mc.ls(3)
+        await b.unlock(await b.lock(R, Mode.EX))            # node 2 masters it
+        await a.unlock(await a.lock(R, Mode.PR))            # node 1 caches master 2
+        await settle()
+        assert b.remove_idle_resources(everything=True) == 1
+        await settle()
+        held = await c.lock(R, Mode.EX)
+        await settle()
+        assert masters(mc, R) == [3]
+        d = await a.dump_resource(R)
+        assert d["master"] == 3
+        assert [(lk["node"], lk["grmode"]) for lk in d["locks"]] == [(3, "EX")]
+        await c.unlock(held)
+
+
+@trio_test
 async def test_remove_waits_while_recovering_and_lvb_goes_with_it() -> None:
     async with memory_cluster([1, 2, 3], auto_fence=False) as mc:
         a = mc.ls(1)

@@ -76,6 +76,7 @@ DLM_TYPES = [t for t in MsgType if 32 <= t <= 79]
 # view and does not answer (a message lost with a connection, or a frozen master not
 # yet removed: watch.py has membership probe it) fails the query after this long.
 QUERY_TIMEOUT = 5.0
+QUERY_TRIES = 5         # masters dump_resource asks before it gives up (each moved on)
 RECOVERY_TYPES = {MsgType.DLM_RECOVER_STATUS, MsgType.DLM_RECOVER_NAMES,
                   MsgType.DLM_RECOVER_LOCKS, MsgType.DLM_QUERY, MsgType.DLM_QUERY_REPLY}
 # A DLM_BATCH's messages are judged one by one (_receive_batch), each as if alone
@@ -92,6 +93,7 @@ class Query:
     key: bytes
     done: trio.Event = field(default_factory=trio.Event)
     locks: list[dict[str, Any]] | None = None     # the answer; None: none came
+    not_master: bool = False      # the node asked masters it no more (a stale cache)
 
 
 @dataclass(frozen=True)
@@ -334,26 +336,36 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
     async def dump_resource(self, name: ResourceName) -> dict[str, Any]:
         """The grant/convert/wait queues of a resource, asked of its master. A master
         that leaves the view before it answers is not waited for: the resource's master
-        after the recovery is asked instead. TooSlowError if a master still in the view
-        does not answer within QUERY_TIMEOUT."""
+        after the recovery is asked instead, as is the directory again when the master
+        this node had cached masters it no more. TooSlowError if a master still in the
+        view does not answer within QUERY_TIMEOUT."""
         key = resource_key(name)
-        while True:
+        for _ in range(QUERY_TRIES):
             master = await self._find_master(key, assign=False)
             if master is None:
                 return {"resource": key.decode(errors="replace"), "master": None,
                         "locks": []}
             if master == self.ls_node:
-                infos = [i.as_dict() for i in (self.dump_local(key) or [])]
-                break
-            answer = await self._query(master, key)
-            if answer is not None:
-                infos = answer
-                break
-        return {"resource": key.decode(errors="replace"), "master": master, "locks": infos}
+                local = self.dump_local(key)
+                infos = None if local is None else [i.as_dict() for i in local]
+            else:
+                infos = await self._query(master, key)
+            if infos is not None:
+                return {"resource": key.decode(errors="replace"), "master": master,
+                        "locks": infos}
+            # the master left the view first, or our cached master was stale (the
+            # resource moved; a lock request would have been answered "notmaster"):
+            # ask the directory again. (An empty answer from a former master showed a
+            # held journal slot as free in `clusterfs status`.)
+            if self.ls_master_of.get(key) == master:
+                self.ls_master_of.pop(key, None)
+        raise LockError(f"{key.decode(errors='replace')}: its master moved {QUERY_TRIES} "
+                        "times while asked; ask again")
 
     # -- DLM_QUERY: the queues of a resource, asked of its master -----------------
     async def _query(self, master: int, key: bytes) -> list[dict[str, Any]] | None:
-        """Ask `master` for key's queues. None if it left the view first (`_stop`)."""
+        """Ask `master` for key's queues. None if it left the view first (`_stop`) or
+        does not master it (any more)."""
         qid = self._new_lkid()
         query = Query(master, key)
         self.ls_queries[qid] = query
@@ -364,7 +376,7 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
                 await query.done.wait()
         finally:
             self.ls_queries.pop(qid, None)
-        return query.locks
+        return None if query.not_master else query.locks
 
     def _end_queries(self, every: bool = False) -> None:
         """A new view: a query whose master left it will never be answered (`every`:
@@ -375,13 +387,16 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
                 query.done.set()
 
     def _receive_query(self, sender: int, body: dict[str, Any]) -> None:
-        infos = [i.as_dict() for i in (self.dump_local(body["name"]) or [])]
-        self._send(sender, MsgType.DLM_QUERY_REPLY, {"q": body["q"], "locks": infos})
+        local = self.dump_local(body["name"])
+        self._send(sender, MsgType.DLM_QUERY_REPLY,
+                   {"q": body["q"], "locks": [i.as_dict() for i in local or []],
+                    "notmaster": local is None})
 
     def _receive_query_reply(self, sender: int, body: dict[str, Any]) -> None:
         query = self.ls_queries.pop(body["q"], None)
         if query is not None:
             query.locks = body["locks"]
+            query.not_master = bool(body.get("notmaster"))
             query.done.set()
 
     # =========================================================================
