@@ -1180,3 +1180,32 @@ async def test_a_directorys_demote_does_not_wait_on_a_new_inode_another_node_wan
                 more = await a.fs.glocks.acquire([(("inode", d.ino), Mode.EX)])
                 a.fs.glocks.release(op + more)
     assert not hang_guard.cancelled_caught, "a's demote of d waited for f: deadlock"
+
+
+@trio_test
+async def test_a_journal_replay_by_a_survivor_flushes_off_the_event_loop(
+        tmp_path, monkeypatch) -> None:
+    """A survivor replays a dead node's journal in steps, and each write home and flush
+    waits for the survivor's own queued data writes first: in its event loop, under
+    load, that stalled the loop past a second (stress-ng's open, 4000 orphans). Every
+    step runs in a worker thread now."""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    sb = make_filesystem(str(image), journals=2, cluster="inproc")
+    dev = BlockDevice(str(image))
+    try:
+        dead = Journal(dev, sb, 0)
+        dead.open()
+        home = sb.root_ino + 50
+        copy = bytes(range(256)) * (BLOCK // 256)
+        dead.commit({home: copy})                       # committed, never written home
+        async with memory_cluster([1, 2]) as mc:
+            recovery = JournalRecovery(mc.ls(2), dev, sb, own_slot=1)
+            dev.write_behind((sb.root_ino + 500) * BLOCK, memoryview(b"q" * (1 << 20)))
+            on_loop = _record_loop_waits(monkeypatch)
+            assert await recovery._replay_if_free(0) == 1
+            assert on_loop == []
+        assert dev.read(home) == copy
+    finally:
+        dev.close()

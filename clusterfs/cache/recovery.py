@@ -31,7 +31,7 @@ import trio
 from clusterfs import failover
 from clusterfs.dlm.interface import Mode
 from clusterfs.errors import Expelled, Withdrawn, WouldBlock
-from clusterfs.journal.log import replay_steps
+from clusterfs.journal.log import FLUSH, ReplayResult, replay_steps
 from clusterfs.membership.view import ViewChange
 
 log = logging.getLogger(__name__)
@@ -136,17 +136,15 @@ class JournalRecovery:
         except WouldBlock:
             return None                       # a live node's journal
         try:
-            # in the event loop, not a worker thread (the device's staging buffers and
-            # read-ahead state are the loop's; every lock user waits behind the gate),
-            # but in steps: heartbeats and the DLM must go on during a long replay
+            # step by step, each in a worker thread: every write home and flush waits
+            # for this node's own queued data writes first, as long as a busy disk
+            # takes (in the event loop that stalled a survivor past a second, under
+            # stress-ng's open); and a newer view can cancel between two steps
             steps = replay_steps(self.dev, self.sb, slot)
             while True:
-                try:
-                    next(steps)
-                except StopIteration as done:
-                    result = done.value
+                ended, result = await trio.to_thread.run_sync(_advance, steps, self.dev)
+                if ended:
                     break
-                await trio.sleep(0)
         finally:
             with trio.CancelScope(shield=True):
                 await self.ls.unlock(lock)
@@ -155,3 +153,16 @@ class JournalRecovery:
                      "%d revoked copies skipped", slot, result.transactions, result.blocks,
                      result.revoked)
         return result.transactions
+
+
+def _advance(steps, dev: Any) -> tuple[bool, ReplayResult | None]:
+    """(In a worker thread.) One step of a replay: (True, its result) once it ended.
+    StopIteration must not leave this thread: raised through trio's coroutines it
+    becomes a RuntimeError."""
+    try:
+        step = next(steps)
+    except StopIteration as done:
+        return True, done.value
+    if step == FLUSH:
+        dev.flush()
+    return False, None

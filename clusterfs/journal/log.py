@@ -87,13 +87,22 @@ def _without_revoked(txns: list[Transaction]) -> list[Transaction]:
              revokes) for seq, blocks, revokes in txns]
 
 
-def _run_through(steps):
-    """Run a step generator (_scan_steps, replay_steps) to its end in one go; its value."""
+# What replay_steps yields when the device must be flushed now: its driver flushes it
+# (an event loop's in a worker thread: a flush drains the write-behind queue, and a
+# survivor replaying under load stalled its loop past a second doing it there).
+FLUSH = "flush"
+
+
+def _run_through(steps, flush=None):
+    """Run a step generator (_scan_steps, replay_steps) to its end in one go; its value.
+    `flush` is called where the generator yields FLUSH."""
     while True:
         try:
-            next(steps)
+            step = next(steps)
         except StopIteration as done:
             return done.value
+        if step == FLUSH and flush is not None:
+            flush()
 
 
 def _scan_steps(dev: BlockDevice, sb: Superblock, slot: int):
@@ -166,7 +175,7 @@ def _read_transaction(dev: BlockDevice, jstart: int, log_len: int, seq: int, off
 
 def replay_journal(dev: BlockDevice, sb: Superblock, slot: int) -> ReplayResult:
     """Write every committed transaction home, flush, then move the tail past them."""
-    return _run_through(replay_steps(dev, sb, slot))
+    return _run_through(replay_steps(dev, sb, slot), dev.flush)
 
 
 REPLAY_STEP_BLOCKS = 64     # blocks written home between two yields of replay_steps
@@ -176,7 +185,9 @@ def replay_steps(dev: BlockDevice, sb: Superblock, slot: int):
     """replay_journal as a generator: it yields after every transaction read and every
     REPLAY_STEP_BLOCKS blocks written, and returns the ReplayResult. A node replaying
     another's journal in its event loop lets its other tasks run in between: a replay
-    of 40 000 blocks took 4 s, long enough for the others to miss its heartbeats."""
+    of 40 000 blocks took 4 s, long enough for the others to miss its heartbeats. It
+    yields FLUSH where the device must be flushed before it goes on (the driver
+    flushes: in a worker thread, from an event loop)."""
     head, logged, off = yield from _scan_steps(dev, sb, slot)
     txns = _without_revoked(logged)
     revoked = sum(len(b) for _s, b, _r in logged) - sum(len(b) for _s, b, _r in txns)
@@ -191,10 +202,10 @@ def replay_steps(dev: BlockDevice, sb: Superblock, slot: int):
                 yield
     next_seq = head.tail_seq + len(txns)
     if txns:
-        dev.flush()
+        yield FLUSH                      # (the copies home before the tail moves)
         jstart = sb.journal_location(slot)
         dev.write(jstart, encode_jhead(JournalHeader(slot, next_seq, off, 0), jstart))
-        dev.flush()
+        yield FLUSH
         log.info("journal %d: replayed %d transactions (%d blocks); %d revoked copies "
                  "skipped", slot, len(txns), nblocks, revoked)
     return ReplayResult(len(txns), nblocks, next_seq, off, revoked)
