@@ -31,7 +31,7 @@ import trio
 from clusterfs import failover
 from clusterfs.dlm.interface import Mode
 from clusterfs.errors import Expelled, Withdrawn, WouldBlock
-from clusterfs.journal.log import FLUSH, ReplayResult, replay_steps
+from clusterfs.journal.log import advance, replay_steps
 from clusterfs.membership.view import ViewChange
 
 log = logging.getLogger(__name__)
@@ -142,7 +142,8 @@ class JournalRecovery:
             # stress-ng's open); and a newer view can cancel between two steps
             steps = replay_steps(self.dev, self.sb, slot)
             while True:
-                ended, result = await trio.to_thread.run_sync(_advance, steps, self.dev)
+                ended, result = await trio.to_thread.run_sync(advance, steps,
+                                                              self.dev.flush)
                 if ended:
                     break
         finally:
@@ -154,15 +155,3 @@ class JournalRecovery:
                      result.revoked)
         return result.transactions
 
-
-def _advance(steps, dev: Any) -> tuple[bool, ReplayResult | None]:
-    """(In a worker thread.) One step of a replay: (True, its result) once it ended.
-    StopIteration must not leave this thread: raised through trio's coroutines it
-    becomes a RuntimeError."""
-    try:
-        step = next(steps)
-    except StopIteration as done:
-        return True, done.value
-    if step == FLUSH:
-        dev.flush()
-    return False, None

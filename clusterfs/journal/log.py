@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from clusterfs.errors import FormatError, JournalError
 from clusterfs.format.block import BLOCK_SIZE, BlockType, block_type
@@ -93,16 +94,25 @@ def _without_revoked(txns: list[Transaction]) -> list[Transaction]:
 FLUSH = "flush"
 
 
-def _run_through(steps, flush=None):
-    """Run a step generator (_scan_steps, replay_steps) to its end in one go; its value.
-    `flush` is called where the generator yields FLUSH."""
+def advance(steps, flush: Callable[[], None] | None = None) -> tuple[bool, Any]:
+    """One step of a step generator (_scan_steps, replay_steps), calling `flush` where
+    it yields FLUSH: (True, its value) once it ended. Returned, not raised: a worker
+    thread's StopIteration, raised on through trio's coroutines, is a RuntimeError."""
+    try:
+        step = next(steps)
+    except StopIteration as done:
+        return True, done.value
+    if step == FLUSH and flush is not None:
+        flush()
+    return False, None
+
+
+def _run_through(steps, flush: Callable[[], None] | None = None) -> Any:
+    """Run a step generator to its end in one go; its value."""
     while True:
-        try:
-            step = next(steps)
-        except StopIteration as done:
-            return done.value
-        if step == FLUSH and flush is not None:
-            flush()
+        ended, value = advance(steps, flush)
+        if ended:
+            return value
 
 
 def _scan_steps(dev: BlockDevice, sb: Superblock, slot: int):
