@@ -43,16 +43,21 @@ class Node:
     invalidated: list[int] = field(default_factory=list)
 
 
+def _formatted(tmp_path, journals: int):
+    """A 64 MiB image made for an in-process cluster, and its superblock."""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    return image, make_filesystem(str(image), journals=journals, cluster="inproc")
+
+
 @asynccontextmanager
 async def nodes(tmp_path, count: int = 2, placed: bool = False,
                 max_cached: int | None = None) -> AsyncIterator[list[Node]]:
     """count FileSystems on one image; placed: with a cluster mount's placement (home
     groups by node rank, the DLM directory hint), else home groups by journal slot;
     max_cached: each node's lock cache bounded so (its shrinker running)."""
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(64 << 20)
-    sb = make_filesystem(str(image), journals=count, cluster="inproc")
+    image, sb = _formatted(tmp_path, journals=count)
     placement = Placement(sb, list(range(1, count + 1)))
     hint = placement.dir_hint if placed else None
     async with memory_cluster(list(range(1, count + 1)), dir_hint=hint) as mc, \
@@ -512,10 +517,7 @@ async def test_a_journal_recovery_begun_without_quorum_ends_once_the_view_heals(
     view. Node 2's recovery must end and its gate open: before the merge resynchronised
     the pair, node 3's dropped unlock held `("recovery",)` for good (issue 7; seen on
     real nodes with a 4 s replay, docs/recovery.md)."""
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(64 << 20)
-    sb = make_filesystem(str(image), journals=3, cluster="inproc")
+    image, sb = _formatted(tmp_path, journals=3)
     dev = BlockDevice(str(image))
     try:
         async with memory_cluster([1, 2, 3]) as mc, trio.open_nursery() as nursery:
@@ -1188,10 +1190,7 @@ async def test_a_journal_replay_by_a_survivor_flushes_off_the_event_loop(
     waits for the survivor's own queued data writes first: in its event loop, under
     load, that stalled the loop past a second (stress-ng's open, 4000 orphans). Every
     step runs in a worker thread now."""
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(64 << 20)
-    sb = make_filesystem(str(image), journals=2, cluster="inproc")
+    image, sb = _formatted(tmp_path, journals=2)
     dev = BlockDevice(str(image))
     try:
         dead = Journal(dev, sb, 0)
