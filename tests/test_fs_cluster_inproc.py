@@ -25,6 +25,7 @@ from clusterfs.cache.recovery import JournalRecovery
 from clusterfs.cache.transaction import TransactionManager
 from clusterfs.dlm.interface import Mode
 from clusterfs.errors import FSError
+from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.inode import decode_inode
 from clusterfs.fs.filesystem import FileSystem
 from clusterfs.journal.log import Journal, replay_journal
@@ -243,13 +244,14 @@ async def test_a_create_may_reuse_a_number_the_kernel_still_holds(tmp_path) -> N
 
 
 def _record_io(node: Node) -> list[tuple[str, int]]:
-    """Log the node's device writes ("write", first block) and flushes ("flush", 0)."""
+    """Log the node's device writes ("write", block) for every block a write covers
+    (a run of blocks goes home in one write) and flushes ("flush", 0)."""
     calls: list[tuple[str, int]] = []
     dev = node.dev
     write, flush = dev.write, dev.flush
 
     def logged_write(blkno, data):
-        calls.append(("write", blkno))
+        calls.extend(("write", blkno + i) for i in range(max(1, len(data) // BLOCK_SIZE)))
         return write(blkno, data)
 
     def logged_flush():

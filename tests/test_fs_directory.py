@@ -119,3 +119,33 @@ def test_inode_numbers_are_sorted_and_follow_every_change():
     want = sorted([1, 99] + [ino for n, ino in names.items()
                              if n not in (first, b"entry-000001-x")])
     assert d.inode_numbers() == want
+
+
+def test_a_reloaded_directory_changes_and_encodes_as_a_fresh_one_would():
+    """Leaves read back keep each entry as stored (hash included) and encode it as it
+    was; splits, replaces and removes after a reload give the blocks a directory that
+    never left memory would."""
+    d, blocks = Directory(), Blocks()
+    names = _fill(d, blocks, 3000)
+    blocks.store.update(d.to_blocks())
+    again = Directory.from_hashed(d.payload(), blocks.store.__getitem__,
+                                  d.leaf_count + len(d.table_blocks))
+    again._load_all()
+    for blkno, leaf in again.leaves.items():      # unchanged: the same bytes
+        assert leaf.encode() == blocks.store[blkno]
+    for i, name in enumerate(list(names)[:600]):
+        if i % 2:
+            again.replace(name, 90_000 + i, 4)
+            names[name] = 90_000 + i
+        else:
+            again.remove(name)
+            del names[name]
+    for i in range(4000):                         # enough to split many leaves
+        name = b"later-%06d" % i
+        again.add(name, 200_000 + i, 8, blocks.alloc, blocks.free)
+        names[name] = 200_000 + i
+    blocks.store.update(again.to_blocks())
+    third = Directory.from_hashed(again.payload(), blocks.store.__getitem__,
+                                  again.leaf_count + len(again.table_blocks))
+    want = {n: (ino, 4 if 90_000 <= ino < 100_000 else 8) for n, ino in names.items()}
+    assert dict(third.items()) == want

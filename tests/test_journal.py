@@ -45,6 +45,23 @@ def test_committed_transactions_replay_home(image):
     assert replay_journal(dev, sb, 1).transactions == 0
 
 
+def test_home_writes_go_one_run_at_a_time(image):
+    """A checkpoint writes consecutive blocks home in one write per run (of at most
+    HOME_RUN_BLOCKS), not one per block, and every block lands where it belongs."""
+    dev, sb = image
+    j = Journal(dev, sb, 1)
+    j.open()
+    first = sb.rgrp_start + 600
+    copies = {first + i: _meta(first + i, i % 250) for i in range(40)}
+    copies[first + 100] = _meta(first + 100, 7)              # a run of its own
+    j.commit(copies)
+    before = dev.writes
+    j.checkpoint()
+    home_writes = dev.writes - before - 1                    # (the journal head)
+    assert home_writes == 2
+    assert all(dev.read(blk) == copy for blk, copy in copies.items())
+
+
 def test_torn_transaction_is_not_replayed(image):
     dev, sb = image
     j = Journal(dev, sb, 0)

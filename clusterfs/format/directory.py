@@ -71,23 +71,46 @@ def decode_linear(payload: bytes) -> list[DirEntry]:
     return out
 
 
+def leaf_record(name: bytes, ino: int, dtype: int, hash_: int | None = None) -> bytes:
+    """One entry as a leaf stores it: u32 hash, u64 ino, u8 dtype, u8 namelen, name
+    (hash_: the name's hash, known already)."""
+    h = name_hash(name) if hash_ is None else hash_
+    return LEAF_ENTRY.pack(h, ino, dtype, len(name)) + name
+
+
+def record_hash(record: bytes) -> int:
+    """The name hash a leaf record carries."""
+    return int.from_bytes(record[:4], "little")
+
+
 def encode_leaf(entries: list[DirEntry], depth: int, next_leaf: int, blkno: int,
-                seq: int = 0, hashes: dict[bytes, int] | None = None) -> bytearray:
-    """hashes: each entry's name_hash, known already (else worked out here)."""
-    hash_of = hashes.__getitem__ if hashes is not None else name_hash
-    data = b"".join(
-        LEAF_ENTRY.pack(hash_of(e.name), e.ino, e.dtype, len(e.name)) + e.name for e in entries
-    )
+                seq: int = 0) -> bytearray:
+    return encode_leaf_records([leaf_record(e.name, e.ino, e.dtype) for e in entries],
+                               depth, next_leaf, blkno, seq)
+
+
+def encode_leaf_records(records: list[bytes], depth: int, next_leaf: int, blkno: int,
+                        seq: int = 0) -> bytearray:
+    """A leaf from its entries already packed (leaf_record)."""
+    data = b"".join(records)
     if len(data) > LEAF_CAPACITY:
         raise FormatError(f"directory leaf {blkno} overflows ({len(data)} bytes)")
     buf = new_block(BlockType.DIRLEAF, blkno, seq)
-    LEAF_HEADER.pack_into(buf, HEADER_SIZE, depth, len(entries), len(data), 0, next_leaf)
+    LEAF_HEADER.pack_into(buf, HEADER_SIZE, depth, len(records), len(data), 0, next_leaf)
     buf[LEAF_DATA_OFFSET : LEAF_DATA_OFFSET + len(data)] = data
     return seal(buf, BlockType.DIRLEAF, blkno, seq)
 
 
 def decode_leaf(buf: bytes | bytearray | memoryview, blkno: int) -> tuple[int, int, list[DirEntry]]:
     """(local depth, next leaf, entries); checks every entry's hash."""
+    depth, next_leaf, records = decode_leaf_records(buf, blkno)
+    return depth, next_leaf, [entry for entry, _record in records]
+
+
+def decode_leaf_records(buf: bytes | bytearray | memoryview, blkno: int
+                        ) -> tuple[int, int, list[tuple[DirEntry, bytes]]]:
+    """(local depth, next leaf, each entry with its record as stored); checks every
+    entry's hash."""
     check(buf, blkno, BlockType.DIRLEAF)
     depth, count, used, _, next_leaf = LEAF_HEADER.unpack_from(buf, HEADER_SIZE)
     if used > LEAF_CAPACITY or depth > MAX_DEPTH:
@@ -97,13 +120,14 @@ def decode_leaf(buf: bytes | bytearray | memoryview, blkno: int) -> tuple[int, i
     for _ in range(count):
         if pos + LEAF_ENTRY.size > used:
             raise FormatError(f"directory leaf {blkno}: entry truncated")
+        start = pos
         h, ino, dtype, nlen = LEAF_ENTRY.unpack_from(data, pos)
         pos += LEAF_ENTRY.size
         name = data[pos : pos + nlen]
         pos += nlen
         if len(name) != nlen or nlen == 0 or name_hash(name) != h:
             raise FormatError(f"directory leaf {blkno}: bad entry {name!r}")
-        out.append(DirEntry(name, ino, dtype))
+        out.append((DirEntry(name, ino, dtype), data[start:pos]))
     return depth, next_leaf, out
 
 

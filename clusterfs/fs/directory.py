@@ -25,31 +25,36 @@ class Leaf:
         self.depth = depth
         self.next = next_leaf
         self.entries: dict[bytes, tuple[int, int]] = {}
+        # each entry packed as the leaf stores it, hash included: a busy leaf is
+        # encoded at every commit, and packing (and hashing) all its entries each time
+        # was most of a commit's capture, on the event loop, in a big shared directory
+        self.records: dict[bytes, bytes] = {}
         self.used = 0
-        # each name's hash, worked out at its first encode and kept: a busy leaf is
-        # encoded at every commit, and hashing all its names each time was a tenth of
-        # a create's time
-        self.hashes: dict[bytes, int] = {}
 
     def fits(self, name: bytes) -> bool:
         return self.used + fmt.leaf_entry_size(name) <= fmt.LEAF_CAPACITY
 
-    def add(self, name: bytes, ino: int, dtype: int) -> None:
+    def add(self, name: bytes, ino: int, dtype: int, record: bytes | None = None) -> None:
+        """record: the entry already packed (read from disk, or moved by a split)."""
+        if record is None:
+            record = fmt.leaf_record(name, ino, dtype)
         self.entries[name] = (ino, dtype)
-        self.used += fmt.leaf_entry_size(name)
+        self.records[name] = record
+        self.used += len(record)
+
+    def replace(self, name: bytes, ino: int, dtype: int) -> None:
+        """Point an existing name at another inode."""
+        self.entries[name] = (ino, dtype)
+        self.records[name] = fmt.leaf_record(name, ino, dtype,
+                                             fmt.record_hash(self.records[name]))
 
     def remove(self, name: bytes) -> None:
         del self.entries[name]
-        self.hashes.pop(name, None)
-        self.used -= fmt.leaf_entry_size(name)
+        self.used -= len(self.records.pop(name))
 
     def encode(self) -> bytes:
-        ents = [fmt.DirEntry(n, i, t) for n, (i, t) in self.entries.items()]
-        hashes = self.hashes
-        for e in ents:
-            if e.name not in hashes:
-                hashes[e.name] = fmt.name_hash(e.name)
-        return bytes(fmt.encode_leaf(ents, self.depth, self.next, self.blkno, hashes=hashes))
+        return bytes(fmt.encode_leaf_records(list(self.records.values()), self.depth,
+                                             self.next, self.blkno))
 
 
 class Directory:
@@ -104,10 +109,10 @@ class Directory:
         leaf = self.leaves.get(blkno)
         if leaf is None:
             assert self._read is not None
-            depth, nxt, ents = fmt.decode_leaf(self._read(blkno), blkno)
+            depth, nxt, records = fmt.decode_leaf_records(self._read(blkno), blkno)
             leaf = Leaf(blkno, depth, nxt)
-            for e in ents:
-                leaf.add(e.name, e.ino, e.dtype)
+            for e, record in records:
+                leaf.add(e.name, e.ino, e.dtype, record)
             self.leaves[blkno] = leaf
         return leaf
 
@@ -200,7 +205,7 @@ class Directory:
             self.entries[name] = (ino, dtype)
             return
         leaf = self._leaf_holding(name)
-        leaf.entries[name] = (ino, dtype)
+        leaf.replace(name, ino, dtype)
         self.dirty_leaves.add(leaf.blkno)
 
     # -- hashed internals ------------------------------------------------------------
@@ -270,9 +275,10 @@ class Directory:
         for slot in range(half, first + span):
             self.table[slot] = new.blkno
         for name, (ino, dtype) in list(leaf.entries.items()):
-            if fmt.table_slot(fmt.name_hash(name), self.depth) >= half:
+            record = leaf.records[name]
+            if fmt.table_slot(fmt.record_hash(record), self.depth) >= half:
                 leaf.remove(name)
-                new.add(name, ino, dtype)
+                new.add(name, ino, dtype, record)
         self.table_dirty = True
         self.dirty_leaves.update((leaf.blkno, new.blkno))
 

@@ -188,6 +188,7 @@ def replay_journal(dev: BlockDevice, sb: Superblock, slot: int) -> ReplayResult:
     return _run_through(replay_steps(dev, sb, slot), dev.flush)
 
 
+HOME_RUN_BLOCKS = 64        # blocks one write home carries at most (256 KiB)
 REPLAY_STEP_BLOCKS = 64     # blocks written home between two yields of replay_steps
 
 
@@ -360,6 +361,25 @@ class Journal:
                 self.dev.write(self.jstart + positions[start], b"".join(payload[start:i]))
                 start = i
 
+    def _write_home(self, homes: Iterable[int]) -> None:
+        """Write these committed blocks home, one write per run of consecutive block
+        numbers (at most HOME_RUN_BLOCKS): the inodes a burst of creates made sit side by
+        side, and a write per block was half of their directory's demote (30 of 60 ms
+        for 500 new inodes, on a loop device); through a proxy each was a round trip."""
+        pending = self.pending_home
+        run: list[bytes] = []
+        first = last = -1
+        for home in sorted(homes):
+            if run and (home != last + 1 or len(run) == HOME_RUN_BLOCKS):
+                self.dev.write(first, b"".join(run))
+                run = []
+            if not run:
+                first = home
+            run.append(pending[home])
+            last = home
+        if run:
+            self.dev.write(first, b"".join(run))
+
     def _write_staged(self, blkno: int, block: bytes | bytearray) -> None:
         """Write one block through a buffer of the preallocated reserve when there is one,
         so the commit itself does not depend on a fresh allocation."""
@@ -378,8 +398,7 @@ class Journal:
         A block stays in `pending_home` (read_committed: still logged) until the moved
         tail is on disk: a lock may be given up without a flush once nothing of it is
         logged (fs: _nothing_to_flush), and until then a replay would still write it."""
-        for home in sorted(self.pending_home):
-            self.dev.write(home, self.pending_home[home])
+        self._write_home(self.pending_home)
         self.dev.flush()
         self.tail_off = self.head_off
         self.used = 0
@@ -403,8 +422,7 @@ class Journal:
         may go to another node. The tail stays: the log's other blocks are not home.
         The caller made sure the revoke fits (room_to_revoke), so no checkpoint runs
         in between."""
-        for home in sorted(homes):
-            self.dev.write(home, self.pending_home[home])
+        self._write_home(homes)
         self.dev.flush()
         pending = self.begin_commit({}, homes)
         assert pending is not None
