@@ -302,6 +302,26 @@ def test_a_cluster_mount_of_a_one_node_device_is_refused(tmp_path):
         assert r.returncode == 1 and "a one-node filesystem" in r.stderr
 
 
+def test_a_node_beyond_the_journal_count_is_refused_and_the_others_go_on(tmp_path):
+    """A device formatted with two journals takes two nodes: a third is refused with
+    one line that says why and what to do, and the two mounted go on."""
+    with cluster(tmp_path, nodes=3, journals=2, start=False) as c:
+        c.start(1, 2)
+        with pytest.raises(AssertionError) as refused:
+            c.start(3)
+        c.mounts.pop(3)
+        assert "exited (1)" in str(refused.value)
+        assert "all 2 journal slots are in use" in str(refused.value)
+        assert "mkfs.clusterfs -j N" in str(refused.value)
+        # it joined, wrote nothing and left: nobody fenced it (its exit status stands)
+        survivors = c.mounts[1].log_text() + c.mounts[2].log_text()
+        assert "fencing node 3" not in survivors
+        with open(c.path(1, "after"), "wb") as f:
+            f.write(b"still serving")
+        with open(c.path(2, "after"), "rb") as f:
+            assert f.read() == b"still serving"
+
+
 def test_status_shows_the_mount_and_its_glocks(tmp_path):
     with cluster(tmp_path, nodes=3) as c:
         with open(c.path(1, "f"), "wb") as f:

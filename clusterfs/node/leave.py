@@ -51,6 +51,24 @@ async def leave_cleanly(membership: Any, ls: Any, dev: Any, sb: Any, slot: int,
         log.warning("not leaving the cluster cleanly (%s): the others will take this "
                     "node for dead, fence it and recover its journal", why)
         return False
+    return await _announce(membership, timeout, disk)
+
+
+async def leave_unmounted(membership: Any, ls: Any, timeout: float, disk: Any = None) -> bool:
+    """A mount refused after it joined, before it claimed a journal slot (all taken):
+    it wrote nothing to the shared disk and has no journal, so once it holds no lock
+    it leaves as a clean unmount does, and the others neither fence it nor wait for
+    the failure timeout (they used to, and the refused process died by their fence,
+    its exit status lost)."""
+    owned = ls.statistics().owned_locks
+    if owned:
+        log.warning("not leaving the cluster cleanly (%d locks still held): the others "
+                    "will take this node for dead and fence it", owned)
+        return False
+    return await _announce(membership, timeout, disk)
+
+
+async def _announce(membership: Any, timeout: float, disk: Any) -> bool:
     left = await membership.leave(timeout)
     if disk is not None and membership.state == "leaving":
         await disk.stop()

@@ -69,6 +69,10 @@ class MountError(Exception):
     """A one-line reason the mount cannot go ahead."""
 
 
+class NoJournalSlot(MountError):
+    """Every journal slot is taken: refused before this node wrote anything."""
+
+
 @dataclass
 class Options:
     debug: bool = False
@@ -488,9 +492,17 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
             async def on_slot(slot: int) -> None:
                 await fencing.claim_slot(slot, node.nursery)
 
-            await _serve_fs(ls, dev, sb, mountpoint, opts, ready, pool, side_tasks, on_slot,
-                            home_group=placement.home_group(cluster.node_id),
-                            on_mounted=fencing.record_mount)
+            try:
+                await _serve_fs(ls, dev, sb, mountpoint, opts, ready, pool, side_tasks,
+                                on_slot, home_group=placement.home_group(cluster.node_id),
+                                on_mounted=fencing.record_mount)
+            except NoJournalSlot:
+                # it wrote nothing and holds no lock: the others need not fence it
+                from clusterfs.node.leave import leave_unmounted
+
+                await leave_unmounted(node.membership, ls, 2 * cluster.cfg.failure_timeout,
+                                      disk)
+                raise
             if shown:     # it served, wrote back and gave its locks up: say goodbye
                 from clusterfs.node.leave import leave_cleanly
 
@@ -571,6 +583,8 @@ async def claim_journal(locks, dev, sb, clustered: bool,
     """Claim a journal slot and replay what must be replayed (see the module doc);
     the slot and the locks to keep until unmount. on_slot(slot) runs right after the
     slot is ours and before any replay writes (fencing claims its pill slot there)."""
+    import trio
+
     from clusterfs.dlm.interface import Mode
     from clusterfs.errors import WouldBlock
 
@@ -588,7 +602,13 @@ async def claim_journal(locks, dev, sb, clustered: bool,
         except WouldBlock:
             live = await locks.lock(("live",), Mode.PR)
             first = False
-        slot, slot_lock = await _claim_slot(locks, dev, sb)
+        try:
+            slot, slot_lock = await _claim_slot(locks, dev, sb)
+        except NoJournalSlot:
+            # hold nothing: a node refused here leaves as cleanly as an unmount does
+            with trio.CancelScope(shield=True):
+                await locks.unlock(live)
+            raise
         if on_slot is not None:
             await on_slot(slot)
         if first:
@@ -631,7 +651,8 @@ async def _claim_slot(locks, dev, sb):
         # taking over its orphan list): look again before calling the device full
         await trio.sleep(SLOT_RETRY_DELAY)
     if not free:
-        raise MountError(f"{dev.path}: all {sb.journal_count} journal slots are in use")
+        raise NoJournalSlot(f"{dev.path}: all {sb.journal_count} journal slots are in use "
+                         "(one per mounted node; `mkfs.clusterfs -j N` formats room for N)")
 
     def clean(item) -> bool:
         start = sb.journal_location(item[0])
