@@ -55,7 +55,10 @@ class ResourceGroup:
         self.quarantine: list[tuple[int, int]] = []   # (relative start, count)
         self.quarantined = 0
         self.free = header.length - count_used(bits, header.length)
-        self.hint = 0                                 # byte to start searching from
+        # every bitmap byte below this one is full: a search for a free bit starts
+        # here, not at the group's start (a cluster node aims every new inode at its
+        # home group's first block, and scanned all that it had filled, each time)
+        self.full_below = 0
 
     @classmethod
     def load(cls, read, first: int) -> ResourceGroup:
@@ -94,18 +97,22 @@ class ResourceGroup:
         if self.free == 0:
             return None
         bits = self.bits
+        floor = self.full_below
+        at_goal = max(goal // 8, floor)
         if want >= 16:
             zeros = bytes(min(want // 8, 64))
-            pos = bits.find(zeros, max(goal, 0) // 8)
+            pos = bits.find(zeros, at_goal)
             if pos < 0:
-                pos = bits.find(zeros)
+                pos = bits.find(zeros, floor)
             if pos >= 0:
                 start = pos * 8
                 return self._extend(start, want)
-        for begin in (max(goal, 0) // 8, 0):
+        for begin in (at_goal, floor):
             m = _NOT_FULL.search(bits, begin)
             if m:
                 byte = m.start()
+                if begin == floor:
+                    self.full_below = byte
                 value = bits[byte]
                 bit = (~value & (value + 1)).bit_length() - 1   # lowest clear bit
                 start = byte * 8 + bit
@@ -131,6 +138,12 @@ class ResourceGroup:
         set_range(self.bits, start, count)
         self.free -= count
 
+    def give_back(self, start: int, count: int) -> None:
+        """Blocks taken and never used: free again at once (no quarantine needed)."""
+        set_range(self.bits, start, count, False)
+        self.free += count
+        self.full_below = min(self.full_below, start // 8)
+
     def release(self, start: int, count: int) -> None:
         self.quarantine.append((start, count))
         self.quarantined += count
@@ -141,6 +154,7 @@ class ResourceGroup:
             set_range(self.bits, start, count, False)
             self.free += count
             self.quarantined -= count
+            self.full_below = min(self.full_below, start // 8)
         del self.quarantine[:upto]
 
 

@@ -368,9 +368,7 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         """Give back reserved blocks that were never used (no quarantine needed)."""
         for b in blocks:
             group = self.alloc.groups[self.alloc.group_of(b)]
-            rel = b - group.header.first
-            group.bits[rel >> 3] &= ~(1 << (rel & 7)) & 0xFF
-            group.free += 1
+            group.give_back(b - group.header.first, 1)
             self.alloc.free_hint[group.index] = group.free
         blocks.clear()
 
