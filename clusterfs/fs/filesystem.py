@@ -69,6 +69,7 @@ SCAN_LEAVES_MAX = 256    # a hashed directory with more leaves is not scanned ah
 DATA_LOCK_BYTES = 4 << 20
 UNMOUNT_FREE_TIMEOUT = 20   # seconds an unmount waits for the locks to free unlinked inodes
 ORPHAN_SWEEP_INTERVAL = 30  # seconds between looks at orphan lists (sooner after a recovery)
+SWEEP_BATCH = 128        # orphan inodes a sweep brings in at once (sweep_orphans)
 
 
 class _Hold:
@@ -464,15 +465,25 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         if self.clustered:               # their locks, many requests in flight at once
             await self.glocks.warm((("inode", i), Mode.PR) for i in todo)
         async with self._hold(pr=todo, write=False):
-            self._load_runs(todo)
+            await self._load_runs(todo)
 
-    def _load_runs(self, todo: list[int]) -> None:
+    async def _load_runs(self, todo: list[int]) -> None:
         """(Under their locks.) Read the sorted inodes `todo` not cached yet in runs of
-        up to PREFETCH_SPAN blocks."""
+        up to PREFETCH_SPAN blocks, each in a worker thread: on a busy disk a read takes
+        tens of milliseconds and more, and the event loop (heartbeats with it) must not
+        wait for it (a survivor sweeping thousands of orphans read for 0.8 s in one
+        step). The locks held keep other nodes off these blocks meanwhile."""
         run: list[int] = []
         for ino in todo + [BIG]:
             if run and (ino - run[0] >= PREFETCH_SPAN):
-                self._load_run(run[0], run[-1] - run[0] + 1, set(run))
+                first, count = run[0], run[-1] - run[0] + 1
+                try:
+                    raw = await trio.to_thread.run_sync(self.blocks.read_meta_run, first,
+                                                        count)
+                except StorageError:
+                    raw = None           # the per-inode path will report it
+                if raw is not None:
+                    self._load_run(first, raw, set(run))
                 run = []
             run.append(ino)
 
@@ -491,7 +502,7 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
                                    if i not in self.inodes and i not in self._unguarded_in)
         async with self._hold(pr=sorted({parent, *inos}), write=False):
             # (a fresh grant dropped a clean copy kept from before: read those too)
-            self._load_runs([i for i in inos if i not in self.inodes and
+            await self._load_runs([i for i in inos if i not in self.inodes and
                              self.sb.rgrp_start <= i < self.sb.total_blocks])
             return [self._listed_node(parent, name, ino) for name, ino in entries]
 
@@ -505,11 +516,9 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
             return None                  # (gone; or corrupt: withdrawn, said so)
         return None if node.freed else node
 
-    def _load_run(self, first: int, count: int, wanted: set[int]) -> None:
-        try:
-            raw = self.blocks.read_meta_run(first, count)
-        except StorageError:
-            return                       # the per-inode path will report it
+    def _load_run(self, first: int, raw: bytes, wanted: set[int]) -> None:
+        """Cache the inodes `wanted` of the run `raw` read from block `first` on (what
+        the cache or the journal holds of them since is newer)."""
         for ino in wanted:
             if ino in self.inodes or ino in self.freed or \
                     self.blocks.logged(ino):
@@ -665,14 +674,22 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
 
     async def sweep_orphans(self) -> int:
         """Free each listed inode that still has no name and that no node has open;
-        drop entries whose inode another node freed meanwhile. The freed count."""
+        drop entries whose inode another node freed meanwhile. The freed count. The
+        inodes are brought in SWEEP_BATCH at a time (prefetch: their locks together,
+        their blocks read in runs off the event loop), not read one by one."""
         freed = 0
-        for ino in sorted(self.orphans.inodes):
+        listed = sorted(self.orphans.inodes)
+        for start in range(0, len(listed), SWEEP_BATCH):
             if self.closing or self.txn.withdrawn is not None:
                 break
-            if ino in self.unlinked:
-                continue                 # unlinked in this life: the usual path frees it
-            freed += await self._sweep_one(ino)
+            # unlinked in this life: the usual path frees those
+            batch = [i for i in listed[start : start + SWEEP_BATCH] if i not in self.unlinked]
+            await self.prefetch(batch)
+            for ino in batch:
+                if self.closing or self.txn.withdrawn is not None:
+                    break
+                if ino not in self.unlinked:
+                    freed += await self._sweep_one(ino)
         if freed:
             # one line a sweep: a node that died in stress-ng's `open` leaves thousands
             log.info("orphan sweep: freed %d inode%s unlinked while open (their openers "
