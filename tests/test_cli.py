@@ -138,6 +138,18 @@ def test_entry_points_for_mkfs_and_fsck(tmp_path: Path) -> None:
         assert r.returncode == 0 and r.stdout.startswith(f"usage: {prog}"), r
 
 
+def test_mkfs_of_a_cluster_device_says_how_many_nodes_may_mount_it(tmp_path: Path) -> None:
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(128 << 20)
+    r = cli("mkfs", "--cluster", "lab", str(image))
+    assert r.returncode == 0, r
+    assert "one node at a time: -j N formats a journal for each of N nodes" in r.stdout
+    r = cli("mkfs", "-f", "-j", "3", "--cluster", "lab", str(image))
+    assert r.returncode == 0, r
+    assert "up to 3 nodes at once, a journal each" in r.stdout
+
+
 def test_unknown_command_is_a_usage_error() -> None:
     r = cli("frobnicate")
     assert r.returncode == 2 and "invalid choice" in r.stderr

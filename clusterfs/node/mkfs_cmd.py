@@ -86,7 +86,8 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         size_mib = sb.total_blocks * BLOCK_SIZE / (1 << 20)
         print(f"{args.device}: clusterfs, uuid {sb.uuid_str}")
-        print(f"  cluster {sb.cluster_name} (mount with --config of that cluster)"
+        print(f"  cluster {sb.cluster_name} (mount with --config of that cluster; "
+              f"{_nodes_at_once(sb.journal_count)})"
               if sb.cluster_name else "  one node at a time (no --cluster)")
         print(f"  size {size_mib:.1f} MiB, {sb.total_blocks} blocks of {sb.block_size} bytes")
         print(f"  journals {sb.journal_count} x {sb.journal_blocks} blocks "
@@ -98,3 +99,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"  root inode {sb.root_ino}, free blocks {free_blocks(sb)} "
               f"({free_blocks(sb) * BLOCK_SIZE / (1 << 20):.1f} MiB)")
     return 0
+
+
+def _nodes_at_once(journals: int) -> str:
+    """How many nodes may mount it together: one journal slot each."""
+    if journals == 1:
+        return "one node at a time: -j N formats a journal for each of N nodes"
+    return f"up to {journals} nodes at once, a journal each"
