@@ -154,4 +154,3 @@ class JournalRecovery:
                      "%d revoked copies skipped", slot, result.transactions, result.blocks,
                      result.revoked)
         return result.transactions
-

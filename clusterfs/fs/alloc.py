@@ -139,7 +139,8 @@ class ResourceGroup:
         self.free -= count
 
     def give_back(self, start: int, count: int) -> None:
-        """Blocks taken and never used: free again at once (no quarantine needed)."""
+        """Blocks allocatable again: taken and never used (no quarantine needed), or
+        out of quarantine."""
         set_range(self.bits, start, count, False)
         self.free += count
         self.full_below = min(self.full_below, start // 8)
@@ -151,10 +152,8 @@ class ResourceGroup:
     def end_quarantine(self, upto: int) -> None:
         """Make the first `upto` quarantined ranges allocatable again."""
         for start, count in self.quarantine[:upto]:
-            set_range(self.bits, start, count, False)
-            self.free += count
+            self.give_back(start, count)
             self.quarantined -= count
-            self.full_below = min(self.full_below, start // 8)
         del self.quarantine[:upto]
 
 

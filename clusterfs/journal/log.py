@@ -307,7 +307,7 @@ class Journal:
         payload, crc = self._encode(homes, blocks, revokes)
         positions = _log_positions(self.head_off, need, self.log_len)
         self.in_flight = blocks
-        self._write_run(positions[:-1], payload)
+        self._write_runs([self.jstart + p for p in positions[:-1]], payload)
         return _Pending(blocks, need, crc, positions[-1], revokes)
 
     def write_commit(self, p: _Pending) -> None:
@@ -353,32 +353,24 @@ class Journal:
             pos = 1 + pos % self.log_len
         return out, crc
 
-    def _write_run(self, positions: list[int], payload: list[bytes]) -> None:
-        """Write blocks at consecutive log positions, one pwrite per contiguous stretch."""
+    def _write_runs(self, blknos: list[int], payload: list[bytes],
+                    most: int | None = None) -> None:
+        """Write payload[i] at block blknos[i] (ascending), one write per stretch of
+        consecutive block numbers, of at most `most` blocks when given."""
         start = 0
-        for i in range(1, len(positions) + 1):
-            if i == len(positions) or positions[i] != positions[i - 1] + 1:
-                self.dev.write(self.jstart + positions[start], b"".join(payload[start:i]))
+        for i in range(1, len(blknos) + 1):
+            if i == len(blknos) or blknos[i] != blknos[i - 1] + 1 or \
+                    (most is not None and i - start == most):
+                self.dev.write(blknos[start], b"".join(payload[start:i]))
                 start = i
 
     def _write_home(self, homes: Iterable[int]) -> None:
-        """Write these committed blocks home, one write per run of consecutive block
-        numbers (at most HOME_RUN_BLOCKS): the inodes a burst of creates made sit side by
-        side, and a write per block was half of their directory's demote (30 of 60 ms
-        for 500 new inodes, on a loop device); through a proxy each was a round trip."""
-        pending = self.pending_home
-        run: list[bytes] = []
-        first = last = -1
-        for home in sorted(homes):
-            if run and (home != last + 1 or len(run) == HOME_RUN_BLOCKS):
-                self.dev.write(first, b"".join(run))
-                run = []
-            if not run:
-                first = home
-            run.append(pending[home])
-            last = home
-        if run:
-            self.dev.write(first, b"".join(run))
+        """Write these committed blocks home in runs of consecutive block numbers (at
+        most HOME_RUN_BLOCKS): the inodes a burst of creates made sit side by side, and
+        a write per block was half of their directory's demote (30 of 60 ms for 500
+        new inodes, on a loop device); through a proxy each was a round trip."""
+        order = sorted(homes)
+        self._write_runs(order, [self.pending_home[h] for h in order], HOME_RUN_BLOCKS)
 
     def _write_staged(self, blkno: int, block: bytes | bytearray) -> None:
         """Write one block through a buffer of the preallocated reserve when there is one,
