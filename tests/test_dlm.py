@@ -17,6 +17,7 @@ from trioutil import trio_test
 from clusterfs.dlm.interface import ConversionDeadlock, Mode, resource_key
 from clusterfs.dlm.lockspace import Lockspace
 from clusterfs.dlm.locktable import Queue
+from clusterfs.dlm.toss import TOSS_BATCH
 from clusterfs.errors import LockCancelled, LockError, WouldBlock
 from clusterfs.wire.types import MsgType
 
@@ -778,6 +779,42 @@ async def test_idle_resources_removed_with_their_directory_entries() -> None:
         assert sum(mc.ls(n).remove_idle_resources(everything=True) for n in mc.nodes) == 0
         assert masters(mc, names[0]) == [2]
         await mc.ls(2).unlock(held)
+
+
+@trio_test
+async def test_idle_resources_freed_in_batches_one_remove_per_directory_node() -> None:
+    """Thousands of idle resources (after an orphan sweep) are freed TOSS_BATCH at a
+    time, each batch telling every directory node in one message; the toss loop
+    yields between batches, so no step holds the event loop for all of them."""
+    async with memory_cluster([1, 2, 3]) as mc:
+        ls = mc.ls(1)
+        count = 2 * TOSS_BATCH + 10
+        for i in range(count):
+            await ls.unlock(await ls.lock(("inode", i), Mode.EX))
+        await settle()
+        assert len(ls.ls_mastered) == count
+        removes: list[tuple[int, int]] = []
+        send = ls._send
+
+        def counting_send(dest: int, mtype: int, body: dict) -> None:
+            if mtype == MsgType.DLM_REMOVE:
+                removes.append((dest, len(body["names"])))
+            send(dest, mtype, body)
+
+        ls._send = counting_send  # type: ignore[method-assign]
+        before = ls._next_toss_epoch() + 1        # everything idle
+        steps = []
+        while (step := ls.remove_idle_before(before, limit=TOSS_BATCH))[0]:
+            steps.append(step)
+        assert steps == [(TOSS_BATCH, TOSS_BATCH), (TOSS_BATCH, TOSS_BATCH), (10, 10)]
+        # one message per other directory node and batch, naming all of its keys
+        assert len(removes) <= 2 * len(steps)
+        assert sum(n for _dest, n in removes) == sum(
+            1 for i in range(count) if mc.ls(1)._dir_node(resource_key(("inode", i))) != 1)
+        await settle()
+        assert ls.ls_mastered == set() and directory_entries(mc) == 0
+        # and the names work again
+        await ls.unlock(await ls.lock(("inode", 0), Mode.PR))
 
 
 @trio_test

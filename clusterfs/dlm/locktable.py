@@ -198,10 +198,12 @@ class LockTable:
             n = lib.cfs_lt_idle_resource(self._t, before, self._name, n)
         return bytes(ffi.buffer(self._name, n)) if n > 0 else None
 
-    def drop_idle(self, before: int) -> list[bytes]:
-        """Free every resource idle since an epoch before `before`; their names."""
-        dropped = []
-        while (name := self.idle_resource(before)) is not None:
+    def drop_idle(self, before: int, limit: int | None = None) -> list[bytes]:
+        """Free every resource idle since an epoch before `before` (at most `limit`,
+        the longest idle first); their names."""
+        dropped: list[bytes] = []
+        while (limit is None or len(dropped) < limit) \
+                and (name := self.idle_resource(before)) is not None:
             self.drop_resource(name)
             dropped.append(name)
         return dropped
