@@ -19,7 +19,8 @@ except ModuleNotFoundError as missing:  # pragma: no cover - depends on how it w
         "run `pip install -e .` (or tools/install.sh) in the source tree"
     ) from missing
 
-__all__ = ["crc32c", "crc32c_hardware", "lock_memory", "set_io_flusher", "BufferPool", "ffi", "lib"]
+__all__ = ["crc32c", "crc32c_hardware", "lock_memory", "set_io_flusher", "BufferPool", "Uring",
+           "ffi", "lib"]
 
 
 def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
@@ -91,3 +92,56 @@ class BufferPool:
             self.close()
         except Exception:
             pass
+
+
+class Uring:
+    """An io_uring (native/uring.c) that signals `eventfd` as requests complete: device
+    writes and flushes queued, then submitted together. Raises OSError where the
+    kernel refuses io_uring (ENOSYS, or EPERM under a seccomp filter or
+    kernel.io_uring_disabled)."""
+
+    REAP_MAX = 64
+
+    def __init__(self, entries: int, eventfd: int) -> None:
+        err = ffi.new("int *")
+        self._ring = lib.cfs_uring_open(entries, eventfd, err)
+        if self._ring == ffi.NULL:
+            raise OSError(err[0], f"io_uring: {os.strerror(err[0])}")
+        self._tags = ffi.new("uint64_t[]", self.REAP_MAX)
+        self._results = ffi.new("int32_t[]", self.REAP_MAX)
+
+    @staticmethod
+    def _check(err: int, what: str) -> None:
+        if err:
+            raise OSError(-err, f"io_uring {what}: {os.strerror(-err)}")
+
+    def queue_fsync(self, fd: int, tag: int) -> None:
+        self._check(lib.cfs_uring_queue_fsync(self._ring, fd, tag), "fsync")
+
+    def queue_write(self, fd: int, buf: object, offset: int, link: bool, tag: int) -> None:
+        """Queue a write of `buf` (cffi buffer: it must stay alive until completion);
+        with `link` the next queued request waits for it and is cancelled if it fails."""
+        cbuf = ffi.from_buffer(buf)
+        self._check(lib.cfs_uring_queue_write(self._ring, fd, cbuf, len(cbuf), offset,
+                                              int(link), tag), "write")
+
+    def submit(self) -> None:
+        self._check(lib.cfs_uring_submit(self._ring), "submit")
+
+    def wait(self, count: int) -> None:
+        """Block until `count` completions are ready to reap."""
+        self._check(lib.cfs_uring_wait(self._ring, count), "wait")
+
+    def reap(self) -> list[tuple[int, int]]:
+        """The completions so far: (tag, result: bytes written, 0, or -errno) each."""
+        done: list[tuple[int, int]] = []
+        while n := lib.cfs_uring_reap(self._ring, self._tags, self._results, self.REAP_MAX):
+            done.extend((self._tags[i], self._results[i]) for i in range(n))
+            if n < self.REAP_MAX:
+                break
+        return done
+
+    def close(self) -> None:
+        if self._ring != ffi.NULL:
+            lib.cfs_uring_close(self._ring)
+            self._ring = ffi.NULL

@@ -209,7 +209,8 @@ class TransactionManager:
         (fdatasync of an overwrite in place)."""
         self.check_writable()
         try:
-            await trio.to_thread.run_sync(self._drain_and_flush)
+            if not await self.journal.dev.flush_without_thread():
+                await trio.to_thread.run_sync(self._drain_and_flush)
         except Exception as exc:
             self.withdraw(f"data write or flush failed: {exc}")
             raise Withdrawn(f"filesystem withdrawn: {exc}") from exc

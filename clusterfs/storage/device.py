@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from clusterfs import failover
 from clusterfs.errors import StorageError
 from clusterfs.format.block import BLOCK_SIZE
+from clusterfs.storage.ring import WRITE_BUFFER, FlushRing
 
 SYNC_FILE_RANGE_WRITE = 2
 WRITEBACK_TRIGGER = 256 * 1024      # a queued write this large starts its writeback at once
@@ -415,6 +416,8 @@ class _WriteBehind:
         self.urgent = 0                   # callers waiting for the queue: no holding back
         self.error: str | None = None
         self.refused: str | None = None   # BlockDevice.refuse_writes: queued writes fail
+        self.elsewhere: list[tuple[int, list[memoryview]]] = []   # take_all's, in flight
+        self.settle_elsewhere: Callable[[], bool] | None = None    # FlushRing.settle_here
         self.stopping = False
         self.direct = _DirectWriter.open(path)
         self.thread = failover.start_thread(self._run, "write-behind")
@@ -491,13 +494,13 @@ class _WriteBehind:
     def wait_room(self, length: int) -> None:
         with self._urgently():
             while not self.has_room(length) and not self.error:
-                self.cond.wait()
+                self._wait()
 
     def drain(self) -> None:
         """Wait until every queued write is done; raise if one failed."""
         with self._urgently():
             while self.pending and not self.error:
-                self.cond.wait()
+                self._wait()
             self._raise_error()
 
     @contextlib.contextmanager
@@ -518,27 +521,78 @@ class _WriteBehind:
     def _run(self) -> None:
         while True:
             with self.cond:
-                while not self.stopping and (not self.items or self._hold_back()):
+                while self.elsewhere or (
+                        not self.stopping and (not self.items or self._hold_back())):
                     self.cond.wait()
                 if not self.items:
                     return
                 offset, pieces = self._take_run()
                 self.writing = self._placed(offset, pieces)
-            size = sum(len(d) for d in pieces)
             refused = self.refused
             failed = (f"write at {offset}: {refused}" if refused is not None
                       else self._write(offset, pieces))
             with self.cond:
-                if failed is not None and self.error is None:
-                    self.error = failed
-                self.pending -= size
-                self.writing = []
-                if self.error is not None:
-                    self.pending -= sum(len(d) for _o, d in self.items)
-                    self.waiting = 0
-                    self.run_end = None
-                    self.items.clear()
-                self.cond.notify_all()
+                self._written(sum(len(d) for d in pieces), failed)
+
+    def _written(self, size: int, failed: str | None) -> None:
+        """(Under cond.) The writes taken are over: `failed` says how."""
+        if failed is not None and self.error is None:
+            self.error = failed
+        self.pending -= size
+        self.writing = []
+        if self.error is not None:
+            self.pending -= sum(len(d) for _o, d in self.items)
+            self.waiting = 0
+            self.run_end = None
+            self.items.clear()
+        self.cond.notify_all()
+
+    # -- the whole queue, written elsewhere (a flush ring) ----------------------------
+    def take_all(self, most: int) -> list[tuple[int, list[memoryview]]] | None:
+        """Hand the whole queue to the caller to write (an fdatasync's own small
+        overwrite, written and flushed in one io_uring submission), when the thread is
+        idle, the queue holds at most `most` bytes of whole aligned blocks and no
+        write failed; None otherwise. Until `taken_written` or `give_back`, the
+        thread writes nothing (later writes stay behind these) and readers of these
+        bytes wait, as for the thread's own writes."""
+        with self.cond:
+            if (self.writing or self.elsewhere or not self.items or self.error
+                    or self.refused or self.waiting > most or self.direct is None
+                    or any((o | len(d)) % BLOCK_SIZE for o, d in self.items)):
+                return None
+            runs = []
+            while self.items:
+                runs.append(self._take_run())
+            self.writing = [p for offset, pieces in runs for p in self._placed(offset, pieces)]
+            self.elsewhere = runs
+            return runs
+
+    def taken_written(self, failed: str | None) -> None:
+        """The writes take_all handed out are over: `failed` says how."""
+        with self.cond:
+            size = sum(len(d) for _o, pieces in self.elsewhere for d in pieces)
+            self.elsewhere = []
+            self._written(size, failed)
+
+    def give_back(self) -> None:
+        """The writes take_all handed out were not made: queue them again, first."""
+        with self.cond:
+            placed = [p for offset, pieces in self.elsewhere
+                      for p in self._placed(offset, pieces)]
+            self.items.extendleft(reversed(placed))
+            self.waiting += sum(len(d) for _o, d in placed)
+            self.run_end = None          # the thread writes them at once
+            self.elsewhere = []
+            self.writing = []
+            self.cond.notify_all()
+
+    def _wait(self) -> None:
+        """(Under cond.) Wait for the thread, or for writes in flight elsewhere: on the
+        thread that must finish those (the event loop's, whose reaper cannot run
+        while we block it) they are finished here."""
+        if not (self.elsewhere and self.settle_elsewhere is not None
+                and self.settle_elsewhere()):
+            self.cond.wait()
 
     @staticmethod
     def _placed(offset: int, pieces: list[memoryview]) -> list[tuple[int, memoryview]]:
@@ -668,6 +722,9 @@ class BlockDevice(BlockAddressed):
         self._ahead_tried = False
         self._direct: _DirectIO | None = None
         self._refused: str | None = None
+        self._ring: FlushRing | None = None
+        self._ring_tried = False
+        self.ring_flushes = 0             # flushes (and writes before them) by io_uring
 
     def bypass_page_cache(self) -> bool:
         """Make every later read and write go around the host's page cache (O_DIRECT);
@@ -697,6 +754,17 @@ class BlockDevice(BlockAddressed):
         write-back then needs nothing new from the host; clusterfs.failover)."""
         if self._behind is None:
             self._behind = _WriteBehind(self.fd, self.path, WRITE_BEHIND_LIMIT)
+            if self._ring is not None:
+                self._behind.settle_elsewhere = self._ring.settle_here
+
+    def start_flush_ring(self) -> None:
+        """Open the io_uring that flushes without a worker thread now rather than at
+        the first flush (a mount does it at start, beside start_write_behind)."""
+        if not self._ring_tried:
+            self._ring_tried = True
+            self._ring = FlushRing.open()
+            if self._ring is not None and self._behind is not None:
+                self._behind.settle_elsewhere = self._ring.settle_here
 
     def write_behind(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         """Queue a data write: done by a helper thread, before any later I/O on this
@@ -811,6 +879,39 @@ class BlockDevice(BlockAddressed):
             self._advisor = _Advisor()
         self._advisor.queue.put((self.fd, blkno * BLOCK_SIZE, count * BLOCK_SIZE))
 
+    async def flush_without_thread(self) -> bool:
+        """Flush from the event loop with no worker thread (io_uring), writing first
+        what the write-behind holds when that is a short run the thread has not
+        taken (an fdatasync's own overwrite): True once flushed. False, having done
+        nothing, when it cannot (no io_uring, the thread is writing, more is
+        queued): flush() in a worker thread then."""
+        self.start_flush_ring()
+        ring = self._ring
+        if ring is None:
+            return False
+        self._check_refused("flush")
+        behind = self._behind
+        try:
+            if behind is None or not behind.pending:
+                if behind is not None and behind.error:
+                    behind.drain()       # raises: a failed write is reported here
+                done = await ring.fsync(self.fd)
+                self.ring_flushes += done
+                return done
+            if behind.direct is None or not ring.can_write(behind.waiting):
+                return False
+            runs = behind.take_all(WRITE_BUFFER)
+            if runs is None:
+                return False
+            done = await ring.write_and_fsync(behind.direct.fd, runs, self.fd,
+                                              behind.taken_written)
+            if not done:
+                behind.give_back()
+            self.ring_flushes += done
+            return done
+        except OSError as exc:
+            raise StorageError(f"{self.path}: flush: {exc.strerror}") from exc
+
     def flush(self) -> None:
         self._check_refused("flush")
         self.drain()
@@ -820,6 +921,9 @@ class BlockDevice(BlockAddressed):
             raise StorageError(f"{self.path}: flush: {exc.strerror}") from exc
 
     def close(self) -> None:
+        if self._ring is not None:
+            self._ring.close()           # its writes in flight finish first
+            self._ring = None
         if self._behind is not None:
             self._behind.stop()          # a failure left in it was reported or is moot
             self._behind = None
@@ -837,7 +941,8 @@ class BlockDevice(BlockAddressed):
             self.fd = -1
 
     def statistics(self) -> dict[str, int]:
-        return {"reads": self.reads, "writes": self.writes, "blocks": self.blocks}
+        return {"reads": self.reads, "writes": self.writes, "blocks": self.blocks,
+                "ring_flushes": self.ring_flushes}
 
 
 class WritesAtOnce:
@@ -872,3 +977,9 @@ class WritesAtOnce:
 
     def forget_read_ahead(self) -> None:
         pass
+
+    def start_flush_ring(self) -> None:
+        pass
+
+    async def flush_without_thread(self) -> bool:
+        return False                     # flush() in a worker thread

@@ -1,0 +1,259 @@
+"""FlushRing: device flushes the event loop awaits with no worker thread (io_uring).
+
+An fsync(2) made in a worker thread costs the event loop a hand-off each way: 130-190
+µs on this 2-core VM, more than the loop device's own write and flush (92 µs), and
+paid by every fdatasync of an overwrite in place (the database pattern). Here the
+kernel runs the flush, and the small queued write before it (linked: the flush
+starts once the write is done, and is cancelled if it fails), and signals an
+eventfd; a reaper task on the event loop wakes the waiter. Where the kernel refuses
+io_uring (kernel.io_uring_disabled, a seccomp filter, an old kernel) `open` says so
+once, at info, and callers go on flushing in a worker thread.
+
+Opened at mount start with the device's other helpers, so a failover opens nothing
+new (clusterfs.failover). Used from the event loop's thread only; the reaper is a
+trio system task, started by the first request of each trio run. A request's
+completion callback runs exactly once, from the reaper or, for requests still in
+flight when the ring closes, from `close`, which waits for them (their buffers and
+the write-behind's bookkeeping must outlive them).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import mmap
+import os
+import threading
+from collections.abc import Callable
+
+import trio
+
+from clusterfs.format.block import BLOCK_SIZE
+from clusterfs.native import Uring
+
+log = logging.getLogger(__name__)
+
+# CLUSTERFS_IO_URING=0 turns the ring off (flushes in a worker thread, as before it):
+# for a kernel whose io_uring misbehaves, and to measure what the ring saves.
+ENABLED = os.environ.get("CLUSTERFS_IO_URING", "1") != "0"
+RING_ENTRIES = 32              # requests in flight at once; beyond, callers use a thread
+WRITE_BUFFER = 64 * 1024       # the aligned buffer a linked write is staged in
+_refusal_logged = False
+
+Pieces = list[memoryview]
+
+
+class _Request:
+    """Requests submitted together; `finish` gets their results, in order, once all
+    are in (bytes written, 0, or -errno)."""
+
+    __slots__ = ("done", "finish", "left", "results")
+
+    def __init__(self, count: int, finish: Callable[[list[int]], None]) -> None:
+        self.results = [0] * count
+        self.left = count
+        self.finish = finish
+        self.done = trio.Event()
+
+
+class FlushRing:
+    def __init__(self, ring: Uring, eventfd: int) -> None:
+        self._ring = ring
+        self._eventfd = eventfd
+        self._ids = itertools.count(1)
+        self._requests: dict[int, _Request] = {}
+        self._in_flight = 0                          # submitted, not yet reaped
+        self._buffer = mmap.mmap(-1, WRITE_BUFFER)   # page-aligned, for O_DIRECT
+        self._staging = memoryview(self._buffer)
+        self._buffer_busy = False
+        self._reaper_token: trio.lowlevel.TrioToken | None = None
+        self._loop_thread = 0                        # the reaper's event loop's thread
+        self.broken: str | None = None
+
+    @classmethod
+    def open(cls) -> FlushRing | None:
+        """A ring, or None (said once per process, at info) where io_uring is refused."""
+        global _refusal_logged
+        if not ENABLED:
+            return None
+        eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        try:
+            ring = Uring(RING_ENTRIES, eventfd)
+        except OSError as exc:
+            os.close(eventfd)
+            if not _refusal_logged:
+                _refusal_logged = True
+                log.info("io_uring unavailable (%s): device flushes run in a worker "
+                         "thread", exc.strerror)
+            return None
+        return cls(ring, eventfd)
+
+    # -- what the device asks ---------------------------------------------------------
+    async def fsync(self, fd: int) -> bool:
+        """fsync(fd): True once done, False having done nothing (the ring is full,
+        broken or not of this trio run: flush in a thread then). OSError if the
+        flush failed."""
+        if not self._usable(1):
+            return False
+        request = self._submit([("fsync", fd, None, 0)], lambda _results: None)
+        if request is None:
+            return False
+        await request.done.wait()
+        return self._fsync_result(request.results[-1])
+
+    def can_write(self, length: int) -> bool:
+        """Whether write_and_fsync can take `length` bytes now."""
+        return (length <= WRITE_BUFFER and not self._buffer_busy
+                and self._usable(WRITE_BUFFER // BLOCK_SIZE + 1))
+
+    async def write_and_fsync(self, write_fd: int, runs: list[tuple[int, Pieces]],
+                              fsync_fd: int, written: Callable[[str | None], None]) -> bool:
+        """Write `runs` (offset, pieces: whole blocks, at most WRITE_BUFFER bytes in
+        all; check can_write first) through `write_fd`, then fsync `fsync_fd`.
+        `written(None or the failure)` runs exactly once when the writes are over,
+        even if this task is cancelled meanwhile. True once flushed; False having
+        done nothing (`written` is then never called); OSError if a write or the
+        flush failed."""
+        if not self.can_write(sum(len(p) for _o, pieces in runs for p in pieces)):
+            return False
+        entries: list[tuple[str, int, memoryview | None, int]] = []
+        filled = 0
+        for offset, pieces in runs:
+            start = filled
+            for piece in pieces:
+                self._staging[filled : filled + len(piece)] = piece
+                filled += len(piece)
+            entries.append(("write", write_fd, self._staging[start:filled], offset))
+        entries.append(("fsync", fsync_fd, None, 0))
+        lengths = [len(view) for _k, _fd, view, _o in entries[:-1]]
+
+        def finish(results: list[int]) -> None:
+            self._buffer_busy = False
+            offsets = [offset for _k, _fd, _v, offset in entries]
+            failed = next((f"write at {o}: {_describe(r, n)}"
+                           for o, r, n in zip(offsets, results, lengths, strict=False)
+                           if r != n), None)
+            written(failed)
+
+        self._buffer_busy = True
+        request = self._submit(entries, finish)
+        if request is None:
+            self._buffer_busy = False
+            return False
+        await request.done.wait()
+        for result, length in zip(request.results, lengths, strict=False):
+            if result != length:
+                raise OSError(-result if result < 0 else errno.EIO,
+                              _describe(result, length))
+        return self._fsync_result(request.results[-1])
+
+    # -- submission and completion --------------------------------------------------------
+    def _usable(self, entries: int) -> bool:
+        """Room for `entries` requests, and a reaper in this trio run (started here)."""
+        if self.broken is not None or self._in_flight + entries > RING_ENTRIES:
+            return False
+        try:
+            token = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            return False
+        if token is not self._reaper_token:
+            if self._in_flight:
+                return False             # the reaper of an earlier run still owes answers
+            trio.lowlevel.spawn_system_task(self._reap, name="flush ring reaper")
+            self._reaper_token = token
+            self._loop_thread = threading.get_ident()
+        return True
+
+    def _submit(self, entries: list[tuple[str, int, memoryview | None, int]],
+                finish: Callable[[list[int]], None]) -> _Request | None:
+        rid = next(self._ids)
+        try:
+            for i, (kind, fd, view, offset) in enumerate(entries):
+                tag = rid << 8 | i
+                if kind == "fsync":
+                    self._ring.queue_fsync(fd, tag)
+                else:
+                    self._ring.queue_write(fd, view, offset, True, tag)
+            self._ring.submit()
+        except OSError as exc:
+            # what was queued is never submitted: the ring is not used again
+            self.broken = f"submit: {exc.strerror}"
+            log.warning("flush ring refused a request (%s): device flushes run in a "
+                        "worker thread from now on", exc.strerror)
+            return None
+        request = self._requests[rid] = _Request(len(entries), finish)
+        self._in_flight += len(entries)
+        return request
+
+    def _take_completions(self) -> None:
+        for tag, result in self._ring.reap():
+            self._in_flight -= 1
+            rid, index = tag >> 8, tag & 0xFF
+            request = self._requests.get(rid)
+            if request is None:
+                continue
+            request.results[index] = result
+            request.left -= 1
+            if not request.left:
+                del self._requests[rid]
+                request.finish(request.results)
+                request.done.set()
+
+    async def _reap(self) -> None:
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(self._eventfd)
+                try:
+                    os.eventfd_read(self._eventfd)
+                except BlockingIOError:
+                    pass
+                self._take_completions()
+        except trio.ClosedResourceError:
+            return                       # close(): it took what was in flight
+        except Exception as exc:         # a system task must not crash the run
+            self.broken = f"{type(exc).__name__}: {exc}"
+            log.warning("flush ring stopped (%s): device flushes run in a worker thread",
+                        self.broken)
+
+    def settle_here(self) -> bool:
+        """(For a synchronous wait on writes in flight here: a read of their bytes, a
+        drain.) On the event loop's thread the reaper cannot run while the caller
+        blocks it, so wait for every request in flight and finish them now: True.
+        On any other thread False: the reaper finishes them."""
+        if threading.get_ident() != self._loop_thread or not self._in_flight \
+                or self._eventfd < 0:
+            return False
+        self._ring.wait(self._in_flight)
+        self._take_completions()
+        return True
+
+    @staticmethod
+    def _fsync_result(result: int) -> bool:
+        if result < 0:
+            raise OSError(-result, os.strerror(-result))
+        return True
+
+    def close(self) -> None:
+        """Wait for the requests in flight, run their callbacks, release the ring."""
+        if self._eventfd < 0:
+            return
+        self.broken = "closed"
+        try:
+            if self._in_flight:
+                self._ring.wait(self._in_flight)
+                self._take_completions()
+        finally:
+            try:
+                trio.lowlevel.notify_closing(self._eventfd)
+            except RuntimeError:
+                pass                     # not in a trio run: no reaper waits
+            self._ring.close()
+            os.close(self._eventfd)
+            self._eventfd = -1
+
+
+def _describe(result: int, length: int) -> str:
+    if result < 0:
+        return os.strerror(-result)
+    return f"short write ({result} of {length} bytes)"
