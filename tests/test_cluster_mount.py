@@ -325,7 +325,13 @@ def test_a_node_beyond_the_journal_count_is_refused_and_the_others_go_on(tmp_pat
 def test_status_shows_the_mount_and_its_glocks(tmp_path):
     with cluster(tmp_path, nodes=3) as c:
         with open(c.path(1, "f"), "wb") as f:
-            f.write(b"x")
+            f.write(b"x" * 8192)
+            f.flush()
+            os.fsync(f.fileno())
+        with open(c.path(1, "f"), "r+b") as f:    # an overwrite in place + fdatasync:
+            f.write(b"y" * 4096)                  # its flush through io_uring
+            f.flush()
+            os.fdatasync(f.fileno())
         r = run_cli("status", "--control", c.control(1))
         assert r.returncode == 0, r.stderr
         assert f"mount       {c.mountpoint(1)}" in r.stdout
@@ -333,6 +339,10 @@ def test_status_shows_the_mount_and_its_glocks(tmp_path):
         assert "inode:" in r.stdout          # a cached glock, with its mode
         assert re.search(r"journal     commits=\d+ blocks=\d+ checkpoints=\d+ "
                          r"write-backs=\d+ \(blocks revoked=\d+\)", r.stdout), r.stdout
+        assert re.search(r"device      reads=\d+ writes=\d+ io_uring flushes=[1-9]",
+                         r.stdout), r.stdout
+        assert re.search(r"collector   full collections=\d+ freed=\d+ longest pause=",
+                         r.stdout), r.stdout
         slots = json.loads(run_cli("status", "--control", c.control(1), "--json").stdout)
         holders = {s["holder"]: s["slot"] for s in slots["slots"]}
         assert sorted(n for n in holders if isinstance(n, int)) == [1, 2, 3], slots["slots"]

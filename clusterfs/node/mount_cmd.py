@@ -50,6 +50,7 @@ from clusterfs.errors import (
     first_in_group,
 )
 from clusterfs.node import mountrecord
+from clusterfs.node.collector import CollectorWatch
 from clusterfs.node.prepare import TracebackFormatter, preload
 
 if TYPE_CHECKING:
@@ -63,6 +64,8 @@ SLOT_RETRY_DELAY = 0.2      # ...this many seconds apart
 AUDIT_ENV = "CLUSTERFS_AUDIT_FAILOVER"    # =1: audit the failover path (module doc)
 MAX_GLOCKS_RANGE = (100, 100_000_000)     # -o max_glocks (default: cache/glock.py MAX_CACHED)
 GC_YOUNG = 10_000           # net allocations between young collections (_tune_collector)
+GC_OLD = 1                  # middle collections between full ones (_tune_collector)
+COLLECTOR = CollectorWatch()   # full collections' pauses, timed (status, the log)
 
 
 class MountError(Exception):
@@ -472,6 +475,7 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
                 "mount": _mount_status(mountpoint, dev.path, **shown),
                 "fencing": fencing.statistics(),
                 "device": dev.statistics(),
+                "collector": COLLECTOR.statistics(),
                 "block_server": server.statistics() if server else None,
                 "failover": failover.report()} if shown else {},
                 asked_status=lambda: _slot_holders(ls, sb))
@@ -868,8 +872,11 @@ def _tune_collector() -> None:
     nothing to free (in-process creates, three runs each: 4663-6070 creates/s with
     700, 5214-6594 with 10 000)."""
     gc.freeze()
-    _, middle, old = gc.get_threshold()
-    gc.set_threshold(GC_YOUNG, middle, old)
+    _, middle, _old = gc.get_threshold()
+    # a full collection every `middle` middle ones (not 10): each walks only what
+    # survived since the last, which the watch then freezes (node/collector.py)
+    gc.set_threshold(GC_YOUNG, middle, GC_OLD)
+    COLLECTOR.install()
 
 
 def _mount(args: argparse.Namespace, ready: Callable[[], None],

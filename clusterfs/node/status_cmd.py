@@ -126,6 +126,14 @@ def print_status(st: dict[str, Any]) -> None:
             print(f"journal     commits={j['commits']} blocks={j['blocks']} "
                   f"checkpoints={j['checkpoints']} write-backs={j['write_backs']} "
                   f"(blocks revoked={j['revoked']}) flushes={j['flushes']}")
+        dev = st.get("device") or {}
+        if "ring_flushes" in dev:
+            print(f"device      reads={dev['reads']} writes={dev['writes']} "
+                  f"io_uring flushes={dev['ring_flushes']}")
+        c = st.get("collector")
+        if c:
+            print(f"collector   full collections={c['full_collections']} freed={c['freed']} "
+                  f"longest pause={c['longest_ms']} ms last={c['last_ms']} ms")
         min_hold = m.get("min_hold", 0)
         for gl in m["glocks"]:
             name = ":".join(str(p) for p in gl["name"])
