@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
+from collections import deque
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,7 @@ class CollectorWatch:
         self.freed = 0              # objects full collections found unreachable, in all
         self.longest = 0.0
         self.last = 0.0
+        self.recent: deque[float] = deque(maxlen=8)
         self._started = 0.0
         self._logged_at = -LOG_EVERY
 
@@ -57,6 +59,7 @@ class CollectorWatch:
         self.full += 1
         self.freed += info.get("collected", 0)
         self.last = pause
+        self.recent.append(pause)
         self.longest = max(self.longest, pause)
         if pause >= PAUSE_LOGGED and now - self._logged_at >= LOG_EVERY:
             self._logged_at = now
@@ -66,4 +69,5 @@ class CollectorWatch:
     def statistics(self) -> dict[str, float]:
         return {"full_collections": self.full, "freed": self.freed,
                 "longest_ms": round(self.longest * 1000, 1),
-                "last_ms": round(self.last * 1000, 1)}
+                "last_ms": round(self.last * 1000, 1),
+                "recent_ms": [round(p * 1000, 1) for p in self.recent]}
