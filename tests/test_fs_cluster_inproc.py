@@ -366,11 +366,14 @@ async def test_an_overwrite_commits_with_one_flush_and_new_data_with_two(tmp_pat
         assert kinds[:-1] and set(kinds[:-1]) == {"write"}    # log copies + commit block
         assert await a.fs.read(f.ino, BLOCK, BLOCK) == b"y" * BLOCK
         calls.clear()
+        ring_flushes = a.dev.ring_flushes
         await a.fs.write(f.ino, 0, b"z" * BLOCK)   # times recent: data only, no commit
         await a.fs.fsync(f.ino)
         # the data went through the write-behind queue (not recorded here): no log
-        # copy, no commit block, one flush
-        assert [k for k, _ in calls] == ["flush"]
+        # copy, no commit block, one flush (through io_uring where the kernel has it)
+        by_ring = a.dev.ring_flushes - ring_flushes
+        assert [k for k, _ in calls] == ([] if by_ring == 1 else ["flush"])
+        assert by_ring in (0, 1) and (by_ring or a.dev._ring is None)
         assert await a.fs.read(f.ino, 0, 2) == b"zz"
 
 

@@ -161,6 +161,8 @@ class TransactionManager:
         # Every journal write waits for the queued data writes first, and a full log
         # checkpoints: all of it in one worker-thread hop, never on the event loop
         # (a commit's log writes used to wait there for data queued meanwhile).
+        if not blocks and not ordered and await self.journal.dev.flush_without_thread():
+            return   # nothing to log: the data queued and a flush (an fsync of an overwrite)
         self.journal.stage(blocks)
         pending = await trio.to_thread.run_sync(self.journal.log_transaction, blocks,
                                                 ordered)
