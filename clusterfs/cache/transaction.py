@@ -164,8 +164,10 @@ class TransactionManager:
         if not blocks and not ordered and await self.journal.dev.flush_without_thread():
             return   # nothing to log: the data queued and a flush (an fsync of an overwrite)
         self.journal.stage(blocks)
-        pending = await trio.to_thread.run_sync(self.journal.log_transaction, blocks,
-                                                ordered)
+        done, pending = await self.journal.log_without_thread(blocks, ordered)
+        if not done:
+            pending = await trio.to_thread.run_sync(self.journal.log_transaction, blocks,
+                                                    ordered)
         if pending is not None:
             self.journal.end_commit(pending, flushes=2 if ordered else 1)
             self.stats["commits"] += 1

@@ -45,6 +45,12 @@ from clusterfs.storage.device import BlockDevice
 
 log = logging.getLogger(__name__)
 
+# Log blocks (descriptors, copies, commit) a transaction may take to be committed
+# through the device's io_uring from the event loop (log_without_thread): its 64 KiB
+# buffer holds them with the data writes queued before them. Larger ones go through
+# a worker thread, where their encoding does not hold the event loop either.
+RING_COMMIT_BLOCKS = 8
+
 
 @dataclass
 class ReplayResult:
@@ -287,6 +293,43 @@ class Journal:
             self.write_commit(pending)
             self.dev.flush()
         return pending
+
+    async def log_without_thread(self, blocks: dict[int, bytes], ordered: bool
+                                 ) -> tuple[bool, _Pending | None]:
+        """log_transaction from the event loop with no worker thread, through the
+        device's io_uring (BlockDevice.run_without_thread), for a small transaction
+        that needs no checkpoint first: the queued data writes, the log blocks, the
+        commit block and the flushes, linked in one submission in log_transaction's
+        order. (False, None) having written nothing when it cannot (then
+        log_transaction in a worker thread); else (True, the transaction to end)."""
+        homes = sorted(blocks)
+        need = _log_blocks(len(homes), 0)
+        if not blocks or need > RING_COMMIT_BLOCKS or self.used + need > self.log_len - 1:
+            return False, None
+        payload, crc = self._encode(homes, blocks, [])
+        positions = _log_positions(self.head_off, need, self.log_len)
+        pending = _Pending(blocks, need, crc, positions[-1], [])
+        commit_blk = self.jstart + pending.commit_pos
+        commit = bytes(encode_commit(need - 1, crc, time.time_ns(), commit_blk, self.seq))
+        logged = self._runs([self.jstart + p for p in positions[:-1]], payload)
+        steps: list[list[tuple[int, bytes]] | None] = (
+            [logged, None, [(commit_blk * BLOCK_SIZE, commit)], None] if ordered
+            else [[*logged, (commit_blk * BLOCK_SIZE, commit)], None])
+        self.in_flight = blocks
+        if not await self.dev.run_without_thread(steps):
+            return False, None
+        return True, pending
+
+    @staticmethod
+    def _runs(blknos: list[int], payload: list[bytes]) -> list[tuple[int, bytes]]:
+        """(offset, bytes) per stretch of consecutive block numbers."""
+        out: list[tuple[int, bytes]] = []
+        start = 0
+        for i in range(1, len(blknos) + 1):
+            if i == len(blknos) or blknos[i] != blknos[i - 1] + 1:
+                out.append((blknos[start] * BLOCK_SIZE, b"".join(payload[start:i])))
+                start = i
+        return out
 
     # The three steps of a commit (log_transaction runs the first two with their
     # flushes; write_back logs a revoke with them). Steps of one transaction must not

@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from clusterfs import failover
 from clusterfs.errors import StorageError
 from clusterfs.format.block import BLOCK_SIZE
-from clusterfs.storage.ring import WRITE_BUFFER, FlushRing
+from clusterfs.storage.ring import WRITE_BUFFER, FlushRing, Step, first_failure
 
 SYNC_FILE_RANGE_WRITE = 2
 WRITEBACK_TRIGGER = 256 * 1024      # a queued write this large starts its writeback at once
@@ -881,36 +881,65 @@ class BlockDevice(BlockAddressed):
 
     async def flush_without_thread(self) -> bool:
         """Flush from the event loop with no worker thread (io_uring), writing first
-        what the write-behind holds when that is a short run the thread has not
+        what the write-behind holds when that is a short run its thread has not
         taken (an fdatasync's own overwrite): True once flushed. False, having done
         nothing, when it cannot (no io_uring, the thread is writing, more is
         queued): flush() in a worker thread then."""
+        return await self.run_without_thread([None])
+
+    async def run_without_thread(self, steps: list[list[tuple[int, bytes]] | None]) -> bool:
+        """From the event loop, with no worker thread (io_uring): the write-behind's
+        queue first (when it is a short run its thread has not taken), then `steps`
+        in order, each once the one before is done (a failure cancels the rest): a
+        list of (offset, whole blocks) writes, or None for a flush (a journal commit:
+        log blocks, flush, commit block, flush). True once all are done; False,
+        having done nothing, when the ring cannot take them (none, busy, too much
+        queued or asked): then in a worker thread, as before. StorageError if one
+        failed (a failed queued write is kept and reported, as the thread's are)."""
         self.start_flush_ring()
         ring = self._ring
         if ring is None:
             return False
-        self._check_refused("flush")
+        self._check_refused("write")
         behind = self._behind
+        meta_fd = self._direct.fd if self._direct is not None else self.fd
+        asked: list[Step] = []
+        for step in steps:
+            if step is None:
+                asked.append(("fsync", self.fd))
+            else:
+                asked.extend(("write", meta_fd, off, [memoryview(data)]) for off, data in step)
+        length = sum(len(d) for step in steps if step for _o, d in step)
         try:
-            if behind is None or not behind.pending:
-                if behind is not None and behind.error:
-                    behind.drain()       # raises: a failed write is reported here
-                done = await ring.fsync(self.fd)
-                self.ring_flushes += done
-                return done
-            if behind.direct is None or not ring.can_write(behind.waiting):
+            taken: list[Step] = []
+            if behind is not None and behind.pending:
+                if behind.direct is None or not ring.can_chain(
+                        behind.waiting + length, len(asked) + WRITE_BUFFER // BLOCK_SIZE):
+                    return False
+                runs = behind.take_all(WRITE_BUFFER - length)
+                if runs is None:
+                    return False
+                taken = [("write", behind.direct.fd, off, pieces) for off, pieces in runs]
+            elif behind is not None and behind.error:
+                behind.drain()           # raises: a failed write is reported here
+            for step in asked:
+                if step[0] == "write" and self._ahead is not None:
+                    self._ahead.invalidate(step[2], sum(len(p) for p in step[3]))
+
+            def done(results: list[int]) -> None:
+                if taken:
+                    behind.taken_written(first_failure(results[: len(taken)], taken))
+
+            ok = await ring.chain(taken + asked, done)
+            if not ok:
+                if taken:
+                    behind.give_back()
                 return False
-            runs = behind.take_all(WRITE_BUFFER)
-            if runs is None:
-                return False
-            done = await ring.write_and_fsync(behind.direct.fd, runs, self.fd,
-                                              behind.taken_written)
-            if not done:
-                behind.give_back()
-            self.ring_flushes += done
-            return done
+            self.ring_flushes += 1
+            self.writes += sum(1 for step in asked if step[0] == "write")
+            return True
         except OSError as exc:
-            raise StorageError(f"{self.path}: flush: {exc.strerror}") from exc
+            raise StorageError(f"{self.path}: {exc.strerror or exc}") from exc
 
     def flush(self) -> None:
         self._check_refused("flush")
@@ -983,3 +1012,6 @@ class WritesAtOnce:
 
     async def flush_without_thread(self) -> bool:
         return False                     # flush() in a worker thread
+
+    async def run_without_thread(self, steps: list[list[tuple[int, bytes]] | None]) -> bool:
+        return False                     # the journal's writes in a worker thread

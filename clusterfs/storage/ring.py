@@ -29,7 +29,6 @@ from collections.abc import Callable
 
 import trio
 
-from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.native import Uring
 
 log = logging.getLogger(__name__)
@@ -42,6 +41,8 @@ WRITE_BUFFER = 64 * 1024       # the aligned buffer a linked write is staged in
 _refusal_logged = False
 
 Pieces = list[memoryview]
+# ("write", fd, offset, pieces) or ("fsync", fd)
+Step = tuple[str, int, int, Pieces] | tuple[str, int]
 
 
 class _Request:
@@ -94,47 +95,43 @@ class FlushRing:
         """fsync(fd): True once done, False having done nothing (the ring is full,
         broken or not of this trio run: flush in a thread then). OSError if the
         flush failed."""
-        if not self._usable(1):
-            return False
-        request = self._submit([("fsync", fd, None, 0)], lambda _results: None)
-        if request is None:
-            return False
-        await request.done.wait()
-        return self._fsync_result(request.results[-1])
+        return await self.chain([("fsync", fd)])
 
-    def can_write(self, length: int) -> bool:
-        """Whether write_and_fsync can take `length` bytes now."""
+    def can_chain(self, length: int, requests: int) -> bool:
+        """Whether chain() can take `requests` requests writing `length` bytes now."""
         return (length <= WRITE_BUFFER and not self._buffer_busy
-                and self._usable(WRITE_BUFFER // BLOCK_SIZE + 1))
+                and self._usable(requests))
 
-    async def write_and_fsync(self, write_fd: int, runs: list[tuple[int, Pieces]],
-                              fsync_fd: int, written: Callable[[str | None], None]) -> bool:
-        """Write `runs` (offset, pieces: whole blocks, at most WRITE_BUFFER bytes in
-        all; check can_write first) through `write_fd`, then fsync `fsync_fd`.
-        `written(None or the failure)` runs exactly once when the writes are over,
-        even if this task is cancelled meanwhile. True once flushed; False having
-        done nothing (`written` is then never called); OSError if a write or the
-        flush failed."""
-        if not self.can_write(sum(len(p) for _o, pieces in runs for p in pieces)):
+    async def chain(self, steps: list[Step],
+                    done: Callable[[list[int]], None] | None = None) -> bool:
+        """Run `steps` in order, each starting once the one before succeeded (a failure
+        cancels the rest): ("write", fd, offset, pieces) writes the pieces (whole
+        blocks; at most WRITE_BUFFER bytes in all: check can_chain first) back to
+        back, ("fsync", fd) flushes. `done(results)` runs exactly once when they are
+        all over (bytes written, 0, or -errno each), even if this task is cancelled
+        meanwhile. True once all succeeded; False having done nothing (`done` is then
+        never called); OSError naming the first that failed."""
+        length = sum(len(p) for step in steps if step[0] == "write" for p in step[3])
+        if not self.can_chain(length, len(steps)):
             return False
         entries: list[tuple[str, int, memoryview | None, int]] = []
         filled = 0
-        for offset, pieces in runs:
+        for step in steps:
+            if step[0] == "fsync":
+                entries.append(("fsync", step[1], None, 0))
+                continue
+            _kind, fd, offset, pieces = step
             start = filled
             for piece in pieces:
                 self._staging[filled : filled + len(piece)] = piece
                 filled += len(piece)
-            entries.append(("write", write_fd, self._staging[start:filled], offset))
-        entries.append(("fsync", fsync_fd, None, 0))
-        lengths = [len(view) for _k, _fd, view, _o in entries[:-1]]
+            entries.append(("write", fd, self._staging[start:filled], offset))
+        wanted = [len(view) if view is not None else 0 for _k, _fd, view, _o in entries]
 
         def finish(results: list[int]) -> None:
             self._buffer_busy = False
-            offsets = [offset for _k, _fd, _v, offset in entries]
-            failed = next((f"write at {o}: {_describe(r, n)}"
-                           for o, r, n in zip(offsets, results, lengths, strict=False)
-                           if r != n), None)
-            written(failed)
+            if done is not None:
+                done(results)
 
         self._buffer_busy = True
         request = self._submit(entries, finish)
@@ -142,11 +139,13 @@ class FlushRing:
             self._buffer_busy = False
             return False
         await request.done.wait()
-        for result, length in zip(request.results, lengths, strict=False):
+        for (kind, _fd, _view, offset), result, length in zip(
+                entries, request.results, wanted, strict=True):
             if result != length:
+                what = f"write at {offset}" if kind == "write" else "flush"
                 raise OSError(-result if result < 0 else errno.EIO,
-                              _describe(result, length))
-        return self._fsync_result(request.results[-1])
+                              f"{what}: {_describe(result, length)}")
+        return True
 
     # -- submission and completion --------------------------------------------------------
     def _usable(self, entries: int) -> bool:
@@ -228,12 +227,6 @@ class FlushRing:
         self._take_completions()
         return True
 
-    @staticmethod
-    def _fsync_result(result: int) -> bool:
-        if result < 0:
-            raise OSError(-result, os.strerror(-result))
-        return True
-
     def close(self) -> None:
         """Wait for the requests in flight, run their callbacks, release the ring."""
         if self._eventfd < 0:
@@ -257,3 +250,13 @@ def _describe(result: int, length: int) -> str:
     if result < 0:
         return os.strerror(-result)
     return f"short write ({result} of {length} bytes)"
+
+
+def first_failure(results: list[int], steps: list[Step]) -> str | None:
+    """The first of `steps` whose result says it failed, described; None if none."""
+    for step, result in zip(steps, results, strict=False):
+        wanted = sum(len(p) for p in step[3]) if step[0] == "write" else 0
+        if result != wanted:
+            what = f"write at {step[2]}" if step[0] == "write" else "flush"
+            return f"{what}: {_describe(result, wanted)}"
+    return None
