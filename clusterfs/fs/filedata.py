@@ -234,8 +234,14 @@ class FileData:
             node.meta_version += 1          # block map or size: a datasync must commit
         if holes or unstuff:
             self.txn.fresh_data = True      # that commit must flush the data first
-        meta = self._reserve(goal, 2) if len(node.extents) + len(new_runs) > \
-            fext.INLINE_EXTENTS else []
+        try:
+            meta = self._reserve(goal, 2) if len(node.extents) + len(new_runs) > \
+                fext.INLINE_EXTENTS else []
+        except FSError:
+            # ENOSPC for the extent list's blocks: the data blocks go back too (they
+            # stayed taken, blocks no file held: fsck's "leaked" after a disk filled)
+            self._unreserve([b for s, c in new_runs for b in range(s, s + c)])
+            raise
         # -- no failure past this point except I/O
         if node.stuffed:
             node.set_map_kind(F_EXTENTS)

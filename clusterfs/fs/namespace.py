@@ -153,12 +153,16 @@ class Namespace:
         node = CachedInode(disk, self.blocks.read_meta)
         if is_dir:
             node.dir = Directory()
+        if target:
+            try:                            # stuffed when short, a data block when long:
+                self._write(node, 0, target)    # its ENOSPC changes nothing
+            except FSError:                 # (they stayed taken: fsck's "leaked")
+                self._unreserve([ino, *reserve])
+                raise
         self.inodes.put(ino, node)
         if self.clustered:
             self._unguarded.setdefault(parent, set()).add(ino)
             self._unguarded_in[ino] = parent
-        if target:
-            self._write(node, 0, target)    # stuffed when short, a data block when long
         p.dir.add(name, ino, dtype_of(mode), self._taker(reserve, goal), self._free_meta)
         self._unreserve(reserve)
         if is_dir:
