@@ -1317,3 +1317,26 @@ async def test_a_long_symlink_refused_for_want_of_a_data_block_gives_its_inode_b
         assert refused.value.errno == errno.ENOSPC
         assert a.fs.alloc.free_blocks() == free_before
         assert await a.fs.lookup(a.fs.root, b"l") is None
+
+
+@trio_test
+async def test_an_unmount_frees_files_still_open_there_it_unlinked(tmp_path) -> None:
+    """stress-ng's `open` ends, its unlinked files' last closes are still on their way
+    and the node unmounts: the unmount frees what it unlinked whatever the kernel still
+    had open. It tried iopen in EX while still holding its own iopen PR, failed ("open
+    elsewhere") and left them in its orphan list: fsck after every node's clean unmount
+    found 133 such inodes, "leaked"."""
+    async with nodes(tmp_path, count=2) as (a, _b):
+        d = await a.fs.mknod(a.fs.root, b"d", stat.S_IFDIR | 0o755, 0, 0, 0)
+        held = []
+        for i in range(5):
+            f = await a.fs.mknod(d.ino, b"f%d" % i, REG, 0, 0, 0, open_it=True)
+            await a.fs.write(f.ino, 0, b"x" * BLOCK)
+            await a.fs.unlink(d.ino, b"f%d" % i)
+            held.append(f.ino)
+        assert a.fs.orphans.inodes == set(held)
+        free_before = a.fs.alloc.free_blocks()
+        with trio.fail_after(30):                     # a hang guard, not a timing
+            await a.fs.shutdown()                     # (no release: the kernel's closes
+        assert a.fs.orphans.inodes == set()           #  never came)
+        assert a.fs.alloc.free_blocks() >= free_before + 2 * len(held)

@@ -735,6 +735,12 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
             for ino in list(self.unlinked):
                 self.nlookup.pop(ino, None)
                 self.opens.pop(ino, None)
+                if self.clustered:
+                    # our own iopen PR first: with it held the EX try below always
+                    # failed ("open elsewhere") and the file stayed in our orphan list
+                    # (closes the kernel had not sent yet when the unmount came)
+                    self._iopen_owed.discard(ino)
+                    await self._iopen_release(ino)
                 try:
                     await self._maybe_free(ino)
                 except FSError as exc:   # one inode must not keep the journal dirty
