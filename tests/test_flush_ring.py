@@ -91,9 +91,10 @@ async def test_more_than_the_ring_buffer_is_left_to_the_thread(dev):
 
 
 @trio_test
-async def test_read_of_bytes_in_flight_on_the_loop_thread_finishes_them(dev):
-    """The reaper runs on the event loop: a synchronous read there that must wait for
-    the ring's write would wait for ever if it waited for the reaper."""
+async def test_a_wait_for_writes_in_flight_on_the_loop_thread_finishes_them(dev):
+    """The reaper runs on the event loop: a synchronous wait there for the ring's write
+    (a drain) would wait for ever if it waited for the reaper. A read of those bytes
+    does not wait: it lays them over what the device holds."""
     data = os.urandom(BLOCK_SIZE)
     dev.write_behind(7 * BLOCK_SIZE, data)
     flushed = []
@@ -110,7 +111,8 @@ async def test_read_of_bytes_in_flight_on_the_loop_thread_finishes_them(dev):
             nursery.start_soon(flusher)
             await trio.testing.wait_all_tasks_blocked()
             assert dev._behind.elsewhere            # in the ring, not yet reaped
-            assert dev.pread(7 * BLOCK_SIZE, BLOCK_SIZE) == data
+            assert dev.pread(7 * BLOCK_SIZE, BLOCK_SIZE) == data   # laid over, no wait
+            dev.drain()                             # a wait for it: finished here
             assert not dev._behind.elsewhere
     assert flushed == [True]
     assert dev.behind_pending == 0

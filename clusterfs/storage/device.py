@@ -386,6 +386,17 @@ def from_newest_write(writes: Iterable[tuple[int, bytes | memoryview]], offset: 
     return None
 
 
+def _overlaid(base: bytes, offset: int, writes: list[tuple[int, memoryview]]) -> bytes:
+    """`base` (the device's bytes from `offset`) with `writes` laid over it in order."""
+    out = bytearray(base)
+    end = offset + len(out)
+    for start, data in writes:
+        lo, hi = max(start, offset), min(start + len(data), end)
+        if lo < hi:
+            out[lo - offset : hi - offset] = data[lo - start : hi - start]
+    return bytes(out)
+
+
 class _WriteBehind:
     """A daemon thread performing queued data writes, in order, off the caller's thread.
 
@@ -463,6 +474,16 @@ class _WriteBehind:
         self.waiting -= cut
         if self.run_end == end:
             self.run_end = offset
+
+    def owed_writes(self, offset: int, length: int) -> list[tuple[int, memoryview]] | None:
+        """The queued and in-flight writes touching [offset, offset + length), oldest
+        first (the device may or may not hold each yet: a reader lays them over what
+        it reads, in this order); None when a write failed (the reader reports it)."""
+        with self.cond:
+            if self.error is not None:
+                return None
+            return [(start, data) for start, data in itertools.chain(self.writing, self.items)
+                    if start < offset + length and offset < start + len(data)]
 
     def owes(self, offset: int, length: int) -> bool:
         """Whether a read of [offset, offset + length) must wait for the queue: a queued
@@ -810,12 +831,21 @@ class BlockDevice(BlockAddressed):
 
     # -- ordinary I/O (each waits for the queued writes it must follow) ----------------
     def pread(self, offset: int, length: int) -> bytes:
-        # Only writes of these bytes must land first: waiting for the whole queue
-        # (up to WRITE_BEHIND_LIMIT of scattered 4 KiB writes, seconds on a busy disk)
-        # stalled the event loop, which calls this, past the failure timeout, and the
-        # other nodes fenced a live node (stress-ng's fpunch on three nodes).
-        if self._behind is not None and self._behind.owes(offset, length):
-            self._behind.drain()
+        # Queued writes of these bytes are laid over what the device holds, in queue
+        # order, instead of waited for: a write queued must be written in order, so
+        # waiting for one waited for the whole queue (up to WRITE_BEHIND_LIMIT of
+        # scattered writes, seconds on a busy disk) on the event loop, which calls
+        # this, past the failure timeout: the other nodes fenced a live node
+        # (stress-ng's fpunch, then iomix with three instances on each of three nodes).
+        if self._behind is not None:
+            owed = self._behind.owed_writes(offset, length)
+            if owed is None:
+                self._behind.drain()     # a write failed: raises it
+            elif owed:
+                return _overlaid(self._read_device(offset, length), offset, owed)
+        return self._read_device(offset, length)
+
+    def _read_device(self, offset: int, length: int) -> bytes:
         try:
             self.reads += 1
             if self._direct is not None and not (offset | length) % BLOCK_SIZE:
