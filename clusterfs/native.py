@@ -115,8 +115,10 @@ class Uring:
         if err:
             raise OSError(-err, f"io_uring {what}: {os.strerror(-err)}")
 
-    def queue_fsync(self, fd: int, tag: int) -> None:
-        self._check(lib.cfs_uring_queue_fsync(self._ring, fd, tag), "fsync")
+    def queue_fsync(self, fd: int, link: bool, tag: int) -> None:
+        """Queue an fsync; with `link` the next queued request waits for it (and is
+        cancelled if it fails)."""
+        self._check(lib.cfs_uring_queue_fsync(self._ring, fd, int(link), tag), "fsync")
 
     def queue_write(self, fd: int, buf: object, offset: int, link: bool, tag: int) -> None:
         """Queue a write of `buf` (cffi buffer: it must stay alive until completion);

@@ -121,15 +121,17 @@ static struct io_uring_sqe *next_sqe(struct cfs_uring *r)
     return sqe;
 }
 
-/* Queue (not yet submit) an fsync of fd; its completion carries `tag`. 0, or -EBUSY
- * when the submission ring is full. */
-int cfs_uring_queue_fsync(struct cfs_uring *r, int fd, uint64_t tag)
+/* Queue (not yet submit) an fsync of fd; its completion carries `tag`; with `link`
+ * the next queued request starts only once it succeeded. 0, or -EBUSY when the
+ * submission ring is full. */
+int cfs_uring_queue_fsync(struct cfs_uring *r, int fd, int link, uint64_t tag)
 {
     struct io_uring_sqe *sqe = next_sqe(r);
     if (!sqe)
         return -EBUSY;
     sqe->opcode = IORING_OP_FSYNC;
     sqe->fd = fd;
+    sqe->flags = link ? IOSQE_IO_LINK : 0;
     sqe->user_data = tag;
     return 0;
 }

@@ -228,3 +228,30 @@ def test_ring_open_and_plain_fsync(tmp_path):
     finally:
         ring.close()
         os.close(fd)
+
+
+def test_a_chain_step_waits_for_the_flush_before_it(tmp_path):
+    """A commit with new data is [data and log writes, flush, commit block, flush]: the
+    commit block must not start before the flush before it is done. A flush that fails
+    (here: a descriptor that is not open) cancels the write after it."""
+    ring = FlushRing.open()
+    if ring is None:
+        pytest.skip("io_uring refused by this kernel")
+    path = _image(tmp_path)
+    fd = os.open(path, os.O_RDWR)
+    block = memoryview(b"c" * BLOCK_SIZE)
+
+    async def main():
+        with trio.fail_after(HANG):
+            with pytest.raises(OSError, match="flush"):
+                await ring.chain([("fsync", 10_000), ("write", fd, 0, [block])])
+            assert await ring.chain([("fsync", fd), ("write", fd, BLOCK_SIZE, [block]),
+                                     ("fsync", fd)])
+
+    try:
+        trio.run(main)
+    finally:
+        ring.close()
+        os.close(fd)
+    assert _on_disk(path, 0) == bytes(BLOCK_SIZE)        # cancelled: never written
+    assert _on_disk(path, 1) == b"c" * BLOCK_SIZE

@@ -170,10 +170,11 @@ class FlushRing:
         try:
             for i, (kind, fd, view, offset) in enumerate(entries):
                 tag = rid << 8 | i
+                link = i < len(entries) - 1      # each waits for the one before
                 if kind == "fsync":
-                    self._ring.queue_fsync(fd, tag)
+                    self._ring.queue_fsync(fd, link, tag)
                 else:
-                    self._ring.queue_write(fd, view, offset, True, tag)
+                    self._ring.queue_write(fd, view, offset, link, tag)
             self._ring.submit()
         except OSError as exc:
             # what was queued is never submitted: the ring is not used again
