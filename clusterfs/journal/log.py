@@ -321,12 +321,15 @@ class Journal:
         return True, pending
 
     @staticmethod
-    def _runs(blknos: list[int], payload: list[bytes]) -> list[tuple[int, bytes]]:
-        """(offset, bytes) per stretch of consecutive block numbers."""
+    def _runs(blknos: list[int], payload: list[bytes], most: int | None = None
+              ) -> list[tuple[int, bytes]]:
+        """(offset, bytes) per stretch of consecutive block numbers (ascending), of at
+        most `most` blocks when given."""
         out: list[tuple[int, bytes]] = []
         start = 0
         for i in range(1, len(blknos) + 1):
-            if i == len(blknos) or blknos[i] != blknos[i - 1] + 1:
+            if i == len(blknos) or blknos[i] != blknos[i - 1] + 1 or \
+                    (most is not None and i - start == most):
                 out.append((blknos[start] * BLOCK_SIZE, b"".join(payload[start:i])))
                 start = i
         return out
@@ -400,12 +403,8 @@ class Journal:
                     most: int | None = None) -> None:
         """Write payload[i] at block blknos[i] (ascending), one write per stretch of
         consecutive block numbers, of at most `most` blocks when given."""
-        start = 0
-        for i in range(1, len(blknos) + 1):
-            if i == len(blknos) or blknos[i] != blknos[i - 1] + 1 or \
-                    (most is not None and i - start == most):
-                self.dev.write(blknos[start], b"".join(payload[start:i]))
-                start = i
+        for offset, data in self._runs(blknos, payload, most):
+            self.dev.write(offset // BLOCK_SIZE, data)
 
     def _write_home(self, homes: Iterable[int]) -> None:
         """Write these committed blocks home in runs of consecutive block numbers (at
