@@ -136,33 +136,24 @@ async def test_cancelled_waiter_write_still_settles(dev):
 
 
 @trio_test
-async def test_failed_write_is_reported_and_kept(tmp_path):
+async def test_failed_write_is_reported_and_kept(dev):
     """A write the device refuses (here: a read-only descriptor under the ring) fails
     the flush, cancels the linked fsync, and every later drain reports it, as a failed
     write of the thread does."""
-    d = BlockDevice(_image(tmp_path))
-    d.start_write_behind()
-    d.start_flush_ring()
-    if d._ring is None:
-        d.close()
-        pytest.skip("io_uring refused by this kernel")
+    behind = dev._behind
+    readonly = os.open(dev.path, os.O_RDONLY | os.O_DIRECT)
+    real = behind.direct.fd
+    behind.direct.fd = readonly
     try:
-        behind = d._behind
-        readonly = os.open(d.path, os.O_RDONLY | os.O_DIRECT)
-        real = behind.direct.fd
-        behind.direct.fd = readonly
-        try:
-            d.write_behind(0, os.urandom(BLOCK_SIZE))
-            with pytest.raises(StorageError, match="write at 0"), trio.fail_after(HANG):
-                await d.flush_without_thread()
-        finally:
-            behind.direct.fd = real
-            os.close(readonly)
-        assert d.behind_pending == 0
-        with pytest.raises(StorageError, match="write at 0"):
-            d.drain()
+        dev.write_behind(0, os.urandom(BLOCK_SIZE))
+        with pytest.raises(StorageError, match="write at 0"), trio.fail_after(HANG):
+            await dev.flush_without_thread()
     finally:
-        d.close()
+        behind.direct.fd = real
+        os.close(readonly)
+    assert dev.behind_pending == 0
+    with pytest.raises(StorageError, match="write at 0"):
+        dev.drain()
 
 
 @trio_test
