@@ -411,14 +411,33 @@ def read_bytes(pid: int) -> int:
 MAX_LOOK_GAP = 1.0     # seconds: catch_reader's longest span between two looks
 
 
+def wait_reads_settled(pids: dict[int, int], quiet: int = 64 << 10, span: float = 0.5,
+                       timeout: float = 60.0) -> None:
+    """Until no node read `quiet` bytes from the device in `span` seconds: a node just
+    mounted reads every slot's orphan blocks and its groups' headers (320 KiB and more
+    with five slots of 16 orphan blocks), which catch_reader would take for a replay
+    (a CI run under load killed a node that had not begun to replay)."""
+    deadline = time.monotonic() + timeout
+    before = {n: read_bytes(pid) for n, pid in pids.items()}
+    while time.monotonic() < deadline:
+        time.sleep(span)
+        now = {n: read_bytes(pid) for n, pid in pids.items()}
+        if all(now[n] - before[n] < quiet for n in pids):
+            return
+        before = now
+    raise AssertionError(f"nodes {sorted(pids)} still reading after {timeout} s")
+
+
 class ReaderWatch:
     """catch_reader in a thread, started before what makes a node read (a kill): a
     replay that begins, or even ends, before the test would have started looking is
     still caught. A context manager: leaving it stops the watch (a test that failed
-    before asking for the result leaves no thread that could signal a pid later)."""
+    before asking for the result leaves no thread that could signal a pid later).
+    The nodes' own start-up reads are waited out first (wait_reads_settled)."""
 
     def __init__(self, pids: dict[int, int], threshold: int, sig: int = signal.SIGKILL
                  ) -> None:
+        wait_reads_settled(pids)
         self._stop = threading.Event()
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
         self._caught = self._pool.submit(catch_reader, pids, threshold, sig=sig,
