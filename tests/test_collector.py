@@ -65,3 +65,18 @@ def test_a_long_pause_is_said_once_a_minute(watch, monkeypatch, caplog):
     gc.collect(2)
     said = [r for r in caplog.records if "full garbage collection" in r.getMessage()]
     assert len(said) == 1 and said[0].levelno == logging.INFO
+
+
+def test_frozen_cycles_are_reclaimed_by_the_periodic_full_walk(watch, monkeypatch):
+    """A cycle alive at a freeze and dropped afterwards is invisible to the collector
+    until a full collection walks everything again (every UNFREEZE_EVERY seconds)."""
+    kept = [Node() for _ in range(200)]
+    gc.collect(2)                                  # survivors: frozen
+    del kept                                       # now garbage, but frozen
+    freed = watch.freed
+    gc.collect(2)
+    assert watch.freed - freed < 200               # not seen
+    monkeypatch.setattr(collector, "UNFREEZE_EVERY", 0.0)
+    gc.collect(2)                                  # a full walk: unfrozen first
+    assert watch.freed - freed >= 200
+    assert watch.unfreezes == 1 and watch.statistics()["full_walks"] == 1
