@@ -159,10 +159,9 @@ class TransactionManager:
         self.estimate = 0
         ordered, self.fresh_data = self.fresh_data, False
         # Every journal write waits for the queued data writes first, and a full log
-        # checkpoints: all of it in one worker-thread hop, never on the event loop
-        # (a commit's log writes used to wait there for data queued meanwhile).
-        if not blocks and not ordered and await self.journal.dev.flush_without_thread():
-            return   # nothing to log: the data queued and a flush (an fsync of an overwrite)
+        # checkpoints: never on the event loop (a commit's log writes used to wait
+        # there for data queued meanwhile). A small commit is one io_uring chain the
+        # loop awaits; anything else is one worker-thread hop.
         self.journal.stage(blocks)
         done, pending = await self.journal.log_without_thread(blocks, ordered)
         if not done:

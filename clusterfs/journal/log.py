@@ -300,11 +300,15 @@ class Journal:
         device's io_uring (BlockDevice.run_without_thread), for a small transaction
         that needs no checkpoint first: the queued data writes, the log blocks, the
         commit block and the flushes, linked in one submission in log_transaction's
-        order. (False, None) having written nothing when it cannot (then
-        log_transaction in a worker thread); else (True, the transaction to end)."""
+        order; with nothing to log, as there, just the queued data and a flush (an
+        fsync of an overwrite in place). (False, None) having written nothing when it
+        cannot (then log_transaction in a worker thread); else (True, the transaction
+        to end, None when there was nothing to log)."""
+        if not blocks:
+            return await self.dev.run_without_thread([None]), None
         homes = sorted(blocks)
         need = _log_blocks(len(homes), 0)
-        if not blocks or need > RING_COMMIT_BLOCKS or self.used + need > self.log_len - 1:
+        if need > RING_COMMIT_BLOCKS or self.used + need > self.log_len - 1:
             return False, None
         payload, crc = self._encode(homes, blocks, [])
         positions = _log_positions(self.head_off, need, self.log_len)

@@ -40,7 +40,6 @@ class CollectorWatch:
         self.full = 0
         self.freed = 0              # objects full collections found unreachable, in all
         self.longest = 0.0
-        self.last = 0.0
         self.recent: deque[float] = deque(maxlen=8)
         self._started = 0.0
         self._logged_at = -LOG_EVERY
@@ -70,13 +69,17 @@ class CollectorWatch:
         gc.freeze()                 # (the collection is over: only list moves)
         self.full += 1
         self.freed += info.get("collected", 0)
-        self.last = pause
         self.recent.append(pause)
         self.longest = max(self.longest, pause)
         if pause >= PAUSE_LOGGED and now - self._logged_at >= LOG_EVERY:
             self._logged_at = now
             log.info("a full garbage collection stopped the event loop %.0f ms (%d "
                      "objects freed)", pause * 1000, info.get("collected", 0))
+
+    @property
+    def last(self) -> float:
+        """The last full collection's pause (0 before the first)."""
+        return self.recent[-1] if self.recent else 0.0
 
     def statistics(self) -> dict[str, float]:
         return {"full_collections": self.full, "freed": self.freed,

@@ -486,14 +486,10 @@ class _WriteBehind:
                     if start < offset + length and offset < start + len(data)]
 
     def owes(self, offset: int, length: int) -> bool:
-        """Whether a read of [offset, offset + length) must wait for the queue: a queued
-        or in-flight write touches those bytes, or a write failed (the read reports
-        it). Bytes no unfinished write touches are on the device already."""
-        with self.cond:
-            if self.error is not None:
-                return True
-            return any(start < offset + length and offset < start + len(data)
-                       for start, data in itertools.chain(self.items, self.writing))
+        """Whether a queued or in-flight write touches [offset, offset + length), or a
+        write failed: the device does not hold those bytes as they will be (a direct
+        read-ahead leaves them out). Bytes no unfinished write touches are on it."""
+        return self.owed_writes(offset, length) != []
 
     def newest_copy(self, offset: int, length: int) -> bytes | None:
         """The bytes at [offset, offset + length) as the queue will leave them, when
@@ -575,7 +571,7 @@ class _WriteBehind:
         idle, the queue holds at most `most` bytes of whole aligned blocks and no
         write failed; None otherwise. Until `taken_written` or `give_back`, the
         thread writes nothing (later writes stay behind these) and readers of these
-        bytes wait, as for the thread's own writes."""
+        bytes lay them over the device's, as for the thread's own writes."""
         with self.cond:
             if (self.writing or self.elsewhere or not self.items or self.error
                     or self.refused or self.waiting > most or self.direct is None
@@ -958,7 +954,8 @@ class BlockDevice(BlockAddressed):
 
             def done(results: list[int]) -> None:
                 if taken:
-                    behind.taken_written(first_failure(results[: len(taken)], taken))
+                    failed = first_failure(results[: len(taken)], taken)
+                    behind.taken_written(None if failed is None else failed.strerror)
 
             ok = await ring.chain(taken + asked, done)
             if not ok:

@@ -126,7 +126,6 @@ class FlushRing:
                 self._staging[filled : filled + len(piece)] = piece
                 filled += len(piece)
             entries.append(("write", fd, self._staging[start:filled], offset))
-        wanted = [len(view) if view is not None else 0 for _k, _fd, view, _o in entries]
 
         def finish(results: list[int]) -> None:
             self._buffer_busy = False
@@ -139,12 +138,9 @@ class FlushRing:
             self._buffer_busy = False
             return False
         await request.done.wait()
-        for (kind, _fd, _view, offset), result, length in zip(
-                entries, request.results, wanted, strict=True):
-            if result != length:
-                what = f"write at {offset}" if kind == "write" else "flush"
-                raise OSError(-result if result < 0 else errno.EIO,
-                              f"{what}: {_describe(result, length)}")
+        failed = first_failure(request.results, steps)
+        if failed is not None:
+            raise failed
         return True
 
     # -- submission and completion --------------------------------------------------------
@@ -217,8 +213,8 @@ class FlushRing:
                         self.broken)
 
     def settle_here(self) -> bool:
-        """(For a synchronous wait on writes in flight here: a read of their bytes, a
-        drain.) On the event loop's thread the reaper cannot run while the caller
+        """(For a synchronous wait on writes in flight here: a drain, a wait for room
+        in the queue.) On the event loop's thread the reaper cannot run while the caller
         blocks it, so wait for every request in flight and finish them now: True.
         On any other thread False: the reaper finishes them."""
         if threading.get_ident() != self._loop_thread or not self._in_flight \
@@ -247,17 +243,14 @@ class FlushRing:
             self._eventfd = -1
 
 
-def _describe(result: int, length: int) -> str:
-    if result < 0:
-        return os.strerror(-result)
-    return f"short write ({result} of {length} bytes)"
-
-
-def first_failure(results: list[int], steps: list[Step]) -> str | None:
-    """The first of `steps` whose result says it failed, described; None if none."""
+def first_failure(results: list[int], steps: list[Step]) -> OSError | None:
+    """The first of `steps` whose result (bytes written, 0, or -errno) says it failed,
+    as an OSError naming it; None if none did."""
     for step, result in zip(steps, results, strict=False):
         wanted = sum(len(p) for p in step[3]) if step[0] == "write" else 0
         if result != wanted:
             what = f"write at {step[2]}" if step[0] == "write" else "flush"
-            return f"{what}: {_describe(result, wanted)}"
+            if result < 0:
+                return OSError(-result, f"{what}: {os.strerror(-result)}")
+            return OSError(errno.EIO, f"{what}: short write ({result} of {wanted} bytes)")
     return None
