@@ -218,6 +218,40 @@ def test_a_cluster_mount_has_programs_read_a_megabyte_at_a_time(tmp_path):
         assert got == data
 
 
+def test_a_sequential_readers_read_ahead_never_serves_bytes_written_since(tmp_path):
+    """Node 2 reads a file sequentially (its device read-ahead runs 32 MiB ahead of
+    it); node 1 then overwrites pieces in place further on, without fsync: node 2's
+    next read of each piece sees it. The read-ahead once ran past the data locks node
+    2 held: it read chunk 2 (bytes 8-12 MiB) before node 1 wrote there, and node 1's
+    demote to PR left that copy standing (docs/locking.md, "Byte-range data locks")."""
+    with cluster(tmp_path, nodes=2) as c:
+        size = 40 << 20
+        with open(c.path(1, "f"), "wb") as f:
+            f.write(b"A" * size)
+            os.fsync(f.fileno())
+        reader = os.open(c.path(2, "f"), os.O_RDONLY)
+        writer = os.open(c.path(1, "f"), os.O_WRONLY)
+        try:
+            assert os.pread(reader, 1 << 20, 0) == b"A" * (1 << 20)
+            time.sleep(0.5)                       # the read-ahead has read its window
+            pieces = [(10 << 20) + 4096, (21 << 20) + 123, (33 << 20) - 100, (2 << 20)]
+            for n, off in enumerate(pieces):
+                new = bytes([ord("a") + n]) * 4096
+                assert os.pwrite(writer, new, off) == len(new)
+                assert os.pread(reader, len(new), off) == new, f"stale at {off}"
+            # a sequential pass over all of it after: every piece, nothing else changed
+            got = bytearray()
+            for off in range(0, size, 1 << 20):
+                got += os.pread(reader, 1 << 20, off)
+            want = bytearray(b"A" * size)
+            for n, off in enumerate(pieces):
+                want[off : off + 4096] = bytes([ord("a") + n]) * 4096
+            assert got == want
+        finally:
+            os.close(reader)
+            os.close(writer)
+
+
 def test_a_released_block_is_never_replayed_over_a_newer_copy(tmp_path):
     """Node 1 changes an inode and gives up its lock; node 2 changes it again; node 1
     dies with its journal open; the first node to mount replays node 1's journal: node

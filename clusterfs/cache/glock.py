@@ -260,7 +260,7 @@ class GlockManager:
         lock service's try): a demote that warms (fs: a directory's new inodes) must
         not wait on a lock whose holder may be waiting for that very demote."""
         todo = [(name, mode) for name, mode in wanted
-                if not self._cached_for(name, mode)]
+                if not self.cached_for(name, mode)]
         if not todo:
             return
         left = iter(todo)
@@ -285,6 +285,28 @@ class GlockManager:
             async with trio.open_nursery() as nursery:
                 for _ in range(min(in_flight, len(todo))):
                     nursery.start_soon(worker)
+
+    def warm_soon(self, wanted: list[tuple[ResourceName, Mode]],
+                  then: Callable[[ResourceName], None]) -> None:
+        """warm() in the background (nobody waits for it), then call `then(name)` for
+        each of `wanted` cached in its mode by then, holding it meanwhile. Best effort:
+        `then` is not called for a lock that could not be taken (or no nursery yet)."""
+        if self._nursery is not None and self.failed is None and wanted:
+            self._nursery.start_soon(self._warm_then, wanted, then)
+
+    async def _warm_then(self, wanted: list[tuple[ResourceName, Mode]],
+                         then: Callable[[ResourceName], None]) -> None:
+        await self.warm(wanted)
+        for name, mode in wanted:
+            glock = self.hold_if_cached(name, mode)
+            if glock is None:
+                continue
+            try:
+                then(name)
+            except ClusterFSError as exc:       # (a background task: nothing may escape)
+                log.debug("glock %s: warmed, but %s", name, exc)
+            finally:
+                self.release([glock])
 
     async def _acquire_at_once(self, name: ResourceName, mode: Mode) -> Glock | None:
         """Hold `name` in `mode` if it is cached so, or if the lock service grants a
@@ -320,7 +342,8 @@ class GlockManager:
         self.stats["cached_hits"] += 1
         return glock
 
-    def _cached_for(self, name: ResourceName, mode: Mode) -> bool:
+    def cached_for(self, name: ResourceName, mode: Mode) -> bool:
+        """Whether `name` is cached here in `mode` or better, usable without a wait."""
         glock = self.glocks.get(name)
         return glock is not None and glock.usable_for(mode)
 

@@ -122,10 +122,48 @@ class FileData:
         elif done - lblk > READAHEAD_BLOCKS - READAHEAD_STEP:
             return                       # still far enough ahead
         end = lblk + READAHEAD_BLOCKS
-        for _l, pblk, n in ext.map_range(node.extents, done, end - done):
+        node.read_ahead_done = end
+        if not self.clustered:
+            self._advise(node, done, end)
+            return
+        # In a cluster a chunk read ahead must be covered by its data lock held here
+        # from before the read starts until the copy is used: another node writes in
+        # place under the data lock's EX, and giving that up (to NL) is what drops our
+        # copies (_demote_data). Chunks held now are read at once; the locks of the
+        # others are taken in the background (no request waits a round trip per
+        # chunk), and each is read once its lock is here.
+        per = self.data_lock_blocks
+        ino = node.d.ino
+        later: list[tuple[tuple, Mode]] = []
+        for chunk in range(done // per, (end - 1) // per + 1):
+            lo, hi = max(done, chunk * per), min(end, (chunk + 1) * per)
+            if self.glocks.cached_for(("data", ino, chunk), Mode.PR):
+                self._advise(node, lo, hi)
+            else:
+                later.append((("data", ino, chunk), Mode.PR))
+        if later:
+            self.glocks.warm_soon(later, lambda name: self._advise_held(ino, name[2],
+                                                                        done, end))
+
+    def _advise(self, node: CachedInode, lo: int, hi: int) -> None:
+        """Have the device read logical blocks [lo, hi) of a file ahead."""
+        for _l, pblk, n in ext.map_range(node.extents, lo, hi - lo):
             if pblk is not None:
                 self.blocks.advise_willneed(pblk, n)
-        node.read_ahead_done = end
+
+    def _advise_held(self, ino: int, chunk: int, done: int, end: int) -> None:
+        """(Holding data chunk `chunk` of inode `ino`.) Read its part of [done, end)
+        ahead, if the inode is cached under its lock: its block map is true then."""
+        glock = self.glocks.hold_if_cached(("inode", ino), Mode.PR)
+        if glock is None:
+            return
+        try:
+            node = self.inodes.get(ino)
+            per = self.data_lock_blocks
+            if node is not None and node.read_ahead_done >= end:
+                self._advise(node, max(done, chunk * per), min(end, (chunk + 1) * per))
+        finally:
+            self.glocks.release([glock])
 
     async def write(self, ino: int, off: int, data: bytes) -> int:
         if off + len(data) > (1 << 63) - 1:

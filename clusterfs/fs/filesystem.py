@@ -135,6 +135,8 @@ class Usage:
 
 
 class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
+    data_lock_blocks = DATA_LOCK_BYTES // BLOCK_SIZE   # file blocks per data lock
+
     def __init__(self, blocks: Blocks, sb: Superblock, glocks: GlockManager,
                  txn: TransactionManager, clustered: bool = False,
                  home_group: int | None = None) -> None:

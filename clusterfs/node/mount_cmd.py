@@ -293,6 +293,7 @@ async def serve(dev, sb, mountpoint: str, opts: Options, ready: Callable[[], Non
     pool = reserve_memory()
     dev.start_write_behind()       # its descriptor, buffer and thread: now, not at write-back
     dev.start_flush_ring()         # io_uring for flushes (or the one line why not)
+    dev.start_read_ahead()         # its threads and buffers: ready for the first reader
     try:
         if cluster is None:
             from clusterfs.dlm.local import LocalLockService
