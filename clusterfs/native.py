@@ -127,6 +127,13 @@ class Uring:
         self._check(lib.cfs_uring_queue_write(self._ring, fd, cbuf, len(cbuf), offset,
                                               int(link), tag), "write")
 
+    def queue_read(self, fd: int, buf: object, offset: int, tag: int) -> None:
+        """Queue a read into `buf` (writable, alive until completion) of up to its
+        length; the result is the bytes read, short at the device's end."""
+        cbuf = ffi.from_buffer(buf, require_writable=True)
+        self._check(lib.cfs_uring_queue_read(self._ring, fd, cbuf, len(cbuf), offset, tag),
+                    "read")
+
     def submit(self) -> None:
         self._check(lib.cfs_uring_submit(self._ring), "submit")
 

@@ -155,6 +155,24 @@ int cfs_uring_queue_write(struct cfs_uring *r, int fd, const void *buf, uint32_t
     return 0;
 }
 
+/* Queue a read of up to len bytes at offset of fd into buf (never linked: a read
+ * depends on nothing queued with it). Its result is the bytes read (short at the
+ * device's end) or -errno. */
+int cfs_uring_queue_read(struct cfs_uring *r, int fd, void *buf, uint32_t len,
+                         uint64_t offset, uint64_t tag)
+{
+    struct io_uring_sqe *sqe = next_sqe(r);
+    if (!sqe)
+        return -EBUSY;
+    sqe->opcode = IORING_OP_READ;
+    sqe->fd = fd;
+    sqe->addr = (uint64_t)(uintptr_t)buf;
+    sqe->len = len;
+    sqe->off = offset;
+    sqe->user_data = tag;
+    return 0;
+}
+
 /* Submit everything queued. 0, or -errno (what was queued stays queued). */
 int cfs_uring_submit(struct cfs_uring *r)
 {

@@ -246,3 +246,86 @@ def test_a_chain_step_waits_for_the_flush_before_it(tmp_path):
         os.close(fd)
     assert _on_disk(path, 0) == bytes(BLOCK_SIZE)        # cancelled: never written
     assert _on_disk(path, 1) == b"c" * BLOCK_SIZE
+
+
+# -- reads ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["page-cache", "o-direct"])
+@trio_test
+async def test_a_read_through_the_ring_returns_the_device_bytes(dev, direct):
+    if direct and not dev.bypass_page_cache():
+        pytest.skip("O_DIRECT refused here")
+    data = os.urandom(8 * BLOCK_SIZE)
+    fd = os.open(dev.path, os.O_WRONLY)
+    try:
+        os.pwrite(fd, data, 4 * BLOCK_SIZE)
+    finally:
+        os.close(fd)
+    with trio.fail_after(HANG):
+        assert await dev.read_async(4 * BLOCK_SIZE, len(data)) == data
+        assert await dev.read_async(5 * BLOCK_SIZE + 100, 50) == data[BLOCK_SIZE + 100:][:50]
+        # at the device's end: the bytes there are (as pread)
+        end = 64 * BLOCK_SIZE
+        assert await dev.read_async(end - BLOCK_SIZE, 2 * BLOCK_SIZE) == bytes(BLOCK_SIZE)
+    assert dev.ring_reads == 3
+
+
+@trio_test
+async def test_a_read_lays_queued_writes_over_the_device_bytes(dev):
+    """A write still in the write-behind queue is part of what a read returns."""
+    first, second = os.urandom(BLOCK_SIZE), os.urandom(100)
+    dev.write_behind(7 * BLOCK_SIZE, first)
+    dev.write_behind(7 * BLOCK_SIZE, second + first[100:])
+    with trio.fail_after(HANG):
+        got = await dev.read_async(6 * BLOCK_SIZE, 3 * BLOCK_SIZE)
+    assert got == bytes(BLOCK_SIZE) + second + first[100:] + bytes(BLOCK_SIZE)
+
+
+@trio_test
+async def test_many_reads_at_once_beyond_the_ring_buffers(dev):
+    """More reads than read buffers: those the ring cannot take read the plain way;
+    every one gets its own bytes."""
+    blocks = [os.urandom(BLOCK_SIZE) for _ in range(16)]
+    fd = os.open(dev.path, os.O_WRONLY)
+    try:
+        for i, block in enumerate(blocks):
+            os.pwrite(fd, block, (16 + i) * BLOCK_SIZE)
+    finally:
+        os.close(fd)
+    got: dict[int, bytes] = {}
+
+    async def read(i: int) -> None:
+        got[i] = await dev.read_async((16 + i) * BLOCK_SIZE, BLOCK_SIZE)
+
+    with trio.fail_after(HANG):
+        async with trio.open_nursery() as nursery:
+            for i in range(16):
+                nursery.start_soon(read, i)
+    assert [got[i] for i in range(16)] == blocks
+    assert 0 < dev.ring_reads <= 16
+
+
+@trio_test
+async def test_a_cancelled_read_frees_its_buffer_once_done(dev):
+    with trio.move_on_after(0) as scope:
+        scope.cancel()
+        await dev.read_async(0, BLOCK_SIZE)
+    with trio.fail_after(HANG):
+        while len(dev._ring._read_buffers) < ringmod.READ_BUFFERS:
+            await trio.sleep(0.01)
+        assert await dev.read_async(0, BLOCK_SIZE) == bytes(BLOCK_SIZE)
+
+
+@trio_test
+async def test_a_failed_ring_read_is_a_storage_error(dev):
+    """A read the device refuses (here: a write-only descriptor under the ring)."""
+    writeonly = os.open(dev.path, os.O_WRONLY)
+    real = dev.fd
+    dev.fd = writeonly
+    try:
+        with pytest.raises(StorageError, match="read at 0"), trio.fail_after(HANG):
+            await dev.read_async(0, 10)
+    finally:
+        dev.fd = real
+        os.close(writeonly)

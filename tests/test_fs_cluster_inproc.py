@@ -1340,3 +1340,44 @@ async def test_an_unmount_frees_files_still_open_there_it_unlinked(tmp_path) -> 
             await a.fs.shutdown()                     # (no release: the kernel's closes
         assert a.fs.orphans.inodes == set()           #  never came)
         assert a.fs.alloc.free_blocks() >= free_before + 2 * len(held)
+
+
+@trio_test
+async def test_a_read_whose_file_changed_while_it_read_the_device_reads_again(
+        tmp_path) -> None:
+    """A read waits for the device with the event loop free, and other local
+    operations share its locks: here a truncate frees the file's blocks while the
+    read's device read is pending. Read as mapped before, those blocks may hold
+    another file's bytes by the time the device reads them (freed, then taken by
+    another write); so the read sees the block map changed and maps it again: the
+    file is empty now."""
+    async with nodes(tmp_path, count=1) as (a,):
+        f = await a.fs.mknod(a.fs.root, b"f", REG, 0, 0, 0)
+        await a.fs.write(f.ino, 0, b"x" * (4 * BLOCK))
+        await a.fs.fsync(f.ino)
+        reading, go_on = trio.Event(), trio.Event()
+        real = a.fs.blocks.read_data_async
+        calls: list[int] = []
+
+        async def slow_read(pblk: int, count: int) -> bytes:
+            calls.append(pblk)
+            if len(calls) == 1:
+                reading.set()
+                await go_on.wait()          # the device takes its time
+            return await real(pblk, count)
+
+        a.fs.blocks.read_data_async = slow_read
+        result: list[bytes] = []
+        async with trio.open_nursery() as nursery:
+            async def read() -> None:
+                result.append(bytes(await a.fs.read(f.ino, 0, 4 * BLOCK)))
+            nursery.start_soon(read)
+            await reading.wait()
+            await a.fs.truncate(f.ino, 0)
+            go_on.set()
+        assert result == [b""]
+        # and without a change in between, one device read and the bytes
+        await a.fs.write(f.ino, 0, b"y" * (2 * BLOCK))
+        calls.clear()
+        assert await a.fs.read(f.ino, 0, 2 * BLOCK) == b"y" * (2 * BLOCK)
+        assert len(calls) == 1

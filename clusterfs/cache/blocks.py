@@ -41,6 +41,10 @@ class Blocks:
         inodes at once); a block `logged()` says the journal holds newer is stale here."""
         return self._dev.read(first, count)
 
+    async def read_meta_run_async(self, first: int, count: int) -> bytes:
+        """read_meta_run() with the event loop free while the device reads."""
+        return await self._dev.read_async(first * BLOCK_SIZE, count * BLOCK_SIZE)
+
     def logged(self, blkno: int) -> bool:
         return self._journal.read_committed(blkno) is not None
 
@@ -49,6 +53,17 @@ class Blocks:
         """`count` data blocks from `pblk` (a view into a read-ahead buffer is valid
         only until the next device call: BlockDevice.read_data)."""
         return self._dev.read_data(pblk * BLOCK_SIZE, count * BLOCK_SIZE)
+
+    async def data_ready(self, pblk: int, count: int) -> bool:
+        """Whether read_data() of these blocks will be answered from read-ahead at once
+        (waited for, with the event loop free, if still being read); False: read them
+        with read_data_async."""
+        return await self._dev.data_ready(pblk * BLOCK_SIZE, count * BLOCK_SIZE)
+
+    async def read_data_async(self, pblk: int, count: int) -> bytes:
+        """`count` data blocks from `pblk`, read with the event loop free meanwhile
+        (queued writes of them laid over, as read_data does)."""
+        return await self._dev.read_async(pblk * BLOCK_SIZE, count * BLOCK_SIZE)
 
     def read_data_block(self, pblk: int) -> bytes:
         """One data block, newest copy: a write of it still queued counts."""

@@ -34,6 +34,9 @@ READAHEAD_TRIGGER = 128 * 1024   # a read this large is taken as sequential
 # a deep queue keeps the disk streaming while we answer FUSE.
 READAHEAD_BLOCKS = 8192
 READAHEAD_STEP = 2048
+# A read whose file changed while it read the device (see FileData._read) tries again;
+# the last of these tries reads in line, with nothing else running meanwhile.
+READ_ATTEMPTS = 3
 # An overwrite in place leaves the file's times alone when they are this recent
 # (and not in the future): the times live in the inode, which the overwrite holds
 # only in PR. A write after a longer pause takes the inode in EX and sets them, so
@@ -83,33 +86,53 @@ class FileData:
                               data=self.data_locks(ino, off, size, Mode.PR)):
             node = self._inode(ino)
             try:
-                return self._read(node, off, size)
+                return await self._read(node, off, size)
             except StorageError as exc:
                 raise FSError(errno.EIO, str(exc)) from exc
 
-    def _read(self, node: CachedInode, off: int, size: int) -> bytes | memoryview:
+    async def _read(self, node: CachedInode, off: int, size: int) -> bytes | memoryview:
         """The bytes; a memoryview into a read-ahead buffer is valid only until the next
-        device call, i.e. for the reply to this request (see BlockDevice.read_data)."""
-        fsize = node.d.size
-        if off >= fsize or size <= 0:
-            return b""
-        size = min(size, fsize - off)
-        if node.stuffed:
-            return bytes(node.data[off : off + size])
-        first, last = off // BLOCK_SIZE, (off + size - 1) // BLOCK_SIZE
-        if size >= READAHEAD_TRIGGER:
-            # before taking this request's data: the device may hand it out as a view
-            # into a read-ahead buffer that must not be refilled until the reply
-            self._read_ahead(node, last + 1)
-        pieces: list[bytes | memoryview] = []
-        for _l, pblk, n in ext.map_range(node.extents, first, last - first + 1):
-            if pblk is None:
-                pieces.append(bytes(n * BLOCK_SIZE))
-            else:
-                pieces.append(self.blocks.read_data(pblk, n))
-        skip = off - first * BLOCK_SIZE
-        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        return data[skip : skip + size] if skip or len(data) != size else data
+        device call, i.e. for the reply to this request (see BlockDevice.read_data).
+
+        What read-ahead does not hold is read first, with the event loop free (a read
+        on a busy disk takes tens of milliseconds and more, and the loop answers
+        heartbeats and lock traffic), and read-ahead still being read is waited for
+        the same way. Local operations share the glocks this read holds, so one may
+        change the file meanwhile (a truncate, a write into a hole): if its block map
+        or size changed, what was read may be blocks the file no longer has, and it
+        is read again (the last try reads in line, as before: nothing runs between).
+        Then, with no await until the reply, the views into read-ahead buffers are
+        taken: a buffer may be refilled once another request runs."""
+        for attempt in range(READ_ATTEMPTS):
+            version = node.meta_version
+            fsize = node.d.size
+            if off >= fsize or size <= 0:
+                return b""
+            length = min(size, fsize - off)
+            if node.stuffed:
+                return bytes(node.data[off : off + length])
+            first, last = off // BLOCK_SIZE, (off + length - 1) // BLOCK_SIZE
+            if length >= READAHEAD_TRIGGER and attempt == 0:
+                self._read_ahead(node, last + 1)
+            mapped = ext.map_range(node.extents, first, last - first + 1)
+            read: dict[int, bytes] = {}
+            if attempt < READ_ATTEMPTS - 1:
+                for i, (_l, pblk, n) in enumerate(mapped):
+                    if pblk is not None and not await self.blocks.data_ready(pblk, n):
+                        read[i] = await self.blocks.read_data_async(pblk, n)
+                if node.meta_version != version:
+                    continue
+            pieces: list[bytes | memoryview] = []
+            for i, (_l, pblk, n) in enumerate(mapped):
+                if pblk is None:
+                    pieces.append(bytes(n * BLOCK_SIZE))
+                else:
+                    got = read.get(i)
+                    pieces.append(got if got is not None else self.blocks.read_data(pblk, n))
+            skip = off - first * BLOCK_SIZE
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            return data[skip : skip + length] if skip or len(data) != length else data
+        raise AssertionError("unreachable: the last attempt reads in line")
 
     def _read_ahead(self, node: CachedInode, lblk: int) -> None:
         """Sequential reader: ask the device to start reading what follows

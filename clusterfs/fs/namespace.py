@@ -493,4 +493,4 @@ class Namespace:
             node = self._inode(ino)
             if not stat.S_ISLNK(node.d.mode):
                 raise FSError(errno.EINVAL)
-            return bytes(self._read(node, 0, node.d.size))
+            return bytes(await self._read(node, 0, node.d.size))

@@ -22,6 +22,8 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterable
 
+import trio
+
 from clusterfs import failover
 from clusterfs.errors import StorageError
 from clusterfs.format.block import BLOCK_SIZE
@@ -43,6 +45,9 @@ WRITE_BATCH = DIRECT_STAGING
 AHEAD_CHUNK = 4 << 20
 AHEAD_CHUNKS = 12
 AHEAD_THREADS = 4
+# how long a request waits on the event loop for a read-ahead chunk still being read
+# before it waits with the loop free (DirectReadAhead.wait_ready)
+AHEAD_WAIT_ON_LOOP = 0.002
 # False: sequential reads go through the page cache with posix_fadvise read-ahead, as
 # before the direct read-ahead (faster over the VM's disk in our runs, see
 # docs/benchmarks.md; slower and costlier in CPU over tmpfs).
@@ -203,17 +208,29 @@ class _DirectIO:
 class _Chunk:
     """One direct read-ahead: device bytes [offset, offset+length) read into `buf`."""
 
-    __slots__ = ("offset", "length", "buf", "ready", "failed", "stale")
+    __slots__ = ("offset", "length", "buf", "ready", "failed", "stale", "lent", "consumed",
+                 "waiters")
 
     def __init__(self, offset: int, length: int, buf: mmap.mmap) -> None:
         self.offset, self.length, self.buf = offset, length, buf
         self.ready = self.failed = self.stale = False
+        self.lent = False        # a view of it handed out since the last take/submit
+        self.consumed = False    # read to its end: the first to go for a new chunk
+        # trio tasks awaiting the read (wait_ready), woken by the helper thread
+        self.waiters: list[tuple[trio.lowlevel.TrioToken, trio.Event]] = []
 
     def covers(self, offset: int, length: int) -> bool:
         return self.offset <= offset and offset + length <= self.offset + self.length
 
     def overlaps(self, offset: int, length: int) -> bool:
         return offset < self.offset + self.length and self.offset < offset + length
+
+
+def _wake(waiters: list[tuple[trio.lowlevel.TrioToken, trio.Event]]) -> None:
+    """(Any thread.) Set each trio task's event in its own run."""
+    for token, done in waiters:
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(done.set)
 
 
 class _DirectReadAhead:
@@ -232,7 +249,9 @@ class _DirectReadAhead:
     the chunk list is changed under `mutex`, whose holder may wait for a read.
     A view returned by take() stays valid until the next take() or submit(): the
     file system submits a request's read-ahead before taking its data, and pyfuse3
-    sends the reply before another request runs."""
+    sends the reply before another request runs. So a buffer goes back to the free
+    list only from those calls, on the event loop; a chunk dropped elsewhere (a
+    worker thread's write) with a view out hands its buffer over at the next one."""
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
@@ -240,7 +259,7 @@ class _DirectReadAhead:
         self.allocated = 0
         self.chunks: list[_Chunk] = []            # oldest first
         self.mutex = threading.RLock()            # over chunks (see the class doc)
-        self.lent: list[mmap.mmap] = []           # buffers of views handed out last
+        self.lent: list[mmap.mmap] = []           # dropped with a view out (under cond)
         self.cond = threading.Condition()
         self.queue: deque[_Chunk] = deque()
         self.stopping = False
@@ -299,6 +318,27 @@ class _DirectReadAhead:
                     self.cond.notify()
             offset += n
 
+    def covering(self, offset: int, length: int) -> _Chunk | None:
+        """The chunk that will answer a take() of the range now, if any."""
+        with self.mutex:
+            for chunk in self.chunks:
+                if chunk.covers(offset, length) and not chunk.stale:
+                    return chunk
+        return None
+
+    async def wait_ready(self, chunk: _Chunk) -> None:
+        """(Event loop.) Until the chunk's read is over: a moment on the loop (a read
+        under way usually ends within it, and a trio wake-up from the helper thread
+        costs more), then with the loop free (a busy disk may take much longer)."""
+        with self.cond:
+            if not chunk.ready:
+                self.cond.wait_for(lambda: chunk.ready, AHEAD_WAIT_ON_LOOP)
+            if chunk.ready:
+                return
+            done = trio.Event()
+            chunk.waiters.append((trio.lowlevel.current_trio_token(), done))
+        await done.wait()
+
     def take(self, offset: int, length: int) -> memoryview | None:
         """The bytes of a chunk covering the range (waiting for its read), or None."""
         with self.mutex:
@@ -315,17 +355,20 @@ class _DirectReadAhead:
                     self._drop(chunk)
                     return None
                 rel = offset - chunk.offset
-                if rel + length == chunk.length:     # read to its end: done with it
-                    self.chunks.remove(chunk)
-                    self.lent.append(chunk.buf)      # but the view lives until the reply
+                # (read to its end, it stays: a reader's requests need not end on
+                # block boundaries, and the next may want the rest of the last block)
+                chunk.consumed = chunk.consumed or rel + length == chunk.length
+                chunk.lent = True
                 return memoryview(chunk.buf)[rel : rel + length]
         return None
 
     def _release_lent(self) -> None:
-        if self.lent:
-            with self.cond:
-                self.free += self.lent
+        """(Event loop, between requests.) Every view handed out has been replied."""
+        with self.cond:
+            self.free += self.lent
             self.lent.clear()
+        for chunk in self.chunks:
+            chunk.lent = False
 
     def invalidate(self, offset: int, length: int) -> None:
         with self.mutex:
@@ -336,20 +379,21 @@ class _DirectReadAhead:
         """A free buffer, recycling the oldest finished chunk if none is free (or None:
         the window is full, or _make_buffers has not mapped any yet)."""
         if not self.free:
-            for chunk in self.chunks:
-                if chunk.ready:
-                    self._drop(chunk)
-                    break
+            done = [c for c in self.chunks if c.ready and c.consumed] or \
+                [c for c in self.chunks if c.ready]
+            if done:
+                self._drop(done[0])
         with self.cond:
             return self.free.pop() if self.free else None
 
     def _drop(self, chunk: _Chunk) -> None:
-        """Forget a chunk; its buffer is free at once if read, else when its read ends."""
+        """Forget a chunk; its buffer is free at once if read (at the next take or
+        submit if a view of it is out), else when its read ends."""
         self.chunks.remove(chunk)
         with self.cond:
             chunk.stale = True
             if chunk.ready:
-                self.free.append(chunk.buf)
+                (self.lent if chunk.lent else self.free).append(chunk.buf)
 
     # -- helper threads -------------------------------------------------------------------
     def _run(self) -> None:
@@ -363,15 +407,18 @@ class _DirectReadAhead:
                 if chunk.stale:                   # dropped before its read started
                     chunk.ready = True
                     self.free.append(chunk.buf)
-                    continue
-            got = self._read(chunk)
-            with self.cond:
-                if got is None or got < chunk.length:
-                    chunk.failed = True           # the caller reads it the plain way
-                chunk.ready = True
-                if chunk.stale:
-                    self.free.append(chunk.buf)
-                self.cond.notify_all()
+                    waiters, chunk.waiters = chunk.waiters, []
+            if not chunk.ready:
+                got = self._read(chunk)
+                with self.cond:
+                    if got is None or got < chunk.length:
+                        chunk.failed = True       # the caller reads it the plain way
+                    chunk.ready = True
+                    if chunk.stale:
+                        self.free.append(chunk.buf)
+                    self.cond.notify_all()
+                    waiters, chunk.waiters = chunk.waiters, []
+            _wake(waiters)
 
     def _read(self, chunk: _Chunk) -> int | None:
         try:
@@ -386,6 +433,9 @@ class _DirectReadAhead:
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
+            for chunk in self.queue:              # never to be read: nobody waits on
+                chunk.ready = chunk.failed = True
+                _wake(chunk.waiters)
         for t in self.threads:
             t.join()
         os.close(self.fd)
@@ -760,6 +810,7 @@ class BlockDevice(BlockAddressed):
         self._ring: FlushRing | None = None
         self._ring_tried = False
         self.ring_flushes = 0             # flushes (and writes before them) by io_uring
+        self.ring_reads = 0               # reads by io_uring (the event loop went on)
 
     def bypass_page_cache(self) -> bool:
         """Make every later read and write go around the host's page cache (O_DIRECT);
@@ -866,6 +917,33 @@ class BlockDevice(BlockAddressed):
                 return _overlaid(self._read_device(offset, length), offset, owed)
         return self._read_device(offset, length)
 
+    async def read_async(self, offset: int, length: int) -> bytes:
+        """pread() that leaves the event loop free while the device reads, through the
+        io_uring; where the ring cannot take it (none, full, longer than its buffers),
+        a plain pread as before. Queued writes are laid over it as pread does (those
+        queued before it started: a later one is a concurrent write)."""
+        owed = None
+        if self._behind is not None:
+            owed = self._behind.owed_writes(offset, length)
+            if owed is None:
+                self._behind.drain()     # a write failed: raises it
+        data = await self._read_device_async(offset, length)
+        return _overlaid(data, offset, owed) if owed else data
+
+    async def _read_device_async(self, offset: int, length: int) -> bytes:
+        if self._ring is not None:
+            direct = self._direct is not None and not (offset | length) % BLOCK_SIZE
+            fd = self._direct.fd if direct and self._direct is not None else self.fd
+            try:
+                got = await self._ring.read(fd, offset, length)
+            except OSError as exc:
+                raise StorageError(f"{self.path}: read at {offset}: {exc.strerror}") from exc
+            if got is not None:
+                self.reads += 1
+                self.ring_reads += 1
+                return got
+        return self._read_device(offset, length)
+
     def _read_device(self, offset: int, length: int) -> bytes:
         try:
             self.reads += 1
@@ -889,6 +967,19 @@ class BlockDevice(BlockAddressed):
                 self.reads += 1
                 return view
         return self.pread(offset, length)
+
+    async def data_ready(self, offset: int, length: int) -> bool:
+        """Make a read_data() of the range answerable at once, with the event loop free
+        meanwhile: True when a read-ahead chunk holds it (waited for if still being
+        read; a view of it is then valid until the next call on this device), False
+        when none does (read it with read_async)."""
+        if self._ahead is None:
+            return False
+        chunk = self._ahead.covering(offset, length)
+        if chunk is None:
+            return False
+        await self._ahead.wait_ready(chunk)
+        return not chunk.failed
 
     def forget_read_ahead(self) -> None:
         """Drop every read-ahead chunk (another node may change what they hold)."""
@@ -1021,7 +1112,7 @@ class BlockDevice(BlockAddressed):
 
     def statistics(self) -> dict[str, int]:
         return {"reads": self.reads, "writes": self.writes, "blocks": self.blocks,
-                "ring_flushes": self.ring_flushes}
+                "ring_flushes": self.ring_flushes, "ring_reads": self.ring_reads}
 
 
 class WritesAtOnce:
@@ -1056,6 +1147,15 @@ class WritesAtOnce:
 
     def forget_read_ahead(self) -> None:
         pass
+
+    async def read_async(self, offset: int, length: int) -> bytes:
+        """pread() in a worker thread: the event loop goes on while the request waits
+        on the network (the full io_timeout applies there, not the event loop's
+        shorter one)."""
+        return await trio.to_thread.run_sync(self.pread, offset, length)
+
+    async def data_ready(self, offset: int, length: int) -> bool:
+        return False                     # no read-ahead here
 
     def start_read_ahead(self) -> None:
         pass
