@@ -163,3 +163,31 @@ def test_lockcluster_refuses_kill_outside_2_to_n(kill: str) -> None:
                         "--kill", kill], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r
     assert f"--kill {kill}: must name a node in 2..3" in r.stderr
+
+
+def test_mount_users_never_looks_at_the_mountpoint_itself(tmp_path, monkeypatch):
+    """`clusterfs umount` of a busy mount names its users; finding them must not ask
+    the filesystem mounted there (a cluster node without quorum never answers: umount
+    hung in realpath of the mountpoint). The parent is resolved, the name kept."""
+    from clusterfs.storage import holders
+
+    real_dir = tmp_path / "real"
+    (real_dir / "mnt").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(real_dir)
+    mountpoint = str(tmp_path / "link" / "mnt")
+    sleeper = subprocess.Popen(["sleep", "30"], cwd=real_dir / "mnt")
+    try:
+        resolved: list[str] = []
+        realpath = os.path.realpath
+
+        def recording(path, *args, **kwargs):
+            resolved.append(os.fspath(path))
+            return realpath(path, *args, **kwargs)
+
+        monkeypatch.setattr(os.path, "realpath", recording)
+        found = holders.mount_users(mountpoint)
+        assert mountpoint not in resolved
+        assert any(f"pid {sleeper.pid} (sleep): cwd" in u for u in found), found
+    finally:
+        sleeper.kill()
+        sleeper.wait()

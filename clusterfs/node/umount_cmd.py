@@ -22,6 +22,9 @@ from clusterfs.storage import holders
 
 FSTYPE = "fuse.clusterfs"
 PROGRESS_AFTER = 2.0     # seconds of waiting before we say what we wait for
+# A mount busy with no process using it (no cwd, root or open file under it) is
+# waiting for a last close the kernel has not finished sending: tried again this long
+BUSY_RETRY = 3.0
 
 
 class UmountError(ClusterFSError):
@@ -72,13 +75,19 @@ def _unescape(field: str) -> str:
 
 
 def _fusermount(mountpoint: str) -> None:
-    r = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True, text=True)
-    if r.returncode != 0:
+    deadline = time.monotonic() + BUSY_RETRY
+    while True:
+        r = subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True,
+                           text=True)
+        if r.returncode == 0:
+            return
         said = r.stderr.strip() or f"fusermount3 -u failed ({r.returncode})"
         users = holders.mount_users(mountpoint) if "busy" in said else []
         if users:          # say who, as a user would otherwise ask fuser -m
             said += f"; in use by {'; '.join(users)}"
-        raise UmountError(said)
+        if users or "busy" not in said or time.monotonic() > deadline:
+            raise UmountError(said)
+        time.sleep(0.1)    # busy with nobody using it: a last close still on its way
 
 
 def _wait_for_exit(pids: list[int], timeout: float) -> None:

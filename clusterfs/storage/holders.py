@@ -37,8 +37,12 @@ def holder_pids(path: str) -> list[int]:
 def mount_users(mountpoint: str) -> list[str]:
     """Processes other than this one keeping a mount busy: a working or root directory
     or an open file under `mountpoint`. Names only (readlink of /proc), so a stopped or
-    busy server of that mount cannot hang the caller."""
-    top = os.path.realpath(mountpoint)
+    busy server of that mount cannot hang the caller. (Nor the mountpoint's real
+    path: the parent's, and the last name as given, since realpath of the
+    mountpoint itself asks the filesystem there: a cluster node without quorum
+    never answered, and `clusterfs umount` hung in it.)"""
+    head, tail = os.path.split(os.path.abspath(mountpoint))
+    top = os.path.join(os.path.realpath(head), tail)
     found = []
     for pid in _other_pids():
         uses = [what for what in ("cwd", "root")
