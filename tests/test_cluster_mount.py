@@ -400,6 +400,8 @@ def test_status_shows_the_mount_and_its_glocks(tmp_path):
             f.write(b"y" * 4096)                  # its flush through io_uring
             f.flush()
             os.fdatasync(f.fileno())
+        with open(c.path(2, "f"), "rb") as f:     # a read node 2 has nothing of:
+            assert f.read() == b"y" * 4096 + b"x" * 4096   # through io_uring there
         r = run_cli("status", "--control", c.control(1))
         assert r.returncode == 0, r.stderr
         assert f"mount       {c.mountpoint(1)}" in r.stdout
@@ -411,6 +413,10 @@ def test_status_shows_the_mount_and_its_glocks(tmp_path):
                          r.stdout), r.stdout
         assert re.search(r"collector   full collections=\d+ freed=\d+ longest pause=",
                          r.stdout), r.stdout
+        assert re.search(r"loop stalls \d+ of 0.3 s or more, longest [0-9.]+ s", r.stdout), \
+            r.stdout
+        two = run_cli("status", "--control", c.control(2)).stdout
+        assert re.search(r"io_uring flushes=\d+ reads=[1-9]", two), two
         slots = json.loads(run_cli("status", "--control", c.control(1), "--json").stdout)
         holders = {s["holder"]: s["slot"] for s in slots["slots"]}
         assert sorted(n for n in holders if isinstance(n, int)) == [1, 2, 3], slots["slots"]

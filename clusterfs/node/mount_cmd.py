@@ -52,6 +52,7 @@ from clusterfs.errors import (
 from clusterfs.node import mountrecord
 from clusterfs.node.collector import CollectorWatch
 from clusterfs.node.prepare import TracebackFormatter, preload
+from clusterfs.node.stallwatch import StallWatch
 
 if TYPE_CHECKING:
     from clusterfs.format.superblock import Superblock
@@ -66,6 +67,7 @@ MAX_GLOCKS_RANGE = (100, 100_000_000)     # -o max_glocks (default: cache/glock.
 GC_YOUNG = 10_000           # net allocations between young collections (_tune_collector)
 GC_OLD = 1                  # middle collections between full ones (_tune_collector)
 COLLECTOR = CollectorWatch()   # full collections' pauses, timed (status, the log)
+STALLS = StallWatch()          # where the event loop was when it stopped (status, the log)
 
 
 class MountError(Exception):
@@ -477,6 +479,7 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
                 "fencing": fencing.statistics(),
                 "device": dev.statistics(),
                 "collector": COLLECTOR.statistics(),
+                "stalls": STALLS.statistics(),
                 "block_server": server.statistics() if server else None,
                 "failover": failover.report()} if shown else {},
                 asked_status=lambda: _slot_holders(ls, sb))
@@ -737,6 +740,7 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
                 glocks.share_when_idle.add("inode")
                 nursery.start_soon(glocks.run_idle_sharing, txn.quiet)
             nursery.start_soon(txn.run_timer)
+            nursery.start_soon(STALLS.run)
             nursery.start_soon(glocks.run_shrinker)
             nursery.start_soon(fs.run_orphan_sweeper)
             if side_tasks is not None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from clusterfs.errors import ConfigError
 from clusterfs.node.lockd_cmd import ControlClient, default_control_path
+from clusterfs.node.stallwatch import REPORT_AFTER
 
 EXIT_USAGE = 2           # bad arguments or config: nothing was asked
 EXIT_UNREACHABLE = 1     # lockd not reachable, or it answered with an error
@@ -135,6 +136,10 @@ def print_status(st: dict[str, Any]) -> None:
         if c:
             print(f"collector   full collections={c['full_collections']} freed={c['freed']} "
                   f"longest pause={c['longest_ms']} ms last={c['last_ms']} ms")
+        stalls = st.get("stalls")
+        if stalls:
+            print(f"loop stalls {stalls['stalls']} of {REPORT_AFTER} s or more, "
+                  f"longest {stalls['longest']} s")
         min_hold = m.get("min_hold", 0)
         for gl in m["glocks"]:
             name = ":".join(str(p) for p in gl["name"])

@@ -1,0 +1,63 @@
+"""StallWatch: a mount's event loop stopped for REPORT_AFTER or more is counted, and
+the loop thread's stack at that moment is logged (what it was doing is what to fix:
+a live node whose loop stopped for a second was fenced)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import trio
+from trioutil import trio_test
+
+from clusterfs.node.stallwatch import StallWatch, format_stack
+
+
+def a_step_that_blocks_the_loop(seconds: float) -> None:
+    time.sleep(seconds)
+
+
+@trio_test
+async def test_a_stall_is_counted_and_its_stack_logged(caplog) -> None:
+    watch = StallWatch(report_after=0.2)
+    with caplog.at_level(logging.INFO, logger="clusterfs.node.stallwatch"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch.run)
+            await trio.sleep(0.3)                       # running: nothing to say
+            assert watch.stalls == 0
+            a_step_that_blocks_the_loop(0.6)
+            await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+    assert watch.stalls == 1
+    assert 0.4 <= watch.longest < 5
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1, said
+    assert "a_step_that_blocks_the_loop (test_stallwatch.py:" in said[0]
+    assert "test_a_stall_is_counted_and_its_stack_logged" in said[0]
+    assert watch.statistics()["last_stack"] in said[0]
+
+
+@trio_test
+async def test_stacks_are_logged_at_most_once_per_quiet_period(caplog) -> None:
+    watch = StallWatch(report_after=0.1)
+    with caplog.at_level(logging.INFO, logger="clusterfs.node.stallwatch"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch.run)
+            await trio.sleep(0.1)
+            for _ in range(3):
+                a_step_that_blocks_the_loop(0.35)
+                await trio.sleep(0.2)
+            nursery.cancel_scope.cancel()
+    assert watch.stalls == 3
+    assert len(caplog.records) == 1
+
+
+def test_a_stack_names_functions_and_lines_innermost_first() -> None:
+    import sys
+
+    def inner():
+        return format_stack(sys._getframe())
+
+    text = inner()
+    assert text.startswith("inner (test_stallwatch.py:")
+    assert "test_a_stack_names_functions_and_lines_innermost_first" in text.split(" < ")[1]
