@@ -42,8 +42,10 @@ class Blocks:
         return self._dev.read(first, count)
 
     async def read_meta_run_async(self, first: int, count: int) -> bytes:
-        """read_meta_run() with the event loop free while the device reads."""
-        return await self._dev.read_async(first * BLOCK_SIZE, count * BLOCK_SIZE)
+        """read_meta_run() with the event loop free while the device reads (io_uring,
+        else a worker thread)."""
+        return await self._dev.read_async(first * BLOCK_SIZE, count * BLOCK_SIZE,
+                                          off_loop=True)
 
     def logged(self, blkno: int) -> bool:
         return self._journal.read_committed(blkno) is not None

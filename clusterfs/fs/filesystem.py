@@ -101,6 +101,11 @@ class _Hold:
         try:
             if fs._unguarded_in:
                 await fs._guard(ex, pr)
+            # inodes not cached are read now, with the event loop free, rather than by
+            # the body's _inode() on it (their locks are held: a read is safe now)
+            missing = [i for i in (*ex, *pr) if i not in fs.inodes]
+            if missing:
+                await fs.load_missing(missing)
             groups: set[int] = set()
             if self.alloc is not None:
                 groups.update(fs.alloc.groups_for(*self.alloc))
@@ -469,19 +474,27 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         async with self._hold(pr=todo, write=False):
             await self._load_runs(todo)
 
+    async def load_missing(self, inos: list[int]) -> None:
+        """(Under their locks.) Read the inodes of `inos` not cached, in runs."""
+        todo = sorted({i for i in inos if i not in self.inodes and
+                       self.sb.rgrp_start <= i < self.sb.total_blocks})
+        if todo:
+            await self._load_runs(todo)
+
     async def _load_runs(self, todo: list[int]) -> None:
         """(Under their locks.) Read the sorted inodes `todo` not cached yet in runs of
-        up to PREFETCH_SPAN blocks, each in a worker thread: on a busy disk a read takes
-        tens of milliseconds and more, and the event loop (heartbeats with it) must not
-        wait for it (a survivor sweeping thousands of orphans read for 0.8 s in one
-        step). The locks held keep other nodes off these blocks meanwhile."""
+        up to PREFETCH_SPAN blocks, each with the event loop free (io_uring, else a
+        worker thread): on a busy disk a read takes tens of milliseconds and more, and
+        the event loop (heartbeats with it) must not wait for it (a survivor sweeping
+        thousands of orphans read for 0.8 s in one step). The locks held keep other
+        nodes off these blocks meanwhile; what this node did to them meanwhile is
+        newer, and _load_run keeps it."""
         run: list[int] = []
         for ino in todo + [BIG]:
             if run and (ino - run[0] >= PREFETCH_SPAN):
                 first, count = run[0], run[-1] - run[0] + 1
                 try:
-                    raw = await trio.to_thread.run_sync(self.blocks.read_meta_run, first,
-                                                        count)
+                    raw = await self.blocks.read_meta_run_async(first, count)
                 except StorageError:
                     raw = None           # the per-inode path will report it
                 if raw is not None:

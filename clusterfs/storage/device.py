@@ -917,20 +917,21 @@ class BlockDevice(BlockAddressed):
                 return _overlaid(self._read_device(offset, length), offset, owed)
         return self._read_device(offset, length)
 
-    async def read_async(self, offset: int, length: int) -> bytes:
+    async def read_async(self, offset: int, length: int, off_loop: bool = False) -> bytes:
         """pread() that leaves the event loop free while the device reads, through the
         io_uring; where the ring cannot take it (none, full, longer than its buffers),
-        a plain pread as before. Queued writes are laid over it as pread does (those
-        queued before it started: a later one is a concurrent write)."""
+        a plain pread as before, or with `off_loop` one in a worker thread. Queued
+        writes are laid over it as pread does (those queued before it started: a
+        later one is a concurrent write)."""
         owed = None
         if self._behind is not None:
             owed = self._behind.owed_writes(offset, length)
             if owed is None:
                 self._behind.drain()     # a write failed: raises it
-        data = await self._read_device_async(offset, length)
+        data = await self._read_device_async(offset, length, off_loop)
         return _overlaid(data, offset, owed) if owed else data
 
-    async def _read_device_async(self, offset: int, length: int) -> bytes:
+    async def _read_device_async(self, offset: int, length: int, off_loop: bool) -> bytes:
         if self._ring is not None:
             direct = self._direct is not None and not (offset | length) % BLOCK_SIZE
             fd = self._direct.fd if direct and self._direct is not None else self.fd
@@ -942,6 +943,8 @@ class BlockDevice(BlockAddressed):
                 self.reads += 1
                 self.ring_reads += 1
                 return got
+        if off_loop:
+            return await trio.to_thread.run_sync(self._read_device, offset, length)
         return self._read_device(offset, length)
 
     def _read_device(self, offset: int, length: int) -> bytes:
@@ -1148,7 +1151,7 @@ class WritesAtOnce:
     def forget_read_ahead(self) -> None:
         pass
 
-    async def read_async(self, offset: int, length: int) -> bytes:
+    async def read_async(self, offset: int, length: int, off_loop: bool = True) -> bytes:
         """pread() in a worker thread: the event loop goes on while the request waits
         on the network (the full io_timeout applies there, not the event loop's
         shorter one)."""
