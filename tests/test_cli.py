@@ -191,3 +191,19 @@ def test_mount_users_never_looks_at_the_mountpoint_itself(tmp_path, monkeypatch)
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+@pytest.mark.parametrize("option, said", [
+    ("nice=-21", "mount option nice: -21 out of range -20..19"),
+    ("nice=x", "mount option nice: 'x' is not a whole number"),
+    ("max_glocks=5", "mount option max_glocks: 5 out of range"),
+    ("min_hold_ms=-1", "mount option min_hold_ms: -1 out of range 0..60000"),
+    ("colour=blue", "unknown mount option 'colour=blue'"),
+])
+def test_a_bad_mount_option_is_one_clear_error(option, said):
+    from clusterfs.node.mount_cmd import MountError, parse_options
+
+    with pytest.raises(MountError) as err:
+        parse_options([option])
+    assert said in str(err.value)
+    assert parse_options(["nice=5"]).nice == 5

@@ -417,6 +417,12 @@ def test_status_shows_the_mount_and_its_glocks(tmp_path):
             r.stdout
         two = run_cli("status", "--control", c.control(2)).stdout
         assert re.search(r"io_uring flushes=\d+ reads=[1-9]", two), two
+        # a cluster node runs ahead of ordinary processes (its loop answers probes),
+        # and so does every thread it started
+        pid = c.mounts[1].proc.pid
+        assert os.getpriority(os.PRIO_PROCESS, pid) == -10
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            assert os.getpriority(os.PRIO_PROCESS, int(tid)) == -10, tid
         slots = json.loads(run_cli("status", "--control", c.control(1), "--json").stdout)
         holders = {s["holder"]: s["slot"] for s in slots["slots"]}
         assert sorted(n for n in holders if isinstance(n, int)) == [1, 2, 3], slots["slots"]
