@@ -136,16 +136,14 @@ int cfs_uring_queue_fsync(struct cfs_uring *r, int fd, int link, uint64_t tag)
     return 0;
 }
 
-/* Queue a write of len bytes at buf to fd at offset; with `link` the next queued
- * request starts only once this one wrote all its bytes (a short or failed write
- * cancels it). */
-int cfs_uring_queue_write(struct cfs_uring *r, int fd, const void *buf, uint32_t len,
-                          uint64_t offset, int link, uint64_t tag)
+/* Queue a read or write of len bytes at buf, at offset of fd. */
+static int queue_rw(struct cfs_uring *r, int opcode, int fd, const void *buf, uint32_t len,
+                    uint64_t offset, int link, uint64_t tag)
 {
     struct io_uring_sqe *sqe = next_sqe(r);
     if (!sqe)
         return -EBUSY;
-    sqe->opcode = IORING_OP_WRITE;
+    sqe->opcode = opcode;
     sqe->fd = fd;
     sqe->addr = (uint64_t)(uintptr_t)buf;
     sqe->len = len;
@@ -155,22 +153,22 @@ int cfs_uring_queue_write(struct cfs_uring *r, int fd, const void *buf, uint32_t
     return 0;
 }
 
+/* Queue a write of len bytes at buf to fd at offset; with `link` the next queued
+ * request starts only once this one wrote all its bytes (a short or failed write
+ * cancels it). */
+int cfs_uring_queue_write(struct cfs_uring *r, int fd, const void *buf, uint32_t len,
+                          uint64_t offset, int link, uint64_t tag)
+{
+    return queue_rw(r, IORING_OP_WRITE, fd, buf, len, offset, link, tag);
+}
+
 /* Queue a read of up to len bytes at offset of fd into buf (never linked: a read
  * depends on nothing queued with it). Its result is the bytes read (short at the
  * device's end) or -errno. */
 int cfs_uring_queue_read(struct cfs_uring *r, int fd, void *buf, uint32_t len,
                          uint64_t offset, uint64_t tag)
 {
-    struct io_uring_sqe *sqe = next_sqe(r);
-    if (!sqe)
-        return -EBUSY;
-    sqe->opcode = IORING_OP_READ;
-    sqe->fd = fd;
-    sqe->addr = (uint64_t)(uintptr_t)buf;
-    sqe->len = len;
-    sqe->off = offset;
-    sqe->user_data = tag;
-    return 0;
+    return queue_rw(r, IORING_OP_READ, fd, buf, len, offset, 0, tag);
 }
 
 /* Submit everything queued. 0, or -errno (what was queued stays queued). */

@@ -17,37 +17,37 @@ def a_step_that_blocks_the_loop(seconds: float) -> None:
     time.sleep(seconds)
 
 
-@trio_test
-async def test_a_stall_is_counted_and_its_stack_logged(caplog) -> None:
-    watch = StallWatch(report_after=0.2)
+async def _watched(watch: StallWatch, blocks: list[float], caplog) -> None:
+    """Run the watch while the loop runs, then stops for each of `blocks` seconds
+    (running 0.2 s between them)."""
     with caplog.at_level(logging.INFO, logger="clusterfs.node.stallwatch"):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(watch.run)
             await trio.sleep(0.3)                       # running: nothing to say
             assert watch.stalls == 0
-            a_step_that_blocks_the_loop(0.6)
-            await trio.sleep(0.2)
+            for seconds in blocks:
+                a_step_that_blocks_the_loop(seconds)
+                await trio.sleep(0.2)
             nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_a_stall_is_counted_and_its_stack_logged(caplog) -> None:
+    watch = StallWatch(report_after=0.2)
+    await _watched(watch, [0.6], caplog)
     assert watch.stalls == 1
     assert 0.4 <= watch.longest < 5
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 1, said
     assert "a_step_that_blocks_the_loop (test_stallwatch.py:" in said[0]
-    assert "test_a_stall_is_counted_and_its_stack_logged" in said[0]
+    assert "_watched (test_stallwatch.py:" in said[0]
     assert watch.statistics()["last_stack"] in said[0]
 
 
 @trio_test
 async def test_stacks_are_logged_at_most_once_per_quiet_period(caplog) -> None:
     watch = StallWatch(report_after=0.1)
-    with caplog.at_level(logging.INFO, logger="clusterfs.node.stallwatch"):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch.run)
-            await trio.sleep(0.1)
-            for _ in range(3):
-                a_step_that_blocks_the_loop(0.35)
-                await trio.sleep(0.2)
-            nursery.cancel_scope.cancel()
+    await _watched(watch, [0.35, 0.35, 0.35], caplog)
     assert watch.stalls == 3
     assert len(caplog.records) == 1
 
