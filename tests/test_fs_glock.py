@@ -500,7 +500,9 @@ async def test_idle_sharing_goes_in_batches_and_stops_when_the_node_is_busy() ->
             quiet = lambda: glocks.statistics()["shared_when_idle"] < busy_after[0]  # noqa: E731
             await glocks._share_idle(time.monotonic() + 10, quiet)
             assert glocks.statistics()["shared_when_idle"] == 2 * SHARE_BATCH
-            assert max(steps_between) <= SHARE_BATCH
+            # (trio orders each batch of runnable tasks at random, so the watcher may
+            # see two of the round's steps between two of its own, never more)
+            assert max(steps_between) <= 2 * SHARE_BATCH
             busy_after[0] = count
             await glocks._share_idle(time.monotonic() + 10, quiet)
             assert glocks.statistics()["shared_when_idle"] == count
