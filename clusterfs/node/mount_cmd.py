@@ -71,6 +71,7 @@ MAX_GLOCKS_RANGE = (100, 100_000_000)     # -o max_glocks (default: cache/glock.
 # up to 1.16 s, and one live node was fenced. So, as corosync runs real-time, a node
 # runs ahead of ordinary processes (the work it does is theirs: their fs calls).
 CLUSTER_NICE = -10
+NICE_RANGE = (-20, 19)                    # -o nice (setpriority's)
 GC_YOUNG = 10_000           # net allocations between young collections (_tune_collector)
 GC_OLD = 1                  # middle collections between full ones (_tune_collector)
 COLLECTOR = CollectorWatch()   # full collections' pauses, timed (status, the log)
@@ -180,34 +181,23 @@ def parse_options(values: list[str]) -> Options:
             elif key == "max_hold_ms":
                 opts.max_hold = _milliseconds(key, value)
             elif key == "max_glocks":
-                opts.max_glocks = _glock_count(key, value)
+                opts.max_glocks = _whole_number(key, value, *MAX_GLOCKS_RANGE)
             elif key == "nice":
-                opts.nice = _nice(key, value)
+                opts.nice = _whole_number(key, value, *NICE_RANGE)
             else:
                 raise MountError(f"unknown mount option {item!r}")
     opts.extra = tuple(extra)
     return opts
 
 
-def _glock_count(key: str, value: str) -> int:
+def _whole_number(key: str, value: str, lowest: int, highest: int) -> int:
     try:
-        count = int(value)
+        number = int(value)
     except ValueError:
         raise MountError(f"mount option {key}: {value!r} is not a whole number") from None
-    if not MAX_GLOCKS_RANGE[0] <= count <= MAX_GLOCKS_RANGE[1]:
-        raise MountError(f"mount option {key}: {count} out of range "
-                         f"{MAX_GLOCKS_RANGE[0]}..{MAX_GLOCKS_RANGE[1]}")
-    return count
-
-
-def _nice(key: str, value: str) -> int:
-    try:
-        nice = int(value)
-    except ValueError:
-        raise MountError(f"mount option {key}: {value!r} is not a whole number") from None
-    if not -20 <= nice <= 19:
-        raise MountError(f"mount option {key}: {nice} out of range -20..19")
-    return nice
+    if not lowest <= number <= highest:
+        raise MountError(f"mount option {key}: {number} out of range {lowest}..{highest}")
+    return number
 
 
 def _set_priority(nice: int) -> None:

@@ -909,13 +909,20 @@ class BlockDevice(BlockAddressed):
         # scattered writes, seconds on a busy disk) on the event loop, which calls
         # this, past the failure timeout: the other nodes fenced a live node
         # (stress-ng's fpunch, then iomix with three instances on each of three nodes).
-        if self._behind is not None:
-            owed = self._behind.owed_writes(offset, length)
-            if owed is None:
-                self._behind.drain()     # a write failed: raises it
-            elif owed:
-                return _overlaid(self._read_device(offset, length), offset, owed)
-        return self._read_device(offset, length)
+        owed = self._owed(offset, length)
+        data = self._read_device(offset, length)
+        return _overlaid(data, offset, owed) if owed else data
+
+    def _owed(self, offset: int, length: int) -> list[tuple[int, memoryview]]:
+        """The queued and in-flight writes a read of these bytes lays over what the
+        device holds; StorageError if a queued write failed."""
+        if self._behind is None:
+            return []
+        owed = self._behind.owed_writes(offset, length)
+        if owed is None:
+            self._behind.drain()         # a write failed: raises it
+            return []
+        return owed
 
     async def read_async(self, offset: int, length: int, off_loop: bool = False) -> bytes:
         """pread() that leaves the event loop free while the device reads, through the
@@ -923,18 +930,14 @@ class BlockDevice(BlockAddressed):
         a plain pread as before, or with `off_loop` one in a worker thread. Queued
         writes are laid over it as pread does (those queued before it started: a
         later one is a concurrent write)."""
-        owed = None
-        if self._behind is not None:
-            owed = self._behind.owed_writes(offset, length)
-            if owed is None:
-                self._behind.drain()     # a write failed: raises it
+        owed = self._owed(offset, length)
         data = await self._read_device_async(offset, length, off_loop)
         return _overlaid(data, offset, owed) if owed else data
 
     async def _read_device_async(self, offset: int, length: int, off_loop: bool) -> bytes:
         if self._ring is not None:
-            direct = self._direct is not None and not (offset | length) % BLOCK_SIZE
-            fd = self._direct.fd if direct and self._direct is not None else self.fd
+            fd = self._direct.fd if self._direct is not None and \
+                not (offset | length) % BLOCK_SIZE else self.fd
             try:
                 got = await self._ring.read(fd, offset, length)
             except OSError as exc:
