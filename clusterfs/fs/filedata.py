@@ -310,7 +310,7 @@ class FileData:
             if unstuff:
                 pblk, _n = self._take_run(new_runs, 1)
                 self.blocks.write_data(pblk, memoryview(old.ljust(BLOCK_SIZE, b"\0")))
-                ext.insert(node.extents, fext.Extent(0, pblk, 1))
+                node.map_extent(fext.Extent(0, pblk, 1))
                 if first == 0:
                     runs = ext.map_range(node.extents, first, last - first + 1)
         blocks = self._assemble(off, data, first, last, runs)
@@ -322,7 +322,7 @@ class FileData:
             while done < n:
                 pstart, got = self._take_run(new_runs, n - done)
                 self._write_data(pstart, blocks.span(lblk - first + done, got))
-                ext.insert(node.extents, fext.Extent(lblk + done, pstart, got))
+                node.map_extent(fext.Extent(lblk + done, pstart, got))
                 done += got
         self._unreserve([b for s, c in new_runs for b in range(s, s + c)])
         self._fit_extent_blocks(node, meta)
@@ -447,7 +447,7 @@ class FileData:
                 self._write(node, 0, data)
         keep = -(-size // BLOCK_SIZE)
         if size < node.d.size:
-            for pblk, n in ext.truncate(node.extents, keep):
+            for pblk, n in node.unmap_from(keep):
                 self._release(pblk, n)
             if size % BLOCK_SIZE:
                 tail = ext.map_range(node.extents, size // BLOCK_SIZE, 1)[0]

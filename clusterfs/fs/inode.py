@@ -24,6 +24,7 @@ from clusterfs.format.inode import (
     encode_xattr_block,
     encode_xattrs,
 )
+from clusterfs.fs import extents as ext
 from clusterfs.fs.directory import Directory, ReadBlock
 
 
@@ -43,6 +44,10 @@ class CachedInode:
         self.meta_version = 1
         self.synced = 0
         self._load_map(read)
+        # the data blocks the extents map, kept as they change (map_extent,
+        # unmap_from): st_blocks is asked at every getattr and inode encode, and a
+        # sum over a fragmented file's thousands of extents held the event loop
+        self.data_blocks = ext.mapped_blocks(self.extents)
         if disk.xattr_blk:
             self.d.xattrs = decode_xattr_block(read(disk.xattr_blk), disk.xattr_blk)
 
@@ -80,6 +85,17 @@ class CachedInode:
 
     def set_map_kind(self, kind: int) -> None:
         self.d.flags = (self.d.flags & ~MAP_FLAGS) | kind
+
+    def map_extent(self, new: fext.Extent) -> None:
+        """Map a hole (merged with contiguous neighbours)."""
+        ext.insert(self.extents, new)
+        self.data_blocks += new.count
+
+    def unmap_from(self, keep_blocks: int) -> list[tuple[int, int]]:
+        """Drop the mappings at or past logical block keep_blocks; the freed runs."""
+        freed = ext.truncate(self.extents, keep_blocks)
+        self.data_blocks -= sum(n for _, n in freed)
+        return freed
 
     def extent_blocks_needed(self) -> int:
         """Extent blocks the current extent list needs (0 when it fits inline)."""
@@ -148,7 +164,7 @@ class CachedInode:
         n = 1 + (1 if self.d.xattr_blk else 0)
         if self.dir is not None:
             return n + self.dir.leaf_count + len(self.dir.table_blocks)
-        return n + len(self.ext_blocks) + sum(e.count for e in self.extents)
+        return n + len(self.ext_blocks) + self.data_blocks
 
     def xattrs_fit_inline(self) -> bool:
         return len(encode_xattrs(self.d.xattrs)) <= XATTR_INLINE_MAX
