@@ -424,3 +424,52 @@ def test_a_long_holder_that_answers_is_not_removed(slow_cluster: LocalLockCluste
     finally:
         c1.close()
         c3.close()
+
+
+STALL = 3.0
+
+
+def test_a_master_whose_loop_stalls_while_its_process_runs_is_not_removed(
+        tmp_path, monkeypatch) -> None:
+    """Node 3's event loop stops for 3 s (SIGUSR2 with the test hook: a long collection
+    or a CPU shortage, as a loaded machine makes them) while its process runs, as its
+    beacon thread says (comms/beacon.py). Node 2's request to it goes unanswered for
+    answer_timeout, node 2 suspects it, membership probes it and the probe goes
+    unanswered for probe_timeout: before beacons, node 3 was removed and fenced
+    (SIGKILL) although alive. Now it stays, answers once its loop runs, and node 2 is
+    granted in the same view."""
+    from clusterfs.node.cluster import STALL_ENV
+
+    monkeypatch.setenv(STALL_ENV, str(STALL))
+    with LocalLockCluster([1, 2, 3], workdir=str(tmp_path), verbose=True,
+                          failure_timeout=2 * STALL, answer_timeout=ANSWER_TIMEOUT,
+                          probe_timeout=1.0) as cl:
+        cl.start_all()
+        name = name_with_dir_node_1("stalled")
+        with ControlClient(cl.control(1)) as c1, ControlClient(cl.control(3)) as c3:
+            assert c3.call("lock", name=name, mode="NL")["ok"]        # 3 masters it
+            master_is(c1, name, 3)
+            gen = c1.call("status")["generation"]
+            os.kill(cl.procs[3].pid, signal.SIGUSR2)
+            stalled = time.monotonic()
+            time.sleep(0.1)
+            result: dict[str, Any] = {}
+            waiter = lock_in_thread(cl.control(2), result, name=name, mode="EX",
+                                    timeout=4 * STALL)
+            waiter.join(4 * STALL)
+            assert result.get("ok"), result
+            print(f"\nnode 2 granted {result['at'] - stalled:.2f} s after node 3's loop "
+                  f"stalled for {STALL} s (answer_timeout {ANSWER_TIMEOUT} s, probe_timeout "
+                  f"1.0 s, failure_timeout {2 * STALL} s)")
+            assert result["at"] - stalled >= STALL - 0.2        # node 3 answered it
+            st = c1.call("status")
+            assert st["generation"] == gen and st["members"] == [1, 2, 3], st
+            assert cl.procs[3].poll() is None                    # not fenced
+            with ControlClient(cl.control(2)) as c2:
+                d = c2.call("status")["detection"]
+            assert d["probes"] >= 1 and d["spared"] >= 1 and d["unanswered"] == 0, d
+            assert d["beacons_received"] > 0
+        logs = "".join(cl.log_tail(n, 200_000) for n in (1, 2))
+        assert "stalling the event loop" in cl.log_tail(3, 200_000)
+        assert "its process runs (beacon)" in logs
+        assert "did not answer our probe within 1.00 s: taken for dead" not in logs

@@ -162,3 +162,95 @@ def test_the_proxy_hands_membership_how_long_its_io_waited():
     assert calls == [("ask", 2), ("suspect", 2, 0.5, "block I/O not answered for 0.5 s"),
                      ("ask", 1),
                      ("suspect", 1, 0.0, "block I/O refused or its connection broken")]
+
+
+# -- beacons: a node whose loop stalls while its process runs (comms/beacon.py) ---------
+
+class FakeBeacons:
+    """What a node's beacon thread would have heard: node -> (incarnation, since when
+    its beacons stopped or None, since when its loop has not run or None), in the
+    sim's virtual time."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[int, tuple[int, float | None, float | None]] = {}
+
+    def ages(self, node: int) -> tuple[int, float, float] | None:
+        if node not in self.nodes:
+            return None
+        inc, stopped, stalled = self.nodes[node]
+        now = trio.current_time()
+        heard_ago = 0.1 if stopped is None else now - stopped
+        loop_ago = 0.1 if stalled is None else now - min(stalled, stopped or stalled)
+        return inc, heard_ago, loop_ago
+
+
+async def _stall(sim, beacons: FakeBeacons, node: int, *, frozen: bool = False,
+                 inc: int | None = None) -> None:
+    """Node `node` stops answering (its messages lost, as from a loop that does not run);
+    its beacons go on (a stalled loop) or stop with it (frozen)."""
+    now = trio.current_time()
+    beacons.nodes[node] = (sim.nodes[node].incarnation if inc is None else inc,
+                           now if frozen else None, now)
+    sim.isolate(node)
+    for n in sim.nodes.values():
+        if n.node_id != node:
+            n.liveness = beacons
+
+
+@mock_trio
+async def test_a_probed_node_whose_loop_stalls_but_whose_process_runs_stays():
+    """Node 1's loop stalls for 2 s (< the 3 s failure timeout) while its beacons go on:
+    node 3 suspects it, the probe goes unanswered, but nobody takes it for dead; when its
+    loop runs again it answers and the view is unchanged."""
+    async def body(sim):
+        await start_three(sim)
+        g = sim.nodes[2].view.generation
+        beacons = FakeBeacons()
+        await _stall(sim, beacons, 1)
+        await trio.sleep(INTERVAL)
+        sim.nodes[3].suspect(1)
+        await trio.sleep(2.0 - INTERVAL)
+        assert sim.agreed([1, 2, 3], {1, 2, 3}) and sim.nodes[2].view.generation == g
+        assert sim.nodes[3].probes_spared >= 1 and sim.nodes[3].probes_unanswered == 0
+        sim.heal_all()
+        beacons.nodes[1] = (sim.nodes[1].incarnation, None, None)    # its loop runs
+        await trio.sleep(2 * TIMEOUT)
+        assert sim.agreed([1, 2, 3], {1, 2, 3}) and sim.nodes[2].view.generation == g
+        assert sim.nodes[3]._probed == {}
+    await with_sim([1, 2, 3], body)
+
+
+@mock_trio
+async def test_a_stalled_loop_is_dead_at_the_failure_timeout():
+    """Beacons still come but the loop has not run for the failure timeout: removed
+    then (a hung loop is a dead node), not at the probe's time."""
+    async def body(sim):
+        await start_three(sim)
+        beacons = FakeBeacons()
+        await _stall(sim, beacons, 1)
+        stalled = trio.current_time()
+        await trio.sleep(INTERVAL)
+        sim.nodes[3].suspect(1)
+        await sim.until(lambda: sim.agreed([2, 3], {2, 3}), TIMEOUT * 3)
+        took = trio.current_time() - stalled
+        assert TIMEOUT <= took < TIMEOUT + 2 * INTERVAL, took
+        assert sim.nodes[3].probes_spared >= 1
+    await with_sim([1, 2, 3], body)
+
+
+@mock_trio
+async def test_a_frozen_node_or_another_incarnation_gets_no_reprieve():
+    """Beacons stopped with the loop (SIGSTOP, a cut), or beacons of an incarnation
+    other than the member's: removed once the probe is unanswered, before the failure
+    timeout, as without beacons."""
+    for frozen, inc in ((True, None), (False, 12345)):
+        async def body(sim, frozen=frozen, inc=inc):
+            await start_three(sim)
+            beacons = FakeBeacons()
+            await _stall(sim, beacons, 1, frozen=frozen, inc=inc)
+            await trio.sleep(INTERVAL)
+            sim.nodes[3].suspect(1)
+            took = await sim.until(lambda: sim.agreed([2, 3], {2, 3}), TIMEOUT * 3)
+            assert INTERVAL + took < TIMEOUT, (frozen, inc, took)
+            assert sim.nodes[3].probes_spared == 0
+        await with_sim([1, 2, 3], body)

@@ -30,9 +30,13 @@ coordinates judges it. A probed node not heard from within
 which we could have heard it) is dead to us without waiting out the failure
 timeout; any heartbeat after the probe clears the suspicion: a node that answers
 stays, however long it keeps a lock (a probe asks whether its process answers, not
-whether its locks are granted). Both outcomes are logged. The price is the
-failure timeout's own: a member whose I/O stalled and whose event loop does not
-answer for probe_timeout is removed and fenced although alive.
+whether its locks are granted). Both outcomes are logged. An unanswered probe of
+a node whose process still sends beacons (comms/beacon.py: a thread apart from its
+event loop) saying its loop ran within the failure timeout is a stalled loop, not a
+stopped node: it stays until it answers, its beacons stop, or its loop has not run
+for the failure timeout (`_only_stalled`). Without beacons from it, the price is the
+failure timeout's own: a member whose event loop does not answer for probe_timeout
+is removed and fenced although alive.
 """
 
 from __future__ import annotations
@@ -58,6 +62,8 @@ class FailureDetection(ViewInstallation):
         self.probes_answered = 0
         self.probes_unanswered = 0
         self.suspicions_heard = 0     # heard from within their quiet: not probed
+        self.probes_spared = 0        # unanswered, but the beacon said: only stalled
+        self._stalled_spared: set[int] = set()   # said so in the log, this probe
         self._quiet_checks: set[int] = set()     # nodes looked at again after a while
         self._look_again = False      # a member refused while a round was running
         self.endpoint.register([MsgType.SUSPECT], self._on_suspect)
@@ -169,6 +175,7 @@ class FailureDetection(ViewInstallation):
         if last_seen >= probed:
             del self._probed[n]                   # heard since: not silent after all
             self._unanswered_probes.discard(n)
+            self._stalled_spared.discard(n)
             self.probes_answered += 1
             log.info("node %d gen %d: node %d answered our probe after %.3f s: alive "
                      "(only slow), it stays", self.node_id, self.view.generation, n,
@@ -176,12 +183,37 @@ class FailureDetection(ViewInstallation):
             return False
         if now - max(probed, self._judge_from) <= self.probe_timeout:
             return False
+        if self._only_stalled(n):
+            return False
         if n not in self._unanswered_probes:
             self._unanswered_probes.add(n)
             self.probes_unanswered += 1
             log.warning("node %d gen %d: node %d did not answer our probe within %.2f s: "
                         "taken for dead", self.node_id, self.view.generation, n,
                         self.probe_timeout)
+        return True
+
+    def _only_stalled(self, n: int) -> bool:
+        """n did not answer our probe, but its process still sends beacons (its beacon
+        thread, comms/beacon.py) and says its event loop ran within the failure
+        timeout: a loop stalled by a long collection or a CPU shortage, not a frozen,
+        dead or cut-off node. It is left alone (said once per probe) until it answers,
+        its beacons stop, or its loop has not run for the failure timeout."""
+        p = self._peers.get(n)
+        seen = self.liveness.ages(n) if self.liveness is not None else None
+        if p is None or seen is None:
+            return False
+        inc, heard_ago, loop_ago = seen
+        if inc != p.inc or heard_ago > self.probe_timeout or loop_ago > self.timeout:
+            return False
+        if n not in self._stalled_spared:
+            self._stalled_spared.add(n)
+            self.probes_spared += 1
+            log.info("node %d gen %d: node %d did not answer our probe within %.2f s, but "
+                     "its process runs (beacon) and its event loop ran %.2f s ago: only "
+                     "stalled, it stays while its loop runs within the failure timeout "
+                     "(%.1f s)", self.node_id, self.view.generation, n, self.probe_timeout,
+                     loop_ago, self.timeout)
         return True
 
     @guarded

@@ -106,6 +106,7 @@ class MembershipStatistics:
     probes_answered: int = 0
     probes_unanswered: int = 0
     suspicions_heard: int = 0     # suspicions of a node heard within their quiet: no probe
+    probes_spared: int = 0        # unanswered probes of a node whose beacon says: stalled
 
 
 class MembershipService(Proposals):
@@ -220,7 +221,7 @@ class MembershipService(Proposals):
                  "age": round(now - p.last_seen, 3)} for n, p in sorted(self._peers.items())},
             probes=self.probes, probes_answered=self.probes_answered,
             probes_unanswered=self.probes_unanswered,
-            suspicions_heard=self.suspicions_heard)
+            suspicions_heard=self.suspicions_heard, probes_spared=self.probes_spared)
 
     def dump(self) -> str:
         s = self.statistics()

@@ -93,6 +93,17 @@ class DiskPath(Protocol):
         dead on the disk yet."""
 
 
+class LivenessPath(Protocol):
+    """What a node's beacon thread last said of another node's process
+    (clusterfs/comms/beacon.py): apart from its event loop, so a loop that stalls
+    is told from a process that stopped."""
+
+    def ages(self, node: int) -> tuple[int, float, float] | None:
+        """None if never heard; else the incarnation of the newest beacon, seconds
+        since it came, and seconds since the node's event loop last ran by its
+        account."""
+
+
 def new_incarnation() -> int:
     """A random odd 63-bit incarnation: a node's identity for one life."""
     return secrets.randbits(63) | 1
@@ -119,9 +130,11 @@ class MembershipState:
                  fence_agent: FenceHook | None = None, incarnation: int | None = None,
                  settle: float | None = None,
                  generation_record: GenerationRecord | None = None,
-                 disk: DiskPath | None = None, probe_timeout: float | None = None) -> None:
+                 disk: DiskPath | None = None, probe_timeout: float | None = None,
+                 liveness: LivenessPath | None = None) -> None:
         self.endpoint = endpoint
         self.disk = disk
+        self.liveness = liveness
         self.node_id = endpoint.node_id
         self.node_ids = frozenset(node_ids)
         if self.node_id not in self.node_ids:

@@ -30,6 +30,7 @@ from typing import Any
 
 import trio
 
+from clusterfs.comms.beacon import BeaconService
 from clusterfs.comms.tcp import TcpEndpoint
 from clusterfs.config import ClusterConfig, load_config
 from clusterfs.fence.agent import FenceAgent, NoopAgent
@@ -45,10 +46,20 @@ class ClusterNode:
     membership: MembershipService
     fence_agent: FenceAgent
     nursery: trio.Nursery
+    beacon: BeaconService
 
     def statistics(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "comms": self.endpoint.statistics(),
-                "membership": self.membership.statistics()}
+                "membership": self.membership.statistics(),
+                "beacon": self.beacon.statistics()}
+
+    def detection(self) -> dict[str, int]:
+        """How probes of silent nodes ended, and the beacons behind them."""
+        m, b = self.membership, self.beacon
+        return {"probes": m.probes, "answered": m.probes_answered,
+                "unanswered": m.probes_unanswered, "spared": m.probes_spared,
+                "beacons_sent": b.sent, "beacons_received": b.received,
+                "beacons_rejected": b.rejected}
 
 
 @asynccontextmanager
@@ -73,20 +84,48 @@ async def open_cluster_node(config: ClusterConfig | str | os.PathLike[str], node
                                    fence_agent=agent, incarnation=incarnation,
                                    generation_record=generation_record, disk=disk,
                                    probe_timeout=cfg.probe_timeout)
+    # a thread apart from the event loop says this process runs (comms/beacon.py)
+    beacon = BeaconService(cfg, node_id, membership.incarnation, cfg.heartbeat_interval / 2)
+    membership.liveness = beacon
     await endpoint.listen()     # first: a node already running here is refused at once
     try:
         async with trio.open_nursery() as nursery:
             if disk is not None:
                 disk.attach(membership)
                 await nursery.start(disk.run)
+            if os.environ.get(STALL_ENV):
+                nursery.start_soon(_stall_on_signal, float(os.environ[STALL_ENV]))
+            await nursery.start(beacon.run)
             await nursery.start(endpoint.serve)
             await nursery.start(membership.run)
             try:
-                yield ClusterNode(cfg, node_id, endpoint, membership, agent, nursery)
+                yield ClusterNode(cfg, node_id, endpoint, membership, agent, nursery, beacon)
             finally:
                 nursery.cancel_scope.cancel()
     finally:
         endpoint.close_listeners()
+
+
+# A test's way to stall a node's event loop while its process (and its beacon thread)
+# runs on, as a long collection or a CPU shortage does: with this set to a number of
+# seconds, SIGUSR2 makes the loop sleep that long. Unset (always, outside tests),
+# SIGUSR2 is left alone.
+STALL_ENV = "CLUSTERFS_TEST_STALL_ON_SIGUSR2"
+
+
+async def _stall_on_signal(seconds: float) -> None:
+    import signal
+    import threading
+    import time
+
+    if threading.current_thread() is not threading.main_thread():
+        return                    # signals reach the main thread only
+    with trio.open_signal_receiver(signal.SIGUSR2) as signals:
+        async for _ in signals:
+            logging.getLogger("clusterfs.node").warning(
+                "stalling the event loop %.2f s (SIGUSR2 with %s set: a test)", seconds,
+                STALL_ENV)
+            time.sleep(seconds)
 
 
 # -- `python -m clusterfs.node.cluster --config FILE --node-id N`: a bare cluster node ----

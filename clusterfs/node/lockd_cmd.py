@@ -423,7 +423,8 @@ class _Session:
                                "running": st.running, "lockspace": st.as_dict(),
                                "dropped_sends": self.ls.ls_dlm.dropped_sends,
                                "membership_generation":
-                                   self.server.node.membership.view.generation}
+                                   self.server.node.membership.view.generation,
+                               "detection": self.server.node.detection()}
         if self.ls.ls_servers:           # proxy I/O: what each held lock's grant named
             out["preferred_servers"] = self.ls.preferred_servers()
         if self.server.extra_status is not None:

@@ -64,12 +64,13 @@ SLOT_ATTEMPTS = 25          # looks for a free journal slot before giving up...
 SLOT_RETRY_DELAY = 0.2      # ...this many seconds apart
 AUDIT_ENV = "CLUSTERFS_AUDIT_FAILOVER"    # =1: audit the failover path (module doc)
 MAX_GLOCKS_RANGE = (100, 100_000_000)     # -o max_glocks (default: cache/glock.py MAX_CACHED)
-# A cluster node's CPU priority (-o nice=N). Its event loop answers heartbeats and
-# probes; one that stops for probe_timeout (1 s) while another node waits on it is
-# taken for dead and fenced. On a loaded host the loop stops for want of a CPU: under
+# A cluster node's CPU priority (-o nice=N). Its event loop answers heartbeats,
+# probes and lock messages; on a loaded host it stops for want of a CPU: under
 # stress-ng (three nodes, two instances each, on two cores) nodes logged stalls of
-# up to 1.16 s, and one live node was fenced. So, as corosync runs real-time, a node
-# runs ahead of ordinary processes (the work it does is theirs: their fs calls).
+# up to 1.16 s, and one live node was fenced (beacons now keep a stalled node that
+# runs from being fenced before the failure timeout, but the others wait on it
+# meanwhile). So, as corosync runs real-time, a node runs ahead of ordinary
+# processes (the work it does is theirs: their fs calls).
 CLUSTER_NICE = -10
 NICE_RANGE = (-20, 19)                    # -o nice (setpriority's)
 GC_YOUNG = 10_000           # net allocations between young collections (_tune_collector)

@@ -1,8 +1,9 @@
 """StallWatch: where a mount's event loop was when it stopped running.
 
 A node whose event loop does not run for `probe_timeout` (1 s) while another node
-waits on it is taken for dead and fenced (membership/detection.py), and a shorter
-stall still holds up every request, heartbeat and lock message behind it. stress-ng
+waits on it was taken for dead and fenced (membership/detection.py; its beacons now
+keep it in up to the failure timeout), and any stall holds up every request,
+heartbeat and lock message behind it. stress-ng
 on three nodes of a 2-core machine had a live node fenced that way (dirmany, after
 stalls of 0.60 and 1.16 s its log had only the length of). What to fix is what the
 loop was doing, and after the fact nothing says it. So a thread of ours watches the

@@ -99,6 +99,12 @@ def print_status(st: dict[str, Any]) -> None:
           f"remote lookups={ls.get('remote_lookups', 0)} "
           f"grants={ls['grants']} basts={ls['basts']} "
           f"overdue={ls.get('overdue', 0)} suspected={ls.get('suspected', 0)}")
+    d = st.get("detection")
+    if d:
+        print(f"probes      sent={d['probes']} answered={d['answered']} "
+              f"unanswered={d['unanswered']} stalled-not-dead={d['spared']}; beacons "
+              f"sent={d['beacons_sent']} received={d['beacons_received']} "
+              f"rejected={d['beacons_rejected']}")
     if "mount" in st:
         m = st["mount"]
         print(f"mount       {m['mountpoint']} on {m['device']}, journal slot {m['slot']}"
