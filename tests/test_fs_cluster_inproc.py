@@ -1381,3 +1381,46 @@ async def test_a_read_whose_file_changed_while_it_read_the_device_reads_again(
         calls.clear()
         assert await a.fs.read(f.ino, 0, 2 * BLOCK) == b"y" * (2 * BLOCK)
         assert len(calls) == 1
+
+
+@trio_test
+async def test_another_nodes_directories_maps_and_groups_are_read_with_the_loop_free(
+        tmp_path) -> None:
+    """Node A makes a hashed directory of 1500 names, a file of 200 extents (extent
+    blocks) with an xattr block, and frees and allocates in its groups; node B then
+    looks names up, lists, stats, reads, unlinks and creates there. Every metadata block
+    B needs - inodes, the directory's hash table and leaves, extent and xattr blocks,
+    resource groups - is read before the operation's body runs, with the event loop free
+    (io_uring or a worker thread): B's device sees no read on the event loop (pread)."""
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        d = await a.fs.mknod(root, b"d", stat.S_IFDIR | 0o755, 0, 0, 0)
+        names = [f"a-longish-file-name-{i:05d}".encode() for i in range(1500)]
+        for name in names:
+            await a.fs.mknod(d.ino, name, REG, 0, 0, 0)
+        frag = await a.fs.mknod(root, b"frag", REG, 0, 0, 0)
+        for i in range(0, 400, 2):
+            await a.fs.write(frag.ino, i * BLOCK, b"x" * BLOCK)
+        await a.fs.setxattr(frag.ino, b"user.big", b"v" * 3000)
+        assert a.fs.inodes.get(d.ino).dir.hashed
+        assert a.fs.inodes.get(frag.ino).ext_blocks and a.fs.inodes.get(frag.ino).d.xattr_blk
+        on_loop: list[int] = []
+        plain = b.dev.pread
+
+        def counted(offset: int, length: int) -> bytes:
+            on_loop.append(offset // BLOCK)
+            return plain(offset, length)
+
+        b.dev.pread = counted               # type: ignore[method-assign]
+        rng = random.Random(3)
+        assert (await b.fs.lookup(root, b"d")).ino == d.ino
+        for name in rng.sample(names, 40):
+            assert await b.fs.lookup(d.ino, name) is not None
+        assert await b.fs.lookup(d.ino, b"not-there") is None
+        assert (await b.fs.lookup(root, b"frag")).data_blocks == 200
+        assert await b.fs.getxattr(frag.ino, b"user.big") == b"v" * 3000
+        assert await b.fs.read(frag.ino, 2 * BLOCK, 3) == b"xxx"
+        assert sorted(n for n, _ in await b.fs.readdir(d.ino)) == names
+        await b.fs.unlink(d.ino, names[7])
+        await b.fs.mknod(d.ino, b"new", REG, 0, 0, 0)
+        assert on_loop == [], sorted(set(on_loop))[:20]

@@ -109,12 +109,38 @@ class Directory:
         leaf = self.leaves.get(blkno)
         if leaf is None:
             assert self._read is not None
-            depth, nxt, records = fmt.decode_leaf_records(self._read(blkno), blkno)
-            leaf = Leaf(blkno, depth, nxt)
-            for e, record in records:
-                leaf.add(e.name, e.ino, e.dtype, record)
-            self.leaves[blkno] = leaf
+            leaf = self._install(blkno, self._read(blkno))
         return leaf
+
+    def _install(self, blkno: int, raw: bytes) -> Leaf:
+        depth, nxt, records = fmt.decode_leaf_records(raw, blkno)
+        leaf = Leaf(blkno, depth, nxt)
+        for e, record in records:
+            leaf.add(e.name, e.ino, e.dtype, record)
+        self.leaves[blkno] = leaf
+        return leaf
+
+    def unread_leaves(self, name: bytes | None) -> list[int]:
+        """The leaf blocks a look for `name` (None: a listing) reads first and that are
+        not read yet (a chained leaf is found only by reading the one before it); none
+        for a linear directory."""
+        if not self.hashed:
+            return []
+        if name is None:
+            return [b for b in dict.fromkeys(self.table) if b not in self.leaves]
+        blk = self.table[fmt.table_slot(fmt.name_hash(name), self.depth)]
+        return [] if blk in self.leaves else [blk]
+
+    def adopt_leaf(self, blkno: int, raw: bytes) -> None:
+        """A leaf read ahead of its use, with the event loop free. One read or made
+        meanwhile is as new or newer and stays; one that does not decode is left for
+        its use to read again and report."""
+        if blkno in self.leaves:
+            return
+        try:
+            self._install(blkno, raw)
+        except FormatError:
+            return                 # (nothing installed: _install adds a leaf decoded)
 
     def _load_all(self) -> None:
         """Every leaf, each chain followed; a leaf reached twice is corruption."""

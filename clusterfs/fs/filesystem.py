@@ -35,9 +35,10 @@ from clusterfs.errors import ClusterFSError, FormatError, FSError, StorageError,
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.directory import NAME_MAX
 from clusterfs.format.inode import (
-    F_STUFFED,
+    Inode,
     decode_inode,
 )
+from clusterfs.format.rgrp import bitmap_blocks_for
 from clusterfs.format.superblock import Superblock
 from clusterfs.fs.alloc import Allocator, ResourceGroup, decode_free_lvb
 from clusterfs.fs.demotion import Demotion
@@ -76,11 +77,13 @@ class _Hold:
     """The async context of one operation body (see FileSystem._hold). A plain class
     rather than a generator: it runs for every request."""
 
-    __slots__ = ("fs", "ex", "pr", "alloc", "frees", "write", "data", "taken")
+    __slots__ = ("fs", "ex", "pr", "alloc", "frees", "write", "data", "names", "taken")
 
-    def __init__(self, fs: FileSystem, ex, pr, alloc, frees, write: bool, data) -> None:
+    def __init__(self, fs: FileSystem, ex, pr, alloc, frees, write: bool, data,
+                 names) -> None:
         self.fs, self.ex, self.pr, self.alloc, self.frees, self.write, self.data = \
             fs, ex, pr, alloc, frees, write, data
+        self.names = names
         self.taken: list = []
 
     async def __aenter__(self) -> None:
@@ -106,6 +109,8 @@ class _Hold:
             missing = [i for i in (*ex, *pr) if i not in fs.inodes]
             if missing:
                 await fs.load_missing(missing)
+            if self.names:
+                await fs.load_leaves(self.names)   # the same for directory leaves
             groups: set[int] = set()
             if self.alloc is not None:
                 groups.update(fs.alloc.groups_for(*self.alloc))
@@ -114,8 +119,9 @@ class _Hold:
             if groups:
                 held = await fs.glocks.acquire([(("rgrp", g), Mode.EX) for g in groups])
                 self.taken += held
+                ahead = await fs.read_groups_ahead(held)
                 for glock in held:
-                    fs._group(glock)
+                    fs._group(glock, ahead)
             fs.alloc.usable = groups
         except BaseException:
             fs.glocks.release(self.taken)
@@ -267,15 +273,31 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         left: a better hint for choosing groups than the one read at mount."""
         self._free_from_lvb(glock.name[1])
 
-    def _group(self, glock: Glock) -> ResourceGroup:
+    async def read_groups_ahead(self, held: list[Glock]) -> dict[int, bytes]:
+        """(Under their locks.) The header and bitmap blocks of the held groups not
+        loaded yet, read with the event loop free, for _group()."""
+        blocks: list[int] = []
+        for glock in held:
+            if glock.name[1] not in self.alloc.groups:
+                first, length = self.sb.rgrp_location(glock.name[1])
+                blocks += range(first, first + 1 + bitmap_blocks_for(length))
+        return await self._read_blocks_async(blocks) if blocks else {}
+
+    def _group(self, glock: Glock, ahead: dict[int, bytes] | None = None) -> ResourceGroup:
         """The group its held glock covers, loaded from disk on first use after a grant
-        (the previous holder flushed it home before letting go)."""
+        (the previous holder flushed it home before letting go); `ahead`: its blocks
+        read already (read_groups_ahead), unless the journal holds them newer."""
         index = glock.name[1]
         group = self.alloc.groups.get(index)
         if group is None:
             first, _ = self.sb.rgrp_location(index)
+
+            def read(blk: int) -> bytes:
+                raw = ahead.get(blk) if ahead else None
+                return raw if raw is not None and not self.blocks.logged(blk) \
+                    else self.blocks.read_meta(blk)
             try:
-                group = ResourceGroup.load(self.blocks.read_meta, first)
+                group = ResourceGroup.load(read, first)
             except (FormatError, StorageError) as exc:
                 raise self._corrupt(exc) from exc
             self.alloc.groups[index] = group
@@ -327,11 +349,13 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
     def _hold(self, ex: Iterable[int] = (), pr: Iterable[int] = (),
               alloc: tuple[int, int] | None = None,
               frees: Callable[[], Iterable[int]] | None = None, write: bool = True,
-              data: list[tuple[tuple, Mode]] | tuple = ()) -> _Hold:
+              data: list[tuple[tuple, Mode]] | tuple = (),
+              names: Iterable[tuple[int, bytes | None]] = ()) -> _Hold:
         """Take data-range and inode locks (data_locks()), then the resource groups
         the body may allocate from or free into, load those groups, run the body, then
-        maybe commit."""
-        return _Hold(self, ex, pr, alloc, frees, write, data)
+        maybe commit. names: the (directory, name) pairs the body looks up (name None:
+        it lists the directory), whose leaves are read before it runs."""
+        return _Hold(self, ex, pr, alloc, frees, write, data, names)
 
     def data_locks(self, ino: int, off: int, size: int, mode: Mode) -> list[tuple[tuple, Mode]]:
         """The ("data", ino, chunk) glocks covering bytes [off, off + size) of a file,
@@ -391,7 +415,8 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
     async def lookup(self, parent: int, name: bytes) -> CachedInode | None:
         """The named inode (counted as a kernel reference), or None if there is none."""
         while True:
-            async with self._hold(pr=[parent], write=False):
+            async with self._hold(pr=[parent], write=False,
+                                  names=self._lookup_names(parent, name)):
                 ino = self._find_or_none(parent, name)
                 ahead = self._scan_ahead(parent, ino) if self.clustered else []
                 node = self._cached_child(parent, ino) if not ahead else None
@@ -406,6 +431,18 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
             if node is not None:
                 self.count_lookup(ino, node.d.generation)
                 return node
+
+    def _lookup_names(self, parent: int, name: bytes) -> list[tuple[int, bytes | None]]:
+        """What a lookup's hold reads ahead: the name's leaf, and every leaf when the
+        lookup is likely to scan ahead (_scan_ahead lists the directory)."""
+        misses, last = self._scan_misses.get(parent, (0, 0.0))
+        if (self.clustered and misses + 1 >= SCAN_AFTER
+                and time.monotonic() - last < SCAN_WINDOW):
+            node = self.inodes.get(parent)
+            if node is not None and node.dir is not None and \
+                    node.dir.leaf_count <= SCAN_LEAVES_MAX:
+                return [(parent, name), (parent, None)]
+        return [(parent, name)]
 
     def _scan_ahead(self, parent: int, ino: int | None) -> list[int]:
         """The inodes a lookup of `ino` in `parent` should bring in with it: none,
@@ -456,7 +493,8 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         """The inode `name` in `parent` names, read while both are locked (in order) and
         the name still names it; None if it moved meanwhile. Reading the child under its
         own lock alone could read a block another node freed and reused since."""
-        async with self._hold(pr=sorted({parent, ino}), write=False):
+        async with self._hold(pr=sorted({parent, ino}), write=False,
+                              names=[(parent, name)]):
             if self._find_or_none(parent, name) != ino:
                 return None
             return self._inode(ino, by_name=True)
@@ -486,9 +524,11 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         up to PREFETCH_SPAN blocks, each with the event loop free (io_uring, else a
         worker thread): on a busy disk a read takes tens of milliseconds and more, and
         the event loop (heartbeats with it) must not wait for it (a survivor sweeping
-        thousands of orphans read for 0.8 s in one step). The locks held keep other
-        nodes off these blocks meanwhile; what this node did to them meanwhile is
-        newer, and _load_run keeps it."""
+        thousands of orphans read for 0.8 s in one step). The blocks their loading
+        reads besides (a directory's hash table, extent blocks, an xattr block) are
+        read the same way first. The locks held keep other nodes off these blocks
+        meanwhile; what this node did to them meanwhile is newer, and _cache_loaded
+        keeps it."""
         run: list[int] = []
         for ino in todo + [BIG]:
             if run and (ino - run[0] >= PREFETCH_SPAN):
@@ -498,9 +538,89 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
                 except StorageError:
                     raw = None           # the per-inode path will report it
                 if raw is not None:
-                    self._load_run(first, raw, set(run))
+                    disks = self._decode_run(first, raw, run)
+                    extra = await self._read_blocks_async(
+                        [b for d in disks for b in CachedInode.blocks_read_at_load(d)])
+                    self._cache_loaded(disks, extra)
                 run = []
             run.append(ino)
+
+    async def load_leaves(self, names: Iterable[tuple[int, bytes | None]]) -> None:
+        """(Under the directories' locks.) Read the directory leaves an operation will
+        look in for these names (None: every leaf, a listing) and this node has not
+        read, with the event loop free, as _load_runs does for inodes: a node that gets
+        a directory's lock back after another node changed it reads each leaf anew."""
+        wanted: dict[int, CachedInode] = {}
+        for parent, name in names:
+            node = self.inodes.get(parent)
+            if node is not None and node.dir is not None:
+                for blk in node.dir.unread_leaves(name):
+                    wanted[blk] = node
+        if not wanted:
+            return
+        for blk, raw in (await self._read_blocks_async(list(wanted))).items():
+            node = wanted[blk]
+            if self.inodes.get(node.ino) is node and node.dir is not None:
+                node.dir.adopt_leaf(blk, raw)
+
+    async def _read_blocks_async(self, blocks: list[int]) -> dict[int, bytes]:
+        """Device copies of metadata blocks, read in runs of adjacent blocks with the
+        event loop free; none of a block the journal holds newer (read_meta serves it
+        from memory) or out of range, none where the device fails (the block's use
+        reads it again and reports that)."""
+        todo = sorted({b for b in blocks if self.sb.rgrp_start <= b < self.sb.total_blocks
+                       and not self.blocks.logged(b)})
+        out: dict[int, bytes] = {}
+        i = 0
+        while i < len(todo):
+            j = i + 1
+            while j < len(todo) and todo[j] == todo[j - 1] + 1 and j - i < PREFETCH_SPAN:
+                j += 1
+            try:
+                raw = await self.blocks.read_meta_run_async(todo[i], j - i)
+            except StorageError:
+                raw = b""
+            for k, blk in enumerate(todo[i:j]):
+                if len(raw) >= (k + 1) * BLOCK_SIZE:
+                    out[blk] = raw[k * BLOCK_SIZE : (k + 1) * BLOCK_SIZE]
+            i = j
+        return out
+
+    def _decode_run(self, first: int, raw: bytes, wanted: list[int]) -> list[Inode]:
+        """The inodes `wanted` of the run `raw` read from block `first` on that are to
+        be cached: not cached, freed or logged already, no tombstone, decoding (one
+        that does not is left for _inode(), which withdraws)."""
+        out = []
+        for ino in wanted:
+            if ino in self.inodes or ino in self.freed or self.blocks.logged(ino):
+                continue                 # (a freed one's tombstone may not be home yet)
+            at = (ino - first) * BLOCK_SIZE
+            try:
+                disk = decode_inode(raw[at : at + BLOCK_SIZE], ino)
+            except FormatError:
+                continue
+            if disk.mode != 0:
+                out.append(disk)         # (a tombstone: _inode() says ENOENT for it)
+        return out
+
+    def _cache_loaded(self, disks: list[Inode], extra: dict[int, bytes]) -> None:
+        """Cache inodes read ahead, their other blocks from `extra` (what the cache or
+        the journal came to hold of any of them meanwhile is newer and wins)."""
+        def read(blk: int) -> bytes:
+            raw = extra.get(blk)
+            return raw if raw is not None and not self.blocks.logged(blk) \
+                else self.blocks.read_meta(blk)
+
+        for disk in disks:
+            ino = disk.ino
+            if ino in self.inodes or ino in self.freed or self.blocks.logged(ino):
+                continue
+            try:
+                self.inodes.put(ino, CachedInode(disk, read))
+            except FormatError:
+                continue                 # left for _inode(), which withdraws
+        # a directory keeps `read` for its leaves: from now on it reads the newest copy
+        extra.clear()
 
     async def readdir_nodes(self, parent: int, entries: list[tuple[bytes, int]]
                             ) -> list[CachedInode | None]:
@@ -530,23 +650,6 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         except FSError:
             return None                  # (gone; or corrupt: withdrawn, said so)
         return None if node.freed else node
-
-    def _load_run(self, first: int, raw: bytes, wanted: set[int]) -> None:
-        """Cache the inodes `wanted` of the run `raw` read from block `first` on (what
-        the cache or the journal holds of them since is newer)."""
-        for ino in wanted:
-            if ino in self.inodes or ino in self.freed or \
-                    self.blocks.logged(ino):
-                continue                 # (a freed one's tombstone may not be home yet)
-            at = (ino - first) * BLOCK_SIZE
-            try:
-                disk = decode_inode(raw[at : at + BLOCK_SIZE], ino)
-                if disk.mode == 0:
-                    continue             # a tombstone: _inode() says ENOENT for it
-                if disk.flags & F_STUFFED or not stat.S_ISDIR(disk.mode):
-                    self.inodes.put(ino, CachedInode(disk, self.blocks.read_meta))
-            except FormatError:
-                continue                 # left for _inode(), which withdraws
 
     def count_lookup(self, ino: int, generation: int | None = None) -> None:
         """The kernel now holds one more reference to `ino` (undone by forget), of this

@@ -7,9 +7,11 @@ block and whatever map, xattr and directory blocks changed.
 from __future__ import annotations
 
 import stat
+import struct
 import time
 
 from clusterfs.errors import FormatError
+from clusterfs.format import directory as dirfmt
 from clusterfs.format import extent as fext
 from clusterfs.format.inode import (
     F_DIR_HASHED,
@@ -50,6 +52,21 @@ class CachedInode:
         self.data_blocks = ext.mapped_blocks(self.extents)
         if disk.xattr_blk:
             self.d.xattrs = decode_xattr_block(read(disk.xattr_blk), disk.xattr_blk)
+
+    @staticmethod
+    def blocks_read_at_load(disk: Inode) -> list[int]:
+        """The blocks besides the inode's own that loading it reads (_load_map and the
+        xattr block), so that they can be read beforehand with the event loop free."""
+        out = [disk.xattr_blk] if disk.xattr_blk else []
+        kind = disk.flags & MAP_FLAGS
+        try:
+            if stat.S_ISDIR(disk.mode) and kind == F_DIR_HASHED:
+                out += dirfmt.decode_hashed_payload(disk.payload)[1]
+            elif not stat.S_ISDIR(disk.mode) and kind == F_EXTBLOCKS:
+                out += fext.decode_block_list(disk.payload)
+        except (FormatError, struct.error):
+            pass                   # the load itself reports it
+        return out
 
     def _load_map(self, read: ReadBlock) -> None:
         d = self.d

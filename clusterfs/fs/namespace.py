@@ -73,7 +73,7 @@ class Namespace:
             raise FSError(errno.ENAMETOOLONG, "symlink target too long")
 
         async def run(alloc):
-            async with self._hold(ex=[parent], alloc=alloc):
+            async with self._hold(ex=[parent], alloc=alloc, names=[(parent, name)]):
                 node = self._create(parent, name, mode, rdev, uid, gid, target)
                 if open_it:
                     # counted open in the body that made it: the directory's lock may
@@ -196,7 +196,8 @@ class Namespace:
             raise FSError(errno.ENAMETOOLONG)
 
         async def run(alloc):
-            async with self._hold(ex=sorted({ino, parent}), alloc=alloc):
+            async with self._hold(ex=sorted({ino, parent}), alloc=alloc,
+                                  names=[(parent, name)]):
                 node = self._inode(ino)
                 if node.dir is not None:
                     raise FSError(errno.EPERM, "hard link to a directory")
@@ -228,11 +229,13 @@ class Namespace:
     # ================================================================ removing
     async def unlink(self, parent: int, name: bytes, want_dir: bool = False) -> None:
         while True:
-            async with self._hold(pr=[parent], write=False):
+            async with self._hold(pr=[parent], write=False, names=[(parent, name)]):
                 ino = self._find(parent, name)
             # the victim's lock is taken with the parent's, in order; if the name
             # moved meanwhile (another node, or another request here), look again
-            async with self._hold(ex=sorted({parent, ino})):
+            async with self._hold(ex=sorted({parent, ino}),
+                                  names=[(parent, name), (ino, None)] if want_dir
+                                  else [(parent, name)]):
                 if self._find(parent, name) == ino:
                     self._unlink(parent, name, ino, want_dir)
                     break
@@ -359,7 +362,8 @@ class Namespace:
     async def _rename_once(self, wanted, p1: int, n1: bytes, p2: int, n2: bytes,
                            flags: int) -> int | None:
         async with self.glocks.hold(wanted):
-            async with self._hold(pr=sorted({p1, p2}), write=False):
+            async with self._hold(pr=sorted({p1, p2}), write=False,
+                                  names=[(p1, n1), (p2, n2)]):
                 src = self._find(p1, n1)
                 # (a target directory another node removed is ENOENT here: taken for a
                 # missing name, the ancestor walk below read its freed inode, found
@@ -369,7 +373,7 @@ class Namespace:
 
             async def run(alloc):
                 inos = sorted({p1, p2, src} | ({dst} if dst else set()))
-                async with self._hold(ex=inos, alloc=alloc):
+                async with self._hold(ex=inos, alloc=alloc, names=[(p1, n1), (p2, n2)]):
                     self._rename(p1, n1, p2, n2, flags, src, dst, chain)
 
             await self._retrying(run, p2, 4)
@@ -479,7 +483,7 @@ class Namespace:
 
     # ================================================================ directories
     async def readdir(self, ino: int) -> list[tuple[bytes, int]]:
-        async with self._hold(pr=[ino], write=False):
+        async with self._hold(pr=[ino], write=False, names=[(ino, None)]):
             node = self._inode(ino)
             if node.dir is None:
                 raise FSError(errno.ENOTDIR)
