@@ -850,7 +850,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{device_bytes // MiB} MiB, {bench._load()}")
     log(f"clusterbench: backing files in {backing} ({bench._backing_kind(backing)}); "
         f"systems {', '.join(systems)}")
-    if "gluster" in systems:
+    if "gluster" in systems and shutil.which("gluster") is None:
         log(f"clusterbench: GlusterFS is a benchmark peer, not a dependency; to compare "
             f"with it: {GLUSTER_INSTALL}")
     results: dict[str, dict[str, float]] = {}
