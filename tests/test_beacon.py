@@ -32,10 +32,10 @@ def send_raw(cfg, to: int, data: bytes) -> None:
 
 def test_the_datagram_round_trips_and_refuses_anything_else() -> None:
     key = wire.beacon_key(b"k" * 32)
-    b = wire.Beacon(7, 2**63 - 1, 42, 1.234)
+    b = wire.Beacon(7, 2**63 - 1, 42, 1.234, 3.5, 2.25)
     data = wire.encode(key, b)
     assert len(data) == wire.SIZE
-    assert wire.decode(key, data) == wire.Beacon(7, 2**63 - 1, 42, 1.234)
+    assert wire.decode(key, data) == b
     for bad in (data[:-1], data + b"x", bytes(wire.SIZE),
                 data[:8] + bytes([data[8] ^ 1]) + data[9:],          # a changed byte
                 wire.encode(wire.beacon_key(b"j" * 32), b)):          # another key
@@ -59,17 +59,21 @@ async def test_beacons_go_on_while_the_loop_stalls_and_stop_with_the_service() -
         await nursery.start(run1)
         await nursery.start(s[2].run)
         await wait_until(lambda: s[2].ages(1) is not None and s[1].ages(2) is not None)
-        inc, heard, loop = s[2].ages(1)
-        assert inc == 1001 and heard < 0.5 and loop < 0.5
+        seen = s[2].ages(1)
+        assert seen.incarnation == 1001 and seen.heard < 0.5 and seen.loop < 0.5
+        assert seen.stall_began is None
         time.sleep(0.6)         # this loop (both services') stalls; the threads do not
-        inc, heard, loop = s[2].ages(1)
-        assert heard < 0.3, heard                     # beacons kept coming
-        assert 0.45 < loop < 1.5, loop                # saying the loop has not run
+        seen = s[2].ages(1)
+        assert seen.heard < 0.3, seen                 # beacons kept coming
+        assert 0.45 < seen.loop < 1.5, seen           # saying the loop has not run
         await trio.sleep(0.3)
-        assert s[2].ages(1)[2] < 0.3                  # ran again
+        seen = s[2].ages(1)
+        assert seen.loop < 0.3, seen                  # ran again, after a stall of
+        assert 0.5 < seen.stall_began - seen.stall_ended < 1.0, seen    # about 0.6 s
+        assert seen.stall_ended < 0.5, seen
         scope1.cancel()                               # node 1's service stops
         await trio.sleep(0.5)
-        assert s[2].ages(1)[1] > 0.4                  # nothing heard since
+        assert s[2].ages(1).heard > 0.4               # nothing heard since
         assert s[1].sent > 0 and s[2].received > 0 and s[2].rejected == 0
         nursery.cancel_scope.cancel()
 
@@ -91,7 +95,7 @@ async def test_garbage_forgeries_replays_and_strangers_are_refused() -> None:
             send_raw(cfg, 2, d)
         await wait_until(lambda: s.received + s.rejected >= len(sent))
         assert (s.received, s.rejected) == (1, 5)
-        assert s.ages(3)[0] == 77 and s.ages(9) is None
+        assert s.ages(3).incarnation == 77 and s.ages(9) is None
         first = s.sighting(3)
         await trio.sleep(0.05)
         send_raw(cfg, 2, good)                        # the same beacon again: a replay

@@ -4,9 +4,12 @@ time over the in-memory transport (the Sim of test_membership.py)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import trio
 from test_membership import INTERVAL, TIMEOUT, mock_trio, with_sim
 
+from clusterfs.comms.beacon import Ages
 from clusterfs.membership.view import ViewChange
 
 
@@ -166,22 +169,38 @@ def test_the_proxy_hands_membership_how_long_its_io_waited():
 
 # -- beacons: a node whose loop stalls while its process runs (comms/beacon.py) ---------
 
+@dataclass
+class Seen:
+    """One node as its beacons would show it, in the sim's virtual time."""
+    incarnation: int
+    stopped: float | None = None      # beacons stopped then (frozen), else they come
+    stalled: float | None = None      # its loop stopped then and has not run since
+    last_stall: tuple[float, float] | None = None   # a stall that ended: (from, to)
+
+
 class FakeBeacons:
-    """What a node's beacon thread would have heard: node -> (incarnation, since when
-    its beacons stopped or None, since when its loop has not run or None), in the
-    sim's virtual time."""
+    """What a node's beacon thread would have heard (comms/beacon.py `ages`)."""
 
     def __init__(self) -> None:
-        self.nodes: dict[int, tuple[int, float | None, float | None]] = {}
+        self.nodes: dict[int, Seen] = {}
 
-    def ages(self, node: int) -> tuple[int, float, float] | None:
-        if node not in self.nodes:
+    def ages(self, node: int) -> Ages | None:
+        seen = self.nodes.get(node)
+        if seen is None:
             return None
-        inc, stopped, stalled = self.nodes[node]
         now = trio.current_time()
-        heard_ago = 0.1 if stopped is None else now - stopped
-        loop_ago = 0.1 if stalled is None else now - min(stalled, stopped or stalled)
-        return inc, heard_ago, loop_ago
+        last = now if seen.stopped is None else seen.stopped
+        ran = last if seen.stalled is None else min(seen.stalled, last)
+        began, ended = seen.last_stall or (None, None)
+        return Ages(seen.incarnation, now - last + 0.05, now - ran + 0.05,
+                    None if began is None else now - began,
+                    None if ended is None else now - ended)
+
+    def resume(self, node: int) -> None:
+        """The node's loop runs again: its stall ended now."""
+        seen = self.nodes[node]
+        assert seen.stalled is not None
+        seen.last_stall, seen.stalled = (seen.stalled, trio.current_time()), None
 
 
 async def _stall(sim, beacons: FakeBeacons, node: int, *, frozen: bool = False,
@@ -189,8 +208,8 @@ async def _stall(sim, beacons: FakeBeacons, node: int, *, frozen: bool = False,
     """Node `node` stops answering (its messages lost, as from a loop that does not run);
     its beacons go on (a stalled loop) or stop with it (frozen)."""
     now = trio.current_time()
-    beacons.nodes[node] = (sim.nodes[node].incarnation if inc is None else inc,
-                           now if frozen else None, now)
+    beacons.nodes[node] = Seen(sim.nodes[node].incarnation if inc is None else inc,
+                               now if frozen else None, now)
     sim.isolate(node)
     for n in sim.nodes.values():
         if n.node_id != node:
@@ -212,11 +231,35 @@ async def test_a_probed_node_whose_loop_stalls_but_whose_process_runs_stays():
         await trio.sleep(2.0 - INTERVAL)
         assert sim.agreed([1, 2, 3], {1, 2, 3}) and sim.nodes[2].view.generation == g
         assert sim.nodes[3].probes_spared >= 1 and sim.nodes[3].probes_unanswered == 0
+        beacons.resume(1)                      # its loop runs again: it answers
         sim.heal_all()
-        beacons.nodes[1] = (sim.nodes[1].incarnation, None, None)    # its loop runs
         await trio.sleep(2 * TIMEOUT)
         assert sim.agreed([1, 2, 3], {1, 2, 3}) and sim.nodes[2].view.generation == g
         assert sim.nodes[3]._probed == {}
+    await with_sim([1, 2, 3], body)
+
+
+@mock_trio
+async def test_heartbeats_missed_for_the_failure_timeout_in_a_shorter_stall_are_excused():
+    """The loop stalled just before a heartbeat was due, so its heartbeats have been
+    missed for longer than the failure timeout while the loop has stalled for less:
+    the stall explains the silence, and the node is alive to the others. Were its loop
+    running (beacons say so) while nothing reached us, it would be dead."""
+    async def body(sim):
+        await start_three(sim)
+        heard = sim.nodes[2]._peers[1].last_seen
+        await trio.sleep(heard + INTERVAL * 0.9 - trio.current_time())
+        beacons = FakeBeacons()
+        await _stall(sim, beacons, 1)
+        stalled = trio.current_time()
+        await trio.sleep(heard + TIMEOUT + 0.1 - trio.current_time())
+        now = trio.current_time()
+        assert now - sim.nodes[2]._peers[1].last_seen > TIMEOUT      # heartbeats missed
+        assert now - stalled < TIMEOUT                               # a shorter stall
+        assert sim.nodes[2]._alive(1, now) and sim.nodes[3]._alive(1, now)
+        assert sim.nodes[2].probes_spared == 1
+        beacons.nodes[1] = Seen(sim.nodes[1].incarnation)           # runs, unreachable
+        assert not sim.nodes[2]._alive(1, now)
     await with_sim([1, 2, 3], body)
 
 
@@ -254,3 +297,23 @@ async def test_a_frozen_node_or_another_incarnation_gets_no_reprieve():
             assert INTERVAL + took < TIMEOUT, (frozen, inc, took)
             assert sim.nodes[3].probes_spared == 0
         await with_sim([1, 2, 3], body)
+
+
+@mock_trio
+async def test_a_node_that_runs_but_cannot_be_reached_gets_no_reprieve():
+    """Its beacons come (UDP gets through) and say its loop runs, but our messages and
+    heartbeats do not pass (the network between us is down): a stalled loop does not
+    explain the silence, so the unanswered probe removes it as without beacons."""
+    async def body(sim):
+        await start_three(sim)
+        beacons = FakeBeacons()
+        beacons.nodes[1] = Seen(sim.nodes[1].incarnation)            # its loop runs
+        sim.isolate(1)
+        for n in (2, 3):
+            sim.nodes[n].liveness = beacons
+        await trio.sleep(INTERVAL)
+        sim.nodes[3].suspect(1)
+        took = await sim.until(lambda: sim.agreed([2, 3], {2, 3}), TIMEOUT * 3)
+        assert INTERVAL + took < TIMEOUT, took
+        assert sim.nodes[3].probes_spared == 0
+    await with_sim([1, 2, 3], body)

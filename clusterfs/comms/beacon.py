@@ -9,14 +9,15 @@ shot for being slow. The beacon tells the two apart. A thread of its own, with a
 UDP socket bound to the node's configured address (the same port number as its TCP
 listener), sends every other configured node a small authenticated datagram
 (wire/beacon.py) every half heartbeat interval, saying how long ago the event loop
-last ran (a loop task ticks every TICK seconds); it also receives the others' and
-keeps the newest of each node. Membership asks before it takes an unanswered probe
-for death (`ages`): a node whose beacons still come and whose loop ran within
-the failure timeout is only slow, and is left alone. A frozen process (SIGSTOP),
-a dead one, a cut cable or a host gone stop the beacons with everything else, so
-they are judged as before; a loop stuck for the failure timeout is dead all the
-same. Without the datagrams (a firewall that drops UDP, a port taken) membership
-simply judges as it did before beacons.
+last ran and when its last stall began and ended (a loop task ticks every TICK
+seconds); it also receives the others' and keeps the newest of each node.
+Membership asks (`ages`) before it takes a silence for death: a node whose beacons
+still come and whose loop stopped about when it fell silent, for less than the
+failure timeout, is only stalled, and is left alone (membership/detection.py,
+`_only_stalled`). A frozen process (SIGSTOP), a dead one, a cut cable or a host gone
+stop the beacons with everything else, so they are judged as before; a loop stuck
+for the failure timeout is dead all the same. Without the datagrams (a firewall that
+drops UDP, a port taken) membership simply judges as it did before beacons.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from clusterfs.wire import beacon as wire
 log = logging.getLogger("clusterfs.comms.beacon")
 
 TICK = 0.1                # how often the event loop says it ran
+STALL_MIN = 2 * TICK      # a gap between ticks this long is a stall the beacons report
 WAKE_WAIT = 0.1           # at stop, how long the loop waits for the thread to close
 
 
@@ -45,6 +47,18 @@ class Sighting:
     incarnation: int
     received: float
     loop_ran: float       # when the sender's event loop last ran, by its own account
+    stall_began: float | None    # its last stall that ended: from (None: none yet)
+    stall_ended: float | None    # to
+
+
+@dataclass(frozen=True)
+class Ages:
+    """What membership asks of a node's beacons, in seconds before now."""
+    incarnation: int
+    heard: float          # since its newest beacon came
+    loop: float           # since its event loop last ran
+    stall_began: float | None    # its last stall that ended (None: none yet)
+    stall_ended: float | None
 
 
 @dataclass
@@ -64,6 +78,7 @@ class BeaconService:
         self._nodes = frozenset(config.node_ids)
         self._key = wire.beacon_key(config.key)
         self._loop_ran = time.monotonic()
+        self._last_stall = (0.0, 0.0)      # (began, ended) of the last stall that ended
         self._seq = 0
         self._last_seq: dict[tuple[int, int], int] = {}   # (node, inc) -> newest seq
         self._sightings: dict[int, Sighting] = {}
@@ -79,14 +94,15 @@ class BeaconService:
     def sighting(self, node: int) -> Sighting | None:
         return self._sightings.get(node)
 
-    def ages(self, node: int) -> tuple[int, float, float] | None:
-        """(incarnation, seconds since its newest beacon came, seconds since its event
-        loop last ran by that beacon's account), or None if never heard."""
+    def ages(self, node: int) -> Ages | None:
+        """The node's newest beacon, in seconds before now; None if never heard."""
         s = self._sightings.get(node)
         if s is None:
             return None
         now = time.monotonic()
-        return s.incarnation, now - s.received, now - s.loop_ran
+        return Ages(s.incarnation, now - s.received, now - s.loop_ran,
+                    None if s.stall_began is None else now - s.stall_began,
+                    None if s.stall_ended is None else now - s.stall_ended)
 
     def statistics(self) -> BeaconStatistics:
         return BeaconStatistics(self.sent, self.received, self.rejected)
@@ -105,7 +121,10 @@ class BeaconService:
         task_status.started()
         try:
             while True:
-                self._loop_ran = time.monotonic()
+                now = time.monotonic()
+                if now - self._loop_ran >= STALL_MIN:
+                    self._last_stall = (self._loop_ran, now)
+                self._loop_ran = now
                 await trio.sleep(TICK)
         finally:
             self._stop_thread()
@@ -175,8 +194,10 @@ class BeaconService:
     def _send_all(self, now: float) -> None:
         assert self._sock is not None
         self._seq += 1
-        packet = wire.encode(self._key, wire.Beacon(self.node_id, self.incarnation,
-                                                    self._seq, now - self._loop_ran))
+        began, ended = self._last_stall
+        packet = wire.encode(self._key, wire.Beacon(
+            self.node_id, self.incarnation, self._seq, now - self._loop_ran,
+            now - began if began else 0.0, now - ended if ended else 0.0))
         for _, addr in self._peers:
             try:
                 self._sock.sendto(packet, addr)
@@ -197,5 +218,8 @@ class BeaconService:
             return
         self._last_seq[key] = b.seq
         now = time.monotonic()
-        self._sightings[b.node] = Sighting(b.incarnation, now, now - b.loop_age)
+        stalled = b.stall_began > 0
+        self._sightings[b.node] = Sighting(b.incarnation, now, now - b.loop_age,
+                                           now - b.stall_began if stalled else None,
+                                           now - b.stall_ended if stalled else None)
         self.received += 1

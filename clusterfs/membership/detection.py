@@ -34,9 +34,12 @@ whether its locks are granted). Both outcomes are logged. An unanswered probe of
 a node whose process still sends beacons (comms/beacon.py: a thread apart from its
 event loop) saying its loop ran within the failure timeout is a stalled loop, not a
 stopped node: it stays until it answers, its beacons stop, or its loop has not run
-for the failure timeout (`_only_stalled`). Without beacons from it, the price is the
-failure timeout's own: a member whose event loop does not answer for probe_timeout
-is removed and fenced although alive.
+for the failure timeout (`_only_stalled`; the same holds for heartbeats missed for the
+failure timeout while its loop stalls). Beacons excuse only a loop that stopped
+about when the node fell silent: a node whose loop runs but that does not answer (the
+network between us down, UDP through) is judged as before. Without beacons from it,
+the price is the failure timeout's own: a member whose event loop does not answer
+for probe_timeout is removed and fenced although alive.
 """
 
 from __future__ import annotations
@@ -50,6 +53,12 @@ from clusterfs.comms.interface import Envelope
 from clusterfs.membership.installation import ViewInstallation
 from clusterfs.membership.state import EXPELLED, MEMBER, PeerInfo, guarded, log
 from clusterfs.wire.types import MsgType
+
+# how far a node's loop may have run past the moment we began waiting on it and its
+# stall still explain the silence: the beacon's loop tick (0.1 s) and its delivery
+STALL_SLACK = 0.25
+# a loop that has just run again after a stall gets this long to answer (its backlog)
+STALL_GRACE = 0.5
 
 
 class FailureDetection(ViewInstallation):
@@ -183,7 +192,7 @@ class FailureDetection(ViewInstallation):
             return False
         if now - max(probed, self._judge_from) <= self.probe_timeout:
             return False
-        if self._only_stalled(n):
+        if self._only_stalled(n, now - probed, STALL_SLACK):
             return False
         if n not in self._unanswered_probes:
             self._unanswered_probes.add(n)
@@ -193,27 +202,36 @@ class FailureDetection(ViewInstallation):
                         self.probe_timeout)
         return True
 
-    def _only_stalled(self, n: int) -> bool:
-        """n did not answer our probe, but its process still sends beacons (its beacon
-        thread, comms/beacon.py) and says its event loop ran within the failure
-        timeout: a loop stalled by a long collection or a CPU shortage, not a frozen,
-        dead or cut-off node. It is left alone (said once per probe) until it answers,
-        its beacons stop, or its loop has not run for the failure timeout."""
+    def _only_stalled(self, n: int, waited: float, slack: float) -> bool:
+        """n's beacons (comms/beacon.py: a thread apart from its event loop; fresh, of
+        the member's incarnation) say its loop stopped about when we began waiting on
+        it (`waited` s ago, less `slack`) and has been stopped since, for less than the
+        failure timeout - or was until a moment ago (STALL_GRACE: its answer is on its
+        way): a loop stalled by a long collection or a CPU shortage explains the
+        silence, which is then no evidence of death. A loop that ran meanwhile explains
+        nothing (a node that runs but that we cannot reach), nor do beacons that
+        stopped (frozen, dead, cut off). Said once per silence."""
         p = self._peers.get(n)
         seen = self.liveness.ages(n) if self.liveness is not None else None
-        if p is None or seen is None:
+        if p is None or seen is None or seen.incarnation != p.inc \
+                or seen.heard > self.probe_timeout:
             return False
-        inc, heard_ago, loop_ago = seen
-        if inc != p.inc or heard_ago > self.probe_timeout or loop_ago > self.timeout:
+        if waited - slack <= seen.loop <= self.timeout:
+            stalled_for = seen.loop                                   # still stalled
+        elif (seen.stall_began is not None and seen.stall_ended <= STALL_GRACE
+              and seen.stall_began >= waited - slack
+              and seen.stall_began - seen.stall_ended <= self.timeout):
+            stalled_for = seen.stall_began - seen.stall_ended         # just resumed
+        else:
             return False
         if n not in self._stalled_spared:
             self._stalled_spared.add(n)
             self.probes_spared += 1
-            log.info("node %d gen %d: node %d did not answer our probe within %.2f s, but "
-                     "its process runs (beacon) and its event loop ran %.2f s ago: only "
-                     "stalled, it stays while its loop runs within the failure timeout "
-                     "(%.1f s)", self.node_id, self.view.generation, n, self.probe_timeout,
-                     loop_ago, self.timeout)
+            log.info("node %d gen %d: node %d has not answered for %.2f s, but its process "
+                     "runs (beacon) and its event loop stalled %.2f s: only stalled, it "
+                     "stays while its loop runs within the failure timeout (%.1f s)",
+                     self.node_id, self.view.generation, n, waited, stalled_for,
+                     self.timeout)
         return True
 
     @guarded
@@ -263,7 +281,11 @@ class FailureDetection(ViewInstallation):
             return now - self._judge_from <= self.timeout
         if self._refused_since(n, p.last_seen):
             return False
-        return (now - max(p.last_seen, self._judge_from) <= self.timeout
+        # silent for the failure timeout: dead, unless its loop stalled about when it
+        # fell silent (its last heartbeat may have gone up to an interval before)
+        silent = now - max(p.last_seen, self._judge_from)
+        return ((silent <= self.timeout
+                 or self._only_stalled(n, now - p.last_seen, self.interval + STALL_SLACK))
                 and p.state != EXPELLED and not self._probe_unanswered(n, p.last_seen, now))
 
     def _refused_since(self, n: int, heard: float) -> bool:
@@ -291,6 +313,7 @@ class FailureDetection(ViewInstallation):
             log.info("node %d gen %d: node %d has a new incarnation %#x (was %#x)",
                      self.node_id, self.view.generation, n, info.inc, old.inc)
         self._peers[n] = info
+        self._stalled_spared.discard(n)       # heard: a later silence is said again
         self._max_gen = max(self._max_gen, info.gen)
         if (self.state == MEMBER and self.view.quorate and self._removed.get(n) == info.inc
                 and info.state != EXPELLED

@@ -98,10 +98,11 @@ class LivenessPath(Protocol):
     (clusterfs/comms/beacon.py): apart from its event loop, so a loop that stalls
     is told from a process that stopped."""
 
-    def ages(self, node: int) -> tuple[int, float, float] | None:
-        """None if never heard; else the incarnation of the newest beacon, seconds
-        since it came, and seconds since the node's event loop last ran by its
-        account."""
+    def ages(self, node: int) -> Any:
+        """None if never heard; else, of its newest beacon, `incarnation`, and in
+        seconds before now: `heard` (when it came), `loop` (when the node's event loop
+        last ran by its account), `stall_began` and `stall_ended` (its last stall that
+        ended; None if none)."""
 
 
 def new_incarnation() -> int:

@@ -1,15 +1,17 @@
-"""The liveness beacon's datagram: "node N's process, incarnation I, is running, and
-its event loop last ran A ms ago" (comms/beacon.py sends and receives them; why, in
-docs/cluster.md "Beacons").
+"""The liveness beacon's datagram: "node N's process, incarnation I, is running, its
+event loop last ran A ms ago, and its last stall ran from B to C ms ago"
+(comms/beacon.py sends and receives them; why, in docs/cluster.md "Beacons").
 
-Layout (little-endian), 44 bytes:
+Layout (little-endian), 52 bytes:
 
     0   4  magic b"CFB1"
     4   4  node id
     8   8  incarnation
     16  8  sequence number (grows by one per datagram within an incarnation)
     24  4  loop age in ms (how long ago the sender's event loop last ran; capped)
-    28 16  blake2b(bytes 0-27, key=beacon key, digest_size=16)
+    28  4  the loop's last stall that ended: began this many ms ago (0: none yet)
+    32  4  ... and ended this many ms ago
+    36 16  blake2b(bytes 0-35, key=beacon key, digest_size=16)
 
 The beacon key is derived from the cluster key for this use alone, so a beacon can
 never pass for a frame of the TCP wire or the reverse. A receiver accepts a
@@ -28,10 +30,10 @@ from dataclasses import dataclass
 from clusterfs.errors import WireError
 
 MAGIC = b"CFB1"
-BODY = struct.Struct("<4sIQQI")
+BODY = struct.Struct("<4sIQQIII")
 MAC_SIZE = 16
-SIZE = BODY.size + MAC_SIZE               # 44
-LOOP_AGE_MAX_MS = 2**32 - 1
+SIZE = BODY.size + MAC_SIZE               # 52
+MS_MAX = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,12 @@ class Beacon:
     incarnation: int
     seq: int
     loop_age: float                       # seconds
+    stall_began: float = 0.0              # seconds ago (0: no stall yet)
+    stall_ended: float = 0.0              # seconds ago
+
+
+def _ms(seconds: float) -> int:
+    return min(MS_MAX, max(0, int(seconds * 1000)))
 
 
 def beacon_key(cluster_key: bytes) -> bytes:
@@ -52,8 +60,8 @@ def _mac(key: bytes, data: bytes) -> bytes:
 
 
 def encode(key: bytes, beacon: Beacon) -> bytes:
-    age_ms = min(LOOP_AGE_MAX_MS, max(0, int(beacon.loop_age * 1000)))
-    body = BODY.pack(MAGIC, beacon.node, beacon.incarnation, beacon.seq, age_ms)
+    body = BODY.pack(MAGIC, beacon.node, beacon.incarnation, beacon.seq,
+                     _ms(beacon.loop_age), _ms(beacon.stall_began), _ms(beacon.stall_ended))
     return body + _mac(key, body)
 
 
@@ -64,7 +72,7 @@ def decode(key: bytes, data: bytes) -> Beacon:
     body = data[:BODY.size]
     if not hmac.compare_digest(_mac(key, body), data[BODY.size:]):
         raise WireError("beacon MAC mismatch")
-    magic, node, inc, seq, age_ms = BODY.unpack(body)
+    magic, node, inc, seq, age_ms, began_ms, ended_ms = BODY.unpack(body)
     if magic != MAGIC:
         raise WireError(f"beacon magic {magic!r}")
-    return Beacon(node, inc, seq, age_ms / 1000)
+    return Beacon(node, inc, seq, age_ms / 1000, began_ms / 1000, ended_ms / 1000)
