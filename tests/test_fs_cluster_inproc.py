@@ -1424,3 +1424,61 @@ async def test_another_nodes_directories_maps_and_groups_are_read_with_the_loop_
         await b.fs.unlink(d.ino, names[7])
         await b.fs.mknod(d.ino, b"new", REG, 0, 0, 0)
         assert on_loop == [], sorted(set(on_loop))[:20]
+
+
+@trio_test
+async def test_a_write_inside_blocks_reads_their_other_bytes_with_the_loop_free(
+        tmp_path) -> None:
+    """Node B overwrites, in place and appending, bytes of a file node A wrote and
+    synced, each write ending inside a block: the rest of each such block is read
+    before the write's body runs, with the event loop free (io_uring or a worker
+    thread), not by a device read on the loop; the file is exactly what was written."""
+    async with nodes(tmp_path) as (a, b):
+        f = await a.fs.mknod(a.fs.root, b"f", REG, 0, 0, 0)
+        want = bytearray(os.urandom(64 * BLOCK))
+        await a.fs.write(f.ino, 0, bytes(want))
+        await a.fs.fsync(f.ino)
+        assert (await b.fs.lookup(a.fs.root, b"f")).ino == f.ino
+        on_loop: list[int] = []
+        plain = b.dev.pread
+
+        def counted(offset: int, length: int) -> bytes:
+            on_loop.append(offset // BLOCK)
+            return plain(offset, length)
+
+        b.dev.pread = counted               # type: ignore[method-assign]
+        rng = random.Random(11)
+        for _ in range(30):
+            off, size = rng.randrange(len(want) + 3 * BLOCK), rng.randrange(1, 3 * BLOCK)
+            data = os.urandom(size)
+            await b.fs.write(f.ino, off, data)
+            want[len(want):off] = bytes(max(0, off - len(want)))
+            want[off : off + size] = data
+        assert on_loop == [], on_loop
+        b.dev.pread = plain                 # type: ignore[method-assign]
+        assert await a.fs.read(f.ino, 0, len(want) + 1) == bytes(want)
+
+
+@trio_test
+async def test_a_block_read_ahead_then_written_is_read_again(tmp_path) -> None:
+    """A write queued to a block after it was read ahead for another write inside it
+    (another request of this node, while the read waited) makes that copy stale: the
+    body reads the block again and keeps both writes' bytes."""
+    async with nodes(tmp_path, count=1) as (a,):
+        f = await a.fs.mknod(a.fs.root, b"f", REG, 0, 0, 0)
+        await a.fs.write(f.ino, 0, b"a" * (4 * BLOCK))
+        await a.fs.fsync(f.ino)
+        pblk = a.fs.inodes.get(f.ino).extents[0].pblk
+        blocks = a.fs.blocks
+        real = blocks.read_data_ahead
+
+        async def then_written(pblks):
+            ahead = await real(pblks)
+            blocks.write_data(pblk + 1, memoryview(b"W" * BLOCK))   # queued meanwhile
+            return ahead
+
+        blocks.read_data_ahead = then_written      # type: ignore[method-assign]
+        await a.fs.write(f.ino, BLOCK + 100, b"x" * 10)
+        blocks.read_data_ahead = real              # type: ignore[method-assign]
+        got = await a.fs.read(f.ino, BLOCK, BLOCK)
+        assert got == b"W" * 100 + b"x" * 10 + b"W" * (BLOCK - 110)
