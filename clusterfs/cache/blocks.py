@@ -12,24 +12,11 @@ device or the journal.
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
-
 from clusterfs.errors import FormatError
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.superblock import Superblock
 from clusterfs.journal.log import Journal
 from clusterfs.storage.device import BlockDevice
-
-RECENT_WRITES = 1024      # data writes remembered for DataAhead's check
-
-
-@dataclass
-class DataAhead:
-    """Data blocks read ahead with the event loop free (read_data_ahead), valid while
-    no write of them has been queued since `seq`."""
-    seq: int
-    blocks: dict[int, bytes]
 
 
 class Blocks:
@@ -38,10 +25,6 @@ class Blocks:
         self._journal = journal
         self._sb = sb
         self.slot = journal.slot          # this node's journal (and orphan list)
-        # every data write queued, numbered: (seq, first block, end block); a copy read
-        # ahead is stale once one of them overlaps it (DataAhead)
-        self._write_seq = 0
-        self._recent: deque[tuple[int, int, int]] = deque(maxlen=RECENT_WRITES)
 
     # -- metadata -------------------------------------------------------------------
     def read_meta(self, blkno: int) -> bytes:
@@ -88,45 +71,8 @@ class Blocks:
         """One data block, newest copy: a write of it still queued counts."""
         return self._dev.read_newest(pblk)
 
-    async def read_data_ahead(self, pblks: list[int]) -> DataAhead:
-        """These data blocks, newest copies, read with the event loop free, for a body
-        that needs them next (data_block)."""
-        seq = self._write_seq
-        got = {}
-        for pblk in pblks:
-            copy = self._dev.queued_copy(pblk)     # a write still queued holds it whole
-            got[pblk] = copy if copy is not None else \
-                await self._dev.read_async(pblk * BLOCK_SIZE, BLOCK_SIZE)
-        return DataAhead(seq, got)
-
-    def data_block(self, pblk: int, ahead: DataAhead | None) -> bytes:
-        """read_data_block(), from `ahead` when it holds the block and no write of it
-        was queued since it was read."""
-        if ahead is not None:
-            raw = ahead.blocks.get(pblk)
-            if raw is not None and not self._written_since(ahead.seq, pblk):
-                return raw
-        return self.read_data_block(pblk)
-
-    def _written_since(self, seq: int, pblk: int) -> bool:
-        if seq == self._write_seq:
-            return False
-        if not self._recent or self._recent[0][0] > seq + 1:
-            return True                   # some of those writes are no longer listed
-        for s, first, end in reversed(self._recent):
-            if s <= seq:
-                return False
-            if first <= pblk < end:
-                return True
-        return False
-
-    def _queued(self, pblk: int, length: int) -> None:
-        self._write_seq += 1
-        self._recent.append((self._write_seq, pblk, pblk + -(-length // BLOCK_SIZE)))
-
     def write_data(self, pblk: int, chunk: memoryview) -> None:
         """Queued to the write-behind thread; the request is answered meanwhile."""
-        self._queued(pblk, len(chunk))
         self._dev.write_behind(pblk * BLOCK_SIZE, chunk)
 
     def zero_data(self, pblk: int, offset: int) -> None:
@@ -134,7 +80,6 @@ class Blocks:
         queued like any data write: the block's newest bytes before `offset`, then
         zeros. (A plain write here waited for the whole queue on the event loop.)"""
         head = self._dev.read_newest(pblk)[:offset]
-        self._queued(pblk, BLOCK_SIZE)
         self._dev.write_behind(pblk * BLOCK_SIZE, head + bytes(BLOCK_SIZE - offset))
 
     def advise_willneed(self, pblk: int, count: int) -> None:

@@ -16,7 +16,6 @@ from typing import TypeVar
 
 import trio
 
-from clusterfs.cache.blocks import DataAhead
 from clusterfs.dlm.interface import Mode
 from clusterfs.errors import FSError, StorageError
 from clusterfs.format import extent as fext
@@ -198,11 +197,10 @@ class FileData:
             # extent blocks may be given back when extents merge
             async with self._hold(ex=[ino], alloc=alloc,
                                   frees=lambda: self._inode(ino).ext_blocks):
-                ahead = await self._edges_ahead(self._inode(ino), off, len(data))
                 node = self._inode(ino)
                 # unstuffing queues the inline bytes' block as well
                 self._check_room(queued + (BLOCK_SIZE if node.stuffed else 0))
-                self._write(node, off, data, ahead)
+                self._write(node, off, data)
                 return len(data)
 
         async def attempt() -> int:
@@ -246,7 +244,6 @@ class FileData:
             return False                 # (a copy cached under no lock: only a guess)
         async with self._hold(pr=[ino], write=False,
                               data=self.data_locks(ino, off, len(data), Mode.EX)):
-            ahead = await self._edges_ahead(self._inode(ino), off, len(data))
             self._check_room(queued)
             self.txn.check_writable()
             node = self._inode(ino)
@@ -254,7 +251,7 @@ class FileData:
                 return False
             first, last = off // BLOCK_SIZE, (off + len(data) - 1) // BLOCK_SIZE
             runs = ext.map_range(node.extents, first, last - first + 1)
-            blocks = self._assemble(off, data, first, last, runs, ahead)
+            blocks = self._assemble(off, data, first, last, runs)
             for lblk, pblk, n in runs:
                 self._write_data(pblk, blocks.span(lblk - first, n))
             return True
@@ -274,23 +271,7 @@ class FileData:
         return all(pblk is not None for _l, pblk, _n in
                    ext.map_range(node.extents, first, last - first + 1))
 
-    async def _edges_ahead(self, node: CachedInode, off: int, size: int
-                           ) -> DataAhead | None:
-        """(Under the write's locks, before its body changes anything.) The blocks a
-        write of `size` bytes at `off` fills only in part and that hold data, read with
-        the event loop free: _edge_block lays the new bytes over them (a copy a write
-        queued since makes stale is read again there, on the loop)."""
-        if node.stuffed or size <= 0:
-            return None
-        end = off + size
-        first, last = off // BLOCK_SIZE, (end - 1) // BLOCK_SIZE
-        edges = ([first] if off % BLOCK_SIZE else []) + ([last] if end % BLOCK_SIZE else [])
-        pblks = [pblk for lblk in dict.fromkeys(edges)
-                 for _l, pblk, _n in ext.map_range(node.extents, lblk, 1) if pblk is not None]
-        return await self.blocks.read_data_ahead(pblks) if pblks else None
-
-    def _write(self, node: CachedInode, off: int, data: bytes | memoryview,
-               ahead: DataAhead | None = None) -> None:
+    def _write(self, node: CachedInode, off: int, data: bytes | memoryview) -> None:
         end = off + len(data)
         if not data:
             return
@@ -332,7 +313,7 @@ class FileData:
                 node.map_extent(fext.Extent(0, pblk, 1))
                 if first == 0:
                     runs = ext.map_range(node.extents, first, last - first + 1)
-        blocks = self._assemble(off, data, first, last, runs, ahead)
+        blocks = self._assemble(off, data, first, last, runs)
         for lblk, pblk, n in runs:
             if pblk is not None:
                 self._write_data(pblk, blocks.span(lblk - first, n))
@@ -359,7 +340,7 @@ class FileData:
             pblk += len(piece) // BLOCK_SIZE
 
     def _assemble(self, off: int, data: bytes | memoryview, first: int, last: int,
-                  runs: list, ahead: DataAhead | None = None) -> _Assembled:
+                  runs: list) -> _Assembled:
         """Whole blocks covering the write: a block it fills only in part is made of
         its existing bytes (zeros in a hole) and the new ones; the blocks it fills
         whole are views of `data`, not copies (a direct write the kernel split at the
@@ -370,26 +351,24 @@ class FileData:
         tail_at = last * BLOCK_SIZE
         head_cut, tail_cut = off - start, (last + 1) * BLOCK_SIZE - end
         if first == last and (head_cut or tail_cut):
-            return _Assembled([self._edge_block(runs, first, head_cut, view, ahead)])
+            return _Assembled([self._edge_block(runs, first, head_cut, view)])
         pieces = []
         if head_cut:
             pieces.append(self._edge_block(runs, first, head_cut,
-                                           view[: BLOCK_SIZE - head_cut], ahead))
+                                           view[: BLOCK_SIZE - head_cut]))
         inner_from = start + BLOCK_SIZE if head_cut else off
         inner_to = tail_at if tail_cut else end
         if inner_to > inner_from:
             pieces.append(view[inner_from - off : inner_to - off])
         if tail_cut:
-            pieces.append(self._edge_block(runs, last, 0, view[tail_at - off :], ahead))
+            pieces.append(self._edge_block(runs, last, 0, view[tail_at - off :]))
         return _Assembled(pieces)
 
-    def _edge_block(self, runs: list, lblk: int, at: int, part: memoryview,
-                    ahead: DataAhead | None) -> memoryview:
-        """Block `lblk` of the write with `part` put at byte `at` over what it holds
-        (read ahead by _edges_ahead, or now if that copy is stale or missing)."""
+    def _edge_block(self, runs: list, lblk: int, at: int, part: memoryview) -> memoryview:
+        """Block `lblk` of the write with `part` put at byte `at` over what it holds."""
         for first, pblk, n in runs:
             if pblk is not None and first <= lblk < first + n:
-                block = bytearray(self.blocks.data_block(pblk + lblk - first, ahead))
+                block = bytearray(self.blocks.read_data_block(pblk + lblk - first))
                 break
         else:
             block = bytearray(BLOCK_SIZE)

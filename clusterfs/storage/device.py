@@ -895,15 +895,11 @@ class BlockDevice(BlockAddressed):
         newest queued write of it, without waiting for the queue (a writer whose
         requests end inside a block reads that block back at its next request),
         else from the device after a drain."""
-        copy = self.queued_copy(blkno)
-        return copy if copy is not None else self.read(blkno)
-
-    def queued_copy(self, blkno: int) -> bytes | None:
-        """The block from the newest queued write of it when that write holds it whole
-        (memory only), else None."""
-        if self._behind is None:
-            return None
-        return self._behind.newest_copy(blkno * BLOCK_SIZE, BLOCK_SIZE)
+        if self._behind is not None:
+            copy = self._behind.newest_copy(blkno * BLOCK_SIZE, BLOCK_SIZE)
+            if copy is not None:
+                return copy
+        return self.read(blkno)
 
     # -- ordinary I/O (each waits for the queued writes it must follow) ----------------
     def pread(self, offset: int, length: int) -> bytes:
@@ -1151,9 +1147,6 @@ class WritesAtOnce:
 
     def read_newest(self, blkno: int) -> bytes:
         return self.read(blkno)  # type: ignore[attr-defined]
-
-    def queued_copy(self, blkno: int) -> bytes | None:
-        return None                             # nothing is queued: written at once
 
     def advise_willneed(self, blkno: int, count: int) -> None:
         pass
