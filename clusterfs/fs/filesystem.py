@@ -291,13 +291,8 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         group = self.alloc.groups.get(index)
         if group is None:
             first, _ = self.sb.rgrp_location(index)
-
-            def read(blk: int) -> bytes:
-                raw = ahead.get(blk) if ahead else None
-                return raw if raw is not None and not self.blocks.logged(blk) \
-                    else self.blocks.read_meta(blk)
             try:
-                group = ResourceGroup.load(read, first)
+                group = ResourceGroup.load(self._reader(ahead or {}), first)
             except (FormatError, StorageError) as exc:
                 raise self._corrupt(exc) from exc
             self.alloc.groups[index] = group
@@ -586,14 +581,28 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
             i = j
         return out
 
+    def _loadable(self, ino: int) -> bool:
+        """Whether an inode read from the device may be cached: not cached, freed here
+        (its tombstone may not be home yet) or newer in the journal."""
+        return not (ino in self.inodes or ino in self.freed or self.blocks.logged(ino))
+
+    def _reader(self, ahead: dict[int, bytes]) -> Callable[[int], bytes]:
+        """read_meta() that takes a block from `ahead` (read with the event loop free)
+        unless the journal came to hold a newer copy meanwhile."""
+        def read(blk: int) -> bytes:
+            raw = ahead.get(blk)
+            return raw if raw is not None and not self.blocks.logged(blk) \
+                else self.blocks.read_meta(blk)
+        return read
+
     def _decode_run(self, first: int, raw: bytes, wanted: list[int]) -> list[Inode]:
         """The inodes `wanted` of the run `raw` read from block `first` on that are to
         be cached: not cached, freed or logged already, no tombstone, decoding (one
         that does not is left for _inode(), which withdraws)."""
         out = []
         for ino in wanted:
-            if ino in self.inodes or ino in self.freed or self.blocks.logged(ino):
-                continue                 # (a freed one's tombstone may not be home yet)
+            if not self._loadable(ino):
+                continue
             at = (ino - first) * BLOCK_SIZE
             try:
                 disk = decode_inode(raw[at : at + BLOCK_SIZE], ino)
@@ -606,14 +615,10 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
     def _cache_loaded(self, disks: list[Inode], extra: dict[int, bytes]) -> None:
         """Cache inodes read ahead, their other blocks from `extra` (what the cache or
         the journal came to hold of any of them meanwhile is newer and wins)."""
-        def read(blk: int) -> bytes:
-            raw = extra.get(blk)
-            return raw if raw is not None and not self.blocks.logged(blk) \
-                else self.blocks.read_meta(blk)
-
+        read = self._reader(extra)
         for disk in disks:
             ino = disk.ino
-            if ino in self.inodes or ino in self.freed or self.blocks.logged(ino):
+            if not self._loadable(ino):
                 continue
             try:
                 self.inodes.put(ino, CachedInode(disk, read))

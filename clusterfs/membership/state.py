@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import trio
 
 from clusterfs import failover
+from clusterfs.comms.beacon import Ages
 from clusterfs.comms.interface import Endpoint, Envelope
 from clusterfs.errors import PeerUnreachable
 from clusterfs.membership.generation_record import GenerationRecord, MemoryGenerationRecord
@@ -98,11 +99,9 @@ class LivenessPath(Protocol):
     (clusterfs/comms/beacon.py): apart from its event loop, so a loop that stalls
     is told from a process that stopped."""
 
-    def ages(self, node: int) -> Any:
-        """None if never heard; else, of its newest beacon, `incarnation`, and in
-        seconds before now: `heard` (when it came), `loop` (when the node's event loop
-        last ran by its account), `stall_began` and `stall_ended` (its last stall that
-        ended; None if none)."""
+    def ages(self, node: int) -> Ages | None:
+        """None if never heard; else what its newest beacon says, in seconds before
+        now (comms/beacon.py Ages)."""
 
 
 def new_incarnation() -> int:
