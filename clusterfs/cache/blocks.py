@@ -62,10 +62,17 @@ class Blocks:
         with read_data_async."""
         return await self._dev.data_ready(pblk * BLOCK_SIZE, count * BLOCK_SIZE)
 
-    async def read_data_async(self, pblk: int, count: int) -> bytes:
+    async def read_data_async(self, pblk: int, count: int, off_loop: bool = False) -> bytes:
         """`count` data blocks from `pblk`, read with the event loop free meanwhile
-        (queued writes of them laid over, as read_data does)."""
-        return await self._dev.read_async(pblk * BLOCK_SIZE, count * BLOCK_SIZE)
+        (queued writes of them laid over, as read_data does) when the io_uring takes
+        it; else on the loop, or with `off_loop` in a worker thread."""
+        return await self._dev.read_async(pblk * BLOCK_SIZE, count * BLOCK_SIZE,
+                                          off_loop=off_loop)
+
+    def queued_data_block(self, pblk: int) -> bytes | None:
+        """One data block as a write of it still queued holds it whole, else None
+        (no device read)."""
+        return self._dev.queued_copy(pblk)
 
     def read_data_block(self, pblk: int) -> bytes:
         """One data block, newest copy: a write of it still queued counts."""
@@ -75,11 +82,12 @@ class Blocks:
         """Queued to the write-behind thread; the request is answered meanwhile."""
         self._dev.write_behind(pblk * BLOCK_SIZE, chunk)
 
-    def zero_data(self, pblk: int, offset: int) -> None:
+    def zero_data(self, pblk: int, offset: int, newest: bytes | None = None) -> None:
         """Zeros from `offset` to the end of data block `pblk` (a truncated tail),
-        queued like any data write: the block's newest bytes before `offset`, then
-        zeros. (A plain write here waited for the whole queue on the event loop.)"""
-        head = self._dev.read_newest(pblk)[:offset]
+        queued like any data write: the block's newest bytes before `offset` (`newest`
+        when the caller read them ahead), then zeros. (A plain write here waited for
+        the whole queue on the event loop.)"""
+        head = (newest if newest is not None else self._dev.read_newest(pblk))[:offset]
         self._dev.write_behind(pblk * BLOCK_SIZE, head + bytes(BLOCK_SIZE - offset))
 
     def advise_willneed(self, pblk: int, count: int) -> None:

@@ -77,13 +77,15 @@ class _Hold:
     """The async context of one operation body (see FileSystem._hold). A plain class
     rather than a generator: it runs for every request."""
 
-    __slots__ = ("fs", "ex", "pr", "alloc", "frees", "write", "data", "names", "taken")
+    __slots__ = ("fs", "ex", "pr", "alloc", "frees", "write", "data", "names", "edges",
+                 "taken")
 
     def __init__(self, fs: FileSystem, ex, pr, alloc, frees, write: bool, data,
-                 names) -> None:
+                 names, edges) -> None:
         self.fs, self.ex, self.pr, self.alloc, self.frees, self.write, self.data = \
             fs, ex, pr, alloc, frees, write, data
         self.names = names
+        self.edges = edges
         self.taken: list = []
 
     async def __aenter__(self) -> None:
@@ -111,6 +113,8 @@ class _Hold:
                 await fs.load_missing(missing)
             if self.names:
                 await fs.load_leaves(self.names)   # the same for directory leaves
+            # and the data blocks a write fills only in part (or a truncate cuts)
+            edges = await fs.read_edges_ahead(*self.edges) if self.edges else {}
             groups: set[int] = set()
             if self.alloc is not None:
                 groups.update(fs.alloc.groups_for(*self.alloc))
@@ -122,13 +126,16 @@ class _Hold:
                 ahead = await fs.read_groups_ahead(held)
                 for glock in held:
                     fs._group(glock, ahead)
+            # (no await from here to the body: these are the running body's alone)
             fs.alloc.usable = groups
+            fs.edges_ahead = edges
         except BaseException:
             fs.glocks.release(self.taken)
             raise
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
         self.fs.alloc.usable = set()
+        self.fs.edges_ahead = {}
         self.fs.glocks.release(self.taken)
         if exc_type is not None and issubclass(exc_type, FormatError):
             # a block read during the body (a directory leaf is read when first
@@ -175,6 +182,10 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         # transaction is home the disk still shows the old inode (forget does not end
         # that, so entries stay until the block is reused)
         self.freed: dict[int, int] = {}
+        # the running body's data blocks read ahead by its hold: pblk -> (inode object,
+        # its data_version when the read began, the bytes); edge_copy() says whether
+        # one is still the newest
+        self.edges_ahead: dict[int, tuple[CachedInode, int, bytes]] = {}
         # cluster: directory -> inodes created in it whose own lock this node has not
         # taken (a create takes none: no other node can reach a new inode before the
         # directory's lock goes, docs/locking.md "Creates take no lock of their own").
@@ -345,12 +356,16 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
               alloc: tuple[int, int] | None = None,
               frees: Callable[[], Iterable[int]] | None = None, write: bool = True,
               data: list[tuple[tuple, Mode]] | tuple = (),
-              names: Iterable[tuple[int, bytes | None]] = ()) -> _Hold:
+              names: Iterable[tuple[int, bytes | None]] = (),
+              edges: tuple[int, Callable[[CachedInode], Iterable[int]]] | None = None
+              ) -> _Hold:
         """Take data-range and inode locks (data_locks()), then the resource groups
         the body may allocate from or free into, load those groups, run the body, then
         maybe commit. names: the (directory, name) pairs the body looks up (name None:
-        it lists the directory), whose leaves are read before it runs."""
-        return _Hold(self, ex, pr, alloc, frees, write, data, names)
+        it lists the directory), whose leaves are read before it runs. edges: (inode,
+        f) where f(its cached inode) names the logical blocks the body changes only in
+        part, read before it runs."""
+        return _Hold(self, ex, pr, alloc, frees, write, data, names, edges)
 
     def data_locks(self, ino: int, off: int, size: int, mode: Mode) -> list[tuple[tuple, Mode]]:
         """The ("data", ino, chunk) glocks covering bytes [off, off + size) of a file,

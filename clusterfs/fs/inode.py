@@ -45,6 +45,10 @@ class CachedInode:
         # map, stuffed data); `synced` is the newest version a commit has covered
         self.meta_version = 1
         self.synced = 0
+        # bumped by every write of the file's data blocks and every truncate: a block
+        # read ahead of an operation's body (FileSystem.read_edges_ahead) is its
+        # newest copy only while this has not moved since the read began
+        self.data_version = 0
         self._load_map(read)
         # the data blocks the extents map, kept as they change (map_extent,
         # unmap_from): st_blocks is asked at every getattr and inode encode, and a

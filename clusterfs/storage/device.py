@@ -894,12 +894,16 @@ class BlockDevice(BlockAddressed):
         """One block as the device will hold it once the queue is written: from the
         newest queued write of it, without waiting for the queue (a writer whose
         requests end inside a block reads that block back at its next request),
-        else from the device after a drain."""
-        if self._behind is not None:
-            copy = self._behind.newest_copy(blkno * BLOCK_SIZE, BLOCK_SIZE)
-            if copy is not None:
-                return copy
-        return self.read(blkno)
+        else from the device, queued writes laid over."""
+        copy = self.queued_copy(blkno)
+        return copy if copy is not None else self.read(blkno)
+
+    def queued_copy(self, blkno: int) -> bytes | None:
+        """The block as the newest queued write of it holds it whole; None when no
+        queued write does (read it)."""
+        if self._behind is None:
+            return None
+        return self._behind.newest_copy(blkno * BLOCK_SIZE, BLOCK_SIZE)
 
     # -- ordinary I/O (each waits for the queued writes it must follow) ----------------
     def pread(self, offset: int, length: int) -> bytes:
@@ -1147,6 +1151,9 @@ class WritesAtOnce:
 
     def read_newest(self, blkno: int) -> bytes:
         return self.read(blkno)  # type: ignore[attr-defined]
+
+    def queued_copy(self, blkno: int) -> bytes | None:
+        return None                      # nothing is queued here
 
     def advise_willneed(self, blkno: int, count: int) -> None:
         pass

@@ -957,11 +957,16 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         when the newest write of it there holds it whole (a writer whose requests end
         inside a block reads that block back at its next request: no round trip, and
         no wait for that write's reply), else from a server."""
+        copy = self.queued_copy(blkno)
+        return copy if copy is not None else self.read(blkno)
+
+    def queued_copy(self, blkno: int) -> bytes | None:
+        """The block as the newest write of it in the queued run or the re-send log
+        holds it whole; None when none does."""
         with self._lock:
             newest_first = itertools.chain(self._pending.newest_first(),
                                            ((e.offset, e.data) for e in reversed(self._log)))
-            copy = from_newest_write(newest_first, blkno * BLOCK_SIZE, BLOCK_SIZE)
-        return copy if copy is not None else self.read(blkno)
+            return from_newest_write(newest_first, blkno * BLOCK_SIZE, BLOCK_SIZE)
 
     def _read_one(self, offset: int, length: int) -> bytes:
         """One request, answered before anything else is sent."""
