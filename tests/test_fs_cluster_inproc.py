@@ -1498,3 +1498,82 @@ async def test_a_block_read_ahead_is_not_used_once_another_write_changed_it(
         got = await a.fs.read(f.ino, BLOCK, BLOCK)
         assert got[10:20] == b"A" * 10 and got[100:110] == b"B" * 10
         assert got[:10] == b"." * 10 and got[110:] == b"." * (BLOCK - 110)
+
+
+@trio_test
+async def test_chained_directory_leaves_are_read_with_the_loop_free(
+        tmp_path, monkeypatch) -> None:
+    """Past the deepest hash table a full leaf chains to the next (found only by reading
+    the one before it). The hold reads chains link by link before the body runs: B
+    looks names up in A's chained leaves, lists, unlinks and creates there with no read
+    on its event loop. (The deepest table is made shallow here, so that 900 names make
+    chains of several leaves.)"""
+    from clusterfs.format import directory as dirfmt
+    monkeypatch.setattr(dirfmt, "MAX_DEPTH", 1)
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        d = await a.fs.mknod(root, b"d", stat.S_IFDIR | 0o755, 0, 0, 0)
+        names = [f"chained-name-{i:05d}".encode() for i in range(900)]
+        for name in names:
+            await a.fs.mknod(d.ino, name, REG, 0, 0, 0)
+        made = a.fs.inodes.get(d.ino).dir
+        assert made.depth == 1 and made.leaf_count > 4        # chains, not a deeper table
+        on_loop: list[int] = []
+        plain = b.dev.pread
+
+        def counted(offset: int, length: int) -> bytes:
+            on_loop.append(offset // BLOCK)
+            return plain(offset, length)
+
+        b.dev.pread = counted               # type: ignore[method-assign]
+        assert (await b.fs.lookup(root, b"d")).ino == d.ino
+        for name in random.Random(4).sample(names, 30):
+            assert await b.fs.lookup(d.ino, name) is not None
+        assert await b.fs.lookup(d.ino, b"not-there") is None
+        await b.fs.unlink(d.ino, names[-1])
+        await b.fs.mknod(d.ino, b"new", REG, 0, 0, 0)
+        listed = sorted(n for n, _ in await b.fs.readdir(d.ino))
+        assert listed == sorted([*names[:-1], b"new"])
+        assert on_loop == [], sorted(set(on_loop))[:20]
+
+
+@trio_test
+async def test_a_renames_ancestor_walk_reads_with_the_loop_free(tmp_path) -> None:
+    """A cross-directory rename walks the target directory's ancestors (may a directory
+    move into itself?), reading from disk those this node holds no lock on: the walk
+    reads them with the event loop free, and still refuses a move into a descendant,
+    plainly or by exchange."""
+    from clusterfs.fs.namespace import RENAME_EXCHANGE
+    DIR = stat.S_IFDIR | 0o755
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        x = await a.fs.mknod(root, b"x", DIR, 0, 0, 0)
+        y = await a.fs.mknod(x.ino, b"y", DIR, 0, 0, 0)
+        z = await a.fs.mknod(y.ino, b"z", DIR, 0, 0, 0)
+        w = await a.fs.mknod(z.ino, b"w", DIR, 0, 0, 0)
+        await a.fs.mknod(root, b"q", DIR, 0, 0, 0)
+        at = root
+        for name in (b"x", b"y", b"z", b"w"):           # B's kernel walks to w
+            at = (await b.fs.lookup(at, name)).ino
+        for d in (x, y, z):                            # and A changes w's ancestors:
+            await a.fs.mknod(d.ino, b"f", REG, 0, 0, 0)   # B's copies and locks go
+        assert all(b.fs.inodes.get(d.ino) is None for d in (x, y, z))
+        on_loop: list[int] = []
+        plain = b.dev.pread
+
+        def counted(offset: int, length: int) -> bytes:
+            on_loop.append(offset // BLOCK)
+            return plain(offset, length)
+
+        b.dev.pread = counted               # type: ignore[method-assign]
+        await b.fs.rename(root, b"q", w.ino, b"q")
+        with pytest.raises(FSError) as into_itself:
+            await b.fs.rename(root, b"x", w.ino, b"x")
+        assert into_itself.value.errno == errno.EINVAL
+        with pytest.raises(FSError) as exchanged:
+            await b.fs.rename(w.ino, b"q", root, b"x", flags=RENAME_EXCHANGE)
+        assert exchanged.value.errno == errno.EINVAL
+        assert on_loop == [], sorted(set(on_loop))[:20]
+        assert (await a.fs.lookup(w.ino, b"q")) is not None
+        assert (await a.fs.lookup(root, b"q")) is None
+        assert (await a.fs.lookup(root, b"x")).ino == x.ino

@@ -121,15 +121,27 @@ class Directory:
         return leaf
 
     def unread_leaves(self, name: bytes | None) -> list[int]:
-        """The leaf blocks a look for `name` (None: a listing) reads first and that are
-        not read yet (a chained leaf is found only by reading the one before it); none
-        for a linear directory."""
+        """The leaf blocks a look for `name` (None: a listing) may read next and that
+        are not read yet: in each chain it may walk, the first leaf not read (a
+        chained leaf is found only by reading the one before it); none for a linear
+        directory."""
         if not self.hashed:
             return []
         if name is None:
-            return [b for b in dict.fromkeys(self.table) if b not in self.leaves]
-        blk = self.table[fmt.table_slot(fmt.name_hash(name), self.depth)]
-        return [] if blk in self.leaves else [blk]
+            starts = list(dict.fromkeys(self.table))
+        else:
+            starts = [self.table[fmt.table_slot(fmt.name_hash(name), self.depth)]]
+        unread: dict[int, None] = {}
+        for blk in starts:
+            for _ in range(self.leaf_count + 1):   # (a looped chain is the body's to report)
+                leaf = self.leaves.get(blk)
+                if leaf is None:
+                    unread[blk] = None
+                    break
+                if not leaf.next:
+                    break
+                blk = leaf.next
+        return list(unread)
 
     def adopt_leaf(self, blkno: int, raw: bytes) -> None:
         """A leaf read ahead of its use, with the event loop free. One read or made

@@ -559,19 +559,26 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         """(Under the directories' locks.) Read the directory leaves an operation will
         look in for these names (None: every leaf, a listing) and this node has not
         read, with the event loop free, as _load_runs does for inodes: a node that gets
-        a directory's lock back after another node changed it reads each leaf anew."""
-        wanted: dict[int, CachedInode] = {}
-        for parent, name in names:
-            node = self.inodes.get(parent)
-            if node is not None and node.dir is not None:
-                for blk in node.dir.unread_leaves(name):
-                    wanted[blk] = node
-        if not wanted:
-            return
-        for blk, raw in (await self._read_blocks_async(list(wanted))).items():
-            node = wanted[blk]
-            if self.inodes.get(node.ino) is node and node.dir is not None:
-                node.dir.adopt_leaf(blk, raw)
+        a directory's lock back after another node changed it reads each leaf anew.
+        A chained leaf (past the deepest table) is known once the leaf before it is
+        read: one round of reads per link."""
+        names = list(names)
+        tried: set[int] = set()          # (a leaf that did not decode is not read again)
+        while True:
+            wanted: dict[int, CachedInode] = {}
+            for parent, name in names:
+                node = self.inodes.get(parent)
+                if node is not None and node.dir is not None:
+                    for blk in node.dir.unread_leaves(name):
+                        if blk not in tried:
+                            wanted[blk] = node
+            if not wanted:
+                return
+            tried.update(wanted)
+            for blk, raw in (await self._read_blocks_async(list(wanted))).items():
+                node = wanted[blk]
+                if self.inodes.get(node.ino) is node and node.dir is not None:
+                    node.dir.adopt_leaf(blk, raw)
 
     async def _read_blocks_async(self, blocks: list[int]) -> dict[int, bytes]:
         """Device copies of metadata blocks, read in runs of adjacent blocks with the

@@ -369,21 +369,25 @@ class Namespace:
                 # missing name, the ancestor walk below read its freed inode, found
                 # parent 0 and withdrew the node on "metadata block 0")
                 dst = self._find_or_none(p2, n2)
-                chain = self._ancestors(p2) if p1 != p2 else []
+            # (under the rename lock still: no parent link changes meanwhile)
+            chain = await self._ancestors(p2) if p1 != p2 else []
+            chain1 = await self._ancestors(p1) if p1 != p2 and \
+                flags == RENAME_EXCHANGE else []
 
             async def run(alloc):
                 inos = sorted({p1, p2, src} | ({dst} if dst else set()))
                 async with self._hold(ex=inos, alloc=alloc, names=[(p1, n1), (p2, n2)]):
-                    self._rename(p1, n1, p2, n2, flags, src, dst, chain)
+                    self._rename(p1, n1, p2, n2, flags, src, dst, chain, chain1)
 
             await self._retrying(run, p2, 4)
         return dst
 
-    def _ancestors(self, ino: int) -> list[int]:
+    async def _ancestors(self, ino: int) -> list[int]:
         """ino and every directory above it (for the moved-into-itself check). Parent
         links change only in cross-directory renames, which hold the cluster-wide rename
-        lock (as the caller does) and flush before it goes, so an ancestor this node
-        holds no lock on is read from disk and not cached."""
+        lock (as the caller does) and flush before it goes (and the kernel makes one
+        mount's cross-directory renames wait for each other), so an ancestor this node
+        holds no lock on is read from disk, with the event loop free, and not cached."""
         chain = [ino]
         while ino != self.root and len(chain) < 4096:
             node = self.inodes.get(ino)
@@ -392,15 +396,17 @@ class Namespace:
                                      (glock is not None and glock.lock is not None)):
                 ino = node.d.parent
             else:
+                read = self._reader(await self._read_blocks_async([ino]))
                 try:
-                    ino = decode_inode(self.blocks.read_meta(ino), ino).parent
+                    ino = decode_inode(read(ino), ino).parent
                 except (FormatError, StorageError) as exc:
                     raise self._corrupt(exc) from exc
             chain.append(ino)
         return chain
 
     def _rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int, src: int,
-                dst: int | None, chain: list[int]) -> None:
+                dst: int | None, chain: list[int], chain1: list[int]) -> None:
+        """(chain, chain1: p2's and, for an exchange, p1's ancestors, _ancestors)"""
         P1, P2 = self._inode(p1), self._inode(p2)
         assert P1.dir is not None and P2.dir is not None
         if P2.d.nlink == 0:
@@ -419,7 +425,7 @@ class Namespace:
             if dst is None:
                 raise FSError(errno.ENOENT)
             D = self._inode(dst, by_name=True)
-            if D.dir is not None and dst in self._ancestors(p1) and p1 != p2:
+            if D.dir is not None and dst in chain1 and p1 != p2:
                 raise FSError(errno.EINVAL)
             self._exchange(P1, n1, S, P2, n2, D)
             return
