@@ -182,11 +182,27 @@ def digest(root: str) -> str:
 
 
 def assert_same_tree(c: Cluster, nodes: list[int]) -> str:
-    """Every node's digest of the whole tree is the same; that digest."""
+    """Every node's digest of the whole tree is the same; that digest. When they
+    differ, the entries that differ are shown (each node's records, against the
+    first node's)."""
     seen = {n: digest(c.mountpoint(n)) for n in nodes}
-    assert len(set(seen.values())) == 1, "nodes disagree on the tree:\n" + "\n".join(
-        f"  node {n}: {d}" for n, d in seen.items())
+    if len(set(seen.values())) > 1:
+        listed = {n: _records(c.mountpoint(n)) for n in nodes}
+        first = listed[nodes[0]]
+        shown = []
+        for n in nodes[1:]:
+            shown += [f"  only on node {nodes[0]}: {r}" for r in sorted(first - listed[n])]
+            shown += [f"  only on node {n}: {r}" for r in sorted(listed[n] - first)]
+        raise AssertionError("nodes disagree on the tree:\n" + "\n".join(
+            f"  node {n}: {d}" for n, d in seen.items()) + "\n" + "\n".join(shown[:40]))
     return seen[nodes[0]]
+
+
+def _records(root: str) -> set[str]:
+    """Every entry's digest record of the tree (stress digest --list), as a set."""
+    r = subprocess.run([*STRESS, "digest", "--dir", root, "--list"], capture_output=True,
+                       text=True, timeout=HANG_GUARD)
+    return set(r.stdout.splitlines()[:-1])
 
 
 # ----------------------------------------------------------------------------
