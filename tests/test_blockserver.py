@@ -407,6 +407,54 @@ def test_a_proxy_has_several_requests_in_flight_at_the_server(slow):
         dev.close()
 
 
+def test_a_writer_that_asks_for_room_first_never_waits_on_its_event_loop(slow, monkeypatch):
+    """File data is queued from the mount's event loop, which must not wait for a
+    server. A writer asks for room first (FileData._check_room) and waits in a worker
+    thread when there is none: room means a window slot for every piece the write
+    may send and re-send log room for all of it. Before, room meant one free slot:
+    a write that sent two pieces read a reply on the loop for the second, and one
+    that filled the log flushed there (here: pieces of 256 KiB, a window of 2, a
+    1 MiB log, 50 ms writes)."""
+    from clusterfs.storage import proxy as proxy_mod
+    served, disk = slow
+    monkeypatch.setattr(proxy_mod, "PIECE", 256 << 10)
+    monkeypatch.setattr(proxy_mod, "WINDOW", 2)
+    monkeypatch.setattr(proxy_mod, "LOG_LIMIT", MIB)
+    dev = _proxy(served, 1)
+    waits_on_loop: list[str] = []
+
+    def recorded(name: str) -> None:
+        real = getattr(ProxyDevice, name)
+
+        def call(self, *args):
+            with contextlib.suppress(RuntimeError):
+                trio.lowlevel.current_trio_token()
+                waits_on_loop.append(name)
+            return real(self, *args)
+        monkeypatch.setattr(ProxyDevice, name, call)
+
+    recorded("_finish")
+    recorded("_flush_locked")
+    want = {}
+
+    async def writer() -> None:
+        for i in range(12):
+            data = os.urandom((256 << 10) + 8192)     # two pieces
+            while not dev.behind_has_room(len(data)):
+                await trio.to_thread.run_sync(dev.wait_behind_room, len(data))
+            dev.write_behind(i * MIB // 2, data)
+            want[i * MIB // 2] = data
+    try:
+        trio.run(writer)
+        assert waits_on_loop == []
+        dev.flush()
+        assert dev.statistics()["flushes"] >= 2          # the log filled, off the loop
+        for off, data in want.items():
+            assert disk.inner.pread(off, len(data)) == data
+    finally:
+        dev.close()
+
+
 def test_a_read_never_overtakes_a_queued_write_of_the_same_bytes(slow):
     """The server works on a connection's requests side by side, so the proxy holds
     back a read (or write) of bytes a write in flight covers until that write is

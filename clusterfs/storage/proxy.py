@@ -1112,14 +1112,27 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         return pending
 
     def behind_has_room(self, length: int) -> bool:
-        return len(self._inflight) < WINDOW
+        """Whether `length` more bytes can be queued with nothing waiting for a
+        server: a window slot for every piece queueing them may send (the queued run
+        as it is, then theirs), and room in the re-send log for all of it. A writer
+        asks before it queues (FileData._check_room) and, when there is none, waits
+        in a worker thread (wait_behind_room): a full window (replies read) or a full
+        log (a flush) waited on the mount's event loop."""
+        pieces = -(-self._pending.length // PIECE) + -(-length // PIECE)
+        window = not self._inflight or len(self._inflight) + pieces <= WINDOW
+        log = not self._log or self._log_has_room(self._pending.length + length)
+        return window and log
 
     def wait_behind_room(self, length: int) -> None:
-        """Read replies until the window has room (from a worker thread: the event
-        loop then never waits for them)."""
+        """Read replies, and flush when the re-send log is full, until queueing
+        `length` bytes waits for nothing (from a worker thread: the event loop then
+        never waits for them)."""
         with self._lock:
-            while len(self._inflight) >= WINDOW:
+            while self._inflight and not self.behind_has_room(length):
                 self._finish(self._inflight[0])
+            if not self.behind_has_room(length):
+                self._send_pending()
+                self._flush_locked()
 
     def drain(self) -> None:
         """Send the queued writes and wait for every write in flight, maybe in flight or
