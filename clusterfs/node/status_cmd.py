@@ -137,7 +137,8 @@ def print_status(st: dict[str, Any]) -> None:
         if "ring_flushes" in dev:
             print(f"device      reads={dev['reads']} writes={dev['writes']} "
                   f"io_uring flushes={dev['ring_flushes']} "
-                  f"reads={dev.get('ring_reads', 0)}")
+                  f"reads={dev.get('ring_reads', 0)} "
+                  f"(answered at submission={dev.get('ring_reads_at_once', 0)})")
         c = st.get("collector")
         if c:
             print(f"collector   full collections={c['full_collections']} freed={c['freed']} "

@@ -1122,7 +1122,8 @@ class BlockDevice(BlockAddressed):
 
     def statistics(self) -> dict[str, int]:
         return {"reads": self.reads, "writes": self.writes, "blocks": self.blocks,
-                "ring_flushes": self.ring_flushes, "ring_reads": self.ring_reads}
+                "ring_flushes": self.ring_flushes, "ring_reads": self.ring_reads,
+                "ring_reads_at_once": self._ring.read_inline if self._ring is not None else 0}
 
 
 class WritesAtOnce:
