@@ -455,6 +455,37 @@ def test_a_writer_that_asks_for_room_first_never_waits_on_its_event_loop(slow, m
         dev.close()
 
 
+def test_a_queued_copy_asked_without_waiting_never_waits_for_the_device(served):
+    """The mount asks a proxy for a block still queued from its event loop (a write's
+    edge block, read ahead by its hold): while a worker thread holds the device (a
+    drain or flush waiting out a silent server), the answer is "none" at once and the
+    block is read in a worker thread, not a wait on the loop for that thread."""
+    dev = _proxy(served, 1)
+    try:
+        data = os.urandom(8192)
+        dev.write_behind(MIB, data)
+        assert dev.queued_copy(MIB // 4096 + 1, wait=False) == data[4096:]
+        held, release = threading.Event(), threading.Event()
+
+        def hold_the_device() -> None:
+            with dev._lock:
+                held.set()
+                release.wait(5)
+        t = threading.Thread(target=hold_the_device)
+        t.start()
+        try:
+            assert held.wait(5)
+            started = time.monotonic()
+            assert dev.queued_copy(MIB // 4096 + 1, wait=False) is None
+            assert time.monotonic() - started < 0.1
+        finally:
+            release.set()
+            t.join(5)
+        assert dev.queued_copy(MIB // 4096 + 1, wait=False) == data[4096:]
+    finally:
+        dev.close()
+
+
 def test_a_read_never_overtakes_a_queued_write_of_the_same_bytes(slow):
     """The server works on a connection's requests side by side, so the proxy holds
     back a read (or write) of bytes a write in flight covers until that write is

@@ -70,9 +70,9 @@ class Blocks:
                                           off_loop=off_loop)
 
     def queued_data_block(self, pblk: int) -> bytes | None:
-        """One data block as a write of it still queued holds it whole, else None
-        (no device read)."""
-        return self._dev.queued_copy(pblk)
+        """One data block as a write of it still queued holds it whole, else None (no
+        device read; and no wait for a device another thread holds: read it then)."""
+        return self._dev.queued_copy(pblk, wait=False)
 
     def read_data_block(self, pblk: int) -> bytes:
         """One data block, newest copy: a write of it still queued counts."""

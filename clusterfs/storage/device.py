@@ -898,9 +898,10 @@ class BlockDevice(BlockAddressed):
         copy = self.queued_copy(blkno)
         return copy if copy is not None else self.read(blkno)
 
-    def queued_copy(self, blkno: int) -> bytes | None:
+    def queued_copy(self, blkno: int, wait: bool = True) -> bytes | None:
         """The block as the newest queued write of it holds it whole; None when no
-        queued write does (read it)."""
+        queued write does (read it). (`wait`: the queue's lock is only ever held
+        briefly here.)"""
         if self._behind is None:
             return None
         return self._behind.newest_copy(blkno * BLOCK_SIZE, BLOCK_SIZE)
@@ -1153,7 +1154,7 @@ class WritesAtOnce:
     def read_newest(self, blkno: int) -> bytes:
         return self.read(blkno)  # type: ignore[attr-defined]
 
-    def queued_copy(self, blkno: int) -> bytes | None:
+    def queued_copy(self, blkno: int, wait: bool = True) -> bytes | None:
         return None                      # nothing is queued here
 
     def advise_willneed(self, blkno: int, count: int) -> None:

@@ -960,13 +960,19 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         copy = self.queued_copy(blkno)
         return copy if copy is not None else self.read(blkno)
 
-    def queued_copy(self, blkno: int) -> bytes | None:
+    def queued_copy(self, blkno: int, wait: bool = True) -> bytes | None:
         """The block as the newest write of it in the queued run or the re-send log
-        holds it whole; None when none does."""
-        with self._lock:
+        holds it whole; None when none does, or (`wait` False) when another thread
+        holds the device (a drain or flush waiting on a server: the caller reads the
+        block in a worker thread rather than wait on its event loop)."""
+        if not self._lock.acquire(blocking=wait):
+            return None
+        try:
             newest_first = itertools.chain(self._pending.newest_first(),
                                            ((e.offset, e.data) for e in reversed(self._log)))
             return from_newest_write(newest_first, blkno * BLOCK_SIZE, BLOCK_SIZE)
+        finally:
+            self._lock.release()
 
     def _read_one(self, offset: int, length: int) -> bytes:
         """One request, answered before anything else is sent."""
