@@ -28,6 +28,7 @@ from clusterfs.errors import FSError
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.inode import decode_inode
 from clusterfs.fs.filesystem import FileSystem
+from clusterfs.fs.inode import CachedInode
 from clusterfs.journal.log import Journal, replay_journal
 from clusterfs.node.mkfs_cmd import make_filesystem
 from clusterfs.node.placement import Placement
@@ -1383,6 +1384,29 @@ async def test_a_read_whose_file_changed_while_it_read_the_device_reads_again(
         assert len(calls) == 1
 
 
+async def _directory_of(node: Node, prefix: str, count: int) -> tuple[CachedInode, list[bytes]]:
+    """A directory "d" under the root, made by `node`, of `count` empty files."""
+    d = await node.fs.mknod(node.fs.root, b"d", stat.S_IFDIR | 0o755, 0, 0, 0)
+    names = [f"{prefix}-{i:05d}".encode() for i in range(count)]
+    for name in names:
+        await node.fs.mknod(d.ino, name, REG, 0, 0, 0)
+    return d, names
+
+
+def _plain_reads(dev: BlockDevice) -> list[int]:
+    """Record the blocks `dev` reads with a plain pread from now on (reads made on the
+    event loop; io_uring and worker-thread reads go around it)."""
+    on_loop: list[int] = []
+    plain = dev.pread
+
+    def counted(offset: int, length: int) -> bytes:
+        on_loop.append(offset // BLOCK)
+        return plain(offset, length)
+
+    dev.pread = counted                     # type: ignore[method-assign]
+    return on_loop
+
+
 @trio_test
 async def test_another_nodes_directories_maps_and_groups_are_read_with_the_loop_free(
         tmp_path) -> None:
@@ -1394,24 +1418,14 @@ async def test_another_nodes_directories_maps_and_groups_are_read_with_the_loop_
     (io_uring or a worker thread): B's device sees no read on the event loop (pread)."""
     async with nodes(tmp_path) as (a, b):
         root = a.fs.root
-        d = await a.fs.mknod(root, b"d", stat.S_IFDIR | 0o755, 0, 0, 0)
-        names = [f"a-longish-file-name-{i:05d}".encode() for i in range(1500)]
-        for name in names:
-            await a.fs.mknod(d.ino, name, REG, 0, 0, 0)
+        d, names = await _directory_of(a, "a-longish-file-name", 1500)
         frag = await a.fs.mknod(root, b"frag", REG, 0, 0, 0)
         for i in range(0, 400, 2):
             await a.fs.write(frag.ino, i * BLOCK, b"x" * BLOCK)
         await a.fs.setxattr(frag.ino, b"user.big", b"v" * 3000)
         assert a.fs.inodes.get(d.ino).dir.hashed
         assert a.fs.inodes.get(frag.ino).ext_blocks and a.fs.inodes.get(frag.ino).d.xattr_blk
-        on_loop: list[int] = []
-        plain = b.dev.pread
-
-        def counted(offset: int, length: int) -> bytes:
-            on_loop.append(offset // BLOCK)
-            return plain(offset, length)
-
-        b.dev.pread = counted               # type: ignore[method-assign]
+        on_loop = _plain_reads(b.dev)
         rng = random.Random(3)
         assert (await b.fs.lookup(root, b"d")).ino == d.ino
         for name in rng.sample(names, 40):
@@ -1439,14 +1453,7 @@ async def test_writes_and_truncates_inside_blocks_read_them_with_the_loop_free(
         want = bytearray(os.urandom(64 * BLOCK))
         await a.fs.write(f.ino, 0, bytes(want))
         await a.fs.fsync(f.ino)
-        on_loop: list[int] = []
-        plain = b.dev.pread
-
-        def counted(offset: int, length: int) -> bytes:
-            on_loop.append(offset // BLOCK)
-            return plain(offset, length)
-
-        b.dev.pread = counted               # type: ignore[method-assign]
+        on_loop = _plain_reads(b.dev)
         rng = random.Random(5)
         for _ in range(60):
             off, size = rng.randrange(len(want)), rng.randrange(1, 3 * BLOCK)
@@ -1460,7 +1467,6 @@ async def test_writes_and_truncates_inside_blocks_read_them_with_the_loop_free(
         await b.fs.truncate(f.ino, cut + 3 * BLOCK)        # the cut tail reads as zeros
         want += bytes(3 * BLOCK)
         assert on_loop == [], sorted(set(on_loop))[:20]
-        b.dev.pread = plain                 # type: ignore[method-assign]
         assert await a.fs.read(f.ino, 0, len(want) + 1) == bytes(want)
 
 
@@ -1512,20 +1518,10 @@ async def test_chained_directory_leaves_are_read_with_the_loop_free(
     monkeypatch.setattr(dirfmt, "MAX_DEPTH", 1)
     async with nodes(tmp_path) as (a, b):
         root = a.fs.root
-        d = await a.fs.mknod(root, b"d", stat.S_IFDIR | 0o755, 0, 0, 0)
-        names = [f"chained-name-{i:05d}".encode() for i in range(900)]
-        for name in names:
-            await a.fs.mknod(d.ino, name, REG, 0, 0, 0)
+        d, names = await _directory_of(a, "chained-name", 900)
         made = a.fs.inodes.get(d.ino).dir
         assert made.depth == 1 and made.leaf_count > 4        # chains, not a deeper table
-        on_loop: list[int] = []
-        plain = b.dev.pread
-
-        def counted(offset: int, length: int) -> bytes:
-            on_loop.append(offset // BLOCK)
-            return plain(offset, length)
-
-        b.dev.pread = counted               # type: ignore[method-assign]
+        on_loop = _plain_reads(b.dev)
         assert (await b.fs.lookup(root, b"d")).ino == d.ino
         for name in random.Random(4).sample(names, 30):
             assert await b.fs.lookup(d.ino, name) is not None
@@ -1558,14 +1554,7 @@ async def test_a_renames_ancestor_walk_reads_with_the_loop_free(tmp_path) -> Non
         for d in (x, y, z):                            # and A changes w's ancestors:
             await a.fs.mknod(d.ino, b"f", REG, 0, 0, 0)   # B's copies and locks go
         assert all(b.fs.inodes.get(d.ino) is None for d in (x, y, z))
-        on_loop: list[int] = []
-        plain = b.dev.pread
-
-        def counted(offset: int, length: int) -> bytes:
-            on_loop.append(offset // BLOCK)
-            return plain(offset, length)
-
-        b.dev.pread = counted               # type: ignore[method-assign]
+        on_loop = _plain_reads(b.dev)
         await b.fs.rename(root, b"q", w.ino, b"q")
         with pytest.raises(FSError) as into_itself:
             await b.fs.rename(root, b"x", w.ino, b"x")
