@@ -1566,3 +1566,25 @@ async def test_a_renames_ancestor_walk_reads_with_the_loop_free(tmp_path) -> Non
         assert (await a.fs.lookup(w.ino, b"q")) is not None
         assert (await a.fs.lookup(root, b"q")) is None
         assert (await a.fs.lookup(root, b"x")).ino == x.ino
+
+
+@trio_test
+async def test_a_scan_ahead_begun_before_the_directory_was_cached_reads_no_leaf_on_the_loop(
+        tmp_path) -> None:
+    """A lookup that finds a scan under way lists the directory's inodes. When its
+    hold read only the leaf of its own name (the directory was not cached when the
+    hold named what to read: here A changed it in the middle of B's scan, so B's copy
+    went), that listing read every other leaf on the event loop. The scan now waits
+    for the next lookup, whose hold names the whole directory."""
+    async with nodes(tmp_path) as (a, b):
+        d, names = await _directory_of(a, "scanned-name", 1500)
+        assert a.fs.inodes.get(d.ino).dir.hashed
+        assert (await b.fs.lookup(b.fs.root, b"d")).ino == d.ino
+        for name in names[:6]:                    # B scans: lookups in a row
+            assert await b.fs.lookup(d.ino, name) is not None
+        await a.fs.mknod(d.ino, b"new", REG, 0, 0, 0)     # B's copy of d goes
+        assert b.fs.inodes.get(d.ino) is None
+        on_loop = _plain_reads(b.dev)
+        for name in names[1000:1040]:                # past what the scan brought in
+            assert await b.fs.lookup(d.ino, name) is not None
+        assert on_loop == [], sorted(set(on_loop))[:20]

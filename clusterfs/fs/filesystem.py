@@ -472,6 +472,11 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         d = self._inode(parent).dir
         if d is None or (d.hashed and d.leaf_count > SCAN_LEAVES_MAX):
             return []
+        if d.unread_leaves(None):
+            # listing it would read them here, on the event loop (its hold read only
+            # this name's leaf: the directory was not cached, or not yet scanned, when
+            # the hold named what to read); the next lookup's hold reads them all
+            return []
         numbers = d.inode_numbers()
         ahead: list[int] = []
         for child in itertools.islice(numbers, bisect.bisect_left(numbers, ino), None):
