@@ -1237,7 +1237,7 @@ async def test_a_survivor_reads_the_orphans_it_sweeps_off_the_event_loop(
     and frees them. The sweep read each orphan's inode on the event loop, one read at a
     time: under stress-ng's `open` on three nodes one sweeper step read for 0.82 s (the
     node logged its loop stalled 0.62 s; 1.01 s at load 9). They are read in runs, in a
-    worker thread, now."""
+    worker thread, now; and so is the departed slot's orphan list."""
     image, sb = _formatted(tmp_path, journals=2)
     async with memory_cluster([1, 2, 3]) as mc, trio.open_nursery() as nursery:
         # (node 3, a DLM member only, keeps the quorum when node 1 dies)
@@ -1263,6 +1263,8 @@ async def test_a_survivor_reads_the_orphans_it_sweeps_off_the_event_loop(
             assert await b.fs.adopt_orphans() == len(held)
             assert await b.fs.sweep_orphans() == len(held)
         assert set(read_on_loop) & set(held) == set()
+        # nor the orphan list itself (the sweeper reads every other slot's each round)
+        assert set(read_on_loop) & set(sb.orphan_locations(0)) == set(), read_on_loop
         await b.fs.shutdown()
         b.dev.close()
         a.dev.close()

@@ -740,6 +740,23 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
             raise FormatError(f"journal slot {slot}: {exc} (fsck --repair rewrites it)"
                               ) from exc
 
+    async def _read_orphans(self, slot: int) -> OrphanList:
+        """_load_orphans() with the event loop free while the device reads the slot's
+        orphan blocks (one run; a block the journal holds newer is taken from there):
+        the sweeper looks at every other slot's list each round."""
+        blknos = self.sb.orphan_locations(slot)
+        try:
+            raw = await self.blocks.read_meta_run_async(blknos[0], len(blknos))
+            if len(raw) < len(blknos) * BLOCK_SIZE:
+                raise StorageError(f"orphan blocks of slot {slot}: short read")
+            raws = [self.blocks.read_meta(b) if self.blocks.logged(b)
+                    else raw[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]
+                    for i, b in enumerate(blknos)]
+            return OrphanList.decode(raws, blknos)
+        except (FormatError, StorageError) as exc:
+            raise FormatError(f"journal slot {slot}: {exc} (fsck --repair rewrites it)"
+                              ) from exc
+
     def kick_orphans(self) -> None:
         """Look at the orphan lists now (a journal recovery just ended)."""
         self._orphan_kick.set()
@@ -773,7 +790,7 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
             if slot == self.slot or self.closing:
                 continue
             try:
-                if not self._load_orphans(slot).inodes:
+                if not (await self._read_orphans(slot)).inodes:
                     continue             # a look without the lock: nothing to adopt
             except FormatError as exc:
                 log.warning("orphan list of slot %d unreadable: %s", slot, exc)
@@ -794,7 +811,7 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         the rest stay listed in that slot (never dropped: an inode listed nowhere is
         freed by nobody, and fsck finds it leaked), to be taken once ours has room, or
         by the node that claims the slot next."""
-        theirs = self._load_orphans(slot)
+        theirs = await self._read_orphans(slot)
         if not theirs.inodes:
             return 0
         left_out = self.orphans.update(sorted(theirs.inodes))
