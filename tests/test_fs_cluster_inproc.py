@@ -1590,3 +1590,35 @@ async def test_a_scan_ahead_begun_before_the_directory_was_cached_reads_no_leaf_
         for name in names[1000:1040]:                # past what the scan brought in
             assert await b.fs.lookup(d.ino, name) is not None
         assert on_loop == [], sorted(set(on_loop))[:20]
+
+
+@trio_test
+async def test_a_rename_target_removed_before_its_ancestor_walk_is_enoent(tmp_path) -> None:
+    """The ancestor walk runs after the rename's look under PR, so the target
+    directory's lock may go first and another node remove it (empty). The walk then
+    read the freed inode from disk and withdrew the node on "corruption"; now it sees
+    the lock went and the rename looks again: ENOENT, the node serving on."""
+    DIR = stat.S_IFDIR | 0o755
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        x = await a.fs.mknod(root, b"x", DIR, 0, 0, 0)
+        w = await a.fs.mknod(x.ino, b"w", DIR, 0, 0, 0)
+        await a.fs.mknod(root, b"q", DIR, 0, 0, 0)
+        assert (await b.fs.lookup(root, b"x")).ino == x.ino
+        assert (await b.fs.lookup(x.ino, b"w")).ino == w.ino
+        walk = b.fs._ancestors
+        removed = []
+
+        async def removed_first(ino: int) -> list[int]:
+            if not removed:                        # once: A removes the target now
+                await a.fs.unlink(x.ino, b"w", want_dir=True)
+                await a.fs.txn.commit(checkpoint=True)      # its freed block is home
+                removed.append(ino)
+            return await walk(ino)
+
+        b.fs._ancestors = removed_first            # type: ignore[method-assign]
+        with pytest.raises(FSError) as gone:
+            await b.fs.rename(root, b"q", w.ino, b"q")
+        assert gone.value.errno in (errno.ENOENT, errno.ESTALE)
+        assert removed and b.fs.txn.withdrawn is None
+        assert (await b.fs.lookup(root, b"q")) is not None        # nothing moved

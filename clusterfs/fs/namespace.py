@@ -15,6 +15,7 @@ import itertools
 import stat
 import time
 
+from clusterfs.cache.glock import Glock
 from clusterfs.dlm.interface import Mode
 from clusterfs.errors import FormatError, FSError, StorageError
 from clusterfs.format.block import BLOCK_SIZE
@@ -383,26 +384,54 @@ class Namespace:
         return dst
 
     async def _ancestors(self, ino: int) -> list[int]:
-        """ino and every directory above it (for the moved-into-itself check). Parent
-        links change only in cross-directory renames, which hold the cluster-wide rename
-        lock (as the caller does) and flush before it goes (and the kernel makes one
-        mount's cross-directory renames wait for each other), so an ancestor this node
-        holds no lock on is read from disk, with the event loop free, and not cached."""
+        """ino and every directory above it (for the moved-into-itself check), called
+        just after the rename's look under PR. Parent links change only in
+        cross-directory renames, which hold the cluster-wide rename lock (as the caller
+        does) and flush before it goes (and the kernel makes one mount's
+        cross-directory renames wait for each other), so an ancestor this node holds no
+        lock on is read from disk, with the event loop free, and not cached. What else
+        may change meanwhile is `ino` itself: once its lock went, another node may have
+        removed it (an empty directory), and then its parent: so the walk counts only
+        if this node held `ino`'s lock from before the walk to its end (else _Changed:
+        the rename looks again)."""
+        if ino == self.root:
+            return [ino]
+        mark = self._lock_mark(ino)
+        if mark is None:
+            raise _Changed               # let go since the look
         chain = [ino]
-        while ino != self.root and len(chain) < 4096:
-            node = self.inodes.get(ino)
-            glock = self.glocks.glocks.get(("inode", ino))
-            if node is not None and (self.txn.is_dirty(node) or
-                                     (glock is not None and glock.lock is not None)):
-                ino = node.d.parent
-            else:
-                read = self._reader(await self._read_blocks_async([ino]))
-                try:
-                    ino = decode_inode(read(ino), ino).parent
-                except (FormatError, StorageError) as exc:
-                    raise self._corrupt(exc) from exc
-            chain.append(ino)
+        at = ino
+        try:
+            while at != self.root and len(chain) < 4096:
+                node = self.inodes.get(at)
+                glock = self.glocks.glocks.get(("inode", at))
+                if node is not None and (self.txn.is_dirty(node) or
+                                         (glock is not None and glock.lock is not None)):
+                    at = node.d.parent
+                else:
+                    read = self._reader(await self._read_blocks_async([at]))
+                    at = decode_inode(read(at), at).parent
+                chain.append(at)
+        except (FormatError, StorageError) as exc:
+            if not self._still_held(ino, mark):
+                raise _Changed from exc  # (removed meanwhile: not corruption)
+            raise self._corrupt(exc) from exc
+        if not self._still_held(ino, mark):
+            raise _Changed
         return chain
+
+    def _lock_mark(self, ino: int) -> tuple[Glock, int] | None:
+        """Inode `ino`'s glock as held now (and its demote count), or None if not held."""
+        glock = self.glocks.glocks.get(("inode", ino))
+        if glock is None or glock.lock is None:
+            return None
+        return glock, glock.demotes
+
+    def _still_held(self, ino: int, mark: tuple[Glock, int]) -> bool:
+        """Whether `ino`'s glock has been held without a demote since `mark`."""
+        glock, demotes = mark
+        return self.glocks.glocks.get(("inode", ino)) is glock and \
+            glock.lock is not None and glock.demotes == demotes
 
     def _rename(self, p1: int, n1: bytes, p2: int, n2: bytes, flags: int, src: int,
                 dst: int | None, chain: list[int], chain1: list[int]) -> None:
