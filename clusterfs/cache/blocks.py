@@ -27,11 +27,14 @@ class Blocks:
         self.slot = journal.slot          # this node's journal (and orphan list)
 
     # -- metadata -------------------------------------------------------------------
+    def is_meta(self, blkno: int) -> bool:
+        """Whether `blkno` may hold metadata: resource groups onward, or an orphan block."""
+        return (self._sb.rgrp_start <= blkno < self._sb.total_blocks
+                or self._sb.orphan_slot(blkno) is not None)
+
     def read_meta(self, blkno: int) -> bytes:
-        """A metadata block (resource groups onward, or an orphan block): the newest
-        committed copy."""
-        if not (self._sb.rgrp_start <= blkno < self._sb.total_blocks
-                or self._sb.orphan_slot(blkno) is not None):
+        """A metadata block (is_meta): the newest committed copy."""
+        if not self.is_meta(blkno):
             raise FormatError(f"metadata block {blkno} out of range")
         copy = self._journal.read_committed(blkno)
         return copy if copy is not None else self._dev.read(blkno)

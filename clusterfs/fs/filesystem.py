@@ -590,7 +590,7 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         event loop free; none of a block the journal holds newer (read_meta serves it
         from memory) or out of range, none where the device fails (the block's use
         reads it again and reports that)."""
-        todo = sorted({b for b in blocks if self.sb.rgrp_start <= b < self.sb.total_blocks
+        todo = sorted({b for b in blocks if self.blocks.is_meta(b)
                        and not self.blocks.logged(b)})
         out: dict[int, bytes] = {}
         i = 0
@@ -732,30 +732,22 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
             return node
 
     # ================================================================ orphans
-    def _load_orphans(self, slot: int) -> OrphanList:
+    def _load_orphans(self, slot: int,
+                      read: Callable[[int], bytes] | None = None) -> OrphanList:
         blknos = self.sb.orphan_locations(slot)
+        read = read or self.blocks.read_meta
         try:
-            return OrphanList.decode([self.blocks.read_meta(b) for b in blknos], blknos)
+            return OrphanList.decode([read(b) for b in blknos], blknos)
         except (FormatError, StorageError) as exc:
             raise FormatError(f"journal slot {slot}: {exc} (fsck --repair rewrites it)"
                               ) from exc
 
     async def _read_orphans(self, slot: int) -> OrphanList:
         """_load_orphans() with the event loop free while the device reads the slot's
-        orphan blocks (one run; a block the journal holds newer is taken from there):
-        the sweeper looks at every other slot's list each round."""
-        blknos = self.sb.orphan_locations(slot)
-        try:
-            raw = await self.blocks.read_meta_run_async(blknos[0], len(blknos))
-            if len(raw) < len(blknos) * BLOCK_SIZE:
-                raise StorageError(f"orphan blocks of slot {slot}: short read")
-            raws = [self.blocks.read_meta(b) if self.blocks.logged(b)
-                    else raw[i * BLOCK_SIZE : (i + 1) * BLOCK_SIZE]
-                    for i, b in enumerate(blknos)]
-            return OrphanList.decode(raws, blknos)
-        except (FormatError, StorageError) as exc:
-            raise FormatError(f"journal slot {slot}: {exc} (fsck --repair rewrites it)"
-                              ) from exc
+        orphan blocks (in one run): the sweeper looks at every other slot's list each
+        round."""
+        ahead = await self._read_blocks_async(self.sb.orphan_locations(slot))
+        return self._load_orphans(slot, self._reader(ahead))
 
     def kick_orphans(self) -> None:
         """Look at the orphan lists now (a journal recovery just ended)."""

@@ -404,9 +404,7 @@ class Namespace:
         try:
             while at != self.root and len(chain) < 4096:
                 node = self.inodes.get(at)
-                glock = self.glocks.glocks.get(("inode", at))
-                if node is not None and (self.txn.is_dirty(node) or
-                                         (glock is not None and glock.lock is not None)):
+                if node is not None and (self.txn.is_dirty(node) or self._held(at)):
                     at = node.d.parent
                 else:
                     read = self._reader(await self._read_blocks_async([at]))
