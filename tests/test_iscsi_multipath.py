@@ -204,13 +204,19 @@ def test_writes_and_flushes_go_on_across_a_failed_path(paths, fault, reserved):
         assert not error, error
         stats = dev.statistics()
         assert stats["retargets"] >= 1, stats
-        assert stats["portal"] == f"127.0.0.1:{paths.second}"
         for offset, data in written.items():
             assert dev.pread(offset, len(data)) == data, offset
         with open(paths.target.backing[1], "rb") as f:
             for offset, data in written.items():
                 f.seek(offset)
                 assert f.read(len(data)) == data, offset
+        if fault == "stop" and not reserved:
+            # the relay went on: a later timeout on the second portal (a loaded
+            # machine, a 1 s path timeout) may rightly have taken the device back to it
+            assert stats["portal"] in (f"127.0.0.1:{paths.relay.port}",
+                                       f"127.0.0.1:{paths.second}"), stats
+        else:   # the first path never came back: every re-target ends on the second
+            assert stats["portal"] == f"127.0.0.1:{paths.second}", stats
         if reserved:    # the old session's key was preempted; the new one is ours
             keys = dev.pr_read_keys()
             assert keys == [dev.pr_key] and same_node(dev.pr_key, pr_key(CLUSTER, 1))
