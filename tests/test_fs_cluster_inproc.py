@@ -27,6 +27,7 @@ from clusterfs.dlm.interface import Mode
 from clusterfs.errors import FSError
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.inode import decode_inode
+from clusterfs.format.rgrp import decode_rgrp
 from clusterfs.fs.filesystem import FileSystem
 from clusterfs.fs.inode import CachedInode
 from clusterfs.journal.log import Journal, replay_journal
@@ -53,8 +54,8 @@ def _formatted(tmp_path, journals: int):
     return image, make_filesystem(str(image), journals=journals, cluster="inproc")
 
 
-def _node_on(mc, image, sb, slot: int, nursery: trio.Nursery,
-             home_group: int | None = None) -> Node:
+async def _node_on(mc, image, sb, slot: int, nursery: trio.Nursery,
+                   home_group: int | None = None) -> Node:
     """A FileSystem on journal `slot` of `image`, DLM node slot + 1 of `mc`."""
     dev = BlockDevice(str(image))
     journal = Journal(dev, sb, slot)
@@ -63,6 +64,7 @@ def _node_on(mc, image, sb, slot: int, nursery: trio.Nursery,
     glocks.start(nursery)
     fs = FileSystem(Blocks(dev, journal, sb), sb, glocks, TransactionManager(journal),
                     clustered=True, home_group=home_group)
+    await fs.load()
     node = Node(fs, dev)
     fs.kernel_forget.hook = node.invalidated.append
     return node
@@ -81,7 +83,7 @@ async def nodes(tmp_path, count: int = 2, placed: bool = False,
             trio.open_nursery() as nursery:
         out = []
         for slot in range(count):
-            node = _node_on(mc, image, sb, slot, nursery,
+            node = await _node_on(mc, image, sb, slot, nursery,
                             placement.home_group(slot + 1) if placed else None)
             if max_cached is not None:
                 node.fs.glocks.max_cached = max_cached
@@ -198,15 +200,14 @@ async def test_statfs_takes_free_counts_from_the_lock_value_blocks(tmp_path) -> 
         await a.fs.write(f.ino, 0, bytes(1 << 20))
         await a.fs.fsync(f.ino)
         header_reads: list[int] = []
-        real_read_meta = b.fs.blocks.read_meta
+        real_read = b.fs._read_blocks_async
         headers = {b.fs.sb.rgrp_location(i)[0] for i in range(b.fs.sb.rgrp_count)}
 
-        def counting_read_meta(blkno: int) -> bytes:
-            if blkno in headers:
-                header_reads.append(blkno)
-            return real_read_meta(blkno)
+        async def counting_read(blocks: list[int]) -> dict[int, bytes]:
+            header_reads.extend(set(blocks) & headers)
+            return await real_read(blocks)
 
-        b.fs.blocks.read_meta = counting_read_meta
+        b.fs._read_blocks_async = counting_read
         after = (await b.fs.usage()).free
         assert after <= before - 256                 # a's megabyte is seen by b
         home = a.fs.sb.rgrp_location(a.fs.home_group)[0]
@@ -1241,7 +1242,7 @@ async def test_a_survivor_reads_the_orphans_it_sweeps_off_the_event_loop(
     image, sb = _formatted(tmp_path, journals=2)
     async with memory_cluster([1, 2, 3]) as mc, trio.open_nursery() as nursery:
         # (node 3, a DLM member only, keeps the quorum when node 1 dies)
-        a, b = (_node_on(mc, image, sb, slot, nursery) for slot in (0, 1))
+        a, b = [await _node_on(mc, image, sb, slot, nursery) for slot in (0, 1)]
         d = await a.fs.mknod(a.fs.root, b"d", stat.S_IFDIR | 0o755, 0, 0, 0)
         held = []
         for i in range(40):
@@ -1407,6 +1408,83 @@ def _plain_reads(dev: BlockDevice) -> list[int]:
 
     dev.pread = counted                     # type: ignore[method-assign]
     return on_loop
+
+
+def _calls_on_this_thread(dev: BlockDevice) -> list[str]:
+    """Record the device calls made from the calling thread (the event loop's) from now
+    on; a worker thread's go unrecorded."""
+    here, calls = threading.get_ident(), []
+
+    def counted(name: str, plain):
+        def call(*args):
+            if threading.get_ident() == here:
+                calls.append(name)
+            return plain(*args)
+        return call
+
+    for name in ("pread", "pwrite", "flush"):
+        setattr(dev, name, counted(name, getattr(dev, name)))
+    return calls
+
+
+@trio_test
+async def test_a_mount_replays_journals_with_the_loop_free(tmp_path) -> None:
+    """The first node to mount replays every dirty journal, a later one its own
+    (claim_journal): in worker threads, as the survivors' recovery does, since the
+    event loop runs membership and the DLM meanwhile. Slot 1 holds a committed,
+    unreplayed transaction; the first mounter (slot 0) brings it home with no device
+    call on the loop. Before, every replay read and wrote on the loop."""
+    from clusterfs.dlm.local import LocalLockService
+    from clusterfs.node.mount_cmd import claim_journal
+
+    image, sb = _formatted(tmp_path, journals=2)
+    blk = sb.orphan_locations(1)[0]
+    crashed = BlockDevice(str(image))
+    journal = Journal(crashed, sb, 1)
+    journal.open()
+    logged = bytes(crashed.read(blk))[:64] + b"\x5a" * (BLOCK - 64)   # header kept
+    journal.commit({blk: logged})                       # no checkpoint: a crash
+    crashed.close()
+    dev = BlockDevice(str(image))
+    try:
+        assert dev.read(blk) != logged
+        on_loop = _calls_on_this_thread(dev)
+        slot, held = await claim_journal(LocalLockService(), dev, sb, clustered=True)
+        assert slot == 0 and len(held) == 2
+        assert on_loop == []
+        assert dev.read(blk) == logged                  # replayed home
+    finally:
+        dev.close()
+
+
+@trio_test
+async def test_a_mount_reads_its_orphan_list_and_group_hints_with_the_loop_free(
+        tmp_path) -> None:
+    """FileSystem.load(), before a mount serves: the node's own orphan list and every
+    group's free count come with the event loop free (none of them on it before)."""
+    image, sb = _formatted(tmp_path, journals=2)
+    async with memory_cluster([1, 2]) as mc, trio.open_nursery() as nursery:
+        a = await _node_on(mc, image, sb, 0, nursery)
+        f = await a.fs.mknod(a.fs.root, b"f", REG, 0, 0, 0, open_it=True)
+        await a.fs.unlink(a.fs.root, b"f")            # listed in slot 0's orphan list
+        await a.fs.txn.commit(checkpoint=True)       # home, where load() reads it
+        dev = BlockDevice(str(image))
+        journal = Journal(dev, sb, 0)         # (the mount makes it in a worker thread)
+        on_loop = _plain_reads(dev)
+        glocks = GlockManager(mc.ls(2), min_hold=0)
+        glocks.start(nursery)
+        fs = FileSystem(Blocks(dev, journal, sb), sb, glocks, TransactionManager(journal),
+                        clustered=True)
+        await fs.load()
+        assert on_loop == []
+        assert f.ino in fs.orphans.inodes
+        headers = [decode_rgrp(dev.read(first), first).free
+                   for first, _ in map(sb.rgrp_location, range(sb.rgrp_count))]
+        assert fs.alloc.free_hint == headers and min(headers) > 0
+        dev.close()
+        await a.fs.shutdown()
+        a.dev.close()
+        nursery.cancel_scope.cancel()
 
 
 @trio_test

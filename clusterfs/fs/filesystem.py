@@ -210,7 +210,8 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         # take back the names the kernel was given in a directory (set by the FUSE
         # layer; never blocks: the kernel is told later, see fuse/names.py)
         self.names_hook: Callable[[int], None] | None = None
-        self.orphans = self._load_orphans(self.slot)
+        # this node's orphan list: read by load(), before the mount serves
+        self.orphans = OrphanList([], [])
         self._orphan_kick = trio.Event()
         # a departed slot still lists inodes ours had no room for when we adopted it:
         # the sweeper looks again as soon as an entry of ours goes (_orphan_room)
@@ -236,7 +237,14 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         glocks.make_room = self._flush_for_demote
         self.inodes.attach(glocks)        # a fresh grant drops a clean copy
         glocks.on_grant("rgrp", self._granted_rgrp)
-        self._load_group_hints()
+
+    async def load(self) -> None:
+        """What a mount reads before it serves, with the event loop free (membership and
+        the DLM run on it meanwhile; on a slow disk or through a proxy a thousand
+        groups' headers take a while): this node's orphan list, and every group's free
+        count hint."""
+        self.orphans = await self._read_orphans(self.slot)
+        await self._read_group_hints()
 
     def when_withdrawn(self, hook: Callable[[str], None]) -> None:
         """Call `hook(reason)` once, when this node withdraws (the layer above drops
@@ -248,20 +256,22 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         self.txn.withdraw(str(exc))
         return FSError(errno.EIO, str(exc))
 
-    def _load_group_hints(self) -> None:
+    async def _read_group_hints(self) -> None:
         """Free counts of the groups this node has not loaded: from the lock value block
         where a lock with a valid one is held (statfs holds them all), else the header
-        on disk (at mount: read without a lock, only hints for choosing where to
-        allocate; the allocation itself reads the bitmap under the group's lock)."""
+        on disk, read with the event loop free (at mount: read without a lock, only
+        hints for choosing where to allocate; the allocation itself reads the bitmap
+        under the group's lock)."""
         from clusterfs.format.rgrp import decode_rgrp
-        for i in range(self.sb.rgrp_count):
+        groups = [i for i in range(self.sb.rgrp_count)
+                  if i not in self.alloc.groups and not self._free_from_lvb(i)]
+        firsts = [self.sb.rgrp_location(i)[0] for i in groups]
+        read = self._reader(await self._read_blocks_async(firsts))
+        for i, first in zip(groups, firsts, strict=True):
             if i in self.alloc.groups:
-                continue                 # held: its loaded copy is the newest
-            if self._free_from_lvb(i):
-                continue
-            first, _ = self.sb.rgrp_location(i)
+                continue                 # loaded meanwhile: its copy is the newest
             try:
-                self.alloc.free_hint[i] = decode_rgrp(self.blocks.read_meta(first), first).free
+                self.alloc.free_hint[i] = decode_rgrp(read(first), first).free
             except FormatError as exc:
                 raise self._corrupt(exc) from exc
 
@@ -876,7 +886,7 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         if self.clustered:
             groups = [(("rgrp", i), Mode.PR) for i in range(self.sb.rgrp_count)]
             async with self.glocks.hold(groups):
-                self._load_group_hints()
+                await self._read_group_hints()
                 return self._usage()
         return self._usage()
 

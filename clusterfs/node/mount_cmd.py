@@ -37,6 +37,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -622,7 +623,7 @@ async def claim_journal(locks, dev, sb, clustered: bool,
         slot, slot_lock = await _claim_slot(locks, dev, sb)
         # Alone on this device (flock): no other node can be using any journal.
         for s in range(sb.journal_count):
-            _replay(dev, sb, s)
+            await _replay(dev, sb, s)
         return slot, [slot_lock]
     gate = await locks.lock(("mount",), Mode.EX)
     try:
@@ -645,16 +646,16 @@ async def claim_journal(locks, dev, sb, clustered: bool,
             log.info("first node to mount %s: replaying every dirty journal", dev.path)
             for s in range(sb.journal_count):
                 if s == slot:
-                    _replay(dev, sb, s)
+                    await _replay(dev, sb, s)
                     continue
                 other = await locks.lock(("journal", s), Mode.EX)   # nobody else is live
                 try:
-                    _replay(dev, sb, s)
+                    await _replay(dev, sb, s)
                 finally:
                     await locks.unlock(other)
             await locks.convert(live, Mode.PR)
         else:
-            _replay(dev, sb, slot)
+            await _replay(dev, sb, slot)
         return slot, [slot_lock, live]
     finally:
         await locks.unlock(gate)
@@ -688,22 +689,30 @@ async def _claim_slot(locks, dev, sb):
         start = sb.journal_location(item[0])
         return bool(decode_jhead(dev.read(start), start).flags & JF_CLEAN)
 
-    chosen = next((item for item in free if clean(item)), free[0])
+    chosen = await trio.to_thread.run_sync(
+        lambda: next((item for item in free if clean(item)), free[0]))
     for item in free:
         if item is not chosen:
             await locks.unlock(item[1])
     return chosen
 
 
-def _replay(dev, sb, slot: int) -> None:
+async def _replay(dev, sb, slot: int) -> None:
+    """Replay journal `slot` in a worker thread: the event loop runs membership and the
+    DLM meanwhile, and a full journal on a slow disk takes seconds (not abandoned when
+    cancelled: a replay runs to its end)."""
+    import trio
+
     from clusterfs.journal.log import replay_journal
 
+    started = time.monotonic()
     try:
-        result = replay_journal(dev, sb, slot)
+        result = await trio.to_thread.run_sync(replay_journal, dev, sb, slot)
     except ClusterFSError as exc:
         raise MountError(f"{dev.path}: journal {slot}: {exc}") from None
     if result.transactions:
-        log.info("journal %d: replayed %d transactions", slot, result.transactions)
+        log.info("journal %d: replayed %d transactions in %.2f s", slot,
+                 result.transactions, time.monotonic() - started)
 
 
 async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Callable[[], None],
@@ -726,14 +735,20 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
         log.info("%s refuses O_DIRECT: metadata goes through this host's page cache, "
                  "which is coherent only between nodes on this host", dev.path)
     slot, held = await claim_journal(locks, dev, sb, clustered, on_slot)
-    journal = Journal(dev, sb, slot, pool)
-    journal.open()
+
+    def open_journal() -> Journal:
+        journal = Journal(dev, sb, slot, pool)
+        journal.open()               # its head read, written dirty and flushed
+        return journal
+
+    journal = await trio.to_thread.run_sync(open_journal)
     txn = TransactionManager(journal)
     glocks = GlockManager(locks, min_hold=MIN_HOLD if opts.min_hold is None else opts.min_hold,
                           max_hold=opts.max_hold,
                           max_cached=MAX_CACHED if opts.max_glocks is None else opts.max_glocks)
     fs = FileSystem(Blocks(dev, journal, sb), sb, glocks, txn, clustered=clustered,
                     home_group=home_group)
+    await fs.load()
     ops = Operations(fs)
     fsname = dev.path if "://" in dev.path else os.path.abspath(dev.path)
     options = set(pyfuse3.default_options) | {
