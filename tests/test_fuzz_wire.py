@@ -93,7 +93,7 @@ class Fuzzer:
         if kind == 3:                                       # wrong key
             return [prefixed(self.hello(key=os.urandom(32)))]
         if kind == 4:                                       # wrong version
-            return [prefixed(self.hello(version=r.choice([0, 2, 255])))]
+            return [prefixed(self.hello(version=r.choice([0, 1, 3, 255])))]
         if kind == 5:                                       # unknown type, signed
             return [prefixed(self.hello(mtype=r.choice([0, 31, 99, 65535])))]
         if kind == 6:                                       # unknown node id / self id

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import random
 
 import pytest
@@ -19,7 +20,8 @@ def test_round_trip():
     body = {"a": 1, "b": [1, 2, (3, b"x")], "c": "é", 5: None}
     data = wf.encode(KEY, MsgType.HEARTBEAT, 7, 42, 3, body)
     f = wf.decode(KEY, data)
-    assert (f.type, f.sender, f.generation, f.seq, f.version) == (MsgType.HEARTBEAT, 7, 42, 3, 1)
+    assert (f.type, f.sender, f.generation, f.seq, f.version) == (MsgType.HEARTBEAT, 7, 42, 3,
+                                                                  wf.WIRE_VERSION)
     assert f.body == {"a": 1, "b": (1, 2, (3, b"x")), "c": "é", 5: None}
 
 
@@ -54,9 +56,29 @@ def test_every_flipped_bit_is_rejected():
 
 
 def test_unknown_version():
-    data = wf.encode(KEY, MsgType.HEARTBEAT, 1, 1, 1, {}, version=2)
-    with pytest.raises(WireError, match="unknown wire version 2"):
-        wf.decode(KEY, data)
+    for version in (1, wf.WIRE_VERSION + 1):   # 1: keyed BLAKE2b MACs, before HMAC
+        data = wf.encode(KEY, MsgType.HEARTBEAT, 1, 1, 1, {}, version=version)
+        with pytest.raises(WireError, match=f"unknown wire version {version}"):
+            wf.decode(KEY, data)
+
+
+def test_the_mac_is_hmac_sha256_truncated_to_16_bytes():
+    """Pinned: another node's frames must check here (RFC 4231, test case 2's key and
+    data, as the MAC of a frame's signed bytes)."""
+    assert wf.mac(b"Jefe", b"what do ya want for nothing?").hex() == \
+        "5bdcc146bf60754e6a042426089575c7"
+    data = wf.encode(KEY, MsgType.HEARTBEAT, 1, 1, 1, {"x": 1})
+    assert data[-16:] == hmac.digest(KEY, data[:-16], "sha256")[:16]
+
+
+def test_decode_of_a_large_frame_takes_a_bytearray_and_leaves_it_resizable():
+    body = {"data": bytes(range(256)) * 4096}
+    data = bytearray(wf.encode(KEY, MsgType.BLOCK_WRITE, 1, 1, 1, body))
+    assert wf.decode(KEY, data, max_frame=2 << 20).body == body
+    data[-1] ^= 1
+    with pytest.raises(WireError, match="bad MAC"):
+        wf.decode(KEY, data, max_frame=2 << 20)
+    data.extend(b"more")                             # no view of it is left behind
 
 
 def test_unknown_type():

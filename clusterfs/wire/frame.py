@@ -12,7 +12,7 @@ Layout (all integers big-endian)::
     u64  seq               per-connection, per-direction sequence number (1, 2, ...)
     u32  body_len          length of the msgpack body
     ---- body_len bytes: msgpack (arrays decode as tuples, str as str) ---------
-    ---- 16 bytes: blake2b(header + body, key=K, digest_size=16) ---------------
+    ---- 16 bytes: HMAC-SHA-256(K, header + body), its first 16 bytes ----------
 
 K is the cluster key for the HELLO handshake frames and a per-connection session
 key (see `session_key`) for everything after it; together with `seq` that makes a
@@ -21,6 +21,12 @@ dropped or reordered within a connection fails the sequence check.
 
 Any frame that is too short, too long, of another version, of an unknown type,
 with a bad MAC, a bad length or an undecodable body raises WireError.
+
+Why HMAC-SHA-256 (version 2; version 1 used keyed BLAKE2b): block frames carry up to
+a MiB of data, MAC'd by the sender and again by the receiver, and on this kind of
+machine (SHA extensions) OpenSSL's SHA-256 runs about 1.7 GB/s against 0.5 GB/s for
+hashlib's BLAKE2b, which made the MAC the largest cost of a proxied write. A small
+frame pays about a microsecond more. Truncation to 128 bits is as RFC 2104 allows.
 """
 
 from __future__ import annotations
@@ -36,7 +42,7 @@ import msgpack
 from clusterfs.errors import WireError
 from clusterfs.wire.types import MsgType
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2                   # 2: HMAC-SHA-256 (1: keyed BLAKE2b)
 HEADER = struct.Struct(">BBHIQQI")
 HEADER_SIZE = HEADER.size          # 28
 MAC_SIZE = 16
@@ -55,8 +61,8 @@ class Frame:
     version: int = WIRE_VERSION
 
 
-def mac(key: bytes, data: bytes) -> bytes:
-    return hashlib.blake2b(data, key=key, digest_size=MAC_SIZE).digest()
+def mac(key: bytes, data: bytes | memoryview) -> bytes:
+    return hmac.digest(key, data, "sha256")[:MAC_SIZE]
 
 
 def session_key(cluster_key: bytes, client: int, server: int,
@@ -74,7 +80,7 @@ def encode_body(body: Any) -> bytes:
         raise WireError(f"body not encodable: {exc}") from exc
 
 
-def decode_body(packed: bytes) -> Any:
+def decode_body(packed: bytes | memoryview) -> Any:
     """msgpack -> Python, as receivers see it (arrays become tuples)."""
     try:
         return msgpack.unpackb(packed, raw=False, use_list=False, strict_map_key=False)
@@ -85,15 +91,22 @@ def decode_body(packed: bytes) -> Any:
 def encode(key: bytes, mtype: int, sender: int, generation: int, seq: int, body: Any,
            *, version: int = WIRE_VERSION, packed_body: bytes | None = None) -> bytes:
     """One frame without the TCP length prefix."""
-    b = encode_body(body) if packed_body is None else packed_body
-    header = HEADER.pack(version, 0, int(mtype), sender, generation, seq, len(b))
-    return header + b + mac(key, header + b)
+    signed = _signed(mtype, sender, generation, seq, body, version, packed_body)
+    return signed + mac(key, signed)
 
 
 def encode_prefixed(key: bytes, mtype: int, sender: int, generation: int, seq: int,
                     body: Any, *, packed_body: bytes | None = None) -> bytes:
-    f = encode(key, mtype, sender, generation, seq, body, packed_body=packed_body)
-    return LENGTH.pack(len(f)) + f
+    signed = _signed(mtype, sender, generation, seq, body, WIRE_VERSION, packed_body)
+    # one copy of a block frame's payload here, not one per piece added
+    return b"".join((LENGTH.pack(len(signed) + MAC_SIZE), signed, mac(key, signed)))
+
+
+def _signed(mtype: int, sender: int, generation: int, seq: int, body: Any, version: int,
+            packed_body: bytes | None) -> bytes:
+    """Header and body: what the MAC covers."""
+    b = encode_body(body) if packed_body is None else packed_body
+    return HEADER.pack(version, 0, int(mtype), sender, generation, seq, len(b)) + b
 
 
 def check_length(n: int, max_frame: int) -> None:
@@ -115,10 +128,12 @@ def decode(key: bytes, data: bytes, *, max_frame: int = 1 << 20) -> Frame:
         raise WireError(f"unknown wire version {version}")
     if HEADER_SIZE + body_len + MAC_SIZE != len(data):
         raise WireError(f"body length {body_len} does not match frame length {len(data)}")
-    signed = data[:-MAC_SIZE]
-    if not hmac.compare_digest(mac(key, signed), data[-MAC_SIZE:]):
+    # views, not copies of a block frame's payload (of immutable bytes: a view kept
+    # alive by an exception's traceback then pins nobody's buffer)
+    view = memoryview(data if isinstance(data, bytes) else bytes(data))
+    if not hmac.compare_digest(mac(key, view[:-MAC_SIZE]), view[-MAC_SIZE:]):
         raise WireError(f"bad MAC (type {mtype}, claimed sender {sender})")
     if mtype not in _KNOWN_TYPES:
         raise WireError(f"unknown message type {mtype}")
-    body = decode_body(data[HEADER_SIZE:-MAC_SIZE])
+    body = decode_body(view[HEADER_SIZE:-MAC_SIZE])
     return Frame(mtype, sender, gen, seq, body, version)
