@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import random
 
@@ -56,19 +57,24 @@ def test_every_flipped_bit_is_rejected():
 
 
 def test_unknown_version():
-    for version in (1, wf.WIRE_VERSION + 1):   # 1: keyed BLAKE2b MACs, before HMAC
+    for version in (1, wf.WIRE_VERSION + 1):   # 1: BLAKE2b for large frames too
         data = wf.encode(KEY, MsgType.HEARTBEAT, 1, 1, 1, {}, version=version)
         with pytest.raises(WireError, match=f"unknown wire version {version}"):
             wf.decode(KEY, data)
 
 
-def test_the_mac_is_hmac_sha256_truncated_to_16_bytes():
-    """Pinned: another node's frames must check here (RFC 4231, test case 2's key and
-    data, as the MAC of a frame's signed bytes)."""
-    assert wf.mac(b"Jefe", b"what do ya want for nothing?").hex() == \
-        "5bdcc146bf60754e6a042426089575c7"
-    data = wf.encode(KEY, MsgType.HEARTBEAT, 1, 1, 1, {"x": 1})
-    assert data[-16:] == hmac.digest(KEY, data[:-16], "sha256")[:16]
+def test_the_mac_is_blake2b_below_hmac_from_and_hmac_sha256_from_there():
+    """Pinned to the libraries' own functions: another node's frames must check here."""
+    for length in (0, 100, wf.HMAC_FROM - 1):
+        signed = bytes(range(256)) * 8 + b"x" * 2048
+        signed = signed[:length]
+        assert wf.mac(KEY, signed) == hashlib.blake2b(signed, key=KEY, digest_size=16).digest()
+    for length in (wf.HMAC_FROM, 1 << 20):
+        signed = bytes(length)
+        assert wf.mac(KEY, signed) == hmac.digest(KEY, signed, "sha256")[:16]
+    for body in ({"x": 1}, {"data": bytes(4096)}):
+        data = wf.encode(KEY, MsgType.BLOCK_WRITE, 1, 1, 1, body)
+        assert data[-16:] == wf.mac(KEY, data[:-16])
 
 
 def test_decode_of_a_large_frame_takes_a_bytearray_and_leaves_it_resizable():

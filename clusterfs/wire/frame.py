@@ -12,7 +12,7 @@ Layout (all integers big-endian)::
     u64  seq               per-connection, per-direction sequence number (1, 2, ...)
     u32  body_len          length of the msgpack body
     ---- body_len bytes: msgpack (arrays decode as tuples, str as str) ---------
-    ---- 16 bytes: HMAC-SHA-256(K, header + body), its first 16 bytes ----------
+    ---- 16 bytes: MAC(K, header + body) --------------------------------------
 
 K is the cluster key for the HELLO handshake frames and a per-connection session
 key (see `session_key`) for everything after it; together with `seq` that makes a
@@ -22,11 +22,14 @@ dropped or reordered within a connection fails the sequence check.
 Any frame that is too short, too long, of another version, of an unknown type,
 with a bad MAC, a bad length or an undecodable body raises WireError.
 
-Why HMAC-SHA-256 (version 2; version 1 used keyed BLAKE2b): block frames carry up to
-a MiB of data, MAC'd by the sender and again by the receiver, and on this kind of
-machine (SHA extensions) OpenSSL's SHA-256 runs about 1.7 GB/s against 0.5 GB/s for
-hashlib's BLAKE2b, which made the MAC the largest cost of a proxied write. A small
-frame pays about a microsecond more. Truncation to 128 bits is as RFC 2104 allows.
+MAC: keyed BLAKE2b (digest_size 16) over fewer than HMAC_FROM signed bytes, else
+HMAC-SHA-256 truncated to 16 bytes (as RFC 2104 allows); both sides know which from
+the frame's length. Why two (version 2; version 1 was BLAKE2b throughout): block
+frames carry up to a MiB of data, MAC'd by the sender and again by the receiver, and
+with the CPU's SHA extensions OpenSSL's SHA-256 runs about 1.7 GB/s against 0.5 GB/s
+for hashlib's BLAKE2b, which made the MAC the largest cost of a proxied write; but
+HMAC over the small frames of lock traffic made lockbench's remote round trip about a
+fifth slower, where BLAKE2b costs nothing measurable (docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -42,10 +45,11 @@ import msgpack
 from clusterfs.errors import WireError
 from clusterfs.wire.types import MsgType
 
-WIRE_VERSION = 2                   # 2: HMAC-SHA-256 (1: keyed BLAKE2b)
+WIRE_VERSION = 2                   # 2: HMAC-SHA-256 for large frames (1: none)
 HEADER = struct.Struct(">BBHIQQI")
 HEADER_SIZE = HEADER.size          # 28
 MAC_SIZE = 16
+HMAC_FROM = 2048                   # signed bytes from which the MAC is HMAC-SHA-256
 LENGTH = struct.Struct(">I")
 MIN_FRAME = HEADER_SIZE + MAC_SIZE
 _KNOWN_TYPES = frozenset(int(t) for t in MsgType)
@@ -62,6 +66,9 @@ class Frame:
 
 
 def mac(key: bytes, data: bytes | memoryview) -> bytes:
+    """The MAC of a frame's signed bytes (module doc: which one by their length)."""
+    if len(data) < HMAC_FROM:
+        return hashlib.blake2b(data, key=key, digest_size=MAC_SIZE).digest()
     return hmac.digest(key, data, "sha256")[:MAC_SIZE]
 
 
