@@ -84,7 +84,7 @@ async def nodes(tmp_path, count: int = 2, placed: bool = False,
         out = []
         for slot in range(count):
             node = await _node_on(mc, image, sb, slot, nursery,
-                            placement.home_group(slot + 1) if placed else None)
+                                  placement.home_group(slot + 1) if placed else None)
             if max_cached is not None:
                 node.fs.glocks.max_cached = max_cached
                 nursery.start_soon(node.fs.glocks.run_shrinker)
