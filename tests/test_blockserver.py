@@ -1314,3 +1314,95 @@ def test_a_flush_that_lets_go_of_the_lock_never_reorders_queued_bytes(served, mo
         assert meanwhile and dev.pread(0, BLOCK) == newer
     finally:
         dev.close()
+
+
+# -- read-ahead through the proxy -----------------------------------------------------------
+
+def _read_sequentially(dev: ProxyDevice, offset: int, length: int,
+                       step: int = 256 << 10) -> tuple[bytes, list[bool]]:
+    """As the mount reads a file: advise, then for each FUSE-sized read data_ready and
+    read_data (or a plain read where no piece holds it). The bytes, and which reads
+    a piece read ahead answered."""
+    async def run() -> tuple[bytes, list[bool]]:
+        dev.advise_willneed(offset // 4096, length // 4096)
+        got, ahead = [], []
+        for at in range(offset, offset + length, step):
+            ready = await dev.data_ready(at, step)
+            ahead.append(ready)
+            got.append(dev.read_data(at, step) if ready else await dev.read_async(at, step))
+        return b"".join(got), ahead
+    return trio.run(run)
+
+
+def test_a_sequential_readers_next_pieces_are_read_ahead_side_by_side(slow):
+    """advise_willneed sends a reader's next pieces (1 MiB each) without waiting, up
+    to AHEAD_PIECES at once: the slow device below the server has several reads at
+    once (one at a time before: every read a synchronous round trip), data_ready
+    waits for a piece with the event loop free, and read_data answers from it."""
+    served, disk = slow
+    dev = _proxy(served, 1)
+    try:
+        data = os.urandom(4 * MIB)
+        dev.pwrite(0, data)
+        dev.flush()
+        disk.most_at_once = 0
+        got, ahead = _read_sequentially(dev, 0, 4 * MIB)
+        assert got == data
+        assert all(ahead), ahead
+        stats = dev.statistics()
+        assert stats["read_ahead"] == 4 and stats["read_ahead_used"] == 16, stats
+        assert disk.most_at_once >= 3, disk.most_at_once
+    finally:
+        dev.close()
+
+
+def test_a_write_makes_what_was_read_ahead_of_its_bytes_stale(served):
+    """A piece read ahead and then written over (a queued write, or a synchronous
+    one) is never used: the read sees the new bytes. forget_read_ahead (a data lock
+    going to another node) drops every piece."""
+    dev = _proxy(served, 1)
+    try:
+        old = os.urandom(2 * MIB)
+        dev.pwrite(0, old)
+        dev.flush()
+
+        async def run() -> None:
+            dev.advise_willneed(0, 2 * MIB // 4096)
+            assert await dev.data_ready(0, 4096) and await dev.data_ready(MIB, 4096)
+            new = os.urandom(8192)
+            dev.write_behind(4096, new)                  # inside the first piece
+            assert not await dev.data_ready(4096, 8192)
+            assert dev.read_data(0, 3 * 4096) == old[:4096] + new
+            dev.pwrite(MIB + 4096, new)                  # inside the second
+            assert not await dev.data_ready(MIB, 4096)
+            assert dev.read_data(MIB, 3 * 4096) == old[MIB : MIB + 4096] + new
+            dev.advise_willneed(0, 2 * MIB // 4096)
+            dev.drain()
+            dev.advise_willneed(0, 2 * MIB // 4096)
+            assert await dev.data_ready(0, 4096)
+            dev.forget_read_ahead()
+            assert not await dev.data_ready(0, 4096)
+        trio.run(run)
+    finally:
+        dev.close()
+
+
+def test_read_ahead_never_overtakes_a_write_not_yet_answered(slow):
+    """The server works on a connection's requests side by side, so a piece over the
+    bytes of a write still in flight (a slow one here) is not read ahead: the reader
+    reads it plainly, after the write, and sees the write's bytes."""
+    served, disk = slow
+    dev = _proxy(served, 1)
+    try:
+        old = os.urandom(3 * MIB)
+        dev.pwrite(0, old)
+        dev.flush()
+        disk.slow_offsets[MIB] = 0.4                     # this write takes long
+        new = os.urandom(MIB)
+        dev.write_behind(MIB, new)
+        dev.write_behind(2 * MIB, b"\0" * 4096)          # the run goes: MIB is in flight
+        got, ahead = _read_sequentially(dev, 0, 3 * MIB)
+        assert got[MIB : 2 * MIB] == new
+        assert ahead[:4] == [True] * 4 and not any(ahead[4:8]), ahead
+    finally:
+        dev.close()
