@@ -54,6 +54,38 @@ def test_two_servers_and_a_proxy_stay_coherent(tmp_path):
         assert "from3" not in os.listdir(c.path(3))
 
 
+def test_a_proxys_read_ahead_never_serves_bytes_another_node_wrote_since(tmp_path):
+    """Node 3 (proxied) reads a file sequentially: its proxy reads the next pieces
+    ahead, side by side. Node 1 then overwrites pieces in place further on, without
+    fsync: node 3's next read of each piece sees it (the data lock node 1 takes drops
+    node 3's pieces), and a sequential pass after reads exactly the file."""
+    with ProxyCluster(tmp_path) as c:
+        size = 24 * MIB
+        _write(c.path(1, "f"), b"A" * size)
+        reader = os.open(c.path(3, "f"), os.O_RDONLY)
+        writer = os.open(c.path(1, "f"), os.O_WRONLY)
+        try:
+            for off in range(0, 4 * MIB, MIB):           # a sequential reader
+                assert os.pread(reader, MIB, off) == b"A" * MIB
+            assert status(c, 3)["device"]["read_ahead"] > 0
+            pieces = [4 * MIB + 4096, 5 * MIB - 100, 9 * MIB + 123, (2 * MIB)]
+            for n, off in enumerate(pieces):
+                new = bytes([ord("a") + n]) * 4096
+                assert os.pwrite(writer, new, off) == len(new)
+                assert os.pread(reader, len(new), off) == new, f"stale at {off}"
+            got = bytearray()
+            for off in range(0, size, MIB):
+                got += os.pread(reader, MIB, off)
+            want = bytearray(b"A" * size)
+            for n, off in enumerate(pieces):
+                want[off : off + 4096] = bytes([ord("a") + n]) * 4096
+            assert got == want
+            assert status(c, 3)["device"]["read_ahead_used"] > 0
+        finally:
+            os.close(reader)
+            os.close(writer)
+
+
 def _kernel_split_writes(c: Cluster) -> None:
     """1 MiB write()s on node 3 from a buffer 16 bytes past a page edge (malloc's):
     the kernel splits each into 1 MiB - 16 bytes and 16, and the proxy's queued run
