@@ -553,19 +553,15 @@ class _WriteBehind:
             return [(start, data) for start, data in itertools.chain(self.writing, self.items)
                     if start < offset + length and offset < start + len(data)]
 
-    def owes(self, offset: int, length: int) -> bool:
-        """Whether a queued or in-flight write touches [offset, offset + length), or a
-        write failed: the device does not hold those bytes as they will be (a direct
-        read-ahead leaves them out). Bytes no unfinished write touches are on it."""
-        return self.owed_writes(offset, length) != []
-
     def owes_within(self, offset: int, length: int) -> Callable[[int, int], bool]:
-        """owes() for parts of [offset, offset + length), from one look at the queue
-        now: an advice of 32 MiB asked owes() for each of its 8 chunks, each a walk of the whole
-        queue under its lock (a 0.38 s stall of the event loop under stress-ng's
-        iomix, with thousands of small writes queued). Writes finished meanwhile
-        still count (a chunk left out is read plainly); none can be queued meanwhile
-        (the caller is the thread that queues them)."""
+        """Whether a queued or in-flight write touches a part of [offset, offset +
+        length), or a write failed: the device does not hold those bytes as they will
+        be (a direct read-ahead leaves them out); bytes no unfinished write touches are
+        on it. One look at the queue now for all the parts: a walk of the whole queue
+        under its lock for each 4 MiB chunk of a read-ahead stalled the event loop
+        0.38 s under stress-ng's iomix, with thousands of small writes queued. Writes
+        finished meanwhile still count (a chunk left out is read plainly); none can be
+        queued meanwhile (the caller is the thread that queues them)."""
         owed = self.owed_writes(offset, length)
         if owed is None:
             return lambda _o, _n: True

@@ -213,27 +213,6 @@ class _Logged:
 
 
 @dataclasses.dataclass(eq=False)
-class _Ahead:
-    """A piece of file data read ahead (advise_willneed): its request, then its bytes."""
-
-    offset: int
-    length: int
-    req: _Request
-    asked: float                   # monotonic time it was sent
-    data: bytes | None = None
-    # a write over it, a forget, or a failed read: never used again (a flag on the
-    # piece itself, which no rebinding of the list by another thread can undo)
-    stale: bool = False
-
-    def overlaps(self, offset: int, length: int) -> bool:
-        return self.offset < offset + length and offset < self.offset + self.length
-
-    def covers(self, offset: int, length: int) -> bool:
-        return (not self.stale and self.offset <= offset
-                and offset + length <= self.offset + self.length)
-
-
-@dataclasses.dataclass(eq=False)
 class _Request:
     """A request sent and not answered yet."""
 
@@ -255,6 +234,26 @@ class _Request:
 
     def overlaps(self, offset: int, length: int) -> bool:
         return self.offset < offset + length and offset < self.offset + self.length
+
+
+@dataclasses.dataclass(eq=False)
+class _Ahead:
+    """A piece of file data read ahead (advise_willneed): its request (which says
+    where), then its bytes."""
+
+    req: _Request
+    asked: float                   # monotonic time it was sent
+    data: bytes | None = None
+    # a write over it, a forget, or a failed read: never used again (a flag on the
+    # piece itself, which no rebinding of the list by another thread can undo)
+    stale: bool = False
+
+    def overlaps(self, offset: int, length: int) -> bool:
+        return self.req.overlaps(offset, length)
+
+    def covers(self, offset: int, length: int) -> bool:
+        r = self.req
+        return not self.stale and r.offset <= offset and offset + length <= r.offset + r.length
 
 
 class _Connection:
@@ -1049,9 +1048,10 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         if piece is None or piece.data is None:
             return self.pread(offset, length)
         self.stats["read_ahead_used"] += 1
-        at = offset - piece.offset
-        data = piece.data[at : at + length] if at or length != piece.length else piece.data
-        if offset + length == piece.offset + piece.length:
+        req = piece.req
+        at = offset - req.offset
+        data = piece.data[at : at + length] if at or length != req.length else piece.data
+        if offset + length == req.offset + req.length:
             piece.stale = True               # read to its end: let it go
         self._top_up()
         return data
@@ -1096,7 +1096,8 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             if piece.stale or piece.data is not None:
                 return
             try:
-                piece.data = self._read_finished(piece.req, piece.offset, piece.length)
+                piece.data = self._read_finished(piece.req, piece.req.offset,
+                                                 piece.req.length)
             except StorageError:
                 piece.stale = True
 
@@ -1135,7 +1136,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
                     wanted = []                 # no server takes it: plain reads will say
                     break
                 self.stats["read_ahead"] += 1
-                ahead.append(_Ahead(offset, n, req, now))
+                ahead.append(_Ahead(req, now))
             self._ahead, self._wanted = ahead, wanted
         finally:
             self._lock.release()
