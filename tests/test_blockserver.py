@@ -1334,6 +1334,14 @@ def _read_sequentially(dev: ProxyDevice, offset: int, length: int,
     return trio.run(run)
 
 
+def _written_through(dev: ProxyDevice, size: int) -> bytes:
+    """`size` random bytes written from offset 0 through `dev` and flushed."""
+    data = os.urandom(size)
+    dev.pwrite(0, data)
+    dev.flush()
+    return data
+
+
 def test_a_sequential_readers_next_pieces_are_read_ahead_side_by_side(slow):
     """advise_willneed sends a reader's next pieces (1 MiB each) without waiting, up
     to AHEAD_PIECES at once: the slow device below the server has several reads at
@@ -1342,9 +1350,7 @@ def test_a_sequential_readers_next_pieces_are_read_ahead_side_by_side(slow):
     served, disk = slow
     dev = _proxy(served, 1)
     try:
-        data = os.urandom(4 * MIB)
-        dev.pwrite(0, data)
-        dev.flush()
+        data = _written_through(dev, 4 * MIB)
         disk.most_at_once = 0
         got, ahead = _read_sequentially(dev, 0, 4 * MIB)
         assert got == data
@@ -1362,9 +1368,7 @@ def test_a_write_makes_what_was_read_ahead_of_its_bytes_stale(served):
     going to another node) drops every piece."""
     dev = _proxy(served, 1)
     try:
-        old = os.urandom(2 * MIB)
-        dev.pwrite(0, old)
-        dev.flush()
+        old = _written_through(dev, 2 * MIB)
 
         async def run() -> None:
             dev.advise_willneed(0, 2 * MIB // 4096)
@@ -1394,9 +1398,7 @@ def test_read_ahead_never_overtakes_a_write_not_yet_answered(slow):
     served, disk = slow
     dev = _proxy(served, 1)
     try:
-        old = os.urandom(3 * MIB)
-        dev.pwrite(0, old)
-        dev.flush()
+        _written_through(dev, 3 * MIB)                   # the old bytes
         disk.slow_offsets[MIB] = 0.4                     # this write takes long
         new = os.urandom(MIB)
         dev.write_behind(MIB, new)

@@ -306,17 +306,28 @@ def test_read_ahead_after_a_queued_write_sees_it(dev):
     assert got == b"R" * (4 * BLOCK_SIZE)
 
 
+def _chunked_device(tmp_path, chunks: int) -> tuple[BlockDevice, int]:
+    """A device of `chunks` read-ahead chunks of random bytes, with direct I/O (else
+    the test is skipped), and the blocks in a chunk. The caller closes it."""
+    path = tmp_path / "big.img"
+    chunk = device.AHEAD_CHUNK // BLOCK_SIZE
+    with open(path, "wb") as f:
+        f.write(os.urandom(chunks * chunk * BLOCK_SIZE))
+    dev = BlockDevice(str(path))
+    try:
+        _needs_direct(dev)
+    except BaseException:
+        dev.close()
+        raise
+    return dev, chunk
+
+
 def test_read_ahead_neither_waits_for_nor_overtakes_queued_writes(tmp_path, monkeypatch):
     """Read-ahead is submitted and served on the event loop: it waited there for the
     whole write-behind queue (seconds of scattered writes on a busy disk). Now the
     chunks a queued write touches are left out and read plainly after it."""
-    path = tmp_path / "big.img"
-    chunk = device.AHEAD_CHUNK // BLOCK_SIZE
-    with open(path, "wb") as f:
-        f.write(os.urandom(3 * chunk * BLOCK_SIZE))
-    dev = BlockDevice(str(path))
+    dev, chunk = _chunked_device(tmp_path, 3)
     try:
-        _needs_direct(dev)
         data = dev.read(0, chunk)
         started, release = _stall_direct_writes(monkeypatch)
         s_at, t_at = 2 * chunk + 8, chunk + 3                  # in the 3rd and 2nd chunks
@@ -342,13 +353,8 @@ def test_read_ahead_looks_at_the_write_queue_once_per_advice(tmp_path, monkeypat
     """Which chunks a queued write touches is taken from one look at the queue for the
     whole advice, not one walk of it per chunk (stress-ng's iomix, thousands of small
     writes queued, stalled a node's event loop 0.38 s in such walks, one per 4 MiB chunk)."""
-    path = tmp_path / "big.img"
-    chunk = device.AHEAD_CHUNK // BLOCK_SIZE
-    with open(path, "wb") as f:
-        f.write(os.urandom(4 * chunk * BLOCK_SIZE))
-    dev = BlockDevice(str(path))
+    dev, chunk = _chunked_device(tmp_path, 4)
     try:
-        _needs_direct(dev)
         started, release = _stall_direct_writes(monkeypatch)
         dev.write_behind(3 * chunk * BLOCK_SIZE, b"S" * BLOCK_SIZE)   # taken, stalled
         for i in range(500):                                          # queued behind it
