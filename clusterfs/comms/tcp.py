@@ -158,16 +158,7 @@ class _FrameReader:
 
     def _next(self) -> bytes | None:
         """The next complete frame in the buffer (without its prefix), or None."""
-        if len(self.buf) < wf.LENGTH.size:
-            return None
-        (n,) = wf.LENGTH.unpack_from(self.buf)
-        wf.check_length(n, self.max_frame)
-        end = wf.LENGTH.size + n
-        if len(self.buf) < end:
-            return None
-        data = bytes(self.buf[wf.LENGTH.size:end])
-        del self.buf[:end]
-        return data
+        return wf.take_frame(self.buf, self.max_frame)
 
     async def read(self) -> bytes:
         """One frame (the handshake reads one at a time: what follows stays here)."""

@@ -139,9 +139,8 @@ class _Reader:
         (n,) = wf.LENGTH.unpack_from(self.buf)
         wf.check_length(n, bw.MAX_FRAME)
         await self._fill(wf.LENGTH.size + n)
-        with memoryview(self.buf) as view:      # one copy of a MiB, not two
-            data = bytes(view[wf.LENGTH.size : wf.LENGTH.size + n])
-        del self.buf[: wf.LENGTH.size + n]
+        data = wf.take_frame(self.buf, bw.MAX_FRAME)
+        assert data is not None                 # (all of it is in)
         return data
 
 

@@ -423,17 +423,7 @@ class _Connection:
 
     def _frame(self) -> bytes | None:
         """The first whole frame read, taken from the buffer; None if none is."""
-        head = wf.LENGTH.size
-        if len(self.buf) < head:
-            return None
-        (n,) = wf.LENGTH.unpack_from(self.buf)
-        wf.check_length(n, bw.MAX_FRAME)
-        if len(self.buf) < head + n:
-            return None
-        with memoryview(self.buf) as view:      # one copy of a MiB, not two
-            data = bytes(view[head : head + n])
-        del self.buf[: head + n]
-        return data
+        return wf.take_frame(self.buf, bw.MAX_FRAME)
 
     def _fill(self, n: int, deadline: float) -> None:
         while len(self.buf) < n:

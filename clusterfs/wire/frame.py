@@ -124,6 +124,23 @@ def check_length(n: int, max_frame: int) -> None:
         raise WireError(f"frame length {n} over maximum {max_frame}")
 
 
+def take_frame(buf: bytearray, max_frame: int) -> bytes | None:
+    """The first whole frame in `buf` (bytes received on TCP), without its length
+    prefix, taken out of it; None while it is not all there. WireError for a length
+    out of bounds (check_length), before the rest of the frame is waited for."""
+    if len(buf) < LENGTH.size:
+        return None
+    (n,) = LENGTH.unpack_from(buf)
+    check_length(n, max_frame)
+    end = LENGTH.size + n
+    if len(buf) < end:
+        return None
+    with memoryview(buf) as view:           # one copy of a block frame's MiB, not two
+        data = bytes(view[LENGTH.size : end])
+    del buf[:end]
+    return data
+
+
 def decode(key: bytes, data: bytes, *, max_frame: int = 1 << 20) -> Frame:
     """Check and decode one frame (without length prefix). WireError on anything wrong."""
     check_length(len(data), max_frame)
