@@ -19,6 +19,7 @@ from clusterfs.dlm.lockspace import Lockspace
 from clusterfs.dlm.locktable import Queue
 from clusterfs.dlm.toss import TOSS_BATCH
 from clusterfs.errors import LockCancelled, LockError, WouldBlock
+from clusterfs.membership.view import Fenced, View, ViewChange
 from clusterfs.wire.types import MsgType
 
 R = ("inode", 7)
@@ -745,6 +746,73 @@ async def test_a_merge_overtaken_by_a_newer_view_still_resynchronises() -> None:
         with trio.fail_after(HANG):
             got = await mc.ls(2).lock(R, Mode.EX)
         assert got.granted
+
+
+def _install_now(mc: MemCluster, node: int, members: set[int], left: set[int]) -> None:
+    """A view handed to `node`'s lockspace at once, in the calling step (install_on
+    queues it for the lockspace's event task)."""
+    old = mc.cluster.view
+    view = View(old.generation + 1, frozenset(members),
+                2 * len(members) > mc.cluster.cluster_size, mc.cluster.cluster_size)
+    mc.cluster.view = view
+    ls = mc.ls(node)
+    ls._on_view_change(ViewChange(view, frozenset(), frozenset(left)), ls.ls_dlm._nursery)
+
+
+@trio_test
+async def test_a_recovery_overtaken_as_its_barrier_passes_purges_and_grants_nothing() -> None:
+    """Node 3 dies; node 1's recovery waits at barrier 1 for node 2. Node 2's status
+    comes, and in the same step a newer view leaves node 1 alone without quorum (node
+    2 only slow: never fenced). The status had woken the recovery before the view
+    cancelled it, so it went on: every later barrier had no other member and passed
+    without a checkpoint, step 4 purged node 2's locks (the newer view counted node 2
+    as gone) and step 7 granted node 1's waiting EX over node 2's. After the merge
+    both held R in EX (seen on real mounts: two nodes allocating one block, a
+    withdraw; tests/test_cluster_quorum.py)."""
+    async with memory_cluster([1, 2, 3], auto_fence=False) as mc:
+        ls1, ls2 = mc.ls(1), mc.ls(2)
+        await make_master(ls1, R)
+        held = await ls2.lock(R, Mode.EX)
+        got: list = []
+
+        async def want_ex() -> None:
+            got.append(await ls1.lock(R, Mode.EX))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(want_ex)
+            await settle()
+            receive = Lockspace._handlers[MsgType.DLM_RECOVER_STATUS]
+            overtaken: list[int] = []
+
+            def then_alone(ls: Lockspace, sender: int, body: dict) -> None:
+                receive(ls, sender, body)
+                if sender == 2 and body["step"] == 1 and not overtaken:
+                    overtaken.append(body["g"])
+                    _install_now(mc, 1, {1}, left={2})
+
+            ls1._handlers = {**Lockspace._handlers,
+                             MsgType.DLM_RECOVER_STATUS: then_alone}
+            mc.crash(3)
+            mc.cluster.members[1]._publish(Fenced(mc.cluster.view.generation, frozenset({3})))
+            await settle()                           # node 1 waits at barrier 1
+            assert ls1.ls_barrier_sent.get(mc.cluster.view.generation) == 1
+            mc.cluster.members[2]._publish(Fenced(mc.cluster.view.generation, frozenset({3})))
+            await settle()
+            assert overtaken and not got
+            kept = [i for i in ls1.ls_table.dump(resource_key(R)) if i.nodeid == 2]
+            assert kept and kept[0].grmode == Mode.EX, "node 2's EX was purged unfenced"
+            mc.install_on([1, 2], {1, 2}, joined={1})   # merged back
+            await mc.wait_running()
+            await settle()
+            assert not got, "node 1 was granted EX while node 2 holds it"
+            granted = [i for i in ls1.ls_table.dump(resource_key(R))
+                       if i.queue == Queue.GRANTED]
+            assert [(i.nodeid, i.grmode) for i in granted] == [(2, Mode.EX)]
+            await ls2.unlock(held)
+            with trio.fail_after(HANG):
+                while not got:
+                    await trio.sleep(0.01)
+        assert got[0].granted and got[0].mode == Mode.EX
 
 
 # -- DLM_REMOVE: masters free idle resources ------------------------------------

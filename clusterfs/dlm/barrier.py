@@ -53,6 +53,11 @@ class Barrier:
             del self.ls_recover_status[k]
         for old in [k for k in self.ls_resync_from if k < g]:
             del self.ls_resync_from[old]
+        # A newer view cancels this recovery, but a wait the last status had already
+        # woken returns normally, and a barrier with no other member left (the newer
+        # view's) waits for nothing: without this checkpoint the overtaken recovery
+        # ran its next steps (purge, regrant) on the newer view's state.
+        await trio.lowlevel.checkpoint_if_cancelled()
 
     def _status_body(self, g: int, step: int, dest: int) -> dict[str, Any]:
         body: dict[str, Any] = {"g": g, "step": step}

@@ -38,10 +38,11 @@ class Members:
                 self._expel(ev.generation)
 
     def _on_view_change(self, ev: ViewChange, nursery: trio.Nursery) -> None:
-        """Stop locking, abort a recovery for an older view, recover for this one."""
-        self._stop(ev.view, ev.left, ev.clean, ev.joined)
+        """Stop locking, abort a recovery for an older view, recover for this one.
+        (Cancelled before _stop wakes it: a waiting step then ends Cancelled.)"""
         if self._recover_scope is not None:
             self._recover_scope.cancel()
+        self._stop(ev.view, ev.left, ev.clean, ev.joined)
         if self.ls_node not in ev.view.members:
             return   # joining: wait for a view that holds us
         self._recover_scope = trio.CancelScope()

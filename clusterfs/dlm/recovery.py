@@ -131,15 +131,20 @@ class Recovery:
         may have finished that recovery and rely on it), but our locks on those
         resources are re-sent (step 6): the aborted run may not have delivered
         them all. Duplicates are skipped."""
-        purged = sum(self.ls_table.purge_node(n) for n in sorted(self.ls_gone))
-        self._forget_keys_of(self.ls_gone)
+        # Only nodes this view removed and that are fenced: a newer view adds to
+        # ls_gone and ls_need_fence before it cancels us, and a node it removed may
+        # be alive (slow, or on the other side without quorum) and come back.
+        dead = sorted(n for n in self.ls_gone
+                      if n not in view.members and n not in self.ls_need_fence)
+        purged = sum(self.ls_table.purge_node(n) for n in dead)
+        self._forget_keys_of(dead)
         for key in self.ls_unconfirmed:
             self.ls_master_of.pop(key, None)
         self.ls_unconfirmed.clear()
         for key, master in list(self.ls_master_of.items()):
             if master not in view.members:
                 del self.ls_master_of[key]
-        self._rlog(view.generation, "4 purged %d locks of %s", purged, sorted(self.ls_gone))
+        self._rlog(view.generation, "4 purged %d locks of %s", purged, dead)
 
     def _resync_partners(self, view: View) -> frozenset[int]:
         """The members whose locks and ours must be resynchronised in this recovery:
