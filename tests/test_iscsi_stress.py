@@ -5,11 +5,12 @@ tgtd serves one LUN on 127.0.0.1; three `clusterfs mount` processes share it thr
 libiscsi (no kernel initiator), `[fencing] agent = "scsi-pr"` (nothing kills anyone:
 the survivors PREEMPT AND ABORT the dead node's keys). `tools/stress` runs on all three,
 each in its own directory and all in one shared directory; one node is killed with
-SIGKILL at a moment its journal holds committed transactions. What must hold: the
-survivors' stress runs go on with no failure, the dead node's keys are preempted and
-its journal replayed once, every file any node fsync'd is intact through every other
-node (the dead one once restarted and registered again), all nodes see the same tree,
-and fsck of the LUN is clean after all unmount.
+SIGKILL at a moment its journal holds committed transactions; then as in
+tests/test_recovery_stress.py (`one_death`): the survivors' stress runs go on with no
+failure, the dead node's journal is replayed once, every fsync'd file is intact, the
+dead node rejoins and works, all nodes see the same tree. Here also: the dead node's
+keys are preempted, the restarted node registers again, and fsck of the LUN is clean
+after all unmount.
 
 The soak (`-m slow`) runs CLUSTERFS_ISCSI_SOAK_SEEDS seeds from
 CLUSTERFS_ISCSI_SOAK_FROM, the victim node 1 + seed % 3.
@@ -24,25 +25,9 @@ import mountutil
 import pytest
 from clusterutil import CLUSTER_NAME
 from mountutil import run_cli
-from recoveryutil import (
-    StressRun,
-    assert_same_tree,
-    kill_all,
-    kill_with_dirty_journals,
-    log_size,
-    stop_all,
-    verify_intact,
-)
+from recoveryutil import StressRun, kill_all, stop_all
 from test_fence_mount import FencedCluster, _config, registered_nodes
-from test_recovery_stress import (
-    MIN_CLEAN,
-    MIN_FSYNCS,
-    MORE_FSYNCS,
-    assert_replayed_once,
-    report_recovery,
-    wait_fsyncs,
-    wait_recovered,
-)
+from test_recovery_stress import one_death
 
 pytestmark = pytest.mark.skipif(
     mountutil.missing_prerequisites() is not None or
@@ -65,35 +50,22 @@ def death_on_a_lun_under_stress(tmp_path, seed: int, victim: int) -> None:
         config = _config(tmp_path, f'agent = "scsi-pr"\ndevices = ["{url}"]\n')
         c = FencedCluster(tmp_path, url, config, 3)
         observer = IscsiDevice(url, timeout=10, initiator="iqn.2025-01.io.clusterfs.test:obs")
+
+        def preempted() -> None:
+            assert victim not in registered_nodes(observer)
+            assert f"node {victim} fenced: key" in c.logs()
+
+        def registered_again() -> None:
+            assert registered_nodes(observer).count(victim) == 3
+
         runs: dict[int, StressRun] = {}
         try:
             with c.forced_down_on_error():
                 c.start(1, 2, 3)
                 runs.update({n: StressRun(n, c.mountpoint(n), seed + 10 * n,
                                           tmp_path).start() for n in c.node_ids})
-                wait_fsyncs(list(runs.values()), MIN_FSYNCS)
-                offsets = {n: log_size(c, n) for n in survivors}
-                dirty = kill_with_dirty_journals(
-                    c, [victim], also=lambda: runs[victim].clean_fsynced() >= MIN_CLEAN,
-                    first=lambda: kill_all([runs[victim]]))
-                report_recovery(wait_recovered(c, survivors, offsets, {victim}))
-                assert_replayed_once(c, dirty, offsets)
-                assert victim not in registered_nodes(observer)    # preempted
-                assert f"node {victim} fenced: key" in c.logs()
-                checked = verify_intact(runs[victim], c.mountpoint(survivors[0]))
-                assert checked > 0, "the dead node's stress logged no fsync'd file"
-                wait_fsyncs([runs[n] for n in survivors], MORE_FSYNCS)
-                c.start(victim)                                    # registers again
-                assert registered_nodes(observer).count(victim) == 3
-                assert verify_intact(runs[victim], c.mountpoint(victim)) == checked
-                wait_fsyncs([runs[n] for n in survivors], MORE_FSYNCS)
-                stop_all(list(runs.values()))
-                for n in survivors:
-                    runs[n].finish()
-                    for reader in c.node_ids:
-                        if reader != n:
-                            verify_intact(runs[n], c.mountpoint(reader))
-                assert_same_tree(c, c.node_ids)
+                one_death(c, tmp_path, seed, victim, survivors, runs, shared=True,
+                          after_recovery=preempted, after_rejoin=registered_again)
                 for n in c.node_ids:
                     c.unmount(n)
         finally:

@@ -35,6 +35,7 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import mountutil
@@ -158,7 +159,12 @@ def node_death_under_stress(tmp_path, seed: int, shared: str = "none") -> None:
 
 
 def one_death(c: Cluster, tmp_path, seed: int, victim: int, survivors: list[int],
-              runs: dict[int, StressRun], shared: bool) -> None:
+              runs: dict[int, StressRun], shared: bool,
+              after_recovery: Callable[[], None] = lambda: None,
+              after_rejoin: Callable[[], None] = lambda: None) -> None:
+    """The victim killed under its stress run, the survivors recover and go on, it
+    rejoins (module doc); after_recovery and after_rejoin check more at those points
+    (tests/test_proxy_stress.py, tests/test_iscsi_stress.py)."""
     wait_fsyncs(list(runs.values()), MIN_FSYNCS)
     offsets = {n: log_size(c, n) for n in survivors}
     dirty = kill_nodes(c, [victim], runs)
@@ -166,11 +172,13 @@ def one_death(c: Cluster, tmp_path, seed: int, victim: int, survivors: list[int]
     found = wait_recovered(c, survivors, offsets, {victim})
     report_recovery(found)
     assert_replayed_once(c, dirty, offsets)
+    after_recovery()
     # what the dead node fsync'd, read by a survivor
     checked = verify_intact(runs[victim], c.mountpoint(survivors[0]))
     assert checked > 0, "the victim's stress logged no fsync'd file still clean"
 
     c.start(victim)                                        # it rejoins
+    after_rejoin()
     assert verify_intact(runs[victim], c.mountpoint(victim)) == checked
     again = StressRun(victim, c.mountpoint(victim), seed + 1000, tmp_path,
                       private=f"n{victim}-again", shared="shared" if shared else None,
