@@ -87,15 +87,20 @@ class MemCluster:
         side goes on alone (a node without quorum while the others still hold the old
         view), and a merge back names the merged node in `joined` on every member
         (docs/cluster.md). Becomes the cluster's view (what wait_running waits for)."""
-        old = self.cluster.view
-        members = frozenset(members)
-        view = View(old.generation + 1, members, 2 * len(members) > self.cluster.cluster_size,
-                    self.cluster.cluster_size)
-        self.cluster.view = view
+        view = self.next_view(members)
         change = ViewChange(view, frozenset(joined), frozenset(left))
         for nid in nodes:
             self.cluster.members[nid]._publish(change)
         return view
+
+    def next_view(self, members: Iterable[int]) -> View:
+        """The cluster's next view, of `members` (quorate by majority), made current
+        (what wait_running waits for); handing it to the nodes is the caller's."""
+        members = frozenset(members)
+        self.cluster.view = View(self.cluster.view.generation + 1, members,
+                                 2 * len(members) > self.cluster.cluster_size,
+                                 self.cluster.cluster_size)
+        return self.cluster.view
 
     async def wait_running(self, timeout: float = 10) -> None:
         try:

@@ -19,7 +19,7 @@ from clusterfs.dlm.lockspace import Lockspace
 from clusterfs.dlm.locktable import Queue
 from clusterfs.dlm.toss import TOSS_BATCH
 from clusterfs.errors import LockCancelled, LockError, WouldBlock
-from clusterfs.membership.view import Fenced, View, ViewChange
+from clusterfs.membership.view import Fenced, ViewChange
 from clusterfs.wire.types import MsgType
 
 R = ("inode", 7)
@@ -751,10 +751,7 @@ async def test_a_merge_overtaken_by_a_newer_view_still_resynchronises() -> None:
 def _install_now(mc: MemCluster, node: int, members: set[int], left: set[int]) -> None:
     """A view handed to `node`'s lockspace at once, in the calling step (install_on
     queues it for the lockspace's event task)."""
-    old = mc.cluster.view
-    view = View(old.generation + 1, frozenset(members),
-                2 * len(members) > mc.cluster.cluster_size, mc.cluster.cluster_size)
-    mc.cluster.view = view
+    view = mc.next_view(members)
     ls = mc.ls(node)
     ls._on_view_change(ViewChange(view, frozenset(), frozenset(left)), ls.ls_dlm._nursery)
 

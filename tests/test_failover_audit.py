@@ -414,25 +414,12 @@ def _disk_agent_failover(c, fenced, backing: Path) -> None:
 def test_survivors_fencing_with_scsi_pr_open_and_import_nothing(tmp_path, audited):
     """scsi-pr on a tgtd LUN: the fence is a PREEMPT AND ABORT of node 3's key."""
     import iscsiutil
-    from test_fence_mount import MIB, FencedCluster, _config, registered_nodes
-
-    from clusterfs.storage.iscsi import IscsiDevice
+    from test_fence_mount import registered_nodes, scsi_pr_cluster
 
     mountutil.require(iscsiutil.missing_prerequisites())
-    with iscsiutil.target([256 * MIB]) as t:
-        url = t.url()
-        r = run_cli("mkfs", "-q", "-j", "3", "--cluster", CLUSTER_NAME, url)
-        assert r.returncode == 0, r.stderr
-        c = FencedCluster(tmp_path, url, _config(tmp_path, f'agent = "scsi-pr"\n'
-                                                           f'devices = ["{url}"]\n'), 3)
-        observer = IscsiDevice(url, timeout=10, initiator="iqn.2025-01.io.clusterfs.test:obs")
-        try:
-            with c.forced_down_on_error():
-                c.start(1, 2, 3)
-                _disk_agent_failover(c, lambda: 3 not in registered_nodes(observer),
-                                     t.backing[1])
-        finally:
-            observer.close()
+    with scsi_pr_cluster(tmp_path) as (c, observer, t), c.forced_down_on_error():
+        c.start(1, 2, 3)
+        _disk_agent_failover(c, lambda: 3 not in registered_nodes(observer), t.backing[1])
 
 
 def test_survivors_fencing_with_a_poison_pill_open_and_import_nothing(tmp_path, audited):

@@ -11,12 +11,15 @@ withdraws and the writer gets EIO, and the pattern is nowhere on the disk.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import iscsiutil
 import mountutil
@@ -129,32 +132,44 @@ def prereq_iscsi():
     mountutil.require(iscsiutil.missing_prerequisites())
 
 
-def test_scsi_pr_mount_registers_and_a_stopped_node_is_preempted(tmp_path, prereq_iscsi):
+@contextlib.contextmanager
+def scsi_pr_cluster(tmp_path: Path, size: int = 256 * MIB,
+                    config: Callable[[str], Path] | None = None
+                    ) -> Iterator[tuple[FencedCluster, Any, Any]]:
+    """A tgtd LUN of `size` made for three nodes, a FencedCluster on it fencing by
+    scsi-pr (`config(url)` writes another config), and an observer session reading the
+    LUN's registrations: (cluster, observer, target); the caller starts the nodes.
+    At the end the observer is closed and, if the body ended normally, the LUN is
+    fsck'd clean."""
     from clusterfs.storage.iscsi import IscsiDevice
 
-    with iscsiutil.target([256 * MIB]) as t:
+    with iscsiutil.target([size]) as t:
         url = t.url()
         r = run_cli("mkfs", "-q", "-j", "3", "--cluster", CLUSTER_NAME, url)
         assert r.returncode == 0, r.stderr
-        config = _config(tmp_path, f'agent = "scsi-pr"\ndevices = ["{url}"]\n')
-        c = FencedCluster(tmp_path, url, config, 3)
+        path = config(url) if config is not None else \
+            _config(tmp_path, f'agent = "scsi-pr"\ndevices = ["{url}"]\n')
+        c = FencedCluster(tmp_path, url, path, 3)
         observer = IscsiDevice(url, timeout=10, initiator="iqn.2025-01.io.clusterfs.test:obs")
         try:
-            with c.forced_down_on_error():
-                c.start(1, 2, 3)
-                # every node registered its mount's session, its agent's and its disk
-                # heartbeat's: 3 each, a key of its own each
-                assert registered_nodes(observer) == [1, 1, 1, 2, 2, 2, 3, 3, 3]
-                assert len(set(observer.pr_read_keys())) == 9
-                _stop_fence_resume(c, lambda: 3 not in registered_nodes(observer),
-                                   t.backing[1])
-                assert "reservation conflict: this node was fenced" in c.mounts[3].log_text()
-                assert "node 3 fenced: key" in c.logs()
-                _finish(c)
+            yield c, observer, t
         finally:
             observer.close()
         r = mountutil.fsck(url)
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_scsi_pr_mount_registers_and_a_stopped_node_is_preempted(tmp_path, prereq_iscsi):
+    with scsi_pr_cluster(tmp_path) as (c, observer, t), c.forced_down_on_error():
+        c.start(1, 2, 3)
+        # every node registered its mount's session, its agent's and its disk
+        # heartbeat's: 3 each, a key of its own each
+        assert registered_nodes(observer) == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+        assert len(set(observer.pr_read_keys())) == 9
+        _stop_fence_resume(c, lambda: 3 not in registered_nodes(observer), t.backing[1])
+        assert "reservation conflict: this node was fenced" in c.mounts[3].log_text()
+        assert "node 3 fenced: key" in c.logs()
+        _finish(c)
 
 
 def test_poison_pill_mount_claims_a_slot_and_a_stopped_node_stops_itself(tmp_path):
@@ -198,28 +213,16 @@ io_timeout = 0.5
 def _proxy_scsi_pr(tmp_path: Path, group: tuple[int, int], proxy: int, scenario) -> None:
     """A tgtd LUN, scsi-pr fencing, nodes `group` mount it and serve it, `proxy`
     mounts through them; `scenario(c, observer, target)` runs in between."""
-    from clusterfs.storage.iscsi import IscsiDevice
-
-    with iscsiutil.target([256 * MIB]) as t:
-        url = t.url()
-        r = run_cli("mkfs", "-q", "-j", "3", "--cluster", CLUSTER_NAME, url)
-        assert r.returncode == 0, r.stderr
-        c = FencedCluster(tmp_path, url, _proxy_config(tmp_path, url, group), 3)
-        observer = IscsiDevice(url, timeout=10, initiator="iqn.2025-01.io.clusterfs.test:obs")
-        try:
-            with c.forced_down_on_error():
-                c.start(*group)
-                c.start(proxy)
-                assert "reaching it through the storage group" in c.mounts[proxy].log_text()
-                registered = registered_nodes(observer)
-                # a registration belongs to a session (I_T nexus): the proxy has none
-                assert proxy not in registered
-                assert all(n in registered for n in group)
-                scenario(c, observer, t)
-        finally:
-            observer.close()
-        r = mountutil.fsck(url)
-        assert r.returncode == 0, r.stdout + r.stderr
+    with scsi_pr_cluster(tmp_path, config=lambda url: _proxy_config(tmp_path, url, group)
+                         ) as (c, observer, t), c.forced_down_on_error():
+        c.start(*group)
+        c.start(proxy)
+        assert "reaching it through the storage group" in c.mounts[proxy].log_text()
+        registered = registered_nodes(observer)
+        # a registration belongs to a session (I_T nexus): the proxy has none
+        assert proxy not in registered
+        assert all(n in registered for n in group)
+        scenario(c, observer, t)
 
 
 def test_scsi_pr_a_stopped_proxy_node_is_cut_off_at_the_servers(tmp_path, prereq_iscsi):

@@ -23,10 +23,8 @@ import os
 import iscsiutil
 import mountutil
 import pytest
-from clusterutil import CLUSTER_NAME
-from mountutil import run_cli
 from recoveryutil import StressRun, kill_all, stop_all
-from test_fence_mount import FencedCluster, _config, registered_nodes
+from test_fence_mount import registered_nodes, scsi_pr_cluster
 from test_recovery_stress import one_death
 
 pytestmark = pytest.mark.skipif(
@@ -40,16 +38,8 @@ SOAK_FROM = int(os.environ.get("CLUSTERFS_ISCSI_SOAK_FROM", "9000"))
 
 
 def death_on_a_lun_under_stress(tmp_path, seed: int, victim: int) -> None:
-    from clusterfs.storage.iscsi import IscsiDevice
-
     survivors = [n for n in (1, 2, 3) if n != victim]
-    with iscsiutil.target([512 * MIB]) as t:
-        url = t.url()
-        r = run_cli("mkfs", "-q", "-j", "3", "--cluster", CLUSTER_NAME, url)
-        assert r.returncode == 0, r.stderr
-        config = _config(tmp_path, f'agent = "scsi-pr"\ndevices = ["{url}"]\n')
-        c = FencedCluster(tmp_path, url, config, 3)
-        observer = IscsiDevice(url, timeout=10, initiator="iqn.2025-01.io.clusterfs.test:obs")
+    with scsi_pr_cluster(tmp_path, 512 * MIB) as (c, observer, _t):
 
         def preempted() -> None:
             assert victim not in registered_nodes(observer)
@@ -71,9 +61,6 @@ def death_on_a_lun_under_stress(tmp_path, seed: int, victim: int) -> None:
         finally:
             stop_all(list(runs.values()))
             kill_all(list(runs.values()))
-            observer.close()
-        r = mountutil.fsck(url)
-        assert r.returncode == 0, r.stdout + r.stderr
 
 
 def test_a_node_killed_under_stress_on_a_lun_fenced_by_reservations(tmp_path):
