@@ -26,7 +26,8 @@ format and never through fs or fuse, so it judges the disk, not the code.
 
 Shared by all: `clusterfs.errors` (our exceptions), `clusterfs.native` (the
 cffi module: checksums, memory reserve, lock table), `clusterfs.config`,
-`clusterfs.compat` (differences between supported library versions),
+`clusterfs.workers` (the worker threads blocking calls run in: a fixed set in a
+mount),
 `clusterfs.failover` (the phases of the failover path each layer marks, and the
 mount's opt-in audit of what the process asks of the host meanwhile).
 """

@@ -14,6 +14,14 @@ phase of that path, with a name, while it runs:
 cheap, safe from any thread, a no-op when nothing audits. This module imports only
 the standard library, so every layer may use it.
 
+From the first phase entered to the last one left runs one *path* (phases overlap:
+membership fences, then journal recovery replays). A mount gives a meter
+(`set_meter`): counters of what the process drew from the kernel (heap bytes, arenas,
+threads), read when a path starts and when it ends, and kept with the path
+(`path_history`), so a failover that needed fresh memory says so; and a listener
+told when a path starts and ends (the mount hands pymalloc its reserve of arenas
+meanwhile: node/memory.py).
+
 The audit (`install_audit`, which `clusterfs mount` runs when the environment has
 CLUSTERFS_AUDIT_FAILOVER=1) adds a `sys.addaudithook` hook that records every
 event of `AUDITED` (files opened, modules imported, processes and code started,
@@ -72,33 +80,83 @@ HISTORY = 100            # phases kept, the latest
 _under_way: dict[str, float] = {}          # phase -> since (time.monotonic)
 _history: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY)
 
+Meter = Callable[[], dict[str, int]]
+_meter: Meter | None = None
+_listener: Callable[[bool], None] | None = None
+_path_lock = threading.Lock()              # a path starts and ends once, whoever marks
+_path: dict[str, Any] | None = None        # the path under way: since, phases, meter then
+_paths: collections.deque[dict[str, Any]] = collections.deque(maxlen=HISTORY)
+
+
+def set_meter(meter: Meter | None, listener: Callable[[bool], None] | None = None) -> None:
+    """Read `meter` when a path starts and ends; tell `listener` (True, then False)."""
+    global _meter, _listener
+    _meter, _listener = meter, listener
+
 
 def enter(phase: str) -> None:
     """`phase` of the failover path is under way here (from now, if it was not)."""
-    if phase not in _under_way:
+    if phase in _under_way:
+        return
+    with _path_lock:
+        if not _under_way:
+            _start_path()
         _under_way[phase] = time.monotonic()
+        if _path is not None and phase not in _path["phases"]:
+            _path["phases"].append(phase)
 
 
 def leave(phase: str) -> None:
     """`phase` is over (if it was under way)."""
-    since = _under_way.pop(phase, None)
-    if since is not None:
+    with _path_lock:
+        since = _under_way.pop(phase, None)
+        if since is None:
+            return
         _history.append({"phase": phase, "at": round(time.time(), 3),
                          "seconds": round(time.monotonic() - since, 4)})
+        if not _under_way:
+            _end_path()
+
+
+def _start_path() -> None:
+    global _path
+    if _listener is not None:
+        _listener(True)
+    _path = {"since": time.monotonic(), "phases": [],
+             "meter": _meter() if _meter is not None else {}}
+
+
+def _end_path() -> None:
+    global _path
+    path, _path = _path, None
+    if path is None:
+        return
+    now = _meter() if _meter is not None else {}
+    _paths.append({"at": round(time.time(), 3), "phases": path["phases"],
+                   "seconds": round(time.monotonic() - path["since"], 4),
+                   "drawn": {k: v - path["meter"].get(k, 0) for k, v in now.items()}})
+    if _listener is not None:
+        _listener(False)
+
+
+def path_history() -> list[dict[str, Any]]:
+    """The last paths that ended: end, length, phases, and what the meter's counters
+    grew by meanwhile (`drawn`), oldest first."""
+    return list(_paths)
 
 
 def under_way() -> tuple[str, ...]:
     return tuple(_under_way)
 
 
-def start_thread(target: Callable[[], None], name: str, *, daemon: bool = True
-                 ) -> threading.Thread:
-    """Start a thread of ours with a THREAD_STACK stack. The size is a process-wide
+def start_thread(target: Callable[[], None], name: str, *, daemon: bool = True,
+                 stack: int = THREAD_STACK) -> threading.Thread:
+    """Start a thread of ours with a `stack` stack (THREAD_STACK). The size is a process-wide
     setting read when a thread starts: it is set and put back around our start only
     (under a lock, so two of ours never undo each other's)."""
     thread = threading.Thread(target=target, name=name, daemon=daemon)
     with _stack_lock:
-        before = threading.stack_size(THREAD_STACK)
+        before = threading.stack_size(stack)
         try:
             thread.start()
         finally:
@@ -158,7 +216,7 @@ class _Audit:
                 "armed": self.armed, "seen": self.seen, "during": list(self.during),
                 "during_dropped": self.during_dropped, "outside_count": self.outside_count,
                 "outside_sample": list(self.outside), "under_way": list(_under_way),
-                "phases": phase_history()}
+                "phases": phase_history(), "paths": path_history()}
 
 
 def _audited(event: str, args: tuple[Any, ...]) -> bool:
@@ -228,5 +286,5 @@ def report() -> dict[str, Any]:
     """What the audit saw, for the status socket; {"installed": False} without it."""
     if _audit is None:
         return {"installed": False, "under_way": list(_under_way),
-                "phases": phase_history()}
+                "phases": phase_history(), "paths": path_history()}
     return _audit.report()

@@ -19,8 +19,9 @@ except ModuleNotFoundError as missing:  # pragma: no cover - depends on how it w
         "run `pip install -e .` (or tools/install.sh) in the source tree"
     ) from missing
 
-__all__ = ["crc32c", "crc32c_hardware", "lock_memory", "set_io_flusher", "BufferPool", "Uring",
-           "ffi", "lib"]
+__all__ = ["crc32c", "crc32c_hardware", "lock_memory", "set_io_flusher", "hold_heap",
+           "top_up_heap", "heap_stats", "reserve_arenas", "top_up_arenas",
+           "arenas_for_failover", "arena_stats", "BufferPool", "Uring", "ffi", "lib"]
 
 
 def crc32c(data: bytes | bytearray | memoryview, crc: int = 0) -> int:
@@ -45,6 +46,62 @@ def set_io_flusher() -> None:
     err = lib.cfs_set_io_flusher()
     if err:
         raise OSError(err, f"prctl(PR_SET_IO_FLUSHER): {os.strerror(err)}")
+
+
+def hold_heap(headroom: int) -> None:
+    """One malloc arena, requests up to 32 MiB from the heap, no trim, and `headroom`
+    free bytes at the heap's top (native/heap.c); raises OSError if refused."""
+    err = lib.cfs_heap_hold(headroom)
+    if err:
+        raise OSError(err, f"malloc heap hold: {os.strerror(err)}")
+
+
+def top_up_heap(headroom: int) -> None:
+    """Grow the heap so its top holds `headroom` free bytes again (OSError if not)."""
+    err = lib.cfs_heap_top_up(headroom)
+    if err:
+        raise OSError(err, f"malloc heap top-up: {os.strerror(err)}")
+
+
+HEAP_FIELDS = ("heap", "mmapped", "in_use", "free", "top_free")
+ARENA_FIELDS = ("slots", "slots_free", "slots_taken", "from_kernel", "from_kernel_in_failover")
+
+
+def heap_stats() -> dict[str, int]:
+    """malloc's figures in bytes (HEAP_FIELDS): heap size, mmapped chunks, in use,
+    free, free at the top."""
+    out = ffi.new("uint64_t[]", len(HEAP_FIELDS))
+    lib.cfs_heap_stats(out)
+    return dict(zip(HEAP_FIELDS, out, strict=True))
+
+
+def reserve_arenas(count: int, slot: int = 1 << 20) -> None:
+    """Keep `count` pymalloc arena slots of `slot` bytes mapped for the failover path
+    (native/heap.c); once per process. With count 0 there is no reserve, but the
+    arenas taken from the kernel are counted all the same. OSError if refused."""
+    err = lib.cfs_arenas_reserve(count, slot)
+    if err:
+        raise OSError(err, f"pymalloc arena reserve: {os.strerror(err)}")
+
+
+def top_up_arenas() -> None:
+    """Map reserve slots until as many are free as were reserved (outside the path)."""
+    err = lib.cfs_arenas_top_up()
+    if err:
+        raise OSError(err, f"pymalloc arena top-up: {os.strerror(err)}")
+
+
+def arenas_for_failover(on: bool) -> None:
+    """While on, new pymalloc arenas come from the reserve (then from the kernel)."""
+    lib.cfs_arenas_failover(int(on))
+
+
+def arena_stats() -> dict[str, int]:
+    """The arena reserve's counters (ARENA_FIELDS): slots, free, taken ever, arenas
+    from the kernel since the reserve was made, of them while the failover path was on."""
+    out = ffi.new("uint64_t[]", len(ARENA_FIELDS))
+    lib.cfs_arenas_stats(out)
+    return dict(zip(ARENA_FIELDS, out, strict=True))
 
 
 class BufferPool:

@@ -199,6 +199,8 @@ def test_mount_users_never_looks_at_the_mountpoint_itself(tmp_path, monkeypatch)
     ("max_glocks=5", "mount option max_glocks: 5 out of range"),
     ("min_hold_ms=-1", "mount option min_hold_ms: -1 out of range 0..60000"),
     ("colour=blue", "unknown mount option 'colour=blue'"),
+    ("reserve_mib=-1", "mount option reserve_mib: -1 out of range 0..65536"),
+    ("reserve_mib=1G", "mount option reserve_mib: '1G' is not a whole number"),
 ])
 def test_a_bad_mount_option_is_one_clear_error(option, said):
     from clusterfs.node.mount_cmd import MountError, parse_options
@@ -207,3 +209,4 @@ def test_a_bad_mount_option_is_one_clear_error(option, said):
         parse_options([option])
     assert said in str(err.value)
     assert parse_options(["nice=5"]).nice == 5
+    assert parse_options(["reserve_mib=0"]).reserve_mib == 0

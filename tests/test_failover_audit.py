@@ -296,7 +296,8 @@ def _print_audits(audits: dict[int, dict], what: str = "node") -> None:
     """Each process's audit, shown when a test fails (what it saw, and when)."""
     for n, audit in audits.items():
         print(f"\n{what} {n}: {audit['seen']} events seen, {audit['outside_count']} "
-              f"outside the failover, phases {audit['phases']}\n{_explain(audit)}")
+              f"outside the failover, phases {audit['phases']}\n{_explain(audit)}\n"
+              f"paths {audit['paths']}")
 
 
 def assert_quiet_failover(audit: dict, since: float, phases: set[str]) -> None:
@@ -306,6 +307,19 @@ def assert_quiet_failover(audit: dict, since: float, phases: set[str]) -> None:
     assert audit["seen"] > 0, "the hook saw nothing at all: is it there?"
     assert phases <= _phases_after(audit, since), audit["phases"]
     assert not audit["during_dropped"] and not audit["during"], _explain(audit)
+    assert_nothing_drawn(audit, since)
+
+
+def assert_nothing_drawn(audit: dict, since: float) -> None:
+    """Every failover path that ended after `since` took no memory and started no
+    thread: the heap did not grow, no pymalloc arena came from the kernel (the reserve
+    served them), no thread was started (node/memory.py)."""
+    paths = [p for p in audit["paths"] if p["at"] >= since]
+    assert paths, audit["paths"]
+    for path in paths:
+        drawn = path["drawn"]
+        assert drawn["heap_bytes"] == 0 and drawn["arenas_from_kernel"] == 0, path
+        assert drawn["threads"] <= 0 and drawn["mmapped_bytes"] <= 0, path
 
 
 KILL_PHASES = {"membership", "journal recovery"}

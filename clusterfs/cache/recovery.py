@@ -28,7 +28,7 @@ from typing import Any
 
 import trio
 
-from clusterfs import failover
+from clusterfs import failover, workers
 from clusterfs.dlm.interface import Mode
 from clusterfs.errors import Expelled, Withdrawn, WouldBlock
 from clusterfs.journal.log import advance, replay_steps
@@ -142,8 +142,7 @@ class JournalRecovery:
             # stress-ng's open); and a newer view can cancel between two steps
             steps = replay_steps(self.dev, self.sb, slot)
             while True:
-                ended, result = await trio.to_thread.run_sync(advance, steps,
-                                                              self.dev.flush)
+                ended, result = await workers.run(advance, steps, self.dev.flush)
                 if ended:
                     break
         finally:

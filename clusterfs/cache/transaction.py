@@ -18,6 +18,7 @@ from typing import Any, Protocol
 
 import trio
 
+from clusterfs import workers
 from clusterfs.errors import Withdrawn
 from clusterfs.journal.log import Journal
 
@@ -165,8 +166,7 @@ class TransactionManager:
         self.journal.stage(blocks)
         done, pending = await self.journal.log_without_thread(blocks, ordered)
         if not done:
-            pending = await trio.to_thread.run_sync(self.journal.log_transaction, blocks,
-                                                    ordered)
+            pending = await workers.run(self.journal.log_transaction, blocks, ordered)
         if pending is not None:
             self.journal.end_commit(pending, flushes=2 if ordered else 1)
             self.stats["commits"] += 1
@@ -184,10 +184,10 @@ class TransactionManager:
         if homes is None or len(homes) == len(journal.pending_home) or \
                 not journal.room_to_revoke(len(homes)):
             # home writes and two flushes: in a worker thread, like the commit's
-            await trio.to_thread.run_sync(journal.checkpoint)
+            await workers.run(journal.checkpoint)
             return True
         if homes:
-            await trio.to_thread.run_sync(journal.write_back, homes)   # (counted there)
+            await workers.run(journal.write_back, homes)   # (counted there)
         return False
 
     async def flush_for_demote(self, covered: Covered | None = None) -> None:
@@ -213,7 +213,7 @@ class TransactionManager:
         self.check_writable()
         try:
             if not await self.journal.dev.flush_without_thread():
-                await trio.to_thread.run_sync(self._drain_and_flush)
+                await workers.run(self._drain_and_flush)
         except Exception as exc:
             self.withdraw(f"data write or flush failed: {exc}")
             raise Withdrawn(f"filesystem withdrawn: {exc}") from exc
@@ -238,7 +238,7 @@ class TransactionManager:
         dev = self.journal.dev
         if dev.behind_pending:
             try:
-                await trio.to_thread.run_sync(dev.drain)
+                await workers.run(dev.drain)
             except Exception as exc:
                 self.withdraw(f"data write failed: {exc}")
                 raise Withdrawn(f"filesystem withdrawn: {exc}") from exc

@@ -28,6 +28,7 @@ from typing import Protocol
 
 import trio
 
+from clusterfs import workers
 from clusterfs.errors import FenceError
 from clusterfs.fence.fuseconn import abort_fuse_connection, fuse_mount_at
 from clusterfs.fence.pidfile import (
@@ -193,7 +194,7 @@ class ProcessAgent:
         if it lingers (half-dead); FenceError if it is still there after `wait`."""
         if await _exits_within(pidfd, self.abort_after):
             return
-        await trio.to_thread.run_sync(self._abort_own_mount, node_id, process, generation)
+        await workers.run(self._abort_own_mount, node_id, process, generation)
         if await _exits_within(pidfd, self.wait - self.abort_after):
             return
         raise FenceError(f"node {node_id}: pid {process.pid} still alive {self.wait} s "

@@ -47,7 +47,7 @@ from typing import Protocol
 
 import trio
 
-from clusterfs.compat import run_sync_abandoning
+from clusterfs import workers
 from clusterfs.errors import ClusterFSError, FenceError, StorageError
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.heartbeat import (
@@ -149,13 +149,11 @@ class PoisonPillAgent:
         self.calls.append((node_id, generation))
         if node_id == self.node_id:
             raise FenceError(f"node {node_id}: refusing to fence this node itself")
-        slots = await trio.to_thread.run_sync(self._deliver, node_id, generation,
-                                              incarnation)
+        slots = await workers.run(self._deliver, node_id, generation, incarnation)
         if not slots:
             # nothing claimed: a claim in flight lands within msgwait, else none comes
             await trio.sleep(self.msgwait)
-            slots = await trio.to_thread.run_sync(self._deliver, node_id, generation,
-                                                  incarnation)
+            slots = await workers.run(self._deliver, node_id, generation, incarnation)
             if not slots:
                 log.warning("gen %d: node %d counted fenced: it holds no heartbeat slot "
                             "on %s (never claimed one, so it wrote nothing there)",
@@ -198,7 +196,7 @@ class PoisonPillAgent:
 
 async def _read_in_thread(fn: Callable[[], bytes]) -> bytes:
     """fn() in a worker thread, abandoned (left to finish on its own) if cancelled."""
-    return await run_sync_abandoning(fn)
+    return await workers.run(fn, abandon=True)
 
 
 class PillWatcher:

@@ -49,8 +49,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-import trio
-
+from clusterfs import workers
 from clusterfs.errors import FenceError, ReservationConflict, StorageError
 
 log = logging.getLogger(__name__)
@@ -235,7 +234,7 @@ class ScsiPrAgent:
             raise FenceError(f"node {node_id}: refusing to fence this node itself")
         victim = pr_key(self.cluster_name, node_id)
         for i in range(len(self.devices)):
-            await trio.to_thread.run_sync(self._fence_path, i, node_id, victim, generation)
+            await workers.run(self._fence_path, i, node_id, victim, generation)
         log.warning("gen %d: node %d fenced: key %#x preempted on %d path(s)", generation,
                     node_id, victim, len(self.devices))
 

@@ -14,8 +14,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
-import trio
-
+from clusterfs import workers
 from clusterfs.dlm.interface import Mode
 from clusterfs.errors import FSError, StorageError
 from clusterfs.format import extent as fext
@@ -237,7 +236,7 @@ class FileData:
         finds the room; wait for room in a worker thread, never in the event loop."""
         while True:
             if not self.blocks.write_room(need):
-                await trio.to_thread.run_sync(self.blocks.wait_write_room, need)
+                await workers.run(self.blocks.wait_write_room, need)
             try:
                 return await attempt()
             except _QueueFull as full:

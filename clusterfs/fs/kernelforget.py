@@ -16,6 +16,8 @@ from collections.abc import Callable
 
 import trio
 
+from clusterfs import workers
+
 
 class KernelForget:
     def __init__(self) -> None:
@@ -40,7 +42,7 @@ class KernelForget:
                 inos, self._queued = self._queued, []
                 done, self._next_round = self._next_round, trio.Event()
                 try:
-                    await trio.to_thread.run_sync(self._tell, inos)
+                    await workers.run(self._tell, inos)
                 finally:
                     done.set()
         finally:

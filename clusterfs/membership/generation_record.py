@@ -36,6 +36,7 @@ from typing import Protocol
 
 import trio
 
+from clusterfs import workers
 from clusterfs.errors import StateError
 
 FORMAT = 1
@@ -99,7 +100,7 @@ class GenerationFile:
         async with self._lock:          # one write at a time: the file never goes back
             if generation <= self._generation:
                 return
-            await trio.to_thread.run_sync(self._write, generation)
+            await workers.run(self._write, generation)
             self._generation = generation
 
     def close(self) -> None:

@@ -2,4 +2,5 @@
 
     mkfs_cmd    mkfs.clusterfs / clusterfs mkfs
     mount_cmd   clusterfs mount: device checks, memory reserve, slot, replay, FUSE serve
+    memory      the mount's memory reserve: locked memory, held heap, arenas, workers
 """

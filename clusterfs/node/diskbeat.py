@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from clusterfs.compat import run_sync_abandoning
+from clusterfs import workers
 from clusterfs.errors import ClusterFSError
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.format.diskbeat import (
@@ -92,7 +92,7 @@ class DiskHeartbeat:
             # a hung device must not hang membership: the read is abandoned, own_ok()
             # turns false, and the next round tries again
             with trio.move_on_after(self.timeout):
-                await run_sync_abandoning(self._round)
+                await workers.run(self._round, abandon=True)
             await trio.sleep(self.interval)
 
     def _round(self) -> None:
@@ -139,7 +139,7 @@ class DiskHeartbeat:
         """Write a last STOPPED beat (a clean leave): we are not alive on the disk."""
         self.stopped = True
         try:
-            await trio.to_thread.run_sync(self._write, STOPPED)
+            await workers.run(self._write, STOPPED)
         except (ClusterFSError, OSError) as exc:
             log.warning("node %d: could not write the last disk heartbeat: %s",
                         self.node_id, exc)

@@ -23,8 +23,10 @@ cluster, every new view has a higher generation than any before
 corrupt record stops lockd at start with one line (exit 2).
 
 The failover path (clusterfs.failover; docs/recovery.md): before it joins, lockd
-loads every module that path may import (node/prepare.py `preload`, which also
-bounds the stacks of threads started later), and it marks "lock recovery" from a
+takes the memory reserve a mount takes (node/memory.py: locked memory, a held heap,
+arenas and worker threads for the path) and loads every module that path may import
+(node/prepare.py `preload`, which also bounds the stacks of threads started later),
+and it marks "lock recovery" from a
 view that removed a node (not a clean leaver) until its lockspace runs again in
 that view or a later one. The process agent holds each member's process from the
 moment it joins (so a fence opens no pid file; CLUSTERFS_LOCKD_FENCE_BY_RECORD=1 turns
@@ -174,6 +176,9 @@ def run(args: argparse.Namespace) -> int:
     except ClusterFSError as exc:
         print(f"clusterfs lockd: fencing: {exc}", file=sys.stderr)
         return 2
+    from clusterfs.node.memory import reserve_memory
+
+    reserve_memory()                # locked memory, heap, arenas, workers (node/memory.py)
     return _run_service(args, control, record, incarnation, cfg, agent)
 
 
@@ -242,6 +247,7 @@ async def serve(config: Any, node_id: int, control: str, fence_pid_dir: str | No
     from clusterfs.dlm.lockspace import open_dlm
     from clusterfs.fence.agent import ProcessAgent
     from clusterfs.node.cluster import open_cluster_node
+    from clusterfs.node.memory import keep_reserve_topped_up
     from clusterfs.node.prepare import preload
 
     if agent is None and fence_pid_dir:
@@ -256,6 +262,7 @@ async def serve(config: Any, node_id: int, control: str, fence_pid_dir: str | No
             server = ControlServer(ls, node, extra_status=_failover_status)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_mark_lock_recovery, node.membership, ls)
+                nursery.start_soon(keep_reserve_topped_up)
                 if (isinstance(agent, ProcessAgent)
                         and os.environ.get(FENCE_BY_RECORD_ENV) != "1"):
                     nursery.start_soon(_hold_members, node.membership, agent, node_id)

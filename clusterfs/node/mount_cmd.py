@@ -42,7 +42,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from clusterfs import failover
+from clusterfs import failover, workers
 from clusterfs.errors import (
     ChecksumError,
     ClusterFSError,
@@ -52,6 +52,8 @@ from clusterfs.errors import (
 )
 from clusterfs.node import mountrecord
 from clusterfs.node.collector import CollectorWatch
+from clusterfs.node.memory import keep_reserve_topped_up, reserve_memory
+from clusterfs.node.memory import report as memory_report
 from clusterfs.node.prepare import TracebackFormatter, preload
 from clusterfs.node.stallwatch import StallWatch
 
@@ -59,7 +61,6 @@ if TYPE_CHECKING:
     from clusterfs.format.superblock import Superblock
 
 log = logging.getLogger("clusterfs.mount")
-POOL_BUFFERS = 64
 READAHEAD_KB = 1024
 SLOT_ATTEMPTS = 25          # looks for a free journal slot before giving up...
 SLOT_RETRY_DELAY = 0.2      # ...this many seconds apart
@@ -74,6 +75,7 @@ MAX_GLOCKS_RANGE = (100, 100_000_000)     # -o max_glocks (default: cache/glock.
 # processes (the work it does is theirs: their fs calls).
 CLUSTER_NICE = -10
 NICE_RANGE = (-20, 19)                    # -o nice (setpriority's)
+RESERVE_MIB_RANGE = (0, 65536)            # -o reserve_mib (default: node/memory.py)
 GC_YOUNG = 10_000           # net allocations between young collections (_tune_collector)
 GC_OLD = 1                  # middle collections between full ones (_tune_collector)
 COLLECTOR = CollectorWatch()   # full collections' pauses, timed (status, the log)
@@ -96,6 +98,7 @@ class Options:
     max_hold: float | None = None     # the most a contended glock's hold time grows to
     max_glocks: int | None = None     # locks cached before the least recently used go
     nice: int | None = None           # the mount process's CPU priority (setpriority)
+    reserve_mib: int | None = None    # memory held for the failover path (node/memory.py)
 
 
 @dataclass
@@ -145,7 +148,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "time, default 20), max_hold_ms=N (the most it grows to "
                              "while two nodes both use a lock, default 200), "
                              "max_glocks=N (locks, with the inodes they cover, kept "
-                             "cached before the least recently used go; default 50000)")
+                             "cached before the least recently used go; default 50000), "
+                             "reserve_mib=N (memory held for the failover path: half "
+                             "malloc heap, half Python object arenas; default 64)")
     parser.add_argument("--log", metavar="FILE", help="log file when daemonized "
                         "(default: syslog, or /var/log/clusterfs/mount.log without one)")
     parser.add_argument("--config", metavar="FILE",
@@ -186,6 +191,8 @@ def parse_options(values: list[str]) -> Options:
                 opts.max_glocks = _whole_number(key, value, *MAX_GLOCKS_RANGE)
             elif key == "nice":
                 opts.nice = _whole_number(key, value, *NICE_RANGE)
+            elif key == "reserve_mib":
+                opts.reserve_mib = _whole_number(key, value, *RESERVE_MIB_RANGE)
             else:
                 raise MountError(f"unknown mount option {item!r}")
     opts.extra = tuple(extra)
@@ -297,24 +304,9 @@ def open_device(path: str, clustered: bool = False,
         raise
 
 
-def reserve_memory():
-    """Lock memory and become an I/O flusher (warn if refused); make the buffer pool."""
-    from clusterfs.format.block import BLOCK_SIZE
-    from clusterfs.native import BufferPool, lock_memory, set_io_flusher
-
-    for what, fn in (("mlockall", lock_memory), ("PR_SET_IO_FLUSHER", set_io_flusher)):
-        try:
-            fn()
-        except OSError as exc:
-            # expected without CAP_SYS_RESOURCE / a memlock limit: say it once, calmly
-            log.info("memory reserve: %s refused (%s); continuing without it", what,
-                     exc.strerror or exc)
-    return BufferPool(POOL_BUFFERS, BLOCK_SIZE)
-
-
 async def serve(dev, sb, mountpoint: str, opts: Options, ready: Callable[[], None],
                 cluster: ClusterArgs | None = None) -> None:
-    pool = reserve_memory()
+    pool = reserve_memory(opts.reserve_mib)
     dev.start_write_behind()       # its descriptor, buffer and thread: now, not at write-back
     dev.start_flush_ring()         # io_uring for flushes (or the one line why not)
     dev.start_read_ahead()         # its threads and buffers: ready for the first reader
@@ -503,7 +495,8 @@ async def _serve_fenced(cluster: ClusterArgs, fencing, dev, sb, mountpoint: str,
                 "collector": COLLECTOR.statistics(),
                 "stalls": STALLS.statistics(),
                 "block_server": server.statistics() if server else None,
-                "failover": failover.report()} if shown else {},
+                "failover": failover.report(),
+                "memory": memory_report()} if shown else {},
                 asked_status=lambda: _slot_holders(ls, sb))
             path = cluster.control or default_control_path(cluster.node_id)
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -689,7 +682,7 @@ async def _claim_slot(locks, dev, sb):
         start = sb.journal_location(item[0])
         return bool(decode_jhead(dev.read(start), start).flags & JF_CLEAN)
 
-    chosen = await trio.to_thread.run_sync(
+    chosen = await workers.run(
         lambda: next((item for item in free if clean(item)), free[0]))
     for item in free:
         if item is not chosen:
@@ -701,13 +694,11 @@ async def _replay(dev, sb, slot: int) -> None:
     """Replay journal `slot` in a worker thread: the event loop runs membership and the
     DLM meanwhile, and a full journal on a slow disk takes seconds (not abandoned when
     cancelled: a replay runs to its end)."""
-    import trio
-
     from clusterfs.journal.log import replay_journal
 
     started = time.monotonic()
     try:
-        result = await trio.to_thread.run_sync(replay_journal, dev, sb, slot)
+        result = await workers.run(replay_journal, dev, sb, slot)
     except ClusterFSError as exc:
         raise MountError(f"{dev.path}: journal {slot}: {exc}") from None
     if result.transactions:
@@ -741,7 +732,7 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
         journal.open()               # its head read, written dirty and flushed
         return journal
 
-    journal = await trio.to_thread.run_sync(open_journal)
+    journal = await workers.run(open_journal)
     txn = TransactionManager(journal)
     glocks = GlockManager(locks, min_hold=MIN_HOLD if opts.min_hold is None else opts.min_hold,
                           max_hold=opts.max_hold,
@@ -776,6 +767,7 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
                 glocks.share_when_idle.add("inode")
                 nursery.start_soon(glocks.run_idle_sharing, txn.quiet)
             nursery.start_soon(txn.run_timer)
+            nursery.start_soon(keep_reserve_topped_up)
             nursery.start_soon(STALLS.run)
             nursery.start_soon(glocks.run_shrinker)
             nursery.start_soon(fs.run_orphan_sweeper)

@@ -92,7 +92,7 @@ from typing import Any, TypeVar
 import outcome
 import trio
 
-from clusterfs import failover
+from clusterfs import failover, workers
 from clusterfs.config import ClusterConfig
 from clusterfs.errors import ClusterFSError, FenceError, StorageError, WireError
 from clusterfs.membership.view import ExpelledEvent, ViewChange
@@ -511,7 +511,7 @@ class BlockServer:
     async def _run_io(self, mtype: int, body: dict[str, Any], received: float
                       ) -> dict[str, Any]:
         if self._io_threads is None:             # not serving (a test's bare server)
-            return await trio.to_thread.run_sync(self._io, mtype, body, received)
+            return await workers.run(self._io, mtype, body, received)
         return await self._io_threads.run(self._io, mtype, body, received,
                                           watch=mtype != MsgType.BLOCK_FLUSH)
 

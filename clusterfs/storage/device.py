@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 
 import trio
 
-from clusterfs import failover
+from clusterfs import failover, workers
 from clusterfs.errors import StorageError
 from clusterfs.format.block import BLOCK_SIZE
 from clusterfs.storage.ring import WRITE_BUFFER, FlushRing, Step, first_failure
@@ -960,7 +960,7 @@ class BlockDevice(BlockAddressed):
                 self.ring_reads += 1
                 return got
         if off_loop:
-            return await trio.to_thread.run_sync(self._read_device, offset, length)
+            return await workers.run(self._read_device, offset, length)
         return self._read_device(offset, length)
 
     def _read_device(self, offset: int, length: int) -> bytes:
@@ -1176,7 +1176,7 @@ class WritesAtOnce:
         """pread() in a worker thread: the event loop goes on while the request waits
         on the network (the full io_timeout applies there, not the event loop's
         shorter one)."""
-        return await trio.to_thread.run_sync(self.pread, offset, length)
+        return await workers.run(self.pread, offset, length)
 
     async def data_ready(self, offset: int, length: int) -> bool:
         return False                     # no read-ahead here

@@ -32,8 +32,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import trio
-
+from clusterfs import workers
 from clusterfs.config import ClusterConfig
 from clusterfs.errors import ClusterFSError, FenceError, WireError
 from clusterfs.fence.agent import FenceAgent
@@ -137,7 +136,7 @@ class StorageGroupFence:
                 conn.close()
 
         try:
-            reply = await trio.to_thread.run_sync(call)
+            reply = await workers.run(call)
         except (_Silent, OSError, WireError) as exc:
             raise FenceError(f"node {victim}: block server {server}: {exc}") from exc
         if not reply.get("ok"):

@@ -145,7 +145,7 @@ from typing import Any
 
 import trio
 
-from clusterfs import failover
+from clusterfs import failover, workers
 from clusterfs.config import ClusterConfig
 from clusterfs.dlm.preferred import server_order
 from clusterfs.errors import StorageError, WireError
@@ -1076,7 +1076,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
         if piece is None:
             return False
         if piece.data is None:
-            await trio.to_thread.run_sync(self._take_ahead, piece)
+            await workers.run(self._take_ahead, piece)
         return piece.data is not None and not piece.stale
 
     def _take_ahead(self, piece: _Ahead) -> None:
