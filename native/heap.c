@@ -10,7 +10,7 @@
  *   brk, or mmaps a large request. cfs_heap_hold keeps everything in one arena
  *   (no per-thread arena of 64 MiB reserved address space each), serves requests
  *   up to 32 MiB from the heap, never gives the heap back (no trim), and grows it
- *   so its top holds `headroom` free bytes; cfs_heap_top_up restores that headroom
+ *   so that it holds `headroom` free bytes; cfs_heap_top_up restores that headroom
  *   whenever the failover path is not under way. Under mlockall the heap is
  *   locked as it grows, so its free part is resident and ready.
  * - pymalloc's arenas (every small Python object): 1 MiB mmaps, unmapped when
@@ -39,10 +39,17 @@
 #define HOLD_PIECE (16u << 20)
 #define HOLD_PIECES_MAX 256
 
-static int grow_top(size_t headroom)
+/* At least `headroom` free bytes in the heap. Short of it, hold pieces adding up to
+ * the whole headroom at once, then free them: what the free chunks could not give
+ * came from a growing heap, so afterwards the heap has that much free whatever its
+ * free chunks were (asking for the shortfall alone could be served by free chunks
+ * and leave the heap as short as before). */
+static int grow_free(size_t headroom)
 {
+    if (mallinfo2().fordblks >= headroom)
+        return 0;
     void *pieces[HOLD_PIECES_MAX];
-    size_t n = 0, have = mallinfo2().keepcost;
+    size_t n = 0, have = 0;
     headroom += 64 << 10;     /* the chunks' own headers, and the top's */
     int err = 0;
     while (have < headroom && n < HOLD_PIECES_MAX) {
@@ -56,7 +63,6 @@ static int grow_top(size_t headroom)
         pieces[n++] = p;
         have += want;
     }
-    /* freed in reverse: each merges into the top chunk it came from */
     while (n)
         free(pieces[--n]);
     return err;
@@ -67,12 +73,12 @@ int cfs_heap_hold(size_t headroom)
     if (!mallopt(M_ARENA_MAX, 1) || !mallopt(M_TRIM_THRESHOLD, -1)
         || !mallopt(M_MMAP_THRESHOLD, HOLD_MMAP_THRESHOLD))
         return EINVAL;
-    return grow_top(headroom);
+    return grow_free(headroom);
 }
 
 int cfs_heap_top_up(size_t headroom)
 {
-    return grow_top(headroom);
+    return grow_free(headroom);
 }
 
 /* out[0] heap bytes (brk), out[1] bytes in mmapped chunks, out[2] bytes in use,

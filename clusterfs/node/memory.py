@@ -7,7 +7,7 @@ this very mount (../shared/ARCHITECTURE.md, "Memory discipline"; seeds 002, 003)
   info, and the mount goes on);
 - the buffer pool (native/reserve.c) the journal stages its blocks in;
 - malloc's heap held (native/heap.c): one arena, requests up to 32 MiB from the heap,
-  never trimmed, and half of RESERVE_MIB (`-o reserve_mib`) free at its top;
+  never trimmed, and half of RESERVE_MIB (`-o reserve_mib`) free in it;
 - a reserve of pymalloc arenas (the other half, in slots of 1 MiB) handed to Python's small-object
   allocator only while a failover path is under way, so ordinary growth never
   eats it;
@@ -53,6 +53,7 @@ TOP_UP_INTERVAL = 1.0
 
 _taken = False
 _headroom = 0                 # the heap's, as taken
+_topping = threading.Lock()   # held while the reserve is topped up
 
 
 def reserve_memory(reserve_mib: int | None = None) -> BufferPool:
@@ -73,7 +74,7 @@ def reserve_memory(reserve_mib: int | None = None) -> BufferPool:
             log.info("memory reserve: %s refused (%s); continuing without it", what,
                      exc.strerror or exc)
     workers.start(WORKERS, WORKER_STACK)
-    failover.set_meter(meter, arenas_for_failover)
+    failover.set_meter(meter, _path_edge)
     _taken = True
     return BufferPool(POOL_BUFFERS, BLOCK_SIZE)
 
@@ -95,24 +96,46 @@ def meter() -> dict[str, int]:
 async def keep_reserve_topped_up() -> None:
     """Restore the heap's headroom after whatever used it, and the arena slots objects
     still pin after a path, outside the failover path (growing the reserve is the very
-    request to the kernel the path must not make). A refusal is said once. Without
-    the reserve (an in-process lockd of the tests) there is nothing to top up."""
+    request to the kernel the path must not make), in a worker thread (it may touch
+    tens of MiB). A refusal is said once. Without the reserve (an in-process lockd of
+    the tests) there is nothing to top up."""
     if not _taken:
         return
     refused: set[str] = set()
     while True:
         await trio.sleep(TOP_UP_INTERVAL)
+        if not failover.under_way():
+            for what in await workers.run(_top_up):
+                if what not in refused:
+                    refused.add(what)
+                    log.warning("memory reserve: %s top-up refused; the reserve stays "
+                                "smaller", what)
+
+
+def _top_up() -> list[str]:
+    """Top the reserve up unless a path is under way; what was refused. A path that
+    starts meanwhile waits for this to end before it reads the meter (_path_edge), so
+    what the top-up took is not counted as the path's."""
+    refused = []
+    with _topping:
         if failover.under_way():
-            continue
+            return refused
         for what, top_up in (("heap", lambda: top_up_heap(_headroom)),
                              ("arenas", top_up_arenas)):
             try:
                 top_up()
-            except OSError as exc:
-                if what not in refused:
-                    refused.add(what)
-                    log.warning("memory reserve: %s top-up refused (%s); the reserve "
-                                "stays smaller", what, exc.strerror or exc)
+            except OSError:
+                refused.append(what)
+    return refused
+
+
+def _path_edge(starts: bool) -> None:
+    """failover's listener: the arenas go to the reserve while a path is under way;
+    a path starts only once a top-up in progress has ended."""
+    if starts:
+        with _topping:
+            pass
+    arenas_for_failover(starts)
 
 
 def report() -> dict[str, object]:

@@ -14,10 +14,12 @@ mount serves; this makes sure of the rest, once, before the node joins:
   (`TracebackFormatter`): the standard formatter reads them through linecache,
   which opens every .py file of the stack the first time;
 - every thread started from then on gets a WORKER_STACK stack, not the 8 MiB
-  default (`bound_thread_stacks`): trio starts a worker thread whenever none is
-  idle, on the failover path too, and under mlockall each new stack is faulted in
-  whole at once (measured: 8.1 MiB of RSS per thread; 1.1 MiB with this bound;
-  threads of ours, `failover.start_thread`, take 0.6 MiB).
+  default (`bound_thread_stacks`): under mlockall each new stack is faulted in whole
+  at once (measured: 8.1 MiB of RSS per thread; 1.1 MiB with this bound; threads of
+  ours, `failover.start_thread`, take 0.6 MiB). A mount's blocking calls run on the
+  worker threads node/memory.py starts with this stack (clusterfs/workers.py); trio's
+  own workers, which start whenever none is idle, remain for whatever calls trio
+  directly.
 
 The pieces that hold host resources (the generation record's descriptor, the
 process agent's pidfds, the device's write-behind) are taken where they are made;
