@@ -216,6 +216,15 @@ class Servers:
                 self.close()
                 raise SystemExit(f"block server {n} did not start")
 
+    def kill(self, node: int) -> None:
+        """SIGKILL server `node` (stopped or not), as a cluster's fencing would."""
+        import signal
+
+        p = self.procs[node]
+        if p.poll() is None:
+            os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+
     def close(self) -> None:
         import signal
 
@@ -258,6 +267,10 @@ def retarget_times(path: Path, io_timeout: float, times: int) -> list[float]:
             stopped = time.perf_counter()
             dev.pwrite(offset, block)
             out.append(time.perf_counter() - stopped)
+            # the write the stopped server took stays unsettled (it may still land)
+            # until that server answers, closes or is fenced: in a cluster the others
+            # fence it; here its death closes the connection, and the flush can go on
+            servers.kill(victim)
             dev.flush()
             assert dev.statistics()["retargets"] >= 1
         finally:
