@@ -6,6 +6,8 @@ C errors become OSError/NativeError here, so callers never touch cffi.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any
 
 from clusterfs.errors import NativeError
 
@@ -34,33 +36,38 @@ def crc32c_hardware() -> bool:
     return bool(lib.cfs_crc32c_hw())
 
 
+def _check(err: int, what: str) -> None:
+    """OSError for a C call of ours that returned an errno (0: done)."""
+    if err:
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _counters(read: Callable[[Any], None], fields: tuple[str, ...]) -> dict[str, int]:
+    """A C call that fills a uint64_t array, as a dict by `fields`."""
+    out = ffi.new("uint64_t[]", len(fields))
+    read(out)
+    return dict(zip(fields, out, strict=True))
+
+
 def lock_memory() -> None:
     """mlockall(MCL_CURRENT|MCL_FUTURE); raises OSError if refused."""
-    err = lib.cfs_mlockall()
-    if err:
-        raise OSError(err, f"mlockall: {os.strerror(err)}")
+    _check(lib.cfs_mlockall(), "mlockall")
 
 
 def set_io_flusher() -> None:
     """prctl(PR_SET_IO_FLUSHER): our allocations must not recurse into FS reclaim."""
-    err = lib.cfs_set_io_flusher()
-    if err:
-        raise OSError(err, f"prctl(PR_SET_IO_FLUSHER): {os.strerror(err)}")
+    _check(lib.cfs_set_io_flusher(), "prctl(PR_SET_IO_FLUSHER)")
 
 
 def hold_heap(headroom: int) -> None:
     """One malloc arena, requests up to 32 MiB from the heap, no trim, and `headroom`
-    free bytes at the heap's top (native/heap.c); raises OSError if refused."""
-    err = lib.cfs_heap_hold(headroom)
-    if err:
-        raise OSError(err, f"malloc heap hold: {os.strerror(err)}")
+    free bytes in the heap (native/heap.c); raises OSError if refused."""
+    _check(lib.cfs_heap_hold(headroom), "malloc heap hold")
 
 
 def top_up_heap(headroom: int) -> None:
-    """Grow the heap so its top holds `headroom` free bytes again (OSError if not)."""
-    err = lib.cfs_heap_top_up(headroom)
-    if err:
-        raise OSError(err, f"malloc heap top-up: {os.strerror(err)}")
+    """Grow the heap so it holds `headroom` free bytes again (OSError if not)."""
+    _check(lib.cfs_heap_top_up(headroom), "malloc heap top-up")
 
 
 HEAP_FIELDS = ("heap", "mmapped", "in_use", "free", "top_free")
@@ -70,25 +77,19 @@ ARENA_FIELDS = ("slots", "slots_free", "slots_taken", "from_kernel", "from_kerne
 def heap_stats() -> dict[str, int]:
     """malloc's figures in bytes (HEAP_FIELDS): heap size, mmapped chunks, in use,
     free, free at the top."""
-    out = ffi.new("uint64_t[]", len(HEAP_FIELDS))
-    lib.cfs_heap_stats(out)
-    return dict(zip(HEAP_FIELDS, out, strict=True))
+    return _counters(lib.cfs_heap_stats, HEAP_FIELDS)
 
 
 def reserve_arenas(count: int, slot: int = 1 << 20) -> None:
     """Keep `count` pymalloc arena slots of `slot` bytes mapped for the failover path
     (native/heap.c); once per process. With count 0 there is no reserve, but the
     arenas taken from the kernel are counted all the same. OSError if refused."""
-    err = lib.cfs_arenas_reserve(count, slot)
-    if err:
-        raise OSError(err, f"pymalloc arena reserve: {os.strerror(err)}")
+    _check(lib.cfs_arenas_reserve(count, slot), "pymalloc arena reserve")
 
 
 def top_up_arenas() -> None:
     """Map reserve slots until as many are free as were reserved (outside the path)."""
-    err = lib.cfs_arenas_top_up()
-    if err:
-        raise OSError(err, f"pymalloc arena top-up: {os.strerror(err)}")
+    _check(lib.cfs_arenas_top_up(), "pymalloc arena top-up")
 
 
 def arenas_for_failover(on: bool) -> None:
@@ -99,9 +100,7 @@ def arenas_for_failover(on: bool) -> None:
 def arena_stats() -> dict[str, int]:
     """The arena reserve's counters (ARENA_FIELDS): slots, free, taken ever, arenas
     from the kernel since the reserve was made, of them while the failover path was on."""
-    out = ffi.new("uint64_t[]", len(ARENA_FIELDS))
-    lib.cfs_arenas_stats(out)
-    return dict(zip(ARENA_FIELDS, out, strict=True))
+    return _counters(lib.cfs_arenas_stats, ARENA_FIELDS)
 
 
 class BufferPool:

@@ -107,7 +107,7 @@ static struct {
     PyObjectArenaAllocator next;    /* CPython's (mmap), for everything else */
     uint8_t *region[MAX_REGIONS];
     size_t region_slots[MAX_REGIONS];
-    size_t nregions, slot, count, nfree, capacity;
+    size_t nregions, slot, count, nfree;
     uint8_t **free;
     volatile int failover;
     int installed;
@@ -188,7 +188,6 @@ int cfs_arenas_reserve(size_t count, size_t slot)
     arenas.installed = 1;
     arenas.slot = slot;
     arenas.count = count;
-    arenas.capacity = count * MAX_REGIONS;
     arenas.free = stack;
     if (region)
         add_region(region, count);

@@ -79,11 +79,6 @@ def reserve_memory(reserve_mib: int | None = None) -> BufferPool:
     return BufferPool(POOL_BUFFERS, BLOCK_SIZE)
 
 
-def taken() -> bool:
-    """Did this process take the reserve (a mount, lockd; not a test's in-process run)?"""
-    return _taken
-
-
 def meter() -> dict[str, int]:
     """What the process has drawn from the kernel so far (failover.set_meter)."""
     heap, arenas = heap_stats(), arena_stats()
