@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,6 +153,19 @@ def _rewrite_as(pid_dir: str, node_id: int, rec, mount) -> None:
 
 
 
+def wait_mount_record(pid_dir: str, node_id: int, within: float = 20.0):
+    """node_id's mount record once written: the harness counts a node mounted when
+    mountinfo shows its mount, a moment before the node records it (CI saw the gap)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return read_mount_record(pid_dir, node_id)
+        except FenceError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def test_a_real_cluster_mount_records_its_own_fuse_mount(tmp_path):
     """Each clusterfs mount with --fence-pid-dir records its FUSE mount, as its own
     mountinfo shows it, for its own process; fencing a node that dies at once (the
@@ -161,7 +175,7 @@ def test_a_real_cluster_mount_records_its_own_fuse_mount(tmp_path):
     with cluster(tmp_path, nodes=3) as c:
         fence_dir = str(tmp_path / "fence")
         for n in c.node_ids:
-            rec = read_mount_record(fence_dir, n)
+            rec = wait_mount_record(fence_dir, n)
             assert rec.process.pid == c.mounts[n].pid
             assert rec.process == read_pid_record(fence_dir, n).process
             assert rec.mount == fuse_mount_at(c.mountpoint(n))
