@@ -64,6 +64,14 @@ def test_a_cross_directory_rename_of_a_directory_moved_elsewhere_while_held(tmp_
             # on main: ESTALE, twice (the kernel's retry), so the call fails
             os.rename(b("y", "e"), b("e2"))
             assert sorted(os.listdir(a())) == ["e2", "x", "y"]
+            # B's kernel knows e under a node id of its own now; its st_ino (and
+            # readdir's d_ino) is still the inode number, as on A and through the
+            # old handle (it was the node id, an id generation in its high bits)
+            ino = os.stat(a("e2")).st_ino
+            assert os.stat(b("e2")).st_ino == ino
+            assert {e.name: e.inode() for e in os.scandir(b())}["e2"] == ino
+            if fd is not None:
+                assert os.fstat(fd).st_ino == ino
             with open(a("e2", "f"), "rb") as f:
                 assert f.read() == b"in e"
             # and back across directories into another one, on B again

@@ -126,3 +126,23 @@ def test_a_directory_replaced_by_a_rename_has_no_place(exchange: bool) -> None:
     # OTHER (replaced, or now at shared/a) is held but not where it is looked up now
     expected = OTHER if exchange else node_id(OTHER, 1)
     assert names.directory_id(OTHER, GEN, (SHARED, b"a")) == expected
+
+
+def test_an_entry_shows_its_inode_number_apart_from_its_node_id():
+    """fuse/attrino.py: the layout of the installed pyfuse3 is the known one (a newer
+    pyfuse3 that changed it fails here, not silently on a mount), and st_ino set apart
+    leaves the node id as it was; anything but pyfuse3's entry is left alone."""
+    import ctypes
+
+    import pyfuse3
+
+    from clusterfs.fuse import attrino
+
+    assert attrino.AVAILABLE
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = node_id(D0, 3)
+    assert attrino.set_attr_ino(entry, D0)
+    assert entry.st_ino == node_id(D0, 3)            # the node id (fuse_entry_param.ino)
+    stat_at = attrino._stat_address(entry)
+    assert ctypes.c_uint64.from_address(stat_at + 8).value == D0     # attr.st_ino
+    assert not attrino.set_attr_ino(object(), D0)    # type: ignore[arg-type]

@@ -22,10 +22,10 @@ requests on either id reach the same directory). Cases where the old id can be k
 the kernel's dentry of it is at this very place (or in the same parent: a move there
 takes no lock); or the kernel holds no lookup of it (then it has no inode, no alias).
 So only a directory another node moved while this kernel held it changes node id, and it
-goes back to its inode number once the kernel has forgotten every older id. What that
-costs: the kernel shows st_ino as the node id, so such a directory's st_ino on this node
-carries the generation (a large number) until then; and the kernel's own loop checks
-on rename walk dentries, which no longer see an old alias: ours do not depend on them
+goes back to its inode number once the kernel has forgotten every older id. Its st_ino
+stays the inode number throughout (fuse/attrino.py sets the attributes' inode number
+apart from the node id). What it costs: the kernel's own loop checks on rename walk
+dentries, which no longer see an old alias: ours do not depend on them
 (FileSystem._ancestors checks the disk, under the rename lock).
 
 To know which ids the kernel may hold, every entry for a directory counts one lookup
@@ -59,8 +59,9 @@ log = logging.getLogger(__name__)
 NAMES_PER_DIR_MAX = 4096
 
 # A node id is an inode number (a block address) with an id generation above it. Bits
-# 48-62: below 2**63, so that nothing that reads st_ino (the kernel shows the node id)
-# as signed sees it negative; blocks below 2**48 (1 EiB of 4 KiB blocks).
+# 48-62: below 2**63, so that nothing that reads a node id as signed (st_ino was the
+# node id before fuse/attrino.py, and is where pyfuse3's layout is unknown) sees it
+# negative; blocks below 2**48 (1 EiB of 4 KiB blocks).
 GEN_SHIFT = 48
 INO_MASK = (1 << GEN_SHIFT) - 1
 GENERATIONS = 1 << 15

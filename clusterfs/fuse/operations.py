@@ -41,6 +41,7 @@ from clusterfs.format.directory import NAME_MAX
 from clusterfs.fs.filesystem import FileSystem
 from clusterfs.fs.inode import CachedInode
 from clusterfs.fs.namespace import RENAME_EXCHANGE
+from clusterfs.fuse.attrino import set_attr_ino
 from clusterfs.fuse.epoch import KernelEpoch
 from clusterfs.fuse.names import INO_MASK, KernelNames, ino_of
 
@@ -225,11 +226,14 @@ class Operations(pyfuse3.Operations):
         return attr
 
     def _attr(self, node: CachedInode, fuse_ino: int) -> pyfuse3.EntryAttributes:
-        """The attributes of `node`, known to the kernel as `fuse_ino` (pyfuse3 shows
-        the node id as st_ino, so every reply about one kernel inode carries its id)."""
+        """The attributes of `node`, known to the kernel as `fuse_ino` (every reply
+        about one kernel inode carries its id); st_ino is the inode number, also for a
+        directory shown under an id of its own (fuse/attrino.py)."""
         d = node.d
         a = pyfuse3.EntryAttributes()
         a.st_ino = fuse_ino
+        if fuse_ino > INO_MASK:              # (an id generation in its high bits)
+            set_attr_ino(a, ino_of(fuse_ino))
         a.generation = d.generation
         a.entry_timeout = self.entry_timeout
         a.attr_timeout = ATTR_TIMEOUT
