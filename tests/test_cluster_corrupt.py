@@ -1,0 +1,129 @@
+"""A corrupt metadata block found by one node of a cluster (tier 3: three `clusterfs
+mount --config` processes on one loop device; syscalls from separate processes).
+
+The node that reads the block fails that call with EIO and withdraws. Its journal may
+hold committed changes that never reached home, under locks the others wait for, so it
+gives no lock back: it ends its mount, and the others fence it, replay its journal and
+go on (README, "Failure behaviour"). Nothing fsync'd is lost, on any node; once the
+block is mended the node mounts again and rejoins; fsck is clean at the end.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import time
+
+import mountutil
+import pytest
+from clusterutil import cluster, node_status
+
+from clusterfs.format.block import BLOCK_SIZE
+
+pytestmark = pytest.mark.skipif(mountutil.missing_prerequisites() is not None,
+                                reason=str(mountutil.missing_prerequisites()))
+
+
+def write_and_fsync(path: str, data: bytes) -> None:
+    """Create, write and fsync `path` from another process (a hang fails, not blocks)."""
+    code = ("import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY|os.O_CREAT|os.O_TRUNC, 0o644);"
+            "os.write(fd, bytes.fromhex(sys.argv[2])); os.fsync(fd); os.close(fd)")
+    subprocess.run([sys.executable, "-c", code, path, data.hex()], check=True, timeout=60)
+
+
+def read_back(path: str) -> bytes:
+    """The file's bytes, read by another process."""
+    code = "import sys; sys.stdout.write(open(sys.argv[1], 'rb').read().hex())"
+    r = subprocess.run([sys.executable, "-c", code, path], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    return bytes.fromhex(r.stdout)
+
+
+def write_then_stat(written: str, data: bytes, path: str) -> int:
+    """Another process writes and fsyncs `written`, then stats `path` at once: 0 if it
+    can, else the errno it got."""
+    code = ("import os,sys\nfd=os.open(sys.argv[1], os.O_WRONLY|os.O_CREAT, 0o644)\n"
+            "os.write(fd, bytes.fromhex(sys.argv[2])); os.fsync(fd); os.close(fd)\n"
+            "try:\n os.stat(sys.argv[3])\nexcept OSError as e:\n print(e.errno)\n"
+            "else:\n print(0)")
+    r = subprocess.run([sys.executable, "-c", code, written, data.hex(), path],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return int(r.stdout)
+
+
+def node_log(c, node: int) -> str:
+    with open(c.dir / f"node{node}.clusterfs.log", errors="replace") as f:
+        return f.read()
+
+
+def swap_block(device: str, blkno: int, new: bytes | None = None) -> bytes:
+    """Write `new` over block `blkno` (None: the block with bits flipped in its middle,
+    where its checksum covers them); the block as it was."""
+    fd = os.open(device, os.O_RDWR)
+    try:
+        old = os.pread(fd, BLOCK_SIZE, blkno * BLOCK_SIZE)
+        if new is None:
+            flipped = bytearray(old)
+            for i in range(1000, 1016):
+                flipped[i] ^= 0x5A
+            new = bytes(flipped)
+        os.pwrite(fd, new, blkno * BLOCK_SIZE)
+        os.fsync(fd)
+        return old
+    finally:
+        os.close(fd)
+
+
+def test_a_node_that_reads_a_corrupt_block_leaves_and_the_others_go_on(tmp_path):
+    with cluster(tmp_path, nodes=3) as c:
+        os.mkdir(c.path(1, "d"))
+        write_and_fsync(c.path(1, "d", "victim"), b"victim's bytes")
+        kept = {n: os.urandom(3000) + bytes([n]) for n in (1, 2, 3)}
+        for n, data in kept.items():              # each node's own fsync'd file
+            write_and_fsync(c.path(n, f"kept{n}"), data)
+        # node 2 reads the victim: node 1 writes its inode home and keeps it in PR
+        assert read_back(c.path(2, "d", "victim")) == b"victim's bytes"
+        ino = os.stat(c.path(2, "d", "victim")).st_ino
+        good = swap_block(c.device, ino)
+
+        # node 3 never read it: its stat reads the corrupt block from the disk (just
+        # after an fsync there, so its journal likely holds a commit not yet home)
+        last = os.urandom(5000)
+        assert write_then_stat(c.path(3, "last3"), last, c.path(3, "d", "victim")) == \
+            errno.EIO
+        m3 = c.mounts.pop(3)
+        try:
+            m3.proc.wait(30)                      # it ends its own mount
+        finally:
+            m3.clean_after_crash()
+        log3 = m3.log_text()
+        assert "withdrawn while in the cluster" in log3, log3[-3000:]
+        assert str(ino) in log3 or hex(ino) in log3, "the block is not named:\n" + log3[-3000:]
+
+        # the others fence node 3, replay its journal and go on
+        deadline = time.monotonic() + 40
+        while "departed [3]" not in (st := node_status(c, 1)):
+            assert time.monotonic() < deadline, st
+            time.sleep(0.2)
+        write_and_fsync(c.path(1, "after"), b"written after node 3 left")
+        assert read_back(c.path(2, "after")) == b"written after node 3 left"
+        for n, data in kept.items():              # node 3's fsync'd files too
+            assert read_back(c.path(1, f"kept{n}")) == data
+            assert read_back(c.path(2, f"kept{n}")) == data
+        assert read_back(c.path(2, "last3")) == last
+        recovered = node_log(c, 1) + node_log(c, 2)
+        assert "journal recovery done" in recovered and "slot" in recovered
+        assert read_back(c.path(2, "d", "victim")) == b"victim's bytes"   # cached, in PR
+
+        # mended, node 3 mounts again and sees one tree
+        assert swap_block(c.device, ino, good) != good
+        c.start(3)
+        assert read_back(c.path(3, "d", "victim")) == b"victim's bytes"
+        assert read_back(c.path(3, "after")) == b"written after node 3 left"
+        assert read_back(c.path(3, "last3")) == last
+        assert sorted(os.listdir(c.path(3))) == sorted(os.listdir(c.path(1)))
+    # (cluster() unmounts every node and requires fsck clean)
