@@ -15,7 +15,13 @@ stalls and shows the longest.
 
 A stall the watcher sees may not be the loop's own doing: the whole process waiting
 for a CPU (a loaded machine) stops the watcher too, and then what it finds is where
-the loop happened to be; a stack that recurs is the one to read.
+the loop happened to be; a stack that recurs is the one to read. So when a stall whose
+stack was logged ends, a second line says how much CPU the loop's thread and the whole
+process used meanwhile (thread CPU clocks: no file read): the loop's thread near the
+stall's length, the loop itself was busy (the stack says where); the process far more
+than the loop's thread, other threads ran and held the interpreter (a worker, or a
+collection one of them started); both near nothing, the loop's thread was blocked (in
+a system call, which the stack then names) or the process waited for a CPU.
 """
 
 from __future__ import annotations
@@ -51,6 +57,7 @@ class StallWatch:
         self.stalls = 0                      # stalls of report_after or longer
         self.longest = 0.0
         self.last_stack = ""
+        self.last_cpu = ""                   # what the last reported stall's CPU went to
 
     async def run(self) -> None:
         """The loop's side: note the time every TICK (and start the watcher)."""
@@ -68,23 +75,46 @@ class StallWatch:
     def _watch(self) -> None:
         said_at = -math.inf
         stalled_since: float | None = None
+        said = False                         # this stall's stack was logged
+        mark = self._cpu()                   # CPU used up to the loop's last tick seen
         while not self._stop.wait(TICK):
             now = time.monotonic()
             quiet = now - self._moved
             if quiet < self.report_after + TICK:   # (a tick is due every TICK)
                 if stalled_since is not None:
                     self.longest = max(self.longest, now - stalled_since)
+                    if said:
+                        self._say_cpu(now - stalled_since, mark)
                     stalled_since = None
+                mark = self._cpu()
                 continue
             if stalled_since is None:
                 stalled_since = self._moved
                 self.stalls += 1
-                if now - said_at >= QUIET:
+                said = now - said_at >= QUIET
+                if said:
                     said_at = now
                     self.last_stack = self._stack()
                     log.info("the event loop has not run for %.2f s; it is in: %s",
                              quiet, self.last_stack)
             self.longest = max(self.longest, quiet)
+
+    def _cpu(self) -> tuple[float, float]:
+        """CPU seconds used so far by the loop's thread (nan if its clock cannot be
+        read) and by the whole process."""
+        try:
+            loop = time.clock_gettime(time.pthread_getcpuclockid(self._loop_thread))
+        except (OSError, OverflowError, ValueError):
+            loop = math.nan
+        return loop, time.process_time()
+
+    def _say_cpu(self, length: float, mark: tuple[float, float]) -> None:
+        loop, process = self._cpu()
+        self.last_cpu = (f"stall {length:.2f} s: loop thread {loop - mark[0]:.2f} s of "
+                         f"CPU, whole process {process - mark[1]:.2f} s")
+        log.info("the event loop ran again after %.2f s; meanwhile its thread used %.2f s "
+                 "of CPU and the whole process %.2f s", length, loop - mark[0],
+                 process - mark[1])
 
     def _stack(self) -> str:
         frame = sys._current_frames().get(self._loop_thread)
@@ -92,7 +122,7 @@ class StallWatch:
 
     def statistics(self) -> dict[str, Any]:
         return {"stalls": self.stalls, "longest": round(self.longest, 3),
-                "last_stack": self.last_stack}
+                "last_stack": self.last_stack, "last_cpu": self.last_cpu}
 
 
 def format_stack(frame: FrameType | None) -> str:

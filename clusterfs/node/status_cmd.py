@@ -146,7 +146,8 @@ def print_status(st: dict[str, Any]) -> None:
         stalls = st.get("stalls")
         if stalls:
             print(f"loop stalls {stalls['stalls']} of {REPORT_AFTER} s or more, "
-                  f"longest {stalls['longest']} s")
+                  f"longest {stalls['longest']} s"
+                  + (f"; last logged: {stalls['last_cpu']}" if stalls.get("last_cpu") else ""))
         min_hold = m.get("min_hold", 0)
         for gl in m["glocks"]:
             name = ":".join(str(p) for p in gl["name"])
