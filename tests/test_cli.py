@@ -210,3 +210,28 @@ def test_a_bad_mount_option_is_one_clear_error(option, said):
     assert said in str(err.value)
     assert parse_options(["nice=5"]).nice == 5
     assert parse_options(["reserve_mib=0"]).reserve_mib == 0
+
+
+_PRIORITY_PROBE = ("import os; from clusterfs.node.mount_cmd import _set_priority; "
+                   "_set_priority(-5); print(os.getpriority(os.PRIO_PROCESS, 0)); "
+                   "print(open('/proc/self/autogroup').read().split()[-1])")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/autogroup") or os.geteuid() != 0,
+                    reason="needs the scheduler's autogroups and CAP_SYS_NICE")
+def test_a_mount_leading_its_session_gives_its_scheduling_group_its_nice():
+    """With autogroups a nice value ranks threads only inside their session's group:
+    a mount that leads its session (a daemon, a dev-cluster node) sets the group's nice
+    too; one inside someone else's session leaves that session's group alone."""
+    import subprocess
+    import sys
+
+    def probe(new_session: bool) -> list[str]:
+        r = subprocess.run([sys.executable, "-c", _PRIORITY_PROBE], capture_output=True,
+                           text=True, timeout=60, start_new_session=new_session)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.split()
+
+    assert probe(new_session=True) == ["-5", "-5"]
+    ours = open("/proc/self/autogroup").read().split()[-1]
+    assert probe(new_session=False) == ["-5", ours]

@@ -48,6 +48,8 @@ async def test_a_stall_is_counted_and_its_stack_logged(caplog) -> None:
     assert len(said) == 2, said
     assert "a_step_that_blocks_the_loop (test_stallwatch.py:" in said[0]
     assert "_watched (test_stallwatch.py:" in said[0]
+    # asleep in the kernel (time.sleep: clock_nanosleep, 230 on x86_64), as /proc says
+    assert "thread state S, wchan " in said[0] and ", system call " in said[0], said[0]
     assert watch.statistics()["last_stack"] in said[0]
     # then when it ended and what CPU went where: asleep, the loop's thread used none
     assert said[1].startswith("the event loop ran again after 0.")

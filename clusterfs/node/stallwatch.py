@@ -52,6 +52,7 @@ class StallWatch:
         self.report_after = report_after
         self._moved = time.monotonic()       # the loop's last tick (a float: atomic)
         self._loop_thread = 0
+        self._loop_tid = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.stalls = 0                      # stalls of report_after or longer
@@ -62,6 +63,7 @@ class StallWatch:
     async def run(self) -> None:
         """The loop's side: note the time every TICK (and start the watcher)."""
         self._loop_thread = threading.get_ident()
+        self._loop_tid = threading.get_native_id()
         self._moved = time.monotonic()
         self._stop.clear()
         self._thread = failover.start_thread(self._watch, "stall-watch")
@@ -95,8 +97,11 @@ class StallWatch:
                 if said:
                     said_at = now
                     self.last_stack = self._stack()
-                    log.info("the event loop has not run for %.2f s; it is in: %s",
-                             quiet, self.last_stack)
+                    loop, process = self._cpu()
+                    log.info("the event loop has not run for %.2f s (its thread used %.2f "
+                             "s of CPU meanwhile, the whole process %.2f s; %s); it is in: "
+                             "%s", quiet, loop - mark[0], process - mark[1],
+                             self._kernel_state(), self.last_stack)
             self.longest = max(self.longest, quiet)
 
     def _cpu(self) -> tuple[float, float]:
@@ -107,6 +112,25 @@ class StallWatch:
         except (OSError, OverflowError, ValueError):
             loop = math.nan
         return loop, time.process_time()
+
+    def _kernel_state(self) -> str:
+        """The loop thread's state as the kernel sees it: runnable (waiting for a CPU
+        or running), or asleep where (wchan) and in which system call; that tells a
+        loop waiting for the interpreter lock (a futex) from one blocked in the kernel.
+        Not during a failover path (it reads /proc, and the path opens no file)."""
+        if failover.under_way():
+            return "state not read: a failover path is under way"
+        task = f"/proc/self/task/{self._loop_tid}"
+        try:
+            with open(f"{task}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+            with open(f"{task}/wchan") as f:
+                wchan = f.read().strip()
+            with open(f"{task}/syscall") as f:
+                call = f.read().split()[0]
+        except (OSError, IndexError) as exc:
+            return f"state not read: {exc}"
+        return f"thread state {state}, wchan {wchan or '-'}, system call {call}"
 
     def _say_cpu(self, length: float, mark: tuple[float, float]) -> None:
         loop, process = self._cpu()
