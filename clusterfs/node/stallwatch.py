@@ -15,8 +15,10 @@ stalls and shows the longest.
 
 A stall the watcher sees may not be the loop's own doing: the whole process waiting
 for a CPU (a loaded machine) stops the watcher too, and then what it finds is where
-the loop happened to be; a stack that recurs is the one to read. So when a stall whose
-stack was logged ends, a second line says how much CPU the loop's thread and the whole
+the loop happened to be; a stack that recurs is the one to read. So the report also
+gives the loop thread's state as the kernel has it (runnable, or asleep where and in
+which system call; read from /proc, so not during a failover path), and it and a
+second line when the stall ends say how much CPU the loop's thread and the whole
 process used meanwhile (thread CPU clocks: no file read): the loop's thread near the
 stall's length, the loop itself was busy (the stack says where); the process far more
 than the loop's thread, other threads ran and held the interpreter (a worker, or a
