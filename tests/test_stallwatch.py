@@ -7,9 +7,11 @@ from __future__ import annotations
 import logging
 import time
 
+import pytest
 import trio
 from trioutil import trio_test
 
+from clusterfs import failover
 from clusterfs.node.stallwatch import StallWatch, format_stack
 
 
@@ -38,8 +40,15 @@ async def _watched(watch: StallWatch, blocks: list[float], caplog,
             nursery.cancel_scope.cancel()
 
 
+@pytest.fixture
+def no_failover_path(monkeypatch) -> None:
+    """No failover path under way (in-process tests before this one may have left a
+    phase marked in clusterfs.failover's module state: a membership left silent)."""
+    monkeypatch.setattr(failover, "_under_way", {})
+
+
 @trio_test
-async def test_a_stall_is_counted_and_its_stack_logged(caplog) -> None:
+async def test_a_stall_is_counted_and_its_stack_logged(caplog, no_failover_path) -> None:
     watch = StallWatch(report_after=0.2)
     await _watched(watch, [0.6], caplog)
     assert watch.stalls == 1
@@ -70,6 +79,18 @@ async def test_a_stall_the_loop_spent_computing_says_so(caplog) -> None:
     loop_cpu = float(said[1].split("its thread used ")[1].split(" s")[0])
     process_cpu = float(said[1].split("whole process ")[1].split(" s")[0])
     assert 0.4 <= loop_cpu <= process_cpu + 0.01, said[1]
+
+
+@trio_test
+async def test_during_a_failover_path_the_kernel_state_is_not_read(caplog,
+                                                                   monkeypatch) -> None:
+    """Reading it opens files under /proc, which the failover path must not."""
+    monkeypatch.setattr(failover, "_under_way", {"membership": time.monotonic()})
+    watch = StallWatch(report_after=0.2)
+    await _watched(watch, [0.6], caplog)
+    said = [r.getMessage() for r in caplog.records]
+    assert "state not read: a failover path is under way" in said[0], said[0]
+    assert "thread state" not in said[0]
 
 
 @trio_test
