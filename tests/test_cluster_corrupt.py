@@ -14,23 +14,16 @@ import errno
 import os
 import subprocess
 import sys
-import time
 
 import mountutil
 import pytest
-from clusterutil import cluster, node_status
+from clusterutil import cluster, wait_node_status
+from test_cluster_leave import node_log, write_and_fsync
 
 from clusterfs.format.block import BLOCK_SIZE
 
 pytestmark = pytest.mark.skipif(mountutil.missing_prerequisites() is not None,
                                 reason=str(mountutil.missing_prerequisites()))
-
-
-def write_and_fsync(path: str, data: bytes) -> None:
-    """Create, write and fsync `path` from another process (a hang fails, not blocks)."""
-    code = ("import os,sys; fd=os.open(sys.argv[1], os.O_WRONLY|os.O_CREAT|os.O_TRUNC, 0o644);"
-            "os.write(fd, bytes.fromhex(sys.argv[2])); os.fsync(fd); os.close(fd)")
-    subprocess.run([sys.executable, "-c", code, path, data.hex()], check=True, timeout=60)
 
 
 def read_back(path: str) -> bytes:
@@ -55,11 +48,6 @@ def write_then_stat(written: str, data: bytes, path: str) -> int:
     return int(r.stdout)
 
 
-def node_log(c, node: int) -> str:
-    with open(c.dir / f"node{node}.clusterfs.log", errors="replace") as f:
-        return f.read()
-
-
 def swap_block(device: str, blkno: int, new: bytes | None = None) -> bytes:
     """Write `new` over block `blkno` (None: the block with bits flipped in its middle,
     where its checksum covers them); the block as it was."""
@@ -81,10 +69,10 @@ def swap_block(device: str, blkno: int, new: bytes | None = None) -> bytes:
 def test_a_node_that_reads_a_corrupt_block_leaves_and_the_others_go_on(tmp_path):
     with cluster(tmp_path, nodes=3) as c:
         os.mkdir(c.path(1, "d"))
-        write_and_fsync(c.path(1, "d", "victim"), b"victim's bytes")
+        write_and_fsync(c.path(1, "d", "victim"), b"victim's bytes", 60)
         kept = {n: os.urandom(3000) + bytes([n]) for n in (1, 2, 3)}
         for n, data in kept.items():              # each node's own fsync'd file
-            write_and_fsync(c.path(n, f"kept{n}"), data)
+            write_and_fsync(c.path(n, f"kept{n}"), data, 60)
         # node 2 reads the victim: node 1 writes its inode home and keeps it in PR
         assert read_back(c.path(2, "d", "victim")) == b"victim's bytes"
         ino = os.stat(c.path(2, "d", "victim")).st_ino
@@ -105,11 +93,8 @@ def test_a_node_that_reads_a_corrupt_block_leaves_and_the_others_go_on(tmp_path)
         assert str(ino) in log3 or hex(ino) in log3, "the block is not named:\n" + log3[-3000:]
 
         # the others fence node 3, replay its journal and go on
-        deadline = time.monotonic() + 40
-        while "departed [3]" not in (st := node_status(c, 1)):
-            assert time.monotonic() < deadline, st
-            time.sleep(0.2)
-        write_and_fsync(c.path(1, "after"), b"written after node 3 left")
+        wait_node_status(c, 1, "departed [3]", within=40)
+        write_and_fsync(c.path(1, "after"), b"written after node 3 left", 60)
         assert read_back(c.path(2, "after")) == b"written after node 3 left"
         for n, data in kept.items():              # node 3's fsync'd files too
             assert read_back(c.path(1, f"kept{n}")) == data
