@@ -506,3 +506,24 @@ async def test_asymmetric_cut_competing_coordinators_never_fence_a_member():
                           and x.view.generation == e.generation][-1]
                     assert not (e.nodes & vc.view.members)
     await with_sim(ids, body)
+
+
+@mock_trio
+async def test_a_service_stopped_while_a_member_is_silent_leaves_the_failover_path():
+    """The failover path's phases are process-wide flags: a membership service that
+    stops (its mount ending) while it sees a member silent must not leave its phase
+    marked for whatever runs in the process next (an in-process test, the stall
+    watcher, which reads /proc only outside the path)."""
+    from clusterfs import failover
+
+    async def body(sim):
+        for i in (1, 2, 3):
+            await sim.start(i)
+        await sim.until(lambda: sim.agreed([1, 2, 3], {1, 2, 3}), 10)
+        sim.kill(3)
+        await sim.until(lambda: "membership" in failover.under_way(), DETECT)
+        sim.kill(1)
+        sim.kill(2)
+        await trio.sleep(INTERVAL)
+        assert "membership" not in failover.under_way()
+    await with_sim([1, 2, 3], body)

@@ -69,6 +69,13 @@ class JournalRecovery:
     async def run(self, membership: Any) -> None:
         """Follow the views; recover for each that removed nodes (a task for the mount's
         lifetime; a newer view cancels a recovery under way and starts it again)."""
+        try:
+            await self._follow(membership)
+        finally:
+            # the mount is ending (or was expelled): no journal is recovered here now
+            failover.leave(FAILOVER_PHASE)
+
+    async def _follow(self, membership: Any) -> None:
         scope: trio.CancelScope | None = None
         async with trio.open_nursery() as nursery:
             async for ev in membership.subscribe():
@@ -95,6 +102,7 @@ class JournalRecovery:
             # `clusterfs umount` works)
             log.warning("gen %d: journal recovery abandoned: this node was expelled",
                         generation)
+            failover.leave(FAILOVER_PHASE)   # it never recovers a journal again
 
     async def _recover_in(self, generation: int, left: list[int],
                           scope: trio.CancelScope) -> None:

@@ -62,6 +62,7 @@ from typing import Any
 
 import trio
 
+from clusterfs import failover
 from clusterfs.comms.interface import Endpoint
 from clusterfs.errors import Expelled
 from clusterfs.membership.generation_record import GenerationRecord
@@ -241,9 +242,14 @@ class MembershipService(Proposals):
             log.info("node %d inc %#x: membership starting (%d configured nodes)",
                      self.node_id, self.incarnation, self.cluster_size)
             task_status.started()
-            while True:
-                self._discount_stall()
-                await self._heartbeat()
-                if not self._round_running:
-                    self._evaluate()
-                await trio.sleep(self.interval)
+            try:
+                while True:
+                    self._discount_stall()
+                    await self._heartbeat()
+                    if not self._round_running:
+                        self._evaluate()
+                    await trio.sleep(self.interval)
+            finally:
+                # a stopped service judges nobody: its phase of the path is over (it
+                # was left marked when a member was silent as the service stopped)
+                failover.leave("membership")

@@ -307,9 +307,11 @@ async def _mark_lock_recovery(membership: Any, ls: Lockspace) -> None:
         if not isinstance(ev, ViewChange) or not ev.left - ev.clean:
             continue
         failover.enter(LOCK_RECOVERY)
-        while not (ls.ls_running and ls.statistics().generation >= ev.view.generation):
-            await trio.sleep(0.01)
-        failover.leave(LOCK_RECOVERY)
+        try:
+            while not (ls.ls_running and ls.statistics().generation >= ev.view.generation):
+                await trio.sleep(0.01)
+        finally:
+            failover.leave(LOCK_RECOVERY)    # (also when the lockd stops meanwhile)
 
 
 class ControlServer:

@@ -1345,6 +1345,7 @@ class ProxyDevice(WritesAtOnce, BlockAddressed):
             for conn in self._lingering:
                 conn.close()
             self._lingering.clear()
+        failover.leave(FAILOVER_PHASE)       # a closed proxy re-targets nothing
 
     def statistics(self) -> dict[str, Any]:
         return {**self.stats, "per_server": dict(self.per_server),
