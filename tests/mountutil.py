@@ -34,6 +34,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
 from devclusterlib import abort_fuse_connection, fuse_connection  # noqa: E402
 
+from clusterfs.format.block import BLOCK_SIZE  # noqa: E402
 from clusterfs.storage import holders  # noqa: E402
 
 CLUSTERFS = [sys.executable, "-m", "clusterfs.cli"]
@@ -288,6 +289,27 @@ def device_hash(device: str) -> str:
         while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
+
+
+def flip_bits(block: bytes) -> bytes:
+    """`block` with bits flipped in its middle, where its checksum covers them."""
+    flipped = bytearray(block)
+    for i in range(1000, 1016):
+        flipped[i] ^= 0x5A
+    return bytes(flipped)
+
+
+def swap_block(device: str, blkno: int, new: bytes | None = None) -> bytes:
+    """Write `new` over block `blkno` of `device`, synced (None: the block as it is
+    with its bits flipped: flip_bits); the block as it was."""
+    fd = os.open(device, os.O_RDWR)
+    try:
+        old = os.pread(fd, BLOCK_SIZE, blkno * BLOCK_SIZE)
+        os.pwrite(fd, flip_bits(old) if new is None else new, blkno * BLOCK_SIZE)
+        os.fsync(fd)
+        return old
+    finally:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------

@@ -208,21 +208,6 @@ def test_mkfs_refuses_a_mounted_device_even_with_force(tmp_path):
             _assert_kept(m)
 
 
-def _corrupt_block(device: str, blkno: int) -> bytes:
-    """Flip bits in the middle of a block (covered by its checksum); returns the new bytes."""
-    fd = os.open(device, os.O_RDWR)
-    try:
-        off = blkno * BLOCK
-        data = bytearray(os.pread(fd, BLOCK, off))
-        for i in range(1000, 1016):
-            data[i] ^= 0x5A
-        os.pwrite(fd, bytes(data), off)
-        os.fsync(fd)
-        return bytes(data)
-    finally:
-        os.close(fd)
-
-
 def test_corrupt_inode_block_gives_eio_and_withdraws(tmp_path):
     with loop_device(SIZE, tmp_path) as dev:
         mkfs(dev)
@@ -234,7 +219,7 @@ def test_corrupt_inode_block_gives_eio_and_withdraws(tmp_path):
                 f.write(b"b" * 100)
             ino = os.stat(m.path("victim")).st_ino
         assert ino * BLOCK < SIZE
-        bad = _corrupt_block(dev, ino)
+        bad = mountutil.flip_bits(mountutil.swap_block(dev, ino))
 
         m = mountutil.start_mount(dev, mnt)
         try:

@@ -20,8 +20,6 @@ import pytest
 from clusterutil import cluster, wait_node_status
 from test_cluster_leave import node_log, write_and_fsync
 
-from clusterfs.format.block import BLOCK_SIZE
-
 pytestmark = pytest.mark.skipif(mountutil.missing_prerequisites() is not None,
                                 reason=str(mountutil.missing_prerequisites()))
 
@@ -48,24 +46,6 @@ def write_then_stat(written: str, data: bytes, path: str) -> int:
     return int(r.stdout)
 
 
-def swap_block(device: str, blkno: int, new: bytes | None = None) -> bytes:
-    """Write `new` over block `blkno` (None: the block with bits flipped in its middle,
-    where its checksum covers them); the block as it was."""
-    fd = os.open(device, os.O_RDWR)
-    try:
-        old = os.pread(fd, BLOCK_SIZE, blkno * BLOCK_SIZE)
-        if new is None:
-            flipped = bytearray(old)
-            for i in range(1000, 1016):
-                flipped[i] ^= 0x5A
-            new = bytes(flipped)
-        os.pwrite(fd, new, blkno * BLOCK_SIZE)
-        os.fsync(fd)
-        return old
-    finally:
-        os.close(fd)
-
-
 def test_a_node_that_reads_a_corrupt_block_leaves_and_the_others_go_on(tmp_path):
     with cluster(tmp_path, nodes=3) as c:
         os.mkdir(c.path(1, "d"))
@@ -76,7 +56,7 @@ def test_a_node_that_reads_a_corrupt_block_leaves_and_the_others_go_on(tmp_path)
         # node 2 reads the victim: node 1 writes its inode home and keeps it in PR
         assert read_back(c.path(2, "d", "victim")) == b"victim's bytes"
         ino = os.stat(c.path(2, "d", "victim")).st_ino
-        good = swap_block(c.device, ino)
+        good = mountutil.swap_block(c.device, ino)
 
         # node 3 never read it: its stat reads the corrupt block from the disk (just
         # after an fsync there, so its journal likely holds a commit not yet home)
@@ -105,7 +85,7 @@ def test_a_node_that_reads_a_corrupt_block_leaves_and_the_others_go_on(tmp_path)
         assert read_back(c.path(2, "d", "victim")) == b"victim's bytes"   # cached, in PR
 
         # mended, node 3 mounts again and sees one tree
-        assert swap_block(c.device, ino, good) != good
+        assert mountutil.swap_block(c.device, ino, good) != good
         c.start(3)
         assert read_back(c.path(3, "d", "victim")) == b"victim's bytes"
         assert read_back(c.path(3, "after")) == b"written after node 3 left"
