@@ -948,3 +948,38 @@ async def test_remove_waits_while_recovering_and_lvb_goes_with_it() -> None:
         mc.cluster.fence_done({2})
         await mc.wait_running()
         assert mc.ls(3).remove_idle_resources(everything=True) == 1
+
+
+@trio_test
+async def test_a_released_or_refused_lock_leaves_no_reference_cycle() -> None:
+    """A lock handle and its record (Lkb) pointed at each other, so every lock a node
+    released stayed until a garbage collection found the cycle: under load a node's
+    full collections freed hundreds of thousands of objects, with the event loop
+    stopped. Released, or refused (a try lock that would block), nothing of a lock
+    may be left for the collector."""
+    import gc
+
+    async with memory_cluster([1, 2]) as mc:
+        a, b = mc.ls(1), mc.ls(2)
+        held = await b.lock(("inode", 999), Mode.EX)
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for i in range(50):
+                lk = await a.lock(("inode", i), Mode.EX, on_blocking=lambda m: None)
+                await a.convert(lk, Mode.PR)
+                await a.unlock(lk)
+                remote = await a.lock(("inode", 999 - i - 1), Mode.PR)   # b masters some
+                await a.unlock(remote)
+                with pytest.raises(WouldBlock):
+                    await a.lock(("inode", 999), Mode.PR, try_=True)
+            gc.collect()
+            left = [type(x).__name__ for x in gc.garbage
+                    if type(x).__name__ in ("Lock", "Lkb", "Event")]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        assert left == [], f"{len(left)} objects of released locks in cycles: {left[:6]}"
+        await b.unlock(held)

@@ -231,7 +231,14 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
                 await trio.sleep(0.005)
                 continue
             if lkb.lkb_error is not None:
-                raise lkb.lkb_error
+                # never handed out: leave no cycle behind (handle <-> record, and the
+                # error's traceback -> this frame -> the record -> the error)
+                lock.extra.pop("lkb", None)
+                error, lkb.lkb_error = lkb.lkb_error, None
+                try:
+                    raise error
+                finally:
+                    del error
             return lock
 
     async def convert(self, lock: Lock, mode: Mode, *, try_: bool = False) -> None:

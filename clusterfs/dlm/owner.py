@@ -120,6 +120,11 @@ class Owner:
         if lkb.lkb_grmode is not None and lkb.lkb_grmode >= Mode.PW:
             lvb = bytes(lock.lvb[:LVB_SIZE]).ljust(LVB_SIZE, b"\0")
         self.ls_lkbs.pop(lkb.lkb_id, None)
+        # the handle and its record point at each other: a cycle only a garbage
+        # collection freed, so every lock released waited for one (two nodes doing 300
+        # creates, writes, lookups and reads in one process: 2998 objects in cycles
+        # before, none after; tests/test_dlm_local.py's cycle test)
+        lock.extra.pop("lkb", None)
         lock.granted = False
         master = self.ls_master_of.get(lkb.lkb_key)
         body = {"id": lkb.lkb_id, "lvb": lvb}

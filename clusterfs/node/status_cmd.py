@@ -142,7 +142,9 @@ def print_status(st: dict[str, Any]) -> None:
         c = st.get("collector")
         if c:
             print(f"collector   full collections={c['full_collections']} freed={c['freed']} "
-                  f"longest pause={c['longest_ms']} ms last={c['last_ms']} ms")
+                  f"longest pause={c['longest_ms']} ms last={c['last_ms']} ms"
+                  + (f" in cycles by generation={c['in_cycles_by_generation']}"
+                     if "in_cycles_by_generation" in c else ""))
         stalls = st.get("stalls")
         if stalls:
             print(f"loop stalls {stalls['stalls']} of {REPORT_AFTER} s or more, "
