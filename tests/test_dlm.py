@@ -955,8 +955,8 @@ async def test_a_released_or_refused_lock_leaves_no_reference_cycle() -> None:
     """A lock handle and its record (Lkb) pointed at each other, so every lock a node
     released stayed until a garbage collection found the cycle: under load a node's
     full collections freed hundreds of thousands of objects, with the event loop
-    stopped. Released, or refused (a try lock that would block), nothing of a lock
-    may be left for the collector."""
+    stopped. Released, or refused (a try lock that would block, a conversion
+    deadlock), nothing of a lock may be left for the collector."""
     import gc
 
     async with memory_cluster([1, 2]) as mc:
@@ -974,6 +974,16 @@ async def test_a_released_or_refused_lock_leaves_no_reference_cycle() -> None:
                 await a.unlock(remote)
                 with pytest.raises(WouldBlock):
                     await a.lock(("inode", 999), Mode.PR, try_=True)
+            for i in range(20):                      # conversion deadlocks, refused
+                name = ("inode", 2000 + i)
+                la, lb = await a.lock(name, Mode.PR), await b.lock(name, Mode.PR)
+                async with trio.open_nursery() as n:
+                    n.start_soon(a.convert, la, Mode.EX)
+                    await settle()
+                    with pytest.raises(ConversionDeadlock):
+                        await b.convert(lb, Mode.EX)
+                    await b.unlock(lb)
+                await a.unlock(la)
             gc.collect()
             left = [type(x).__name__ for x in gc.garbage
                     if type(x).__name__ in ("Lock", "Lkb", "Event")]

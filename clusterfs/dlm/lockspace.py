@@ -275,7 +275,13 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
             self._abandon(lkb, request=False)
             raise
         if lkb.lkb_error is not None:
-            raise lkb.lkb_error
+            # (a conversion deadlock, or cancelled: the error's traceback would hold
+            # this frame, which holds the record, which holds the error: a cycle)
+            error, lkb.lkb_error = lkb.lkb_error, None
+            try:
+                raise error
+            finally:
+                del error
 
     async def unlock(self, lock: Lock) -> None:
         lkb = self._granted_lkb(lock)
