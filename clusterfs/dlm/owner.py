@@ -123,7 +123,7 @@ class Owner:
         # the handle and its record point at each other: a cycle only a garbage
         # collection freed, so every lock released waited for one (two nodes doing 300
         # creates, writes, lookups and reads in one process: 2998 objects in cycles
-        # before, none after; tests/test_dlm_local.py's cycle test)
+        # before, none after; tests/test_dlm.py's cycle test)
         lock.extra.pop("lkb", None)
         lock.granted = False
         master = self.ls_master_of.get(lkb.lkb_key)

@@ -81,7 +81,7 @@ class CollectorWatch:
         """The last full collection's pause (0 before the first)."""
         return self.recent[-1] if self.recent else 0.0
 
-    def statistics(self) -> dict[str, float]:
+    def statistics(self) -> dict[str, Any]:
         return {"full_collections": self.full, "freed": self.freed,
                 # objects found in cycles by each generation's collections since start:
                 # what reference counting could not free (its sources are bugs to fix)
