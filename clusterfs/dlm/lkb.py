@@ -54,3 +54,11 @@ class Lkb:
     lkb_lvbseq: int = 0
     lkb_done: trio.Event = field(default_factory=trio.Event)
     lkb_error: BaseException | None = None
+
+    def take_error(self) -> BaseException:
+        """The error the request or conversion ended with, no longer kept here: raised
+        by its waiter, the error's traceback holds the waiter's frame, which holds this
+        record; kept, it would make a cycle only a garbage collection frees."""
+        error, self.lkb_error = self.lkb_error, None
+        assert error is not None
+        return error

@@ -231,14 +231,8 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
                 await trio.sleep(0.005)
                 continue
             if lkb.lkb_error is not None:
-                # never handed out: leave no cycle behind (handle <-> record, and the
-                # error's traceback -> this frame -> the record -> the error)
-                lock.extra.pop("lkb", None)
-                error, lkb.lkb_error = lkb.lkb_error, None
-                try:
-                    raise error
-                finally:
-                    del error
+                lock.extra.pop("lkb", None)   # never handed out: handle <-> record cycle
+                raise lkb.take_error()
             return lock
 
     async def convert(self, lock: Lock, mode: Mode, *, try_: bool = False) -> None:
@@ -275,13 +269,7 @@ class Lockspace(Owner, Master, Directory, Toss, Members, Recovery, Barrier, Rout
             self._abandon(lkb, request=False)
             raise
         if lkb.lkb_error is not None:
-            # (a conversion deadlock, or cancelled: the error's traceback would hold
-            # this frame, which holds the record, which holds the error: a cycle)
-            error, lkb.lkb_error = lkb.lkb_error, None
-            try:
-                raise error
-            finally:
-                del error
+            raise lkb.take_error()            # (a conversion deadlock, or cancelled)
 
     async def unlock(self, lock: Lock) -> None:
         lkb = self._granted_lkb(lock)
