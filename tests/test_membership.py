@@ -440,6 +440,32 @@ async def test_non_quorate_partitions_merge_back_without_expulsion():
 
 
 @mock_trio
+async def test_a_member_merged_back_is_not_proposed_out_again_on_an_old_suspicion():
+    """Node 1 suspects node 2 (a proposal round it did not answer in time: a SIGSTOP,
+    a stall) as node 3 dies, so node 1 goes on alone without quorum. Node 2, still
+    in the quorate view, merges node 1 back. Node 1 then coordinates the merged view
+    and must not propose node 2 out again because of the suspicion from before the
+    merge (on real mounts: views with and without node 2 alternating until the
+    suspicion ran out, each one a DLM recovery; tests/test_cluster_quorum.py)."""
+    ids = [1, 2, 3]
+
+    async def body(sim):
+        for i in ids:
+            await sim.start(i)
+        await sim.until(lambda: sim.agreed(ids, set(ids)), 10)
+        sim.nodes[1]._suspect_until[2] = trio.current_time() + 10 * TIMEOUT
+        sim.kill(3)
+        await sim.until(lambda: sim.agreed([1, 2], {1, 2}), 2 * DETECT)
+        settled = sim.nodes[1].view.generation
+        await trio.sleep(3 * DETECT)
+        assert sim.agreed([1, 2], {1, 2})
+        flapped = [c.view.members for c in view_changes(sim.nodes[1])
+                   if c.view.generation > settled]
+        assert flapped == [], f"node 1 installed {flapped} after the merge"
+    await with_sim(ids, body)
+
+
+@mock_trio
 async def test_everyone_isolated_then_healed_forms_one_view():
     ids = [1, 2, 3]
 

@@ -66,3 +66,15 @@ async def test_memory_torture_long() -> None:
     res = await memory_torture([1, 2, 3, 4, 5], seconds=60, kill_rounds=10, seed=11,
                                workers_per_node=4)
     assert res.checker.violations == [] and res.lost_locks == []
+
+
+@trio_test
+async def test_memory_torture_with_partitions_and_merges() -> None:
+    """Each round one node freezes (cut off, still locking what it can) as another
+    dies, the third goes on alone without quorum, and the frozen one wakes and merges
+    with it, at random dropped and merged again: what the merges resynchronise must
+    leave no two incompatible holds at once and no hold lost (the real mounts' case
+    is tests/test_cluster_quorum.py)."""
+    res = await memory_torture([1, 2, 3], seconds=6, kill_rounds=4, seed=3, merges=True)
+    assert res.checker.violations == [] and res.lost_locks == [] and res.errors == []
+    assert res.kills == 4 and res.ops > 200, res

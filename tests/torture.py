@@ -31,6 +31,11 @@ from clusterfs.dlm.interface import (
     resource_key,
 )
 from clusterfs.errors import LockCancelled, LockError, WouldBlock
+from clusterfs.membership.view import Fenced
+
+# A worker that finished no lock for this long at the end of a run is stuck (its
+# holds last up to 15 ms, a recovery well under a second here)
+STUCK_AFTER = 2.0
 
 
 @dataclass
@@ -128,13 +133,16 @@ class TortureResult:
 async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_node: int = 3,
                          resources: int = 3, kill_rounds: int = 1, seed: int = 1,
                          double_kills: bool = True, await_removal: bool = False,
-                         batching: bool = False) -> TortureResult:
+                         batching: bool = False, merges: bool = False) -> TortureResult:
     """Random locking on MemCluster nodes; every seconds/(kill_rounds+1) a node
     is crashed (then restarted and rejoined). Returns what the checker saw.
 
     batching: every node's lockspace sends through its outboxes all the time
     (Lockspace.batched), so requests, replies, grants, callbacks and recovery's own
     messages travel in DLM_BATCHes.
+
+    merges: each round is a partition and a merge instead of a plain kill (see
+    _merge_round), as a SIGSTOPped node that wakes up while another dies.
 
     At the end the workers finish their current lock and stop; with await_removal the
     run then waits (at most 30 s) until the masters have freed some idle resource,
@@ -147,9 +155,13 @@ async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_nod
     async with memory_cluster(node_ids) as mc:
 
         stop = trio.Event()
+        # (node, worker) -> when it last finished a lock or started: a lock lost in a
+        # recovery (a grant or unlock dropped and never resent) leaves its worker stuck
+        last_done: dict[tuple[int, int], float] = {}
 
         async def worker(node: int, w: int, wrng: random.Random) -> None:
             ls = mc.ls(node)
+            last_done[(node, w)] = trio.current_time()
             while not stop.is_set():
                 res, mode, rg = random_request(wrng, names)
                 try:
@@ -180,6 +192,7 @@ async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_nod
                     await trio.sleep(wrng.random() * 0.005)
                 checker.releasing(node, w)
                 await ls.unlock(lk)
+                last_done[(node, w)] = trio.current_time()
 
         scopes: dict[int, trio.CancelScope] = {}
 
@@ -199,6 +212,14 @@ async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_nod
             period = seconds / (kill_rounds + 1)
             for rnd in range(kill_rounds):
                 await trio.sleep(period)
+                if merges:
+                    victim = await _merge_round(mc, checker, rng, scopes)
+                    result.kills += 1
+                    checker.node_restarted(victim)
+                    await mc.join(victim)
+                    await mc.wait_running(30)
+                    await nursery.start(node_workers, victim)
+                    continue
                 # every other round (with >= 5 nodes) two nodes die in quick
                 # succession: the second view overtakes the first recovery
                 count = 2 if double_kills and rnd % 2 == 1 and len(mc.nodes) >= 5 else 1
@@ -220,6 +241,10 @@ async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_nod
                     await mc.wait_running(30)
                     await nursery.start(node_workers, victim)
             await trio.sleep(period)
+            now = trio.current_time()
+            result.errors += [f"node {n}/w{w}: no lock for {now - t:.1f} s (stuck)"
+                              for (n, w), t in sorted(last_done.items())
+                              if n in mc.nodes and now - t > STUCK_AFTER]
             stop.set()
             if await_removal:
                 with trio.move_on_after(30):
@@ -230,6 +255,39 @@ async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_nod
             _check_one_master_each(mc, result)
             nursery.cancel_scope.cancel()
     return result
+
+
+async def _merge_round(mc: MemCluster, checker: Checker, rng: random.Random,
+                       scopes: dict[int, trio.CancelScope]) -> int:
+    """One node freezes (cut off: what it sends is lost, as on a broken connection)
+    and in the same instant another dies; the third, alone, goes into a view without
+    quorum while the frozen one still holds the old view and goes on locking what
+    it can. The frozen one wakes: the two merge (the lone one named as joined), the
+    dead one is fenced; then, at random, the lone one drops the other again for a
+    moment (a suspicion outliving the merge) and they merge once more. Every hold
+    stays valid throughout: the checker sees any two incompatible holds at once.
+    The dead node, to restart."""
+    lone, frozen, dead = rng.sample(sorted(mc.nodes), 3)
+    mc.net.isolate(frozen)
+    scopes[dead].cancel()
+    mc.crash(dead, remove=False)
+    checker.node_died(dead)
+    mc.install_on([lone], {lone}, left={frozen, dead})
+    await trio.sleep(rng.random() * 0.2)
+    for other in (lone, dead):
+        mc.net.heal(frozen, other)
+    pair = [lone, frozen]
+    view = mc.install_on(pair, set(pair), joined={lone}, left={dead})
+    await trio.sleep(rng.random() * 0.05)
+    for n in pair:
+        mc.cluster.members[n]._publish(Fenced(view.generation, frozenset({dead})))
+    for _ in range(rng.randrange(3)):
+        await trio.sleep(rng.random() * 0.1)
+        mc.install_on([lone], {lone}, left={frozen})
+        await trio.sleep(rng.random() * 0.1)
+        mc.install_on(pair, set(pair), joined={lone})
+    await mc.wait_running(30)
+    return dead
 
 
 def _removed(mc: MemCluster) -> int:

@@ -88,6 +88,7 @@ class ViewInstallation(Fencing):
         if self._tentative is not None and int(self._tentative["gen"]) <= gen:
             self._tentative = None
         self._incs = members
+        self._forget_suspicions(members)
         self._expected = expected
         if new.quorate:
             self._last_quorate_key = self._view_key
@@ -104,6 +105,16 @@ class ViewInstallation(Fencing):
                  sorted(clean), new.quorate, sorted(expected), new.coordinator)
         self._publish(change)
         self._maybe_fence()
+
+    def _forget_suspicions(self, members: Mapping[int, int]) -> None:
+        """Every member of a decided view held its proposal moments ago: alive,
+        whatever a round that failed before suspected of it. Kept, that suspicion made
+        the coordinator propose the member out again at once (it had merged us back
+        after a SIGSTOP: views alternating with and without it until the suspicion ran
+        out, each one a DLM recovery)."""
+        for n in members:
+            self._suspect_until.pop(n, None)
+            self._unanswered.pop(n, None)
 
     def _deliver_base_fenced(self, b: Mapping[str, Any]) -> None:
         """The view's coordinator had seen Fenced in the base view; a member of that
