@@ -11,12 +11,15 @@ import pytest
 import trio
 import trio.testing
 
+from clusterfs.comms.interface import Envelope
 from clusterfs.comms.memory import MemoryNetwork
 from clusterfs.errors import Expelled, PeerUnreachable
 from clusterfs.fence.agent import NoopAgent
 from clusterfs.membership.generation_record import MemoryGenerationRecord
 from clusterfs.membership.service import EXPELLED, MEMBER, MembershipService
-from clusterfs.membership.view import ExpelledEvent, Fenced, ViewChange
+from clusterfs.membership.state import BEHIND
+from clusterfs.membership.view import ExpelledEvent, Fenced, View, ViewChange
+from clusterfs.wire.types import MsgType
 
 INTERVAL = 0.5
 TIMEOUT = 3.0
@@ -466,6 +469,35 @@ async def test_a_member_merged_back_is_not_proposed_out_again_on_an_old_suspicio
 
 
 @mock_trio
+async def test_a_node_that_missed_a_quorate_view_holding_it_answers_behind_not_ahead():
+    """Node 3 was in quorate view 58; view 59 (quorate, holding it) was decided without
+    its answer arriving in time, and meanwhile it went on alone without quorum (view
+    60). A proposal built on 59 that merges it back cannot be followed (its history
+    leads from 58, not 59): it must answer "behind", so the coordinator leaves it out
+    and it restarts clean. Answered "ahead", the coordinator asked it again for ever
+    (the churn test with message jitter: no view for 60 s)."""
+    async with MemoryNetwork().running() as net:
+        ms = MembershipService(net.endpoint(3), [1, 2, 3, 4, 5], heartbeat_interval=INTERVAL,
+                               failure_timeout=TIMEOUT, fence_agent=NoopAgent(),
+                               incarnation=33)
+        ms.state = MEMBER
+        ms.view = View(60, frozenset({3}), False, 5)
+        ms._view_key = (60, 3, 33)
+        ms._last_quorate_key = (58, 2, 22)
+        ms._promised = (60, 3, 33)
+        answers = []
+
+        async def send(dest, mtype, body):
+            answers.append(body)
+
+        ms._send = send
+        await ms._on_propose(Envelope(2, 59, int(MsgType.VIEW_PROPOSE), {
+            "gen": 62, "coord": 2, "cinc": 22, "members": {2: 22, 3: 33, 4: 44},
+            "base": [2, 3, 4], "bkey": [59, 2, 22], "merged": {3: 33}}))
+        assert [(a["ok"], a["why"]) for a in answers] == [(False, BEHIND)]
+
+
+@mock_trio
 async def test_everyone_isolated_then_healed_forms_one_view():
     ids = [1, 2, 3]
 
@@ -491,7 +523,6 @@ async def test_malformed_bodies_from_a_peer_are_ignored():
         await sim.until(lambda: sim.agreed([1, 2, 3], {1, 2, 3}), 10)
         g = sim.nodes[1].view.generation
         ep3 = sim.net.endpoints[3]
-        from clusterfs.wire.types import MsgType
         for t in (MsgType.HEARTBEAT, MsgType.VIEW_PROPOSE, MsgType.VIEW_ACK,
                   MsgType.VIEW_COMMIT, MsgType.FENCE_DONE, MsgType.EXPELLED):
             for junk in (None, "x", {"gen": "nope"}, {"inc": 1}, ()):

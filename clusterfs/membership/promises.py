@@ -5,6 +5,7 @@ next view, and answer with what we hold (see service.py, three phases).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import trio
@@ -20,6 +21,7 @@ from clusterfs.membership.state import (
     LEAVING,
     MEMBER,
     Key,
+    body_key_of_base,
     guarded,
     log,
 )
@@ -69,7 +71,8 @@ class Promises(FailureDetection):
             ok, why = False, "coordinator outside my quorate view"
         elif not self._follows(b):
             ok = False
-            why = AHEAD if self.view.generation > int(b["bkey"][0]) else BEHIND
+            why = (AHEAD if self.view.generation > int(b["bkey"][0])
+                   and not self._missed_view_of(b) else BEHIND)
         if ok:
             self._promised = (gen, coord, cinc)
             self._promised_body = b
@@ -79,6 +82,18 @@ class Promises(FailureDetection):
                      self.view.generation, gen, coord, why)
         await self._send(coord, MsgType.VIEW_ACK,
                          self._answer((gen, coord, cinc), ok, int(MsgType.VIEW_PROPOSE), why))
+
+    def _missed_view_of(self, b: Mapping[str, Any]) -> bool:
+        """b is built on a view that holds us and is newer than the last quorate view we
+        installed, and we never installed it: we went on without quorum meanwhile (our
+        answer to it lost, or late). Our view is newer, but the coordinator cannot learn
+        it (it is not in it) nor merge us back (_follows: our history does not lead from
+        its base): we are behind it, not ahead, and must be left out and restart clean.
+        Said ahead, the coordinator asked us again for ever (the churn test with message
+        jitter: 60 s of refused proposals, no view)."""
+        return (self.node_id in {int(n) for n in b["base"]}
+                and int(b["bkey"][0]) > self._last_quorate_key[0]
+                and body_key_of_base(b) != self._view_key)
 
     @guarded
     async def _on_commit(self, env: Envelope) -> None:

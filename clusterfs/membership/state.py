@@ -155,6 +155,7 @@ class MembershipState:
         self.view = View(0, frozenset({self.node_id}), False, self.cluster_size)
         self._incs: dict[int, int] = {}
         self._view_key: Key = NO_VIEW
+        self._last_quorate_key: Key = NO_VIEW   # the newest quorate view installed here
         self._view_body: dict[str, Any] | None = None     # handed on as `prior`
         self._fenced_here: list[int] | None = None        # Fenced delivered in this view
         self.installed_incarnations: dict[int, dict[int, int]] = {}   # gen -> members
