@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clusterutil import Cluster
+from mountutil import run_cli
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 STRESS = [sys.executable, str(TOOLS / "stress")]
@@ -193,9 +194,34 @@ def assert_same_tree(c: Cluster, nodes: list[int]) -> str:
         for n in nodes[1:]:
             shown += [f"  only on node {nodes[0]}: {r}" for r in sorted(first - listed[n])]
             shown += [f"  only on node {n}: {r}" for r in sorted(listed[n] - first)]
+        differing = set().union(*(first ^ listed[n] for n in nodes[1:]))
         raise AssertionError("nodes disagree on the tree:\n" + "\n".join(
-            f"  node {n}: {d}" for n, d in seen.items()) + "\n" + "\n".join(shown[:40]))
+            f"  node {n}: {d}" for n, d in seen.items()) + "\n" + "\n".join(shown[:40])
+            + "\n" + _lock_states(c, nodes, differing))
     return seen[nodes[0]]
+
+
+def _lock_states(c: Cluster, nodes: list[int], records: set[str], most: int = 3) -> str:
+    """For the topmost paths whose records differ: each node's inode number for the
+    path and, asked of each node, the DLM's queues of that inode's lock; what a
+    disagreement needs to be told apart (a lock two nodes were granted at once, a
+    node caching under a lock the master no longer lists, a kernel cache)."""
+    paths = sorted({json.loads(r)["path"] for r in records}, key=lambda p: (p.count("/"), p))
+    lines = ["lock states of the differing paths:"]
+    for path in paths[:most]:
+        inos = {}
+        for n in nodes:
+            try:
+                inos[n] = os.lstat(os.path.join(c.mountpoint(n), path)).st_ino
+            except OSError as exc:
+                inos[n] = f"lstat: {exc.strerror}"
+        lines.append(f"  {path}: inode per node {inos}")
+        for ino in sorted({i for i in inos.values() if isinstance(i, int)}):
+            for n in nodes:
+                r = run_cli("locks", "--control", c.control(n), f"inode:{ino}")
+                shown = (r.stdout or r.stderr).strip().replace("\n", "\n      ")
+                lines.append(f"    inode:{ino} asked of node {n}:\n      {shown}")
+    return "\n".join(lines)
 
 
 def _records(root: str) -> set[str]:

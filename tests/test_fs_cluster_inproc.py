@@ -1817,7 +1817,7 @@ async def test_random_work_across_a_partition_and_merges_leaves_one_tree(
 
         async with trio.open_nursery() as work:
             for fs in fss:
-                for w in range(2):
+                for _ in range(2):
                     work.start_soon(worker, fs, random.Random(rng.random()))
             await trio.sleep(0.5)
             await _partition_and_merge(mc, rng)
