@@ -4,7 +4,11 @@ convergence once the network is whole again."""
 
 from __future__ import annotations
 
+import contextlib
+import heapq
+import itertools
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pytest
@@ -177,10 +181,37 @@ async def converge(sim: Sim, logs: list[Log], timeout: float) -> None:
             await trio.sleep(0.1)
 
 
+@contextlib.contextmanager
+def deadlines_in_order() -> Iterator[None]:
+    """trio orders cancel scopes whose deadlines are equal by id(scope), by where they
+    happen to sit in memory: a seed's run then depended on what the process ran before
+    (seed 365 of the jitter soak gave another run alone than after seeds 320-364, and
+    failed only after them; CI failed seed 0 of the jitter test, which passed alone).
+    Within this, equal deadlines expire in the order they were set."""
+    from trio._core import _run
+
+    deadlines = getattr(_run, "Deadlines", None)
+    if deadlines is None or not hasattr(deadlines, "add"):
+        yield        # another trio: runs are only as repeatable as it makes them
+        return
+    original = deadlines.add
+    order = itertools.count()
+
+    def add(self, deadline: float, cancel_scope: trio.CancelScope) -> None:
+        heapq.heappush(self._heap, (deadline, next(order), cancel_scope))
+        self._active += 1
+
+    deadlines.add = add
+    try:
+        yield
+    finally:
+        deadlines.add = original
+
+
 def run_seed(seed: int, steps: int, jitter: float = 0.0, loss: float = 0.0) -> None:
-    """Deterministic for a seed: virtual time, seeded incarnations and pauses, and
-    trio's scheduler (it shuffles runnable tasks with its own RNG; seeding it makes a
-    failing seed replay exactly)."""
+    """Deterministic for a seed: virtual time, seeded incarnations and pauses, trio's
+    scheduler (it shuffles runnable tasks with its own RNG; seeding it makes a failing
+    seed replay exactly) and equal deadlines expiring in the order they were set."""
     ids = [1, 2, 3, 4, 5]
     random.seed(seed)
     trio._core._run._r.seed(seed)
@@ -198,7 +229,8 @@ def run_seed(seed: int, steps: int, jitter: float = 0.0, loss: float = 0.0) -> N
             assert all(sim.nodes[i].state == MEMBER for i in ids)
         await with_sim(ids, body, jitter=jitter, seed=seed, loss=loss)
 
-    main()
+    with deadlines_in_order():
+        main()
 
 
 @pytest.mark.parametrize("seed", range(6))
