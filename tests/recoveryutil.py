@@ -218,8 +218,12 @@ def _lock_states(c: Cluster, nodes: list[int], records: set[str], most: int = 3)
         lines.append(f"  {path}: inode per node {inos}")
         for ino in sorted({i for i in inos.values() if isinstance(i, int)}):
             for n in nodes:
-                r = run_cli("locks", "--control", c.control(n), f"inode:{ino}")
-                shown = (r.stdout or r.stderr).strip().replace("\n", "\n      ")
+                try:    # (what it shows must not cost the failure it explains)
+                    r = run_cli("locks", "--control", c.control(n), f"inode:{ino}",
+                                timeout=15)
+                    shown = (r.stdout or r.stderr).strip().replace("\n", "\n      ")
+                except subprocess.TimeoutExpired:
+                    shown = "(no answer within 15 s)"
                 lines.append(f"    inode:{ino} asked of node {n}:\n      {shown}")
     return "\n".join(lines)
 
