@@ -57,3 +57,32 @@ async def test_inline_handlers_run_in_order_with_async_ones():
             a.send_nowait(2, T if i % 3 else MsgType.DLM_QUERY, i)
         await wait_until(lambda: len(order) == 50)
         assert order == list(range(50))
+
+
+@trio_test
+async def test_a_held_node_gets_and_sends_nothing_until_released_then_all_in_order():
+    """hold() is a SIGSTOP over TCP: messages both ways wait, none is lost, and on
+    release() each pair's arrive in the order they were sent, before later ones."""
+    async with MemoryNetwork().running() as net:
+        a, b = net.endpoint(1), net.endpoint(2)
+        to_b: list[int] = []
+        to_a: list[int] = []
+
+        async def at_b(env: Envelope) -> None:
+            to_b.append(env.body)
+
+        async def at_a(env: Envelope) -> None:
+            to_a.append(env.body)
+
+        b.register([T], at_b)
+        a.register([T], at_a)
+        net.hold(2)
+        for i in range(5):
+            a.send_nowait(2, T, i)
+            b.send_nowait(1, T, 100 + i)
+        await trio.testing.wait_all_tasks_blocked()
+        assert to_b == [] and to_a == []
+        net.release(2)
+        a.send_nowait(2, T, 5)
+        await wait_until(lambda: len(to_b) == 6 and len(to_a) == 5)
+        assert to_b == list(range(6)) and to_a == [100 + i for i in range(5)]

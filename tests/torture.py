@@ -259,8 +259,9 @@ async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_nod
 
 async def _merge_round(mc: MemCluster, checker: Checker, rng: random.Random,
                        scopes: dict[int, trio.CancelScope]) -> int:
-    """One node freezes (cut off: what it sends is lost, as on a broken connection)
-    and in the same instant another dies; the third, alone, goes into a view without
+    """One node freezes (held: what it sends and is sent arrives late, as over TCP
+    across a SIGSTOP; or cut off: lost, as across a network cut) and in the same
+    instant another dies; the third, alone, goes into a view without
     quorum while the frozen one still holds the old view and goes on locking what
     it can. The frozen one wakes: the two merge (the lone one named as joined), the
     dead one is fenced; then, at random, the lone one drops the other again for a
@@ -268,14 +269,21 @@ async def _merge_round(mc: MemCluster, checker: Checker, rng: random.Random,
     stays valid throughout: the checker sees any two incompatible holds at once.
     The dead node, to restart."""
     lone, frozen, dead = rng.sample(sorted(mc.nodes), 3)
-    mc.net.isolate(frozen)
+    held = rng.random() < 0.5
+    if held:
+        mc.net.hold(frozen)
+    else:
+        mc.net.isolate(frozen)
     scopes[dead].cancel()
     mc.crash(dead, remove=False)
     checker.node_died(dead)
     mc.install_on([lone], {lone}, left={frozen, dead})
     await trio.sleep(rng.random() * 0.2)
+    if held:
+        mc.net.release(frozen)
     for other in (lone, dead):
         mc.net.heal(frozen, other)
+    await trio.sleep(rng.random() * 0.05)
     pair = [lone, frozen]
     view = mc.install_on(pair, set(pair), joined={lone}, left={dead})
     await trio.sleep(rng.random() * 0.05)

@@ -1,7 +1,8 @@
 """An in-memory transport: many nodes in one trio run, for tests.
 
 Same contract as the TCP transport (clusterfs.comms.interface), plus fault
-injection: cut() and heal() a link, crash() a node (its messages vanish). With
+injection: cut() and heal() a link, crash() a node (its messages vanish), hold() and
+release() a node (a SIGSTOP over TCP: its messages, both ways, wait and arrive late). With
 `refuse_crashed`, a crashed node is reported refused to the nodes still linked to
 it, as a host reports a killed process (TCP's connection refused); without it a
 crash is silent, like a power cut.
@@ -9,6 +10,7 @@ crash is silent, like a power cut.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 from typing import Any
 
@@ -24,6 +26,9 @@ class MemoryNetwork:
         self.refuse_crashed = refuse_crashed
         self.crashed_at: dict[int, float] = {}
         self._cut: set[frozenset[int]] = set()
+        # held nodes (a SIGSTOP): what they send or are sent waits, in order, per pair
+        self._held: set[int] = set()
+        self._waiting: dict[tuple[int, int], list[Envelope]] = {}
         self._nursery: trio.Nursery | None = None
 
     def endpoint(self, node_id: int) -> MemoryEndpoint:
@@ -43,6 +48,25 @@ class MemoryNetwork:
 
     def heal(self, a: int, b: int) -> None:
         self._cut.discard(frozenset((a, b)))
+
+    def hold(self, node: int) -> None:
+        """The node stops as a SIGSTOPped process does over TCP: nothing it sends or is
+        sent from now on is lost, it waits (per pair, in order) until release()."""
+        self._held.add(node)
+
+    def release(self, node: int) -> None:
+        """Deliver, in order, what waited on the node's links (those whose other end is
+        not held itself)."""
+        self._held.discard(node)
+        for (src, dst), envs in list(self._waiting.items()):
+            if node in (src, dst) and src not in self._held and dst not in self._held:
+                del self._waiting[(src, dst)]
+                peer = self.endpoints.get(dst)
+                for env in envs:
+                    if peer is not None and not peer.crashed:
+                        with contextlib.suppress(trio.ClosedResourceError,
+                                                 trio.BrokenResourceError, trio.WouldBlock):
+                            peer._inbox_send.send_nowait(env)
 
     def isolate(self, node: int) -> None:
         for other in self.endpoints:
@@ -101,8 +125,13 @@ class MemoryEndpoint:
         if peer is None or not self.net.linked(self.node_id, dest):
             raise PeerUnreachable(f"node {dest} unreachable from {self.node_id}")
         self.sent += 1
+        env = Envelope(self.node_id, self.generation, mtype, body)
+        pair = (self.node_id, dest)
+        if self.node_id in self.net._held or dest in self.net._held or pair in self.net._waiting:
+            self.net._waiting.setdefault(pair, []).append(env)
+            return
         try:
-            peer._inbox_send.send_nowait(Envelope(self.node_id, self.generation, mtype, body))
+            peer._inbox_send.send_nowait(env)
         except (trio.ClosedResourceError, trio.BrokenResourceError, trio.WouldBlock) as exc:
             raise PeerUnreachable(f"node {dest}: {exc!r}") from exc
 
