@@ -1710,9 +1710,9 @@ async def test_a_rename_target_removed_before_its_ancestor_walk_is_enoent(tmp_pa
 MERGE_NAMES = [b"f%d" % i for i in range(6)] + [b"e%d" % i for i in range(2)]
 
 
-async def _random_op(fs: FileSystem, dirs: list[int], rng: random.Random) -> None:
-    """One random change in one of `dirs` (an error such as ENOENT or ENOTEMPTY is an
-    answer like any other: the other node changed the tree first)."""
+async def _random_op(fs: FileSystem, dirs: list[int], rng: random.Random) -> bool:
+    """One random change in one of `dirs`; whether it was made (an error such as ENOENT
+    or ENOTEMPTY is an answer like any other: the other node changed the tree first)."""
     d, name = rng.choice(dirs), rng.choice(MERGE_NAMES)
     op = rng.randrange(8)
     try:
@@ -1726,7 +1726,7 @@ async def _random_op(fs: FileSystem, dirs: list[int], rng: random.Random) -> Non
         else:
             node = await fs.lookup(d, name)
             if node is None or not stat.S_ISREG(node.d.mode):
-                return
+                return False
             if op == 3:
                 await fs.setattr(node.ino, mode=rng.randrange(0o1000),
                                  uid=rng.choice([0, 1000]))
@@ -1736,7 +1736,8 @@ async def _random_op(fs: FileSystem, dirs: list[int], rng: random.Random) -> Non
                 data = bytes([rng.randrange(256)]) * rng.randrange(1, 2 * BLOCK)
                 await fs.write(node.ino, rng.randrange(4 * BLOCK), data)
     except FSError:
-        pass
+        return False
+    return True
 
 
 async def _tree(fs: FileSystem, ino: int) -> list:
@@ -1805,7 +1806,7 @@ async def test_random_work_across_a_partition_and_merges_leaves_one_tree(
     image, sb = _formatted(tmp_path, journals=2)
     rng = random.Random(seed)
     async with memory_cluster([1, 2, 3]) as mc, trio.open_nursery() as nursery:
-        fss = []
+        fss, devs = [], []
         for slot in (0, 1):
             ls = mc.ls(slot + 1)
             await ls.lock(("journal", slot), Mode.EX)     # as a mount holds its slot
@@ -1814,15 +1815,17 @@ async def test_random_work_across_a_partition_and_merges_leaves_one_tree(
             nursery.start_soon(recovery.run, mc.cluster.members[slot + 1])
             node.fs.glocks.gate = recovery
             fss.append(node.fs)
+            devs.append(node.dev)
         a, b = fss
         top = await a.mknod(a.root, b"shared", stat.S_IFDIR | 0o755, 0, 0, 0)
         dirs = [top.ino] + [(await a.mknod(top.ino, b"d%d" % i, stat.S_IFDIR | 0o755,
                                            0, 0, 0)).ino for i in range(2)]
         stop = trio.Event()
+        made = {id(fs): 0 for fs in fss}
 
         async def worker(fs: FileSystem, wrng: random.Random) -> None:
             while not stop.is_set():
-                await _random_op(fs, dirs, wrng)
+                made[id(fs)] += await _random_op(fs, dirs, wrng)
                 await trio.sleep(wrng.random() * 0.005)
 
         async with trio.open_nursery() as work:
@@ -1833,8 +1836,11 @@ async def test_random_work_across_a_partition_and_merges_leaves_one_tree(
             await _partition_and_merge(mc, rng)
             await trio.sleep(0.5)
             stop.set()
+        assert min(made.values()) > 20, made      # both nodes did change the tree
         seen_a, seen_b = await _tree(a, top.ino), await _tree(b, top.ino)
         assert seen_a == seen_b
         for fs in fss:
             await fs.shutdown()
+        for dev in devs:
+            dev.close()
         nursery.cancel_scope.cancel()
