@@ -8,6 +8,7 @@ failures by hand.
 
 from __future__ import annotations
 
+import random
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ import trio
 from clusterfs.comms.memory import MemoryNetwork
 from clusterfs.dlm.lockspace import Dlm, Lockspace, open_dlm
 from clusterfs.membership.static import StaticCluster
-from clusterfs.membership.view import View, ViewChange
+from clusterfs.membership.view import Fenced, View, ViewChange
 
 
 @dataclass(eq=False)
@@ -92,6 +93,39 @@ class MemCluster:
         for nid in nodes:
             self.cluster.members[nid]._publish(change)
         return view
+
+    async def freeze_and_merge(self, rng: random.Random, lone: int, frozen: int,
+                               dead: int, *, held: bool) -> None:
+        """As the real mounts saw it (tests/test_cluster_quorum.py), `dead` crashed by
+        the caller in the same instant: `frozen` freezes (`held`: what it sends and is
+        sent arrives late, as over TCP across a SIGSTOP; else cut off, its messages
+        lost, as across a network cut); `lone` goes on alone without quorum while
+        `frozen` still holds the old view and goes on locking what it can; `frozen`
+        wakes, goes on a moment in its old view, and the two merge (`lone` named as
+        joined), `dead` is fenced; then `lone` drops `frozen` and merges again, 0 to 2
+        times (a suspicion outliving the merge). Returns once the pair runs."""
+        if held:
+            self.net.hold(frozen)
+        else:
+            self.net.isolate(frozen)
+        self.install_on([lone], {lone}, left={frozen, dead})
+        await trio.sleep(rng.random() * 0.2)
+        if held:
+            self.net.release(frozen)
+            await trio.sleep(rng.random() * 0.05)
+        else:
+            self.net.heal(frozen, lone)
+        pair = [lone, frozen]
+        view = self.install_on(pair, set(pair), joined={lone}, left={dead})
+        await trio.sleep(rng.random() * 0.05)
+        for n in pair:
+            self.cluster.members[n]._publish(Fenced(view.generation, frozenset({dead})))
+        for _ in range(rng.randrange(3)):
+            await trio.sleep(rng.random() * 0.1)
+            self.install_on([lone], {lone}, left={frozen})
+            await trio.sleep(rng.random() * 0.1)
+            self.install_on(pair, set(pair), joined={lone})
+        await self.wait_running(30)
 
     def next_view(self, members: Iterable[int]) -> View:
         """The cluster's next view, of `members` (quorate by majority), made current

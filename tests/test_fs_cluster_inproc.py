@@ -31,7 +31,6 @@ from clusterfs.format.rgrp import decode_rgrp
 from clusterfs.fs.filesystem import FileSystem
 from clusterfs.fs.inode import CachedInode
 from clusterfs.journal.log import Journal, replay_journal
-from clusterfs.membership.view import Fenced
 from clusterfs.node.mkfs_cmd import make_filesystem
 from clusterfs.node.placement import Placement
 from clusterfs.storage.device import BlockDevice
@@ -1759,41 +1758,6 @@ async def _tree(fs: FileSystem, ino: int) -> list:
     return out
 
 
-async def _partition_and_merge(mc, rng: random.Random) -> None:
-    """As the real mounts saw it (tests/test_cluster_quorum.py): node 2 freezes as node
-    3 dies (held: what it sends and is sent arrives late, as over TCP across a SIGSTOP;
-    or cut off, its messages lost, as across a network cut); node 1 goes on alone
-    without quorum; node 2 wakes, goes on a moment in its old view, and merges node 1
-    back, node 3 is fenced; then node 1 drops node 2 and merges again, 0 to 2 times (a
-    suspicion outliving the merge); node 3 comes back."""
-    held = rng.random() < 0.5
-    if held:
-        mc.net.hold(2)
-    else:
-        mc.net.isolate(2)
-    mc.crash(3, remove=False)
-    mc.install_on([1], {1}, left={2, 3})
-    await trio.sleep(rng.random() * 0.3)
-    if held:
-        mc.net.release(2)
-    else:
-        mc.net.heal(1, 2)
-    mc.net.heal(2, 3)
-    await trio.sleep(rng.random() * 0.05)
-    view = mc.install_on([1, 2], {1, 2}, joined={1}, left={3})
-    await trio.sleep(rng.random() * 0.1)
-    for n in (1, 2):
-        mc.cluster.members[n]._publish(Fenced(view.generation, frozenset({3})))
-    for _ in range(rng.randrange(3)):
-        await trio.sleep(rng.random() * 0.2)
-        mc.install_on([1], {1}, left={2})
-        await trio.sleep(rng.random() * 0.2)
-        mc.install_on([1, 2], {1, 2}, joined={1})
-    await mc.wait_running(30)
-    await mc.join(3)
-    await mc.wait_running(30)
-
-
 @pytest.mark.parametrize("seed", range(6))
 @trio_test
 async def test_random_work_across_a_partition_and_merges_leaves_one_tree(
@@ -1821,22 +1785,26 @@ async def test_random_work_across_a_partition_and_merges_leaves_one_tree(
         dirs = [top.ino] + [(await a.mknod(top.ino, b"d%d" % i, stat.S_IFDIR | 0o755,
                                            0, 0, 0)).ino for i in range(2)]
         stop = trio.Event()
-        made = {id(fs): 0 for fs in fss}
+        made = [0, 0]                                   # changes made, per node
 
-        async def worker(fs: FileSystem, wrng: random.Random) -> None:
+        async def worker(n: int, wrng: random.Random) -> None:
             while not stop.is_set():
-                made[id(fs)] += await _random_op(fs, dirs, wrng)
+                made[n] += await _random_op(fss[n], dirs, wrng)
                 await trio.sleep(wrng.random() * 0.005)
 
         async with trio.open_nursery() as work:
-            for fs in fss:
+            for n in (0, 1):
                 for _ in range(2):
-                    work.start_soon(worker, fs, random.Random(rng.random()))
+                    work.start_soon(worker, n, random.Random(rng.random()))
             await trio.sleep(0.5)
-            await _partition_and_merge(mc, rng)
+            mc.crash(3, remove=False)                   # node 2 freezes as node 3 dies
+            # (even seeds: node 2's messages held and late; odd ones: lost)
+            await mc.freeze_and_merge(rng, lone=1, frozen=2, dead=3, held=seed % 2 == 0)
+            await mc.join(3)
+            await mc.wait_running(30)
             await trio.sleep(0.5)
             stop.set()
-        assert min(made.values()) > 20, made      # both nodes did change the tree
+        assert min(made) > 20, made               # both nodes did change the tree
         seen_a, seen_b = await _tree(a, top.ino), await _tree(b, top.ino)
         assert seen_a == seen_b
         for fs in fss:

@@ -75,6 +75,6 @@ async def test_memory_torture_with_partitions_and_merges() -> None:
     with it, at random dropped and merged again: what the merges resynchronise must
     leave no two incompatible holds at once and no hold lost (the real mounts' case
     is tests/test_cluster_quorum.py)."""
-    res = await memory_torture([1, 2, 3], seconds=6, kill_rounds=4, seed=3, merges=True)
+    res = await memory_torture([1, 2, 3], seconds=6, kill_rounds=4, seed=3, merges="cut")
     assert res.checker.violations == [] and res.lost_locks == [] and res.errors == []
     assert res.kills == 4 and res.ops > 200, res

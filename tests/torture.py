@@ -31,7 +31,6 @@ from clusterfs.dlm.interface import (
     resource_key,
 )
 from clusterfs.errors import LockCancelled, LockError, WouldBlock
-from clusterfs.membership.view import Fenced
 
 # A worker that finished no lock for this long at the end of a run is stuck (its
 # holds last up to 15 ms, a recovery well under a second here)
@@ -133,7 +132,7 @@ class TortureResult:
 async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_node: int = 3,
                          resources: int = 3, kill_rounds: int = 1, seed: int = 1,
                          double_kills: bool = True, await_removal: bool = False,
-                         batching: bool = False, merges: bool = False) -> TortureResult:
+                         batching: bool = False, merges: str | None = None) -> TortureResult:
     """Random locking on MemCluster nodes; every seconds/(kill_rounds+1) a node
     is crashed (then restarted and rejoined). Returns what the checker saw.
 
@@ -142,7 +141,8 @@ async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_nod
     messages travel in DLM_BATCHes.
 
     merges: each round is a partition and a merge instead of a plain kill (see
-    _merge_round), as a SIGSTOPped node that wakes up while another dies.
+    _merge_round), the frozen node's messages lost ("cut", what only the merge's
+    resync repairs) or held and delivered late ("held", a SIGSTOP over TCP).
 
     At the end the workers finish their current lock and stop; with await_removal the
     run then waits (at most 30 s) until the masters have freed some idle resource,
@@ -213,7 +213,8 @@ async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_nod
             for rnd in range(kill_rounds):
                 await trio.sleep(period)
                 if merges:
-                    victim = await _merge_round(mc, checker, rng, scopes)
+                    victim = await _merge_round(mc, checker, rng, scopes,
+                                                held=merges == "held")
                     result.kills += 1
                     checker.node_restarted(victim)
                     await mc.join(victim)
@@ -258,43 +259,16 @@ async def memory_torture(node_ids: list[int], *, seconds: float, workers_per_nod
 
 
 async def _merge_round(mc: MemCluster, checker: Checker, rng: random.Random,
-                       scopes: dict[int, trio.CancelScope]) -> int:
-    """One node freezes (held: what it sends and is sent arrives late, as over TCP
-    across a SIGSTOP; or cut off: lost, as across a network cut) and in the same
-    instant another dies; the third, alone, goes into a view without
-    quorum while the frozen one still holds the old view and goes on locking what
-    it can. The frozen one wakes: the two merge (the lone one named as joined), the
-    dead one is fenced; then, at random, the lone one drops the other again for a
-    moment (a suspicion outliving the merge) and they merge once more. Every hold
-    stays valid throughout: the checker sees any two incompatible holds at once.
-    The dead node, to restart."""
+                       scopes: dict[int, trio.CancelScope], held: bool) -> int:
+    """One node freezes (`held`: its messages late, else lost) as another dies and the
+    third goes on alone without quorum, then the two merge
+    (MemCluster.freeze_and_merge). Every hold stays valid throughout: the checker
+    sees any two incompatible holds at once. The dead node, to restart."""
     lone, frozen, dead = rng.sample(sorted(mc.nodes), 3)
-    held = rng.random() < 0.5
-    if held:
-        mc.net.hold(frozen)
-    else:
-        mc.net.isolate(frozen)
     scopes[dead].cancel()
     mc.crash(dead, remove=False)
     checker.node_died(dead)
-    mc.install_on([lone], {lone}, left={frozen, dead})
-    await trio.sleep(rng.random() * 0.2)
-    if held:
-        mc.net.release(frozen)
-    for other in (lone, dead):
-        mc.net.heal(frozen, other)
-    await trio.sleep(rng.random() * 0.05)
-    pair = [lone, frozen]
-    view = mc.install_on(pair, set(pair), joined={lone}, left={dead})
-    await trio.sleep(rng.random() * 0.05)
-    for n in pair:
-        mc.cluster.members[n]._publish(Fenced(view.generation, frozenset({dead})))
-    for _ in range(rng.randrange(3)):
-        await trio.sleep(rng.random() * 0.1)
-        mc.install_on([lone], {lone}, left={frozen})
-        await trio.sleep(rng.random() * 0.1)
-        mc.install_on(pair, set(pair), joined={lone})
-    await mc.wait_running(30)
+    await mc.freeze_and_merge(rng, lone, frozen, dead, held=held)
     return dead
 
 
