@@ -68,6 +68,15 @@ class MemoryNetwork:
                                                  trio.BrokenResourceError, trio.WouldBlock):
                             peer._inbox_send.send_nowait(env)
 
+    def _held_back(self, env: Envelope, dest: int) -> bool:
+        """Keep env for release() if either end is held, or older messages of its pair
+        still wait (they go first)."""
+        pair = (env.sender, dest)
+        if env.sender in self._held or dest in self._held or pair in self._waiting:
+            self._waiting.setdefault(pair, []).append(env)
+            return True
+        return False
+
     def isolate(self, node: int) -> None:
         for other in self.endpoints:
             if other != node:
@@ -126,9 +135,7 @@ class MemoryEndpoint:
             raise PeerUnreachable(f"node {dest} unreachable from {self.node_id}")
         self.sent += 1
         env = Envelope(self.node_id, self.generation, mtype, body)
-        pair = (self.node_id, dest)
-        if self.node_id in self.net._held or dest in self.net._held or pair in self.net._waiting:
-            self.net._waiting.setdefault(pair, []).append(env)
+        if self.net._held_back(env, dest):
             return
         try:
             peer._inbox_send.send_nowait(env)
