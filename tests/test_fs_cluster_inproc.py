@@ -607,6 +607,33 @@ async def test_two_nodes_overwrite_disjoint_chunks_of_one_file_without_handing_l
 
 
 @trio_test
+async def test_two_nodes_filling_halves_of_one_file_allocate_each_in_its_own_group(
+        tmp_path) -> None:
+    """A and B write the two halves of one new file in turns, 64 KiB at a time: each
+    half's blocks come from its writer's home group, one run per half, and neither
+    node ever asks for the other's group (before, B aimed at the file's last block,
+    in A's group, and the group's lock changed hands with the file's at every turn)."""
+    piece, count = 64 << 10, 16
+    half = piece * count
+    async with nodes(tmp_path) as (a, b):
+        f = await a.fs.mknod(a.fs.root, b"shared", REG, 0, 0, 0)
+        assert await b.fs.lookup(b.fs.root, b"shared") is not None
+        for i in range(count):
+            await a.fs.write(f.ino, i * piece, b"a" * piece)
+            await b.fs.write(f.ino, half + i * piece, b"b" * piece)
+        node = await a.fs.getattr(f.ino)
+        sb = a.fs.sb
+        first = [e for e in node.extents if e.lblk < half // BLOCK]
+        second = [e for e in node.extents if e.lblk >= half // BLOCK]
+        assert {sb.rgrp_of(e.pblk) for e in first} == {a.fs.home_group}
+        assert {sb.rgrp_of(e.pblk) for e in second} == {b.fs.home_group}
+        assert len(first) == len(second) == 1            # each half one contiguous run
+        assert ("rgrp", a.fs.home_group) not in b.fs.glocks.glocks
+        assert ("rgrp", b.fs.home_group) not in a.fs.glocks.glocks
+        assert await b.fs.read(f.ino, half - 2, 4) == b"aabb"
+
+
+@trio_test
 async def test_an_overwrite_of_one_chunk_from_two_nodes_hands_the_chunk_over(tmp_path) -> None:
     """The same bytes from two nodes in turn: each write is seen by the next read on
     the other node (the chunk's EX moves, the writer's queued data drained first)."""

@@ -223,9 +223,7 @@ class FileData:
             if self.clustered and await self._overwrite_in_place(ino, off, data, queued):
                 return len(data)
             node = self.inodes.get(ino)
-            goal = ino
-            if node is not None and node.extents:
-                goal = node.extents[-1].pblk + node.extents[-1].count
+            goal = ino if node is None else self._write_goal(node, off)
             return await self._retrying(run, goal, len(data) // BLOCK_SIZE + 2)
 
         return await self._with_room(queued, attempt)
@@ -306,7 +304,7 @@ class FileData:
         runs = ext.map_range(node.extents, first, last - first + 1)
         holes = sum(n for _l, p, n in runs if p is None)
         unstuff = 1 if (node.stuffed and old) else 0
-        goal = node.extents[-1].pblk + node.extents[-1].count if node.extents else node.ino
+        goal = self._write_goal(node, off)
         new_runs = self._reserve_runs(goal, holes + unstuff)
         if holes or unstuff or end > node.d.size:
             node.meta_version += 1          # block map or size: a datasync must commit
@@ -346,6 +344,27 @@ class FileData:
         node.d.size = max(node.d.size, end)
         node.touch()
         self._dirty(node)
+
+    def _write_goal(self, node: CachedInode, off: int) -> int:
+        """Where a write's new blocks should go. Right after the block before the
+        write when that one is mapped: a sequential writer's run goes on. Otherwise
+        after the file's last block (or its inode), but in a cluster only if that lies
+        in this node's home group, else in the home group: two nodes writing separate
+        parts of one file then allocate from groups of their own, and do not hand
+        each other a group's lock (and its flush) at every turn of the file's."""
+        lblk = off // BLOCK_SIZE
+        if lblk:
+            ((_l, pblk, _n),) = ext.map_range(node.extents, lblk - 1, 1)
+            if pblk is not None:
+                return pblk + 1
+        last = node.extents[-1] if node.extents else None
+        goal = last.pblk + last.count if last is not None else node.ino
+        if self.clustered and not self._in_home_group(goal):
+            return self.sb.rgrp_location(self.home_group)[0]
+        return goal
+
+    def _in_home_group(self, block: int) -> bool:
+        return block >= self.sb.rgrp_start and self.alloc.group_of(block) == self.home_group
 
     def _write_data(self, node: CachedInode, pblk: int, pieces: list[memoryview]) -> None:
         """File data straight to its blocks, queued to the device's write-behind thread:
