@@ -104,6 +104,42 @@ def test_each_operation_is_seen_by_the_next_syscall_on_another_node(tmp_path):
         os.unlink(b("big"))
 
 
+def test_a_listing_of_another_nodes_directory_has_every_inode_number_and_type(tmp_path):
+    """Node 2 lists a directory node 1 filled (files, a directory, a symlink, a fifo):
+    its readdirplus entries carry names alone (no attributes: fuse/operations.py,
+    _reply_names), so the inode numbers and types scandir shows come from the
+    dirents; they must be node 1's, and a stat of each afterwards must agree too."""
+    with cluster(tmp_path, nodes=3) as c:
+        os.mkdir(c.path(1, "d"))
+        for i in range(300):
+            with open(c.path(1, "d", f"f{i}"), "wb") as f:
+                f.write(b"x" * i)
+        os.mkdir(c.path(1, "d", "sub"))
+        os.symlink("f1", c.path(1, "d", "link"))
+        os.mkfifo(c.path(1, "d", "fifo"))
+        names = [f"f{i}" for i in range(300)] + ["sub", "link", "fifo"]
+        want = {name: (st.st_ino, stat.S_IFMT(st.st_mode))
+                for name in names for st in [os.lstat(c.path(1, "d", name))]}
+        assert sorted(os.listdir(c.path(1, "d"))) == sorted(names)
+        kinds = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "link",
+                 stat.S_IFIFO: "other"}
+
+        def kind(e: os.DirEntry) -> str:
+            if e.is_symlink():
+                return "link"
+            if e.is_dir(follow_symlinks=False):
+                return "dir"
+            return "file" if e.is_file(follow_symlinks=False) else "other"
+
+        with os.scandir(c.path(2, "d")) as it:
+            seen = {e.name: (e.inode(), kind(e)) for e in it}
+        assert seen == {n: (ino, kinds[t]) for n, (ino, t) in want.items()}
+        for name, (ino, t) in want.items():
+            st = os.lstat(c.path(2, "d", name))
+            assert (st.st_ino, stat.S_IFMT(st.st_mode)) == (ino, t), name
+        assert os.stat(c.path(2, "d", "f299")).st_size == 299
+
+
 def test_random_operations_agree_on_every_node(tmp_path):
     """Random operations with random sizes and offsets, each on a random node, each
     checked at once on another node against a model: contents, sizes, listings."""

@@ -502,6 +502,58 @@ async def test_a_listing_of_another_nodes_directory_asks_for_its_locks_in_parall
         assert a.fs.glocks.glocks[("inode", inos[0])].mode == Mode.PR   # A keeps PR
 
 
+async def _dir_of_mixed(a: Node) -> tuple[CachedInode, dict[bytes, tuple[int, int]]]:
+    """A directory made on `a`: 20 files and a subdirectory; name -> (inode, type)."""
+    d = await a.fs.mknod(a.fs.root, b"d", stat.S_IFDIR | 0o755, 0, 0, 0)
+    made = {}
+    for i in range(20):
+        f = await a.fs.mknod(d.ino, b"f%d" % i, REG, 0, 0, 0)
+        made[b"f%d" % i] = (f.ino, stat.S_IFREG >> 12)
+    sub = await a.fs.mknod(d.ino, b"sub", stat.S_IFDIR | 0o755, 0, 0, 0)
+    made[b"sub"] = (sub.ino, stat.S_IFDIR >> 12)
+    return d, made
+
+
+@trio_test
+async def test_a_listing_checked_again_takes_only_the_directorys_lock(tmp_path) -> None:
+    """What a cluster's readdir replies rest on (fuse/operations.py, _reply_names): B
+    lists a directory A made, with each entry's inode number and type, and checks the
+    entries again later under the directory's lock alone: no entry's inode is locked
+    or read, and an entry A unlinked meanwhile is dropped."""
+    async with nodes(tmp_path) as (a, b):
+        d, made = await _dir_of_mixed(a)
+        listing = await b.fs.listing(d.ino)
+        assert {name: (ino, t) for name, ino, t in listing} == made
+        await a.fs.unlink(d.ino, b"f3")
+        listed = await b.fs.still_listed(d.ino, [(n, i) for n, i, _t in listing])
+        assert [n for (n, _i, _t), ok in zip(listing, listed, strict=True) if not ok] \
+            == [b"f3"]
+        for ino, _t in made.values():
+            assert ("inode", ino) not in b.fs.glocks.glocks
+            assert ino not in b.fs.inodes
+
+
+@trio_test
+async def test_a_listings_inodes_come_in_behind_it_and_its_lookups_wait_for_them(
+        tmp_path) -> None:
+    """After a listing's reply (warm_listed) the inodes it named come in as one batch in
+    the background (run_list_ahead); a lookup of one of them meanwhile waits for that
+    batch instead of locking and reading its inode alone or scanning ahead."""
+    async with nodes(tmp_path) as (a, b), trio.open_nursery() as background:
+        d, made = await _dir_of_mixed(a)
+        background.start_soon(b.fs.run_list_ahead)
+        await wait_until(lambda: b.fs._listing_ahead)
+        listing = await b.fs.listing(d.ino)
+        b.fs.warm_listed([ino for _n, ino, _t in listing])
+        for name, ino, _t in listing:                   # (no yield before the first)
+            node = await b.fs.lookup(d.ino, name)
+            assert node is not None and node.ino == ino
+        assert d.ino not in b.fs._scan_misses           # no lookup had to read
+        assert all(ino in b.fs.inodes for ino, _t in made.values())
+        assert not b.fs._listed_pending
+        background.cancel_scope.cancel()
+
+
 @trio_test
 async def test_a_listings_entries_come_with_one_round_of_locks(tmp_path) -> None:
     """readdirplus asks for a run of entries at once (readdir_nodes): their locks warmed

@@ -21,6 +21,7 @@ import itertools
 import logging
 import stat
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -62,6 +63,8 @@ PREFETCH_SPAN = 64       # blocks read at once when prefetching inodes
 SCAN_AFTER = 4
 SCAN_WINDOW = 0.5
 SCAN_BATCH = 128
+# listing replies whose inodes wait to be brought in (warm_listed), at most
+LIST_AHEAD_BATCHES = 64
 SCAN_LEAVES_MAX = 256    # a hashed directory with more leaves is not scanned ahead
 # In a cluster a file's data is locked by byte range, in chunks of this many bytes
 # (("data", ino, chunk) glocks: docs/locking.md): an overwrite in place holds the
@@ -170,6 +173,11 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
         self.nlookup: dict[int, int] = {}
         # directory -> (lookups that had to read, time of the last): _scan_ahead
         self._scan_misses: dict[int, tuple[int, float]] = {}
+        # inodes listings named, for run_list_ahead, and the batch each waits in
+        self._listed: deque[tuple[list[int], trio.Event]] = deque()
+        self._listed_pending: dict[int, trio.Event] = {}
+        self._listed_kick = trio.Event()
+        self._listing_ahead = False              # run_list_ahead is running
         # the generation the kernel was given with each number it holds: in a cluster
         # the block may hold a newer inode by the time the kernel uses the number again
         self.handed: dict[int, int] = {}
@@ -438,13 +446,18 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
             async with self._hold(pr=[parent], write=False,
                                   names=self._lookup_names(parent, name)):
                 ino = self._find_or_none(parent, name)
-                ahead = self._scan_ahead(parent, ino) if self.clustered else []
+                listed = self._listed_pending.get(ino) if ino is not None else None
+                ahead = self._scan_ahead(parent, ino) if self.clustered and \
+                    listed is None else []
                 node = self._cached_child(parent, ino) if not ahead else None
             if node is not None:
                 self.count_lookup(node.d.ino, node.d.generation)
                 return node
             if ino is None:
                 return None
+            if listed is not None:
+                await listed.wait()      # a listing's batch brings it in (warm_listed)
+                continue
             if ahead:
                 await self.prefetch(ahead)
             node = await self._named_inode(parent, name, ino)
@@ -536,6 +549,50 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
             await self.glocks.warm((("inode", i), Mode.PR) for i in todo)
         async with self._hold(pr=todo, write=False):
             await self._load_runs(todo)
+
+    def warm_listed(self, inos: list[int]) -> None:
+        """(A cluster.) Bring in the inodes a listing has just named, in the background
+        (run_list_ahead), nobody waiting: a stat of each often follows (ls -l), and its
+        lookup then waits for this batch instead of locking and reading its inode
+        alone; a listing alone (ls, find without stats) waits for none of it."""
+        batch = [i for i in inos if i not in self.inodes and i not in self._unguarded_in]
+        if not (self.clustered and self._listing_ahead and batch):
+            return
+        if len(self._listed) >= LIST_AHEAD_BATCHES:
+            self._listed_done(*self._listed.popleft())      # dropped: nobody waits for it
+        done = trio.Event()
+        for ino in batch:
+            self._listed_pending[ino] = done
+        self._listed.append((batch, done))
+        self._listed_kick.set()
+
+    def _listed_done(self, batch: list[int], done: trio.Event) -> None:
+        for ino in batch:
+            if self._listed_pending.get(ino) is done:
+                del self._listed_pending[ino]
+        done.set()
+
+    async def run_list_ahead(self) -> None:
+        """For the mount's lifetime: prefetch what warm_listed queued, a listing's reply
+        at a time (its locks requested together, its inodes read in runs). Best effort:
+        what a failed batch did not bring in is left to the lookups."""
+        self._listing_ahead = True
+        try:
+            while not self.closing:
+                await self._listed_kick.wait()
+                self._listed_kick = trio.Event()
+                while self._listed and not self.closing:
+                    batch, done = self._listed.popleft()
+                    try:
+                        await self.prefetch(batch)
+                    except ClusterFSError as exc:   # (withdrawn, expelled: said already)
+                        log.debug("list ahead: %s", exc)
+                    finally:
+                        self._listed_done(batch, done)
+        finally:
+            self._listing_ahead = False
+            while self._listed:
+                self._listed_done(*self._listed.popleft())
 
     async def load_missing(self, inos: list[int]) -> None:
         """(Under their locks.) Read the inodes of `inos` not cached, in runs."""

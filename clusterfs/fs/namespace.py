@@ -14,6 +14,7 @@ import errno
 import itertools
 import stat
 import time
+from collections.abc import Sequence
 
 from clusterfs.cache.glock import Glock
 from clusterfs.dlm.interface import Mode
@@ -516,14 +517,32 @@ class Namespace:
 
     # ================================================================ directories
     async def readdir(self, ino: int) -> list[tuple[bytes, int]]:
+        return [(name, child) for name, child, _t in await self.listing(ino)]
+
+    async def listing(self, ino: int) -> list[tuple[bytes, int, int]]:
+        """Every entry of directory `ino`: (name, inode, type as S_IFMT(mode) >> 12)."""
         async with self._hold(pr=[ino], write=False, names=[(ino, None)]):
             node = self._inode(ino)
             if node.dir is None:
                 raise FSError(errno.ENOTDIR)
             try:
-                return [(name, child) for name, (child, _t) in node.dir.items()]
+                return [(name, child, dtype) for name, (child, dtype) in node.dir.items()]
             except FormatError as exc:
                 raise self._corrupt(exc) from exc
+
+    async def still_listed(self, parent: int, entries: Sequence[tuple[bytes, int]]
+                           ) -> list[bool]:
+        """Whether each (name, inode) of a listing taken earlier still stands in
+        `parent`, under the directory's lock alone: no entry's inode is locked or read
+        (a cluster's readdir hands the kernel names alone, fuse/operations.py)."""
+        async with self._hold(pr=[parent], write=False, names=[(parent, None)]):
+            return [self._still_names(parent, name, ino) for name, ino in entries]
+
+    def _still_names(self, parent: int, name: bytes, ino: int) -> bool:
+        try:
+            return self._find_or_none(parent, name) == ino
+        except FSError:
+            return False                 # (corrupt: withdrawn, said so)
 
     async def readlink(self, ino: int) -> bytes:
         async with self._hold(pr=[ino], write=False):

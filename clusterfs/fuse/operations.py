@@ -41,6 +41,7 @@ from clusterfs.format.directory import NAME_MAX
 from clusterfs.fs.filesystem import FileSystem
 from clusterfs.fs.inode import CachedInode
 from clusterfs.fs.namespace import RENAME_EXCHANGE
+from clusterfs.fuse import attrino
 from clusterfs.fuse.attrino import set_attr_ino
 from clusterfs.fuse.epoch import KernelEpoch
 from clusterfs.fuse.names import INO_MASK, KernelNames, ino_of
@@ -79,6 +80,20 @@ READDIR_CHUNK = 256
 CLUSTER_CACHED_ENTRY_TIMEOUT = ENTRY_TIMEOUT
 
 
+def _name_only(ino: int, dtype: int) -> EntryAttributes:
+    """A readdirplus entry without attributes: node id 0 tells the kernel to link
+    nothing for it (fuse_direntplus_link: "the userspace filesystem did not want to
+    return attributes/handle for this entry"), and the dirent still shows the inode
+    number (the attributes' st_ino, fuse/attrino.py) and the type (st_mode's)."""
+    entry = EntryAttributes()
+    entry.st_ino = 0
+    set_attr_ino(entry, ino)
+    entry.st_mode = dtype << 12
+    entry.entry_timeout = 0
+    entry.attr_timeout = 0
+    return entry
+
+
 def _edge(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Turn our exceptions into FUSEError; anything unexpected is logged and is EIO."""
     @functools.wraps(fn)
@@ -106,13 +121,16 @@ class Operations(pyfuse3.Operations):
         super().__init__()
         self.fs = fs
         self.root = fs.root
-        # fh -> (inode, the node id it was opened under, entries)
-        self._dir_handles: dict[int, tuple[int, int, list[tuple[bytes, int]]]] = {}
+        # fh -> (inode, the node id it was opened under, entries: (name, inode, type))
+        self._dir_handles: dict[int, tuple[int, int, list[tuple[bytes, int, int]]]] = {}
         self._next_fh = itertools.count(1)
         # set while the kernel's INIT is handled: a task waiting on it runs once the
         # reply is sent, i.e. once the kernel has applied the mount's settings
         self.initialized = trio.Event()
         self.clustered = fs.clustered
+        # a cluster's listings carry names alone (_reply_names), where the entry's
+        # inode number can be shown without a node id (fuse/attrino.py)
+        self._names_only = fs.clustered and attrino.AVAILABLE
         self.entry_timeout = CLUSTER_ENTRY_TIMEOUT if fs.clustered else ENTRY_TIMEOUT
         self.negative_timeout = CLUSTER_ENTRY_TIMEOUT if fs.clustered else NEGATIVE_TIMEOUT
         fs.kernel_forget.hook = self._invalidate
@@ -420,7 +438,7 @@ class Operations(pyfuse3.Operations):
     @_edge
     async def opendir(self, inode: InodeT, ctx: RequestContext) -> FileHandleT:
         ino = self._ino(inode)
-        entries = await self.fs.readdir(ino)
+        entries = await self.fs.listing(ino)
         fh = next(self._next_fh)
         self._dir_handles[fh] = (ino, inode, entries)
         return fh
@@ -428,23 +446,58 @@ class Operations(pyfuse3.Operations):
     @_edge
     async def readdir(self, fh: FileHandleT, start_id: int, token: ReaddirToken) -> None:
         parent, fuse_parent, entries = self._dir_handles.get(fh, (0, 0, []))
+        reply = self._reply_names if self._names_only else self._reply_entries
         for first in range(start_id, len(entries), READDIR_CHUNK):
-            chunk = entries[first : first + READDIR_CHUNK]
-            # (one round of locks for the chunk; no await from here to the next one)
-            nodes = await self.fs.readdir_nodes(parent, chunk)
-            for index, (name, child), node in zip(itertools.count(first), chunk, nodes):
-                if node is None:
-                    continue   # removed since opendir
-                # readdirplus makes a dentry of each entry, under the directory's
-                # dentry of the node id it was opened under
-                fuse_ino = self._entry_id(fuse_parent, name, node)
-                if not pyfuse3.readdir_reply(token, name, self._attr(node, fuse_ino),
+            if not await reply(parent, fuse_parent, entries[first : first + READDIR_CHUNK],
+                               first, token):
+                return
+
+    async def _reply_entries(self, parent: int, fuse_parent: int,
+                             chunk: list[tuple[bytes, int, int]], first: int,
+                             token: ReaddirToken) -> bool:
+        """Readdirplus entries with their attributes; False once the reply is full."""
+        # (one round of locks for the chunk; no await from here to the next one)
+        nodes = await self.fs.readdir_nodes(parent, [(n, c) for n, c, _t in chunk])
+        for index, (name, child, _t), node in zip(itertools.count(first), chunk, nodes):
+            if node is None:
+                continue   # removed since opendir
+            # readdirplus makes a dentry of each entry, under the directory's
+            # dentry of the node id it was opened under
+            fuse_ino = self._entry_id(fuse_parent, name, node)
+            if not pyfuse3.readdir_reply(token, name, self._attr(node, fuse_ino), index + 1):
+                return False
+            self.fs.count_lookup(child, node.d.generation)
+            if self.names is not None:
+                self.names.remember(fuse_parent, name,
+                                    fuse_ino if stat.S_ISDIR(node.d.mode) else None)
+        return True
+
+    async def _reply_names(self, parent: int, fuse_parent: int,
+                           chunk: list[tuple[bytes, int, int]], first: int,
+                           token: ReaddirToken) -> bool:
+        """(A cluster.) Readdirplus entries that carry a name, inode number and type
+        alone, checked under the directory's lock only: each entry's inode is neither
+        locked nor read. A cluster's kernel keeps no name a readdirplus hands it
+        (CLUSTER_ENTRY_TIMEOUT; docs/locking.md, "Kernel caches in a cluster"), so a
+        stat after a listing is a LOOKUP anyway, which takes the inode's lock itself;
+        attributes here would cost a lock per entry (of another node's directory, a
+        round of lock requests per reply) for nothing. The inodes are brought in in
+        the background instead (FileSystem.warm_listed), for the stats that often
+        follow: `ls` waits for none of it, `ls -l` as long as before."""
+        listed = await self.fs.still_listed(parent, [(n, c) for n, c, _t in chunk])
+        named: list[int] = []
+        try:
+            for index, (name, child, dtype), ok in zip(itertools.count(first), chunk,
+                                                       listed):
+                if not ok:
+                    continue
+                if not pyfuse3.readdir_reply(token, name, _name_only(child, dtype),
                                              index + 1):
-                    return
-                self.fs.count_lookup(child, node.d.generation)
-                if self.names is not None:
-                    self.names.remember(fuse_parent, name,
-                                        fuse_ino if stat.S_ISDIR(node.d.mode) else None)
+                    return False
+                named.append(child)
+            return True
+        finally:
+            self.fs.warm_listed(named)
 
     @_edge
     async def releasedir(self, fh: FileHandleT) -> None:

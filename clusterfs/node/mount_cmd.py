@@ -795,6 +795,7 @@ async def _serve_fs(locks, dev, sb, mountpoint: str, opts: Options, ready: Calla
             nursery.start_soon(STALLS.run)
             nursery.start_soon(glocks.run_shrinker)
             nursery.start_soon(fs.run_orphan_sweeper)
+            nursery.start_soon(fs.run_list_ahead)
             if side_tasks is not None:
                 side_tasks(nursery, fs, slot)
 
