@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
@@ -94,6 +95,31 @@ def _name_only(ino: int, dtype: int) -> EntryAttributes:
     return entry
 
 
+class _EioLog:
+    """Says why an operation answered EIO, at most once every EIO_LOG_EVERY seconds
+    (with how many were not said): an EIO from our own errors is a device failure, a
+    withdraw or a broken rule, and an application sees only the errno. (A stress
+    run's create once got EIO on a cluster node that logged nothing.)"""
+
+    def __init__(self) -> None:
+        self.said_at = -EIO_LOG_EVERY
+        self.unsaid = 0
+
+    def __call__(self, op: str, exc: ClusterFSError) -> None:
+        now = time.monotonic()
+        if now - self.said_at < EIO_LOG_EVERY:
+            self.unsaid += 1
+            return
+        log.warning("%s: EIO: %s: %s%s", op, type(exc).__name__, exc,
+                    f" ({self.unsaid} more EIO answers since the last line)"
+                    if self.unsaid else "")
+        self.said_at, self.unsaid = now, 0
+
+
+EIO_LOG_EVERY = 10.0
+_eio_log = _EioLog()
+
+
 def _edge(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
     """Turn our exceptions into FUSEError; anything unexpected is logged and is EIO."""
     @functools.wraps(fn)
@@ -103,6 +129,8 @@ def _edge(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         except pyfuse3.FUSEError:
             raise
         except ClusterFSError as exc:
+            if exc.errno == errno.EIO:
+                _eio_log(fn.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno) from None
         except OSError as exc:
             log.error("%s: %s", fn.__name__, exc)
