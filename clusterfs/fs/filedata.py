@@ -360,7 +360,7 @@ class FileData:
         last = node.extents[-1] if node.extents else None
         goal = last.pblk + last.count if last is not None else node.ino
         if self.clustered and not self._in_home_group(goal):
-            return self.sb.rgrp_location(self.home_group)[0]
+            return self._home_start()
         return goal
 
     def _in_home_group(self, block: int) -> bool:

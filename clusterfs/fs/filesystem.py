@@ -312,6 +312,11 @@ class FileSystem(Namespace, OpenFiles, FileData, Xattrs, Demotion):
                 blocks += range(first, first + 1 + bitmap_blocks_for(length))
         return await self._read_blocks_async(blocks) if blocks else {}
 
+    def _home_start(self) -> int:
+        """The first block of this node's home group: where a cluster node allocates
+        what has no better place (a new inode, a file's first blocks of its own)."""
+        return self.sb.rgrp_location(self.home_group)[0]
+
     def _group(self, glock: Glock, ahead: dict[int, bytes] | None = None) -> ResourceGroup:
         """The group its held glock covers, loaded from disk on first use after a grant
         (the previous holder flushed it home before letting go); `ahead`: its blocks

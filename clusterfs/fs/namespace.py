@@ -181,7 +181,7 @@ class Namespace:
         the parent's group."""
         if not self.clustered:
             return parent
-        return self.sb.rgrp_location(self.home_group)[0]
+        return self._home_start()
 
     def _free_meta(self, blkno: int) -> None:
         self._release(blkno, 1)
