@@ -141,8 +141,20 @@ class StressRun:
         text = self.output()
         assert self.proc.returncode == 0 and "stress: 0 failure(s)" in text, (
             f"stress on node {self.node} (seed {self.seed}) exited "
-            f"{self.proc.returncode}:\n{text[-6000:]}")
+            f"{self.proc.returncode}:\n{text[-6000:]}\n{self.node_complaints()}")
         return text
+
+    def node_complaints(self, most: int = 40) -> str:
+        """The last warnings and errors of the mount it ran on (mountutil's log beside
+        the mount point): why a call failed is said there, not in the stress output."""
+        log = Path(self.root).parent / f"{Path(self.root).name}.clusterfs.log"
+        try:
+            lines = log.read_text(errors="replace").splitlines()
+        except OSError:
+            return f"(no node log at {log})"
+        said = [line for line in lines if re.search(r"\b(WARNING|ERROR|CRITICAL)\b", line)]
+        return f"node {self.node}'s last warnings and errors ({log.name}):\n" + "\n".join(
+            said[-most:])
 
 
 def stop_all(runs: list[StressRun]) -> None:

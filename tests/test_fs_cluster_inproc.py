@@ -1891,3 +1891,42 @@ async def test_random_work_across_a_partition_and_merges_leaves_one_tree(
         for dev in devs:
             dev.close()
         nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_a_truncate_frees_what_a_write_beside_it_added_while_it_waited(
+        tmp_path) -> None:
+    """Two operations of one node share an inode's lock: a truncate waiting for the
+    group of the file's blocks (held by another node) lets a write of the same file
+    run, which allocates in this node's home group. The truncate then frees those
+    blocks too, so it must hold that group as well (it answered EIO: "freeing block
+    ... whose lock the operation does not hold"; a stress run's create with O_TRUNC
+    after a node death, in CI)."""
+    async with nodes(tmp_path) as (a, b):
+        f = await b.fs.mknod(b.fs.root, b"f", REG, 0, 0, 0)
+        await b.fs.write(f.ino, 0, b"b" * (64 << 10))          # in B's home group
+        assert (await b.fs.getattr(f.ino)).extents
+        b_group = ("rgrp", b.fs.home_group)
+        held = await b.fs.glocks.acquire([(b_group, Mode.EX)])  # A's truncate waits
+        assert await a.fs.lookup(a.fs.root, b"f") is not None
+        failed: list[BaseException] = []
+
+        async def truncate() -> None:
+            try:
+                await a.fs.truncate(f.ino, 0)
+            except FSError as exc:
+                failed.append(exc)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(truncate)
+            await wait_until(lambda: b_group in a.fs.glocks.glocks and
+                             a.fs.glocks.glocks[b_group].requesting is not None)
+            await a.fs.write(f.ino, 10 << 20, b"a" * 8192)    # in A's home group
+            assert {a.fs.sb.rgrp_of(e.pblk) for e in
+                    (await a.fs.getattr(f.ino)).extents} == \
+                {a.fs.home_group, b.fs.home_group}
+            b.fs.glocks.release(held)
+        assert failed == []
+        node = await a.fs.getattr(f.ino)
+        assert node.d.size == 0 and node.extents == []
+        assert await b.fs.read(f.ino, 0, 10) == b""

@@ -121,20 +121,34 @@ class _Hold:
             groups: set[int] = set()
             if self.alloc is not None:
                 groups.update(fs.alloc.groups_for(*self.alloc))
-            if self.frees is not None:
-                groups.update(fs.alloc.group_of(b) for b in self.frees())
-            if groups:
+            groups |= self._freed_groups()
+            while groups:
                 held = await fs.glocks.acquire([(("rgrp", g), Mode.EX) for g in groups])
                 self.taken += held
                 ahead = await fs.read_groups_ahead(held)
-                for glock in held:
-                    fs._group(glock, ahead)
+                # Another operation of ours on the same inodes (they share its lock)
+                # may have run while we waited, and put blocks to free in another
+                # group: take all of them again, in order (no wait while holding some)
+                more = self._freed_groups() - groups
+                if not more:
+                    for glock in held:
+                        fs._group(glock, ahead)
+                    break
+                fs.glocks.release(held)
+                self.taken = self.taken[:-len(held)]
+                groups |= more
             # (no await from here to the body: these are the running body's alone)
             fs.alloc.usable = groups
             fs.edges_ahead = edges
         except BaseException:
             fs.glocks.release(self.taken)
             raise
+
+    def _freed_groups(self) -> set[int]:
+        """The groups of the blocks the body may free, as the inodes are now."""
+        if self.frees is None:
+            return set()
+        return {self.fs.alloc.group_of(b) for b in self.frees()}
 
     async def __aexit__(self, exc_type, exc, tb) -> None:
         self.fs.alloc.usable = set()
