@@ -43,6 +43,7 @@
 #define NMODES 6
 #define EV_GRANT 1
 #define EV_BAST 2
+#define EV_DEADLOCK 3   /* a queued conversion refused (-EDEADLK) after the fact */
 #define Q_NONE 0
 #define Q_GRANT 1
 #define Q_CONVERT 2
@@ -767,11 +768,41 @@ int cfs_lt_recover_lock(struct cfs_lt *t, const uint8_t *name, size_t namelen, u
     return 0;
 }
 
+/* A rebuilt convert queue may hold a conversion deadlock that no convert call
+ * ever saw: two owners converting PR->EX, each re-sent by recovery as it stood
+ * (one of them a conversion its master had not yet received, or had dropped
+ * in a resync). A convert call would have refused the second with -EDEADLK;
+ * do the same now, to the newest in queue order (as the Linux DLM's
+ * grant_pending_convert does with conversion_deadlock_detect): it goes back
+ * to its granted mode and its owner is told (EV_DEADLOCK). */
+static int refuse_deadlocked_conversions(struct cfs_lt *t, struct lt_res *r)
+{
+    int refused = 0;
+    for (;;) {
+        struct lt_lock *victim = NULL;
+        for (struct lt_lock *l = r->res_convertq.head; l; l = l->lkb_qnext) {
+            t->mark++;
+            if (conv_cycle(t, r, l, l, 0))
+                victim = l;
+        }
+        if (!victim)
+            return refused;
+        q_del(victim);
+        victim->lkb_rqmode = -1;
+        q_add(victim, Q_GRANT);
+        push_event(t, EV_DEADLOCK, victim->lkb_id, victim->lkb_grmode);
+        refused++;
+    }
+}
+
 int cfs_lt_regrant(struct cfs_lt *t, const uint8_t *name, size_t namelen)
 {
     struct lt_res *r = get_res(t, name, namelen, 0);
     if (!r)
         return -ENOENT;
+    /* (first: a cycle only ends when one of its conversions does, and the
+     * holders the survivors must be told about are those left after it) */
+    refuse_deadlocked_conversions(t, r);
     return grant_pending(t, r);
 }
 

@@ -730,6 +730,45 @@ async def test_a_down_conversion_the_lone_owner_never_sent_counts_after_the_merg
 
 
 @trio_test
+async def test_a_conversion_deadlock_a_merge_rebuilt_is_refused_not_hung() -> None:
+    """Nodes 1 and 3 hold PR and both convert to EX. Node 3's conversion waits at the
+    master; node 1's, frozen on the way, reaches the master while node 1 is alone
+    without quorum, so the master's refusal (EDEADLK) is lost, and the merge re-sends
+    node 1's lock still converting: both conversions queued, each waiting for the
+    other's PR, which no convert call saw. The rebuilt queue must refuse one (it hung:
+    an in-process cluster's two nodes waited forever on one inode's lock)."""
+    async with memory_cluster([1, 2, 3]) as mc:
+        await make_master(mc.ls(2), R)
+        one, three = await mc.ls(1).lock(R, Mode.PR), await mc.ls(3).lock(R, Mode.PR)
+        outcome: dict[int, str] = {}
+
+        async def to_ex(node: int, lock) -> None:
+            try:
+                await mc.ls(node).convert(lock, Mode.EX)
+                outcome[node] = "granted"
+            except ConversionDeadlock:
+                outcome[node] = "deadlock"
+                await mc.ls(node).unlock(lock)
+
+        async with trio.open_nursery() as n:
+            n.start_soon(to_ex, 3, three)
+            await settle()
+            mc.net.hold(1)
+            n.start_soon(to_ex, 1, one)
+            await settle()
+            await alone_without_quorum(mc, 1)
+            mc.net.release(1)                     # the master refuses; node 1 drops it
+            await settle()
+            assert outcome == {}
+            with trio.fail_after(HANG):
+                await merged_back(mc, 1)
+                while len(outcome) < 2:
+                    await trio.sleep(0.01)
+        assert outcome == {1: "deadlock", 3: "granted"}
+        assert three.mode == Mode.EX
+
+
+@trio_test
 async def test_a_merge_overtaken_by_a_newer_view_still_resynchronises() -> None:
     """The view that merges node 1 back is overtaken at once by a newer one (node 3
     dies), which names nobody as joined: the resync the first asked for must still

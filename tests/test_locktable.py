@@ -223,6 +223,33 @@ def test_recovered_convert_queue_granted_in_any_order(t: LockTable) -> None:
         t.convert(4, Mode.PW)
 
 
+def test_a_conversion_deadlock_recovery_rebuilt_is_refused_at_regrant(
+        t: LockTable) -> None:
+    """Two PR->EX conversions re-sent by recovery: no convert call saw the second, so
+    regrant refuses the newest (EV_DEADLOCK, back to PR) and the other is granted once
+    its owner lets PR go (an in-process cluster hung there after a merge)."""
+    t.recover_lock(R, 1, 1, Mode.PR, Mode.EX, FULL_RANGE)
+    t.recover_lock(R, 2, 2, Mode.PR, Mode.EX, FULL_RANGE)
+    t.recover_lock(R, 3, 3, Mode.NL, None, FULL_RANGE)
+    assert t.regrant(R) == 0
+    events = t.events()
+    assert [(e.type, e.lkid, e.mode) for e in events if e.type != EventType.BAST] == \
+        [(EventType.DEADLOCK, 2, Mode.PR)]
+    assert {e.lkid for e in events if e.type == EventType.BAST} == {2}
+    assert [(i.lkid, i.queue, i.grmode) for i in t.dump(R)] == [
+        (3, Queue.GRANTED, Mode.NL), (2, Queue.GRANTED, Mode.PR),
+        (1, Queue.CONVERTING, Mode.PR)]
+    t.convert(2, Mode.NL)
+    assert grants(t) == [1]
+
+
+def test_regrant_leaves_a_recovered_queue_without_a_cycle_alone(t: LockTable) -> None:
+    t.recover_lock(R, 1, 1, Mode.PR, Mode.EX, FULL_RANGE)
+    t.recover_lock(R, 2, 2, Mode.PR, None, FULL_RANGE)
+    assert t.regrant(R) == 0
+    assert not [e for e in t.events() if e.type == EventType.DEADLOCK]
+
+
 def test_idle_resources_toss_list(t: LockTable) -> None:
     t.set_epoch(1)
     t.request(b"a", 1, 1, Mode.EX, FULL_RANGE, try_=True)

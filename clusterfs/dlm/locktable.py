@@ -29,6 +29,7 @@ class Queue(IntEnum):
 class EventType(IntEnum):
     GRANT = 1
     BAST = 2
+    DEADLOCK = 3    # a queued conversion refused after recovery rebuilt its queue
 
 
 @dataclass(frozen=True)

@@ -145,7 +145,13 @@ class Master:
             info = self.ls_table.lock_info(ev.lkid)
             if info is None:
                 continue    # left over from an aborted recovery; the lock is gone
-            if ev.type == EventType.GRANT:
+            if ev.type == EventType.DEADLOCK:
+                # (only a rebuilt queue: a convert call is answered so at once) the
+                # owner's conversion ends as a refused one does, back at its mode
+                if info.queue == Queue.GRANTED:
+                    self._send_or_local(owner, MsgType.DLM_REPLY, {
+                        "id": ev.lkid, "op": "convert", "rc": "edeadlk"})
+            elif ev.type == EventType.GRANT:
                 if info.queue != Queue.GRANTED or info.grmode != ev.mode:
                     continue
                 lvb, seq, valid = self.ls_table.lock_lvb(ev.lkid)
