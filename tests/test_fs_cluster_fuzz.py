@@ -1,0 +1,223 @@
+"""Random work on one small tree from several tasks on each of two nodes (tier 2):
+FileSystems on one image over the real DLM on the in-memory transport, three tasks a
+node, each doing random creates, unlinks, renames, links, symlinks, chmods, writes
+(up to 6 MiB into a file, so across data chunks and resource groups), truncates,
+reads, xattrs and fsyncs on the same few names. Two tasks of one node share the
+locks of what they both touch, which the one-task-per-node tests never do.
+
+What must hold: no call fails but with an answer a racing change explains (ENOENT,
+EEXIST, ENOTEMPTY, ESTALE for a directory another task removed, ...): never EIO or
+an exception of ours; afterwards both nodes see the same tree, byte for byte; after
+both unmount, fsck finds the image clean. The merge variant has node 2 freeze as a
+lock member dies and node 1 go on alone, then the two merge (as
+test_fs_cluster_inproc's partition test).
+
+Found with it (2026-12-07): a truncate waiting for a group's lock while a write of
+the same file on the same node allocated elsewhere freed blocks in a group it did not
+hold (EIO, and the blocks leaked: fsck). The soak (`-m slow`) runs
+CLUSTERFS_FUZZ_SOAK_SEEDS seeds of each variant.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import random
+import stat
+import traceback
+
+import pytest
+import trio
+from dlmcluster import MemCluster, memory_cluster
+from test_fs_cluster_inproc import Node, _node_on, _tree
+from trioutil import trio_test, wait_until
+
+from clusterfs.cache.recovery import JournalRecovery
+from clusterfs.dlm.interface import Mode
+from clusterfs.errors import FSError
+from clusterfs.fs.filesystem import FileSystem
+from clusterfs.fsck.checker import run_fsck
+from clusterfs.fsck.report import Report
+from clusterfs.node.mkfs_cmd import make_filesystem
+from clusterfs.node.placement import Placement
+
+# what a racing change explains (a directory another task removed is ESTALE by number),
+# or the call itself (three 3000-byte xattrs do not fit in a block: ENOSPC)
+EXPLAINED = {errno.ENOENT, errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR,
+             errno.EINVAL, errno.ENODATA, errno.EMLINK, errno.ESTALE, errno.ENAMETOOLONG,
+             errno.ENOSPC}
+NAMES = [b"f%d" % i for i in range(6)] + [b"d%d" % i for i in range(3)] + [b"s0"]
+REG = stat.S_IFREG | 0o644
+DIR = stat.S_IFDIR | 0o755
+TASKS = 3                 # per node
+OPS_EACH = 1500           # changes per node, counted (not timed)
+HANG_GUARD = 240          # seconds; a run takes 5-15
+SOAK_SEEDS = int(os.environ.get("CLUSTERFS_FUZZ_SOAK_SEEDS", "50"))
+
+
+class Run:
+    """The shared tree's directories, what went wrong, and how much was done."""
+
+    def __init__(self, top: int) -> None:
+        self.dirs = [top]
+        self.bugs: list[str] = []
+        self.done = [0, 0]
+
+
+async def _namespace_op(fs: FileSystem, run: Run, rng: random.Random, d: int,
+                        name: bytes, kind: int) -> None:
+    if kind == 0 and name[:1] == b"s":
+        await fs.mknod(d, name, stat.S_IFLNK | 0o777, 0, 0, 0,
+                       target=b"t" * rng.choice([5, 300, 5000]))
+    elif kind == 0:
+        node = await fs.mknod(d, name, DIR if name[:1] == b"d" else REG, 0, 0, 0)
+        if stat.S_ISDIR(node.d.mode) and len(run.dirs) < 8:
+            run.dirs.append(node.ino)
+    elif kind == 1:
+        await fs.unlink(d, name, want_dir=name[:1] == b"d")
+    elif kind == 2:
+        await fs.rename(d, name, rng.choice(run.dirs), rng.choice(NAMES))
+    else:
+        node = await fs.lookup(d, name)
+        if node is not None and stat.S_ISREG(node.d.mode):
+            await fs.link(node.ino, rng.choice(run.dirs), rng.choice(NAMES))
+
+
+async def _file_op(fs: FileSystem, rng: random.Random, ino: int, kind: int) -> None:
+    if kind == 4:
+        await fs.setattr(ino, mode=rng.randrange(0o1000), uid=rng.choice([0, 7]))
+    elif kind in (5, 6):
+        await fs.truncate(ino, rng.choice([0, rng.randrange(3 * 4096),
+                                           rng.randrange(6 << 20)]))
+    elif kind in (7, 8, 9):
+        off = rng.choice([rng.randrange(8192), rng.randrange(6 << 20), (4 << 20) - 100])
+        size = rng.choice([1, 100, 4096, 5000, 65536, 300000])
+        await fs.write(ino, off, bytes([rng.randrange(256)]) * size)
+    elif kind == 10:
+        await fs.read(ino, rng.randrange(6 << 20), rng.choice([100, 131072]))
+    elif kind == 11:
+        await fs.setxattr(ino, b"user.a%d" % rng.randrange(3),
+                          b"v" * rng.choice([3, 200, 3000]))
+    elif kind == 12:
+        await fs.removexattr(ino, b"user.a%d" % rng.randrange(3))
+    else:
+        await fs.fsync(ino, datasync=rng.random() < 0.5)
+
+
+async def random_op(fs: FileSystem, run: Run, rng: random.Random, node: int) -> None:
+    """One random call; an unexplained failure goes to run.bugs."""
+    d, name, kind = rng.choice(run.dirs), rng.choice(NAMES), rng.randrange(14)
+    try:
+        if kind < 4:
+            await _namespace_op(fs, run, rng, d, name, kind)
+        else:
+            found = await fs.lookup(d, name)
+            if found is not None and stat.S_ISREG(found.d.mode):
+                await _file_op(fs, rng, found.ino, kind)
+    except FSError as exc:
+        if exc.errno not in EXPLAINED:
+            run.bugs.append(f"node {node}: op {kind} on {d}/{name!r}: "
+                            f"{errno.errorcode.get(exc.errno)} {exc}")
+    except Exception as exc:  # noqa: BLE001 - every other exception is a finding
+        run.bugs.append(f"node {node}: op {kind} on {d}/{name!r}: {exc!r}\n"
+                        f"{traceback.format_exc()}")
+
+
+async def _nodes(mc: MemCluster, image, sb, nursery: trio.Nursery,
+                 gated: bool) -> list[Node]:
+    """A FileSystem per journal slot, homed as a cluster mount places it; gated: each
+    holds its slot's lock and runs its journal recovery (for the merge variant)."""
+    placement = Placement(sb, [1, 2])
+    out = []
+    for slot in (0, 1):
+        if gated:
+            await mc.ls(slot + 1).lock(("journal", slot), Mode.EX)
+        node = await _node_on(mc, image, sb, slot, nursery, placement.home_group(slot + 1))
+        if gated:
+            recovery = JournalRecovery(mc.ls(slot + 1), node.dev, sb, own_slot=slot)
+            nursery.start_soon(recovery.run, mc.cluster.members[slot + 1])
+            node.fs.glocks.gate = recovery
+        out.append(node)
+    return out
+
+
+async def fuzz(tmp_path, seed: int, merge: bool) -> Run:
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(256 << 20)
+    sb = make_filesystem(str(image), journals=2, cluster="inproc")
+    rng = random.Random(seed)
+    members = [1, 2, 3] if merge else [1, 2]
+    async with memory_cluster(members, dir_hint=Placement(sb, [1, 2]).dir_hint) as mc, \
+            trio.open_nursery() as nursery:
+        nodes = await _nodes(mc, image, sb, nursery, gated=merge)
+        a, b = (n.fs for n in nodes)
+        top = await a.mknod(a.root, b"top", DIR, 0, 0, 0)
+        run = Run(top.ino)
+        for i in range(2):
+            run.dirs.append((await a.mknod(top.ino, b"sub%d" % i, DIR, 0, 0, 0)).ino)
+        with trio.fail_after(HANG_GUARD):
+            await _work(mc, [a, b], run, rng, merge)
+            trees = [await _tree(fs, top.ino) for fs in (a, b)]
+            if trees[0] != trees[1]:
+                run.bugs.append(f"the nodes see different trees:\n{trees[0]}\n{trees[1]}")
+            for node in nodes:
+                await node.fs.shutdown()
+                node.dev.close()
+        nursery.cancel_scope.cancel()
+    out, err = io.StringIO(), io.StringIO()
+    if run_fsck(str(image), Report(out, err, quiet=True)) != 0:
+        run.bugs.append(f"fsck:\n{out.getvalue()[-3000:]}{err.getvalue()[-2000:]}")
+    return run
+
+
+async def _work(mc: MemCluster, fss: list[FileSystem], run: Run, rng: random.Random,
+                merge: bool) -> None:
+    stop = trio.Event()
+
+    async def task(n: int, trng: random.Random) -> None:
+        while not stop.is_set():
+            await random_op(fss[n], run, trng, n + 1)
+            run.done[n] += 1
+            await trio.sleep(trng.random() * 0.002)
+
+    async with trio.open_nursery() as work:
+        for n in (0, 1):
+            for _ in range(TASKS):
+                work.start_soon(task, n, random.Random(rng.random()))
+        await wait_until(lambda: min(run.done) >= OPS_EACH // 2, HANG_GUARD)
+        if merge:
+            mc.crash(3, remove=False)                   # node 2 freezes as node 3 dies
+            await mc.freeze_and_merge(rng, lone=1, frozen=2, dead=3, held=rng.random() < 0.5)
+            await mc.join(3)
+            await mc.wait_running(30)
+        at = list(run.done)
+        await wait_until(lambda: min(run.done[0] - at[0], run.done[1] - at[1])
+                         >= OPS_EACH // 2, HANG_GUARD)
+        stop.set()
+
+
+def _check(run: Run) -> None:
+    assert run.bugs == [], "\n".join(run.bugs[:10])
+
+
+@pytest.mark.parametrize("seed", [3, 9, 14, 16])
+@trio_test
+async def test_random_work_of_three_tasks_a_node_leaves_one_tree_and_fsck_clean(
+        tmp_path, seed) -> None:
+    _check(await fuzz(tmp_path, seed, merge=False))
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+@trio_test
+async def test_random_work_of_three_tasks_a_node_across_a_merge(tmp_path, seed) -> None:
+    _check(await fuzz(tmp_path, seed, merge=True))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("merge", [False, True])
+@pytest.mark.parametrize("seed", range(1000, 1000 + SOAK_SEEDS))
+@trio_test
+async def test_soak_random_work_of_three_tasks_a_node(tmp_path, seed, merge) -> None:
+    _check(await fuzz(tmp_path, seed, merge))
