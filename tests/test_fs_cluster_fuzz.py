@@ -10,7 +10,10 @@ EEXIST, ENOTEMPTY, ESTALE for a directory another task removed, ...): never EIO 
 an exception of ours; afterwards both nodes see the same tree, byte for byte; after
 both unmount, fsck finds the image clean. The merge variant has node 2 freeze as a
 lock member dies and node 1 go on alone, then the two merge (as
-test_fs_cluster_inproc's partition test).
+test_fs_cluster_inproc's partition test). The death variant runs three nodes, each
+also fsync'ing files of its own, and one dies while its journal holds committed
+blocks not yet home: the survivors replay it, every file it fsync'd is there, and
+they go on, agree and leave fsck clean.
 
 Found with it (2026-12-07): a truncate waiting for a group's lock while a write of
 the same file on the same node allocated elsewhere freed blocks in a group it did not
@@ -26,6 +29,7 @@ import os
 import random
 import stat
 import traceback
+from dataclasses import dataclass, field
 
 import pytest
 import trio
@@ -166,9 +170,7 @@ async def fuzz(tmp_path, seed: int, merge: bool) -> Run:
                 await node.fs.shutdown()
                 node.dev.close()
         nursery.cancel_scope.cancel()
-    out, err = io.StringIO(), io.StringIO()
-    if run_fsck(str(image), Report(out, err, quiet=True)) != 0:
-        run.bugs.append(f"fsck:\n{out.getvalue()[-3000:]}{err.getvalue()[-2000:]}")
+    _fsck(image, run)
     return run
 
 
@@ -198,6 +200,157 @@ async def _work(mc: MemCluster, fss: list[FileSystem], run: Run, rng: random.Ran
         stop.set()
 
 
+# ----------------------------------------------------------------------------
+# a node dies in the middle
+
+
+@dataclass(eq=False)
+class Life:
+    """One node's FileSystem and everything it runs, which its death cancels."""
+    node: Node
+    scope: trio.CancelScope
+    nursery: trio.Nursery
+    ended: trio.Event
+    fsynced: dict[bytes, bytes] = field(default_factory=dict)   # its private files
+    private: int = 0
+
+
+async def _live(mc: MemCluster, image, sb, slot: int, lives: dict[int, Life],
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Node slot + 1 as a cluster mount runs it: its journal slot's lock, its journal
+    recovery in front of its locks, its orphan sweeper; until cancelled."""
+    ended = trio.Event()
+    placement = Placement(sb, list(range(1, len(mc.nodes) + 1)))
+    try:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                ls = mc.ls(slot + 1)
+                await ls.lock(("journal", slot), Mode.EX)
+                node = await _node_on(mc, image, sb, slot, nursery,
+                                      placement.home_group(slot + 1))
+                recovery = JournalRecovery(ls, node.dev, sb, own_slot=slot)
+                recovery.on_recovered = node.fs.kick_orphans
+                nursery.start_soon(recovery.run, mc.cluster.members[slot + 1])
+                node.fs.glocks.gate = recovery
+                nursery.start_soon(node.fs.run_orphan_sweeper)
+                lives[slot + 1] = Life(node, scope, nursery, ended)
+                task_status.started()
+                await trio.sleep_forever()
+    finally:
+        ended.set()
+
+
+async def _durable_writer(fs: FileSystem, life: Life, run: Run, rng: random.Random,
+                          stop: trio.Event) -> None:
+    """New files in the node's own directory, each written and fsync'd, then noted:
+    every one noted must be there after the node's death (nothing fsync'd is lost)."""
+    i = 0
+    while not stop.is_set():
+        name, data = b"k%d" % i, bytes([rng.randrange(256)]) * rng.choice([10, 5000, 70000])
+        i += 1
+        try:
+            f = await fs.mknod(life.private, name, REG, 0, 0, 0)
+            await fs.write(f.ino, 0, data)
+            await fs.fsync(f.ino)
+        except FSError as exc:
+            run.bugs.append(f"durable writer: {name!r}: {exc!r}")
+            return
+        life.fsynced[name] = data
+        await trio.sleep(rng.random() * 0.01)
+
+
+async def _kill(mc: MemCluster, victim: int, life: Life) -> None:
+    """The victim dies at a moment its journal holds committed blocks not yet home:
+    its tasks end, what it had queued for the disk goes out (as if sent just before),
+    then its DLM node is gone and the others fence it and replay its journal."""
+    journal = life.node.fs.txn.journal
+    await wait_until(lambda: len(journal.pending_home) > 0, HANG_GUARD, 0.0005)
+    life.scope.cancel()
+    await life.ended.wait()
+    life.node.dev.close()
+    mc.crash(victim)
+
+
+async def _check_fsynced(fs: FileSystem, dead: Life, run: Run, node: int) -> None:
+    for name, data in dead.fsynced.items():
+        got = await fs.lookup(dead.private, name)
+        back = await fs.read(got.ino, 0, len(data) + 1) if got is not None else None
+        if back != data:
+            run.bugs.append(f"node {node}: the dead node's fsync'd {name!r} "
+                            f"{'is missing' if back is None else 'differs'}")
+
+
+async def crash_fuzz(tmp_path, seed: int, count: int = 3) -> tuple[Run, int]:
+    """Random work on `count` nodes (TASKS tasks and a durable writer each); one dies
+    (_kill); the survivors go on. (The run, and how many files the dead one fsync'd.)"""
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(256 << 20)
+    sb = make_filesystem(str(image), journals=count, cluster="inproc")
+    rng = random.Random(seed)
+    ids = list(range(1, count + 1))
+    victim = rng.choice(ids)
+    lives: dict[int, Life] = {}
+    async with memory_cluster(ids, dir_hint=Placement(sb, ids).dir_hint) as mc, \
+            trio.open_nursery() as nursery:
+        for slot in range(count):
+            await nursery.start(_live, mc, image, sb, slot, lives)
+        fss = {n: life.node.fs for n, life in lives.items()}
+        top = await fss[1].mknod(fss[1].root, b"top", DIR, 0, 0, 0)
+        run = Run(top.ino)
+        run.done = [0] * count
+        for i in range(2):
+            run.dirs.append((await fss[1].mknod(top.ino, b"sub%d" % i, DIR, 0, 0, 0)).ino)
+        for n, life in lives.items():
+            life.private = (await fss[n].mknod(fss[n].root, b"own%d" % n, DIR, 0, 0, 0)).ino
+        survivors = [n for n in ids if n != victim]
+        with trio.fail_after(HANG_GUARD):
+            await _work_through_a_death(mc, fss, lives, run, rng, victim)
+            for n in survivors:
+                await _check_fsynced(fss[n], lives[victim], run, n)
+            trees = [await _tree(fss[n], top.ino) for n in survivors]
+            if any(t != trees[0] for t in trees):
+                run.bugs.append("the survivors see different trees")
+            for n in survivors:
+                await fss[n].shutdown()
+        nursery.cancel_scope.cancel()
+    for n in survivors:
+        lives[n].node.dev.close()
+    _fsck(image, run)
+    return run, len(lives[victim].fsynced)
+
+
+async def _work_through_a_death(mc: MemCluster, fss: dict[int, FileSystem],
+                                lives: dict[int, Life], run: Run, rng: random.Random,
+                                victim: int) -> None:
+    stop = trio.Event()
+
+    async def task(n: int, trng: random.Random) -> None:
+        while not stop.is_set():
+            await random_op(fss[n], run, trng, n)
+            run.done[n - 1] += 1
+            await trio.sleep(trng.random() * 0.002)
+
+    for n, life in lives.items():
+        for _ in range(TASKS):
+            life.nursery.start_soon(task, n, random.Random(rng.random()))
+        life.nursery.start_soon(_durable_writer, fss[n], life, run,
+                                random.Random(rng.random()), stop)
+    await wait_until(lambda: min(run.done) >= OPS_EACH // 2, HANG_GUARD)
+    await _kill(mc, victim, lives[victim])
+    at = list(run.done)
+    await wait_until(lambda: all(run.done[n - 1] - at[n - 1] >= OPS_EACH // 2
+                                 for n in fss if n != victim), HANG_GUARD)
+    stop.set()
+    await trio.sleep(0.05)       # (the tasks end their calls under way)
+
+
+def _fsck(image, run: Run) -> None:
+    out, err = io.StringIO(), io.StringIO()
+    if run_fsck(str(image), Report(out, err, quiet=True)) != 0:
+        run.bugs.append(f"fsck:\n{out.getvalue()[-3000:]}{err.getvalue()[-2000:]}")
+
+
 def _check(run: Run) -> None:
     assert run.bugs == [], "\n".join(run.bugs[:10])
 
@@ -213,6 +366,23 @@ async def test_random_work_of_three_tasks_a_node_leaves_one_tree_and_fsck_clean(
 @trio_test
 async def test_random_work_of_three_tasks_a_node_across_a_merge(tmp_path, seed) -> None:
     _check(await fuzz(tmp_path, seed, merge=True))
+
+
+@pytest.mark.parametrize("seed", [1, 5, 7])
+@trio_test
+async def test_random_work_on_three_nodes_one_of_which_dies(tmp_path, seed) -> None:
+    """Victim node 1, 3 and 2 by seed: it dies with committed blocks in its journal;
+    every file it fsync'd is back on both survivors, which go on and agree."""
+    run, fsynced = await crash_fuzz(tmp_path, seed)
+    _check(run)
+    assert fsynced > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", range(2000, 2000 + SOAK_SEEDS))
+@trio_test
+async def test_soak_random_work_on_three_nodes_one_of_which_dies(tmp_path, seed) -> None:
+    _check((await crash_fuzz(tmp_path, seed))[0])
 
 
 @pytest.mark.slow
