@@ -109,15 +109,45 @@ async def _file_op(fs: FileSystem, rng: random.Random, ino: int, kind: int) -> N
         await fs.fsync(ino, datasync=rng.random() < 0.5)
 
 
-async def random_op(fs: FileSystem, run: Run, rng: random.Random, node: int) -> None:
-    """One random call; an unexplained failure goes to run.bugs."""
-    d, name, kind = rng.choice(run.dirs), rng.choice(NAMES), rng.randrange(14)
+async def _open_file_op(fs: FileSystem, rng: random.Random, opened: list[int]) -> None:
+    """On a file this task holds open, as through a file descriptor: whatever any node
+    did to its names meanwhile (unlinked everywhere, it stays until the last close in
+    the cluster), so no ESTALE or ENOENT either; or its close."""
+    ino = rng.choice(opened)
+    kind = rng.randrange(4)
+    if kind == 0:
+        opened.remove(ino)
+        await fs.release(ino)
+    elif kind == 1:
+        await fs.write(ino, rng.randrange(1 << 20), b"o" * rng.choice([10, 9000]))
+    elif kind == 2:
+        await fs.read(ino, 0, 65536)
+    else:
+        await fs.truncate(ino, rng.randrange(1 << 20))
+
+
+async def random_op(fs: FileSystem, run: Run, rng: random.Random, node: int,
+                    opened: list[int]) -> None:
+    """One random call (`opened`: the files this task holds open); an unexplained
+    failure goes to run.bugs."""
+    d, name, kind = rng.choice(run.dirs), rng.choice(NAMES), rng.randrange(16)
     try:
-        if kind < 4:
+        if kind == 15 and opened:
+            try:
+                await _open_file_op(fs, rng, opened)
+            except FSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    run.bugs.append(f"node {node}: on a file open here: {exc!r}")
+        elif kind < 4:
             await _namespace_op(fs, run, rng, d, name, kind)
         else:
             found = await fs.lookup(d, name)
-            if found is not None and stat.S_ISREG(found.d.mode):
+            if found is None or not stat.S_ISREG(found.d.mode):
+                return
+            if kind == 14 and len(opened) < 4:
+                await fs.open(found.ino)
+                opened.append(found.ino)
+            elif kind < 14:
                 await _file_op(fs, rng, found.ino, kind)
     except FSError as exc:
         if exc.errno not in EXPLAINED:
@@ -126,6 +156,15 @@ async def random_op(fs: FileSystem, run: Run, rng: random.Random, node: int) -> 
     except Exception as exc:  # noqa: BLE001 - every other exception is a finding
         run.bugs.append(f"node {node}: op {kind} on {d}/{name!r}: {exc!r}\n"
                         f"{traceback.format_exc()}")
+
+
+async def _close_all(fs: FileSystem, opened: list[int], run: Run) -> None:
+    for ino in opened:
+        try:
+            await fs.release(ino)
+        except FSError as exc:
+            run.bugs.append(f"close of {ino}: {exc!r}")
+    opened.clear()
 
 
 async def _nodes(mc: MemCluster, image, sb, nursery: trio.Nursery,
@@ -179,10 +218,12 @@ async def _work(mc: MemCluster, fss: list[FileSystem], run: Run, rng: random.Ran
     stop = trio.Event()
 
     async def task(n: int, trng: random.Random) -> None:
+        opened: list[int] = []
         while not stop.is_set():
-            await random_op(fss[n], run, trng, n + 1)
+            await random_op(fss[n], run, trng, n + 1, opened)
             run.done[n] += 1
             await trio.sleep(trng.random() * 0.002)
+        await _close_all(fss[n], opened, run)
 
     async with trio.open_nursery() as work:
         for n in (0, 1):
@@ -325,24 +366,34 @@ async def _work_through_a_death(mc: MemCluster, fss: dict[int, FileSystem],
                                 victim: int) -> None:
     stop = trio.Event()
 
+    running = dict.fromkeys(fss, 0)
+
     async def task(n: int, trng: random.Random) -> None:
+        opened: list[int] = []     # (the victim's die open with it: orphans to sweep)
+        running[n] += 1
         while not stop.is_set():
-            await random_op(fss[n], run, trng, n)
+            await random_op(fss[n], run, trng, n, opened)
             run.done[n - 1] += 1
             await trio.sleep(trng.random() * 0.002)
+        await _close_all(fss[n], opened, run)
+        running[n] -= 1
+
+    async def writer(n: int, wrng: random.Random) -> None:
+        running[n] += 1
+        await _durable_writer(fss[n], lives[n], run, wrng, stop)
+        running[n] -= 1
 
     for n, life in lives.items():
         for _ in range(TASKS):
             life.nursery.start_soon(task, n, random.Random(rng.random()))
-        life.nursery.start_soon(_durable_writer, fss[n], life, run,
-                                random.Random(rng.random()), stop)
+        life.nursery.start_soon(writer, n, random.Random(rng.random()))
     await wait_until(lambda: min(run.done) >= OPS_EACH // 2, HANG_GUARD)
     await _kill(mc, victim, lives[victim])
     at = list(run.done)
     await wait_until(lambda: all(run.done[n - 1] - at[n - 1] >= OPS_EACH // 2
                                  for n in fss if n != victim), HANG_GUARD)
     stop.set()
-    await trio.sleep(0.05)       # (the tasks end their calls under way)
+    await wait_until(lambda: all(running[n] == 0 for n in fss if n != victim), HANG_GUARD)
 
 
 def _fsck(image, run: Run) -> None:
