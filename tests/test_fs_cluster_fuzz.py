@@ -81,11 +81,23 @@ async def _namespace_op(fs: FileSystem, run: Run, rng: random.Random, d: int,
     elif kind == 1:
         await fs.unlink(d, name, want_dir=name[:1] == b"d")
     elif kind == 2:
-        await fs.rename(d, name, rng.choice(run.dirs), rng.choice(NAMES))
+        # (flags 1: RENAME_NOREPLACE, 2: RENAME_EXCHANGE)
+        await fs.rename(d, name, rng.choice(run.dirs), rng.choice(NAMES),
+                        rng.choice([0, 0, 0, 1, 2]))
+    elif rng.random() < 0.2:
+        # now and then a look that changes nothing: a listing, a statfs, a readlink
+        await rng.choice([lambda: fs.readdir(d), fs.usage,
+                          lambda: _readlink_if_any(fs, d, name)])()
     else:
         node = await fs.lookup(d, name)
         if node is not None and stat.S_ISREG(node.d.mode):
             await fs.link(node.ino, rng.choice(run.dirs), rng.choice(NAMES))
+
+
+async def _readlink_if_any(fs: FileSystem, d: int, name: bytes) -> None:
+    found = await fs.lookup(d, name)
+    if found is not None and stat.S_ISLNK(found.d.mode):
+        await fs.readlink(found.ino)
 
 
 async def _file_op(fs: FileSystem, rng: random.Random, ino: int, kind: int) -> None:
