@@ -87,11 +87,23 @@ async def _namespace_op(fs: FileSystem, run: Run, rng: random.Random, d: int,
     elif rng.random() < 0.2:
         # now and then a look that changes nothing: a listing, a statfs, a readlink
         await rng.choice([lambda: fs.readdir(d), fs.usage,
-                          lambda: _readlink_if_any(fs, d, name)])()
+                          lambda: _readlink_if_any(fs, d, name),
+                          lambda: _list_long(fs, d)])()
     else:
         node = await fs.lookup(d, name)
         if node is not None and stat.S_ISREG(node.d.mode):
             await fs.link(node.ino, rng.choice(run.dirs), rng.choice(NAMES))
+
+
+async def _list_long(fs: FileSystem, d: int) -> None:
+    """As `ls -l` through a cluster mount: the names, checked again under the
+    directory's lock alone, their inodes brought in behind (run_list_ahead), then a
+    lookup of each (fuse/operations.py's readdir)."""
+    entries = await fs.listing(d)
+    still = await fs.still_listed(d, [(name, ino) for name, ino, _t in entries])
+    fs.warm_listed([ino for (_n, ino, _t), ok in zip(entries, still, strict=True) if ok])
+    for name, _ino, _t in entries:
+        await fs.lookup(d, name)
 
 
 async def _readlink_if_any(fs: FileSystem, d: int, name: bytes) -> None:
@@ -189,6 +201,7 @@ async def _nodes(mc: MemCluster, image, sb, nursery: trio.Nursery,
         if gated:
             await mc.ls(slot + 1).lock(("journal", slot), Mode.EX)
         node = await _node_on(mc, image, sb, slot, nursery, placement.home_group(slot + 1))
+        nursery.start_soon(node.fs.run_list_ahead)
         if gated:
             recovery = JournalRecovery(mc.ls(slot + 1), node.dev, sb, own_slot=slot)
             nursery.start_soon(recovery.run, mc.cluster.members[slot + 1])
@@ -197,16 +210,23 @@ async def _nodes(mc: MemCluster, image, sb, nursery: trio.Nursery,
     return out
 
 
-async def fuzz(tmp_path, seed: int, merge: bool) -> Run:
+async def fuzz(tmp_path, seed: int, merge: bool, size_mib: int = 256,
+               max_cached: int | None = None) -> Run:
+    """size_mib: the device (a small one runs out of space: ENOSPC paths);
+    max_cached: each node's lock cache bounded so, its shrinker running."""
     image = tmp_path / "disk.img"
     with open(image, "wb") as f:
-        f.truncate(256 << 20)
+        f.truncate(size_mib << 20)
     sb = make_filesystem(str(image), journals=2, cluster="inproc")
     rng = random.Random(seed)
     members = [1, 2, 3] if merge else [1, 2]
     async with memory_cluster(members, dir_hint=Placement(sb, [1, 2]).dir_hint) as mc, \
             trio.open_nursery() as nursery:
         nodes = await _nodes(mc, image, sb, nursery, gated=merge)
+        if max_cached is not None:
+            for node in nodes:
+                node.fs.glocks.max_cached = max_cached
+                nursery.start_soon(node.fs.glocks.run_shrinker)
         a, b = (n.fs for n in nodes)
         top = await a.mknod(a.root, b"top", DIR, 0, 0, 0)
         run = Run(top.ino)
@@ -286,6 +306,7 @@ async def _live(mc: MemCluster, image, sb, slot: int, lives: dict[int, Life],
                 nursery.start_soon(recovery.run, mc.cluster.members[slot + 1])
                 node.fs.glocks.gate = recovery
                 nursery.start_soon(node.fs.run_orphan_sweeper)
+                nursery.start_soon(node.fs.run_list_ahead)
                 lives[slot + 1] = Life(node, scope, nursery, ended)
                 task_status.started()
                 await trio.sleep_forever()
