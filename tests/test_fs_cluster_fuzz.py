@@ -61,28 +61,45 @@ SOAK_SEEDS = int(os.environ.get("CLUSTERFS_FUZZ_SOAK_SEEDS", "50"))
 
 
 class Run:
-    """The shared tree's directories, what went wrong, and how much was done."""
+    """The directories each node knows (by a lookup or a create of its own, as a
+    kernel learns an inode number), what went wrong, and how much was done."""
 
     def __init__(self, top: int) -> None:
-        self.dirs = [top]
+        self.top = top
+        self.dirs: dict[int, list[int]] = {}
         self.bugs: list[str] = []
         self.done = [0, 0]
 
+    async def learn(self, fs: FileSystem, node: int) -> None:
+        """The shared tree's first directories, looked up by `node` as a kernel would
+        (an ancestor walk reads the parent links of directories it does not lock:
+        their numbers must have come through their parents' locks)."""
+        top = await fs.lookup(fs.root, b"top")
+        assert top is not None and top.ino == self.top
+        subs = [await fs.lookup(self.top, b"sub%d" % i) for i in range(2)]
+        self.dirs[node] = [self.top] + [sub.ino for sub in subs if sub is not None]
 
-async def _namespace_op(fs: FileSystem, run: Run, rng: random.Random, d: int,
-                        name: bytes, kind: int) -> None:
+    def knows(self, node: int, found) -> None:
+        """`node` found (or made) a directory: it may work in it from now on."""
+        dirs = self.dirs[node]
+        if stat.S_ISDIR(found.d.mode) and found.ino not in dirs and len(dirs) < 8:
+            dirs.append(found.ino)
+
+
+async def _namespace_op(fs: FileSystem, run: Run, rng: random.Random, node_id: int,
+                        d: int, name: bytes, kind: int) -> None:
+    dirs = run.dirs[node_id]
     if kind == 0 and name[:1] == b"s":
         await fs.mknod(d, name, stat.S_IFLNK | 0o777, 0, 0, 0,
                        target=b"t" * rng.choice([5, 300, 5000]))
     elif kind == 0:
-        node = await fs.mknod(d, name, DIR if name[:1] == b"d" else REG, 0, 0, 0)
-        if stat.S_ISDIR(node.d.mode) and len(run.dirs) < 8:
-            run.dirs.append(node.ino)
+        run.knows(node_id, await fs.mknod(d, name, DIR if name[:1] == b"d" else REG,
+                                          0, 0, 0))
     elif kind == 1:
         await fs.unlink(d, name, want_dir=name[:1] == b"d")
     elif kind == 2:
         # (flags 1: RENAME_NOREPLACE, 2: RENAME_EXCHANGE)
-        await fs.rename(d, name, rng.choice(run.dirs), rng.choice(NAMES),
+        await fs.rename(d, name, rng.choice(dirs), rng.choice(NAMES),
                         rng.choice([0, 0, 0, 1, 2]))
     elif rng.random() < 0.2:
         # now and then a look that changes nothing: a listing, a statfs, a readlink
@@ -92,7 +109,9 @@ async def _namespace_op(fs: FileSystem, run: Run, rng: random.Random, d: int,
     else:
         node = await fs.lookup(d, name)
         if node is not None and stat.S_ISREG(node.d.mode):
-            await fs.link(node.ino, rng.choice(run.dirs), rng.choice(NAMES))
+            await fs.link(node.ino, rng.choice(dirs), rng.choice(NAMES))
+        elif node is not None:
+            run.knows(node_id, node)
 
 
 async def _list_long(fs: FileSystem, d: int) -> None:
@@ -154,7 +173,7 @@ async def random_op(fs: FileSystem, run: Run, rng: random.Random, node: int,
                     opened: list[int]) -> None:
     """One random call (`opened`: the files this task holds open); an unexplained
     failure goes to run.bugs."""
-    d, name, kind = rng.choice(run.dirs), rng.choice(NAMES), rng.randrange(16)
+    d, name, kind = rng.choice(run.dirs[node]), rng.choice(NAMES), rng.randrange(16)
     try:
         if kind == 15 and opened:
             try:
@@ -163,10 +182,12 @@ async def random_op(fs: FileSystem, run: Run, rng: random.Random, node: int,
                 if exc.errno != errno.ENOSPC:
                     run.bugs.append(f"node {node}: on a file open here: {exc!r}")
         elif kind < 4:
-            await _namespace_op(fs, run, rng, d, name, kind)
+            await _namespace_op(fs, run, rng, node, d, name, kind)
         else:
             found = await fs.lookup(d, name)
             if found is None or not stat.S_ISREG(found.d.mode):
+                if found is not None:
+                    run.knows(node, found)
                 return
             if kind == 14 and len(opened) < 4:
                 await fs.open(found.ino)
@@ -231,9 +252,14 @@ async def fuzz(tmp_path, seed: int, merge: bool, size_mib: int = 256,
         top = await a.mknod(a.root, b"top", DIR, 0, 0, 0)
         run = Run(top.ino)
         for i in range(2):
-            run.dirs.append((await a.mknod(top.ino, b"sub%d" % i, DIR, 0, 0, 0)).ino)
+            await a.mknod(top.ino, b"sub%d" % i, DIR, 0, 0, 0)
+        for n, fs in enumerate((a, b), 1):
+            await run.learn(fs, n)
         with trio.fail_after(HANG_GUARD):
             await _work(mc, [a, b], run, rng, merge)
+            if run.bugs:             # (a node may have withdrawn: the finding is enough)
+                nursery.cancel_scope.cancel()
+                return run
             trees = [await _tree(fs, top.ino) for fs in (a, b)]
             if trees[0] != trees[1]:
                 run.bugs.append(f"the nodes see different trees:\n{trees[0]}\n{trees[1]}")
@@ -251,7 +277,7 @@ async def _work(mc: MemCluster, fss: list[FileSystem], run: Run, rng: random.Ran
 
     async def task(n: int, trng: random.Random) -> None:
         opened: list[int] = []
-        while not stop.is_set():
+        while not (stop.is_set() or run.bugs):     # (the first finding ends it)
             await random_op(fss[n], run, trng, n + 1, opened)
             run.done[n] += 1
             await trio.sleep(trng.random() * 0.002)
@@ -261,14 +287,14 @@ async def _work(mc: MemCluster, fss: list[FileSystem], run: Run, rng: random.Ran
         for n in (0, 1):
             for _ in range(TASKS):
                 work.start_soon(task, n, random.Random(rng.random()))
-        await wait_until(lambda: min(run.done) >= OPS_EACH // 2, HANG_GUARD)
-        if merge:
+        await wait_until(lambda: run.bugs or min(run.done) >= OPS_EACH // 2, HANG_GUARD)
+        if merge and not run.bugs:
             mc.crash(3, remove=False)                   # node 2 freezes as node 3 dies
             await mc.freeze_and_merge(rng, lone=1, frozen=2, dead=3, held=rng.random() < 0.5)
             await mc.join(3)
             await mc.wait_running(30)
         at = list(run.done)
-        await wait_until(lambda: min(run.done[0] - at[0], run.done[1] - at[1])
+        await wait_until(lambda: run.bugs or min(run.done[0] - at[0], run.done[1] - at[1])
                          >= OPS_EACH // 2, HANG_GUARD)
         stop.set()
 
@@ -319,7 +345,7 @@ async def _durable_writer(fs: FileSystem, life: Life, run: Run, rng: random.Rand
     """New files in the node's own directory, each written and fsync'd, then noted:
     every one noted must be there after the node's death (nothing fsync'd is lost)."""
     i = 0
-    while not stop.is_set():
+    while not (stop.is_set() or run.bugs):
         name, data = b"k%d" % i, bytes([rng.randrange(256)]) * rng.choice([10, 5000, 70000])
         i += 1
         try:
@@ -374,12 +400,17 @@ async def crash_fuzz(tmp_path, seed: int, count: int = 3) -> tuple[Run, int]:
         run = Run(top.ino)
         run.done = [0] * count
         for i in range(2):
-            run.dirs.append((await fss[1].mknod(top.ino, b"sub%d" % i, DIR, 0, 0, 0)).ino)
+            await fss[1].mknod(top.ino, b"sub%d" % i, DIR, 0, 0, 0)
+        for n, fs in fss.items():
+            await run.learn(fs, n)
         for n, life in lives.items():
             life.private = (await fss[n].mknod(fss[n].root, b"own%d" % n, DIR, 0, 0, 0)).ino
         survivors = [n for n in ids if n != victim]
         with trio.fail_after(HANG_GUARD):
             await _work_through_a_death(mc, fss, lives, run, rng, victim)
+            if run.bugs:             # (a node may have withdrawn: the finding is enough)
+                nursery.cancel_scope.cancel()
+                return run, len(lives[victim].fsynced)
             for n in survivors:
                 await _check_fsynced(fss[n], lives[victim], run, n)
             trees = [await _tree(fss[n], top.ino) for n in survivors]
@@ -404,7 +435,7 @@ async def _work_through_a_death(mc: MemCluster, fss: dict[int, FileSystem],
     async def task(n: int, trng: random.Random) -> None:
         opened: list[int] = []     # (the victim's die open with it: orphans to sweep)
         running[n] += 1
-        while not stop.is_set():
+        while not (stop.is_set() or run.bugs):     # (the first finding ends it)
             await random_op(fss[n], run, trng, n, opened)
             run.done[n - 1] += 1
             await trio.sleep(trng.random() * 0.002)
@@ -420,11 +451,11 @@ async def _work_through_a_death(mc: MemCluster, fss: dict[int, FileSystem],
         for _ in range(TASKS):
             life.nursery.start_soon(task, n, random.Random(rng.random()))
         life.nursery.start_soon(writer, n, random.Random(rng.random()))
-    await wait_until(lambda: min(run.done) >= OPS_EACH // 2, HANG_GUARD)
+    await wait_until(lambda: run.bugs or min(run.done) >= OPS_EACH // 2, HANG_GUARD)
     await _kill(mc, victim, lives[victim])
     at = list(run.done)
-    await wait_until(lambda: all(run.done[n - 1] - at[n - 1] >= OPS_EACH // 2
-                                 for n in fss if n != victim), HANG_GUARD)
+    await wait_until(lambda: run.bugs or all(run.done[n - 1] - at[n - 1] >= OPS_EACH // 2
+                                             for n in fss if n != victim), HANG_GUARD)
     stop.set()
     await wait_until(lambda: all(running[n] == 0 for n in fss if n != victim), HANG_GUARD)
 
