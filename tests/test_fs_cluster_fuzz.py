@@ -15,10 +15,21 @@ also fsync'ing files of its own, and one dies while its journal holds committed
 blocks not yet home: the survivors replay it, every file it fsync'd is there, and
 they go on, agree and leave fsck clean.
 
+Variants besides: a lock cache bounded to 40 locks (its shrinker letting locks go all
+the time), and a 16 MiB device that fills (ENOSPC must give back what it reserved).
+
+A node learns a directory's number only by a lookup or a create of its own, as a
+kernel does: the design relies on it (a create takes no lock of its own until its
+directory's lock goes, docs/locking.md; an ancestor walk reads parent links from
+disk). Handing node 1's numbers to node 2 directly made two holders of one inode and
+withdrew nodes on blocks that were not inodes: findings of the harness, not of the
+filesystem.
+
 Found with it (2026-12-07): a truncate waiting for a group's lock while a write of
 the same file on the same node allocated elsewhere freed blocks in a group it did not
-hold (EIO, and the blocks leaked: fsck). The soak (`-m slow`) runs
-CLUSTERFS_FUZZ_SOAK_SEEDS seeds of each variant.
+hold (EIO, and the blocks leaked: fsck); and, with a watchdog on the partition test's
+random work, a conversion deadlock a merge rebuilt that nothing refused (a hang). The
+soak (`-m slow`) runs CLUSTERFS_FUZZ_SOAK_SEEDS seeds of each variant.
 """
 
 from __future__ import annotations
