@@ -246,9 +246,10 @@ async def _nodes(mc: MemCluster, image, sb, nursery: trio.Nursery,
 
 
 async def fuzz(tmp_path, seed: int, merge: bool, size_mib: int = 256,
-               max_cached: int | None = None) -> Run:
-    """size_mib: the device (under 64, writes grow to 3 MiB and run out of space:
-    the ENOSPC paths);
+               max_cached: int | None = None, one_master: bool = False) -> Run:
+    """one_master: also check, once the work is done, that no resource has two masters
+    (the soaks only: a known open bug, below). size_mib: the device (under 64, writes
+    grow to 3 MiB and run out of space: the ENOSPC paths);
     max_cached: each node's lock cache bounded so, its shrinker running."""
     image = tmp_path / "disk.img"
     with open(image, "wb") as f:
@@ -274,6 +275,8 @@ async def fuzz(tmp_path, seed: int, merge: bool, size_mib: int = 256,
             await run.learn(fs, n)
         with trio.fail_after(HANG_GUARD):
             await _work(mc, [a, b], run, rng, merge)
+            if one_master:
+                _check_one_master_each(mc, run)
             if run.bugs:             # (a node may have withdrawn: the finding is enough)
                 nursery.cancel_scope.cancel()
                 return run
@@ -477,6 +480,19 @@ async def _work_through_a_death(mc: MemCluster, fss: dict[int, FileSystem],
     await wait_until(lambda: all(running[n] == 0 for n in fss if n != victim), HANG_GUARD)
 
 
+def _check_one_master_each(mc: MemCluster, run: Run) -> None:
+    """No resource is mastered by two nodes. Open (2026-12-07, found with a checker of
+    this fuzz): about one bounded-cache run across a merge in 150-300 ends with two
+    masters of one inode's lock after recoveries the merge's quick views overtook,
+    each granting its own node, so two nodes hold the inode in EX at once."""
+    seen: dict[bytes, list[int]] = {}
+    for nid in sorted(mc.nodes):
+        for key in mc.ls(nid).ls_mastered:
+            seen.setdefault(key, []).append(nid)
+    run.bugs += [f"{key!r} has two masters: {masters}"
+                 for key, masters in sorted(seen.items()) if len(masters) > 1]
+
+
 def _fsck(image, run: Run) -> None:
     out, err = io.StringIO(), io.StringIO()
     if run_fsck(str(image), Report(out, err, quiet=True)) != 0:
@@ -537,11 +553,12 @@ async def test_soak_random_work_on_three_nodes_one_of_which_dies(tmp_path, seed)
 @pytest.mark.parametrize("seed", range(1000, 1000 + SOAK_SEEDS))
 @trio_test
 async def test_soak_random_work_of_three_tasks_a_node(tmp_path, seed, merge) -> None:
-    _check(await fuzz(tmp_path, seed, merge))
+    _check(await fuzz(tmp_path, seed, merge, one_master=True))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(3000, 3000 + SOAK_SEEDS))
 @trio_test
 async def test_soak_random_work_with_a_small_lock_cache(tmp_path, seed) -> None:
-    _check(await fuzz(tmp_path, seed, merge=seed % 2 == 1, max_cached=40))
+    _check(await fuzz(tmp_path, seed, merge=seed % 2 == 1, max_cached=40,
+                      one_master=True))
