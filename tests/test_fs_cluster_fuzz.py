@@ -21,9 +21,11 @@ the time), and a 16 MiB device that fills (ENOSPC must give back what it reserve
 A node learns a directory's number only by a lookup or a create of its own, as a
 kernel does: the design relies on it (a create takes no lock of its own until its
 directory's lock goes, docs/locking.md; an ancestor walk reads parent links from
-disk). Handing node 1's numbers to node 2 directly made two holders of one inode and
-withdrew nodes on blocks that were not inodes: findings of the harness, not of the
-filesystem.
+disk). Handing node 1's numbers to node 2 directly withdrew nodes on blocks that were
+not inodes yet ("bad magic 0x0": a directory its maker had not written home), a
+finding of the harness, not of the filesystem. (Two holders of one inode's lock were
+seen then too, and once since with numbers learned by lookups: the open two-masters
+finding, _check_one_master_each.)
 
 Found with it (2026-12-07): a truncate waiting for a group's lock while a write of
 the same file on the same node allocated elsewhere freed blocks in a group it did not
