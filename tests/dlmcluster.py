@@ -127,6 +127,15 @@ class MemCluster:
             self.install_on(pair, set(pair), joined={lone})
         await self.wait_running(30)
 
+    def several_masters(self) -> dict[bytes, list[int]]:
+        """Resources that more than one live node masters (a lost DLM_REMOVE race, a
+        bad recovery), with those nodes."""
+        seen: dict[bytes, list[int]] = {}
+        for nid in sorted(self.nodes):
+            for key in self.ls(nid).ls_mastered:
+                seen.setdefault(key, []).append(nid)
+        return {key: masters for key, masters in seen.items() if len(masters) > 1}
+
     def next_view(self, members: Iterable[int]) -> View:
         """The cluster's next view, of `members` (quorate by majority), made current
         (what wait_running waits for); handing it to the nodes is the caller's."""

@@ -501,6 +501,12 @@ def _server_cmd(fs: str, device: str, mountpoint: str, extra_args: Sequence[str]
     raise ValueError(f"mounted: unknown fs {fs!r}")
 
 
+def default_log(mountpoint: str, fs: str = "clusterfs") -> str:
+    """Where start_mount writes a mount's output unless told: beside the mount point,
+    named after it (DIR/node1 -> DIR/node1.clusterfs.log)."""
+    return os.path.join(os.path.dirname(mountpoint), f"{os.path.basename(mountpoint)}.{fs}.log")
+
+
 def start_mount(device: str, mountpoint: str, fs: str = "clusterfs",
                 extra_args: Sequence[str] = (), log: str | None = None,
                 timeout: float = MOUNT_TIMEOUT, wait: bool = True) -> Mount:
@@ -514,8 +520,7 @@ def start_mount(device: str, mountpoint: str, fs: str = "clusterfs",
     if _is_mounted(mountpoint):
         raise AssertionError(f"{mountpoint} is already a mountpoint")
     if log is None:
-        log = os.path.join(os.path.dirname(mountpoint),
-                           f"{os.path.basename(mountpoint)}.{fs}.log")
+        log = default_log(mountpoint, fs)
     if fs == "ext4":
         with open(log, "a") as logf:
             r = subprocess.run(["mount", "-t", "ext4", *extra_args, device, mountpoint],

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from clusterutil import Cluster
-from mountutil import run_cli
+from mountutil import default_log, run_cli
 
 TOOLS = Path(__file__).resolve().parent.parent / "tools"
 STRESS = [sys.executable, str(TOOLS / "stress")]
@@ -147,7 +147,7 @@ class StressRun:
     def node_complaints(self, most: int = 40) -> str:
         """The last warnings and errors of the mount it ran on (mountutil's log beside
         the mount point): why a call failed is said there, not in the stress output."""
-        log = Path(self.root).parent / f"{Path(self.root).name}.clusterfs.log"
+        log = Path(default_log(self.root))
         try:
             lines = log.read_text(errors="replace").splitlines()
         except OSError:

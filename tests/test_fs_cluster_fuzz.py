@@ -47,16 +47,13 @@ from dataclasses import dataclass, field
 import pytest
 import trio
 from dlmcluster import MemCluster, memory_cluster
-from test_fs_cluster_inproc import Node, _node_on, _tree
+from test_fs_cluster_inproc import Node, _formatted, _gated_node_on, _node_on, _tree
 from trioutil import trio_test, wait_until
 
-from clusterfs.cache.recovery import JournalRecovery
-from clusterfs.dlm.interface import Mode
 from clusterfs.errors import FSError
 from clusterfs.fs.filesystem import FileSystem
 from clusterfs.fsck.checker import run_fsck
 from clusterfs.fsck.report import Report
-from clusterfs.node.mkfs_cmd import make_filesystem
 from clusterfs.node.placement import Placement
 
 # what a racing change explains (a directory another task removed is ESTALE by number),
@@ -235,14 +232,12 @@ async def _nodes(mc: MemCluster, image, sb, nursery: trio.Nursery,
     placement = Placement(sb, [1, 2])
     out = []
     for slot in (0, 1):
+        home = placement.home_group(slot + 1)
         if gated:
-            await mc.ls(slot + 1).lock(("journal", slot), Mode.EX)
-        node = await _node_on(mc, image, sb, slot, nursery, placement.home_group(slot + 1))
+            node, _recovery = await _gated_node_on(mc, image, sb, slot, nursery, home)
+        else:
+            node = await _node_on(mc, image, sb, slot, nursery, home)
         nursery.start_soon(node.fs.run_list_ahead)
-        if gated:
-            recovery = JournalRecovery(mc.ls(slot + 1), node.dev, sb, own_slot=slot)
-            nursery.start_soon(recovery.run, mc.cluster.members[slot + 1])
-            node.fs.glocks.gate = recovery
         out.append(node)
     return out
 
@@ -253,10 +248,7 @@ async def fuzz(tmp_path, seed: int, merge: bool, size_mib: int = 256,
     (the soaks only: a known open bug, below). size_mib: the device (under 64, writes
     grow to 3 MiB and run out of space: the ENOSPC paths);
     max_cached: each node's lock cache bounded so, its shrinker running."""
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(size_mib << 20)
-    sb = make_filesystem(str(image), journals=2, cluster="inproc")
+    image, sb = _formatted(tmp_path, journals=2, size_mib=size_mib)
     rng = random.Random(seed)
     members = [1, 2, 3] if merge else [1, 2]
     async with memory_cluster(members, dir_hint=Placement(sb, [1, 2]).dir_hint) as mc, \
@@ -293,22 +285,27 @@ async def fuzz(tmp_path, seed: int, merge: bool, size_mib: int = 256,
     return run
 
 
+async def _random_work(fs: FileSystem, run: Run, node: int, rng: random.Random,
+                       stop: trio.Event) -> None:
+    """One task's random calls on `node` (counted in run.done) until `stop` or the
+    first finding, then the close of what it holds open (a dead node's stay open with
+    it: orphans for the survivors to sweep)."""
+    opened: list[int] = []
+    while not (stop.is_set() or run.bugs):
+        await random_op(fs, run, rng, node, opened)
+        run.done[node - 1] += 1
+        await trio.sleep(rng.random() * 0.002)
+    await _close_all(fs, opened, run)
+
+
 async def _work(mc: MemCluster, fss: list[FileSystem], run: Run, rng: random.Random,
                 merge: bool) -> None:
     stop = trio.Event()
-
-    async def task(n: int, trng: random.Random) -> None:
-        opened: list[int] = []
-        while not (stop.is_set() or run.bugs):     # (the first finding ends it)
-            await random_op(fss[n], run, trng, n + 1, opened)
-            run.done[n] += 1
-            await trio.sleep(trng.random() * 0.002)
-        await _close_all(fss[n], opened, run)
-
     async with trio.open_nursery() as work:
         for n in (0, 1):
             for _ in range(TASKS):
-                work.start_soon(task, n, random.Random(rng.random()))
+                work.start_soon(_random_work, fss[n], run, n + 1,
+                                random.Random(rng.random()), stop)
         await wait_until(lambda: run.bugs or min(run.done) >= OPS_EACH // 2, HANG_GUARD)
         if merge and not run.bugs:
             mc.crash(3, remove=False)                   # node 2 freezes as node 3 dies
@@ -345,14 +342,9 @@ async def _live(mc: MemCluster, image, sb, slot: int, lives: dict[int, Life],
     try:
         with trio.CancelScope() as scope:
             async with trio.open_nursery() as nursery:
-                ls = mc.ls(slot + 1)
-                await ls.lock(("journal", slot), Mode.EX)
-                node = await _node_on(mc, image, sb, slot, nursery,
-                                      placement.home_group(slot + 1))
-                recovery = JournalRecovery(ls, node.dev, sb, own_slot=slot)
+                node, recovery = await _gated_node_on(mc, image, sb, slot, nursery,
+                                                      placement.home_group(slot + 1))
                 recovery.on_recovered = node.fs.kick_orphans
-                nursery.start_soon(recovery.run, mc.cluster.members[slot + 1])
-                node.fs.glocks.gate = recovery
                 nursery.start_soon(node.fs.run_orphan_sweeper)
                 nursery.start_soon(node.fs.run_list_ahead)
                 lives[slot + 1] = Life(node, scope, nursery, ended)
@@ -405,10 +397,7 @@ async def _check_fsynced(fs: FileSystem, dead: Life, run: Run, node: int) -> Non
 async def crash_fuzz(tmp_path, seed: int, count: int = 3) -> tuple[Run, int]:
     """Random work on `count` nodes (TASKS tasks and a durable writer each); one dies
     (_kill); the survivors go on. (The run, and how many files the dead one fsync'd.)"""
-    image = tmp_path / "disk.img"
-    with open(image, "wb") as f:
-        f.truncate(256 << 20)
-    sb = make_filesystem(str(image), journals=count, cluster="inproc")
+    image, sb = _formatted(tmp_path, journals=count, size_mib=256)
     rng = random.Random(seed)
     ids = list(range(1, count + 1))
     victim = rng.choice(ids)
@@ -455,13 +444,8 @@ async def _work_through_a_death(mc: MemCluster, fss: dict[int, FileSystem],
     running = dict.fromkeys(fss, 0)
 
     async def task(n: int, trng: random.Random) -> None:
-        opened: list[int] = []     # (the victim's die open with it: orphans to sweep)
         running[n] += 1
-        while not (stop.is_set() or run.bugs):     # (the first finding ends it)
-            await random_op(fss[n], run, trng, n, opened)
-            run.done[n - 1] += 1
-            await trio.sleep(trng.random() * 0.002)
-        await _close_all(fss[n], opened, run)
+        await _random_work(fss[n], run, n, trng, stop)
         running[n] -= 1
 
     async def writer(n: int, wrng: random.Random) -> None:
@@ -487,12 +471,8 @@ def _check_one_master_each(mc: MemCluster, run: Run) -> None:
     this fuzz): about one bounded-cache run across a merge in 150-300 ends with two
     masters of one inode's lock after recoveries the merge's quick views overtook,
     each granting its own node, so two nodes hold the inode in EX at once."""
-    seen: dict[bytes, list[int]] = {}
-    for nid in sorted(mc.nodes):
-        for key in mc.ls(nid).ls_mastered:
-            seen.setdefault(key, []).append(nid)
     run.bugs += [f"{key!r} has two masters: {masters}"
-                 for key, masters in sorted(seen.items()) if len(masters) > 1]
+                 for key, masters in sorted(mc.several_masters().items())]
 
 
 def _fsck(image, run: Run) -> None:

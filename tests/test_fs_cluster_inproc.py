@@ -46,11 +46,11 @@ class Node:
     invalidated: list[int] = field(default_factory=list)
 
 
-def _formatted(tmp_path, journals: int):
-    """A 64 MiB image made for an in-process cluster, and its superblock."""
+def _formatted(tmp_path, journals: int, size_mib: int = 64):
+    """An image made for an in-process cluster (64 MiB), and its superblock."""
     image = tmp_path / "disk.img"
     with open(image, "wb") as f:
-        f.truncate(64 << 20)
+        f.truncate(size_mib << 20)
     return image, make_filesystem(str(image), journals=journals, cluster="inproc")
 
 
@@ -68,6 +68,19 @@ async def _node_on(mc, image, sb, slot: int, nursery: trio.Nursery,
     node = Node(fs, dev)
     fs.kernel_forget.hook = node.invalidated.append
     return node
+
+
+async def _gated_node_on(mc, image, sb, slot: int, nursery: trio.Nursery,
+                         home_group: int | None = None) -> tuple[Node, JournalRecovery]:
+    """_node_on as a mount runs it across view changes: holding its journal slot's
+    lock, its locks gated by its journal recovery (which runs in `nursery`)."""
+    ls = mc.ls(slot + 1)
+    await ls.lock(("journal", slot), Mode.EX)
+    node = await _node_on(mc, image, sb, slot, nursery, home_group)
+    recovery = JournalRecovery(ls, node.dev, sb, own_slot=slot)
+    nursery.start_soon(recovery.run, mc.cluster.members[slot + 1])
+    node.fs.glocks.gate = recovery
+    return node, recovery
 
 
 @asynccontextmanager
@@ -1854,12 +1867,7 @@ async def test_random_work_across_a_partition_and_merges_leaves_one_tree(
     async with memory_cluster([1, 2, 3]) as mc, trio.open_nursery() as nursery:
         fss, devs = [], []
         for slot in (0, 1):
-            ls = mc.ls(slot + 1)
-            await ls.lock(("journal", slot), Mode.EX)     # as a mount holds its slot
-            node = await _node_on(mc, image, sb, slot, nursery)
-            recovery = JournalRecovery(ls, node.dev, sb, own_slot=slot)
-            nursery.start_soon(recovery.run, mc.cluster.members[slot + 1])
-            node.fs.glocks.gate = recovery
+            node, _recovery = await _gated_node_on(mc, image, sb, slot, nursery)
             fss.append(node.fs)
             devs.append(node.dev)
         a, b = fss

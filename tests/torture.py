@@ -278,13 +278,8 @@ def _removed(mc: MemCluster) -> int:
 
 def _check_one_master_each(mc: MemCluster, result: TortureResult) -> None:
     """No resource has two masters (a lost DLM_REMOVE race, a bad recovery)."""
-    seen: dict[bytes, list[int]] = {}
-    for nid in mc.nodes:
-        for k in mc.ls(nid).ls_mastered:
-            seen.setdefault(k, []).append(nid)
-    for k, masters in seen.items():
-        if len(masters) > 1:
-            result.lost_locks.append(f"{k!r}: several masters {masters}")
+    result.lost_locks += [f"{k!r}: several masters {masters}"
+                          for k, masters in mc.several_masters().items()]
 
 
 def _check_not_lost(mc: MemCluster, checker: Checker, before: dict[tuple[int, int], Hold],
