@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import trio
 
 from clusterfs.comms.memory import MemoryNetwork
+from clusterfs.dlm.interface import Mode, conflicts
+from clusterfs.dlm.lkb import Status
 from clusterfs.dlm.lockspace import Dlm, Lockspace, open_dlm
 from clusterfs.membership.static import StaticCluster
 from clusterfs.membership.view import Fenced, View, ViewChange
@@ -135,6 +137,33 @@ class MemCluster:
             for key in self.ls(nid).ls_mastered:
                 seen.setdefault(key, []).append(nid)
         return {key: masters for key, masters in seen.items() if len(masters) > 1}
+
+    def running_alike(self) -> bool:
+        """Every live node's lockspace runs, in the cluster's current view (no
+        recovery under way anywhere: what a master check may rely on)."""
+        g = self.cluster.view.generation
+        return all(n.ls is not None and n.ls.ls_running and n.ls.ls_view is not None
+                   and n.ls.ls_view.generation == g for n in self.nodes.values())
+
+    def conflicting_holds(self) -> list[str]:
+        """Locks two live nodes hold at once that conflict (one resource, overlapping
+        ranges, incompatible modes), as their owners see them. An owner lowers its
+        mode (or drops the lock) before it tells the master, and learns of a grant
+        only after the master made it: the owners' view is never ahead of the
+        master's, so a conflict seen here was real, whenever it is looked at."""
+        held: dict[bytes, list[tuple[int, Mode, tuple[int, int]]]] = {}
+        for nid in sorted(self.nodes):
+            for lkb in self.ls(nid).ls_lkbs.values():
+                if lkb.lkb_grmode is not None and lkb.lkb_status != Status.WAITING:
+                    held.setdefault(lkb.lkb_key, []).append(
+                        (nid, lkb.lkb_grmode, lkb.lkb_lock.range))
+        found = []
+        for key, holds in held.items():
+            for at, (n1, m1, r1) in enumerate(holds):
+                found += [f"{key!r}: node {n1} holds {m1.name} {r1}, node {n2} "
+                          f"{m2.name} {r2}" for n2, m2, r2 in holds[at + 1:]
+                          if n2 != n1 and conflicts(m1, r1, m2, r2)]
+        return found
 
     def next_view(self, members: Iterable[int]) -> View:
         """The cluster's next view, of `members` (quorate by majority), made current

@@ -851,6 +851,49 @@ async def test_a_recovery_overtaken_as_its_barrier_passes_purges_and_grants_noth
         assert got[0].granted and got[0].mode == Mode.EX
 
 
+def _directory_node(name: tuple, members: list[int]) -> int:
+    """hash(name) over the sorted members, as directory.py picks it (no hint)."""
+    return sorted(members)[zlib.crc32(resource_key(name)) % len(members)]
+
+
+@trio_test
+async def test_lookups_of_a_step_six_overtaken_before_they_ran_choose_no_master() -> None:
+    """Node 1 merges back (it must re-send its PR on R, mastered by node 2). A newer
+    view leaves it alone again just as its step 6 starts the lookups for its orphans,
+    before they ran: they ran anyway, with no checkpoint, under the newer view, where
+    node 1 is every resource's directory node, so node 1 made itself R's master.
+    After the next merge both nodes mastered R, each granting its own node (seen in
+    the fuzz: two nodes holding one inode's lock in EX and PR, then a withdraw)."""
+    name = next(("inode", i) for i in range(100)
+                if _directory_node(("inode", i), [1, 2, 3]) == 3)
+    async with memory_cluster([1, 2, 3]) as mc:
+        ls1, ls2 = mc.ls(1), mc.ls(2)
+        await make_master(ls2, name)
+        await ls1.lock(name, Mode.PR)
+        await ls2.lock(name, Mode.PR)
+        await alone_without_quorum(mc, 1)
+        recover_masters = ls1._recover_masters
+        overtaken: list[int] = []
+
+        async def then_alone(view) -> None:
+            if not overtaken:
+                overtaken.append(view.generation)
+                _install_now(mc, 1, {1}, left={2, 3})
+            await recover_masters(view)
+
+        ls1._recover_masters = then_alone
+        mc.install_on([1, 2, 3], {1, 2, 3}, joined={1})
+        await settle()
+        assert overtaken and not ls1.ls_running
+        ls1._recover_masters = recover_masters
+        with trio.fail_after(HANG):
+            await merged_back(mc, 1)
+        assert mc.several_masters() == {}
+        assert masters(mc, name) == [2]
+        with pytest.raises(WouldBlock):              # node 2 holds PR
+            await ls1.lock(name, Mode.EX, try_=True)
+
+
 # -- DLM_REMOVE: masters free idle resources ------------------------------------
 def masters(mc: MemCluster, name: tuple) -> list[int]:
     key = resource_key(name)

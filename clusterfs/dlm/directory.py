@@ -43,7 +43,14 @@ class Directory:
         """The master of key: cached, or asked of the directory node (which makes
         the first asker the master). None if locking stopped meanwhile."""
         while True:
-            if not recovery:
+            if recovery:
+                # A recovery's lookup belongs to its view. Started by a step that a
+                # newer view overtook before the lookup first ran, it must not choose
+                # a master under the newer view's members (where this node may be
+                # every resource's directory node): it would master what another
+                # member masters already.
+                await trio.lowlevel.checkpoint_if_cancelled()
+            else:
                 await self._wait_running()
             master = self.ls_master_of.get(key)
             if master is not None:
