@@ -129,12 +129,17 @@ class MemCluster:
             self.install_on(pair, set(pair), joined={lone})
         await self.wait_running(30)
 
+    def started(self) -> list[tuple[int, Lockspace]]:
+        """The live nodes whose lockspace is up (a node joining has none yet)."""
+        return [(nid, node.ls) for nid, node in sorted(self.nodes.items())
+                if node.ls is not None]
+
     def several_masters(self) -> dict[bytes, list[int]]:
         """Resources that more than one live node masters (a lost DLM_REMOVE race, a
         bad recovery), with those nodes."""
         seen: dict[bytes, list[int]] = {}
-        for nid in sorted(self.nodes):
-            for key in self.ls(nid).ls_mastered:
+        for nid, ls in self.started():
+            for key in ls.ls_mastered:
                 seen.setdefault(key, []).append(nid)
         return {key: masters for key, masters in seen.items() if len(masters) > 1}
 
@@ -152,8 +157,8 @@ class MemCluster:
         only after the master made it: the owners' view is never ahead of the
         master's, so a conflict seen here was real, whenever it is looked at."""
         held: dict[bytes, list[tuple[int, Mode, tuple[int, int]]]] = {}
-        for nid in sorted(self.nodes):
-            for lkb in self.ls(nid).ls_lkbs.values():
+        for nid, ls in self.started():
+            for lkb in ls.ls_lkbs.values():
                 if lkb.lkb_grmode is not None and lkb.lkb_status != Status.WAITING:
                     held.setdefault(lkb.lkb_key, []).append(
                         (nid, lkb.lkb_grmode, lkb.lkb_lock.range))

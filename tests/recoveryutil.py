@@ -199,6 +199,7 @@ def assert_same_tree(c: Cluster, nodes: list[int]) -> str:
     differ, the entries that differ are shown (each node's records, against the
     first node's)."""
     seen = {n: digest(c.mountpoint(n)) for n in nodes}
+    doubled = _two_masters_said(c, nodes)
     if len(set(seen.values())) > 1:
         listed = {n: _records(c.mountpoint(n)) for n in nodes}
         first = listed[nodes[0]]
@@ -209,8 +210,17 @@ def assert_same_tree(c: Cluster, nodes: list[int]) -> str:
         differing = set().union(*(first ^ listed[n] for n in nodes[1:]))
         raise AssertionError("nodes disagree on the tree:\n" + "\n".join(
             f"  node {n}: {d}" for n, d in seen.items()) + "\n" + "\n".join(shown[:40])
-            + "\n" + _lock_states(c, nodes, differing))
+            + "\n" + _lock_states(c, nodes, differing) + "\n" + "\n".join(doubled))
+    assert not doubled, "a DLM directory node found two masters of one resource:\n" + (
+        "\n".join(doubled))
     return seen[nodes[0]]
+
+
+def _two_masters_said(c: Cluster, nodes: list[int]) -> list[str]:
+    """The lines in which a node's DLM, as a resource's directory node, found two
+    members mastering it (recovery step 5: a bug that lets both grant at once)."""
+    return [f"node {n}: {line}" for n in nodes for line in node_log(c, n).splitlines()
+            if "is mastered by both" in line]
 
 
 def _lock_states(c: Cluster, nodes: list[int], records: set[str], most: int = 3) -> str:
