@@ -30,8 +30,11 @@ fixed with _check_locks.)
 Found with it (2026-12-07): a truncate waiting for a group's lock while a write of
 the same file on the same node allocated elsewhere freed blocks in a group it did not
 hold (EIO, and the blocks leaked: fsck); and, with a watchdog on the partition test's
-random work, a conversion deadlock a merge rebuilt that nothing refused (a hang). The
-soak (`-m slow`) runs CLUSTERFS_FUZZ_SOAK_SEEDS seeds of each variant.
+random work, a conversion deadlock a merge rebuilt that nothing refused (a hang); and
+two masters of one inode's lock after a merge's recoveries overtook each other (each
+granted its own node; docs/recovery.md), which _check_locks now looks for every 10 ms
+of every run: no two nodes holding conflicting locks, no resource with two masters.
+The soak (`-m slow`) runs CLUSTERFS_FUZZ_SOAK_SEEDS seeds of each variant.
 """
 
 from __future__ import annotations
