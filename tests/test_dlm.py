@@ -851,11 +851,6 @@ async def test_a_recovery_overtaken_as_its_barrier_passes_purges_and_grants_noth
         assert got[0].granted and got[0].mode == Mode.EX
 
 
-def _directory_node(name: tuple, members: list[int]) -> int:
-    """hash(name) over the sorted members, as directory.py picks it (no hint)."""
-    return sorted(members)[zlib.crc32(resource_key(name)) % len(members)]
-
-
 @trio_test
 async def test_lookups_of_a_step_six_overtaken_before_they_ran_choose_no_master(
         caplog) -> None:
@@ -867,10 +862,10 @@ async def test_lookups_of_a_step_six_overtaken_before_they_ran_choose_no_master(
     the fuzz: two nodes holding one inode's lock in EX and PR, then a withdraw). The
     directory node says so in its log when it happens (what real-mount tests look for)."""
     caplog.set_level("ERROR", logger="clusterfs.dlm")
-    name = next(("inode", i) for i in range(100)
-                if _directory_node(("inode", i), [1, 2, 3]) == 3)
     async with memory_cluster([1, 2, 3]) as mc:
         ls1, ls2 = mc.ls(1), mc.ls(2)
+        name = next(("inode", i) for i in range(100)      # node 3 its directory node
+                    if ls1._dir_node(resource_key(("inode", i))) == 3)
         await make_master(ls2, name)
         await ls1.lock(name, Mode.PR)
         await ls2.lock(name, Mode.PR)
