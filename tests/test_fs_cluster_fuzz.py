@@ -79,12 +79,24 @@ class Run:
     """The directories each node knows (by a lookup or a create of its own, as a
     kernel learns an inode number), what went wrong, and how much was done."""
 
-    def __init__(self, top: int) -> None:
+    def __init__(self, top: int, nodes: int) -> None:
         self.top = top
         self.dirs: dict[int, list[int]] = {}
         self.bugs: list[str] = []
-        self.done = [0, 0]
+        self.done = [0] * nodes
         self.write_sizes = WRITE_SIZES
+
+    @classmethod
+    async def on_shared_tree(cls, fss: dict[int, FileSystem]) -> Run:
+        """Node 1 makes `top` and two directories in it; every node then learns them."""
+        maker = fss[1]
+        top = (await maker.mknod(maker.root, b"top", DIR, 0, 0, 0)).ino
+        for i in range(2):
+            await maker.mknod(top, b"sub%d" % i, DIR, 0, 0, 0)
+        run = cls(top, len(fss))
+        for n, fs in fss.items():
+            await run.learn(fs, n)
+        return run
 
     async def learn(self, fs: FileSystem, node: int) -> None:
         """The shared tree's first directories, looked up by `node` as a kernel would
@@ -262,14 +274,9 @@ async def fuzz(tmp_path, seed: int, merge: bool, size_mib: int = 256,
                 node.fs.glocks.max_cached = max_cached
                 nursery.start_soon(node.fs.glocks.run_shrinker)
         a, b = (n.fs for n in nodes)
-        top = await a.mknod(a.root, b"top", DIR, 0, 0, 0)
-        run = Run(top.ino)
+        run = await Run.on_shared_tree({1: a, 2: b})
         if size_mib < 64:        # (writes that fill it)
             run.write_sizes = [*WRITE_SIZES, 1 << 20, 3 << 20]
-        for i in range(2):
-            await a.mknod(top.ino, b"sub%d" % i, DIR, 0, 0, 0)
-        for n, fs in enumerate((a, b), 1):
-            await run.learn(fs, n)
         nursery.start_soon(_watch_locks, mc, run)
         with trio.fail_after(HANG_GUARD):
             await _work(mc, [a, b], run, rng, merge)
@@ -277,7 +284,7 @@ async def fuzz(tmp_path, seed: int, merge: bool, size_mib: int = 256,
             if run.bugs:             # (a node may have withdrawn: the finding is enough)
                 nursery.cancel_scope.cancel()
                 return run
-            trees = [await _tree(fs, top.ino) for fs in (a, b)]
+            trees = [await _tree(fs, run.top) for fs in (a, b)]
             if trees[0] != trees[1]:
                 run.bugs.append(f"the nodes see different trees:\n{trees[0]}\n{trees[1]}")
             for node in nodes:
@@ -410,13 +417,7 @@ async def crash_fuzz(tmp_path, seed: int, count: int = 3) -> tuple[Run, int]:
         for slot in range(count):
             await nursery.start(_live, mc, image, sb, slot, lives)
         fss = {n: life.node.fs for n, life in lives.items()}
-        top = await fss[1].mknod(fss[1].root, b"top", DIR, 0, 0, 0)
-        run = Run(top.ino)
-        run.done = [0] * count
-        for i in range(2):
-            await fss[1].mknod(top.ino, b"sub%d" % i, DIR, 0, 0, 0)
-        for n, fs in fss.items():
-            await run.learn(fs, n)
+        run = await Run.on_shared_tree(fss)
         for n, life in lives.items():
             life.private = (await fss[n].mknod(fss[n].root, b"own%d" % n, DIR, 0, 0, 0)).ino
         survivors = [n for n in ids if n != victim]
@@ -429,7 +430,7 @@ async def crash_fuzz(tmp_path, seed: int, count: int = 3) -> tuple[Run, int]:
                 return run, len(lives[victim].fsynced)
             for n in survivors:
                 await _check_fsynced(fss[n], lives[victim], run, n)
-            trees = [await _tree(fss[n], top.ino) for n in survivors]
+            trees = [await _tree(fss[n], run.top) for n in survivors]
             if any(t != trees[0] for t in trees):
                 run.bugs.append("the survivors see different trees")
             for n in survivors:
