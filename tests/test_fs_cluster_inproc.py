@@ -1946,3 +1946,76 @@ async def test_a_truncate_frees_what_a_write_beside_it_added_while_it_waited(
         node = await a.fs.getattr(f.ino)
         assert node.d.size == 0 and node.extents == []
         assert await b.fs.read(f.ino, 0, 10) == b""
+
+
+@trio_test
+async def test_a_number_the_kernel_holds_of_an_inode_freed_here_and_reused_is_stale(
+        tmp_path) -> None:
+    """A cluster node frees an unlinked inode at once (the iopen lock decides), while
+    its kernel may still hold a lookup of the number (its FORGET comes later). When
+    another node then reuses the block for a new inode, that number must be stale
+    (ESTALE: the VFS looks the path up again), never the new inode. Found by the
+    node-death fuzz soak (seed 2004): the freeing node had dropped the generation it
+    handed out, so a rename into the removed directory's number read a new regular
+    file there and failed an assertion."""
+    DIR = stat.S_IFDIR | 0o755
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        w = await a.fs.mknod(root, b"w", DIR, 0, 0, 0)
+        assert (await b.fs.lookup(root, b"w")).ino == w.ino     # B's kernel holds w
+        await b.fs.unlink(root, b"w", want_dir=True)            # and B frees it
+        assert w.ino in b.fs.freed
+        await b.fs.txn.commit(checkpoint=True)
+        reused = None
+        for i in range(64):                  # A's next inodes: one takes w's block
+            made = await a.fs.mknod(root, b"f%d" % i, REG, 0, 0, 0)
+            if made.ino == w.ino:
+                reused = made
+                break
+        assert reused is not None, "precondition: A reused w's block"
+        # (home: B reads the new inode there, not w's tombstone, which says ENOENT)
+        await a.fs.txn.commit(checkpoint=True)
+        for call in (lambda: b.fs.getattr(w.ino),
+                     lambda: b.fs.rename(root, b"f0", w.ino, b"moved")):
+            with pytest.raises(FSError) as stale:
+                await call()
+            assert stale.value.errno == errno.ESTALE
+        assert b.fs.txn.withdrawn is None
+
+
+@trio_test
+async def test_a_rename_whose_target_directory_became_a_file_meanwhile_is_an_error(
+        tmp_path) -> None:
+    """Between a rename's look under PR and its change under EX, the target directory
+    may be removed, freed and its block made a regular file by this very node (two
+    tasks of the fuzz, no kernel serialising them). The change then found a file
+    where the directory was and failed an assertion (EIO); it now looks again, and
+    the look answers that the number is no longer a directory."""
+    DIR = stat.S_IFDIR | 0o755
+    async with nodes(tmp_path) as (a, b):
+        root = a.fs.root
+        x = await b.fs.mknod(root, b"x", DIR, 0, 0, 0)
+        w = await b.fs.mknod(x.ino, b"w", DIR, 0, 0, 0)
+        await b.fs.mknod(root, b"q", REG, 0, 0, 0)
+        walk = b.fs._ancestors
+        made = []
+
+        async def replaced_after(ino: int) -> list[int]:
+            chain = await walk(ino)
+            if not made:                     # once: w goes, and a file takes its block
+                await b.fs.unlink(x.ino, b"w", want_dir=True)
+                await b.fs.txn.commit(checkpoint=True)
+                for i in range(64):
+                    f = await b.fs.mknod(x.ino, b"f%d" % i, REG, 0, 0, 0)
+                    if f.ino == w.ino:
+                        break
+                made.append(f.ino)
+            return chain
+
+        b.fs._ancestors = replaced_after          # type: ignore[method-assign]
+        with pytest.raises(FSError) as caught:
+            await b.fs.rename(root, b"q", w.ino, b"q")
+        assert made == [w.ino], "precondition: the file took w's block"
+        assert caught.value.errno in (errno.ENOTDIR, errno.ESTALE, errno.ENOENT)
+        assert (await b.fs.lookup(root, b"q")) is not None        # nothing moved
+        assert b.fs.txn.withdrawn is None and a.fs.txn.withdrawn is None

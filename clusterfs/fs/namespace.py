@@ -323,8 +323,12 @@ class Namespace:
         self.txn.discard(node)
         self.txn.add(_Tombstone(node.ino))   # so a node still naming it sees it is gone
         self.inodes.discard(node.ino)
-        self.nlookup.pop(node.ino, None)
-        self.handed.pop(node.ino, None)
+        if not self.nlookup.pop(node.ino, 0):
+            self.handed.pop(node.ino, None)
+        # (else the kernel still holds lookups of the number: a cluster frees at once,
+        # the iopen lock deciding, and the FORGET comes later. The generation handed
+        # out stays until then, so once another node puts a new inode in the block the
+        # kernel's number is stale there (_inode), not a name for that inode)
         self.opens.pop(node.ino, None)
 
     def _orphaned(self, ino: int) -> None:
@@ -436,7 +440,11 @@ class Namespace:
                 dst: int | None, chain: list[int], chain1: list[int]) -> None:
         """(chain, chain1: p2's and, for an exchange, p1's ancestors, _ancestors)"""
         P1, P2 = self._inode(p1), self._inode(p2)
-        assert P1.dir is not None and P2.dir is not None
+        if P1.dir is None or P2.dir is None:
+            # removed since the look under PR, and the block holds another inode now
+            # (one made here, whose generation the caller's number cannot be told
+            # from): look again; the look says what the number names now (ENOTDIR)
+            raise _Changed
         if P2.d.nlink == 0:
             # removed by another node, not freed yet (still open somewhere): this
             # node's kernel cannot know (its VFS refuses only its own removed
