@@ -36,6 +36,7 @@ from clusterfs.node.placement import Placement
 from clusterfs.storage.device import BlockDevice
 
 REG = stat.S_IFREG | 0o644
+DIR = stat.S_IFDIR | 0o755
 BLOCK = 4096
 
 
@@ -1715,7 +1716,6 @@ async def test_a_renames_ancestor_walk_reads_with_the_loop_free(tmp_path) -> Non
     reads them with the event loop free, and still refuses a move into a descendant,
     plainly or by exchange."""
     from clusterfs.fs.namespace import RENAME_EXCHANGE
-    DIR = stat.S_IFDIR | 0o755
     async with nodes(tmp_path) as (a, b):
         root = a.fs.root
         x = await a.fs.mknod(root, b"x", DIR, 0, 0, 0)
@@ -1771,7 +1771,6 @@ async def test_a_rename_target_removed_before_its_ancestor_walk_is_enoent(tmp_pa
     directory's lock may go first and another node remove it (empty). The walk then
     read the freed inode from disk and withdrew the node on "corruption"; now it sees
     the lock went and the rename looks again: ENOENT, the node serving on."""
-    DIR = stat.S_IFDIR | 0o755
     async with nodes(tmp_path) as (a, b):
         root = a.fs.root
         x = await a.fs.mknod(root, b"x", DIR, 0, 0, 0)
@@ -1948,6 +1947,16 @@ async def test_a_truncate_frees_what_a_write_beside_it_added_while_it_waited(
         assert await b.fs.read(f.ino, 0, 10) == b""
 
 
+async def _file_in_block(fs: FileSystem, parent: int, block: int) -> CachedInode | None:
+    """Make regular files f0, f1, ... in `parent` until one is made in inode block
+    `block` (a freed inode's, reused); None if 64 were not."""
+    for i in range(64):
+        made = await fs.mknod(parent, b"f%d" % i, REG, 0, 0, 0)
+        if made.ino == block:
+            return made
+    return None
+
+
 @trio_test
 async def test_a_number_the_kernel_holds_of_an_inode_freed_here_and_reused_is_stale(
         tmp_path) -> None:
@@ -1958,7 +1967,6 @@ async def test_a_number_the_kernel_holds_of_an_inode_freed_here_and_reused_is_st
     node-death fuzz soak (seed 2004): the freeing node had dropped the generation it
     handed out, so a rename into the removed directory's number read a new regular
     file there and failed an assertion."""
-    DIR = stat.S_IFDIR | 0o755
     async with nodes(tmp_path) as (a, b):
         root = a.fs.root
         w = await a.fs.mknod(root, b"w", DIR, 0, 0, 0)
@@ -1966,12 +1974,7 @@ async def test_a_number_the_kernel_holds_of_an_inode_freed_here_and_reused_is_st
         await b.fs.unlink(root, b"w", want_dir=True)            # and B frees it
         assert w.ino in b.fs.freed
         await b.fs.txn.commit(checkpoint=True)
-        reused = None
-        for i in range(64):                  # A's next inodes: one takes w's block
-            made = await a.fs.mknod(root, b"f%d" % i, REG, 0, 0, 0)
-            if made.ino == w.ino:
-                reused = made
-                break
+        reused = await _file_in_block(a.fs, root, w.ino)
         assert reused is not None, "precondition: A reused w's block"
         # (home: B reads the new inode there, not w's tombstone, which says ENOENT)
         await a.fs.txn.commit(checkpoint=True)
@@ -1991,7 +1994,6 @@ async def test_a_rename_whose_target_directory_became_a_file_meanwhile_is_an_err
     tasks of the fuzz, no kernel serialising them). The change then found a file
     where the directory was and failed an assertion (EIO); it now looks again, and
     the look answers that the number is no longer a directory."""
-    DIR = stat.S_IFDIR | 0o755
     async with nodes(tmp_path) as (a, b):
         root = a.fs.root
         x = await b.fs.mknod(root, b"x", DIR, 0, 0, 0)
@@ -2005,11 +2007,8 @@ async def test_a_rename_whose_target_directory_became_a_file_meanwhile_is_an_err
             if not made:                     # once: w goes, and a file takes its block
                 await b.fs.unlink(x.ino, b"w", want_dir=True)
                 await b.fs.txn.commit(checkpoint=True)
-                for i in range(64):
-                    f = await b.fs.mknod(x.ino, b"f%d" % i, REG, 0, 0, 0)
-                    if f.ino == w.ino:
-                        break
-                made.append(f.ino)
+                f = await _file_in_block(b.fs, x.ino, w.ino)
+                made.append(None if f is None else f.ino)
             return chain
 
         b.fs._ancestors = replaced_after          # type: ignore[method-assign]
